@@ -1,0 +1,35 @@
+"""shiva-export: Shiva-DiT static top-k token pruning for diffusers DiTs, exported to ONNX and TensorRT.
+
+Importing the package is cheap: public names resolve lazily, and no optional backend (onnxruntime,
+tensorrt, tensorrt_rtx, polygraphy) is ever imported at top level.
+"""
+
+from shiva_export._version import __version__
+
+_LAZY = {
+    "ShivaConfig": "shiva_export.prune.api",
+    "apply_shiva_": "shiva_export.prune.api",
+    "remove_shiva_": "shiva_export.prune.api",
+    "record_selection": "shiva_export.prune.api",
+    "RouterBank": "shiva_export.prune.router",
+    "load_routers": "shiva_export.prune.router",
+    "save_routers": "shiva_export.prune.router",
+    "load_recipe": "shiva_export.recipe",
+    "Recipe": "shiva_export.recipe",
+    "load_transformer": "shiva_export.models.sd3",
+    "InputSpec": "shiva_export.models.sd3",
+    "export_onnx": "shiva_export.export.onnx",
+    "ExportResult": "shiva_export.export.onnx",
+    "check_parity": "shiva_export.validate.parity",
+    "ParityReport": "shiva_export.validate.parity",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'shiva_export' has no attribute {name!r}")

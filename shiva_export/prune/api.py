@@ -1,0 +1,293 @@
+"""Apply and remove Shiva token pruning on a diffusers SD3/SD3.5 transformer, in place and reversibly.
+
+:func:`apply_shiva_` attaches a :class:`~shiva_export.prune.router.RouterBank` as the submodule
+``transformer.shiva_routers`` and replaces the instance's ``forward`` with :func:`_shiva_forward`, a copy
+of ``SD3Transformer2DModel.forward`` whose block loop routes image tokens around each routed block.
+:func:`remove_shiva_` deletes both, so the class's own forward (and its exact outputs) come back.
+
+Per routed block with keep ratio ``r`` and N image tokens (``k = floor(N r)``, a Python int):
+score tokens with the router -> ``TopK(k)`` -> sort indices by position -> gather the kept tokens ->
+run the unmodified diffusers block on them with *all* text tokens -> scatter the block's outputs back.
+Rejected tokens pass through unchanged (identity). Block 0 is always dense.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from shiva_export.errors import ConfigError, ShivaInternalError
+from shiva_export.logging import get_logger
+from shiva_export.prune.router import RouterBank, RouterConfig
+from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
+
+__all__ = ["ShivaConfig", "apply_shiva_", "remove_shiva_", "is_shiva_applied", "record_selection", "block_budgets"]
+
+logger = get_logger(__name__)
+
+_ROUTERS_ATTR = "shiva_routers"
+_STATE_ATTR = "_shiva_state"
+
+
+@dataclass(frozen=True)
+class ShivaConfig:
+    """What to prune: a keep ratio per block.
+
+    Args:
+        keep_ratios (tuple[float | None, ...]): One entry per transformer block: ``None`` for a dense
+            (unrouted) block, else the fraction of image tokens the block keeps, in (0, 1]. Block 0 must
+            be ``None`` (First-Block Skip). ``1.0`` routes a block through the full top-k/gather/scatter
+            path with ``k = N``.
+        cfg (bool): The batch holds ``[uncond; cond]`` halves that share kept indices. Defaults to False.
+        bottleneck (int): Router width d'. Defaults to 64.
+        group_size (int): Adjacent routed blocks per router. Defaults to 2.
+
+    Example:
+        >>> cfg = ShivaConfig.uniform(num_layers=24, ratio=0.4)   # keep 60% in blocks 1..23
+        >>> cfg.keep_ratios[:3]
+        (None, 0.6, 0.6)
+    """
+
+    keep_ratios: tuple[float | None, ...]
+    cfg: bool = False
+    bottleneck: int = 64
+    group_size: int = 2
+
+    def __post_init__(self):
+        kr = tuple(self.keep_ratios)
+        object.__setattr__(self, "keep_ratios", kr)
+        if not kr:
+            raise ConfigError("keep_ratios is empty; give one entry per transformer block.")
+        if kr[0] is not None:
+            raise ConfigError(f"block 0 keep ratio is {kr[0]}; block 0 is always dense, set it to None.")
+        for i, r in enumerate(kr):
+            if r is not None and not (isinstance(r, (int, float)) and 0.0 < r <= 1.0 and math.isfinite(r)):
+                raise ConfigError(f"keep ratio of block {i} is {r!r}; expected 0 < keep_ratio <= 1 (or None for dense).")
+        if not self.routed_blocks:
+            raise ConfigError("no block is routed; give at least one block a keep ratio.")
+
+    @classmethod
+    def uniform(
+        cls,
+        num_layers: int,
+        ratio: float,
+        routed_blocks: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> ShivaConfig:
+        """Same pruning ratio in every routed block.
+
+        Args:
+            num_layers (int): Transformer blocks in the model.
+            ratio (float): Fraction of image tokens pruned, in [0, 1); ``keep_ratio = 1 - ratio``.
+            routed_blocks (Sequence[int]): Routed blocks. Defaults to ``1 .. num_layers - 1``.
+        """
+        if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+            raise ConfigError(f"ratio {ratio!r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned).")
+        routed = list(range(1, num_layers)) if routed_blocks is None else list(routed_blocks)
+        keep = 1.0 - ratio
+        return cls(tuple(keep if i in routed else None for i in range(num_layers)), **kwargs)
+
+    @property
+    def routed_blocks(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.keep_ratios) if r is not None)
+
+    def router_config(self, hidden_dim: int, pooled_dim: int) -> RouterConfig:
+        return RouterConfig(hidden_dim, pooled_dim, self.routed_blocks, self.bottleneck, self.group_size)
+
+    def with_keep_ratios(self, keep_ratios: Sequence[float | None]) -> ShivaConfig:
+        return replace(self, keep_ratios=tuple(keep_ratios))
+
+    def to_dict(self) -> dict:
+        return {"keep_ratios": list(self.keep_ratios), "cfg": self.cfg, "bottleneck": self.bottleneck, "group_size": self.group_size}
+
+
+def block_budgets(config: ShivaConfig, num_tokens: int) -> dict[int, int]:
+    """``{block: k}`` for every routed block at ``num_tokens`` image tokens."""
+    return {b: static_k(num_tokens, config.keep_ratios[b]) for b in config.routed_blocks}
+
+
+@dataclass
+class _ShivaState:
+    config: ShivaConfig
+    recorder: list | None = field(default=None)
+
+
+def is_shiva_applied(transformer: nn.Module) -> bool:
+    return hasattr(transformer, _STATE_ATTR)
+
+
+def _check_transformer(transformer: nn.Module) -> None:
+    from shiva_export.models.sd3 import check_supported
+
+    check_supported(transformer)
+
+
+def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBank | None = None, seed: int = 0) -> RouterBank:
+    """Applies Shiva pruning to ``transformer`` in place and returns its router bank.
+
+    Args:
+        transformer (nn.Module): A diffusers ``SD3Transformer2DModel``.
+        config (ShivaConfig): Keep ratio per block.
+        routers (RouterBank): Trained routers. Defaults to a seeded random bank (``seed``).
+        seed (int): Seed of the random router init when ``routers`` is None. Defaults to 0.
+
+    Example:
+        >>> bank = apply_shiva_(transformer, ShivaConfig.uniform(len(transformer.transformer_blocks), 0.4))
+        >>> out = transformer(**inputs).sample      # pruned forward
+        >>> remove_shiva_(transformer)                # dense again, bit for bit
+    """
+    _check_transformer(transformer)
+    n_blocks = len(transformer.transformer_blocks)
+    if len(config.keep_ratios) != n_blocks:
+        raise ConfigError(
+            f"keep_ratios has {len(config.keep_ratios)} entries but the model has {n_blocks} blocks; give one per block."
+        )
+    if is_shiva_applied(transformer):
+        raise ConfigError("Shiva is already applied to this transformer; call remove_shiva_(transformer) first.")
+    rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    if routers is None:
+        routers = RouterBank(rc)
+        routers.reset_parameters(seed)
+    elif routers.config != rc:
+        raise ConfigError(f"router bank was built for {routers.config}, but this model/config needs {rc}.")
+    ref = next(transformer.parameters())
+    routers.to(device=ref.device)
+    transformer.add_module(_ROUTERS_ATTR, routers)
+    object.__setattr__(transformer, _STATE_ATTR, _ShivaState(config))
+    transformer.forward = types.MethodType(_shiva_forward, transformer)
+    logger.info("Shiva applied: %d routed blocks, %d routers", len(config.routed_blocks), rc.num_routers)
+    return routers
+
+
+def remove_shiva_(transformer: nn.Module) -> RouterBank:
+    """Removes Shiva pruning in place (restores the class forward); returns the detached router bank."""
+    if not is_shiva_applied(transformer):
+        raise ConfigError("Shiva is not applied to this transformer; nothing to remove.")
+    bank = transformer._modules.pop(_ROUTERS_ATTR)
+    object.__delattr__(transformer, _STATE_ATTR)
+    del transformer.forward  # the instance attribute; the class method is visible again
+    if "forward" in transformer.__dict__:
+        raise ShivaInternalError("forward still overridden after remove_shiva_")
+    return bank
+
+
+class record_selection:
+    """Context manager that records, per routed block, the kept indices and router scores.
+
+    Example:
+        >>> with record_selection(transformer) as rec:
+        ...     transformer(**inputs)
+        >>> rec[0]["block"], rec[0]["indices"].shape
+        (1, torch.Size([2, 153]))
+    """
+
+    def __init__(self, transformer: nn.Module):
+        if not is_shiva_applied(transformer):
+            raise ConfigError("record_selection needs a transformer with Shiva applied (apply_shiva_).")
+        self._state: _ShivaState = getattr(transformer, _STATE_ATTR)
+        self.records: list[dict] = []
+
+    def __enter__(self) -> list[dict]:
+        self._state.recorder = self.records
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        self._state.recorder = None
+
+
+def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs):
+    state: _ShivaState = getattr(self, _STATE_ATTR)
+    keep = state.config.keep_ratios[index_block]
+    n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
+    k = static_k(n, keep)
+    scores = getattr(self, _ROUTERS_ATTR)(index_block, hidden_states, temb, pooled)
+    idx = select_topk(scores, k, cfg=state.config.cfg)
+    kept = gather_tokens(hidden_states, idx)
+    encoder_hidden_states, kept_out = block(
+        hidden_states=kept,
+        encoder_hidden_states=encoder_hidden_states,
+        temb=temb,
+        joint_attention_kwargs=joint_attention_kwargs,
+    )
+    if state.recorder is not None:
+        state.recorder.append({"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()})
+    return encoder_hidden_states, scatter_tokens(hidden_states, idx, kept_out)
+
+
+# Copied from diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward (diffusers 0.42)
+# with the block call replaced by _route_block for routed blocks. Keep in sync when bumping diffusers;
+# tests/test_prune.py::test_keep_one_is_bit_identical guards the copy.
+def _shiva_forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor = None,
+    pooled_projections: torch.Tensor = None,
+    timestep: torch.LongTensor = None,
+    block_controlnet_hidden_states: list = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+    skip_layers: list[int] | None = None,
+):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    state: _ShivaState = getattr(self, _STATE_ATTR)
+    height, width = hidden_states.shape[-2:]
+
+    hidden_states = self.pos_embed(hidden_states)
+    hidden_states = hidden_states.contiguous()
+    temb = self.time_text_embed(timestep, pooled_projections)
+    encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+
+    if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
+        ip_adapter_image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
+        ip_hidden_states, ip_temb = self.image_proj(ip_adapter_image_embeds, timestep)
+        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=ip_temb)
+
+    for index_block, block in enumerate(self.transformer_blocks):
+        is_skip = True if skip_layers is not None and index_block in skip_layers else False
+        routed = state.config.keep_ratios[index_block] is not None
+
+        if is_skip:
+            pass
+        elif routed:
+            encoder_hidden_states, hidden_states = _route_block(
+                self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled_projections, joint_attention_kwargs
+            )
+        elif torch.is_grad_enabled() and self.gradient_checkpointing:
+            encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs
+            )
+        else:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                temb=temb,
+                joint_attention_kwargs=joint_attention_kwargs,
+            )
+
+        if block_controlnet_hidden_states is not None and block.context_pre_only is False:
+            interval_control = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
+            hidden_states = hidden_states + block_controlnet_hidden_states[int(index_block / interval_control)]
+
+    hidden_states = self.norm_out(hidden_states, temb)
+    hidden_states = self.proj_out(hidden_states)
+
+    patch_size = self.config.patch_size
+    height = height // patch_size
+    width = width // patch_size
+
+    hidden_states = hidden_states.reshape(
+        shape=(hidden_states.shape[0], height, width, patch_size, patch_size, self.out_channels)
+    )
+    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+    output = hidden_states.reshape(shape=(hidden_states.shape[0], self.out_channels, height * patch_size, width * patch_size))
+
+    if not return_dict:
+        return (output,)
+    return Transformer2DModelOutput(sample=output)

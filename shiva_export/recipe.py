@@ -1,0 +1,261 @@
+"""Recipes: per-model facts as data, validated by one strict, versioned schema.
+
+A recipe (``recipes/<model>.toml``) says *what* and *how much*, never how: which diffusers checkpoint,
+which blocks are routed, the default pruning ratios, router settings, export shapes, and parity
+tolerances per dtype. It holds no code. :func:`load_recipe` is the only way in; unknown keys and
+out-of-range values raise :class:`~shiva_export.errors.RecipeError` naming the file, the field and the fix.
+
+Terms: ``ratio`` is the fraction of image tokens *pruned* in a routed block (the CLI's ``--ratio``);
+``keep_ratio = 1 - ratio`` is what the pruning core uses; ``k`` is the resulting token count.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shiva_export.errors import ModelNotFoundError, RecipeError
+from shiva_export.utils.io import canonical_json, sha256_bytes
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Recipe",
+    "load_recipe",
+    "recipe_path",
+    "available_models",
+    "recipe_hash",
+    "Tolerance",
+    "recipes_dir",
+]
+
+SCHEMA_VERSION = 1
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tolerance(BaseModel):
+    """Parity thresholds for one dtype (applied to every compared output)."""
+
+    model_config = _STRICT
+    atol: Annotated[float, Field(gt=0)] = Field(description="max |pytorch - onnx| allowed")
+    rtol: Annotated[float, Field(ge=0)] = Field(0.0, description="relative part: |d| <= atol + rtol*|ref|")
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] = Field(0.9999, description="minimum cosine similarity")
+    min_index_agreement: Annotated[float, Field(ge=0, le=1)] = Field(
+        1.0, description="minimum fraction of routed blocks whose kept index sets agree exactly"
+    )
+
+
+class ModelSection(BaseModel):
+    model_config = _STRICT
+    source: Literal["hub", "embedded"] = Field(description="'hub': a diffusers repo id; 'embedded': random weights from `config`")
+    repo_id: str | None = None
+    subfolder: str | None = "transformer"
+    seed: int = 0
+    config: dict[str, Any] | None = Field(None, description="SD3Transformer2DModel config for embedded models")
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "hub" and not self.repo_id:
+            raise ValueError("source = 'hub' needs repo_id (e.g. 'stabilityai/stable-diffusion-3.5-medium')")
+        if self.source == "embedded" and not self.config:
+            raise ValueError("source = 'embedded' needs a [model.config] table with the SD3Transformer2DModel config")
+        return self
+
+
+class PruneSection(BaseModel):
+    model_config = _STRICT
+    first_routed_block: Annotated[int, Field(ge=1)] = Field(
+        1, description="first routed block; block 0 is always dense (paper: First-Block Skip)"
+    )
+    last_routed_block: int = Field(-1, description="last routed block, inclusive; negative counts from the end")
+    ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.4], description="default pruning ratios (fraction of image tokens pruned)"
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _unique_sorted(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one ratio, e.g. [0.4]")
+        if sorted(set(v)) != v:
+            raise ValueError(f"must be unique and ascending, got {v}")
+        return v
+
+
+class RouterSection(BaseModel):
+    model_config = _STRICT
+    bottleneck: Annotated[int, Field(ge=1, le=4096)] = Field(64, description="router bottleneck width d'")
+    group_size: Annotated[int, Field(ge=1, le=64)] = Field(
+        2, description="adjacent routed blocks sharing one router (2 = the paper's Group-12 on 24 blocks)"
+    )
+    seed: int = Field(0, description="seed of the random router init (used until a trained router is given)")
+    weights: str | None = Field(None, description="router safetensors, relative to the recipe file")
+    sha256: str | None = Field(None, description="expected sha256 of `weights`")
+
+
+class ShapesSection(BaseModel):
+    model_config = _STRICT
+    height: Annotated[int, Field(gt=0)] = 1024
+    width: Annotated[int, Field(gt=0)] = 1024
+    text_len: Annotated[int, Field(gt=0)] = Field(333, description="text tokens (SD3: 77 CLIP + 256 T5)")
+    batch: Annotated[int, Field(ge=1)] = Field(1, description="prompts per call; CFG doubles the model batch")
+    cfg: bool = Field(True, description="batch holds uncond and cond halves that share kept indices")
+
+
+class ExportSection(BaseModel):
+    model_config = _STRICT
+    opset: Annotated[int, Field(ge=17, le=22)] = Field(
+        20, description="ONNX opset; <= 20 parses on TensorRT 10.x; 23 is refused (Attention op, see export/onnx.py)"
+    )
+
+
+class Recipe(BaseModel):
+    """A validated recipe. Build it with :func:`load_recipe`."""
+
+    model_config = _STRICT
+    schema_version: int
+    name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+    description: str = ""
+    architecture: Literal["sd3"] = "sd3"
+    model: ModelSection
+    prune: PruneSection = Field(default_factory=PruneSection)
+    router: RouterSection = Field(default_factory=RouterSection)
+    shapes: ShapesSection = Field(default_factory=ShapesSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    tolerances: dict[Literal["fp32", "fp16", "bf16"], Tolerance]
+
+    # set by load_recipe, not part of the file
+    source_path: Path | None = Field(None, exclude=True)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not supported; this shiva-export reads schema_version = {SCHEMA_VERSION}")
+        return v
+
+    @field_validator("tolerances")
+    @classmethod
+    def _has_fp32(cls, v: dict) -> dict:
+        if "fp32" not in v:
+            raise ValueError("needs at least [tolerances.fp32]")
+        return v
+
+    def routed_blocks(self, num_layers: int) -> list[int]:
+        """Model-aware resolution of the routed block range (second validation phase)."""
+        first = self.prune.first_routed_block
+        last = self.prune.last_routed_block
+        last = last + num_layers if last < 0 else last
+        where = self._where()
+        if not 1 <= first < num_layers:
+            raise RecipeError(
+                f"{where}: prune.first_routed_block = {first} is out of range for a {num_layers}-block model; "
+                f"expected 1 <= first_routed_block < {num_layers}."
+            )
+        if not first <= last < num_layers:
+            raise RecipeError(
+                f"{where}: prune.last_routed_block = {self.prune.last_routed_block} resolves to {last}, out of range "
+                f"for a {num_layers}-block model; expected {first} <= last_routed_block < {num_layers} (or negative from the end)."
+            )
+        return list(range(first, last + 1))
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        if dtype not in self.tolerances:
+            raise RecipeError(
+                f"{self._where()}: no [tolerances.{dtype}] table; add one (atol, rtol, min_cosine) to validate {dtype} exports."
+            )
+        return self.tolerances[dtype]
+
+    def router_weights_path(self) -> Path | None:
+        if self.router.weights is None:
+            return None
+        p = Path(self.router.weights)
+        if not p.is_absolute() and self.source_path is not None:
+            p = self.source_path.parent / p
+        return p
+
+    def _where(self) -> str:
+        return str(self.source_path) if self.source_path else f"recipe {self.name!r}"
+
+    def content_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"source_path"})
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """SHA-256 of the recipe's canonical JSON (independent of comments, key order and formatting)."""
+    return sha256_bytes(canonical_json(recipe.content_dict()).encode())
+
+
+def recipes_dir() -> Path:
+    """The folder of built-in recipes: ``$SHIVA_RECIPES_DIR`` or ``recipes/`` of the source checkout."""
+    env = os.environ.get("SHIVA_RECIPES_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def available_models() -> list[str]:
+    d = recipes_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def recipe_path(model: str) -> Path:
+    """Path of the built-in recipe for ``model``; :class:`ModelNotFoundError` lists the known names."""
+    p = recipes_dir() / f"{model}.toml"
+    if not p.is_file():
+        names = available_models()
+        raise ModelNotFoundError(
+            f"Unknown model: {model!r}. Known models: {', '.join(names) or '(no recipes found in ' + str(recipes_dir()) + ')'}. "
+            "Pass one of them to --model, or --recipe PATH for your own recipe."
+        )
+    return p
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
+    """Loads and validates a recipe from a TOML path or a built-in model name.
+
+    Args:
+        path_or_model (str | PathLike): ``recipes/sd35.toml``-style path, or a model name such as ``"sd35-tiny"``.
+
+    Example:
+        >>> r = load_recipe("sd35-tiny")
+        >>> r.prune.ratios
+        [0.2, 0.4, 0.6]
+    """
+    p = Path(path_or_model)
+    if p.suffix != ".toml" and not p.exists():
+        p = recipe_path(str(path_or_model))
+    if not p.is_file():
+        raise RecipeError(f"Recipe file not found: {p}. Pass an existing .toml file to --recipe.")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except OSError as err:
+        raise RecipeError(f"{p}: cannot read ({err.strerror}).") from None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = _format_loc(e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = f"{p}: unknown field {field!r}. Remove it or check its spelling against `shiva-export recipe schema`."
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" = {got!r}"
+            msg = f"{p}: {field}{got_s} is invalid: {e['msg']}. Fix the field (see `shiva-export recipe schema`)."
+        more = len(err.errors()) - 1
+        if more:
+            msg += f" ({more} more problem{'s' if more > 1 else ''} in this file)"
+        raise RecipeError(msg) from None
+    return recipe.model_copy(update={"source_path": p.resolve()})

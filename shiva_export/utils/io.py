@@ -1,0 +1,108 @@
+"""Atomic writes and hashing.
+
+Every artifact is written to a temporary file in the destination folder and moved into place with
+:func:`os.replace`, so a crash or Ctrl-C never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shiva_export.errors import OutputPathError
+
+__all__ = [
+    "sha256_file",
+    "sha256_bytes",
+    "canonical_json",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "commit_files",
+    "check_writable",
+]
+
+_CHUNK = 8 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no whitespace) used for config/recipe hashes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Checks that ``path``'s folder exists (or can be made) and is writable; returns ``path`` as a Path."""
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise OutputPathError(f"{what} path is a directory: {path}. Pass a file path (e.g. {path / 'model.onnx'}).")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"Cannot create the folder for the {what}: {parent} ({err.strerror}). Choose another --out.") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} folder is not writable: {parent}. Choose a writable --out.")
+    return path
+
+
+@contextlib.contextmanager
+def _tmp_in(dest: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
+    dest = check_writable(path)
+    with _tmp_in(dest) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    return dest
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def commit_files(moves: list[tuple[Path, Path]]) -> None:
+    """Moves finished temp files into place with :func:`os.replace`, in the order given.
+
+    Callers list side files (external data) first and the file that makes the set look complete
+    (``model.onnx``, ``manifest.json``) last, so an interrupted commit never leaves a complete-looking set.
+    """
+    for src, dst in moves:
+        os.replace(src, dst)
