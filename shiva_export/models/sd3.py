@@ -217,7 +217,8 @@ def load_transformer(
     if recipe is None:
         raise ConfigError("load_transformer needs a recipe or weights.")
     if recipe.model.source == "embedded":
-        return build_embedded(recipe.model.config, recipe.model.seed).to(td)
+        model = build_embedded(recipe.model.config, recipe.model.seed)
+        return model if td == torch.float32 else model.to(td)
 
     repo, sub = recipe.model.repo_id, recipe.model.subfolder
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

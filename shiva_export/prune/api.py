@@ -25,7 +25,7 @@ from torch import nn
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.logging import get_logger
 from shiva_export.prune.router import RouterBank, RouterConfig
-from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
+from shiva_export.prune.topk import SELECTIONS, gather_tokens, scatter_tokens, select_topk, static_k
 
 __all__ = ["ShivaConfig", "apply_shiva_", "remove_shiva_", "is_shiva_applied", "record_selection", "block_budgets"]
 
@@ -47,6 +47,8 @@ class ShivaConfig:
         cfg (bool): The batch holds ``[uncond; cond]`` halves that share kept indices. Defaults to False.
         bottleneck (int): Router width d'. Defaults to 64.
         group_size (int): Adjacent routed blocks per router. Defaults to 2.
+        selection (str): ``"bounded"`` exact top-k with every TopK K <= 3840 and a backend-independent
+            tie rule (lower position wins), or ``"topk"`` (plain torch.topk + sort). Defaults to ``"bounded"``.
 
     Example:
         >>> cfg = ShivaConfig.uniform(num_layers=24, ratio=0.4)   # keep 60% in blocks 1..23
@@ -58,6 +60,7 @@ class ShivaConfig:
     cfg: bool = False
     bottleneck: int = 64
     group_size: int = 2
+    selection: str = "bounded"
 
     def __post_init__(self):
         kr = tuple(self.keep_ratios)
@@ -71,6 +74,8 @@ class ShivaConfig:
                 raise ConfigError(f"keep ratio of block {i} is {r!r}; expected 0 < keep_ratio <= 1 (or None for dense).")
         if not self.routed_blocks:
             raise ConfigError("no block is routed; give at least one block a keep ratio.")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection {self.selection!r} is unknown; choose one of {SELECTIONS}.")
 
     @classmethod
     def uniform(
@@ -104,7 +109,7 @@ class ShivaConfig:
         return replace(self, keep_ratios=tuple(keep_ratios))
 
     def to_dict(self) -> dict:
-        return {"keep_ratios": list(self.keep_ratios), "cfg": self.cfg, "bottleneck": self.bottleneck, "group_size": self.group_size}
+        return {"keep_ratios": list(self.keep_ratios), "cfg": self.cfg, "bottleneck": self.bottleneck, "group_size": self.group_size, "selection": self.selection}
 
 
 def block_budgets(config: ShivaConfig, num_tokens: int) -> dict[int, int]:
@@ -207,7 +212,7 @@ def _route_block(self, index_block, block, hidden_states, encoder_hidden_states,
     n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
     k = static_k(n, keep)
     scores = getattr(self, _ROUTERS_ATTR)(index_block, hidden_states, temb, pooled)
-    idx = select_topk(scores, k, cfg=state.config.cfg)
+    idx = select_topk(scores, k, cfg=state.config.cfg, selection=state.config.selection)
     kept = gather_tokens(hidden_states, idx)
     encoder_hidden_states, kept_out = block(
         hidden_states=kept,

@@ -12,8 +12,9 @@ import math
 import torch
 
 from shiva_export.errors import ConfigError
+from shiva_export.prune.topk_lowering import select_topk_bounded
 
-__all__ = ["static_k", "select_topk", "gather_tokens", "scatter_tokens"]
+__all__ = ["SELECTIONS", "static_k", "select_topk", "gather_tokens", "scatter_tokens"]
 
 # floor(N * keep) with a guard for binary round-off: keep = 1 - 0.3 = 0.7000000000000001 would
 # otherwise give floor(1000 * 0.7) = 700 correctly but 1 - 0.7 = 0.30000000000000004 can land below
@@ -44,7 +45,10 @@ def static_k(num_tokens: int, keep_ratio: float) -> int:
     return min(k, num_tokens)
 
 
-def select_topk(scores: torch.Tensor, k: int, cfg: bool = False) -> torch.Tensor:
+SELECTIONS = ("bounded", "topk")
+
+
+def select_topk(scores: torch.Tensor, k: int, cfg: bool = False, selection: str = "bounded") -> torch.Tensor:
     """Indices of the ``k`` highest-scoring tokens per sample, sorted by position.
 
     Sorting by position makes ``k = N`` reproduce the dense model bit for bit (attention sums in the
@@ -55,16 +59,25 @@ def select_topk(scores: torch.Tensor, k: int, cfg: bool = False) -> torch.Tensor
         scores (torch.Tensor): ``[B, N]`` router scores.
         k (int): Static token budget, ``1 <= k <= N``.
         cfg (bool): Batch is ``[uncond; cond]``. Defaults to False.
+        selection (str): ``"bounded"`` (default): :func:`~shiva_export.prune.topk_lowering.select_topk_bounded`,
+            exact top-k with every TopK ``K <= 3840`` (TensorRT's limit) and a documented tie rule (lower
+            position wins) that holds identically in PyTorch, ONNX Runtime and TensorRT.
+            ``"topk"``: plain ``torch.topk`` + ``torch.sort`` (ties backend-defined; K up to N).
 
     Returns:
         torch.Tensor: ``[B, k]`` int64 indices, ascending within each row.
     """
-    n = int(scores.shape[1])
     if cfg:
-        halves = scores.reshape(2, -1, n)
-        scores = torch.maximum(halves[0], halves[1])
-    idx = torch.topk(scores, k, dim=1, largest=True, sorted=True).indices
-    idx = torch.sort(idx, dim=1).values
+        # Slicing (not reshape(2, -1, N)) keeps a dynamic batch symbolic under torch.export.
+        half = scores.shape[0] // 2
+        scores = torch.maximum(scores[:half], scores[half:])
+    if selection == "bounded":
+        idx = select_topk_bounded(scores, k)
+    elif selection == "topk":
+        idx = torch.topk(scores, k, dim=1, largest=True, sorted=True).indices
+        idx = torch.sort(idx, dim=1).values
+    else:
+        raise ConfigError(f"selection {selection!r} is unknown; choose one of {SELECTIONS}.")
     if cfg:
         idx = torch.cat([idx, idx], dim=0)
     return idx

@@ -1,0 +1,3 @@
+from shiva_export.cli import _entry
+
+_entry()

@@ -1,0 +1,95 @@
+"""The ``shiva-export`` command line: a thin layer over the ``shiva_export`` library.
+
+``main()`` owns exit codes and tracebacks: library errors (``ShivaError``) print one line and exit with
+their documented code (see ``_exit_codes.py``); ``--debug`` (anywhere on the line) or ``SHIVA_DEBUG=1``
+shows the traceback. Commands import torch/diffusers inside their bodies so ``--help`` stays instant and
+works without any optional backend.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+import typer
+
+from shiva_export._version import __version__
+from shiva_export.cli._exit_codes import EXIT_CODES_HELP, ExitCode, exit_code_for
+from shiva_export.cli._output import error, hint
+from shiva_export.errors import ShivaError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="shiva-export",
+    help=(
+        "Shiva-DiT static top-k token pruning for diffusers DiTs: export to ONNX, build TensorRT engines, "
+        "prove parity and speed.\n\n--ratio everywhere is the FRACTION OF IMAGE TOKENS PRUNED in each routed "
+        "block: --ratio 0.4 keeps 60% (the paper's 1.54x 'Shiva-60%' point).\n\n" + EXIT_CODES_HELP
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"shiva-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also SHIVA_DEBUG=1)."),
+) -> None:
+    """Shiva-DiT export toolkit."""
+
+
+def _register() -> None:
+    from shiva_export.cli import onnx as _onnx
+    from shiva_export.cli import recipe as _recipe
+
+    app.command(name="onnx", help=_onnx.HELP, epilog=_onnx.EPILOG)(_onnx.onnx_command)
+    app.add_typer(_recipe.recipe_app, name="recipe")
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI and returns its exit code (the console script passes it to ``sys.exit``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("SHIVA_DEBUG", "0") not in ("", "0", "false") or "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="shiva-export", standalone_mode=False)
+        return int(rv) if isinstance(rv, int) else ExitCode.OK
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        error("aborted.")
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return ExitCode.USAGE if isinstance(e, click.UsageError) else ExitCode.ERROR
+    except KeyboardInterrupt:
+        error("interrupted; no partial output was left behind.")
+        return 130
+    except ShivaError as e:
+        code = exit_code_for(e)
+        if debug:
+            traceback.print_exc()
+        error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if not debug:
+            hint("add --debug (or set SHIVA_DEBUG=1) for the full traceback.")
+        return code
+
+
+def _entry() -> None:
+    sys.exit(main())

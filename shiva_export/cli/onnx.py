@@ -1,0 +1,139 @@
+"""``shiva-export onnx``: prune, export to ONNX, check ONNX Runtime parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._output import result_json, result_text, stages, warning
+
+HELP = (
+    "Prune a SD3/SD3.5 transformer with a static Shiva budget, export it to ONNX, and check parity against "
+    "PyTorch in ONNX Runtime (CPU). --ratio is the FRACTION OF IMAGE TOKENS PRUNED per routed block "
+    "(--ratio 0.4 keeps 60%)."
+)
+EPILOG = """Examples:
+
+  shiva-export onnx --model sd35-tiny --ratio 0.4 --json
+
+  shiva-export onnx --model sd35 --weights ./sd35m/transformer --ratio 0.4 --height 1024 --width 1024
+
+  shiva-export onnx --recipe my.toml --router router.safetensors --dtype fp16 --out out/model.onnx
+
+Exit codes: 0 ok, 1 error, 2 bad option value, 3 parity failed, 4 missing dependency/hardware.
+"""
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Model name: sd35 (SD3.5-Medium), sd3, sd35-large, or the offline sd35-tiny / sd3-tiny / sd3-mid.")
+]
+RatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--ratio",
+        "-r",
+        help="Fraction of image tokens PRUNED in each routed block, in [0, 1): 0.4 keeps 60% (k = floor(N * 0.6)). Default: the recipe's first ratio.",
+    ),
+]
+
+
+def onnx_command(
+    model: ModelOpt = "sd35",
+    ratio: RatioOpt = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
+    router: Annotated[Path | None, typer.Option("--router", help="Router weights (.safetensors). Default: the recipe's, else a seeded random router.")] = None,
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16). Default: recipe.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16). Default: recipe.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call; with --cfg the model batch is 2x. Default: recipe.")] = None,
+    text_len: Annotated[int | None, typer.Option("--text-len", help="Text tokens (SD3: 333). Default: recipe.")] = None,
+    cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves that share kept tokens. Default: recipe.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16 (bf16 parity needs a GPU backend).")] = "fp32",
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset 17..22 (default 20: newest TensorRT 10.x parses).")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Export a symbolic batch axis (default: fixed shapes).")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX path. Default: engines/<model>/ratio<r>/<dtype>/model.onnx.")] = None,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Check ONNX Runtime parity after export (exit 3 on failure).")] = True,
+    parity_cases: Annotated[int, typer.Option("--parity-cases", help="Seeded input cases for parity, 1..8.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    from shiva_export.export.pipeline import export_pruned
+
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
+    with stages(enabled=not (quiet or json_out)) as advance:
+        res = export_pruned(
+            model=model,
+            recipe=recipe,
+            weights=weights,
+            ratio=ratio,
+            height=height,
+            width=width,
+            batch=batch,
+            text_len=text_len,
+            cfg=cfg,
+            dtype=dtype,
+            opset=opset,
+            out=out,
+            router=router,
+            dynamic_batch=dynamic_batch,
+            validate=validate,
+            parity_cases=parity_cases,
+            progress=advance,
+        )
+    summary = res.to_dict()
+    if json_out:
+        result_json(summary)
+    else:
+        result_text(format_summary(summary))
+    if res.parity is not None:
+        if res.parity.status == "skipped":
+            warning(res.parity.summary_line())
+        elif not res.parity.passed:
+            return ExitCode.VALIDATION_FAILED
+    return ExitCode.OK
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def format_summary(s: dict) -> str:
+    ks = sorted(set(s["k_per_block"].values()))
+    k_desc = ", ".join(f"{b}:{k}" for b, k in s["k_per_block"].items())
+    lines = [
+        f"model        {s['model']}  ({s['recipe']})",
+        f"budget       ratio {s['ratio']:g} pruned = keep {s['keep_ratio']:g}; N = {s['num_image_tokens']} image tokens; "
+        f"k = {ks[0] if len(ks) == 1 else ks} ({len(s['k_per_block'])} routed blocks)",
+        f"k per block  {k_desc}",
+        f"shapes       " + ", ".join(f"{k} {v}" for k, v in s["shapes"].items()) + f"  (cfg {s['cfg']})",
+        f"onnx         {s['onnx']}  {_mb(s['onnx_bytes'])}"
+        + (f" + external data {_mb(s['external_data_bytes'])}" if s["external_data"] else "")
+        + f"  opset {s['opset']}, {s['dtype']}, {s['num_nodes']} nodes",
+        "ops          " + ", ".join(f"{k} {v}" for k, v in s["op_counts"].items()),
+        f"router       {s['router']['source']}  ({s['router']['num_routers']} routers, {s['router']['parameters']} params, sha256 {s['router']['tensor_sha256'][:12]})",
+        f"time         load {s['load_seconds']:.1f} s, export {s['export_seconds']:.1f} s",
+    ]
+    p = s.get("parity")
+    if p:
+        if p["status"] == "skipped":
+            lines.append(f"parity       SKIPPED | {p['reason']}")
+        else:
+            for c in p["cases"]:
+                o = c["output"]
+                idx = min(c["index_agreement"].values()) if c["index_agreement"] else 1.0
+                lines.append(
+                    f"  seed {c['seed']} t={c['timestep'] if c['timestep'] is not None else 'rand'}: max_abs {o['max_abs']:.3g} "
+                    f"mean_abs {o['mean_abs']:.3g} max_rel {o['max_rel']:.3g} cos {o['cosine']:.8f} kept-index agreement {idx:.0%}"
+                )
+            tag = "PASSED" if p["passed"] else "FAILED"
+            worst = f"worst {p['worst_output']} max_abs={p['worst_max_abs']:.3g} cos={p['worst_cosine']:.8f}"
+            lines.append(
+                f"{tag} | parity vs PyTorch fp32 ({p['provider']}, {p['dtype']}) | {worst} | index agreement {p['index_agreement']:.1%}"
+                + ("" if p["passed"] else f" | {p['reason']}")
+            )
+    else:
+        lines.append("parity       not run (--no-validate)")
+    return "\n".join(lines)

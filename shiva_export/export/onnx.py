@@ -1,0 +1,344 @@
+"""ONNX export of a Shiva-pruned SD3/SD3.5 transformer with static per-block budgets.
+
+Exporter choice (on evidence, ``feasibility.md`` and ``tensorrt-rtx.md``):
+
+- **torch.onnx dynamo exporter at opset 20.** It keeps TopK's ``K`` a constant initializer (TensorRT's
+  parser needs that), lowers ``torch.gather``/``scatter`` to single ``GatherElements``/``ScatterElements``
+  nodes, gives ~2x fewer nodes than the TorchScript exporter, and decomposes RMSNorm (SD3.5 qk-norm),
+  which the TorchScript exporter cannot export at opset 20 (pytorch/pytorch#159249).
+- **Opset <= 22, never 23.** Opset 23 emits the ONNX ``Attention`` op, which TensorRT-RTX 1.7 refuses
+  in fp32 ("not supported by a dedicated kernel") and TensorRT parses only from 10.14; opset 20 is the
+  newest that TensorRT 10.x documents for its parser, so it is the default.
+- **Fixed shapes by default**; an optional dynamic batch axis (``batch_size``) is traced with at least two
+  prompts per CFG half, because torch.export specializes size-1 dims.
+- **External data only above 2 GB** (protobuf limit); small models stay a single file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shiva_export._version import __version__
+from shiva_export.errors import ConfigError, ExportError
+from shiva_export.logging import get_logger
+from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME, InputSpec, make_inputs
+from shiva_export.utils.io import check_writable, commit_files, sha256_file
+
+__all__ = ["export_onnx", "ExportResult", "onnx_summary", "kept_index_tensors", "package_versions", "SUMMARY_OPS", "META_PREFIX"]
+
+logger = get_logger(__name__)
+
+DEFAULT_OPSET = 20
+_MAX_OPSET = 22
+_PROTOBUF_LIMIT = 2 * 1024**3
+META_PREFIX = "shiva."
+#: op types reported in the export summary (the pruning path first).
+SUMMARY_OPS = (
+    "TopK",
+    "GatherElements",
+    "GatherND",
+    "Gather",
+    "ScatterElements",
+    "ScatterND",
+    "CumSum",
+    "MatMul",
+    "Gemm",
+    "Softmax",
+    "LayerNormalization",
+    "Conv",
+    "NonZero",
+)
+_FORBIDDEN_OPS = ("NonZero", "Unique", "Loop", "If", "Compress", "NonMaxSuppression")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress to stdout and warns about torchvision: keep stdout clean
+    for ``--json`` and route the chatter to this module's debug log."""
+    buf = io.StringIO()
+    noisy = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export")]
+    levels = [lg.level for lg in noisy]
+    try:
+        for lg in noisy:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(noisy, levels):
+            lg.setLevel(lv)
+        if buf.getvalue():
+            logger.debug("exporter output:\n%s", buf.getvalue())
+
+
+class _ExportWrapper(nn.Module):
+    """Positional-argument, tensor-returning view of the transformer for the exporter."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote."""
+
+    onnx_path: Path
+    data_path: Path | None
+    onnx_sha256: str
+    data_sha256: str | None
+    onnx_bytes: int
+    data_bytes: int
+    opset: int
+    dtype: str
+    dynamic_batch: bool
+    export_seconds: float
+    input_shapes: dict[str, list]
+    output_shape: list
+    op_counts: dict[str, int]
+    num_nodes: int
+    kept_index_tensors: dict[int, str]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["onnx_path"] = str(self.onnx_path)
+        d["data_path"] = str(self.data_path) if self.data_path else None
+        d["kept_index_tensors"] = {str(k): v for k, v in self.kept_index_tensors.items()}
+        return d
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"shiva-export": __version__}
+    for pkg in ("torch", "diffusers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
+
+
+def onnx_summary(model) -> tuple[dict[str, int], int]:
+    """(op counts of :data:`SUMMARY_OPS` plus every other op type, total nodes) of a ModelProto."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    for f in model.functions:
+        counts.update(n.op_type for n in f.node)
+    return dict(sorted(counts.items())), sum(counts.values())
+
+
+_PASS_THROUGH = {"Expand", "Unsqueeze", "Cast", "Reshape", "Identity", "Squeeze"}
+
+
+def kept_index_tensors(model, routed_blocks: list[int]) -> dict[int, str]:
+    """Names of the per-block kept-index tensors ``[B, k]`` in an exported graph.
+
+    Found structurally: each routed block gathers its image tokens with one ``GatherElements`` (or
+    ``GatherND``) whose index input is the (expanded) kept-index tensor. Walking back through
+    shape-only ops gives that tensor; blocks appear in topological order.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in ("GatherElements", "GatherND"):
+            continue
+        name = node.input[1]
+        while name in producers and producers[name].op_type in _PASS_THROUGH:
+            name = producers[name].input[0]
+        found.append(name)
+    if len(found) != len(routed_blocks):
+        raise ExportError(
+            f"found {len(found)} token gathers in the exported graph but {len(routed_blocks)} routed blocks; "
+            "the export does not have the expected static top-k structure. Please report this with --debug output."
+        )
+    return dict(zip(routed_blocks, found))
+
+
+def _check_contract(model, opset: int) -> None:
+    """The static-shape contract: TopK present with sorted=1, no data-dependent-shape ops."""
+    bad = [n for n in model.graph.node if n.op_type in _FORBIDDEN_OPS]
+    if bad:
+        raise ExportError(f"exported graph holds data-dependent op {bad[0].op_type} (node {bad[0].name}); static top-k must not. Please report this.")
+    topks = [n for n in model.graph.node if n.op_type == "TopK"]
+    if not topks:
+        raise ExportError("exported graph has no TopK node although blocks are routed. Please report this.")
+    for n in topks:
+        sorted_attr = next((a.i for a in n.attribute if a.name == "sorted"), 1)
+        if sorted_attr != 1:
+            raise ExportError(f"TopK node {n.name} has sorted=0; TensorRT needs sorted=1. Please report this.")
+
+
+def export_onnx(
+    transformer: nn.Module,
+    out: str | os.PathLike,
+    spec: InputSpec,
+    *,
+    opset: int | None = None,
+    dtype: str = "fp32",
+    dynamic_batch: bool = False,
+    routed_blocks: list[int] | None = None,
+    metadata: dict[str, Any] | None = None,
+    check: bool = True,
+) -> ExportResult:
+    """Exports a (Shiva-applied) transformer to ONNX, atomically.
+
+    Args:
+        transformer (nn.Module): ``SD3Transformer2DModel``, usually with :func:`apply_shiva_` applied,
+            already in the export dtype.
+        out (PathLike): Destination ``.onnx`` path. External data, when needed, goes to ``<out>.data``.
+        spec (InputSpec): Static input shapes.
+        opset (int): ONNX opset, 17..22. Defaults to 20 (see module docstring).
+        dtype (str): Name recorded for the export (``fp32``/``fp16``/``bf16``). Defaults to ``fp32``.
+        dynamic_batch (bool): Make axis 0 of every input/output symbolic (``batch_size``). Defaults to False.
+        routed_blocks (list[int]): Routed blocks, to locate kept-index tensors. Defaults to None (dense).
+        metadata (dict): Extra ``metadata_props`` (values JSON-encoded unless str), prefixed ``shiva.``.
+        check (bool): Run ``onnx.checker.check_model`` by path (works above 2 GB). Defaults to True.
+
+    Returns:
+        ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
+    """
+    import onnx
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not 17 <= opset <= _MAX_OPSET:
+        raise ConfigError(
+            f"--opset {opset} is out of range; expected 17..{_MAX_OPSET}. Opset 23 emits the ONNX Attention op, which "
+            "TensorRT-RTX refuses in fp32 and TensorRT parses only from 10.14; use the default 20."
+        )
+    dest = check_writable(Path(out), "ONNX output")
+    torch_dtype = next(transformer.parameters()).dtype
+    trace_spec = spec
+    if dynamic_batch and spec.batch < 2:
+        # torch.export specializes size-1 dims: trace with two prompts so the batch axis stays symbolic.
+        trace_spec = InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg)
+    inputs = make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype)
+    args = tuple(inputs[n] for n in INPUT_NAMES)
+
+    dynamic_shapes = None
+    if dynamic_batch:
+        if spec.cfg:
+            half = torch.export.Dim("half_batch", min=1, max=1024)
+            axis = 2 * half
+        else:
+            axis = torch.export.Dim("batch_size", min=1, max=2048)
+        dynamic_shapes = tuple({0: axis} for _ in INPUT_NAMES)
+
+    external = _param_bytes(transformer) > _PROTOBUF_LIMIT - (64 << 20)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".shiva-export-", dir=dest.parent))
+    tmp_onnx = tmp_dir / dest.name
+    t0 = time.perf_counter()
+    try:
+        wrapper = _ExportWrapper(transformer).eval()
+        try:
+            with torch.no_grad(), _quiet_exporter():
+                torch.onnx.export(
+                    wrapper,
+                    args,
+                    str(tmp_onnx),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=list(INPUT_NAMES),
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=dynamic_shapes,
+                    external_data=external,
+                    verbose=False,
+                )
+        except Exception as err:  # exporter failures come as many types
+            first = str(err).strip().splitlines()[0][:300]
+            raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: {first}. Re-run with --debug for the full trace.") from err
+        export_seconds = time.perf_counter() - t0
+
+        model = onnx.load(str(tmp_onnx), load_external_data=False)
+        _check_contract(model, opset) if routed_blocks else None
+        index_tensors = kept_index_tensors(model, routed_blocks) if routed_blocks else {}
+        meta = {
+            "exporter": "torch.onnx dynamo",
+            "opset": opset,
+            "dtype": dtype,
+            "dynamic_batch": dynamic_batch,
+            "input_spec": spec.to_dict(),
+            "kept_index_tensors": {str(k): v for k, v in index_tensors.items()},
+            "versions": package_versions(),
+            **(metadata or {}),
+        }
+        str_meta = {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in meta.items()}
+        del model.metadata_props[:]
+        for k, v in str_meta.items():
+            model.metadata_props.add(key=k, value=v)
+        model.producer_name = "shiva-export"
+        model.producer_version = __version__
+        onnx.save(model, str(tmp_onnx))  # graph only: external data references are kept as they are
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp_onnx), full_check=True)
+            except onnx.checker.ValidationError as err:
+                raise ExportError(f"onnx.checker rejected the export: {str(err).splitlines()[0]}. Please report this.") from None
+
+        data_files = [p for p in tmp_dir.iterdir() if p.name != dest.name]
+        moves = [(p, dest.parent / p.name) for p in data_files] + [(tmp_onnx, dest)]
+        commit_files(moves)  # data first, the .onnx (what looks complete) last
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    data_path = dest.parent / (dest.name + ".data") if external else None
+    if not external:
+        stale = dest.parent / (dest.name + ".data")
+        if stale.exists():
+            stale.unlink()
+    out_shape = list(inputs["hidden_states"].shape)
+    if dynamic_batch:
+        out_shape[0] = "batch_size"
+    shapes = {k: list(v) for k, v in spec.shapes(transformer.config).items()}
+    if dynamic_batch:
+        for v in shapes.values():
+            v[0] = "batch_size"
+    op_counts, num_nodes = onnx_summary(onnx.load(str(dest), load_external_data=False))
+    return ExportResult(
+        onnx_path=dest,
+        data_path=data_path if data_path and data_path.exists() else None,
+        onnx_sha256=sha256_file(dest),
+        data_sha256=sha256_file(data_path) if data_path and data_path.exists() else None,
+        onnx_bytes=dest.stat().st_size,
+        data_bytes=data_path.stat().st_size if data_path and data_path.exists() else 0,
+        opset=opset,
+        dtype=dtype,
+        dynamic_batch=dynamic_batch,
+        export_seconds=export_seconds,
+        input_shapes=shapes,
+        output_shape=out_shape,
+        op_counts=op_counts,
+        num_nodes=num_nodes,
+        kept_index_tensors=index_tensors,
+        metadata=str_meta,
+    )

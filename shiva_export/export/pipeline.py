@@ -1,0 +1,258 @@
+"""One call from a model name (or recipe/weights) to a pruned, exported and parity-checked ONNX.
+
+:func:`export_pruned` is what ``shiva-export onnx`` runs; the CLI only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shiva_export.errors import ConfigError, RouterError
+from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
+from shiva_export.logging import get_logger
+from shiva_export.models.sd3 import InputSpec, check_image_size, load_transformer, make_inputs, num_image_tokens, torch_dtype
+from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
+from shiva_export.prune.router import RouterBank, load_routers
+from shiva_export.recipe import Recipe, load_recipe, recipe_hash
+from shiva_export.utils.io import canonical_json, sha256_bytes
+from shiva_export.validate.parity import ParityReport, check_parity
+
+__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "model_config_hash", "router_tensor_hash", "resolve_router"]
+
+logger = get_logger(__name__)
+
+
+def budget_label(ratio: float) -> str:
+    """Folder name of a budget: ``ratio0.40`` (fraction pruned)."""
+    return f"ratio{ratio:.2f}"
+
+
+def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines") -> Path:
+    return Path(root) / model_name / budget_label(ratio) / dtype / "model.onnx"
+
+
+def model_config_hash(transformer) -> str:
+    cfg = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    return sha256_bytes(canonical_json(cfg).encode())
+
+
+def router_tensor_hash(bank: RouterBank) -> str:
+    """sha256 over the router tensors (sorted names + float32 bytes): identifies random routers too."""
+    h = hashlib.sha256()
+    for name, t in sorted(bank.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_router(recipe: Recipe, router_path: str | os.PathLike | None, rc) -> tuple[RouterBank | None, dict[str, Any]]:
+    """Router bank from ``--router``, else the recipe's trained weights, else None (seeded random)."""
+    path = Path(router_path) if router_path else recipe.router_weights_path()
+    if path is None:
+        return None, {"source": f"random (seed {recipe.router.seed})", "file_sha256": None}
+    bank, sha = load_routers(path, rc)
+    if router_path is None and recipe.router.sha256 and recipe.router.sha256 != sha:
+        raise RouterError(
+            f"{recipe.source_path}: router.weights {path} has sha256 {sha[:12]}..., recipe expects {recipe.router.sha256[:12]}...; "
+            "re-run training or fix router.sha256."
+        )
+    return bank, {"source": str(path), "file_sha256": sha}
+
+
+@dataclass
+class PrunedExport:
+    """Result of :func:`export_pruned`."""
+
+    recipe: Recipe
+    ratio: float
+    config: ShivaConfig
+    spec: InputSpec
+    num_image_tokens: int
+    budgets: dict[int, int]
+    export: ExportResult
+    router: dict[str, Any]
+    parity: ParityReport | None
+    load_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        ex = self.export
+        interesting = ("TopK", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "CumSum", "MatMul", "Softmax", "NonZero")
+        return {
+            "model": self.recipe.name,
+            "recipe": str(self.recipe.source_path),
+            "recipe_sha256": recipe_hash(self.recipe),
+            "ratio": self.ratio,
+            "keep_ratio": 1.0 - self.ratio,
+            "num_image_tokens": self.num_image_tokens,
+            "k_per_block": {str(b): k for b, k in self.budgets.items()},
+            "shapes": ex.input_shapes,
+            "output_shape": ex.output_shape,
+            "cfg": self.spec.cfg,
+            "dtype": ex.dtype,
+            "opset": ex.opset,
+            "dynamic_batch": ex.dynamic_batch,
+            "onnx": str(ex.onnx_path),
+            "onnx_sha256": ex.onnx_sha256,
+            "onnx_bytes": ex.onnx_bytes,
+            "external_data": str(ex.data_path) if ex.data_path else None,
+            "external_data_bytes": ex.data_bytes,
+            "op_counts": {op: ex.op_counts.get(op, 0) for op in interesting},
+            "num_nodes": ex.num_nodes,
+            "router": self.router,
+            "load_seconds": round(self.load_seconds, 3),
+            "export_seconds": round(ex.export_seconds, 3),
+            "parity": self.parity.to_dict() if self.parity else None,
+            "versions": package_versions(),
+        }
+
+
+def export_pruned(
+    *,
+    model: str | None = None,
+    recipe: str | os.PathLike | Recipe | None = None,
+    weights: str | os.PathLike | None = None,
+    ratio: float | None = None,
+    keep_ratios: list[float | None] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int | None = None,
+    text_len: int | None = None,
+    cfg: bool | None = None,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    out: str | os.PathLike | None = None,
+    router: str | os.PathLike | None = None,
+    dynamic_batch: bool = False,
+    validate: bool = True,
+    parity_cases: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> PrunedExport:
+    """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
+
+    Args:
+        model (str): Built-in model name (``sd35``, ``sd35-tiny``, ...). Defaults to ``sd35``.
+        recipe (PathLike | Recipe): Recipe overriding the model's built-in one. Defaults to None.
+        weights (PathLike): Local diffusers folder for the transformer weights. Defaults to None.
+        ratio (float): Fraction of image tokens pruned in every routed block, in [0, 1). Defaults to the
+            recipe's first ratio. Mutually exclusive with ``keep_ratios``.
+        keep_ratios (list): Per-block keep schedule (``None`` = dense block). Defaults to None.
+        height, width (int): Image size in pixels. Default to the recipe's shapes.
+        batch (int): Prompts per call (CFG doubles the model batch). Defaults to the recipe's.
+        text_len (int): Text tokens. Defaults to the recipe's.
+        cfg (bool): Batch holds uncond/cond halves sharing kept indices. Defaults to the recipe's.
+        dtype (str): ``fp32``, ``fp16`` or ``bf16``. Defaults to ``fp32``.
+        opset (int): ONNX opset. Defaults to the recipe's (20).
+        out (PathLike): ONNX path. Defaults to ``engines/<model>/ratio<r>/<dtype>/model.onnx``.
+        router (PathLike): Router safetensors. Defaults to the recipe's, else a seeded random router.
+        dynamic_batch (bool): Symbolic batch axis. Defaults to False.
+        validate (bool): Run ONNX Runtime parity after export. Defaults to True.
+        parity_cases (int): Seeded input cases for parity (1..8; case 2 uses t=1, case 3 t=999). Defaults to 3.
+        progress (Callable[[str], None]): Called with a stage name when each stage starts. Defaults to None.
+    """
+    import time
+
+    say = progress or (lambda stage: None)
+    if recipe is None:
+        rec = load_recipe(model or "sd35")
+    elif isinstance(recipe, Recipe):
+        rec = recipe
+    else:
+        rec = load_recipe(recipe)
+    torch_dtype(dtype)  # validates the name early
+    if ratio is not None and keep_ratios is not None:
+        raise ConfigError("give either a ratio or a keep schedule, not both.")
+    if ratio is not None and not (0.0 <= ratio < 1.0):
+        raise ConfigError(f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+    spec = InputSpec(
+        batch=batch if batch is not None else rec.shapes.batch,
+        height=height if height is not None else rec.shapes.height,
+        width=width if width is not None else rec.shapes.width,
+        text_len=text_len if text_len is not None else rec.shapes.text_len,
+        cfg=rec.shapes.cfg if cfg is None else cfg,
+    )
+    if not 1 <= parity_cases <= 8:
+        raise ConfigError(f"parity_cases {parity_cases} is out of range; expected 1..8.")
+
+    say("load model")
+    t0 = time.perf_counter()
+    transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+    load_seconds = time.perf_counter() - t0
+    check_image_size(transformer, spec.height, spec.width)
+    n_layers = len(transformer.transformer_blocks)
+    n_tokens = num_image_tokens(transformer, spec.height, spec.width)
+    routed = rec.routed_blocks(n_layers)
+    if keep_ratios is not None:
+        config = ShivaConfig(tuple(keep_ratios), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+        if len(config.keep_ratios) != n_layers:
+            raise ConfigError(f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block.")
+        ratio_used = 1.0 - min(r for r in config.keep_ratios if r is not None)
+    else:
+        ratio_used = rec.prune.ratios[0] if ratio is None else ratio
+        config = ShivaConfig.uniform(
+            n_layers, ratio_used, routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size
+        )
+    budgets = block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
+
+    rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    bank, router_info = resolve_router(rec, router, rc)
+    export_model = copy.deepcopy(transformer).to(torch_dtype(dtype)) if dtype != "fp32" else None
+    bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
+    router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
+    if export_model is not None:
+        apply_shiva_(export_model, config, routers=copy.deepcopy(bank))
+    else:
+        export_model = transformer
+
+    out_path = Path(out) if out is not None else default_onnx_path(rec.name, ratio_used, dtype)
+    meta = {
+        "model": rec.name,
+        "recipe_sha256": recipe_hash(rec),
+        "model_config_sha256": model_config_hash(transformer),
+        "ratio": ratio_used,
+        "keep_ratios": list(config.keep_ratios),
+        "k_per_block": {str(b): k for b, k in budgets.items()},
+        "num_image_tokens": n_tokens,
+        "router_sha256": router_info["tensor_sha256"],
+        "router_source": router_info["source"],
+        "cfg": spec.cfg,
+    }
+    say("export onnx")
+    result = export_onnx(
+        export_model,
+        out_path,
+        spec,
+        opset=opset if opset is not None else rec.export.opset,
+        dtype=dtype,
+        dynamic_batch=dynamic_batch,
+        routed_blocks=list(config.routed_blocks),
+        metadata=meta,
+    )
+    if export_model is not transformer:
+        del export_model
+
+    parity = None
+    if validate:
+        say("parity (onnxruntime cpu)")
+        tol = rec.tolerance(dtype)
+        timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
+        cases = [(s, timesteps[s], make_inputs(transformer.config, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]
+        parity = check_parity(
+            result.onnx_path,
+            transformer,
+            cases,
+            atol=tol.atol,
+            rtol=tol.rtol,
+            min_cosine=tol.min_cosine,
+            min_index_agreement=tol.min_index_agreement,
+            dtype=dtype,
+            onnx_input_dtype=torch_dtype(dtype),
+        )
+    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds)

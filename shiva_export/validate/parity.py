@@ -1,0 +1,285 @@
+"""Parity of an exported ONNX against the PyTorch pruned model, in ONNX Runtime.
+
+The reference is the PyTorch model with the same router and budget (float32 unless given otherwise).
+Besides the output, the kept-index set of every routed block is compared: an index mismatch means
+the deployed model *selected different tokens* (e.g. ties or fp16 scores), which is a different failure
+from numeric drift. The kept-index tensors are located at export time (``shiva.kept_index_tensors`` in
+the ONNX metadata) and exposed as extra outputs of a temporary copy of the graph; the exported file is
+never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shiva_export._imports import lazy_import
+from shiva_export.errors import HardwareError, MissingDependencyError
+from shiva_export.logging import get_logger
+from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME
+from shiva_export.prune.api import record_selection
+
+__all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "ort_session"]
+
+logger = get_logger(__name__)
+ort = lazy_import("onnxruntime", purpose="ONNX parity checks")
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class OutputStats:
+    """Error statistics of one output against its reference."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    median_abs: float
+    p99_abs: float
+    max_rel: float
+    mean_rel: float
+    cosine: float
+    atol: float
+    rtol: float
+    min_cosine: float
+    passed: bool
+
+    def line(self) -> str:
+        mark = "ok" if self.passed else "MISMATCH"
+        return (
+            f"{self.name}: {mark} max_abs={self.max_abs:.3g} mean_abs={self.mean_abs:.3g} p99_abs={self.p99_abs:.3g} "
+            f"max_rel={self.max_rel:.3g} cos={self.cosine:.8f} (atol={self.atol:g} rtol={self.rtol:g} min_cos={self.min_cosine})"
+        )
+
+
+def compare_arrays(name: str, ref: np.ndarray, test: np.ndarray, atol: float, rtol: float, min_cosine: float) -> OutputStats:
+    """Element-wise ``|test - ref| <= atol + rtol * |ref|`` everywhere, and cosine >= ``min_cosine``."""
+    ref64 = np.asarray(ref, dtype=np.float64).ravel()
+    test64 = np.asarray(test, dtype=np.float64).ravel()
+    if ref64.shape != test64.shape:
+        raise ValueError(f"{name}: shape {np.shape(test)} differs from reference {np.shape(ref)}")
+    diff = np.abs(test64 - ref64)
+    rel = diff / np.maximum(np.abs(ref64), 1e-6)
+    denom = np.linalg.norm(ref64) * np.linalg.norm(test64)
+    cos = float(np.dot(ref64, test64) / denom) if denom > 0 else float(np.array_equal(ref64, test64))
+    finite = bool(np.isfinite(test64).all())
+    within = bool(np.all(diff <= atol + rtol * np.abs(ref64)))
+    return OutputStats(
+        name=name,
+        max_abs=float(diff.max()) if diff.size else 0.0,
+        mean_abs=float(diff.mean()) if diff.size else 0.0,
+        median_abs=float(np.median(diff)) if diff.size else 0.0,
+        p99_abs=float(np.quantile(diff, 0.99)) if diff.size else 0.0,
+        max_rel=float(rel.max()) if rel.size else 0.0,
+        mean_rel=float(rel.mean()) if rel.size else 0.0,
+        cosine=cos,
+        atol=atol,
+        rtol=rtol,
+        min_cosine=min_cosine,
+        passed=finite and within and cos >= min_cosine,
+    )
+
+
+@dataclass
+class CaseResult:
+    """One seeded input case."""
+
+    seed: int
+    timestep: float | None
+    output: OutputStats
+    index_agreement: dict[int, float]  # block -> fraction of batch rows whose kept sets are identical
+
+    @property
+    def min_index_agreement(self) -> float:
+        return min(self.index_agreement.values()) if self.index_agreement else 1.0
+
+
+@dataclass
+class ParityReport:
+    """Parity of one ONNX file against PyTorch over several seeded inputs."""
+
+    onnx_path: str
+    provider: str
+    dtype: str
+    min_index_agreement_required: float
+    cases: list[CaseResult] = field(default_factory=list)
+    status: str = "passed"  # passed | failed | skipped
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def worst(self) -> OutputStats | None:
+        if not self.cases:
+            return None
+        return max((c.output for c in self.cases), key=lambda s: (not s.passed, s.max_abs))
+
+    @property
+    def index_agreement(self) -> float:
+        return min((c.min_index_agreement for c in self.cases), default=1.0)
+
+    def summary_line(self) -> str:
+        if self.status == "skipped":
+            return f"SKIPPED | {self.reason}"
+        w = self.worst
+        stats = f"max_abs={w.max_abs:.3g} cos={w.cosine:.8f} index_agreement={self.index_agreement:.1%}" if w else ""
+        if self.passed:
+            return f"PASSED | {OUTPUT_NAME} matched PyTorch on {len(self.cases)} inputs ({self.provider}, {self.dtype}) | {stats}"
+        return f"FAILED | {self.reason} | {stats}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        d["index_agreement"] = self.index_agreement
+        d["worst_output"] = self.worst.name if self.worst else None
+        d["worst_max_abs"] = self.worst.max_abs if self.worst else None
+        d["worst_cosine"] = self.worst.cosine if self.worst else None
+        for c in d["cases"]:
+            c["index_agreement"] = {str(k): v for k, v in c["index_agreement"].items()}
+        return d
+
+
+def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimizations: bool = False):
+    """An ONNX Runtime session on ``provider``; refuses a silent fallback to another provider."""
+    if provider not in _PROVIDERS:
+        raise ValueError(f"provider {provider!r} unknown; choose one of {list(_PROVIDERS)}")
+    want = _PROVIDERS[provider]
+    if want not in ort.get_available_providers():
+        raise HardwareError(
+            f"ONNX Runtime provider {want} is not available (have {ort.get_available_providers()}). "
+            "Install onnxruntime-gpu (and only it) on a CUDA machine, or use --provider cpu."
+        )
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if disable_optimizations:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=[want])
+    if sess.get_providers()[0] != want:
+        raise HardwareError(f"ONNX Runtime fell back from {want} to {sess.get_providers()[0]}; refusing a silent fallback.")
+    return sess
+
+
+def _with_index_outputs(onnx_path: Path, index_tensors: dict[int, str], workdir: Path) -> Path:
+    """A copy of the graph (same folder, so external data resolves) with kept-index tensors as outputs."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    existing = {o.name for o in model.graph.output}
+    for name in index_tensors.values():
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    tmp = onnx_path.parent / f".{onnx_path.stem}.parity-{os.getpid()}.onnx"
+    onnx.save(model, str(tmp))
+    return tmp
+
+
+def _read_index_tensors(onnx_path: Path) -> dict[int, str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    raw = json.loads(meta.get("shiva.kept_index_tensors", "{}"))
+    return {int(k): v for k, v in raw.items()}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def _row_sets_equal(a: np.ndarray, b: np.ndarray) -> float:
+    rows = [np.array_equal(np.sort(a[i]), np.sort(b[i])) for i in range(a.shape[0])]
+    return float(np.mean(rows)) if rows else 1.0
+
+
+def check_parity(
+    onnx_path: str | os.PathLike,
+    reference: nn.Module,
+    cases: list[tuple[int, float | None, dict[str, torch.Tensor]]],
+    *,
+    atol: float,
+    rtol: float,
+    min_cosine: float,
+    min_index_agreement: float = 1.0,
+    dtype: str = "fp32",
+    provider: str = "cpu",
+    onnx_input_dtype: torch.dtype | None = None,
+) -> ParityReport:
+    """Runs the ONNX in ONNX Runtime and compares it with ``reference`` on each case.
+
+    Args:
+        onnx_path (PathLike): Exported model.
+        reference (nn.Module): The PyTorch pruned model (Shiva applied), usually float32.
+        cases (list): ``(seed, timestep, inputs)`` triples; inputs in the reference's dtype.
+        atol (float), rtol (float), min_cosine (float): Output thresholds (from the recipe).
+        min_index_agreement (float): Minimum fraction of (block, row) kept sets that must agree. Defaults to 1.0.
+        dtype (str): Export dtype, for the report. Defaults to ``fp32``.
+        provider (str): ``cpu`` or ``cuda``. Defaults to ``cpu``.
+        onnx_input_dtype (torch.dtype): dtype the ONNX expects for float inputs (timestep stays fp32).
+            Defaults to the reference inputs' dtype.
+    """
+    onnx_path = Path(onnx_path)
+    report = ParityReport(str(onnx_path), _PROVIDERS.get(provider, provider), dtype, min_index_agreement)
+    if dtype == "bf16" and provider == "cpu":
+        report.status = "skipped"
+        report.reason = "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
+        return report
+    index_tensors = _read_index_tensors(onnx_path)
+    run_path = _with_index_outputs(onnx_path, index_tensors, onnx_path.parent) if index_tensors else onnx_path
+    try:
+        sess = ort_session(run_path, provider)
+        out_names = [o.name for o in sess.get_outputs()]
+        for seed, timestep, inputs in cases:
+            with torch.no_grad(), record_selection(reference) as rec:
+                ref_out = reference(**inputs).sample
+            feed = {}
+            for name in INPUT_NAMES:
+                t = inputs[name]
+                if name != "timestep" and onnx_input_dtype is not None:
+                    t = t.to(onnx_input_dtype)
+                feed[name] = _to_numpy(t)
+            outs = dict(zip(out_names, sess.run(out_names, feed)))
+            stats = compare_arrays(OUTPUT_NAME, _to_numpy(ref_out), outs[OUTPUT_NAME], atol, rtol, min_cosine)
+            agree = {}
+            for r in rec:
+                name = index_tensors.get(r["block"])
+                if name is not None and name in outs:
+                    agree[r["block"]] = _row_sets_equal(r["indices"].cpu().numpy(), outs[name])
+            report.cases.append(CaseResult(seed, timestep, stats, agree))
+    finally:
+        if run_path != onnx_path:
+            run_path.unlink(missing_ok=True)
+
+    bad_out = [c for c in report.cases if not c.output.passed]
+    bad_idx = report.index_agreement < min_index_agreement
+    if bad_out or bad_idx:
+        report.status = "failed"
+        parts = []
+        if bad_out:
+            w = report.worst
+            parts.append(
+                f"worst output {w.name!r} (seed {next(c.seed for c in report.cases if c.output is w)}): "
+                f"max_abs {w.max_abs:.3g} > atol {w.atol:g} + rtol {w.rtol:g}*|ref| or cos {w.cosine:.6f} < {w.min_cosine}"
+            )
+        if bad_idx:
+            worst_case = min(report.cases, key=lambda c: c.min_index_agreement)
+            blk = min(worst_case.index_agreement, key=worst_case.index_agreement.get)
+            parts.append(
+                f"kept-index agreement {report.index_agreement:.1%} < {min_index_agreement:.0%} (block {blk}, seed {worst_case.seed})"
+            )
+        report.reason = "; ".join(parts)
+    return report
