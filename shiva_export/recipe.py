@@ -43,8 +43,12 @@ class Tolerance(BaseModel):
     atol: Annotated[float, Field(gt=0)] = Field(description="max |pytorch - onnx| allowed")
     rtol: Annotated[float, Field(ge=0)] = Field(0.0, description="relative part: |d| <= atol + rtol*|ref|")
     min_cosine: Annotated[float, Field(ge=-1, le=1)] = Field(0.9999, description="minimum cosine similarity")
+    quantile: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="fraction of elements that must be within atol + rtol*|ref|; 1.0 = every element (elementwise)"
+    )
     min_index_agreement: Annotated[float, Field(ge=0, le=1)] = Field(
-        1.0, description="minimum fraction of routed blocks whose kept index sets agree exactly"
+        1.0,
+        description="minimum kept-index overlap |A & B| / k in every routed block (1.0 = identical kept sets)",
     )
 
 

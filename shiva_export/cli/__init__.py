@@ -22,6 +22,9 @@ from shiva_export.errors import ShivaError
 
 __all__ = ["app", "main"]
 
+_EXIT_TYPES = tuple({typer.Exit, click.exceptions.Exit})
+_ABORT_TYPES = tuple({typer.Abort, click.exceptions.Abort})
+
 app = typer.Typer(
     name="shiva-export",
     help=(
@@ -70,14 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=args, prog_name="shiva-export", standalone_mode=False)
         return int(rv) if isinstance(rv, int) else ExitCode.OK
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
+    except _EXIT_TYPES as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except _ABORT_TYPES:
         error("aborted.")
         return 130
-    except click.ClickException as e:
-        e.show()
-        return ExitCode.USAGE if isinstance(e, click.UsageError) else ExitCode.ERROR
     except KeyboardInterrupt:
         error("interrupted; no partial output was left behind.")
         return 130
@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:
             hint("add --debug (or set SHIVA_DEBUG=1) for the full traceback.")
         return code
+    except Exception as e:
+        # Click usage errors (typer vendors its own click, so match by duck type, not class).
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            return int(e.exit_code)
+        raise
 
 
 def _entry() -> None:

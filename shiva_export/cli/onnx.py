@@ -126,12 +126,12 @@ def format_summary(s: dict) -> str:
                 idx = min(c["index_agreement"].values()) if c["index_agreement"] else 1.0
                 lines.append(
                     f"  seed {c['seed']} t={c['timestep'] if c['timestep'] is not None else 'rand'}: max_abs {o['max_abs']:.3g} "
-                    f"mean_abs {o['mean_abs']:.3g} max_rel {o['max_rel']:.3g} cos {o['cosine']:.8f} kept-index agreement {idx:.0%}"
+                    f"mean_abs {o['mean_abs']:.3g} max_rel {o['max_rel']:.3g} cos {o['cosine']:.8f} kept-index overlap {idx:.1%}"
                 )
             tag = "PASSED" if p["passed"] else "FAILED"
             worst = f"worst {p['worst_output']} max_abs={p['worst_max_abs']:.3g} cos={p['worst_cosine']:.8f}"
             lines.append(
-                f"{tag} | parity vs PyTorch fp32 ({p['provider']}, {p['dtype']}) | {worst} | index agreement {p['index_agreement']:.1%}"
+                f"{tag} | parity vs PyTorch fp32 ({p['provider']}, {p['dtype']}) | {worst} | kept-index overlap {p['index_agreement']:.1%}"
                 + ("" if p["passed"] else f" | {p['reason']}")
             )
     else:

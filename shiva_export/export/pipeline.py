@@ -22,7 +22,7 @@ from shiva_export.models.sd3 import InputSpec, check_image_size, load_transforme
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
-from shiva_export.utils.io import canonical_json, sha256_bytes
+from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
 from shiva_export.validate.parity import ParityReport, check_parity
 
 __all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "model_config_hash", "router_tensor_hash", "resolve_router"]
@@ -109,7 +109,7 @@ class PrunedExport:
             "router": self.router,
             "load_seconds": round(self.load_seconds, 3),
             "export_seconds": round(ex.export_seconds, 3),
-            "parity": self.parity.to_dict() if self.parity else None,
+            "parity": self.parity.to_dict() if self.parity is not None else None,
             "versions": package_versions(),
         }
 
@@ -181,6 +181,10 @@ def export_pruned(
     if not 1 <= parity_cases <= 8:
         raise ConfigError(f"parity_cases {parity_cases} is out of range; expected 1..8.")
 
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        check_writable(out_path, "ONNX output")  # fail before minutes of loading
+
     say("load model")
     t0 = time.perf_counter()
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
@@ -203,7 +207,16 @@ def export_pruned(
 
     rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
     bank, router_info = resolve_router(rec, router, rc)
-    export_model = copy.deepcopy(transformer).to(torch_dtype(dtype)) if dtype != "fp32" else None
+    export_model = None
+    if dtype != "fp32":
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # silence "modules that should be kept in float32: []"
+        try:
+            export_model = copy.deepcopy(transformer).to(torch_dtype(dtype))
+        finally:
+            dlogging.set_verbosity(level)
     bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
     router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
     if export_model is not None:
@@ -211,7 +224,7 @@ def export_pruned(
     else:
         export_model = transformer
 
-    out_path = Path(out) if out is not None else default_onnx_path(rec.name, ratio_used, dtype)
+    out_path = out_path if out_path is not None else default_onnx_path(rec.name, ratio_used, dtype)
     meta = {
         "model": rec.name,
         "recipe_sha256": recipe_hash(rec),
@@ -251,6 +264,7 @@ def export_pruned(
             atol=tol.atol,
             rtol=tol.rtol,
             min_cosine=tol.min_cosine,
+            quantile=tol.quantile,
             min_index_agreement=tol.min_index_agreement,
             dtype=dtype,
             onnx_input_dtype=torch_dtype(dtype),

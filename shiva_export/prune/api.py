@@ -121,6 +121,7 @@ def block_budgets(config: ShivaConfig, num_tokens: int) -> dict[int, int]:
 class _ShivaState:
     config: ShivaConfig
     recorder: list | None = field(default=None)
+    record_hidden: bool = False
 
 
 def is_shiva_applied(transformer: nn.Module) -> bool:
@@ -190,20 +191,29 @@ class record_selection:
         ...     transformer(**inputs)
         >>> rec[0]["block"], rec[0]["indices"].shape
         (1, torch.Size([2, 153]))
+
+    Args:
+        transformer (nn.Module): Transformer with Shiva applied.
+        hidden_states (bool): Also record each routed block's image-token input (``hidden_in``), its
+            output after the scatter (``hidden_out``) and the kept tokens the block received
+            (``block_input``). Defaults to False.
     """
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, hidden_states: bool = False):
         if not is_shiva_applied(transformer):
             raise ConfigError("record_selection needs a transformer with Shiva applied (apply_shiva_).")
         self._state: _ShivaState = getattr(transformer, _STATE_ATTR)
+        self._hidden = hidden_states
         self.records: list[dict] = []
 
     def __enter__(self) -> list[dict]:
         self._state.recorder = self.records
+        self._state.record_hidden = self._hidden
         return self.records
 
     def __exit__(self, *exc) -> None:
         self._state.recorder = None
+        self._state.record_hidden = False
 
 
 def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs):
@@ -220,9 +230,13 @@ def _route_block(self, index_block, block, hidden_states, encoder_hidden_states,
         temb=temb,
         joint_attention_kwargs=joint_attention_kwargs,
     )
+    out = scatter_tokens(hidden_states, idx, kept_out)
     if state.recorder is not None:
-        state.recorder.append({"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()})
-    return encoder_hidden_states, scatter_tokens(hidden_states, idx, kept_out)
+        rec = {"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()}
+        if state.record_hidden:
+            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach())
+        state.recorder.append(rec)
+    return encoder_hidden_states, out
 
 
 # Copied from diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward (diffusers 0.42)

@@ -1,0 +1,46 @@
+"""Markers and auto-skips: gpu / trt / trt_rtx tests skip cleanly when the backend or hardware is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+
+def _has(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = {
+        "gpu": (not _cuda(), "needs a CUDA GPU"),
+        "trt": (not _has("tensorrt"), "needs the tensorrt module"),
+        "trt_rtx": (not _has("tensorrt_rtx"), "needs the tensorrt_rtx module (pip install tensorrt-rtx-cu12==1.7.1.116)"),
+        "slow": (os.environ.get("SHIVA_SLOW", "0") in ("", "0"), "slow; set SHIVA_SLOW=1"),
+    }
+    for item in items:
+        for mark, (skip, why) in skips.items():
+            if skip and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+# diffusers binds its StreamHandler to sys.stderr on first use; do that now (the session-wide stream)
+# rather than inside a test whose capsys stream is closed afterwards ("I/O operation on closed file").
+import diffusers.utils.logging as _dlog  # noqa: E402
+
+_dlog.get_logger("diffusers")
