@@ -101,19 +101,20 @@ def _mb(n: int) -> str:
 
 
 def format_summary(s: dict) -> str:
-    ks = sorted(set(s["k_per_block"].values()))
+    ks = sorted(set(s["k_per_block"].values())) or [s["num_image_tokens"]]
     k_desc = ", ".join(f"{b}:{k}" for b, k in s["k_per_block"].items())
     lines = [
         f"model        {s['model']}  ({s['recipe']})",
         f"budget       ratio {s['ratio']:g} pruned = keep {s['keep_ratio']:g}; N = {s['num_image_tokens']} image tokens; "
         f"k = {ks[0] if len(ks) == 1 else ks} ({len(s['k_per_block'])} routed blocks)",
-        f"k per block  {k_desc}",
+        f"k per block  {k_desc or '(dense: no routed block)'}",
         f"shapes       " + ", ".join(f"{k} {v}" for k, v in s["shapes"].items()) + f"  (cfg {s['cfg']})",
         f"onnx         {s['onnx']}  {_mb(s['onnx_bytes'])}"
         + (f" + external data {_mb(s['external_data_bytes'])}" if s["external_data"] else "")
         + f"  opset {s['opset']}, {s['dtype']}, {s['num_nodes']} nodes",
         "ops          " + ", ".join(f"{k} {v}" for k, v in s["op_counts"].items()),
-        f"router       {s['router']['source']}  ({s['router']['num_routers']} routers, {s['router']['parameters']} params, sha256 {s['router']['tensor_sha256'][:12]})",
+        f"router       {s['router']['source']}  ({s['router']['num_routers']} routers, {s['router']['parameters']} params"
+        + (f", sha256 {s['router']['tensor_sha256'][:12]})" if s["router"]["tensor_sha256"] else ")"),
         f"time         load {s['load_seconds']:.1f} s, export {s['export_seconds']:.1f} s",
     ]
     p = s.get("parity")

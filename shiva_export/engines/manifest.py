@@ -69,6 +69,13 @@ class EngineManifest:
         keep_ratio (float | None): ``1 - ratio``.
         per_block_k (dict[str, int]): Tokens kept per routed block (keys are block indices as strings).
         build_seconds (float | None): Builder time.
+        dense (bool): The engine is the dense reference (no router, no top-k).
+        onnx_path (str | None): The ONNX the engine was built from (relative to the manifest when beside it).
+        export_key (dict | None): Everything that determined the ONNX before it was exported (recipe,
+            weights fingerprint, router, ratio, shapes, dtype, opset, tool versions): with an equal key,
+            neither the export nor the build is repeated.
+        build_options (dict | None): Builder settings (profile, workspace, optimization level, AOT targets).
+        deserialize (dict | None): Result of the post-build deserialization check (see builder.deserialize_check).
         shiva_export_version (str): Package version that wrote the manifest.
         created_at (str): ISO-8601 UTC timestamp.
         schema_version (int): Manifest schema version.
@@ -91,6 +98,11 @@ class EngineManifest:
     keep_ratio: float | None = None
     per_block_k: dict[str, int] = field(default_factory=dict)
     build_seconds: float | None = None
+    dense: bool = False
+    onnx_path: str | None = None
+    export_key: dict[str, Any] | None = None
+    build_options: dict[str, Any] | None = None
+    deserialize: dict[str, Any] | None = None
     shiva_export_version: str = __version__
     created_at: str = field(default_factory=_utc_now)
     schema_version: int = MANIFEST_SCHEMA_VERSION
@@ -204,9 +216,9 @@ def _check_types(data: dict[str, Any], where: str) -> None:
 
 
 def manifest_path_for(plan_path: str | os.PathLike) -> Path:
-    """Conventional manifest location: ``<plan>.manifest.json`` next to the plan."""
-    plan_path = Path(plan_path)
-    return plan_path.with_name(plan_path.name + ".manifest.json")
+    """Conventional manifest location: ``manifest.json`` beside the plan
+    (``engines/<model>/<budget>/<dtype>/{model.plan, manifest.json}``)."""
+    return Path(plan_path).with_name("manifest.json")
 
 
 def write_manifest(path: str | os.PathLike, manifest: EngineManifest) -> Path:
@@ -254,6 +266,8 @@ def cache_key(manifest: EngineManifest) -> dict[str, Any]:
         "target": _target(manifest),
         "input_shapes": {k: list(v) for k, v in sorted(manifest.input_shapes.items())},
         "dtype": manifest.dtype,
+        "export_key": manifest.export_key,
+        "build_options": manifest.build_options,
     }
 
 

@@ -81,6 +81,7 @@ class PrunedExport:
     router: dict[str, Any]
     parity: ParityReport | None
     load_seconds: float
+    dense: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         ex = self.export
@@ -91,6 +92,7 @@ class PrunedExport:
             "recipe_sha256": recipe_hash(self.recipe),
             "ratio": self.ratio,
             "keep_ratio": 1.0 - self.ratio,
+            "dense": self.dense,
             "num_image_tokens": self.num_image_tokens,
             "k_per_block": {str(b): k for b, k in self.budgets.items()},
             "shapes": ex.input_shapes,
@@ -133,6 +135,8 @@ def export_pruned(
     dynamic_batch: bool = False,
     validate: bool = True,
     parity_cases: int = 3,
+    dense: bool = False,
+    extra_metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
@@ -155,6 +159,9 @@ def export_pruned(
         dynamic_batch (bool): Symbolic batch axis. Defaults to False.
         validate (bool): Run ONNX Runtime parity after export. Defaults to True.
         parity_cases (int): Seeded input cases for parity (1..8; case 2 uses t=1, case 3 t=999). Defaults to 3.
+        dense (bool): Export the plain dense model (no router, no top-k): the reference engine. Needs
+            ``ratio`` 0 or None. Defaults to False.
+        extra_metadata (dict): More ``shiva.*`` metadata for the ONNX (e.g. the engine cache's export key).
         progress (Callable[[str], None]): Called with a stage name when each stage starts. Defaults to None.
     """
     import time
@@ -169,6 +176,8 @@ def export_pruned(
     torch_dtype(dtype)  # validates the name early
     if ratio is not None and keep_ratios is not None:
         raise ConfigError("give either a ratio or a keep schedule, not both.")
+    if dense and (keep_ratios is not None or (ratio or 0.0) != 0.0):
+        raise ConfigError(f"a dense export prunes nothing; got ratio {ratio}. Use ratio 0 (or omit it) with dense=True.")
     if ratio is not None and not (0.0 <= ratio < 1.0):
         raise ConfigError(f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
     spec = InputSpec(
@@ -199,14 +208,17 @@ def export_pruned(
             raise ConfigError(f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block.")
         ratio_used = 1.0 - min(r for r in config.keep_ratios if r is not None)
     else:
-        ratio_used = rec.prune.ratios[0] if ratio is None else ratio
+        ratio_used = 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio)
         config = ShivaConfig.uniform(
             n_layers, ratio_used, routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size
         )
-    budgets = block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
+    budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
 
     rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
-    bank, router_info = resolve_router(rec, router, rc)
+    if dense:
+        bank, router_info = None, {"source": "none (dense reference)", "file_sha256": None}
+    else:
+        bank, router_info = resolve_router(rec, router, rc)
     export_model = None
     if dtype != "fp32":
         from diffusers.utils import logging as dlogging
@@ -217,11 +229,14 @@ def export_pruned(
             export_model = copy.deepcopy(transformer).to(torch_dtype(dtype))
         finally:
             dlogging.set_verbosity(level)
-    bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
-    router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
-    if export_model is not None:
-        apply_shiva_(export_model, config, routers=copy.deepcopy(bank))
+    if dense:
+        router_info.update(tensor_sha256=None, num_routers=0, parameters=0)
     else:
+        bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
+        router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
+        if export_model is not None:
+            apply_shiva_(export_model, config, routers=copy.deepcopy(bank))
+    if export_model is None:
         export_model = transformer
 
     out_path = out_path if out_path is not None else default_onnx_path(rec.name, ratio_used, dtype)
@@ -230,12 +245,14 @@ def export_pruned(
         "recipe_sha256": recipe_hash(rec),
         "model_config_sha256": model_config_hash(transformer),
         "ratio": ratio_used,
-        "keep_ratios": list(config.keep_ratios),
+        "dense": dense,
+        "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
         "k_per_block": {str(b): k for b, k in budgets.items()},
         "num_image_tokens": n_tokens,
         "router_sha256": router_info["tensor_sha256"],
         "router_source": router_info["source"],
         "cfg": spec.cfg,
+        **(extra_metadata or {}),
     }
     say("export onnx")
     result = export_onnx(
@@ -245,7 +262,7 @@ def export_pruned(
         opset=opset if opset is not None else rec.export.opset,
         dtype=dtype,
         dynamic_batch=dynamic_batch,
-        routed_blocks=list(config.routed_blocks),
+        routed_blocks=None if dense else list(config.routed_blocks),
         metadata=meta,
     )
     if export_model is not transformer:
@@ -269,4 +286,4 @@ def export_pruned(
             dtype=dtype,
             onnx_input_dtype=torch_dtype(dtype),
         )
-    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds)
+    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense)

@@ -25,7 +25,7 @@ from shiva_export._imports import lazy_import
 from shiva_export.errors import HardwareError, MissingDependencyError
 from shiva_export.logging import get_logger
 from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME
-from shiva_export.prune.api import record_selection
+from shiva_export.prune.api import is_shiva_applied, record_selection
 
 __all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "ort_session"]
 
@@ -145,7 +145,7 @@ class ParityReport:
         if self.status == "skipped":
             return f"SKIPPED | {self.reason}"
         w = self.worst
-        stats = f"max_abs={w.max_abs:.3g} cos={w.cosine:.8f} index_agreement={self.index_agreement:.1%}" if w else ""
+        stats = f"max_abs={w.max_abs:.3g} cos={w.cosine:.8f} kept-index overlap={self.index_agreement:.1%}" if w else ""
         if self.passed:
             return f"PASSED | {OUTPUT_NAME} matched PyTorch on {len(self.cases)} inputs ({self.provider}, {self.dtype}) | {stats}"
         return f"FAILED | {self.reason} | {stats}"
@@ -262,8 +262,13 @@ def check_parity(
         sess = ort_session(run_path, provider)
         out_names = [o.name for o in sess.get_outputs()]
         for seed, timestep, inputs in cases:
-            with torch.no_grad(), record_selection(reference) as rec:
-                ref_out = reference(**inputs).sample
+            if is_shiva_applied(reference):
+                with torch.no_grad(), record_selection(reference) as rec:
+                    ref_out = reference(**inputs).sample
+            else:  # dense reference: nothing is selected
+                rec = []
+                with torch.no_grad():
+                    ref_out = reference(**inputs).sample
             feed = {}
             for name in INPUT_NAMES:
                 t = inputs[name]

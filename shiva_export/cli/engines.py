@@ -1,0 +1,153 @@
+"""``shiva-export trt`` (engines per budget), ``inspect`` (TensorRT pre-flight) and ``run`` (run an engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._output import result_json, result_text, stages
+
+TRT_HELP = (
+    "Build one TensorRT / TensorRT-RTX engine per budget (plus the dense reference, ratio 0) with manifests "
+    "and a cache. --ratio is the FRACTION OF IMAGE TOKENS PRUNED per routed block (repeatable; 0.4 keeps 60%)."
+)
+TRT_EPILOG = """Examples:
+
+  shiva-export trt --model sd35-tiny --ratio 0.2 --ratio 0.4 --ratio 0.6 --backend tensorrt-rtx
+
+  shiva-export trt --model sd35 --weights ./sd35m --ratio 0.4 --dtype fp16 --timing-cache tc.cache
+
+  shiva-export trt --onnx engines/sd35/ratio0.40/fp16/model.onnx --backend tensorrt
+
+Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json}. A budget whose
+inputs all hash the same as its manifest is skipped (--force rebuilds). A missing backend module exits 4.
+"""
+INSPECT_HELP = "Pre-flight an ONNX for TensorRT: list every construct the backend will not build (node, problem, fix)."
+RUN_HELP = "Run a built engine on seeded inputs on a CUDA GPU and print output statistics (exit 4 without a GPU)."
+
+
+def trt_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, sd35-tiny, sd3-tiny, sd3-mid).")] = "sd35",
+    ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1); repeat for several engines. 0 = dense reference. Default: the recipe's ratios.")] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="Build this existing export (from `shiva-export onnx`) instead of exporting.")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder with the transformer weights.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding recipes/<model>.toml.")] = None,
+    router: Annotated[Path | None, typer.Option("--router", help="Router weights (.safetensors).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto | tensorrt | tensorrt-rtx (auto prefers tensorrt).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16: the ONNX dtype; engines are strongly typed.")] = "fp32",
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16).")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call (CFG doubles the model batch).")] = None,
+    cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves sharing kept tokens.")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch with an optimization profile (see --batch-min/--batch-max).")] = False,
+    batch_min: Annotated[int, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch).")] = 1,
+    batch_max: Annotated[int | None, typer.Option("--batch-max", help="Profile max prompts (default 4 x --batch).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file shared by every budget of this command.")] = None,
+    workspace: Annotated[int | None, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = None,
+    opt_level: Annotated[int | None, typer.Option("--opt-level", help="Builder optimization level 0-5 (default 3).")] = None,
+    aot_target: Annotated[list[str] | None, typer.Option("--aot-target", help="TensorRT-RTX compute capability to build for (repeatable, e.g. 8.9).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Root folder for engines.")] = Path("engines"),
+    no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="ORT parity after each new export (exit 3 on failure).")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    from shiva_export.engines.pipeline import build_engines
+
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
+    b = batch or 1
+    batch_range = (batch_min, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
+    with stages(enabled=not (quiet or json_out)) as advance:
+        results = build_engines(
+            model=model, recipe=recipe, weights=weights, router=router, ratios=ratio, dense=not no_dense, onnx=onnx,
+            backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
+            batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
+            optimization_level=opt_level, aot_targets=aot_target, out_dir=out_dir, force=force, validate=validate, progress=advance,
+        )
+    rows = [r.to_dict() for r in results]
+    if json_out:
+        result_json({"engines": rows})
+    else:
+        result_text(_table(rows))
+    return ExitCode.OK
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'budget':<14} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ks = sorted(set(r["per_block_k"].values()))
+        kdesc = "dense" if r["dense"] else (str(ks[0]) if len(ks) == 1 else ",".join(map(str, ks)))
+        budget = "dense (r=0)" if r["dense"] else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        bs = f"{r['build_seconds']:.2f}" if r["build_seconds"] is not None else "-"
+        mb = f"{r['engine_mb']:.2f}" if r["engine_mb"] is not None else "-"
+        de = r.get("deserialize") or {}
+        runnable = "yes" if de.get("deserialized") else ("no GPU: plan + manifest checked" if de else "-")
+        lines.append(f"{budget:<14} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
+        lines.append(f"  {r['plan']}")
+    return "\n".join(lines)
+
+
+def inspect_command(
+    onnx_path: Annotated[Path, typer.Argument(help="ONNX model to check.")],
+    backend: Annotated[str, typer.Option("--backend", help="tensorrt | tensorrt-rtx.")] = "tensorrt",
+    backend_version: Annotated[str | None, typer.Option("--backend-version", help="Backend version to check against (default: installed one, else unknown).")] = None,
+    profile: Annotated[bool, typer.Option("--profile-given", help="Treat dynamic inputs as covered by an optimization profile.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> int:
+    from shiva_export.engines.preflight import format_report, preflight
+
+    if not onnx_path.is_file():
+        raise typer.BadParameter(f"{onnx_path} does not exist.", param_hint="ONNX_PATH")
+    version = backend_version
+    if version is None:
+        try:
+            from shiva_export.engines.builder import resolve_backend
+
+            version = resolve_backend(backend).version
+        except Exception:  # backend not installed: check against the conservative rules
+            version = None
+    report = preflight(onnx_path, backend, backend_version=version, profile_given=profile)
+    if json_out:
+        result_json(report.to_dict())
+    else:
+        result_text(format_report(report))
+    return ExitCode.OK if report.ok else ExitCode.ERROR
+
+
+def run_command(
+    engine: Annotated[Path, typer.Argument(help="model.plan or an engines/<model>/<budget>/<dtype>/ folder.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
+    iterations: Annotated[int, typer.Option("--iterations", help="Timed runs after 3 warm-ups.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> int:
+    import statistics
+
+    import torch
+
+    from shiva_export.engines.runner import EngineRunner
+
+    with EngineRunner(engine) as runner:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        feed = {}
+        for name, shape in runner.manifest.input_shapes.items():
+            t = torch.rand(shape, generator=g) * 1000.0 if name == "timestep" else torch.randn(shape, generator=g)
+            feed[name] = t
+        times = []
+        for i in range(3 + iterations):
+            outs = runner.infer(dict(feed))
+            if i >= 3:
+                times.append(runner.inference_time * 1e3)
+        res = {
+            "engine": str(runner.plan_path),
+            "gpu": torch.cuda.get_device_name(),
+            "median_ms": statistics.median(times),
+            "outputs": {k: {"shape": list(v.shape), "mean": float(v.float().mean()), "std": float(v.float().std())} for k, v in outs.items()},
+        }
+    result_json(res) if json_out else result_text(f"{res['engine']} on {res['gpu']}: median {res['median_ms']:.3f} ms; outputs {res['outputs']}")
+    return ExitCode.OK

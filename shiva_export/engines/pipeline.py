@@ -1,0 +1,399 @@
+"""One engine per budget: export (or reuse) the ONNX, pre-flight it, build, check, write the manifest.
+
+Layout: ``<out_dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json}``. Ratio 0 is the
+dense reference engine (the plain model: no router, no top-k). A budget is skipped when its manifest's
+export key (recipe, weights fingerprint, router, ratio, shapes, dtype, opset, tool versions), build
+options and backend/target all match and the ONNX and plan on disk still hash to what the manifest says;
+``force=True`` rebuilds. The plan is written atomically by the builder and the manifest atomically
+after it, so an interrupted build never leaves a manifest describing a missing or partial plan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shiva_export._version import __version__
+from shiva_export.engines.builder import Backend, build_engine, deserialize_check, resolve_backend
+from shiva_export.engines.manifest import EngineManifest, cache_key, manifest_path_for, read_manifest, write_manifest
+from shiva_export.engines.preflight import preflight
+from shiva_export.errors import ConfigError, ManifestError
+from shiva_export.export.pipeline import budget_label, export_pruned
+from shiva_export.logging import get_logger
+from shiva_export.recipe import Recipe, load_recipe, recipe_hash
+from shiva_export.utils.io import sha256_file
+
+__all__ = ["EngineBuild", "build_engines", "export_key_for", "weights_fingerprint"]
+
+logger = get_logger(__name__)
+
+
+def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> dict[str, Any]:
+    """Cheap identity of the transformer weights, without loading them.
+
+    Embedded models: their config + seed. Local folders: every weight/config file's name, size and mtime
+    (hashing multi-GB safetensors on every call would cost minutes). Hub ids: the repo id (a local
+    snapshot is resolved by diffusers).
+    """
+    if weights is None:
+        if recipe.model.source == "embedded":
+            return {"embedded": recipe.model.config, "seed": recipe.model.seed}
+        return {"hub": recipe.model.repo_id, "subfolder": recipe.model.subfolder}
+    root = Path(weights).expanduser().resolve()
+    files = []
+    if root.is_dir():
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"):
+                st = p.stat()
+                files.append([str(p.relative_to(root)), st.st_size, int(st.st_mtime)])
+    return {"folder": str(root), "files": files}
+
+
+def export_key_for(
+    recipe: Recipe,
+    weights: str | os.PathLike | None,
+    router: str | os.PathLike | None,
+    ratio: float,
+    dense: bool,
+    shapes: dict[str, Any],
+    dtype: str,
+    opset: int,
+    dynamic_batch: bool,
+) -> dict[str, Any]:
+    """Everything that determines the exported ONNX, known before exporting."""
+    import importlib.metadata as md
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    router_id: Any
+    if dense:
+        router_id = None
+    elif router is not None:
+        router_id = {"file_sha256": sha256_file(router)}
+    elif recipe.router_weights_path() is not None:
+        router_id = {"file_sha256": sha256_file(recipe.router_weights_path())}
+    else:
+        router_id = {"random_seed": recipe.router.seed}
+    return {
+        "recipe_sha256": recipe_hash(recipe),
+        "weights": weights_fingerprint(recipe, weights),
+        "router": router_id,
+        "ratio": ratio,
+        "dense": dense,
+        "shapes": shapes,
+        "dtype": dtype,
+        "opset": opset,
+        "dynamic_batch": dynamic_batch,
+        "versions": {"shiva-export": __version__, "torch": ver("torch"), "diffusers": ver("diffusers"), "onnx": ver("onnx")},
+    }
+
+
+@dataclass
+class EngineBuild:
+    """One budget's outcome."""
+
+    ratio: float
+    dense: bool
+    status: str  # built | cached | failed
+    out_dir: Path
+    plan_path: Path | None = None
+    onnx_path: Path | None = None
+    manifest_path: Path | None = None
+    per_block_k: dict[str, int] = field(default_factory=dict)
+    build_seconds: float | None = None
+    export_seconds: float | None = None
+    engine_bytes: int | None = None
+    parity: str | None = None
+    deserialize: dict[str, Any] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio,
+            "keep_ratio": 1.0 - self.ratio,
+            "dense": self.dense,
+            "status": self.status,
+            "out_dir": str(self.out_dir),
+            "plan": str(self.plan_path) if self.plan_path else None,
+            "onnx": str(self.onnx_path) if self.onnx_path else None,
+            "manifest": str(self.manifest_path) if self.manifest_path else None,
+            "per_block_k": self.per_block_k,
+            "build_seconds": self.build_seconds,
+            "export_seconds": self.export_seconds,
+            "engine_mb": round(self.engine_bytes / 1e6, 3) if self.engine_bytes else None,
+            "parity": self.parity,
+            "deserialize": self.deserialize,
+            "error": self.error,
+        }
+
+
+def _cached(manifest_path: Path, plan: Path, onnx_path: Path, key: dict[str, Any], options: dict[str, Any], be: Backend) -> EngineManifest | None:
+    if not manifest_path.is_file() or not plan.is_file() or not onnx_path.is_file():
+        return None
+    try:
+        m = read_manifest(manifest_path)
+    except ManifestError as err:
+        logger.warning("ignoring unreadable manifest %s: %s", manifest_path, err)
+        return None
+    if m.export_key != key or m.build_options != options or m.backend != be.name or m.backend_version != be.version:
+        return None
+    if sha256_file(plan) != m.engine_sha256 or sha256_file(onnx_path) != m.onnx_sha256:
+        return None
+    return m
+
+
+def build_engines(
+    *,
+    model: str | None = None,
+    recipe: str | os.PathLike | Recipe | None = None,
+    weights: str | os.PathLike | None = None,
+    router: str | os.PathLike | None = None,
+    ratios: list[float] | None = None,
+    dense: bool = True,
+    onnx: str | os.PathLike | None = None,
+    backend: str = "auto",
+    dtype: str = "fp32",
+    height: int | None = None,
+    width: int | None = None,
+    batch: int | None = None,
+    text_len: int | None = None,
+    cfg: bool | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    batch_range: tuple[int, int, int] | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_bytes: int | None = None,
+    optimization_level: int | None = None,
+    aot_targets: list[str] | None = None,
+    out_dir: str | os.PathLike = "engines",
+    force: bool = False,
+    validate: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[EngineBuild]:
+    """Builds one engine per budget (and the dense reference) with a shared timing cache.
+
+    Args:
+        model (str): Built-in model name. Defaults to ``sd35``.
+        recipe (PathLike | Recipe): Recipe overriding the built-in one. Defaults to None.
+        weights (PathLike): Local diffusers folder. Defaults to None.
+        router (PathLike): Router safetensors. Defaults to the recipe's, else seeded random.
+        ratios (list[float]): Fractions of image tokens pruned, each in [0, 1); 0 means the dense
+            reference. Defaults to the recipe's ratios.
+        dense (bool): Also build the dense reference (ratio 0). Defaults to True.
+        onnx (PathLike): Build this existing export instead of exporting (one engine). Defaults to None.
+        backend (str): ``auto``, ``tensorrt`` or ``tensorrt-rtx``. Defaults to ``auto``.
+        dtype (str): Export dtype; engines are strongly typed, so precision comes from the ONNX. Defaults to ``fp32``.
+        height, width, batch, text_len, cfg: Shapes (default: the recipe's).
+        opset (int): ONNX opset. Defaults to the recipe's.
+        dynamic_batch (bool): Export a symbolic batch and build with an optimization profile. Defaults to False.
+        batch_range (tuple): (min, opt, max) prompts for the profile when ``dynamic_batch``. Defaults to (1, batch, 4*batch).
+        timing_cache (PathLike): Timing cache shared by all budgets of this call. Defaults to None.
+        workspace_bytes (int): Builder workspace limit. Defaults to the backend's.
+        optimization_level (int): Builder optimization level 0-5. Defaults to the backend's (3).
+        aot_targets (list[str]): TensorRT-RTX AOT compute capabilities (e.g. ``["8.9"]``). Defaults to RTX's portable set.
+        out_dir (PathLike): Root folder. Defaults to ``engines``.
+        force (bool): Rebuild even when the cache matches. Defaults to False.
+        validate (bool): ONNX Runtime parity after each new export. Defaults to True.
+        progress (Callable[[str], None]): Stage callback. Defaults to None.
+    """
+    say = progress or (lambda stage: None)
+    be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
+    if onnx is not None:
+        return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say)]
+    todo = list(ratios) if ratios else list(rec.prune.ratios)
+    for r in todo:
+        if not 0.0 <= r < 1.0:
+            raise ConfigError(f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0 = dense reference).")
+    if dense and 0.0 not in todo:
+        todo = [0.0, *todo]
+    if not dense:
+        todo = [r for r in todo if r != 0.0]
+    if not todo:
+        raise ConfigError("nothing to build: give at least one --ratio above 0, or drop --no-dense.")
+    todo = sorted(set(todo))
+
+    shapes_spec = {
+        "height": height or rec.shapes.height,
+        "width": width or rec.shapes.width,
+        "batch": batch or rec.shapes.batch,
+        "text_len": text_len or rec.shapes.text_len,
+        "cfg": rec.shapes.cfg if cfg is None else cfg,
+    }
+    opset_used = opset if opset is not None else rec.export.opset
+    options = {
+        "dynamic_batch": dynamic_batch,
+        "batch_range": list(batch_range) if batch_range else None,
+        "workspace_bytes": workspace_bytes,
+        "optimization_level": optimization_level,
+        "aot_targets": list(aot_targets) if aot_targets else None,
+    }
+    results: list[EngineBuild] = []
+    for r in todo:
+        is_dense = r == 0.0
+        d = Path(out_dir) / rec.name / budget_label(r) / dtype
+        onnx_path, plan = d / "model.onnx", d / "model.plan"
+        mpath = manifest_path_for(plan)
+        key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch)
+        label = "dense" if is_dense else f"ratio {r:g}"
+        if not force:
+            m = _cached(mpath, plan, onnx_path, key, options, be)
+            if m is not None:
+                say(f"{label}: cached ({plan})")
+                results.append(
+                    EngineBuild(r, is_dense, "cached", d, plan, onnx_path, mpath, m.per_block_k, m.build_seconds, None, plan.stat().st_size, None, m.deserialize)
+                )
+                continue
+        say(f"{label}: export onnx")
+        ex = export_pruned(
+            recipe=rec,
+            weights=weights,
+            router=router,
+            ratio=r,
+            dense=is_dense,
+            height=shapes_spec["height"],
+            width=shapes_spec["width"],
+            batch=shapes_spec["batch"],
+            text_len=shapes_spec["text_len"],
+            cfg=shapes_spec["cfg"],
+            dtype=dtype,
+            opset=opset_used,
+            out=onnx_path,
+            dynamic_batch=dynamic_batch,
+            validate=validate,
+            extra_metadata={"export_key": key},
+        )
+        if ex.parity is not None and ex.parity.status == "failed":
+            from shiva_export.errors import ParityError
+
+            raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
+        profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
+        say(f"{label}: preflight + build ({be.name} {be.version})")
+        res = build_engine(
+            onnx_path,
+            plan,
+            backend=be,
+            workspace_bytes=workspace_bytes,
+            timing_cache_path=timing_cache,
+            profile=profile,
+            builder_optimization_level=optimization_level,
+            compute_capabilities=aot_targets,
+        )
+        check = deserialize_check(plan, be)
+        exd = ex.to_dict()
+        manifest = EngineManifest.from_build(
+            res,
+            onnx_sha256=ex.export.onnx_sha256,
+            model_name=rec.name,
+            model_config_hash=ex.export.metadata["shiva.model_config_sha256"],
+            input_shapes={k: [int(x) for x in v] for k, v in ex.spec.shapes(_Cfg(ex)).items()},
+            dtype=dtype,
+            recipe_sha256=exd["recipe_sha256"],
+            router_sha256=ex.router.get("tensor_sha256"),
+            ratio=r,
+            keep_ratio=1.0 - r,
+            per_block_k={str(b): k for b, k in ex.budgets.items()},
+            dense=is_dense,
+            onnx_path=onnx_path.name,
+            export_key=key,
+            build_options=options,
+            deserialize={k: check.get(k) for k in ("deserialized", "reason")},
+        )
+        write_manifest(mpath, manifest)
+        results.append(
+            EngineBuild(
+                r, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
+                res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize,
+            )
+        )
+    return results
+
+
+class _Cfg:
+    """Adapter so InputSpec.shapes() can read the model dims recorded in the export."""
+
+    def __init__(self, ex):
+        shapes = ex.export.input_shapes
+        self.in_channels = shapes["hidden_states"][1]
+        self.joint_attention_dim = shapes["encoder_hidden_states"][2]
+        self.pooled_projection_dim = shapes["pooled_projections"][1]
+
+
+def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    per_prompt = 2 if spec.cfg else 1
+    lo, opt, hi = batch_range or (1, spec.batch, max(4 * spec.batch, 2))
+    if not 1 <= lo <= opt <= hi:
+        raise ConfigError(f"batch profile {lo}/{opt}/{hi} is invalid; expected 1 <= min <= opt <= max (prompts).")
+    prof = {}
+    for name, shape in input_shapes.items():
+        rest = [int(x) for x in shape[1:]]
+        prof[name] = tuple([b * per_prompt, *rest] for b in (lo, opt, hi))
+    return prof
+
+
+def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
+    """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
+    import json
+
+    import onnx as onnx_mod
+
+    if not onnx_path.is_file():
+        raise ConfigError(f"--onnx {onnx_path} does not exist. Pass a file written by `shiva-export onnx`.")
+    m = onnx_mod.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in m.metadata_props}
+
+    def get(k, default=None):
+        v = meta.get("shiva." + k)
+        if v is None:
+            return default
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+
+    ratio = float(get("ratio", 0.0))
+    dtype = get("dtype", "fp32")
+    model_name = get("model", rec.name)
+    d = Path(out_dir) / model_name / budget_label(ratio) / dtype
+    plan = d / "model.plan"
+    shapes = {}
+    dynamic = False
+    for i in m.graph.input:
+        dims = [x.dim_value if x.HasField("dim_value") else -1 for x in i.type.tensor_type.shape.dim]
+        dynamic |= -1 in dims
+        shapes[i.name] = dims
+    profile = None
+    if dynamic:
+        lo, opt, hi = batch_range or (1, 1, 4)
+        profile = {n: tuple([b if x == -1 else x for x in s] for b in (lo, opt, hi)) for n, s in shapes.items()}
+    say(f"ratio {ratio:g}: preflight + build ({be.name} {be.version}) from {onnx_path}")
+    res = build_engine(onnx_path, plan, backend=be, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
+                       builder_optimization_level=optimization_level, compute_capabilities=aot_targets)
+    check = deserialize_check(plan, be)
+    manifest = EngineManifest.from_build(
+        res,
+        model_name=model_name,
+        model_config_hash=get("model_config_sha256", "unknown"),
+        input_shapes={k: [max(x, 1) for x in v] for k, v in shapes.items()},
+        dtype=dtype,
+        recipe_sha256=get("recipe_sha256"),
+        router_sha256=get("router_sha256"),
+        ratio=ratio,
+        keep_ratio=1.0 - ratio,
+        per_block_k={str(k): int(v) for k, v in (get("k_per_block", {}) or {}).items()},
+        dense=bool(get("dense", False)),
+        onnx_path=str(onnx_path.resolve()),
+        export_key=get("export_key"),
+        build_options={"onnx": str(onnx_path.resolve()), "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None},
+        deserialize={k: check.get(k) for k in ("deserialized", "reason")},
+    )
+    mpath = write_manifest(manifest_path_for(plan), manifest)
+    return EngineBuild(ratio, manifest.dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, None, res.size_bytes, None, manifest.deserialize)

@@ -1,0 +1,129 @@
+"""Runs a built engine on a CUDA GPU: loads it (after checking its manifest), binds torch CUDA tensors,
+and executes with ``execute_async_v3`` on the current torch stream.
+
+On a machine without a CUDA GPU the runner refuses with :class:`HardwareError` (CLI exit code 4) before
+touching the plan: TensorRT and TensorRT-RTX cannot deserialize an engine without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from shiva_export.engines.builder import Backend, current_gpu, resolve_backend
+from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, verify_engine
+from shiva_export.errors import EngineBuildError, HardwareError, ShapeError
+from shiva_export.logging import get_logger
+
+__all__ = ["EngineRunner", "find_plan"]
+
+logger = get_logger(__name__)
+
+
+def find_plan(path: str | os.PathLike) -> Path:
+    """A plan file, or the ``model.plan`` inside an engine folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.plan"
+    if not p.is_file():
+        raise EngineBuildError(f"Engine not found: {p}. Pass a .plan file or an engines/<model>/<budget>/<dtype>/ folder built by `shiva-export trt`.")
+    return p
+
+
+class EngineRunner:
+    """Context manager that runs one engine.
+
+    Args:
+        plan (PathLike): ``model.plan`` or its folder; ``manifest.json`` must sit beside it.
+        backend (str): Backend name; defaults to the manifest's.
+
+    Example:
+        >>> with EngineRunner("engines/sd35/ratio0.40/fp16") as run:
+        ...     out = run.infer({"hidden_states": hs, ...})["sample"]   # torch CUDA tensors
+    """
+
+    def __init__(self, plan: str | os.PathLike, backend: str | None = None):
+        self.plan_path = find_plan(plan)
+        self.manifest: EngineManifest = read_manifest(manifest_path_for(self.plan_path))
+        self._backend_name = backend or self.manifest.backend
+        self.backend: Backend | None = None
+        self.engine: Any = None
+        self.context: Any = None
+        self.inference_time: float | None = None
+
+    def __enter__(self) -> EngineRunner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HardwareError(
+                f"Running engine {self.plan_path} needs a CUDA GPU, and torch sees none. "
+                "Run it on a GPU machine (engines were built ahead of time and can be copied there)."
+            )
+        self.backend = resolve_backend(self._backend_name)
+        gpu = current_gpu()
+        verify_engine(self.plan_path, self.manifest, self.backend.version, gpu, backend=self.backend.name)
+        trt = self.backend.module
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        if self.engine is None:
+            raise EngineBuildError(f"{self.backend.name} could not deserialize {self.plan_path} on {gpu}. Rebuild it on/for this GPU.")
+        self.context = self.engine.create_execution_context()
+        self._names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def deactivate(self) -> None:
+        self.context = None
+        self.engine = None
+
+    def _torch_dtype(self, trt_dtype: Any):
+        import torch
+
+        trt = self.backend.module
+        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+        if hasattr(trt, "bfloat16"):
+            table[trt.bfloat16] = torch.bfloat16
+        return table[trt_dtype]
+
+    def infer(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """Runs the engine on CUDA tensors; returns every output as a CUDA tensor."""
+        import time
+
+        import torch
+
+        if self.context is None:
+            raise EngineBuildError("EngineRunner.infer called before activate(); use it as a context manager.")
+        trt = self.backend.module
+        outputs: dict[str, torch.Tensor] = {}
+        stream = torch.cuda.current_stream()
+        for name in self._names:
+            mode = self.engine.get_tensor_mode(name)
+            if mode == trt.TensorIOMode.INPUT:
+                if name not in feed:
+                    raise ShapeError(f"engine input {name!r} missing from the feed; inputs are {[n for n in self._names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]}.")
+                t = feed[name]
+                want = self._torch_dtype(self.engine.get_tensor_dtype(name))
+                if not t.is_cuda or t.dtype != want:
+                    t = t.to(device="cuda", dtype=want)
+                t = t.contiguous()
+                feed[name] = t
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, t.data_ptr())
+        for name in self._names:
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                shape = tuple(self.context.get_tensor_shape(name))
+                out = torch.empty(shape, dtype=self._torch_dtype(self.engine.get_tensor_dtype(name)), device="cuda")
+                self.context.set_tensor_address(name, out.data_ptr())
+                outputs[name] = out
+        t0 = time.perf_counter()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineBuildError(f"execute_async_v3 failed for {self.plan_path}.")
+        stream.synchronize()
+        self.inference_time = time.perf_counter() - t0
+        return outputs
