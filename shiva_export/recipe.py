@@ -100,6 +100,28 @@ class RouterSection(BaseModel):
     sha256: str | None = Field(None, description="expected sha256 of `weights`")
 
 
+class Phase(BaseModel):
+    """One static schedule of a learned keep-ratio table: the sampler steps in ``[t_start, t_stop)`` use
+    ``keep_ratios`` (one per routed block, in block order). Each phase is an engine you can build."""
+
+    model_config = _STRICT
+    name: str = Field(description="phase name, e.g. 'early'")
+    t_start: Annotated[float, Field(ge=0)] = Field(description="first timestep of the phase (inclusive)")
+    t_stop: Annotated[float, Field(ge=0)] = Field(description="end timestep of the phase (exclusive)")
+    keep_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(description="keep ratio per routed block, in block order")
+    k: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="the exact k per routed block at [shapes], for reference")
+
+
+class ScheduleSection(BaseModel):
+    """A learned schedule (written by `shiva-export train`)."""
+
+    model_config = _STRICT
+    target_keep: Annotated[float, Field(gt=0, le=1)] = Field(description="training target of the mean keep ratio")
+    timesteps: list[float] = Field(default_factory=list, description="sampler timesteps the LUT was evaluated on")
+    lut: list[list[float]] = Field(default_factory=list, description="keep[t][routed block] from the ratio policy")
+    phases: list[Phase] = Field(default_factory=list)
+
+
 class ShapesSection(BaseModel):
     model_config = _STRICT
     height: Annotated[int, Field(gt=0)] = 1024
@@ -130,6 +152,7 @@ class Recipe(BaseModel):
     shapes: ShapesSection = Field(default_factory=ShapesSection)
     export: ExportSection = Field(default_factory=ExportSection)
     tolerances: dict[Literal["fp32", "fp16", "bf16"], Tolerance]
+    schedule: ScheduleSection | None = None
 
     # set by load_recipe, not part of the file
     source_path: Path | None = Field(None, exclude=True)
@@ -165,6 +188,33 @@ class Recipe(BaseModel):
                 f"for a {num_layers}-block model; expected {first} <= last_routed_block < {num_layers} (or negative from the end)."
             )
         return list(range(first, last + 1))
+
+    def phase_keep_ratios(self, phase: str | int, num_layers: int) -> list[float | None]:
+        """Per-block keep schedule (``None`` = dense block) of a learned phase, by name or index."""
+        where = self._where()
+        phases = self.schedule.phases if self.schedule else []
+        if not phases:
+            raise RecipeError(f"{where}: has no [[schedule.phases]]; train one with `shiva-export train` or drop --phase.")
+        names = [p.name for p in phases]
+        if isinstance(phase, str) and phase.isdigit():
+            phase = int(phase)
+        if isinstance(phase, int):
+            if not 0 <= phase < len(phases):
+                raise RecipeError(f"--phase {phase} is out of range for {where}; expected 0..{len(phases) - 1} or one of {names}.")
+            ph = phases[phase]
+        else:
+            if phase not in names:
+                raise RecipeError(f"--phase {phase!r} is not in {where}; choose one of {names} (or an index).")
+            ph = phases[names.index(phase)]
+        routed = self.routed_blocks(num_layers)
+        if len(ph.keep_ratios) != len(routed):
+            raise RecipeError(
+                f"{where}: phase {ph.name!r} has {len(ph.keep_ratios)} keep ratios but the model routes {len(routed)} blocks; retrain or fix the recipe."
+            )
+        out: list[float | None] = [None] * num_layers
+        for b, r in zip(routed, ph.keep_ratios):
+            out[b] = r
+        return out
 
     def tolerance(self, dtype: str) -> Tolerance:
         if dtype not in self.tolerances:

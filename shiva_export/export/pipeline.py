@@ -136,6 +136,7 @@ def export_pruned(
     validate: bool = True,
     parity_cases: int = 3,
     dense: bool = False,
+    phase: str | int | None = None,
     extra_metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PrunedExport:
@@ -159,6 +160,8 @@ def export_pruned(
         dynamic_batch (bool): Symbolic batch axis. Defaults to False.
         validate (bool): Run ONNX Runtime parity after export. Defaults to True.
         parity_cases (int): Seeded input cases for parity (1..8; case 2 uses t=1, case 3 t=999). Defaults to 3.
+        phase (str | int): Export a learned phase's per-block schedule from the recipe's
+            ``[[schedule.phases]]`` (name or index) instead of a uniform ratio. Defaults to None.
         dense (bool): Export the plain dense model (no router, no top-k): the reference engine. Needs
             ``ratio`` 0 or None. Defaults to False.
         extra_metadata (dict): More ``shiva.*`` metadata for the ONNX (e.g. the engine cache's export key).
@@ -174,8 +177,8 @@ def export_pruned(
     else:
         rec = load_recipe(recipe)
     torch_dtype(dtype)  # validates the name early
-    if ratio is not None and keep_ratios is not None:
-        raise ConfigError("give either a ratio or a keep schedule, not both.")
+    if sum(x is not None for x in (ratio, keep_ratios, phase)) > 1:
+        raise ConfigError("give one of --ratio, a keep schedule or --phase, not several.")
     if dense and (keep_ratios is not None or (ratio or 0.0) != 0.0):
         raise ConfigError(f"a dense export prunes nothing; got ratio {ratio}. Use ratio 0 (or omit it) with dense=True.")
     if ratio is not None and not (0.0 <= ratio < 1.0):
@@ -202,11 +205,14 @@ def export_pruned(
     n_layers = len(transformer.transformer_blocks)
     n_tokens = num_image_tokens(transformer, spec.height, spec.width)
     routed = rec.routed_blocks(n_layers)
+    if phase is not None:
+        keep_ratios = rec.phase_keep_ratios(phase, n_layers)
     if keep_ratios is not None:
         config = ShivaConfig(tuple(keep_ratios), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
         if len(config.keep_ratios) != n_layers:
             raise ConfigError(f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block.")
-        ratio_used = 1.0 - min(r for r in config.keep_ratios if r is not None)
+        routed_keep = [r for r in config.keep_ratios if r is not None]
+        ratio_used = 1.0 - sum(routed_keep) / len(routed_keep)  # mean pruned fraction of the schedule
     else:
         ratio_used = 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio)
         config = ShivaConfig.uniform(
@@ -239,12 +245,16 @@ def export_pruned(
     if export_model is None:
         export_model = transformer
 
-    out_path = out_path if out_path is not None else default_onnx_path(rec.name, ratio_used, dtype)
+    if out_path is None:
+        out_path = (
+            Path("engines") / rec.name / f"phase-{phase}" / dtype / "model.onnx" if phase is not None else default_onnx_path(rec.name, ratio_used, dtype)
+        )
     meta = {
         "model": rec.name,
         "recipe_sha256": recipe_hash(rec),
         "model_config_sha256": model_config_hash(transformer),
         "ratio": ratio_used,
+        "phase": phase,
         "dense": dense,
         "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
         "k_per_block": {str(b): k for b, k in budgets.items()},

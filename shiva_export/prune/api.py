@@ -27,7 +27,7 @@ from shiva_export.logging import get_logger
 from shiva_export.prune.router import RouterBank, RouterConfig
 from shiva_export.prune.topk import SELECTIONS, gather_tokens, scatter_tokens, select_topk, static_k
 
-__all__ = ["ShivaConfig", "apply_shiva_", "remove_shiva_", "is_shiva_applied", "record_selection", "block_budgets"]
+__all__ = ["ShivaConfig", "apply_shiva_", "remove_shiva_", "is_shiva_applied", "record_selection", "block_budgets", "set_route_override"]
 
 logger = get_logger(__name__)
 
@@ -122,6 +122,7 @@ class _ShivaState:
     config: ShivaConfig
     recorder: list | None = field(default=None)
     record_hidden: bool = False
+    route_override: Any = None  # training: callable replacing _route_block's selection (see set_route_override)
 
 
 def is_shiva_applied(transformer: nn.Module) -> bool:
@@ -216,8 +217,24 @@ class record_selection:
         self._state.record_hidden = False
 
 
+def set_route_override(transformer: nn.Module, fn) -> None:
+    """Installs (or with ``None`` removes) a callable that replaces the hard routing of every routed block.
+
+    ``fn(index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs,
+    routers) -> (encoder_hidden_states, hidden_states)``. Training uses it to route through the
+    differentiable top-k (``shiva_export.train``); inference and export never set it.
+    """
+    if not is_shiva_applied(transformer):
+        raise ConfigError("set_route_override needs a transformer with Shiva applied (apply_shiva_).")
+    getattr(transformer, _STATE_ATTR).route_override = fn
+
+
 def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs):
     state: _ShivaState = getattr(self, _STATE_ATTR)
+    if state.route_override is not None:
+        return state.route_override(
+            index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, getattr(self, _ROUTERS_ATTR)
+        )
     keep = state.config.keep_ratios[index_block]
     n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
     k = static_k(n, keep)

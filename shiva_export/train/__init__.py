@@ -1,0 +1,52 @@
+"""Training-time building blocks of Shiva-DiT (paper Sec. 2.1-2.4).
+
+* :mod:`shiva_export.train.ste`: residual-based differentiable top-k -- the inference top-k in the
+  forward pass, a soft-rank / inclusion-probability surrogate with a residual straight-through
+  estimator in the backward pass, and temperature annealing.
+* :mod:`shiva_export.train.policy`: the adaptive (timestep, layer) keep-ratio policy, the EMA budget
+  loss, stratified timestep / ratio sampling, and LUT quantisation into static per-phase schedules.
+"""
+
+from shiva_export.train.policy import (
+    MAX_PHASES,
+    EMABudget,
+    PhaseSchedule,
+    RatioPolicy,
+    quantize_lut,
+    stratified_ratios,
+    stratified_timesteps,
+    timestep_embedding,
+)
+from shiva_export.train.ste import (
+    DEFAULT_NOISE_STD,
+    DifferentiableTopK,
+    Selection,
+    TemperatureSchedule,
+    gather_with_ste,
+    inclusion_probability,
+    route_with_ste,
+    scatter_with_ste,
+    soft_rank,
+    soft_rank_reference,
+)
+
+__all__ = [
+    "DEFAULT_NOISE_STD",
+    "DifferentiableTopK",
+    "Selection",
+    "TemperatureSchedule",
+    "soft_rank",
+    "soft_rank_reference",
+    "inclusion_probability",
+    "gather_with_ste",
+    "scatter_with_ste",
+    "route_with_ste",
+    "RatioPolicy",
+    "EMABudget",
+    "PhaseSchedule",
+    "timestep_embedding",
+    "stratified_timesteps",
+    "stratified_ratios",
+    "quantize_lut",
+    "MAX_PHASES",
+]
