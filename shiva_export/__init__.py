@@ -20,6 +20,13 @@ _LAZY = {
     "InputSpec": "shiva_export.models.sd3",
     "export_onnx": "shiva_export.export.onnx",
     "ExportResult": "shiva_export.export.onnx",
+    "export_pruned": "shiva_export.export.pipeline",
+    "build_engines": "shiva_export.engines.pipeline",
+    "build_engine": "shiva_export.engines.builder",
+    "preflight": "shiva_export.engines.preflight",
+    "EngineRunner": "shiva_export.engines.runner",
+    "validate_parity": "shiva_export.validate.compare",
+    "benchmark_speed": "shiva_export.validate.speed",
     "check_parity": "shiva_export.validate.parity",
     "ParityReport": "shiva_export.validate.parity",
 }

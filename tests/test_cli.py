@@ -128,7 +128,11 @@ _BLOCKER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("cmd", [[], ["onnx"], ["recipe"], ["recipe", "check"], ["recipe", "show"], ["recipe", "schema"], ["recipe", "list"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [[], ["onnx"], ["trt"], ["inspect"], ["run"], ["validate"], ["validate", "parity"], ["validate", "speed"], ["validate", "suite"],
+     ["recipe"], ["recipe", "check"], ["recipe", "show"], ["recipe", "schema"], ["recipe", "list"]],
+)
 def test_help_works_without_heavy_packages(cmd):
     """Every --help works with onnxruntime, tensorrt, torch and diffusers blocked from import."""
     r = subprocess.run([sys.executable, "-c", _BLOCKER, *cmd, "--help"], capture_output=True, text=True, timeout=60)

@@ -129,3 +129,15 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="simulated crash"):
         export_pruned(model="sd3-tiny", ratio=0.4, out=out, validate=False)
     assert list(tmp_path.iterdir()) == [], "an interrupted export must leave no file behind"
+
+
+def test_debug_outputs_expose_kept_indices(tmp_path):
+    res = export_pruned(model="sd3-tiny", ratio=0.4, out=tmp_path / "d.onnx", debug_outputs=True, parity_cases=1)
+    assert res.parity.passed and res.parity.index_agreement == 1.0
+    sess = ort_session(res.export.onnx_path)
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["sample", "kept_indices.1", "kept_indices.2", "kept_indices.3"]
+    x = make_inputs(res.spec and __import__("shiva_export.models.sd3", fromlist=["x"]).load_transformer(
+        recipe=__import__("shiva_export.recipe", fromlist=["x"]).load_recipe("sd3-tiny")).config, res.spec, seed=0)
+    outs = sess.run(None, {k: v.numpy() for k, v in x.items()})
+    assert outs[1].shape == (2, 153) and (np.diff(outs[1], axis=1) > 0).all()

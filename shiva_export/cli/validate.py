@@ -29,7 +29,7 @@ Ends with a greppable 'PASSED | ...' or 'FAILED | ...' line; exit 3 when a compa
 """
 
 
-@validate_app.command("parity", epilog=PARITY_EPILOG)
+@validate_app.command("parity", epilog=PARITY_EPILOG, help="Compare ONNX Runtime (and engines on a GPU) with the fp32 PyTorch pruned model through polygraphy: error stats, cosine, kept-index overlap per routed block. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
 def parity_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, sd35-tiny, sd3-tiny, sd3-mid).")] = "sd35",
     ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable). Default: the recipe's ratios.")] = None,
@@ -63,3 +63,61 @@ def parity_command(
     else:
         result_text(rep.to_markdown().split("\n", 2)[2])
     return ExitCode.OK if rep.passed else ExitCode.VALIDATION_FAILED
+
+
+SPEED_EPILOG = """Examples:
+
+  shiva-export validate speed --model sd3-mid --ratio 0 --ratio 0.4 --ratio 0.6 --threads 2 --out-dir validate/reports/mid
+
+  shiva-export validate speed --model sd35-shape --device cuda --backend torch --backend torch-compile
+
+Prints measured speedup next to the ideal FLOP speedup and efficiency = measured / ideal. Timings are
+reported, never asserted; variants run interleaved (round-robin) and speedups are medians of paired ratios.
+"""
+
+
+@validate_app.command("speed", epilog=SPEED_EPILOG, help="Time dense vs pruned (torch eager / torch.compile / ONNX Runtime), interleaved, next to the ideal FLOP speedup and the router + top-k + gather + scatter overhead. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
+def speed_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd3-mid for the benchmark, sd35-shape for the real SD3.5-M shape).")] = "sd3-mid",
+    ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable; 0 = routing at k = N).")] = None,
+    backend: Annotated[list[str] | None, typer.Option("--backend", help="torch | torch-compile | ort (repeatable).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda (torch backends).")] = "cpu",
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Prompts per call.")] = 1,
+    cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="CFG batch (doubles the model batch).")] = False,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up runs per variant.")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved rounds.")] = 15,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write speed.json, speed.md and speed.png here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    from shiva_export.validate.speed import benchmark_speed
+
+    with stages(enabled=not (quiet or json_out)) as advance:
+        rep = benchmark_speed(
+            model=model, ratios=ratio or (0.0, 0.4, 0.6), backends=backend or ("torch", "ort"), height=height, width=width, batch=batch,
+            cfg=cfg, warmup=warmup, repeats=repeats, threads=threads, out_dir=out_dir, progress=advance, device=device,
+        )
+    result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
+    return ExitCode.OK
+
+
+@validate_app.command("suite")
+def suite_command(
+    name: Annotated[str, typer.Argument(help="Suite name in validate/ (cpu, mid, sd35m) or a .toml path.")],
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Report folder (default validate/reports/<suite>).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    """Run a declarative suite (validate/<name>.toml): parity cases can fail it (exit 3); speed cases only report."""
+    from shiva_export.validate.suite import run_suite
+
+    with stages(enabled=not (quiet or json_out)) as advance:
+        summary = run_suite(name, out_dir=out_dir, progress=advance)
+    if json_out:
+        result_json(summary)
+    else:
+        result_text("\n".join(f"{r['case']}: {r['summary']}" for r in summary["results"]) + f"\nreports: {summary['out_dir']}")
+    return ExitCode.OK if summary["passed"] else ExitCode.VALIDATION_FAILED

@@ -185,6 +185,25 @@ def kept_index_tensors(model, routed_blocks: list[int]) -> dict[int, str]:
     return dict(zip(routed_blocks, found))
 
 
+def _add_index_outputs(model, index_tensors: dict[int, str], spec: InputSpec, dynamic_batch: bool) -> dict[int, str]:
+    """Adds ``kept_indices.<block>`` graph outputs (Identity of each kept-index tensor)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in inferred.graph.value_info:
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    out = {}
+    for block, name in index_tensors.items():
+        new = f"kept_indices.{block}"
+        shape = shapes.get(name) or ["batch_size" if dynamic_batch else spec.model_batch, f"k_{block}"]
+        model.graph.node.append(onnx.helper.make_node("Identity", [name], [new], name=f"shiva_debug_kept_indices_{block}"))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(new, onnx.TensorProto.INT64, shape))
+        out[block] = new
+    return out
+
+
 def _check_contract(model, opset: int) -> None:
     """The static-shape contract: TopK present with sorted=1, no data-dependent-shape ops."""
     bad = [n for n in model.graph.node if n.op_type in _FORBIDDEN_OPS]
@@ -210,6 +229,7 @@ def export_onnx(
     routed_blocks: list[int] | None = None,
     metadata: dict[str, Any] | None = None,
     check: bool = True,
+    debug_outputs: bool = False,
 ) -> ExportResult:
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
@@ -224,6 +244,8 @@ def export_onnx(
         routed_blocks (list[int]): Routed blocks, to locate kept-index tensors. Defaults to None (dense).
         metadata (dict): Extra ``metadata_props`` (values JSON-encoded unless str), prefixed ``shiva.``.
         check (bool): Run ``onnx.checker.check_model`` by path (works above 2 GB). Defaults to True.
+        debug_outputs (bool): Also output each routed block's kept indices as ``kept_indices.<block>``
+            (int64 ``[B, k]``), for index-level parity on any backend. Defaults to False.
 
     Returns:
         ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
@@ -280,8 +302,12 @@ def export_onnx(
         export_seconds = time.perf_counter() - t0
 
         model = onnx.load(str(tmp_onnx), load_external_data=False)
-        _check_contract(model, opset) if routed_blocks else None
-        index_tensors = kept_index_tensors(model, routed_blocks) if routed_blocks else {}
+        index_tensors = {}
+        if routed_blocks:
+            _check_contract(model, opset)
+            index_tensors = kept_index_tensors(model, routed_blocks)
+            if debug_outputs:
+                index_tensors = _add_index_outputs(model, index_tensors, spec, dynamic_batch)
         meta = {
             "exporter": "torch.onnx dynamo",
             "opset": opset,

@@ -137,6 +137,7 @@ def export_pruned(
     parity_cases: int = 3,
     dense: bool = False,
     phase: str | int | None = None,
+    debug_outputs: bool = False,
     extra_metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PrunedExport:
@@ -164,6 +165,7 @@ def export_pruned(
             ``[[schedule.phases]]`` (name or index) instead of a uniform ratio. Defaults to None.
         dense (bool): Export the plain dense model (no router, no top-k): the reference engine. Needs
             ``ratio`` 0 or None. Defaults to False.
+        debug_outputs (bool): Add ``kept_indices.<block>`` outputs to the graph. Defaults to False.
         extra_metadata (dict): More ``shiva.*`` metadata for the ONNX (e.g. the engine cache's export key).
         progress (Callable[[str], None]): Called with a stage name when each stage starts. Defaults to None.
     """
@@ -274,6 +276,7 @@ def export_pruned(
         dynamic_batch=dynamic_batch,
         routed_blocks=None if dense else list(config.routed_blocks),
         metadata=meta,
+        debug_outputs=debug_outputs,
     )
     if export_model is not transformer:
         del export_model

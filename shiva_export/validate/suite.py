@@ -1,0 +1,117 @@
+"""Declarative validation suites: ``validate/<name>.toml`` lists cases (model x ratios x backends x shapes)
+and ``shiva-export validate suite <name>`` runs them all, writing one report folder.
+
+Suite files are data (strict schema, unknown keys rejected), like recipes::
+
+    schema_version = 1
+    name = "cpu"
+    [[case]]
+    kind = "parity"            # or "speed"
+    model = "sd3-tiny"
+    ratios = [0.0, 0.2, 0.4, 0.6]
+    backends = ["ort-cpu"]
+    cases = 3
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shiva_export.errors import ConfigError, RecipeError
+from shiva_export.utils.io import atomic_write_json, atomic_write_text
+
+__all__ = ["Suite", "SuiteCase", "load_suite", "run_suite", "suites_dir", "available_suites"]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class SuiteCase(BaseModel):
+    model_config = _STRICT
+    kind: Literal["parity", "speed"]
+    model: str
+    ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(description="fractions of image tokens pruned")
+    backends: list[str] = Field(default_factory=list, description="parity: ort-cpu|ort-cuda|engine; speed: torch|torch-compile|ort")
+    height: int | None = None
+    width: int | None = None
+    batch: int | None = None
+    cfg: bool | None = None
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    cases: Annotated[int, Field(ge=1, le=8)] = 3
+    warmup: Annotated[int, Field(ge=0)] = 2
+    repeats: Annotated[int, Field(ge=1)] = 10
+    threads: int | None = None
+
+
+class Suite(BaseModel):
+    model_config = _STRICT
+    schema_version: Literal[1]
+    name: str
+    description: str = ""
+    case: list[SuiteCase]
+
+
+def suites_dir() -> Path:
+    env = os.environ.get("SHIVA_SUITES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "validate"
+
+
+def available_suites() -> list[str]:
+    d = suites_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def load_suite(name_or_path: str | os.PathLike) -> Suite:
+    """Loads ``validate/<name>.toml`` (or a path) into the strict :class:`Suite` schema."""
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        p = suites_dir() / f"{name_or_path}.toml"
+    if not p.is_file():
+        raise ConfigError(f"Unknown suite: {name_or_path!r}. Known suites: {', '.join(available_suites()) or '(none)'}; or pass a .toml path.")
+    try:
+        return Suite.model_validate(tomllib.loads(p.read_text()))
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        raise RecipeError(f"{p}: {loc} is invalid: {e['msg']}. Fix the suite file.") from None
+
+
+def run_suite(
+    suite: str | os.PathLike | Suite, out_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Runs every case; returns ``{"suite", "passed", "results": [...]}`` and writes reports to ``out_dir``.
+
+    Speed cases never fail the suite (timings are reported, not asserted); parity cases do.
+    """
+    from shiva_export.validate.compare import validate_parity
+    from shiva_export.validate.speed import benchmark_speed
+
+    s = suite if isinstance(suite, Suite) else load_suite(suite)
+    say = progress or (lambda m: None)
+    out = Path(out_dir) if out_dir else Path("validate") / "reports" / s.name
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, c in enumerate(s.case):
+        tag = f"{i:02d}-{c.kind}-{c.model}"
+        say(f"[{i + 1}/{len(s.case)}] {c.kind} {c.model} ratios {c.ratios}")
+        if c.kind == "parity":
+            rep = validate_parity(model=c.model, ratios=c.ratios, dtype=c.dtype, backends=c.backends or None, cases=c.cases,
+                                  height=c.height, width=c.width, batch=c.batch, cfg=c.cfg, report_md=out / f"{tag}.md")
+            atomic_write_json(out / f"{tag}.json", rep.to_dict())
+            results.append({"case": tag, "kind": "parity", "passed": rep.passed, "summary": rep.summary_line()})
+        else:
+            rep = benchmark_speed(model=c.model, ratios=c.ratios, backends=c.backends or ["torch", "ort"], height=c.height, width=c.width,
+                                  batch=c.batch or 1, cfg=bool(c.cfg), warmup=c.warmup, repeats=c.repeats, threads=c.threads, out_dir=out / tag)
+            results.append({"case": tag, "kind": "speed", "passed": True, "summary": f"speed table in {out / tag / 'speed.md'}"})
+    summary = {"suite": s.name, "passed": all(r["passed"] for r in results), "results": results, "out_dir": str(out)}
+    atomic_write_json(out / "suite.json", summary)
+    lines = [f"# Suite {s.name}", "", s.description, ""] + [f"- {r['case']}: {r['summary']}" for r in results]
+    atomic_write_text(out / "suite.md", "\n".join(lines) + "\n")
+    return summary
