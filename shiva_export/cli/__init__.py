@@ -57,12 +57,14 @@ def _register() -> None:
     from shiva_export.cli import engines as _engines
     from shiva_export.cli import onnx as _onnx
     from shiva_export.cli import recipe as _recipe
+    from shiva_export.cli import train as _train
     from shiva_export.cli import validate as _validate
 
     app.command(name="onnx", help=_onnx.HELP, epilog=_onnx.EPILOG)(_onnx.onnx_command)
     app.command(name="trt", help=_engines.TRT_HELP, epilog=_engines.TRT_EPILOG)(_engines.trt_command)
     app.command(name="inspect", help=_engines.INSPECT_HELP)(_engines.inspect_command)
     app.command(name="run", help=_engines.RUN_HELP)(_engines.run_command)
+    app.command(name="train", help=_train.HELP, epilog=_train.EPILOG)(_train.train_command)
     app.add_typer(_validate.validate_app, name="validate")
     app.add_typer(_recipe.recipe_app, name="recipe")
 

@@ -3,10 +3,14 @@
 * :mod:`shiva_export.train.ste`: residual-based differentiable top-k -- the inference top-k in the
   forward pass, a soft-rank / inclusion-probability surrogate with a residual straight-through
   estimator in the backward pass, and temperature annealing.
+* :mod:`shiva_export.train.loop`: the three-stage training loop (`shiva-export train`) and router evaluation.
+* :mod:`shiva_export.train.data`: synthetic batches and cached-latent folders.
 * :mod:`shiva_export.train.policy`: the adaptive (timestep, layer) keep-ratio policy, the EMA budget
   loss, stratified timestep / ratio sampling, and LUT quantisation into static per-phase schedules.
 """
 
+from shiva_export.train.data import LatentFolder, SyntheticData
+from shiva_export.train.loop import TrainConfig, TrainResult, evaluate_router, train
 from shiva_export.train.policy import (
     MAX_PHASES,
     EMABudget,
@@ -31,6 +35,12 @@ from shiva_export.train.ste import (
 )
 
 __all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate_router",
+    "SyntheticData",
+    "LatentFolder",
     "DEFAULT_NOISE_STD",
     "DifferentiableTopK",
     "Selection",

@@ -1,0 +1,134 @@
+"""``shiva-export train``: distil Shiva routers and a keep-ratio schedule from the dense model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._output import result_json, result_text
+
+HELP = (
+    "Train Shiva routers and the adaptive keep-ratio policy by distillation from the frozen dense model "
+    "(router warm-up, policy learning, joint tuning), then write router.safetensors, lut.json and a recipe.toml "
+    "whose [[schedule.phases]] each export as one static engine (`shiva-export onnx --recipe R --phase P`). "
+    "--target-keep is the mean FRACTION OF IMAGE TOKENS KEPT; --ratio is the FRACTION OF IMAGE TOKENS PRUNED "
+    "(= 1 - target keep); give one of them."
+)
+EPILOG = """Examples:
+
+  shiva-export train --model sd35-tiny --target-keep 0.6 --out-dir runs/sd35-tiny
+
+  shiva-export train --model sd35-tiny --ratio 0.4 --steps 300 --steps 150 --steps 100 --phases 2
+
+  shiva-export train --model sd35 --weights ./sd35m/transformer --data ./latents --out-dir runs/sd35 --resume
+
+--data is a folder of .safetensors files (latents [C,H,W], prompt_embeds [T,J], pooled [P]); without it the
+inputs are seeded synthetic tensors (distillation only). Exit codes: 0 ok, 1 error, 2 bad option value.
+"""
+
+
+def train_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, sd3-tiny, sd35, ...).")] = "sd35-tiny",
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Folder of cached latents + text embeddings (.safetensors). Default: synthetic inputs.")] = None,
+    target_keep: Annotated[float | None, typer.Option("--target-keep", help="Target mean FRACTION OF IMAGE TOKENS KEPT, in (0, 1). Default 0.6.")] = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="FRACTION OF IMAGE TOKENS PRUNED (= 1 - target keep), in (0, 1). Exclusive with --target-keep.")] = None,
+    steps: Annotated[list[int] | None, typer.Option("--steps", help="Steps per stage: give 3 (warm-up, policy, joint) or 1 (split 50/30/20). Default 120 60 40.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Samples per step (= stratified timestep bins).")] = 4,
+    phases: Annotated[int, typer.Option("--phases", help="Static phases of the learned schedule, 1..4 (one engine each).")] = 2,
+    sampler_steps: Annotated[int, typer.Option("--sampler-steps", help="Steps of the flow-matching sampler the LUT is evaluated on.")] = 28,
+    lr_router: Annotated[float, typer.Option("--lr-router", help="AdamW lr of the routers (paper 3e-4).")] = 3e-4,
+    lr_policy: Annotated[float, typer.Option("--lr-policy", help="AdamW lr of the ratio policy (paper 1e-4).")] = 1e-4,
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder (router.safetensors, lut.json, recipe.toml, checkpoint.pt).")] = Path("shiva-train"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data, sampling and noise.")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch. Default: torch's.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    from shiva_export.errors import ConfigError
+    from shiva_export.recipe import load_recipe
+    from shiva_export.train.loop import TrainConfig, train
+
+    if target_keep is not None and ratio is not None:
+        raise ConfigError(f"--target-keep {target_keep} and --ratio {ratio} were both given; expected one (ratio = 1 - target keep). Drop one of them.")
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+        target_keep = 1.0 - ratio
+    target_keep = 0.6 if target_keep is None else target_keep
+    if steps is None:
+        stage_steps = (120, 60, 40)
+    elif len(steps) == 3:
+        stage_steps = tuple(steps)
+    elif len(steps) == 1:
+        n = steps[0]
+        a, b = int(round(0.5 * n)), int(round(0.3 * n))
+        stage_steps = (a, b, n - a - b)
+    else:
+        raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
+    cfg = TrainConfig(
+        warmup_steps=stage_steps[0],
+        policy_steps=stage_steps[1],
+        joint_steps=stage_steps[2],
+        batch=batch,
+        lr_router=lr_router,
+        lr_policy=lr_policy,
+        target_keep=target_keep,
+        seed=seed,
+        phases=phases,
+        sampler_steps=sampler_steps,
+        data=data,
+        out_dir=out_dir,
+        resume=resume,
+        num_threads=threads,
+    )
+    rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
+    show = not (quiet or json_out)
+    every = max(1, cfg.total_steps // 20)
+
+    def progress(ev: dict) -> None:
+        if not show:
+            return
+        kind = ev["event"]
+        if kind == "step" and (ev["step"] % every == 0 or ev["step"] == 1 or ev["step"] == ev["total"]):
+            print(
+                f"[{ev['seconds']:7.1f}s] step {ev['step']}/{ev['total']} {ev['stage']:<13} loss {ev['loss']:.5f} "
+                f"distill {ev['distill']:.5f} mean keep {ev['mean_keep']:.3f} (ema {ev['mu']:.3f})",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif kind == "resume":
+            print(f"resumed at step {ev['step']}/{ev['total']} from {ev['checkpoint']}", file=sys.stderr, flush=True)
+
+    res = train(rec, cfg, progress=progress, weights=weights)
+    summary = res.to_dict()
+    if json_out:
+        result_json(summary)
+    else:
+        result_text(format_summary(summary))
+    return ExitCode.OK
+
+
+def format_summary(s: dict) -> str:
+    if not s["finished"]:
+        return f"stopped at step {s['step']} (checkpoint {s['checkpoint_path']}); run again with --resume to finish."
+    lines = [
+        f"out dir      {s['out_dir']}",
+        f"router       {s['router_path']}  sha256 {s['router_sha256'][:12]}",
+        f"recipe       {s['recipe_path']}",
+        f"steps        {s['step']} in {s['seconds']:.1f} s",
+        f"mean keep    {s['mean_keep']:.4f} (target {s['target_keep']:g}; before calibration {s['raw_mean_keep']:.4f}; "
+        f"quantised k/N {s['quantized_mean_keep']:.4f})",
+        "keep LUT     t      " + " ".join(f"b{b:<5d}" for b in s["layers"]),
+    ]
+    for t, row in zip(s["timesteps"], s["lut"]):
+        lines.append(f"             {t:6.1f} " + " ".join(f"{v:.3f} " for v in row))
+    for p in s["phases"]:
+        lines.append(f"phase {p['name']:<7} t {p['t_start']:.1f} -> {p['t_stop']:.1f}: k {p['k']}")
+    return "\n".join(lines)

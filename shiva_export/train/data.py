@@ -1,0 +1,254 @@
+"""Training inputs for router/policy distillation: seeded synthetic batches or cached latents.
+
+Two sources yield the same :class:`Batch` (the transformer's forward-argument names plus the clean
+latent when there is one):
+
+* :class:`SyntheticData`: seeded Gaussian latents used directly as the noisy input ``x_t``, uniformly
+  random (or caller-given, e.g. stratified) timesteps in ``[0, 1000)``, Gaussian text embeddings and pooled
+  projections. Enough for feature distillation against the dense teacher (the teacher defines the target),
+  and what CI uses. No flow-matching loss is possible (there is no clean latent).
+* :class:`LatentFolder`: a folder of ``.safetensors`` files, one sample each, holding ``latents [C, H, W]``
+  (clean VAE latents, already scaled/shifted the way the backbone expects), ``prompt_embeds [T, J]`` and
+  ``pooled [P]``. The noisy input is built with the rectified-flow interpolation
+  ``x_t = (1 - sigma) * x0 + sigma * eps`` with ``sigma = t / 1000``, and the flow-matching target is
+  ``v = eps - x0`` (SD3's convention).
+
+Example:
+    >>> data = SyntheticData(spec_like_shapes, seed=0)
+    >>> batch = data.batch(8, timesteps=stratified_timesteps(8))
+    >>> out = transformer(**batch.model_inputs()).sample
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.logging import get_logger
+
+__all__ = ["Batch", "DataShapes", "SyntheticData", "LatentFolder", "make_data", "LATENT_KEYS"]
+
+logger = get_logger(__name__)
+
+#: Tensor names every cached-latent file must hold.
+LATENT_KEYS = ("latents", "prompt_embeds", "pooled")
+
+
+@dataclass(frozen=True)
+class DataShapes:
+    """Per-sample shapes of the transformer inputs (no batch axis).
+
+    Args:
+        channels (int): Latent channels C (``in_channels``).
+        height (int): Latent height (pixels / 8).
+        width (int): Latent width (pixels / 8).
+        text_len (int): Text tokens T.
+        text_dim (int): Text embedding width J (``joint_attention_dim``).
+        pooled_dim (int): Pooled projection width P.
+    """
+
+    channels: int
+    height: int
+    width: int
+    text_len: int
+    text_dim: int
+    pooled_dim: int
+
+    @classmethod
+    def from_model(cls, config, height_px: int, width_px: int, text_len: int) -> DataShapes:
+        """Shapes for a transformer config at an image size in pixels."""
+        from shiva_export.models.sd3 import VAE_SCALE
+
+        cfg = getattr(config, "config", config)
+        return cls(cfg.in_channels, height_px // VAE_SCALE, width_px // VAE_SCALE, text_len, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    Attributes:
+        hidden_states (torch.Tensor): ``[B, C, H, W]`` noisy latents ``x_t``.
+        encoder_hidden_states (torch.Tensor): ``[B, T, J]`` text embeddings.
+        pooled_projections (torch.Tensor): ``[B, P]``.
+        timestep (torch.Tensor): ``[B]`` float32 timesteps in ``[0, 1000)``.
+        target (torch.Tensor | None): ``[B, C, H, W]`` flow-matching target ``eps - x0`` (real latents only).
+    """
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    pooled_projections: torch.Tensor
+    timestep: torch.Tensor
+    target: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.hidden_states.shape[0])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The transformer's keyword arguments."""
+        return {
+            "hidden_states": self.hidden_states,
+            "encoder_hidden_states": self.encoder_hidden_states,
+            "pooled_projections": self.pooled_projections,
+            "timestep": self.timestep,
+        }
+
+    def select(self, idx: list[int]) -> Batch:
+        """The sub-batch at ``idx``."""
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        return Batch(
+            self.hidden_states[ix],
+            self.encoder_hidden_states[ix],
+            self.pooled_projections[ix],
+            self.timestep[ix],
+            None if self.target is None else self.target[ix],
+        )
+
+
+def _timesteps(batch: int, timesteps: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+    if timesteps is None:
+        return torch.rand(batch, generator=g) * 1000.0
+    t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
+    if t.numel() != batch:
+        raise ShapeError(f"timesteps has {t.numel()} values for a batch of {batch}; expected one per sample. Pass [batch] timesteps.")
+    return t
+
+
+class SyntheticData:
+    """Seeded synthetic batches: Gaussian latents (used as ``x_t``), text embeddings and pooled vectors.
+
+    Each call to :meth:`batch` draws from the object's own generator, so the stream is reproducible from
+    ``seed`` and resumable from :meth:`state_dict`.
+
+    Args:
+        shapes (DataShapes): Per-sample shapes.
+        seed (int): RNG seed. Defaults to 0.
+    """
+
+    has_targets = False
+
+    def __init__(self, shapes: DataShapes, seed: int = 0):
+        self.shapes = shapes
+        self.seed = int(seed)
+        self._g = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def __repr__(self) -> str:
+        return f"SyntheticData(seed={self.seed}, shapes={self.shapes})"
+
+    def batch(self, batch: int, timesteps: torch.Tensor | None = None) -> Batch:
+        """Draws ``batch`` samples; ``timesteps`` (``[batch]``) default to uniform in ``[0, 1000)``."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch size is {batch!r}; expected an int >= 1.")
+        s, g = self.shapes, self._g
+        lat = torch.randn((batch, s.channels, s.height, s.width), generator=g)
+        txt = torch.randn((batch, s.text_len, s.text_dim), generator=g)
+        pooled = torch.randn((batch, s.pooled_dim), generator=g)
+        t = _timesteps(batch, timesteps, g)
+        return Batch(lat, txt, pooled, t)
+
+    def state_dict(self) -> dict:
+        return {"kind": "synthetic", "seed": self.seed, "rng": self._g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._g.set_state(state["rng"])
+
+
+class LatentFolder:
+    """Cached latents + text embeddings, one ``.safetensors`` file per sample (see module docstring).
+
+    All files are read once at construction and checked for names and shapes; samples are drawn
+    with replacement from a seeded generator.
+
+    Args:
+        folder (PathLike): Folder holding ``*.safetensors`` files.
+        shapes (DataShapes | None): Expected per-sample shapes (checks the files fit the model). Defaults to None.
+        seed (int): RNG seed of sampling and noise. Defaults to 0.
+
+    Raises:
+        ConfigError: The folder is missing, holds no ``.safetensors`` file, or a file lacks a tensor.
+        ShapeError: A tensor's shape does not fit ``shapes`` or the other files.
+    """
+
+    has_targets = True
+
+    def __init__(self, folder: str | os.PathLike, shapes: DataShapes | None = None, seed: int = 0):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        p = Path(folder).expanduser()
+        if not p.is_dir():
+            raise ConfigError(f"--data folder does not exist: {p}. Pass a folder of .safetensors files (latents, prompt_embeds, pooled) or omit --data for synthetic inputs.")
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"--data folder holds no .safetensors file: {p}. Write one file per sample with tensors {list(LATENT_KEYS)}.")
+        lat, txt, pooled = [], [], []
+        for f in files:
+            try:
+                d = load_file(str(f))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise ConfigError(f"cannot read cached sample {f}: {str(err).splitlines()[0]}. Re-write it with safetensors.torch.save_file.") from None
+            missing = [k for k in LATENT_KEYS if k not in d]
+            if missing:
+                raise ConfigError(f"cached sample {f} lacks tensors {missing}; expected {list(LATENT_KEYS)}. Add them or remove the file.")
+            want = {"latents": 3, "prompt_embeds": 2, "pooled": 1}
+            for k, nd in want.items():
+                if d[k].dim() != nd:
+                    raise ShapeError(f"cached sample {f}: {k} has shape {tuple(d[k].shape)}; expected {nd} dims (no batch axis). Save one sample per file.")
+            lat.append(d["latents"].float())
+            txt.append(d["prompt_embeds"].float())
+            pooled.append(d["pooled"].float())
+        for name, ts in (("latents", lat), ("prompt_embeds", txt), ("pooled", pooled)):
+            shapes_seen = {tuple(t.shape) for t in ts}
+            if len(shapes_seen) > 1:
+                raise ShapeError(f"cached {name} differ in shape across files in {p}: {sorted(shapes_seen)}; expected one shape. Use one resolution and text length.")
+        self.latents = torch.stack(lat)
+        self.prompt_embeds = torch.stack(txt)
+        self.pooled = torch.stack(pooled)
+        got = DataShapes(*self.latents.shape[1:], *self.prompt_embeds.shape[1:], self.pooled.shape[1])
+        if shapes is not None:
+            for field in ("channels", "text_dim", "pooled_dim"):
+                if getattr(got, field) != getattr(shapes, field):
+                    raise ShapeError(
+                        f"cached samples in {p} have {field} {getattr(got, field)}; the model needs {getattr(shapes, field)}. Encode them for this model."
+                    )
+        self.shapes = got
+        self.folder = p
+        self.seed = int(seed)
+        self._g = torch.Generator(device="cpu").manual_seed(self.seed)
+        logger.info("loaded %d cached samples from %s (%s)", len(files), p, got)
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def __repr__(self) -> str:
+        return f"LatentFolder({str(self.folder)!r}, samples={len(self)}, seed={self.seed})"
+
+    def batch(self, batch: int, timesteps: torch.Tensor | None = None) -> Batch:
+        """Draws ``batch`` samples with replacement and noises them to ``timesteps`` (rectified flow)."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch size is {batch!r}; expected an int >= 1.")
+        g = self._g
+        ix = torch.randint(0, len(self), (batch,), generator=g)
+        x0 = self.latents[ix]
+        eps = torch.randn(x0.shape, generator=g)
+        t = _timesteps(batch, timesteps, g)
+        sigma = (t / 1000.0).view(-1, 1, 1, 1)
+        xt = (1.0 - sigma) * x0 + sigma * eps
+        return Batch(xt, self.prompt_embeds[ix], self.pooled[ix], t, target=eps - x0)
+
+    def state_dict(self) -> dict:
+        return {"kind": "latents", "seed": self.seed, "rng": self._g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._g.set_state(state["rng"])
+
+
+def make_data(data: str | os.PathLike | None, shapes: DataShapes, seed: int = 0) -> SyntheticData | LatentFolder:
+    """``LatentFolder(data)`` when a folder is given, else :class:`SyntheticData`."""
+    if data is None:
+        return SyntheticData(shapes, seed=seed)
+    return LatentFolder(data, shapes=shapes, seed=seed)

@@ -1,0 +1,877 @@
+"""Router + ratio-policy distillation (paper Sec. 3): ``shiva-export train``.
+
+One transformer serves as both networks. The **teacher** is the frozen backbone run exactly dense: the
+route override calls every routed block on all tokens (the same call the unrouted path makes), under
+``no_grad``. The **student** is the same backbone with the route override routing each block through
+:class:`~shiva_export.train.ste.DifferentiableTopK` + :func:`~shiva_export.train.ste.route_with_ste`, so
+the forward is the exported hard top-k and gradients reach the routers and the keep ratios. The
+backbone is frozen (LoRA/DoRA adapters are not implemented here).
+
+Losses: normalised feature distillation ``mean_l ||LN(h_s^l) - LN(h_t^l)||^2`` over the hidden states
+after every ``tap_every``-th block and the output (paper: every 4 blocks plus the output), plus the
+flow-matching loss ``||v_s - (eps - x0)||^2`` when real latents are given, plus the EMA budget loss.
+
+Curriculum (three stages, global step counter across them):
+
+1. **Router warm-up**: the policy is bypassed; keep ratios come from stratified ratio sampling
+   (:func:`~shiva_export.train.policy.stratified_ratios`); only the routers learn.
+2. **Policy learning**: keep ratios ``policy(t, l)`` with logit noise ``N(0, 1)``; EMA budget loss.
+3. **Joint tuning**: noise off; routers and policy together under the budget.
+
+Timesteps are drawn stratified (Eq. 15). Samples whose keep ratio differs run through a routed block
+as separate calls (``k`` is static per call); samples sharing a ratio run together.
+
+Outputs in ``out_dir``: ``router.safetensors`` (:func:`~shiva_export.prune.router.save_routers`),
+``lut.json`` (the policy on the sampler's timesteps), ``recipe.toml`` (the base recipe plus
+``[router] weights/sha256`` and ``[schedule]`` with the LUT quantised into 1-4 static phases), and
+``checkpoint.pt`` (atomic, resumable).
+
+Budget calibration (a choice, on by default): the EMA budget meets the target on average over the
+*training* timestep distribution (uniform in ``[0, 1000)``), but a shifted flow-matching sampler spends
+more steps at high ``t``. After training, ``b_anchor`` is shifted so the LUT's mean over the sampler's
+timesteps equals the target exactly; the uncalibrated mean is reported as ``raw_mean_keep``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from shiva_export.errors import ConfigError, RecipeError
+from shiva_export.logging import get_logger
+from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
+from shiva_export.train.data import DataShapes, make_data
+from shiva_export.train.policy import MAX_PHASES, EMABudget, RatioPolicy, quantize_lut, stratified_ratios, stratified_timesteps
+from shiva_export.train.ste import DifferentiableTopK, TemperatureSchedule, route_with_ste
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "RouterEvaluation",
+    "train",
+    "evaluate_router",
+    "sampler_timesteps",
+    "phase_names",
+    "dumps_toml",
+    "STAGES",
+]
+
+logger = get_logger(__name__)
+
+STAGES = ("router-warmup", "policy", "joint")
+CHECKPOINT_NAME = "checkpoint.pt"
+_CKPT_FORMAT = "shiva-train-checkpoint/1"
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`. Paper values where it gives them (lrs, beta, noise, start temperatures).
+
+    Args:
+        warmup_steps (int): Stage 1 (router warm-up) steps. Defaults to 120.
+        policy_steps (int): Stage 2 (policy learning) steps. Defaults to 60.
+        joint_steps (int): Stage 3 (joint tuning) steps. Defaults to 40.
+        batch (int): Samples per step (= timestep strata). Defaults to 4.
+        lr_router (float): AdamW lr of the routers. Defaults to 3e-4 (paper).
+        lr_policy (float): AdamW lr of the ratio policy. Defaults to 1e-4 (paper).
+        weight_decay (float): AdamW weight decay. Defaults to 0.0.
+        lr_warmup_frac (float): Linear lr warm-up per stage, as a fraction of its steps (paper: 200
+            steps). Defaults to 0.1.
+        target_keep (float): Target mean keep ratio in (0, 1). Defaults to 0.6.
+        lambda_budget (float): Weight of the EMA budget loss. Defaults to 1.0.
+        ema_beta (float): EMA weight of the batch mean keep. Defaults to 0.2 (paper).
+        distill_weight (float): Weight of the normalised feature distillation. Defaults to 1.0.
+        flow_weight (float): Weight of the flow-matching loss (real latents only). Defaults to 1.0.
+        importance_weight (float): Weight of an auxiliary router loss that is NOT in the paper:
+            ``1 - corr(router scores, teacher's per-token relative update norm)`` per routed block (the
+            teacher's dense pass gives the update norms for free). The residual STE alone did not move
+            the router past a random one on sd35-tiny (its documented sign problem); 0 disables it.
+            Defaults to 1.0.
+        logit_noise_std (float): Policy logit noise sigma in stage 2. Defaults to 1.0 (paper).
+        score_noise_std (float): Router score noise sigma of the surrogate. Defaults to 0.1.
+        tau_rank (tuple[float, float]): Start/end of the rank temperature. Defaults to (0.2, 0.05).
+        tau_sel (tuple[float, float]): Start/end of the selection temperature. Defaults to (0.1, 0.025).
+        ratio_range (tuple[float, float]): Keep-ratio range of the stage-1 stratified sampling.
+            Defaults to (0.3, 0.9).
+        ratio_groups (int): Groups of the stratified ratio sampling (clamped to ``batch``). Defaults to 4.
+        tap_every (int): Distil the hidden states after every ``tap_every``-th block. Defaults to 4.
+        seed (int): Seed of data, sampling and noise. Defaults to 0.
+        phases (int): Static phases of the quantised LUT, 1..4. Defaults to 2.
+        sampler_steps (int): Steps of the flow-matching sampler the LUT is evaluated on. Defaults to 28.
+        sampler_shift (float): Timestep shift of that sampler (SD3/SD3.5: 3.0). Defaults to 3.0.
+        timesteps (Sequence[float] | None): Explicit sampler timesteps (sampling order); overrides
+            ``sampler_steps``/``sampler_shift``. Defaults to None.
+        calibrate_budget (bool): Shift ``b_anchor`` so the LUT mean equals the target (module docstring).
+            Defaults to True.
+        data (PathLike | None): Folder of cached latents; None = synthetic inputs. Defaults to None.
+        out_dir (PathLike): Output folder. Defaults to ``"shiva-train"``.
+        resume (bool): Continue from ``out_dir/checkpoint.pt``. Defaults to False.
+        checkpoint_every (int): Steps between checkpoints (also written at the end). Defaults to 50.
+        stop_at_step (int | None): End this run after that global step with a checkpoint but no outputs
+            (time-sliced training; resume later). Defaults to None.
+        num_threads (int | None): ``torch.set_num_threads`` for the run. Defaults to None (unchanged).
+    """
+
+    warmup_steps: int = 120
+    policy_steps: int = 60
+    joint_steps: int = 40
+    batch: int = 4
+    lr_router: float = 3e-4
+    lr_policy: float = 1e-4
+    weight_decay: float = 0.0
+    lr_warmup_frac: float = 0.1
+    target_keep: float = 0.6
+    lambda_budget: float = 1.0
+    ema_beta: float = 0.2
+    distill_weight: float = 1.0
+    flow_weight: float = 1.0
+    importance_weight: float = 1.0
+    logit_noise_std: float = 1.0
+    score_noise_std: float = 0.1
+    tau_rank: tuple[float, float] = (0.2, 0.05)
+    tau_sel: tuple[float, float] = (0.1, 0.025)
+    ratio_range: tuple[float, float] = (0.3, 0.9)
+    ratio_groups: int = 4
+    tap_every: int = 4
+    seed: int = 0
+    phases: int = 2
+    sampler_steps: int = 28
+    sampler_shift: float = 3.0
+    timesteps: Sequence[float] | None = None
+    calibrate_budget: bool = True
+    data: str | os.PathLike | None = None
+    out_dir: str | os.PathLike = "shiva-train"
+    resume: bool = False
+    checkpoint_every: int = 50
+    stop_at_step: int | None = None
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        for name in ("warmup_steps", "policy_steps", "joint_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} is {v!r}; expected an int >= 0. Pass a step count per stage.")
+        if self.total_steps < 1:
+            raise ConfigError("all stage step counts are 0; expected at least one training step. Pass --steps N.")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"batch is {self.batch!r}; expected an int >= 1.")
+        if not (isinstance(self.target_keep, (int, float)) and 0.0 < self.target_keep < 1.0):
+            raise ConfigError(f"target keep is {self.target_keep!r}; expected 0 < target_keep < 1 (fraction of image tokens kept).")
+        for name in ("lr_router", "lr_policy"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} is {v!r}; expected a finite float > 0.")
+        for name in ("lambda_budget", "distill_weight", "flow_weight", "importance_weight", "weight_decay", "logit_noise_std", "score_noise_std"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} is {v!r}; expected a finite float >= 0.")
+        if not (isinstance(self.phases, int) and 1 <= self.phases <= MAX_PHASES):
+            raise ConfigError(f"phases is {self.phases!r}; expected an int in 1..{MAX_PHASES}. Each phase is one static engine.")
+        if not isinstance(self.tap_every, int) or self.tap_every < 1:
+            raise ConfigError(f"tap_every is {self.tap_every!r}; expected an int >= 1 (paper: 4).")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every is {self.checkpoint_every!r}; expected an int >= 1.")
+        lo, hi = self.ratio_range
+        if not 0.0 < lo < hi <= 1.0:
+            raise ConfigError(f"ratio_range is {self.ratio_range!r}; expected 0 < low < high <= 1 (keep ratios).")
+        if self.timesteps is None and (not isinstance(self.sampler_steps, int) or self.sampler_steps < self.phases):
+            raise ConfigError(f"sampler_steps is {self.sampler_steps!r}; expected an int >= phases ({self.phases}).")
+        if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
+            raise ConfigError(f"stop_at_step is {self.stop_at_step!r}; expected an int >= 1 or None.")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.policy_steps + self.joint_steps
+
+    def stage_of(self, step: int) -> tuple[int, int, int]:
+        """``(stage index 0..2, step within the stage, stage length)`` of a 0-based global step."""
+        lens = (self.warmup_steps, self.policy_steps, self.joint_steps)
+        a = 0
+        for i, n in enumerate(lens):
+            if step < a + n:
+                return i, step - a, n
+            a += n
+        return 2, step - (a - lens[2]), lens[2]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"] = None if self.data is None else str(self.data)
+        d["out_dir"] = str(self.out_dir)
+        d["timesteps"] = None if self.timesteps is None else [float(t) for t in self.timesteps]
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` wrote and measured.
+
+    Attributes:
+        out_dir (Path): Output folder.
+        finished (bool): False when the run ended at ``stop_at_step`` (checkpoint only, no outputs).
+        step (int): Global steps done.
+        seconds (float): Wall time of this run.
+        router_path, recipe_path, lut_path (Path | None): Outputs (None when not finished).
+        router_sha256 (str | None): sha256 of ``router.safetensors``.
+        timesteps (list[float]): Sampler timesteps of the LUT.
+        layers (list[int]): Routed block of each LUT column.
+        lut (list[list[float]]): ``keep[step][routed block]``.
+        mean_keep (float | None): LUT mean after calibration.
+        raw_mean_keep (float | None): LUT mean before calibration.
+        quantized_mean_keep (float | None): Step-weighted mean ``k / N`` of the phases.
+        phases (list[dict]): The phases as written to the recipe.
+        history (list[dict]): One record per step (loss terms, mean keep, stage).
+    """
+
+    out_dir: Path
+    finished: bool
+    step: int
+    seconds: float
+    target_keep: float
+    router_path: Path | None = None
+    router_sha256: str | None = None
+    recipe_path: Path | None = None
+    lut_path: Path | None = None
+    checkpoint_path: Path | None = None
+    timesteps: list[float] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    lut: list[list[float]] = field(default_factory=list)
+    mean_keep: float | None = None
+    raw_mean_keep: float | None = None
+    quantized_mean_keep: float | None = None
+    phases: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self, history: bool = False) -> dict[str, Any]:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        if not history:
+            d["history"] = self.history[-1:] if self.history else []
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def sampler_timesteps(steps: int = 28, shift: float = 3.0) -> list[float]:
+    """Timesteps of a flow-matching Euler sampler (diffusers ``FlowMatchEulerDiscreteScheduler``).
+
+    ``sigma = linspace(1, 1/1000, steps)``, shifted ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``,
+    ``t = 1000 * sigma'`` in sampling order (descending).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"sampler steps is {steps!r}; expected an int >= 1.")
+    if not (isinstance(shift, (int, float)) and shift > 0):
+        raise ConfigError(f"sampler shift is {shift!r}; expected a float > 0 (SD3: 3.0).")
+    s = torch.linspace(1.0, 1.0 / 1000.0, steps, dtype=torch.float64)
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    return [float(v) for v in (s * 1000.0)]
+
+
+def phase_names(n: int) -> list[str]:
+    """Names of ``n`` phases in sampling order."""
+    return {1: ["all"], 2: ["early", "late"], 3: ["early", "mid", "late"], 4: ["early", "mid-early", "mid-late", "late"]}[n]
+
+
+def _resolve_recipe(recipe_or_model):
+    from shiva_export.recipe import Recipe, load_recipe
+
+    if isinstance(recipe_or_model, Recipe):
+        return recipe_or_model
+    return load_recipe(recipe_or_model)
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],))
+
+
+class _RouteState:
+    """Mutable state read by the route override during one forward."""
+
+    def __init__(self, routed: list[int], topk: DifferentiableTopK, taps: set[int]):
+        self.mode = "dense"  # dense | student | hard | l2
+        self.col = {b: i for i, b in enumerate(routed)}
+        self.topk = topk
+        self.keep: torch.Tensor | None = None  # [B, L] (student) or a float (hard / l2)
+        self.generator: torch.Generator | None = None
+        self.tap_blocks = taps
+        self.taps: dict[int, torch.Tensor] = {}
+        self.record_importance = False
+        self.importance: dict[int, torch.Tensor] = {}  # dense pass: per-token relative update norm [B, N]
+        self.scores: dict[int, torch.Tensor] = {}  # student pass: router scores [B, N]
+
+
+def _run_block(block, hs, ehs, temb, jak):
+    return block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, joint_attention_kwargs=jak)
+
+
+def _make_override(state: _RouteState):
+    def override(index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, routers):
+        mode = state.mode
+        if mode == "dense":
+            ehs, out = _run_block(block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+            if state.record_importance:
+                state.importance[index_block] = (out - hidden_states).float().norm(dim=-1) / hidden_states.float().norm(dim=-1).clamp_min(1e-6)
+        elif mode in ("hard", "l2"):
+            n = int(hidden_states.shape[1])
+            k = static_k(n, float(state.keep))
+            if mode == "l2":
+                scores = hidden_states.float().norm(dim=-1)
+            else:
+                scores = routers(index_block, hidden_states, temb, pooled)
+            idx = select_topk(scores, k)
+            ehs, kept = _run_block(block, gather_tokens(hidden_states, idx), encoder_hidden_states, temb, joint_attention_kwargs)
+            out = scatter_tokens(hidden_states, idx, kept)
+        else:
+            ehs, out = _student_block(state, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, routers)
+        if index_block in state.tap_blocks:
+            state.taps[index_block] = out
+        return ehs, out
+
+    return override
+
+
+def _student_block(state, index_block, block, hs, ehs, temb, pooled, jak, routers):
+    scores = routers(index_block, hs, temb, pooled)  # [B, N] fp32
+    state.scores[index_block] = scores
+    keep = state.keep[:, state.col[index_block]]  # [B]
+    values = keep.detach().tolist()
+    groups: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)
+    outs_h, outs_e, order = [], [], []
+    for ids in groups.values():
+        ix = torch.as_tensor(ids, dtype=torch.long, device=hs.device)
+        whole = len(ids) == hs.shape[0]
+        sub = (lambda t: t) if whole else (lambda t: t.index_select(0, ix))
+        sel = state.topk.select(sub(scores), keep[ids[0]], generator=state.generator)
+        holder: list = []
+
+        def fn(kept, _e=sub(ehs), _t=sub(temb)):
+            e, o = _run_block(block, kept, _e, _t, jak)
+            holder.append(e)
+            return o
+
+        outs_h.append(route_with_ste(sub(hs), sel, fn))
+        outs_e.append(holder[0])
+        order.extend(ids)
+    if len(outs_h) == 1:
+        return outs_e[0], outs_h[0]
+    inv = torch.argsort(torch.as_tensor(order, dtype=torch.long, device=hs.device))
+    out = torch.cat(outs_h, 0).index_select(0, inv)
+    e_out = None if outs_e[0] is None else torch.cat(outs_e, 0).index_select(0, inv)
+    return e_out, out
+
+
+def _forward(transformer, state: _RouteState, inputs: dict) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    state.taps, state.scores = {}, {}
+    out = transformer(**inputs).sample
+    return out, dict(state.taps)
+
+
+def _distill_loss(s_out, s_taps, t_out, t_taps) -> torch.Tensor:
+    terms = [F.mse_loss(_layer_norm(s_taps[b]), _layer_norm(t_taps[b])) for b in sorted(t_taps)]
+    so = s_out.flatten(2).transpose(1, 2)  # [B, HW, C]
+    to = t_out.flatten(2).transpose(1, 2)
+    terms.append(F.mse_loss(_layer_norm(so), _layer_norm(to)))
+    return torch.stack(terms).mean()
+
+
+def _importance_loss(scores: dict[int, torch.Tensor], importance: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``mean_l (1 - corr(s^l, imp^l))``: per-sample Pearson correlation of router scores with the teacher's
+    per-token relative update norm ``||f(x_i) - x_i|| / ||x_i||`` at the same block."""
+    terms = []
+    for b, s in scores.items():
+        imp = importance[b]
+        s = s - s.mean(dim=1, keepdim=True)
+        i = imp - imp.mean(dim=1, keepdim=True)
+        corr = (s * i).sum(1) / (s.norm(dim=1) * i.norm(dim=1)).clamp_min(1e-8)
+        terms.append(1.0 - corr.mean())
+    return torch.stack(terms).mean()
+
+
+def _calibrate_anchor(policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float) -> tuple[float, float]:
+    """Shifts ``b_anchor`` so the LUT mean equals ``target``; returns (raw mean, shift)."""
+    with torch.no_grad():
+        z = policy.logits(torch.tensor(timesteps), torch.tensor(layers), noise=False).double()
+        raw = float(torch.sigmoid(z).mean())
+        lo, hi = -20.0, 20.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if float(torch.sigmoid(z + mid).mean()) < target:
+                lo = mid
+            else:
+                hi = mid
+        delta = 0.5 * (lo + hi)
+        policy.b_anchor.add_(delta)
+    return raw, delta
+
+
+# ------------------------------------------------------------------------------------------------ TOML
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ConfigError(f"cannot write {v!r} to TOML; expected a finite float.")
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    raise ConfigError(f"cannot write a {type(v).__name__} to TOML; expected bool, int, float, str, list or dict.")
+
+
+def _toml_key(k: str) -> str:
+    import re
+
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for recipe data (tables, arrays of tables, scalars, arrays; ``None`` dropped)."""
+    lines: list[str] = []
+
+    def is_table_array(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def emit(prefix: str, d: dict) -> None:
+        scalars = [(k, v) for k, v in d.items() if v is not None and not isinstance(v, dict) and not is_table_array(v)]
+        for k, v in scalars:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in d.items():
+            name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+            if isinstance(v, dict):
+                if any(x is not None and not isinstance(x, dict) and not is_table_array(x) for x in v.values()) or not v:
+                    lines.append("")
+                    lines.append(f"[{name}]")
+                emit(name, v)
+            elif is_table_array(v):
+                for item in v:
+                    lines.append("")
+                    lines.append(f"[[{name}]]")
+                    emit(name, item)
+
+    emit("", data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    from shiva_export.utils.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--resume found no checkpoint: {path}. Run without --resume first, or pass the --out-dir of the interrupted run.")
+    try:
+        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}. Delete it and train from scratch.") from None
+    if not isinstance(ck, dict) or ck.get("format") != _CKPT_FORMAT:
+        raise ConfigError(f"{path} is not a shiva training checkpoint (format {ck.get('format') if isinstance(ck, dict) else None!r}). Use another --out-dir.")
+    return ck
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(
+    recipe_or_model,
+    config: TrainConfig | None = None,
+    progress: Callable[[dict], None] | None = None,
+    weights: str | os.PathLike | None = None,
+) -> TrainResult:
+    """Trains the routers and the ratio policy of a recipe's model by distillation from the dense model.
+
+    Args:
+        recipe_or_model (str | PathLike | Recipe): Model name (``"sd35-tiny"``), recipe path or Recipe.
+        config (TrainConfig): Settings. Defaults to ``TrainConfig()``.
+        progress (Callable[[dict], None]): Called after every step with ``{"event": "step", "step",
+            "total", "stage", "loss", "distill", "flow", "budget", "importance", "mean_keep", "mu", "seconds"}``, and with
+            ``{"event": "resume" | "checkpoint" | "done", ...}``. Defaults to None.
+        weights (PathLike): Local diffusers folder of the backbone weights. Defaults to None.
+
+    Returns:
+        TrainResult: Paths, LUT, phases and the step history.
+
+    Raises:
+        ConfigError: Bad settings, an unreadable checkpoint or data folder.
+        RecipeError: The recipe's routed range does not fit the model.
+    """
+    from shiva_export.models.sd3 import check_image_size, load_transformer, num_image_tokens
+    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
+
+    cfg = config or TrainConfig()
+    say = progress or (lambda ev: None)
+    rec = _resolve_recipe(recipe_or_model)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    old_threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    t_start = time.perf_counter()
+    try:
+        transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+        h, w, text_len = rec.shapes.height, rec.shapes.width, rec.shapes.text_len
+        check_image_size(transformer, h, w)
+        n_layers = len(transformer.transformer_blocks)
+        n_tokens = num_image_tokens(transformer, h, w)
+        routed = rec.routed_blocks(n_layers)
+        for p in transformer.parameters():
+            p.requires_grad_(False)
+        shiva_cfg = ShivaConfig.uniform(n_layers, 1.0 - cfg.target_keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+        bank = apply_shiva_(transformer, shiva_cfg, seed=rec.router.seed)
+        bank.train()
+        for p in bank.parameters():
+            p.requires_grad_(True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # reproducible policy init (nn.Linear draws from the global RNG)
+            policy = RatioPolicy(n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std)
+        budget = EMABudget(cfg.target_keep, beta=cfg.ema_beta, lam=cfg.lambda_budget, sync=False)
+        topk = DifferentiableTopK(tau_rank=cfg.tau_rank[0], tau_sel=cfg.tau_sel[0], noise_std=cfg.score_noise_std)
+        topk.train()
+        temps = TemperatureSchedule(
+            total_steps=cfg.total_steps, tau_rank_start=cfg.tau_rank[0], tau_rank_end=cfg.tau_rank[1], tau_sel_start=cfg.tau_sel[0], tau_sel_end=cfg.tau_sel[1]
+        )
+        taps = {b for b in range(n_layers - 1) if (b + 1) % cfg.tap_every == 0}
+        state = _RouteState(routed, topk, taps)
+        set_route_override(transformer, _make_override(state))
+        hooks = [transformer.transformer_blocks[b].register_forward_hook(_tap_hook(state, b)) for b in taps if b not in routed]
+
+        shapes = DataShapes.from_model(transformer, h, w, text_len)
+        data = make_data(cfg.data, shapes, seed=cfg.seed)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+        opt = torch.optim.AdamW(
+            [
+                {"params": list(bank.parameters()), "lr": cfg.lr_router, "base_lr": cfg.lr_router, "name": "router"},
+                {"params": list(policy.parameters()), "lr": cfg.lr_policy, "base_lr": cfg.lr_policy, "name": "policy"},
+            ],
+            weight_decay=cfg.weight_decay,
+        )
+        step, history = 0, []
+        if cfg.resume:
+            ck = _load_checkpoint(ckpt_path)
+            _check_compatible(ck, rec, cfg, ckpt_path)
+            bank.load_state_dict(ck["routers"])
+            policy.load_state_dict(ck["policy"])
+            budget.load_state_dict(ck["budget"])
+            opt.load_state_dict(ck["optimizer"])
+            data.load_state_dict(ck["data"])
+            gen.set_state(ck["generator"])
+            step, history = int(ck["step"]), list(ck.get("history", []))
+            logger.info("resumed from %s at step %d", ckpt_path, step)
+            say({"event": "resume", "step": step, "total": cfg.total_steps, "checkpoint": str(ckpt_path)})
+
+        def checkpoint() -> None:
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "format": _CKPT_FORMAT,
+                    "model": rec.name,
+                    "config": cfg.to_dict(),
+                    "step": step,
+                    "routers": bank.state_dict(),
+                    "policy": policy.state_dict(),
+                    "budget": budget.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "data": data.state_dict(),
+                    "generator": gen.get_state(),
+                    "history": history,
+                },
+            )
+            say({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
+
+        layer_ids = torch.tensor(routed)
+        stop = cfg.total_steps if cfg.stop_at_step is None else min(cfg.total_steps, cfg.stop_at_step)
+        run_t0 = time.perf_counter()
+        while step < stop:
+            stage, s_in, s_len = cfg.stage_of(step)
+            warm = max(1, int(round(cfg.lr_warmup_frac * s_len)))
+            f = min(1.0, (s_in + 1) / warm)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            temps.apply(topk, step)
+            t = stratified_timesteps(cfg.batch, generator=gen)
+            batch = data.batch(cfg.batch, timesteps=t)
+            inputs = batch.model_inputs()
+            with torch.no_grad():
+                state.mode, state.record_importance, state.importance = "dense", cfg.importance_weight > 0, {}
+                t_out, t_taps = _forward(transformer, state, inputs)
+                state.record_importance = False
+            state.mode, state.generator = "student", gen
+            if stage == 0:
+                groups = min(cfg.ratio_groups, cfg.batch)
+                r = stratified_ratios(cfg.batch, groups, cfg.ratio_range[0], cfg.ratio_range[1], generator=gen)
+                keep = r[:, None].expand(cfg.batch, len(routed))
+            else:
+                policy.train()
+                policy.logit_noise = stage == 1
+                keep = policy(batch.timestep, layer_ids, generator=gen)  # [B, L]
+            state.keep = keep
+            s_out, s_taps = _forward(transformer, state, inputs)
+            distill = _distill_loss(s_out, s_taps, t_out, t_taps)
+            loss = cfg.distill_weight * distill
+            flow = None
+            if batch.target is not None and cfg.flow_weight > 0:
+                flow = F.mse_loss(s_out.float(), batch.target)
+                loss = loss + cfg.flow_weight * flow
+            imp = None
+            if cfg.importance_weight > 0:
+                imp = _importance_loss(state.scores, state.importance)
+                loss = loss + cfg.importance_weight * imp
+            b_loss = None
+            if stage > 0:
+                b_loss = budget(keep)
+                loss = loss + b_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            rec_step = {
+                "event": "step",
+                "step": step,
+                "total": cfg.total_steps,
+                "stage": STAGES[stage],
+                "loss": float(loss.detach()),
+                "distill": float(distill.detach()),
+                "flow": None if flow is None else float(flow.detach()),
+                "budget": None if b_loss is None else float(b_loss.detach()),
+                "importance": None if imp is None else float(imp.detach()),
+                "mean_keep": float(keep.detach().mean()),
+                "mu": float(budget.mu),
+                "tau_rank": topk.tau_rank,
+                "tau_sel": topk.tau_sel,
+                "seconds": round(time.perf_counter() - run_t0, 3),
+            }
+            history.append(rec_step)
+            say(rec_step)
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                checkpoint()
+        for hk in hooks:
+            hk.remove()
+
+        result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history)
+        if result.finished:
+            _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers)
+            say({"event": "done", "step": step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep})
+        result.seconds = time.perf_counter() - t_start
+        return result
+    finally:
+        if cfg.num_threads:
+            torch.set_num_threads(old_threads)
+
+
+def _tap_hook(state: _RouteState, b: int):
+    def hook(module, args, output):
+        if state.mode in ("dense", "student", "hard", "l2"):
+            state.taps[b] = output[1]
+
+    return hook
+
+
+def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
+    old = ck.get("config", {})
+    if ck.get("model") != rec.name:
+        raise ConfigError(f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir.")
+    for key in ("target_keep", "batch", "seed", "tap_every"):
+        if old.get(key) != getattr(cfg, key):
+            raise ConfigError(
+                f"checkpoint {path} has {key} = {old.get(key)!r}, this run {getattr(cfg, key)!r}; expected the same value. "
+                "Resume with the original settings or use another --out-dir."
+            )
+    if int(ck["step"]) > cfg.total_steps:
+        raise ConfigError(f"checkpoint {path} is at step {ck['step']}, beyond this run's {cfg.total_steps} total steps. Pass more --steps.")
+
+
+def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int) -> None:
+    from shiva_export.prune.router import save_routers
+    from shiva_export.recipe import load_recipe
+    from shiva_export.utils.io import atomic_write_json, atomic_write_text
+
+    out_dir = result.out_dir
+    timesteps = [float(t) for t in cfg.timesteps] if cfg.timesteps is not None else sampler_timesteps(cfg.sampler_steps, cfg.sampler_shift)
+    if len(timesteps) < cfg.phases:
+        raise ConfigError(f"sampler has {len(timesteps)} timesteps; expected at least phases = {cfg.phases}. Pass more timesteps or fewer --phases.")
+    policy.eval()
+    raw_mean = float(policy.lut(timesteps, routed).double().mean())
+    if cfg.calibrate_budget:
+        raw_mean, _delta = _calibrate_anchor(policy, timesteps, routed, cfg.target_keep)
+    lut = policy.lut(timesteps, routed)  # [steps, L]
+    phases = quantize_lut(lut, n_tokens, cfg.phases, layers=routed)
+    names = phase_names(cfg.phases)
+
+    router_path = out_dir / "router.safetensors"
+    sha = save_routers(
+        bank,
+        router_path,
+        extra={"model": rec.name, "target_keep": cfg.target_keep, "steps": result.step, "stages": [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps], "seed": cfg.seed},
+    )
+    phase_rows = []
+    for name, ph in zip(names, phases):
+        per_block = ph.to_keep_ratios(n_layers)
+        phase_rows.append(
+            {
+                "name": name,
+                "t_start": float(timesteps[ph.start]),
+                "t_stop": float(timesteps[ph.stop]) if ph.stop < len(timesteps) else 0.0,
+                "keep_ratios": [float(per_block[b]) for b in routed],
+                "k": [int(k) for k in ph.k],
+            }
+        )
+    lut_rows = [[round(float(v), 6) for v in row] for row in lut.tolist()]
+    q_mean = sum(sum(p.k) * (p.stop - p.start) for p in phases) / (n_tokens * len(timesteps) * len(routed))
+    atomic_write_json(
+        out_dir / "lut.json",
+        {
+            "model": rec.name,
+            "target_keep": cfg.target_keep,
+            "timesteps": timesteps,
+            "layers": routed,
+            "keep": lut_rows,
+            "raw_mean_keep": raw_mean,
+            "mean_keep": float(lut.double().mean()),
+            "quantized_mean_keep": q_mean,
+            "num_image_tokens": n_tokens,
+            "phases": [dict(p.to_dict(), name=n) for n, p in zip(names, phases)],
+        },
+    )
+    content = rec.content_dict()
+    content["description"] = (content.get("description") or rec.name) + f" + learned Shiva router/schedule (target keep {cfg.target_keep:g})"
+    content["router"] = dict(content["router"], weights=router_path.name, sha256=sha)
+    content["schedule"] = {"target_keep": cfg.target_keep, "timesteps": timesteps, "lut": lut_rows, "phases": phase_rows}
+    header = (
+        f"# Written by `shiva-export train` from {rec.source_path or rec.name}: {result.step} steps "
+        f"(stages {cfg.warmup_steps}/{cfg.policy_steps}/{cfg.joint_steps}), seed {cfg.seed}, "
+        f"{'cached latents' if cfg.data else 'synthetic inputs'}.\n"
+    )
+    recipe_path = out_dir / "recipe.toml"
+    atomic_write_text(recipe_path, header + dumps_toml(content))
+    try:
+        check = load_recipe(recipe_path)
+    except RecipeError as err:
+        raise RecipeError(f"written recipe failed validation: {err}") from None
+    check.phase_keep_ratios(0, n_layers)  # model-aware check of the phase widths
+    result.router_path, result.router_sha256, result.recipe_path, result.lut_path = router_path, sha, recipe_path, out_dir / "lut.json"
+    result.timesteps, result.layers, result.lut = timesteps, list(routed), lut_rows
+    result.mean_keep, result.raw_mean_keep, result.quantized_mean_keep = float(lut.double().mean()), raw_mean, q_mean
+    result.phases = phase_rows
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class RouterEvaluation:
+    """Relative output error ``||y - y_dense|| / ||y_dense||`` (mean over held-out seeds) per router.
+
+    Attributes:
+        keep (float): Uniform keep ratio of every routed block.
+        errors (dict[str, float]): ``trained``, ``random`` (untrained, recipe seed) and ``l2`` (score ``||x_i||``).
+        per_seed (dict[str, list[float]]): The same per held-out seed.
+        seeds (list[int]): Held-out input seeds.
+        lut_mean_keep (float | None): Mean of the recipe's learned LUT (None without a schedule).
+        target_keep (float | None): The schedule's target.
+    """
+
+    keep: float
+    errors: dict[str, float]
+    per_seed: dict[str, list[float]]
+    seeds: list[int]
+    lut_mean_keep: float | None = None
+    target_keep: float | None = None
+
+    @property
+    def ratio_vs_random(self) -> float:
+        return self.errors["trained"] / self.errors["random"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio_vs_random"] = self.ratio_vs_random
+        return d
+
+
+def evaluate_router(
+    recipe_or_model,
+    router: str | os.PathLike | Any | None = None,
+    keep: float = 0.6,
+    seeds: Sequence[int] = tuple(range(1000, 1008)),
+    weights: str | os.PathLike | None = None,
+) -> RouterEvaluation:
+    """Compares trained, untrained and L2-norm routing against the dense model on held-out seeds.
+
+    Args:
+        recipe_or_model (str | PathLike | Recipe): Recipe (e.g. the trained ``recipe.toml``) or model name.
+        router (PathLike | RouterBank | None): Trained router weights. Defaults to the recipe's ``[router] weights``.
+        keep (float): Keep ratio of every routed block. Defaults to 0.6.
+        seeds (Sequence[int]): Held-out input seeds (one sample each, random timestep). Defaults to 1000..1007.
+        weights (PathLike): Local diffusers folder of the backbone. Defaults to None.
+
+    Raises:
+        RouterError: No trained router is given and the recipe has none.
+    """
+    from shiva_export.errors import RouterError
+    from shiva_export.models.sd3 import InputSpec, load_transformer, make_inputs
+    from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
+    from shiva_export.prune.router import RouterBank, load_routers
+
+    rec = _resolve_recipe(recipe_or_model)
+    if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
+        raise ConfigError(f"keep is {keep!r}; expected 0 < keep <= 1 (fraction of image tokens kept).")
+    transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+    n_layers = len(transformer.transformer_blocks)
+    routed = rec.routed_blocks(n_layers)
+    scfg = ShivaConfig.uniform(n_layers, 1.0 - keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    rc = scfg.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    if isinstance(router, RouterBank):
+        trained = router
+    else:
+        path = Path(router) if router is not None else rec.router_weights_path()
+        if path is None:
+            raise RouterError(f"{rec.name}: no trained router to evaluate; the recipe has no [router] weights. Pass router=PATH.")
+        trained, _ = load_routers(path, rc)
+    spec = InputSpec(batch=1, height=rec.shapes.height, width=rec.shapes.width, text_len=rec.shapes.text_len, cfg=False)
+    cases = [make_inputs(transformer.config, spec, seed=s) for s in seeds]
+    with torch.no_grad():
+        dense = [transformer(**x).sample for x in cases]
+
+        def run(bank, mode: str) -> list[float]:
+            apply_shiva_(transformer, scfg, routers=bank, seed=rec.router.seed)
+            try:
+                if mode == "l2":
+                    st = _RouteState(routed, DifferentiableTopK(), set())
+                    st.mode, st.keep = "l2", keep
+                    set_route_override(transformer, _make_override(st))
+                errs = []
+                for x, ref in zip(cases, dense):
+                    y = transformer(**x).sample
+                    errs.append(float((y - ref).norm() / ref.norm()))
+                return errs
+            finally:
+                remove_shiva_(transformer)
+
+        per = {"trained": run(trained.eval(), "hard"), "random": run(None, "hard"), "l2": run(None, "l2")}
+    errors = {k: sum(v) / len(v) for k, v in per.items()}
+    lut_mean = None
+    if rec.schedule is not None and rec.schedule.lut:
+        flat = [v for row in rec.schedule.lut for v in row]
+        lut_mean = sum(flat) / len(flat)
+    return RouterEvaluation(
+        keep=float(keep),
+        errors=errors,
+        per_seed=per,
+        seeds=list(seeds),
+        lut_mean_keep=lut_mean,
+        target_keep=rec.schedule.target_keep if rec.schedule is not None else None,
+    )
