@@ -57,6 +57,8 @@ def test_second_run_is_cached_and_force_rebuilds(built):
     root, tc, _ = built
     again = build_engines(model="sd3-tiny", ratios=[0.2, 0.4, 0.6], backend="tensorrt-rtx", out_dir=root, timing_cache=tc)
     assert [r.status for r in again] == ["cached"] * 4
+    forced = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, timing_cache=tc, force=True, validate=False)
+    assert [r.status for r in forced] == ["built"]
     other_shape = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, batch=2, validate=False)
     assert [r.status for r in other_shape] == ["built"]  # a different shape is a different key
 

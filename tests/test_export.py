@@ -15,6 +15,18 @@ from shiva_export.models.sd3 import InputSpec, make_inputs
 from shiva_export.validate.parity import check_parity, ort_session
 
 
+def _reference(res):
+    """The fp32 PyTorch model with exactly the export's router and budget (the recipe's trained router)."""
+    from shiva_export.export.pipeline import resolve_router
+    from shiva_export.models.sd3 import load_transformer
+    from shiva_export.prune import apply_shiva_
+
+    t = load_transformer(recipe=res.recipe)
+    bank, _ = resolve_router(res.recipe, None, res.config.router_config(t.inner_dim, t.config.pooled_projection_dim))
+    apply_shiva_(t, res.config, routers=bank, seed=res.recipe.router.seed)
+    return t
+
+
 def _meta(path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in m.metadata_props}
@@ -76,15 +88,9 @@ def test_corrupted_onnx_fails_parity_and_names_output(exports, tmp_path):
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(model, str(bad))
-    # reuse the exact reference (same router) from a fresh pipeline run without export
-    ref = export_pruned(model="sd35-tiny", ratio=0.4, out=tmp_path / "ref.onnx", validate=False)
-    from shiva_export.models.sd3 import load_transformer
-    from shiva_export.prune import apply_shiva_
-    from shiva_export.recipe import load_recipe
-
-    t = load_transformer(recipe=load_recipe("sd35-tiny"))
-    apply_shiva_(t, ref.config, seed=0)
-    cases = [(0, None, make_inputs(t.config, ref.spec, seed=0))]
+    t = _reference(res)
+    cases = [(0, None, make_inputs(t.config, res.spec, seed=0))]
+    assert check_parity(res.export.onnx_path, t, cases, atol=1e-4, rtol=0.0, min_cosine=0.99999).passed  # the reference is right
     report = check_parity(bad, t, cases, atol=1e-4, rtol=0.0, min_cosine=0.99999)
     assert not report.passed and "worst output 'sample'" in report.reason
     assert report.summary_line().startswith("FAILED | ")
@@ -95,12 +101,7 @@ def test_dynamic_batch_runs_any_batch(tmp_path):
     m = onnx.load(str(res.export.onnx_path), load_external_data=False)
     assert not m.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
     sess = ort_session(res.export.onnx_path)
-    from shiva_export.models.sd3 import load_transformer
-    from shiva_export.prune import apply_shiva_
-    from shiva_export.recipe import load_recipe
-
-    t = load_transformer(recipe=load_recipe("sd35-tiny"))
-    apply_shiva_(t, res.config, seed=0)
+    t = _reference(res)
     for prompts in (1, 3):
         spec = InputSpec(prompts, 256, 256, 32, True)
         x = make_inputs(t.config, spec, seed=prompts)

@@ -69,18 +69,18 @@ SPEED_EPILOG = """Examples:
 
   shiva-export validate speed --model sd3-mid --ratio 0 --ratio 0.4 --ratio 0.6 --threads 2 --out-dir validate/reports/mid
 
-  shiva-export validate speed --model sd35-shape --device cuda --backend torch --backend torch-compile
+  shiva-export validate speed --model sd35-shape --device cuda --backend torch --cfg
 
 Prints measured speedup next to the ideal FLOP speedup and efficiency = measured / ideal. Timings are
 reported, never asserted; variants run interleaved (round-robin) and speedups are medians of paired ratios.
 """
 
 
-@validate_app.command("speed", epilog=SPEED_EPILOG, help="Time dense vs pruned (torch eager / torch.compile / ONNX Runtime), interleaved, next to the ideal FLOP speedup and the router + top-k + gather + scatter overhead. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
+@validate_app.command("speed", epilog=SPEED_EPILOG, help="Time dense vs pruned (torch eager on cpu/cuda, ONNX Runtime), interleaved, next to the ideal FLOP speedup and the router + top-k + gather + scatter overhead. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
 def speed_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd3-mid for the benchmark, sd35-shape for the real SD3.5-M shape).")] = "sd3-mid",
     ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable; 0 = routing at k = N).")] = None,
-    backend: Annotated[list[str] | None, typer.Option("--backend", help="torch | torch-compile | ort (repeatable).")] = None,
+    backend: Annotated[list[str] | None, typer.Option("--backend", help="torch | ort (repeatable).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda (torch backends).")] = "cpu",
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels.")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels.")] = None,

@@ -32,6 +32,12 @@ __all__ = [
 _CHUNK = 8 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 hex digest of a file, streamed."""
     h = hashlib.sha256()
@@ -70,6 +76,7 @@ def _tmp_in(dest: Path, suffix: str = ".tmp") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; finished artifacts get normal permissions
     try:
         yield tmp_path
     except BaseException:

@@ -36,7 +36,7 @@ class SuiteCase(BaseModel):
     kind: Literal["parity", "speed"]
     model: str
     ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(description="fractions of image tokens pruned")
-    backends: list[str] = Field(default_factory=list, description="parity: ort-cpu|ort-cuda|engine; speed: torch|torch-compile|ort")
+    backends: list[str] = Field(default_factory=list, description="parity: ort-cpu|ort-cuda|engine; speed: torch|ort")
     height: int | None = None
     width: int | None = None
     batch: int | None = None
