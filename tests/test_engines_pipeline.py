@@ -138,3 +138,17 @@ def test_inspect_cli_reports_findings(tmp_path, capsys):
     code = main(["inspect", str(p), "--backend", "tensorrt-rtx"])
     out = capsys.readouterr().out
     assert code == 1 and "big_topk" in out and "3840" in out
+
+
+def test_dynamic_batch_engine_gets_a_profile(tmp_path):
+    from shiva_export.engines.pipeline import build_engines
+
+    res = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path,
+                        dynamic_batch=True, batch_range=(1, 2, 4), validate=True)
+    assert res[0].status == "built" and res[0].parity.startswith("PASSED")
+    m = read_manifest(res[0].manifest_path)
+    assert m.build_options["dynamic_batch"] and m.build_options["batch_range"] == [1, 2, 4]
+    import onnx
+
+    g = onnx.load(str(res[0].onnx_path), load_external_data=False)
+    assert not g.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
