@@ -25,7 +25,7 @@ from torch import nn
 from shiva_export.errors import RouterError
 from shiva_export.utils.io import sha256_file
 
-__all__ = ["RouterConfig", "ShivaRouter", "RouterBank", "save_routers", "load_routers"]
+__all__ = ["RouterConfig", "ShivaRouter", "RouterBank", "save_routers", "load_routers", "read_router_metadata"]
 
 _FORMAT = "shiva-router/1"
 
@@ -142,16 +142,27 @@ class RouterBank(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def read_router_metadata(path: str | Path) -> dict:
+    """The Shiva metadata of a router file (format, config, and what training recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["shiva"]) if "shiva" in meta else meta
+
+
 def save_routers(bank: RouterBank, path: str | Path, extra: dict | None = None) -> str:
-    """Writes the router bank as safetensors (atomically) and returns its sha256."""
+    """Writes the router bank as safetensors (atomically, byte-reproducible) and returns its sha256."""
     from safetensors.torch import save_file
 
     from shiva_export.utils.io import check_writable
 
+    from shiva_export.utils.io import canonical_json
+
     path = check_writable(path, "router weights")
-    meta = {"format": _FORMAT, "config": json.dumps(bank.config.to_dict())}
-    if extra:
-        meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in extra.items()})
+    # One metadata key holding canonical JSON: safetensors writes its metadata map in arbitrary order,
+    # so several keys would make the same weights hash differently from save to save.
+    meta = {"shiva": canonical_json({"format": _FORMAT, "config": bank.config.to_dict(), **(extra or {})})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in bank.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -184,9 +195,13 @@ def load_routers(path: str | Path, expected: RouterConfig) -> tuple[RouterBank, 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise RouterError(f"Cannot read router weights {path}: {err}. Is it a safetensors file?") from None
+    if "shiva" in meta:
+        meta = json.loads(meta["shiva"])
+    elif "config" in meta:  # files written before the single-key layout
+        meta = {**meta, "config": json.loads(meta["config"])}
     if meta.get("format") != _FORMAT:
         raise RouterError(f"{path} is not a Shiva router file (format {meta.get('format')!r}, expected {_FORMAT!r}).")
-    got = json.loads(meta["config"])
+    got = meta["config"]
     want = expected.to_dict()
     if got != want:
         diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
