@@ -112,7 +112,7 @@ def format_summary(s: dict) -> str:
         f"budget       ratio {s['ratio']:g} pruned = keep {s['keep_ratio']:g}; N = {s['num_image_tokens']} image tokens; "
         f"k = {ks[0] if len(ks) == 1 else ks} ({len(s['k_per_block'])} routed blocks)",
         f"k per block  {k_desc or '(dense: no routed block)'}",
-        f"shapes       " + ", ".join(f"{k} {v}" for k, v in s["shapes"].items()) + f"  (cfg {s['cfg']})",
+        "shapes       " + ", ".join(f"{k} {v}" for k, v in s["shapes"].items()) + f"  (cfg {s['cfg']})",
         f"onnx         {s['onnx']}  {_mb(s['onnx_bytes'])}"
         + (f" + external data {_mb(s['external_data_bytes'])}" if s["external_data"] else "")
         + f"  opset {s['opset']}, {s['dtype']}, {s['num_nodes']} nodes",

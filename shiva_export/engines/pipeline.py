@@ -11,7 +11,6 @@ after it, so an interrupted build never leaves a manifest describing a missing o
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Any
 
 from shiva_export._version import __version__
 from shiva_export.engines.builder import Backend, build_engine, deserialize_check, resolve_backend
-from shiva_export.engines.manifest import EngineManifest, cache_key, manifest_path_for, read_manifest, write_manifest
-from shiva_export.engines.preflight import preflight
+from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.export.pipeline import budget_label, export_pruned
 from shiva_export.logging import get_logger
@@ -294,7 +292,8 @@ def build_engines(
             onnx_sha256=ex.export.onnx_sha256,
             model_name=rec.name,
             model_config_hash=ex.export.metadata["shiva.model_config_sha256"],
-            input_shapes={k: [int(x) for x in v] for k, v in ex.spec.shapes(_Cfg(ex)).items()},
+            # static shapes, or the profile's opt batch in place of the symbolic batch axis
+            input_shapes={k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v] for k, v in ex.export.input_shapes.items()},
             dtype=dtype,
             recipe_sha256=exd["recipe_sha256"],
             router_sha256=ex.router.get("tensor_sha256"),
@@ -317,16 +316,6 @@ def build_engines(
     return results
 
 
-class _Cfg:
-    """Adapter so InputSpec.shapes() can read the model dims recorded in the export."""
-
-    def __init__(self, ex):
-        shapes = ex.export.input_shapes
-        self.in_channels = shapes["hidden_states"][1]
-        self.joint_attention_dim = shapes["encoder_hidden_states"][2]
-        self.pooled_projection_dim = shapes["pooled_projections"][1]
-
-
 def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tuple[list[int], list[int], list[int]]]:
     per_prompt = 2 if spec.cfg else 1
     lo, opt, hi = batch_range or (1, spec.batch, max(4 * spec.batch, 2))
@@ -341,23 +330,18 @@ def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tupl
 
 def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
     """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
-    import json
-
     import onnx as onnx_mod
+
+    from shiva_export.export.onnx import read_shiva_metadata
 
     if not onnx_path.is_file():
         raise ConfigError(f"--onnx {onnx_path} does not exist. Pass a file written by `shiva-export onnx`.")
     m = onnx_mod.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in m.metadata_props}
+    meta = read_shiva_metadata(onnx_path)
 
     def get(k, default=None):
-        v = meta.get("shiva." + k)
-        if v is None:
-            return default
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return v
+        v = meta.get(k)
+        return default if v is None else v
 
     ratio = float(get("ratio", 0.0))
     dtype = get("dtype", "fp32")

@@ -39,7 +39,16 @@ from shiva_export.logging import get_logger
 from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME, InputSpec, make_inputs
 from shiva_export.utils.io import check_writable, commit_files, sha256_file
 
-__all__ = ["export_onnx", "ExportResult", "onnx_summary", "kept_index_tensors", "package_versions", "SUMMARY_OPS", "META_PREFIX"]
+__all__ = [
+    "export_onnx",
+    "ExportResult",
+    "onnx_summary",
+    "kept_index_tensors",
+    "read_shiva_metadata",
+    "package_versions",
+    "SUMMARY_OPS",
+    "META_PREFIX",
+]
 
 logger = get_logger(__name__)
 
@@ -158,6 +167,22 @@ def onnx_summary(model) -> tuple[dict[str, int], int]:
     return dict(sorted(counts.items())), sum(counts.values())
 
 
+def read_shiva_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``shiva.*`` metadata :func:`export_onnx` wrote, prefix stripped and values JSON-decoded
+    (plain strings stay strings). Reads the graph only, never the external weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for p in model.metadata_props:
+        if p.key.startswith(META_PREFIX):
+            try:
+                out[p.key[len(META_PREFIX):]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[p.key[len(META_PREFIX):]] = p.value
+    return out
+
+
 _PASS_THROUGH = {"Expand", "Unsqueeze", "Cast", "Reshape", "Identity", "Squeeze"}
 
 
@@ -204,7 +229,7 @@ def _add_index_outputs(model, index_tensors: dict[int, str], spec: InputSpec, dy
     return out
 
 
-def _check_contract(model, opset: int) -> None:
+def _check_contract(model) -> None:
     """The static-shape contract: TopK present with sorted=1, no data-dependent-shape ops."""
     bad = [n for n in model.graph.node if n.op_type in _FORBIDDEN_OPS]
     if bad:
@@ -304,7 +329,7 @@ def export_onnx(
         model = onnx.load(str(tmp_onnx), load_external_data=False)
         index_tensors = {}
         if routed_blocks:
-            _check_contract(model, opset)
+            _check_contract(model)
             index_tensors = kept_index_tensors(model, routed_blocks)
             if debug_outputs:
                 index_tensors = _add_index_outputs(model, index_tensors, spec, dynamic_batch)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from shiva_export.errors import ConfigError, RouterError
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME, InputSpec, load_tr
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
+from shiva_export.export.onnx import read_shiva_metadata
 from shiva_export.validate.parity import _read_index_tensors, _row_overlap, _with_index_outputs, compare_arrays, ort_session
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
@@ -231,20 +231,6 @@ class ParitySuiteReport:
         return "\n".join(lines)
 
 
-def _onnx_meta(path: Path) -> dict[str, Any]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    out = {}
-    for p in m.metadata_props:
-        if p.key.startswith("shiva."):
-            try:
-                out[p.key[6:]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[6:]] = p.value
-    return out
-
-
 def _ort_cuda_usable() -> bool:
     try:
         ort = require("onnxruntime")
@@ -310,14 +296,14 @@ def validate_parity(
     try:
         jobs: list[tuple[float, Path, dict]] = []
         if onnx is not None:
-            meta = _onnx_meta(Path(onnx))
+            meta = read_shiva_metadata(Path(onnx))
             jobs.append((float(meta.get("ratio", 0.0)), Path(onnx), meta))
         else:
             for r in ratios or rec.prune.ratios:
                 say(f"ratio {r:g}: export onnx")
                 ex = export_pruned(recipe=rec, weights=weights, router=router, ratio=r, dtype=dtype, height=height, width=width,
                                    batch=batch, cfg=cfg, out=tmp / budget_label(r) / "model.onnx", validate=False)
-                jobs.append((r, ex.export.onnx_path, _onnx_meta(ex.export.onnx_path)))
+                jobs.append((r, ex.export.onnx_path, read_shiva_metadata(ex.export.onnx_path)))
 
         base = load_transformer(recipe=rec, weights=weights, dtype="fp32")
         n_layers = len(base.transformer_blocks)
@@ -340,7 +326,7 @@ def validate_parity(
                 x = make_inputs(base.config, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
                 feeds.append({k: v.numpy() for k, v in x.items()})
             index_tensors = _read_index_tensors(path)
-            run_path = _with_index_outputs(path, index_tensors, path.parent) if index_tensors else path
+            run_path = _with_index_outputs(path, index_tensors) if index_tensors else path
             np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
             shapes = {k: tuple(v) for k, v in spec.shapes(base.config).items()}
             runners = [TorchRunner(ref, shapes)]

@@ -10,9 +10,7 @@ never modified.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import torch
 from torch import nn
 
 from shiva_export._imports import lazy_import
-from shiva_export.errors import HardwareError, MissingDependencyError
+from shiva_export.errors import HardwareError
 from shiva_export.logging import get_logger
 from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME
 from shiva_export.prune.api import is_shiva_applied, record_selection
@@ -163,8 +161,14 @@ class ParityReport:
         return d
 
 
-def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimizations: bool = False):
-    """An ONNX Runtime session on ``provider``; refuses a silent fallback to another provider."""
+def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimizations: bool = False, threads: int | None = None):
+    """An ONNX Runtime session on ``provider``; refuses a silent fallback to another provider.
+
+    Args:
+        threads (int): Pin ``intra_op_num_threads`` and run sequentially with one inter-op thread and no
+            intra-op spinning (idle ORT threads would otherwise steal cores from interleaved timings).
+            Defaults to None (ORT's own threading).
+    """
     if provider not in _PROVIDERS:
         raise ValueError(f"provider {provider!r} unknown; choose one of {list(_PROVIDERS)}")
     want = _PROVIDERS[provider]
@@ -177,13 +181,18 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimiza
     so.log_severity_level = 3
     if disable_optimizations:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), sess_options=so, providers=[want])
     if sess.get_providers()[0] != want:
         raise HardwareError(f"ONNX Runtime fell back from {want} to {sess.get_providers()[0]}; refusing a silent fallback.")
     return sess
 
 
-def _with_index_outputs(onnx_path: Path, index_tensors: dict[int, str], workdir: Path) -> Path:
+def _with_index_outputs(onnx_path: Path, index_tensors: dict[int, str]) -> Path:
     """A copy of the graph (same folder, so external data resolves) with kept-index tensors as outputs."""
     import onnx
 
@@ -198,12 +207,9 @@ def _with_index_outputs(onnx_path: Path, index_tensors: dict[int, str], workdir:
 
 
 def _read_index_tensors(onnx_path: Path) -> dict[int, str]:
-    import onnx
+    from shiva_export.export.onnx import read_shiva_metadata
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    raw = json.loads(meta.get("shiva.kept_index_tensors", "{}"))
-    return {int(k): v for k, v in raw.items()}
+    return {int(k): v for k, v in read_shiva_metadata(onnx_path).get("kept_index_tensors", {}).items()}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -257,7 +263,7 @@ def check_parity(
         report.reason = "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
         return report
     index_tensors = _read_index_tensors(onnx_path)
-    run_path = _with_index_outputs(onnx_path, index_tensors, onnx_path.parent) if index_tensors else onnx_path
+    run_path = _with_index_outputs(onnx_path, index_tensors) if index_tensors else onnx_path
     try:
         sess = ort_session(run_path, provider)
         out_names = [o.name for o in sess.get_outputs()]

@@ -47,6 +47,7 @@ from torch import nn
 
 from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
+from shiva_export.validate.parity import ort_session
 from shiva_export.logging import get_logger
 from shiva_export.models.sd3 import INPUT_NAMES, InputSpec, check_image_size, load_transformer, make_inputs, num_image_tokens
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
@@ -182,7 +183,7 @@ class SpeedReport:
             f"(inter-op {th.get('ort_inter_op', '—')}, sequential, spinning off); {self.machine['logical_cpus']} logical CPUs",
             f"- CPU: {self.machine['cpu_model']} (family {self.machine.get('cpu_family')}, model {self.machine.get('cpu_model_number')}, "
             f"{', '.join(self.machine.get('cpu_simd') or []) or 'SIMD flags unknown'}); 1-min load average {self.machine['loadavg_start']} before the run, {self.machine['loadavg_end']} at the end (includes this benchmark)",
-            f"- versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()),
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()),
             f"- {self.warmup} warm-up rounds, {self.repeats} timed rounds, interleaved round-robin; speedup = median of per-round paired ratios",
             "",
         ]
@@ -267,21 +268,6 @@ def _machine(load_start: float | None) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-
-
-def _ort_session(path: Path, threads: int):
-    if "CPUExecutionProvider" not in ort.get_available_providers():
-        raise HardwareError(
-            f"ONNX Runtime provider CPUExecutionProvider is not available: {ort.get_available_providers()}. "
-            "It ships with every onnxruntime build. Reinstall onnxruntime."
-        )
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -459,9 +445,9 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
                 raise ShivaInternalError("the exported router differs from the benchmark's torch router")
         say("onnxruntime sessions")
         t0 = time.perf_counter()
-        sessions["dense"] = _ort_session(tmp / "dense.onnx", threads)
+        sessions["dense"] = ort_session(tmp / "dense.onnx", threads=threads)
         for r in ratios:
-            sessions[f"ratio{r:.2f}"] = _ort_session(tmp / f"ratio{r:.2f}.onnx", threads)
+            sessions[f"ratio{r:.2f}"] = ort_session(tmp / f"ratio{r:.2f}.onnx", threads=threads)
         timings["ort_session_seconds"] = round(time.perf_counter() - t0, 3)
         feeds = {n: inputs[n].numpy() for n in INPUT_NAMES}
         for name, sess in sessions.items():
@@ -526,7 +512,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
                 mod = _SelectionPath(bank, budgets[r], spec.cfg, configs[r].selection).cpu().eval()
                 with torch.no_grad(), _quiet_exporter():
                     torch.onnx.export(mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET)
-                sess = _ort_session(path, threads)
+                sess = ort_session(path, threads=threads)
                 names = [i.name for i in sess.get_inputs()]
                 arrays = [x.numpy() for x in cpu_inputs[r]] + [temb_c.numpy(), pooled_c.numpy()]
                 if len(names) != len(arrays):
