@@ -101,13 +101,15 @@ class RouterSection(BaseModel):
 
 
 class Phase(BaseModel):
-    """One static schedule of a learned keep-ratio table: the sampler steps in ``[t_start, t_stop)`` use
-    ``keep_ratios`` (one per routed block, in block order). Each phase is an engine you can build."""
+    """One static schedule of a learned keep-ratio table: every denoising step whose timestep ``t`` satisfies
+    ``t_stop < t <= t_start`` (the last phase, ``t_stop = 0``, also owns ``t = 0``) uses ``keep_ratios``
+    (one per routed block, in block order). Each phase is one static graph / engine. Boundaries are
+    midpoints between the training sampler's timesteps (``train.loop.phase_bounds``)."""
 
     model_config = _STRICT
     name: str = Field(description="phase name, e.g. 'early'")
-    t_start: Annotated[float, Field(ge=0)] = Field(description="first timestep of the phase (inclusive)")
-    t_stop: Annotated[float, Field(ge=0)] = Field(description="end timestep of the phase (exclusive)")
+    t_start: Annotated[float, Field(ge=0)] = Field(description="upper timestep bound of the phase (inclusive)")
+    t_stop: Annotated[float, Field(ge=0)] = Field(description="lower timestep bound of the phase (exclusive; 0 = to the end)")
     keep_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(description="keep ratio per routed block, in block order")
     k: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="the exact k per routed block at [shapes], for reference")
 
@@ -131,6 +133,26 @@ class ShapesSection(BaseModel):
     cfg: bool = Field(True, description="batch holds uncond and cond halves that share kept indices")
 
 
+class PipelineSection(BaseModel):
+    """The full text-to-image pipeline around the transformer (``shiva-export generate``).
+
+    Hub models load the diffusers pipeline ``repo_id`` (default: ``model.repo_id``). Embedded models build
+    a tiny pipeline offline (seeded CLIP x2 + T5 encoders with locally written tokenizers, a 16-channel
+    ``AutoencoderKL``, the flow-matching scheduler) and save it once with ``save_pretrained``.
+    """
+
+    model_config = _STRICT
+    repo_id: str | None = Field(None, description="diffusers pipeline repo id; defaults to model.repo_id")
+    clip_max_length: Annotated[int, Field(ge=2, le=512)] = Field(
+        77, description="CLIP tokenizer model_max_length; the T5 part of the text is shapes.text_len - clip_max_length"
+    )
+    t5: bool = Field(True, description="embedded pipelines: include a T5 encoder (text_encoder_3)")
+    scheduler_shift: Annotated[float, Field(gt=0, le=100)] = Field(3.0, description="FlowMatchEulerDiscreteScheduler shift (SD3/SD3.5: 3.0)")
+    seed: int = Field(0, description="embedded pipelines: seed of the text encoders' and VAE's random weights")
+    steps: Annotated[int, Field(ge=1, le=1000)] = Field(28, description="default denoising steps of `generate`")
+    guidance: Annotated[float, Field(ge=0, le=100)] = Field(4.5, description="default classifier-free guidance scale of `generate`")
+
+
 class ExportSection(BaseModel):
     model_config = _STRICT
     opset: Annotated[int, Field(ge=17, le=22)] = Field(
@@ -151,6 +173,7 @@ class Recipe(BaseModel):
     router: RouterSection = Field(default_factory=RouterSection)
     shapes: ShapesSection = Field(default_factory=ShapesSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
     tolerances: dict[Literal["fp32", "fp16", "bf16"], Tolerance]
     schedule: ScheduleSection | None = None
 
@@ -215,6 +238,19 @@ class Recipe(BaseModel):
         for b, r in zip(routed, ph.keep_ratios):
             out[b] = r
         return out
+
+    def max_sequence_length(self, text_len: int | None = None) -> int:
+        """T5 tokens the pipeline must encode so that CLIP + T5 tokens equal ``text_len`` (default: the recipe's)."""
+        n = (self.shapes.text_len if text_len is None else text_len) - self.pipeline.clip_max_length
+        if n < 1:
+            raise RecipeError(
+                f"{self._where()}: text_len {self.shapes.text_len if text_len is None else text_len} leaves {n} T5 tokens after "
+                f"pipeline.clip_max_length = {self.pipeline.clip_max_length}; text_len must exceed clip_max_length."
+            )
+        return n
+
+    def pipeline_repo_id(self) -> str | None:
+        return self.pipeline.repo_id or self.model.repo_id
 
     def tolerance(self, dtype: str) -> Tolerance:
         if dtype not in self.tolerances:

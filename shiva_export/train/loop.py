@@ -60,6 +60,7 @@ __all__ = [
     "train",
     "evaluate_router",
     "sampler_timesteps",
+    "phase_bounds",
     "phase_names",
     "dumps_toml",
     "STAGES",
@@ -260,18 +261,35 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------- helpers
 def sampler_timesteps(steps: int = 28, shift: float = 3.0) -> list[float]:
-    """Timesteps of a flow-matching Euler sampler (diffusers ``FlowMatchEulerDiscreteScheduler``).
+    """Timesteps of the flow-matching Euler sampler, in sampling order (descending).
 
-    ``sigma = linspace(1, 1/1000, steps)``, shifted ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``,
-    ``t = 1000 * sigma'`` in sampling order (descending).
+    They are diffusers' own: ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps)``, the
+    schedule ``StableDiffusion3Pipeline`` runs (float32, as the pipeline feeds them to the transformer). So
+    a learned schedule is evaluated, and its phases are cut, on exactly the timesteps deployment uses.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"sampler steps is {steps!r}; expected an int >= 1.")
     if not (isinstance(shift, (int, float)) and shift > 0):
         raise ConfigError(f"sampler shift is {shift!r}; expected a float > 0 (SD3: 3.0).")
-    s = torch.linspace(1.0, 1.0 / 1000.0, steps, dtype=torch.float64)
-    s = shift * s / (1.0 + (shift - 1.0) * s)
-    return [float(v) for v in (s * 1000.0)]
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+    sched.set_timesteps(steps)
+    return [float(v) for v in sched.timesteps]
+
+
+def phase_bounds(timesteps: Sequence[float], start: int, stop: int) -> tuple[float, float]:
+    """``(t_start, t_stop)`` of the phase that owns sampler steps ``start .. stop - 1``.
+
+    A phase owns every timestep ``t`` with ``t_stop < t <= t_start`` (the last phase also owns 0). Inner
+    boundaries are the **midpoint** between the last timestep of one phase and the first of the next, so a
+    sampler whose timesteps differ slightly from the training sampler's (another step count, float32
+    rounding) still files each step where the schedule was learned. The first phase starts at 1000 and
+    the last ends at 0, so every timestep of every step count has an owner.
+    """
+    t_start = 1000.0 if start == 0 else 0.5 * (float(timesteps[start - 1]) + float(timesteps[start]))
+    t_stop = 0.0 if stop >= len(timesteps) else 0.5 * (float(timesteps[stop - 1]) + float(timesteps[stop]))
+    return t_start, t_stop
 
 
 def phase_names(n: int) -> list[str]:
@@ -726,8 +744,8 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
         phase_rows.append(
             {
                 "name": name,
-                "t_start": float(timesteps[ph.start]),
-                "t_stop": float(timesteps[ph.stop]) if ph.stop < len(timesteps) else 0.0,
+                "t_start": phase_bounds(timesteps, ph.start, ph.stop)[0],
+                "t_stop": phase_bounds(timesteps, ph.start, ph.stop)[1],
                 "keep_ratios": [float(per_block[b]) for b in routed],
                 "k": [int(k) for k in ph.k],
             }
