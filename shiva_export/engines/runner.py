@@ -59,9 +59,14 @@ class EngineRunner:
     def __exit__(self, *exc) -> None:
         self.deactivate()
 
+    def verify(self) -> None:
+        """Checks the plan's sha256 and backend against the manifest; needs no GPU (run before looking for one)."""
+        verify_engine(self.plan_path, self.manifest, None, None, backend=self._backend_name)
+
     def activate(self) -> None:
         import torch
 
+        self.verify()
         if not torch.cuda.is_available():
             raise HardwareError(
                 f"Running engine {self.plan_path} needs a CUDA GPU, and torch sees none. "

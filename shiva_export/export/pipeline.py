@@ -250,12 +250,17 @@ def export_pruned(
         out_path = (
             Path("engines") / rec.name / f"phase-{phase}" / dtype / "model.onnx" if phase is not None else default_onnx_path(rec.name, ratio_used, dtype)
         )
+    if phase is not None:
+        ph_row = rec.schedule.phases[[p.name for p in rec.schedule.phases].index(phase)] if not str(phase).isdigit() else rec.schedule.phases[int(phase)]
+        t_range = {"phase": ph_row.name, "t_start": float(ph_row.t_start), "t_stop": float(ph_row.t_stop)}
+    else:
+        t_range = {"phase": None, "t_start": 1000.0, "t_stop": 0.0}
     meta = {
         "model": rec.name,
         "recipe_sha256": recipe_hash(rec),
         "model_config_sha256": model_config_hash(transformer),
         "ratio": ratio_used,
-        "phase": phase,
+        **t_range,
         "dense": dense,
         "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
         "k_per_block": {str(b): k for b, k in budgets.items()},

@@ -27,7 +27,19 @@ from shiva_export.logging import get_logger
 from shiva_export.prune.router import RouterBank, RouterConfig
 from shiva_export.prune.topk import SELECTIONS, gather_tokens, scatter_tokens, select_topk, static_k
 
-__all__ = ["ShivaConfig", "apply_shiva_", "remove_shiva_", "is_shiva_applied", "record_selection", "block_budgets", "set_route_override"]
+__all__ = [
+    "ShivaConfig",
+    "apply_shiva_",
+    "remove_shiva_",
+    "is_shiva_applied",
+    "record_selection",
+    "block_budgets",
+    "set_route_override",
+    "set_shiva_config_",
+    "set_shiva_phases_",
+    "shiva_config",
+    "phase_trace",
+]
 
 logger = get_logger(__name__)
 
@@ -123,6 +135,9 @@ class _ShivaState:
     recorder: list | None = field(default=None)
     record_hidden: bool = False
     route_override: Any = None  # training: callable replacing _route_block's selection (see set_route_override)
+    phases: tuple | None = None  # runtime: ((TimestepPhase, ShivaConfig), ...) dispatched on the call's timestep
+    auto_cfg: bool = False  # runtime: decide per call whether the batch is a CFG pair (see set_shiva_phases_)
+    trace: list = field(default_factory=list)  # runtime: phase name of every call since set_shiva_phases_
 
 
 def is_shiva_applied(transformer: nn.Module) -> bool:
@@ -217,6 +232,97 @@ class record_selection:
         self._state.record_hidden = False
 
 
+def _state(transformer: nn.Module, what: str) -> _ShivaState:
+    if not is_shiva_applied(transformer):
+        raise ConfigError(f"{what} needs a transformer with Shiva applied (apply_shiva_).")
+    return getattr(transformer, _STATE_ATTR)
+
+
+def _check_same_routing(old: ShivaConfig, new: ShivaConfig) -> None:
+    if len(new.keep_ratios) != len(old.keep_ratios) or new.routed_blocks != old.routed_blocks:
+        raise ConfigError(
+            f"the new keep schedule routes blocks {list(new.routed_blocks)}, the router bank serves {list(old.routed_blocks)}; "
+            "a schedule can change keep ratios, not which blocks are routed. Re-apply Shiva for another block set."
+        )
+    if (new.bottleneck, new.group_size) != (old.bottleneck, old.group_size):
+        raise ConfigError("the new config changes the router shape (bottleneck/group_size); re-apply Shiva instead.")
+
+
+def shiva_config(transformer: nn.Module) -> ShivaConfig:
+    """The keep schedule a Shiva-applied transformer runs when no phase schedule is set."""
+    return _state(transformer, "shiva_config").config
+
+
+def set_shiva_config_(transformer: nn.Module, config: ShivaConfig) -> None:
+    """Switches the keep schedule of a Shiva-applied transformer in place (same routed blocks and router
+    bank, other keep ratios or CFG flag). Clears a phase schedule set by :func:`set_shiva_phases_`."""
+    state = _state(transformer, "set_shiva_config_")
+    _check_same_routing(state.config, config)
+    state.config = config
+    state.phases = None
+    state.auto_cfg = False
+
+
+def set_shiva_phases_(transformer: nn.Module, phases, *, auto_cfg: bool = True) -> None:
+    """Makes a Shiva-applied transformer pick its keep schedule per call from the call's timestep.
+
+    Args:
+        transformer (nn.Module): Transformer with Shiva applied.
+        phases (Sequence[TimestepPhase]): Phases in sampling order (``shiva_export.prune.schedule``); each
+            call runs the phase that owns ``timestep`` (every entry of the batch must be equal).
+        auto_cfg (bool): Decide per call whether the batch is a classifier-free-guidance pair: it is when
+            no ``skip_layers`` is given, the batch is even and both halves share the latent and timestep
+            (the pipeline's ``torch.cat([latents] * 2)``). Only then do both halves keep the same tokens, so a
+            ``guidance_scale <= 1`` call or a skip-layer-guidance call routes each row by its own scores.
+            Defaults to True.
+
+    Every call appends the phase name to :func:`phase_trace`. ``set_shiva_config_`` removes the schedule.
+    """
+    from shiva_export.prune.schedule import check_phases
+
+    state = _state(transformer, "set_shiva_phases_")
+    phases = check_phases(phases)
+    table = []
+    for ph in phases:
+        cfg = state.config.with_keep_ratios(ph.keep_ratios)
+        _check_same_routing(state.config, cfg)
+        table.append((ph, cfg))
+    state.phases = tuple(table)
+    state.auto_cfg = bool(auto_cfg)
+    state.trace = []
+
+
+def phase_trace(transformer: nn.Module, clear: bool = False) -> list[str]:
+    """Phase names of the calls since :func:`set_shiva_phases_` (``clear`` empties the record)."""
+    state = _state(transformer, "phase_trace")
+    out = list(state.trace)
+    if clear:
+        state.trace.clear()
+    return out
+
+
+def _call_config(state: _ShivaState, hidden_states: torch.Tensor, timestep, skip_layers) -> ShivaConfig:
+    """The keep schedule of this call: the phase owning its timestep, and CFG as this call needs it."""
+    if state.phases is None:
+        return state.config
+    from shiva_export.prune.schedule import phase_index
+
+    if timestep is None:
+        raise ConfigError("a phase schedule needs the call's timestep; pass timestep=.")
+    ts = torch.as_tensor(timestep).reshape(-1)
+    if ts.numel() > 1 and not bool((ts == ts[0]).all()):
+        raise ConfigError(f"a phase schedule needs one timestep per call; got {ts.tolist()}. Call the transformer once per denoising step.")
+    i = phase_index([ph for ph, _ in state.phases], float(ts[0]))
+    phase, config = state.phases[i]
+    state.trace.append(phase.name)
+    if state.auto_cfg:
+        b = int(hidden_states.shape[0])
+        pair = skip_layers is None and b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+        if config.cfg != pair:
+            config = replace(config, cfg=pair)
+    return config
+
+
 def set_route_override(transformer: nn.Module, fn) -> None:
     """Installs (or with ``None`` removes) a callable that replaces the hard routing of every routed block.
 
@@ -229,17 +335,17 @@ def set_route_override(transformer: nn.Module, fn) -> None:
     getattr(transformer, _STATE_ATTR).route_override = fn
 
 
-def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs):
+def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, config: ShivaConfig):
     state: _ShivaState = getattr(self, _STATE_ATTR)
     if state.route_override is not None:
         return state.route_override(
             index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, getattr(self, _ROUTERS_ATTR)
         )
-    keep = state.config.keep_ratios[index_block]
+    keep = config.keep_ratios[index_block]
     n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
     k = static_k(n, keep)
     scores = getattr(self, _ROUTERS_ATTR)(index_block, hidden_states, temb, pooled)
-    idx = select_topk(scores, k, cfg=state.config.cfg, selection=state.config.selection)
+    idx = select_topk(scores, k, cfg=config.cfg, selection=config.selection)
     kept = gather_tokens(hidden_states, idx)
     encoder_hidden_states, kept_out = block(
         hidden_states=kept,
@@ -273,6 +379,7 @@ def _shiva_forward(
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     state: _ShivaState = getattr(self, _STATE_ATTR)
+    config = _call_config(state, hidden_states, timestep, skip_layers)
     height, width = hidden_states.shape[-2:]
 
     hidden_states = self.pos_embed(hidden_states)
@@ -287,13 +394,13 @@ def _shiva_forward(
 
     for index_block, block in enumerate(self.transformer_blocks):
         is_skip = True if skip_layers is not None and index_block in skip_layers else False
-        routed = state.config.keep_ratios[index_block] is not None
+        routed = config.keep_ratios[index_block] is not None
 
         if is_skip:
             pass
         elif routed:
             encoder_hidden_states, hidden_states = _route_block(
-                self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled_projections, joint_attention_kwargs
+                self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled_projections, joint_attention_kwargs, config
             )
         elif torch.is_grad_enabled() and self.gradient_checkpointing:
             encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(

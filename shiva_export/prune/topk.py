@@ -68,6 +68,13 @@ def select_topk(scores: torch.Tensor, k: int, cfg: bool = False, selection: str 
         torch.Tensor: ``[B, k]`` int64 indices, ascending within each row.
     """
     if cfg:
+        if not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() and isinstance(scores.shape[0], int) and scores.shape[0] % 2:
+            from shiva_export.errors import ShapeError
+
+            raise ShapeError(
+                f"a CFG-routed call got a batch of {scores.shape[0]} rows, which is not [uncond; cond] pairs; "
+                "this call is not classifier-free guidance (guidance_scale <= 1 or skip-layer guidance): use cfg=False for it."
+            )
         # Slicing (not reshape(2, -1, N)) keeps a dynamic batch symbolic under torch.export.
         half = scores.shape[0] // 2
         scores = torch.maximum(scores[:half], scores[half:])
