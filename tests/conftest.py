@@ -8,6 +8,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+if "SHIVA_CACHE_DIR" not in os.environ:  # embedded pipelines are built into a per-session folder, not ~/.cache
+    import tempfile
+
+    os.environ["SHIVA_CACHE_DIR"] = tempfile.mkdtemp(prefix="shiva-test-cache-")
 
 
 def _has(mod: str) -> bool:

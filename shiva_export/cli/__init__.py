@@ -55,6 +55,7 @@ def _root(
 
 def _register() -> None:
     from shiva_export.cli import engines as _engines
+    from shiva_export.cli import generate as _generate
     from shiva_export.cli import onnx as _onnx
     from shiva_export.cli import recipe as _recipe
     from shiva_export.cli import train as _train
@@ -64,6 +65,7 @@ def _register() -> None:
     app.command(name="trt", help=_engines.TRT_HELP, epilog=_engines.TRT_EPILOG)(_engines.trt_command)
     app.command(name="inspect", help=_engines.INSPECT_HELP)(_engines.inspect_command)
     app.command(name="run", help=_engines.RUN_HELP)(_engines.run_command)
+    app.command(name="generate", help=_generate.HELP, epilog=_generate.EPILOG)(_generate.generate_command)
     app.command(name="train", help=_train.HELP, epilog=_train.EPILOG)(_train.train_command)
     app.add_typer(_validate.validate_app, name="validate")
     app.add_typer(_recipe.recipe_app, name="recipe")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("SHIVA_DEBUG", "0") not in ("", "0", "false") or "--debug" in args
     args = [a for a in args if a != "--debug"]
+    if not debug:
+        _quiet_libraries()
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="shiva-export", standalone_mode=False)
@@ -103,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             e.show()
             return int(e.exit_code)
         raise
+
+
+def _quiet_libraries() -> None:
+    """Library warnings (diffusers, transformers, accelerate, hub) reach the terminal only with --debug."""
+    import warnings
+
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|accelerate|huggingface_hub)\b.*")
 
 
 def _entry() -> None:

@@ -71,6 +71,11 @@ SPEED_EPILOG = """Examples:
 
   shiva-export validate speed --model sd35-shape --device cuda --backend torch --cfg
 
+  shiva-export validate speed --e2e --model sd35-tiny --backend ort --ratio 0.4 --phases --steps 20 --out-dir bench/e2e
+
+--e2e times whole diffusers pipelines (text encoders, denoising loop, VAE) per stage, dense vs pruned on the
+same backend, with the end-to-end ideal that counts every non-transformer stage as unchanged.
+
 Prints measured speedup next to the ideal FLOP speedup and efficiency = measured / ideal. Timings are
 reported, never asserted; variants run interleaved (round-robin) and speedups are medians of paired ratios.
 """
@@ -89,11 +94,30 @@ def speed_command(
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up runs per variant.")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved rounds.")] = 15,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write speed.json, speed.md and speed.png here.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write speed.json, speed.md and speed.png here (e2e.* with --e2e).")] = None,
+    e2e: Annotated[bool, typer.Option("--e2e", help="End to end: whole diffusers pipelines per stage (text encode, denoise loop, VAE), dense vs pruned.")] = False,
+    steps: Annotated[int | None, typer.Option("--steps", help="--e2e: denoising steps (default: the recipe's).")] = None,
+    phases: Annotated[bool, typer.Option("--phases", help="--e2e: also time the recipe's learned phase schedule.")] = False,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="--e2e: CFG scale (default: the recipe's).")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="--e2e: the prompt of every run.")] = "a red cube on a blue floor",
+    dtype: Annotated[str, typer.Option("--dtype", help="--e2e: fp32 | fp16 | bf16 (torch backbone dtype, or the graph dtype for ort).")] = "fp32",
+    compile_: Annotated[bool, typer.Option("--compile", help="--e2e, torch backend: torch.compile (CUDA graphs on cuda).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
     from shiva_export.validate.speed import benchmark_speed
+
+    if e2e:
+        from shiva_export.runtime.benchmark import benchmark_e2e
+
+        with stages(enabled=not (quiet or json_out)) as advance:
+            rep = benchmark_e2e(
+                model=model, backends=backend or ("ort",), ratios=ratio if ratio is not None else (0.4,), phases=phases, steps=steps,
+                guidance=guidance, prompt=prompt, warmup=warmup if warmup != 3 else 1, repeats=repeats if repeats != 15 else 5, threads=threads,
+                device=device, dtype=dtype, compile=compile_, out_dir=out_dir, progress=advance,
+            )
+        result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
+        return ExitCode.OK
 
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = benchmark_speed(

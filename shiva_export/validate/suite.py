@@ -33,10 +33,10 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 class SuiteCase(BaseModel):
     model_config = _STRICT
-    kind: Literal["parity", "speed"]
+    kind: Literal["parity", "speed", "e2e"]
     model: str
     ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(description="fractions of image tokens pruned")
-    backends: list[str] = Field(default_factory=list, description="parity: ort-cpu|ort-cuda|engine; speed: torch|ort")
+    backends: list[str] = Field(default_factory=list, description="parity: ort-cpu|ort-cuda|engine; speed: torch|ort; e2e: torch|ort|trt")
     height: int | None = None
     width: int | None = None
     batch: int | None = None
@@ -45,7 +45,14 @@ class SuiteCase(BaseModel):
     cases: Annotated[int, Field(ge=1, le=8)] = 3
     warmup: Annotated[int, Field(ge=0)] = 2
     repeats: Annotated[int, Field(ge=1)] = 10
-    threads: int | None = None
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # e2e (whole pipelines): steps, learned phases, guidance, device, torch.compile
+    steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=list, description="e2e: step counts, one run each (default: the recipe's)")
+    phases: bool = False
+    guidance: Annotated[float, Field(ge=0, le=100)] | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    compile: bool = False
+    requires: Literal["none", "cuda", "tensorrt"] = Field("none", description="skip the case (reported) unless this is available")
 
 
 class Suite(BaseModel):
@@ -83,6 +90,18 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
         raise RecipeError(f"{p}: {loc} is invalid: {e['msg']}. Fix the suite file.") from None
 
 
+def _missing_requirement(req: str) -> str | None:
+    if req == "cuda":
+        import torch
+
+        return None if torch.cuda.is_available() else "needs a CUDA GPU"
+    if req == "tensorrt":
+        import importlib.util
+
+        return None if importlib.util.find_spec("tensorrt") else "needs the tensorrt module and a supported GPU"
+    return None
+
+
 def run_suite(
     suite: str | os.PathLike | Suite, out_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -101,6 +120,22 @@ def run_suite(
     for i, c in enumerate(s.case):
         tag = f"{i:02d}-{c.kind}-{c.model}"
         say(f"[{i + 1}/{len(s.case)}] {c.kind} {c.model} ratios {c.ratios}")
+        missing = _missing_requirement(c.requires)
+        if missing:
+            results.append({"case": tag, "kind": c.kind, "passed": True, "skipped": True, "summary": f"SKIPPED ({missing})"})
+            continue
+        if c.kind == "e2e":
+            from shiva_export.runtime.benchmark import benchmark_e2e
+
+            for st in c.steps or [None]:
+                sub = f"{tag}-{st}steps" if st else tag
+                rep = benchmark_e2e(model=c.model, backends=c.backends or ["ort"], ratios=c.ratios, phases=c.phases, steps=st, guidance=c.guidance,
+                                    warmup=c.warmup, repeats=c.repeats, threads=c.threads, device=c.device, dtype=c.dtype, compile=c.compile,
+                                    out_dir=out / sub, progress=say)
+                best = max((r for r in rep.rows() if r["budget"] != "dense"), key=lambda r: r["e2e_speedup"], default=None)
+                note = f"; best e2e {best['e2e_speedup']:.2f}x ({best['backend']} {best['budget']})" if best else ""
+                results.append({"case": sub, "kind": "e2e", "passed": True, "summary": f"e2e table in {out / sub / 'e2e.md'}{note}"})
+            continue
         if c.kind == "parity":
             rep = validate_parity(model=c.model, ratios=c.ratios, dtype=c.dtype, backends=c.backends or None, cases=c.cases,
                                   height=c.height, width=c.width, batch=c.batch, cfg=c.cfg, report_md=out / f"{tag}.md")

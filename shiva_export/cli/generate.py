@@ -1,0 +1,144 @@
+"""``shiva-export generate``: text to image through a diffusers pipeline whose transformer is Shiva-pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._output import err_console, result_json, result_text, stages
+
+HELP = (
+    "Generate images with the real diffusers pipeline (text encoders, denoising loop, VAE) whose transformer is "
+    "Shiva-pruned and runs from PyTorch, ONNX Runtime or a TensorRT engine. Learned phase schedules switch graphs "
+    "per step. Writes one PNG per prompt and generate.json (prompt, seed, artifacts and their sha256, per-stage "
+    "timings); --compare-dense adds the dense image of the same seed, a dense | pruned grid and PSNR. "
+    "--ratio is the FRACTION OF IMAGE TOKENS PRUNED per routed block (0.4 keeps 60%)."
+)
+EPILOG = """Examples:
+
+  shiva-export generate --model sd35-tiny --prompt "a red cube" --backend ort --ratio 0.4 --compare-dense --out out/
+
+  shiva-export generate --model sd35-tiny --phases --backend ort --prompts prompts.txt --out out/
+
+  shiva-export generate --model sd35 --weights ./sd3.5-medium --backend torch --ratio 0.4 --steps 28 --prompt "a cat" --out out/
+
+Static graphs (ort, trt) fix batch, size, text length and CFG: a call that does not fit exits 2 with the export
+command that does. Exit codes: 0 ok, 1 error, 2 bad option value, 4 missing dependency/hardware.
+"""
+
+
+def generate_command(
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable): one image each, seeds --seed, --seed+1, ...")] = None,
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Text file with one prompt per line (blank lines and # comments skipped).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs, generate.json and grid.png.")] = Path("out"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Model: offline sd35-tiny / sd3-tiny / sd3-mid, or sd35, sd3, sd35-large (need --weights offline).")] = "sd35-tiny",
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE, transformer).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (router, schedule, shapes) overriding the model's.")] = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1): 0.4 keeps 60%. Default: the recipe's first ratio.")] = None,
+    phases: Annotated[bool, typer.Option("--phases", help="Run the recipe's learned [[schedule.phases]]: one static graph per phase, switched at the recorded timestep boundaries.")] = False,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="torch | ort | trt.")] = "torch",
+    artifact: Annotated[list[Path] | None, typer.Option("--artifact", help="Run this ONNX (ort) or engine folder (trt) instead of exporting; repeat once per phase.")] = None,
+    router: Annotated[Path | None, typer.Option("--router", help="Router safetensors. Default: the recipe's.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for classifier-free guidance.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps. Default: the recipe's (28 for SD3.5).")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale; <= 1 turns CFG off (needs a --no-cfg export). Default: the recipe's.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first image.")] = 0,
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels. Default: the recipe's export shape.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the recipe's export shape.")] = None,
+    compare_dense: Annotated[bool, typer.Option("--compare-dense", help="Also run the dense model (same backend, same seed): grid, PSNR, mean abs difference, speedups.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Graph dtype for ort/trt: fp32 | fp16.")] = "fp32",
+    provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: cpu | cuda (needs onnxruntime-gpu).")] = "cpu",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
+    artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run record as one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    if backend not in ("torch", "ort", "trt"):
+        raise typer.BadParameter(f"{backend!r} is not one of torch, ort, trt.", param_hint="--backend")
+    if dtype not in ("fp32", "fp16"):
+        raise typer.BadParameter(
+            f"{dtype!r} is not one of fp32, fp16 (bf16 graphs cannot run on ONNX Runtime CPU; use --backend torch for bf16 on a GPU).",
+            param_hint="--dtype",
+        )
+    if provider not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{provider!r} is not one of cpu, cuda.", param_hint="--provider")
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        try:
+            raw = prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise typer.BadParameter(f"cannot read {prompts_file} as UTF-8 text ({err.__class__.__name__}).", param_hint="--prompts") from None
+        texts += [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not texts:
+        raise typer.BadParameter("give at least one --prompt TEXT or --prompts FILE.", param_hint="--prompt")
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"{threads} must be >= 1.", param_hint="--threads")
+        import torch
+
+        torch.set_num_threads(threads)
+
+    from shiva_export.runtime.generate import generate
+
+    show = not (quiet or json_out)
+    progress_bar = None
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress_bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def step(label: str, i: int, n: int) -> None:
+        if progress_bar is None:
+            return
+        if label not in tasks:
+            tasks[label] = progress_bar.add_task(label[:60], total=n)
+        progress_bar.update(tasks[label], completed=i)
+
+    with stages(enabled=show) as advance:
+        if progress_bar is not None:
+            progress_bar.start()
+        try:
+            rec = generate(
+                model=model, prompts=texts, out_dir=out, backend=backend, ratio=ratio, phases=phases, recipe=recipe, weights=weights,
+                router=router, artifacts=artifact, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                height=height, width=width, compare_dense=compare_dense, dtype=dtype, provider=provider, threads=threads,
+                artifact_root=artifact_root, progress=advance, step_progress=step if show else None,
+            )
+        finally:
+            if progress_bar is not None:
+                progress_bar.stop()
+    if json_out:
+        result_json(rec)
+    else:
+        result_text(format_record(rec))
+    return ExitCode.OK
+
+
+def format_record(r: dict) -> str:
+    lines = [f"model      {r['model']}  backend {r['backend']}  budget {r['budget']}  steps {r['steps']}  guidance {r['guidance']}  {r['width']}x{r['height']}"]
+    for a in r["pipeline"]["artifacts"]:
+        sha = a.get("engine_sha256") or a.get("onnx_sha256") or ""
+        lines.append(f"artifact   {a.get('phase')}: {a.get('engine') or a.get('onnx')} ({a.get('status')}, sha256 {sha[:12]})")
+    for im in r["images"]:
+        t = im["timings_ms"]
+        line = (
+            f"image      {im['png']}  seed {im['seed']}  total {t['total']:.1f} ms (text {t['text_encode']:.1f}, loop {t['denoise_loop']:.1f}, "
+            f"transformer {t['transformer']['total']:.1f}, vae {t['vae_decode']:.1f})"
+        )
+        if im.get("phase_steps"):
+            line += "  phases " + ", ".join(f"{k} x{v}" for k, v in im["phase_steps"].items())
+        lines.append(line)
+        d = im.get("dense")
+        if d:
+            ps = "identical" if d["identical"] else (f"PSNR {d['psnr_db']:.2f} dB" if d["psnr_db"] is not None else "PSNR inf")
+            lines.append(
+                f"  vs dense {ps}, mean abs {d['mean_abs_diff']:.4f}; speedup transformer {d['transformer_speedup']:.2f}x, end to end {d['e2e_speedup']:.2f}x"
+            )
+    if r.get("grid"):
+        lines.append(f"grid       {r['grid']}")
+    lines.append(f"record     {r['record']}")
+    return "\n".join(lines)

@@ -1,0 +1,405 @@
+"""Text to image with a Shiva pipeline: images, per-stage timings, and the comparison with dense.
+
+:func:`run_pipeline` runs one prompt through a (Shiva or dense) diffusers pipeline and times its stages:
+text encoding (``pipe.encode_prompt``), the denoising loop (transformer calls timed one by one, the rest
+is loop overhead: scheduler, CFG arithmetic, copies), VAE decode and post-processing. On CUDA every
+boundary synchronizes. :func:`generate` is what ``shiva-export generate`` runs: it writes one PNG per
+image, ``generate.json`` (prompt, seed, steps, recipe, router, artifact sha256, per-stage timings) and,
+with ``compare_dense``, the dense image of the same seed, a ``dense | pruned`` grid and PSNR / mean abs
+difference per image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shiva_export.errors import ConfigError
+from shiva_export.logging import get_logger
+
+__all__ = ["StageTimes", "RunResult", "run_pipeline", "generate", "psnr", "check_pipeline_call", "image_grid"]
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class StageTimes:
+    """Milliseconds per stage of one pipeline call."""
+
+    text_encode: float = 0.0
+    denoise_loop: float = 0.0
+    transformer: list[float] = field(default_factory=list)
+    vae_decode: float = 0.0
+    postprocess: float = 0.0
+    total: float = 0.0
+    phase_trace: list[str] = field(default_factory=list)
+
+    @property
+    def transformer_total(self) -> float:
+        return float(sum(self.transformer))
+
+    @property
+    def loop_overhead(self) -> float:
+        return self.denoise_loop - self.transformer_total
+
+    @property
+    def non_transformer(self) -> float:
+        return self.total - self.transformer_total
+
+    def per_phase(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for name, ms in zip(self.phase_trace, self.transformer):
+            d = out.setdefault(name, {"steps": 0, "ms": 0.0})
+            d["steps"] += 1
+            d["ms"] += ms
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        ts = sorted(self.transformer)
+        med = ts[len(ts) // 2] if ts else 0.0
+        return {
+            "text_encode": round(self.text_encode, 3),
+            "denoise_loop": round(self.denoise_loop, 3),
+            "transformer": {"total": round(self.transformer_total, 3), "calls": len(ts), "per_step_median": round(med, 3),
+                            "per_phase": {k: {"steps": v["steps"], "ms": round(v["ms"], 3)} for k, v in self.per_phase().items()}},
+            "loop_overhead": round(self.loop_overhead, 3),
+            "vae_decode": round(self.vae_decode, 3),
+            "postprocess": round(self.postprocess, 3),
+            "total": round(self.total, 3),
+        }
+
+
+@dataclass
+class RunResult:
+    image: Any  # float numpy [H, W, 3] in [0, 1]
+    latents: Any  # torch tensor of the final latents (before VAE)
+    times: StageTimes
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def _instrument(pipe, times: StageTimes, store: dict):
+    """Wraps encode_prompt and vae.decode, and hooks the transformer, for the duration of one call."""
+    dev = pipe._execution_device
+    clock = time.perf_counter
+    orig_encode = pipe.encode_prompt
+    orig_decode = pipe.vae.decode
+    marks: dict[str, float] = {}
+
+    def encode_prompt(*a, **k):
+        _sync(dev)
+        t0 = clock()
+        out = orig_encode(*a, **k)
+        _sync(dev)
+        marks["enc_end"] = clock()
+        times.text_encode += (marks["enc_end"] - t0) * 1e3
+        return out
+
+    def decode(z, *a, **k):
+        store["latents"] = z.detach().clone()
+        _sync(dev)
+        marks["dec_start"] = clock()
+        out = orig_decode(z, *a, **k)
+        _sync(dev)
+        marks["dec_end"] = clock()
+        times.vae_decode += (marks["dec_end"] - marks["dec_start"]) * 1e3
+        return out
+
+    call_start: list[float] = []
+
+    def pre(module, args, kwargs):
+        _sync(dev)
+        call_start.append(clock())
+
+    def post(module, args, kwargs, output):
+        _sync(dev)
+        times.transformer.append((clock() - call_start.pop()) * 1e3)
+
+    h1 = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = pipe.transformer.register_forward_hook(post, with_kwargs=True)
+    pipe.encode_prompt = encode_prompt
+    pipe.vae.decode = decode
+    try:
+        yield marks
+    finally:
+        h1.remove()
+        h2.remove()
+        del pipe.encode_prompt
+        del pipe.vae.decode
+
+
+def _trace_of(pipe) -> list[str]:
+    t = pipe.transformer
+    if hasattr(t, "trace") and isinstance(getattr(t, "trace"), list):
+        out = list(t.trace)
+        t.trace.clear()
+        return out
+    from shiva_export.prune.api import is_shiva_applied, phase_trace
+
+    if is_shiva_applied(t):
+        return phase_trace(t, clear=True)
+    return []
+
+
+def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: float, max_sequence_length: int) -> None:
+    """Shape contract, before the first step: what the pipeline will feed vs what the graphs were built for."""
+    t = pipe.transformer
+    cfg = guidance > 1.0
+    text_len = pipe.tokenizer.model_max_length + max_sequence_length
+    if hasattr(t, "check_call"):
+        t.check_call(batch * (2 if cfg else 1), height, width, text_len, cfg, where="generate")
+
+
+def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps: int = 28, guidance: float = 4.5, seed: int = 0,
+                 height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None) -> RunResult:
+    """One prompt through ``pipe`` with stage timings (see :class:`StageTimes`)."""
+    import torch
+
+    info = getattr(pipe, "shiva", None)
+    h = height or (info.height if info else None)
+    w = width or (info.width if info else None)
+    max_seq = info.max_sequence_length if info else 256
+    check_pipeline_call(pipe, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=max_seq)
+    times = StageTimes()
+    store: dict[str, Any] = {}
+    _trace_of(pipe)  # drop calls made before this run
+
+    def callback(p, i, t, kwargs):
+        if on_step is not None:
+            on_step(i)
+        return {}
+
+    dev = pipe._execution_device
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    with _instrument(pipe, times, store) as marks, torch.inference_mode():
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=h,
+            width=w,
+            generator=gen,
+            max_sequence_length=max_seq,
+            output_type="np",
+            callback_on_step_end=callback,
+        )
+        _sync(dev)
+        t1 = time.perf_counter()
+    times.total = (t1 - t0) * 1e3
+    times.denoise_loop = (marks["dec_start"] - marks["enc_end"]) * 1e3
+    times.postprocess = (t1 - marks["dec_end"]) * 1e3
+    times.phase_trace = _trace_of(pipe)
+    return RunResult(out.images[0], store.get("latents"), times)
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two float images in [0, 1] (``inf`` when identical)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _to_pil(img):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.clip(np.asarray(img), 0.0, 1.0) * 255.0).round().astype("uint8"))
+
+
+def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = None, row_labels: Sequence[str] | None = None, pad: int = 4):
+    """A PIL grid of PIL images (rows of equal length), with optional column and row labels."""
+    from PIL import Image, ImageDraw
+
+    rows = [list(r) for r in rows]
+    cw = max(im.width for r in rows for im in r)
+    ch = max(im.height for r in rows for im in r)
+    top = 14 if labels else 0
+    left = 0
+    if row_labels:
+        left = min(240, 7 * max(len(s) for s in row_labels) + 8)
+    ncol = max(len(r) for r in rows)
+    W = left + ncol * (cw + pad) + pad
+    H = top + len(rows) * (ch + pad) + pad
+    grid = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, lab in enumerate(labels or []):
+        draw.text((left + pad + j * (cw + pad), 1), lab, fill=(0, 0, 0))
+    for i, r in enumerate(rows):
+        y = top + pad + i * (ch + pad)
+        if row_labels:
+            draw.text((2, y + ch // 2 - 6), row_labels[i][: left // 7], fill=(0, 0, 0))
+        for j, im in enumerate(r):
+            grid.paste(im.convert("RGB"), (left + pad + j * (cw + pad), y))
+    return grid
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:n].rstrip("-") or "prompt")
+
+
+def generate(
+    *,
+    model: str | None = None,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    backend: str = "torch",
+    ratio: float | None = None,
+    phases: bool = False,
+    recipe=None,
+    weights=None,
+    router=None,
+    artifacts=None,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    compare_dense: bool = False,
+    dtype: str = "fp32",
+    provider: str = "cpu",
+    threads: int | None = None,
+    artifact_root: str | os.PathLike = "engines",
+    progress: Callable[[str], None] | None = None,
+    step_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Generates one image per prompt (seed ``seed + i``) and writes PNGs, ``generate.json`` and the grid.
+
+    Returns the record written to ``generate.json``.
+    """
+    import numpy as np
+    import torch
+
+    from shiva_export._version import __version__
+    from shiva_export.export.onnx import package_versions
+    from shiva_export.runtime.pipeline import _recipe, load_pipeline
+    from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, check_writable
+
+    prompts = [p for p in prompts]
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
+    rec = _recipe(model, recipe)
+    steps = rec.pipeline.steps if steps is None else steps
+    guidance = rec.pipeline.guidance if guidance is None else guidance
+    if not isinstance(steps, int) or steps < 1 or steps > 1000:
+        raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    out = Path(out_dir)
+    check_writable(out / "generate.json", "--out folder")
+    say = progress or (lambda m: None)
+    cfg = guidance > 1.0
+    common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
+                  threads=threads, artifact_root=artifact_root, progress=say)
+    pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, **common)
+    info = pipe.shiva
+    dense_pipe = None
+    if compare_dense:
+        say("load dense pipeline")
+        dense_pipe = load_pipeline(backend=backend, dense=True, **common)
+    h = info.height if height is None else height
+    w = info.width if width is None else width
+    for pp in (pipe, dense_pipe):  # the static-shape contract, before the first step
+        if pp is not None:
+            check_pipeline_call(pp, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=pp.shiva.max_sequence_length)
+
+    if dense_pipe is not None:
+        # One warm-up step each, so the first timed call of neither pipeline pays session/allocator start-up.
+        say("warm up")
+        for pp in (pipe, dense_pipe):
+            run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w)
+    images = []
+    for i, prompt in enumerate(prompts):
+        s = seed + i
+        tick = (lambda j, _p=prompt: step_progress(_p, j + 1, steps)) if step_progress else None
+        say(f"generate {i + 1}/{len(prompts)}")
+        res = run_pipeline(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=tick)
+        name = f"{i:03d}-{_slug(prompt)}"
+        png = out / f"{name}.png"
+        entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "png": str(png),
+                                 "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
+                                 "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
+        pil = _to_pil(res.image)
+        import io
+
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        atomic_write_bytes(png, buf.getvalue())
+        if dense_pipe is not None:
+            dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
+            dres = run_pipeline(dense_pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=dtick)
+            dpng = out / f"{name}.dense.png"
+            dpil = _to_pil(dres.image)
+            buf = io.BytesIO()
+            dpil.save(buf, format="PNG")
+            atomic_write_bytes(dpng, buf.getvalue())
+            p = psnr(res.image, dres.image)
+            entry["dense"] = {
+                "png": str(dpng),
+                "timings_ms": dres.times.to_dict(),
+                "psnr_db": None if math.isinf(p) else round(p, 3),
+                "identical": bool(np.array_equal(res.image, dres.image)),
+                "mean_abs_diff": float(np.mean(np.abs(np.asarray(res.image, np.float64) - np.asarray(dres.image, np.float64)))),
+                "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max()) if res.latents is not None else None,
+                "transformer_speedup": round(dres.times.transformer_total / max(res.times.transformer_total, 1e-9), 4),
+                "e2e_speedup": round(dres.times.total / max(res.times.total, 1e-9), 4),
+            }
+            entry["_pil"] = (dpil, pil)
+        images.append(entry)
+
+    grid_path = None
+    if compare_dense:
+        rows = [e.pop("_pil") for e in images]
+        grid = image_grid(rows, labels=["dense", f"shiva ({backend}, {_budget_desc(info)})"], row_labels=[e["prompt"] for e in images])
+        import io
+
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        grid_path = out / "grid.png"
+        atomic_write_bytes(grid_path, buf.getvalue())
+    record = {
+        "tool": f"shiva-export {__version__}",
+        "model": info.model,
+        "backend": backend,
+        "budget": _budget_desc(info),
+        "steps": steps,
+        "guidance": guidance,
+        "cfg": cfg,
+        "height": h,
+        "width": w,
+        "device": str(pipe._execution_device),
+        "torch_threads": torch.get_num_threads(),
+        "pipeline": info.to_dict(),
+        "images": images,
+        "grid": str(grid_path) if grid_path else None,
+        "versions": package_versions(),
+    }
+    atomic_write_json(out / "generate.json", record)
+    record["record"] = str(out / "generate.json")
+    return record
+
+
+def _budget_desc(info) -> str:
+    if info.dense:
+        return "dense"
+    if len(info.phases) == 1 and info.phases[0].name.startswith("ratio"):
+        return f"ratio {info.phases[0].name[5:]}"
+    return "phases " + "/".join(p.name for p in info.phases)

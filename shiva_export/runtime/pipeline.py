@@ -1,0 +1,550 @@
+"""One call from a model name (or a diffusers pipeline) to a Shiva-pruned diffusers pipeline.
+
+:func:`load_pipeline` returns the real ``StableDiffusion3Pipeline`` whose ``transformer`` is, per backend:
+
+- ``torch``: the diffusers transformer itself with :func:`~shiva_export.prune.api.apply_shiva_` (trained
+  router from the recipe) and a timestep phase schedule (:func:`~shiva_export.prune.api.set_shiva_phases_`);
+- ``ort``: a :class:`~shiva_export.runtime.modules.ShivaArtifactTransformer` over ONNX Runtime sessions of
+  the exported graphs (one per phase), exported on first use and cached by content key;
+- ``trt``: the same module over TensorRT engines (sha256 and manifest checked before loading).
+
+The torch transformer weights are never loaded for ``ort``/``trt`` pipelines: the module is built from
+``SD3Transformer2DModel.load_config`` and handed to ``from_pretrained(folder, transformer=module)`` (never
+assigned afterwards: diffusers would keep the default size of a transformer-less pipeline).
+:func:`shiva_pipeline` does the same for a pipeline the user already loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError
+from shiva_export.logging import get_logger
+from shiva_export.prune.schedule import TimestepPhase, phases_from_recipe, uniform_phase
+from shiva_export.recipe import Recipe, load_recipe
+from shiva_export.utils.io import canonical_json, sha256_bytes
+
+__all__ = ["BACKENDS", "ShivaPipelineInfo", "load_pipeline", "shiva_pipeline", "load_diffusers_pipeline", "resolve_phases", "quiet_libraries"]
+
+logger = get_logger(__name__)
+
+BACKENDS = ("torch", "ort", "trt")
+
+
+@contextlib.contextmanager
+def quiet_libraries(debug: bool = False):
+    """Keeps diffusers' and transformers' warnings and progress bars off the terminal (unless ``debug``)."""
+    if debug or os.environ.get("SHIVA_DEBUG") == "1":
+        yield
+        return
+    import warnings
+
+    from diffusers.utils import logging as dlog
+
+    saved = [dlog.get_verbosity()]
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+
+        saved.append(tlog.get_verbosity())
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency of the pipeline extra
+        tlog = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(saved[0])
+        dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.set_verbosity(saved[1])
+            tlog.enable_progress_bar()
+
+
+@dataclass
+class ShivaPipelineInfo:
+    """What a Shiva pipeline runs (attached to the pipeline as ``pipe.shiva``)."""
+
+    model: str
+    backend: str
+    recipe: Recipe
+    phases: tuple[TimestepPhase, ...]
+    dense: bool
+    pipeline_source: str
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    router: dict[str, Any] = field(default_factory=dict)
+    max_sequence_length: int = 256
+    text_len: int = 333
+    height: int = 1024
+    width: int = 1024
+    batch: int = 1
+    cfg: bool = True
+    dtype: str = "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        from shiva_export.recipe import recipe_hash
+
+        return {
+            "model": self.model,
+            "backend": self.backend,
+            "dense": self.dense,
+            "recipe": str(self.recipe.source_path),
+            "recipe_sha256": recipe_hash(self.recipe),
+            "pipeline": self.pipeline_source,
+            "phases": [p.to_dict() for p in self.phases],
+            "router": self.router,
+            "artifacts": self.artifacts,
+            "shapes": {"height": self.height, "width": self.width, "text_len": self.text_len, "batch": self.batch, "cfg": self.cfg},
+            "max_sequence_length": self.max_sequence_length,
+            "dtype": self.dtype,
+        }
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _is_pipeline_folder(p: Path) -> bool:
+    return (p / "model_index.json").is_file()
+
+
+def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[str, bool]:
+    """(folder or repo id, is_local) of the diffusers pipeline."""
+    if weights is not None:
+        p = Path(weights).expanduser()
+        if not p.is_dir():
+            raise WeightsError(f"--weights {p} is not a folder. Pass a diffusers pipeline folder (with model_index.json).")
+        if not _is_pipeline_folder(p):
+            raise WeightsError(
+                f"--weights {p} has no model_index.json, so it is not a diffusers pipeline folder; `generate` needs the whole pipeline "
+                "(text encoders, VAE, scheduler, transformer), e.g. the folder written by StableDiffusion3Pipeline.save_pretrained."
+            )
+        return str(p), True
+    if rec.model.source == "embedded":
+        from shiva_export.runtime.embedded import ensure_embedded_pipeline
+
+        return str(ensure_embedded_pipeline(rec)), True
+    repo = rec.pipeline_repo_id()
+    if not repo:
+        raise ConfigError(f"{rec.source_path}: no pipeline repo id (pipeline.repo_id or model.repo_id); pass --weights PATH.")
+    return repo, False
+
+
+def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
+    from diffusers import StableDiffusion3Pipeline
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    attempts = [True] if (is_local or offline) else [True, False]
+    last: Exception | None = None
+    if is_local:
+        import json
+
+        index = json.loads((Path(location) / "model_index.json").read_text())
+        for comp in ("text_encoder_3", "tokenizer_3"):
+            if comp in index and index[comp] in ([None, None], None) and comp not in kwargs:
+                kwargs[comp] = None  # a pipeline saved without T5 reloads only when told so again
+    for local_only in attempts:
+        try:
+            with quiet_libraries():
+                return StableDiffusion3Pipeline.from_pretrained(location, local_files_only=local_only, **kwargs)
+        except Exception as err:  # noqa: BLE001 - hub, filesystem and config errors come in many types
+            last = err
+            if is_local:
+                break
+    reason = str(last).splitlines()[0][:200] if last else "unknown error"
+    if is_local:
+        raise WeightsError(f"Cannot load a StableDiffusion3Pipeline from {location}: {reason}. Is it a diffusers SD3/SD3.5 pipeline folder?")
+    raise ModelNotFoundError(
+        f"Pipeline {location!r} (model {rec.name!r}) is not in the local Hugging Face cache and cannot be downloaded here ({reason}). "
+        "Download it elsewhere and pass --weights PATH (a diffusers pipeline folder)."
+    )
+
+
+def _transformer_config(location: str, is_local: bool) -> dict[str, Any]:
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        with quiet_libraries():
+            cfg = SD3Transformer2DModel.load_config(location, subfolder="transformer", local_files_only=True)
+    except Exception as err:  # noqa: BLE001
+        reason = str(err).splitlines()[0][:200]
+        if not is_local:
+            raise ModelNotFoundError(
+                f"Pipeline {location!r} is not in the local Hugging Face cache and cannot be downloaded here ({reason}). "
+                "Download it elsewhere and pass --weights PATH (a diffusers pipeline folder)."
+            ) from None
+        raise WeightsError(f"Cannot read transformer/config.json of {location}: {reason}. Pass a diffusers pipeline folder.") from None
+    cls = cfg.get("_class_name")
+    if cls not in (None, "SD3Transformer2DModel"):
+        raise WeightsError(f"{location}: transformer/config.json is a {cls}, not an SD3Transformer2DModel. Supported: SD3, SD3.5 pipelines.")
+    return dict(cfg)
+
+
+def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLike | Recipe | None = None, weights=None, transformer=None):
+    """The plain diffusers pipeline of a model (embedded, ``--weights`` folder or cached hub id)."""
+    rec = _recipe(model, recipe)
+    loc, local = _pipeline_location(rec, weights)
+    kwargs = {"transformer": transformer} if transformer is not None else {}
+    return _from_pretrained(loc, local, rec, **kwargs)
+
+
+def _recipe(model: str | None, recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    return load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
+
+
+def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases: bool) -> tuple[TimestepPhase, ...]:
+    """The phase schedule: the recipe's learned phases, or the one-phase case of a fixed ratio."""
+    if use_phases and ratio is not None:
+        raise ConfigError("give --ratio or --phases, not both (a fixed ratio is a one-phase schedule).")
+    if use_phases:
+        return phases_from_recipe(rec, num_layers)
+    r = rec.prune.ratios[0] if ratio is None else ratio
+    return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
+
+
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, opset: int) -> str:
+    from shiva_export.engines.pipeline import export_key_for
+
+    key = export_key_for(rec, weights, router, 0.0, False, spec.to_dict(), dtype, opset, False)
+    key["keep_ratios"] = list(phase.keep_ratios)
+    key["t_range"] = [phase.t_start, phase.t_stop]
+    return sha256_bytes(canonical_json(key).encode())
+
+
+def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, use_phases: bool, say) -> dict[str, Any]:
+    """Exports (or reuses, by content key) the ONNX of one phase; returns its provenance."""
+    from shiva_export.export.onnx import read_shiva_metadata
+    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.utils.io import sha256_file
+
+    opset = rec.export.opset
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, opset)
+    path = root / rec.name / "runtime" / f"{phase.name}-{dtype}-{key[:12]}" / "model.onnx"
+    status = "cached"
+    meta = None
+    if path.is_file():
+        try:
+            meta = read_shiva_metadata(path)
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is re-exported
+            meta = None
+        if not meta or meta.get("runtime_key") != key:
+            meta = None
+    parity = None
+    if meta is None:
+        status = "exported"
+        say(f"export onnx ({phase.name})")
+        res = export_pruned(
+            recipe=rec,
+            weights=_transformer_weights(weights),
+            router=router,
+            keep_ratios=list(phase.keep_ratios) if use_phases else None,
+            ratio=None if use_phases else 1.0 - next(r for r in phase.keep_ratios if r is not None),
+            height=spec.height,
+            width=spec.width,
+            batch=spec.batch,
+            text_len=spec.text_len,
+            cfg=spec.cfg,
+            dtype=dtype,
+            out=path,
+            validate=True,
+            extra_metadata={"runtime_key": key, "phase": phase.name, "t_start": phase.t_start, "t_stop": phase.t_stop},
+        )
+        if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
+            from shiva_export.errors import ParityError
+
+            raise ParityError(f"exported {path} fails ORT parity: {res.parity.summary_line()}", report=res.parity)
+        parity = res.parity.summary_line() if res.parity is not None else None
+        meta = read_shiva_metadata(path)
+    return {
+        "phase": phase.name,
+        "onnx": str(path),
+        "onnx_sha256": sha256_file(path),
+        "status": status,
+        "k_per_block": meta.get("k_per_block"),
+        "router_sha256": meta.get("router_sha256"),
+        "model_config_sha256": meta.get("model_config_sha256"),
+        "input_spec": meta.get("input_spec"),
+        "parity": parity,
+    }
+
+
+def _transformer_weights(weights):
+    """``--weights`` of ``generate`` is a pipeline folder; the transformer lives in its ``transformer/``."""
+    return None if weights is None else str(Path(weights).expanduser())
+
+
+def _config_hash(config: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json({k: v for k, v in config.items() if not k.startswith("_")}).encode())
+
+
+def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
+    """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
+    from shiva_export.export.onnx import read_shiva_metadata
+    from shiva_export.models.sd3 import InputSpec
+    from shiva_export.utils.io import sha256_file
+
+    out = []
+    for a in artifacts:
+        p = Path(a)
+        if backend == "trt":
+            from shiva_export.engines.manifest import manifest_path_for, read_manifest
+            from shiva_export.engines.runner import find_plan
+
+            plan = find_plan(p)
+            man = read_manifest(manifest_path_for(plan))
+            onnx_path = Path(man.onnx_path) if getattr(man, "onnx_path", None) else plan.parent / "model.onnx"
+            meta = read_shiva_metadata(onnx_path) if onnx_path.is_file() else {}
+            info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
+        else:
+            if not p.is_file():
+                raise ConfigError(f"--artifact {p} does not exist; pass an ONNX written by `shiva-export onnx`.")
+            meta = read_shiva_metadata(p)
+            info = {"onnx": str(p), "onnx_sha256": sha256_file(p)}
+        if "input_spec" not in meta or "model" not in meta:
+            raise ConfigError(f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it.")
+        want = meta.get("model_config_sha256")
+        if want and want != _config_hash(config):
+            raise ConfigError(
+                f"--artifact {p} was exported from another transformer (config sha256 {want[:12]}... != {_config_hash(config)[:12]}...); "
+                "export it from this pipeline's transformer."
+            )
+        n_layers = int(config["num_layers"])
+        keep = meta.get("keep_ratios") or [None] * n_layers
+        name = meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}"
+        phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
+        spec = InputSpec(**meta["input_spec"])
+        info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given")
+        out.append((phase, spec, info, meta))
+    out.sort(key=lambda x: -x[0].t_start)
+    return out
+
+
+def load_pipeline(
+    model: str | None = None,
+    *,
+    backend: str = "torch",
+    ratio: float | None = None,
+    phases: bool = False,
+    dense: bool = False,
+    recipe: str | os.PathLike | Recipe | None = None,
+    weights: str | os.PathLike | None = None,
+    router: str | os.PathLike | None = None,
+    artifacts: Sequence[str | os.PathLike] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int = 1,
+    cfg: bool = True,
+    dtype: str = "fp32",
+    provider: str = "cpu",
+    threads: int | None = None,
+    artifact_root: str | os.PathLike = "engines",
+    progress: Callable[[str], None] | None = None,
+):
+    """Loads a diffusers pipeline with a Shiva-pruned transformer.
+
+    Args:
+        model (str): Built-in model name (``sd35-tiny``, ``sd3-tiny``, ``sd3-mid``, ``sd35``, ...).
+        backend (str): ``torch``, ``ort`` or ``trt``. Defaults to ``torch``.
+        ratio (float): Fraction of image tokens pruned per routed block (one phase). Defaults to the
+            recipe's first ratio.
+        phases (bool): Run the recipe's learned ``[[schedule.phases]]`` (one static graph per phase).
+        dense (bool): No pruning at all: the plain transformer (torch) or the dense reference graph.
+        recipe (PathLike | Recipe): Recipe overriding the model's. Defaults to None.
+        weights (PathLike): Local diffusers *pipeline* folder. Defaults to None (embedded or hub).
+        router (PathLike): Router safetensors. Defaults to the recipe's.
+        artifacts (list[PathLike]): Existing ONNX files (``ort``) or engine folders (``trt``) to run, one
+            per phase; their phases and shapes come from their metadata. Defaults to exporting on demand.
+        height, width (int): Pixels of the static graphs. Default to the recipe's shapes.
+        batch (int): Prompts per call of the static graphs. Defaults to 1.
+        cfg (bool): Classifier-free guidance (the graph batch holds uncond + cond). Defaults to True.
+        dtype (str): Graph dtype. Defaults to ``fp32``.
+        provider (str): ONNX Runtime provider, ``cpu`` or ``cuda``. Defaults to ``cpu``.
+        threads (int): ONNX Runtime intra-op threads. Defaults to ORT's choice.
+        artifact_root (PathLike): Where exported graphs are cached. Defaults to ``engines``.
+
+    Returns:
+        StableDiffusion3Pipeline: with ``pipe.shiva`` (:class:`ShivaPipelineInfo`).
+
+    Example:
+        >>> pipe = load_pipeline("sd35-tiny", backend="ort", ratio=0.4)
+        >>> image = pipe("a red cube", num_inference_steps=12, max_sequence_length=pipe.shiva.max_sequence_length).images[0]
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    say = progress or (lambda m: None)
+    rec = _recipe(model, recipe)
+    if dense and (ratio not in (None, 0.0) or phases):
+        raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
+    say("load pipeline")
+    loc, local = _pipeline_location(rec, weights)
+    config = _transformer_config(loc, local)
+    n_layers = int(config["num_layers"])
+    h = rec.shapes.height if height is None else height
+    w = rec.shapes.width if width is None else width
+    from shiva_export.models.sd3 import InputSpec, check_image_size
+
+    check_image_size(config_obj(config), h, w)
+    clip_len = rec.pipeline.clip_max_length
+    info_kwargs: dict[str, Any] = {}
+
+    if backend == "torch":
+        pipe = _from_pretrained(loc, local, rec)
+        _check_clip_length(pipe, clip_len, rec)
+        if dense:
+            phase_list: tuple[TimestepPhase, ...] = ()
+            router_info = {"source": "none (dense)"}
+        else:
+            phase_list = resolve_phases(rec, n_layers, ratio, phases)
+            router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg)
+        text_len = rec.shapes.text_len
+        artifacts_info: list[dict[str, Any]] = []
+    else:
+        spec = InputSpec(batch=batch, height=h, width=w, text_len=rec.shapes.text_len, cfg=cfg)
+        from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, ShivaArtifactTransformer, TrtRunner
+
+        aps = []
+        if artifacts:
+            opened = _open_artifacts(artifacts, backend, config, say)
+            for phase, aspec, info, _meta in opened:
+                run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
+                aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
+            phase_list = tuple(a.phase for a in aps)
+        else:
+            if dense:
+                phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),)
+            else:
+                phase_list = resolve_phases(rec, n_layers, ratio, phases)
+            root = Path(artifact_root)
+            for phase in phase_list:
+                if backend == "ort":
+                    info = _ensure_dense_onnx(rec, weights, spec, dtype, root, say) if dense else _ensure_onnx(rec, weights, router, phase, spec, dtype, root, phases, say)
+                    run = OrtRunner(info["onnx"], provider=provider, threads=threads)
+                else:
+                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say)
+                    run = TrtRunner(info["engine"])
+                aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
+        module = ShivaArtifactTransformer(config, aps, backend)
+        pipe = _from_pretrained(loc, local, rec, transformer=module)
+        _check_clip_length(pipe, clip_len, rec)
+        artifacts_info = [a.info for a in aps]
+        router_info = {"router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})}
+        text_len = aps[0].spec.text_len
+        h, w, batch, cfg = aps[0].spec.height, aps[0].spec.width, aps[0].spec.batch, aps[0].spec.cfg
+        info_kwargs["dtype"] = aps[0].dtype
+    max_seq = text_len - pipe.tokenizer.model_max_length
+    if max_seq < 1:
+        raise ConfigError(
+            f"the graph's text length {text_len} leaves {max_seq} T5 tokens after the CLIP tokenizer's {pipe.tokenizer.model_max_length}; "
+            "export with --text-len > CLIP length."
+        )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.shiva = ShivaPipelineInfo(
+        model=rec.name, backend=backend, recipe=rec, phases=phase_list, dense=dense, pipeline_source=loc, artifacts=artifacts_info,
+        router=router_info, max_sequence_length=max_seq, text_len=text_len, height=h, width=w, batch=batch, cfg=cfg, **info_kwargs,
+    )
+    return pipe
+
+
+def config_obj(config: dict[str, Any]):
+    """Attribute view of a config dict (what the sd3 helpers read)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _check_clip_length(pipe, clip_len: int, rec: Recipe) -> None:
+    got = getattr(pipe.tokenizer, "model_max_length", None)
+    if got is not None and got != clip_len and rec.model.source == "embedded":
+        raise ConfigError(f"{rec.source_path}: pipeline.clip_max_length = {clip_len} but the pipeline's CLIP tokenizer takes {got}; fix the recipe.")
+
+
+def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool) -> dict[str, Any]:
+    from shiva_export.export.pipeline import resolve_router, router_tensor_hash
+    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_shiva_phases_
+
+    config = ShivaConfig(phase_list[0].keep_ratios, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    bank, info = resolve_router(rec, router, rc)
+    bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
+    set_shiva_phases_(transformer, phase_list, auto_cfg=True)
+    info["tensor_sha256"] = router_tensor_hash(bank)
+    return info
+
+
+def _ensure_dense_onnx(rec, weights, spec, dtype, root: Path, say) -> dict[str, Any]:
+    from shiva_export.export.onnx import read_shiva_metadata
+    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.utils.io import sha256_file
+
+    from shiva_export.engines.pipeline import export_key_for
+
+    key_d = export_key_for(rec, weights, None, 0.0, True, spec.to_dict(), dtype, rec.export.opset, False)
+    key = sha256_bytes(canonical_json(key_d).encode())
+    path = root / rec.name / "runtime" / f"dense-{dtype}-{key[:12]}" / "model.onnx"
+    status = "cached"
+    meta = read_shiva_metadata(path) if path.is_file() else None
+    if not meta or meta.get("runtime_key") != key:
+        status = "exported"
+        say("export onnx (dense)")
+        export_pruned(recipe=rec, weights=_transformer_weights(weights), dense=True, height=spec.height, width=spec.width, batch=spec.batch,
+                      text_len=spec.text_len, cfg=spec.cfg, dtype=dtype, out=path, validate=True,
+                      extra_metadata={"runtime_key": key, "phase": "dense", "t_start": 1000.0, "t_stop": 0.0})
+        meta = read_shiva_metadata(path)
+    return {"phase": "dense", "onnx": str(path), "onnx_sha256": sha256_file(path), "status": status, "k_per_block": {},
+            "router_sha256": None, "input_spec": meta.get("input_spec")}
+
+
+def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say) -> dict[str, Any]:
+    """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
+    from shiva_export.engines.pipeline import build_engines
+
+    if use_phases:
+        raise ConfigError(
+            "engines for learned phases are built from their ONNX: export each with `shiva-export onnx --phase P`, build it with "
+            "`shiva-export trt --onnx PATH`, and pass the engine folders with --artifact."
+        )
+    r = 0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)
+    say(f"engine ({phase.name})")
+    builds = build_engines(recipe=rec, weights=_transformer_weights(weights), router=router, ratios=[r], dense=dense, dtype=dtype,
+                           height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root)
+    b = builds[-1]
+    if b.status == "failed" or b.plan_path is None:
+        from shiva_export.errors import EngineBuildError
+
+        raise EngineBuildError(f"engine for {phase.name} did not build: {b.error}")
+    from shiva_export.engines.manifest import manifest_path_for, read_manifest
+
+    man = read_manifest(manifest_path_for(b.plan_path))
+    return {"phase": phase.name, "engine": str(b.out_dir), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256,
+            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version}
+
+
+def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | Recipe, ratio: float | None = None, phases: bool = False,
+                   router: str | os.PathLike | None = None, cfg: bool = True):
+    """Prunes the transformer of a pipeline the user already loaded (``torch`` backend, in place).
+
+    For ``ort``/``trt`` use :func:`load_pipeline` with ``weights=`` the pipeline folder: graphs are static,
+    so they are exported for the recipe's shapes and the module is handed to ``from_pretrained``.
+    """
+    if backend != "torch":
+        raise ConfigError(
+            f"shiva_pipeline(backend={backend!r}) on an already loaded pipeline is torch-only; use load_pipeline(weights=FOLDER, backend={backend!r})."
+        )
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    n_layers = len(pipe.transformer.transformer_blocks)
+    phase_list = resolve_phases(rec, n_layers, ratio, phases)
+    router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg)
+    text_len = rec.shapes.text_len
+    pipe.shiva = ShivaPipelineInfo(
+        model=rec.name, backend="torch", recipe=rec, phases=phase_list, dense=False, pipeline_source="(user pipeline)", router=router_info,
+        max_sequence_length=max(1, text_len - pipe.tokenizer.model_max_length), text_len=text_len, height=rec.shapes.height,
+        width=rec.shapes.width, cfg=cfg,
+    )
+    return pipe
