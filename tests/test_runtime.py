@@ -284,3 +284,23 @@ def test_gpu_suite_parses_and_skips_cleanly_without_a_gpu(tmp_path):
     summary = run_suite("gpu", out_dir=tmp_path)
     assert summary["passed"] and all(r.get("skipped") for r in summary["results"])
     assert load_suite("e2e-cpu").case[0].kind == "e2e"
+
+
+# ------------------------------------------------------------------------------------------- engines
+@pytest.mark.trt_rtx
+def test_trt_backend_verifies_the_engine_before_looking_for_a_gpu(capsys, tmp_path):
+    """An untouched engine gets as far as the GPU check (exit 4 here); a tampered one is refused first (exit 1)."""
+    from shiva_export.engines.pipeline import build_engines
+
+    builds = build_engines(model="sd35-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path / "engines", validate=False)
+    eng = builds[-1].out_dir
+    base = ["generate", "--model", "sd35-tiny", "--prompt", "x", "--backend", "trt", "--artifact", str(eng), "--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *base)
+    if not torch.cuda.is_available():
+        assert code == 4 and "needs a CUDA GPU" in err, err
+    plan = eng / "model.plan"
+    data = bytearray(plan.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    code, _, err = _run(capsys, *base)
+    assert code == 1 and "does not match its manifest" in err and "Traceback" not in err, err

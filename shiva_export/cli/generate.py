@@ -49,7 +49,8 @@ def generate_command(
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels. Default: the recipe's export shape.")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the recipe's export shape.")] = None,
     compare_dense: Annotated[bool, typer.Option("--compare-dense", help="Also run the dense model (same backend, same seed): grid, PSNR, mean abs difference, speedups.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="Graph dtype for ort/trt: fp32 | fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="ort/trt: graph dtype fp32 | fp16; torch: pipeline dtype fp32 | fp16 | bf16 (routers stay fp32).")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda: where the pipeline runs (torch backend, text encoders, VAE).")] = "cpu",
     provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: cpu | cuda (needs onnxruntime-gpu).")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
     artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
@@ -58,11 +59,13 @@ def generate_command(
 ) -> int:
     if backend not in ("torch", "ort", "trt"):
         raise typer.BadParameter(f"{backend!r} is not one of torch, ort, trt.", param_hint="--backend")
-    if dtype not in ("fp32", "fp16"):
+    if dtype not in ("fp32", "fp16", "bf16") or (dtype == "bf16" and backend != "torch"):
         raise typer.BadParameter(
-            f"{dtype!r} is not one of fp32, fp16 (bf16 graphs cannot run on ONNX Runtime CPU; use --backend torch for bf16 on a GPU).",
+            f"{dtype!r} is not one of fp32, fp16{', bf16' if backend == 'torch' else ''} (bf16 graphs cannot run on ONNX Runtime CPU; use --backend torch for bf16).",
             param_hint="--dtype",
         )
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r} is not one of cpu, cuda.", param_hint="--device")
     if provider not in ("cpu", "cuda"):
         raise typer.BadParameter(f"{provider!r} is not one of cpu, cuda.", param_hint="--provider")
     texts = list(prompt or [])
@@ -105,7 +108,7 @@ def generate_command(
             rec = generate(
                 model=model, prompts=texts, out_dir=out, backend=backend, ratio=ratio, phases=phases, recipe=recipe, weights=weights,
                 router=router, artifacts=artifact, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                height=height, width=width, compare_dense=compare_dense, dtype=dtype, provider=provider, threads=threads,
+                height=height, width=width, compare_dense=compare_dense, dtype=dtype, provider=provider, threads=threads, device=device,
                 artifact_root=artifact_root, progress=advance, step_progress=step if show else None,
             )
         finally:

@@ -217,16 +217,11 @@ def benchmark_e2e(
     if phases:
         budgets.append(("phases", {"phases": True}))
     variants: list[tuple[E2EVariant, Any]] = []
-    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     for b in backends:
         for label, kw in budgets:
             say(f"load {b} {label}")
-            pipe = load_pipeline(recipe=rec, weights=weights, backend=b, cfg=guidance > 1.0, dtype="fp32" if b == "torch" else dtype,
-                                 threads=threads, artifact_root=artifact_root, provider="cuda" if device == "cuda" and b == "ort" else "cpu", **kw)
-            if device != "cpu":
-                pipe.to(device)
-            if b == "torch" and tdt != torch.float32:
-                pipe.to(dtype=tdt)  # routers stay fp32 inside (they compute in float32 whatever the backbone)
+            pipe = load_pipeline(recipe=rec, weights=weights, backend=b, cfg=guidance > 1.0, dtype=dtype, threads=threads, device=device,
+                                 artifact_root=artifact_root, provider="cuda" if device == "cuda" and b == "ort" else "cpu", **kw)
             if compile:
                 _compile(pipe)
             name = label if label != "phases" else "phases " + "/".join(p.name for p in pipe.shiva.phases)

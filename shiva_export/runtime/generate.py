@@ -277,6 +277,7 @@ def generate(
     dtype: str = "fp32",
     provider: str = "cpu",
     threads: int | None = None,
+    device: str = "cpu",
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
@@ -308,7 +309,7 @@ def generate(
     say = progress or (lambda m: None)
     cfg = guidance > 1.0
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
-                  threads=threads, artifact_root=artifact_root, progress=say)
+                  threads=threads, device=device, artifact_root=artifact_root, progress=say)
     pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, **common)
     info = pipe.shiva
     dense_pipe = None

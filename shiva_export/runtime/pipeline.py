@@ -299,7 +299,8 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
 
             plan = find_plan(p)
             man = read_manifest(manifest_path_for(plan))
-            onnx_path = Path(man.onnx_path) if getattr(man, "onnx_path", None) else plan.parent / "model.onnx"
+            op = Path(man.onnx_path) if man.onnx_path else Path("model.onnx")
+            onnx_path = op if op.is_absolute() else plan.parent / op
             meta = read_shiva_metadata(onnx_path) if onnx_path.is_file() else {}
             info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
         else:
@@ -344,6 +345,7 @@ def load_pipeline(
     dtype: str = "fp32",
     provider: str = "cpu",
     threads: int | None = None,
+    device: str = "cpu",
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
 ):
@@ -364,7 +366,9 @@ def load_pipeline(
         height, width (int): Pixels of the static graphs. Default to the recipe's shapes.
         batch (int): Prompts per call of the static graphs. Defaults to 1.
         cfg (bool): Classifier-free guidance (the graph batch holds uncond + cond). Defaults to True.
-        dtype (str): Graph dtype. Defaults to ``fp32``.
+        dtype (str): Graph dtype (``ort``/``trt``), or the torch pipeline's dtype (``torch``: fp32, fp16 or bf16;
+            routers keep computing in fp32). Defaults to ``fp32``.
+        device (str): ``cpu`` or ``cuda``: where the pipeline (text encoders, VAE, torch transformer) runs.
         provider (str): ONNX Runtime provider, ``cpu`` or ``cuda``. Defaults to ``cpu``.
         threads (int): ONNX Runtime intra-op threads. Defaults to ORT's choice.
         artifact_root (PathLike): Where exported graphs are cached. Defaults to ``engines``.
@@ -378,6 +382,17 @@ def load_pipeline(
     """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from shiva_export.errors import HardwareError
+
+            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
     if dense and (ratio not in (None, 0.0) or phases):
@@ -444,6 +459,15 @@ def load_pipeline(
             f"the graph's text length {text_len} leaves {max_seq} T5 tokens after the CLIP tokenizer's {pipe.tokenizer.model_max_length}; "
             "export with --text-len > CLIP length."
         )
+    if device != "cpu":
+        pipe.to(device)
+    if backend == "torch" and dtype != "fp32":
+        import torch
+
+        pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+        if not dense:  # routers always compute in float32 (top-k is sensitive to rounding)
+            pipe.transformer.shiva_routers.to(torch.float32)
+        info_kwargs["dtype"] = dtype
     pipe.set_progress_bar_config(disable=True)
     pipe.shiva = ShivaPipelineInfo(
         model=rec.name, backend=backend, recipe=rec, phases=phase_list, dense=dense, pipeline_source=loc, artifacts=artifacts_info,
