@@ -497,7 +497,8 @@ def _load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--resume found no checkpoint: {path}. Run without --resume first, or pass the --out-dir of the interrupted run.")
     try:
-        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+        # weights_only: tensors, dicts, lists and numbers only; a pickled object in the file is refused, never run.
+        ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
         raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}. Delete it and train from scratch.") from None
     if not isinstance(ck, dict) or ck.get("format") != _CKPT_FORMAT:
