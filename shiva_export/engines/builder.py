@@ -44,7 +44,7 @@ from shiva_export._imports import INSTALL_HINTS, require
 from shiva_export.engines.preflight import normalize_backend_name, preflight
 from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, MissingDependencyError
 from shiva_export.logging import get_logger
-from shiva_export.utils.io import atomic_write_bytes, check_writable
+from shiva_export.utils.io import atomic_write_bytes, check_writable, sha256_file
 
 __all__ = [
     "Backend",
@@ -472,6 +472,12 @@ def build_engine(
         if tc_info is not None:
             serialized = config.get_timing_cache().serialize()
             atomic_write_bytes(tc_info["path"], memoryview(serialized))
+            from shiva_export.utils.io import atomic_write_json
+
+            atomic_write_json(
+                _timing_cache_stamp(Path(tc_info["path"])),
+                {"format": "shiva-timing-cache/1", "sha256": hashlib.sha256(memoryview(serialized)).hexdigest(), "backend": be.name, "version": be.version},
+            )
             tc_info["saved_bytes"] = serialized.nbytes
         warn_lines = tuple(" ".join(msg.split()) for sev, msg in records if sev == "WARNING")
 
@@ -544,11 +550,42 @@ def _configure_targets(be: Backend, config: Any, compute_capabilities: Sequence[
     return RTX_DEFAULT_AOT_TARGETS, True
 
 
+def _timing_cache_stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".shiva.json")
+
+
+def check_timing_cache_path(path: str | os.PathLike | None) -> Path | None:
+    """Refuses a ``--timing-cache`` path that holds some other file: only a missing or empty file, or a
+    timing cache this tool wrote (its sha256 recorded in ``<path>.shiva.json``), may be overwritten."""
+    if path is None:
+        return None
+    import json
+
+    from shiva_export.errors import OutputPathError
+
+    p = check_writable(path, "timing cache")
+    if not p.exists() or p.stat().st_size == 0:
+        return p
+    if not p.is_file():
+        raise OutputPathError(f"--timing-cache {p} is not a regular file. Pass a file path for the timing cache.")
+    stamp = _timing_cache_stamp(p)
+    try:
+        recorded = json.loads(stamp.read_text()).get("sha256") if stamp.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != sha256_file(p):
+        raise OutputPathError(
+            f"--timing-cache {p} already exists and is not a timing cache written by shiva-export (no matching {stamp.name}); "
+            "it will not be overwritten. Pass a new path, or delete the file if it is yours to lose."
+        )
+    return p
+
+
 def _load_timing_cache(be: Backend, config: Any, path: str | os.PathLike | None, trt_logger: Any) -> dict[str, Any] | None:
     """Loads the timing cache at ``path`` (if any) into ``config``; returns the report dict or None."""
     if path is None:
         return None
-    path = check_writable(path, "timing cache")
+    path = check_timing_cache_path(path)
     previous = path.read_bytes() if path.is_file() else b""
     # Loading a cache that does not match (another GPU, or no GPU on TensorRT-RTX) logs errors that do
     # not fail the build; they are recognised here and kept out of a later build-failure message.

@@ -25,7 +25,7 @@ from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import sha256_file
 
-__all__ = ["EngineBuild", "build_engines", "export_key_for", "weights_fingerprint"]
+__all__ = ["EngineBuild", "build_engines", "export_key_for", "weights_fingerprint", "unique_budgets"]
 
 logger = get_logger(__name__)
 
@@ -33,10 +33,13 @@ logger = get_logger(__name__)
 def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> dict[str, Any]:
     """Cheap identity of the transformer weights, without loading them.
 
-    Embedded models: their config + seed. Local folders: every weight/config file's name, size and mtime
-    (hashing multi-GB safetensors on every call would cost minutes). Hub ids: the repo id (a local
-    snapshot is resolved by diffusers).
+    Embedded models: their config + seed. Local folders: every weight/config file's name, size and
+    content sha256 (:func:`~shiva_export.utils.io.sha256_file_cached`: hashed once, re-hashed whenever the
+    file changes, even at the same size and mtime). Hub ids: the repo id (a local snapshot is resolved by
+    diffusers).
     """
+    from shiva_export.utils.io import sha256_file_cached
+
     if weights is None:
         if recipe.model.source == "embedded":
             return {"embedded": recipe.model.config, "seed": recipe.model.seed}
@@ -46,9 +49,29 @@ def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> di
     if root.is_dir():
         for p in sorted(root.rglob("*")):
             if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"):
-                st = p.stat()
-                files.append([str(p.relative_to(root)), st.st_size, int(st.st_mtime)])
+                files.append([str(p.relative_to(root)), p.stat().st_size, sha256_file_cached(p)])
     return {"folder": str(root), "files": files}
+
+
+def unique_budgets(recipe: Recipe, ratios: list[float], height: int, width: int) -> tuple[list[float], dict[float, float]]:
+    """Drops ratios whose per-block k equal those of a smaller ratio (same budget, one engine).
+
+    Returns the ratios to build (ascending) and ``{dropped ratio: the ratio it duplicates}``.
+    """
+    from shiva_export.models.sd3 import VAE_SCALE
+    from shiva_export.prune.topk import static_k
+
+    patch = int((recipe.model.config or {}).get("patch_size", 2)) if recipe.model.source == "embedded" else 2
+    n = (height // (VAE_SCALE * patch)) * (width // (VAE_SCALE * patch))
+    keep, same, seen = [], {}, {}
+    for r in sorted(set(ratios)):
+        k = ("dense",) if r == 0.0 else static_k(n, 1.0 - r)
+        if k in seen:
+            same[r] = seen[k]
+            continue
+        seen[k] = r
+        keep.append(r)
+    return keep, same
 
 
 def export_key_for(
@@ -203,6 +226,9 @@ def build_engines(
         progress (Callable[[str], None]): Stage callback. Defaults to None.
     """
     say = progress or (lambda stage: None)
+    from shiva_export.engines.builder import check_timing_cache_path
+
+    check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if onnx is not None:
@@ -226,6 +252,9 @@ def build_engines(
         "text_len": text_len or rec.shapes.text_len,
         "cfg": rec.shapes.cfg if cfg is None else cfg,
     }
+    todo, same = unique_budgets(rec, todo, shapes_spec["height"], shapes_spec["width"])
+    for r, first in same.items():
+        say(f"ratio {r:g} keeps the same k per block as ratio {first:g}: one budget, built once")
     opset_used = opset if opset is not None else rec.export.opset
     options = {
         "dynamic_batch": dynamic_batch,

@@ -30,12 +30,32 @@ logger = get_logger(__name__)
 
 
 def budget_label(ratio: float) -> str:
-    """Folder name of a budget: ``ratio0.40`` (fraction pruned)."""
-    return f"ratio{ratio:.2f}"
+    """Folder name of a budget: ``ratio0.40`` (fraction pruned), with every digit the ratio needs.
+
+    Two different ratios never share a folder: 0.4 is ``ratio0.40`` and 0.404 ``ratio0.404``, 0.12 is
+    ``ratio0.12`` and 0.125 ``ratio0.125`` (their per-block k differ). Ratios that give the same k in every
+    block are one budget: callers deduplicate them before building (``engines.pipeline.unique_budgets``).
+    """
+    r = float(ratio)
+    short = f"{r:.2f}"
+    if float(short) == r:
+        return f"ratio{short}"
+    return f"ratio{r:.10f}".rstrip("0")
 
 
 def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines") -> Path:
     return Path(root) / model_name / budget_label(ratio) / dtype / "model.onnx"
+
+
+def _refuse_engine_onnx(path: Path) -> None:
+    """The default ONNX path is inside an engine folder of `shiva-export trt`: never overwrite an engine's ONNX."""
+    if (path.parent / "manifest.json").exists():
+        from shiva_export.errors import OutputPathError
+
+        raise OutputPathError(
+            f"the default output {path} belongs to the engine built there ({path.parent / 'manifest.json'}); "
+            "overwriting it would orphan that engine. Pass --out PATH, or rebuild the engine with `shiva-export trt`."
+        )
 
 
 def model_config_hash(transformer) -> str:
@@ -197,6 +217,8 @@ def export_pruned(
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path, "ONNX output")  # fail before minutes of loading
+    elif phase is None and keep_ratios is None:
+        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype))
 
     say("load model")
     t0 = time.perf_counter()
@@ -250,6 +272,7 @@ def export_pruned(
         out_path = (
             Path("engines") / rec.name / f"phase-{phase}" / dtype / "model.onnx" if phase is not None else default_onnx_path(rec.name, ratio_used, dtype)
         )
+        _refuse_engine_onnx(out_path)
     if phase is not None:
         ph_row = rec.schedule.phases[[p.name for p in rec.schedule.phases].index(phase)] if not str(phase).isdigit() else rec.schedule.phases[int(phase)]
         t_range = {"phase": ph_row.name, "t_start": float(ph_row.t_start), "t_stop": float(ph_row.t_stop)}

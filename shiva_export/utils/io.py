@@ -19,6 +19,7 @@ from shiva_export.errors import OutputPathError
 
 __all__ = [
     "sha256_file",
+    "sha256_file_cached",
     "sha256_bytes",
     "canonical_json",
     "atomic_write_bytes",
@@ -44,6 +45,43 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("SHIVA_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "shiva-export"
+
+
+def sha256_file_cached(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's *content*, remembered across runs so multi-GB weights are hashed once.
+
+    The remembered digest is reused only while the file's size, ``mtime_ns``, ``ctime_ns``, inode and
+    device are all unchanged. ``ctime`` moves on every write and cannot be set back by the user (unlike
+    ``mtime`` with ``touch -d``), so a same-size change with a restored mtime is still re-hashed. The memo
+    lives in ``$SHIVA_CACHE_DIR/sha256.json`` (default ``~/.cache/shiva-export``); if it cannot be written
+    the digest is simply recomputed next time.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    memo_path = _cache_root() / "sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(str(p))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    digest = sha256_file(p)
+    memo[str(p)] = {"stamp": stamp, "sha256": digest}
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_path, json.dumps(memo, sort_keys=True))
+    except (OSError, OutputPathError):
+        pass
+    return digest
 
 
 def sha256_bytes(data: bytes) -> str:
