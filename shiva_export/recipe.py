@@ -107,7 +107,7 @@ class Phase(BaseModel):
     midpoints between the training sampler's timesteps (``train.loop.phase_bounds``)."""
 
     model_config = _STRICT
-    name: str = Field(description="phase name, e.g. 'early'")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(description="phase name, e.g. 'early' (a file-name-safe word)")
     t_start: Annotated[float, Field(ge=0)] = Field(description="upper timestep bound of the phase (inclusive)")
     t_stop: Annotated[float, Field(ge=0)] = Field(description="lower timestep bound of the phase (exclusive; 0 = to the end)")
     keep_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(description="keep ratio per routed block, in block order")

@@ -372,10 +372,24 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         v = meta.get(k)
         return default if v is None else v
 
-    ratio = float(get("ratio", 0.0))
+    if "model" not in meta or "input_spec" not in meta:
+        raise ConfigError(
+            f"--onnx {onnx_path} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; "
+            "export the model with `shiva-export onnx` (or `trt --model`) instead of passing a foreign ONNX."
+        )
+    from shiva_export.utils.io import inside, safe_component
+
+    try:
+        ratio = float(get("ratio", 0.0))
+    except (TypeError, ValueError):
+        raise ConfigError(f"--onnx {onnx_path}: shiva.ratio {meta.get('ratio')!r} is not a number; re-export it with `shiva-export onnx`.") from None
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"--onnx {onnx_path}: shiva.ratio {ratio} is out of range [0, 1); re-export it with `shiva-export onnx`.")
     dtype = get("dtype", "fp32")
-    model_name = get("model", rec.name)
-    d = Path(out_dir) / model_name / budget_label(ratio) / dtype
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--onnx {onnx_path}: shiva.dtype {dtype!r} is not fp32, fp16 or bf16; re-export it with `shiva-export onnx`.")
+    model_name = safe_component(get("model", rec.name), f"--onnx {onnx_path}: shiva.model")
+    d = inside(out_dir, Path(out_dir) / model_name / budget_label(ratio) / dtype, "engine folder")
     plan = d / "model.plan"
     shapes = {}
     dynamic = False

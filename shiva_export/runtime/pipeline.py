@@ -226,7 +226,9 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
 
     opset = rec.export.opset
     key = _artifact_key(rec, weights, router, phase, spec, dtype, opset)
-    path = root / rec.name / "runtime" / f"{phase.name}-{dtype}-{key[:12]}" / "model.onnx"
+    from shiva_export.utils.io import inside, safe_component
+
+    path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
     if path.is_file():
@@ -318,7 +320,9 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
             )
         n_layers = int(config["num_layers"])
         keep = meta.get("keep_ratios") or [None] * n_layers
-        name = meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}"
+        from shiva_export.utils.io import safe_component
+
+        name = safe_component(meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}", f"--artifact {p}: shiva.phase")
         phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
         spec = InputSpec(**meta["input_spec"])
         info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given")

@@ -10,14 +10,17 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import OutputPathError
+from shiva_export.errors import ConfigError, OutputPathError
 
 __all__ = [
+    "safe_component",
+    "inside",
     "sha256_file",
     "sha256_file_cached",
     "sha256_bytes",
@@ -30,6 +33,30 @@ __all__ = [
 ]
 
 _CHUNK = 8 << 20
+
+
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def safe_component(name: Any, what: str) -> str:
+    """``name`` if it is safe as one folder/file name (letters, digits, ``._-``, no leading dot, no
+    separators, at most 100 characters); else :class:`~shiva_export.errors.ConfigError` naming ``what``.
+    Every path part that comes from an artifact's metadata, a recipe or a suite goes through here."""
+    if not isinstance(name, str) or not _SAFE_COMPONENT.match(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{what} {name!r} is not a safe file name (letters, digits and ._- only, no path separators, at most 100 characters); "
+            "rename it in its recipe, suite or export."
+        )
+    return name
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` if it resolves inside ``root`` (else :class:`~shiva_export.errors.OutputPathError`)."""
+    r = Path(root).resolve()
+    p = Path(path).resolve()
+    if p != r and r not in p.parents:
+        raise OutputPathError(f"{what} {path} resolves to {p}, outside its output folder {r}; refusing to write there.")
+    return Path(path)
 
 
 def _umask() -> int:

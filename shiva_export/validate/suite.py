@@ -34,7 +34,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 class SuiteCase(BaseModel):
     model_config = _STRICT
     kind: Literal["parity", "speed", "e2e"]
-    model: str
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(description="fractions of image tokens pruned")
     backends: list[str] = Field(default_factory=list, description="parity: ort-cpu|ort-cuda|engine; speed: torch|ort; e2e: torch|ort|trt")
     height: int | None = None
@@ -58,7 +58,7 @@ class SuiteCase(BaseModel):
 class Suite(BaseModel):
     model_config = _STRICT
     schema_version: Literal[1]
-    name: str
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     description: str = ""
     case: list[SuiteCase]
 
