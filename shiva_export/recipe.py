@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Tolerance(BaseModel):
@@ -126,10 +126,10 @@ class ScheduleSection(BaseModel):
 
 class ShapesSection(BaseModel):
     model_config = _STRICT
-    height: Annotated[int, Field(gt=0)] = 1024
-    width: Annotated[int, Field(gt=0)] = 1024
-    text_len: Annotated[int, Field(gt=0)] = Field(333, description="text tokens (SD3: 77 CLIP + 256 T5)")
-    batch: Annotated[int, Field(ge=1)] = Field(1, description="prompts per call; CFG doubles the model batch")
+    height: Annotated[int, Field(gt=0, le=16384)] = 1024
+    width: Annotated[int, Field(gt=0, le=16384)] = 1024
+    text_len: Annotated[int, Field(gt=0, le=8192)] = Field(333, description="text tokens (SD3: 77 CLIP + 256 T5)")
+    batch: Annotated[int, Field(ge=1, le=256)] = Field(1, description="prompts per call; CFG doubles the model batch")
     cfg: bool = Field(True, description="batch holds uncond and cond halves that share kept indices")
 
 
@@ -322,15 +322,23 @@ def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
         >>> r.prune.ratios
         [0.2, 0.4, 0.6]
     """
-    p = Path(path_or_model)
-    if p.suffix != ".toml" and not p.exists():
-        p = recipe_path(str(path_or_model))
+    text = os.fspath(path_or_model)
+    p = Path(text)
+    if p.suffix != ".toml":
+        if "/" in text or os.sep in text or p.exists():
+            raise RecipeError(
+                f"Recipe file not found or not a recipe: {text}. Recipe files end in .toml; model names are one of "
+                f"{', '.join(available_models())}."
+            )
+        p = recipe_path(text)  # a model name: only built-in recipes, never a path
     if not p.is_file():
         raise RecipeError(f"Recipe file not found: {p}. Pass an existing .toml file to --recipe.")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not a UTF-8 text file, so not a recipe. Pass a .toml recipe.") from None
     except OSError as err:
         raise RecipeError(f"{p}: cannot read ({err.strerror}).") from None
     try:

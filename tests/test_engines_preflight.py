@@ -339,10 +339,14 @@ def test_to_dict_is_json_ready():
 def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="Unknown TensorRT backend"):
         preflight(clean_graph(), "onnxruntime")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="does not exist"):
         preflight(tmp_path / "missing.onnx", "tensorrt")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all \xff\xfe")
-    with pytest.raises(ConfigError, match="Cannot read ONNX"):
+    with pytest.raises(ConfigError, match="is not a readable ONNX model"):
         preflight(bad, "tensorrt")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match="is empty"):  # a 0-byte file must not pass the pre-flight
+        preflight(empty, "tensorrt")
     assert preflight(clean_graph(), "tensorrt_rtx").backend == "tensorrt-rtx"

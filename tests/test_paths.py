@@ -63,3 +63,27 @@ def test_trt_refuses_a_foreign_or_escaping_onnx(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "not a safe file name" in err, err
     assert not (tmp_path / "escaped").exists() and not out.exists() or not any(out.rglob("*.plan"))
+
+
+def test_a_killed_runs_temporaries_are_swept_and_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+
+    from shiva_export.utils.io import atomic_write_bytes, sweep_stale_temps
+
+    dead = subprocess.run(["true"]).returncode == 0 and subprocess.Popen(["true"])
+    dead.wait()
+    stale_dir = tmp_path / f".shiva-tmp-{dead.pid}-export-abc"
+    stale_dir.mkdir()
+    (stale_dir / "model.onnx").write_bytes(b"half")
+    stale_file = tmp_path / f".shiva-tmp-{dead.pid}-model.plan.x.tmp"
+    stale_file.write_bytes(b"half")
+    live = tmp_path / f".shiva-tmp-{os.getpid()}-export-live"
+    live.mkdir()
+    mine = tmp_path / ".my-own-dotfile"
+    mine.write_text("keep")
+    removed = sweep_stale_temps(tmp_path)
+    assert set(removed) == {stale_dir, stale_file}
+    assert live.exists() and mine.exists() and not stale_dir.exists() and not stale_file.exists()
+    atomic_write_bytes(tmp_path / "x.bin", b"1")  # temp names carry the pid
+    assert (tmp_path / "x.bin").read_bytes() == b"1" and not list(tmp_path.glob(".shiva-tmp-*x.bin*"))

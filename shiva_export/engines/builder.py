@@ -401,6 +401,9 @@ def build_engine(
     be = resolve_backend(backend)
     trt = be.module
     plan_path = check_writable(plan_path, "engine plan")
+    from shiva_export.utils.io import sweep_stale_temps
+
+    sweep_stale_temps(plan_path.parent)  # leftovers of a killed build in this folder
     if builder_optimization_level is not None and not (
         isinstance(builder_optimization_level, int) and 0 <= builder_optimization_level <= 5
     ):

@@ -359,13 +359,11 @@ def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tupl
 
 def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
     """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
-    import onnx as onnx_mod
-
     from shiva_export.export.onnx import read_shiva_metadata
 
-    if not onnx_path.is_file():
-        raise ConfigError(f"--onnx {onnx_path} does not exist. Pass a file written by `shiva-export onnx`.")
-    m = onnx_mod.load(str(onnx_path), load_external_data=False)
+    from shiva_export.export.onnx import load_onnx_graph
+
+    m = load_onnx_graph(onnx_path, "--onnx")
     meta = read_shiva_metadata(onnx_path)
 
     def get(k, default=None):

@@ -306,13 +306,10 @@ def _load(onnx_path_or_model: Any) -> tuple[Any, str | None, Path | None]:
             f"preflight() input has type {type(onnx_path_or_model).__name__}. Expected an .onnx path or an onnx.ModelProto. "
             "Pass the exported model path."
         )
+    from shiva_export.export.onnx import load_onnx_graph
+
     path = Path(onnx_path_or_model)
-    if not path.is_file():
-        raise ConfigError(f"ONNX file for preflight not found: {path}. Expected an existing .onnx file. Export the model first or fix the path.")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf raises a variety of errors for a bad file
-        raise ConfigError(f"Cannot read ONNX file {path}: {err}. Expected a valid ONNX protobuf. Re-export the model.") from None
+    model = load_onnx_graph(path, "ONNX file for preflight")
     return model, str(path), path.parent
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "onnx_summary",
     "kept_index_tensors",
     "read_shiva_metadata",
+    "load_onnx_graph",
     "package_versions",
     "SUMMARY_OPS",
     "META_PREFIX",
@@ -167,12 +168,31 @@ def onnx_summary(model) -> tuple[dict[str, int], int]:
     return dict(sorted(counts.items())), sum(counts.values())
 
 
-def read_shiva_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``shiva.*`` metadata :func:`export_onnx` wrote, prefix stripped and values JSON-decoded
-    (plain strings stay strings). Reads the graph only, never the external weights."""
+def load_onnx_graph(path: str | os.PathLike, what: str = "ONNX"):
+    """Loads an ONNX graph (never its external weights), refusing a missing, empty, truncated or
+    non-ONNX file with one :class:`~shiva_export.errors.ConfigError` line naming ``what`` and the fix."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist or is not a file. Pass an .onnx file written by `shiva-export onnx`.")
+    if p.stat().st_size == 0:
+        raise ConfigError(f"{what} {p} is empty (0 bytes). Re-export it with `shiva-export onnx`.")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf raises many types for a damaged file
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(f"{what} {p} is not a readable ONNX model ({reason}). Re-export it with `shiva-export onnx`.") from None
+    if not model.graph.node or not model.graph.output:
+        raise ConfigError(f"{what} {p} holds no graph (truncated or not an ONNX model). Re-export it with `shiva-export onnx`.")
+    return model
+
+
+def read_shiva_metadata(path: str | os.PathLike, *, require: bool = False, what: str = "ONNX") -> dict[str, Any]:
+    """The ``shiva.*`` metadata :func:`export_onnx` wrote, prefix stripped and values JSON-decoded
+    (plain strings stay strings). Reads the graph only, never the external weights. With ``require``, an
+    ONNX this tool did not write (no ``shiva.model`` / ``shiva.input_spec``) is refused."""
+    model = load_onnx_graph(path, what)
     out: dict[str, Any] = {}
     for p in model.metadata_props:
         if p.key.startswith(META_PREFIX):
@@ -180,6 +200,10 @@ def read_shiva_metadata(path: str | os.PathLike) -> dict[str, Any]:
                 out[p.key[len(META_PREFIX):]] = json.loads(p.value)
             except json.JSONDecodeError:
                 out[p.key[len(META_PREFIX):]] = p.value
+    if require and ("model" not in out or not isinstance(out.get("input_spec"), dict)):
+        raise ConfigError(
+            f"{what} {path} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export the model with it."
+        )
     return out
 
 
@@ -302,7 +326,10 @@ def export_onnx(
         dynamic_shapes = tuple({0: axis} for _ in INPUT_NAMES)
 
     external = _param_bytes(transformer) > _PROTOBUF_LIMIT - (64 << 20)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".shiva-export-", dir=dest.parent))
+    from shiva_export.utils.io import sweep_stale_temps, temp_prefix
+
+    sweep_stale_temps(dest.parent)  # leftovers of a killed export in this folder
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("export-"), dir=dest.parent))
     tmp_onnx = tmp_dir / dest.name
     t0 = time.perf_counter()
     try:

@@ -159,6 +159,11 @@ def build_embedded(config: dict[str, Any], seed: int = 0) -> nn.Module:
     from diffusers import SD3Transformer2DModel
 
     cfg = dict(config)
+    for key, v in cfg.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue
+        if not 1 <= v <= 65536:
+            raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 1..65536. Fix the recipe.")
     if "dual_attention_layers" in cfg:
         cfg["dual_attention_layers"] = tuple(cfg["dual_attention_layers"])
     try:

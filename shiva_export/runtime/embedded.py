@@ -401,7 +401,10 @@ def ensure_embedded_pipeline(recipe) -> Path:
     fix = "Set SHIVA_CACHE_DIR to a writable folder."
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+        from shiva_export.utils.io import sweep_stale_temps, temp_prefix
+
+        sweep_stale_temps(parent)  # half-built pipelines of killed runs
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".tmp", dir=parent))
     except OSError as err:
         raise OutputPathError(f"Cannot create the pipeline cache folder: {parent} ({err.strerror or err}). {fix}") from None
     try:
@@ -411,7 +414,7 @@ def ensure_embedded_pipeline(recipe) -> Path:
         stamp = {"recipe": recipe.name, "key": key, "versions": _versions(), "builder_version": _BUILDER_VERSION}
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         if final.exists() and not _is_complete(final, key):  # stale or half-broken: move aside, then drop
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
+            trash = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".old", dir=parent))
             try:
                 os.replace(final, trash / "old")
             except FileNotFoundError:

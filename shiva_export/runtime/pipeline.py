@@ -306,9 +306,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
             meta = read_shiva_metadata(onnx_path) if onnx_path.is_file() else {}
             info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
         else:
-            if not p.is_file():
-                raise ConfigError(f"--artifact {p} does not exist; pass an ONNX written by `shiva-export onnx`.")
-            meta = read_shiva_metadata(p)
+            meta = read_shiva_metadata(p, require=True, what="--artifact")
             info = {"onnx": str(p), "onnx_sha256": sha256_file(p)}
         if "input_spec" not in meta or "model" not in meta:
             raise ConfigError(f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it.")

@@ -19,6 +19,8 @@ from typing import Any
 from shiva_export.errors import ConfigError, OutputPathError
 
 __all__ = [
+    "temp_prefix",
+    "sweep_stale_temps",
     "safe_component",
     "inside",
     "sha256_file",
@@ -33,6 +35,43 @@ __all__ = [
 ]
 
 _CHUNK = 8 << 20
+
+
+_TEMP_RE = re.compile(r"^\.shiva-tmp-(\d+)-")
+
+
+def temp_prefix(tag: str = "") -> str:
+    """Prefix of this process's temporary files and folders: ``.shiva-tmp-<pid>-<tag>``. The pid lets a
+    later run tell a killed run's leftovers (:func:`sweep_stale_temps`) from a live concurrent run's."""
+    return f".shiva-tmp-{os.getpid()}-{tag}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Removes temporary files/folders in ``folder`` left by runs that were killed (their pid is gone)."""
+    import shutil
+
+    d = Path(folder)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    return removed
 
 
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -137,7 +176,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 @contextlib.contextmanager
 def _tmp_in(dest: Path, suffix: str = ".tmp") -> Iterator[Path]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest.name + "."), suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; finished artifacts get normal permissions

@@ -292,11 +292,15 @@ def validate_parity(
         if b not in ("ort-cpu", "ort-cuda", "engine"):
             raise ConfigError(f"backend {b!r} is unknown; choose from ort-cpu, ort-cuda, engine.")
     report = ParitySuiteReport(rec.name, dtype)
+    if report_md:
+        from shiva_export.utils.io import check_writable
+
+        check_writable(report_md, "--report")  # before minutes of exports
     tmp = Path(tempfile.mkdtemp(prefix="shiva-parity-"))
     try:
         jobs: list[tuple[float, Path, dict]] = []
         if onnx is not None:
-            meta = read_shiva_metadata(Path(onnx))
+            meta = read_shiva_metadata(Path(onnx), require=True, what="--onnx")
             jobs.append((float(meta.get("ratio", 0.0)), Path(onnx), meta))
         else:
             for r in ratios or rec.prune.ratios:

@@ -371,6 +371,10 @@ def benchmark_speed(
         cfg=bool(cfg),
     )
     out_path = Path(out_dir) if out_dir is not None else None
+    if out_path is not None:
+        from shiva_export.utils.io import check_writable
+
+        check_writable(out_path / "speed.json", "--out-dir")  # before minutes of timing
     command = _command(model, ratios_l, backends_l, height, width, batch, cfg, warmup, repeats, threads, device)
 
     old_threads = torch.get_num_threads()

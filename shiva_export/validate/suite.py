@@ -28,7 +28,7 @@ from shiva_export.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["Suite", "SuiteCase", "load_suite", "run_suite", "suites_dir", "available_suites"]
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SuiteCase(BaseModel):
@@ -84,6 +84,10 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
         return Suite.model_validate(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not a UTF-8 text file, so not a suite. Pass a .toml suite.") from None
+    except OSError as err:
+        raise RecipeError(f"{p}: cannot read ({err.strerror}).") from None
     except ValidationError as err:
         e = err.errors()[0]
         loc = ".".join(str(x) for x in e["loc"])
