@@ -29,7 +29,6 @@ def _w(path: Path, data) -> Path:
 
 
 def _onnx_bytes() -> bytes:
-    import onnx
     from onnx import TensorProto as TP
     from onnx import helper as h
 

@@ -87,3 +87,31 @@ def test_a_killed_runs_temporaries_are_swept_and_a_live_ones_kept(tmp_path):
     assert live.exists() and mine.exists() and not stale_dir.exists() and not stale_file.exists()
     atomic_write_bytes(tmp_path / "x.bin", b"1")  # temp names carry the pid
     assert (tmp_path / "x.bin").read_bytes() == b"1" and not list(tmp_path.glob(".shiva-tmp-*x.bin*"))
+
+
+def test_two_writers_of_one_folder_the_second_is_refused(tmp_path):
+    import multiprocessing as mp
+
+    from shiva_export.utils.io import folder_lock
+
+    with folder_lock(tmp_path / "eng"):
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=_try_lock, args=(str(tmp_path / "eng"), q))
+        p.start()
+        p.join(60)
+        msg = q.get(timeout=5)
+    assert "is being written by pid" in msg and "wait for that run" in msg
+    with folder_lock(tmp_path / "eng"):  # released: the next writer gets it
+        pass
+
+
+def _try_lock(folder, q):
+    from shiva_export.errors import OutputPathError
+    from shiva_export.utils.io import folder_lock
+
+    try:
+        with folder_lock(folder):
+            q.put("acquired")
+    except OutputPathError as e:
+        q.put(str(e))

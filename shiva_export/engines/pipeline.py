@@ -23,7 +23,7 @@ from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.export.pipeline import budget_label, export_pruned
 from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
-from shiva_export.utils.io import sha256_file
+from shiva_export.utils.io import folder_lock, sha256_file
 
 __all__ = ["EngineBuild", "build_engines", "export_key_for", "weights_fingerprint", "unique_budgets"]
 
@@ -265,84 +265,87 @@ def build_engines(
     }
     results: list[EngineBuild] = []
     for r in todo:
-        is_dense = r == 0.0
         d = Path(out_dir) / rec.name / budget_label(r) / dtype
-        onnx_path, plan = d / "model.onnx", d / "model.plan"
-        mpath = manifest_path_for(plan)
-        key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch)
-        label = "dense" if is_dense else f"ratio {r:g}"
-        if not force:
-            m = _cached(mpath, plan, onnx_path, key, options, be)
-            if m is not None:
-                say(f"{label}: cached ({plan})")
-                results.append(
-                    EngineBuild(r, is_dense, "cached", d, plan, onnx_path, mpath, m.per_block_k, m.build_seconds, None, plan.stat().st_size, None, m.deserialize)
-                )
-                continue
-        say(f"{label}: export onnx")
-        ex = export_pruned(
-            recipe=rec,
-            weights=weights,
-            router=router,
-            ratio=r,
-            dense=is_dense,
-            height=shapes_spec["height"],
-            width=shapes_spec["width"],
-            batch=shapes_spec["batch"],
-            text_len=shapes_spec["text_len"],
-            cfg=shapes_spec["cfg"],
-            dtype=dtype,
-            opset=opset_used,
-            out=onnx_path,
-            dynamic_batch=dynamic_batch,
-            validate=validate,
-            extra_metadata={"export_key": key},
-        )
-        if ex.parity is not None and ex.parity.status == "failed":
-            from shiva_export.errors import ParityError
-
-            raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
-        profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
-        say(f"{label}: preflight + build ({be.name} {be.version})")
-        res = build_engine(
-            onnx_path,
-            plan,
-            backend=be,
-            workspace_bytes=workspace_bytes,
-            timing_cache_path=timing_cache,
-            profile=profile,
-            builder_optimization_level=optimization_level,
-            compute_capabilities=aot_targets,
-        )
-        check = deserialize_check(plan, be)
-        exd = ex.to_dict()
-        manifest = EngineManifest.from_build(
-            res,
-            onnx_sha256=ex.export.onnx_sha256,
-            model_name=rec.name,
-            model_config_hash=ex.export.metadata["shiva.model_config_sha256"],
-            # static shapes, or the profile's opt batch in place of the symbolic batch axis
-            input_shapes={k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v] for k, v in ex.export.input_shapes.items()},
-            dtype=dtype,
-            recipe_sha256=exd["recipe_sha256"],
-            router_sha256=ex.router.get("tensor_sha256"),
-            ratio=r,
-            keep_ratio=1.0 - r,
-            per_block_k={str(b): k for b, k in ex.budgets.items()},
-            dense=is_dense,
-            onnx_path=onnx_path.name,
-            export_key=key,
-            build_options=options,
-            deserialize={k: check.get(k) for k in ("deserialized", "reason")},
-        )
-        write_manifest(mpath, manifest)
-        results.append(
-            EngineBuild(
-                r, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
-                res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize,
-            )
-        )
+        with folder_lock(d, "engine folder"):
+            results.append(_build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
+                                         timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say))
     return results
+
+
+def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
+              workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
+    """One budget folder (the caller holds its lock)."""
+    is_dense = r == 0.0
+    onnx_path, plan = d / "model.onnx", d / "model.plan"
+    mpath = manifest_path_for(plan)
+    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch)
+    label = "dense" if is_dense else f"ratio {r:g}"
+    if not force:
+        m = _cached(mpath, plan, onnx_path, key, options, be)
+        if m is not None:
+            say(f"{label}: cached ({plan})")
+            return EngineBuild(r, is_dense, "cached", d, plan, onnx_path, mpath, m.per_block_k, m.build_seconds, None, plan.stat().st_size, None, m.deserialize)
+    say(f"{label}: export onnx")
+    ex = export_pruned(
+        recipe=rec,
+        weights=weights,
+        router=router,
+        ratio=r,
+        dense=is_dense,
+        height=shapes_spec["height"],
+        width=shapes_spec["width"],
+        batch=shapes_spec["batch"],
+        text_len=shapes_spec["text_len"],
+        cfg=shapes_spec["cfg"],
+        dtype=dtype,
+        opset=opset_used,
+        out=onnx_path,
+        dynamic_batch=dynamic_batch,
+        validate=validate,
+        extra_metadata={"export_key": key},
+    )
+    if ex.parity is not None and ex.parity.status == "failed":
+        from shiva_export.errors import ParityError
+
+        raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
+    profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
+    say(f"{label}: preflight + build ({be.name} {be.version})")
+    res = build_engine(
+        onnx_path,
+        plan,
+        backend=be,
+        workspace_bytes=workspace_bytes,
+        timing_cache_path=timing_cache,
+        profile=profile,
+        builder_optimization_level=optimization_level,
+        compute_capabilities=aot_targets,
+    )
+    check = deserialize_check(plan, be)
+    exd = ex.to_dict()
+    manifest = EngineManifest.from_build(
+        res,
+        onnx_sha256=ex.export.onnx_sha256,
+        model_name=rec.name,
+        model_config_hash=ex.export.metadata["shiva.model_config_sha256"],
+        # static shapes, or the profile's opt batch in place of the symbolic batch axis
+        input_shapes={k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v] for k, v in ex.export.input_shapes.items()},
+        dtype=dtype,
+        recipe_sha256=exd["recipe_sha256"],
+        router_sha256=ex.router.get("tensor_sha256"),
+        ratio=r,
+        keep_ratio=1.0 - r,
+        per_block_k={str(b): k for b, k in ex.budgets.items()},
+        dense=is_dense,
+        onnx_path=onnx_path.name,
+        export_key=key,
+        build_options=options,
+        deserialize={k: check.get(k) for k in ("deserialized", "reason")},
+    )
+    write_manifest(mpath, manifest)
+    return EngineBuild(
+        r, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
+        res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize,
+    )
 
 
 def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tuple[list[int], list[int], list[int]]]:

@@ -19,6 +19,7 @@ from typing import Any
 from shiva_export.errors import ConfigError, OutputPathError
 
 __all__ = [
+    "folder_lock",
     "temp_prefix",
     "sweep_stale_temps",
     "safe_component",
@@ -38,6 +39,35 @@ _CHUNK = 8 << 20
 
 
 _TEMP_RE = re.compile(r"^\.shiva-tmp-(\d+)-")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Holds an exclusive lock on ``folder`` (``<folder>/.shiva.lock``, ``flock``) for one writer; a second
+    writer is refused at once with one line naming the holder. The kernel drops the lock when its
+    process dies, so a killed run never leaves the folder locked."""
+    import fcntl
+
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = d / ".shiva.lock"
+    f = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputPathError(
+                f"{what} {d} is being written by {holder}; wait for that run to finish, or pass another output folder."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield d
+    finally:
+        f.close()
 
 
 def temp_prefix(tag: str = "") -> str:
