@@ -98,6 +98,8 @@ CORPUS = [
     ("onnx-opset-23", ONNX_T + ["--opset", "23"], 2, "opset 23"),
     ("onnx-opset-9", ONNX_T + ["--opset", "9"], 2, "opset"),
     ("onnx-dtype-int8", ONNX_T + ["--dtype", "int8"], 2, "int8"),
+    ("onnx-dtype-bf16", ONNX_T + ["--dtype", "bf16"], 2, "no bfloat16 Conv"),
+    ("trt-dtype-bf16", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--dtype", "bf16", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "bfloat16"),
     ("onnx-parity-cases-0", ["onnx", "--model", "sd35-tiny", "--out", "{out}/m.onnx", "--parity-cases", "0"], 2, "parity_cases"),
     ("onnx-unknown-model", ONNX_T[:1] + ["--model", "sd99"] + ONNX_T[3:], 2, "Unknown model"),
     ("onnx-model-escape", ONNX_T[:1] + ["--model", "../../etc/passwd"] + ONNX_T[3:], 2, "Recipe files end in .toml"),

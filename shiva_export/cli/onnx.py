@@ -50,7 +50,7 @@ def onnx_command(
     batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call; with --cfg the model batch is 2x. Default: recipe.")] = None,
     text_len: Annotated[int | None, typer.Option("--text-len", help="Text tokens (SD3: 333). Default: recipe.")] = None,
     cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves that share kept tokens. Default: recipe.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16 (bf16 parity needs a GPU backend).")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 or fp16 (bf16 is refused: ONNX has no bfloat16 Conv/Einsum; run bf16 with generate --backend torch).")] = "fp32",
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset 17..22 (default 20: newest TensorRT 10.x parses).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Export a symbolic batch axis (default: fixed shapes).")] = False,
     phase: Annotated[str | None, typer.Option("--phase", help="Export a learned phase (name or index) of the recipe's [[schedule.phases]] instead of a uniform --ratio.")] = None,

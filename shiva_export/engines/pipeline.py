@@ -229,6 +229,11 @@ def build_engines(
     from shiva_export.engines.builder import check_timing_cache_path
 
     check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
+    if dtype == "bf16" and onnx is None:
+        raise ConfigError(
+            "--dtype bf16 cannot be exported: ONNX (opset <= 22) has no bfloat16 Conv or Einsum, which the patch embedding and "
+            "unpatchify use. Build --dtype fp16 (engines are strongly typed, so the ONNX dtype is the engine's)."
+        )
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if onnx is not None:

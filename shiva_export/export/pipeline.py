@@ -198,6 +198,12 @@ def export_pruned(
     else:
         rec = load_recipe(recipe)
     torch_dtype(dtype)  # validates the name early
+    if dtype == "bf16":
+        raise ConfigError(
+            "--dtype bf16 cannot be exported: ONNX (opset <= 22) has no bfloat16 Conv or Einsum, which the patch embedding and "
+            "unpatchify use, so the graph would be invalid. Export --dtype fp16 (TensorRT builds it strongly typed), or run bf16 "
+            "in PyTorch with `shiva-export generate --backend torch --dtype bf16`."
+        )
     if sum(x is not None for x in (ratio, keep_ratios, phase)) > 1:
         raise ConfigError("give one of --ratio, a keep schedule or --phase, not several.")
     if dense and (keep_ratios is not None or (ratio or 0.0) != 0.0):

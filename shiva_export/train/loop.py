@@ -498,7 +498,11 @@ def _load_checkpoint(path: Path) -> dict:
         raise ConfigError(f"--resume found no checkpoint: {path}. Run without --resume first, or pass the --out-dir of the interrupted run.")
     try:
         # weights_only: tensors, dicts, lists and numbers only; a pickled object in the file is refused, never run.
-        ck = torch.load(str(path), map_location="cpu", weights_only=True)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "pickle protocol" notes on a foreign file: the error below says it
+            ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
         raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}. Delete it and train from scratch.") from None
     if not isinstance(ck, dict) or ck.get("format") != _CKPT_FORMAT:

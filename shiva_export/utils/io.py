@@ -65,8 +65,12 @@ def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         f.truncate()
         f.write(f"pid {os.getpid()}")
         f.flush()
+        locked = True
         yield d
     finally:
+        if "locked" in locals():
+            with contextlib.suppress(OSError):
+                lock.unlink()  # still holding the lock: the folder is left as clean as it was
         f.close()
 
 
