@@ -287,7 +287,7 @@ def _config_hash(config: dict[str, Any]) -> str:
 def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
     """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
     from shiva_export.export.onnx import read_shiva_metadata
-    from shiva_export.models.sd3 import InputSpec
+    from shiva_export.models import InputSpec
     from shiva_export.utils.io import sha256_file
 
     out = []

@@ -529,7 +529,7 @@ def train(
         ConfigError: Bad settings, an unreadable checkpoint or data folder.
         RecipeError: The recipe's routed range does not fit the model.
     """
-    from shiva_export.models.sd3 import check_image_size, load_transformer, num_image_tokens
+    from shiva_export.models import check_image_size, load_transformer, num_image_tokens
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
 
     cfg = config or TrainConfig()
@@ -840,7 +840,7 @@ def evaluate_router(
         RouterError: No trained router is given and the recipe has none.
     """
     from shiva_export.errors import RouterError
-    from shiva_export.models.sd3 import InputSpec, load_transformer, make_inputs
+    from shiva_export.models import InputSpec, load_transformer, make_inputs
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
     from shiva_export.prune.router import RouterBank, load_routers
 

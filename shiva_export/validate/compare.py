@@ -27,7 +27,7 @@ import torch
 from shiva_export._imports import require
 from shiva_export.errors import ConfigError, HardwareError
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME, InputSpec, load_transformer, make_inputs
+from shiva_export.models import OUTPUT_NAME, InputSpec, input_names, load_transformer, make_inputs, num_blocks, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
@@ -68,20 +68,21 @@ def _runner_classes():
     class TorchRunner(BaseRunner):
         """The PyTorch reference; emits ``sample`` and ``kept_indices.<block>``."""
 
-        def __init__(self, model, shapes, name="torch-fp32"):
+        def __init__(self, model, shapes, name="torch-fp32", extras=None):
             super().__init__(name=name)
             self.model, self.shapes = model, shapes
+            self.extras = extras or {}  # static forward arguments the graph bakes in (Flux position ids)
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
-            for n in INPUT_NAMES:
+            for n in self.shapes:
                 meta.add(n, dtype=np.float32, shape=self.shapes[n])
             return meta
 
         def infer_impl(self, feed_dict):
             import time
 
-            x = {k: torch.as_tensor(np.asarray(v)) for k, v in feed_dict.items()}
+            x = {k: torch.as_tensor(np.asarray(v)) for k, v in feed_dict.items()} | self.extras
             t0 = time.perf_counter()
             with torch.no_grad():
                 if is_shiva_applied(self.model):
@@ -306,7 +307,7 @@ def validate_parity(
                 jobs.append((r, ex.export.onnx_path, read_shiva_metadata(ex.export.onnx_path)))
 
         base = load_transformer(recipe=rec, weights=weights, dtype="fp32")
-        n_layers = len(base.transformer_blocks)
+        n_layers = num_blocks(base)
         for ratio, path, meta in jobs:
             spec = InputSpec(**meta["input_spec"])
             ex_dtype = meta.get("dtype", "fp32")
@@ -315,21 +316,22 @@ def validate_parity(
             if not meta.get("dense") and meta.get("k_per_block"):
                 kr = meta.get("keep_ratios") or ShivaConfig.uniform(n_layers, ratio, rec.routed_blocks(n_layers)).keep_ratios
                 config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
-                rc = config.router_config(base.inner_dim, base.config.pooled_projection_dim)
+                rc = config.router_config(*router_dims(base))
                 bank, _ = resolve_router(rec, router, rc)
                 import copy
 
                 ref = copy.deepcopy(base)
                 apply_shiva_(ref, config, routers=bank, seed=rec.router.seed)
-            feeds = []
+            feeds, graph_inputs, extras = [], set(input_names(base)), {}
             for s in range(cases):
-                x = make_inputs(base.config, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
-                feeds.append({k: v.numpy() for k, v in x.items()})
+                x = make_inputs(base, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
+                feeds.append({k: v.numpy() for k, v in x.items() if k in graph_inputs})
+                extras = {k: v for k, v in x.items() if k not in graph_inputs}
             index_tensors = _read_index_tensors(path)
             run_path = _with_index_outputs(path, index_tensors) if index_tensors else path
             np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
-            shapes = {k: tuple(v) for k, v in spec.shapes(base.config).items()}
-            runners = [TorchRunner(ref, shapes)]
+            shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
+            runners = [TorchRunner(ref, shapes, extras=extras)]
             for b in wanted:
                 if b in ("ort-cpu", "ort-cuda"):
                     if ex_dtype == "bf16":

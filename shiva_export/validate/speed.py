@@ -49,7 +49,7 @@ from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
 from shiva_export.validate.parity import ort_session
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import INPUT_NAMES, InputSpec, check_image_size, load_transformer, make_inputs, num_image_tokens
+from shiva_export.models import InputSpec, check_image_size, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
 from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
@@ -398,7 +398,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     transformer = load_transformer(recipe=rec, dtype="fp32")
     timings["load_seconds"] = round(time.perf_counter() - t0, 3)
     check_image_size(transformer, spec.height, spec.width)
-    n_layers = len(transformer.transformer_blocks)
+    n_layers = num_blocks(transformer)
     n_tokens = num_image_tokens(transformer, spec.height, spec.width)
     routed = rec.routed_blocks(n_layers)
     configs = {
@@ -407,7 +407,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     }
     budgets = {r: block_budgets(c, n_tokens) for r, c in configs.items()}  # raises if a ratio leaves k = 0
     first = configs[ratios[0]]
-    rc = first.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    rc = first.router_config(*router_dims(transformer))
     bank, router_info = resolve_router(rec, None, rc)
     if bank is None:  # the recipe's seeded random router, exactly as apply_shiva_/export_pruned build it
         bank = RouterBank(rc)
@@ -420,7 +420,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     pruned_flops = {r: count_flops(transformer.config, n_tokens, spec.text_len, configs[r].keep_ratios, **fl_kwargs) for r in ratios}
     ideal = {r: ideal_speedup(dense_flops, f) for r, f in pruned_flops.items()}
 
-    inputs = make_inputs(transformer.config, spec, seed=0)
+    inputs = make_inputs(transformer, spec, seed=0)
     tdev = torch.device(device)
     variants: list[_Variant] = []
 
@@ -449,7 +449,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         for r in ratios:
             sessions[f"ratio{r:.2f}"] = ort_session(tmp / f"ratio{r:.2f}.onnx", threads=threads)
         timings["ort_session_seconds"] = round(time.perf_counter() - t0, 3)
-        feeds = {n: inputs[n].numpy() for n in INPUT_NAMES}
+        feeds = {n: inputs[n].numpy() for n in input_names(transformer)}
         for name, sess in sessions.items():
             variants.append(_Variant(f"ort/{name}", lambda s=sess: s.run(None, feeds)))
 
