@@ -197,6 +197,14 @@ class Recipe(BaseModel):
             raise ValueError(f"architecture {v!r} has no adapter; choose one of {', '.join(known)}")
         return v
 
+    @model_validator(mode="after")
+    def _cfg_matches_architecture(self):
+        from shiva_export.models.base import adapter_for_architecture
+
+        if self.shapes.cfg and not adapter_for_architecture(self.architecture).BATCHED_CFG:
+            raise ValueError(f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false")
+        return self
+
     @field_validator("tolerances")
     @classmethod
     def _has_fp32(cls, v: dict) -> dict:

@@ -27,7 +27,7 @@ import torch
 from shiva_export._imports import require
 from shiva_export.errors import ConfigError, HardwareError
 from shiva_export.logging import get_logger
-from shiva_export.models import OUTPUT_NAME, InputSpec, input_names, load_transformer, make_inputs, num_blocks, router_dims
+from shiva_export.models import OUTPUT_NAME, InputSpec, get_adapter, input_names, load_transformer, make_inputs, num_blocks, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
@@ -98,8 +98,9 @@ def _runner_classes():
     class OrtRunner(BaseRunner):
         """ONNX Runtime on one provider (no silent fallback); renames kept-index tensors."""
 
-        def __init__(self, path, index_tensors, provider, input_dtype, shapes, name):
+        def __init__(self, path, index_tensors, provider, input_dtype, shapes, name, float_names=None):
             super().__init__(name=name)
+            self.float_names = set(float_names if float_names is not None else (n for n in shapes if n != "timestep"))
             self.path, self.index_tensors, self.provider, self.input_dtype = path, index_tensors, provider, input_dtype
             self.shapes = shapes
 
@@ -117,7 +118,7 @@ def _runner_classes():
         def infer_impl(self, feed_dict):
             import time
 
-            feed = {k: (np.asarray(v).astype(self.input_dtype) if k != "timestep" else np.asarray(v, dtype=np.float32)) for k, v in feed_dict.items()}
+            feed = {k: (np.asarray(v).astype(self.input_dtype) if k in self.float_names else np.asarray(v, dtype=np.float32)) for k, v in feed_dict.items()}
             t0 = time.perf_counter()
             outs = self.sess.run(self.out_names, feed)
             self.inference_time = time.perf_counter() - t0
@@ -337,7 +338,8 @@ def validate_parity(
                     if ex_dtype == "bf16":
                         report.skipped.append(f"ratio {ratio:g} {b}: ONNX Runtime has no bfloat16 kernels for this graph")
                         continue
-                    runners.append(OrtRunner(run_path, index_tensors, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}"))
+                    runners.append(OrtRunner(run_path, index_tensors, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
+                                           float_names=get_adapter(base).float_inputs(base.config)))
                 elif b == "engine":
                     edir = Path(engines_dir) / rec.name / budget_label(ratio) / ex_dtype if engines_dir else None
                     if edir is None or not (edir / "model.plan").is_file():
