@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 #: (tiny recipe, the module the image tokens of a routed block reach first, extra tokens that module sees)
 ARCHS = {
     "flux-tiny": {"probe": lambda blk: blk.norm1 if hasattr(blk, "norm1") else blk.norm, "text_in_probe": lambda blk, t: 0 if hasattr(blk, "norm1") else t},
+    "pixart-tiny": {"probe": lambda blk: blk.norm1, "text_in_probe": lambda blk, t: 0},
 }
 
 
@@ -96,8 +97,9 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
     assert [r["block"] for r in recs] == list(range(1, n_blocks))
     for r in recs:
         idx = r["indices"]
-        assert idx.shape == (2, k) and torch.all(idx[:, 1:] > idx[:, :-1])
-        rejected = torch.ones(2, n, dtype=torch.bool)
+        b = x["hidden_states"].shape[0]
+        assert idx.shape == (b, k) and torch.all(idx[:, 1:] > idx[:, :-1])
+        rejected = torch.ones(b, n, dtype=torch.bool)
         rejected.scatter_(1, idx, False)
         assert torch.equal(r["hidden_out"][rejected], r["hidden_in"][rejected]), "rejected tokens must pass through unchanged"
         assert torch.equal(r["block_input"], torch.gather(r["hidden_in"], 1, idx.unsqueeze(-1).expand(-1, -1, r["hidden_in"].shape[-1])))

@@ -318,6 +318,7 @@ def export_onnx(
                     input_names=list(names),
                     output_names=[adapter.OUTPUT_NAME],
                     dynamic_shapes=dynamic_shapes,
+                    custom_translation_table=adapter.onnx_translations() or None,
                     external_data=external,
                     verbose=False,
                 )

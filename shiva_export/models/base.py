@@ -186,6 +186,10 @@ class ModelAdapter:
         """Graph inputs cast to the export dtype (the others, e.g. ``timestep``, stay as they are)."""
         return tuple(n for n in self.input_names(config) if n != "timestep")
 
+    def onnx_translations(self) -> dict:
+        """``custom_translation_table`` entries for ``torch.onnx.export`` (default: none)."""
+        return {}
+
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):
         """Context manager for export-only rewrites (default: none)."""
         return contextlib.nullcontext()

@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.models._override import add_hook, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["FluxAdapter", "FLUX_PATCH_PX"]
 
 #: Pixels per packed Flux token: VAE 8 x the pipeline's 2 x 2 latent packing.
 FLUX_PATCH_PX = VAE_SCALE * 2
-_OWNER = "_shiva_owner"
-_INDEX = "_shiva_block_index"
 
 
 @register_adapter
@@ -78,28 +76,11 @@ class FluxAdapter(ModelAdapter):
 
     # -- routing ------------------------------------------------------------------------------------------
     def install_routing(self, transformer: nn.Module) -> None:
-        from shiva_export.prune.api import _STATE_ATTR
-
-        state = getattr(transformer, _STATE_ATTR)
-        for i, block in enumerate(self.blocks(transformer)):
-            if state.config.keep_ratios[i] is None:
-                continue
-            object.__setattr__(block, _OWNER, transformer)  # plain attribute: not a submodule, deep-copied with the block
-            object.__setattr__(block, _INDEX, i)
-            block.forward = types.MethodType(_routed_block_forward, block)
-        handle = transformer.register_forward_pre_hook(_capture_context, with_kwargs=True)
-        state.handles = [handle.id]
+        install_overrides(transformer, self.blocks(transformer), _routed_block_forward)
+        add_hook(transformer, "", _capture_context, "pre")
 
     def remove_routing(self, transformer: nn.Module) -> None:
-        from shiva_export.prune.api import _STATE_ATTR
-
-        state = getattr(transformer, _STATE_ATTR)
-        for hid in state.handles:
-            transformer._forward_pre_hooks.pop(hid, None)
-            transformer._forward_pre_hooks_with_kwargs.pop(hid, None)
-        for block in self.blocks(transformer):
-            for attr in ("forward", _OWNER, _INDEX):
-                block.__dict__.pop(attr, None)
+        remove_overrides(transformer, self.blocks(transformer))
 
     # -- shapes and inputs --------------------------------------------------------------------------------
     def check_image_size(self, config: Any, height: int, width: int) -> None:
@@ -193,10 +174,10 @@ def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
         _FORWARD_PARAMS = list(inspect.signature(type(module).forward).parameters)[1:]
     bound = dict(zip(_FORWARD_PARAMS, args)) | kwargs
     state = getattr(module, _STATE_ATTR)
-    hs, t = bound.get("hidden_states"), bound.get("timestep")
-    if state.phases is not None and t is not None:
-        t = torch.as_tensor(t) * FluxAdapter.TIMESTEP_SCALE
-    config = _call_config(state, hs, t, None)
+    t = bound.get("timestep")
+    if state.phases is not None:
+        t = phase_timestep(t, FluxAdapter.TIMESTEP_SCALE)
+    config = _call_config(state, bound.get("hidden_states"), t, None)
     state.call = {"config": config, "pooled": bound.get("pooled_projections")}
     return None
 
@@ -204,42 +185,23 @@ def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
 def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None, joint_attention_kwargs=None):
     """A routed Flux block (double or single): top-k over image tokens, gather tokens and their RoPE rows,
     the unmodified diffusers block on ``[all text; kept image]``, scatter back (rejected tokens unchanged)."""
-    from shiva_export.prune.api import _ROUTERS_ATTR, _STATE_ATTR
-    from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
-
-    owner = block.__dict__[_OWNER]
-    index = block.__dict__[_INDEX]
-    state = getattr(owner, _STATE_ATTR)
-    if state.route_override is not None:
-        raise ConfigError("training routes through the SD3 block loop only; Flux training is not supported yet. Train on an SD3 recipe.")
-    config = state.call.get("config", state.config)
+    owner, index, state, config = block_context(block)
     pooled = state.call.get("pooled")
     if pooled is None:
         raise ConfigError("a routed Flux block needs pooled_projections; call the transformer with pooled_projections=.")
-    keep = config.keep_ratios[index]
-    n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
-    k = static_k(n, keep)
-    scores = getattr(owner, _ROUTERS_ATTR)(index, hidden_states, temb, pooled)
-    shared = scores.amax(dim=0, keepdim=True) if scores.shape[0] > 1 else scores  # one index set per call (RoPE has no batch axis)
-    idx1 = select_topk(shared, k, cfg=False, selection=config.selection)  # [1, k], sorted by position
-    idx = idx1.expand(hidden_states.shape[0], k)
-    kept = gather_tokens(hidden_states, idx)
-    if image_rotary_emb is not None:
-        t_len = int(encoder_hidden_states.shape[1])
-        image_rotary_emb = tuple(torch.cat([r[:t_len], r[t_len:].index_select(0, idx1[0])], dim=0) for r in image_rotary_emb)
-    encoder_hidden_states, kept_out = type(block).forward(
-        block,
-        hidden_states=kept,
-        encoder_hidden_states=encoder_hidden_states,
-        temb=temb,
-        image_rotary_emb=image_rotary_emb,
-        joint_attention_kwargs=joint_attention_kwargs,
-    )
-    out = scatter_tokens(hidden_states, idx, kept_out)
-    if state.recorder is not None:
-        rec = {"block": index, "k": k, "indices": idx.detach(), "scores": scores.detach()}
-        if state.record_hidden:
-            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach())
-        state.recorder.append(rec)
-    return encoder_hidden_states, out
 
+    def run(kept, idx):
+        rope = image_rotary_emb
+        if rope is not None:  # text rows whole, then the kept image tokens' rows (idx is shared by the batch)
+            t_len = int(encoder_hidden_states.shape[1])
+            rope = tuple(torch.cat([r[:t_len], r[t_len:].index_select(0, idx[0])], dim=0) for r in rope)
+        return type(block).forward(
+            block,
+            hidden_states=kept,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            image_rotary_emb=rope,
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+
+    return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run, shared=True)
