@@ -26,6 +26,7 @@ torch.set_num_threads(1)
 ARCHS = {
     "flux-tiny": {"probe": lambda blk: blk.norm1 if hasattr(blk, "norm1") else blk.norm, "text_in_probe": lambda blk, t: 0 if hasattr(blk, "norm1") else t},
     "pixart-tiny": {"probe": lambda blk: blk.norm1, "text_in_probe": lambda blk, t: 0},
+    "dit-tiny": {"probe": lambda blk: blk.norm1, "text_in_probe": lambda blk, t: 0},
 }
 
 

@@ -1,0 +1,129 @@
+"""DiT adapter (class-conditional DiT-XL/2): the architecture facts of diffusers' ``DiTTransformer2DModel``.
+
+Quirks handled here, checked on diffusers 0.42:
+- **Blocks.** ``transformer_blocks`` are ``BasicTransformerBlock``s with ``ada_norm_zero``, called as
+  ``block(hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+  timestep=, cross_attention_kwargs=, class_labels=)`` and returning a tensor. Self-attention only, no
+  text; positions are a sin-cos table added in ``pos_embed``, so no gather beyond the tokens.
+- **No model-level temb.** Each block's ``norm1.emb`` (``CombinedTimestepLabelEmbeddings``) recomputes the
+  conditioning from the raw ``timestep``/``class_labels``; the final layer uses block 0's. The router
+  context is therefore the routed block's own: ``temb = norm1.emb(t, y)`` (time + class embedding, width D)
+  and ``pooled = norm1.emb.class_embedder(y)`` (the class embedding; the null class for the uncond half),
+  computed from the block's arguments. In converted checkpoints every block's embedder is the same copy.
+- The output reshape ``int(N ** 0.5)`` runs after the scatter, so it is unaffected; square images only.
+- ``DiTPipeline``'s CFG batch is ``[cond; uncond]``, the reverse of SD3/PixArt; the max-of-halves rule is
+  symmetric, so shared CFG indices still hold. ``class_labels`` is an int64 graph input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, phase_timestep, remove_overrides, route_tokens
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
+
+__all__ = ["DiTAdapter"]
+
+
+@register_adapter
+class DiTAdapter(ModelAdapter):
+    """DiT (class-conditional, adaLN-Zero): image tokens only, conditioning from timestep + class label."""
+
+    NAME = "dit"
+    MODEL_CLASS = "DiTTransformer2DModel"
+    PIPELINE_CLASS = "DiTPipeline"
+    REPO_IDS = {"dit-xl-2-256": "facebook/DiT-XL-2-256"}
+
+    def num_blocks(self, transformer: nn.Module) -> int:
+        return len(transformer.transformer_blocks)
+
+    def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
+        return int(transformer.inner_dim), int(transformer.inner_dim)
+
+    def install_routing(self, transformer: nn.Module) -> None:
+        if any(getattr(b, "pos_embed", None) is not None for b in transformer.transformer_blocks):
+            raise ConfigError("a DiT block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed.")
+        install_overrides(transformer, transformer.transformer_blocks, _routed_block_forward)
+        add_hook(transformer, "", _capture_call, "pre")
+
+    def remove_routing(self, transformer: nn.Module) -> None:
+        remove_overrides(transformer, transformer.transformer_blocks)
+
+    def check_image_size(self, config: Any, height: int, width: int) -> None:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % step:
+                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
+        if height != width:
+            raise ShapeError(f"--height {height} != --width {width}; DiT's output reshape assumes square images. Use equal sizes.")
+
+    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        return (height // step) * (width // step)
+
+    def input_names(self, config: Any) -> tuple[str, ...]:
+        return ("hidden_states", "timestep", "class_labels")
+
+    def float_inputs(self, config: Any) -> tuple[str, ...]:
+        return ("hidden_states",)
+
+    def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        cfg = _transformer_config(config)
+        b = spec.model_batch
+        return {"hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE), "timestep": (b,), "class_labels": (b,)}
+
+    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
+        cfg = _transformer_config(config)
+        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+
+    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+        """Seeded inputs as ``DiTPipeline`` feeds them: latents, float timestep in 0..1000, int64 class labels;
+        with CFG ``[cond; uncond]`` halves sharing latent and timestep, the uncond half the null class."""
+        cfg = _transformer_config(config)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shapes = self.input_shapes(cfg, spec)
+        half = spec.batch
+        n_classes = int(cfg.num_embeds_ada_norm)
+        lat = torch.randn((half, *shapes["hidden_states"][1:]), generator=g)
+        y = torch.randint(0, n_classes, (half,), generator=g)
+        t = torch.rand((half,), generator=g) * 1000.0 if timestep is None else torch.full((half,), float(timestep))
+        if spec.cfg:
+            lat, t, y = torch.cat([lat, lat]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, n_classes)])
+        return {"hidden_states": lat.to(dtype), "timestep": t.float(), "class_labels": y.to(torch.int64)}
+
+
+def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
+    """Model pre-hook: this call's keep schedule (DiT's own forward has no model-level context to capture)."""
+    from shiva_export.prune.api import _call_config
+
+    state = hook_state(module)
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    state.call = {"config": _call_config(state, hs, phase_timestep(t, 1.0) if t is not None else None, None)}
+    return None
+
+
+def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                          timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+    """A routed DiT block: context from the block's own ``norm1.emb(t, y)``, top-k, the unmodified block on
+    the kept tokens, scatter back."""
+    owner, index, state, config = block_context(block)
+    if attention_mask is not None:
+        raise ConfigError("a routed DiT block got an attention_mask, which would need gathering. Call the transformer without one.")
+    emb = block.norm1.emb
+    temb = emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    pooled = emb.class_embedder(class_labels)
+
+    def run(kept, idx):
+        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+        return None, out
+
+    return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]
