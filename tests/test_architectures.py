@@ -222,3 +222,53 @@ def test_flux_rope_rows_follow_the_kept_tokens():
         torch.testing.assert_close(torch.gather(hs_out, 1, idx.unsqueeze(-1).expand(-1, -1, hs_out.shape[-1])), h_ref, atol=1e-6, rtol=0)
         torch.testing.assert_close(ehs_out, e_ref, atol=1e-6, rtol=0)
         assert kw["image_rotary_emb"][0].shape[0] == t + rec.shapes.height // 16 * rec.shapes.width // 16  # the block got the whole table
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [None, 0.6])
+def test_flops_match_torch_flop_counter(arch, keep):
+    """Each adapter's analytic count equals torch.utils.flop_counter on a real forward (math SDPA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    name, rec, model = arch
+    a = get_adapter(model)
+    spec = _spec(rec)
+    x = a.make_inputs(model.config, spec, seed=0)
+    keeps = None
+    if keep is not None:
+        config = ShivaConfig.uniform(a.num_blocks(model), 1.0 - keep)
+        apply_shiva_(model, config)
+        keeps = config.keep_ratios
+    try:
+        model.requires_grad_(False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(**x)
+    finally:
+        if keep is not None:
+            remove_shiva_(model)
+    n = a.num_image_tokens(model.config, spec.height, spec.width)
+    ours = a.count_flops(model.config, n, spec.text_len, keeps, batch=spec.model_batch)
+    assert ours.total == counter.get_total_flops(), f"{name}: analytic {ours.total} vs torch {counter.get_total_flops()}"
+
+
+FLUX_DEV = dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128, joint_attention_dim=4096,
+                pooled_projection_dim=768, in_channels=64, guidance_embeds=True)
+PIXART_SIGMA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, cross_attention_dim=1152,
+                    caption_channels=4096, sample_size=128, patch_size=2, use_additional_conditions=False)
+
+
+def test_real_shape_flops_config_only():
+    """The docs/benchmarks.md numbers (config-only counts of the real checkpoints at 1024 px)."""
+    from shiva_export.validate.flops import count_model_flops
+
+    flux = count_model_flops("flux", FLUX_DEV, 4096, 512)
+    assert round(flux.total / 1e12, 2) == 74.38
+    flux_r = count_model_flops("flux", FLUX_DEV, 4096, 512, ShivaConfig.uniform(57, 0.25).keep_ratios)
+    assert round(1 - flux_r.total / flux.total, 3) == 0.251
+    pix = count_model_flops("pixart", PIXART_SIGMA, 4096, 300, batch=2)  # CFG pair
+    assert round(pix.total / 1e12, 2) == 13.27
+    with pytest.raises(ConfigError, match="Supported"):
+        count_model_flops("HunyuanDiT2DModel", {}, 16, 4)

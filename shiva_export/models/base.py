@@ -190,6 +190,20 @@ class ModelAdapter:
         """``custom_translation_table`` entries for ``torch.onnx.export`` (default: none)."""
         return {}
 
+    def full_config(self, config: Any) -> dict[str, Any]:
+        """``config`` (dict, diffusers config or transformer) over the model class's ``__init__`` defaults,
+        so config-only FLOP counts of real checkpoints need only the keys that differ."""
+        import inspect
+
+        cfg = _transformer_config(config)
+        out = {k: p.default for k, p in inspect.signature(self.model_class().__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+        out.update({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
+        return out
+
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        """Analytic matmul FLOPs of one forward (``shiva_export.validate.flops`` convention) -> ``FlopCount``."""
+        raise NotImplementedError
+
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):
         """Context manager for export-only rewrites (default: none)."""
         return contextlib.nullcontext()

@@ -82,6 +82,39 @@ class DiTAdapter(ModelAdapter):
         cfg = _transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        """DiT terms: per image token 12 D^2 plus self-attention ``2*2*k^2*D``; every block's adaLN-Zero embedder
+        (t MLP + 6D modulation) is per sample; a routed block runs its embedder once more for the router's temb.
+        ``text_len`` is ignored (no text)."""
+        from shiva_export.validate.flops import assemble_count, router_terms
+
+        c = self.full_config(config)
+        D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+        B, N = batch, num_image_tokens
+        p2, C_in = int(c["patch_size"]) ** 2, int(c["in_channels"])
+        C_out = int(c["out_channels"] or C_in)
+        t_mlp = 2 * B * (256 * D + D * D)
+        model = {
+            "embed.patch": 2 * B * N * C_in * p2 * D,
+            "out.conditioning": t_mlp + 2 * B * D * 2 * D,  # blocks[0].norm1.emb + proj_out_1
+            "out.proj": 2 * B * N * D * p2 * C_out,
+        }
+
+        def block(i: int, k: int, routed: bool) -> dict[str, int]:
+            b = {
+                "block.adaln": t_mlp + 2 * B * D * 6 * D,
+                "block.attn.qkv_out": 4 * 2 * B * k * D * D,
+                "block.attn.sdpa": 2 * 2 * B * k * k * D,
+                "block.mlp": 2 * 2 * B * k * D * 4 * D,
+            }
+            if routed:
+                b.update(router_terms(B, N, D, D, bottleneck))
+                b["router.context"] += t_mlp  # the block's own norm1.emb(t, y), recomputed for the router
+            return b
+
+        notes = ("2 FLOPs per multiply-add; matrix products only", "class embedding lookups, norms, modulation, activations, softmax not counted")
+        return assemble_count(int(c["num_layers"]), N, 1, keep_ratios, B, bottleneck, model, block, notes)
+
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``DiTPipeline`` feeds them: latents, float timestep in 0..1000, int64 class labels;
         with CFG ``[cond; uncond]`` halves sharing latent and timestep, the uncond half the null class."""

@@ -74,6 +74,9 @@ class FluxAdapter(ModelAdapter):
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        return _flux_flops(self, config, num_image_tokens, text_len, keep_ratios, batch, bottleneck)
+
     # -- routing ------------------------------------------------------------------------------------------
     def install_routing(self, transformer: nn.Module) -> None:
         install_overrides(transformer, self.blocks(transformer), _routed_block_forward)
@@ -205,3 +208,53 @@ def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb
         )
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run, shared=True)
+
+
+def _flux_flops(adapter: FluxAdapter, config: Any, n: int, t_len: int, keep_ratios, batch: int, bottleneck: int):
+    """Flux terms: ``k`` kept image tokens, ``S = T + k`` joint tokens; double blocks run separate text and
+    image weights, single blocks run every linear on all ``S`` tokens."""
+    from shiva_export.validate.flops import assemble_count, router_terms
+
+    c = adapter.full_config(config)
+    D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+    B, N, T = batch, n, t_len
+    P, J, C_in = int(c["pooled_projection_dim"]), int(c["joint_attention_dim"]), int(c["in_channels"])
+    C_out = int(c["out_channels"] or C_in) * int(c["patch_size"]) ** 2
+    n_double, n_single = int(c["num_layers"]), int(c["num_single_layers"])
+    guidance = bool(c["guidance_embeds"])
+    model = {
+        "embed.x": 2 * B * N * C_in * D,
+        "embed.time_guidance_text": 2 * B * ((256 * D + D * D) * (2 if guidance else 1) + P * D + D * D),
+        "embed.context": 2 * B * T * J * D,
+        "out.norm": 2 * B * D * 2 * D,
+        "out.proj": 2 * B * N * D * C_out,
+    }
+
+    def block(i: int, k: int, routed: bool) -> dict[str, int]:
+        S = T + k
+        if i < n_double:
+            b = {
+                "double.adaln": 2 * 2 * B * D * 6 * D,
+                "double.img.qkv_out": 4 * 2 * B * k * D * D,
+                "double.img.mlp": 2 * 2 * B * k * D * 4 * D,
+                "double.txt.qkv_out": 4 * 2 * B * T * D * D,
+                "double.txt.mlp": 2 * 2 * B * T * D * 4 * D,
+                "double.attn.sdpa": 2 * 2 * B * S * S * D,
+            }
+        else:
+            b = {
+                "single.adaln": 2 * B * D * 3 * D,
+                "single.qkv": 3 * 2 * B * S * D * D,
+                "single.mlp_in": 2 * B * S * D * 4 * D,
+                "single.proj_out": 2 * B * S * 5 * D * D,
+                "single.attn.sdpa": 2 * 2 * B * S * S * D,
+            }
+        b = {f"block.{k_}": v for k_, v in b.items()}
+        if routed:
+            b.update(router_terms(B, N, D, P, bottleneck))
+        return b
+
+    notes = ("2 FLOPs per multiply-add; matrix products only", "RoPE, norms, modulation, activations and softmax not counted",
+             "double blocks: separate text/image weights; single blocks: all linears over [text; kept image]")
+    return assemble_count(n_double + n_single, N, T, keep_ratios, B, bottleneck, model, block, notes)
+

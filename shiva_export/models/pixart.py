@@ -126,6 +126,41 @@ class PixArtAdapter(ModelAdapter):
             lat, t = torch.cat([lat, lat]), torch.cat([t, t])
         return {"hidden_states": lat.to(dtype), "encoder_hidden_states": txt.to(dtype), "encoder_attention_mask": mask, "timestep": t.float()}
 
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        """PixArt terms: per image token 14 D^2 (self-attn q/k/v/out 4, cross-attn q/out 2, FF 8); the cross-
+        attention K/V over the T caption tokens are constant; self-attention ``2*2*k^2*D`` is quadratic in k."""
+        from shiva_export.validate.flops import assemble_count, router_terms
+
+        c = self.full_config(config)
+        D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+        B, N, T = batch, num_image_tokens, text_len
+        p2, C_in = int(c["patch_size"]) ** 2, int(c["in_channels"])
+        C_out, C_cap = int(c["out_channels"] or C_in), int(c["caption_channels"])
+        Dc = int(c["cross_attention_dim"] or D)
+        model = {
+            "embed.patch": 2 * B * N * C_in * p2 * D,
+            "embed.adaln_single": 2 * B * (256 * D + D * D + D * 6 * D),
+            "embed.caption": 2 * B * T * (C_cap * D + D * D),
+            "out.proj": 2 * B * N * D * p2 * C_out,
+        }
+
+        def block(i: int, k: int, routed: bool) -> dict[str, int]:
+            b = {
+                "block.attn1.qkv_out": 4 * 2 * B * k * D * D,
+                "block.attn1.sdpa": 2 * 2 * B * k * k * D,
+                "block.attn2.q_out": 2 * 2 * B * k * D * D,
+                "block.attn2.kv": 2 * 2 * B * T * Dc * D,
+                "block.attn2.sdpa": 2 * 2 * B * k * T * D,
+                "block.mlp": 2 * 2 * B * k * D * 4 * D,
+            }
+            if routed:
+                b.update(router_terms(B, N, D, D, bottleneck))
+            return b
+
+        notes = ("2 FLOPs per multiply-add; matrix products only", "adaLN-single modulation (scale_shift_table), norms, activations, softmax not counted",
+                 "the router's masked caption mean is elementwise (not counted)")
+        return assemble_count(int(c["num_layers"]), N, T, keep_ratios, B, bottleneck, model, block, notes)
+
     def onnx_translations(self) -> dict:
         """``aten.squeeze.dim`` -> Identity where the static dim is not 1 (the P1 fix, see module docstring)."""
         return {torch.ops.aten.squeeze.dim: _squeeze_dim_static}

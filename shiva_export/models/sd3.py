@@ -121,6 +121,11 @@ class SD3Adapter(ModelAdapter):
         cfg = _transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        from shiva_export.validate.flops import count_flops
+
+        return count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck)
+
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded random inputs (``timestep`` stays float32, in 0..1000). With CFG the uncond half's text
         embedding differs from the cond half's (as in a real pipeline), and both halves share the latent

@@ -300,9 +300,11 @@ def phase_names(n: int) -> list[str]:
 def _resolve_recipe(recipe_or_model):
     from shiva_export.recipe import Recipe, load_recipe
 
-    if isinstance(recipe_or_model, Recipe):
-        return recipe_or_model
-    return load_recipe(recipe_or_model)
+    rec = recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
+    if rec.architecture != "sd3":
+        # The STE routes through the SD3 block loop (set_route_override); the block-override adapters refuse it.
+        raise ConfigError(f"shiva-export train supports architecture 'sd3' only; {rec.name!r} is {rec.architecture!r}. Train an SD3/SD3.5 recipe.")
+    return rec
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
