@@ -55,7 +55,7 @@ from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
 from shiva_export.recipe import load_recipe
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from shiva_export.validate.flops import count_flops, ideal_speedup
+from shiva_export.validate.flops import count_model_flops, ideal_speedup
 
 __all__ = ["SpeedRow", "SpeedReport", "benchmark_speed", "BACKENDS"]
 
@@ -416,8 +416,8 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
 
     # ---- FLOPs (the ideal) -------------------------------------------------------------------------
     fl_kwargs = dict(batch=spec.model_batch, bottleneck=rec.router.bottleneck)
-    dense_flops = count_flops(transformer.config, n_tokens, spec.text_len, None, **fl_kwargs)
-    pruned_flops = {r: count_flops(transformer.config, n_tokens, spec.text_len, configs[r].keep_ratios, **fl_kwargs) for r in ratios}
+    dense_flops = count_model_flops(transformer, transformer.config, n_tokens, spec.text_len, None, **fl_kwargs)
+    pruned_flops = {r: count_model_flops(transformer, transformer.config, n_tokens, spec.text_len, configs[r].keep_ratios, **fl_kwargs) for r in ratios}
     ideal = {r: ideal_speedup(dense_flops, f) for r, f in pruned_flops.items()}
 
     inputs = make_inputs(transformer, spec, seed=0)
