@@ -18,6 +18,8 @@ _LAZY = {
     "Recipe": "shiva_export.recipe",
     "load_transformer": "shiva_export.models",
     "InputSpec": "shiva_export.models",
+    "get_adapter": "shiva_export.models",
+    "ModelAdapter": "shiva_export.models",
     "export_onnx": "shiva_export.export.onnx",
     "ExportResult": "shiva_export.export.onnx",
     "export_pruned": "shiva_export.export.pipeline",

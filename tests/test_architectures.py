@@ -272,3 +272,27 @@ def test_real_shape_flops_config_only():
     assert round(pix.total / 1e12, 2) == 13.27
     with pytest.raises(ConfigError, match="Supported"):
         count_model_flops("HunyuanDiT2DModel", {}, 16, 4)
+
+
+def test_phase_schedule_dispatches_on_the_calls_timestep(arch):
+    """set_shiva_phases_ works through the block-override adapters' pre-hook (Flux: 1000 x timestep)."""
+    from shiva_export.prune.api import phase_trace, set_shiva_phases_
+    from shiva_export.prune.schedule import TimestepPhase
+
+    name, rec, model = arch
+    a = get_adapter(model)
+    L = a.num_blocks(model)
+    n = a.num_image_tokens(model.config, rec.shapes.height, rec.shapes.width)
+    apply_shiva_(model, ShivaConfig.uniform(L, 0.5))
+    try:
+        early = TimestepPhase("early", 1000.0, 500.0, (None,) + (0.5,) * (L - 1))
+        late = TimestepPhase("late", 500.0, 0.0, (None,) + (0.75,) * (L - 1))
+        set_shiva_phases_(model, [early, late])
+        for t, want in ((900.0, int(n * 0.5)), (100.0, int(n * 0.75))):
+            x = a.make_inputs(model.config, _spec(rec), seed=0, timestep=t)
+            with record_selection(model) as recs:
+                _run(model, x)
+            assert {r["k"] for r in recs} == {want}, f"{name} at t={t}"
+        assert phase_trace(model) == ["early", "late"]
+    finally:
+        remove_shiva_(model)

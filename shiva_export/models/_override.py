@@ -105,7 +105,7 @@ def route_tokens(owner, index, state, config, hidden_states, temb, pooled, run_b
     if state.recorder is not None:
         rec = {"block": index, "k": k, "indices": idx.detach(), "scores": scores.detach()}
         if state.record_hidden:
-            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach())
+            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach(), temb=temb.detach(), pooled=pooled.detach())
         state.recorder.append(rec)
     return extra, out
 

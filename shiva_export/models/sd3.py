@@ -208,7 +208,7 @@ def _route_block(self, index_block, block, hidden_states, encoder_hidden_states,
     if state.recorder is not None:
         rec = {"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()}
         if state.record_hidden:
-            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach())
+            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach(), temb=temb.detach(), pooled=pooled.detach())
         state.recorder.append(rec)
     return encoder_hidden_states, out
 

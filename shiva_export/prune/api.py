@@ -214,8 +214,8 @@ class record_selection:
     Args:
         transformer (nn.Module): Transformer with Shiva applied.
         hidden_states (bool): Also record each routed block's image-token input (``hidden_in``), its
-            output after the scatter (``hidden_out``) and the kept tokens the block received
-            (``block_input``). Defaults to False.
+            output after the scatter (``hidden_out``), the kept tokens the block received
+            (``block_input``) and the router context (``temb``, ``pooled``). Defaults to False.
     """
 
     def __init__(self, transformer: nn.Module, hidden_states: bool = False):

@@ -118,7 +118,13 @@ def _runner_classes():
         def infer_impl(self, feed_dict):
             import time
 
-            feed = {k: (np.asarray(v).astype(self.input_dtype) if k in self.float_names else np.asarray(v, dtype=np.float32)) for k, v in feed_dict.items()}
+            def cast(k, v):
+                v = np.asarray(v)
+                if k in self.float_names:
+                    return v.astype(self.input_dtype)
+                return v.astype(np.float32) if v.dtype.kind == "f" else v  # timestep fp32; int64 masks/labels as they are
+
+            feed = {k: cast(k, v) for k, v in feed_dict.items()}
             t0 = time.perf_counter()
             outs = self.sess.run(self.out_names, feed)
             self.inference_time = time.perf_counter() - t0

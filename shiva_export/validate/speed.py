@@ -483,9 +483,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         with torch.inference_mode(), record_selection(transformer, hidden_states=True) as recs:
             transformer(**tin)
         block_inputs[r] = tuple(x["hidden_in"] for x in recs)
-    with torch.inference_mode():
-        temb = transformer.time_text_embed(tin["timestep"], tin["pooled_projections"])
-    pooled = tin["pooled_projections"]
+    temb, pooled = recs[0]["temb"], recs[0]["pooled"]  # the router context of this call, as the adapter captures it
     sel_modules = {r: _SelectionPath(bank, budgets[r], spec.cfg, configs[r].selection).eval() for r in ratios}
 
     if "torch" in backends:
