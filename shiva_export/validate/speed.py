@@ -49,7 +49,7 @@ from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
 from shiva_export.validate.parity import ort_session
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, check_image_size, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
+from shiva_export.models import InputSpec, check_image_size, get_adapter, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
 from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
@@ -133,6 +133,7 @@ class SpeedReport:
     timings: dict[str, Any]
     notes: list[str]
     command: str
+    architecture: str = "sd3"
 
     def row(self, backend: str, ratio: float | None) -> SpeedRow:
         """The row of ``backend`` at ``ratio`` (None = dense)."""
@@ -600,6 +601,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         dtype="fp32",
         spec=spec.to_dict(),
         model_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items() if not k.startswith("_")},
+        architecture=get_adapter(transformer).NAME,
         num_layers=n_layers,
         model_batch=spec.model_batch,
         num_image_tokens=n_tokens,
@@ -644,7 +646,7 @@ def _plot_png(report: SpeedReport) -> bytes:
         ideal_ms = []
         for g in grid:
             keeps = [1.0 - float(g) if i in routed else None for i in range(report.num_layers)]
-            pruned = count_flops(report.model_config, report.num_image_tokens, report.text_len, keeps, batch=report.model_batch, bottleneck=bottleneck)
+            pruned = count_model_flops(report.architecture, report.model_config, report.num_image_tokens, report.text_len, keeps, batch=report.model_batch, bottleneck=bottleneck)
             ideal_ms.append(dense.median_ms * pruned.total / dense.flops)
         ax.plot(grid, ideal_ms, color=color, linestyle=":", linewidth=1.5, label=f"{backend} ideal (dense / FLOP ratio)")
     s = report.spec
