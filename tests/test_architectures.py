@@ -143,6 +143,15 @@ def test_export_passes_preflight_and_ort_parity(arch, exports, ratio):
     assert ex.export.input_shapes == {k: list(v) for k, v in ex.spec.shapes(arch[2]).items()}
 
 
+def test_validate_parity_suite_on_the_export(arch, exports):
+    """``validate parity`` (polygraphy Comparator: torch runner vs ORT runner) on the ratio-0.4 export."""
+    from shiva_export.validate.compare import validate_parity
+
+    rep = validate_parity(recipe=arch[1], onnx=exports[0.4].export.onnx_path, cases=2)
+    assert rep.passed, rep.summary_line()
+    assert all(c.max_abs <= 1e-4 for c in rep.comparisons)
+
+
 @pytest.mark.trt_rtx
 def test_rtx_build(arch, exports, tmp_path):
     from shiva_export.engines import build_engine

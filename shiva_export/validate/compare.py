@@ -68,15 +68,16 @@ def _runner_classes():
     class TorchRunner(BaseRunner):
         """The PyTorch reference; emits ``sample`` and ``kept_indices.<block>``."""
 
-        def __init__(self, model, shapes, name="torch-fp32", extras=None):
+        def __init__(self, model, shapes, name="torch-fp32", extras=None, dtypes=None):
             super().__init__(name=name)
             self.model, self.shapes = model, shapes
+            self.dtypes = dtypes or {}  # graph input -> numpy dtype (int64 masks / class labels)
             self.extras = extras or {}  # static forward arguments the graph bakes in (Flux position ids)
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
             for n in self.shapes:
-                meta.add(n, dtype=np.float32, shape=self.shapes[n])
+                meta.add(n, dtype=self.dtypes.get(n, np.float32), shape=self.shapes[n])
             return meta
 
         def infer_impl(self, feed_dict):
@@ -112,7 +113,7 @@ def _runner_classes():
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
             for i in self.sess.get_inputs():
-                meta.add(i.name, dtype=np.float32, shape=self.shapes[i.name])
+                meta.add(i.name, dtype=np.int64 if i.type == "tensor(int64)" else np.float32, shape=self.shapes[i.name])
             return meta
 
         def infer_impl(self, feed_dict):
@@ -338,7 +339,7 @@ def validate_parity(
             run_path = _with_index_outputs(path, index_tensors) if index_tensors else path
             np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
             shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
-            runners = [TorchRunner(ref, shapes, extras=extras)]
+            runners = [TorchRunner(ref, shapes, extras=extras, dtypes={k: v.dtype for k, v in feeds[0].items()})]
             for b in wanted:
                 if b in ("ort-cpu", "ort-cuda"):
                     if ex_dtype == "bf16":
