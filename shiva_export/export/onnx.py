@@ -1,4 +1,7 @@
-"""ONNX export of a Shiva-pruned SD3/SD3.5 transformer with static per-block budgets.
+"""ONNX export of a Shiva-pruned diffusers transformer (any adapter) with static per-block budgets.
+
+Input names, their order, sample inputs, export-only rewrites (Flux: RoPE baked as constants) and custom
+translations (PixArt: the squeeze fix) come from the model's adapter (``shiva_export.models``).
 
 Exporter choice (on evidence, ``feasibility.md`` and ``tensorrt-rtx.md``):
 
@@ -256,7 +259,7 @@ def export_onnx(
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
     Args:
-        transformer (nn.Module): ``SD3Transformer2DModel``, usually with :func:`apply_shiva_` applied,
+        transformer (nn.Module): A diffusers transformer with an adapter, usually with :func:`apply_shiva_` applied,
             already in the export dtype.
         out (PathLike): Destination ``.onnx`` path. External data, when needed, goes to ``<out>.data``.
         spec (InputSpec): Static input shapes.

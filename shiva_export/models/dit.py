@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, phase_timestep, remove_overrides, route_tokens
+from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["DiTAdapter"]
@@ -138,7 +138,7 @@ def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
     state = hook_state(module)
     hs = kwargs.get("hidden_states", args[0] if args else None)
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    state.call = {"config": _call_config(state, hs, phase_timestep(t, 1.0) if t is not None else None, None)}
+    state.call = {"config": _call_config(state, hs, t, None)}
     return None
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, phase_timestep, remove_overrides, route_tokens
+from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["PixArtAdapter"]
@@ -191,7 +191,7 @@ def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
     bound = dict(zip(_FORWARD_PARAMS, args)) | kwargs
     state = getattr(module, _STATE_ATTR)
     t = bound.get("timestep")
-    config = _call_config(state, bound.get("hidden_states"), phase_timestep(t, 1.0) if t is not None else None, None)
+    config = _call_config(state, bound.get("hidden_states"), t, None)
     state.call = {"config": config, "mask": bound.get("encoder_attention_mask")}
     return None
 
