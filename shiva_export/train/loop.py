@@ -862,7 +862,7 @@ def evaluate_router(
             raise RouterError(f"{rec.name}: no trained router to evaluate; the recipe has no [router] weights. Pass router=PATH.")
         trained, _ = load_routers(path, rc)
     spec = InputSpec(batch=1, height=rec.shapes.height, width=rec.shapes.width, text_len=rec.shapes.text_len, cfg=False)
-    cases = [make_inputs(transformer.config, spec, seed=s) for s in seeds]
+    cases = [make_inputs(transformer, spec, seed=s) for s in seeds]
     with torch.no_grad():
         dense = [transformer(**x).sample for x in cases]
 
