@@ -58,14 +58,14 @@ class ModelSection(BaseModel):
     repo_id: str | None = None
     subfolder: str | None = "transformer"
     seed: int = 0
-    config: dict[str, Any] | None = Field(None, description="SD3Transformer2DModel config for embedded models")
+    config: dict[str, Any] | None = Field(None, description="diffusers transformer config (the adapter's model class) for embedded models")
 
     @model_validator(mode="after")
     def _source_fields(self):
         if self.source == "hub" and not self.repo_id:
             raise ValueError("source = 'hub' needs repo_id (e.g. 'stabilityai/stable-diffusion-3.5-medium')")
         if self.source == "embedded" and not self.config:
-            raise ValueError("source = 'embedded' needs a [model.config] table with the SD3Transformer2DModel config")
+            raise ValueError("source = 'embedded' needs a [model.config] table with the transformer config")
         return self
 
 
@@ -167,7 +167,7 @@ class Recipe(BaseModel):
     schema_version: int
     name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     description: str = ""
-    architecture: Literal["sd3"] = "sd3"
+    architecture: str = Field("sd3", description="model adapter key (shiva_export.models): sd3, flux, ...")
     model: ModelSection
     prune: PruneSection = Field(default_factory=PruneSection)
     router: RouterSection = Field(default_factory=RouterSection)
@@ -186,6 +186,24 @@ class Recipe(BaseModel):
         if v != SCHEMA_VERSION:
             raise ValueError(f"schema_version {v} is not supported; this shiva-export reads schema_version = {SCHEMA_VERSION}")
         return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, v: str) -> str:
+        from shiva_export.models.base import supported_architectures
+
+        known = supported_architectures()
+        if v not in known:
+            raise ValueError(f"architecture {v!r} has no adapter; choose one of {', '.join(known)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cfg_matches_architecture(self):
+        from shiva_export.models.base import adapter_for_architecture
+
+        if self.shapes.cfg and not adapter_for_architecture(self.architecture).BATCHED_CFG:
+            raise ValueError(f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false")
+        return self
 
     @field_validator("tolerances")
     @classmethod

@@ -30,7 +30,7 @@ RUN_HELP = "Run a built engine on seeded inputs on a CUDA GPU and print output s
 
 
 def trt_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, sd35-tiny, sd3-tiny, sd3-mid).")] = "sd35",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny).")] = "sd35",
     ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1); repeat for several engines. 0 = dense reference. Default: the recipe's ratios.")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Build this existing export (from `shiva-export onnx`) instead of exporting.")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder with the transformer weights.")] = None,

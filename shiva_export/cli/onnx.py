@@ -27,7 +27,7 @@ Exit codes: 0 ok, 1 error, 2 bad option value, 3 parity failed, 4 missing depend
 """
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Model name: sd35 (SD3.5-Medium), sd3, sd35-large, or the offline sd35-tiny / sd3-tiny / sd3-mid.")
+    str, typer.Option("--model", "-m", help="Model name: sd35 (SD3.5-Medium), sd3, sd35-large, flux-dev, flux-schnell, or the offline sd35-tiny / sd3-tiny / sd3-mid / flux-tiny.")
 ]
 RatioOpt = Annotated[
     float | None,

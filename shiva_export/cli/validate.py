@@ -31,7 +31,7 @@ Ends with a greppable 'PASSED | ...' or 'FAILED | ...' line; exit 3 when a compa
 
 @validate_app.command("parity", epilog=PARITY_EPILOG, help="Compare ONNX Runtime (and engines on a GPU) with the fp32 PyTorch pruned model through polygraphy: error stats, cosine, kept-index overlap per routed block. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
 def parity_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, sd35-tiny, sd3-tiny, sd3-mid).")] = "sd35",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny).")] = "sd35",
     ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable). Default: the recipe's ratios.")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Validate this existing export (ratio, shapes and dtype from its metadata).")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder.")] = None,

@@ -1,4 +1,7 @@
-"""ONNX export of a Shiva-pruned SD3/SD3.5 transformer with static per-block budgets.
+"""ONNX export of a Shiva-pruned diffusers transformer (any adapter) with static per-block budgets.
+
+Input names, their order, sample inputs, export-only rewrites (Flux: RoPE baked as constants) and custom
+translations (PixArt: the squeeze fix) come from the model's adapter (``shiva_export.models``).
 
 Exporter choice (on evidence, ``feasibility.md`` and ``tensorrt-rtx.md``):
 
@@ -36,7 +39,7 @@ from torch import nn
 from shiva_export._version import __version__
 from shiva_export.errors import ConfigError, ExportError
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME, InputSpec, make_inputs
+from shiva_export.models import InputSpec, get_adapter
 from shiva_export.utils.io import check_writable, commit_files, sha256_file
 
 __all__ = [
@@ -97,20 +100,17 @@ def _quiet_exporter():
 
 
 class _ExportWrapper(nn.Module):
-    """Positional-argument, tensor-returning view of the transformer for the exporter."""
+    """Positional-argument, tensor-returning view of the transformer for the exporter: graph inputs in the
+    adapter's order; static forward arguments (``extras``, e.g. Flux position ids) are closed over."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, names: tuple[str, ...], extras: dict[str, torch.Tensor]):
         super().__init__()
         self.transformer = transformer
+        self.names = tuple(names)
+        self.extras = extras
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
+    def forward(self, *args):
+        return self.transformer(**dict(zip(self.names, args)), **self.extras, return_dict=False)[0]
 
 
 @dataclass
@@ -283,7 +283,7 @@ def export_onnx(
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
     Args:
-        transformer (nn.Module): ``SD3Transformer2DModel``, usually with :func:`apply_shiva_` applied,
+        transformer (nn.Module): A diffusers transformer with an adapter, usually with :func:`apply_shiva_` applied,
             already in the export dtype.
         out (PathLike): Destination ``.onnx`` path. External data, when needed, goes to ``<out>.data``.
         spec (InputSpec): Static input shapes.
@@ -313,8 +313,11 @@ def export_onnx(
     if dynamic_batch and spec.batch < 2:
         # torch.export specializes size-1 dims: trace with two prompts so the batch axis stays symbolic.
         trace_spec = InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg)
-    inputs = make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype)
-    args = tuple(inputs[n] for n in INPUT_NAMES)
+    adapter = get_adapter(transformer)
+    names = adapter.input_names(transformer.config)
+    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype)
+    args = tuple(inputs[n] for n in names)
+    extras = {k: v for k, v in inputs.items() if k not in names}
 
     dynamic_shapes = None
     if dynamic_batch:
@@ -323,7 +326,7 @@ def export_onnx(
             axis = 2 * half
         else:
             axis = torch.export.Dim("batch_size", min=1, max=2048)
-        dynamic_shapes = tuple({0: axis} for _ in INPUT_NAMES)
+        dynamic_shapes = (tuple({0: axis} for _ in names),)
 
     external = _param_bytes(transformer) > _PROTOBUF_LIMIT - (64 << 20)
     from shiva_export.utils.io import sweep_stale_temps, temp_prefix
@@ -333,18 +336,19 @@ def export_onnx(
     tmp_onnx = tmp_dir / dest.name
     t0 = time.perf_counter()
     try:
-        wrapper = _ExportWrapper(transformer).eval()
+        wrapper = _ExportWrapper(transformer, names, extras).eval()
         try:
-            with torch.no_grad(), _quiet_exporter():
+            with torch.no_grad(), _quiet_exporter(), adapter.export_context(transformer, inputs):
                 torch.onnx.export(
                     wrapper,
                     args,
                     str(tmp_onnx),
                     dynamo=True,
                     opset_version=opset,
-                    input_names=list(INPUT_NAMES),
-                    output_names=[OUTPUT_NAME],
+                    input_names=list(names),
+                    output_names=[adapter.OUTPUT_NAME],
                     dynamic_shapes=dynamic_shapes,
+                    custom_translation_table=adapter.onnx_translations() or None,
                     external_data=external,
                     verbose=False,
                 )
@@ -394,10 +398,10 @@ def export_onnx(
         stale = dest.parent / (dest.name + ".data")
         if stale.exists():
             stale.unlink()
-    out_shape = list(inputs["hidden_states"].shape)
+    out_shape = list(adapter.output_shape(transformer.config, trace_spec))
     if dynamic_batch:
         out_shape[0] = "batch_size"
-    shapes = {k: list(v) for k, v in spec.shapes(transformer.config).items()}
+    shapes = {k: list(v) for k, v in spec.shapes(transformer).items()}
     if dynamic_batch:
         for v in shapes.values():
             v[0] = "batch_size"

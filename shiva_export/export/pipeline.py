@@ -17,7 +17,7 @@ from typing import Any
 from shiva_export.errors import ConfigError, RouterError
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import InputSpec, check_image_size, load_transformer, make_inputs, num_image_tokens, torch_dtype
+from shiva_export.models import InputSpec, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
@@ -231,7 +231,7 @@ def export_pruned(
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     load_seconds = time.perf_counter() - t0
     check_image_size(transformer, spec.height, spec.width)
-    n_layers = len(transformer.transformer_blocks)
+    n_layers = num_blocks(transformer)
     n_tokens = num_image_tokens(transformer, spec.height, spec.width)
     routed = rec.routed_blocks(n_layers)
     if phase is not None:
@@ -249,7 +249,7 @@ def export_pruned(
         )
     budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
 
-    rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    rc = config.router_config(*router_dims(transformer))
     if dense:
         bank, router_info = None, {"source": "none (dense reference)", "file_sha256": None}
     else:
@@ -319,7 +319,7 @@ def export_pruned(
         say("parity (onnxruntime cpu)")
         tol = rec.tolerance(dtype)
         timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
-        cases = [(s, timesteps[s], make_inputs(transformer.config, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]
+        cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]
         parity = check_parity(
             result.onnx_path,
             transformer,

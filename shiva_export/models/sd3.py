@@ -8,20 +8,26 @@ Quirks handled here (why they matter for routing):
   the kept tokens with unchanged code.
 - Position embeddings are added once in ``pos_embed`` (cropped sin-cos table of ``pos_embed_max_size``
   patches per side), so gathered tokens carry their position and need nothing extra (unlike Flux RoPE).
+- Routing replaces the instance's ``forward`` with :func:`_shiva_forward`, a copy of the diffusers forward
+  whose block loop calls :func:`_route_block` (kept, rather than the lighter block override the Flux adapter
+  uses, because training's ``set_route_override`` and skip-layer guidance hook into this loop).
+- Router context = ``(temb, pooled_projections)``: the model's own ``time_text_embed`` output and the pooled
+  CLIP vector (paper, Sec. 2.3).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
+import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError, ModelNotFoundError, ShapeError, WeightsError
+from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, get_adapter, register_adapter, torch_dtype
+from shiva_export.models.base import load_transformer as _load_any
 
 __all__ = [
     "SD3Adapter",
@@ -35,6 +41,7 @@ __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAME",
     "VAE_SCALE",
+    "torch_dtype",
 ]
 
 logger = get_logger(__name__)
@@ -42,213 +49,239 @@ logger = get_logger(__name__)
 #: ONNX tensor names reuse diffusers' forward-argument names, so engines drop into existing pipelines.
 INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 OUTPUT_NAME = "sample"
-#: Pixels per latent cell (the SD3 VAE downsamples by 8).
-VAE_SCALE = 8
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ConfigError(f"Unknown dtype: {name!r}. Choose one of {', '.join(_DTYPES)}.")
-    return _DTYPES[name]
+@register_adapter
+class SD3Adapter(ModelAdapter):
+    """SD3 / SD3.5 (Medium, Large): ``JointTransformerBlock``s over ``[image; text]`` with a 2-D sin-cos
+    table added in ``pos_embed``; CFG as one ``[uncond; cond]`` batch."""
 
+    NAME = "sd3"
+    MODEL_CLASS = "SD3Transformer2DModel"
+    PIPELINE_CLASS = "StableDiffusion3Pipeline"
+    REPO_IDS = {
+        "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+        "sd35": "stabilityai/stable-diffusion-3.5-medium",
+        "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    }
+    BLOCKS_ATTR = "transformer_blocks"
+    BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")
+    INPUT_NAMES = INPUT_NAMES
+    DYNAMIC_AXES = {name: {0: "batch_size"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch_size"}}
 
-def check_supported(transformer: nn.Module) -> None:
-    from diffusers import SD3Transformer2DModel
+    def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        if "dual_attention_layers" in config:
+            config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
+        return config
 
-    if not isinstance(transformer, SD3Transformer2DModel):
-        raise ConfigError(
-            f"No adapter for {type(transformer).__name__!r}. Supported: ['SD3Transformer2DModel'] (SD3, SD3.5). "
-            "Note: adapters live in shiva_export/models/."
-        )
+    def num_blocks(self, transformer: nn.Module) -> int:
+        return len(transformer.transformer_blocks)
 
+    def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
+        return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
-def _transformer_config(transformer_or_config: Any) -> Any:
-    return getattr(transformer_or_config, "config", transformer_or_config)
+    def install_routing(self, transformer: nn.Module) -> None:
+        transformer.forward = types.MethodType(_shiva_forward, transformer)
 
+    def remove_routing(self, transformer: nn.Module) -> None:
+        del transformer.forward  # the instance attribute; the class method is visible again
 
-def check_image_size(config: Any, height: int, width: int) -> None:
-    """Raises :class:`ShapeError` unless ``height`` and ``width`` (pixels) fit the model."""
-    cfg = _transformer_config(config)
-    step = VAE_SCALE * cfg.patch_size
-    max_px = (cfg.pos_embed_max_size or 0) * step
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % step:
-            raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
-        if max_px and v > max_px:
-            raise ShapeError(
-                f"--{name} {v} exceeds the model's position-embedding range of {max_px} px "
-                f"(pos_embed_max_size {cfg.pos_embed_max_size} patches x {step} px). Use {step}..{max_px}."
-            )
-
-
-def num_image_tokens(config: Any, height: int, width: int) -> int:
-    cfg = _transformer_config(config)
-    step = VAE_SCALE * cfg.patch_size
-    return (height // step) * (width // step)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Static input shapes of one export/engine.
-
-    Args:
-        batch (int): Prompts per call. With ``cfg`` the model batch is ``2 * batch``.
-        height (int): Image height in pixels.
-        width (int): Image width in pixels.
-        text_len (int): Text tokens.
-        cfg (bool): Batch holds ``[uncond; cond]`` halves.
-    """
-
-    batch: int
-    height: int
-    width: int
-    text_len: int
-    cfg: bool
-
-    def __post_init__(self):
-        if not isinstance(self.batch, int) or self.batch < 1:
-            raise ShapeError(f"--batch {self.batch} is invalid; expected an integer >= 1 (prompts per call).")
-        if not isinstance(self.text_len, int) or self.text_len < 1:
-            raise ShapeError(f"text length {self.text_len} is invalid; expected an integer >= 1.")
-
-    @property
-    def model_batch(self) -> int:
-        return self.batch * (2 if self.cfg else 1)
-
-    def shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+    def check_image_size(self, config: Any, height: int, width: int) -> None:
         cfg = _transformer_config(config)
-        b = self.model_batch
+        step = VAE_SCALE * cfg.patch_size
+        max_px = (cfg.pos_embed_max_size or 0) * step
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % step:
+                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
+            if max_px and v > max_px:
+                raise ShapeError(
+                    f"--{name} {v} exceeds the model's position-embedding range of {max_px} px "
+                    f"(pos_embed_max_size {cfg.pos_embed_max_size} patches x {step} px). Use {step}..{max_px}."
+                )
+
+    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        return (height // step) * (width // step)
+
+    def input_names(self, config: Any) -> tuple[str, ...]:
+        return INPUT_NAMES
+
+    def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        cfg = _transformer_config(config)
+        b = spec.model_batch
         return {
-            "hidden_states": (b, cfg.in_channels, self.height // VAE_SCALE, self.width // VAE_SCALE),
-            "encoder_hidden_states": (b, self.text_len, cfg.joint_attention_dim),
+            "hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE),
+            "encoder_hidden_states": (b, spec.text_len, cfg.joint_attention_dim),
             "pooled_projections": (b, cfg.pooled_projection_dim),
             "timestep": (b,),
         }
 
-    def to_dict(self) -> dict:
-        return {"batch": self.batch, "height": self.height, "width": self.width, "text_len": self.text_len, "cfg": self.cfg}
+    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
+        cfg = _transformer_config(config)
+        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        from shiva_export.validate.flops import count_flops
+
+        return count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck)
+
+    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+        """Seeded random inputs (``timestep`` stays float32, in 0..1000). With CFG the uncond half's text
+        embedding differs from the cond half's (as in a real pipeline), and both halves share the latent
+        and timestep."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shapes = self.input_shapes(config, spec)
+        half = spec.batch
+        lat = torch.randn((half, *shapes["hidden_states"][1:]), generator=g)
+        txt = torch.randn(shapes["encoder_hidden_states"], generator=g)
+        pooled = torch.randn(shapes["pooled_projections"], generator=g)
+        t = torch.rand((half,), generator=g) * 1000.0 if timestep is None else torch.full((half,), float(timestep))
+        if spec.cfg:
+            lat = torch.cat([lat, lat])
+            t = torch.cat([t, t])
+        return {
+            "hidden_states": lat.to(dtype),
+            "encoder_hidden_states": txt.to(dtype),
+            "pooled_projections": pooled.to(dtype),
+            "timestep": t.float(),
+        }
+
+
+_ADAPTER = SD3Adapter
+
+
+# Module-level helpers kept for callers that know they hold an SD3 model (tests, the SD3 runtime).
+def check_supported(transformer: nn.Module) -> None:
+    """Raises a one-line :class:`ConfigError` unless ``transformer`` is an ``SD3Transformer2DModel``."""
+    if not isinstance(get_adapter(transformer), SD3Adapter):
+        raise ConfigError(f"Expected an SD3Transformer2DModel, got {type(transformer).__name__}. Use the matching --model.")
+
+
+def check_image_size(config: Any, height: int, width: int) -> None:
+    """Raises :class:`ShapeError` unless ``height`` and ``width`` (pixels) fit the model."""
+    SD3Adapter().check_image_size(config, height, width)
+
+
+def num_image_tokens(config: Any, height: int, width: int) -> int:
+    return SD3Adapter().num_image_tokens(config, height, width)
 
 
 def make_inputs(config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
-    """Seeded random inputs in the model's forward-argument names (``timestep`` stays float32).
-
-    With CFG the uncond half's text embedding differs from the cond half's (as in a real pipeline), and
-    both halves share the latent and timestep.
-    """
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    shapes = spec.shapes(config)
-    half = spec.batch
-    lat = torch.randn((half, *shapes["hidden_states"][1:]), generator=g)
-    txt = torch.randn(shapes["encoder_hidden_states"], generator=g)
-    pooled = torch.randn(shapes["pooled_projections"], generator=g)
-    t = torch.rand((half,), generator=g) * 1000.0 if timestep is None else torch.full((half,), float(timestep))
-    if spec.cfg:
-        lat = torch.cat([lat, lat])
-        t = torch.cat([t, t])
-    return {
-        "hidden_states": lat.to(dtype),
-        "encoder_hidden_states": txt.to(dtype),
-        "pooled_projections": pooled.to(dtype),
-        "timestep": t.float(),
-    }
+    return SD3Adapter().make_inputs(config, spec, seed, dtype, timestep)
 
 
 def build_embedded(config: dict[str, Any], seed: int = 0) -> nn.Module:
     """Builds an ``SD3Transformer2DModel`` from a config dict with seeded random weights (no download)."""
-    from diffusers import SD3Transformer2DModel
-
-    cfg = dict(config)
-    for key, v in cfg.items():
-        if isinstance(v, bool) or not isinstance(v, int):
-            continue
-        if not 1 <= v <= 65536:
-            raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 1..65536. Fix the recipe.")
-    if "dual_attention_layers" in cfg:
-        cfg["dual_attention_layers"] = tuple(cfg["dual_attention_layers"])
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = SD3Transformer2DModel(**cfg)
-    except TypeError as err:
-        raise ConfigError(f"Invalid SD3Transformer2DModel config: {err}. Check [model.config] in the recipe.") from None
-    return model.eval()
+    return SD3Adapter().build_embedded(config, seed)
 
 
-def _is_transformer_folder(p: Path) -> bool:
-    return (p / "config.json").is_file()
+def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, dtype: str = "fp32") -> nn.Module:
+    """:func:`shiva_export.models.base.load_transformer` (any architecture)."""
+    return _load_any(recipe=recipe, weights=weights, dtype=dtype)
 
 
-def load_transformer(
-    *,
-    recipe=None,
-    weights: str | os.PathLike | None = None,
-    dtype: str = "fp32",
-) -> nn.Module:
-    """Loads the transformer named by ``recipe`` or from a local diffusers folder.
+# -- routing: the copied forward ----------------------------------------------------------------------------
+from shiva_export.prune.api import _ROUTERS_ATTR, _STATE_ATTR, _call_config  # noqa: E402
+from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k  # noqa: E402
 
-    Args:
-        recipe (Recipe): Model recipe (hub repo id + subfolder, or an embedded config).
-        weights (PathLike): Local diffusers folder: a transformer folder (``config.json`` +
-            safetensors) or a pipeline folder with a ``transformer/`` subfolder. Loaded through
-            ``SD3Transformer2DModel.from_pretrained``, the same code as for hub ids. Defaults to None.
-        dtype (str): ``fp32``, ``fp16`` or ``bf16``. Defaults to ``fp32``.
-    """
-    from diffusers import SD3Transformer2DModel
 
-    td = torch_dtype(dtype)
-    if weights is not None:
-        p = Path(weights).expanduser()
-        if not p.exists():
-            raise WeightsError(f"--weights folder does not exist: {p}. Pass a diffusers transformer folder (config.json + *.safetensors).")
-        if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
-            raise WeightsError(f"--weights is not a readable folder: {p}. Pass a diffusers transformer folder.")
-        if _is_transformer_folder(p):
-            folder, sub = p, None
-        elif _is_transformer_folder(p / "transformer"):
-            folder, sub = p, "transformer"
-        else:
-            raise WeightsError(
-                f"--weights {p} holds no config.json (nor transformer/config.json). "
-                "Pass the folder written by SD3Transformer2DModel.save_pretrained or a pipeline folder."
-            )
-        try:
-            model = SD3Transformer2DModel.from_pretrained(str(folder), subfolder=sub, torch_dtype=td, local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise WeightsError(f"Cannot load a SD3 transformer from {p}: {str(err).splitlines()[0]}. Is it a diffusers SD3/SD3.5 transformer folder?") from None
-        check_supported(model)
-        return model.eval()
-
-    if recipe is None:
-        raise ConfigError("load_transformer needs a recipe or weights.")
-    if recipe.model.source == "embedded":
-        model = build_embedded(recipe.model.config, recipe.model.seed)
-        return model if td == torch.float32 else model.to(td)
-
-    repo, sub = recipe.model.repo_id, recipe.model.subfolder
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    attempts = [True] if offline else [True, False]
-    last: Exception | None = None
-    for local_only in attempts:
-        try:
-            model = SD3Transformer2DModel.from_pretrained(repo, subfolder=sub, torch_dtype=td, local_files_only=local_only)
-            check_supported(model)
-            return model.eval()
-        except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
-            last = err
-    reason = str(last).splitlines()[0][:160] if last else "unknown error"
-    raise ModelNotFoundError(
-        f"Model {recipe.name!r} ({repo}, subfolder {sub!r}) is not in the local Hugging Face cache and cannot be downloaded "
-        f"here ({reason}). Download it elsewhere and pass --weights PATH (a diffusers transformer or pipeline folder)."
+def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, config):
+    state = getattr(self, _STATE_ATTR)
+    if state.route_override is not None:
+        return state.route_override(
+            index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, getattr(self, _ROUTERS_ATTR)
+        )
+    keep = config.keep_ratios[index_block]
+    n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
+    k = static_k(n, keep)
+    scores = getattr(self, _ROUTERS_ATTR)(index_block, hidden_states, temb, pooled)
+    idx = select_topk(scores, k, cfg=config.cfg, selection=config.selection)
+    kept = gather_tokens(hidden_states, idx)
+    encoder_hidden_states, kept_out = block(
+        hidden_states=kept,
+        encoder_hidden_states=encoder_hidden_states,
+        temb=temb,
+        joint_attention_kwargs=joint_attention_kwargs,
     )
+    out = scatter_tokens(hidden_states, idx, kept_out)
+    if state.recorder is not None:
+        rec = {"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()}
+        if state.record_hidden:
+            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach(), temb=temb.detach(), pooled=pooled.detach())
+        state.recorder.append(rec)
+    return encoder_hidden_states, out
 
 
-class SD3Adapter:
-    """Declarative facts the exporter needs about SD3/SD3.5 (optimum ``OnnxConfig`` style)."""
+# Copied from diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward (diffusers 0.42)
+# with the block call replaced by _route_block for routed blocks. Keep in sync when bumping diffusers;
+# tests/test_prune.py::test_keep_one_is_bit_identical guards the copy.
+def _shiva_forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor = None,
+    pooled_projections: torch.Tensor = None,
+    timestep: torch.LongTensor = None,
+    block_controlnet_hidden_states: list = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+    skip_layers: list[int] | None = None,
+):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    MODEL_CLASSES = ("SD3Transformer2DModel",)
-    BLOCKS_ATTR = "transformer_blocks"
-    BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")
-    INPUT_NAMES = INPUT_NAMES
-    OUTPUT_NAME = OUTPUT_NAME
-    DYNAMIC_AXES = {name: {0: "batch_size"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch_size"}}
+    state = getattr(self, _STATE_ATTR)
+    config = _call_config(state, hidden_states, timestep, skip_layers)
+    height, width = hidden_states.shape[-2:]
+
+    hidden_states = self.pos_embed(hidden_states)
+    hidden_states = hidden_states.contiguous()
+    temb = self.time_text_embed(timestep, pooled_projections)
+    encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+
+    if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
+        ip_adapter_image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
+        ip_hidden_states, ip_temb = self.image_proj(ip_adapter_image_embeds, timestep)
+        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=ip_temb)
+
+    for index_block, block in enumerate(self.transformer_blocks):
+        is_skip = True if skip_layers is not None and index_block in skip_layers else False
+        routed = config.keep_ratios[index_block] is not None
+
+        if is_skip:
+            pass
+        elif routed:
+            encoder_hidden_states, hidden_states = _route_block(
+                self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled_projections, joint_attention_kwargs, config
+            )
+        elif torch.is_grad_enabled() and self.gradient_checkpointing:
+            encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs
+            )
+        else:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                temb=temb,
+                joint_attention_kwargs=joint_attention_kwargs,
+            )
+
+        if block_controlnet_hidden_states is not None and block.context_pre_only is False:
+            interval_control = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
+            hidden_states = hidden_states + block_controlnet_hidden_states[int(index_block / interval_control)]
+
+    hidden_states = self.norm_out(hidden_states, temb)
+    hidden_states = self.proj_out(hidden_states)
+
+    patch_size = self.config.patch_size
+    height = height // patch_size
+    width = width // patch_size
+
+    hidden_states = hidden_states.reshape(
+        shape=(hidden_states.shape[0], height, width, patch_size, patch_size, self.out_channels)
+    )
+    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+    output = hidden_states.reshape(shape=(hidden_states.shape[0], self.out_channels, height * patch_size, width * patch_size))
+
+    if not return_dict:
+        return (output,)
+    return Transformer2DModelOutput(sample=output)

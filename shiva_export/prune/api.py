@@ -1,9 +1,11 @@
-"""Apply and remove Shiva token pruning on a diffusers SD3/SD3.5 transformer, in place and reversibly.
+"""Apply and remove Shiva token pruning on a diffusers transformer, in place and reversibly.
 
 :func:`apply_shiva_` attaches a :class:`~shiva_export.prune.router.RouterBank` as the submodule
-``transformer.shiva_routers`` and replaces the instance's ``forward`` with :func:`_shiva_forward`, a copy
-of ``SD3Transformer2DModel.forward`` whose block loop routes image tokens around each routed block.
-:func:`remove_shiva_` deletes both, so the class's own forward (and its exact outputs) come back.
+``transformer.shiva_routers`` and a routing state, then lets the model's adapter
+(``shiva_export.models``) install the routing: SD3 replaces the instance ``forward`` with a copy whose
+block loop routes image tokens; Flux replaces only the routed blocks' ``forward`` and captures the
+router context with a forward pre-hook. :func:`remove_shiva_` undoes both, so the class's own forward
+(and its exact outputs) come back.
 
 Per routed block with keep ratio ``r`` and N image tokens (``k = floor(N r)``, a Python int):
 score tokens with the router -> ``TopK(k)`` -> sort indices by position -> gather the kept tokens ->
@@ -14,7 +16,6 @@ Rejected tokens pass through unchanged (identity). Block 0 is always dense.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.logging import get_logger
 from shiva_export.prune.router import RouterBank, RouterConfig
-from shiva_export.prune.topk import SELECTIONS, gather_tokens, scatter_tokens, select_topk, static_k
+from shiva_export.prune.topk import SELECTIONS, static_k
 
 __all__ = [
     "ShivaConfig",
@@ -138,41 +139,43 @@ class _ShivaState:
     phases: tuple | None = None  # runtime: ((TimestepPhase, ShivaConfig), ...) dispatched on the call's timestep
     auto_cfg: bool = False  # runtime: decide per call whether the batch is a CFG pair (see set_shiva_phases_)
     trace: list = field(default_factory=list)  # runtime: phase name of every call since set_shiva_phases_
+    call: dict = field(default_factory=dict)  # block-override adapters: this call's config and context (pre-hook)
+    handles: list = field(default_factory=list)  # block-override adapters: hook handles to remove
 
 
 def is_shiva_applied(transformer: nn.Module) -> bool:
     return hasattr(transformer, _STATE_ATTR)
 
 
-def _check_transformer(transformer: nn.Module) -> None:
-    from shiva_export.models.sd3 import check_supported
+def _adapter(transformer: nn.Module):
+    from shiva_export.models.base import get_adapter
 
-    check_supported(transformer)
+    return get_adapter(transformer)  # one-line ConfigError listing the supported classes
 
 
 def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBank | None = None, seed: int = 0) -> RouterBank:
     """Applies Shiva pruning to ``transformer`` in place and returns its router bank.
 
     Args:
-        transformer (nn.Module): A diffusers ``SD3Transformer2DModel``.
+        transformer (nn.Module): A diffusers transformer with an adapter (``shiva_export.models``).
         config (ShivaConfig): Keep ratio per block.
         routers (RouterBank): Trained routers. Defaults to a seeded random bank (``seed``).
         seed (int): Seed of the random router init when ``routers`` is None. Defaults to 0.
 
     Example:
-        >>> bank = apply_shiva_(transformer, ShivaConfig.uniform(len(transformer.transformer_blocks), 0.4))
+        >>> bank = apply_shiva_(transformer, ShivaConfig.uniform(get_adapter(transformer).num_blocks(transformer), 0.4))
         >>> out = transformer(**inputs).sample      # pruned forward
         >>> remove_shiva_(transformer)                # dense again, bit for bit
     """
-    _check_transformer(transformer)
-    n_blocks = len(transformer.transformer_blocks)
+    adapter = _adapter(transformer)
+    n_blocks = adapter.num_blocks(transformer)
     if len(config.keep_ratios) != n_blocks:
         raise ConfigError(
             f"keep_ratios has {len(config.keep_ratios)} entries but the model has {n_blocks} blocks; give one per block."
         )
     if is_shiva_applied(transformer):
         raise ConfigError("Shiva is already applied to this transformer; call remove_shiva_(transformer) first.")
-    rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    rc = config.router_config(*adapter.router_dims(transformer))
     if routers is None:
         routers = RouterBank(rc)
         routers.reset_parameters(seed)
@@ -182,7 +185,7 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
     routers.to(device=ref.device)
     transformer.add_module(_ROUTERS_ATTR, routers)
     object.__setattr__(transformer, _STATE_ATTR, _ShivaState(config))
-    transformer.forward = types.MethodType(_shiva_forward, transformer)
+    adapter.install_routing(transformer)
     logger.info("Shiva applied: %d routed blocks, %d routers", len(config.routed_blocks), rc.num_routers)
     return routers
 
@@ -191,9 +194,9 @@ def remove_shiva_(transformer: nn.Module) -> RouterBank:
     """Removes Shiva pruning in place (restores the class forward); returns the detached router bank."""
     if not is_shiva_applied(transformer):
         raise ConfigError("Shiva is not applied to this transformer; nothing to remove.")
+    _adapter(transformer).remove_routing(transformer)
     bank = transformer._modules.pop(_ROUTERS_ATTR)
     object.__delattr__(transformer, _STATE_ATTR)
-    del transformer.forward  # the instance attribute; the class method is visible again
     if "forward" in transformer.__dict__:
         raise ShivaInternalError("forward still overridden after remove_shiva_")
     return bank
@@ -211,8 +214,8 @@ class record_selection:
     Args:
         transformer (nn.Module): Transformer with Shiva applied.
         hidden_states (bool): Also record each routed block's image-token input (``hidden_in``), its
-            output after the scatter (``hidden_out``) and the kept tokens the block received
-            (``block_input``). Defaults to False.
+            output after the scatter (``hidden_out``), the kept tokens the block received
+            (``block_input``) and the router context (``temb``, ``pooled``). Defaults to False.
     """
 
     def __init__(self, transformer: nn.Module, hidden_states: bool = False):
@@ -333,104 +336,3 @@ def set_route_override(transformer: nn.Module, fn) -> None:
     if not is_shiva_applied(transformer):
         raise ConfigError("set_route_override needs a transformer with Shiva applied (apply_shiva_).")
     getattr(transformer, _STATE_ATTR).route_override = fn
-
-
-def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, config: ShivaConfig):
-    state: _ShivaState = getattr(self, _STATE_ATTR)
-    if state.route_override is not None:
-        return state.route_override(
-            index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, getattr(self, _ROUTERS_ATTR)
-        )
-    keep = config.keep_ratios[index_block]
-    n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
-    k = static_k(n, keep)
-    scores = getattr(self, _ROUTERS_ATTR)(index_block, hidden_states, temb, pooled)
-    idx = select_topk(scores, k, cfg=config.cfg, selection=config.selection)
-    kept = gather_tokens(hidden_states, idx)
-    encoder_hidden_states, kept_out = block(
-        hidden_states=kept,
-        encoder_hidden_states=encoder_hidden_states,
-        temb=temb,
-        joint_attention_kwargs=joint_attention_kwargs,
-    )
-    out = scatter_tokens(hidden_states, idx, kept_out)
-    if state.recorder is not None:
-        rec = {"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()}
-        if state.record_hidden:
-            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach())
-        state.recorder.append(rec)
-    return encoder_hidden_states, out
-
-
-# Copied from diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward (diffusers 0.42)
-# with the block call replaced by _route_block for routed blocks. Keep in sync when bumping diffusers;
-# tests/test_prune.py::test_keep_one_is_bit_identical guards the copy.
-def _shiva_forward(
-    self,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor = None,
-    pooled_projections: torch.Tensor = None,
-    timestep: torch.LongTensor = None,
-    block_controlnet_hidden_states: list = None,
-    joint_attention_kwargs: dict[str, Any] | None = None,
-    return_dict: bool = True,
-    skip_layers: list[int] | None = None,
-):
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    state: _ShivaState = getattr(self, _STATE_ATTR)
-    config = _call_config(state, hidden_states, timestep, skip_layers)
-    height, width = hidden_states.shape[-2:]
-
-    hidden_states = self.pos_embed(hidden_states)
-    hidden_states = hidden_states.contiguous()
-    temb = self.time_text_embed(timestep, pooled_projections)
-    encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-
-    if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
-        ip_adapter_image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
-        ip_hidden_states, ip_temb = self.image_proj(ip_adapter_image_embeds, timestep)
-        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=ip_temb)
-
-    for index_block, block in enumerate(self.transformer_blocks):
-        is_skip = True if skip_layers is not None and index_block in skip_layers else False
-        routed = config.keep_ratios[index_block] is not None
-
-        if is_skip:
-            pass
-        elif routed:
-            encoder_hidden_states, hidden_states = _route_block(
-                self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled_projections, joint_attention_kwargs, config
-            )
-        elif torch.is_grad_enabled() and self.gradient_checkpointing:
-            encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs
-            )
-        else:
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                temb=temb,
-                joint_attention_kwargs=joint_attention_kwargs,
-            )
-
-        if block_controlnet_hidden_states is not None and block.context_pre_only is False:
-            interval_control = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
-            hidden_states = hidden_states + block_controlnet_hidden_states[int(index_block / interval_control)]
-
-    hidden_states = self.norm_out(hidden_states, temb)
-    hidden_states = self.proj_out(hidden_states)
-
-    patch_size = self.config.patch_size
-    height = height // patch_size
-    width = width // patch_size
-
-    hidden_states = hidden_states.reshape(
-        shape=(hidden_states.shape[0], height, width, patch_size, patch_size, self.out_channels)
-    )
-    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
-    output = hidden_states.reshape(shape=(hidden_states.shape[0], self.out_channels, height * patch_size, width * patch_size))
-
-    if not return_dict:
-        return (output,)
-    return Transformer2DModelOutput(sample=output)

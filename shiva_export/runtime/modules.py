@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.models.sd3 import VAE_SCALE, InputSpec
+from shiva_export.models import VAE_SCALE, InputSpec
 from shiva_export.prune.schedule import TimestepPhase, check_phases, phase_index
 
 __all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]

@@ -194,9 +194,16 @@ def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLi
 
 
 def _recipe(model: str | None, recipe) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    return load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
+    if rec.architecture != "sd3":
+        from shiva_export.models import adapter_for_architecture
+
+        pipe_cls = adapter_for_architecture(rec.architecture).PIPELINE_CLASS
+        raise ConfigError(
+            f"the generation runtime supports architecture 'sd3' only; {rec.name!r} is {rec.architecture!r} ({pipe_cls} is not wired yet). "
+            "Use an SD3/SD3.5 model, or export this one with `shiva-export onnx` / `trt`."
+        )
+    return rec
 
 
 def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases: bool) -> tuple[TimestepPhase, ...]:
@@ -289,7 +296,7 @@ def _config_hash(config: dict[str, Any]) -> str:
 def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
     """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
     from shiva_export.export.onnx import read_shiva_metadata
-    from shiva_export.models.sd3 import InputSpec
+    from shiva_export.models import InputSpec
     from shiva_export.utils.io import sha256_file
 
     out = []
@@ -493,10 +500,11 @@ def _check_clip_length(pipe, clip_len: int, rec: Recipe) -> None:
 
 def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool) -> dict[str, Any]:
     from shiva_export.export.pipeline import resolve_router, router_tensor_hash
+    from shiva_export.models import router_dims
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_shiva_phases_
 
     config = ShivaConfig(phase_list[0].keep_ratios, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
-    rc = config.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    rc = config.router_config(*router_dims(transformer))
     bank, info = resolve_router(rec, router, rc)
     bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
     set_shiva_phases_(transformer, phase_list, auto_cfg=True)
@@ -563,14 +571,20 @@ def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | 
         raise ConfigError(
             f"shiva_pipeline(backend={backend!r}) on an already loaded pipeline is torch-only; use load_pipeline(weights=FOLDER, backend={backend!r})."
         )
+    from shiva_export.models import get_adapter
+
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    n_layers = len(pipe.transformer.transformer_blocks)
+    adapter = get_adapter(pipe.transformer)
+    if adapter.NAME != rec.architecture:
+        raise ConfigError(f"the pipeline's transformer is a {adapter.MODEL_CLASS}, recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe.")
+    n_layers = adapter.num_blocks(pipe.transformer)
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
-    router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg)
+    router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg and adapter.BATCHED_CFG)
     text_len = rec.shapes.text_len
+    tokenizer = getattr(pipe, "tokenizer", None)
     pipe.shiva = ShivaPipelineInfo(
         model=rec.name, backend="torch", recipe=rec, phases=phase_list, dense=False, pipeline_source="(user pipeline)", router=router_info,
-        max_sequence_length=max(1, text_len - pipe.tokenizer.model_max_length), text_len=text_len, height=rec.shapes.height,
+        max_sequence_length=max(1, text_len - tokenizer.model_max_length) if adapter.NAME == "sd3" and tokenizer is not None else text_len, text_len=text_len, height=rec.shapes.height,
         width=rec.shapes.width, cfg=cfg,
     )
     return pipe

@@ -61,7 +61,7 @@ class DataShapes:
     @classmethod
     def from_model(cls, config, height_px: int, width_px: int, text_len: int) -> DataShapes:
         """Shapes for a transformer config at an image size in pixels."""
-        from shiva_export.models.sd3 import VAE_SCALE
+        from shiva_export.models import VAE_SCALE
 
         cfg = getattr(config, "config", config)
         return cls(cfg.in_channels, height_px // VAE_SCALE, width_px // VAE_SCALE, text_len, cfg.joint_attention_dim, cfg.pooled_projection_dim)

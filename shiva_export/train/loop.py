@@ -300,9 +300,11 @@ def phase_names(n: int) -> list[str]:
 def _resolve_recipe(recipe_or_model):
     from shiva_export.recipe import Recipe, load_recipe
 
-    if isinstance(recipe_or_model, Recipe):
-        return recipe_or_model
-    return load_recipe(recipe_or_model)
+    rec = recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
+    if rec.architecture != "sd3":
+        # The STE routes through the SD3 block loop (set_route_override); the block-override adapters refuse it.
+        raise ConfigError(f"shiva-export train supports architecture 'sd3' only; {rec.name!r} is {rec.architecture!r}. Train an SD3/SD3.5 recipe.")
+    return rec
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -534,7 +536,7 @@ def train(
         ConfigError: Bad settings, an unreadable checkpoint or data folder.
         RecipeError: The recipe's routed range does not fit the model.
     """
-    from shiva_export.models.sd3 import check_image_size, load_transformer, num_image_tokens
+    from shiva_export.models import check_image_size, load_transformer, num_image_tokens
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
 
     cfg = config or TrainConfig()
@@ -845,7 +847,7 @@ def evaluate_router(
         RouterError: No trained router is given and the recipe has none.
     """
     from shiva_export.errors import RouterError
-    from shiva_export.models.sd3 import InputSpec, load_transformer, make_inputs
+    from shiva_export.models import InputSpec, load_transformer, make_inputs
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
     from shiva_export.prune.router import RouterBank, load_routers
 
@@ -865,7 +867,7 @@ def evaluate_router(
             raise RouterError(f"{rec.name}: no trained router to evaluate; the recipe has no [router] weights. Pass router=PATH.")
         trained, _ = load_routers(path, rc)
     spec = InputSpec(batch=1, height=rec.shapes.height, width=rec.shapes.width, text_len=rec.shapes.text_len, cfg=False)
-    cases = [make_inputs(transformer.config, spec, seed=s) for s in seeds]
+    cases = [make_inputs(transformer, spec, seed=s) for s in seeds]
     with torch.no_grad():
         dense = [transformer(**x).sample for x in cases]
 

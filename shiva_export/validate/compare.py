@@ -27,7 +27,7 @@ import torch
 from shiva_export._imports import require
 from shiva_export.errors import ConfigError, HardwareError
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME, InputSpec, load_transformer, make_inputs
+from shiva_export.models import OUTPUT_NAME, InputSpec, get_adapter, input_names, load_transformer, make_inputs, num_blocks, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
@@ -68,20 +68,22 @@ def _runner_classes():
     class TorchRunner(BaseRunner):
         """The PyTorch reference; emits ``sample`` and ``kept_indices.<block>``."""
 
-        def __init__(self, model, shapes, name="torch-fp32"):
+        def __init__(self, model, shapes, name="torch-fp32", extras=None, dtypes=None):
             super().__init__(name=name)
             self.model, self.shapes = model, shapes
+            self.dtypes = dtypes or {}  # graph input -> numpy dtype (int64 masks / class labels)
+            self.extras = extras or {}  # static forward arguments the graph bakes in (Flux position ids)
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
-            for n in INPUT_NAMES:
-                meta.add(n, dtype=np.float32, shape=self.shapes[n])
+            for n in self.shapes:
+                meta.add(n, dtype=self.dtypes.get(n, np.float32), shape=self.shapes[n])
             return meta
 
         def infer_impl(self, feed_dict):
             import time
 
-            x = {k: torch.as_tensor(np.asarray(v)) for k, v in feed_dict.items()}
+            x = {k: torch.as_tensor(np.asarray(v)) for k, v in feed_dict.items()} | self.extras
             t0 = time.perf_counter()
             with torch.no_grad():
                 if is_shiva_applied(self.model):
@@ -97,8 +99,9 @@ def _runner_classes():
     class OrtRunner(BaseRunner):
         """ONNX Runtime on one provider (no silent fallback); renames kept-index tensors."""
 
-        def __init__(self, path, index_tensors, provider, input_dtype, shapes, name):
+        def __init__(self, path, index_tensors, provider, input_dtype, shapes, name, float_names=None):
             super().__init__(name=name)
+            self.float_names = set(float_names if float_names is not None else (n for n in shapes if n != "timestep"))
             self.path, self.index_tensors, self.provider, self.input_dtype = path, index_tensors, provider, input_dtype
             self.shapes = shapes
 
@@ -110,13 +113,19 @@ def _runner_classes():
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
             for i in self.sess.get_inputs():
-                meta.add(i.name, dtype=np.float32, shape=self.shapes[i.name])
+                meta.add(i.name, dtype=np.int64 if i.type == "tensor(int64)" else np.float32, shape=self.shapes[i.name])
             return meta
 
         def infer_impl(self, feed_dict):
             import time
 
-            feed = {k: (np.asarray(v).astype(self.input_dtype) if k != "timestep" else np.asarray(v, dtype=np.float32)) for k, v in feed_dict.items()}
+            def cast(k, v):
+                v = np.asarray(v)
+                if k in self.float_names:
+                    return v.astype(self.input_dtype)
+                return v.astype(np.float32) if v.dtype.kind == "f" else v  # timestep fp32; int64 masks/labels as they are
+
+            feed = {k: cast(k, v) for k, v in feed_dict.items()}
             t0 = time.perf_counter()
             outs = self.sess.run(self.out_names, feed)
             self.inference_time = time.perf_counter() - t0
@@ -310,7 +319,7 @@ def validate_parity(
                 jobs.append((r, ex.export.onnx_path, read_shiva_metadata(ex.export.onnx_path)))
 
         base = load_transformer(recipe=rec, weights=weights, dtype="fp32")
-        n_layers = len(base.transformer_blocks)
+        n_layers = num_blocks(base)
         for ratio, path, meta in jobs:
             spec = InputSpec(**meta["input_spec"])
             ex_dtype = meta.get("dtype", "fp32")
@@ -319,27 +328,29 @@ def validate_parity(
             if not meta.get("dense") and meta.get("k_per_block"):
                 kr = meta.get("keep_ratios") or ShivaConfig.uniform(n_layers, ratio, rec.routed_blocks(n_layers)).keep_ratios
                 config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
-                rc = config.router_config(base.inner_dim, base.config.pooled_projection_dim)
+                rc = config.router_config(*router_dims(base))
                 bank, _ = resolve_router(rec, router, rc)
                 import copy
 
                 ref = copy.deepcopy(base)
                 apply_shiva_(ref, config, routers=bank, seed=rec.router.seed)
-            feeds = []
+            feeds, graph_inputs, extras = [], set(input_names(base)), {}
             for s in range(cases):
-                x = make_inputs(base.config, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
-                feeds.append({k: v.numpy() for k, v in x.items()})
+                x = make_inputs(base, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
+                feeds.append({k: v.numpy() for k, v in x.items() if k in graph_inputs})
+                extras = {k: v for k, v in x.items() if k not in graph_inputs}
             index_tensors = _read_index_tensors(path)
             run_path = _with_index_outputs(path, index_tensors) if index_tensors else path
             np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
-            shapes = {k: tuple(v) for k, v in spec.shapes(base.config).items()}
-            runners = [TorchRunner(ref, shapes)]
+            shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
+            runners = [TorchRunner(ref, shapes, extras=extras, dtypes={k: v.dtype for k, v in feeds[0].items()})]
             for b in wanted:
                 if b in ("ort-cpu", "ort-cuda"):
                     if ex_dtype == "bf16":
                         report.skipped.append(f"ratio {ratio:g} {b}: ONNX Runtime has no bfloat16 kernels for this graph")
                         continue
-                    runners.append(OrtRunner(run_path, index_tensors, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}"))
+                    runners.append(OrtRunner(run_path, index_tensors, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
+                                           float_names=get_adapter(base).float_inputs(base.config)))
                 elif b == "engine":
                     edir = Path(engines_dir) / rec.name / budget_label(ratio) / ex_dtype if engines_dir else None
                     if edir is None or not (edir / "model.plan").is_file():

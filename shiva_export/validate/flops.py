@@ -58,7 +58,7 @@ from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
 from shiva_export.prune.topk import static_k
 
-__all__ = ["FlopCount", "count_flops", "ideal_speedup", "TERMS"]
+__all__ = ["FlopCount", "count_flops", "count_model_flops", "assemble_count", "router_terms", "ideal_speedup", "TERMS"]
 
 logger = get_logger(__name__)
 
@@ -203,7 +203,7 @@ class FlopCount:
     @property
     def attention_total(self) -> int:
         """The quadratic attention products (``QK^T`` and ``AV``), joint and attn2."""
-        return sum(self.terms[k] for k in _ATTENTION_TERMS)
+        return sum(v for k, v in self.terms.items() if k in _ATTENTION_TERMS or k.endswith(".sdpa"))
 
     @property
     def routed(self) -> bool:
@@ -231,7 +231,7 @@ class FlopCount:
         head = f"| term | {unit_name} |" + (f" reference {unit_name} |" if reference else "")
         rule = "|---|---:|" + ("---:|" if reference else "")
         lines = [head, rule]
-        for name in TERMS:
+        for name in self.terms:
             cell = f"| `{name}` | {self.terms[name] / unit:,.3f} |"
             if reference:
                 cell += f" {reference.terms[name] / unit:,.3f} |"
@@ -348,3 +348,53 @@ def ideal_speedup(dense: FlopCount, pruned: FlopCount) -> float:
             "Count both at the same image size, text length and batch."
         )
     return dense.total / pruned.total
+
+
+def router_terms(batch: int, n: int, hidden: int, pooled: int, bottleneck: int) -> dict[str, int]:
+    """The router's matmul FLOPs in one routed block (the same router for every architecture)."""
+    B, N, D, dp = batch, n, hidden, bottleneck
+    return {
+        "router.proj_x": 2 * B * N * D * dp,
+        "router.context": 2 * B * (D + pooled) * dp + 2 * dp * dp,
+        "router.score": 2 * B * N * dp,
+        "router.select": 0,
+    }
+
+
+def _check_counts(num_image_tokens: int, text_len: int, batch: int, bottleneck: int) -> None:
+    for name, v in (("num_image_tokens", num_image_tokens), ("text_len", text_len), ("batch", batch), ("bottleneck", bottleneck)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ShapeError(f"{name} for FLOP counting is {v!r}. It must be an integer >= 1. Pass a positive token/batch count.")
+
+
+def assemble_count(num_blocks: int, num_image_tokens: int, text_len: int, keep_ratios, batch: int, bottleneck: int,
+                   model_terms: dict[str, int], block_terms, notes: tuple[str, ...] = ()) -> FlopCount:
+    """Builds a :class:`FlopCount` for a non-SD3 adapter.
+
+    Args:
+        block_terms (Callable[[int, int, bool], dict[str, int]]): ``(block index, kept tokens k, routed)`` ->
+            that block's ``block.*`` terms (router terms are added here for routed blocks).
+    """
+    _check_counts(num_image_tokens, text_len, batch, bottleneck)
+    N = num_image_tokens
+    keeps = (None,) * num_blocks if keep_ratios is None else tuple(keep_ratios)
+    if len(keeps) != num_blocks:
+        raise ConfigError(f"keep_ratios has {len(keeps)} entries for a {num_blocks}-block model. Give one per block (None = dense). Fix the schedule.")
+    kept = tuple(N if r is None else static_k(N, r) for r in keeps)
+    terms = dict(model_terms)
+    blocks = []
+    for i in range(num_blocks):
+        b = dict(block_terms(i, kept[i], keeps[i] is not None))
+        blocks.append(b)
+        for name, v in b.items():
+            terms[name] = terms.get(name, 0) + v
+    return FlopCount(terms, tuple(blocks), kept, N, text_len, batch, keeps, bottleneck, notes)
+
+
+def count_model_flops(model_or_architecture: Any, config: Any, num_image_tokens: int, text_len: int,
+                      keep_ratios: Sequence[float | None] | None = None, *, batch: int = 1, bottleneck: int = 64) -> FlopCount:
+    """:func:`count_flops` for any architecture: the adapter of ``model_or_architecture`` (a transformer, a
+    class name or a recipe ``architecture`` key) counts ``config`` (a config dict or diffusers config)."""
+    from shiva_export.models.base import get_adapter
+
+    return get_adapter(model_or_architecture).count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck)

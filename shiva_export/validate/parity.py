@@ -22,7 +22,7 @@ from torch import nn
 from shiva_export._imports import lazy_import
 from shiva_export.errors import HardwareError
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import INPUT_NAMES, OUTPUT_NAME
+from shiva_export.models import OUTPUT_NAME, get_adapter
 from shiva_export.prune.api import is_shiva_applied, record_selection
 
 __all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "ort_session"]
@@ -266,6 +266,7 @@ def check_parity(
     run_path = _with_index_outputs(onnx_path, index_tensors) if index_tensors else onnx_path
     try:
         sess = ort_session(run_path, provider)
+        float_names = set(get_adapter(reference).float_inputs(reference.config))
         out_names = [o.name for o in sess.get_outputs()]
         for seed, timestep, inputs in cases:
             if is_shiva_applied(reference):
@@ -276,9 +277,9 @@ def check_parity(
                 with torch.no_grad():
                     ref_out = reference(**inputs).sample
             feed = {}
-            for name in INPUT_NAMES:
+            for name in (i.name for i in sess.get_inputs()):  # the graph's inputs; the rest are baked in
                 t = inputs[name]
-                if name != "timestep" and onnx_input_dtype is not None:
+                if name in float_names and onnx_input_dtype is not None:
                     t = t.to(onnx_input_dtype)
                 feed[name] = _to_numpy(t)
             outs = dict(zip(out_names, sess.run(out_names, feed)))

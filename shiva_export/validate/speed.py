@@ -49,13 +49,13 @@ from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
 from shiva_export.validate.parity import ort_session
 from shiva_export.logging import get_logger
-from shiva_export.models.sd3 import INPUT_NAMES, InputSpec, check_image_size, load_transformer, make_inputs, num_image_tokens
+from shiva_export.models import InputSpec, check_image_size, get_adapter, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
 from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
 from shiva_export.recipe import load_recipe
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from shiva_export.validate.flops import count_flops, ideal_speedup
+from shiva_export.validate.flops import count_model_flops, ideal_speedup
 
 __all__ = ["SpeedRow", "SpeedReport", "benchmark_speed", "BACKENDS"]
 
@@ -133,6 +133,7 @@ class SpeedReport:
     timings: dict[str, Any]
     notes: list[str]
     command: str
+    architecture: str = "sd3"
 
     def row(self, backend: str, ratio: float | None) -> SpeedRow:
         """The row of ``backend`` at ``ratio`` (None = dense)."""
@@ -402,7 +403,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     transformer = load_transformer(recipe=rec, dtype="fp32")
     timings["load_seconds"] = round(time.perf_counter() - t0, 3)
     check_image_size(transformer, spec.height, spec.width)
-    n_layers = len(transformer.transformer_blocks)
+    n_layers = num_blocks(transformer)
     n_tokens = num_image_tokens(transformer, spec.height, spec.width)
     routed = rec.routed_blocks(n_layers)
     configs = {
@@ -411,7 +412,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     }
     budgets = {r: block_budgets(c, n_tokens) for r, c in configs.items()}  # raises if a ratio leaves k = 0
     first = configs[ratios[0]]
-    rc = first.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    rc = first.router_config(*router_dims(transformer))
     bank, router_info = resolve_router(rec, None, rc)
     if bank is None:  # the recipe's seeded random router, exactly as apply_shiva_/export_pruned build it
         bank = RouterBank(rc)
@@ -420,11 +421,11 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
 
     # ---- FLOPs (the ideal) -------------------------------------------------------------------------
     fl_kwargs = dict(batch=spec.model_batch, bottleneck=rec.router.bottleneck)
-    dense_flops = count_flops(transformer.config, n_tokens, spec.text_len, None, **fl_kwargs)
-    pruned_flops = {r: count_flops(transformer.config, n_tokens, spec.text_len, configs[r].keep_ratios, **fl_kwargs) for r in ratios}
+    dense_flops = count_model_flops(transformer, transformer.config, n_tokens, spec.text_len, None, **fl_kwargs)
+    pruned_flops = {r: count_model_flops(transformer, transformer.config, n_tokens, spec.text_len, configs[r].keep_ratios, **fl_kwargs) for r in ratios}
     ideal = {r: ideal_speedup(dense_flops, f) for r, f in pruned_flops.items()}
 
-    inputs = make_inputs(transformer.config, spec, seed=0)
+    inputs = make_inputs(transformer, spec, seed=0)
     tdev = torch.device(device)
     variants: list[_Variant] = []
 
@@ -453,7 +454,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         for r in ratios:
             sessions[f"ratio{r:.2f}"] = ort_session(tmp / f"ratio{r:.2f}.onnx", threads=threads)
         timings["ort_session_seconds"] = round(time.perf_counter() - t0, 3)
-        feeds = {n: inputs[n].numpy() for n in INPUT_NAMES}
+        feeds = {n: inputs[n].numpy() for n in input_names(transformer)}
         for name, sess in sessions.items():
             variants.append(_Variant(f"ort/{name}", lambda s=sess: s.run(None, feeds)))
 
@@ -487,9 +488,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         with torch.inference_mode(), record_selection(transformer, hidden_states=True) as recs:
             transformer(**tin)
         block_inputs[r] = tuple(x["hidden_in"] for x in recs)
-    with torch.inference_mode():
-        temb = transformer.time_text_embed(tin["timestep"], tin["pooled_projections"])
-    pooled = tin["pooled_projections"]
+    temb, pooled = recs[0]["temb"], recs[0]["pooled"]  # the router context of this call, as the adapter captures it
     sel_modules = {r: _SelectionPath(bank, budgets[r], spec.cfg, configs[r].selection).eval() for r in ratios}
 
     if "torch" in backends:
@@ -606,6 +605,7 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         dtype="fp32",
         spec=spec.to_dict(),
         model_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items() if not k.startswith("_")},
+        architecture=get_adapter(transformer).NAME,
         num_layers=n_layers,
         model_batch=spec.model_batch,
         num_image_tokens=n_tokens,
@@ -650,7 +650,7 @@ def _plot_png(report: SpeedReport) -> bytes:
         ideal_ms = []
         for g in grid:
             keeps = [1.0 - float(g) if i in routed else None for i in range(report.num_layers)]
-            pruned = count_flops(report.model_config, report.num_image_tokens, report.text_len, keeps, batch=report.model_batch, bottleneck=bottleneck)
+            pruned = count_model_flops(report.architecture, report.model_config, report.num_image_tokens, report.text_len, keeps, batch=report.model_batch, bottleneck=bottleneck)
             ideal_ms.append(dense.median_ms * pruned.total / dense.flops)
         ax.plot(grid, ideal_ms, color=color, linestyle=":", linewidth=1.5, label=f"{backend} ideal (dense / FLOP ratio)")
     s = report.spec

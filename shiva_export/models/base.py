@@ -1,0 +1,367 @@
+"""The architecture adapter interface and its registry (optimum ``OnnxConfig`` / diffusers block-registry style).
+
+Everything that differs between diffusers DiTs is declared on one :class:`ModelAdapter` subclass per
+architecture, in one file under ``shiva_export/models/``, registered with :func:`register_adapter` under
+its diffusers class name. Every stage asks the adapter (via :func:`get_adapter`) instead of knowing a model:
+
+- blocks and how routing is installed on them (:meth:`ModelAdapter.install_routing`);
+- the router's context widths (:meth:`ModelAdapter.router_dims`);
+- input names, static shapes and seeded sample inputs for export and parity;
+- image-size rules and the image-token count;
+- export-only rewrites (:meth:`ModelAdapter.export_context`);
+- the diffusers transformer and pipeline classes, the real repo ids.
+
+Adding an architecture = one adapter file here + a recipe + tests: modules of this package are discovered
+on first use, so no other file lists architectures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from shiva_export.errors import ConfigError, ModelNotFoundError, ShapeError, WeightsError
+from shiva_export.logging import get_logger
+
+__all__ = [
+    "ModelAdapter",
+    "InputSpec",
+    "register_adapter",
+    "get_adapter",
+    "adapter_for_architecture",
+    "supported_classes",
+    "supported_architectures",
+    "load_transformer",
+    "torch_dtype",
+    "VAE_SCALE",
+]
+
+logger = get_logger(__name__)
+
+#: Pixels per latent cell (the SD3, Flux, PixArt and DiT VAEs all downsample by 8).
+VAE_SCALE = 8
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ConfigError(f"Unknown dtype: {name!r}. Choose one of {', '.join(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def _transformer_config(transformer_or_config: Any) -> Any:
+    return getattr(transformer_or_config, "config", transformer_or_config)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Static input shapes of one export/engine (architecture-independent; the adapter maps it to tensors).
+
+    Args:
+        batch (int): Prompts per call. With ``cfg`` the model batch is ``2 * batch``.
+        height (int): Image height in pixels.
+        width (int): Image width in pixels.
+        text_len (int): Text tokens (ignored by architectures without a text stream).
+        cfg (bool): Batch holds ``[uncond; cond]`` halves.
+    """
+
+    batch: int
+    height: int
+    width: int
+    text_len: int
+    cfg: bool
+
+    def __post_init__(self):
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ShapeError(f"--batch {self.batch} is invalid; expected an integer >= 1 (prompts per call).")
+        if not isinstance(self.text_len, int) or self.text_len < 1:
+            raise ShapeError(f"text length {self.text_len} is invalid; expected an integer >= 1.")
+
+    @property
+    def model_batch(self) -> int:
+        return self.batch * (2 if self.cfg else 1)
+
+    def shapes(self, transformer_or_config: Any) -> dict[str, tuple[int, ...]]:
+        """``{input name: static shape}`` of the graph inputs, as the model's adapter declares them."""
+        return get_adapter(transformer_or_config).input_shapes(_transformer_config(transformer_or_config), self)
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "height": self.height, "width": self.width, "text_len": self.text_len, "cfg": self.cfg}
+
+
+class ModelAdapter:
+    """Architecture facts of one diffusers transformer class. Subclasses set the class attributes and
+    implement the methods marked *abstract*; the rest are shared defaults.
+
+    Class attributes:
+        NAME (str): Recipe ``architecture`` key (``"sd3"``, ``"flux"``).
+        MODEL_CLASS (str): diffusers transformer class name; the registry key.
+        PIPELINE_CLASS (str): diffusers pipeline class ``generate`` runs (None: no runtime yet).
+        REPO_IDS (dict[str, str]): Built-in model name -> hub repo id of the real checkpoints.
+        OUTPUT_NAME (str): Graph output name (diffusers' ``Transformer2DModelOutput.sample``).
+        TIMESTEP_SCALE (float): Factor from the call's ``timestep`` to the 0..1000 scale that phase
+            schedules use (Flux takes t in [0, 1]).
+        BATCHED_CFG (bool): The pipeline runs classifier-free guidance as one ``[uncond; cond]`` batch.
+    """
+
+    NAME: ClassVar[str]
+    MODEL_CLASS: ClassVar[str]
+    PIPELINE_CLASS: ClassVar[str | None] = None
+    REPO_IDS: ClassVar[dict[str, str]] = {}
+    OUTPUT_NAME: ClassVar[str] = "sample"
+    TIMESTEP_SCALE: ClassVar[float] = 1.0
+    BATCHED_CFG: ClassVar[bool] = True
+
+    # -- model classes and loading ------------------------------------------------------------------------
+    def model_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.MODEL_CLASS)
+
+    def build_embedded(self, config: dict[str, Any], seed: int = 0) -> nn.Module:
+        """The transformer from a config dict with seeded random weights (no download)."""
+        cls = self.model_class()
+        for key, v in dict(config).items():  # negative or absurd sizes: one line, not an allocation that never ends
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
+                raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = cls(**self.normalize_config(dict(config)))
+        except TypeError as err:
+            raise ConfigError(f"Invalid {self.MODEL_CLASS} config: {err}. Check [model.config] in the recipe.") from None
+        return model.eval()
+
+    def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """TOML gives lists where the model wants tuples; adapters convert such keys here."""
+        return config
+
+    # -- blocks and routing (abstract) --------------------------------------------------------------------
+    def num_blocks(self, transformer: nn.Module) -> int:
+        """Routable blocks, as one flat index (block 0 first)."""
+        raise NotImplementedError
+
+    def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
+        """``(temb width, pooled width)`` of the router's context vectors."""
+        raise NotImplementedError
+
+    def install_routing(self, transformer: nn.Module) -> None:
+        """Makes ``transformer`` route its blocks through ``shiva_export.prune.api`` (state already attached)."""
+        raise NotImplementedError
+
+    def remove_routing(self, transformer: nn.Module) -> None:
+        """Undoes :meth:`install_routing` exactly."""
+        raise NotImplementedError
+
+    # -- shapes and inputs (abstract) ---------------------------------------------------------------------
+    def check_image_size(self, config: Any, height: int, width: int) -> None:
+        raise NotImplementedError
+
+    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
+        raise NotImplementedError
+
+    def input_names(self, config: Any) -> tuple[str, ...]:
+        """Graph input names, in the export's positional order (diffusers' forward-argument names)."""
+        raise NotImplementedError
+
+    def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
+        """Static shape of :attr:`OUTPUT_NAME`."""
+        raise NotImplementedError
+
+    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+        """Seeded keyword arguments of one forward call. May hold more than :meth:`input_names` (static
+        extras such as Flux's position ids, which the export bakes in)."""
+        raise NotImplementedError
+
+    def float_inputs(self, config: Any) -> tuple[str, ...]:
+        """Graph inputs cast to the export dtype (the others, e.g. ``timestep``, stay as they are)."""
+        return tuple(n for n in self.input_names(config) if n != "timestep")
+
+    def onnx_translations(self) -> dict:
+        """``custom_translation_table`` entries for ``torch.onnx.export`` (default: none)."""
+        return {}
+
+    def full_config(self, config: Any) -> dict[str, Any]:
+        """``config`` (dict, diffusers config or transformer) over the model class's ``__init__`` defaults,
+        so config-only FLOP counts of real checkpoints need only the keys that differ."""
+        import inspect
+
+        cfg = _transformer_config(config)
+        out = {k: p.default for k, p in inspect.signature(self.model_class().__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+        out.update({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
+        return out
+
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        """Analytic matmul FLOPs of one forward (``shiva_export.validate.flops`` convention) -> ``FlopCount``."""
+        raise NotImplementedError
+
+    def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):
+        """Context manager for export-only rewrites (default: none)."""
+        return contextlib.nullcontext()
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def from_pretrained(self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
+        return self.model_class().from_pretrained(location, subfolder=subfolder, torch_dtype=dtype, local_files_only=local_files_only)
+
+
+# -- registry -----------------------------------------------------------------------------------------------
+_ADAPTERS: dict[str, ModelAdapter] = {}
+_DISCOVERED = False
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: registers one instance of an adapter under its ``MODEL_CLASS``."""
+    if cls.MODEL_CLASS in _ADAPTERS and type(_ADAPTERS[cls.MODEL_CLASS]) is not cls:
+        raise ConfigError(f"Adapter for {cls.MODEL_CLASS} registered twice ({type(_ADAPTERS[cls.MODEL_CLASS]).__name__}, {cls.__name__}). Keep one.")
+    _ADAPTERS[cls.MODEL_CLASS] = cls()
+    return cls
+
+
+def _discover() -> None:
+    """Imports every module of ``shiva_export.models`` once, so each adapter file registers itself."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import shiva_export.models as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("base",) and not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _DISCOVERED = True
+
+
+def supported_classes() -> list[str]:
+    _discover()
+    return sorted(_ADAPTERS)
+
+
+def supported_architectures() -> list[str]:
+    _discover()
+    return sorted(a.NAME for a in _ADAPTERS.values())
+
+
+def _unsupported(what: str) -> ConfigError:
+    return ConfigError(f"No Shiva adapter for {what}. Supported: {', '.join(supported_classes())}; adapters live in shiva_export/models/.")
+
+
+def adapter_for_architecture(name: str) -> ModelAdapter:
+    """The adapter of a recipe ``architecture`` key (``"sd3"``, ``"flux"``)."""
+    _discover()
+    for a in _ADAPTERS.values():
+        if a.NAME == name:
+            return a
+    raise ConfigError(f"Unknown architecture: {name!r}. Supported: {', '.join(supported_architectures())}.")
+
+
+def get_adapter(obj: Any) -> ModelAdapter:
+    """The adapter for a transformer instance or class, a diffusers config with ``_class_name``, a class
+    name or an architecture key. Unsupported inputs raise one :class:`ConfigError` line listing the supported classes."""
+    _discover()
+    if isinstance(obj, ModelAdapter):
+        return obj
+    if isinstance(obj, str):
+        if obj in _ADAPTERS:
+            return _ADAPTERS[obj]
+        for a in _ADAPTERS.values():
+            if a.NAME == obj:
+                return a
+        raise _unsupported(repr(obj))
+    cls = obj if isinstance(obj, type) else type(obj)
+    if issubclass(cls, nn.Module):
+        for c in cls.__mro__:
+            if c.__name__ in _ADAPTERS:
+                return _ADAPTERS[c.__name__]
+        raise _unsupported(repr(cls.__name__))
+    name = None
+    with contextlib.suppress(Exception):
+        name = obj["_class_name"]
+    if name is None:
+        name = getattr(obj, "_class_name", None)
+    if name is None:
+        raise ConfigError(f"Cannot tell the architecture of a {type(obj).__name__} without _class_name. Pass the transformer itself.")
+    return get_adapter(str(name))
+
+
+# -- generic loading (one code path for every architecture) -------------------------------------------------
+def _read_class_name(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, dtype: str = "fp32") -> nn.Module:
+    """Loads the transformer named by ``recipe`` or from a local diffusers folder, through its adapter.
+
+    Args:
+        recipe (Recipe): Model recipe (hub repo id + subfolder, or an embedded config); its
+            ``architecture`` picks the adapter.
+        weights (PathLike): Local diffusers folder: a transformer folder (``config.json`` + safetensors)
+            or a pipeline folder with a ``transformer/`` subfolder. Its ``_class_name`` picks the adapter,
+            and it loads through ``<ModelClass>.from_pretrained``, the same code as for hub ids.
+        dtype (str): ``fp32``, ``fp16`` or ``bf16``. Defaults to ``fp32``.
+    """
+    td = torch_dtype(dtype)
+    if weights is not None:
+        p = Path(weights).expanduser()
+        if not p.exists():
+            raise WeightsError(f"--weights folder does not exist: {p}. Pass a diffusers transformer folder (config.json + *.safetensors).")
+        if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
+            raise WeightsError(f"--weights is not a readable folder: {p}. Pass a diffusers transformer folder.")
+        if (p / "config.json").is_file():
+            folder, sub = p, None
+        elif (p / "transformer" / "config.json").is_file():
+            folder, sub = p, "transformer"
+        else:
+            raise WeightsError(
+                f"--weights {p} holds no config.json (nor transformer/config.json). "
+                "Pass the folder written by <Transformer>.save_pretrained or a pipeline folder."
+            )
+        cls_name = _read_class_name(folder / sub if sub else folder)
+        if cls_name is None:
+            raise WeightsError(f"--weights {p}: config.json has no _class_name. Pass a folder written by diffusers' save_pretrained.")
+        adapter = get_adapter(cls_name)
+        if recipe is not None and recipe.architecture != adapter.NAME:
+            raise WeightsError(f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe.")
+        try:
+            model = adapter.from_pretrained(str(folder), sub, td, True)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise WeightsError(f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?") from None
+        get_adapter(model)
+        return model.eval()
+
+    if recipe is None:
+        raise ConfigError("load_transformer needs a recipe or weights.")
+    adapter = adapter_for_architecture(recipe.architecture)
+    if recipe.model.source == "embedded":
+        model = adapter.build_embedded(recipe.model.config, recipe.model.seed)
+        return model if td == torch.float32 else model.to(td)
+
+    repo, sub = recipe.model.repo_id, recipe.model.subfolder
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    attempts = [True] if offline else [True, False]
+    last: Exception | None = None
+    for local_only in attempts:
+        try:
+            model = adapter.from_pretrained(repo, sub, td, local_only)
+            get_adapter(model)
+            return model.eval()
+        except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
+            last = err
+    reason = str(last).splitlines()[0][:160] if last else "unknown error"
+    raise ModelNotFoundError(
+        f"Model {recipe.name!r} ({repo}, subfolder {sub!r}) is not in the local Hugging Face cache and cannot be downloaded "
+        f"here ({reason}). Download it elsewhere and pass --weights PATH (a diffusers transformer or pipeline folder)."
+    )

@@ -1,0 +1,162 @@
+"""DiT adapter (class-conditional DiT-XL/2): the architecture facts of diffusers' ``DiTTransformer2DModel``.
+
+Quirks handled here, checked on diffusers 0.42:
+- **Blocks.** ``transformer_blocks`` are ``BasicTransformerBlock``s with ``ada_norm_zero``, called as
+  ``block(hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+  timestep=, cross_attention_kwargs=, class_labels=)`` and returning a tensor. Self-attention only, no
+  text; positions are a sin-cos table added in ``pos_embed``, so no gather beyond the tokens.
+- **No model-level temb.** Each block's ``norm1.emb`` (``CombinedTimestepLabelEmbeddings``) recomputes the
+  conditioning from the raw ``timestep``/``class_labels``; the final layer uses block 0's. The router
+  context is therefore the routed block's own: ``temb = norm1.emb(t, y)`` (time + class embedding, width D)
+  and ``pooled = norm1.emb.class_embedder(y)`` (the class embedding; the null class for the uncond half),
+  computed from the block's arguments. In converted checkpoints every block's embedder is the same copy.
+- The output reshape ``int(N ** 0.5)`` runs after the scatter, so it is unaffected; square images only.
+- ``DiTPipeline``'s CFG batch is ``[cond; uncond]``, the reverse of SD3/PixArt; the max-of-halves rule is
+  symmetric, so shared CFG indices still hold. ``class_labels`` is an int64 graph input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
+
+__all__ = ["DiTAdapter"]
+
+
+@register_adapter
+class DiTAdapter(ModelAdapter):
+    """DiT (class-conditional, adaLN-Zero): image tokens only, conditioning from timestep + class label."""
+
+    NAME = "dit"
+    MODEL_CLASS = "DiTTransformer2DModel"
+    PIPELINE_CLASS = "DiTPipeline"
+    REPO_IDS = {"dit-xl-2-256": "facebook/DiT-XL-2-256"}
+
+    def num_blocks(self, transformer: nn.Module) -> int:
+        return len(transformer.transformer_blocks)
+
+    def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
+        return int(transformer.inner_dim), int(transformer.inner_dim)
+
+    def install_routing(self, transformer: nn.Module) -> None:
+        if any(getattr(b, "pos_embed", None) is not None for b in transformer.transformer_blocks):
+            raise ConfigError("a DiT block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed.")
+        install_overrides(transformer, transformer.transformer_blocks, _routed_block_forward)
+        add_hook(transformer, "", _capture_call, "pre")
+
+    def remove_routing(self, transformer: nn.Module) -> None:
+        remove_overrides(transformer, transformer.transformer_blocks)
+
+    def check_image_size(self, config: Any, height: int, width: int) -> None:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % step:
+                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
+        if height != width:
+            raise ShapeError(f"--height {height} != --width {width}; DiT's output reshape assumes square images. Use equal sizes.")
+
+    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        return (height // step) * (width // step)
+
+    def input_names(self, config: Any) -> tuple[str, ...]:
+        return ("hidden_states", "timestep", "class_labels")
+
+    def float_inputs(self, config: Any) -> tuple[str, ...]:
+        return ("hidden_states",)
+
+    def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        cfg = _transformer_config(config)
+        b = spec.model_batch
+        return {"hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE), "timestep": (b,), "class_labels": (b,)}
+
+    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
+        cfg = _transformer_config(config)
+        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        """DiT terms: per image token 12 D^2 plus self-attention ``2*2*k^2*D``; every block's adaLN-Zero embedder
+        (t MLP + 6D modulation) is per sample; a routed block runs its embedder once more for the router's temb.
+        ``text_len`` is ignored (no text)."""
+        from shiva_export.validate.flops import assemble_count, router_terms
+
+        c = self.full_config(config)
+        D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+        B, N = batch, num_image_tokens
+        p2, C_in = int(c["patch_size"]) ** 2, int(c["in_channels"])
+        C_out = int(c["out_channels"] or C_in)
+        t_mlp = 2 * B * (256 * D + D * D)
+        model = {
+            "embed.patch": 2 * B * N * C_in * p2 * D,
+            "out.conditioning": t_mlp + 2 * B * D * 2 * D,  # blocks[0].norm1.emb + proj_out_1
+            "out.proj": 2 * B * N * D * p2 * C_out,
+        }
+
+        def block(i: int, k: int, routed: bool) -> dict[str, int]:
+            b = {
+                "block.adaln": t_mlp + 2 * B * D * 6 * D,
+                "block.attn.qkv_out": 4 * 2 * B * k * D * D,
+                "block.attn.sdpa": 2 * 2 * B * k * k * D,
+                "block.mlp": 2 * 2 * B * k * D * 4 * D,
+            }
+            if routed:
+                b.update(router_terms(B, N, D, D, bottleneck))
+                b["router.context"] += t_mlp  # the block's own norm1.emb(t, y), recomputed for the router
+            return b
+
+        notes = ("2 FLOPs per multiply-add; matrix products only", "class embedding lookups, norms, modulation, activations, softmax not counted")
+        return assemble_count(int(c["num_layers"]), N, 1, keep_ratios, B, bottleneck, model, block, notes)
+
+    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+        """Seeded inputs as ``DiTPipeline`` feeds them: latents, float timestep in 0..1000, int64 class labels;
+        with CFG ``[cond; uncond]`` halves sharing latent and timestep, the uncond half the null class."""
+        cfg = _transformer_config(config)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shapes = self.input_shapes(cfg, spec)
+        half = spec.batch
+        n_classes = int(cfg.num_embeds_ada_norm)
+        lat = torch.randn((half, *shapes["hidden_states"][1:]), generator=g)
+        y = torch.randint(0, n_classes, (half,), generator=g)
+        t = torch.rand((half,), generator=g) * 1000.0 if timestep is None else torch.full((half,), float(timestep))
+        if spec.cfg:
+            lat, t, y = torch.cat([lat, lat]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, n_classes)])
+        return {"hidden_states": lat.to(dtype), "timestep": t.float(), "class_labels": y.to(torch.int64)}
+
+
+def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
+    """Model pre-hook: this call's keep schedule (DiT's own forward has no model-level context to capture)."""
+    from shiva_export.prune.api import _call_config
+
+    state = hook_state(module)
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    state.call = {"config": _call_config(state, hs, t, None)}
+    return None
+
+
+def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                          timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+    """A routed DiT block: context from the block's own ``norm1.emb(t, y)``, top-k, the unmodified block on
+    the kept tokens, scatter back."""
+    owner, index, state, config = block_context(block)
+    if attention_mask is not None:
+        raise ConfigError("a routed DiT block got an attention_mask, which would need gathering. Call the transformer without one.")
+    emb = block.norm1.emb
+    temb = emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    pooled = emb.class_embedder(class_labels)
+
+    def run(kept, idx):
+        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+        return None, out
+
+    return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]

@@ -1,0 +1,233 @@
+"""PixArt-Sigma adapter: the architecture facts of diffusers' ``PixArtTransformer2DModel``.
+
+Quirks handled here, checked on diffusers 0.42:
+- **Blocks.** ``transformer_blocks`` are ``BasicTransformerBlock``s with ``ada_norm_single``, called as
+  ``block(hidden_states, attention_mask=, encoder_hidden_states=, encoder_attention_mask=, timestep=,
+  cross_attention_kwargs=, class_labels=None)`` and returning a tensor. Self-attention, cross-attention
+  (image queries to all T5 keys/values) and the FF act per image token, so top-k goes around the whole
+  block; text exists only as cross-attention K/V and is never pruned. ``timestep`` there is the ``[B, 6D]``
+  adaLN-single modulation, per sample, nothing to gather.
+- **Positions** are a 2-D sin-cos table added once in ``pos_embed``; gathered tokens carry them. The
+  block-level ``pos_embed`` (sinusoidal over the sequence index) would break under gathering: installing
+  refuses a model that has one, and a routed block refuses a self-attention ``attention_mask`` (pipelines
+  pass None; a mask would need gathering on the key axis).
+- **Router context.** ``temb`` = ``embedded_timestep``, the second output of ``adaln_single`` (width D, the
+  vector the final layer is modulated with), captured by a forward hook. ``pooled`` = the **masked mean of
+  the projected caption tokens** ``caption_projection(T5)`` (width D) over ``encoder_attention_mask``.
+  Why this pooled vector: PixArt has no pooled text embedding of its own (unlike SD3/Flux's pooled CLIP),
+  the projected tokens are what every block's cross-attention reads, and Sigma pads T5 to 300 tokens, so an
+  unmasked mean would be dominated by padding; the raw 4096-wide T5 mean would make the router's context
+  projection 3.6x larger for the same information. ``RouterConfig(D, D)``.
+- **Export (P1).** The model's own forward ends with ``hidden_states.squeeze(1)`` on ``[B, N, C]``, a no-op
+  in torch that onnxscript lowers to an unconditional ``Squeeze(axes=[1])`` every runtime rejects. The
+  adapter gives the exporter a translation of ``aten.squeeze.dim`` that emits ``Identity`` when the static
+  dim is not 1 (:meth:`PixArtAdapter.onnx_translations`).
+- CFG is a batched ``[uncond; cond]`` pair (``PixArtSigmaPipeline``); ``use_additional_conditions`` must be
+  off (Sigma checkpoints set it False; PixArt-alpha 1024's size conditions are not exported yet).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
+
+__all__ = ["PixArtAdapter"]
+
+
+def _additional_conditions(cfg) -> bool:
+    v = cfg.get("use_additional_conditions") if hasattr(cfg, "get") else getattr(cfg, "use_additional_conditions", None)
+    return bool(cfg.sample_size == 128) if v is None else bool(v)
+
+
+@register_adapter
+class PixArtAdapter(ModelAdapter):
+    """PixArt-Sigma: self-attention over image tokens, cross-attention to T5 tokens, adaLN-single."""
+
+    NAME = "pixart"
+    MODEL_CLASS = "PixArtTransformer2DModel"
+    PIPELINE_CLASS = "PixArtSigmaPipeline"
+    REPO_IDS = {"pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
+
+    def num_blocks(self, transformer: nn.Module) -> int:
+        return len(transformer.transformer_blocks)
+
+    def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
+        return int(transformer.inner_dim), int(transformer.inner_dim)
+
+    def install_routing(self, transformer: nn.Module) -> None:
+        if _additional_conditions(transformer.config):
+            raise ConfigError("PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint.")
+        if any(getattr(b, "pos_embed", None) is not None for b in transformer.transformer_blocks):
+            raise ConfigError("a PixArt block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed.")
+        if transformer.caption_projection is None:
+            raise ConfigError("PixArt without caption_projection (caption_channels=None) has no text context for the router. Set caption_channels.")
+        install_overrides(transformer, transformer.transformer_blocks, _routed_block_forward)
+        add_hook(transformer, "", _capture_call, "pre")
+        add_hook(transformer, "adaln_single", _capture_temb, "post")
+        add_hook(transformer, "caption_projection", _capture_pooled, "post")
+
+    def remove_routing(self, transformer: nn.Module) -> None:
+        remove_overrides(transformer, transformer.transformer_blocks)
+
+    def check_image_size(self, config: Any, height: int, width: int) -> None:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % step:
+                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
+
+    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
+        cfg = _transformer_config(config)
+        step = VAE_SCALE * cfg.patch_size
+        return (height // step) * (width // step)
+
+    def input_names(self, config: Any) -> tuple[str, ...]:
+        return ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep")
+
+    def float_inputs(self, config: Any) -> tuple[str, ...]:
+        return ("hidden_states", "encoder_hidden_states")
+
+    def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        cfg = _transformer_config(config)
+        b = spec.model_batch
+        return {
+            "hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE),
+            "encoder_hidden_states": (b, spec.text_len, cfg.caption_channels),
+            "encoder_attention_mask": (b, spec.text_len),
+            "timestep": (b,),
+        }
+
+    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
+        cfg = _transformer_config(config)
+        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+
+    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+        """Seeded inputs as ``PixArtSigmaPipeline`` feeds them: latents, T5 states with an int64 padding mask
+        (each prompt a different length, the uncond half of a CFG pair its own), float timestep in 0..1000."""
+        cfg = _transformer_config(config)
+        if _additional_conditions(cfg):
+            raise ConfigError("PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint.")
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shapes = self.input_shapes(cfg, spec)
+        half, b, t_len = spec.batch, spec.model_batch, spec.text_len
+        lat = torch.randn((half, *shapes["hidden_states"][1:]), generator=g)
+        txt = torch.randn(shapes["encoder_hidden_states"], generator=g)
+        lengths = torch.randint(max(1, t_len // 2), t_len + 1, (b,), generator=g)
+        mask = (torch.arange(t_len)[None, :] < lengths[:, None]).to(torch.int64)
+        t = torch.rand((half,), generator=g) * 1000.0 if timestep is None else torch.full((half,), float(timestep))
+        if spec.cfg:
+            lat, t = torch.cat([lat, lat]), torch.cat([t, t])
+        return {"hidden_states": lat.to(dtype), "encoder_hidden_states": txt.to(dtype), "encoder_attention_mask": mask, "timestep": t.float()}
+
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+        """PixArt terms: per image token 14 D^2 (self-attn q/k/v/out 4, cross-attn q/out 2, FF 8); the cross-
+        attention K/V over the T caption tokens are constant; self-attention ``2*2*k^2*D`` is quadratic in k."""
+        from shiva_export.validate.flops import assemble_count, router_terms
+
+        c = self.full_config(config)
+        D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+        B, N, T = batch, num_image_tokens, text_len
+        p2, C_in = int(c["patch_size"]) ** 2, int(c["in_channels"])
+        C_out, C_cap = int(c["out_channels"] or C_in), int(c["caption_channels"])
+        Dc = int(c["cross_attention_dim"] or D)
+        model = {
+            "embed.patch": 2 * B * N * C_in * p2 * D,
+            "embed.adaln_single": 2 * B * (256 * D + D * D + D * 6 * D),
+            "embed.caption": 2 * B * T * (C_cap * D + D * D),
+            "out.proj": 2 * B * N * D * p2 * C_out,
+        }
+
+        def block(i: int, k: int, routed: bool) -> dict[str, int]:
+            b = {
+                "block.attn1.qkv_out": 4 * 2 * B * k * D * D,
+                "block.attn1.sdpa": 2 * 2 * B * k * k * D,
+                "block.attn2.q_out": 2 * 2 * B * k * D * D,
+                "block.attn2.kv": 2 * 2 * B * T * Dc * D,
+                "block.attn2.sdpa": 2 * 2 * B * k * T * D,
+                "block.mlp": 2 * 2 * B * k * D * 4 * D,
+            }
+            if routed:
+                b.update(router_terms(B, N, D, D, bottleneck))
+            return b
+
+        notes = ("2 FLOPs per multiply-add; matrix products only", "adaLN-single modulation (scale_shift_table), norms, activations, softmax not counted",
+                 "the router's masked caption mean is elementwise (not counted)")
+        return assemble_count(int(c["num_layers"]), N, T, keep_ratios, B, bottleneck, model, block, notes)
+
+    def onnx_translations(self) -> dict:
+        """``aten.squeeze.dim`` -> Identity where the static dim is not 1 (the P1 fix, see module docstring)."""
+        return {torch.ops.aten.squeeze.dim: _squeeze_dim_static}
+
+
+def _squeeze_dim_static(self, dim: int):
+    from onnxscript import opset18 as op
+
+    shape = self.shape
+    if shape is None or len(shape) == 0:
+        return op.Identity(self)
+    d = shape[dim]
+    if isinstance(d, int) and d != 1:
+        return op.Identity(self)  # torch's squeeze(dim) of a non-1 dim is a no-op
+    return op.Squeeze(self, op.Constant(value_ints=[dim]))
+
+
+_FORWARD_PARAMS: list[str] | None = None
+
+
+def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
+    """Model pre-hook: this call's keep schedule, and the caption mask the pooled context needs."""
+    global _FORWARD_PARAMS
+    from shiva_export.prune.api import _STATE_ATTR, _call_config
+
+    if _FORWARD_PARAMS is None:
+        _FORWARD_PARAMS = list(inspect.signature(type(module).forward).parameters)[1:]
+    bound = dict(zip(_FORWARD_PARAMS, args)) | kwargs
+    state = getattr(module, _STATE_ATTR)
+    t = bound.get("timestep")
+    config = _call_config(state, bound.get("hidden_states"), t, None)
+    state.call = {"config": config, "mask": bound.get("encoder_attention_mask")}
+    return None
+
+
+def _capture_temb(module: nn.Module, args, output):
+    """``adaln_single`` forward hook: keeps ``embedded_timestep`` (its second output)."""
+    hook_state(module).call["temb"] = output[1]
+
+
+def _capture_pooled(module: nn.Module, args, output):
+    """``caption_projection`` forward hook: masked mean of the projected caption tokens."""
+    state = hook_state(module)
+    mask = state.call.get("mask")
+    if mask is None:
+        pooled = output.mean(dim=1)
+    else:
+        m = mask.reshape(mask.shape[0], -1).to(output.dtype)  # [B, T] 0/1 (the pipeline's attention mask)
+        pooled = (output * m[..., None]).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    state.call["pooled"] = pooled
+
+
+def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                          timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+    """A routed PixArt block: top-k over image tokens, the unmodified block on the kept tokens (all caption
+    tokens as cross-attention K/V), scatter back."""
+    owner, index, state, config = block_context(block)
+    if attention_mask is not None:
+        raise ConfigError("a routed PixArt block got a self-attention attention_mask, which would need gathering. Call the transformer with attention_mask=None.")
+    temb, pooled = state.call.get("temb"), state.call.get("pooled")
+    if temb is None or pooled is None:
+        raise ConfigError("a routed PixArt block ran without the captured timestep/caption context. Call the transformer with encoder_hidden_states and timestep.")
+
+    def run(kept, idx):
+        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+        return None, out
+
+    return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]
