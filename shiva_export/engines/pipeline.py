@@ -37,6 +37,8 @@ def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> di
     (hashing multi-GB safetensors on every call would cost minutes). Hub ids: the repo id (a local
     snapshot is resolved by diffusers).
     """
+    if weights is None and recipe.model.source == "local":
+        weights = recipe.local_pipeline_path()
     if weights is None:
         if recipe.model.source == "embedded":
             return {"embedded": recipe.model.config, "seed": recipe.model.seed}

@@ -192,6 +192,8 @@ def load_transformer(
     from diffusers import SD3Transformer2DModel
 
     td = torch_dtype(dtype)
+    if weights is None and recipe is not None and recipe.model.source == "local":
+        weights = recipe.local_pipeline_path()
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.exists():
