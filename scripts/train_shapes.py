@@ -10,6 +10,7 @@ Stages (each deterministic from --seed, each writes into --work and is skipped w
                  sigmas with the scheduler's shift, 10% caption dropout (the empty prompt) for CFG, EMA.
                  Text encoders (CLIP x2 + T5 + tokenizers from shiva_export.runtime.embedded) stay frozen
                  at their seeded random init.
+    transformer2 a second cycle from phase A's EMA weights (lower lr, fresh EMA and noise).
     assemble     StableDiffusion3Pipeline.save_pretrained (fp32 safetensors, ~6 MB) into --out/pipeline and the
                  measured training times into --out/training.json.
     latents      512 cached samples (latents, prompt_embeds, pooled) for `shiva-export train --data`.
@@ -209,11 +210,22 @@ def encode_images(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def stage_transformer(args, work: Path) -> None:
+    """Phase A: from the seeded init, warm-up + cosine to 0.1x, EMA."""
+    _train_transformer(args, work, work / "transformer", None, args.tf_steps, args.tf_lr, args.seed + 4, "transformer")
+
+
+def stage_transformer2(args, work: Path) -> None:
+    """Phase B: from phase A's EMA weights, a second, lower cosine cycle with a fresh EMA and fresh noise."""
+    _train_transformer(args, work, work / "transformer2", work / "transformer", args.tf2_steps, args.tf2_lr, args.seed + 6, "transformer2")
+
+
+def _train_transformer(args, work: Path, out: Path, init: Path | None, steps: int, lr0: float, seed: int, tag: str) -> None:
+    from diffusers import SD3Transformer2DModel
+
     from shiva_export.shapes.data import all_scenes, caption, render_batch, sample_scenes
 
-    out = work / "transformer"
     if (out / "config.json").is_file():
-        _log("transformer: exists, skipped")
+        _log(f"{tag}: exists, skipped")
         return
     t0 = time.time()
     vae = load_vae(work)
@@ -223,19 +235,20 @@ def stage_transformer(args, work: Path) -> None:
     del x
     _log(f"transformer: {len(lat)} latents {tuple(lat.shape[1:])} std {lat.std():.3f} ({time.time() - t0:.0f}s)")
     names = sorted({caption(s) for s in all_scenes()})
-    pipe = build_pipeline(build_transformer(args.seed + 3), vae)
+    start = build_transformer(args.seed + 3) if init is None else SD3Transformer2DModel.from_pretrained(init)
+    pipe = build_pipeline(start, vae)
     emb, pooled = encode_captions(pipe, names + [""])
     index = {c: i for i, c in enumerate(names)}
     cap_idx = torch.tensor([index[caption(s)] for s in scenes])
     empty = len(names)
     model = pipe.transformer.train()
     ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.tf_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    g = torch.Generator().manual_seed(args.seed + 4)
-    steps, batch = args.tf_steps, args.tf_batch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr0, weight_decay=0.0, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(seed)
+    batch = args.tf_batch
     losses = []
     for step in range(steps):
-        lr = args.tf_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = lr0 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(lat), (batch,), generator=g)
@@ -259,12 +272,12 @@ def stage_transformer(args, work: Path) -> None:
                 e_.mul_(d).add_(p.detach(), alpha=1 - d)
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            _log(f"transformer step {step}/{steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
+            _log(f"{tag} step {step}/{steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} ({time.time() - t0:.0f}s)")
         if args.tf_checkpoint and step and step % args.tf_checkpoint == 0:
-            _save_ema(model, ema, work / "transformer_ckpt")
+            _save_ema(model, ema, work / f"{tag}_ckpt")
     _save_ema(model, ema, out)
-    (work / "transformer_stats.json").write_text(json.dumps({"seconds": time.time() - t0, "steps": steps, "batch": batch, "final_loss": float(np.mean(losses[-100:]))}, indent=2))
-    _log(f"transformer: done in {time.time() - t0:.0f}s")
+    (work / f"{tag}_stats.json").write_text(json.dumps({"seconds": time.time() - t0, "steps": steps, "batch": batch, "lr": lr0, "final_loss": float(np.mean(losses[-100:]))}, indent=2))
+    _log(f"{tag}: done in {time.time() - t0:.0f}s")
 
 
 def _save_ema(model, ema, out: Path) -> None:
@@ -282,7 +295,9 @@ def stage_assemble(args, work: Path) -> None:
 
     t0 = time.time()
     vae = load_vae(work)
-    tf = SD3Transformer2DModel.from_pretrained(work / "transformer").eval()
+    src = work / "transformer2" if "transformer2" in args.stages.split(",") or (work / "transformer2" / "config.json").is_file() else work / "transformer"
+    tf = SD3Transformer2DModel.from_pretrained(src).eval()
+    _log(f"assemble: transformer from {src.name}")
     pipe = build_pipeline(tf, vae)
     dest = args.out / "pipeline"
     if dest.exists():
@@ -291,7 +306,7 @@ def stage_assemble(args, work: Path) -> None:
         shutil.rmtree(dest)
     pipe.save_pretrained(dest, safe_serialization=True)
     stats = {}
-    for name in ("vae", "transformer"):
+    for name in ("vae", "transformer", "transformer2"):
         f = work / f"{name}_stats.json"
         if f.is_file():
             stats[name] = json.loads(f.read_text())
@@ -329,7 +344,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "shapes")
     ap.add_argument("--out", type=Path, default=ROOT / "recipes" / "sd35-shapes")
-    ap.add_argument("--stages", default="vae,transformer,assemble,latents")
+    ap.add_argument("--stages", default="vae,transformer,transformer2,assemble,latents")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-images", type=int, default=2048)
     ap.add_argument("--vae-steps", type=int, default=700)
@@ -343,6 +358,8 @@ def main() -> None:
     ap.add_argument("--tf-steps", type=int, default=1400)
     ap.add_argument("--tf-batch", type=int, default=16)
     ap.add_argument("--tf-lr", type=float, default=1e-3)
+    ap.add_argument("--tf2-steps", type=int, default=800)
+    ap.add_argument("--tf2-lr", type=float, default=5e-4)
     ap.add_argument("--tf-checkpoint", type=int, default=400)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.998)
