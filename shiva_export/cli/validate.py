@@ -173,6 +173,7 @@ def quality_command(
     n_ref: Annotated[int, typer.Option("--n-ref", help="Real scenes of the Fréchet reference set.")] = 256,
     velocity_samples: Annotated[int, typer.Option("--velocity-samples", help="Real scenes of the velocity / foreground check.")] = 16,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = 1,
+    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Interleaved timing rounds per configuration (0: time the generation calls).")] = 3,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Write quality.json, quality.md, pareto.png and grid.png here.")] = Path("validate/reports/quality"),
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -182,7 +183,7 @@ def quality_command(
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_quality(
             model=model, recipe=recipe, methods=method, keeps=keep, prompts=prompts, seeds=seed or (0,), steps=steps, guidance=guidance,
-            n_ref=n_ref, velocity_samples=velocity_samples, threads=threads, out_dir=out_dir, progress=advance,
+            n_ref=n_ref, velocity_samples=velocity_samples, threads=threads, latency_repeats=latency_repeats, out_dir=out_dir, progress=advance,
         )
     result_json(_finite(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK

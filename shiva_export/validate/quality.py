@@ -10,7 +10,8 @@ budget, and each row reports
 - **prompt accuracy**: share of images whose colour, shape, size and position, read back by the analytic
   judge, all match the prompt (the CLIP-score analogue), and each attribute alone;
 - **PSNR** and **MAD** (mean abs difference, 0-255 scale) to the dense image of the same prompt and seed;
-- **latency**: median ms per image (the whole pipeline), **speedup** vs dense, and transformer FLOPs;
+- **latency**: median ms per image (the whole pipeline) over interleaved rounds of every configuration (so a
+  busy machine slows all rows alike), **speedup** vs dense, and transformer FLOPs;
 - **velocity error**: ``|v - v_dense|^2 / |v_dense|^2`` of one transformer call on noised *real* latents at
   fixed noise levels, and **FG kept**: the share of ground-truth foreground tokens that the selection keeps
   (chance = the keep ratio). The ``foreground`` oracle (a :class:`~shiva_export.prune.baselines.MaskScorer` on
@@ -241,6 +242,7 @@ def validate_quality(
     velocity_samples: int = 16,
     sigmas: Sequence[float] = SIGMAS,
     threads: int | None = 1,
+    latency_repeats: int = 3,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> QualityReport:
@@ -257,6 +259,8 @@ def validate_quality(
         n_ref (int): Real scenes of the FD reference. Defaults to 256.
         velocity_samples (int): Real scenes of the velocity / foreground check. Defaults to 16.
         threads (int): torch CPU threads. Defaults to 1.
+        latency_repeats (int): Interleaved timing rounds of every configuration (one prompt each) after
+            generation; 0 keeps the median of the generation calls. Defaults to 3.
         out_dir (PathLike): Where to write quality.{json,md}, pareto.png, grid.png. Defaults to None.
     """
     import numpy as np
@@ -283,6 +287,8 @@ def validate_quality(
             raise ConfigError(f"--keep {k} is out of range; expected 0 < keep <= 1 (fraction of image tokens kept).")
     if not seeds:
         raise ConfigError("--seed needs at least one value.")
+    if latency_repeats < 0:
+        raise ConfigError(f"--latency-repeats {latency_repeats} is negative; expected >= 0.")
     if n_ref < 2 or velocity_samples < 1:
         raise ConfigError("--n-ref must be >= 2 and --velocity-samples >= 1.")
     if threads:
@@ -411,6 +417,22 @@ def validate_quality(
             row["psnr"], row["mad"], row["velocity_error"], row["fg_kept"] = None, None, 0.0, 1.0
         rows.append(row)
         images[(m, k)] = imgs
+    # ------------------------------------------------------------------ latency: every configuration, interleaved (round robin)
+    say(f"latency ({latency_repeats} interleaved rounds)")
+    timed: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    for _ in range(latency_repeats):
+        for ci, (m, k, phases) in enumerate(configs):
+            if m == "dense":
+                p = dense_pipe
+            else:
+                p = pipe
+                set_shiva_phases_(tf, phases, auto_cfg=True)
+                set_scorer_(tf, _scorer(m, bank, seed=8000))
+            timed[ci].append(run_pipeline(p, texts[0], steps=steps, guidance=guidance, seed=int(seeds[0])).times.total)
+    for ci, r in enumerate(rows):
+        r["generation_latency_ms"] = r["latency_ms"]
+        if timed[ci]:
+            r["latency_ms"] = statistics.median(timed[ci])
     set_scorer_(tf, bank)
     base = rows[0]
     for r in rows:
@@ -419,7 +441,7 @@ def validate_quality(
 
     settings = {"steps": steps, "guidance": guidance, "seeds": [int(s) for s in seeds], "keeps": keeps, "methods": methods,
                 "height": info.height, "width": info.width, "threads": threads, "n_ref": n_ref, "velocity_samples": velocity_samples,
-                "sigmas": [float(s) for s in sigmas],
+                "sigmas": [float(s) for s in sigmas], "latency_repeats": latency_repeats,
                 "router": f"{'trained' if trained else 'seeded random init (no trained router in the recipe)'} ({router_desc})",
                 "learned_schedule": learned, "torch": torch.__version__}
     report = QualityReport(model=rec.name, settings=settings, rows=rows, real=real, velocity=velocity, prompts=texts)
@@ -482,7 +504,7 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
         labels.append(f"{m} {k:.2f}")
     grid = image_grid(rows, labels=[f"p{i}" for i in range(len(texts))], row_labels=labels)
     buf = io.BytesIO()
-    grid.save(buf, format="PNG")
+    grid.quantize(colors=256, method=2).save(buf, format="PNG", optimize=True)  # flat scenes: 256 colours lose little
     atomic_write_bytes(out / "grid.png", buf.getvalue())
     atomic_write_bytes(out / "pareto.png", _pareto_png(report))
     md = report.to_markdown() + "\nPrompts (grid columns): " + "; ".join(f"p{i} {t}" for i, t in enumerate(texts)) + "\n"
