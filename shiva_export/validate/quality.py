@@ -6,7 +6,8 @@ budget, and each row reports
 
 - **FD**: the Fréchet distance of the images' analytic features (:func:`shiva_export.shapes.analyze.features`)
   to real rendered scenes of the same prompts (the FID analogue); ``real`` is the same distance for held-out
-  real images of the same count (the floor a perfect generator would reach);
+  real images of the same count, raw and after a round trip through the pipeline's VAE (the floor a perfect
+  transformer would reach through this decoder);
 - **prompt accuracy**: share of images whose colour, shape, size and position, read back by the analytic
   judge, all match the prompt (the CLIP-score analogue), and each attribute alone;
 - **PSNR** and **MAD** (mean abs difference, 0-255 scale) to the dense image of the same prompt and seed;
@@ -94,7 +95,9 @@ class QualityReport:
             "",
             f"{len(self.prompts)} prompts x {len(s['seeds'])} seed(s), {s['steps']} steps, CFG {s['guidance']}, {s['height']}x{s['width']} px, "
             f"torch {s['threads']} thread(s). FD: Fréchet distance of analytic features to {s['n_ref']} real scenes of the same prompts; "
-            f"real held-out images of the same count reach FD {self.real['fd']:.3f} (the floor) and prompt accuracy {self.real['accuracy']:.1%}. "
+            f"real held-out images of the same count reach FD {self.real['fd']:.3f} and prompt accuracy {self.real['accuracy']:.1%}; "
+            f"after a round trip through the pipeline's VAE (the floor for any generated image) FD {self.real.get('vae_fd', math.nan):.3f} "
+            f"and accuracy {self.real.get('vae_accuracy', math.nan):.1%}. "
             "Vel. err: relative velocity error of one call on noised real latents (sigmas "
             f"{', '.join(str(x) for x in s['sigmas'])}); FG kept: share of true foreground tokens kept (chance = keep).",
             "",
@@ -336,6 +339,14 @@ def validate_quality(
     held_imgs = [render(s)[0] for s in held]
     held_feat = np.stack([features(im) for im in held_imgs])
     real = {"fd": frechet_distance(held_feat, ref_feat), "accuracy": float(np.mean([prompt_correct(im, s.attributes)["all"] for im, s in zip(held_imgs, held)])), "n": len(held)}
+    # The same held-out images after a round trip through the pipeline's VAE: the floor a generator can reach.
+    vae = pipe.vae
+    with torch.inference_mode():
+        xb = torch.from_numpy(np.stack(held_imgs).transpose(0, 3, 1, 2).astype(np.float32) * 2.0 - 1.0).to(vae.dtype)
+        rt = vae.decode(vae.encode(xb).latent_dist.mean).sample.clamp(-1, 1).float().numpy()
+    rt_imgs = list((rt.transpose(0, 2, 3, 1) + 1.0) / 2.0)
+    real["vae_fd"] = frechet_distance(np.stack([features(im) for im in rt_imgs]), ref_feat)
+    real["vae_accuracy"] = float(np.mean([prompt_correct(im, s.attributes)["all"] for im, s in zip(rt_imgs, held)]))
 
     # ------------------------------------------------------------------ velocity error and foreground recall on real latents
     say("velocity check")
