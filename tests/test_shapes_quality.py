@@ -163,7 +163,7 @@ def test_shipped_pipeline_generates_deterministically_and_follows_prompts(shapes
 def test_validate_quality_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "q"
     code = main(["validate", "quality", "--model", "sd35-shapes", "--prompts", "2", "--steps", "2", "--keep", "0.6", "--n-ref", "16",
-                 "--velocity-samples", "2", "--out-dir", str(out), "--json"])
+                 "--velocity-samples", "2", "--latency-repeats", "1", "--out-dir", str(out), "--json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     rep = json.loads(stdout)
