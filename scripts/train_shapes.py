@@ -10,7 +10,8 @@ Stages (each deterministic from --seed, each writes into --work and is skipped w
                  sigmas with the scheduler's shift, 10% caption dropout (the empty prompt) for CFG, EMA.
                  Text encoders (CLIP x2 + T5 + tokenizers from shiva_export.runtime.embedded) stay frozen
                  at their seeded random init.
-    transformer2 a second cycle from phase A's EMA weights (lower lr, fresh EMA and noise).
+    transformer2 a second cycle from phase A's EMA weights (lr 5e-4, fresh EMA and noise);
+    transformer3 a third from phase B's (lr 3e-4).
     assemble     StableDiffusion3Pipeline.save_pretrained (fp32 safetensors, ~6 MB) into --out/pipeline and the
                  measured training times into --out/training.json.
     latents      512 cached samples (latents, prompt_embeds, pooled) for `shiva-export train --data`.
@@ -219,6 +220,11 @@ def stage_transformer2(args, work: Path) -> None:
     _train_transformer(args, work, work / "transformer2", work / "transformer", args.tf2_steps, args.tf2_lr, args.seed + 6, "transformer2")
 
 
+def stage_transformer3(args, work: Path) -> None:
+    """Phase C: from phase B's EMA weights, a third, lower cosine cycle (shape words are learned last)."""
+    _train_transformer(args, work, work / "transformer3", work / "transformer2", args.tf3_steps, args.tf3_lr, args.seed + 7, "transformer3")
+
+
 def _train_transformer(args, work: Path, out: Path, init: Path | None, steps: int, lr0: float, seed: int, tag: str) -> None:
     from diffusers import SD3Transformer2DModel
 
@@ -295,7 +301,7 @@ def stage_assemble(args, work: Path) -> None:
 
     t0 = time.time()
     vae = load_vae(work)
-    src = work / "transformer2" if "transformer2" in args.stages.split(",") or (work / "transformer2" / "config.json").is_file() else work / "transformer"
+    src = next(work / n for n in ("transformer3", "transformer2", "transformer") if (work / n / "config.json").is_file())
     tf = SD3Transformer2DModel.from_pretrained(src).eval()
     _log(f"assemble: transformer from {src.name}")
     pipe = build_pipeline(tf, vae)
@@ -306,7 +312,7 @@ def stage_assemble(args, work: Path) -> None:
         shutil.rmtree(dest)
     pipe.save_pretrained(dest, safe_serialization=True)
     stats = {}
-    for name in ("vae", "transformer", "transformer2"):
+    for name in ("vae", "transformer", "transformer2", "transformer3"):
         f = work / f"{name}_stats.json"
         if f.is_file():
             stats[name] = json.loads(f.read_text())
@@ -344,7 +350,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "shapes")
     ap.add_argument("--out", type=Path, default=ROOT / "recipes" / "sd35-shapes")
-    ap.add_argument("--stages", default="vae,transformer,transformer2,assemble,latents")
+    ap.add_argument("--stages", default="vae,transformer,transformer2,transformer3,assemble,latents")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-images", type=int, default=2048)
     ap.add_argument("--vae-steps", type=int, default=700)
@@ -360,6 +366,8 @@ def main() -> None:
     ap.add_argument("--tf-lr", type=float, default=1e-3)
     ap.add_argument("--tf2-steps", type=int, default=800)
     ap.add_argument("--tf2-lr", type=float, default=5e-4)
+    ap.add_argument("--tf3-steps", type=int, default=800)
+    ap.add_argument("--tf3-lr", type=float, default=3e-4)
     ap.add_argument("--tf-checkpoint", type=int, default=400)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.998)
