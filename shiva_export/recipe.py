@@ -54,8 +54,11 @@ class Tolerance(BaseModel):
 
 class ModelSection(BaseModel):
     model_config = _STRICT
-    source: Literal["hub", "embedded"] = Field(description="'hub': a diffusers repo id; 'embedded': random weights from `config`")
+    source: Literal["hub", "embedded", "local"] = Field(
+        description="'hub': a diffusers repo id; 'embedded': random weights from `config`; 'local': a shipped pipeline folder at `path`"
+    )
     repo_id: str | None = None
+    path: str | None = Field(None, description="source = 'local': a diffusers pipeline folder (model_index.json), relative to the recipe file")
     subfolder: str | None = "transformer"
     seed: int = 0
     config: dict[str, Any] | None = Field(None, description="diffusers transformer config (the adapter's model class) for embedded models")
@@ -66,6 +69,10 @@ class ModelSection(BaseModel):
             raise ValueError("source = 'hub' needs repo_id (e.g. 'stabilityai/stable-diffusion-3.5-medium')")
         if self.source == "embedded" and not self.config:
             raise ValueError("source = 'embedded' needs a [model.config] table with the transformer config")
+        if self.source == "local" and not self.path:
+            raise ValueError("source = 'local' needs path (a diffusers pipeline folder relative to the recipe, e.g. 'sd35-shapes/pipeline')")
+        if self.source != "local" and self.path:
+            raise ValueError(f"path is only for source = 'local' (source is {self.source!r})")
         return self
 
 
@@ -283,6 +290,24 @@ class Recipe(BaseModel):
         p = Path(self.router.weights)
         if not p.is_absolute() and self.source_path is not None:
             p = self.source_path.parent / p
+        return p
+
+    def local_pipeline_path(self) -> Path:
+        """The pipeline folder of a ``source = "local"`` recipe (relative paths resolve against the recipe file).
+
+        Raises:
+            ModelNotFoundError: The folder or its ``model_index.json`` is missing.
+        """
+        if self.model.source != "local" or not self.model.path:
+            raise RecipeError(f"{self._where()}: model.source is {self.model.source!r}, not 'local'; it has no shipped pipeline folder.")
+        p = Path(self.model.path)
+        if not p.is_absolute() and self.source_path is not None:
+            p = self.source_path.parent / p
+        if not (p / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{self._where()}: the shipped pipeline folder {p} has no model_index.json. "
+                "Restore it from git or rebuild it with scripts/train_shapes.py (see the README)."
+            )
         return p
 
     def _where(self) -> str:

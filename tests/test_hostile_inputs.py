@@ -128,7 +128,7 @@ CORPUS = [
     ("onnx-weights-file", ONNX_T + ["--weights", "{file}"], 1, "not a readable folder"),
     ("onnx-weights-empty-dir", ONNX_T + ["--weights", "{dir}"], 1, "config.json"),
     ("onnx-weights-no-config", ONNX_T + ["--weights", "{weights_no_config}"], 1, "config.json"),
-    ("onnx-weights-bad-config", ONNX_T + ["--weights", "{weights_bad_config}"], 1, "Cannot load"),
+    ("onnx-weights-bad-config", ONNX_T + ["--weights", "{weights_bad_config}"], 1, "config.json"),
     ("onnx-out-unwritable", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{unwritable}"], 1, "ONNX output"),
     ("onnx-out-is-dir", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{dir}"], 1, ""),
     # --- inspect

@@ -42,6 +42,7 @@ def train_command(
     batch: Annotated[int, typer.Option("--batch", help="Samples per step (= stratified timestep bins).")] = 4,
     phases: Annotated[int, typer.Option("--phases", help="Static phases of the learned schedule, 1..4 (one engine each).")] = 2,
     sampler_steps: Annotated[int, typer.Option("--sampler-steps", help="Steps of the flow-matching sampler the LUT is evaluated on.")] = 28,
+    sampler_shift: Annotated[float | None, typer.Option("--sampler-shift", help="Timestep shift of that sampler. Default: the recipe's [pipeline] scheduler_shift.")] = None,
     lr_router: Annotated[float, typer.Option("--lr-router", help="AdamW lr of the routers (paper 3e-4).")] = 3e-4,
     lr_policy: Annotated[float, typer.Option("--lr-policy", help="AdamW lr of the ratio policy (paper 1e-4).")] = 1e-4,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder (router.safetensors, lut.json, recipe.toml, checkpoint.pt).")] = Path("shiva-train"),
@@ -72,7 +73,9 @@ def train_command(
         stage_steps = (a, b, n - a - b)
     else:
         raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
+    rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
     cfg = TrainConfig(
+        sampler_shift=float(rec.pipeline.scheduler_shift if sampler_shift is None else sampler_shift),
         warmup_steps=stage_steps[0],
         policy_steps=stage_steps[1],
         joint_steps=stage_steps[2],
@@ -88,7 +91,6 @@ def train_command(
         resume=resume,
         num_threads=threads,
     )
-    rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
     show = not (quiet or json_out)
     every = max(1, cfg.total_steps // 20)
 

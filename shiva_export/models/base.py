@@ -314,6 +314,8 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
         dtype (str): ``fp32``, ``fp16`` or ``bf16``. Defaults to ``fp32``.
     """
     td = torch_dtype(dtype)
+    if weights is None and recipe is not None and recipe.model.source == "local":
+        weights = recipe.local_pipeline_path()  # a pipeline folder shipped beside the recipe
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.exists():

@@ -125,6 +125,8 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
                 "(text encoders, VAE, scheduler, transformer), e.g. the folder written by StableDiffusion3Pipeline.save_pretrained."
             )
         return str(p), True
+    if rec.model.source == "local":
+        return str(rec.local_pipeline_path()), True
     if rec.model.source == "embedded":
         from shiva_export.runtime.embedded import ensure_embedded_pipeline
 
@@ -494,7 +496,7 @@ def config_obj(config: dict[str, Any]):
 
 def _check_clip_length(pipe, clip_len: int, rec: Recipe) -> None:
     got = getattr(pipe.tokenizer, "model_max_length", None)
-    if got is not None and got != clip_len and rec.model.source == "embedded":
+    if got is not None and got != clip_len and rec.model.source in ("embedded", "local"):
         raise ConfigError(f"{rec.source_path}: pipeline.clip_max_length = {clip_len} but the pipeline's CLIP tokenizer takes {got}; fix the recipe.")
 
 
