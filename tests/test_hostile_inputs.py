@@ -244,3 +244,36 @@ def test_bad_input_is_one_clean_line(name, args, code, needle, tmp_path, capsys)
     left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
     assert not left, f"{name}: left files {left}"
     assert not pwned.exists(), f"{name}: code from a pickle ran"
+
+
+def test_a_weights_folder_with_a_missing_tensor_is_a_load_error(tmp_path, capsys):
+    """Never export from freshly initialised parameters: a missing tensor fails at load with one line (exit 1)."""
+    import safetensors.torch as st
+
+    from shiva_export.models.base import load_transformer
+    from shiva_export.recipe import load_recipe
+
+    load_transformer(recipe=load_recipe("sd35-tiny")).save_pretrained(tmp_path / "w")
+    f = tmp_path / "w" / "diffusion_pytorch_model.safetensors"
+    tensors = st.load_file(f)
+    tensors.pop("pos_embed.proj.bias")
+    st.save_file(tensors, f, metadata={"format": "pt"})
+    code = main(["onnx", "--model", "sd35-tiny", "--weights", str(tmp_path / "w"), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and "missing keys: pos_embed.proj.bias" in err and "uninitialised" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "m.onnx").exists()
+
+
+def test_a_config_of_another_model_class_is_a_load_error(tmp_path, capsys):
+    import json
+
+    from shiva_export.models.base import load_transformer
+    from shiva_export.recipe import load_recipe
+
+    load_transformer(recipe=load_recipe("sd35-tiny")).save_pretrained(tmp_path / "w")
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    cfg["_class_name"] = "UNet2DConditionModel"
+    (tmp_path / "w" / "config.json").write_text(json.dumps(cfg))
+    code = main(["onnx", "--model", "sd35-tiny", "--weights", str(tmp_path / "w"), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "UNet2DConditionModel" in err and "Traceback" not in err, err

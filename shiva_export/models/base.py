@@ -213,7 +213,28 @@ class ModelAdapter:
 
     # -- loading ------------------------------------------------------------------------------------------
     def from_pretrained(self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
-        return self.model_class().from_pretrained(location, subfolder=subfolder, torch_dtype=dtype, local_files_only=local_files_only)
+        """Loads real weights; a checkpoint with missing, unexpected or mismatched tensors is a load error
+        (:class:`~shiva_export.errors.WeightsError`), never a model with freshly initialised parameters."""
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # the "newly initialized" warning becomes the error below
+        try:
+            model, info = self.model_class().from_pretrained(
+                location, subfolder=subfolder, torch_dtype=dtype, local_files_only=local_files_only, output_loading_info=True
+            )
+        finally:
+            dlog.set_verbosity(level)
+        where = f"{location}{'/' + subfolder if subfolder else ''}"
+        for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+            bad = list(info.get(kind) or [])
+            if bad:
+                names = ", ".join(str(b[0] if isinstance(b, (tuple, list)) else b) for b in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                raise WeightsError(
+                    f"{where}: the checkpoint does not match {self.MODEL_CLASS} ({kind.replace('_', ' ')}: {names}); "
+                    "nothing is exported from uninitialised parameters. Pass the complete folder written by save_pretrained."
+                )
+        return model
 
 
 # -- registry -----------------------------------------------------------------------------------------------
@@ -339,6 +360,8 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
             raise WeightsError(f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe.")
         try:
             model = adapter.from_pretrained(str(folder), sub, td, True)
+        except WeightsError:
+            raise
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise WeightsError(f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?") from None
         get_adapter(model)
@@ -360,6 +383,8 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
             model = adapter.from_pretrained(repo, sub, td, local_only)
             get_adapter(model)
             return model.eval()
+        except WeightsError:
+            raise  # found, but incomplete: say so, do not report it as missing
         except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
             last = err
     reason = str(last).splitlines()[0][:160] if last else "unknown error"
