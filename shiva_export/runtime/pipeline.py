@@ -138,7 +138,8 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
 
 
 def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
-    from diffusers import StableDiffusion3Pipeline
+    with quiet_libraries():  # importing the pipeline makes transformers log about torchvision image processors
+        from diffusers import StableDiffusion3Pipeline
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     attempts = [True] if (is_local or offline) else [True, False]
