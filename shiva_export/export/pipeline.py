@@ -20,6 +20,7 @@ from shiva_export.logging import get_logger
 from shiva_export.models import InputSpec, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
+from shiva_export.prune.schedule import budget_label
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
 from shiva_export.validate.parity import ParityReport, check_parity
@@ -27,20 +28,6 @@ from shiva_export.validate.parity import ParityReport, check_parity
 __all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "model_config_hash", "router_tensor_hash", "resolve_router"]
 
 logger = get_logger(__name__)
-
-
-def budget_label(ratio: float) -> str:
-    """Folder name of a budget: ``ratio0.40`` (fraction pruned), with every digit the ratio needs.
-
-    Two different ratios never share a folder: 0.4 is ``ratio0.40`` and 0.404 ``ratio0.404``, 0.12 is
-    ``ratio0.12`` and 0.125 ``ratio0.125`` (their per-block k differ). Ratios that give the same k in every
-    block are one budget: callers deduplicate them before building (``engines.pipeline.unique_budgets``).
-    """
-    r = float(ratio)
-    short = f"{r:.2f}"
-    if float(short) == r:
-        return f"ratio{short}"
-    return f"ratio{r:.10f}".rstrip("0")
 
 
 def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines") -> Path:

@@ -145,10 +145,10 @@ class ModelAdapter:
         """TOML gives lists where the model wants tuples; adapters convert such keys here."""
         return config
 
-    # -- blocks and routing (abstract) --------------------------------------------------------------------
+    # -- blocks and routing (abstract unless noted) --------------------------------------------------------
     def num_blocks(self, transformer: nn.Module) -> int:
-        """Routable blocks, as one flat index (block 0 first)."""
-        raise NotImplementedError
+        """Routable blocks, as one flat index (block 0 first). Default: ``transformer.transformer_blocks``."""
+        return len(transformer.transformer_blocks)
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         """``(temb width, pooled width)`` of the router's context vectors."""
@@ -162,12 +162,25 @@ class ModelAdapter:
         """Undoes :meth:`install_routing` exactly."""
         raise NotImplementedError
 
-    # -- shapes and inputs (abstract) ---------------------------------------------------------------------
+    # -- shapes and inputs (abstract unless noted) --------------------------------------------------------
+    def patch_px(self, config: Any) -> int:
+        """Pixels per image token along one side. Default: the VAE's 8 x the config's ``patch_size``."""
+        return VAE_SCALE * int(_transformer_config(config).patch_size)
+
     def check_image_size(self, config: Any, height: int, width: int) -> None:
-        raise NotImplementedError
+        """Default: both sides positive multiples of :meth:`patch_px`; adapters add their own limits."""
+        step = self.patch_px(config)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % step:
+                raise ShapeError(
+                    f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x {step // VAE_SCALE} px per token side). "
+                    f"Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}."
+                )
 
     def num_image_tokens(self, config: Any, height: int, width: int) -> int:
-        raise NotImplementedError
+        """Default: the :meth:`patch_px` grid."""
+        step = self.patch_px(config)
+        return (height // step) * (width // step)
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         """Graph input names, in the export's positional order (diffusers' forward-argument names)."""

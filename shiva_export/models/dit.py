@@ -38,9 +38,6 @@ class DiTAdapter(ModelAdapter):
     PIPELINE_CLASS = "DiTPipeline"
     REPO_IDS = {"dit-xl-2-256": "facebook/DiT-XL-2-256"}
 
-    def num_blocks(self, transformer: nn.Module) -> int:
-        return len(transformer.transformer_blocks)
-
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)
 
@@ -54,18 +51,9 @@ class DiTAdapter(ModelAdapter):
         remove_overrides(transformer, transformer.transformer_blocks)
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
-        cfg = _transformer_config(config)
-        step = VAE_SCALE * cfg.patch_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % step:
-                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
+        super().check_image_size(config, height, width)
         if height != width:
             raise ShapeError(f"--height {height} != --width {width}; DiT's output reshape assumes square images. Use equal sizes.")
-
-    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
-        cfg = _transformer_config(config)
-        step = VAE_SCALE * cfg.patch_size
-        return (height // step) * (width // step)
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         return ("hidden_states", "timestep", "class_labels")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.errors import ConfigError
 from shiva_export.models._override import add_hook, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
@@ -86,14 +86,8 @@ class FluxAdapter(ModelAdapter):
         remove_overrides(transformer, self.blocks(transformer))
 
     # -- shapes and inputs --------------------------------------------------------------------------------
-    def check_image_size(self, config: Any, height: int, width: int) -> None:
-        step = FLUX_PATCH_PX
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % step:
-                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x Flux 2x2 packing). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
-
-    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
-        return (height // FLUX_PATCH_PX) * (width // FLUX_PATCH_PX)
+    def patch_px(self, config: Any) -> int:
+        return FLUX_PATCH_PX  # VAE 8 x the pipeline's 2x2 latent packing
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         cfg = _transformer_config(config)

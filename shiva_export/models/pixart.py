@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.errors import ConfigError
 from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
@@ -55,9 +55,6 @@ class PixArtAdapter(ModelAdapter):
     PIPELINE_CLASS = "PixArtSigmaPipeline"
     REPO_IDS = {"pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
 
-    def num_blocks(self, transformer: nn.Module) -> int:
-        return len(transformer.transformer_blocks)
-
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)
 
@@ -75,18 +72,6 @@ class PixArtAdapter(ModelAdapter):
 
     def remove_routing(self, transformer: nn.Module) -> None:
         remove_overrides(transformer, transformer.transformer_blocks)
-
-    def check_image_size(self, config: Any, height: int, width: int) -> None:
-        cfg = _transformer_config(config)
-        step = VAE_SCALE * cfg.patch_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % step:
-                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
-
-    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
-        cfg = _transformer_config(config)
-        step = VAE_SCALE * cfg.patch_size
-        return (height // step) * (width // step)
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         return ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep")

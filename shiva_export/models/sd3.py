@@ -74,9 +74,6 @@ class SD3Adapter(ModelAdapter):
             config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
         return config
 
-    def num_blocks(self, transformer: nn.Module) -> int:
-        return len(transformer.transformer_blocks)
-
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
@@ -87,22 +84,16 @@ class SD3Adapter(ModelAdapter):
         del transformer.forward  # the instance attribute; the class method is visible again
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
+        super().check_image_size(config, height, width)
         cfg = _transformer_config(config)
-        step = VAE_SCALE * cfg.patch_size
+        step = self.patch_px(cfg)
         max_px = (cfg.pos_embed_max_size or 0) * step
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % step:
-                raise ShapeError(f"--{name} {v} is not a positive multiple of {step} px (VAE 8 x patch {cfg.patch_size}). Use e.g. {max(step, (v // step) * step if isinstance(v, int) else step)}.")
             if max_px and v > max_px:
                 raise ShapeError(
                     f"--{name} {v} exceeds the model's position-embedding range of {max_px} px "
                     f"(pos_embed_max_size {cfg.pos_embed_max_size} patches x {step} px). Use {step}..{max_px}."
                 )
-
-    def num_image_tokens(self, config: Any, height: int, width: int) -> int:
-        cfg = _transformer_config(config)
-        step = VAE_SCALE * cfg.patch_size
-        return (height // step) * (width // step)
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         return INPUT_NAMES

@@ -308,14 +308,9 @@ def _call_config(state: _ShivaState, hidden_states: torch.Tensor, timestep, skip
     """The keep schedule of this call: the phase owning its timestep, and CFG as this call needs it."""
     if state.phases is None:
         return state.config
-    from shiva_export.prune.schedule import phase_index
+    from shiva_export.prune.schedule import call_timestep, phase_index
 
-    if timestep is None:
-        raise ConfigError("a phase schedule needs the call's timestep; pass timestep=.")
-    ts = torch.as_tensor(timestep).reshape(-1)
-    if ts.numel() > 1 and not bool((ts == ts[0]).all()):
-        raise ConfigError(f"a phase schedule needs one timestep per call; got {ts.tolist()}. Call the transformer once per denoising step.")
-    i = phase_index([ph for ph, _ in state.phases], float(ts[0]))
+    i = phase_index([ph for ph, _ in state.phases], call_timestep(timestep))
     phase, config = state.phases[i]
     state.trace.append(phase.name)
     if state.auto_cfg:

@@ -15,12 +15,34 @@ from dataclasses import dataclass
 
 from shiva_export.errors import ConfigError, RecipeError
 
-__all__ = ["TimestepPhase", "phase_index", "phases_from_recipe", "uniform_phase", "check_phases", "budget_name"]
+__all__ = ["TimestepPhase", "phase_index", "phases_from_recipe", "uniform_phase", "check_phases", "budget_label", "call_timestep"]
 
 
-def budget_name(ratio: float) -> str:
-    """Name of the fixed-ratio phase, e.g. ``ratio0.40``."""
-    return f"ratio{ratio:.2f}"
+def budget_label(ratio: float) -> str:
+    """Name of a fixed-ratio budget (its engine folder and its one phase): ``ratio0.40`` (fraction pruned),
+    with every digit the ratio needs.
+
+    Two different ratios never share a name: 0.4 is ``ratio0.40`` and 0.404 ``ratio0.404``, 0.12 is
+    ``ratio0.12`` and 0.125 ``ratio0.125`` (their per-block k differ). Ratios that give the same k in every
+    block are one budget: callers deduplicate them before building (``engines.pipeline.unique_budgets``).
+    """
+    r = float(ratio)
+    short = f"{r:.2f}"
+    if float(short) == r:
+        return f"ratio{short}"
+    return f"ratio{r:.10f}".rstrip("0")
+
+
+def call_timestep(timestep) -> float:
+    """The one timestep of a call (every batch entry must share it): what a phase schedule dispatches on."""
+    import torch
+
+    if timestep is None:
+        raise ConfigError("a phase schedule needs the call's timestep; pass timestep=.")
+    ts = torch.as_tensor(timestep).reshape(-1)
+    if ts.numel() > 1 and not bool((ts == ts[0]).all()):
+        raise ConfigError(f"a phase schedule needs one timestep per call; got {ts.tolist()}. Call the transformer once per denoising step.")
+    return float(ts[0])
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,7 @@ def uniform_phase(num_layers: int, ratio: float, routed_blocks: Sequence[int]) -
         raise ConfigError(f"--ratio {ratio!r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
     routed = set(routed_blocks)
     keep = tuple((1.0 - ratio) if i in routed else None for i in range(num_layers))
-    return TimestepPhase(budget_name(ratio), 1000.0, 0.0, keep)
+    return TimestepPhase(budget_label(ratio), 1000.0, 0.0, keep)
 
 
 def phases_from_recipe(recipe, num_layers: int) -> tuple[TimestepPhase, ...]:

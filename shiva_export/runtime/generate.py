@@ -223,6 +223,18 @@ def _to_pil(img):
     return Image.fromarray((np.clip(np.asarray(img), 0.0, 1.0) * 255.0).round().astype("uint8"))
 
 
+def _write_png(path, image):
+    """Writes a PIL image as PNG atomically; returns the image."""
+    import io
+
+    from shiva_export.utils.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return image
+
+
 def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = None, row_labels: Sequence[str] | None = None, pad: int = 4):
     """A PIL grid of PIL images (rows of equal length), with optional column and row labels."""
     from PIL import Image, ImageDraw
@@ -292,7 +304,7 @@ def generate(
     from shiva_export._version import __version__
     from shiva_export.export.onnx import package_versions
     from shiva_export.runtime.pipeline import _recipe, load_pipeline
-    from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, check_writable
+    from shiva_export.utils.io import atomic_write_json, check_writable
 
     prompts = [p for p in prompts]
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -338,20 +350,12 @@ def generate(
         entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "png": str(png),
                                  "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
                                  "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
-        pil = _to_pil(res.image)
-        import io
-
-        buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        atomic_write_bytes(png, buf.getvalue())
+        pil = _write_png(png, _to_pil(res.image))
         if dense_pipe is not None:
             dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
             dres = run_pipeline(dense_pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=dtick)
             dpng = out / f"{name}.dense.png"
-            dpil = _to_pil(dres.image)
-            buf = io.BytesIO()
-            dpil.save(buf, format="PNG")
-            atomic_write_bytes(dpng, buf.getvalue())
+            dpil = _write_png(dpng, _to_pil(dres.image))
             p = psnr(res.image, dres.image)
             entry["dense"] = {
                 "png": str(dpng),
@@ -370,12 +374,8 @@ def generate(
     if compare_dense:
         rows = [e.pop("_pil") for e in images]
         grid = image_grid(rows, labels=["dense", f"shiva ({backend}, {_budget_desc(info)})"], row_labels=[e["prompt"] for e in images])
-        import io
-
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG")
         grid_path = out / "grid.png"
-        atomic_write_bytes(grid_path, buf.getvalue())
+        _write_png(grid_path, grid)
     record = {
         "tool": f"shiva-export {__version__}",
         "model": info.model,

@@ -46,7 +46,7 @@ import torch
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.models import VAE_SCALE, InputSpec
-from shiva_export.prune.schedule import TimestepPhase, check_phases, phase_index
+from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
 __all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]
 
@@ -213,10 +213,8 @@ class _ArtifactTransformerBase:
             )
         if timestep is None or encoder_hidden_states is None or pooled_projections is None:
             raise ConfigError("the static graph needs hidden_states, encoder_hidden_states, pooled_projections and timestep.")
+        i = phase_index([p.phase for p in self.phases], call_timestep(timestep))
         ts = torch.as_tensor(timestep).reshape(-1)
-        if ts.numel() > 1 and not bool((ts == ts[0]).all()):
-            raise ConfigError(f"one timestep per call is expected; got {ts.tolist()}.")
-        i = phase_index([p.phase for p in self.phases], float(ts[0]))
         ap = self.phases[i]
         b = int(hidden_states.shape[0])
         # A CFG call is the pipeline's torch.cat([latents] * 2): both halves share the latent bit for bit.

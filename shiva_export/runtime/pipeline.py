@@ -219,25 +219,23 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, opset: int) -> str:
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool) -> str:
     from shiva_export.engines.pipeline import export_key_for
 
-    key = export_key_for(rec, weights, router, 0.0, False, spec.to_dict(), dtype, opset, False)
+    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False)
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
 
 
-def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, use_phases: bool, say) -> dict[str, Any]:
-    """Exports (or reuses, by content key) the ONNX of one phase; returns its provenance."""
+def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
+                 use_phases: bool = False) -> dict[str, Any]:
+    """Exports (or reuses, by content key) the ONNX of one phase, or of the dense reference; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pipeline import export_pruned
-    from shiva_export.utils.io import sha256_file
+    from shiva_export.utils.io import inside, safe_component, sha256_file
 
-    opset = rec.export.opset
-    key = _artifact_key(rec, weights, router, phase, spec, dtype, opset)
-    from shiva_export.utils.io import inside, safe_component
-
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense)
     path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
@@ -252,12 +250,16 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
     if meta is None:
         status = "exported"
         say(f"export onnx ({phase.name})")
+        if dense:
+            budget: dict[str, Any] = {"dense": True}
+        elif use_phases:
+            budget = {"keep_ratios": list(phase.keep_ratios)}
+        else:
+            budget = {"ratio": 1.0 - next(r for r in phase.keep_ratios if r is not None)}
         res = export_pruned(
             recipe=rec,
-            weights=_transformer_weights(weights),
-            router=router,
-            keep_ratios=list(phase.keep_ratios) if use_phases else None,
-            ratio=None if use_phases else 1.0 - next(r for r in phase.keep_ratios if r is not None),
+            weights=weights,
+            router=None if dense else router,
             height=spec.height,
             width=spec.width,
             batch=spec.batch,
@@ -267,6 +269,7 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
             out=path,
             validate=True,
             extra_metadata={"runtime_key": key, "phase": phase.name, "t_start": phase.t_start, "t_stop": phase.t_stop},
+            **budget,
         )
         if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
             from shiva_export.errors import ParityError
@@ -279,17 +282,12 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
         "onnx": str(path),
         "onnx_sha256": sha256_file(path),
         "status": status,
-        "k_per_block": meta.get("k_per_block"),
+        "k_per_block": meta.get("k_per_block") or {},
         "router_sha256": meta.get("router_sha256"),
         "model_config_sha256": meta.get("model_config_sha256"),
         "input_spec": meta.get("input_spec"),
         "parity": parity,
     }
-
-
-def _transformer_weights(weights):
-    """``--weights`` of ``generate`` is a pipeline folder; the transformer lives in its ``transformer/``."""
-    return None if weights is None else str(Path(weights).expanduser())
 
 
 def _config_hash(config: dict[str, Any]) -> str:
@@ -451,7 +449,7 @@ def load_pipeline(
             root = Path(artifact_root)
             for phase in phase_list:
                 if backend == "ort":
-                    info = _ensure_dense_onnx(rec, weights, spec, dtype, root, say) if dense else _ensure_onnx(rec, weights, router, phase, spec, dtype, root, phases, say)
+                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases)
                     run = OrtRunner(info["onnx"], provider=provider, threads=threads)
                 else:
                     info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say)
@@ -515,29 +513,6 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool) -> dic
     return info
 
 
-def _ensure_dense_onnx(rec, weights, spec, dtype, root: Path, say) -> dict[str, Any]:
-    from shiva_export.export.onnx import read_shiva_metadata
-    from shiva_export.export.pipeline import export_pruned
-    from shiva_export.utils.io import sha256_file
-
-    from shiva_export.engines.pipeline import export_key_for
-
-    key_d = export_key_for(rec, weights, None, 0.0, True, spec.to_dict(), dtype, rec.export.opset, False)
-    key = sha256_bytes(canonical_json(key_d).encode())
-    path = root / rec.name / "runtime" / f"dense-{dtype}-{key[:12]}" / "model.onnx"
-    status = "cached"
-    meta = read_shiva_metadata(path) if path.is_file() else None
-    if not meta or meta.get("runtime_key") != key:
-        status = "exported"
-        say("export onnx (dense)")
-        export_pruned(recipe=rec, weights=_transformer_weights(weights), dense=True, height=spec.height, width=spec.width, batch=spec.batch,
-                      text_len=spec.text_len, cfg=spec.cfg, dtype=dtype, out=path, validate=True,
-                      extra_metadata={"runtime_key": key, "phase": "dense", "t_start": 1000.0, "t_stop": 0.0})
-        meta = read_shiva_metadata(path)
-    return {"phase": "dense", "onnx": str(path), "onnx_sha256": sha256_file(path), "status": status, "k_per_block": {},
-            "router_sha256": None, "input_spec": meta.get("input_spec")}
-
-
 def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say) -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
     from shiva_export.engines.pipeline import build_engines
@@ -549,7 +524,7 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
         )
     r = 0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)
     say(f"engine ({phase.name})")
-    builds = build_engines(recipe=rec, weights=_transformer_weights(weights), router=router, ratios=[r], dense=dense, dtype=dtype,
+    builds = build_engines(recipe=rec, weights=weights, router=router, ratios=[r], dense=dense, dtype=dtype,
                            height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
