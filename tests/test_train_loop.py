@@ -100,10 +100,19 @@ def test_config_errors():
 
 
 def test_synthetic_data_is_seeded():
-    shapes = DataShapes(16, 32, 32, 8, 64, 64)
-    a, b = SyntheticData(shapes, seed=3).batch(2), SyntheticData(shapes, seed=3).batch(2)
+    from shiva_export.models import load_transformer
+    from shiva_export.recipe import load_recipe
+
+    model = load_transformer(recipe=load_recipe("sd35-tiny"))
+    a, b = SyntheticData(model, 256, 256, 8, seed=3).batch(2), SyntheticData(model, 256, 256, 8, seed=3).batch(2)
     assert torch.equal(a.hidden_states, b.hidden_states) and torch.equal(a.timestep, b.timestep)
     assert a.target is None and a.hidden_states.shape == (2, 16, 32, 32)
+    assert set(a.model_inputs()) == {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"}
+    # the SD3 stream is the one earlier releases drew (latents, text, pooled from one generator), so
+    # shipped routers retrain to the same bytes
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(a.hidden_states, torch.randn((2, 16, 32, 32), generator=g))
+    assert torch.equal(a.inputs["encoder_hidden_states"], torch.randn((2, 8, 64), generator=g))
 
 
 def test_latent_folder(tmp_path):

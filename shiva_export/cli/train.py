@@ -32,7 +32,7 @@ inputs are seeded synthetic tensors (distillation only). Exit codes: 0 ok, 1 err
 
 
 def train_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, sd3-tiny, sd35, ...).")] = "sd35-tiny",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, flux-tiny, pixart-tiny, dit-tiny, sd35, ...).")] = "sd35-tiny",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Folder of cached latents + text embeddings (.safetensors). Default: synthetic inputs.")] = None,

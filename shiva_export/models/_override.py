@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError
 
-__all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep"]
+__all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep", "rows_of"]
 
 OWNER = "_shiva_owner"
 INDEX = "_shiva_block_index"
@@ -71,13 +70,23 @@ def block_context(block: nn.Module):
     """``(owner transformer, flat block index, routing state, this call's ShivaConfig)`` of a routed block."""
     owner = block.__dict__[OWNER]
     state = _state(owner)
-    if state.route_override is not None:
-        raise ConfigError(f"training routes through the SD3 block loop only; {type(owner).__name__} training is not supported yet. Train an SD3 recipe.")
     return owner, block.__dict__[INDEX], state, state.call.get("config", state.config)
+
+
+def rows_of(t, rows):
+    """``t`` restricted to batch rows ``rows`` (``None``: all rows; non-tensors pass unchanged)."""
+    if rows is None or not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    return t.index_select(0, rows)
 
 
 def route_tokens(owner, index, state, config, hidden_states, temb, pooled, run_block: Callable, shared: bool = False):
     """Score, select, gather, ``run_block(kept, idx) -> (extra, kept_out)``, scatter; records the selection.
+
+    ``run_block(tokens, idx, rows=None)`` runs the unmodified diffusers block on ``tokens`` (the image tokens
+    at positions ``idx`` ``[b, k]``, or all of them when ``idx`` is None) of batch rows ``rows`` (None: all
+    rows), with every other block input restricted to those rows. A training route override
+    (``prune.api.set_route_override``) receives it and decides the selection itself.
 
     Args:
         shared (bool): One index set for the whole call (element-wise max of the rows' scores), for blocks
@@ -91,9 +100,12 @@ def route_tokens(owner, index, state, config, hidden_states, temb, pooled, run_b
     from shiva_export.prune.api import _ROUTERS_ATTR
     from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 
+    routers = getattr(owner, _ROUTERS_ATTR)
+    if state.route_override is not None:
+        return state.route_override(index, hidden_states, temb, pooled, run_block, shared, routers)
     n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
     k = static_k(n, config.keep_ratios[index])
-    scores = getattr(owner, _ROUTERS_ATTR)(index, hidden_states, temb, pooled)
+    scores = routers(index, hidden_states, temb, pooled)
     if shared:
         s = scores.amax(dim=0, keepdim=True) if scores.shape[0] > 1 else scores
         idx = select_topk(s, k, cfg=False, selection=config.selection).expand(hidden_states.shape[0], k)

@@ -146,9 +146,18 @@ class ModelAdapter:
         return config
 
     # -- blocks and routing (abstract unless noted) --------------------------------------------------------
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """The routable blocks in flat-index order (block 0 first). Default: ``transformer.transformer_blocks``."""
+        return list(transformer.transformer_blocks)
+
     def num_blocks(self, transformer: nn.Module) -> int:
-        """Routable blocks, as one flat index (block 0 first). Default: ``transformer.transformer_blocks``."""
-        return len(transformer.transformer_blocks)
+        """Routable blocks, as one flat index."""
+        return len(self.blocks(transformer))
+
+    def block_image_output(self, output: Any) -> torch.Tensor:
+        """The image tokens ``[B, N, D]`` of one block's output. Default: a tensor as is, or the second
+        item of an ``(encoder_hidden_states, hidden_states)`` pair (SD3 and Flux blocks)."""
+        return output[1] if isinstance(output, tuple) else output
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         """``(temb width, pooled width)`` of the router's context vectors."""
@@ -181,6 +190,16 @@ class ModelAdapter:
         """Default: the :meth:`patch_px` grid."""
         step = self.patch_px(config)
         return (height // step) * (width // step)
+
+    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
+        """Timesteps (0..1000 scale, sampling order) of the architecture's pipeline sampler at ``steps`` steps,
+        as diffusers computes them: training evaluates its learned schedule and cuts phases on these.
+        Default (SD3/SD3.5): ``FlowMatchEulerDiscreteScheduler(shift=shift)``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+        sched.set_timesteps(steps)
+        return [float(v) for v in sched.timesteps]
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         """Graph input names, in the export's positional order (diffusers' forward-argument names)."""

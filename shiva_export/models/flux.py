@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens
+from shiva_export.models._override import add_hook, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens, rows_of
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["FluxAdapter", "FLUX_PATCH_PX"]
@@ -63,19 +63,32 @@ class FluxAdapter(ModelAdapter):
             config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
         return config
 
-    @staticmethod
-    def blocks(transformer: nn.Module) -> list[nn.Module]:
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         """The flat block list: double-stream blocks, then single-stream blocks."""
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-
-    def num_blocks(self, transformer: nn.Module) -> int:
-        return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
     def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
         return _flux_flops(self, config, num_image_tokens, text_len, keep_ratios, batch, bottleneck)
+
+    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
+        """``FluxPipeline``'s sampler: flow-matching Euler with resolution-dependent shift ``mu`` (FLUX.1-dev's
+        scheduler config: base/max image tokens 256/4096, base/max shift 0.5/1.15) on ``linspace(1, 1/steps)``
+        sigmas; schnell (no guidance embedding) runs unshifted. ``shift`` (SD3's) does not apply."""
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        if _transformer_config(config).guidance_embeds:
+            sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+            m = (1.15 - 0.5) / (4096 - 256)
+            sched.set_timesteps(sigmas=sigmas, mu=num_image_tokens * m + (0.5 - m * 256))
+        else:
+            sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+            sched.set_timesteps(sigmas=sigmas)
+        return [float(v) for v in sched.timesteps]
 
     # -- routing ------------------------------------------------------------------------------------------
     def install_routing(self, transformer: nn.Module) -> None:
@@ -187,16 +200,16 @@ def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb
     if pooled is None:
         raise ConfigError("a routed Flux block needs pooled_projections; call the transformer with pooled_projections=.")
 
-    def run(kept, idx):
+    def run(kept, idx, rows=None):
         rope = image_rotary_emb
-        if rope is not None:  # text rows whole, then the kept image tokens' rows (idx is shared by the batch)
+        if rope is not None and idx is not None:  # text rows whole, then the kept image tokens' rows (shared=True: one idx for all rows)
             t_len = int(encoder_hidden_states.shape[1])
             rope = tuple(torch.cat([r[:t_len], r[t_len:].index_select(0, idx[0])], dim=0) for r in rope)
         return type(block).forward(
             block,
             hidden_states=kept,
-            encoder_hidden_states=encoder_hidden_states,
-            temb=temb,
+            encoder_hidden_states=rows_of(encoder_hidden_states, rows),
+            temb=rows_of(temb, rows),
             image_rotary_emb=rope,
             joint_attention_kwargs=joint_attention_kwargs,
         )

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens
+from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["PixArtAdapter"]
@@ -54,6 +54,15 @@ class PixArtAdapter(ModelAdapter):
     MODEL_CLASS = "PixArtTransformer2DModel"
     PIPELINE_CLASS = "PixArtSigmaPipeline"
     REPO_IDS = {"pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
+
+    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
+        """The ``DPMSolverMultistepScheduler`` (diffusers defaults: linear betas, 1000 train steps, linspace
+        spacing) that ``PixArtSigmaPipeline`` is run with; ``shift`` (SD3's) does not apply."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        sched = DPMSolverMultistepScheduler()
+        sched.set_timesteps(steps)
+        return [float(v) for v in sched.timesteps]
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)
@@ -209,10 +218,10 @@ def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hid
     if temb is None or pooled is None:
         raise ConfigError("a routed PixArt block ran without the captured timestep/caption context. Call the transformer with encoder_hidden_states and timestep.")
 
-    def run(kept, idx):
-        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask, timestep=timestep,
-                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+    def run(kept, idx, rows=None):
+        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=rows_of(encoder_hidden_states, rows),
+                                  encoder_attention_mask=rows_of(encoder_attention_mask, rows), timestep=rows_of(timestep, rows),
+                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=rows_of(class_labels, rows))
         return None, out
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]

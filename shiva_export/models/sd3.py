@@ -10,7 +10,8 @@ Quirks handled here (why they matter for routing):
   patches per side), so gathered tokens carry their position and need nothing extra (unlike Flux RoPE).
 - Routing replaces the instance's ``forward`` with :func:`_shiva_forward`, a copy of the diffusers forward
   whose block loop calls :func:`_route_block` (kept, rather than the lighter block override the Flux adapter
-  uses, because training's ``set_route_override`` and skip-layer guidance hook into this loop).
+  uses, because skip-layer guidance and ControlNet residuals hook into this loop). Routed blocks go through
+  the same ``route_tokens`` as every other adapter, so training's ``set_route_override`` sees one protocol.
 - Router context = ``(temb, pooled_projections)``: the model's own ``time_text_embed`` output and the pooled
   CLIP vector (paper, Sec. 2.3).
 """
@@ -173,35 +174,24 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
 
 
 # -- routing: the copied forward ----------------------------------------------------------------------------
-from shiva_export.prune.api import _ROUTERS_ATTR, _STATE_ATTR, _call_config  # noqa: E402
-from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k  # noqa: E402
+from shiva_export.models._override import route_tokens, rows_of  # noqa: E402
+from shiva_export.prune.api import _STATE_ATTR, _call_config  # noqa: E402
 
 
 def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, config):
+    """One routed ``JointTransformerBlock``: :func:`~shiva_export.models._override.route_tokens` with the
+    block called on ``[kept image; all text]`` tokens; returns ``(encoder_hidden_states, hidden_states)``."""
     state = getattr(self, _STATE_ATTR)
-    if state.route_override is not None:
-        return state.route_override(
-            index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, getattr(self, _ROUTERS_ATTR)
+
+    def run(kept, idx, rows=None):
+        return block(
+            hidden_states=kept,
+            encoder_hidden_states=rows_of(encoder_hidden_states, rows),
+            temb=rows_of(temb, rows),
+            joint_attention_kwargs=joint_attention_kwargs,
         )
-    keep = config.keep_ratios[index_block]
-    n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
-    k = static_k(n, keep)
-    scores = getattr(self, _ROUTERS_ATTR)(index_block, hidden_states, temb, pooled)
-    idx = select_topk(scores, k, cfg=config.cfg, selection=config.selection)
-    kept = gather_tokens(hidden_states, idx)
-    encoder_hidden_states, kept_out = block(
-        hidden_states=kept,
-        encoder_hidden_states=encoder_hidden_states,
-        temb=temb,
-        joint_attention_kwargs=joint_attention_kwargs,
-    )
-    out = scatter_tokens(hidden_states, idx, kept_out)
-    if state.recorder is not None:
-        rec = {"block": index_block, "k": k, "indices": idx.detach(), "scores": scores.detach()}
-        if state.record_hidden:
-            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach(), temb=temb.detach(), pooled=pooled.detach())
-        state.recorder.append(rec)
-    return encoder_hidden_states, out
+
+    return route_tokens(self, index_block, state, config, hidden_states, temb, pooled, run)
 
 
 # Copied from diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward (diffusers 0.42)

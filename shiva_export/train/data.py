@@ -3,18 +3,19 @@
 Two sources yield the same :class:`Batch` (the transformer's forward-argument names plus the clean
 latent when there is one):
 
-* :class:`SyntheticData`: seeded Gaussian latents used directly as the noisy input ``x_t``, uniformly
-  random (or caller-given, e.g. stratified) timesteps in ``[0, 1000)``, Gaussian text embeddings and pooled
-  projections. Enough for feature distillation against the dense teacher (the teacher defines the target),
+* :class:`SyntheticData` (any architecture): seeded Gaussian latents used directly as the noisy input
+  ``x_t``, uniformly random (or caller-given, e.g. stratified) timesteps in ``[0, 1000)``, Gaussian text
+  embeddings and pooled projections in the adapter's shapes, and the adapter's own values for the other
+  inputs. Enough for feature distillation against the dense teacher (the teacher defines the target),
   and what CI uses. No flow-matching loss is possible (there is no clean latent).
 * :class:`LatentFolder`: a folder of ``.safetensors`` files, one sample each, holding ``latents [C, H, W]``
   (clean VAE latents, already scaled/shifted the way the backbone expects), ``prompt_embeds [T, J]`` and
   ``pooled [P]``. The noisy input is built with the rectified-flow interpolation
   ``x_t = (1 - sigma) * x0 + sigma * eps`` with ``sigma = t / 1000``, and the flow-matching target is
-  ``v = eps - x0`` (SD3's convention).
+  ``v = eps - x0`` (SD3's convention). SD3 layout only.
 
 Example:
-    >>> data = SyntheticData(spec_like_shapes, seed=0)
+    >>> data = SyntheticData(transformer, height=256, width=256, text_len=32, seed=0)
     >>> batch = data.batch(8, timesteps=stratified_timesteps(8))
     >>> out = transformer(**batch.model_inputs()).sample
 """
@@ -69,44 +70,33 @@ class DataShapes:
 
 @dataclass
 class Batch:
-    """One training batch.
+    """One training batch: the transformer's keyword arguments plus the flow-matching target.
 
     Attributes:
-        hidden_states (torch.Tensor): ``[B, C, H, W]`` noisy latents ``x_t``.
-        encoder_hidden_states (torch.Tensor): ``[B, T, J]`` text embeddings.
-        pooled_projections (torch.Tensor): ``[B, P]``.
-        timestep (torch.Tensor): ``[B]`` float32 timesteps in ``[0, 1000)``.
-        target (torch.Tensor | None): ``[B, C, H, W]`` flow-matching target ``eps - x0`` (real latents only).
+        inputs (dict[str, torch.Tensor]): Forward arguments except ``timestep`` (the architecture's own
+            names: ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``class_labels``...).
+        timestep (torch.Tensor): ``[B]`` float32 timesteps on the 0..1000 scale of schedules and the policy.
+        target (torch.Tensor | None): Flow-matching target ``eps - x0``, shaped like ``hidden_states``
+            (real latents only).
+        timestep_scale (float): The model's ``timestep`` is ``timestep / timestep_scale`` (Flux: 1000).
     """
 
-    hidden_states: torch.Tensor
-    encoder_hidden_states: torch.Tensor
-    pooled_projections: torch.Tensor
+    inputs: dict[str, torch.Tensor]
     timestep: torch.Tensor
     target: torch.Tensor | None = None
+    timestep_scale: float = 1.0
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self.inputs["hidden_states"]
 
     def __len__(self) -> int:
         return int(self.hidden_states.shape[0])
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The transformer's keyword arguments."""
-        return {
-            "hidden_states": self.hidden_states,
-            "encoder_hidden_states": self.encoder_hidden_states,
-            "pooled_projections": self.pooled_projections,
-            "timestep": self.timestep,
-        }
-
-    def select(self, idx: list[int]) -> Batch:
-        """The sub-batch at ``idx``."""
-        ix = torch.as_tensor(idx, dtype=torch.long)
-        return Batch(
-            self.hidden_states[ix],
-            self.encoder_hidden_states[ix],
-            self.pooled_projections[ix],
-            self.timestep[ix],
-            None if self.target is None else self.target[ix],
-        )
+        t = self.timestep if self.timestep_scale == 1.0 else self.timestep / self.timestep_scale
+        return dict(self.inputs, timestep=t)
 
 
 def _timesteps(batch: int, timesteps: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
@@ -119,36 +109,55 @@ def _timesteps(batch: int, timesteps: torch.Tensor | None, g: torch.Generator) -
 
 
 class SyntheticData:
-    """Seeded synthetic batches: Gaussian latents (used as ``x_t``), text embeddings and pooled vectors.
+    """Seeded synthetic batches of any architecture: Gaussian float inputs (latents used as ``x_t``, text
+    states, pooled vectors) in the adapter's shapes, and the adapter's own seeded values for the rest
+    (Flux position ids and guidance, PixArt caption masks, DiT class labels).
 
     Each call to :meth:`batch` draws from the object's own generator, so the stream is reproducible from
-    ``seed`` and resumable from :meth:`state_dict`.
+    ``seed`` and resumable from :meth:`state_dict`. Float inputs are drawn in the adapter's
+    ``float_inputs`` order (SD3: latents, text, pooled), the stream earlier releases drew.
 
     Args:
-        shapes (DataShapes): Per-sample shapes.
+        model: The transformer (or its config); its adapter gives names and shapes.
+        height (int): Image height in pixels.
+        width (int): Image width in pixels.
+        text_len (int): Text tokens.
         seed (int): RNG seed. Defaults to 0.
     """
 
     has_targets = False
 
-    def __init__(self, shapes: DataShapes, seed: int = 0):
-        self.shapes = shapes
+    def __init__(self, model, height: int, width: int, text_len: int, seed: int = 0):
+        from shiva_export.models import InputSpec, get_adapter
+
+        self.adapter = get_adapter(model)
+        self.config = getattr(model, "config", model)
+        self.spec = InputSpec(batch=1, height=height, width=width, text_len=text_len, cfg=False)
         self.seed = int(seed)
         self._g = torch.Generator(device="cpu").manual_seed(self.seed)
+        names = self.adapter.input_names(self.config)
+        self._floats = tuple(n for n in self.adapter.float_inputs(self.config) if n in names)
+        self._extras = tuple(n for n in names if n not in self._floats and n != "timestep")
 
     def __repr__(self) -> str:
-        return f"SyntheticData(seed={self.seed}, shapes={self.shapes})"
+        return f"SyntheticData({self.adapter.NAME}, seed={self.seed}, {self.spec.height}x{self.spec.width}, text_len={self.spec.text_len})"
 
     def batch(self, batch: int, timesteps: torch.Tensor | None = None) -> Batch:
-        """Draws ``batch`` samples; ``timesteps`` (``[batch]``) default to uniform in ``[0, 1000)``."""
+        """Draws ``batch`` samples; ``timesteps`` (``[batch]``, 0..1000) default to uniform in ``[0, 1000)``."""
         if not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"batch size is {batch!r}; expected an int >= 1.")
-        s, g = self.shapes, self._g
-        lat = torch.randn((batch, s.channels, s.height, s.width), generator=g)
-        txt = torch.randn((batch, s.text_len, s.text_dim), generator=g)
-        pooled = torch.randn((batch, s.pooled_dim), generator=g)
+        from dataclasses import replace
+
+        g = self._g
+        spec = replace(self.spec, batch=batch)
+        shapes = self.adapter.input_shapes(self.config, spec)
+        inputs = {n: torch.randn((batch, *shapes[n][1:]), generator=g) for n in self._floats}
         t = _timesteps(batch, timesteps, g)
-        return Batch(lat, txt, pooled, t)
+        if self._extras:  # the adapter's own seeded values, e.g. DiT class labels, PixArt masks, Flux ids
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            made = self.adapter.make_inputs(self.config, spec, seed=seed)
+            inputs.update({n: v for n, v in made.items() if n not in inputs and n != "timestep"})
+        return Batch(inputs, t, timestep_scale=float(self.adapter.TIMESTEP_SCALE))
 
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "seed": self.seed, "rng": self._g.get_state()}
@@ -238,7 +247,8 @@ class LatentFolder:
         t = _timesteps(batch, timesteps, g)
         sigma = (t / 1000.0).view(-1, 1, 1, 1)
         xt = (1.0 - sigma) * x0 + sigma * eps
-        return Batch(xt, self.prompt_embeds[ix], self.pooled[ix], t, target=eps - x0)
+        inputs = {"hidden_states": xt, "encoder_hidden_states": self.prompt_embeds[ix], "pooled_projections": self.pooled[ix]}
+        return Batch(inputs, t, target=eps - x0)
 
     def state_dict(self) -> dict:
         return {"kind": "latents", "seed": self.seed, "rng": self._g.get_state()}
@@ -247,8 +257,16 @@ class LatentFolder:
         self._g.set_state(state["rng"])
 
 
-def make_data(data: str | os.PathLike | None, shapes: DataShapes, seed: int = 0) -> SyntheticData | LatentFolder:
-    """``LatentFolder(data)`` when a folder is given, else :class:`SyntheticData`."""
+def make_data(data: str | os.PathLike | None, model, height: int, width: int, text_len: int, seed: int = 0) -> SyntheticData | LatentFolder:
+    """``LatentFolder(data)`` when a folder is given (SD3-layout cached latents), else :class:`SyntheticData`."""
     if data is None:
-        return SyntheticData(shapes, seed=seed)
-    return LatentFolder(data, shapes=shapes, seed=seed)
+        return SyntheticData(model, height, width, text_len, seed=seed)
+    from shiva_export.models import get_adapter
+
+    adapter = get_adapter(model)
+    if adapter.NAME != "sd3":
+        raise ConfigError(
+            f"--data {data}: cached latents hold the SD3 layout (latents [C, H, W], prompt_embeds, pooled); "
+            f"a {adapter.NAME} model trains on synthetic inputs here. Omit --data."
+        )
+    return LatentFolder(data, shapes=DataShapes.from_model(model, height, width, text_len), seed=seed)

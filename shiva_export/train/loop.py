@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from shiva_export.errors import ConfigError, RecipeError
 from shiva_export.logging import get_logger
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
-from shiva_export.train.data import DataShapes, make_data
+from shiva_export.train.data import make_data
 from shiva_export.train.policy import MAX_PHASES, EMABudget, RatioPolicy, quantize_lut, stratified_ratios, stratified_timesteps
 from shiva_export.train.ste import DifferentiableTopK, TemperatureSchedule, route_with_ste
 
@@ -108,8 +108,11 @@ class TrainConfig:
         tap_every (int): Distil the hidden states after every ``tap_every``-th block. Defaults to 4.
         seed (int): Seed of data, sampling and noise. Defaults to 0.
         phases (int): Static phases of the quantised LUT, 1..4. Defaults to 2.
-        sampler_steps (int): Steps of the flow-matching sampler the LUT is evaluated on. Defaults to 28.
-        sampler_shift (float): Timestep shift of that sampler (SD3/SD3.5: 3.0). Defaults to 3.0.
+        sampler_steps (int): Steps of the pipeline's sampler the LUT is evaluated on (the adapter's
+            ``sampler_timesteps``: SD3 flow-matching Euler, Flux with its resolution shift, PixArt/DiT
+            DPM-Solver). Defaults to 28.
+        sampler_shift (float): Timestep shift of the SD3/SD3.5 sampler (3.0); other architectures use their
+            pipeline's own. Defaults to 3.0.
         timesteps (Sequence[float] | None): Explicit sampler timesteps (sampling order); overrides
             ``sampler_steps``/``sampler_shift``. Defaults to None.
         calibrate_budget (bool): Shift ``b_anchor`` so the LUT mean equals the target (module docstring).
@@ -300,11 +303,7 @@ def phase_names(n: int) -> list[str]:
 def _resolve_recipe(recipe_or_model):
     from shiva_export.recipe import Recipe, load_recipe
 
-    rec = recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
-    if rec.architecture != "sd3":
-        # The STE routes through the SD3 block loop (set_route_override); the block-override adapters refuse it.
-        raise ConfigError(f"shiva-export train supports architecture 'sd3' only; {rec.name!r} is {rec.architecture!r}. Train an SD3/SD3.5 recipe.")
-    return rec
+    return recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -327,15 +326,14 @@ class _RouteState:
         self.scores: dict[int, torch.Tensor] = {}  # student pass: router scores [B, N]
 
 
-def _run_block(block, hs, ehs, temb, jak):
-    return block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, joint_attention_kwargs=jak)
-
-
 def _make_override(state: _RouteState):
-    def override(index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, routers):
+    """The route override of one training run (protocol: ``prune.api.set_route_override``): dense teacher,
+    student (differentiable top-k + STE), or hard routing with the trained router (``hard``) or ``||x||`` (``l2``)."""
+
+    def override(index_block, hidden_states, temb, pooled, run_block, shared, routers):
         mode = state.mode
         if mode == "dense":
-            ehs, out = _run_block(block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+            ehs, out = run_block(hidden_states, None)
             if state.record_importance:
                 state.importance[index_block] = (out - hidden_states).float().norm(dim=-1) / hidden_states.float().norm(dim=-1).clamp_min(1e-6)
         elif mode in ("hard", "l2"):
@@ -345,11 +343,14 @@ def _make_override(state: _RouteState):
                 scores = hidden_states.float().norm(dim=-1)
             else:
                 scores = routers(index_block, hidden_states, temb, pooled)
-            idx = select_topk(scores, k)
-            ehs, kept = _run_block(block, gather_tokens(hidden_states, idx), encoder_hidden_states, temb, joint_attention_kwargs)
+            if shared and scores.shape[0] > 1:
+                idx = select_topk(scores.amax(dim=0, keepdim=True), k).expand(scores.shape[0], k)
+            else:
+                idx = select_topk(scores, k)
+            ehs, kept = run_block(gather_tokens(hidden_states, idx), idx)
             out = scatter_tokens(hidden_states, idx, kept)
         else:
-            ehs, out = _student_block(state, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, routers)
+            ehs, out = _student_block(state, index_block, hidden_states, temb, pooled, run_block, shared, routers)
         if index_block in state.tap_blocks:
             state.taps[index_block] = out
         return ehs, out
@@ -357,7 +358,18 @@ def _make_override(state: _RouteState):
     return override
 
 
-def _student_block(state, index_block, block, hs, ehs, temb, pooled, jak, routers):
+def _shared_selection(sel, rows: int):
+    """One selection (made on the rows' max scores) expanded to ``rows`` rows (blocks whose per-token side
+    inputs have no batch axis, e.g. Flux RoPE, need one index set per call)."""
+    from shiva_export.train.ste import Selection
+
+    if rows == 1:
+        return sel
+    ex = lambda t: t.expand(rows, *t.shape[1:])  # noqa: E731
+    return Selection(ex(sel.indices), ex(sel.rejected), ex(sel.pi), ex(sel.pi_sel), ex(sel.pi_rej), sel.k, sel.k_soft)
+
+
+def _student_block(state, index_block, hs, temb, pooled, run_block, shared, routers):
     scores = routers(index_block, hs, temb, pooled)  # [B, N] fp32
     state.scores[index_block] = scores
     keep = state.keep[:, state.col[index_block]]  # [B]
@@ -368,13 +380,17 @@ def _student_block(state, index_block, block, hs, ehs, temb, pooled, jak, router
     outs_h, outs_e, order = [], [], []
     for ids in groups.values():
         ix = torch.as_tensor(ids, dtype=torch.long, device=hs.device)
-        whole = len(ids) == hs.shape[0]
-        sub = (lambda t: t) if whole else (lambda t: t.index_select(0, ix))
-        sel = state.topk.select(sub(scores), keep[ids[0]], generator=state.generator)
+        rows = None if len(ids) == hs.shape[0] else ix
+        sub = (lambda t: t) if rows is None else (lambda t: t.index_select(0, ix))
+        s = sub(scores)
+        if shared and len(ids) > 1:
+            sel = _shared_selection(state.topk.select(s.amax(dim=0, keepdim=True), keep[ids[0]], generator=state.generator), len(ids))
+        else:
+            sel = state.topk.select(s, keep[ids[0]], generator=state.generator)
         holder: list = []
 
-        def fn(kept, _e=sub(ehs), _t=sub(temb)):
-            e, o = _run_block(block, kept, _e, _t, jak)
+        def fn(kept, _sel=sel, _rows=rows):
+            e, o = run_block(kept, _sel.indices, _rows)
             holder.append(e)
             return o
 
@@ -397,8 +413,9 @@ def _forward(transformer, state: _RouteState, inputs: dict) -> tuple[torch.Tenso
 
 def _distill_loss(s_out, s_taps, t_out, t_taps) -> torch.Tensor:
     terms = [F.mse_loss(_layer_norm(s_taps[b]), _layer_norm(t_taps[b])) for b in sorted(t_taps)]
-    so = s_out.flatten(2).transpose(1, 2)  # [B, HW, C]
-    to = t_out.flatten(2).transpose(1, 2)
+    # per-token features: [B, C, H, W] outputs (SD3, PixArt, DiT) -> [B, HW, C]; [B, N, C] (Flux) as is
+    so = s_out.flatten(2).transpose(1, 2) if s_out.dim() == 4 else s_out
+    to = t_out.flatten(2).transpose(1, 2) if t_out.dim() == 4 else t_out
     terms.append(F.mse_loss(_layer_norm(so), _layer_norm(to)))
     return torch.stack(terms).mean()
 
@@ -536,7 +553,7 @@ def train(
         ConfigError: Bad settings, an unreadable checkpoint or data folder.
         RecipeError: The recipe's routed range does not fit the model.
     """
-    from shiva_export.models import check_image_size, load_transformer, num_image_tokens
+    from shiva_export.models import check_image_size, get_adapter, load_transformer, num_image_tokens
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
 
     cfg = config or TrainConfig()
@@ -553,7 +570,8 @@ def train(
         transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
         h, w, text_len = rec.shapes.height, rec.shapes.width, rec.shapes.text_len
         check_image_size(transformer, h, w)
-        n_layers = len(transformer.transformer_blocks)
+        adapter = get_adapter(transformer)
+        n_layers = adapter.num_blocks(transformer)
         n_tokens = num_image_tokens(transformer, h, w)
         routed = rec.routed_blocks(n_layers)
         for p in transformer.parameters():
@@ -575,10 +593,10 @@ def train(
         taps = {b for b in range(n_layers - 1) if (b + 1) % cfg.tap_every == 0}
         state = _RouteState(routed, topk, taps)
         set_route_override(transformer, _make_override(state))
-        hooks = [transformer.transformer_blocks[b].register_forward_hook(_tap_hook(state, b)) for b in taps if b not in routed]
+        blocks = adapter.blocks(transformer)
+        hooks = [blocks[b].register_forward_hook(_tap_hook(state, b, adapter)) for b in taps if b not in routed]
 
-        shapes = DataShapes.from_model(transformer, h, w, text_len)
-        data = make_data(cfg.data, shapes, seed=cfg.seed)
+        data = make_data(cfg.data, transformer, h, w, text_len, seed=cfg.seed)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
         opt = torch.optim.AdamW(
             [
@@ -691,7 +709,7 @@ def train(
 
         result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history)
         if result.finished:
-            _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers)
+            _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers, transformer)
             say({"event": "done", "step": step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep})
         result.seconds = time.perf_counter() - t_start
         return result
@@ -700,10 +718,10 @@ def train(
             torch.set_num_threads(old_threads)
 
 
-def _tap_hook(state: _RouteState, b: int):
+def _tap_hook(state: _RouteState, b: int, adapter):
     def hook(module, args, output):
         if state.mode in ("dense", "student", "hard", "l2"):
-            state.taps[b] = output[1]
+            state.taps[b] = adapter.block_image_output(output)
 
     return hook
 
@@ -722,13 +740,17 @@ def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"checkpoint {path} is at step {ck['step']}, beyond this run's {cfg.total_steps} total steps. Pass more --steps.")
 
 
-def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int) -> None:
+def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int, transformer) -> None:
+    from shiva_export.models import get_adapter
     from shiva_export.prune.router import save_routers
     from shiva_export.recipe import load_recipe
     from shiva_export.utils.io import atomic_write_json, atomic_write_text
 
     out_dir = result.out_dir
-    timesteps = [float(t) for t in cfg.timesteps] if cfg.timesteps is not None else sampler_timesteps(cfg.sampler_steps, cfg.sampler_shift)
+    if cfg.timesteps is not None:
+        timesteps = [float(t) for t in cfg.timesteps]
+    else:  # the architecture's own pipeline sampler (SD3: flow-matching Euler with cfg.sampler_shift)
+        timesteps = get_adapter(transformer).sampler_timesteps(transformer.config, cfg.sampler_steps, n_tokens, cfg.sampler_shift)
     if len(timesteps) < cfg.phases:
         raise ConfigError(f"sampler has {len(timesteps)} timesteps; expected at least phases = {cfg.phases}. Pass more timesteps or fewer --phases.")
     policy.eval()
@@ -847,7 +869,7 @@ def evaluate_router(
         RouterError: No trained router is given and the recipe has none.
     """
     from shiva_export.errors import RouterError
-    from shiva_export.models import InputSpec, load_transformer, make_inputs
+    from shiva_export.models import InputSpec, load_transformer, make_inputs, num_blocks, router_dims
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
     from shiva_export.prune.router import RouterBank, load_routers
 
@@ -855,10 +877,10 @@ def evaluate_router(
     if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
         raise ConfigError(f"keep is {keep!r}; expected 0 < keep <= 1 (fraction of image tokens kept).")
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
-    n_layers = len(transformer.transformer_blocks)
+    n_layers = num_blocks(transformer)
     routed = rec.routed_blocks(n_layers)
     scfg = ShivaConfig.uniform(n_layers, 1.0 - keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
-    rc = scfg.router_config(transformer.inner_dim, transformer.config.pooled_projection_dim)
+    rc = scfg.router_config(*router_dims(transformer))
     if isinstance(router, RouterBank):
         trained = router
     else:
