@@ -43,17 +43,26 @@ def test_dense_teacher_is_the_plain_forward_bit_for_bit(name):
     assert torch.equal(out, ref)
 
 
+def _teacher_updates(model, st, inputs):
+    with torch.no_grad():
+        st.mode, st.record_updates = "dense", True
+        model(**inputs)
+        st.record_updates = False
+
+
+@pytest.mark.parametrize("estimator", ["output-gated", "residual"])
 @pytest.mark.parametrize("name", MODELS)
-def test_student_forward_equals_hard_routing_and_grads_reach_routers(name):
+def test_student_forward_equals_hard_routing_and_grads_reach_routers(name, estimator):
     rec, model, n, routed, inputs = _setup(name)
     keep = 0.6
     bank = apply_shiva_(model, ShivaConfig.uniform(n, 1.0 - keep, routed), seed=0)
     with torch.no_grad():
         hard = model(**inputs).sample  # inference routing (hard top-k, shared indices where the adapter needs them)
     topk = DifferentiableTopK(noise_std=0.0)
-    st = _RouteState(routed, topk, set())
-    st.mode, st.keep = "student", torch.full((2, len(routed)), keep)
+    st = _RouteState(routed, topk, set(), estimator=estimator)
     set_route_override(model, _make_override(st))
+    _teacher_updates(model, st, inputs)
+    st.mode, st.keep = "student", torch.full((2, len(routed)), keep)
     out = model(**inputs).sample
     assert torch.equal(out.detach(), hard)
     out.float().pow(2).mean().backward()
@@ -73,9 +82,11 @@ def test_flux_student_shares_one_index_set_per_keep_group():
         return inner(index, hs, temb, pooled, run_block, shared, routers)
 
     st = _RouteState(routed, DifferentiableTopK(noise_std=0.0), set())
-    st.mode, st.keep = "student", torch.tensor([[0.6] * len(routed), [0.8] * len(routed)])  # two keep groups
     inner = _make_override(st)
     set_route_override(model, spy)
+    _teacher_updates(model, st, inputs)
+    seen.clear()
+    st.mode, st.keep = "student", torch.tensor([[0.6] * len(routed), [0.8] * len(routed)])  # two keep groups
     with torch.no_grad():
         out = model(**inputs).sample
     assert seen and all(seen) and torch.isfinite(out).all()

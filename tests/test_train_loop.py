@@ -75,7 +75,7 @@ def test_resume_continues_at_the_right_step(tmp_path):
     assert not first.finished and first.step == 5 and first.recipe_path is None
     events: list[dict] = []
     second = train(MODEL, _cfg(tmp_path / "cut", resume=True, **kw), progress=events.append)
-    assert events[0] == {"event": "resume", "step": 5, "total": 8, "checkpoint": str(tmp_path / "cut" / "checkpoint.pt")}
+    assert events[0] == {"event": "resume", "step": 5, "total": 8, "checkpoint": str(tmp_path / "cut" / "checkpoint.pt"), "world": 1}
     assert [e["step"] for e in events if e["event"] == "step"] == [6, 7, 8]
     assert second.finished and second.step == 8 and len(second.history) == 8
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)

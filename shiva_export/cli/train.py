@@ -26,8 +26,14 @@ EPILOG = """Examples:
 
   shiva-export train --model sd35 --weights ./sd35m/transformer --data ./latents --out-dir runs/sd35 --resume
 
+  shiva-export train --model sd35-tiny --paper-only            # the paper's estimator and budget as published
+
+  torchrun --nproc_per_node 2 -m shiva_export train --model sd35-tiny --batch 8 --out-dir runs/ddp
+
 --data is a folder of .safetensors files (latents [C,H,W], prompt_embeds [T,J], pooled [P]); without it the
-inputs are seeded synthetic tensors (distillation only). Exit codes: 0 ok, 1 error, 2 bad option value.
+inputs are seeded synthetic tensors (distillation only). Under torchrun, --batch is the global batch (gloo on
+CPU, NCCL on CUDA); rank 0 writes checkpoint, metrics.jsonl and outputs. Exit codes: 0 ok, 1 error, 2 bad
+option value.
 """
 
 
@@ -49,6 +55,18 @@ def train_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, sampling and noise.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch. Default: torch's.")] = None,
+    estimator: Annotated[str, typer.Option("--estimator", help="Gradient estimator: output-gated (default; measured right in sign) | residual (the paper's STE).")] = "output-gated",
+    importance_weight: Annotated[float, typer.Option("--importance-weight", help="Weight of the importance-correlation auxiliary (not in the paper; ~100x the distillation loss in size). 0 = off.")] = 0.0,
+    min_keep: Annotated[float, typer.Option("--min-keep", help="Floor of every learned keep ratio (no layer collapses).")] = 0.2,
+    budget_timesteps: Annotated[str, typer.Option("--budget-timesteps", help="sampler (the LUT over the deployment sampler's timesteps) | batch (the paper's).")] = "sampler",
+    budget_measure: Annotated[str, typer.Option("--budget-measure", help="tokens (mean keep) | flops (the uniform keep with the same FLOPs).")] = "tokens",
+    paper_only: Annotated[bool, typer.Option("--paper-only", help="The paper's objective as published: residual STE, no importance auxiliary, no keep floor, budget on the batch's timesteps.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU).")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="Backbone dtype: fp32 | bf16 | fp16 (routers, policy and losses stay fp32).")] = "fp32",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute routed blocks in the backward (less memory).")] = False,
+    accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per optimizer step per process (--batch is the global batch).")] = 1,
+    cfg_pairs: Annotated[bool, typer.Option("--cfg-pairs", help="Train on [uncond; cond] pairs sharing kept indices by max score, as CFG inference.")] = False,
+    caption_dropout: Annotated[float, typer.Option("--caption-dropout", help="Probability of the null text per sample (paper 0.1).")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -74,7 +92,20 @@ def train_command(
     else:
         raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
+    if paper_only:
+        estimator, importance_weight, min_keep, budget_timesteps = "residual", 0.0, 0.0, "batch"
     cfg = TrainConfig(
+        estimator=estimator,
+        importance_weight=importance_weight,
+        min_keep=min_keep,
+        budget_timesteps=budget_timesteps,
+        budget_measure=budget_measure,
+        device=device,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        accumulate=accumulate,
+        cfg_pairs=cfg_pairs,
+        caption_dropout=caption_dropout,
         sampler_shift=float(rec.pipeline.scheduler_shift if sampler_shift is None else sampler_shift),
         warmup_steps=stage_steps[0],
         policy_steps=stage_steps[1],
@@ -109,6 +140,8 @@ def train_command(
             print(f"resumed at step {ev['step']}/{ev['total']} from {ev['checkpoint']}", file=sys.stderr, flush=True)
 
     res = train(rec, cfg, progress=progress, weights=weights)
+    if int(__import__("os").environ.get("RANK", "0") or 0) != 0:
+        return ExitCode.OK  # torchrun: rank 0 reports
     summary = res.to_dict()
     if json_out:
         result_json(summary)
@@ -126,7 +159,7 @@ def format_summary(s: dict) -> str:
         f"recipe       {s['recipe_path']}",
         f"steps        {s['step']} in {s['seconds']:.1f} s",
         f"mean keep    {s['mean_keep']:.4f} (target {s['target_keep']:g}; before calibration {s['raw_mean_keep']:.4f}; "
-        f"quantised k/N {s['quantized_mean_keep']:.4f})",
+        f"quantised k/N {s['quantized_mean_keep']:.4f}; calibration shift {s.get('calibration_shift') or 0.0:+.3f} logit)",
         "keep LUT     t      " + " ".join(f"b{b:<5d}" for b in s["layers"]),
     ]
     for t, row in zip(s["timesteps"], s["lut"]):

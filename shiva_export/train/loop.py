@@ -50,7 +50,7 @@ from shiva_export.errors import ConfigError, RecipeError
 from shiva_export.logging import get_logger
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 from shiva_export.train.data import make_data
-from shiva_export.train.policy import MAX_PHASES, EMABudget, RatioPolicy, quantize_lut, stratified_ratios, stratified_timesteps
+from shiva_export.train.policy import MAX_PHASES, EMABudget, KeepMeasure, RatioPolicy, quantize_lut, stratified_ratios, stratified_timesteps
 from shiva_export.train.ste import DifferentiableTopK, TemperatureSchedule, route_with_ste
 
 __all__ = [
@@ -70,6 +70,7 @@ logger = get_logger(__name__)
 
 STAGES = ("router-warmup", "policy", "joint")
 CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
 _CKPT_FORMAT = "shiva-train-checkpoint/1"
 
 
@@ -95,9 +96,32 @@ class TrainConfig:
         flow_weight (float): Weight of the flow-matching loss (real latents only). Defaults to 1.0.
         importance_weight (float): Weight of an auxiliary router loss that is NOT in the paper:
             ``1 - corr(router scores, teacher's per-token relative update norm)`` per routed block (the
-            teacher's dense pass gives the update norms for free). The residual STE alone did not move
-            the router past a random one on sd35-tiny (its documented sign problem); 0 disables it.
-            Defaults to 1.0.
+            teacher's dense pass gives the update norms for free). It is ~100x the distillation loss in
+            size, so any weight near 1 makes training "regress onto a heuristic"; 0 (the default) is the
+            paper's objective. Defaults to 0.0.
+        estimator (str): Gradient estimator of the routing: ``"output-gated"`` (the gate multiplies the
+            block's update; the rejected tokens' update comes from the teacher's dense pass; measured to
+            have the finite-difference sign of dL/dkeep, ``validate estimator``) or ``"residual"`` (the
+            paper's Eq. 7/23 STE). Defaults to ``"output-gated"``.
+        min_keep (float): Floor of every learned keep ratio (``RatioPolicy.min_keep``), in
+            ``[0, target_keep)``. Defaults to 0.2.
+        budget_timesteps (str): Where the budget measures the policy's mean keep: ``"sampler"`` (its LUT
+            over the deployment sampler's timesteps, every step: what deployment runs) or ``"batch"`` (the
+            batch's stratified training timesteps, the paper's). Defaults to ``"sampler"``.
+        budget_measure (str): ``"tokens"`` (mean keep ratio) or ``"flops"`` (the uniform keep with equal
+            FLOPs, :class:`~shiva_export.train.policy.KeepMeasure`). Defaults to ``"tokens"``.
+        max_calibration_shift (float): The post-hoc ``b_anchor`` calibration warns when it moves the logit
+            by more than this (the written schedule then differs from the trained one). Defaults to 0.2.
+        device (str): Torch device of the backbone, routers and policy (``cpu``, ``cuda``). Defaults to ``cpu``.
+        dtype (str): Backbone dtype (``fp32``, ``bf16``, ``fp16``); routers, policy, soft rank and losses
+            stay fp32. Defaults to ``fp32``.
+        gradient_checkpointing (bool): Recompute routed blocks in the backward instead of storing their
+            activations. Defaults to False.
+        accumulate (int): Micro-batches per optimizer step (per process); ``batch`` is the global batch
+            (processes x accumulate x micro-batch). Defaults to 1.
+        cfg_pairs (bool): Train on ``[uncond; cond]`` pairs that share the kept indices by max score, as
+            CFG inference does (the batch doubles). Defaults to False.
+        caption_dropout (float): Probability of replacing a sample's text with the null text. Defaults to 0.0.
         logit_noise_std (float): Policy logit noise sigma in stage 2. Defaults to 1.0 (paper).
         score_noise_std (float): Router score noise sigma of the surrogate. Defaults to 0.1.
         tau_rank (tuple[float, float]): Start/end of the rank temperature. Defaults to (0.2, 0.05).
@@ -139,7 +163,18 @@ class TrainConfig:
     ema_beta: float = 0.2
     distill_weight: float = 1.0
     flow_weight: float = 1.0
-    importance_weight: float = 1.0
+    importance_weight: float = 0.0
+    estimator: str = "output-gated"
+    min_keep: float = 0.2
+    budget_timesteps: str = "sampler"
+    budget_measure: str = "tokens"
+    max_calibration_shift: float = 0.2
+    device: str = "cpu"
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    accumulate: int = 1
+    cfg_pairs: bool = False
+    caption_dropout: float = 0.0
     logit_noise_std: float = 1.0
     score_noise_std: float = 0.1
     tau_rank: tuple[float, float] = (0.2, 0.05)
@@ -190,6 +225,29 @@ class TrainConfig:
             raise ConfigError(f"ratio_range is {self.ratio_range!r}; expected 0 < low < high <= 1 (keep ratios).")
         if self.timesteps is None and (not isinstance(self.sampler_steps, int) or self.sampler_steps < self.phases):
             raise ConfigError(f"sampler_steps is {self.sampler_steps!r}; expected an int >= phases ({self.phases}).")
+        from shiva_export.train.policy import KEEP_MEASURES
+        from shiva_export.train.ste import ESTIMATORS
+
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator {self.estimator!r} is unknown; choose one of {', '.join(ESTIMATORS)}.")
+        if not (isinstance(self.min_keep, (int, float)) and 0.0 <= self.min_keep < self.target_keep):
+            raise ConfigError(f"min_keep is {self.min_keep!r}; expected 0 <= min_keep < target_keep ({self.target_keep}).")
+        if self.budget_timesteps not in ("sampler", "batch"):
+            raise ConfigError(f"budget_timesteps {self.budget_timesteps!r} is unknown; choose 'sampler' or 'batch'.")
+        if self.budget_measure not in KEEP_MEASURES:
+            raise ConfigError(f"budget_measure {self.budget_measure!r} is unknown; choose one of {', '.join(KEEP_MEASURES)}.")
+        if not (isinstance(self.max_calibration_shift, (int, float)) and self.max_calibration_shift >= 0):
+            raise ConfigError(f"max_calibration_shift is {self.max_calibration_shift!r}; expected a float >= 0 (logit units).")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype {self.dtype!r} is unknown; choose fp32, bf16 or fp16 (the backbone's; routers stay fp32).")
+        if not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ConfigError(f"accumulate is {self.accumulate!r}; expected an int >= 1 (micro-batches per optimizer step).")
+        if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout < 1.0):
+            raise ConfigError(f"caption_dropout is {self.caption_dropout!r}; expected 0 <= p < 1 (paper: 0.1).")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device {self.device!r} is not a torch device; pass cpu, cuda or cuda:N.") from None
         if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
             raise ConfigError(f"stop_at_step is {self.stop_at_step!r}; expected an int >= 1 or None.")
 
@@ -232,6 +290,7 @@ class TrainResult:
         mean_keep (float | None): LUT mean after calibration.
         raw_mean_keep (float | None): LUT mean before calibration.
         quantized_mean_keep (float | None): Step-weighted mean ``k / N`` of the phases.
+        calibration_shift (float | None): Logit shift of the post-hoc budget calibration.
         phases (list[dict]): The phases as written to the recipe.
         history (list[dict]): One record per step (loss terms, mean keep, stage).
     """
@@ -252,6 +311,7 @@ class TrainResult:
     mean_keep: float | None = None
     raw_mean_keep: float | None = None
     quantized_mean_keep: float | None = None
+    calibration_shift: float | None = None
     phases: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -313,22 +373,30 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 class _RouteState:
     """Mutable state read by the route override during one forward."""
 
-    def __init__(self, routed: list[int], topk: DifferentiableTopK, taps: set[int]):
+    def __init__(self, routed: list[int], topk: DifferentiableTopK, taps: set[int], estimator: str = "output-gated"):
         self.mode = "dense"  # dense | student | hard | l2
         self.col = {b: i for i, b in enumerate(routed)}
         self.topk = topk
+        self.estimator = estimator
         self.keep: torch.Tensor | None = None  # [B, L] (student) or a float (hard / l2)
         self.generator: torch.Generator | None = None
         self.tap_blocks = taps
         self.taps: dict[int, torch.Tensor] = {}
         self.record_importance = False
         self.importance: dict[int, torch.Tensor] = {}  # dense pass: per-token relative update norm [B, N]
+        self.record_updates = False
+        self.updates: dict[int, torch.Tensor] = {}  # dense pass: the teacher's update f(x) - x [B, N, D] (output-gated)
         self.scores: dict[int, torch.Tensor] = {}  # student pass: router scores [B, N]
+        self.cfg = False  # the batch is [uncond; cond] pairs (row i and i + B/2 share kept indices)
+        self.samples: torch.Tensor | None = None  # [B] global sample id of each row (score noise per sample)
+        self.noise_key: tuple[int, int] | None = None  # (seed, step): score noise derived per sample and block
+        self.checkpointing = False
 
 
 def _make_override(state: _RouteState):
     """The route override of one training run (protocol: ``prune.api.set_route_override``): dense teacher,
-    student (differentiable top-k + STE), or hard routing with the trained router (``hard``) or ``||x||`` (``l2``)."""
+    student (differentiable top-k + an estimator), or hard routing with the trained router (``hard``) or
+    ``||x||`` (``l2``)."""
 
     def override(index_block, hidden_states, temb, pooled, run_block, shared, routers):
         mode = state.mode
@@ -336,6 +404,8 @@ def _make_override(state: _RouteState):
             ehs, out = run_block(hidden_states, None)
             if state.record_importance:
                 state.importance[index_block] = (out - hidden_states).float().norm(dim=-1) / hidden_states.float().norm(dim=-1).clamp_min(1e-6)
+            if state.record_updates and index_block in state.col:
+                state.updates[index_block] = (out - hidden_states).detach()
         elif mode in ("hard", "l2"):
             n = int(hidden_states.shape[1])
             k = static_k(n, float(state.keep))
@@ -346,7 +416,7 @@ def _make_override(state: _RouteState):
             if shared and scores.shape[0] > 1:
                 idx = select_topk(scores.amax(dim=0, keepdim=True), k).expand(scores.shape[0], k)
             else:
-                idx = select_topk(scores, k)
+                idx = select_topk(scores, k, cfg=state.cfg)
             ehs, kept = run_block(gather_tokens(hidden_states, idx), idx)
             out = scatter_tokens(hidden_states, idx, kept)
         else:
@@ -369,35 +439,64 @@ def _shared_selection(sel, rows: int):
     return Selection(ex(sel.indices), ex(sel.rejected), ex(sel.pi), ex(sel.pi_sel), ex(sel.pi_rej), sel.k, sel.k_soft)
 
 
+def _score_noise(state: _RouteState, ids: list[int], block: int, n: int):
+    if state.noise_key is None or state.samples is None or not state.topk.training or state.topk.noise_std <= 0:
+        return None
+    from shiva_export.train.distributed import sample_noise
+
+    seed, step = state.noise_key
+    return sample_noise(seed, step, [int(state.samples[i]) for i in ids], block, n)
+
+
 def _student_block(state, index_block, hs, temb, pooled, run_block, shared, routers):
+    from shiva_export.train.ste import route_output_gated
+
     scores = routers(index_block, hs, temb, pooled)  # [B, N] fp32
     state.scores[index_block] = scores
     keep = state.keep[:, state.col[index_block]]  # [B]
     values = keep.detach().tolist()
+    b = int(hs.shape[0])
     groups: dict[float, list[int]] = {}
-    for i, v in enumerate(values):
-        groups.setdefault(v, []).append(i)
+    if state.cfg:  # pairs (i, i + B/2) share one keep and one selection; a group lists its uncond rows, then its cond rows
+        half = b // 2
+        for i in range(half):
+            groups.setdefault(values[i], []).append(i)
+        groups = {v: ids + [i + half for i in ids] for v, ids in groups.items()}
+    else:
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)
+    n = int(hs.shape[1])
     outs_h, outs_e, order = [], [], []
     for ids in groups.values():
         ix = torch.as_tensor(ids, dtype=torch.long, device=hs.device)
-        rows = None if len(ids) == hs.shape[0] else ix
+        rows = None if len(ids) == b else ix
         sub = (lambda t: t) if rows is None else (lambda t: t.index_select(0, ix))
         s = sub(scores)
         if shared and len(ids) > 1:
-            sel = _shared_selection(state.topk.select(s.amax(dim=0, keepdim=True), keep[ids[0]], generator=state.generator), len(ids))
+            noise = _score_noise(state, ids[:1], index_block, n)
+            sel = _shared_selection(state.topk.select(s.amax(dim=0, keepdim=True), keep[ids[0]], generator=state.generator, noise=noise), len(ids))
         else:
-            sel = state.topk.select(s, keep[ids[0]], generator=state.generator)
+            noise = _score_noise(state, ids[len(ids) // 2 :] if state.cfg else ids, index_block, n)
+            sel = state.topk.select(s, keep[ids[0]], cfg=state.cfg, generator=state.generator, noise=noise)
         holder: list = []
 
         def fn(kept, _sel=sel, _rows=rows):
-            e, o = run_block(kept, _sel.indices, _rows)
+            if state.checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                e, o = checkpoint(lambda x: run_block(x, _sel.indices, _rows), kept, use_reentrant=False)
+            else:
+                e, o = run_block(kept, _sel.indices, _rows)
             holder.append(e)
             return o
 
-        outs_h.append(route_with_ste(sub(hs), sel, fn))
+        if state.estimator == "output-gated":
+            outs_h.append(route_output_gated(sub(hs), sel, fn, sub(state.updates[index_block])))
+        else:
+            outs_h.append(route_with_ste(sub(hs), sel, fn))
         outs_e.append(holder[0])
         order.extend(ids)
-    if len(outs_h) == 1:
+    if len(outs_h) == 1 and order == list(range(b)):
         return outs_e[0], outs_h[0]
     inv = torch.argsort(torch.as_tensor(order, dtype=torch.long, device=hs.device))
     out = torch.cat(outs_h, 0).index_select(0, inv)
@@ -433,15 +532,16 @@ def _importance_loss(scores: dict[int, torch.Tensor], importance: dict[int, torc
     return torch.stack(terms).mean()
 
 
-def _calibrate_anchor(policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float) -> tuple[float, float]:
-    """Shifts ``b_anchor`` so the LUT mean equals ``target``; returns (raw mean, shift)."""
+def _calibrate_anchor(policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float, measure: KeepMeasure | None = None) -> tuple[float, float]:
+    """Shifts ``b_anchor`` so the LUT's budget measure equals ``target``; returns (raw measure, shift)."""
+    measure = measure or KeepMeasure("tokens")
     with torch.no_grad():
-        z = policy.logits(torch.tensor(timesteps), torch.tensor(layers), noise=False).double()
-        raw = float(torch.sigmoid(z).mean())
+        z = policy.logits(torch.tensor(timesteps), torch.tensor(layers), noise=False).double().cpu()
+        raw = float(measure(policy.keep_of(z)))
         lo, hi = -20.0, 20.0
         for _ in range(100):
             mid = 0.5 * (lo + hi)
-            if float(torch.sigmoid(z + mid).mean()) < target:
+            if float(measure(policy.keep_of(z + mid))) < target:
                 lo = mid
             else:
                 hi = mid
@@ -535,16 +635,27 @@ def train(
     config: TrainConfig | None = None,
     progress: Callable[[dict], None] | None = None,
     weights: str | os.PathLike | None = None,
+    *,
+    transformer: torch.nn.Module | None = None,
+    pipeline: Any = None,
 ) -> TrainResult:
     """Trains the routers and the ratio policy of a recipe's model by distillation from the dense model.
+
+    Under ``torchrun --nproc_per_node N`` the same call trains data-parallel (gloo on CPU, NCCL on CUDA;
+    ``shiva_export.train.distributed``): ``config.batch`` is the global batch, every rank computes its rows,
+    gradients are all-reduced, and rank 0 writes checkpoints, metrics and outputs.
 
     Args:
         recipe_or_model (str | PathLike | Recipe): Model name (``"sd35-tiny"``), recipe path or Recipe.
         config (TrainConfig): Settings. Defaults to ``TrainConfig()``.
         progress (Callable[[dict], None]): Called after every step with ``{"event": "step", "step",
-            "total", "stage", "loss", "distill", "flow", "budget", "importance", "mean_keep", "mu", "seconds"}``, and with
-            ``{"event": "resume" | "checkpoint" | "done", ...}``. Defaults to None.
+            "total", "stage", "loss", "distill", "flow", "budget", "importance", "mean_keep", "keep", "mu",
+            "samples_per_s", "eta_s", "seconds"}``, and with ``{"event": "resume" | "checkpoint" | "done", ...}``
+            (rank 0 only). Defaults to None.
         weights (PathLike): Local diffusers folder of the backbone weights. Defaults to None.
+        transformer (nn.Module): An already-loaded transformer of the recipe's architecture (used as is,
+            moved to ``config.device``; its parameters are frozen). Defaults to None (load the recipe's).
+        pipeline: An already-loaded diffusers pipeline; its ``.transformer`` is trained. Defaults to None.
 
     Returns:
         TrainResult: Paths, LUT, phases and the step history.
@@ -554,20 +665,38 @@ def train(
         RecipeError: The recipe's routed range does not fit the model.
     """
     from shiva_export.models import check_image_size, get_adapter, load_transformer, num_image_tokens
-    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
+    from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, set_route_override
+    from shiva_export.train.distributed import DistContext
 
     cfg = config or TrainConfig()
-    say = progress or (lambda ev: None)
     rec = _resolve_recipe(recipe_or_model)
+    dist = DistContext.from_env(cfg.device)
+    say = (progress or (lambda ev: None)) if dist.is_main else (lambda ev: None)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
     old_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     t_start = time.perf_counter()
     try:
-        transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+        device = dist.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device}: torch sees no CUDA device here. Use --device cpu.")
+        if pipeline is not None and transformer is None:
+            transformer = getattr(pipeline, "transformer", None)
+            if transformer is None:
+                raise ConfigError(f"pipeline {type(pipeline).__name__} has no .transformer to train. Pass transformer= instead.")
+        if transformer is None:
+            transformer = load_transformer(recipe=rec, weights=weights, dtype=cfg.dtype)
+        else:
+            if get_adapter(transformer).NAME != rec.architecture:
+                raise ConfigError(f"the given transformer is a {type(transformer).__name__}, but recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe.")
+            if is_shiva_applied(transformer):
+                raise ConfigError("the given transformer already has Shiva applied; pass the plain diffusers transformer (remove_shiva_).")
+        transformer = transformer.to(device).eval()
+        bdtype = next(transformer.parameters()).dtype
         h, w, text_len = rec.shapes.height, rec.shapes.width, rec.shapes.text_len
         check_image_size(transformer, h, w)
         adapter = get_adapter(transformer)
@@ -583,21 +712,35 @@ def train(
             p.requires_grad_(True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # reproducible policy init (nn.Linear draws from the global RNG)
-            policy = RatioPolicy(n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std)
-        budget = EMABudget(cfg.target_keep, beta=cfg.ema_beta, lam=cfg.lambda_budget, sync=False)
+            policy = RatioPolicy(n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std, min_keep=cfg.min_keep)
+        policy.to(device)
+        measure = KeepMeasure.for_model(cfg.budget_measure, transformer, n_tokens, text_len, routed, rec.router.bottleneck)
+        budget = EMABudget(cfg.target_keep, beta=cfg.ema_beta, lam=cfg.lambda_budget, sync=False).to(device)
         topk = DifferentiableTopK(tau_rank=cfg.tau_rank[0], tau_sel=cfg.tau_sel[0], noise_std=cfg.score_noise_std)
         topk.train()
         temps = TemperatureSchedule(
             total_steps=cfg.total_steps, tau_rank_start=cfg.tau_rank[0], tau_rank_end=cfg.tau_rank[1], tau_sel_start=cfg.tau_sel[0], tau_sel_end=cfg.tau_sel[1]
         )
         taps = {b for b in range(n_layers - 1) if (b + 1) % cfg.tap_every == 0}
-        state = _RouteState(routed, topk, taps)
+        state = _RouteState(routed, topk, taps, estimator=cfg.estimator)
+        state.checkpointing = bool(cfg.gradient_checkpointing)
+        state.cfg = bool(cfg.cfg_pairs)
         set_route_override(transformer, _make_override(state))
         blocks = adapter.blocks(transformer)
         hooks = [blocks[b].register_forward_hook(_tap_hook(state, b, adapter)) for b in taps if b not in routed]
 
         data = make_data(cfg.data, transformer, h, w, text_len, seed=cfg.seed)
+        if (cfg.cfg_pairs or cfg.caption_dropout > 0) and not getattr(data, "supports_cfg", False):
+            raise ConfigError(f"{type(data).__name__} has no null text for --cfg-pairs / --caption-dropout; use a train-data dataset or synthetic inputs.")
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+        my_rows = dist.rows(cfg.batch)
+        if len(my_rows) % cfg.accumulate:
+            raise ConfigError(
+                f"--batch {cfg.batch} over {dist.world} process(es) gives {len(my_rows)} samples each, which do not split into "
+                f"--accumulate {cfg.accumulate} micro-batches. Pass a batch that is a multiple of processes x accumulate."
+            )
+        micro = len(my_rows) // cfg.accumulate
+        trainable = [*bank.parameters(), *policy.parameters()]
         opt = torch.optim.AdamW(
             [
                 {"params": list(bank.parameters()), "lr": cfg.lr_router, "base_lr": cfg.lr_router, "name": "router"},
@@ -617,30 +760,35 @@ def train(
             gen.set_state(ck["generator"])
             step, history = int(ck["step"]), list(ck.get("history", []))
             logger.info("resumed from %s at step %d", ckpt_path, step)
-            say({"event": "resume", "step": step, "total": cfg.total_steps, "checkpoint": str(ckpt_path)})
+            say({"event": "resume", "step": step, "total": cfg.total_steps, "checkpoint": str(ckpt_path), "world": dist.world})
 
         def checkpoint() -> None:
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "format": _CKPT_FORMAT,
-                    "model": rec.name,
-                    "config": cfg.to_dict(),
-                    "step": step,
-                    "routers": bank.state_dict(),
-                    "policy": policy.state_dict(),
-                    "budget": budget.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "data": data.state_dict(),
-                    "generator": gen.get_state(),
-                    "history": history,
-                },
-            )
-            say({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
+            if dist.is_main:
+                _save_checkpoint(
+                    ckpt_path,
+                    {
+                        "format": _CKPT_FORMAT,
+                        "model": rec.name,
+                        "config": cfg.to_dict(),
+                        "step": step,
+                        "routers": bank.state_dict(),
+                        "policy": policy.state_dict(),
+                        "budget": budget.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "data": data.state_dict(),
+                        "generator": gen.get_state(),
+                        "history": history,
+                    },
+                )
+                say({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
+            dist.barrier()
 
-        layer_ids = torch.tensor(routed)
+        metrics = _Metrics(out_dir / METRICS_NAME if dist.is_main else None, append=cfg.resume)
+        sampler_t = torch.tensor(adapter.sampler_timesteps(transformer.config, cfg.sampler_steps, n_tokens, cfg.sampler_shift) if cfg.timesteps is None else list(cfg.timesteps))
+        layer_ids = torch.tensor(routed, device=device)
         stop = cfg.total_steps if cfg.stop_at_step is None else min(cfg.total_steps, cfg.stop_at_step)
-        run_t0 = time.perf_counter()
+        run_t0, step0 = time.perf_counter(), step
+        pairs = 2 if cfg.cfg_pairs else 1
         while step < stop:
             stage, s_in, s_len = cfg.stage_of(step)
             warm = max(1, int(round(cfg.lr_warmup_frac * s_len)))
@@ -648,59 +796,99 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             temps.apply(topk, step)
-            t = stratified_timesteps(cfg.batch, generator=gen)
-            batch = data.batch(cfg.batch, timesteps=t)
-            inputs = batch.model_inputs()
-            with torch.no_grad():
-                state.mode, state.record_importance, state.importance = "dense", cfg.importance_weight > 0, {}
-                t_out, t_taps = _forward(transformer, state, inputs)
-                state.record_importance = False
-            state.mode, state.generator = "student", gen
+            # -- global draws (identical on every rank): timesteps, keep ratios, data
+            t_all = stratified_timesteps(cfg.batch, generator=gen)
+            t_dev = t_all.to(device)
             if stage == 0:
                 groups = min(cfg.ratio_groups, cfg.batch)
                 r = stratified_ratios(cfg.batch, groups, cfg.ratio_range[0], cfg.ratio_range[1], generator=gen)
-                keep = r[:, None].expand(cfg.batch, len(routed))
+                fixed = r[:, None].expand(cfg.batch, len(routed)).to(device)
+                noise = None
             else:
                 policy.train()
-                policy.logit_noise = stage == 1
-                keep = policy(batch.timestep, layer_ids, generator=gen)  # [B, L]
-            state.keep = keep
-            s_out, s_taps = _forward(transformer, state, inputs)
-            distill = _distill_loss(s_out, s_taps, t_out, t_taps)
-            loss = cfg.distill_weight * distill
-            flow = None
-            if batch.target is not None and cfg.flow_weight > 0:
-                flow = F.mse_loss(s_out.float(), batch.target)
-                loss = loss + cfg.flow_weight * flow
-            imp = None
-            if cfg.importance_weight > 0:
-                imp = _importance_loss(state.scores, state.importance)
-                loss = loss + cfg.importance_weight * imp
-            b_loss = None
-            if stage > 0:
-                b_loss = budget(keep)
-                loss = loss + b_loss
+                noise = (torch.randn((cfg.batch, len(routed)), generator=gen) * cfg.logit_noise_std).to(device) if stage == 1 else None
+
+            def keep_rows(idx: list[int]) -> torch.Tensor:
+                """Keep ratios [len(idx), L] of global samples ``idx`` (a fresh graph per use: micro-batches backward separately)."""
+                if stage == 0:
+                    return fixed[idx]
+                z = policy.logits(t_dev[idx], layer_ids, noise=False)
+                return policy.keep_of(z if noise is None else z + noise[idx])
+
+            with torch.no_grad():
+                keep_all = keep_rows(list(range(cfg.batch)))  # [B, L], for the log
+            batch = _draw(data, cfg, t_all, my_rows)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            sums = {"distill": 0.0, "flow": 0.0, "importance": 0.0}
+            has = {"flow": False, "importance": False}
+            state.noise_key = (cfg.seed, step)
+            for m in range(cfg.accumulate):
+                lo, hi = m * micro, (m + 1) * micro
+                mb = batch.rows(list(range(lo, hi)), pairs=pairs)
+                inputs = {k: (v.to(device, bdtype) if v.is_floating_point() and k != "timestep" else v.to(device)) for k, v in mb.model_inputs().items()}
+                keep = keep_rows([my_rows[i] for i in range(lo, hi)])
+                state.samples = torch.tensor([my_rows[i] for i in range(lo, hi)] * pairs)
+                with torch.no_grad():
+                    state.mode, state.record_importance, state.importance = "dense", cfg.importance_weight > 0, {}
+                    state.record_updates, state.updates = cfg.estimator == "output-gated", {}
+                    t_out, t_taps = _forward(transformer, state, inputs)
+                    state.record_importance = state.record_updates = False
+                state.mode, state.generator = "student", gen
+                state.keep = keep.repeat(pairs, 1)
+                s_out, s_taps = _forward(transformer, state, inputs)
+                distill = _distill_loss(s_out, s_taps, t_out, t_taps)
+                loss = cfg.distill_weight * distill
+                sums["distill"] += float(distill.detach()) * (hi - lo)
+                if mb.target is not None and cfg.flow_weight > 0:
+                    flow = F.mse_loss(s_out.float(), mb.target.to(device).float())
+                    loss = loss + cfg.flow_weight * flow
+                    sums["flow"] += float(flow.detach()) * (hi - lo)
+                    has["flow"] = True
+                if cfg.importance_weight > 0:
+                    imp = _importance_loss(state.scores, state.importance)
+                    loss = loss + cfg.importance_weight * imp
+                    sums["importance"] += float(imp.detach()) * (hi - lo)
+                    has["importance"] = True
+                (loss * ((hi - lo) / cfg.batch)).backward()
+                state.updates, state.importance = {}, {}
+            b_loss, b_measure = None, None
+            if stage > 0:  # once per optimizer step, identical on every rank
+                table = policy(sampler_t.to(device), layer_ids, noise=False) if cfg.budget_timesteps == "sampler" else keep_rows(list(range(cfg.batch)))
+                b_measure = measure(table)
+                b_loss = budget(b_measure.reshape(1))
+                (b_loss / dist.world).backward()
+            dist.all_reduce_grads_(trainable)
             opt.step()
             step += 1
+            tot = dist.all_reduce_sum([sums["distill"], sums["flow"], sums["importance"]])
+            distill_v, flow_v, imp_v = (v / cfg.batch for v in tot)
+            loss_v = cfg.distill_weight * distill_v + (cfg.flow_weight * flow_v if has["flow"] else 0.0) + (cfg.importance_weight * imp_v if has["importance"] else 0.0)
+            if b_loss is not None:
+                loss_v += float(b_loss.detach())
+            elapsed = time.perf_counter() - run_t0
+            rate = (step - step0) * cfg.batch / max(elapsed, 1e-9)
             rec_step = {
                 "event": "step",
                 "step": step,
                 "total": cfg.total_steps,
                 "stage": STAGES[stage],
-                "loss": float(loss.detach()),
-                "distill": float(distill.detach()),
-                "flow": None if flow is None else float(flow.detach()),
+                "loss": loss_v,
+                "distill": distill_v,
+                "flow": flow_v if has["flow"] else None,
                 "budget": None if b_loss is None else float(b_loss.detach()),
-                "importance": None if imp is None else float(imp.detach()),
-                "mean_keep": float(keep.detach().mean()),
+                "importance": imp_v if has["importance"] else None,
+                "mean_keep": float(keep_all.detach().mean()),
+                "budget_keep": None if b_measure is None else float(b_measure.detach()),
+                "keep": [round(float(v), 4) for v in keep_all.detach().float().mean(0).tolist()],
                 "mu": float(budget.mu),
                 "tau_rank": topk.tau_rank,
                 "tau_sel": topk.tau_sel,
-                "seconds": round(time.perf_counter() - run_t0, 3),
+                "samples_per_s": round(rate, 3),
+                "eta_s": round((stop - step) * cfg.batch / max(rate, 1e-9), 1),
+                "seconds": round(elapsed, 3),
             }
             history.append(rec_step)
+            metrics.write(rec_step)
             say(rec_step)
             if step % cfg.checkpoint_every == 0 or step == stop:
                 checkpoint()
@@ -709,13 +897,44 @@ def train(
 
         result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history)
         if result.finished:
-            _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers, transformer)
-            say({"event": "done", "step": step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep})
+            if dist.is_main:
+                _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers, transformer, measure)
+                say({"event": "done", "step": step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep})
+            dist.barrier()
         result.seconds = time.perf_counter() - t_start
         return result
     finally:
         if cfg.num_threads:
             torch.set_num_threads(old_threads)
+        dist.close()
+
+
+def _draw(data, cfg: TrainConfig, t_all: torch.Tensor, my_rows: range):
+    """This rank's rows of the global batch (all random numbers drawn for the global batch)."""
+    kw = {}
+    if cfg.caption_dropout > 0:
+        kw["caption_dropout"] = cfg.caption_dropout
+    if cfg.cfg_pairs:
+        kw["cfg_pairs"] = True
+    batch = data.batch(cfg.batch, timesteps=t_all, **kw)
+    return batch.rows(list(my_rows), pairs=2 if cfg.cfg_pairs else 1)
+
+
+class _Metrics:
+    """Rank 0's ``metrics.jsonl``: one JSON object per optimizer step (appended on resume)."""
+
+    def __init__(self, path: Path | None, append: bool):
+        self.path = path
+        if path is not None and not append:
+            path.write_text("")
+
+    def write(self, row: dict) -> None:
+        if self.path is None:
+            return
+        import json
+
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({k: v for k, v in row.items() if k != "event"}, sort_keys=True) + "\n")
 
 
 def _tap_hook(state: _RouteState, b: int, adapter):
@@ -740,7 +959,7 @@ def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"checkpoint {path} is at step {ck['step']}, beyond this run's {cfg.total_steps} total steps. Pass more --steps.")
 
 
-def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int, transformer) -> None:
+def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int, transformer, measure=None) -> None:
     from shiva_export.models import get_adapter
     from shiva_export.prune.router import save_routers
     from shiva_export.recipe import load_recipe
@@ -754,9 +973,17 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     if len(timesteps) < cfg.phases:
         raise ConfigError(f"sampler has {len(timesteps)} timesteps; expected at least phases = {cfg.phases}. Pass more timesteps or fewer --phases.")
     policy.eval()
+    measure = measure or KeepMeasure("tokens")
     raw_mean = float(policy.lut(timesteps, routed).double().mean())
+    raw_measure = float(measure(policy.lut(timesteps, routed).double()))
+    shift = 0.0
     if cfg.calibrate_budget:
-        raw_mean, _delta = _calibrate_anchor(policy, timesteps, routed, cfg.target_keep)
+        raw_measure, shift = _calibrate_anchor(policy, timesteps, routed, cfg.target_keep, measure)
+        if abs(shift) > cfg.max_calibration_shift:
+            logger.warning(
+                "budget calibration moved the policy logit by %+.3f (limit %.2f): the written schedule differs from the trained one. "
+                "Train longer or with budget_timesteps='sampler'.", shift, cfg.max_calibration_shift,
+            )
     lut = policy.lut(timesteps, routed)  # [steps, L]
     phases = quantize_lut(lut, n_tokens, cfg.phases, layers=routed)
     names = phase_names(cfg.phases)
@@ -790,6 +1017,11 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
             "layers": routed,
             "keep": lut_rows,
             "raw_mean_keep": raw_mean,
+            "budget_measure": measure.mode,
+            "raw_budget_keep": raw_measure,
+            "calibration_shift": shift,
+            "min_keep": cfg.min_keep,
+            "estimator": cfg.estimator,
             "mean_keep": float(lut.double().mean()),
             "quantized_mean_keep": q_mean,
             "num_image_tokens": n_tokens,
@@ -815,6 +1047,7 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     result.router_path, result.router_sha256, result.recipe_path, result.lut_path = router_path, sha, recipe_path, out_dir / "lut.json"
     result.timesteps, result.layers, result.lut = timesteps, list(routed), lut_rows
     result.mean_keep, result.raw_mean_keep, result.quantized_mean_keep = float(lut.double().mean()), raw_mean, q_mean
+    result.calibration_shift = shift
     result.phases = phase_rows
 
 

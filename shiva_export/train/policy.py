@@ -63,7 +63,8 @@ def _logit(p: float) -> float:
 
 
 class RatioPolicy(nn.Module):
-    """Keep ratio per (timestep, layer): ``sigmoid(Phi_time(e_t) + Phi_layer(e_l) + b_anchor [+ eps])``.
+    """Keep ratio per (timestep, layer): ``m + (1 - m) sigmoid(Phi_time(e_t) + Phi_layer(e_l) + b_anchor [+ eps])``
+    with the floor ``m = min_keep`` (0: the paper's bare sigmoid).
 
     * ``Phi_layer``: ``Embedding(num_layers, 256) -> Linear(256, 256) -> SiLU -> Linear(256, 1)``.
     * ``Phi_time``: sinusoidal embedding (256) ``-> Linear(256, 256) -> SiLU -> Linear(256, 1)`` (the
@@ -82,6 +83,9 @@ class RatioPolicy(nn.Module):
         hidden_dim (int): MLP hidden width. Defaults to 256.
         logit_noise (bool): Add logit noise in training mode. Defaults to False.
         logit_noise_std (float): Sigma of the logit noise. Defaults to 1.0.
+        min_keep (float): Floor of every keep ratio: ``keep = min_keep + (1 - min_keep) * sigmoid(z)``, so no
+            layer collapses to a handful of tokens (not in the paper, which uses a bare sigmoid). In
+            ``[0, target)``. Defaults to 0.0.
 
     Example:
         >>> policy = RatioPolicy(num_layers=24, target=0.6)
@@ -97,6 +101,7 @@ class RatioPolicy(nn.Module):
         hidden_dim: int = 256,
         logit_noise: bool = False,
         logit_noise_std: float = 1.0,
+        min_keep: float = 0.0,
     ):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -104,21 +109,24 @@ class RatioPolicy(nn.Module):
         _check_ratio("policy target", target, open_right=True)
         if not (math.isfinite(logit_noise_std) and logit_noise_std >= 0):
             raise ConfigError(f"logit_noise_std is {logit_noise_std!r}; expected a finite float >= 0.")
+        if not (isinstance(min_keep, (int, float)) and 0.0 <= min_keep < target):
+            raise ConfigError(f"min_keep is {min_keep!r}; expected 0 <= min_keep < target ({target}).")
         self.num_layers = num_layers
         self.target = float(target)
+        self.min_keep = float(min_keep)
         self.embed_dim = embed_dim
         self.logit_noise = bool(logit_noise)
         self.logit_noise_std = float(logit_noise_std)
         self.layer_embed = nn.Embedding(num_layers, embed_dim)
         self.layer_mlp = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
         self.time_mlp = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 1))
-        self.b_anchor = nn.Parameter(torch.tensor(_logit(self.target)))
+        self.b_anchor = nn.Parameter(torch.tensor(_logit((self.target - self.min_keep) / (1.0 - self.min_keep))))
         for head in (self.layer_mlp[-1], self.time_mlp[-1]):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
     def extra_repr(self) -> str:
-        return f"num_layers={self.num_layers}, target={self.target:g}, logit_noise={self.logit_noise}"
+        return f"num_layers={self.num_layers}, target={self.target:g}, min_keep={self.min_keep:g}, logit_noise={self.logit_noise}"
 
     def logits(
         self,
@@ -159,8 +167,12 @@ class RatioPolicy(nn.Module):
         noise: bool | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Keep ratios ``sigmoid(logits)`` as ``[len(timesteps), len(layers)]`` (differentiable)."""
-        return torch.sigmoid(self.logits(timesteps, layers, noise=noise, generator=generator))
+        """Keep ratios ``min_keep + (1 - min_keep) * sigmoid(logits)`` as ``[len(timesteps), len(layers)]`` (differentiable)."""
+        return self.keep_of(self.logits(timesteps, layers, noise=noise, generator=generator))
+
+    def keep_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """Keep ratios of policy logits (the floor applied)."""
+        return self.min_keep + (1.0 - self.min_keep) * torch.sigmoid(logits)
 
     @torch.no_grad()
     def lut(self, timesteps, layers) -> torch.Tensor:
@@ -443,3 +455,70 @@ def _check_ratio(name: str, value, open_right: bool) -> None:
     if not ok:
         rng = "0 < value < 1" if open_right else "0 < value <= 1"
         raise ConfigError(f"{name} is {value!r}; expected {rng}. Pass a keep ratio (fraction of image tokens kept).")
+
+
+# ------------------------------------------------------------------------------------------- budget
+KEEP_MEASURES = ("tokens", "flops")
+
+
+class KeepMeasure:
+    """What the budget calls "mean keep" of a keep table ``[S, L]`` (S timesteps or samples, L routed layers).
+
+    * ``"tokens"``: the plain mean of the keep ratios (the paper's ``R``).
+    * ``"flops"``: the uniform keep ratio whose FLOPs equal the table's mean FLOPs. Each routed block's
+      FLOPs are exactly quadratic in its kept tokens (linear layers ``~k``, attention ``~k (k + T)``), so
+      the adapter's FLOP counter, evaluated at three budgets, gives ``f_l(r) = a_l + b_l r + c_l r^2`` and
+      the measure inverts ``sum_l f_l(r) = mean_s sum_l f_l(keep_sl)`` in closed form (differentiable).
+      A layer whose attention dominates then costs more budget per token than a cheap one.
+
+    Args:
+        mode (str): ``"tokens"`` or ``"flops"``.
+        coeffs (torch.Tensor | None): ``[L, 3]`` per-layer ``(a, b, c)`` (``"flops"`` only).
+    """
+
+    def __init__(self, mode: str = "tokens", coeffs: torch.Tensor | None = None):
+        if mode not in KEEP_MEASURES:
+            raise ConfigError(f"budget measure {mode!r} is unknown; choose one of {KEEP_MEASURES}.")
+        if mode == "flops" and coeffs is None:
+            raise ConfigError("the 'flops' budget measure needs per-layer FLOP coefficients; build it with KeepMeasure.for_model.")
+        self.mode = mode
+        self.coeffs = None if coeffs is None else coeffs.double()
+
+    @classmethod
+    def for_model(cls, mode: str, transformer, num_image_tokens: int, text_len: int, routed, bottleneck: int = 64) -> KeepMeasure:
+        """The measure of ``transformer``'s routed blocks at ``num_image_tokens`` image and ``text_len`` text tokens."""
+        if mode == "tokens":
+            return cls("tokens")
+        from shiva_export.models import get_adapter, num_blocks
+        from shiva_export.prune.topk import static_k
+
+        adapter = get_adapter(transformer)
+        n_layers, routed = num_blocks(transformer), list(routed)
+        rows, rs = [], []
+        for r in (0.25, 0.5, 1.0):
+            keeps = [r if i in routed else None for i in range(n_layers)]
+            fc = adapter.count_flops(transformer.config, num_image_tokens, text_len, keeps, bottleneck=bottleneck)
+            rows.append([float(sum(fc.blocks[i].values())) for i in routed])
+            rs.append(static_k(num_image_tokens, r) / num_image_tokens)
+        v = torch.tensor([[1.0, r, r * r] for r in rs], dtype=torch.float64)
+        f = torch.tensor(rows, dtype=torch.float64)  # [3, L]
+        coeffs = torch.linalg.solve(v, f).T  # [L, 3]
+        return cls("flops", coeffs / coeffs.sum(dim=0).abs().max())  # scale out (values are ~1e9)
+
+    def __call__(self, keep: torch.Tensor) -> torch.Tensor:
+        """The scalar measure of a keep table ``[S, L]`` (differentiable)."""
+        if keep.dim() != 2:
+            raise ShapeError(f"keep table shape is {tuple(keep.shape)}; expected [S, L].")
+        if self.mode == "tokens":
+            return keep.mean()
+        c = self.coeffs.to(keep.device)
+        if keep.shape[1] != c.shape[0]:
+            raise ShapeError(f"keep table has {keep.shape[1]} layers; the FLOP measure was built for {c.shape[0]}.")
+        k = keep.double()
+        total = (c[:, 0] + c[:, 1] * k + c[:, 2] * k * k).sum(dim=1).mean()  # mean over rows of sum over layers
+        a, b, q = c[:, 0].sum(), c[:, 1].sum(), c[:, 2].sum()
+        if float(q) <= 1e-12:
+            r = (total - a) / b
+        else:
+            r = (-b + torch.sqrt((b * b - 4.0 * q * (a - total)).clamp_min(0.0))) / (2.0 * q)
+        return r.to(keep.dtype)

@@ -60,7 +60,12 @@ __all__ = [
     "gather_with_ste",
     "scatter_with_ste",
     "route_with_ste",
+    "route_output_gated",
+    "ESTIMATORS",
 ]
+
+#: Gradient estimators of the routing: the paper's residual STE and the output-gated one (the default).
+ESTIMATORS = ("output-gated", "residual")
 
 logger = get_logger(__name__)
 
@@ -247,6 +252,7 @@ class DifferentiableTopK(nn.Module):
         keep_ratio: float | torch.Tensor,
         cfg: bool = False,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> Selection:
         """Hard top-k selection with differentiable inclusion probabilities.
 
@@ -259,6 +265,8 @@ class DifferentiableTopK(nn.Module):
             cfg (bool): The batch is ``[uncond; cond]``: both halves share indices selected on
                 ``max(s_uncond, s_cond)`` (paper Sec. 2.5), and share ``pi``. Defaults to False.
             generator (torch.Generator | None): RNG of the score noise. Defaults to torch's global RNG.
+            noise (torch.Tensor | None): Standard-normal score noise to use instead of drawing it (shaped
+                like the selection's scores; distributed training derives it per global sample). Defaults to None.
 
         Returns:
             Selection: Indices, inclusion probabilities and budgets.
@@ -283,7 +291,12 @@ class DifferentiableTopK(nn.Module):
             s = torch.maximum(s[:half], s[half:])
         work = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
         if self.training and self.noise_std > 0:
-            eps = torch.randn(work.shape, generator=generator, dtype=work.dtype, device=work.device)
+            if noise is not None:
+                if tuple(noise.shape) != tuple(work.shape):
+                    raise ShapeError(f"score noise shape is {tuple(noise.shape)}; expected {tuple(work.shape)}.")
+                eps = noise.to(dtype=work.dtype, device=work.device)
+            else:
+                eps = torch.randn(work.shape, generator=generator, dtype=work.dtype, device=work.device)
             work = work + self.noise_std * eps
         hard_scores = work.detach() if (self.training and self.explore) else s.detach()
         idx = select_topk(hard_scores, k, selection=self.selection)
@@ -355,6 +368,37 @@ def route_with_ste(x: torch.Tensor, sel: Selection, block: Callable[[torch.Tenso
         block (Callable): Maps ``[B, k, D]`` to ``[B, k, D]`` (the block including its own residual).
     """
     return scatter_with_ste(x, sel, block(gather_with_ste(x, sel)))
+
+
+def route_output_gated(x: torch.Tensor, sel: Selection, block: Callable[[torch.Tensor], torch.Tensor], teacher_update: torch.Tensor) -> torch.Tensor:
+    """Output-gated routing of one block: the gate ``pi`` multiplies the block's *update*, not its input.
+
+    ``y_i = x_i + pi_i * Delta_i`` in the backward, where ``Delta_i`` is the student's own update
+    ``f(x)_i - x_i`` for a selected token and the teacher's dense update at this block for a rejected one
+    (already computed by the teacher pass). So ``dL/dpi_i = <dL/dy_i, Delta_i>``: "would applying more of
+    this token's update help?", which has the right sign whether the update is aligned with ``x`` or not
+    (the residual STE's ``-<dL/dy, x>`` for rejected tokens does not). Forward values equal
+    ``scatter_tokens(x, idx, block(gather_tokens(x, idx)))`` bit for bit (the gates are ``pi - sg(pi) = 0``).
+    This departs from the paper (see ``docs/training.md``).
+
+    Args:
+        x (torch.Tensor): ``[B, N, D]`` block input (image tokens).
+        sel (Selection): From :meth:`DifferentiableTopK.select`.
+        block (Callable): Maps ``[B, k, D]`` to ``[B, k, D]`` (the block including its own residual).
+        teacher_update (torch.Tensor): ``[B, N, D]`` the teacher's dense ``f(x_t) - x_t`` at this block.
+    """
+    _check_tokens(x, sel)
+    if tuple(teacher_update.shape) != tuple(x.shape):
+        raise ShapeError(f"teacher update shape is {tuple(teacher_update.shape)}; expected {tuple(x.shape)} (the block input's).")
+    kept_in = gather_tokens(x, sel.indices)
+    kept_out = block(kept_in)
+    if tuple(kept_out.shape) != tuple(kept_in.shape):
+        raise ShapeError(f"block output shape is {tuple(kept_out.shape)}; expected {tuple(kept_in.shape)} ([B, k, D]).")
+    g_sel = (sel.pi_sel - sel.pi_sel.detach()).to(x.dtype).unsqueeze(-1)
+    y_sel = kept_out + g_sel * (kept_out - kept_in).detach()
+    g_all = (sel.pi - sel.pi.detach()).to(x.dtype).unsqueeze(-1)
+    passthrough = x + g_all * teacher_update.detach().to(x.dtype)  # selected rows are overwritten below
+    return scatter_tokens(passthrough, sel.indices, y_sel)
 
 
 # ------------------------------------------------------------------------------------------ annealing

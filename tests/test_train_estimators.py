@@ -1,0 +1,124 @@
+"""Training's learning signal: the output-gated estimator (forward identity, sign on a block whose update is
+aligned with its input), the budget measures, the keep floor, the estimator check against finite
+differences, and the paper-only path on the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shiva_export.errors import ConfigError
+from shiva_export.prune.topk import gather_tokens, scatter_tokens
+from shiva_export.train.loop import TrainConfig
+from shiva_export.train.policy import KeepMeasure, RatioPolicy
+from shiva_export.train.ste import DifferentiableTopK, route_output_gated, route_with_ste
+
+
+def _toy(seed=0, b=2, n=32, d=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, d, generator=g)
+    scores = torch.randn(b, n, generator=g)
+    return x, scores
+
+
+def test_output_gated_forward_is_the_hard_routing_bit_for_bit():
+    x, scores = _toy()
+    sel = DifferentiableTopK(noise_std=0.0).select(scores, 0.5)
+    block = lambda t: t * 1.7 + 0.3  # noqa: E731
+    teacher = block(x) - x
+    y = route_output_gated(x, sel, block, teacher)
+    assert torch.equal(y, scatter_tokens(x, sel.indices, block(gather_tokens(x, sel.indices))))
+
+
+def _loss_at_keep(x, scores, block, target, keep: float) -> float:
+    sel = DifferentiableTopK(noise_std=0.0).select(scores, keep)
+    return float(((scatter_tokens(x, sel.indices, block(gather_tokens(x, sel.indices))) - target) ** 2).mean())
+
+
+def test_output_gated_has_the_finite_difference_sign_where_the_residual_ste_does_not():
+    # A block whose update is aligned with x (f(x) = 1.5 x): applying it to more tokens moves toward the
+    # dense target, so dL/dkeep < 0. The residual STE's -<dL/dy, x> for rejected tokens says the opposite.
+    x, scores = _toy(1, b=4, n=64)
+    block = lambda t: 1.5 * t  # noqa: E731
+    target = block(x)  # the dense teacher's output
+    fd = (_loss_at_keep(x, scores, block, target, 0.6) - _loss_at_keep(x, scores, block, target, 0.4)) / 0.2
+    assert fd < 0
+    grads = {}
+    for name in ("output-gated", "residual"):
+        keep = torch.tensor(0.5, requires_grad=True)
+        sel = DifferentiableTopK(noise_std=0.0).select(scores, keep)
+        if name == "output-gated":
+            y = route_output_gated(x, sel, block, target - x)
+        else:
+            y = route_with_ste(x, sel, block)
+        ((y - target) ** 2).mean().backward()
+        grads[name] = float(keep.grad)
+    assert grads["output-gated"] < 0 < grads["residual"], grads
+
+
+def test_keep_measures():
+    from shiva_export.models import load_transformer
+    from shiva_export.recipe import load_recipe
+
+    keep = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    assert float(KeepMeasure("tokens")(keep)) == pytest.approx(0.5)
+    model = load_transformer(recipe=load_recipe("sd35-tiny"))
+    m = KeepMeasure.for_model("flops", model, 256, 32, [1, 2, 3, 4, 5])
+    for r in (0.3, 0.6, 0.9):
+        assert float(m(torch.full((3, 5), r))) == pytest.approx(r, abs=1e-6)  # uniform keep: the measure is the keep
+    # FLOPs are convex in k (attention ~k^2): a spread table costs more than its plain mean
+    spread = torch.tensor([[0.2, 1.0, 0.2, 1.0, 0.6]])
+    assert float(m(spread)) > float(spread.mean())
+    with pytest.raises(ConfigError, match="unknown"):
+        KeepMeasure("area")
+
+
+def test_policy_keep_floor():
+    pol = RatioPolicy(6, target=0.6, min_keep=0.2)
+    out = pol(torch.tensor([10.0, 500.0]), torch.arange(1, 6))
+    assert torch.allclose(out, torch.full_like(out, 0.6), atol=1e-6)  # starts exactly on target
+    assert float(pol.keep_of(torch.tensor(-1e4))) == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="min_keep"):
+        RatioPolicy(6, target=0.6, min_keep=0.7)
+    with pytest.raises(ConfigError, match="estimator"):
+        TrainConfig(estimator="magic")
+    with pytest.raises(ConfigError, match="budget_timesteps"):
+        TrainConfig(budget_timesteps="random")
+
+
+def test_estimator_check_reports_sign_and_magnitude():
+    from shiva_export.validate.estimator import check_estimator
+
+    rep = check_estimator("sd35-tiny", keeps=(0.6,), samples=2, router="random")
+    assert {c.estimator for c in rep.cases} == {"output-gated", "residual"}
+    assert len(rep.cases) == 2 * 5 and {c.layer for c in rep.cases} == {1, 2, 3, 4, 5}
+    assert all(c.finite_difference < 0 for c in rep.cases if c.agree is not None)  # more tokens, lower loss
+    d = rep.to_dict()
+    assert set(d["summary"]) == {"output-gated", "residual"} and 0.0 <= d["summary"]["output-gated"]["sign_agreement"] <= 1.0
+    assert "| output-gated |" in rep.to_markdown()
+
+
+def test_cli_validate_estimator_and_paper_only_train(tmp_path, capsys):
+    from shiva_export.cli import main
+
+    code = main(["validate", "estimator", "--model", "sd35-tiny", "--keep", "0.6", "--samples", "2", "--router", "random", "--json", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["summary"]
+    code = main(["validate", "estimator", "--model", "sd35-tiny", "--min-agreement", "1.5"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "min-agreement" in err and "Traceback" not in err
+    # the paper-only path: residual STE, no importance auxiliary, the batch's timesteps for the budget
+    out_dir = tmp_path / "paper"
+    code = main(["train", "--model", "sd35-tiny", "--steps", "3", "--steps", "2", "--steps", "1", "--batch", "2",
+                 "--paper-only", "--out-dir", str(out_dir), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lut = json.loads((out_dir / "lut.json").read_text())
+    assert lut["estimator"] == "residual" and lut["min_keep"] == 0.0
+    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["importance_weight"] == 0.0 and ck["config"]["budget_timesteps"] == "batch"
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"distill", "keep", "samples_per_s", "eta_s"} <= set(rows[0])
