@@ -306,6 +306,7 @@ def encode_train_data(
     device: str = "cpu",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    pipe=None,
 ) -> TrainDataResult:
     """Encodes prompts (and images) with a model's own pipeline into a sharded train-data folder.
 
@@ -326,6 +327,9 @@ def encode_train_data(
         device (str): ``cpu`` or ``cuda``, where the encoders run. Defaults to ``cpu``.
         overwrite (bool): Replace an existing train-data folder at ``out``. Defaults to False.
         progress (Callable[[int, int], None]): Called with (done, total) after every batch. Defaults to None.
+        pipe (StableDiffusion3Pipeline): An already loaded pipeline of this model to encode with (its
+            ``name_or_path`` folder is hashed for the manifest). Defaults to None (load the model's, without
+            its transformer).
 
     Returns:
         TrainDataResult: The output folder and its manifest.
@@ -366,12 +370,18 @@ def encode_train_data(
     if with_images and not all(r.image is not None for r in recs):
         raise ConfigError("some records have an image and some do not; expected all or none. Encode text-only and image data into separate folders.")
 
-    loc, local = _pipeline_location(rec, weights)
-    tcfg = _transformer_config(loc, local)
+    if pipe is None:
+        loc, local = _pipeline_location(rec, weights)
+        tcfg = _transformer_config(loc, local)
+    else:
+        loc = str(getattr(pipe, "name_or_path", "") or "")
+        local = Path(loc).is_dir()
+        tcfg = _transformer_config(loc, local) if local else dict(pipe.transformer.config)
     from shiva_export.models.sd3 import check_image_size
 
     check_image_size(config_obj(tcfg), h, w)
-    pipe = _from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
+    if pipe is None:
+        pipe = _from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
     if device != "cpu":
         pipe.to(device)
     max_seq = rec.shapes.text_len - pipe.tokenizer.model_max_length
