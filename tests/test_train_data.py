@@ -69,7 +69,7 @@ def test_manifest_records_what_made_the_data(data_dir):
 
     m = json.loads((data_dir / MANIFEST_NAME).read_text())
     assert m["format"] == "shiva-train-data" and m["version"] == 1 and m["model"] == "sd35-tiny"
-    assert m["samples"] == 6 and [s["samples"] for s in m["shards"]] == [4, 2]
+    assert m["samples"] == 6 and [s["samples"] for s in m["shards"]] == [4, 2] and m["truncated_prompts"] == 0
     assert m["has_latents"] and m["dtype"] == "float32"
     assert m["shapes"] == {"prompt_embeds": [32, 64], "pooled": [64], "latents": [16, 32, 32]}
     assert m["latent_shape"] == [16, 32, 32] and m["max_sequence_length"] == 16
@@ -310,13 +310,15 @@ def test_cli_writes_data_and_train_runs_on_it(tmp_path, capsys):
     from shiva_export.cli import main
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS[:3]) + "\n", encoding="utf-8")
+    long = "a very long prompt about a blue ball sitting on a wooden table near the sea under a bright sky"
+    prompts.write_text("\n".join(PROMPTS[:2] + [long]) + "\n", encoding="utf-8")
     out = tmp_path / "data"
     assert main(["train-data", "--model", "sd35-tiny", "--prompts", str(prompts), "--out", str(out), "--shard-size", "2", "--json"]) == 0
     import json
 
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 3 and summary["shards"] == 2 and (out / MANIFEST_NAME).is_file()
+    assert summary["truncated_prompts"] == 1  # CLIP's 16-token window cuts the long one, as at inference
     assert main(["train-data", "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 1  # exists: not replaced
     assert "exists and is not empty" in capsys.readouterr().err
     run = tmp_path / "run"
@@ -340,3 +342,14 @@ def test_cli_bad_inputs_exit_with_documented_codes(tmp_path, capsys, monkeypatch
     assert main(["train-data", "--dataset", "some/captions", "--out", str(tmp_path / "o")]) == 4
     assert "pip install datasets" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_help_works_without_heavy_packages():
+    """`train-data --help` with torch, diffusers, onnxruntime and tensorrt blocked from import."""
+    import subprocess
+
+    from tests.test_cli import _BLOCKER
+
+    r = subprocess.run([sys.executable, "-c", _BLOCKER, "train-data", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout and "--shard-size" in r.stdout

@@ -219,6 +219,7 @@ class TrainDataResult:
             "manifest": str(self.out_dir / MANIFEST_NAME),
             "model": m["model"],
             "samples": m["samples"],
+            "truncated_prompts": m.get("truncated_prompts", 0),
             "shards": len(m["shards"]),
             "has_latents": m["has_latents"],
             "shapes": m["shapes"],
@@ -398,7 +399,18 @@ def encode_train_data(
     if progress is not None:
         progress(0, len(recs))
 
+    clip_len = int(pipe.tokenizer.model_max_length)
+    truncated = [0]
+
+    def count_truncated(texts: list[str]) -> None:
+        """Prompts longer than CLIP's window or the T5 length (encode_prompt cuts them, as at inference)."""
+        for text in texts:
+            n_clip = len(pipe.tokenizer(text).input_ids)
+            n_t5 = len(pipe.tokenizer_3(text).input_ids) if getattr(pipe, "tokenizer_3", None) is not None else 0
+            truncated[0] += int(n_clip > clip_len or n_t5 > max_seq)
+
     def encode_text(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        count_truncated(texts)
         pe, _, pooled, _ = pipe.encode_prompt(texts, texts, texts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_seq)
         return pe.float().cpu(), pooled.float().cpu()
 
@@ -441,7 +453,9 @@ def encode_train_data(
 
     try:
         t_enc = time.perf_counter()
-        with torch.inference_mode():
+        from shiva_export.runtime.pipeline import quiet_libraries
+
+        with torch.inference_mode(), quiet_libraries():  # truncation notes are counted instead (manifest, summary)
             null_pe, null_pooled = encode_text([""])  # what the pipeline encodes for the uncond half of CFG
             null_info = write(NULL_NAME, {"prompt_embeds": null_pe[0], "pooled": null_pooled[0]})
             done = 0
@@ -476,6 +490,7 @@ def encode_train_data(
             "recipe_sha256": recipe_hash(rec),
             "pipeline": {"source": loc, "local": local, "components": _component_digests(loc, local), "versions": _versions()},
             "samples": len(recs),
+            "truncated_prompts": truncated[0],
             "has_latents": with_images,
             "latent_shape": [int(tcfg["in_channels"]), h // VAE_SCALE, w // VAE_SCALE],
             "shapes": shapes,
