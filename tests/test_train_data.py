@@ -16,7 +16,6 @@ from shiva_export.train.data import Batch, LatentFolder, SyntheticData, make_dat
 from shiva_export.train.dataset import (
     MANIFEST_NAME,
     NULL_NAME,
-    DataRecord,
     ShardedLatents,
     dataset_records,
     encode_train_data,
@@ -219,8 +218,12 @@ def test_damaged_shards_fail_with_one_line(tmp_path, data_dir):
 def test_make_data_picks_the_source(tmp_path, data_dir, tiny_pipe):
     from safetensors.torch import save_file
 
+    from shiva_export.errors import ShapeError
+
     tf = tiny_pipe.transformer
     assert isinstance(make_data(data_dir, tf, 256, 256, 32), ShardedLatents)
+    with pytest.raises(ShapeError, match="encoded at 256x256 px"):  # the recipe's token count must match the data's
+        make_data(data_dir, tf, 512, 512, 32)
     assert isinstance(make_data(data_dir / MANIFEST_NAME, tf, 256, 256, 32), ShardedLatents)
     assert isinstance(make_data(None, tf, 256, 256, 32), SyntheticData)
     folder = tmp_path / "per-sample"
@@ -289,17 +292,31 @@ def test_sources_and_their_errors(tmp_path, images, monkeypatch):
     with pytest.raises(MissingDependencyError, match="datasets"):
         dataset_records("some/captions")
 
-    class FakeDataset(list):
+    rows = [{"caption": " a red cube ", "img": str(images / "00.png")}, {"caption": "blue ball", "img": {"bytes": (images / "01.png").read_bytes(), "path": None}}]
+    decoded: list[int] = []
+
+    class FakeDataset:  # the part of datasets.Dataset the reader uses: columns, column access, row access
         column_names = ["caption", "img"]
+
+        def __getitem__(self, key):
+            if isinstance(key, str):
+                return [r[key] for r in rows]
+            decoded.append(key)
+            return rows[key]
 
     def load_dataset(name, split):
         if name != "cached/captions":
             raise FileNotFoundError(f"Couldn't find '{name}' on the Hugging Face Hub either")
-        return FakeDataset([{"caption": " a red cube ", "img": "x.png"}, {"caption": "blue ball", "img": "y.png"}])
+        return FakeDataset()
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     recs = dataset_records("cached/captions", image_column="img")
-    assert recs == [DataRecord("a red cube", "x.png", "cached/captions[0]"), DataRecord("blue ball", "y.png", "cached/captions[1]")]
+    assert [(r.prompt, r.name) for r in recs] == [("a red cube", "cached/captions[0]"), ("blue ball", "cached/captions[1]")]
+    assert decoded == []  # no image is read before the encoder asks for it
+    from shiva_export.train.dataset import _load_image
+
+    assert _load_image(recs[1].image, recs[1].name).size == (80, 72) and decoded == [1]
+    assert dataset_records("cached/captions")[0].image is None  # text only unless --image-column
     with pytest.raises(ModelNotFoundError, match="offline"):
         dataset_records("not/cached")
     with pytest.raises(ConfigError, match="--prompt-column 'text'"):

@@ -85,10 +85,10 @@ _PIPELINE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tok
 # ------------------------------------------------------------------------------------------- sources
 @dataclass
 class DataRecord:
-    """One sample to encode: a prompt and, optionally, an image (path or PIL image)."""
+    """One sample to encode: a prompt and, optionally, an image (path, PIL image, or a callable returning one)."""
 
     prompt: str
-    image: Any = None  # a path, a PIL image or None
+    image: Any = None  # a path, a PIL image, a zero-argument loader, or None
     name: str = ""
 
 
@@ -187,14 +187,26 @@ def dataset_records(name: str, split: str = "train", prompt_column: str | None =
         if col is not None and col not in cols:
             raise ConfigError(f"{flag} {col!r} is not a column of --dataset {name} (columns: {cols}). Pick one of those.")
     out = []
-    for i, row in enumerate(ds):
-        text = row[prompt_column]
+    for i, text in enumerate(ds[prompt_column]):  # the text column only: images are decoded one batch at a time
         if not isinstance(text, str):
             raise ConfigError(f"--dataset {name} row {i}: column {prompt_column!r} is a {type(text).__name__}, not text. Pass --prompt-column of a text column.")
-        out.append(DataRecord(text.strip(), row[image_column] if image_column else None, f"{name}[{i}]"))
+        image = _RowImage(ds, i, image_column) if image_column else None
+        out.append(DataRecord(text.strip(), image, f"{name}[{i}]"))
     if not out:
         raise ConfigError(f"--dataset {name} split {split!r} is empty. Pick another --split.")
     return out
+
+
+@dataclass(frozen=True)
+class _RowImage:
+    """A dataset row's image, read when the encoder reaches it (a dataset's images never sit in RAM together)."""
+
+    ds: Any
+    row: int
+    column: str
+
+    def __call__(self):
+        return self.ds[self.row][self.column]
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -268,14 +280,23 @@ def _component_digests(location: str, is_local: bool) -> dict[str, str | None]:
 
 
 def _load_image(img: Any, where: str):
+    """RGB PIL image of a path, a PIL image, a ``datasets`` image dict (``bytes``/``path``) or a loader."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    if callable(img):
+        img = img()
     if isinstance(img, Image.Image):
         return img.convert("RGB")
+    if isinstance(img, dict):  # datasets Image(decode=False)
+        img = io.BytesIO(img["bytes"]) if img.get("bytes") else img.get("path")
+    if img is None:
+        raise ConfigError(f"image {where} is empty. Remove the row or pick another --image-column.")
     try:
         with Image.open(img) as im:
             return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, TypeError) as err:
         raise ConfigError(f"cannot read image {where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Remove or re-save it.") from None
 
 
@@ -721,6 +742,13 @@ class ShardedLatents:
             for fld in ("channels", "text_dim", "pooled_dim"):
                 if getattr(got, fld) != getattr(shapes, fld):
                     raise ShapeError(f"--data {p} has {fld} {getattr(got, fld)}; the model needs {getattr(shapes, fld)}. Encode it for this model (shiva-export train-data --model ...).")
+            if (got.height, got.width) != (shapes.height, shapes.width):  # the learned k per phase is for the recipe's token count
+                from shiva_export.models import VAE_SCALE
+
+                raise ShapeError(
+                    f"--data {p} was encoded at {m.get('width')}x{m.get('height')} px (latent {got.width}x{got.height}); training runs at "
+                    f"{shapes.width * VAE_SCALE}x{shapes.height * VAE_SCALE} px (the recipe's shapes). Re-encode with --width/--height to match, or pass --recipe with those shapes."
+                )
         self.shapes = got
         self.folder = p
         self.seed = int(seed)
