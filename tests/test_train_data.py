@@ -388,3 +388,31 @@ def test_train_resumes_on_sharded_data(tmp_path, data_dir):
     assert a["data"]["kind"] == "sharded" and a["data"]["position"] == b["data"]["position"] == 10
     for k, v in a["routers"].items():
         assert torch.allclose(v, b["routers"][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda m: m["shards"][0].update(file="../../etc/passwd"), "not a safe file name"),
+        (lambda m: m["shards"][0].update(samples="4"), "malformed shards"),
+        (lambda m: m.update(shards=[]), "malformed shards"),
+        (lambda m: m.update(latent_shape=[16, 32]), "malformed latent_shape"),
+        (lambda m: m.update(null=None), "malformed null"),
+        (lambda m: m.update(format="other"), "not a shiva-train-data manifest"),
+        (lambda m: m.update(version=99), "version 99"),
+        (lambda m: m["shards"][1].update(samples=3), r"holds prompt_embeds \(2, 32, 64\); the manifest says \(3"),
+    ],
+)
+def test_hostile_manifest_is_one_typed_line(tmp_path, data_dir, edit, needle):
+    import json
+
+    from shiva_export.errors import ShivaError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    m = json.loads((bad / MANIFEST_NAME).read_text())
+    edit(m)
+    (bad / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(ShivaError, match=needle) as e:
+        ShardedLatents(bad)
+    assert "\n" not in str(e.value)

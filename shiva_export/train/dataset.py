@@ -444,6 +444,9 @@ def encode_train_data(
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        from shiva_export.utils.io import sweep_stale_temps
+
+        sweep_stale_temps(parent)  # half-written folders of killed runs (their pid is gone)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name + "."), suffix=".tmp", dir=parent))
     except OSError as err:
         raise OutputPathError(f"cannot create a folder beside --out {out} ({err.strerror or err}). Pass a writable --out.") from None
@@ -575,6 +578,27 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     for key in ("samples", "shards", "shapes", "null", "latent_shape"):
         if key not in m:
             raise ConfigError(f"--data {folder}: {MANIFEST_NAME} lacks {key!r}. Re-run shiva-export train-data.")
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"--data {folder}: {MANIFEST_NAME} has a malformed {what}. Re-run shiva-export train-data.")
+
+    def ints(v, n: int | None = None) -> bool:
+        return isinstance(v, list) and (n is None or len(v) == n) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+
+    def entry_ok(e, samples: bool) -> bool:
+        return (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str) and ints([e.get("bytes")])
+                and (not samples or ints([e.get("samples")])))
+
+    if not ints([m["samples"]]):
+        raise bad("samples count")
+    if not isinstance(m["shards"], list) or not m["shards"] or not all(entry_ok(e, True) for e in m["shards"]):
+        raise bad("shards list")
+    if not entry_ok(m["null"], False):
+        raise bad("null entry")
+    if not ints(m["latent_shape"], 3):
+        raise bad("latent_shape")
+    if not isinstance(m["shapes"], dict) or not all(ints(v) for v in m["shapes"].values()):
+        raise bad("shapes")
     return m
 
 
