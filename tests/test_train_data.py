@@ -176,6 +176,9 @@ def test_resume_gives_the_same_next_batch(data_dir):
     a = ShardedLatents(data_dir, seed=3)
     a.batch(4)
     state = a.state_dict()
+    with pytest.raises(Exception, match="timesteps has 2 values"):
+        a.batch(4, timesteps=torch.tensor([1.0, 2.0]))  # refused before a sample is consumed
+    assert a.state_dict()["position"] == state["position"] == 4
     want = a.batch(4, caption_dropout=0.5)
     b = ShardedLatents(data_dir, seed=3)
     b.load_state_dict(state)

@@ -362,10 +362,11 @@ class LatentFolder:
         self._g.set_state(state["rng"])
 
 
-def make_data(data: str | os.PathLike | None, model, height: int, width: int, text_len: int, seed: int = 0):
+def make_data(data: str | os.PathLike | None, model, height: int, width: int, text_len: int, seed: int = 0, *, num_workers: int = 0):
     """The training source for ``--data``: a ``shiva-export train-data`` output (a folder holding
-    ``manifest.json``, or that file) -> :class:`~shiva_export.train.dataset.ShardedLatents`; another folder
-    (one ``.safetensors`` per sample, SD3 layout) -> :class:`LatentFolder`; None -> :class:`SyntheticData`."""
+    ``manifest.json``, or that file) -> :class:`~shiva_export.train.dataset.ShardedLatents` (reading with
+    ``num_workers`` DataLoader processes); another folder (one ``.safetensors`` per sample, SD3 layout) ->
+    :class:`LatentFolder`; None -> :class:`SyntheticData`."""
     if data is None:
         return SyntheticData(model, height, width, text_len, seed=seed)
     from shiva_export.models import get_adapter
@@ -382,5 +383,5 @@ def make_data(data: str | os.PathLike | None, model, height: int, width: int, te
         )
     shapes = DataShapes.from_model(model, height, width, text_len)
     if is_train_data(p):
-        return ShardedLatents(p, shapes=shapes, seed=seed)
+        return ShardedLatents(p, shapes=shapes, seed=seed, num_workers=num_workers)
     return LatentFolder(p, shapes=shapes, seed=seed)

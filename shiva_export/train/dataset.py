@@ -825,6 +825,11 @@ class ShardedLatents:
 
         if not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"batch size is {batch!r}; expected an int >= 1.")
+        if timesteps is not None:  # checked before any sample is consumed (the stream position stays put)
+            _timesteps(batch, timesteps, None)
+        from shiva_export.train.data import _check_conditioning
+
+        _check_conditioning(caption_dropout, cfg_pairs)
         g = self._g
         s = self._next_samples(batch)
         if self.has_targets:
