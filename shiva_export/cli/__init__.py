@@ -59,6 +59,7 @@ def _register() -> None:
     from shiva_export.cli import onnx as _onnx
     from shiva_export.cli import recipe as _recipe
     from shiva_export.cli import train as _train
+    from shiva_export.cli import train_data as _train_data
     from shiva_export.cli import validate as _validate
 
     app.command(name="onnx", help=_onnx.HELP, epilog=_onnx.EPILOG)(_onnx.onnx_command)
@@ -67,6 +68,7 @@ def _register() -> None:
     app.command(name="run", help=_engines.RUN_HELP)(_engines.run_command)
     app.command(name="generate", help=_generate.HELP, epilog=_generate.EPILOG)(_generate.generate_command)
     app.command(name="train", help=_train.HELP, epilog=_train.EPILOG)(_train.train_command)
+    app.command(name="train-data", help=_train_data.HELP, epilog=_train_data.EPILOG)(_train_data.train_data_command)
     app.add_typer(_validate.validate_app, name="validate")
     app.add_typer(_recipe.recipe_app, name="recipe")
 

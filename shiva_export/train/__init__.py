@@ -4,12 +4,15 @@
   forward pass, a soft-rank / inclusion-probability surrogate with a residual straight-through
   estimator in the backward pass, and temperature annealing.
 * :mod:`shiva_export.train.loop`: the three-stage training loop (`shiva-export train`) and router evaluation.
-* :mod:`shiva_export.train.data`: synthetic batches and cached-latent folders.
+* :mod:`shiva_export.train.data`: synthetic batches and cached-latent folders; caption dropout and CFG pairs.
+* :mod:`shiva_export.train.dataset`: ``shiva-export train-data`` (encode prompts/images with the pipeline's
+  own encoders into sharded safetensors) and its lazy, memory-mapped reader ``ShardedLatents``.
 * :mod:`shiva_export.train.policy`: the adaptive (timestep, layer) keep-ratio policy, the EMA budget
   loss, stratified timestep / ratio sampling, and LUT quantisation into static per-phase schedules.
 """
 
 from shiva_export.train.data import LatentFolder, SyntheticData
+from shiva_export.train.dataset import ShardedLatents, encode_train_data
 from shiva_export.train.loop import TrainConfig, TrainResult, evaluate_router, train
 from shiva_export.train.policy import (
     MAX_PHASES,
@@ -41,6 +44,8 @@ __all__ = [
     "evaluate_router",
     "SyntheticData",
     "LatentFolder",
+    "ShardedLatents",
+    "encode_train_data",
     "DEFAULT_NOISE_STD",
     "DifferentiableTopK",
     "Selection",

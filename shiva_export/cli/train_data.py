@@ -1,0 +1,149 @@
+"""``shiva-export train-data``: encode prompts (and images) with the pipeline's own encoders into sharded
+safetensors that ``shiva-export train --data`` reads lazily."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._output import err_console, result_json, result_text
+
+HELP = (
+    "Encode training data with the model's own diffusers pipeline: each prompt through pipe.encode_prompt (SD3: "
+    "CLIP x2 + T5 -> prompt_embeds [T, J], pooled [P]), each image (--images, --image-column) through the VAE into "
+    "latents ((posterior mean - shift_factor) * scaling_factor), and the null prompt \"\" once (the unconditional "
+    "embedding CFG uses, for caption dropout and CFG pairs). Writes sharded safetensors plus manifest.json (model, "
+    "recipe sha256, pipeline component sha256s, shapes, dtype, per-shard sha256) into --out, atomically. "
+    "`shiva-export train --data OUT` reads it lazily (memory-mapped). Without images the data is text only: "
+    "training then noises seeded Gaussian x_t and has no flow-matching loss (latents are needed for that)."
+)
+EPILOG = """Examples:
+
+  shiva-export train-data --model sd35-tiny --prompts prompts.txt --out data/tiny-text
+
+  shiva-export train-data --model sd35-shapes --images scenes/ --out data/shapes          (captions: scenes/NAME.txt)
+
+  shiva-export train-data --model sd35-tiny --prompts captions.txt --images imgs/ --out data/tiny --shard-size 256
+
+  shiva-export train-data --model sd35 --weights ./sd3.5-medium --dataset my/captions --split train \\
+      --image-column image --device cuda --dtype bf16 --out data/sd35
+
+  shiva-export train --model sd35-tiny --data data/tiny --steps 300
+
+--prompts pairs its i-th line with the i-th image in file-name order. --dataset reads the local `datasets` cache
+only (never downloads). Exit codes: 0 ok, 1 error (output not writable), 2 bad value (prompt file, images, sizes,
+columns, dataset not cached), 4 missing dependency (datasets) or GPU.
+"""
+
+
+def train_data_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be new or empty, or --overwrite an earlier output).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model whose pipeline encodes: sd35-tiny, sd35-shapes, sd3-tiny, sd35 (needs --weights offline), ...")] = "sd35-tiny",
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Text file, one prompt per line (blank lines and # comments skipped).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="A `datasets` dataset name in the local cache (offline only).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --dataset.")] = "train",
+    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Text column of --dataset. Default: prompt, text or caption.")] = None,
+    image_column: Annotated[str | None, typer.Option("--image-column", help="Image column of --dataset (encoded with the VAE). Default: none (text only).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of images (png/jpg/webp/bmp): captions from --prompts (file-name order) or NAME.txt beside each.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's.")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE).")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")] = 256,
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (center crop, then resize). Default: the recipe's.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the recipe's.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Prompts/images per encoder call.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Recorded in the manifest (encoding is deterministic: posterior mean).")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: fp32 | fp16 | bf16 (the encoders run in fp32).")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda: where the text encoders and VAE run.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing train-data output at --out.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch. Default: torch's.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> int:
+    from shiva_export.errors import ConfigError
+
+    if prompts is not None and dataset is not None:
+        raise ConfigError(f"--prompts {prompts} and --dataset {dataset} were both given; expected one source of prompts. Drop one of them.")
+    if dataset is not None and images is not None:
+        raise ConfigError(f"--dataset {dataset} and --images {images} were both given; a dataset brings its own images (--image-column). Drop --images.")
+    if prompts is None and dataset is None and images is None:
+        raise ConfigError("no data given: pass --prompts FILE, --dataset NAME or --images FOLDER.")
+    if dataset is None and (prompt_column is not None or image_column is not None):
+        raise ConfigError("--prompt-column / --image-column apply to --dataset only. Drop them or pass --dataset NAME.")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads} is out of range; expected >= 1.")
+        import torch
+
+        torch.set_num_threads(threads)
+    from shiva_export.train.dataset import dataset_records, encode_train_data, image_records, read_prompt_file
+
+    if dataset is not None:
+        records = dataset_records(dataset, split=split, prompt_column=prompt_column, image_column=image_column)
+        source = {"kind": "dataset", "name": dataset, "split": split, "prompt_column": prompt_column, "image_column": image_column}
+    else:
+        texts = read_prompt_file(prompts) if prompts is not None else None
+        if images is not None:
+            records = image_records(images, texts)
+            source = {"kind": "images", "images": str(images), "prompts": None if prompts is None else str(prompts)}
+        else:
+            from shiva_export.train.dataset import DataRecord
+
+            records = [DataRecord(t) for t in texts]
+            source = {"kind": "prompts", "prompts": str(prompts)}
+
+    show = not (quiet or json_out)
+    bar = None
+    task: list[int] = []
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                       console=err_console, transient=False, disable=not err_console.is_terminal)
+        print(f"loading the {model} pipeline (text encoders, VAE) ...", file=sys.stderr, flush=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is None:
+            return
+        if not task:
+            bar.start()
+            task.append(bar.add_task("encode", total=total))
+        bar.update(task[0], completed=done)
+        if not err_console.is_terminal and (done == total or done == 0):
+            print(f"encoded {done}/{total}", file=sys.stderr, flush=True)
+
+    try:
+        res = encode_train_data(
+            model, out=out, records=records, source=source, recipe=recipe, weights=weights, shard_size=shard_size, height=height, width=width,
+            batch=batch, seed=seed, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
+        )
+    finally:
+        if bar is not None and task:
+            bar.stop()
+    summary = res.to_dict()
+    if json_out:
+        result_json(summary)
+    else:
+        result_text(format_summary(summary))
+    return ExitCode.OK
+
+
+def format_summary(s: dict) -> str:
+    sh = s["shapes"]
+    kind = f"latents {sh['latents']}" if s["has_latents"] else "text only (no latents: no flow-matching loss)"
+    rate = f"{s['samples_per_second']:.2f} samples/s" if s.get("samples_per_second") else "n/a"
+    return "\n".join(
+        [
+            f"out dir      {s['out_dir']}",
+            f"manifest     {s['manifest']}",
+            f"model        {s['model']}",
+            f"samples      {s['samples']} in {s['shards']} shards ({s['bytes'] / 2**20:.2f} MiB, {s['dtype']})",
+            f"tensors      prompt_embeds {sh['prompt_embeds']}, pooled {sh['pooled']}, {kind}",
+            f"truncated    {s['truncated_prompts']} prompts longer than the CLIP window or the T5 length (cut, as at inference)",
+            f"time         {s['seconds']:.1f} s (pipeline load {s['load_seconds']:.1f} s, encode {s['encode_seconds']:.1f} s: {rate})",
+            f"train with   shiva-export train --model {s['model']} --data {s['out_dir']}",
+        ]
+    )
