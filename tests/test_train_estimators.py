@@ -122,3 +122,32 @@ def test_cli_validate_estimator_and_paper_only_train(tmp_path, capsys):
     assert ck["config"]["importance_weight"] == 0.0 and ck["config"]["budget_timesteps"] == "batch"
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"distill", "keep", "samples_per_s", "eta_s"} <= set(rows[0])
+
+
+def test_cfg_pair_student_equals_cfg_inference_and_trains(tmp_path):
+    from shiva_export.models import load_transformer
+    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
+    from shiva_export.recipe import load_recipe
+    from shiva_export.train.data import SyntheticData
+    from shiva_export.train.loop import _make_override, _RouteState, train
+
+    rec = load_recipe("sd35-tiny")
+    model = load_transformer(recipe=rec)
+    data = SyntheticData(model, 256, 256, 32, seed=2)
+    batch = data.batch(2, timesteps=torch.tensor([800.0, 200.0]), cfg_pairs=True)
+    inputs = batch.model_inputs()
+    assert batch.cfg and len(batch) == 4 and torch.equal(inputs["hidden_states"][:2], inputs["hidden_states"][2:])
+    routed = rec.routed_blocks(6)
+    apply_shiva_(model, ShivaConfig.uniform(6, 0.4, routed, cfg=True), seed=0)
+    with torch.no_grad():
+        hard = model(**inputs).sample  # CFG inference: both halves keep the tokens of max(s_uncond, s_cond)
+        st = _RouteState(routed, DifferentiableTopK(noise_std=0.0), set())
+        st.cfg = True
+        set_route_override(model, _make_override(st))
+        st.mode, st.record_updates = "dense", True
+        model(**inputs)
+        st.mode, st.keep = "student", torch.tensor([[0.6] * 5, [0.6] * 5]).repeat(2, 1)
+        assert torch.equal(model(**inputs).sample, hard)
+    res = train("sd35-tiny", TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=1, batch=2, cfg_pairs=True, caption_dropout=0.1,
+                                         out_dir=tmp_path, checkpoint_every=100))
+    assert res.finished and abs(res.mean_keep - 0.6) <= 0.02

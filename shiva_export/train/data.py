@@ -111,16 +111,19 @@ class Batch:
     def __len__(self) -> int:
         return int(self.hidden_states.shape[0])
 
-    def rows(self, ids: list[int], pairs: int = 1) -> Batch:
-        """The sub-batch of samples ``ids``. With ``pairs=2`` the batch is ``[uncond; cond]`` halves and
-        both rows of each sample are kept (the result is again ``[uncond; cond]``)."""
+    def rows(self, ids: list[int], pairs: int | None = None) -> Batch:
+        """The sub-batch of samples ``ids``. A CFG batch (``pairs=2``, default from :attr:`cfg`) is
+        ``[uncond; cond]`` halves: both rows of each sample are kept (the result is again ``[uncond; cond]``)."""
+        pairs = (2 if self.cfg else 1) if pairs is None else pairs
         n = len(self) // pairs
         if len(ids) == n and list(ids) == list(range(n)):
             return self
         full = [i + p * n for p in range(pairs) for i in ids]
         ix = torch.as_tensor(full, dtype=torch.long)
         pick = lambda t: t.index_select(0, ix) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == len(self) else t  # noqa: E731
-        return Batch({k: pick(v) for k, v in self.inputs.items()}, pick(self.timestep), None if self.target is None else pick(self.target), self.timestep_scale)
+        dropped = None if self.dropped is None else self.dropped.index_select(0, torch.as_tensor(list(ids), dtype=torch.long))
+        return Batch({k: pick(v) for k, v in self.inputs.items()}, pick(self.timestep), None if self.target is None else pick(self.target),
+                     self.timestep_scale, cfg=self.cfg, dropped=dropped)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The transformer's keyword arguments."""

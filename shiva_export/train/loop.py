@@ -730,8 +730,6 @@ def train(
         hooks = [blocks[b].register_forward_hook(_tap_hook(state, b, adapter)) for b in taps if b not in routed]
 
         data = make_data(cfg.data, transformer, h, w, text_len, seed=cfg.seed)
-        if (cfg.cfg_pairs or cfg.caption_dropout > 0) and not getattr(data, "supports_cfg", False):
-            raise ConfigError(f"{type(data).__name__} has no null text for --cfg-pairs / --caption-dropout; use a train-data dataset or synthetic inputs.")
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
         my_rows = dist.rows(cfg.batch)
         if len(my_rows) % cfg.accumulate:
@@ -824,7 +822,7 @@ def train(
             state.noise_key = (cfg.seed, step)
             for m in range(cfg.accumulate):
                 lo, hi = m * micro, (m + 1) * micro
-                mb = batch.rows(list(range(lo, hi)), pairs=pairs)
+                mb = batch.rows(list(range(lo, hi)))
                 inputs = {k: (v.to(device, bdtype) if v.is_floating_point() and k != "timestep" else v.to(device)) for k, v in mb.model_inputs().items()}
                 keep = keep_rows([my_rows[i] for i in range(lo, hi)])
                 state.samples = torch.tensor([my_rows[i] for i in range(lo, hi)] * pairs)
@@ -911,13 +909,8 @@ def train(
 
 def _draw(data, cfg: TrainConfig, t_all: torch.Tensor, my_rows: range):
     """This rank's rows of the global batch (all random numbers drawn for the global batch)."""
-    kw = {}
-    if cfg.caption_dropout > 0:
-        kw["caption_dropout"] = cfg.caption_dropout
-    if cfg.cfg_pairs:
-        kw["cfg_pairs"] = True
-    batch = data.batch(cfg.batch, timesteps=t_all, **kw)
-    return batch.rows(list(my_rows), pairs=2 if cfg.cfg_pairs else 1)
+    batch = data.batch(cfg.batch, timesteps=t_all, caption_dropout=cfg.caption_dropout, cfg_pairs=cfg.cfg_pairs)
+    return batch.rows(list(my_rows))
 
 
 class _Metrics:
@@ -949,7 +942,7 @@ def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
     old = ck.get("config", {})
     if ck.get("model") != rec.name:
         raise ConfigError(f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir.")
-    for key in ("target_keep", "batch", "seed", "tap_every"):
+    for key in ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "cfg_pairs", "caption_dropout", "budget_timesteps", "budget_measure"):
         if old.get(key) != getattr(cfg, key):
             raise ConfigError(
                 f"checkpoint {path} has {key} = {old.get(key)!r}, this run {getattr(cfg, key)!r}; expected the same value. "
