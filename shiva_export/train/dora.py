@@ -137,7 +137,9 @@ def _tuner_layers(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in transformer.named_modules() if isinstance(m, base)]
 
 
-def add_dora(transformer: nn.Module, r: int = DORA_RANK, alpha: float = DORA_ALPHA, *, target_modules: str | None = None, trainable: bool = False) -> list[str]:
+def add_dora(
+    transformer: nn.Module, r: int = DORA_RANK, alpha: float = DORA_ALPHA, *, target_modules: str | None = None, trainable: bool = False, seed: int = 0
+) -> list[str]:
     """Injects DoRA adapters (in place) into the architecture's attention and FFN linears.
 
     The adapted linears' base weights are frozen; every other parameter keeps its ``requires_grad``.
@@ -151,6 +153,7 @@ def add_dora(transformer: nn.Module, r: int = DORA_RANK, alpha: float = DORA_ALP
         target_modules (str | None): Regex overriding the architecture's targets. Defaults to None.
         trainable (bool): Adapters start trainable (else frozen until :func:`set_dora_trainable`).
             Defaults to False.
+        seed (int): Seed of the random ``A`` init (the global RNG is left as it was). Defaults to 0.
 
     Returns:
         list[str]: The adapted module names.
@@ -174,7 +177,9 @@ def add_dora(transformer: nn.Module, r: int = DORA_RANK, alpha: float = DORA_ALP
         raise ConfigError(f"DoRA target pattern {pattern!r} matches no linear of this {type(transformer).__name__}; check the adapter's dora_target_modules.")
     grads = {id(p): p.requires_grad for p in transformer.parameters()}
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, use_dora=True, lora_dropout=0.0, init_lora_weights=True, target_modules=pattern)
-    peft.inject_adapter_in_model(cfg, transformer, adapter_name=_ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # reproducible A (kaiming) init: a resumed run and a fresh one add the same adapters
+        peft.inject_adapter_in_model(cfg, transformer, adapter_name=_ADAPTER)
     layers = _tuner_layers(transformer)
     if sorted(n for n, _ in layers) != sorted(names):
         raise ShivaInternalError(f"peft adapted {len(layers)} modules, the pattern selects {len(names)}")

@@ -598,7 +598,7 @@ def train(
         from shiva_export.train import dora as _dora
 
         if cfg.dora:
-            _dora.add_dora(transformer, r=cfg.dora_rank, alpha=cfg.dora_alpha)
+            _dora.add_dora(transformer, r=cfg.dora_rank, alpha=cfg.dora_alpha, seed=cfg.seed)
             _dora.set_dora_enabled(transformer, False)
         # -- end DoRA
         shiva_cfg = ShivaConfig.uniform(n_layers, 1.0 - cfg.target_keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
