@@ -228,6 +228,8 @@ def test_settings_errors():
         TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=0, dora=True)
     with pytest.raises(ConfigError, match="dora_rank"):
         TrainConfig(dora=True, dora_rank=0)
+    with pytest.raises(ConfigError, match="non-linear"):
+        dora.add_dora(_base(), target_modules=r"pos_embed\.proj")  # a Conv2d
     from pydantic import ValidationError
 
     from shiva_export.recipe import ModelSection

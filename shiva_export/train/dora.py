@@ -173,6 +173,9 @@ def add_dora(
         raise ConfigError("the transformer already has DoRA adapters; merge them (merge_and_save) before adding new ones.")
     pattern = target_modules or dora_target_modules(transformer)
     names = dora_targets(transformer, pattern)
+    other = [n for n, m in transformer.named_modules() if n and not isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+    if other:
+        raise ConfigError(f"DoRA target pattern {pattern!r} also matches non-linear modules ({', '.join(other[:3])}); DoRA here adapts nn.Linear only. Narrow the pattern.")
     if not names:
         raise ConfigError(f"DoRA target pattern {pattern!r} matches no linear of this {type(transformer).__name__}; check the adapter's dora_target_modules.")
     grads = {id(p): p.requires_grad for p in transformer.parameters()}
