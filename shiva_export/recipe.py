@@ -313,6 +313,11 @@ class Recipe(BaseModel):
         p = Path(self.model.path)
         if not p.is_absolute() and self.source_path is not None:
             p = self.source_path.parent / p
+        if not (p / "model_index.json").is_file() and (p / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{self._where()}: [model] path {p} is a transformer folder, not a whole pipeline (no model_index.json); "
+                "pass --weights PIPELINE_FOLDER whose transformer/ holds exactly these weights."
+            )
         if not (p / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{self._where()}: the shipped pipeline folder {p} has no model_index.json. "

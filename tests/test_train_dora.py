@@ -191,6 +191,12 @@ def test_recipe_refuses_tampered_missing_or_base_weights(dora_run, tmp_path):
     with pytest.raises(WeightsError, match="do not match recipe") as err:
         load_transformer(recipe=rec, weights=base)  # --weights cannot swap the unadapted base in
     assert "\n" not in str(err.value)
+    from shiva_export.runtime.pipeline import _pipeline_location
+
+    with pytest.raises(WeightsError, match="do not match recipe"):  # nor can `generate --weights` with another pipeline
+        _pipeline_location(rec, load_recipe("sd35-shapes").local_pipeline_path())
+    with pytest.raises(ModelNotFoundError, match="transformer folder, not a whole pipeline"):
+        _pipeline_location(rec, None)
     f = out / "transformer" / "diffusion_pytorch_model.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0x01
