@@ -1,6 +1,6 @@
 """The one place optional heavy packages are named.
 
-Optional packages (ONNX Runtime, TensorRT, TensorRT-RTX, polygraphy, matplotlib) are never imported at
+Optional packages (ONNX Runtime, TensorRT, TensorRT-RTX, polygraphy, matplotlib, peft) are never imported at
 module top level anywhere in ``shiva_export``; modules bind ``ort = lazy_import("onnxruntime")`` and the
 import happens on first attribute access. A missing package raises :class:`MissingDependencyError`
 naming the exact ``pip install`` line. ``tests/test_dependencies.py`` pins the set of names passed here.
@@ -24,6 +24,7 @@ INSTALL_HINTS: dict[str, str] = {
     "tensorrt_rtx": "pip install tensorrt-rtx-cu12==1.7.1.116",
     "polygraphy": "pip install polygraphy",
     "matplotlib": "pip install matplotlib",
+    "peft": "pip install 'peft>=0.21'  (or pip install 'shiva-export[train]')",
 }
 
 

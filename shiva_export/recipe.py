@@ -55,10 +55,18 @@ class Tolerance(BaseModel):
 class ModelSection(BaseModel):
     model_config = _STRICT
     source: Literal["hub", "embedded", "local"] = Field(
-        description="'hub': a diffusers repo id; 'embedded': random weights from `config`; 'local': a shipped pipeline folder at `path`"
+        description="'hub': a diffusers repo id; 'embedded': random weights from `config`; 'local': a pipeline or transformer folder at `path`"
     )
     repo_id: str | None = None
-    path: str | None = Field(None, description="source = 'local': a diffusers pipeline folder (model_index.json), relative to the recipe file")
+    path: str | None = Field(
+        None,
+        description="source = 'local': a diffusers pipeline folder (model_index.json) or transformer folder (config.json), relative to the recipe file",
+    )
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None,
+        description="source = 'local': required sha256 of the transformer weights (models.base.weights_sha256); "
+        "other weights are refused (e.g. `train --dora` binds its router to the merged transformer)",
+    )
     subfolder: str | None = "transformer"
     seed: int = 0
     config: dict[str, Any] | None = Field(None, description="diffusers transformer config (the adapter's model class) for embedded models")
@@ -73,6 +81,8 @@ class ModelSection(BaseModel):
             raise ValueError("source = 'local' needs path (a diffusers pipeline folder relative to the recipe, e.g. 'sd35-shapes/pipeline')")
         if self.source != "local" and self.path:
             raise ValueError(f"path is only for source = 'local' (source is {self.source!r})")
+        if self.source != "local" and self.sha256:
+            raise ValueError(f"sha256 is only for source = 'local' weights (source is {self.source!r})")
         return self
 
 
@@ -303,12 +313,38 @@ class Recipe(BaseModel):
         p = Path(self.model.path)
         if not p.is_absolute() and self.source_path is not None:
             p = self.source_path.parent / p
+        if not (p / "model_index.json").is_file() and (p / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{self._where()}: [model] path {p} is a transformer folder, not a whole pipeline (no model_index.json); "
+                "pass --weights PIPELINE_FOLDER whose transformer/ holds exactly these weights."
+            )
         if not (p / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{self._where()}: the shipped pipeline folder {p} has no model_index.json. "
                 "Restore it from git or rebuild it with scripts/train_shapes.py (see the README)."
             )
         return p
+
+    def local_model_path(self) -> Path:
+        """The transformer weights of a ``source = "local"`` recipe: a pipeline folder (``model_index.json``)
+        or a transformer folder (``config.json``, e.g. ``train --dora``'s merged ``transformer/``).
+
+        Raises:
+            ModelNotFoundError: The folder is missing or holds neither file.
+        """
+        if self.model.source != "local" or not self.model.path:
+            raise RecipeError(f"{self._where()}: model.source is {self.model.source!r}, not 'local'; it has no local weights folder.")
+        p = Path(self.model.path)
+        if not p.is_absolute() and self.source_path is not None:
+            p = self.source_path.parent / p
+        if (p / "config.json").is_file():
+            return p
+        if self.model.sha256:
+            raise ModelNotFoundError(
+                f"{self._where()}: the transformer folder {p} bound by [model] sha256 is missing (no config.json); "
+                "its router and schedule belong to those weights only. Restore the folder written with this recipe."
+            )
+        return self.local_pipeline_path()
 
     def _where(self) -> str:
         return str(self.source_path) if self.source_path else f"recipe {self.name!r}"

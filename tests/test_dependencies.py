@@ -11,7 +11,7 @@ from pathlib import Path
 import shiva_export
 
 PKG = Path(shiva_export.__file__).parent
-OPTIONAL = {"onnxruntime", "tensorrt", "tensorrt_rtx", "polygraphy", "matplotlib", "cuda", "pycuda"}
+OPTIONAL = {"onnxruntime", "tensorrt", "tensorrt_rtx", "polygraphy", "matplotlib", "peft", "cuda", "pycuda"}
 
 
 def _modules() -> list[str]:
@@ -59,7 +59,7 @@ def test_lazy_import_names_are_pinned():
                 if node.args and isinstance(node.args[0], ast.Constant):
                     used.add(node.args[0].value)
     assert used <= set(INSTALL_HINTS), used - set(INSTALL_HINTS)
-    assert set(INSTALL_HINTS) == {"onnxruntime", "tensorrt", "tensorrt_rtx", "polygraphy", "matplotlib"}
+    assert set(INSTALL_HINTS) == {"onnxruntime", "tensorrt", "tensorrt_rtx", "polygraphy", "matplotlib", "peft"}
 
 
 def test_missing_backend_is_a_typed_error():

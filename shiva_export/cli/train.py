@@ -28,12 +28,16 @@ EPILOG = """Examples:
 
   shiva-export train --model sd35-tiny --paper-only            # the paper's estimator and budget as published
 
+  shiva-export train --model sd35-tiny --dora --dora-rank 32 --lr-dora 1e-4 --out-dir runs/sd35-tiny-dora
+
   torchrun --nproc_per_node 2 -m shiva_export train --model sd35-tiny --batch 8 --out-dir runs/ddp
 
---data is a folder of .safetensors files (latents [C,H,W], prompt_embeds [T,J], pooled [P]); without it the
-inputs are seeded synthetic tensors (distillation only). Under torchrun, --batch is the global batch (gloo on
-CPU, NCCL on CUDA); rank 0 writes checkpoint, metrics.jsonl and outputs. Exit codes: 0 ok, 1 error, 2 bad
-option value.
+--data is a train-data output (sharded safetensors + manifest) or a folder of one-sample .safetensors files
+(latents [C,H,W], prompt_embeds [T,J], pooled [P]); without it the inputs are seeded synthetic tensors
+(distillation only). --dora also tunes DoRA adapters in stage 3 and saves the merged transformer to
+OUT_DIR/transformer/; the written recipe loads only those weights (path + sha256). Under torchrun, --batch is
+the global batch (gloo on CPU, NCCL on CUDA); rank 0 writes checkpoint, metrics.jsonl and outputs.
+Exit codes: 0 ok, 1 error, 2 bad option value, 4 peft missing (--dora).
 """
 
 
@@ -51,6 +55,9 @@ def train_command(
     sampler_shift: Annotated[float | None, typer.Option("--sampler-shift", help="Timestep shift of that sampler. Default: the recipe's [pipeline] scheduler_shift.")] = None,
     lr_router: Annotated[float, typer.Option("--lr-router", help="AdamW lr of the routers (paper 3e-4).")] = 3e-4,
     lr_policy: Annotated[float, typer.Option("--lr-policy", help="AdamW lr of the ratio policy (paper 1e-4).")] = 1e-4,
+    dora: Annotated[bool, typer.Option("--dora", help="Stage 3 also tunes DoRA adapters on the attention/FFN linears; saves the merged transformer and binds the recipe to it by sha256 (needs peft).")] = False,
+    dora_rank: Annotated[int, typer.Option("--dora-rank", help="DoRA rank (alpha = rank).")] = 32,
+    lr_dora: Annotated[float, typer.Option("--lr-dora", help="AdamW lr of the DoRA adapters.")] = 1e-4,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder (router.safetensors, lut.json, recipe.toml, checkpoint.pt).")] = Path("shiva-train"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, sampling and noise.")] = 0,
@@ -113,6 +120,10 @@ def train_command(
         batch=batch,
         lr_router=lr_router,
         lr_policy=lr_policy,
+        dora=dora,
+        dora_rank=dora_rank,
+        dora_alpha=float(dora_rank),
+        lr_dora=lr_dora,
         target_keep=target_keep,
         seed=seed,
         phases=phases,
@@ -157,6 +168,7 @@ def format_summary(s: dict) -> str:
         f"out dir      {s['out_dir']}",
         f"router       {s['router_path']}  sha256 {s['router_sha256'][:12]}",
         f"recipe       {s['recipe_path']}",
+        *([f"transformer  {s['dora']['path']}  sha256 {s['dora']['sha256'][:12]} (DoRA merged; merge error rel {s['dora']['rel_error']:.2g})"] if s.get("dora") else []),
         f"steps        {s['step']} in {s['seconds']:.1f} s",
         f"mean keep    {s['mean_keep']:.4f} (target {s['target_keep']:g}; before calibration {s['raw_mean_keep']:.4f}; "
         f"quantised k/N {s['quantized_mean_keep']:.4f}; calibration shift {s.get('calibration_shift') or 0.0:+.3f} logit)",

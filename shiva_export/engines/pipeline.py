@@ -41,7 +41,7 @@ def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> di
     from shiva_export.utils.io import sha256_file_cached
 
     if weights is None and recipe.model.source == "local":
-        weights = recipe.local_pipeline_path()
+        weights = recipe.local_model_path()
     if weights is None:
         if recipe.model.source == "embedded":
             return {"embedded": recipe.model.config, "seed": recipe.model.seed}

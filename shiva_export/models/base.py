@@ -42,6 +42,7 @@ __all__ = [
     "supported_architectures",
     "load_transformer",
     "torch_dtype",
+    "weights_sha256",
     "VAE_SCALE",
 ]
 
@@ -144,6 +145,13 @@ class ModelAdapter:
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """TOML gives lists where the model wants tuples; adapters convert such keys here."""
         return config
+
+    def dora_target_modules(self) -> str:
+        """Regex (peft ``target_modules``, matched with ``re.fullmatch`` against full module names) of the
+        linears that stage-3 DoRA adapts: the blocks' attention and FFN linears only (the paper's choice),
+        never the AdaLN modulation, the embedders or the output projection. Abstract: an architecture
+        without it cannot train with ``--dora``."""
+        raise ConfigError(f"{self.MODEL_CLASS} declares no DoRA target modules. Train without --dora, or add dora_target_modules to its adapter.")
 
     # -- blocks and routing (abstract unless noted) --------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
@@ -355,12 +363,43 @@ def _read_class_name(folder: Path) -> str | None:
         return None
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """Digest of a transformer folder's weights: the ``*.safetensors`` files in it (not its subfolders).
+    One file: its sha256 (what ``sha256sum`` prints). Several (a sharded save): the sha256 of their
+    ``sha256sum`` listing (``"<sha256>  <name>\\n"`` per file, sorted by name). No file: WeightsError."""
+    from shiva_export.utils.io import sha256_bytes, sha256_file_cached
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder} holds no *.safetensors weights. Pass the folder written by <Transformer>.save_pretrained.")
+    digests = [(sha256_file_cached(f), f.name) for f in files]
+    if len(digests) == 1:
+        return digests[0][0]
+    return sha256_bytes("".join(f"{d}  {n}\n" for d, n in digests).encode())
+
+
+def _check_weights_sha256(folder: Path, recipe) -> None:
+    """A recipe whose ``[model] sha256`` is set loads only those exact weights (its router and schedule were
+    trained on them, e.g. a DoRA-merged transformer)."""
+    want = getattr(recipe.model, "sha256", None) if recipe is not None else None
+    if not want:
+        return
+    got = weights_sha256(folder)
+    if got != want:
+        raise WeightsError(
+            f"{folder}: transformer weights sha256 {got[:16]}... do not match recipe {recipe.name!r} [model] sha256 {want[:16]}...; "
+            "its router and schedule were trained on other weights, so nothing is loaded. Pass the weights the recipe was written for."
+        )
+
+
 def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, dtype: str = "fp32") -> nn.Module:
     """Loads the transformer named by ``recipe`` or from a local diffusers folder, through its adapter.
 
     Args:
-        recipe (Recipe): Model recipe (hub repo id + subfolder, or an embedded config); its
-            ``architecture`` picks the adapter.
+        recipe (Recipe): Model recipe (hub repo id + subfolder, an embedded config, or a local folder); its
+            ``architecture`` picks the adapter. When its ``[model] sha256`` is set (a recipe written by
+            ``shiva-export train --dora``), the local weights, the recipe's own or ``weights``, must have
+            that :func:`weights_sha256`, else :class:`~shiva_export.errors.WeightsError`.
         weights (PathLike): Local diffusers folder: a transformer folder (``config.json`` + safetensors)
             or a pipeline folder with a ``transformer/`` subfolder. Its ``_class_name`` picks the adapter,
             and it loads through ``<ModelClass>.from_pretrained``, the same code as for hub ids.
@@ -368,7 +407,7 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
     """
     td = torch_dtype(dtype)
     if weights is None and recipe is not None and recipe.model.source == "local":
-        weights = recipe.local_pipeline_path()  # a pipeline folder shipped beside the recipe
+        weights = recipe.local_model_path()  # a pipeline or transformer folder beside the recipe
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.exists():
@@ -390,6 +429,7 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
         adapter = get_adapter(cls_name)
         if recipe is not None and recipe.architecture != adapter.NAME:
             raise WeightsError(f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe.")
+        _check_weights_sha256(folder / sub if sub else folder, recipe)
         try:
             model = adapter.from_pretrained(str(folder), sub, td, True)
         except WeightsError:

@@ -29,6 +29,10 @@ from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transf
 __all__ = ["DiTAdapter"]
 
 
+#: DoRA targets (peft regex, full-name match): self-attention and FFN linears of each block.
+DIT_DORA_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
 @register_adapter
 class DiTAdapter(ModelAdapter):
     """DiT (class-conditional, adaLN-Zero): image tokens only, conditioning from timestep + class label."""
@@ -49,6 +53,10 @@ class DiTAdapter(ModelAdapter):
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)
+
+    def dora_target_modules(self) -> str:
+        # self-attention and the FFN; not the per-block adaLN-Zero (norm1.emb.*, norm1.linear) nor proj_out_*.
+        return DIT_DORA_TARGETS
 
     def install_routing(self, transformer: nn.Module) -> None:
         if any(getattr(b, "pos_embed", None) is not None for b in transformer.transformer_blocks):

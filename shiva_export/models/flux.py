@@ -44,6 +44,11 @@ __all__ = ["FluxAdapter", "FLUX_PATCH_PX"]
 
 #: Pixels per packed Flux token: VAE 8 x the pipeline's 2 x 2 latent packing.
 FLUX_PATCH_PX = VAE_SCALE * 2
+#: DoRA targets (peft regex, full-name match): attention and FFN/MLP linears of double- and single-stream blocks.
+FLUX_DORA_TARGETS = (
+    r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2))"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
+)
 
 
 @register_adapter
@@ -62,6 +67,11 @@ class FluxAdapter(ModelAdapter):
         if "axes_dims_rope" in config:
             config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
         return config
+
+    def dora_target_modules(self) -> str:
+        # double-stream blocks as SD3 (joint attention + ff + ff_context); single-stream blocks: q/k/v, the MLP
+        # input proj_mlp and proj_out (the fused attention-output + MLP-output linear). Not norm*.linear (AdaLN).
+        return FLUX_DORA_TARGETS
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         """The flat block list: double-stream blocks, then single-stream blocks."""

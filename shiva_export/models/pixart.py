@@ -46,6 +46,10 @@ def _additional_conditions(cfg) -> bool:
     return bool(cfg.sample_size == 128) if v is None else bool(v)
 
 
+#: DoRA targets (peft regex, full-name match): self- and cross-attention and FFN linears of each block.
+PIXART_DORA_TARGETS = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
 @register_adapter
 class PixArtAdapter(ModelAdapter):
     """PixArt-Sigma: self-attention over image tokens, cross-attention to T5 tokens, adaLN-single."""
@@ -66,6 +70,11 @@ class PixArtAdapter(ModelAdapter):
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)
+
+    def dora_target_modules(self) -> str:
+        # self-attention attn1, cross-attention attn2 (to T5) and the FFN; adaln_single and the caption
+        # projection are conditioning, proj_out the output head: all excluded.
+        return PIXART_DORA_TARGETS
 
     def install_routing(self, transformer: nn.Module) -> None:
         if _additional_conditions(transformer.config):

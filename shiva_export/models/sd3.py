@@ -50,6 +50,8 @@ logger = get_logger(__name__)
 #: ONNX tensor names reuse diffusers' forward-argument names, so engines drop into existing pipelines.
 INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 OUTPUT_NAME = "sample"
+#: DoRA targets (peft regex, full-name match): attention, dual attention and FFN linears of each block.
+SD3_DORA_TARGETS = r"transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2))"
 
 
 @register_adapter
@@ -69,6 +71,12 @@ class SD3Adapter(ModelAdapter):
     BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")
     INPUT_NAMES = INPUT_NAMES
     DYNAMIC_AXES = {name: {0: "batch_size"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch_size"}}
+
+    def dora_target_modules(self) -> str:
+        # joint attention (4 image + 4 context linears), SD3.5's dual attention attn2 (Medium: blocks 0-12) and
+        # both FFNs; the last block (context_pre_only) has no to_add_out / ff_context, which the regex allows.
+        # A regex, not peft's list form: that matches by suffix, so "attn.to_q" would miss attn2.to_q.
+        return SD3_DORA_TARGETS
 
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         if "dual_attention_layers" in config:

@@ -124,6 +124,10 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
                 f"--weights {p} has no model_index.json, so it is not a diffusers pipeline folder; `generate` needs the whole pipeline "
                 "(text encoders, VAE, scheduler, transformer), e.g. the folder written by StableDiffusion3Pipeline.save_pretrained."
             )
+        if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
+            from shiva_export.models.base import _check_weights_sha256
+
+            _check_weights_sha256(p / "transformer", rec)
         return str(p), True
     if rec.model.source == "local":
         return str(rec.local_pipeline_path()), True

@@ -9,6 +9,8 @@
   own encoders into sharded safetensors) and its lazy, memory-mapped reader ``ShardedLatents``.
 * :mod:`shiva_export.train.policy`: the adaptive (timestep, layer) keep-ratio policy, the EMA budget
   loss, stratified timestep / ratio sampling, and LUT quantisation into static per-phase schedules.
+* :mod:`shiva_export.train.dora`: stage-3 DoRA adapters (peft, imported on first use), the teacher
+  with adapters disabled, their checkpoint state, and the fp32 merge + save the written recipe binds to.
 """
 
 from shiva_export.train.data import LatentFolder, SyntheticData

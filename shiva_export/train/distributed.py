@@ -83,16 +83,14 @@ class DistContext:
         return range(self.rank * share, (self.rank + 1) * share)
 
     def all_reduce_grads_(self, params) -> None:
-        """Sums gradients over ranks (missing gradients count as zeros, so every rank joins every reduce)."""
+        """Sums gradients over ranks. Which parameters have a gradient is decided by the stage, the same on
+        every rank, so parameters without one (the policy in the warm-up, DoRA before stage 3) are skipped
+        everywhere and the optimizer leaves them alone (a zero gradient would still move them under AdamW)."""
         if self.world <= 1:
             return
         import torch.distributed as dist
 
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])

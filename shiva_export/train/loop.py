@@ -5,7 +5,8 @@ route override calls every routed block on all tokens (the same call the unroute
 ``no_grad``. The **student** is the same backbone with the route override routing each block through
 :class:`~shiva_export.train.ste.DifferentiableTopK` + :func:`~shiva_export.train.ste.route_with_ste`, so
 the forward is the exported hard top-k and gradients reach the routers and the keep ratios. The
-backbone is frozen (LoRA/DoRA adapters are not implemented here).
+backbone is frozen; with ``dora=True`` stage 3 also trains DoRA adapters on its attention/FFN linears
+(:mod:`shiva_export.train.dora`; the teacher runs with them disabled).
 
 Losses: normalised feature distillation ``mean_l ||LN(h_s^l) - LN(h_t^l)||^2`` over the hidden states
 after every ``tap_every``-th block and the output (paper: every 4 blocks plus the output), plus the
@@ -24,7 +25,8 @@ as separate calls (``k`` is static per call); samples sharing a ratio run togeth
 Outputs in ``out_dir``: ``router.safetensors`` (:func:`~shiva_export.prune.router.save_routers`),
 ``lut.json`` (the policy on the sampler's timesteps), ``recipe.toml`` (the base recipe plus
 ``[router] weights/sha256`` and ``[schedule]`` with the LUT quantised into 1-4 static phases), and
-``checkpoint.pt`` (atomic, resumable).
+``checkpoint.pt`` (atomic, resumable). With DoRA also ``transformer/`` (the merged backbone), and the
+recipe's ``[model]`` becomes ``source = "local"``, ``path = "transformer"`` with its ``sha256``.
 
 Budget calibration (a choice, on by default): the EMA budget meets the target on average over the
 *training* timestep distribution (uniform in ``[0, 1000)``), but a shifted flow-matching sampler spends
@@ -148,6 +150,12 @@ class TrainConfig:
         stop_at_step (int | None): End this run after that global step with a checkpoint but no outputs
             (time-sliced training; resume later). Defaults to None.
         num_threads (int | None): ``torch.set_num_threads`` for the run. Defaults to None (unchanged).
+        dora (bool): DoRA adapters on the attention/FFN linears (:mod:`shiva_export.train.dora`), trained in
+            stage 3 only; the teacher runs with them disabled; the merged transformer is saved to
+            ``out_dir/transformer`` and the written recipe is bound to it by path and sha256. Defaults to False.
+        dora_rank (int): DoRA rank. Defaults to 32.
+        dora_alpha (float): DoRA ``lora_alpha``. Defaults to 32.
+        lr_dora (float): AdamW lr of the DoRA adapters (own param group). Defaults to 1e-4.
     """
 
     warmup_steps: int = 120
@@ -194,6 +202,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     stop_at_step: int | None = None
     num_threads: int | None = None
+    # -- DoRA (stage 3) --
+    dora: bool = False
+    dora_rank: int = 32
+    dora_alpha: float = 32.0
+    lr_dora: float = 1e-4
 
     def __post_init__(self):
         for name in ("warmup_steps", "policy_steps", "joint_steps"):
@@ -250,6 +263,10 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} is not a torch device; pass cpu, cuda or cuda:N.") from None
         if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
             raise ConfigError(f"stop_at_step is {self.stop_at_step!r}; expected an int >= 1 or None.")
+        if self.dora:  # -- DoRA --
+            from shiva_export.train.dora import check_dora_settings
+
+            check_dora_settings(self.dora_rank, self.dora_alpha, self.lr_dora, self.joint_steps)
 
     @property
     def total_steps(self) -> int:
@@ -314,6 +331,7 @@ class TrainResult:
     calibration_shift: float | None = None
     phases: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    dora: dict | None = None  # -- DoRA: merge_and_save's result (path, sha256, merge error) --
 
     def to_dict(self, history: bool = False) -> dict[str, Any]:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -705,6 +723,13 @@ def train(
         routed = rec.routed_blocks(n_layers)
         for p in transformer.parameters():
             p.requires_grad_(False)
+        # -- DoRA (stage 3): frozen, switched-off adapters from the start; teacher_mode is a no-op without them
+        from shiva_export.train import dora as _dora
+
+        if cfg.dora:
+            _dora.add_dora(transformer, r=cfg.dora_rank, alpha=cfg.dora_alpha, seed=cfg.seed)
+            _dora.set_dora_enabled(transformer, False)
+        # -- end DoRA
         shiva_cfg = ShivaConfig.uniform(n_layers, 1.0 - cfg.target_keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
         bank = apply_shiva_(transformer, shiva_cfg, seed=rec.router.seed)
         bank.train()
@@ -746,10 +771,14 @@ def train(
             ],
             weight_decay=cfg.weight_decay,
         )
+        if cfg.dora:  # -- DoRA: own param group (frozen, so skipped by AdamW, until stage 3)
+            opt.add_param_group({"params": _dora.dora_parameters(transformer), "lr": cfg.lr_dora, "base_lr": cfg.lr_dora, "name": "dora"})
+            trainable += list(_dora.dora_parameters(transformer))
         step, history = 0, []
         if cfg.resume:
             ck = _load_checkpoint(ckpt_path)
             _check_compatible(ck, rec, cfg, ckpt_path)
+            _dora.load_checkpoint_state(transformer, ck, cfg.dora, ckpt_path)  # -- DoRA: adapters (refuses a --dora mismatch)
             bank.load_state_dict(ck["routers"])
             policy.load_state_dict(ck["policy"])
             budget.load_state_dict(ck["budget"])
@@ -776,6 +805,7 @@ def train(
                         "data": data.state_dict(),
                         "generator": gen.get_state(),
                         "history": history,
+                        **({"dora": _dora.adapter_state_dict(transformer)} if cfg.dora else {}),  # -- DoRA
                     },
                 )
                 say({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
@@ -789,6 +819,9 @@ def train(
         pairs = 2 if cfg.cfg_pairs else 1
         while step < stop:
             stage, s_in, s_len = cfg.stage_of(step)
+            if cfg.dora:  # -- DoRA: adapters on and learning in the joint stage only (identity before it)
+                _dora.set_dora_enabled(transformer, stage == 2)
+                _dora.set_dora_trainable(transformer, stage == 2)
             warm = max(1, int(round(cfg.lr_warmup_frac * s_len)))
             f = min(1.0, (s_in + 1) / warm)
             for g in opt.param_groups:
@@ -826,7 +859,7 @@ def train(
                 inputs = {k: (v.to(device, bdtype) if v.is_floating_point() and k != "timestep" else v.to(device)) for k, v in mb.model_inputs().items()}
                 keep = keep_rows([my_rows[i] for i in range(lo, hi)])
                 state.samples = torch.tensor([my_rows[i] for i in range(lo, hi)] * pairs)
-                with torch.no_grad():
+                with torch.no_grad(), _dora.teacher_mode(transformer):  # DoRA: the teacher is the frozen base
                     state.mode, state.record_importance, state.importance = "dense", cfg.importance_weight > 0, {}
                     state.record_updates, state.updates = cfg.estimator == "output-gated", {}
                     t_out, t_taps = _forward(transformer, state, inputs)
@@ -894,6 +927,13 @@ def train(
             hk.remove()
 
         result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history)
+        if result.finished and cfg.dora and dist.is_main:  # -- DoRA: merge in fp32, save out_dir/transformer, bind the recipe to it
+            from shiva_export.models import InputSpec
+            from shiva_export.prune.api import remove_shiva_
+
+            remove_shiva_(transformer)
+            result.dora = _dora.merge_and_save(transformer, out_dir, check_inputs=InputSpec(1, h, w, text_len, False)).to_dict()
+            say({"event": "dora-merged", **result.dora})
         if result.finished:
             if dist.is_main:
                 _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers, transformer, measure)
@@ -1025,6 +1065,9 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     content["description"] = (content.get("description") or rec.name) + f" + learned Shiva router/schedule (target keep {cfg.target_keep:g})"
     content["router"] = dict(content["router"], weights=router_path.name, sha256=sha)
     content["schedule"] = {"target_keep": cfg.target_keep, "timesteps": timesteps, "lut": lut_rows, "phases": phase_rows}
+    if result.dora is not None:  # -- DoRA: router and schedule bound to the merged weights (path + sha256), never the base
+        content["model"] = {"source": "local", "path": Path(result.dora["path"]).name, "sha256": result.dora["sha256"]}
+        content["description"] += f" + DoRA r={cfg.dora_rank} merged into {Path(result.dora['path']).name}/"
     header = (
         f"# Written by `shiva-export train` from {rec.source_path or rec.name}: {result.step} steps "
         f"(stages {cfg.warmup_steps}/{cfg.policy_steps}/{cfg.joint_steps}), seed {cfg.seed}, "

@@ -1,0 +1,253 @@
+"""Stage-3 DoRA (`shiva-export train --dora`): targets, identity at init, teacher, merge, recipe binding, resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft")
+
+from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError  # noqa: E402
+from shiva_export.models import InputSpec, load_transformer, make_inputs  # noqa: E402
+from shiva_export.recipe import load_recipe  # noqa: E402
+from shiva_export.train import dora  # noqa: E402
+from shiva_export.train.loop import TrainConfig, train  # noqa: E402
+
+MODEL = "sd35-tiny"
+ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+CTX = ("add_q_proj", "add_k_proj", "add_v_proj")
+FF = ("net.0.proj", "net.2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: no gain from more, and CI cores are shared
+    yield
+    torch.set_num_threads(old)
+
+
+def _base(model: str = MODEL) -> nn.Module:
+    return load_transformer(recipe=load_recipe(model))
+
+
+def _spec(model: str = MODEL) -> InputSpec:
+    rec = load_recipe(model)
+    return InputSpec(1, rec.shapes.height, rec.shapes.width, rec.shapes.text_len, False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _expected_targets(model: str, t: nn.Module) -> set[str]:
+    """The attention and FFN linears, spelled out per architecture (independently of the adapters' regexes)."""
+    out: set[str] = set()
+    for i, b in enumerate(t.transformer_blocks):
+        p = f"transformer_blocks.{i}"
+        if model in ("sd35-tiny", "flux-tiny"):
+            out |= {f"{p}.attn.{n}" for n in ATTN + CTX} | {f"{p}.ff.{n}" for n in FF}
+            if b.attn.to_add_out is not None:
+                out.add(f"{p}.attn.to_add_out")
+            if getattr(b, "attn2", None) is not None:
+                out |= {f"{p}.attn2.{n}" for n in ATTN}
+            if b.ff_context is not None:
+                out |= {f"{p}.ff_context.{n}" for n in FF}
+        else:  # pixart: self + cross attention; dit: self attention
+            out |= {f"{p}.attn1.{n}" for n in ATTN} | {f"{p}.ff.{n}" for n in FF}
+            if model == "pixart-tiny":
+                out |= {f"{p}.attn2.{n}" for n in ATTN}
+    for i, _ in enumerate(getattr(t, "single_transformer_blocks", [])):
+        p = f"single_transformer_blocks.{i}"
+        out |= {f"{p}.attn.to_q", f"{p}.attn.to_k", f"{p}.attn.to_v", f"{p}.proj_mlp", f"{p}.proj_out"}
+    return out
+
+
+@pytest.mark.parametrize(("model", "count"), [("sd35-tiny", 81), ("flux-tiny", 34), ("pixart-tiny", 40), ("dit-tiny", 24)])
+def test_target_pattern_hits_exactly_attention_and_ffn_linears(model, count):
+    t = _base(model)
+    names = dora.dora_targets(t)
+    assert set(names) == _expected_targets(model, t) and len(names) == count
+    assert not [n for n in names if "norm" in n or "embed" in n or n.startswith("proj_out")]  # no AdaLN, embedders, head
+    if model == "sd35-tiny":  # the regex reaches the dual attention (peft's list form would miss attn2 by suffix)
+        assert "transformer_blocks.0.attn2.to_q" in names and "transformer_blocks.0.norm1.linear" not in names
+        assert "transformer_blocks.5.attn.to_add_out" not in names  # context_pre_only last block
+
+
+def test_peft_adapts_exactly_the_targets_fp32_frozen():
+    t = _base("flux-tiny")
+    names = dora.add_dora(t, r=4, alpha=4)
+    wrapped = sorted(n for n, m in t.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+    assert wrapped == sorted(names) == sorted(_expected_targets("flux-tiny", t))
+    params = dora.dora_parameters(t)
+    assert params and all(p.dtype == torch.float32 and not p.requires_grad for p in params)
+    assert all(not p.requires_grad for n, p in t.named_parameters() if ".base_layer." in n)
+
+
+def test_identity_at_init_and_teacher_is_the_base():
+    t = _base()
+    x = make_inputs(t, _spec(), seed=0)
+    with torch.no_grad():
+        y_base = t(**x).sample
+    dora.add_dora(t, trainable=True)
+    with torch.no_grad():
+        y_init = t(**x).sample
+    torch.testing.assert_close(y_init, y_base, atol=1e-6, rtol=0)  # B = 0, magnitude = ||W||: measured 0.0
+    with torch.no_grad():  # a trained adapter: the teacher must still be the base, exactly
+        for n, p in t.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        y_adapted = t(**x).sample
+        with dora.teacher_mode(t):
+            y_teacher = t(**x).sample
+        y_after = t(**x).sample
+    assert _rel(y_adapted, y_base) > 1e-3
+    assert torch.equal(y_teacher, y_base)
+    assert torch.equal(y_after, y_adapted) and all(p.requires_grad for p in dora.dora_parameters(t))
+
+
+def test_merge_matches_unmerged_and_leaves_a_plain_transformer(tmp_path):
+    t = _base()
+    keys = set(t.state_dict())
+    dora.add_dora(t)
+    with torch.no_grad():
+        for n, p in t.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+            elif "magnitude" in n:
+                p.mul_(1.1)
+    x = make_inputs(t, _spec(), seed=3)
+    with torch.no_grad():
+        y_adapted = t(**x).sample
+    res = dora.merge_and_save(t, tmp_path, check_inputs=_spec())
+    assert res.rel_error is not None and res.rel_error < 1e-5 and res.modules == 81  # measured ~2e-7
+    assert not dora.has_dora(t) and set(t.state_dict()) == keys
+    assert res.path == tmp_path / "transformer" and res.files == ["diffusion_pytorch_model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".shiva-tmp-")]
+    with torch.no_grad():
+        y_loaded = load_transformer(weights=res.path)(**x).sample
+    assert _rel(y_loaded, y_adapted) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- a short --dora run
+_STEPS = dict(warmup_steps=2, policy_steps=1, joint_steps=3, batch=2, lr_router=3e-3, lr_policy=1e-3, phases=2, checkpoint_every=1000, dora=True, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory):
+    """One finished `train(dora=True)` run, with the adapted model captured just before the merge."""
+    out = tmp_path_factory.mktemp("dora")
+    seen: dict = {}
+    merge = dora.merge_and_save
+
+    def spy(transformer, out_dir, check_inputs=None, **kw):
+        from shiva_export.prune.api import is_shiva_applied
+
+        seen["routed"] = is_shiva_applied(transformer)
+        seen["base"] = {k.replace(".base_layer", ""): v.clone() for k, v in transformer.state_dict().items() if "lora_" not in k}
+        seen["x"] = make_inputs(transformer, _spec(), seed=11)
+        with torch.no_grad():
+            seen["y"] = transformer(**seen["x"]).sample
+        return merge(transformer, out_dir, check_inputs, **kw)
+
+    events: list[dict] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dora, "merge_and_save", spy)
+        res = train(MODEL, TrainConfig(out_dir=out, **_STEPS), progress=events.append)
+    return res, seen, events
+
+
+def test_dora_run_trains_only_adapters_and_binds_the_recipe(dora_run):
+    from shiva_export.models.base import weights_sha256
+
+    res, seen, events = dora_run
+    assert res.finished and not seen["routed"]
+    base = _base().state_dict()
+    assert set(seen["base"]) == set(base) and all(torch.equal(seen["base"][k], v) for k, v in base.items())  # base untouched
+    ck = torch.load(res.out_dir / "checkpoint.pt", weights_only=True)
+    assert any(float(v.abs().max()) > 0 for k, v in ck["dora"].items() if "lora_B" in k)  # stage 3 moved the adapters
+    assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["router", "policy", "dora"]
+    assert res.dora["rel_error"] < 1e-5
+    rec = load_recipe(res.recipe_path)
+    assert (rec.model.source, rec.model.path) == ("local", "transformer")
+    assert rec.model.sha256 == res.dora["sha256"] == weights_sha256(res.out_dir / "transformer")
+    assert rec.router.sha256 == res.router_sha256
+    with torch.no_grad():
+        y = load_transformer(recipe=rec)(**seen["x"]).sample
+    assert _rel(y, seen["y"]) < 1e-5  # the recipe loads the merged model == the unmerged adapted one
+    assert any(e["event"] == "dora-merged" for e in events)
+
+
+def test_recipe_refuses_tampered_missing_or_base_weights(dora_run, tmp_path):
+    res, _, _ = dora_run
+    out = tmp_path / "run"
+    shutil.copytree(res.out_dir, out)
+    rec = load_recipe(out / "recipe.toml")
+    base = tmp_path / "base"
+    _base().save_pretrained(base)
+    with pytest.raises(WeightsError, match="do not match recipe") as err:
+        load_transformer(recipe=rec, weights=base)  # --weights cannot swap the unadapted base in
+    assert "\n" not in str(err.value)
+    from shiva_export.runtime.pipeline import _pipeline_location
+
+    with pytest.raises(WeightsError, match="do not match recipe"):  # nor can `generate --weights` with another pipeline
+        _pipeline_location(rec, load_recipe("sd35-shapes").local_pipeline_path())
+    with pytest.raises(ModelNotFoundError, match="transformer folder, not a whole pipeline"):
+        _pipeline_location(rec, None)
+    f = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256") as err:
+        load_transformer(recipe=rec)
+    assert "\n" not in str(err.value)
+    shutil.rmtree(out / "transformer")
+    with pytest.raises(ModelNotFoundError, match="bound by \\[model\\] sha256") as err:
+        load_transformer(recipe=rec)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_restores_adapter_state(dora_run, tmp_path):
+    full, _, _ = dora_run
+    out = tmp_path / "cut"
+    first = train(MODEL, TrainConfig(out_dir=out, stop_at_step=3, **_STEPS))  # end of stage 2
+    assert not first.finished and not (out / "transformer").exists()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(float(v.abs().max()) == 0 for k, v in ck["dora"].items() if "lora_B" in k)  # untouched before stage 3
+    train(MODEL, TrainConfig(out_dir=out, stop_at_step=4, resume=True, **_STEPS))  # one joint step, then cut
+    with pytest.raises(ConfigError, match="with --dora"):
+        train(MODEL, TrainConfig(out_dir=out, resume=True, **dict(_STEPS, dora=False)))
+    second = train(MODEL, TrainConfig(out_dir=out, resume=True, **_STEPS))
+    assert second.finished and second.step == 6
+    a = torch.load(full.out_dir / "checkpoint.pt", weights_only=True)["dora"]
+    b = torch.load(out / "checkpoint.pt", weights_only=True)["dora"]
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_settings_errors():
+    with pytest.raises(ConfigError, match="stage 3"):
+        TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=0, dora=True)
+    with pytest.raises(ConfigError, match="dora_rank"):
+        TrainConfig(dora=True, dora_rank=0)
+    with pytest.raises(ConfigError, match="non-linear"):
+        dora.add_dora(_base(), target_modules=r"pos_embed\.proj")  # a Conv2d
+    from pydantic import ValidationError
+
+    from shiva_export.recipe import ModelSection
+
+    with pytest.raises(ValidationError, match="sha256 is only for"):
+        ModelSection(source="embedded", config={"num_layers": 1}, sha256="0" * 64)
+
+
+def test_cli_help_mentions_dora():
+    from typer.testing import CliRunner
+
+    from shiva_export.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    assert r.exit_code == 0 and "--dora" in r.output and "--dora-rank" in r.output and "--lr-dora" in r.output
