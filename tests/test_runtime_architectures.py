@@ -58,6 +58,31 @@ def ort_pipe(model, root):
     return load_pipeline(model, backend="ort", ratio=0.4, threads=1, artifact_root=root / "engines")
 
 
+def test_embedded_pipeline_is_deterministic_and_reloads(model):
+    """Seeded offline build (twice: equal weights), the components sized from the transformer, and the cached
+    folder reloads with the same pipeline class (DiT: with its id2label)."""
+    from shiva_export.runtime import embedded as E
+
+    rec = load_recipe(model)
+    a, b = E.build_embedded_pipeline(rec), E.build_embedded_pipeline(rec)
+    for name, comp in a.components.items():
+        if isinstance(comp, torch.nn.Module):
+            sa, sb = comp.state_dict(), b.components[name].state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    t = a.transformer.config
+    if model == "flux-tiny":
+        assert a.text_encoder.config.hidden_size == t.pooled_projection_dim and a.text_encoder_2.config.d_model == t.joint_attention_dim
+        assert 4 * a.vae.config.latent_channels == t.in_channels
+    elif model == "pixart-tiny":
+        assert a.text_encoder.config.d_model == t.caption_channels and a.vae.config.latent_channels == t.in_channels
+    else:
+        assert a.vae.config.latent_channels == t.in_channels and a.labels["cat"] == 0 and len(set(a.labels.values())) == t.num_embeds_ada_norm
+    pipe = E.load_embedded_pipeline(rec)
+    assert type(pipe).__name__ == adapter_for_architecture(rec.architecture).PIPELINE_CLASS
+    if model == "dit-tiny":
+        assert pipe.labels == a.labels  # id2label survives save_pretrained (written into model_index.json)
+
+
 def test_keep_one_torch_is_bit_identical_to_dense(model):
     from shiva_export.prune.api import remove_shiva_
     from shiva_export.runtime.pipeline import load_pipeline

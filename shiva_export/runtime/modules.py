@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.models import VAE_SCALE, InputSpec
+from shiva_export.models import InputSpec
 from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
 __all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]
@@ -198,7 +198,7 @@ class _ArtifactTransformerBase:
         self.trace: list[str] = []
         self._adapter = adapter
         self._params = list(inspect.signature(adapter.model_class().forward).parameters)[1:]
-        self._statics: dict[int, dict[str, torch.Tensor]] = {}
+        self._statics: dict[InputSpec, dict[str, torch.Tensor]] = {}
         self._static_names = set(adapter.static_inputs(self.config, phases[0].spec))
         # device/dtype for pipe.device, pipe.dtype and pipe.to(); carries no data.
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
@@ -242,7 +242,7 @@ class _ArtifactTransformerBase:
 
     def _check_statics(self, ap: ArtifactPhase, call: dict[str, Any]) -> None:
         """Arguments the export baked in as constants must arrive with exactly the baked values."""
-        key = id(ap)
+        key = ap.spec  # frozen dataclass: the baked values depend on the static shapes only
         if key not in self._statics:
             self._statics[key] = self._adapter.static_inputs(self.config, ap.spec)
         for name, want in self._statics[key].items():
