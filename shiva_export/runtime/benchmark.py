@@ -1,4 +1,4 @@
-"""End-to-end speed: dense vs Shiva pipelines, interleaved, per stage, next to the FLOP ideal.
+"""End-to-end speed: dense vs Shiva pipelines (any architecture with a pipeline), interleaved, per stage, next to the FLOP ideal.
 
 :func:`benchmark_e2e` is what ``shiva-export validate speed --e2e`` runs. Every variant (dense and each
 budget, per backend) is a full diffusers pipeline run with the same prompt and seed; variants run
@@ -8,8 +8,7 @@ VAE decode and post-processing.
 
 Speedups are against the dense pipeline of the same backend: ``e2e = total_dense / total_pruned`` and
 ``transformer = transformer_dense / transformer_pruned``. The ideal transformer speedup is the FLOP ratio
-over the steps actually run (:func:`~shiva_export.validate.flops.count_flops`, each step on the phase that
-ran it); the ideal end to end counts every non-transformer stage as unchanged (Amdahl):
+over the steps actually run (the adapter's ``count_flops``, each step on the phase that ran it); the ideal end to end counts every non-transformer stage as unchanged (Amdahl):
 ``total_dense / (non_transformer_dense + transformer_dense / ideal_transformer)``. Efficiency is
 measured / ideal.
 """

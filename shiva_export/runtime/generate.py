@@ -1,7 +1,10 @@
-"""Text to image with a Shiva pipeline: images, per-stage timings, and the comparison with dense.
+"""Text (or class) to image with a Shiva pipeline: images, per-stage timings, and the comparison with dense.
 
-:func:`run_pipeline` runs one prompt through a (Shiva or dense) diffusers pipeline and times its stages:
-text encoding (``pipe.encode_prompt``), the denoising loop (transformer calls timed one by one, the rest
+:func:`run_pipeline` runs one prompt through a (Shiva or dense) diffusers pipeline of any supported
+architecture and times its stages. The call's arguments come from the adapter
+(``ModelAdapter.pipeline_call``: text for SD3 / Flux / PixArt, a class label or id for DiT) and step progress
+from hooks on ``pipe.transformer``, so no pipeline-specific callback API is used. Stages: text encoding
+(``pipe.encode_prompt``, absent for DiT), the denoising loop (transformer calls timed one by one, the rest
 is loop overhead: scheduler, CFG arithmetic, copies), VAE decode and post-processing. On CUDA every
 boundary synchronizes. :func:`generate` is what ``shiva-export generate`` runs: it writes one PNG per
 image, ``generate.json`` (prompt, seed, steps, recipe, router, artifact sha256, per-stage timings) and,
