@@ -151,23 +151,26 @@ class ShapesSection(BaseModel):
 
 
 class PipelineSection(BaseModel):
-    """The full text-to-image pipeline around the transformer (``shiva-export generate``).
+    """The full diffusers pipeline around the transformer (``shiva-export generate``): the architecture's
+    ``PIPELINE_CLASS`` (SD3, Flux, PixArt-Sigma, DiT).
 
     Hub models load the diffusers pipeline ``repo_id`` (default: ``model.repo_id``). Embedded models build
-    a tiny pipeline offline (seeded CLIP x2 + T5 encoders with locally written tokenizers, a 16-channel
-    ``AutoencoderKL``, the flow-matching scheduler) and save it once with ``save_pretrained``.
+    a tiny pipeline offline from the adapter's components (SD3: seeded CLIP x2 + T5; Flux: CLIP + T5; PixArt:
+    T5; DiT: none; locally written tokenizers, an ``AutoencoderKL``, the family's scheduler) and save it once
+    with ``save_pretrained``. Fields a pipeline does not use are ignored (``clip_max_length`` by PixArt and DiT,
+    ``scheduler_shift`` by PixArt and DiT, ``t5`` by all but SD3).
     """
 
     model_config = _STRICT
     repo_id: str | None = Field(None, description="diffusers pipeline repo id; defaults to model.repo_id")
     clip_max_length: Annotated[int, Field(ge=2, le=512)] = Field(
-        77, description="CLIP tokenizer model_max_length; the T5 part of the text is shapes.text_len - clip_max_length"
+        77, description="CLIP tokenizer model_max_length; SD3: the T5 part of the text is shapes.text_len - clip_max_length (Flux: pooled CLIP only)"
     )
     t5: bool = Field(True, description="embedded pipelines: include a T5 encoder (text_encoder_3)")
     scheduler_shift: Annotated[float, Field(gt=0, le=100)] = Field(3.0, description="FlowMatchEulerDiscreteScheduler shift (SD3/SD3.5: 3.0)")
     seed: int = Field(0, description="embedded pipelines: seed of the text encoders' and VAE's random weights")
     steps: Annotated[int, Field(ge=1, le=1000)] = Field(28, description="default denoising steps of `generate`")
-    guidance: Annotated[float, Field(ge=0, le=100)] = Field(4.5, description="default classifier-free guidance scale of `generate`")
+    guidance: Annotated[float, Field(ge=0, le=100)] = Field(4.5, description="default guidance scale of `generate` (CFG; Flux: the guidance embedding)")
 
 
 class ExportSection(BaseModel):

@@ -11,8 +11,9 @@ from shiva_export.cli._exit_codes import ExitCode
 from shiva_export.cli._output import err_console, result_json, result_text, stages
 
 HELP = (
-    "Generate images with the real diffusers pipeline (text encoders, denoising loop, VAE) whose transformer is "
-    "Shiva-pruned and runs from PyTorch, ONNX Runtime or a TensorRT engine. Learned phase schedules switch graphs "
+    "Generate images with the real diffusers pipeline of the model (StableDiffusion3Pipeline, FluxPipeline, "
+    "PixArtSigmaPipeline or DiTPipeline: text encoders, denoising loop, VAE) whose transformer is "
+    "Shiva-pruned and runs from PyTorch, ONNX Runtime or a TensorRT engine. For DiT, --prompt is a class label or id. Learned phase schedules switch graphs "
     "per step. Writes one PNG per prompt and generate.json (prompt, seed, artifacts and their sha256, per-stage "
     "timings); --compare-dense adds the dense image of the same seed, a dense | pruned grid and PSNR. "
     "--ratio is the FRACTION OF IMAGE TOKENS PRUNED per routed block (0.4 keeps 60%)."
@@ -25,16 +26,20 @@ EPILOG = """Examples:
 
   shiva-export generate --model sd35 --weights ./sd3.5-medium --backend torch --ratio 0.4 --steps 28 --prompt "a cat" --out out/
 
+  shiva-export generate --model flux-tiny --prompt "a red cube" --backend ort --ratio 0.4 --compare-dense --out out/
+
+  shiva-export generate --model dit-tiny --prompt cat --prompt 207 --backend ort --ratio 0.4 --out out/
+
 Static graphs (ort, trt) fix batch, size, text length and CFG: a call that does not fit exits 2 with the export
 command that does. Exit codes: 0 ok, 1 error, 2 bad option value, 4 missing dependency/hardware.
 """
 
 
 def generate_command(
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable): one image each, seeds --seed, --seed+1, ...")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable): one image each, seeds --seed, --seed+1, ... DiT: a class label or class id.")] = None,
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Text file with one prompt per line (blank lines and # comments skipped).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs, generate.json and grid.png.")] = Path("out"),
-    model: Annotated[str, typer.Option("--model", "-m", help="Model: offline sd35-tiny / sd3-tiny / sd3-mid, or sd35, sd3, sd35-large (need --weights offline).")] = "sd35-tiny",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model: offline sd35-tiny / sd3-tiny / sd3-mid / flux-tiny / pixart-tiny / dit-tiny, or sd35, sd3, sd35-large, flux-dev, flux-schnell, pixart-sigma, dit-xl-2-256 (need --weights offline).")] = "sd35-tiny",
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE, transformer).")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (router, schedule, shapes) overriding the model's.")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1): 0.4 keeps 60%. Default: the recipe's first ratio.")] = None,
@@ -42,9 +47,9 @@ def generate_command(
     backend: Annotated[str, typer.Option("--backend", "-b", help="torch | ort | trt.")] = "torch",
     artifact: Annotated[list[Path] | None, typer.Option("--artifact", help="Run this ONNX (ort) or engine folder (trt) instead of exporting; repeat once per phase.")] = None,
     router: Annotated[Path | None, typer.Option("--router", help="Router safetensors. Default: the recipe's.")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for classifier-free guidance.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for classifier-free guidance (SD3, PixArt; Flux and DiT refuse it).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps. Default: the recipe's (28 for SD3.5).")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale; <= 1 turns CFG off (needs a --no-cfg export). Default: the recipe's.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale; <= 1 turns CFG off (needs a --no-cfg export). Flux: the guidance embedding (no CFG batch). Default: the recipe's.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first image.")] = 0,
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels. Default: the recipe's export shape.")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the recipe's export shape.")] = None,

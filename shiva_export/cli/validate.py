@@ -99,7 +99,7 @@ def speed_command(
     steps: Annotated[int | None, typer.Option("--steps", help="--e2e: denoising steps (default: the recipe's).")] = None,
     phases: Annotated[bool, typer.Option("--phases", help="--e2e: also time the recipe's learned phase schedule.")] = False,
     guidance: Annotated[float | None, typer.Option("--guidance", help="--e2e: CFG scale (default: the recipe's).")] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="--e2e: the prompt of every run.")] = "a red cube on a blue floor",
+    prompt: Annotated[str | None, typer.Option("--prompt", help="--e2e: the prompt of every run (DiT: a class label or id). Default: the model's example prompt.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="--e2e: fp32 | fp16 | bf16 (torch backbone dtype, or the graph dtype for ort).")] = "fp32",
     compile_: Annotated[bool, typer.Option("--compile", help="--e2e, torch backend: torch.compile (CUDA graphs on cuda).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

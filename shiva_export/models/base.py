@@ -112,6 +112,11 @@ class ModelAdapter:
         TIMESTEP_SCALE (float): Factor from the call's ``timestep`` to the 0..1000 scale that phase
             schedules use (Flux takes t in [0, 1]).
         BATCHED_CFG (bool): The pipeline runs classifier-free guidance as one ``[uncond; cond]`` batch.
+        CONFIG_CLASS_NAMES (tuple[str, ...]): Further ``_class_name`` values of ``transformer/config.json``
+            that mean this model (hub DiT and PixArt checkpoints still say ``Transformer2DModel``).
+        UNSUPPORTED_CALL_ARGS (dict[str, str]): Forward arguments a static graph cannot honour, with the fix
+            (a call that sets one is refused; others that are not graph inputs are refused generically).
+        EXAMPLE_PROMPT (str): The prompt benchmarks use when none is given (DiT: a class label).
     """
 
     NAME: ClassVar[str]
@@ -121,6 +126,9 @@ class ModelAdapter:
     OUTPUT_NAME: ClassVar[str] = "sample"
     TIMESTEP_SCALE: ClassVar[float] = 1.0
     BATCHED_CFG: ClassVar[bool] = True
+    CONFIG_CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
+    UNSUPPORTED_CALL_ARGS: ClassVar[dict[str, str]] = {}
+    EXAMPLE_PROMPT: ClassVar[str] = "a red cube on a blue floor"
 
     # -- model classes and loading ------------------------------------------------------------------------
     def model_class(self) -> type:
@@ -166,6 +174,11 @@ class ModelAdapter:
         """The image tokens ``[B, N, D]`` of one block's output. Default: a tensor as is, or the second
         item of an ``(encoder_hidden_states, hidden_states)`` pair (SD3 and Flux blocks)."""
         return output[1] if isinstance(output, tuple) else output
+
+    def config_num_blocks(self, config: Any) -> int:
+        """:meth:`num_blocks` from a config alone (the runtime never loads the weights of ort/trt pipelines).
+        Default: ``num_layers``."""
+        return int(dict(_transformer_config(config))["num_layers"])
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         """``(temb width, pooled width)`` of the router's context vectors."""
@@ -250,6 +263,84 @@ class ModelAdapter:
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):
         """Context manager for export-only rewrites (default: none)."""
         return contextlib.nullcontext()
+
+    # -- the diffusers pipeline (runtime: ``shiva_export.runtime``) ----------------------------------------
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class ``generate`` runs (:attr:`PIPELINE_CLASS`), imported quietly."""
+        if not self.PIPELINE_CLASS:
+            raise ConfigError(
+                f"architecture {self.NAME!r} ({self.MODEL_CLASS}) declares no diffusers pipeline (PIPELINE_CLASS is None), so it "
+                "cannot generate images; export it with `shiva-export onnx` / `trt`, or add the pipeline to its adapter."
+            )
+        from shiva_export.runtime.embedded import import_pipeline_class
+
+        return import_pipeline_class(self.PIPELINE_CLASS)
+
+    def config_class_names(self) -> tuple[str, ...]:
+        """``_class_name`` values of a transformer config that this adapter loads."""
+        return (self.MODEL_CLASS, *self.CONFIG_CLASS_NAMES)
+
+    def uses_cfg(self, guidance: float) -> bool:
+        """Whether a pipeline call at ``guidance`` batches ``[uncond; cond]`` (doubling the model batch)."""
+        return self.BATCHED_CFG and guidance > 1.0
+
+    def check_embedded_recipe(self, recipe) -> None:
+        """Recipe checks before an embedded pipeline is built (default: none)."""
+
+    def embedded_pipeline(self, transformer: nn.Module, recipe):
+        """The offline tiny pipeline around ``transformer`` (seeded components from
+        ``shiva_export.runtime.embedded``)."""
+        raise ConfigError(f"architecture {self.NAME!r} has no offline embedded pipeline; pass --weights PATH (a diffusers pipeline folder).")
+
+    def pipeline_index_extras(self, pipe) -> dict[str, Any]:
+        """Entries ``save_pretrained`` does not write but ``from_pretrained`` needs in ``model_index.json``
+        (default: none)."""
+        return {}
+
+    def check_pipeline(self, pipe, recipe) -> None:
+        """Checks a loaded pipeline against the recipe (default: none)."""
+
+    def max_sequence_length(self, pipe, text_len: int) -> int | None:
+        """The ``max_sequence_length`` to call the pipeline with so that the transformer sees ``text_len``
+        text tokens (default: ``text_len``, one T5 encoder); None for pipelines without text."""
+        return text_len
+
+    def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
+        """Text tokens the transformer receives when the pipeline runs with ``max_sequence_length``."""
+        return max_sequence_length
+
+    def pipeline_call(self, pipe, prompt: str, *, negative_prompt: str | None, steps: int, guidance: float, height: int | None,
+                      width: int | None, max_sequence_length: int | None, generator) -> dict[str, Any]:
+        """Keyword arguments of one text-to-image pipeline call (``output_type`` is added by the caller).
+        Default: the ``prompt`` / ``negative_prompt`` / size / ``max_sequence_length`` interface of SD3-style pipelines."""
+        kw: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance,
+                              "height": height, "width": width, "generator": generator}
+        if max_sequence_length is not None:
+            kw["max_sequence_length"] = max_sequence_length
+        return kw
+
+    def artifact_config(self, config: dict[str, Any], spec: InputSpec) -> dict[str, Any]:
+        """The transformer config a static-graph module exposes to its pipeline: ``sample_size`` (the latent
+        size pipelines default their height/width to) becomes the graph's, for square graphs."""
+        cfg = dict(config)
+        if "sample_size" in cfg and spec.height == spec.width:
+            cfg["sample_size"] = spec.height // VAE_SCALE
+        return cfg
+
+    def call_geometry(self, config: Any, call: dict[str, Any]) -> dict[str, int | None]:
+        """``{"height", "width"}`` in pixels and ``"text_len"`` (None without text) of one forward call, from its
+        bound arguments. Default: ``hidden_states`` ``[B, C, h, w]`` latents and ``encoder_hidden_states`` ``[B, T, C]``."""
+        hs = call["hidden_states"]
+        ehs = call.get("encoder_hidden_states")
+        return {"height": int(hs.shape[-2]) * VAE_SCALE, "width": int(hs.shape[-1]) * VAE_SCALE,
+                "text_len": int(ehs.shape[1]) if ehs is not None else None}
+
+    def static_inputs(self, config: Any, spec: InputSpec) -> dict[str, torch.Tensor]:
+        """Forward arguments baked into the graph as constants (the extras of :meth:`make_inputs`, which the
+        exporter closes over): a call must pass exactly these values."""
+        inputs = self.make_inputs(config, spec, seed=0)
+        names = set(self.input_names(config))
+        return {k: v for k, v in inputs.items() if k not in names}
 
     # -- loading ------------------------------------------------------------------------------------------
     def from_pretrained(self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool) -> nn.Module:

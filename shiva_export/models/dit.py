@@ -26,7 +26,10 @@ from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
-__all__ = ["DiTAdapter"]
+__all__ = ["DiTAdapter", "TINY_LABELS"]
+
+#: Names of the first class ids of the offline tiny DiT pipeline (``dit-tiny``); the others are ``class <id>``.
+TINY_LABELS = ("cat", "dog", "bird", "fish", "horse", "cow", "tree", "flower", "house", "car", "boat", "mountain", "red cube", "blue ball")
 
 
 #: DoRA targets (peft regex, full-name match): self-attention and FFN linears of each block.
@@ -41,13 +44,16 @@ class DiTAdapter(ModelAdapter):
     MODEL_CLASS = "DiTTransformer2DModel"
     PIPELINE_CLASS = "DiTPipeline"
     REPO_IDS = {"dit-xl-2-256": "facebook/DiT-XL-2-256"}
+    CONFIG_CLASS_NAMES = ("Transformer2DModel",)  # the hub checkpoint's transformer/config.json
+    EXAMPLE_PROMPT = "207"  # a class id: the tiny pipeline's "class 207", ImageNet's "golden retriever"
+    UNSUPPORTED_CALL_ARGS = {
+        "cross_attention_kwargs": "cross_attention_kwargs (LoRA scale) are not in the static graph; fuse LoRA weights before export or use the torch backend",
+    }
 
     def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
-        """The ``DPMSolverMultistepScheduler`` (diffusers defaults: linear betas, 1000 train steps, linspace
-        spacing) that ``DiTPipeline`` is run with; ``shift`` (SD3's) does not apply."""
-        from diffusers import DPMSolverMultistepScheduler
-
-        sched = DPMSolverMultistepScheduler()
+        """The DDIM sampler ``DiTPipeline`` runs (:func:`_scheduler`, the embedded pipeline's); ``shift``
+        (SD3's) does not apply."""
+        sched = _scheduler()
         sched.set_timesteps(steps)
         return [float(v) for v in sched.timesteps]
 
@@ -120,6 +126,68 @@ class DiTAdapter(ModelAdapter):
         notes = ("2 FLOPs per multiply-add; matrix products only", "class embedding lookups, norms, modulation, activations, softmax not counted")
         return assemble_count(int(c["num_layers"]), N, 1, keep_ratios, B, bottleneck, model, block, notes)
 
+    # -- the diffusers pipeline (DiTPipeline: class-conditional, no text) -----------------------------------
+    def embedded_pipeline(self, transformer: nn.Module, recipe):
+        """An SD-style VAE (``in_channels`` latent channels, scaling 0.18215, quant convs), DiT's DDIM scheduler
+        (linear betas) and an ``id2label`` table: the first ids are named after :data:`TINY_LABELS`, the rest
+        ``class <id>`` (the real checkpoint ships ImageNet's names)."""
+        from shiva_export.runtime import embedded as E
+
+        cfg = transformer.config
+        n = int(cfg.num_embeds_ada_norm)
+        id2label = {i: (TINY_LABELS[i] if i < len(TINY_LABELS) else f"class {i}") for i in range(n)}
+        vae = E._vae(recipe.pipeline.seed + E.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.18215, shift_factor=None, quant_convs=True)
+        return self.pipeline_class()(transformer=transformer, vae=vae, scheduler=_scheduler(), id2label=id2label)
+
+    def pipeline_index_extras(self, pipe) -> dict[str, Any]:
+        """``id2label``: ``DiTPipeline`` takes it at ``__init__`` (for :meth:`get_label_ids`) but
+        ``save_pretrained`` does not write it; the hub checkpoint has it in ``model_index.json``."""
+        by_id: dict[int, list[str]] = {}
+        for label, i in getattr(pipe, "labels", {}).items():
+            by_id.setdefault(int(i), []).append(label)
+        return {"id2label": {str(i): ", ".join(v) for i, v in sorted(by_id.items())}} if by_id else {}
+
+    def max_sequence_length(self, pipe, text_len: int) -> int | None:
+        return None  # no text stream
+
+    def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
+        return None
+
+    def class_id(self, pipe, prompt: str) -> int:
+        """A class id from a ``--prompt``: an integer id, or a label of ``pipe.labels`` (``get_label_ids``)."""
+        n = int(pipe.transformer.config.num_embeds_ada_norm)
+        text = prompt.strip()
+        if text.lstrip("-").isdigit():
+            i = int(text)
+            if not 0 <= i < n:
+                raise ConfigError(f"--prompt {prompt!r}: class id {i} is out of range; DiT takes class ids 0..{n - 1} (or a class label).")
+            return i
+        labels = getattr(pipe, "labels", {}) or {}
+        if text not in labels:
+            some = ", ".join(repr(x) for x in list(labels)[:6]) or "(this pipeline has no id2label)"
+            raise ConfigError(
+                f"--prompt {prompt!r} is not a class label of this DiT pipeline; DiT is class-conditional: pass a label such as {some}, "
+                f"or a class id 0..{n - 1}."
+            )
+        return int(pipe.get_label_ids([text])[0])
+
+    def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
+        """``DiTPipeline(class_labels=[id], guidance_scale=, ...)``: the prompt is a class label or id; the size is
+        the transformer's ``sample_size`` (the pipeline takes no height/width); CFG uses the null class 1000."""
+        if negative_prompt is not None:
+            raise ConfigError(f"--negative-prompt {negative_prompt!r}: DiT is class-conditional; its CFG uses the null class, so drop --negative-prompt.")
+        n = int(pipe.transformer.config.num_embeds_ada_norm)
+        if guidance > 1.0 and n != 1000:
+            raise ConfigError(
+                f"DiTPipeline's CFG hard-codes the null class id 1000, but this DiT has num_embeds_ada_norm = {n} (null id {n}); "
+                "call with --guidance 1 (no CFG) or use a 1000-class model."
+            )
+        side = int(pipe.transformer.config.sample_size) * VAE_SCALE
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != side:
+                raise ShapeError(f"--{name} {v}: DiTPipeline generates at the transformer's sample_size, {side} px; drop --{name} or use {side}.")
+        return {"class_labels": [self.class_id(pipe, prompt)], "guidance_scale": guidance, "num_inference_steps": steps, "generator": generator}
+
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``DiTPipeline`` feeds them: latents, float timestep in 0..1000, int64 class labels;
         with CFG ``[cond; uncond]`` halves sharing latent and timestep, the uncond half the null class."""
@@ -165,3 +233,11 @@ def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hid
         return None, out
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]
+
+
+def _scheduler():
+    """DiT's DDIM scheduler (linear betas 1e-4..0.02, 1000 steps, no clipping): the embedded pipeline's, and
+    the one training cuts learned phases on."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)

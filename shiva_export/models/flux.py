@@ -77,6 +77,10 @@ class FluxAdapter(ModelAdapter):
         """The flat block list: double-stream blocks, then single-stream blocks."""
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
+    def config_num_blocks(self, config: Any) -> int:
+        c = dict(_transformer_config(config))
+        return int(c["num_layers"]) + int(c["num_single_layers"])
+
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
@@ -167,6 +171,62 @@ class FluxAdapter(ModelAdapter):
         if cfg.guidance_embeds:
             out["guidance"] = torch.full((spec.model_batch,), 3.5)
         return out
+
+    # -- the diffusers pipeline (FluxPipeline) -------------------------------------------------------------
+    UNSUPPORTED_CALL_ARGS = {
+        "joint_attention_kwargs": "joint_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRA weights before export or use the torch backend",
+        "controlnet_block_samples": "ControlNet residuals are not in the static graph; use the torch backend for ControlNet",
+        "controlnet_single_block_samples": "ControlNet residuals are not in the static graph; use the torch backend for ControlNet",
+    }
+
+    def check_embedded_recipe(self, recipe) -> None:
+        c = int((recipe.model.config or {}).get("in_channels", 64))
+        if c % 4:
+            from shiva_export.errors import RecipeError
+
+            raise RecipeError(f"{recipe.source_path}: model.config.in_channels = {c} is not 4 x VAE channels (FluxPipeline packs 2x2 latents); use a multiple of 4.")
+
+    def embedded_pipeline(self, transformer: nn.Module, recipe):
+        """CLIP (``CLIPTextModel``: its pooled output is ``pooled_projections``, so hidden = pooled_projection_dim),
+        T5 (d_model = joint_attention_dim), a VAE with ``in_channels / 4`` latent channels and Flux.1's scaling
+        and shift factors, and the flow-matching scheduler with Flux's resolution-dependent shift."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from shiva_export.runtime import embedded as E
+
+        cfg = transformer.config
+        seed = recipe.pipeline.seed
+        tok = E._clip_tokenizer(recipe.pipeline.clip_max_length)
+        clip = E._clip_text_model(tok, int(cfg.pooled_projection_dim), seed + E.SEED_CLIP1)
+        tok2 = E._t5_tokenizer()
+        t5 = E._t5_encoder(tok2, int(cfg.joint_attention_dim), seed + E.SEED_T5)
+        vae = E._vae(seed + E.SEED_VAE, latent_channels=int(cfg.in_channels) // 4, scaling_factor=0.3611, shift_factor=0.1159)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift, use_dynamic_shifting=True,
+                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        return self.pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
+                                     transformer=transformer)
+
+    def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
+        """``FluxPipeline``: guidance is the distilled embedding (``guidance_scale``), one transformer call per step."""
+        if negative_prompt is not None:
+            raise ConfigError(
+                f"--negative-prompt {negative_prompt!r}: FluxPipeline uses a negative prompt only for true CFG (true_cfg_scale > 1, a second "
+                "transformer call per step), which this runtime does not run; drop --negative-prompt (--guidance is Flux's guidance embedding)."
+            )
+        return {"prompt": prompt, "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+                "generator": generator, "max_sequence_length": max_sequence_length}
+
+    def call_geometry(self, config: Any, call: dict[str, Any]) -> dict[str, int | None]:
+        """Packed latents ``[B, N, C]`` carry no grid: the size comes from ``img_ids`` (rows, cols = max id + 1)."""
+        ids = call.get("img_ids")
+        n = int(call["hidden_states"].shape[1])
+        if ids is not None and ids.numel():
+            ids = ids.reshape(-1, ids.shape[-1])
+            rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        else:
+            rows = cols = int(round(n ** 0.5))
+        ehs = call.get("encoder_hidden_states")
+        return {"height": rows * FLUX_PATCH_PX, "width": cols * FLUX_PATCH_PX, "text_len": int(ehs.shape[1]) if ehs is not None else None}
 
     @contextlib.contextmanager
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):

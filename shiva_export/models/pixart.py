@@ -58,13 +58,16 @@ class PixArtAdapter(ModelAdapter):
     MODEL_CLASS = "PixArtTransformer2DModel"
     PIPELINE_CLASS = "PixArtSigmaPipeline"
     REPO_IDS = {"pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
+    CONFIG_CLASS_NAMES = ("Transformer2DModel",)  # the hub checkpoints' transformer/config.json
+    UNSUPPORTED_CALL_ARGS = {
+        "cross_attention_kwargs": "cross_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRA weights before export or use the torch backend",
+        "attention_mask": "a self-attention attention_mask is not in the static graph (pipelines pass None); call the transformer without one",
+    }
 
     def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
-        """The ``DPMSolverMultistepScheduler`` (diffusers defaults: linear betas, 1000 train steps, linspace
-        spacing) that ``PixArtSigmaPipeline`` is run with; ``shift`` (SD3's) does not apply."""
-        from diffusers import DPMSolverMultistepScheduler
-
-        sched = DPMSolverMultistepScheduler()
+        """The DPM-Solver++ sampler ``PixArtSigmaPipeline`` runs (:func:`_scheduler`, the embedded pipeline's);
+        ``shift`` (SD3's) does not apply."""
+        sched = _scheduler()
         sched.set_timesteps(steps)
         return [float(v) for v in sched.timesteps]
 
@@ -128,6 +131,27 @@ class PixArtAdapter(ModelAdapter):
         if spec.cfg:
             lat, t = torch.cat([lat, lat]), torch.cat([t, t])
         return {"hidden_states": lat.to(dtype), "encoder_hidden_states": txt.to(dtype), "encoder_attention_mask": mask, "timestep": t.float()}
+
+    # -- the diffusers pipeline (PixArtSigmaPipeline) ------------------------------------------------------
+    def embedded_pipeline(self, transformer: nn.Module, recipe):
+        """T5 (d_model = caption_channels) with its tokenizer, an SDXL-style VAE (``in_channels`` latent
+        channels, scaling 0.13025, quant convs) and PixArt-Sigma's DPM-Solver++ scheduler."""
+        from shiva_export.runtime import embedded as E
+
+        cfg = transformer.config
+        seed = recipe.pipeline.seed
+        tok = E._t5_tokenizer()
+        t5 = E._t5_encoder(tok, int(cfg.caption_channels), seed + E.SEED_T5)
+        vae = E._vae(seed + E.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.13025, shift_factor=None, quant_convs=True)
+        return self.pipeline_class()(tokenizer=tok, text_encoder=t5, vae=vae, transformer=transformer, scheduler=_scheduler())
+
+    def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
+        """``PixArtSigmaPipeline``: no aspect-ratio binning (it would move the size off the static graph's, and
+        it knows only sample sizes 32..256), no caption cleaning (needs bs4/ftfy); the negative prompt
+        defaults to ``""`` as in the pipeline."""
+        kw = super().pipeline_call(pipe, prompt, negative_prompt="" if negative_prompt is None else negative_prompt, steps=steps,
+                                   guidance=guidance, height=height, width=width, max_sequence_length=max_sequence_length, generator=generator)
+        return kw | {"use_resolution_binning": False, "clean_caption": False}
 
     def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
         """PixArt terms: per image token 14 D^2 (self-attn q/k/v/out 4, cross-attn q/out 2, FF 8); the cross-
@@ -234,3 +258,11 @@ def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hid
         return None, out
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]
+
+
+def _scheduler():
+    """PixArt-Sigma's DPM-Solver++ (linear betas 1e-4..0.02, 1000 steps): the embedded pipeline's, and the one
+    training cuts learned phases on."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")

@@ -147,6 +147,69 @@ class SD3Adapter(ModelAdapter):
             "timestep": t.float(),
         }
 
+    # -- the diffusers pipeline ---------------------------------------------------------------------------
+    UNSUPPORTED_CALL_ARGS = {
+        "skip_layers": "skip-layer guidance (skip_layers) is not in the static graph; call the pipeline with skip_guidance_layers=None",
+        "block_controlnet_hidden_states": "ControlNet residuals are not in the static graph; use the torch backend for ControlNet",
+        "joint_attention_kwargs": "joint_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRA weights before export or use the torch backend",
+    }
+
+    def check_embedded_recipe(self, recipe) -> None:
+        recipe.max_sequence_length()  # RecipeError when text_len <= clip_max_length
+
+    def check_pipeline(self, pipe, recipe) -> None:
+        got = getattr(pipe.tokenizer, "model_max_length", None)
+        want = recipe.pipeline.clip_max_length
+        if got is not None and got != want and recipe.model.source in ("embedded", "local"):
+            raise ConfigError(f"{recipe.source_path}: pipeline.clip_max_length = {want} but the pipeline's CLIP tokenizer takes {got}; fix the recipe.")
+
+    def max_sequence_length(self, pipe, text_len: int) -> int | None:
+        """T5 tokens: the transformer's text is CLIP ``model_max_length`` + T5 ``max_sequence_length`` tokens."""
+        clip = pipe.tokenizer.model_max_length
+        if text_len - clip < 1:
+            raise ConfigError(
+                f"the graph's text length {text_len} leaves {text_len - clip} T5 tokens after the CLIP tokenizer's {clip}; "
+                "export with --text-len > CLIP length."
+            )
+        return text_len - clip
+
+    def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
+        return pipe.tokenizer.model_max_length + int(max_sequence_length or 0)
+
+    def embedded_pipeline(self, transformer: nn.Module, recipe):
+        """Two CLIP encoders with projections (pooled halves), a T5 encoder unless ``[pipeline] t5 = false``,
+        a 16-channel VAE and the flow-matching scheduler, sized from the transformer config (see
+        ``shiva_export.runtime.embedded`` for the constraints)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from shiva_export.runtime import embedded as E
+
+        tcfg = transformer.config
+        joint, pooled = int(tcfg.joint_attention_dim), int(tcfg.pooled_projection_dim)
+        if pooled < 2:
+            raise ConfigError(
+                f"Embedded pipeline: pooled_projection_dim {pooled} cannot be split between two CLIP encoders. "
+                "Use a [model.config] pooled_projection_dim >= 2."
+            )
+        hidden, heads = E._clip_hidden(joint)
+        seed = recipe.pipeline.seed
+        max_len = recipe.pipeline.clip_max_length
+        tok1, tok2 = E._clip_tokenizer(max_len), E._clip_tokenizer(max_len)
+        clip1 = E._clip_encoder(tok1, hidden, heads, pooled // 2, seed + E.SEED_CLIP1)
+        clip2 = E._clip_encoder(tok2, hidden, heads, pooled - pooled // 2, seed + E.SEED_CLIP2)
+        if recipe.pipeline.t5:
+            tok3 = E._t5_tokenizer()
+            t5 = E._t5_encoder(tok3, joint, seed + E.SEED_T5)
+        else:
+            tok3 = t5 = None
+        vae = E._vae(seed + E.SEED_VAE)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift)
+        return self.pipeline_class()(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip1, tokenizer=tok1, text_encoder_2=clip2,
+            tokenizer_2=tok2, text_encoder_3=t5, tokenizer_3=tok3,
+        )
+
+
 
 _ADAPTER = SD3Adapter
 

@@ -1,4 +1,4 @@
-"""End-to-end speed: dense vs Shiva pipelines, interleaved, per stage, next to the FLOP ideal.
+"""End-to-end speed: dense vs Shiva pipelines (any architecture with a pipeline), interleaved, per stage, next to the FLOP ideal.
 
 :func:`benchmark_e2e` is what ``shiva-export validate speed --e2e`` runs. Every variant (dense and each
 budget, per backend) is a full diffusers pipeline run with the same prompt and seed; variants run
@@ -8,8 +8,7 @@ VAE decode and post-processing.
 
 Speedups are against the dense pipeline of the same backend: ``e2e = total_dense / total_pruned`` and
 ``transformer = transformer_dense / transformer_pruned``. The ideal transformer speedup is the FLOP ratio
-over the steps actually run (:func:`~shiva_export.validate.flops.count_flops`, each step on the phase that
-ran it); the ideal end to end counts every non-transformer stage as unchanged (Amdahl):
+over the steps actually run (the adapter's ``count_flops``, each step on the phase that ran it); the ideal end to end counts every non-transformer stage as unchanged (Amdahl):
 ``total_dense / (non_transformer_dense + transformer_dense / ideal_transformer)``. Efficiency is
 measured / ideal.
 """
@@ -135,17 +134,15 @@ class E2EReport:
         ])
 
 
-def _flops_of(config: dict[str, Any], n_tokens: int, text_len: int, model_batch: int, phases, phase_steps: dict[str, int], bottleneck: int) -> float:
-    from shiva_export.validate.flops import count_flops
-
+def _flops_of(adapter, config: dict[str, Any], n_tokens: int, text_len: int, model_batch: int, phases, phase_steps: dict[str, int], bottleneck: int) -> float:
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     if not phases:
-        return float(count_flops(cfg, n_tokens, text_len, None, batch=model_batch).total) * sum(phase_steps.values() or [0])
+        return float(adapter.count_flops(cfg, n_tokens, text_len, None, batch=model_batch).total) * sum(phase_steps.values() or [0])
     total = 0.0
     by_name = {p.name: p for p in phases}
     for name, steps in phase_steps.items():
         p = by_name[name]
-        total += steps * float(count_flops(cfg, n_tokens, text_len, p.keep_ratios, batch=model_batch, bottleneck=bottleneck).total)
+        total += steps * float(adapter.count_flops(cfg, n_tokens, text_len, p.keep_ratios, batch=model_batch, bottleneck=bottleneck).total)
     return total
 
 
@@ -159,7 +156,7 @@ def benchmark_e2e(
     phases: bool = False,
     steps: int | None = None,
     guidance: float | None = None,
-    prompt: str = "a red cube on a blue floor",
+    prompt: str | None = None,
     seed: int = 0,
     warmup: int = 1,
     repeats: int = 5,
@@ -181,6 +178,10 @@ def benchmark_e2e(
 
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
+    from shiva_export.models import adapter_for_architecture
+
+    adapter = adapter_for_architecture(rec.architecture)
+    prompt = adapter.EXAMPLE_PROMPT if prompt is None else prompt
     steps = rec.pipeline.steps if steps is None else steps
     guidance = rec.pipeline.guidance if guidance is None else guidance
     for b in backends:
@@ -220,7 +221,7 @@ def benchmark_e2e(
     for b in backends:
         for label, kw in budgets:
             say(f"load {b} {label}")
-            pipe = load_pipeline(recipe=rec, weights=weights, backend=b, cfg=guidance > 1.0, dtype=dtype, threads=threads, device=device,
+            pipe = load_pipeline(recipe=rec, weights=weights, backend=b, cfg=adapter.uses_cfg(guidance), dtype=dtype, threads=threads, device=device,
                                  artifact_root=artifact_root, provider="cuda" if device == "cuda" and b == "ort" else "cpu", **kw)
             if compile:
                 _compile(pipe)
@@ -237,16 +238,15 @@ def benchmark_e2e(
             v.runs.append(res.times.to_dict())
             v.phase_steps = {k: d["steps"] for k, d in res.times.per_phase().items()} or {"dense": len(res.times.transformer)}
     # FLOPs of the transformer over the loop, each step on the phase that ran it
-    from shiva_export.models.sd3 import num_image_tokens
     from shiva_export.runtime.pipeline import config_obj
 
     any_pipe = variants[0][1]
     config = dict(any_pipe.transformer.config)
-    n_tokens = num_image_tokens(config_obj(config), any_pipe.shiva.height, any_pipe.shiva.width)
-    model_batch = 2 if guidance > 1.0 else 1
+    n_tokens = adapter.num_image_tokens(config_obj(config), any_pipe.shiva.height, any_pipe.shiva.width)
+    model_batch = 2 if adapter.uses_cfg(guidance) else 1
     for v, pipe in variants:
         ph = () if pipe.shiva.dense else pipe.shiva.phases
-        v.flops = _flops_of(config, n_tokens, pipe.shiva.text_len, model_batch, ph, v.phase_steps, rec.router.bottleneck)
+        v.flops = _flops_of(adapter, config, n_tokens, pipe.shiva.text_len, model_batch, ph, v.phase_steps, rec.router.bottleneck)
     cmd = (f"shiva-export validate speed --e2e --model {rec.name} " + " ".join(f"--backend {b}" for b in backends) + " "
            + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
            + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")

@@ -1,16 +1,31 @@
-"""A tiny, complete ``StableDiffusion3Pipeline`` for embedded recipes, built offline and cached.
+"""Tiny, complete diffusers pipelines for embedded recipes, built offline and cached.
 
 Embedded recipes (``[model] source = "embedded"``) have a seeded random transformer and no checkpoint.
-:func:`build_embedded_pipeline` puts the rest of a text-to-image pipeline around it, from nothing on
-disk and with no network: two CLIP text encoders, a T5 encoder (unless ``[pipeline] t5 = false``),
-locally written tokenizers, a 16-channel VAE and the flow-matching scheduler. All weights are seeded
-with ``[pipeline] seed`` (the transformer with ``[model] seed``), so the build is deterministic.
-:func:`ensure_embedded_pipeline` saves it once with ``save_pretrained`` under the cache folder
+:func:`build_embedded_pipeline` puts the rest of the architecture's pipeline around it, from nothing on disk
+and with no network; *which* components is the adapter's fact (``ModelAdapter.embedded_pipeline``), built
+from the seeded helpers of this module:
+
+============  =========================  =============================================================
+recipe        pipeline                   components
+============  =========================  =============================================================
+sd3 / sd35    StableDiffusion3Pipeline   CLIP x2 (with projection) + T5 (unless ``[pipeline] t5 =
+                                         false``), 16-channel VAE, flow matching (``scheduler_shift``)
+flux          FluxPipeline               CLIP (pooled output = ``pooled_projection_dim``) + T5
+                                         (``joint_attention_dim``), ``in_channels / 4``-channel VAE
+                                         (Flux scaling/shift), flow matching with dynamic shifting
+pixart        PixArtSigmaPipeline        T5 (``caption_channels``), 4-channel VAE (SDXL scaling, quant
+                                         convs), DPM-Solver++
+dit           DiTPipeline                no text encoder: 4-channel VAE (SD scaling), DDIM, ``id2label``
+                                         (written into ``model_index.json``: ``save_pretrained`` drops it)
+============  =========================  =============================================================
+
+All weights are seeded with ``[pipeline] seed`` (the transformer with ``[model] seed``), so the build is
+deterministic. :func:`ensure_embedded_pipeline` saves it once with ``save_pretrained`` under the cache folder
 (``$SHIVA_CACHE_DIR`` or ``~/.cache/shiva-export``) and :func:`load_embedded_pipeline` reloads it with
 ``from_pretrained(local_files_only=True)``, the same code path as a real checkpoint.
 
-The pipeline (``pipeline_stable_diffusion_3.py``) ties the components together; the builder derives
-every size from the transformer config so that these hold:
+For SD3 (``pipeline_stable_diffusion_3.py``) the builder derives every size from the transformer config so
+that these hold:
 
 =============================================================  ==============================================
 constraint                                                     how it is met
@@ -67,6 +82,7 @@ from shiva_export.utils.io import canonical_json, sha256_bytes
 
 __all__ = [
     "build_embedded_pipeline",
+    "import_pipeline_class",
     "embedded_pipeline_dir",
     "ensure_embedded_pipeline",
     "load_embedded_pipeline",
@@ -76,7 +92,7 @@ _BUILDER_VERSION = 1
 _STAMP = "shiva_pipeline.json"
 
 # Component seed offsets from [pipeline] seed (fixed: changing them changes every cached pipeline).
-_SEED_CLIP1, _SEED_CLIP2, _SEED_T5, _SEED_VAE = 1, 2, 3, 4
+SEED_CLIP1, SEED_CLIP2, SEED_T5, SEED_VAE = 1, 2, 3, 4
 
 # Whole words on top of the character vocabulary: common prompt words, so short prompts map to few tokens.
 _WORDS = (
@@ -113,7 +129,7 @@ def _check_embedded(recipe) -> None:
             f"Embedded pipeline requested for recipe {recipe.name!r}: model.source = {recipe.model.source!r}. "
             "Only recipes with source = 'embedded' are built offline; load hub pipelines from their repo id."
         )
-    recipe.max_sequence_length()  # RecipeError when text_len <= clip_max_length
+    _adapter(recipe).check_embedded_recipe(recipe)  # e.g. SD3: RecipeError when text_len <= clip_max_length
 
 
 @contextlib.contextmanager
@@ -141,8 +157,8 @@ def _quiet_libraries() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _pipeline_class():
-    """Imports ``StableDiffusion3Pipeline`` with transformers' import-time warnings (torchvision) silenced."""
+def import_pipeline_class(name: str = "StableDiffusion3Pipeline"):
+    """Imports a diffusers pipeline class with transformers' import-time warnings (torchvision) silenced."""
     import transformers.utils.logging as tlog
 
     level = tlog.get_verbosity()
@@ -150,10 +166,25 @@ def _pipeline_class():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from diffusers import StableDiffusion3Pipeline
+            import diffusers
+
+            cls = getattr(diffusers, name)
     finally:
         tlog.set_verbosity(level)
-    return StableDiffusion3Pipeline
+    return cls
+
+
+def _saved_none_components(folder: Path) -> dict[str, None]:
+    """Components saved as ``[null, null]`` (e.g. SD3 without T5): ``from_pretrained`` reloads the folder only
+    when they are passed as None again."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+
+
+_pipeline_class = import_pipeline_class
 
 
 @contextlib.contextmanager
@@ -271,7 +302,10 @@ def _t5_encoder(tokenizer, d_model: int, seed: int):
         return T5EncoderModel(cfg).eval()
 
 
-def _vae(seed: int):
+def _vae(seed: int, *, latent_channels: int = 16, scaling_factor: float = 1.5305, shift_factor: float | None = 0.0609,
+         quant_convs: bool = False):
+    """A 4-level ``AutoencoderKL`` (``vae_scale_factor`` 8) with the family's latent channels and scaling
+    factors. Defaults are SD3's (16 channels, no quant convs)."""
     from diffusers import AutoencoderKL
 
     with _seeded(seed):
@@ -282,73 +316,77 @@ def _vae(seed: int):
             up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(8, 16, 16, 16),
             layers_per_block=1,
-            latent_channels=16,
+            latent_channels=latent_channels,
             norm_num_groups=8,
             sample_size=256,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            use_quant_conv=quant_convs,
+            use_post_quant_conv=quant_convs,
         )
     return vae.eval()
+
+
+def _clip_heads(hidden: int) -> int:
+    """The most heads of :data:`_CLIP_HEADS` that divide ``hidden`` with a head width >= 8 (else 1)."""
+    return next((h for h in _CLIP_HEADS if hidden % h == 0 and hidden // h >= 8), 1)
+
+
+def _clip_text_model(tokenizer, hidden: int, seed: int):
+    """A ``CLIPTextModel`` (no projection: Flux reads its ``pooler_output``, width ``hidden``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=_clip_heads(hidden),
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        return CLIPTextModel(cfg).eval()
 
 
 # ---------------------------------------------------------------------------------------------- public
 
 
+def _adapter(recipe):
+    from shiva_export.models import adapter_for_architecture
+
+    return adapter_for_architecture(recipe.architecture)
+
+
 def build_embedded_pipeline(recipe):
     """Builds the tiny pipeline of an embedded recipe in memory, offline and deterministically.
+
+    The components are the architecture adapter's (:meth:`~shiva_export.models.base.ModelAdapter.embedded_pipeline`),
+    assembled from the builders of this module, every one seeded from ``[pipeline] seed``.
 
     Args:
         recipe (Recipe): A recipe with ``[model] source = "embedded"``.
 
     Returns:
-        StableDiffusion3Pipeline: Seeded transformer, CLIP x2 (+ T5), tokenizers, VAE and scheduler.
-        Call it with ``max_sequence_length=recipe.max_sequence_length()``.
+        DiffusionPipeline: The adapter's ``PIPELINE_CLASS`` (``StableDiffusion3Pipeline``, ``FluxPipeline``,
+        ``PixArtSigmaPipeline``, ``DiTPipeline``) around the seeded transformer.
     """
     _check_embedded(recipe)
-    pipe_cls = _pipeline_class()
+    adapter = _adapter(recipe)
+    adapter.pipeline_class()  # one line when the architecture has no pipeline
     with _quiet_libraries():
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from shiva_export.models.sd3 import load_transformer
+        from shiva_export.models import load_transformer
 
         transformer = load_transformer(recipe=recipe)
-        tcfg = transformer.config
-        joint, pooled = int(tcfg.joint_attention_dim), int(tcfg.pooled_projection_dim)
-        if pooled < 2:
-            raise ConfigError(
-                f"Embedded pipeline: pooled_projection_dim {pooled} cannot be split between two CLIP encoders. "
-                "Use a [model.config] pooled_projection_dim >= 2."
-            )
-        hidden, heads = _clip_hidden(joint)
-        seed = recipe.pipeline.seed
-        max_len = recipe.pipeline.clip_max_length
-        tok1, tok2 = _clip_tokenizer(max_len), _clip_tokenizer(max_len)
-        clip1 = _clip_encoder(tok1, hidden, heads, pooled // 2, seed + _SEED_CLIP1)
-        clip2 = _clip_encoder(tok2, hidden, heads, pooled - pooled // 2, seed + _SEED_CLIP2)
-        if recipe.pipeline.t5:
-            tok3 = _t5_tokenizer()
-            t5 = _t5_encoder(tok3, joint, seed + _SEED_T5)
-        else:
-            tok3 = t5 = None
-        vae = _vae(seed + _SEED_VAE)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift)
-        return pipe_cls(
-            transformer=transformer,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=clip1,
-            tokenizer=tok1,
-            text_encoder_2=clip2,
-            tokenizer_2=tok2,
-            text_encoder_3=t5,
-            tokenizer_3=tok3,
-        )
+        return adapter.embedded_pipeline(transformer, recipe)
 
 
 def _cache_key(recipe) -> str:
     payload = {
+        "architecture": recipe.architecture,
         "model": recipe.model.model_dump(mode="json"),
         "pipeline": recipe.pipeline.model_dump(mode="json"),
         "text_len": recipe.shapes.text_len,
@@ -367,7 +405,7 @@ def embedded_pipeline_dir(recipe) -> Path:
     """The cache folder of a recipe's embedded pipeline: ``<cache>/pipelines/<name>-<sha12>``.
 
     ``<cache>`` is ``$SHIVA_CACHE_DIR`` or ``~/.cache/shiva-export``; ``sha12`` hashes everything the build
-    depends on (``[model]``, ``[pipeline]``, ``shapes.text_len``, the builder and library versions).
+    depends on (the architecture, ``[model]``, ``[pipeline]``, ``shapes.text_len``, the builder and library versions).
     """
     return _cache_root() / "pipelines" / f"{recipe.name}-{_cache_key(recipe)[:12]}"
 
@@ -411,6 +449,11 @@ def ensure_embedded_pipeline(recipe) -> Path:
         pipe = build_embedded_pipeline(recipe)
         with _quiet_libraries():
             pipe.save_pretrained(tmp, safe_serialization=True)
+        index_extras = _adapter(recipe).pipeline_index_extras(pipe)
+        if index_extras:  # e.g. DiT's id2label, which DiTPipeline takes at __init__ but save_pretrained does not write
+            index = json.loads((tmp / "model_index.json").read_text())
+            index.update(index_extras)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         stamp = {"recipe": recipe.name, "key": key, "versions": _versions(), "builder_version": _BUILDER_VERSION}
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         if final.exists() and not _is_complete(final, key):  # stale or half-broken: move aside, then drop
@@ -450,13 +493,14 @@ def load_embedded_pipeline(recipe, *, transformer=None, torch_dtype=None):
         StableDiffusion3Pipeline: Call it with ``max_sequence_length=recipe.max_sequence_length()``.
     """
     folder = ensure_embedded_pipeline(recipe)
-    pipe_cls = _pipeline_class()
+    adapter = _adapter(recipe)
+    pipe_cls = adapter.pipeline_class()
     kwargs: dict[str, Any] = {"local_files_only": True}
     if transformer is not None:
         kwargs["transformer"] = transformer
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    if not recipe.pipeline.t5:
-        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    kwargs.update(_saved_none_components(folder))
     with _quiet_libraries():
         return pipe_cls.from_pretrained(str(folder), **kwargs)
+

@@ -1,7 +1,10 @@
-"""Text to image with a Shiva pipeline: images, per-stage timings, and the comparison with dense.
+"""Text (or class) to image with a Shiva pipeline: images, per-stage timings, and the comparison with dense.
 
-:func:`run_pipeline` runs one prompt through a (Shiva or dense) diffusers pipeline and times its stages:
-text encoding (``pipe.encode_prompt``), the denoising loop (transformer calls timed one by one, the rest
+:func:`run_pipeline` runs one prompt through a (Shiva or dense) diffusers pipeline of any supported
+architecture and times its stages. The call's arguments come from the adapter
+(``ModelAdapter.pipeline_call``: text for SD3 / Flux / PixArt, a class label or id for DiT) and step progress
+from hooks on ``pipe.transformer``, so no pipeline-specific callback API is used. Stages: text encoding
+(``pipe.encode_prompt``, absent for DiT), the denoising loop (transformer calls timed one by one, the rest
 is loop overhead: scheduler, CFG arithmetic, copies), VAE decode and post-processing. On CUDA every
 boundary synchronizes. :func:`generate` is what ``shiva-export generate`` runs: it writes one PNG per
 image, ``generate.json`` (prompt, seed, steps, recipe, router, artifact sha256, per-stage timings) and,
@@ -91,11 +94,13 @@ def _sync(device) -> None:
 
 
 @contextmanager
-def _instrument(pipe, times: StageTimes, store: dict):
-    """Wraps encode_prompt and vae.decode, and hooks the transformer, for the duration of one call."""
+def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], None] | None = None):
+    """Wraps ``encode_prompt`` (when the pipeline has one: DiT has no text) and ``vae.decode``, and hooks the
+    transformer, for the duration of one call. ``on_step(i)`` runs after the i-th transformer call (one per
+    denoising step in every supported pipeline), so no pipeline-specific callback API is needed."""
     dev = pipe._execution_device
     clock = time.perf_counter
-    orig_encode = pipe.encode_prompt
+    orig_encode = getattr(pipe, "encode_prompt", None)
     orig_decode = pipe.vae.decode
     marks: dict[str, float] = {}
 
@@ -127,17 +132,21 @@ def _instrument(pipe, times: StageTimes, store: dict):
     def post(module, args, kwargs, output):
         _sync(dev)
         times.transformer.append((clock() - call_start.pop()) * 1e3)
+        if on_step is not None:
+            on_step(len(times.transformer) - 1)
 
     h1 = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = pipe.transformer.register_forward_hook(post, with_kwargs=True)
-    pipe.encode_prompt = encode_prompt
+    if orig_encode is not None:
+        pipe.encode_prompt = encode_prompt
     pipe.vae.decode = decode
     try:
         yield marks
     finally:
         h1.remove()
         h2.remove()
-        del pipe.encode_prompt
+        if orig_encode is not None:
+            del pipe.encode_prompt
         del pipe.vae.decode
 
 
@@ -154,55 +163,57 @@ def _trace_of(pipe) -> list[str]:
     return []
 
 
-def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: float, max_sequence_length: int) -> None:
+def _adapter(pipe):
+    from shiva_export.models import get_adapter
+
+    info = getattr(pipe, "shiva", None)
+    if info is not None:
+        return get_adapter(info.recipe.architecture)
+    t = pipe.transformer
+    return getattr(t, "_adapter", None) or get_adapter(t)
+
+
+def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: float, max_sequence_length: int | None) -> None:
     """Shape contract, before the first step: what the pipeline will feed vs what the graphs were built for."""
     t = pipe.transformer
-    cfg = guidance > 1.0
-    text_len = pipe.tokenizer.model_max_length + max_sequence_length
+    adapter = _adapter(pipe)
+    cfg = adapter.uses_cfg(guidance)
+    text_len = adapter.pipeline_text_len(pipe, max_sequence_length)
     if hasattr(t, "check_call"):
         t.check_call(batch * (2 if cfg else 1), height, width, text_len, cfg, where="generate")
 
 
 def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps: int = 28, guidance: float = 4.5, seed: int = 0,
                  height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None) -> RunResult:
-    """One prompt through ``pipe`` with stage timings (see :class:`StageTimes`)."""
+    """One prompt through ``pipe`` with stage timings (see :class:`StageTimes`).
+
+    The call's keyword arguments come from the architecture adapter (``ModelAdapter.pipeline_call``): a text
+    prompt for SD3 / Flux / PixArt, a class label or id for DiT.
+    """
     import torch
 
     info = getattr(pipe, "shiva", None)
+    adapter = _adapter(pipe)
     h = height or (info.height if info else None)
     w = width or (info.width if info else None)
-    max_seq = info.max_sequence_length if info else 256
+    max_seq = info.max_sequence_length if info else adapter.max_sequence_length(pipe, 256)
     check_pipeline_call(pipe, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=max_seq)
     times = StageTimes()
     store: dict[str, Any] = {}
     _trace_of(pipe)  # drop calls made before this run
 
-    def callback(p, i, t, kwargs):
-        if on_step is not None:
-            on_step(i)
-        return {}
-
     dev = pipe._execution_device
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    with _instrument(pipe, times, store) as marks, torch.inference_mode():
+    kwargs = adapter.pipeline_call(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w,
+                                   max_sequence_length=max_seq, generator=gen)
+    with _instrument(pipe, times, store, on_step) as marks, torch.inference_mode():
         _sync(dev)
         t0 = time.perf_counter()
-        out = pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=h,
-            width=w,
-            generator=gen,
-            max_sequence_length=max_seq,
-            output_type="np",
-            callback_on_step_end=callback,
-        )
+        out = pipe(**kwargs, output_type="np")
         _sync(dev)
         t1 = time.perf_counter()
     times.total = (t1 - t0) * 1e3
-    times.denoise_loop = (marks["dec_start"] - marks["enc_end"]) * 1e3
+    times.denoise_loop = (marks["dec_start"] - marks.get("enc_end", t0)) * 1e3
     times.postprocess = (t1 - marks["dec_end"]) * 1e3
     times.phase_trace = _trace_of(pipe)
     return RunResult(out.images[0], store.get("latents"), times)
@@ -319,7 +330,9 @@ def generate(
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
     say = progress or (lambda m: None)
-    cfg = guidance > 1.0
+    from shiva_export.models import adapter_for_architecture
+
+    cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
                   threads=threads, device=device, artifact_root=artifact_root, progress=say)
     pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, **common)

@@ -1,41 +1,52 @@
 """Drop-in ``pipe.transformer`` modules that run static artifacts: ONNX Runtime sessions or TensorRT engines.
 
 :class:`ShivaArtifactTransformer` holds one static graph per phase (a fixed ``--ratio`` is the one-phase
-case) and runs, at every denoising step, the graph of the phase that owns the step's timestep. It is a
-diffusers ``ModelMixin``, so ``StableDiffusion3Pipeline.from_pretrained(folder, transformer=module)``
-accepts it, and it exposes exactly what the pipeline reads from its transformer. Found by reading
-``pipeline_stable_diffusion_3.py`` and ``pipeline_utils.py`` (diffusers 0.42):
+case) and runs, at every denoising step, the graph of the phase that owns the step's timestep (on the
+0..1000 scale: the call's timestep times the adapter's ``TIMESTEP_SCALE``). It is a diffusers
+``ModelMixin``, so ``<Pipeline>.from_pretrained(folder, transformer=module)`` accepts it, and it exposes
+exactly what the pipelines read from their transformer. Found by reading ``pipeline_stable_diffusion_3.py``,
+``flux/pipeline_flux.py``, ``pixart_alpha/pipeline_pixart_sigma.py``, ``dit/pipeline_dit.py`` and
+``pipeline_utils.py`` (diffusers 0.42):
 
-========================================  ==================================================================
-what the pipeline touches                 where / what the module gives
-========================================  ==================================================================
-``config.sample_size``, ``patch_size``    ``__init__`` (default size = sample_size * 8): the artifact's
-                                          latent size, so the pipeline's default height/width are the export's
-``config.in_channels``                    ``__call__`` (latent channels)
-``config.joint_attention_dim``            ``encode_prompt`` when ``text_encoder_3`` is None (T5 zeros)
-``config.patch_size``                     ``__call__`` with ``use_dynamic_shifting``
-``transformer(hidden_states=,             the denoising loop; ``skip_layers=`` only with skip-layer guidance
-timestep=, encoder_hidden_states=,        (refused: not in the static graph), ``joint_attention_kwargs``
-pooled_projections=,                      (LoRA scale / IP-Adapter: refused unless empty)
-joint_attention_kwargs=, return_dict=)``
-``.device``, ``.dtype``, ``.to()``        ``pipe.device``, ``_execution_device``, ``pipe.to``: a zero-size
-                                          buffer carries them
-``.modules()``, ``_hf_hook``,             offload probes of ``DiffusionPipeline``: plain ``nn.Module``
-``_diffusers_hook``                       behaviour (no hooks)
-``__class__``, ``__module__``             ``register_modules`` writes them into ``model_index.json``;
-                                          ``save_pretrained`` is refused (save the artifacts instead)
-========================================  ==================================================================
+==========================================  ================================================================
+what a pipeline touches                     where / what the module gives
+==========================================  ================================================================
+``config.sample_size``                      SD3 / PixArt default height and width, DiT's only size:
+                                            the artifact's latent size (``ModelAdapter.artifact_config``)
+``config.in_channels``, ``out_channels``    latent channels (Flux: / 4, packed); PixArt / DiT split a
+                                            learned-sigma output when ``out_channels == 2 * in_channels``
+``config.guidance_embeds``                  Flux: whether to pass ``guidance``
+``config.joint_attention_dim``,             SD3 without T5; ``use_dynamic_shifting``: the full diffusers
+``patch_size``                              config is exposed (``load_config``), weights never loaded
+``transformer(...)``                        bound to the diffusers model class's ``forward`` signature; the
+                                            adapter's ``input_names`` feed the graph; arguments baked into
+                                            the graph (Flux ``img_ids``/``txt_ids``: RoPE constants) must
+                                            equal the baked values; anything else that is set (skip-layer
+                                            guidance, ControlNet, LoRA/IP-Adapter kwargs) is refused
+``cache_context(name)``                     Flux enters it around every call: a no-op (no step cache)
+``.device``, ``.dtype``, ``.to()``          ``pipe.device``, ``_execution_device``, ``pipe.to``, DiT's
+                                            latent dtype: a zero-size buffer carries them
+``.modules()``, ``_hf_hook``,               offload probes of ``DiffusionPipeline``: plain ``nn.Module``
+``_diffusers_hook``                         behaviour (no hooks)
+``__class__``, ``__module__``               ``register_modules`` writes them into ``model_index.json``;
+                                            ``save_pretrained`` is refused (save the artifacts instead)
+==========================================  ================================================================
 
 The output is cast back to ``hidden_states.dtype``: an fp16 graph in an fp32 pipeline must not turn the
 scheduler's latents into fp16 (the scheduler casts its result to the model output's dtype).
 
-The static shapes are a contract: every call is checked against the artifact's batch (CFG doubles it),
-latent size and text length, and a mismatch raises :class:`~shiva_export.errors.ShapeError` naming the
-field, both values and the export command that fits. Nothing is padded or re-exported silently.
+The static shapes are a contract: every call is checked against the artifact's batch (CFG doubles it; CFG
+only where the adapter says the pipeline batches it), image size (``call_geometry``: from the latent grid,
+or Flux's ``img_ids``), text length (not for DiT) and the baked constants, and a mismatch raises
+:class:`~shiva_export.errors.ShapeError` naming the field, both values and the export command that fits.
+Nothing is padded or re-exported silently. Integer inputs (PixArt's caption mask, DiT's class labels) are
+fed as int64, floats in the graph's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +56,7 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.models import VAE_SCALE, InputSpec
+from shiva_export.models import InputSpec
 from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
 __all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]
@@ -87,14 +98,15 @@ class ArtifactPhase:
     dtype: str = "fp32"
 
 
-def check_call_shapes(ap: ArtifactPhase, batch: int, height_px: int, width_px: int, text_len: int, cfg: bool, where: str = "pipeline call") -> None:
-    """Raises :class:`ShapeError` unless a call of ``batch`` model rows, this size, text length and CFG fits ``ap``."""
+def check_call_shapes(ap: ArtifactPhase, batch: int, height_px: int, width_px: int, text_len: int | None, cfg: bool, where: str = "pipeline call") -> None:
+    """Raises :class:`ShapeError` unless a call of ``batch`` model rows, this size, text length and CFG fits ``ap``
+    (``text_len`` None: a model without text, not checked)."""
     spec = ap.spec
     fits = {
         "cfg": (cfg, spec.cfg),
         "height": (height_px, spec.height),
         "width": (width_px, spec.width),
-        "text_len": (text_len, spec.text_len),
+        "text_len": (spec.text_len if text_len is None else text_len, spec.text_len),
         "batch": (batch, spec.model_batch),
     }
     for name, (got, want) in fits.items():
@@ -106,7 +118,7 @@ def check_call_shapes(ap: ArtifactPhase, batch: int, height_px: int, width_px: i
             "cfg": f"CFG is {'on' if got else 'off'} ({'guidance_scale > 1' if got else 'guidance_scale <= 1 or skip-layer guidance'}) but the artifact was exported with {'--cfg' if want else '--no-cfg'}",
             "height": f"height is {got} px but the artifact was exported for {want} px",
             "width": f"width is {got} px but the artifact was exported for {want} px",
-            "text_len": f"text length is {got} tokens but the artifact was exported for {want} (CLIP + max_sequence_length)",
+            "text_len": f"text length is {got} tokens but the artifact was exported for {want} (the pipeline's max_sequence_length sets it)",
             "batch": f"model batch is {got} rows but the artifact was exported for {want} ({spec.batch} prompt(s){' x 2 for CFG' if spec.cfg else ''})",
         }[name]
         raise ShapeError(f"{where}: {what} (phase {ap.phase.name!r}); export one that fits: {fix}")
@@ -134,22 +146,43 @@ def _artifact_transformer_class():
     return ShivaArtifactTransformer
 
 
+def _is_unset(value: Any) -> bool:
+    """A forward argument that asks for nothing: None, False, an empty container, or a dict of Nones
+    (PixArt's ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}``)."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, dict):
+        return all(_is_unset(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return len(value) == 0
+    return False
+
+
 class _ArtifactTransformerBase:
     """A ``pipe.transformer`` that runs one static graph per phase (ONNX Runtime or TensorRT).
 
+    Architecture-generic: the model's adapter (``shiva_export.models``) says which forward arguments are
+    graph inputs (``input_names``), which are baked in as constants (``static_inputs``: Flux's ``img_ids`` /
+    ``txt_ids``, whose RoPE the export computed), how to read the call's image size and text length
+    (``call_geometry``), how timesteps map to the phases' 0..1000 scale (``TIMESTEP_SCALE``) and whether
+    CFG is batched (``BATCHED_CFG``).
+
     Args:
-        config (dict): The diffusers transformer config (``SD3Transformer2DModel.load_config``); the torch
-            weights are never loaded. ``sample_size`` is set to the artifacts' latent size.
+        config (dict): The diffusers transformer config (``<ModelClass>.load_config``); the torch weights are
+            never loaded. ``sample_size`` follows the artifacts (``ModelAdapter.artifact_config``).
         phases (list[ArtifactPhase]): In sampling order; their t-ranges must tile the timestep axis.
         backend (str): ``ort`` or ``trt`` (reported in :attr:`shiva_info`).
+        adapter (ModelAdapter): The architecture adapter. Defaults to the one of ``config["_class_name"]``.
 
     Example:
         >>> module = ShivaArtifactTransformer(config, [ArtifactPhase(phase, spec, OrtRunner("model.onnx"))], "ort")
-        >>> pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=module)
+        >>> pipe = FluxPipeline.from_pretrained(folder, transformer=module)
     """
 
-    def __init__(self, config: dict[str, Any], phases: list[ArtifactPhase], backend: str):
+    def __init__(self, config: dict[str, Any], phases: list[ArtifactPhase], backend: str, adapter=None):
         from diffusers.configuration_utils import FrozenDict
+
+        from shiva_export.models import get_adapter
 
         super().__init__()
         if not phases:
@@ -158,13 +191,15 @@ class _ArtifactTransformerBase:
         sizes = {(p.spec.height, p.spec.width) for p in phases}
         if len(sizes) != 1:
             raise ShapeError(f"the phases' artifacts were exported for different image sizes {sorted(sizes)}; export every phase at one size.")
-        h, w = sizes.pop()
-        cfg = {k: v for k, v in dict(config).items()}
-        cfg["sample_size"] = h // VAE_SCALE if h == w else cfg.get("sample_size")
-        self._internal_dict = FrozenDict(cfg)
+        adapter = get_adapter(dict(config) if adapter is None else adapter)
+        self._internal_dict = FrozenDict(adapter.artifact_config(dict(config), phases[0].spec))
         self.phases = list(phases)
         self.backend = backend
         self.trace: list[str] = []
+        self._adapter = adapter
+        self._params = list(inspect.signature(adapter.model_class().forward).parameters)[1:]
+        self._statics: dict[InputSpec, dict[str, torch.Tensor]] = {}
+        self._static_names = set(adapter.static_inputs(self.config, phases[0].spec))
         # device/dtype for pipe.device, pipe.dtype and pipe.to(); carries no data.
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
 
@@ -175,6 +210,12 @@ class _ArtifactTransformerBase:
             "and the diffusers pipeline without it, not the Shiva pipeline."
         )
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """diffusers' ``CacheMixin.cache_context`` (``FluxPipeline`` enters it around every call): a static graph
+        has no step cache, so it is a no-op."""
+        yield
+
     @property
     def shiva_info(self) -> dict[str, Any]:
         """Artifacts per phase (paths, sha256, k per block), the backend and the phase trace of the calls."""
@@ -184,55 +225,88 @@ class _ArtifactTransformerBase:
             "trace": list(self.trace),
         }
 
-    def check_call(self, batch: int, height_px: int, width_px: int, text_len: int, cfg: bool, where: str = "pipeline call") -> None:
+    def check_call(self, batch: int, height_px: int, width_px: int, text_len: int | None, cfg: bool, where: str = "pipeline call") -> None:
         """Shape-contract check of a planned call against every phase (run before the first step)."""
         for p in self.phases:
             check_call_shapes(p, batch, height_px, width_px, text_len, cfg, where)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor = None,
-        pooled_projections: torch.Tensor = None,
-        timestep: torch.Tensor = None,
-        block_controlnet_hidden_states: list | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-        skip_layers: list[int] | None = None,
-    ):
-        if skip_layers is not None:
-            raise ConfigError(
-                f"skip-layer guidance (skip_layers={skip_layers}) is not in the static graph; call the pipeline with skip_guidance_layers=None."
-            )
-        if block_controlnet_hidden_states is not None:
-            raise ConfigError("ControlNet residuals are not in the static graph; use the torch backend for ControlNet.")
-        if joint_attention_kwargs:
-            raise ConfigError(
-                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} (LoRA scale, IP-Adapter) are not in the static graph; "
-                "fuse LoRA weights before export or use the torch backend."
-            )
-        if timestep is None or encoder_hidden_states is None or pooled_projections is None:
-            raise ConfigError("the static graph needs hidden_states, encoder_hidden_states, pooled_projections and timestep.")
-        i = phase_index([p.phase for p in self.phases], call_timestep(timestep))
-        ts = torch.as_tensor(timestep).reshape(-1)
-        ap = self.phases[i]
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if len(args) > len(self._params):
+            raise ConfigError(f"{self._adapter.MODEL_CLASS}.forward takes {len(self._params)} arguments, got {len(args)} positional ones.")
+        bound = dict(zip(self._params, args))
+        for k, v in kwargs.items():
+            if k not in self._params:
+                raise ConfigError(f"{self._adapter.MODEL_CLASS}.forward has no argument {k!r}; the pipeline and the artifact's model do not match.")
+            bound[k] = v
+        return bound
+
+    def _check_statics(self, ap: ArtifactPhase, call: dict[str, Any]) -> None:
+        """Arguments the export baked in as constants must arrive with exactly the baked values."""
+        key = ap.spec  # frozen dataclass: the baked values depend on the static shapes only
+        if key not in self._statics:
+            self._statics[key] = self._adapter.static_inputs(self.config, ap.spec)
+        for name, want in self._statics[key].items():
+            got = call.get(name)
+            if got is None:
+                raise ConfigError(f"{name} is baked into the graph (phase {ap.phase.name!r}) and the call passes none; call the transformer with {name}=.")
+            got = torch.as_tensor(got).detach().to("cpu", torch.float32)
+            if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want.to(torch.float32)):
+                what = f"shape {list(got.shape)}" if tuple(got.shape) != tuple(want.shape) else "other values"
+                raise ShapeError(
+                    f"pipeline call: {name} has {what} than the {list(want.shape)} baked into the graph for {ap.spec.width}x{ap.spec.height} px "
+                    f"and {ap.spec.text_len} text tokens (phase {ap.phase.name!r}); call at that size and text length, or export one that fits: "
+                    f"{export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}"
+                )
+
+    def forward(self, *args, **kwargs):
+        call = self._bind(args, kwargs)
+        adapter = self._adapter
+        return_dict = call.pop("return_dict", True)
+        names = adapter.input_names(self.config)
+        for name, value in call.items():
+            if name in names or name in self._static_names or _is_unset(value):
+                continue
+            why = adapter.UNSUPPORTED_CALL_ARGS.get(name, f"{name} is not an input of the static graph; use the torch backend")
+            raise ConfigError(f"{why} (got {name}={_short(value)}).")
+        hidden_states = call.get("hidden_states")
+        missing = [n for n in names if call.get(n) is None]
+        if missing or hidden_states is None:
+            raise ConfigError(f"the static graph needs {', '.join(names)}; the call passes no {', '.join(missing or ['hidden_states'])}.")
+        t = call_timestep(call["timestep"]) * adapter.TIMESTEP_SCALE
+        ap = self.phases[phase_index([p.phase for p in self.phases], t)]
         b = int(hidden_states.shape[0])
         # A CFG call is the pipeline's torch.cat([latents] * 2): both halves share the latent bit for bit.
-        cfg = b > 0 and b % 2 == 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
-        check_call_shapes(ap, b, int(hidden_states.shape[-2]) * VAE_SCALE, int(hidden_states.shape[-1]) * VAE_SCALE, int(encoder_hidden_states.shape[1]), cfg)
+        cfg = adapter.BATCHED_CFG and b > 0 and b % 2 == 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+        geo = adapter.call_geometry(self.config, call)
+        check_call_shapes(ap, b, geo["height"], geo["width"], geo["text_len"], cfg)
+        self._check_statics(ap, call)
+        shapes = adapter.input_shapes(self.config, ap.spec)
+        feed = {}
+        for n in names:
+            v = torch.as_tensor(call[n])
+            want = tuple(shapes[n])
+            if len(want) == 1 and v.numel() == 1:  # a per-row scalar given once (timestep of a scalar schedule)
+                v = v.reshape(1).expand(want[0])
+            if tuple(v.shape) != want:
+                raise ShapeError(f"pipeline call: {n} has shape {list(v.shape)} but the graph (phase {ap.phase.name!r}) takes {list(want)}; "
+                                 f"export one that fits: {export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}")
+            feed[n] = v
         self.trace.append(ap.phase.name)
-        feed = {
-            "hidden_states": hidden_states,
-            "encoder_hidden_states": encoder_hidden_states,
-            "pooled_projections": pooled_projections,
-            "timestep": ts.expand(b).to(torch.float32) if ts.numel() == 1 else ts.to(torch.float32),
-        }
         out = ap.run(feed).to(device=hidden_states.device, dtype=hidden_states.dtype)
         if not return_dict:
             return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(sorted(map(str, value))) + "}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class OrtRunner:
@@ -249,7 +323,8 @@ class OrtRunner:
         self.session = ort_session(self.path, provider=provider, threads=threads)
         self.provider = self.session.get_providers()[0]
         self._types = {i.name: i.type for i in self.session.get_inputs()}
-        self._np = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+        self._np = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(int64)": "int64",
+                    "tensor(int32)": "int32", "tensor(bool)": "bool"}
         #: graphs exported with ``--debug-outputs`` also return ``kept_indices.<block>``; with ``record`` set to
         #: a list, each call appends ``{block: indices}`` (for kept-index agreement checks).
         self.index_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("kept_indices.")]
@@ -261,7 +336,10 @@ class OrtRunner:
         arrays = {}
         for name, t in feed.items():
             want = self._np.get(self._types.get(name, "tensor(float)"), "float32")
-            arrays[name] = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy().astype(want, copy=False))
+            t = t.detach().to("cpu")
+            if want.startswith("float"):
+                t = t.to(torch.float32)  # then numpy casts to the graph's float width
+            arrays[name] = np.ascontiguousarray(t.numpy().astype(want, copy=False))
         names = ["sample"] + (self.index_outputs if self.record is not None else [])
         outs = self.session.run(names, arrays)
         if self.record is not None:

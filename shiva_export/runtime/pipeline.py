@@ -1,6 +1,8 @@
 """One call from a model name (or a diffusers pipeline) to a Shiva-pruned diffusers pipeline.
 
-:func:`load_pipeline` returns the real ``StableDiffusion3Pipeline`` whose ``transformer`` is, per backend:
+:func:`load_pipeline` returns the real diffusers pipeline of the model's architecture (the adapter's
+``PIPELINE_CLASS``: ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtSigmaPipeline``, ``DiTPipeline``)
+whose ``transformer`` is, per backend:
 
 - ``torch``: the diffusers transformer itself with :func:`~shiva_export.prune.api.apply_shiva_` (trained
   router from the recipe) and a timestep phase schedule (:func:`~shiva_export.prune.api.set_shiva_phases_`);
@@ -9,9 +11,13 @@
 - ``trt``: the same module over TensorRT engines (sha256 and manifest checked before loading).
 
 The torch transformer weights are never loaded for ``ort``/``trt`` pipelines: the module is built from
-``SD3Transformer2DModel.load_config`` and handed to ``from_pretrained(folder, transformer=module)`` (never
-assigned afterwards: diffusers would keep the default size of a transformer-less pipeline).
-:func:`shiva_pipeline` does the same for a pipeline the user already loaded.
+``<ModelClass>.load_config`` and handed to ``from_pretrained(folder, transformer=module)`` (never assigned
+afterwards: diffusers would keep the default size of a transformer-less pipeline).
+:func:`shiva_pipeline` prunes a pipeline the user already loaded (torch).
+
+This module is architecture-generic: the adapter says which pipeline class to load, how many blocks a config
+has, the image-size rules, whether CFG is batched (``BATCHED_CFG``), the ``max_sequence_length`` that gives
+the graph's text length, and any pipeline check (SD3: the CLIP tokenizer length).
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class ShivaPipelineInfo:
     pipeline_source: str
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     router: dict[str, Any] = field(default_factory=dict)
-    max_sequence_length: int = 256
+    max_sequence_length: int | None = 256
     text_len: int = 333
     height: int = 1024
     width: int = 1024
@@ -122,7 +128,7 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
         if not _is_pipeline_folder(p):
             raise WeightsError(
                 f"--weights {p} has no model_index.json, so it is not a diffusers pipeline folder; `generate` needs the whole pipeline "
-                "(text encoders, VAE, scheduler, transformer), e.g. the folder written by StableDiffusion3Pipeline.save_pretrained."
+                "(text encoders, VAE, scheduler, transformer), e.g. the folder written by the pipeline's save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
             from shiva_export.models.base import _check_weights_sha256
@@ -141,43 +147,47 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
     return repo, False
 
 
+def _adapter_of(rec: Recipe):
+    from shiva_export.models import adapter_for_architecture
+
+    return adapter_for_architecture(rec.architecture)
+
+
 def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
-    with quiet_libraries():  # importing the pipeline makes transformers log about torchvision image processors
-        from diffusers import StableDiffusion3Pipeline
+    adapter = _adapter_of(rec)
+    with quiet_libraries():  # importing a pipeline makes transformers log about torchvision image processors
+        pipe_cls = adapter.pipeline_class()
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     attempts = [True] if (is_local or offline) else [True, False]
     last: Exception | None = None
     if is_local:
-        import json
+        from shiva_export.runtime.embedded import _saved_none_components
 
-        index = json.loads((Path(location) / "model_index.json").read_text())
-        for comp in ("text_encoder_3", "tokenizer_3"):
-            if comp in index and index[comp] in ([None, None], None) and comp not in kwargs:
-                kwargs[comp] = None  # a pipeline saved without T5 reloads only when told so again
+        for comp, none in _saved_none_components(Path(location)).items():
+            kwargs.setdefault(comp, none)  # a pipeline saved without T5 reloads only when told so again
     for local_only in attempts:
         try:
             with quiet_libraries():
-                return StableDiffusion3Pipeline.from_pretrained(location, local_files_only=local_only, **kwargs)
+                return pipe_cls.from_pretrained(location, local_files_only=local_only, **kwargs)
         except Exception as err:  # noqa: BLE001 - hub, filesystem and config errors come in many types
             last = err
             if is_local:
                 break
     reason = str(last).splitlines()[0][:200] if last else "unknown error"
     if is_local:
-        raise WeightsError(f"Cannot load a StableDiffusion3Pipeline from {location}: {reason}. Is it a diffusers SD3/SD3.5 pipeline folder?")
+        raise WeightsError(f"Cannot load a {adapter.PIPELINE_CLASS} from {location}: {reason}. Is it a diffusers {adapter.NAME} pipeline folder?")
     raise ModelNotFoundError(
         f"Pipeline {location!r} (model {rec.name!r}) is not in the local Hugging Face cache and cannot be downloaded here ({reason}). "
         "Download it elsewhere and pass --weights PATH (a diffusers pipeline folder)."
     )
 
 
-def _transformer_config(location: str, is_local: bool) -> dict[str, Any]:
-    from diffusers import SD3Transformer2DModel
-
+def _transformer_config(location: str, is_local: bool, rec: Recipe) -> dict[str, Any]:
+    adapter = _adapter_of(rec)
     try:
         with quiet_libraries():
-            cfg = SD3Transformer2DModel.load_config(location, subfolder="transformer", local_files_only=True)
+            cfg = adapter.model_class().load_config(location, subfolder="transformer", local_files_only=True)
     except Exception as err:  # noqa: BLE001
         reason = str(err).splitlines()[0][:200]
         if not is_local:
@@ -187,9 +197,14 @@ def _transformer_config(location: str, is_local: bool) -> dict[str, Any]:
             ) from None
         raise WeightsError(f"Cannot read transformer/config.json of {location}: {reason}. Pass a diffusers pipeline folder.") from None
     cls = cfg.get("_class_name")
-    if cls not in (None, "SD3Transformer2DModel"):
-        raise WeightsError(f"{location}: transformer/config.json is a {cls}, not an SD3Transformer2DModel. Supported: SD3, SD3.5 pipelines.")
-    return dict(cfg)
+    if cls not in (None, *adapter.config_class_names()):
+        raise WeightsError(
+            f"{location}: transformer/config.json is a {cls}, not a {adapter.MODEL_CLASS}; recipe {rec.name!r} is for architecture "
+            f"{rec.architecture!r}. Pass the matching --model or --recipe."
+        )
+    cfg = dict(cfg)
+    cfg["_class_name"] = adapter.MODEL_CLASS  # hub DiT/PixArt configs say Transformer2DModel
+    return cfg
 
 
 def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLike | Recipe | None = None, weights=None, transformer=None):
@@ -201,15 +216,11 @@ def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLi
 
 
 def _recipe(model: str | None, recipe) -> Recipe:
+    """The recipe of a generation run; its architecture must declare a diffusers pipeline (one line if not)."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
-    if rec.architecture != "sd3":
-        from shiva_export.models import adapter_for_architecture
-
-        pipe_cls = adapter_for_architecture(rec.architecture).PIPELINE_CLASS
-        raise ConfigError(
-            f"the generation runtime supports architecture 'sd3' only; {rec.name!r} is {rec.architecture!r} ({pipe_cls} is not wired yet). "
-            "Use an SD3/SD3.5 model, or export this one with `shiva-export onnx` / `trt`."
-        )
+    adapter = _adapter_of(rec)
+    if not adapter.PIPELINE_CLASS:
+        adapter.pipeline_class()  # raises the one-line ConfigError
     return rec
 
 
@@ -328,7 +339,9 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
                 f"--artifact {p} was exported from another transformer (config sha256 {want[:12]}... != {_config_hash(config)[:12]}...); "
                 "export it from this pipeline's transformer."
             )
-        n_layers = int(config["num_layers"])
+        from shiva_export.models import get_adapter
+
+        n_layers = get_adapter(config).config_num_blocks(config)
         keep = meta.get("keep_ratios") or [None] * n_layers
         from shiva_export.utils.io import safe_component
 
@@ -366,7 +379,7 @@ def load_pipeline(
     """Loads a diffusers pipeline with a Shiva-pruned transformer.
 
     Args:
-        model (str): Built-in model name (``sd35-tiny``, ``sd3-tiny``, ``sd3-mid``, ``sd35``, ...).
+        model (str): Built-in model name (``sd35-tiny``, ``flux-tiny``, ``pixart-tiny``, ``dit-tiny``, ``sd35``, ...).
         backend (str): ``torch``, ``ort`` or ``trt``. Defaults to ``torch``.
         ratio (float): Fraction of image tokens pruned per routed block (one phase). Defaults to the
             recipe's first ratio.
@@ -379,7 +392,8 @@ def load_pipeline(
             per phase; their phases and shapes come from their metadata. Defaults to exporting on demand.
         height, width (int): Pixels of the static graphs. Default to the recipe's shapes.
         batch (int): Prompts per call of the static graphs. Defaults to 1.
-        cfg (bool): Classifier-free guidance (the graph batch holds uncond + cond). Defaults to True.
+        cfg (bool): Classifier-free guidance (the graph batch holds uncond + cond); always off for architectures
+            without batched CFG (Flux). Defaults to True.
         dtype (str): Graph dtype (``ort``/``trt``), or the torch pipeline's dtype (``torch``: fp32, fp16 or bf16;
             routers keep computing in fp32). Defaults to ``fp32``.
         device (str): ``cpu`` or ``cuda``: where the pipeline (text encoders, VAE, torch transformer) runs.
@@ -388,11 +402,14 @@ def load_pipeline(
         artifact_root (PathLike): Where exported graphs are cached. Defaults to ``engines``.
 
     Returns:
-        StableDiffusion3Pipeline: with ``pipe.shiva`` (:class:`ShivaPipelineInfo`).
+        DiffusionPipeline: the architecture's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``,
+        ``PixArtSigmaPipeline`` or ``DiTPipeline``) with ``pipe.shiva`` (:class:`ShivaPipelineInfo`).
 
     Example:
         >>> pipe = load_pipeline("sd35-tiny", backend="ort", ratio=0.4)
         >>> image = pipe("a red cube", num_inference_steps=12, max_sequence_length=pipe.shiva.max_sequence_length).images[0]
+        >>> flux = load_pipeline("flux-tiny", backend="ort", ratio=0.4)   # FluxPipeline; cfg is off (guidance embedding)
+        >>> dit = load_pipeline("dit-tiny", backend="torch", ratio=0.4)   # DiTPipeline: dit(class_labels=dit.get_label_ids(["cat"]))
     """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
@@ -412,20 +429,21 @@ def load_pipeline(
     if dense and (ratio not in (None, 0.0) or phases):
         raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
     say("load pipeline")
+    adapter = _adapter_of(rec)
+    cfg = cfg and adapter.BATCHED_CFG  # Flux: guidance is an embedding, never a [uncond; cond] batch
     loc, local = _pipeline_location(rec, weights)
-    config = _transformer_config(loc, local)
-    n_layers = int(config["num_layers"])
+    config = _transformer_config(loc, local, rec)
+    n_layers = adapter.config_num_blocks(config)
     h = rec.shapes.height if height is None else height
     w = rec.shapes.width if width is None else width
-    from shiva_export.models.sd3 import InputSpec, check_image_size
+    from shiva_export.models import InputSpec
 
-    check_image_size(config_obj(config), h, w)
-    clip_len = rec.pipeline.clip_max_length
+    adapter.check_image_size(config_obj(config), h, w)
     info_kwargs: dict[str, Any] = {}
 
     if backend == "torch":
         pipe = _from_pretrained(loc, local, rec)
-        _check_clip_length(pipe, clip_len, rec)
+        adapter.check_pipeline(pipe, rec)
         if dense:
             phase_list: tuple[TimestepPhase, ...] = ()
             router_info = {"source": "none (dense)"}
@@ -459,20 +477,15 @@ def load_pipeline(
                     info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say)
                     run = TrtRunner(info["engine"])
                 aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
-        module = ShivaArtifactTransformer(config, aps, backend)
+        module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
         pipe = _from_pretrained(loc, local, rec, transformer=module)
-        _check_clip_length(pipe, clip_len, rec)
+        adapter.check_pipeline(pipe, rec)
         artifacts_info = [a.info for a in aps]
         router_info = {"router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})}
         text_len = aps[0].spec.text_len
         h, w, batch, cfg = aps[0].spec.height, aps[0].spec.width, aps[0].spec.batch, aps[0].spec.cfg
         info_kwargs["dtype"] = aps[0].dtype
-    max_seq = text_len - pipe.tokenizer.model_max_length
-    if max_seq < 1:
-        raise ConfigError(
-            f"the graph's text length {text_len} leaves {max_seq} T5 tokens after the CLIP tokenizer's {pipe.tokenizer.model_max_length}; "
-            "export with --text-len > CLIP length."
-        )
+    max_seq = adapter.max_sequence_length(pipe, text_len)  # what the pipeline must encode for the graph's text length
     if device != "cpu":
         pipe.to(device)
     if backend == "torch" and dtype != "fp32":
@@ -491,16 +504,10 @@ def load_pipeline(
 
 
 def config_obj(config: dict[str, Any]):
-    """Attribute view of a config dict (what the sd3 helpers read)."""
+    """Attribute view of a config dict (what the adapters' size helpers read)."""
     from types import SimpleNamespace
 
     return SimpleNamespace(**{k: v for k, v in config.items() if not k.startswith("_")})
-
-
-def _check_clip_length(pipe, clip_len: int, rec: Recipe) -> None:
-    got = getattr(pipe.tokenizer, "model_max_length", None)
-    if got is not None and got != clip_len and rec.model.source in ("embedded", "local"):
-        raise ConfigError(f"{rec.source_path}: pipeline.clip_max_length = {clip_len} but the pipeline's CLIP tokenizer takes {got}; fix the recipe.")
 
 
 def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool) -> dict[str, Any]:
@@ -563,10 +570,9 @@ def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | 
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
     router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg and adapter.BATCHED_CFG)
     text_len = rec.shapes.text_len
-    tokenizer = getattr(pipe, "tokenizer", None)
     pipe.shiva = ShivaPipelineInfo(
         model=rec.name, backend="torch", recipe=rec, phases=phase_list, dense=False, pipeline_source="(user pipeline)", router=router_info,
-        max_sequence_length=max(1, text_len - tokenizer.model_max_length) if adapter.NAME == "sd3" and tokenizer is not None else text_len, text_len=text_len, height=rec.shapes.height,
-        width=rec.shapes.width, cfg=cfg,
+        max_sequence_length=adapter.max_sequence_length(pipe, text_len), text_len=text_len, height=rec.shapes.height,
+        width=rec.shapes.width, cfg=cfg and adapter.BATCHED_CFG,
     )
     return pipe
