@@ -151,3 +151,14 @@ def test_cfg_pair_student_equals_cfg_inference_and_trains(tmp_path):
     res = train("sd35-tiny", TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=1, batch=2, cfg_pairs=True, caption_dropout=0.1,
                                          out_dir=tmp_path, checkpoint_every=100))
     assert res.finished and abs(res.mean_keep - 0.6) <= 0.02
+
+
+def test_written_recipe_of_a_local_model_finds_its_weights(tmp_path):
+    from shiva_export.models import load_transformer
+    from shiva_export.recipe import load_recipe
+    from shiva_export.train.loop import train
+
+    res = train("sd35-shapes", TrainConfig(warmup_steps=1, policy_steps=1, joint_steps=1, batch=2, out_dir=tmp_path / "out", checkpoint_every=100))
+    rec = load_recipe(res.recipe_path)
+    assert rec.model.source == "local" and (rec.local_pipeline_path() / "model_index.json").is_file()
+    assert load_transformer(recipe=rec) is not None
