@@ -82,6 +82,11 @@ def test_policy_keep_floor():
     assert float(pol.keep_of(torch.tensor(-1e4))) == pytest.approx(0.2)
     with pytest.raises(ConfigError, match="min_keep"):
         RatioPolicy(6, target=0.6, min_keep=0.7)
+    bounded = RatioPolicy(6, target=0.6, min_keep=0.2, max_logit=4.0)
+    with torch.no_grad():
+        bounded.b_anchor.fill_(1e4)  # a drifted anchor: the logit stays inside (-4, 4)
+    z = bounded.logits(torch.tensor([500.0]), torch.arange(1, 6)).detach()
+    assert float(z.max()) <= 4.0 and float(z.max()) > 3.99
     with pytest.raises(ConfigError, match="estimator"):
         TrainConfig(estimator="magic")
     with pytest.raises(ConfigError, match="budget_timesteps"):
@@ -119,7 +124,7 @@ def test_cli_validate_estimator_and_paper_only_train(tmp_path, capsys):
     lut = json.loads((out_dir / "lut.json").read_text())
     assert lut["estimator"] == "residual" and lut["min_keep"] == 0.0
     ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
-    assert ck["config"]["importance_weight"] == 0.0 and ck["config"]["budget_timesteps"] == "batch"
+    assert ck["config"]["importance_weight"] == 0.0 and ck["config"]["budget_timesteps"] == "batch" and ck["config"]["budget"] == "ema"
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"distill", "keep", "samples_per_s", "eta_s"} <= set(rows[0])
 

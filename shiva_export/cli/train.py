@@ -65,9 +65,12 @@ def train_command(
     estimator: Annotated[str, typer.Option("--estimator", help="Gradient estimator: output-gated (default; measured right in sign) | residual (the paper's STE).")] = "output-gated",
     importance_weight: Annotated[float, typer.Option("--importance-weight", help="Weight of the importance-correlation auxiliary (not in the paper; ~100x the distillation loss in size). 0 = off.")] = 0.0,
     min_keep: Annotated[float, typer.Option("--min-keep", help="Floor of every learned keep ratio (no layer collapses).")] = 0.2,
+    max_logit: Annotated[float | None, typer.Option("--max-logit", help="Smooth bound of the policy logits (m tanh(z/m)); stops saturated logits from drifting.")] = 4.0,
+    budget: Annotated[str, typer.Option("--budget", help="project (hard: the policy's sampler-LUT mean is the target every step) | ema (the paper's soft EMA loss, weight --lambda-budget).")] = "project",
+    lambda_budget: Annotated[float, typer.Option("--lambda-budget", help="Weight of the EMA budget loss (--budget ema).")] = 1.0,
     budget_timesteps: Annotated[str, typer.Option("--budget-timesteps", help="sampler (the LUT over the deployment sampler's timesteps) | batch (the paper's).")] = "sampler",
     budget_measure: Annotated[str, typer.Option("--budget-measure", help="tokens (mean keep) | flops (the uniform keep with the same FLOPs).")] = "tokens",
-    paper_only: Annotated[bool, typer.Option("--paper-only", help="The paper's objective as published: residual STE, no importance auxiliary, no keep floor, budget on the batch's timesteps.")] = False,
+    paper_only: Annotated[bool, typer.Option("--paper-only", help="The paper's objective as published: residual STE, no importance auxiliary, no keep floor, the soft EMA budget on the batch's timesteps.")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU).")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="Backbone dtype: fp32 | bf16 | fp16 (routers, policy and losses stay fp32).")] = "fp32",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute routed blocks in the backward (less memory).")] = False,
@@ -100,8 +103,12 @@ def train_command(
         raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
     if paper_only:
-        estimator, importance_weight, min_keep, budget_timesteps = "residual", 0.0, 0.0, "batch"
+        estimator, importance_weight, min_keep, budget, budget_timesteps = "residual", 0.0, 0.0, "ema", "batch"
+        max_logit = None
     cfg = TrainConfig(
+        max_logit=max_logit,
+        budget=budget,
+        lambda_budget=lambda_budget,
         estimator=estimator,
         importance_weight=importance_weight,
         min_keep=min_keep,

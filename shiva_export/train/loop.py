@@ -107,6 +107,14 @@ class TrainConfig:
             paper's Eq. 7/23 STE). Defaults to ``"output-gated"``.
         min_keep (float): Floor of every learned keep ratio (``RatioPolicy.min_keep``), in
             ``[0, target_keep)``. Defaults to 0.2.
+        max_logit (float | None): Smooth bound of the policy logits (``RatioPolicy.max_logit``); None is the
+            paper's unbounded logit. Defaults to 4.0.
+        budget (str): ``"project"``: a hard budget; before every policy step ``b_anchor`` is shifted so
+            the policy's measure over the deployment sampler's timesteps equals the target, so the policy
+            learns where to spend a fixed budget (the distillation loss alone would ask for more tokens
+            everywhere). ``"ema"``: the paper's soft EMA budget loss (Eqs. 12-13, weight
+            ``lambda_budget``), which holds the target only when ``lambda_budget`` matches the scale of the
+            loss's keep gradient. Defaults to ``"project"``.
         budget_timesteps (str): Where the budget measures the policy's mean keep: ``"sampler"`` (its LUT
             over the deployment sampler's timesteps, every step: what deployment runs) or ``"batch"`` (the
             batch's stratified training timesteps, the paper's). Defaults to ``"sampler"``.
@@ -174,6 +182,8 @@ class TrainConfig:
     importance_weight: float = 0.0
     estimator: str = "output-gated"
     min_keep: float = 0.2
+    max_logit: float | None = 4.0
+    budget: str = "project"
     budget_timesteps: str = "sampler"
     budget_measure: str = "tokens"
     max_calibration_shift: float = 0.2
@@ -245,6 +255,8 @@ class TrainConfig:
             raise ConfigError(f"estimator {self.estimator!r} is unknown; choose one of {', '.join(ESTIMATORS)}.")
         if not (isinstance(self.min_keep, (int, float)) and 0.0 <= self.min_keep < self.target_keep):
             raise ConfigError(f"min_keep is {self.min_keep!r}; expected 0 <= min_keep < target_keep ({self.target_keep}).")
+        if self.budget not in ("project", "ema"):
+            raise ConfigError(f"budget {self.budget!r} is unknown; choose 'project' (hard, default) or 'ema' (the paper's soft loss).")
         if self.budget_timesteps not in ("sampler", "batch"):
             raise ConfigError(f"budget_timesteps {self.budget_timesteps!r} is unknown; choose 'sampler' or 'batch'.")
         if self.budget_measure not in KEEP_MEASURES:
@@ -553,13 +565,17 @@ def _importance_loss(scores: dict[int, torch.Tensor], importance: dict[int, torc
 def _calibrate_anchor(policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float, measure: KeepMeasure | None = None) -> tuple[float, float]:
     """Shifts ``b_anchor`` so the LUT's budget measure equals ``target``; returns (raw measure, shift)."""
     measure = measure or KeepMeasure("tokens")
+    t, ids = torch.tensor(timesteps), torch.tensor(layers)
+
+    def at(shift: float) -> float:
+        return float(measure(policy.keep_of(policy.logits(t, ids, noise=False, anchor_shift=shift).double().cpu())))
+
     with torch.no_grad():
-        z = policy.logits(torch.tensor(timesteps), torch.tensor(layers), noise=False).double().cpu()
-        raw = float(measure(policy.keep_of(z)))
+        raw = at(0.0)
         lo, hi = -20.0, 20.0
-        for _ in range(100):
+        for _ in range(60):
             mid = 0.5 * (lo + hi)
-            if float(measure(policy.keep_of(z + mid))) < target:
+            if at(mid) < target:
                 lo = mid
             else:
                 hi = mid
@@ -737,7 +753,7 @@ def train(
             p.requires_grad_(True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # reproducible policy init (nn.Linear draws from the global RNG)
-            policy = RatioPolicy(n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std, min_keep=cfg.min_keep)
+            policy = RatioPolicy(n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std, min_keep=cfg.min_keep, max_logit=cfg.max_logit)
         policy.to(device)
         measure = KeepMeasure.for_model(cfg.budget_measure, transformer, n_tokens, text_len, routed, rec.router.bottleneck)
         budget = EMABudget(cfg.target_keep, beta=cfg.ema_beta, lam=cfg.lambda_budget, sync=False).to(device)
@@ -827,6 +843,11 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             temps.apply(topk, step)
+            if stage > 0 and cfg.budget == "project":
+                # hard budget: shift b_anchor so the policy's measure over the deployment sampler's timesteps is
+                # the target, before this step's keeps are drawn (identical on every rank)
+                with torch.no_grad():
+                    _calibrate_anchor(policy, sampler_t.tolist(), routed, cfg.target_keep, measure)
             # -- global draws (identical on every rank): timesteps, keep ratios, data
             t_all = stratified_timesteps(cfg.batch, generator=gen)
             t_dev = t_all.to(device)
@@ -886,8 +907,11 @@ def train(
             if stage > 0:  # once per optimizer step, identical on every rank
                 table = policy(sampler_t.to(device), layer_ids, noise=False) if cfg.budget_timesteps == "sampler" else keep_rows(list(range(cfg.batch)))
                 b_measure = measure(table)
-                b_loss = budget(b_measure.reshape(1))
-                (b_loss / dist.world).backward()
+                if cfg.budget == "ema":
+                    b_loss = budget(b_measure.reshape(1))
+                    (b_loss / dist.world).backward()
+                else:
+                    budget.update(b_measure.detach())  # mu: logged only
             dist.all_reduce_grads_(trainable)
             opt.step()
             step += 1
@@ -982,7 +1006,7 @@ def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
     old = ck.get("config", {})
     if ck.get("model") != rec.name:
         raise ConfigError(f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir.")
-    for key in ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "cfg_pairs", "caption_dropout", "budget_timesteps", "budget_measure"):
+    for key in ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "max_logit", "cfg_pairs", "caption_dropout", "budget", "budget_timesteps", "budget_measure"):
         if old.get(key) != getattr(cfg, key):
             raise ConfigError(
                 f"checkpoint {path} has {key} = {old.get(key)!r}, this run {getattr(cfg, key)!r}; expected the same value. "

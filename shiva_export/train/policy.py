@@ -86,6 +86,10 @@ class RatioPolicy(nn.Module):
         min_keep (float): Floor of every keep ratio: ``keep = min_keep + (1 - min_keep) * sigmoid(z)``, so no
             layer collapses to a handful of tokens (not in the paper, which uses a bare sigmoid). In
             ``[0, target)``. Defaults to 0.0.
+        max_logit (float | None): Bound the logits smoothly to ``(-m, m)`` (``m tanh(z / m)``). Without a
+            bound, a layer whose keep sits at the floor or ceiling has a near-zero gradient that Adam still
+            turns into steps of ``lr``: its logit drifts without limit (measured: -1400 after 250 steps).
+            Defaults to None (the paper's unbounded logit).
 
     Example:
         >>> policy = RatioPolicy(num_layers=24, target=0.6)
@@ -102,6 +106,7 @@ class RatioPolicy(nn.Module):
         logit_noise: bool = False,
         logit_noise_std: float = 1.0,
         min_keep: float = 0.0,
+        max_logit: float | None = None,
     ):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -114,6 +119,9 @@ class RatioPolicy(nn.Module):
         self.num_layers = num_layers
         self.target = float(target)
         self.min_keep = float(min_keep)
+        if max_logit is not None and not (isinstance(max_logit, (int, float)) and max_logit > 0):
+            raise ConfigError(f"max_logit is {max_logit!r}; expected a float > 0 or None.")
+        self.max_logit = None if max_logit is None else float(max_logit)
         self.embed_dim = embed_dim
         self.logit_noise = bool(logit_noise)
         self.logit_noise_std = float(logit_noise_std)
@@ -134,6 +142,7 @@ class RatioPolicy(nn.Module):
         layers: torch.Tensor,
         noise: bool | None = None,
         generator: torch.Generator | None = None,
+        anchor_shift: float = 0.0,
     ) -> torch.Tensor:
         """``[len(timesteps), len(layers)]`` policy logits.
 
@@ -142,6 +151,7 @@ class RatioPolicy(nn.Module):
             layers (torch.Tensor): ``[L]`` layer ids in ``[0, num_layers)``.
             noise (bool | None): Add logit noise. Defaults to ``training and logit_noise``.
             generator (torch.Generator | None): RNG of the noise.
+            anchor_shift (float): Added to ``b_anchor`` (budget projection and calibration). Defaults to 0.
         """
         device = self.b_anchor.device
         t = torch.as_tensor(timesteps, device=device).reshape(-1)
@@ -153,7 +163,9 @@ class RatioPolicy(nn.Module):
             )
         phi_t = self.time_mlp(timestep_embedding(t, self.embed_dim))  # [T, 1]
         phi_l = self.layer_mlp(self.layer_embed(ids)).reshape(1, -1)  # [1, L]
-        z = phi_t + phi_l + self.b_anchor
+        z = phi_t + phi_l + self.b_anchor + anchor_shift
+        if self.max_logit is not None:  # bounded: Adam keeps moving saturated logits at lr per step otherwise
+            z = self.max_logit * torch.tanh(z / self.max_logit)
         if noise is None:
             noise = self.training and self.logit_noise
         if noise and self.logit_noise_std > 0:
