@@ -1091,8 +1091,9 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     content["schedule"] = {"target_keep": cfg.target_keep, "timesteps": timesteps, "lut": lut_rows, "phases": phase_rows}
     if rec.model.source == "local" and rec.model.path and rec.source_path is not None and not Path(rec.model.path).is_absolute():
         # the written recipe lives in out_dir: keep the base recipe's local weights folder reachable from there
-        base = (rec.source_path.parent / rec.model.path).resolve()
-        content["model"] = dict(content["model"], path=os.path.relpath(base, out_dir.resolve()))
+        base, out = (rec.source_path.parent / rec.model.path).resolve(), out_dir.resolve()
+        near = os.path.commonpath([base, out]) != os.path.abspath(os.sep)
+        content["model"] = dict(content["model"], path=os.path.relpath(base, out) if near else str(base))
     if result.dora is not None:  # -- DoRA: router and schedule bound to the merged weights (path + sha256), never the base
         content["model"] = {"source": "local", "path": Path(result.dora["path"]).name, "sha256": result.dora["sha256"]}
         content["description"] += f" + DoRA r={cfg.dora_rank} merged into {Path(result.dora['path']).name}/"
