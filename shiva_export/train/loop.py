@@ -109,8 +109,9 @@ class TrainConfig:
             ``[0, target_keep)``. Defaults to 0.2.
         max_logit (float | None): Smooth bound of the policy logits (``RatioPolicy.max_logit``); None is the
             paper's unbounded logit. Defaults to 4.0.
-        budget (str): ``"project"``: a hard budget; before every policy step ``b_anchor`` is shifted so
-            the policy's measure over the deployment sampler's timesteps equals the target, so the policy
+        budget (str): ``"project"``: a hard budget; after every policy update ``b_anchor`` is shifted so
+            the policy's measure over the deployment sampler's timesteps equals the target (the shift is
+            logged as ``budget_shift``), so the policy
             learns where to spend a fixed budget (the distillation loss alone would ask for more tokens
             everywhere). ``"ema"``: the paper's soft EMA budget loss (Eqs. 12-13, weight
             ``lambda_budget``), which holds the target only when ``lambda_budget`` matches the scale of the
@@ -843,11 +844,6 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             temps.apply(topk, step)
-            if stage > 0 and cfg.budget == "project":
-                # hard budget: shift b_anchor so the policy's measure over the deployment sampler's timesteps is
-                # the target, before this step's keeps are drawn (identical on every rank)
-                with torch.no_grad():
-                    _calibrate_anchor(policy, sampler_t.tolist(), routed, cfg.target_keep, measure)
             # -- global draws (identical on every rank): timesteps, keep ratios, data
             t_all = stratified_timesteps(cfg.batch, generator=gen)
             t_dev = t_all.to(device)
@@ -914,6 +910,13 @@ def train(
                     budget.update(b_measure.detach())  # mu: logged only
             dist.all_reduce_grads_(trainable)
             opt.step()
+            projected = None
+            if stage > 0 and cfg.budget == "project":
+                # hard budget: after every policy update, shift b_anchor so the policy's measure over the deployment
+                # sampler's timesteps is the target again (identical on every rank); the policy the next step uses,
+                # and the one written at the end, is on budget
+                with torch.no_grad():
+                    projected = _calibrate_anchor(policy, sampler_t.tolist(), routed, cfg.target_keep, measure)[1]
             step += 1
             tot = dist.all_reduce_sum([sums["distill"], sums["flow"], sums["importance"]])
             distill_v, flow_v, imp_v = (v / cfg.batch for v in tot)
@@ -934,6 +937,7 @@ def train(
                 "importance": imp_v if has["importance"] else None,
                 "mean_keep": float(keep_all.detach().mean()),
                 "budget_keep": None if b_measure is None else float(b_measure.detach()),
+                "budget_shift": projected,
                 "keep": [round(float(v), 4) for v in keep_all.detach().float().mean(0).tolist()],
                 "mu": float(budget.mu),
                 "tau_rank": topk.tau_rank,
