@@ -17,7 +17,7 @@ from typing import Any
 from shiva_export.errors import ConfigError, RouterError
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
+from shiva_export.models import InputSpec, adapter_for_architecture, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.prune.schedule import budget_label
@@ -146,6 +146,7 @@ def export_pruned(
     debug_outputs: bool = False,
     extra_metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    bounded: bool | None = None,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -174,6 +175,10 @@ def export_pruned(
         debug_outputs (bool): Add ``kept_indices.<block>`` outputs to the graph. Defaults to False.
         extra_metadata (dict): More ``shiva.*`` metadata for the ONNX (e.g. the engine cache's export key).
         progress (Callable[[str], None]): Called with a stage name when each stage starts. Defaults to None.
+        bounded (bool): Bounded-memory export (``shiva_export.export.lazy``): the model is traced with fake
+            weights and each weight is made, cast, written and freed in turn, so peak memory stays near the
+            largest tensors instead of 4x the model; same graph and bytes. Embedded (seeded) models only.
+            Defaults to None: on for embedded models, off for checkpoints.
     """
     import time
 
@@ -213,9 +218,23 @@ def export_pruned(
     elif phase is None and keep_ratios is None:
         _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype))
 
+    embedded = weights is None and rec.model.source == "embedded"
+    if bounded is None:
+        bounded = embedded
+    elif bounded and not embedded:
+        raise ConfigError(
+            f"bounded-memory export needs an embedded (seeded) model; {rec.name!r} loads checkpoint weights. "
+            "Export it without --bounded (eager loading), or use a *-shape recipe."
+        )
     say("load model")
     t0 = time.perf_counter()
-    transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+    lazy_weights = None
+    if bounded:
+        from shiva_export.export.lazy import build_embedded_lazy, fake_placeholders_
+
+        transformer, lazy_weights = build_embedded_lazy(adapter_for_architecture(rec.architecture), rec.model.config, rec.model.seed)
+    else:
+        transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     load_seconds = time.perf_counter() - t0
     check_image_size(transformer, spec.height, spec.width)
     n_layers = num_blocks(transformer)
@@ -251,6 +270,10 @@ def export_pruned(
             export_model = copy.deepcopy(transformer).to(torch_dtype(dtype))
         finally:
             dlogging.set_verbosity(level)
+    if lazy_weights is not None:  # fake CPU tensors in place of the meta placeholders, before routers read the device
+        fake_placeholders_(transformer, lazy_weights)
+        if export_model is not None:
+            fake_placeholders_(export_model, lazy_weights)
     if dense:
         router_info.update(tensor_sha256=None, num_routers=0, parameters=0)
     else:
@@ -297,6 +320,7 @@ def export_pruned(
         routed_blocks=None if dense else list(config.routed_blocks),
         metadata=meta,
         debug_outputs=debug_outputs,
+        weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
     )
     if export_model is not transformer:
         del export_model
@@ -304,6 +328,10 @@ def export_pruned(
     parity = None
     if validate:
         say("parity (onnxruntime cpu)")
+        if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
+            from shiva_export.export.lazy import materialize_
+
+            materialize_(transformer, lazy_weights)
         tol = rec.tolerance(dtype)
         timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
         cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]

@@ -130,9 +130,7 @@ class ModelAdapter:
     def build_embedded(self, config: dict[str, Any], seed: int = 0) -> nn.Module:
         """The transformer from a config dict with seeded random weights (no download)."""
         cls = self.model_class()
-        for key, v in dict(config).items():  # negative or absurd sizes: one line, not an allocation that never ends
-            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
-                raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
+        self.check_config_ranges(config)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -140,6 +138,12 @@ class ModelAdapter:
         except TypeError as err:
             raise ConfigError(f"Invalid {self.MODEL_CLASS} config: {err}. Check [model.config] in the recipe.") from None
         return model.eval()
+
+    def check_config_ranges(self, config: dict[str, Any]) -> None:
+        """Negative or absurd sizes in ``[model.config]``: one line, not an allocation that never ends."""
+        for key, v in dict(config).items():
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
+                raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
 
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """TOML gives lists where the model wants tuples; adapters convert such keys here."""
