@@ -159,6 +159,45 @@ def test_tracing_sees_no_real_weight(pair):
     assert all(n.startswith("transformer.shiva_routers.") or numel <= 1024 for n, numel in seen["real"].items()), seen["real"]
 
 
-def test_bounded_needs_an_embedded_model():
-    with pytest.raises(ConfigError, match="embedded"):
+def test_bounded_needs_weights_it_can_read_lazily():
+    with pytest.raises(ConfigError, match="lazily"):  # a hub id that is not cached (tests run offline)
         export_pruned(model="sd35", bounded=True, validate=False)
+
+
+def test_weights_folder_export_is_bounded_and_equal_to_eager(tmp_path):
+    """A save_pretrained folder (--weights): read tensor by tensor from the safetensors, same file as eager."""
+    rec = load_recipe("flux-tiny")
+    adapter_for_architecture("flux").build_embedded(rec.model.config, seed=3).save_pretrained(tmp_path / "t")
+    kw = dict(model="flux-tiny", weights=tmp_path / "t", ratio=0.4, dtype="fp16")
+    eager = export_pruned(**kw, out=tmp_path / "eager.onnx", validate=False, bounded=False)
+    bounded = export_pruned(**kw, out=tmp_path / "bounded.onnx", validate=True, parity_cases=1)  # bounded by default
+    assert eager.export.onnx_sha256 == bounded.export.onnx_sha256
+    assert bounded.parity.passed, bounded.parity.summary_line()
+
+
+@pytest.mark.slow
+def test_checkpoint_export_is_bounded_and_equal_to_eager(tmp_path):
+    """The shipped trained pipeline (fp16 safetensors): read tensor by tensor, same file as the eager path."""
+    kw = dict(model="sd35-shapes", ratio=0.4, dtype="fp16")
+    eager = export_pruned(**kw, out=tmp_path / "eager.onnx", validate=False, bounded=False)
+    bounded = export_pruned(**kw, out=tmp_path / "bounded.onnx", validate=True, parity_cases=1)  # bounded by default
+    assert eager.export.onnx_sha256 == bounded.export.onnx_sha256
+    assert bounded.parity.passed, bounded.parity.summary_line()
+
+
+def test_checkpoint_with_a_missing_tensor_is_a_load_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from shiva_export.errors import WeightsError
+    from shiva_export.export.lazy import lazy_transformer
+
+    rec = load_recipe("flux-tiny")
+    adapter_for_architecture("flux").build_embedded(rec.model.config).save_pretrained(tmp_path / "t")
+    st = tmp_path / "t" / "diffusion_pytorch_model.safetensors"
+    model, weights = lazy_transformer(rec, tmp_path / "t")
+    assert all(is_lazy(t) for t in model.state_dict().values())  # every tensor from the file, none resident
+    tensors = load_file(str(st))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(st))
+    with pytest.raises(WeightsError, match=f"missing keys: {dropped}"):
+        lazy_transformer(rec, tmp_path / "t")

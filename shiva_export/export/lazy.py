@@ -2,9 +2,9 @@
 ONNX external-data file one tensor at a time.
 
 Why (issue 12): the eager path holds the fp32 model, an fp16 copy and the exporter's own references at
-once (SD3.5-Medium shape: 20.1 GB peak RSS for 4.96 GB written), so 8-12 B-parameter models cannot be
+once (SD3.5-Medium shape: 20.6 GB peak RSS for 4.97 GB written), so 8-12 B-parameter models cannot be
 exported on a workstation. Here no full-size weight tensor exists while tracing, and each is materialised,
-cast to the export dtype, written and freed at save time.
+cast to the export dtype, written and freed at save time (docs/benchmarks.md §5 has the numbers).
 
 Two pieces:
 
@@ -13,14 +13,19 @@ Two pieces:
   modules initialise from the global CPU generator in construction order, so the construction itself is
   run, under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that turns each large
   ``aten.empty`` into a ``meta`` tensor and, for each random in-place init on it (``uniform_``,
-  ``normal_``), saves the generator state, advances the generator exactly as the real op would (same op on
-  a scratch tensor of the same shape, then freed) and records the op. Replaying the recorded ops from the
-  saved states gives the same bits as the eager build. Any other op on a placeholder (a post-init edit the
-  recorder does not understand) stops the build with :class:`~shiva_export.errors.ShivaInternalError`
-  instead of writing wrong weights.
-- :class:`StreamedTensor` is an ``onnx_ir`` lazy tensor: the ONNX optimizer sees a zero-byte stand-in of
-  the right shape for tensors above its folding limit (it only ever folds ``Transpose`` of such weights,
-  which is recorded as a lazy transpose), and ``ir.save`` writes the real bytes tensor by tensor.
+  ``normal_``), saves the generator state, advances the generator exactly as the real op would (the same
+  op on a scratch view of the same shape and stride over one reused buffer) and records the op. Replaying
+  the recorded ops from the saved states gives the same bits as the eager build. Any other op on a
+  placeholder (a post-init edit the recorder does not understand) stops the build with
+  :class:`~shiva_export.errors.ShivaInternalError` instead of writing wrong weights.
+- Streamed initializers (an ``onnx_ir`` lazy tensor per weight): the ONNX optimizer sees a zero-byte
+  stand-in of the right shape for tensors above its folding limit (it only ever folds ``Transpose`` of
+  such weights, recorded as a lazy transpose; anything else raises), and ``ir.save`` writes the real
+  bytes tensor by tensor, so the graph and the bytes are those of the eager path.
+
+Checkpoints (``--weights`` folders, shipped local pipelines, cached hub snapshots) take the same path through
+:func:`load_checkpoint_lazy`: the skeleton is built on ``meta`` and each tensor is read from the memory-mapped
+safetensors when written.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +48,9 @@ from shiva_export.logging import get_logger
 __all__ = [
     "LazyWeights",
     "build_embedded_lazy",
+    "load_checkpoint_lazy",
+    "lazy_transformer",
+    "checkpoint_files",
     "is_lazy",
     "fake_placeholders_",
     "materialize_",
@@ -231,6 +240,148 @@ def build_embedded_lazy(adapter, config: dict[str, Any], seed: int = 0, *, min_n
             makers[name] = recipe.materialize
     logger.debug("lazy build: %d placeholders of %d tensors", len(makers), len(model.state_dict()))
     return model.eval(), LazyWeights(makers)
+
+
+_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path] | None:
+    """``{tensor name: safetensors file}`` of a diffusers transformer folder (single file or sharded with an
+    index), or None when it holds no plain ``diffusion_pytorch_model*.safetensors`` (variants, .bin)."""
+    import json
+
+    single, index = folder / _SAFETENSORS, folder / (_SAFETENSORS + ".index.json")
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        files = {k: folder / v for k, v in weight_map.items()}
+        return files if all(p.is_file() for p in set(files.values())) else None
+    return None
+
+
+def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, LazyWeights] | None:
+    """The transformer of a diffusers folder (``config.json`` + safetensors) with **every** state-dict tensor a
+    placeholder read from the memory-mapped safetensors on demand (as ``from_pretrained(torch_dtype=float32)``
+    gives it: floating tensors cast to fp32). None when the folder's layout is not one this reads (the caller
+    then loads eagerly).
+
+    Raises:
+        WeightsError: the checkpoint has missing, unexpected or mismatched tensors (as the eager loader).
+    """
+    import json
+
+    from shiva_export.errors import WeightsError
+
+    try:
+        files = checkpoint_files(folder)
+    except Exception:  # noqa: BLE001 - an unreadable or hostile file: the eager loader reports it in its words
+        return None
+    if files is None:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{where}: config.json is unreadable ({err}). Pass the folder written by save_pretrained.") from None
+    cls = adapter.model_class()
+    mode = _LazyInitMode(1)
+    try:
+        with torch.random.fork_rng(devices=[]), mode:
+            model = cls.from_config(config)
+    except _Unsupported:
+        return None
+    except TypeError as err:
+        raise WeightsError(f"{where}: config.json does not fit {adapter.MODEL_CLASS} ({err}). Pass the folder written by save_pretrained.") from None
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    try:
+        for path in sorted(set(files.values())):
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    except Exception:  # noqa: BLE001 - as above
+        return None
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    problems = {
+        "missing keys": [k for k in expected if k not in shapes],
+        "unexpected keys": [k for k in shapes if k not in expected],
+        "mismatched keys": [k for k in expected if k in shapes and shapes[k][0] != expected[k]],
+    }
+    for kind, bad in problems.items():
+        if bad:
+            names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise WeightsError(
+                f"{where}: the checkpoint does not match {adapter.MODEL_CLASS} ({kind}: {names}); "
+                "nothing is exported from uninitialised parameters. Pass the complete folder written by save_pretrained."
+            )
+
+    def maker(name: str, target: torch.dtype) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            with safe_open(str(files[name]), framework="pt") as f:
+                t = f.get_tensor(name)
+            return t.to(target) if t.dtype != target else t
+
+        return make
+
+    makers: dict[str, Callable[[], torch.Tensor]] = {}
+    state = model.state_dict()
+    for mod, attr, is_param, t in _placeholders(model, list(state)):
+        name = next(n for n, m in model.named_modules(remove_duplicate=False) if m is mod)
+        full = f"{name}.{attr}" if name else attr
+        src = _ST_DTYPES.get(shapes[full][1], t.dtype)
+        target = torch.float32 if src.is_floating_point else src
+        meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=target, device="meta")
+        if is_param:
+            mod._parameters[attr] = nn.Parameter(meta, requires_grad=t.requires_grad)
+        else:
+            mod._buffers[attr] = meta
+        makers[full] = maker(full, target)
+    logger.debug("lazy checkpoint: %d tensors from %d safetensors file(s) in %s", len(makers), len(set(files.values())), folder)
+    return model.eval(), LazyWeights(makers)
+
+
+def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | None:
+    """The recipe's transformer with placeholders (see :func:`build_embedded_lazy`, :func:`load_checkpoint_lazy`),
+    from the same source :func:`~shiva_export.models.load_transformer` would use. None where this cannot
+    read the source (no plain safetensors, not cached, an invalid folder): the caller loads eagerly, which
+    also reports any error in its usual words."""
+    from shiva_export.models.base import _read_class_name, adapter_for_architecture, get_adapter
+
+    if weights is None and recipe.model.source == "embedded":
+        return build_embedded_lazy(adapter_for_architecture(recipe.architecture), recipe.model.config, recipe.model.seed)
+    if weights is None and recipe.model.source == "local":
+        weights = recipe.local_pipeline_path()
+    if weights is not None:
+        p = Path(weights).expanduser()
+        folder = p if (p / "config.json").is_file() else p / "transformer"
+        cls_name = _read_class_name(folder) if (folder / "config.json").is_file() else None
+        if cls_name is None:
+            return None
+        adapter = get_adapter(cls_name)
+        if adapter.NAME != recipe.architecture:
+            return None
+        return load_checkpoint_lazy(adapter, folder, str(p))
+    repo, sub = recipe.model.repo_id, recipe.model.subfolder
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no hub library): the eager path explains
+        return None
+    folder = snap / sub if sub else snap
+    if not (folder / "config.json").is_file():
+        return None
+    return load_checkpoint_lazy(adapter_for_architecture(recipe.architecture), folder, f"{repo}{'/' + sub if sub else ''}")
 
 
 def _placeholders(module: nn.Module, names) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:

@@ -17,7 +17,7 @@ from typing import Any
 from shiva_export.errors import ConfigError, RouterError
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, adapter_for_architecture, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
+from shiva_export.models import InputSpec, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.prune.schedule import budget_label
@@ -176,9 +176,10 @@ def export_pruned(
         extra_metadata (dict): More ``shiva.*`` metadata for the ONNX (e.g. the engine cache's export key).
         progress (Callable[[str], None]): Called with a stage name when each stage starts. Defaults to None.
         bounded (bool): Bounded-memory export (``shiva_export.export.lazy``): the model is traced with fake
-            weights and each weight is made, cast, written and freed in turn, so peak memory stays near the
-            largest tensors instead of 4x the model; same graph and bytes. Embedded (seeded) models only.
-            Defaults to None: on for embedded models, off for checkpoints.
+            weights and each weight is made (seeded) or read (memory-mapped safetensors), cast, written and
+            freed in turn, so peak memory stays below the bytes written instead of 4x; same graph and bytes.
+            True requires it, False loads eagerly. Defaults to None: bounded wherever the weights can be read
+            lazily (embedded models, diffusers folders with plain safetensors), eager otherwise.
     """
     import time
 
@@ -218,22 +219,21 @@ def export_pruned(
     elif phase is None and keep_ratios is None:
         _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype))
 
-    embedded = weights is None and rec.model.source == "embedded"
-    if bounded is None:
-        bounded = embedded
-    elif bounded and not embedded:
-        raise ConfigError(
-            f"bounded-memory export needs an embedded (seeded) model; {rec.name!r} loads checkpoint weights. "
-            "Export it without --bounded (eager loading), or use a *-shape recipe."
-        )
     say("load model")
     t0 = time.perf_counter()
     lazy_weights = None
-    if bounded:
-        from shiva_export.export.lazy import build_embedded_lazy, fake_placeholders_
+    if bounded is not False:
+        from shiva_export.export.lazy import fake_placeholders_, lazy_transformer
 
-        transformer, lazy_weights = build_embedded_lazy(adapter_for_architecture(rec.architecture), rec.model.config, rec.model.seed)
-    else:
+        lazy = lazy_transformer(rec, weights)
+        if lazy is None and bounded:
+            raise ConfigError(
+                f"bounded-memory export cannot read the weights of {rec.name!r} lazily (it needs an embedded model or a diffusers folder "
+                "with diffusion_pytorch_model*.safetensors). Export it with bounded=False (eager loading)."
+            )
+        if lazy is not None:
+            transformer, lazy_weights = lazy
+    if lazy_weights is None:
         transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     load_seconds = time.perf_counter() - t0
     check_image_size(transformer, spec.height, spec.width)
