@@ -225,7 +225,7 @@ def build_embedded_lazy(adapter, config: dict[str, Any], seed: int = 0, *, min_n
     except _Unsupported as err:
         raise ShivaInternalError(
             f"{adapter.MODEL_CLASS}: its construction does {err} that the lazy builder cannot replay; "
-            "export it with the eager path (SHIVA_EAGER_EXPORT=1). Please report this."
+            "export it with `shiva-export onnx --eager` (loads the whole model). Please report this."
         ) from None
     except TypeError as err:
         from shiva_export.errors import ConfigError

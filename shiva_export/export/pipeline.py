@@ -229,7 +229,7 @@ def export_pruned(
         if lazy is None and bounded:
             raise ConfigError(
                 f"bounded-memory export cannot read the weights of {rec.name!r} lazily (it needs an embedded model or a diffusers folder "
-                "with diffusion_pytorch_model*.safetensors). Export it with bounded=False (eager loading)."
+                "with diffusion_pytorch_model*.safetensors). Export it with --eager (bounded=False): the whole model is loaded."
             )
         if lazy is not None:
             transformer, lazy_weights = lazy
