@@ -143,3 +143,42 @@ def test_help_works_without_heavy_packages(cmd):
 def test_ratio_meaning_in_help(capsys):
     c, out, _ = run(capsys, "onnx", "--help")
     assert c == 0 and "PRUNED" in out and "0.4 keeps 60%" in out.replace("\n", " ").replace("  ", " ")
+
+
+def test_hub_model_without_network_fails_fast_without_hf_hub_offline(capsys, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset and no network: one line at once (a connect probe), not ~34 s of hub retries."""
+    import time
+
+    import shiva_export.models.base as base
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # empty cache
+    calls = []
+    real = base.ModelAdapter.from_pretrained
+
+    def spy(self, location, subfolder, dtype, local_files_only):
+        calls.append(local_files_only)
+        return real(self, location, subfolder, dtype, local_files_only)
+
+    monkeypatch.setattr(base.ModelAdapter, "from_pretrained", spy)
+    monkeypatch.setattr(base, "hub_reachable", lambda endpoint, timeout=None: False)
+    t0 = time.perf_counter()
+    c, _, err = run(capsys, "onnx", "--model", "sd35", "--out", str(tmp_path / "m.onnx"))
+    line = _one_line_error(err)
+    assert c == 2 and "--weights PATH" in line and "not reachable" in line
+    assert calls == [True]  # the cache was looked at; no download was attempted
+    assert time.perf_counter() - t0 < 20
+
+
+def test_hub_probe_is_bounded(monkeypatch):
+    import socket
+    import time
+
+    from shiva_export.models.base import hub_reachable
+
+    assert hub_reachable("https://hub.invalid") is False  # RFC 2606: never resolves
+    assert hub_reachable("not a url") is False
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))  # a connect that hangs
+    t0 = time.perf_counter()
+    assert hub_reachable("https://huggingface.co", timeout=0.5) is False
+    assert time.perf_counter() - t0 < 2

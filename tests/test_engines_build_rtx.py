@@ -36,7 +36,7 @@ from shiva_export.engines import (
     verify_engine,
     write_manifest,
 )
-from shiva_export.errors import ConfigError, EngineBuildError, ManifestError, MissingDependencyError, PreflightError
+from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, ManifestError, MissingDependencyError, PreflightError
 
 
 def pruning_graph(n=64, d=16, k=38, dynamic_batch=False):
@@ -249,6 +249,10 @@ def test_tensorrt_code_path_is_strongly_typed_without_precision_flags(trt, tmp_p
             calls["config_flags"] = config.flags
             return self._real.build_serialized_network(network, config)
 
+        def build_serialized_network_to_stream(self, network, config, writer):
+            calls["config_flags"] = config.flags
+            return self._real.build_serialized_network_to_stream(network, config, writer)
+
     stand_in = types.ModuleType("tensorrt_rtx")
     stand_in.__dict__.update({k: v for k, v in vars(trt).items() if not k.startswith("__")})
     stand_in.Builder = RecordingBuilder
@@ -460,3 +464,74 @@ def test_missing_backends_in_a_fresh_interpreter():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("MissingDependencyError ")
     assert INSTALL_HINTS["tensorrt_rtx"] in out.stdout
+
+
+def _weighty_graph(n: int = 1024):
+    """X [1, n] @ W [n, n] (fp32, 4 MB at n=1024): enough weight bytes to see them leave the plan."""
+    w = nh.from_array(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32), "W")
+    g = h.make_graph(
+        [h.make_node("MatMul", ["X", "W"], ["Y"])],
+        "weighty",
+        [h.make_tensor_value_info("X", TP.FLOAT, [1, n])],
+        [h.make_tensor_value_info("Y", TP.FLOAT, [1, n])],
+        [w],
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 20)])
+
+
+@pytest.mark.trt_rtx
+def test_plan_is_streamed_into_its_file(trt, tmp_path):
+    onnx_path = save(_weighty_graph(), tmp_path / "w.onnx")
+    res = build_engine(onnx_path, tmp_path / "full.plan", backend="tensorrt-rtx")
+    assert res.size_bytes > 4 << 20 and not res.weights_stripped  # the weights are in the plan
+    assert res.plan_path.stat().st_size == res.size_bytes  # size and sha256 are the file's
+    assert hashlib.sha256(res.plan_path.read_bytes()).hexdigest() == res.sha256
+    assert not list(tmp_path.glob(".shiva-tmp-*"))  # no temp left behind
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.trt_rtx
+def test_stripped_build_without_a_gpu_is_a_hardware_error(trt, tmp_path):
+    # Observed with tensorrt_rtx 1.7.1.116: REFIT, REFIT_IDENTICAL and STRIP_PLAN builds all fail on a
+    # CPU-only machine (Myelin graph_jit: CHECK(status == CUDA_SUCCESS), cudaError 35).
+    if _cuda():
+        pytest.skip("a GPU is present: the stripped build is expected to work (test_stripped_plan_holds_no_weights)")
+    onnx_path = save(_weighty_graph(), tmp_path / "w.onnx")
+    with pytest.raises(HardwareError, match="weight-stripped.*without a CUDA GPU"):
+        build_engine(onnx_path, tmp_path / "s.plan", backend="tensorrt-rtx", strip_weights=True)
+    assert not list(tmp_path.glob("*.plan")) and not list(tmp_path.glob(".shiva-tmp-*"))
+
+
+@pytest.mark.trt_rtx
+@pytest.mark.gpu
+def test_stripped_plan_holds_no_weights(trt, tmp_path):
+    onnx_path = save(_weighty_graph(), tmp_path / "w.onnx")
+    full = build_engine(onnx_path, tmp_path / "full.plan", backend="tensorrt-rtx")
+    stripped = build_engine(onnx_path, tmp_path / "stripped.plan", backend="tensorrt-rtx", strip_weights=True)
+    assert stripped.weights_stripped and stripped.size_bytes < full.size_bytes - (3 << 20)  # the 4 MB of W are gone
+
+
+@pytest.mark.trt_rtx
+def test_refit_source_is_checked_against_the_manifest(trt, tmp_path):
+    from shiva_export.engines.pipeline import _refit_weights, build_engines
+    from shiva_export.engines.runner import EngineRunner
+
+    (res,) = build_engines(model="sd35-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path, validate=False, height=128, width=128)
+    m = json.loads(res.manifest_path.read_text())
+    assert m["build_options"]["strip_weights"] is False and "refit_weights" not in m["build_options"]
+    # what a stripped build records (it needs a GPU to build, see above): the runner checks it before refitting
+    m["build_options"] = {**m["build_options"], "strip_weights": True, "refit_weights": _refit_weights(res.onnx_path)}
+    res.manifest_path.write_text(json.dumps(m))
+    runner = EngineRunner(res.out_dir)
+    assert runner.refit_source() == res.onnx_path
+    res.onnx_path.write_bytes(res.onnx_path.read_bytes() + b"\0")
+    with pytest.raises(EngineBuildError, match="changed since"):
+        runner.refit_source()
+    res.onnx_path.unlink()
+    with pytest.raises(EngineBuildError, match="missing"):
+        runner.refit_source()

@@ -49,6 +49,13 @@ def trt_command(
     workspace: Annotated[int | None, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = None,
     opt_level: Annotated[int | None, typer.Option("--opt-level", help="Builder optimization level 0-5 (default 3).")] = None,
     aot_target: Annotated[list[str] | None, typer.Option("--aot-target", help="TensorRT-RTX compute capability to build for (repeatable, e.g. 8.9).")] = None,
+    strip_weights: Annotated[
+        bool,
+        typer.Option(
+            "--strip-weights",
+            help="Weight-stripped, refittable engine (STRIP_PLAN): the plan holds no weights and is refit from its ONNX when loaded. For 8-12 B models.",
+        ),
+    ] = False,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Root folder for engines.")] = Path("engines"),
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,
@@ -67,7 +74,7 @@ def trt_command(
             model=model, recipe=recipe, weights=weights, router=router, ratios=ratio, dense=not no_dense, onnx=onnx,
             backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
             batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
-            optimization_level=opt_level, aot_targets=aot_target, out_dir=out_dir, force=force, validate=validate, progress=advance,
+            optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, out_dir=out_dir, force=force, validate=validate, progress=advance,
         )
     rows = [r.to_dict() for r in results]
     if json_out:

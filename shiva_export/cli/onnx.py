@@ -58,6 +58,14 @@ def onnx_command(
     debug_outputs: Annotated[bool, typer.Option("--debug-outputs", help="Also output each routed block's kept indices (kept_indices.<block>).")] = False,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Check ONNX Runtime parity after export (exit 3 on failure).")] = True,
     parity_cases: Annotated[int, typer.Option("--parity-cases", help="Seeded input cases for parity, 1..8.")] = 3,
+    bounded: Annotated[
+        bool | None,
+        typer.Option(
+            "--bounded/--eager",
+            help="Bounded memory (trace with fake weights, write them one at a time; peak RSS below the bytes written) or eager "
+            "loading of the whole model. Default: bounded wherever the weights can be read lazily (embedded models, safetensors folders).",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -85,6 +93,7 @@ def onnx_command(
             debug_outputs=debug_outputs,
             validate=validate,
             parity_cases=parity_cases,
+            bounded=bounded,
             progress=advance,
         )
     summary = res.to_dict()

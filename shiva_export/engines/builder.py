@@ -8,7 +8,8 @@ builder flags, which TensorRT 11 removed and which TensorRT-RTX never had.
 The flow of :func:`build_engine`: resolve the backend; run :func:`~shiva_export.engines.preflight.preflight`
 on the graph and stop with :class:`PreflightError` before any builder is created; parse *by path* so
 external weights (``.onnx_data``) are found; configure workspace, optimization level, profile, compute
-capability targets (TensorRT-RTX) and the timing cache; build; write the plan atomically.
+capability targets (TensorRT-RTX) and the timing cache; build, streaming the plan into its file (atomically)
+where the backend can, so a multi-GB plan is never held in memory whole; optionally weight-stripped.
 
 Behaviour of ``tensorrt_rtx`` 1.7.1.116 observed on a CPU-only machine (no CUDA driver):
 
@@ -238,6 +239,7 @@ class BuildResult:
         profile (dict | None): Optimization profile used, ``{name: [min, opt, max]}``.
         timing_cache (dict | None): ``{"path", "loaded_bytes", "accepted", "saved_bytes"}`` when a cache path was given.
         warnings (tuple[str, ...]): Warning lines the backend logged during parse and build.
+        weights_stripped (bool): The plan holds no weights (``STRIP_PLAN``); refit it from ``onnx_path``.
     """
 
     plan_path: Path
@@ -255,6 +257,7 @@ class BuildResult:
     profile: dict[str, list[list[int]]] | None = None
     timing_cache: dict[str, Any] | None = None
     warnings: tuple[str, ...] = ()
+    weights_stripped: bool = False
 
     @property
     def target(self) -> dict[str, Any]:
@@ -282,6 +285,7 @@ class BuildResult:
             "profile": self.profile,
             "timing_cache": self.timing_cache,
             "warnings": list(self.warnings),
+            "weights_stripped": self.weights_stripped,
         }
 
 
@@ -362,6 +366,7 @@ def build_engine(
     builder_optimization_level: int | None = None,
     compute_capabilities: Sequence[Any] | None = None,
     skip_preflight: bool = False,
+    strip_weights: bool = False,
 ) -> BuildResult:
     """Builds a strongly typed TensorRT / TensorRT-RTX engine from an ONNX file.
 
@@ -380,6 +385,11 @@ def build_engine(
             or ``["current"]`` (needs a GPU). Defaults to None (portable: 8.0, 8.6, 8.9, 12.0+).
         skip_preflight (bool): Build even when the pre-flight reports findings (to see the backend's own
             error for a suspected false positive). Defaults to False.
+        strip_weights (bool): Weight-stripped, refittable engine (``STRIP_PLAN``, refit mode
+            ``REFIT_IDENTICAL``): the plan holds no weights and is refit from the same ONNX when loaded
+            (:class:`~shiva_export.engines.runner.EngineRunner` does it). For models whose plan would not fit
+            on disk twice. ``tensorrt_rtx`` 1.7.1 builds refittable engines only with a CUDA GPU present (its
+            Myelin JIT needs the driver): without one this raises :class:`HardwareError`. Defaults to False.
 
     Returns:
         BuildResult: Plan path, sha256, size, timings, backend and target info.
@@ -458,15 +468,29 @@ def build_engine(
                 opt_profile.set_shape(name, lo, opt, hi)
             config.add_optimization_profile(opt_profile)
 
+        if strip_weights:
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # STRIP_PLAN's default refit mode, stated
         aot_targets, aot_default = _configure_targets(be, config, compute_capabilities)
         tc_info = _load_timing_cache(be, config, timing_cache_path, trt_logger)
 
         logger.info("building %s engine from %s (%s %s)", plan_path.name, onnx_path, be.name, be.version)
         n_before_build = len(records)
         t_build = time.perf_counter()
-        host_mem = builder.build_serialized_network(network, config)
+        failed = False
+        try:
+            streamed = _build_to_file(trt, builder, network, config, plan_path)
+        except _BuildFailed:
+            streamed, failed = None, True
+        host_mem = None if streamed or failed else builder.build_serialized_network(network, config)
         build_seconds = time.perf_counter() - t_build
-        if host_mem is None:
+        if (failed or (not streamed and host_mem is None)) and strip_weights and gpu is None and any(_CUDA_ERROR.search(e) or "CUDA_SUCCESS" in e for e in _errors(records[n_before_build:])):
+            raise HardwareError(
+                f"{be.name} {be.version} cannot build a weight-stripped (refittable) engine without a CUDA GPU: its refit path "
+                "JIT-compiles the graph (Myelin), which needs a CUDA driver (cudaError 35 here). Build the full engine on this machine "
+                "(drop --strip-weights), or build the stripped one on a machine with an RTX-class GPU."
+            )
+        if failed or (not streamed and host_mem is None):
             raise EngineBuildError(
                 f"The {be.name} {be.version} builder failed for {onnx_path}: {_join_errors(_errors(records[n_before_build:]))}. "
                 "Fix the graph construct named above (see preflight()), or rebuild with a supported opset/dtype."
@@ -484,11 +508,14 @@ def build_engine(
             tc_info["saved_bytes"] = serialized.nbytes
         warn_lines = tuple(" ".join(msg.split()) for sev, msg in records if sev == "WARNING")
 
-    view = memoryview(host_mem)
-    atomic_write_bytes(plan_path, view)
-    digest = hashlib.sha256(view).hexdigest()
-    size = host_mem.nbytes
-    del view, host_mem
+    if streamed:
+        digest, size = streamed
+    else:
+        view = memoryview(host_mem)
+        atomic_write_bytes(plan_path, view)
+        digest = hashlib.sha256(view).hexdigest()
+        size = host_mem.nbytes
+        del view, host_mem
     total = time.perf_counter() - t_start
     logger.info("built %s: %.1f MB in %.2f s (%s %s)", plan_path, size / 1e6, build_seconds, be.name, be.version)
     return BuildResult(
@@ -507,7 +534,42 @@ def build_engine(
         profile=profile_used,
         timing_cache=tc_info,
         warnings=warn_lines,
+        weights_stripped=strip_weights,
     )
+
+
+def _build_to_file(trt: ModuleType, builder: Any, network: Any, config: Any, plan_path: Path) -> tuple[str, int] | None:
+    """Builds with ``build_serialized_network_to_stream`` straight into the plan file (atomically, hashed
+    on the way), so a multi-GB plan is never held in memory whole. ``(sha256, bytes)``; ``None`` when the
+    backend has no stream API. A failed build leaves no file and raises :class:`_BuildFailed`."""
+    if not hasattr(builder, "build_serialized_network_to_stream") or not hasattr(trt, "IStreamWriter"):
+        return None
+    from shiva_export.utils.io import atomic_write_stream
+
+    digest = hashlib.sha256()
+    size = 0
+
+    with atomic_write_stream(plan_path) as f:
+
+        class _Writer(trt.IStreamWriter):
+            def __init__(self):
+                trt.IStreamWriter.__init__(self)
+
+            def write(self, data) -> int:
+                nonlocal size
+                view = memoryview(data)
+                f.write(view)
+                digest.update(view)
+                size += view.nbytes
+                return view.nbytes
+
+        if not builder.build_serialized_network_to_stream(network, config, _Writer()):
+            raise _BuildFailed()
+    return digest.hexdigest(), size
+
+
+class _BuildFailed(Exception):
+    """``build_serialized_network_to_stream`` returned False (the logger holds the reason)."""
 
 
 def _network_flags(be: Backend) -> int:
@@ -646,7 +708,23 @@ def deserialize_check(plan_path: str | os.PathLike, backend: str | Backend = "au
         raise EngineBuildError(f"Engine plan not found: {plan_path}. Expected an existing .plan file. Build it first or fix the path.")
     be = resolve_backend(backend)
     trt = be.module
-    data = plan_path.read_bytes()
+    with _mapped(plan_path) as data:
+        return _deserialize_check(plan_path, be, trt, data)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[Any]:
+    """The file's bytes, memory-mapped (a multi-GB plan is paged in by the backend, not copied first)."""
+    import mmap
+
+    if path.stat().st_size == 0:
+        yield b""
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        yield mm
+
+
+def _deserialize_check(plan_path: Path, be: Backend, trt: ModuleType, data: Any) -> dict[str, Any]:
     gpu = current_gpu()
     result: dict[str, Any] = {
         "deserialized": False,

@@ -166,7 +166,8 @@ def _cached(manifest_path: Path, plan: Path, onnx_path: Path, key: dict[str, Any
     except ManifestError as err:
         logger.warning("ignoring unreadable manifest %s: %s", manifest_path, err)
         return None
-    if m.export_key != key or m.build_options != options or m.backend != be.name or m.backend_version != be.version:
+    built_with = {k: v for k, v in (m.build_options or {}).items() if k != "refit_weights"}  # refit_weights: a record, not a setting
+    if m.export_key != key or built_with != options or m.backend != be.name or m.backend_version != be.version:
         return None
     if sha256_file(plan) != m.engine_sha256 or sha256_file(onnx_path) != m.onnx_sha256:
         return None
@@ -196,6 +197,7 @@ def build_engines(
     workspace_bytes: int | None = None,
     optimization_level: int | None = None,
     aot_targets: list[str] | None = None,
+    strip_weights: bool = False,
     out_dir: str | os.PathLike = "engines",
     force: bool = False,
     validate: bool = True,
@@ -222,6 +224,8 @@ def build_engines(
         workspace_bytes (int): Builder workspace limit. Defaults to the backend's.
         optimization_level (int): Builder optimization level 0-5. Defaults to the backend's (3).
         aot_targets (list[str]): TensorRT-RTX AOT compute capabilities (e.g. ``["8.9"]``). Defaults to RTX's portable set.
+        strip_weights (bool): Weight-stripped, refittable engines (``STRIP_PLAN``): the plan holds no weights and
+            is refit from its ONNX when loaded; for models too large to hold the plan. Defaults to False.
         out_dir (PathLike): Root folder. Defaults to ``engines``.
         force (bool): Rebuild even when the cache matches. Defaults to False.
         validate (bool): ONNX Runtime parity after each new export. Defaults to True.
@@ -239,7 +243,8 @@ def build_engines(
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if onnx is not None:
-        return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say)]
+        return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
+                                strip_weights)]
     todo = list(ratios) if ratios else list(rec.prune.ratios)
     for r in todo:
         if not 0.0 <= r < 1.0:
@@ -269,6 +274,7 @@ def build_engines(
         "workspace_bytes": workspace_bytes,
         "optimization_level": optimization_level,
         "aot_targets": list(aot_targets) if aot_targets else None,
+        "strip_weights": strip_weights,
     }
     results: list[EngineBuild] = []
     for r in todo:
@@ -326,9 +332,12 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         profile=profile,
         builder_optimization_level=optimization_level,
         compute_capabilities=aot_targets,
+        strip_weights=bool(options.get("strip_weights")),
     )
     check = deserialize_check(plan, be)
     exd = ex.to_dict()
+    if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
+        options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
     manifest = EngineManifest.from_build(
         res,
         onnx_sha256=ex.export.onnx_sha256,
@@ -367,7 +376,18 @@ def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tupl
     return prof
 
 
-def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
+def _refit_weights(onnx_path: Path, data_sha256: str | None = None) -> dict[str, Any]:
+    """What a weight-stripped engine must be refit from: the ONNX and its external-data file (name, sha256)."""
+    from shiva_export.utils.io import sha256_file_cached
+
+    data = onnx_path.parent / (onnx_path.name + ".data")
+    if not data.is_file():
+        return {"onnx_sha256": sha256_file_cached(onnx_path), "data": None, "data_sha256": None}
+    return {"onnx_sha256": sha256_file_cached(onnx_path), "data": data.name, "data_sha256": data_sha256 or sha256_file_cached(data)}
+
+
+def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
+                    strip_weights: bool = False) -> EngineBuild:
     """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
     from shiva_export.export.onnx import read_shiva_metadata
 
@@ -411,8 +431,12 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         profile = {n: tuple([b if x == -1 else x for x in s] for b in (lo, opt, hi)) for n, s in shapes.items()}
     say(f"ratio {ratio:g}: preflight + build ({be.name} {be.version}) from {onnx_path}")
     res = build_engine(onnx_path, plan, backend=be, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
-                       builder_optimization_level=optimization_level, compute_capabilities=aot_targets)
+                       builder_optimization_level=optimization_level, compute_capabilities=aot_targets, strip_weights=strip_weights)
     check = deserialize_check(plan, be)
+    build_options = {"onnx": str(onnx_path.resolve()), "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None,
+                     "strip_weights": strip_weights}
+    if res.weights_stripped:
+        build_options["refit_weights"] = _refit_weights(onnx_path)
     manifest = EngineManifest.from_build(
         res,
         model_name=model_name,
@@ -427,7 +451,7 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         dense=bool(get("dense", False)),
         onnx_path=str(onnx_path.resolve()),
         export_key=get("export_key"),
-        build_options={"onnx": str(onnx_path.resolve()), "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None},
+        build_options=build_options,
         deserialize={k: check.get(k) for k in ("deserialized", "reason")},
     )
     mpath = write_manifest(manifest_path_for(plan), manifest)

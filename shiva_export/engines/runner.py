@@ -77,11 +77,44 @@ class EngineRunner:
         verify_engine(self.plan_path, self.manifest, self.backend.version, gpu, backend=self.backend.name)
         trt = self.backend.module
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())  # stripped plans are small
         if self.engine is None:
             raise EngineBuildError(f"{self.backend.name} could not deserialize {self.plan_path} on {gpu}. Rebuild it on/for this GPU.")
+        if (self.manifest.build_options or {}).get("strip_weights"):
+            self._refit(trt)
         self.context = self.engine.create_execution_context()
         self._names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def refit_source(self) -> Path:
+        """The ONNX a weight-stripped engine is refit from, checked against the manifest (same graph and
+        weights as at build time: the engine was built ``REFIT_IDENTICAL``)."""
+        from shiva_export.utils.io import sha256_file_cached
+
+        rec = (self.manifest.build_options or {}).get("refit_weights") or {}
+        onnx = Path(self.manifest.onnx_path or "model.onnx")
+        if not onnx.is_absolute():
+            onnx = self.plan_path.parent / onnx
+        checks = [(onnx, rec.get("onnx_sha256"))]
+        if rec.get("data"):
+            checks.append((onnx.parent / rec["data"], rec.get("data_sha256")))
+        for path, want in checks:
+            if not path.is_file():
+                raise EngineBuildError(f"weight-stripped engine {self.plan_path} needs {path} to refit its weights, and it is missing. Keep the ONNX beside the engine, or rebuild without --strip-weights.")
+            if want and sha256_file_cached(path) != want:
+                raise EngineBuildError(f"{path} changed since weight-stripped engine {self.plan_path} was built (sha256 differs from its manifest); refitting other weights is undefined. Rebuild the engine.")
+        return onnx
+
+    def _refit(self, trt: Any) -> None:
+        onnx = self.refit_source()
+        log = trt.Logger(trt.Logger.WARNING)
+        refitter = trt.Refitter(self.engine, log)
+        parser_refitter = trt.OnnxParserRefitter(refitter, log)
+        if not parser_refitter.refit_from_file(str(onnx)):
+            errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)) or "no parser error recorded"
+            raise EngineBuildError(f"refitting {self.plan_path} from {onnx} failed: {errors}. Rebuild the engine.")
+        if not refitter.refit_cuda_engine():
+            raise EngineBuildError(f"refit_cuda_engine failed for {self.plan_path} (weights from {onnx}). Rebuild the engine.")
+        logger.info("refit %s from %s", self.plan_path, onnx)
 
     def deactivate(self) -> None:
         self.context = None

@@ -31,15 +31,18 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from shiva_export._version import __version__
-from shiva_export.errors import ConfigError, ExportError
+from shiva_export.errors import ConfigError, ExportError, ShivaInternalError
 from shiva_export.logging import get_logger
 from shiva_export.models import InputSpec, get_adapter
+
+if TYPE_CHECKING:
+    from shiva_export.export.lazy import LazyWeights
 from shiva_export.utils.io import check_writable, commit_files, sha256_file
 
 __all__ = [
@@ -267,6 +270,37 @@ def _check_contract(model) -> None:
             raise ExportError(f"TopK node {n.name} has sorted=0; TensorRT needs sorted=1. Please report this.")
 
 
+def _export_streamed(wrapper, args, dest: Path, weights: LazyWeights, opset: int, names, adapter, dynamic_shapes, external: bool) -> None:
+    """``torch.onnx.export(dynamo=True)`` of a transformer holding fake placeholders, in the exporter's own
+    order (capture, version conversion, optimize, rename inputs/outputs, save), with the optimizer run
+    here over stand-ins so that it folds what it folds on real weights (``Transpose``) without their data,
+    and the save streaming each weight from ``weights``."""
+    from torch.onnx._internal._lazy_import import onnxscript_apis
+    from torch.onnx._internal.exporter import _ir_passes
+
+    from shiva_export.export.lazy import resolve_stand_ins_, standing_in, stream_initializers_
+
+    program = torch.onnx.export(
+        wrapper,
+        args,
+        None,
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=dynamic_shapes,
+        custom_translation_table=adapter.onnx_translations() or None,
+        optimize=False,
+        verbose=False,
+    )
+    model = program.model
+    stream_initializers_(model, weights, prefix="transformer.")
+    with standing_in():
+        program.model = onnxscript_apis.optimize(model)
+    resolve_stand_ins_(program.model)
+    _ir_passes.rename_inputs(program.model, list(names))
+    _ir_passes.rename_outputs(program.model, [adapter.OUTPUT_NAME])
+    program.save(str(dest), external_data=external)
+
+
 def export_onnx(
     transformer: nn.Module,
     out: str | os.PathLike,
@@ -279,6 +313,7 @@ def export_onnx(
     metadata: dict[str, Any] | None = None,
     check: bool = True,
     debug_outputs: bool = False,
+    weights: LazyWeights | None = None,
 ) -> ExportResult:
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
@@ -295,6 +330,10 @@ def export_onnx(
         check (bool): Run ``onnx.checker.check_model`` by path (works above 2 GB). Defaults to True.
         debug_outputs (bool): Also output each routed block's kept indices as ``kept_indices.<block>``
             (int64 ``[B, k]``), for index-level parity on any backend. Defaults to False.
+        weights (LazyWeights): Makers of the transformer's placeholder (fake) tensors, already in the
+            export dtype: the bounded-memory path (``shiva_export.export.lazy``). The exporter traces the
+            placeholders, and each weight is made, written to the external-data file and freed in turn; the
+            graph and bytes equal the eager path's. Defaults to None (the transformer holds real weights).
 
     Returns:
         ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
@@ -339,19 +378,24 @@ def export_onnx(
         wrapper = _ExportWrapper(transformer, names, extras).eval()
         try:
             with torch.no_grad(), _quiet_exporter(), adapter.export_context(transformer, inputs):
-                torch.onnx.export(
-                    wrapper,
-                    args,
-                    str(tmp_onnx),
-                    dynamo=True,
-                    opset_version=opset,
-                    input_names=list(names),
-                    output_names=[adapter.OUTPUT_NAME],
-                    dynamic_shapes=dynamic_shapes,
-                    custom_translation_table=adapter.onnx_translations() or None,
-                    external_data=external,
-                    verbose=False,
-                )
+                if weights is not None:
+                    _export_streamed(wrapper, args, tmp_onnx, weights, opset, names, adapter, dynamic_shapes, external)
+                else:
+                    torch.onnx.export(
+                        wrapper,
+                        args,
+                        str(tmp_onnx),
+                        dynamo=True,
+                        opset_version=opset,
+                        input_names=list(names),
+                        output_names=[adapter.OUTPUT_NAME],
+                        dynamic_shapes=dynamic_shapes,
+                        custom_translation_table=adapter.onnx_translations() or None,
+                        external_data=external,
+                        verbose=False,
+                    )
+        except ShivaInternalError:
+            raise
         except Exception as err:  # exporter failures come as many types
             first = str(err).strip().splitlines()[0][:300]
             raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: {first}. Re-run with --debug for the full trace.") from err

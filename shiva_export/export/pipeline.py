@@ -146,6 +146,7 @@ def export_pruned(
     debug_outputs: bool = False,
     extra_metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    bounded: bool | None = None,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -174,6 +175,11 @@ def export_pruned(
         debug_outputs (bool): Add ``kept_indices.<block>`` outputs to the graph. Defaults to False.
         extra_metadata (dict): More ``shiva.*`` metadata for the ONNX (e.g. the engine cache's export key).
         progress (Callable[[str], None]): Called with a stage name when each stage starts. Defaults to None.
+        bounded (bool): Bounded-memory export (``shiva_export.export.lazy``): the model is traced with fake
+            weights and each weight is made (seeded) or read (memory-mapped safetensors), cast, written and
+            freed in turn, so peak memory stays below the bytes written instead of 4x; same graph and bytes.
+            True requires it, False loads eagerly. Defaults to None: bounded wherever the weights can be read
+            lazily (embedded models, diffusers folders with plain safetensors), eager otherwise.
     """
     import time
 
@@ -215,7 +221,20 @@ def export_pruned(
 
     say("load model")
     t0 = time.perf_counter()
-    transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+    lazy_weights = None
+    if bounded is not False:
+        from shiva_export.export.lazy import fake_placeholders_, lazy_transformer
+
+        lazy = lazy_transformer(rec, weights)
+        if lazy is None and bounded:
+            raise ConfigError(
+                f"bounded-memory export cannot read the weights of {rec.name!r} lazily (it needs an embedded model or a diffusers folder "
+                "with diffusion_pytorch_model*.safetensors). Export it with --eager (bounded=False): the whole model is loaded."
+            )
+        if lazy is not None:
+            transformer, lazy_weights = lazy
+    if lazy_weights is None:
+        transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     load_seconds = time.perf_counter() - t0
     check_image_size(transformer, spec.height, spec.width)
     n_layers = num_blocks(transformer)
@@ -251,6 +270,10 @@ def export_pruned(
             export_model = copy.deepcopy(transformer).to(torch_dtype(dtype))
         finally:
             dlogging.set_verbosity(level)
+    if lazy_weights is not None:  # fake CPU tensors in place of the meta placeholders, before routers read the device
+        fake_placeholders_(transformer, lazy_weights)
+        if export_model is not None:
+            fake_placeholders_(export_model, lazy_weights)
     if dense:
         router_info.update(tensor_sha256=None, num_routers=0, parameters=0)
     else:
@@ -297,6 +320,7 @@ def export_pruned(
         routed_blocks=None if dense else list(config.routed_blocks),
         metadata=meta,
         debug_outputs=debug_outputs,
+        weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
     )
     if export_model is not transformer:
         del export_model
@@ -304,6 +328,10 @@ def export_pruned(
     parity = None
     if validate:
         say("parity (onnxruntime cpu)")
+        if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
+            from shiva_export.export.lazy import materialize_
+
+            materialize_(transformer, lazy_weights)
         tol = rec.tolerance(dtype)
         timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
         cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]

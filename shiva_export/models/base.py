@@ -139,9 +139,7 @@ class ModelAdapter:
     def build_embedded(self, config: dict[str, Any], seed: int = 0) -> nn.Module:
         """The transformer from a config dict with seeded random weights (no download)."""
         cls = self.model_class()
-        for key, v in dict(config).items():  # negative or absurd sizes: one line, not an allocation that never ends
-            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
-                raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
+        self.check_config_ranges(config)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -149,6 +147,12 @@ class ModelAdapter:
         except TypeError as err:
             raise ConfigError(f"Invalid {self.MODEL_CLASS} config: {err}. Check [model.config] in the recipe.") from None
         return model.eval()
+
+    def check_config_ranges(self, config: dict[str, Any]) -> None:
+        """Negative or absurd sizes in ``[model.config]``: one line, not an allocation that never ends."""
+        for key, v in dict(config).items():
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
+                raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
 
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """TOML gives lists where the model wants tuples; adapters convert such keys here."""
@@ -539,9 +543,15 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
 
     repo, sub = recipe.model.repo_id, recipe.model.subfolder
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    attempts = [True] if offline else [True, False]
     last: Exception | None = None
-    for local_only in attempts:
+    for local_only in (True, False):
+        if not local_only:
+            if offline:
+                break
+            endpoint = _hub_endpoint()
+            if not hub_reachable(endpoint):  # no network: one line now, not ~34 s of retries
+                last = ConnectionError(f"{endpoint} is not reachable within {_PROBE_SECONDS:g} s")
+                break
         try:
             model = adapter.from_pretrained(repo, sub, td, local_only)
             get_adapter(model)
@@ -550,8 +560,48 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
             raise  # found, but incomplete: say so, do not report it as missing
         except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
             last = err
+    if last is None:
+        last = ConnectionError("HF_HUB_OFFLINE is set")
     reason = str(last).splitlines()[0][:160] if last else "unknown error"
     raise ModelNotFoundError(
         f"Model {recipe.name!r} ({repo}, subfolder {sub!r}) is not in the local Hugging Face cache and cannot be downloaded "
         f"here ({reason}). Download it elsewhere and pass --weights PATH (a diffusers transformer or pipeline folder)."
     )
+
+
+#: Seconds the hub connectivity probe waits (DNS + TCP connect) before a download is attempted.
+_PROBE_SECONDS = 3.0
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(endpoint: str, timeout: float | None = None) -> bool:
+    """Whether a TCP connection to ``endpoint``'s host opens within ``timeout`` seconds (DNS included).
+
+    ``from_pretrained`` on a machine without network retries for ~34 s before failing; this probe lets
+    :func:`load_transformer` fail in one line instead.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return False
+    timeout = _PROBE_SECONDS if timeout is None else timeout
+    result = {"ok": False}
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result["ok"] = True
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return result["ok"]

@@ -234,6 +234,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def atomic_write_stream(path: str | os.PathLike) -> Iterator[Any]:
+    """Binary file object writing to ``path`` atomically (temp file + fsync + rename on a clean exit;
+    removed on an exception), for artifacts too large to hold in memory (engine plans)."""
+    dest = check_writable(path)
+    with _tmp_in(dest) as tmp:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
