@@ -264,14 +264,13 @@ def _clip_hidden(joint_attention_dim: int) -> tuple[int, int]:
     )
 
 
-def _clip_encoder(tokenizer, hidden: int, heads: int, projection_dim: int, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_config(tokenizer, hidden: int, heads: int, **extra):
+    from transformers import CLIPTextConfig
 
-    cfg = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        projection_dim=projection_dim,
         num_hidden_layers=2,
         num_attention_heads=heads,
         max_position_embeddings=tokenizer.model_max_length,
@@ -279,7 +278,14 @@ def _clip_encoder(tokenizer, hidden: int, heads: int, projection_dim: int, seed:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
+
+
+def _clip_encoder(tokenizer, hidden: int, heads: int, projection_dim: int, seed: int):
+    from transformers import CLIPTextModelWithProjection
+
+    cfg = _clip_config(tokenizer, hidden, heads, projection_dim=projection_dim)
     with _seeded(seed):
         return CLIPTextModelWithProjection(cfg).eval()
 
@@ -334,20 +340,9 @@ def _clip_heads(hidden: int) -> int:
 
 def _clip_text_model(tokenizer, hidden: int, seed: int):
     """A ``CLIPTextModel`` (no projection: Flux reads its ``pooler_output``, width ``hidden``)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=_clip_heads(hidden),
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    cfg = _clip_config(tokenizer, hidden, _clip_heads(hidden))
     with _seeded(seed):
         return CLIPTextModel(cfg).eval()
 
