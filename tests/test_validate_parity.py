@@ -68,3 +68,19 @@ def test_wrong_router_fails_with_exit_3(capsys, tmp_path, export_04):
     assert code == 3 and not rep["passed"]
     c = rep["comparisons"][0]
     assert c["min_index_overlap"] < 1.0 and "kept-index overlap" in c["reason"]
+
+
+def test_boundary_score_ties_are_told_from_real_mismatches():
+    import numpy as np
+    import torch
+
+    from shiva_export.validate.parity import _near_ties
+
+    scores = torch.tensor([[0.9, 0.5, 0.30000001, 0.3, 0.1]])
+    rec = [{"block": 1, "indices": torch.tensor([[0, 1, 2]]), "scores": scores}]
+    assert _near_ties(rec, {1: np.array([[0, 1, 3]])}) == 1  # 0.30000001 vs 0.3 at the k-th place: a tie
+    assert _near_ties(rec, {1: np.array([[0, 2, 3]])}) == 0  # dropping 0.5 for 0.3 is a real mismatch
+    assert _near_ties(rec, {1: np.array([[0, 1, 4]])}) == 0  # 0.1 is far below the k-th score
+    # CFG pairs rank on the max of both halves
+    cfg = [{"block": 1, "indices": torch.tensor([[0, 1], [0, 1]]), "scores": torch.tensor([[0.9, 0.3, 0.3], [0.1, 0.2, 0.30000001]])}]
+    assert _near_ties(cfg, {1: np.array([[0, 2], [0, 2]])}) == 2
