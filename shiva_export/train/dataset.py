@@ -394,11 +394,11 @@ def encode_train_data(
 
     if pipe is None:
         loc, local = _pipeline_location(rec, weights)
-        tcfg = _transformer_config(loc, local)
+        tcfg = _transformer_config(loc, local, rec)
     else:
         loc = str(getattr(pipe, "name_or_path", "") or "")
         local = Path(loc).is_dir()
-        tcfg = _transformer_config(loc, local) if local else dict(pipe.transformer.config)
+        tcfg = _transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
     from shiva_export.models.sd3 import check_image_size
 
     check_image_size(config_obj(tcfg), h, w)
