@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-__all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep", "rows_of"]
+__all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep", "rows_of", "bound_args"]
 
 OWNER = "_shiva_owner"
 INDEX = "_shiva_block_index"
@@ -125,3 +125,16 @@ def route_tokens(owner, index, state, config, hidden_states, temb, pooled, run_b
 def phase_timestep(t, scale: float):
     """The call's timestep on the 0..1000 phase scale."""
     return None if t is None else torch.as_tensor(t) * scale
+
+
+_PARAMS: dict[type, list[str]] = {}
+
+
+def bound_args(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward pre-hook's ``(args, kwargs)`` as ``{parameter name: value}`` of ``type(module).forward``."""
+    cls = type(module)
+    if cls not in _PARAMS:
+        import inspect
+
+        _PARAMS[cls] = list(inspect.signature(cls.forward).parameters)[1:]
+    return dict(zip(_PARAMS[cls], args)) | kwargs

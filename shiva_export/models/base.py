@@ -216,13 +216,18 @@ class ModelAdapter:
         step = self.patch_px(config)
         return (height // step) * (width // step)
 
-    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
-        """Timesteps (0..1000 scale, sampling order) of the architecture's pipeline sampler at ``steps`` steps,
-        as diffusers computes them: training evaluates its learned schedule and cuts phases on these.
-        Default (SD3/SD3.5): ``FlowMatchEulerDiscreteScheduler(shift=shift)``."""
+    def scheduler(self, shift: float = 3.0):
+        """The diffusers scheduler the architecture's pipeline samples with. Default (SD3/SD3.5):
+        ``FlowMatchEulerDiscreteScheduler(shift=shift)``."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(shift))
+
+    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
+        """Timesteps (0..1000 scale, sampling order) of the architecture's pipeline sampler at ``steps`` steps,
+        as diffusers computes them (:meth:`scheduler`): training evaluates its learned schedule and cuts
+        phases on these."""
+        sched = self.scheduler(shift)
         sched.set_timesteps(steps)
         return [float(v) for v in sched.timesteps]
 

@@ -50,12 +50,9 @@ class DiTAdapter(ModelAdapter):
         "cross_attention_kwargs": "cross_attention_kwargs (LoRA scale) are not in the static graph; fuse LoRA weights before export or use the torch backend",
     }
 
-    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
-        """The DDIM sampler ``DiTPipeline`` runs (:func:`_scheduler`, the embedded pipeline's); ``shift``
-        (SD3's) does not apply."""
-        sched = _scheduler()
-        sched.set_timesteps(steps)
-        return [float(v) for v in sched.timesteps]
+    def scheduler(self, shift: float = 3.0):
+        """The DDIM sampler ``DiTPipeline`` runs (the embedded pipeline's too); ``shift`` (SD3's) does not apply."""
+        return _scheduler()
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)

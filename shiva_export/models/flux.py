@@ -30,14 +30,13 @@ Quirks handled here (why they matter for routing), checked on diffusers 0.42:
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens, rows_of
+from shiva_export.models._override import add_hook, bound_args, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens, rows_of
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["FluxAdapter", "FLUX_PATCH_PX"]
@@ -241,18 +240,12 @@ class FluxAdapter(ModelAdapter):
             del pe.forward
 
 
-_FORWARD_PARAMS: list[str] | None = None
-
-
 def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: decides this call's keep schedule (phase, from ``1000 * timestep``) and keeps
     ``pooled_projections`` for the routed blocks' routers."""
-    global _FORWARD_PARAMS
     from shiva_export.prune.api import _STATE_ATTR, _call_config
 
-    if _FORWARD_PARAMS is None:
-        _FORWARD_PARAMS = list(inspect.signature(type(module).forward).parameters)[1:]
-    bound = dict(zip(_FORWARD_PARAMS, args)) | kwargs
+    bound = bound_args(module, args, kwargs)
     state = getattr(module, _STATE_ATTR)
     t = bound.get("timestep")
     if state.phases is not None:

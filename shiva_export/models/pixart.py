@@ -28,14 +28,13 @@ Quirks handled here, checked on diffusers 0.42:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
+from shiva_export.models._override import add_hook, bound_args, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
 from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
 
 __all__ = ["PixArtAdapter"]
@@ -64,12 +63,9 @@ class PixArtAdapter(ModelAdapter):
         "attention_mask": "a self-attention attention_mask is not in the static graph (pipelines pass None); call the transformer without one",
     }
 
-    def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:
-        """The DPM-Solver++ sampler ``PixArtSigmaPipeline`` runs (:func:`_scheduler`, the embedded pipeline's);
-        ``shift`` (SD3's) does not apply."""
-        sched = _scheduler()
-        sched.set_timesteps(steps)
-        return [float(v) for v in sched.timesteps]
+    def scheduler(self, shift: float = 3.0):
+        """The DPM-Solver++ sampler ``PixArtSigmaPipeline`` runs (the embedded pipeline's too); ``shift`` (SD3's) does not apply."""
+        return _scheduler()
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.inner_dim)
@@ -205,17 +201,11 @@ def _squeeze_dim_static(self, dim: int):
     return op.Squeeze(self, op.Constant(value_ints=[dim]))
 
 
-_FORWARD_PARAMS: list[str] | None = None
-
-
 def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
     """Model pre-hook: this call's keep schedule, and the caption mask the pooled context needs."""
-    global _FORWARD_PARAMS
     from shiva_export.prune.api import _STATE_ATTR, _call_config
 
-    if _FORWARD_PARAMS is None:
-        _FORWARD_PARAMS = list(inspect.signature(type(module).forward).parameters)[1:]
-    bound = dict(zip(_FORWARD_PARAMS, args)) | kwargs
+    bound = bound_args(module, args, kwargs)
     state = getattr(module, _STATE_ATTR)
     t = bound.get("timestep")
     config = _call_config(state, bound.get("hidden_states"), t, None)
