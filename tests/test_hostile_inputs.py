@@ -70,6 +70,11 @@ def _make(kind: str, tmp: Path) -> Path:
         "weights_no_config": lambda: _w(tmp / "in" / "w1" / "model.safetensors", b"x").parent,
         "weights_bad_config": lambda: _w(tmp / "in" / "w2" / "config.json", "{not json").parent,
         "ckpt_dir_pickle": lambda: _w(tmp / "in" / "ck" / "checkpoint.pt", pickle.dumps({"x": _Boom()})).parent,
+        "chain_bad_json": lambda: _w(tmp / "in" / "chain1" / "segments.json", "{not json").parent,
+        "chain_escape": lambda: _w(tmp / "in" / "chain2" / "segments.json", '{"format": "shiva-engine-chain/1", "count": 2, "inputs": ["x"], "outputs": ["y"], '
+                                    '"segments": [{"dir": "../../etc", "inputs": ["x"], "outputs": ["y"], "plan_sha256": "0"}, '
+                                    '{"dir": "seg1of2", "inputs": ["y"], "outputs": ["y"], "plan_sha256": "0"}]}').parent,
+        "segment_alone": lambda: _w(tmp / "in" / "model.seg0of2.onnx", _onnx_bytes()),
         "missing": lambda: tmp / "in" / "does-not-exist",
         "unwritable": lambda: Path("/proc/shiva-no-such-dir/out"),
     }[kind]()
@@ -172,6 +177,13 @@ CORPUS = [
     ("trt-backend-bad", ["trt", "--model", "sd35-tiny", "--backend", "tensorflow", "--out-dir", "{out}/e"], 2, "tensorflow"),
     ("trt-ratio-1", ["trt", "--model", "sd35-tiny", "--ratio", "1.0", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "out of range"),
     ("trt-timing-cache-foreign", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--timing-cache", "{file}", "--out-dir", "{out}/e"], 1, "not a timing cache"),
+    ("trt-segments-0", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--segments", "0", "--out-dir", "{out}/e"], 2, "--segments 0"),
+    ("trt-segments-99", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--segments", "99", "--out-dir", "{out}/e"], 2, "out of range"),
+    ("trt-segments-dynamic", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--segments", "2", "--dynamic-batch", "--out-dir", "{out}/e"], 2, "fixed shapes"),
+    ("trt-segments-foreign", ["trt", "--model", "sd35-tiny", "--onnx", "{foreign_onnx}", "--backend", "tensorrt-rtx", "--segments", "2", "--out-dir", "{out}/e"], 2, "shiva"),
+    ("run-chain-bad-json", ["run", "{chain_bad_json}"], 1, "engine chain"),
+    ("run-chain-escape", ["run", "{chain_escape}"], 1, "segment"),
+    ("parity-segment-foreign", ["validate", "parity", "--model", "sd35-tiny", "--onnx", "{segment_alone}"], 2, "shiva"),
     ("run-missing", ["run", "{missing}"], 1, "not found"),
     ("run-empty-dir", ["run", "{dir}"], 1, "not found"),
     # --- train

@@ -22,7 +22,11 @@ TRT_EPILOG = """Examples:
 
   shiva-export trt --onnx engines/sd35/ratio0.40/fp16/model.onnx --backend tensorrt
 
-Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json}. A budget whose
+  shiva-export trt --onnx xl/model.onnx --backend tensorrt-rtx --segments 2   # 8 B on a 24 GB machine
+
+Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json}; with --segments N,
+segments.json + manifest.json there and one engine per segment in seg<i>of<N>/ (the segment ONNX files, which
+reference the export's weights, go beside the export). A budget whose
 inputs all hash the same as its manifest is skipped (--force rebuilds). A missing backend module exits 4.
 """
 INSPECT_HELP = "Pre-flight an ONNX for TensorRT: list every construct the backend will not build (node, problem, fix)."
@@ -56,6 +60,14 @@ def trt_command(
             help="Weight-stripped, refittable engine (STRIP_PLAN): the plan holds no weights and is refit from its ONNX when loaded. For 8-12 B models.",
         ),
     ] = False,
+    segments: Annotated[
+        int,
+        typer.Option(
+            "--segments",
+            help="Build each budget as a chain of N segment engines cut at block boundaries (equal weight bytes): the builder's peak "
+            "memory is one segment's. For 8-12 B models on small machines. Fixed shapes only.",
+        ),
+    ] = 1,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Root folder for engines.")] = Path("engines"),
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,
@@ -74,7 +86,7 @@ def trt_command(
             model=model, recipe=recipe, weights=weights, router=router, ratios=ratio, dense=not no_dense, onnx=onnx,
             backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
             batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
-            optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, out_dir=out_dir, force=force, validate=validate, progress=advance,
+            optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, segments=segments, out_dir=out_dir, force=force, validate=validate, progress=advance,
         )
     rows = [r.to_dict() for r in results]
     if json_out:

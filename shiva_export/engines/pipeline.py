@@ -18,6 +18,7 @@ from typing import Any
 
 from shiva_export._version import __version__
 from shiva_export.engines.builder import Backend, build_engine, deserialize_check, resolve_backend
+from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.export.pipeline import budget_label, export_pruned
@@ -198,6 +199,7 @@ def build_engines(
     optimization_level: int | None = None,
     aot_targets: list[str] | None = None,
     strip_weights: bool = False,
+    segments: int = 1,
     out_dir: str | os.PathLike = "engines",
     force: bool = False,
     validate: bool = True,
@@ -226,6 +228,9 @@ def build_engines(
         aot_targets (list[str]): TensorRT-RTX AOT compute capabilities (e.g. ``["8.9"]``). Defaults to RTX's portable set.
         strip_weights (bool): Weight-stripped, refittable engines (``STRIP_PLAN``): the plan holds no weights and
             is refit from its ONNX when loaded; for models too large to hold the plan. Defaults to False.
+        segments (int): Build each budget as a chain of this many segment engines, cut at block boundaries with
+            equal weight bytes (:mod:`shiva_export.engines.chain`): the builder's peak memory is that of one
+            segment. Fixed shapes only. Defaults to 1 (one engine).
         out_dir (PathLike): Root folder. Defaults to ``engines``.
         force (bool): Rebuild even when the cache matches. Defaults to False.
         validate (bool): ONNX Runtime parity after each new export. Defaults to True.
@@ -240,11 +245,17 @@ def build_engines(
             "--dtype bf16 cannot be exported: ONNX (opset <= 22) has no bfloat16 Conv or Einsum, which the patch embedding and "
             "unpatchify use. Build --dtype fp16 (engines are strongly typed, so the ONNX dtype is the engine's)."
         )
+    from shiva_export.export.segments import MAX_SEGMENTS
+
+    if not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS:
+        raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
+    if segments > 1 and (dynamic_batch or strip_weights):
+        raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if onnx is not None:
         return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                strip_weights)]
+                                strip_weights, segments)]
     todo = list(ratios) if ratios else list(rec.prune.ratios)
     for r in todo:
         if not 0.0 <= r < 1.0:
@@ -276,6 +287,8 @@ def build_engines(
         "aot_targets": list(aot_targets) if aot_targets else None,
         "strip_weights": strip_weights,
     }
+    if segments > 1:
+        options["segments"] = segments
     results: list[EngineBuild] = []
     for r in todo:
         d = Path(out_dir) / rec.name / budget_label(r) / dtype
@@ -289,7 +302,8 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
               workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
     """One budget folder (the caller holds its lock)."""
     is_dense = r == 0.0
-    onnx_path, plan = d / "model.onnx", d / "model.plan"
+    segments = int(options.get("segments", 1))
+    onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
     mpath = manifest_path_for(plan)
     key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch)
     label = "dense" if is_dense else f"ratio {r:g}"
@@ -323,28 +337,10 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
     profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
     say(f"{label}: preflight + build ({be.name} {be.version})")
-    res = build_engine(
-        onnx_path,
-        plan,
-        backend=be,
-        workspace_bytes=workspace_bytes,
-        timing_cache_path=timing_cache,
-        profile=profile,
-        builder_optimization_level=optimization_level,
-        compute_capabilities=aot_targets,
-        strip_weights=bool(options.get("strip_weights")),
-    )
-    check = deserialize_check(plan, be)
     exd = ex.to_dict()
-    if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
-        options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
-    manifest = EngineManifest.from_build(
-        res,
-        onnx_sha256=ex.export.onnx_sha256,
+    fields = dict(
         model_name=rec.name,
         model_config_hash=ex.export.metadata["shiva.model_config_sha256"],
-        # static shapes, or the profile's opt batch in place of the symbolic batch axis
-        input_shapes={k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v] for k, v in ex.export.input_shapes.items()},
         dtype=dtype,
         recipe_sha256=exd["recipe_sha256"],
         router_sha256=ex.router.get("tensor_sha256"),
@@ -352,16 +348,39 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         keep_ratio=1.0 - r,
         per_block_k={str(b): k for b, k in ex.budgets.items()},
         dense=is_dense,
-        onnx_path=onnx_path.name,
         export_key=key,
+    )
+    res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
+                             builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
+                             strip_weights=bool(options.get("strip_weights")))
+    if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
+        options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
+    manifest = EngineManifest.from_build(
+        res,
+        onnx_sha256=ex.export.onnx_sha256,
+        # static shapes, or the profile's opt batch in place of the symbolic batch axis
+        input_shapes={k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v] for k, v in ex.export.input_shapes.items()},
+        onnx_path=onnx_path.name,
         build_options=options,
         deserialize={k: check.get(k) for k in ("deserialized", "reason")},
+        **fields,
     )
     write_manifest(mpath, manifest)
     return EngineBuild(
         r, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
         res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize,
     )
+
+
+def _build_plan(onnx_path: Path, d: Path, be: Backend, segments: int, fields: dict[str, Any], say, **build_kwargs) -> tuple[Any, dict[str, Any]]:
+    """One engine (``d/model.plan``) or, with ``segments`` > 1, a chain of segment engines (``d/segments.json``);
+    with the post-build deserialization check."""
+    if segments > 1:
+        res = build_chain(onnx_path, d, segments, backend=be, manifest_fields=fields, say=say, **build_kwargs)
+        return res, chain_deserialize_check(res.plan_path, be)
+    res = build_engine(onnx_path, d / "model.plan", backend=be, **build_kwargs)
+    clear_other_layout(d, "plan")
+    return res, deserialize_check(res.plan_path, be)
 
 
 def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tuple[list[int], list[int], list[int]]]:
@@ -387,7 +406,7 @@ def _refit_weights(onnx_path: Path, data_sha256: str | None = None) -> dict[str,
 
 
 def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                    strip_weights: bool = False) -> EngineBuild:
+                    strip_weights: bool = False, segments: int = 1) -> EngineBuild:
     """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
     from shiva_export.export.onnx import read_shiva_metadata
 
@@ -418,7 +437,6 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         raise ConfigError(f"--onnx {onnx_path}: shiva.dtype {dtype!r} is not fp32, fp16 or bf16; re-export it with `shiva-export onnx`.")
     model_name = safe_component(get("model", rec.name), f"--onnx {onnx_path}: shiva.model")
     d = inside(out_dir, Path(out_dir) / model_name / budget_label(ratio) / dtype, "engine folder")
-    plan = d / "model.plan"
     shapes = {}
     dynamic = False
     for i in m.graph.input:
@@ -430,18 +448,9 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         lo, opt, hi = batch_range or (1, 1, 4)
         profile = {n: tuple([b if x == -1 else x for x in s] for b in (lo, opt, hi)) for n, s in shapes.items()}
     say(f"ratio {ratio:g}: preflight + build ({be.name} {be.version}) from {onnx_path}")
-    res = build_engine(onnx_path, plan, backend=be, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
-                       builder_optimization_level=optimization_level, compute_capabilities=aot_targets, strip_weights=strip_weights)
-    check = deserialize_check(plan, be)
-    build_options = {"onnx": str(onnx_path.resolve()), "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None,
-                     "strip_weights": strip_weights}
-    if res.weights_stripped:
-        build_options["refit_weights"] = _refit_weights(onnx_path)
-    manifest = EngineManifest.from_build(
-        res,
+    fields = dict(
         model_name=model_name,
         model_config_hash=get("model_config_sha256", "unknown"),
-        input_shapes={k: [max(x, 1) for x in v] for k, v in shapes.items()},
         dtype=dtype,
         recipe_sha256=get("recipe_sha256"),
         router_sha256=get("router_sha256"),
@@ -449,10 +458,26 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         keep_ratio=1.0 - ratio,
         per_block_k={str(k): int(v) for k, v in (get("k_per_block", {}) or {}).items()},
         dense=bool(get("dense", False)),
-        onnx_path=str(onnx_path.resolve()),
         export_key=get("export_key"),
-        build_options=build_options,
-        deserialize={k: check.get(k) for k in ("deserialized", "reason")},
     )
-    mpath = write_manifest(manifest_path_for(plan), manifest)
+    with folder_lock(d, "engine folder"):
+        res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache,
+                                 profile=profile, builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
+                                 strip_weights=strip_weights)
+        plan = res.plan_path
+        build_options = {"onnx": str(onnx_path.resolve()), "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None,
+                         "strip_weights": strip_weights}
+        if segments > 1:
+            build_options["segments"] = segments
+        if res.weights_stripped:
+            build_options["refit_weights"] = _refit_weights(onnx_path)
+        manifest = EngineManifest.from_build(
+            res,
+            input_shapes={k: [max(x, 1) for x in v] for k, v in shapes.items()},
+            onnx_path=str(onnx_path.resolve()),
+            build_options=build_options,
+            deserialize={k: check.get(k) for k in ("deserialized", "reason")},
+            **fields,
+        )
+        mpath = write_manifest(manifest_path_for(plan), manifest)
     return EngineBuild(ratio, manifest.dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, None, res.size_bytes, None, manifest.deserialize)

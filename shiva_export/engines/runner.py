@@ -13,7 +13,7 @@ from typing import Any
 
 from shiva_export.engines.builder import Backend, current_gpu, resolve_backend
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, verify_engine
-from shiva_export.errors import EngineBuildError, HardwareError, ShapeError
+from shiva_export.errors import EngineBuildError, HardwareError, ManifestError, ShapeError
 from shiva_export.logging import get_logger
 
 __all__ = ["EngineRunner", "find_plan"]
@@ -22,10 +22,13 @@ logger = get_logger(__name__)
 
 
 def find_plan(path: str | os.PathLike) -> Path:
-    """A plan file, or the ``model.plan`` inside an engine folder."""
+    """A plan file, or what an engine folder holds: its ``model.plan``, or the ``segments.json`` of a chain of
+    segment engines (:mod:`shiva_export.engines.chain`)."""
+    from shiva_export.engines.chain import CHAIN_FILE
+
     p = Path(path)
     if p.is_dir():
-        p = p / "model.plan"
+        p = p / "model.plan" if (p / "model.plan").is_file() or not (p / CHAIN_FILE).is_file() else p / CHAIN_FILE
     if not p.is_file():
         raise EngineBuildError(f"Engine not found: {p}. Pass a .plan file or an engines/<model>/<budget>/<dtype>/ folder built by `shiva-export trt`.")
     return p
@@ -44,13 +47,18 @@ class EngineRunner:
     """
 
     def __init__(self, plan: str | os.PathLike, backend: str | None = None):
+        from shiva_export.engines.chain import CHAIN_FILE, read_chain
+
         self.plan_path = find_plan(plan)
+        self.chain: dict[str, Any] | None = read_chain(self.plan_path) if self.plan_path.name == CHAIN_FILE else None
         self.manifest: EngineManifest = read_manifest(manifest_path_for(self.plan_path))
         self._backend_name = backend or self.manifest.backend
         self.backend: Backend | None = None
         self.engine: Any = None
         self.context: Any = None
         self.inference_time: float | None = None
+        #: a chain's segment engines, in run order (:mod:`shiva_export.engines.chain`)
+        self.parts: list[EngineRunner] = [EngineRunner(self.plan_path.parent / r["dir"], backend=backend) for r in (self.chain or {}).get("segments", [])]
 
     def __enter__(self) -> EngineRunner:
         self.activate()
@@ -62,11 +70,24 @@ class EngineRunner:
     def verify(self) -> None:
         """Checks the plan's sha256 and backend against the manifest; needs no GPU (run before looking for one)."""
         verify_engine(self.plan_path, self.manifest, None, None, backend=self._backend_name)
+        for part, row in zip(self.parts, (self.chain or {}).get("segments", [])):
+            part.verify()
+            if part.manifest.engine_sha256 != row["plan_sha256"]:
+                raise ManifestError(
+                    f"segment engine {part.plan_path} is not the one chain {self.plan_path} was built with (sha256 differs); "
+                    "rebuild the chain with `shiva-export trt --segments N`."
+                )
 
     def activate(self) -> None:
         import torch
 
         self.verify()
+        if self.parts:
+            if not torch.cuda.is_available():
+                raise HardwareError(f"Running engine chain {self.plan_path} needs a CUDA GPU, and torch sees none. Run it on a GPU machine.")
+            for part in self.parts:
+                part.activate()
+            return
         if not torch.cuda.is_available():
             raise HardwareError(
                 f"Running engine {self.plan_path} needs a CUDA GPU, and torch sees none. "
@@ -117,6 +138,8 @@ class EngineRunner:
         logger.info("refit %s from %s", self.plan_path, onnx)
 
     def deactivate(self) -> None:
+        for part in self.parts:
+            part.deactivate()
         self.context = None
         self.engine = None
 
@@ -135,6 +158,8 @@ class EngineRunner:
 
         import torch
 
+        if self.parts:
+            return self._infer_chain(feed)
         if self.context is None:
             raise EngineBuildError("EngineRunner.infer called before activate(); use it as a context manager.")
         trt = self.backend.module
@@ -165,3 +190,16 @@ class EngineRunner:
         stream.synchronize()
         self.inference_time = time.perf_counter() - t0
         return outputs
+
+    def _infer_chain(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """Runs the segment engines in order; each reads the graph inputs and earlier segments' outputs."""
+        env = dict(feed)
+        total = 0.0
+        for part, row in zip(self.parts, self.chain["segments"]):
+            missing = [x for x in row["inputs"] if x not in env]
+            if missing:
+                raise ShapeError(f"engine chain {self.plan_path}: {row['dir']} needs input {missing[0]!r}, which the feed does not hold.")
+            env.update(part.infer({x: env[x] for x in row["inputs"]}))
+            total += part.inference_time or 0.0
+        self.inference_time = total
+        return {k: env[k] for k in self.chain["outputs"]}

@@ -55,6 +55,7 @@ __all__ = [
     "package_versions",
     "SUMMARY_OPS",
     "META_PREFIX",
+    "block_scopes",
 ]
 
 logger = get_logger(__name__)
@@ -256,6 +257,14 @@ def _add_index_outputs(model, index_tensors: dict[int, str], spec: InputSpec, dy
     return out
 
 
+def block_scopes(transformer: nn.Module) -> list[str]:
+    """The exporter's name scope (``pkg.torch.onnx.name_scopes``) of each routable block, in flat-index order:
+    what lets a graph be cut at block boundaries (:mod:`shiva_export.export.segments`) without knowing the
+    architecture."""
+    names = {id(m): n for n, m in transformer.named_modules()}
+    return [f"transformer.{names[id(b)]}" for b in get_adapter(transformer).blocks(transformer)]
+
+
 def _check_contract(model) -> None:
     """The static-shape contract: TopK present with sorted=1, no data-dependent-shape ops."""
     bad = [n for n in model.graph.node if n.op_type in _FORBIDDEN_OPS]
@@ -410,6 +419,7 @@ def export_onnx(
                 index_tensors = _add_index_outputs(model, index_tensors, spec, dynamic_batch)
         meta = {
             "exporter": "torch.onnx dynamo",
+            "block_scopes": block_scopes(transformer),
             "opset": opset,
             "dtype": dtype,
             "dynamic_batch": dynamic_batch,

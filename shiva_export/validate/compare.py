@@ -32,7 +32,9 @@ from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, 
 from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
 from shiva_export.export.onnx import read_shiva_metadata
-from shiva_export.validate.parity import _read_index_tensors, _row_overlap, _with_index_outputs, compare_arrays, ort_session
+from shiva_export.engines.chain import CHAIN_FILE
+from shiva_export.export.segments import is_segment_path
+from shiva_export.validate.parity import ChainedSession, _read_index_tensors, _row_overlap, _with_index_outputs, compare_arrays, ort_session
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
 
@@ -106,7 +108,11 @@ def _runner_classes():
             self.shapes = shapes
 
         def activate_impl(self):
-            self.sess = ort_session(self.path, self.provider)
+            if is_segment_path(self.path):  # a cut export: its segments chained, one session each
+                self.sess = ChainedSession(self.path, self.provider, index_outputs=True)
+                self.index_tensors = self.sess.index_tensors
+            else:
+                self.sess = ort_session(self.path, self.provider)
             self.out_names = [o.name for o in self.sess.get_outputs()]
             self.rename = {v: f"{INDEX_PREFIX}{k}" for k, v in self.index_tensors.items()}
 
@@ -132,6 +138,8 @@ def _runner_classes():
             return {self.rename.get(n, n): (o.astype(np.float32) if o.dtype in (np.float16,) else o) for n, o in zip(self.out_names, outs)}
 
         def deactivate_impl(self):
+            if isinstance(self.sess, ChainedSession):
+                self.sess.close()
             del self.sess
 
     class EngineParityRunner(BaseRunner):
@@ -339,7 +347,7 @@ def validate_parity(
                 x = make_inputs(base, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
                 feeds.append({k: v.numpy() for k, v in x.items() if k in graph_inputs})
                 extras = {k: v for k, v in x.items() if k not in graph_inputs}
-            index_tensors = _read_index_tensors(path)
+            index_tensors = {} if is_segment_path(path) else _read_index_tensors(path)  # a chain adds its own
             run_path = _with_index_outputs(path, index_tensors) if index_tensors else path
             np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
             shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
@@ -353,7 +361,7 @@ def validate_parity(
                                            float_names=get_adapter(base).float_inputs(base.config)))
                 elif b == "engine":
                     edir = Path(engines_dir) / rec.name / budget_label(ratio) / ex_dtype if engines_dir else None
-                    if edir is None or not (edir / "model.plan").is_file():
+                    if edir is None or not ((edir / "model.plan").is_file() or (edir / CHAIN_FILE).is_file()):
                         report.skipped.append(f"ratio {ratio:g} engine: no engine at {edir}; build it with `shiva-export trt`")
                     elif not torch.cuda.is_available():
                         report.skipped.append(f"ratio {ratio:g} engine: {edir} exists but no CUDA GPU is visible to run it")

@@ -25,7 +25,7 @@ from shiva_export.logging import get_logger
 from shiva_export.models import OUTPUT_NAME, get_adapter
 from shiva_export.prune.api import is_shiva_applied, record_selection
 
-__all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "ort_session"]
+__all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "ort_session", "ChainedSession"]
 
 logger = get_logger(__name__)
 ort = lazy_import("onnxruntime", purpose="ONNX parity checks")
@@ -201,6 +201,64 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimiza
     return sess
 
 
+class _Arg:
+    def __init__(self, name: str, type: str = "tensor(float)"):
+        self.name, self.type = name, type
+
+
+class ChainedSession:
+    """ONNX Runtime sessions of a cut export's segments (:mod:`shiva_export.export.segments`), run one after
+    another behind the one-session interface (``get_inputs``, ``get_outputs``, ``run``); with
+    ``index_outputs``, each segment also returns the kept indices of the blocks it routes."""
+
+    def __init__(self, segment_file: str | os.PathLike, provider: str = "cpu", threads: int | None = None, index_outputs: bool = False):
+        from shiva_export.export.segments import read_segments
+
+        self.segments = read_segments(segment_file)
+        self._tmp: list[Path] = []
+        self.sessions = []
+        self.index_tensors: dict[int, str] = {}
+        try:
+            for seg in self.segments:
+                path = seg.path
+                if index_outputs:
+                    idx = _read_index_tensors(seg.path)
+                    self.index_tensors.update(idx)
+                    if idx:
+                        path = _with_index_outputs(seg.path, idx)
+                        self._tmp.append(path)
+                self.sessions.append(ort_session(path, provider, threads=threads))
+        except BaseException:
+            self.close()
+            raise
+
+    def get_inputs(self) -> list[_Arg]:
+        types = {i.name: i.type for s in self.sessions for i in s.get_inputs()}
+        return [_Arg(n, types.get(n, "tensor(float)")) for n in self.segments[0].source_inputs if n in types]
+
+    def get_outputs(self) -> list[_Arg]:
+        return [_Arg(o.name) for s in self.sessions for o in s.get_outputs() if o.name == OUTPUT_NAME or o.name in self.index_tensors.values()]
+
+    def get_providers(self) -> list[str]:
+        return self.sessions[0].get_providers()
+
+    def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from shiva_export.export.segments import run_chain
+
+        def one(i: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            sess = self.sessions[i]
+            out_names = [o.name for o in sess.get_outputs()]
+            return dict(zip(out_names, sess.run(out_names, inputs)))
+
+        env = run_chain(self.segments, one, feed)
+        return [env[n] for n in (names or [OUTPUT_NAME])]
+
+    def close(self) -> None:
+        for p in self._tmp:
+            p.unlink(missing_ok=True)
+        self._tmp = []
+
+
 def _with_index_outputs(onnx_path: Path, index_tensors: dict[int, str]) -> Path:
     """A copy of the graph (same folder, so external data resolves) with kept-index tensors as outputs."""
     import onnx
@@ -326,10 +384,18 @@ def check_parity(
         report.status = "skipped"
         report.reason = "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
         return report
-    index_tensors = _read_index_tensors(onnx_path)
+    from shiva_export.export.segments import is_segment_path
+
+    chained = is_segment_path(onnx_path)
+    index_tensors = {} if chained else _read_index_tensors(onnx_path)
     run_path = _with_index_outputs(onnx_path, index_tensors) if index_tensors else onnx_path
+    sess = None
     try:
-        sess = ort_session(run_path, provider)
+        if chained:  # a segment file: the whole chain of its export, each segment in its own session
+            sess = ChainedSession(onnx_path, provider, index_outputs=True)
+            index_tensors = sess.index_tensors
+        else:
+            sess = ort_session(run_path, provider)
         float_names = set(get_adapter(reference).float_inputs(reference.config))
         out_names = [o.name for o in sess.get_outputs()]
         for seed, timestep, inputs in cases:
@@ -362,6 +428,8 @@ def check_parity(
     finally:
         if run_path != onnx_path:
             run_path.unlink(missing_ok=True)
+        if isinstance(sess, ChainedSession):
+            sess.close()
 
     bad_out = [c for c in report.cases if not c.output.passed]
     bad_idx = report.index_agreement < min_index_agreement
