@@ -175,6 +175,8 @@ def test_a_chain_of_rtx_engines_builds_and_is_verified_by_content(exports, tmp_p
     assert sorted(k for p in parts for k in p.per_block_k) == sorted(top.per_block_k)  # each block's k in its segment
     assert find_plan(d) == d / CHAIN_FILE
     EngineRunner(d).verify()
+    # the runtime opens a chain like one engine: metadata from its source export, then the GPU is looked for
+    assert main(["generate", "--model", "sd35-tiny", "--prompt", "x", "--backend", "trt", "--artifact", str(d), "--out", str(tmp_path / "img")]) == 4
     # a segment plan changed after the build: refused before any GPU is looked for
     with open(d / "seg1of2" / "model.plan", "ab") as f:
         f.write(b"x")

@@ -190,3 +190,22 @@ def test_validate_quality_end_to_end_tiny(tmp_path, capsys):
         from shiva_export.validate.quality import validate_quality
 
         validate_quality(keeps=[1.5], prompts=1)
+
+
+def test_training_script_rebuilds_the_shipped_text_encoders_bit_for_bit():
+    """scripts/train_shapes.py encodes captions with text encoders it builds from the embedded runtime's seeds:
+    they must be the shipped ones, or a retrained transformer would learn to read other embeddings."""
+    import importlib.util
+
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    spec = importlib.util.spec_from_file_location("train_shapes", ROOT / "scripts" / "train_shapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, clip1, _, clip2, _, t5 = script.build_text_stack()
+    shipped = load_recipe("sd35-shapes").local_pipeline_path()
+    for built, name, cls in ((clip1, "text_encoder", CLIPTextModelWithProjection), (clip2, "text_encoder_2", CLIPTextModelWithProjection),
+                             (t5, "text_encoder_3", T5EncoderModel)):
+        want = cls.from_pretrained(shipped / name).state_dict()
+        got = built.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
