@@ -192,3 +192,41 @@ def test_a_chain_of_rtx_engines_builds_and_is_verified_by_content(exports, tmp_p
     assert main(args) == 0
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.plan"]
     assert find_plan(d) == d / "model.plan"
+
+
+def test_segment_names_out_of_range_are_refused(tmp_path):
+    for name in ("m.seg0of0.onnx", "m.seg3of2.onnx", "m.seg0of99.onnx"):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(ConfigError, match="segments numbered from 0"):
+            read_segments(tmp_path / name)
+
+
+@pytest.mark.trt_rtx
+def test_a_cached_chain_is_reused_checked_by_content_and_replaced_cleanly(tmp_path):
+    from shiva_export.engines.chain import CHAIN_FILE
+
+    out = tmp_path / "engines"
+    base = ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--no-dense", "--no-validate", "--backend", "tensorrt-rtx", "--out-dir", str(out), "--json"]
+    d = out / "sd35-tiny" / "ratio0.40" / "fp32"
+
+    import io
+    from contextlib import redirect_stdout
+
+    def run(args):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert main(args) == 0
+        return json.loads(buf.getvalue())["engines"][0]
+
+    first = run(base + ["--segments", "2"])
+    assert first["status"] == "built" and first["plan"].endswith(CHAIN_FILE)
+    # no --segments (as `generate --backend trt` builds): the cached chain is reused, not replaced by a whole build
+    again = run(base)
+    assert again["status"] == "cached" and again["plan"] == first["plan"] and again["engine_mb"] == first["engine_mb"]
+    # a segment plan changed on disk: not cached any more
+    with open(d / "seg1of2" / "model.plan", "ab") as f:
+        f.write(b"x")
+    assert run(base + ["--segments", "2"])["status"] == "built"
+    # another count: the old segment folders go
+    assert run(base + ["--segments", "3"])["status"] == "built"
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["seg0of3", "seg1of3", "seg2of3"]

@@ -61,13 +61,14 @@ def trt_command(
         ),
     ] = False,
     segments: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--segments",
             help="Build each budget as a chain of N segment engines cut at block boundaries (equal weight bytes): the builder's peak "
-            "memory is one segment's. For 8-12 B models on small machines. Fixed shapes only.",
+            "memory is one segment's. For 8-12 B models on small machines. Fixed shapes only. Default: reuse the cached engine or "
+            "chain, else one engine.",
         ),
-    ] = 1,
+    ] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Root folder for engines.")] = Path("engines"),
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,

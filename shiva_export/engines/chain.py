@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ logger = get_logger(__name__)
 CHAIN_FILE = "segments.json"
 CHAIN_FORMAT = "shiva-engine-chain/1"
 _SEG_DIR = "seg{i}of{n}"
+_SEG_DIR_RE = re.compile(r"^seg\d+of\d+$")
 
 
 def _graph_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
@@ -56,16 +58,17 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def clear_other_layout(folder: Path, keep: str) -> None:
-    """Removes the other layout's files from a budget folder before ``keep`` (``"plan"`` or ``"chain"``) is
-    written there: one budget, one engine."""
+def clear_other_layout(folder: Path, keep: str, count: int = 0) -> None:
+    """Removes what is not the engine just written from a budget folder: with ``keep="chain"``, a whole
+    ``model.plan`` and segment folders of another count; with ``keep="plan"``, a chain. One budget, one engine."""
     if keep == "chain":
         (folder / "model.plan").unlink(missing_ok=True)
     else:
         (folder / CHAIN_FILE).unlink(missing_ok=True)
-        for p in folder.glob("seg*of*"):
-            if p.is_dir() and (p / "model.plan").exists():
-                shutil.rmtree(p, ignore_errors=True)
+    named = {_SEG_DIR.format(i=i, n=count) for i in range(count)} if keep == "chain" else set()
+    for p in folder.glob("seg*of*"):
+        if p.name not in named and _SEG_DIR_RE.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def build_chain(
@@ -128,7 +131,7 @@ def build_chain(
         "format": CHAIN_FORMAT, "count": count, "source_onnx": str(onnx_path.resolve()), "source_onnx_sha256": segments[0].source_onnx_sha256,
         "inputs": list(segments[0].source_inputs), "outputs": graph_outputs, "segments": rows,
     })
-    clear_other_layout(folder, "chain")
+    clear_other_layout(folder, "chain", count)
     first = results[0]
     return replace(
         first, plan_path=chain_path, sha256=sha256_file(chain_path), size_bytes=sum(r.size_bytes for r in results),

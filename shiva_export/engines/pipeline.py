@@ -18,7 +18,7 @@ from typing import Any
 
 from shiva_export._version import __version__
 from shiva_export.engines.builder import Backend, build_engine, deserialize_check, resolve_backend
-from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout
+from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout, read_chain
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.export.pipeline import budget_label, export_pruned
@@ -172,7 +172,23 @@ def _cached(manifest_path: Path, plan: Path, onnx_path: Path, key: dict[str, Any
         return None
     if sha256_file(plan) != m.engine_sha256 or sha256_file(onnx_path) != m.onnx_sha256:
         return None
+    if plan.name == CHAIN_FILE:  # every segment plan must still be the one the chain was built with
+        try:
+            rows = read_chain(plan)["segments"]
+        except ManifestError:
+            return None
+        for row in rows:
+            part = plan.parent / row["dir"] / "model.plan"
+            if not part.is_file() or sha256_file(part) != row["plan_sha256"]:
+                return None
     return m
+
+
+def _engine_bytes(plan: Path) -> int:
+    """A plan's size, or the sum of a chain's segment plans."""
+    if plan.name != CHAIN_FILE:
+        return plan.stat().st_size
+    return sum((plan.parent / r["dir"] / "model.plan").stat().st_size for r in read_chain(plan)["segments"])
 
 
 def build_engines(
@@ -199,7 +215,7 @@ def build_engines(
     optimization_level: int | None = None,
     aot_targets: list[str] | None = None,
     strip_weights: bool = False,
-    segments: int = 1,
+    segments: int | None = None,
     out_dir: str | os.PathLike = "engines",
     force: bool = False,
     validate: bool = True,
@@ -230,7 +246,8 @@ def build_engines(
             is refit from its ONNX when loaded; for models too large to hold the plan. Defaults to False.
         segments (int): Build each budget as a chain of this many segment engines, cut at block boundaries with
             equal weight bytes (:mod:`shiva_export.engines.chain`): the builder's peak memory is that of one
-            segment. Fixed shapes only. Defaults to 1 (one engine).
+            segment. Fixed shapes only. Defaults to None: reuse the budget's cached engine or chain, and build one
+            engine when neither is cached.
         out_dir (PathLike): Root folder. Defaults to ``engines``.
         force (bool): Rebuild even when the cache matches. Defaults to False.
         validate (bool): ONNX Runtime parity after each new export. Defaults to True.
@@ -247,15 +264,15 @@ def build_engines(
         )
     from shiva_export.export.segments import MAX_SEGMENTS
 
-    if not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS:
+    if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS):
         raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
-    if segments > 1 and (dynamic_batch or strip_weights):
+    if (segments or 1) > 1 and (dynamic_batch or strip_weights):
         raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if onnx is not None:
         return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                strip_weights, segments)]
+                                strip_weights, segments or 1)]
     todo = list(ratios) if ratios else list(rec.prune.ratios)
     for r in todo:
         if not 0.0 <= r < 1.0:
@@ -287,20 +304,22 @@ def build_engines(
         "aot_targets": list(aot_targets) if aot_targets else None,
         "strip_weights": strip_weights,
     }
-    if segments > 1:
+    if (segments or 1) > 1:
         options["segments"] = segments
     results: list[EngineBuild] = []
     for r in todo:
         d = Path(out_dir) / rec.name / budget_label(r) / dtype
         with folder_lock(d, "engine folder"):
             results.append(_build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
-                                         timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say))
+                                         timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
+                                         any_layout=segments is None))
     return results
 
 
 def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
-              workspace_bytes, optimization_level, aot_targets, batch_range, say) -> EngineBuild:
-    """One budget folder (the caller holds its lock)."""
+              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False) -> EngineBuild:
+    """One budget folder (the caller holds its lock). With ``any_layout`` (no --segments given), a cached chain is
+    reused as readily as a cached engine."""
     is_dense = r == 0.0
     segments = int(options.get("segments", 1))
     onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
@@ -308,10 +327,20 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
     key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch)
     label = "dense" if is_dense else f"ratio {r:g}"
     if not force:
-        m = _cached(mpath, plan, onnx_path, key, options, be)
-        if m is not None:
-            say(f"{label}: cached ({plan})")
-            return EngineBuild(r, is_dense, "cached", d, plan, onnx_path, mpath, m.per_block_k, m.build_seconds, None, plan.stat().st_size, None, m.deserialize)
+        tries = [(plan, options)]
+        if any_layout and segments == 1 and (d / CHAIN_FILE).is_file():
+            try:
+                n = int((read_manifest(mpath).build_options or {}).get("segments", 0))
+            except (ManifestError, TypeError, ValueError):
+                n = 0
+            if n > 1:
+                tries.insert(0, (d / CHAIN_FILE, {**options, "segments": n}))
+        for cand, opts in tries:
+            m = _cached(mpath, cand, onnx_path, key, opts, be)
+            if m is not None:
+                say(f"{label}: cached ({cand})")
+                return EngineBuild(r, is_dense, "cached", d, cand, onnx_path, mpath, m.per_block_k, m.build_seconds, None, _engine_bytes(cand), None,
+                                   m.deserialize)
     say(f"{label}: export onnx")
     ex = export_pruned(
         recipe=rec,

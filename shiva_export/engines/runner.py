@@ -58,7 +58,8 @@ class EngineRunner:
         self.context: Any = None
         self.inference_time: float | None = None
         #: a chain's segment engines, in run order (:mod:`shiva_export.engines.chain`)
-        self.parts: list[EngineRunner] = [EngineRunner(self.plan_path.parent / r["dir"], backend=backend) for r in (self.chain or {}).get("segments", [])]
+        self.parts: list[EngineRunner] = [EngineRunner(self.plan_path.parent / r["dir"] / "model.plan", backend=backend)
+                                          for r in (self.chain or {}).get("segments", [])]
 
     def __enter__(self) -> EngineRunner:
         self.activate()
@@ -70,8 +71,14 @@ class EngineRunner:
     def verify(self) -> None:
         """Checks the plan's sha256 and backend against the manifest; needs no GPU (run before looking for one)."""
         verify_engine(self.plan_path, self.manifest, None, None, backend=self._backend_name)
-        for part, row in zip(self.parts, (self.chain or {}).get("segments", [])):
+        for part in self.parts:
             part.verify()
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        """Each segment's manifest names the plan the chain was built with (the plans' own sha256 are checked by
+        their runners)."""
+        for part, row in zip(self.parts, (self.chain or {}).get("segments", [])):
             if part.manifest.engine_sha256 != row["plan_sha256"]:
                 raise ManifestError(
                     f"segment engine {part.plan_path} is not the one chain {self.plan_path} was built with (sha256 differs); "
@@ -81,13 +88,14 @@ class EngineRunner:
     def activate(self) -> None:
         import torch
 
-        self.verify()
         if self.parts:
+            self.verify()  # every plan by content, before any GPU is looked for
             if not torch.cuda.is_available():
                 raise HardwareError(f"Running engine chain {self.plan_path} needs a CUDA GPU, and torch sees none. Run it on a GPU machine.")
             for part in self.parts:
                 part.activate()
             return
+        self.verify()
         if not torch.cuda.is_available():
             raise HardwareError(
                 f"Running engine {self.plan_path} needs a CUDA GPU, and torch sees none. "

@@ -42,6 +42,7 @@ __all__ = ["Segment", "split_onnx", "segment_path", "read_segments", "is_segment
 logger = get_logger(__name__)
 
 SEGMENT_META = "segment"  # shiva.segment in each segment's metadata
+CUTTER_VERSION = 2  # bumped when the placement of nodes changes: segment files cut by another version are cut again
 MAX_SEGMENTS = 16
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _SEG_NAME = re.compile(r"^(?P<stem>.+)\.seg(?P<i>\d+)of(?P<n>\d+)\.onnx$")
@@ -92,10 +93,12 @@ def _block_index(node, scope_to_block: dict[str, int]) -> int | None:
         if p.key == _SCOPES_KEY:
             try:
                 scopes = ast.literal_eval(p.value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return None
+            if not isinstance(scopes, list):
                 return None
             for s in scopes:
-                if s in scope_to_block:
+                if isinstance(s, str) and s in scope_to_block:
                     return scope_to_block[s]
             return None
     return None
@@ -124,9 +127,9 @@ def _min_block_downstream(model, blocks: list[int | None]) -> list[float]:
 def _assign(nodes, blocks: list[int | None], lowest: list[float], cuts: list[int], is_const: list[bool]) -> list[int]:
     """The segment of each node. A node can go anywhere from the segment of its latest producer to that of
     the first block that needs it; it goes late (with the block it feeds: a router and its top-k go with
-    their block) unless it reads a block's own output (the scatter of a block's kept tokens back into the
-    hidden states goes with that block), so that a cut carries the whole hidden states once and not a
-    block's output, its indices and the states it scatters into."""
+    their block) unless it reads a block's own output that nothing later reads (the scatter of a block's kept
+    tokens back into the hidden states goes with that block), so that a cut carries the whole hidden states
+    once and not a block's output, its indices and the states it scatters into."""
     def seg(b: float) -> int:
         return len(cuts) if b == float("inf") else bisect.bisect_right(cuts, b)
 
@@ -137,8 +140,18 @@ def _assign(nodes, blocks: list[int | None], lowest: list[float], cuts: list[int
         e = seg(blocks[i]) if blocks[i] is not None else 0
         earliest[i] = max([e, *(earliest[p] for p in srcs[i])])
     out = [seg(b) for b in lowest]
+    readers: dict[int, list[int]] = {}
+    for i, ps in enumerate(srcs):
+        for p in ps:
+            readers.setdefault(p, []).append(i)
+
+    def only_here(p: int, i: int) -> bool:  # would p's output cross the cut only because node i reads it?
+        return all(out[c] <= earliest[i] for c in readers.get(p, ()) if c != i)
+
     for i in range(len(nodes)):
-        if blocks[i] is None and earliest[i] < out[i] and any(blocks[p] is not None and seg(blocks[p]) == earliest[i] for p in srcs[i]):
+        if blocks[i] is None and earliest[i] < out[i] and any(
+            blocks[p] is not None and seg(blocks[p]) == earliest[i] and only_here(p, i) for p in srcs[i]
+        ):
             out[i] = earliest[i]
     for i in range(len(nodes)):  # no node before its producers
         out[i] = max([out[i], *(out[p] for p in srcs[i])])
@@ -201,6 +214,13 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
 
     src = Path(onnx_path)
     model = load_onnx_graph(src, "--onnx")
+    if not os.access(src.parent, os.W_OK | os.X_OK):
+        from shiva_export.errors import OutputPathError
+
+        raise OutputPathError(
+            f"the segment graphs are written beside the export (they reference its weights file by name), and {src.parent} is not writable; "
+            "copy the .onnx and its .onnx.data to a writable folder."
+        )
     meta = {p.key: p.value for p in model.metadata_props}
     if META_PREFIX + "segment" in meta:
         raise ConfigError(f"{src} is already a segment of a cut export; pass the whole export (the .onnx without .segNofM).")
@@ -212,6 +232,11 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
             f"{src} does not record its blocks' scopes (shiva.block_scopes), so it cannot be cut into segments; "
             "re-export it with this version of `shiva-export onnx`."
         ) from None
+    try:
+        kept = json.loads(meta.get(META_PREFIX + "kept_index_tensors", "{}"))
+        assert isinstance(kept, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in kept.items())
+    except (json.JSONDecodeError, AssertionError):
+        raise ConfigError(f"{src}: shiva.kept_index_tensors is not a map of block to tensor name; re-export it with `shiva-export onnx`.") from None
     scope_to_block = {s: i for i, s in enumerate(scopes)}
     nodes = list(model.graph.node)
     blocks = [_block_index(n, scope_to_block) for n in nodes]
@@ -263,6 +288,10 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
             if x:
                 readers.setdefault(x, set()).add(seg_of[i])
     bounds = [0, *cuts, n_blocks]
+    made_somewhere = {o for i, n in enumerate(nodes) if not is_const[i] for o in n.output}
+    lost = [o for o in graph_outputs if o not in made_somewhere]
+    if lost:
+        raise ConfigError(f"{src}: graph output {lost[0]!r} is made by no node that a segment runs (a constant or a pass-through); it cannot be cut. Please report this.")
     segments: list[Segment] = []
     protos = []
     for s in range(count):
@@ -300,9 +329,8 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
         info = Segment(s, count, paths[s], (bounds[s], bounds[s + 1]), tuple(ins), tuple(outs),
                        sum(_tensor_bytes(t) for t in used_inits), source_sha, tuple(graph_inputs))
         seg_meta = dict(meta)
-        kept = json.loads(meta.get(META_PREFIX + "kept_index_tensors", "{}"))
         seg_meta[META_PREFIX + "kept_index_tensors"] = json.dumps({k: v for k, v in kept.items() if v in made}, sort_keys=True)
-        seg_meta[META_PREFIX + SEGMENT_META] = json.dumps({**info.to_dict(), "path": info.path.name, "cuts": cuts}, sort_keys=True)
+        seg_meta[META_PREFIX + SEGMENT_META] = json.dumps({**info.to_dict(), "path": info.path.name, "cuts": cuts, "cutter": CUTTER_VERSION}, sort_keys=True)
         for k, v in seg_meta.items():
             seg_model.metadata_props.add(key=k, value=v)
         segments.append(info)
@@ -337,6 +365,10 @@ def _existing(paths: list[Path], source_sha: str, cuts: list[int]) -> list[Segme
         return None
     if [s.blocks[0] for s in found[1:]] != cuts:
         return None
+    from shiva_export.export.onnx import read_shiva_metadata
+
+    if (read_shiva_metadata(paths[0]).get(SEGMENT_META) or {}).get("cutter") != CUTTER_VERSION:
+        return None
     return found
 
 
@@ -350,7 +382,9 @@ def read_segments(path: str | os.PathLike) -> list[Segment]:
     m = _SEG_NAME.match(p.name)
     if not m:
         raise ConfigError(f"{p} is not a segment file (<stem>.seg<i>of<n>.onnx); cut an export with `shiva-export trt --segments N`.")
-    count = int(m.group("n"))
+    count, index = int(m.group("n")), int(m.group("i"))
+    if not 2 <= count <= MAX_SEGMENTS or index >= count:
+        raise ConfigError(f"{p.name} names segment {index} of {count}; a cut export has 2..{MAX_SEGMENTS} segments numbered from 0. Pass a file cut by `shiva-export trt --segments N`.")
     out: list[Segment] = []
     for i in range(count):
         q = segment_path(p.with_name(m.group("stem") + ".onnx"), i, count)
