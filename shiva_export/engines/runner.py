@@ -201,13 +201,8 @@ class EngineRunner:
 
     def _infer_chain(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Runs the segment engines in order; each reads the graph inputs and earlier segments' outputs."""
-        env = dict(feed)
-        total = 0.0
-        for part, row in zip(self.parts, self.chain["segments"]):
-            missing = [x for x in row["inputs"] if x not in env]
-            if missing:
-                raise ShapeError(f"engine chain {self.plan_path}: {row['dir']} needs input {missing[0]!r}, which the feed does not hold.")
-            env.update(part.infer({x: env[x] for x in row["inputs"]}))
-            total += part.inference_time or 0.0
-        self.inference_time = total
+        from shiva_export.export.segments import run_chain
+
+        env = run_chain([r["inputs"] for r in self.chain["segments"]], lambda i, tensors: self.parts[i].infer(tensors), feed)
+        self.inference_time = sum(part.inference_time or 0.0 for part in self.parts)
         return {k: env[k] for k in self.chain["outputs"]}

@@ -32,6 +32,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from shiva_export.errors import ConfigError
@@ -415,13 +416,16 @@ def is_segment_path(path: str | os.PathLike) -> bool:
     return bool(_SEG_NAME.match(Path(path).name))
 
 
-def run_chain(segments: list[Segment], run_one, feed: dict[str, Any]) -> dict[str, Any]:
-    """Runs the segments in order on ``feed`` (the whole graph's inputs): ``run_one(index, inputs)`` runs one
-    segment and returns its outputs by name. Returns every tensor the chain made, the graph's outputs included."""
+def run_chain(inputs: list[Sequence[str]], run_one: Callable[[int, dict[str, Any]], dict[str, Any]], feed: dict[str, Any]) -> dict[str, Any]:
+    """Runs a chain of segments in order on ``feed`` (the whole graph's inputs), whatever runs them (ONNX Runtime
+    sessions, engines): ``inputs[i]`` names what segment ``i`` reads, ``run_one(i, tensors)`` runs it and returns
+    its outputs by name. Returns every tensor the chain made, the graph's outputs included."""
+    from shiva_export.errors import ShapeError
+
     env = dict(feed)
-    for seg in segments:
-        missing = [x for x in seg.inputs if x not in env]
+    for i, names in enumerate(inputs):
+        missing = [x for x in names if x not in env]
         if missing:
-            raise ConfigError(f"segment {seg.path.name} needs {missing[0]!r}, which the feed and the earlier segments do not hold.")
-        env.update(run_one(seg.index, {x: env[x] for x in seg.inputs}))
+            raise ShapeError(f"segment {i} of the chain needs {missing[0]!r}, which the feed and the earlier segments do not hold.")
+        env.update(run_one(i, {x: env[x] for x in names}))
     return env

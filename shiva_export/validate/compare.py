@@ -33,8 +33,7 @@ from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
 from shiva_export.export.onnx import read_shiva_metadata
 from shiva_export.engines.chain import CHAIN_FILE
-from shiva_export.export.segments import is_segment_path
-from shiva_export.validate.parity import ChainedSession, _read_index_tensors, _row_overlap, _with_index_outputs, compare_arrays, ort_session
+from shiva_export.validate.parity import ChainedSession, _row_overlap, compare_arrays
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
 
@@ -101,18 +100,15 @@ def _runner_classes():
     class OrtRunner(BaseRunner):
         """ONNX Runtime on one provider (no silent fallback); renames kept-index tensors."""
 
-        def __init__(self, path, index_tensors, provider, input_dtype, shapes, name, float_names=None):
+        def __init__(self, path, provider, input_dtype, shapes, name, float_names=None):
             super().__init__(name=name)
             self.float_names = set(float_names if float_names is not None else (n for n in shapes if n != "timestep"))
-            self.path, self.index_tensors, self.provider, self.input_dtype = path, index_tensors, provider, input_dtype
+            self.path, self.provider, self.input_dtype = path, provider, input_dtype
             self.shapes = shapes
 
         def activate_impl(self):
-            if is_segment_path(self.path):  # a cut export: its segments chained, one session each
-                self.sess = ChainedSession(self.path, self.provider, index_outputs=True)
-                self.index_tensors = self.sess.index_tensors
-            else:
-                self.sess = ort_session(self.path, self.provider)
+            self.sess = ChainedSession(self.path, self.provider, index_outputs=True)  # a segment file: its whole chain
+            self.index_tensors = self.sess.index_tensors
             self.out_names = [o.name for o in self.sess.get_outputs()]
             self.rename = {v: f"{INDEX_PREFIX}{k}" for k, v in self.index_tensors.items()}
 
@@ -138,8 +134,7 @@ def _runner_classes():
             return {self.rename.get(n, n): (o.astype(np.float32) if o.dtype in (np.float16,) else o) for n, o in zip(self.out_names, outs)}
 
         def deactivate_impl(self):
-            if isinstance(self.sess, ChainedSession):
-                self.sess.close()
+            self.sess.close()
             del self.sess
 
     class EngineParityRunner(BaseRunner):
@@ -347,8 +342,6 @@ def validate_parity(
                 x = make_inputs(base, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
                 feeds.append({k: v.numpy() for k, v in x.items() if k in graph_inputs})
                 extras = {k: v for k, v in x.items() if k not in graph_inputs}
-            index_tensors = {} if is_segment_path(path) else _read_index_tensors(path)  # a chain adds its own
-            run_path = _with_index_outputs(path, index_tensors) if index_tensors else path
             np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
             shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
             runners = [TorchRunner(ref, shapes, extras=extras, dtypes={k: v.dtype for k, v in feeds[0].items()})]
@@ -357,7 +350,7 @@ def validate_parity(
                     if ex_dtype == "bf16":
                         report.skipped.append(f"ratio {ratio:g} {b}: ONNX Runtime has no bfloat16 kernels for this graph")
                         continue
-                    runners.append(OrtRunner(run_path, index_tensors, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
+                    runners.append(OrtRunner(path, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
                                            float_names=get_adapter(base).float_inputs(base.config)))
                 elif b == "engine":
                     edir = Path(engines_dir) / rec.name / budget_label(ratio) / ex_dtype if engines_dir else None
@@ -385,9 +378,6 @@ def validate_parity(
                         report.comparisons.append(_summarize(ratio, runners[i].name, ex_dtype, results, 0, i, tol, ok_simple, ok_cos))
             except HardwareError as err:
                 report.skipped.append(f"ratio {ratio:g}: {err}")
-            finally:
-                if run_path != path:
-                    run_path.unlink(missing_ok=True)
     finally:
         import shutil
 

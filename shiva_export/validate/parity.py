@@ -207,42 +207,49 @@ class _Arg:
 
 
 class ChainedSession:
-    """ONNX Runtime sessions of a cut export's segments (:mod:`shiva_export.export.segments`), run one after
-    another behind the one-session interface (``get_inputs``, ``get_outputs``, ``run``); with
-    ``index_outputs``, each segment also returns the kept indices of the blocks it routes."""
+    """ONNX Runtime behind the one-session interface (``get_inputs``, ``get_outputs``, ``run``) for an export or
+    for a cut export (:mod:`shiva_export.export.segments`, given any of its segment files), whose segments run one
+    after another, each in its own session. With ``index_outputs``, each graph also returns the kept indices of
+    the blocks it routes (``index_tensors``: block -> output name); :meth:`close` removes the temporary graphs
+    that adds."""
 
-    def __init__(self, segment_file: str | os.PathLike, provider: str = "cpu", threads: int | None = None, index_outputs: bool = False):
-        from shiva_export.export.segments import read_segments
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, index_outputs: bool = False):
+        from shiva_export.export.segments import is_segment_path, read_segments
 
-        self.segments = read_segments(segment_file)
+        self.segments = read_segments(path) if is_segment_path(path) else None
         self._tmp: list[Path] = []
         self.sessions = []
         self.index_tensors: dict[int, str] = {}
         try:
-            for seg in self.segments:
-                path = seg.path
+            for graph in [s.path for s in self.segments] if self.segments else [Path(path)]:
                 if index_outputs:
-                    idx = _read_index_tensors(seg.path)
+                    idx = _read_index_tensors(graph)
                     self.index_tensors.update(idx)
                     if idx:
-                        path = _with_index_outputs(seg.path, idx)
-                        self._tmp.append(path)
-                self.sessions.append(ort_session(path, provider, threads=threads))
+                        graph = _with_index_outputs(graph, idx)
+                        self._tmp.append(graph)
+                self.sessions.append(ort_session(graph, provider, threads=threads))
         except BaseException:
             self.close()
             raise
 
-    def get_inputs(self) -> list[_Arg]:
+    def get_inputs(self) -> list[Any]:
+        if not self.segments:
+            return self.sessions[0].get_inputs()
         types = {i.name: i.type for s in self.sessions for i in s.get_inputs()}
         return [_Arg(n, types.get(n, "tensor(float)")) for n in self.segments[0].source_inputs if n in types]
 
-    def get_outputs(self) -> list[_Arg]:
+    def get_outputs(self) -> list[Any]:
+        if not self.segments:
+            return self.sessions[0].get_outputs()
         return [_Arg(o.name) for s in self.sessions for o in s.get_outputs() if o.name == OUTPUT_NAME or o.name in self.index_tensors.values()]
 
     def get_providers(self) -> list[str]:
         return self.sessions[0].get_providers()
 
     def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not self.segments:
+            return self.sessions[0].run(names, feed)
         from shiva_export.export.segments import run_chain
 
         def one(i: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,7 +257,7 @@ class ChainedSession:
             out_names = [o.name for o in sess.get_outputs()]
             return dict(zip(out_names, sess.run(out_names, inputs)))
 
-        env = run_chain(self.segments, one, feed)
+        env = run_chain([s.inputs for s in self.segments], one, feed)
         return [env[n] for n in (names or [OUTPUT_NAME])]
 
     def close(self) -> None:
@@ -384,18 +391,9 @@ def check_parity(
         report.status = "skipped"
         report.reason = "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
         return report
-    from shiva_export.export.segments import is_segment_path
-
-    chained = is_segment_path(onnx_path)
-    index_tensors = {} if chained else _read_index_tensors(onnx_path)
-    run_path = _with_index_outputs(onnx_path, index_tensors) if index_tensors else onnx_path
-    sess = None
+    sess = ChainedSession(onnx_path, provider, index_outputs=True)  # a segment file runs its whole chain
+    index_tensors = sess.index_tensors
     try:
-        if chained:  # a segment file: the whole chain of its export, each segment in its own session
-            sess = ChainedSession(onnx_path, provider, index_outputs=True)
-            index_tensors = sess.index_tensors
-        else:
-            sess = ort_session(run_path, provider)
         float_names = set(get_adapter(reference).float_inputs(reference.config))
         out_names = [o.name for o in sess.get_outputs()]
         for seed, timestep, inputs in cases:
@@ -426,10 +424,7 @@ def check_parity(
             stats = compare_arrays(OUTPUT_NAME, _to_numpy(ref_out), outs[OUTPUT_NAME], atol, rtol, min_cosine, quantile)
             report.cases.append(CaseResult(seed, timestep, stats, agree, exact, ties))
     finally:
-        if run_path != onnx_path:
-            run_path.unlink(missing_ok=True)
-        if isinstance(sess, ChainedSession):
-            sess.close()
+        sess.close()
 
     bad_out = [c for c in report.cases if not c.output.passed]
     bad_idx = report.index_agreement < min_index_agreement
