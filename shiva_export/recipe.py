@@ -171,6 +171,9 @@ class PipelineSection(BaseModel):
     seed: int = Field(0, description="embedded pipelines: seed of the text encoders' and VAE's random weights")
     steps: Annotated[int, Field(ge=1, le=1000)] = Field(28, description="default denoising steps of `generate`")
     guidance: Annotated[float, Field(ge=0, le=100)] = Field(4.5, description="default guidance scale of `generate` (CFG; Flux: the guidance embedding)")
+    judge: Literal["shapes"] | None = Field(
+        None, description="an image judge for `validate quality|frontier`: 'shapes' = the analytic judge of shape captions (sd35-shapes)"
+    )
 
 
 class ExportSection(BaseModel):

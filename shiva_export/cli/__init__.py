@@ -55,6 +55,7 @@ def _root(
 
 def _register() -> None:
     from shiva_export.cli import engines as _engines
+    from shiva_export.cli import frontier as _frontier
     from shiva_export.cli import generate as _generate
     from shiva_export.cli import onnx as _onnx
     from shiva_export.cli import recipe as _recipe
@@ -69,6 +70,7 @@ def _register() -> None:
     app.command(name="generate", help=_generate.HELP, epilog=_generate.EPILOG)(_generate.generate_command)
     app.command(name="train", help=_train.HELP, epilog=_train.EPILOG)(_train.train_command)
     app.command(name="train-data", help=_train_data.HELP, epilog=_train_data.EPILOG)(_train_data.train_data_command)
+    _validate.validate_app.command(name="frontier", help=_frontier.HELP, epilog=_frontier.EPILOG)(_frontier.frontier_command)
     app.add_typer(_validate.validate_app, name="validate")
     app.add_typer(_recipe.recipe_app, name="recipe")
 

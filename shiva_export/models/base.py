@@ -117,6 +117,7 @@ class ModelAdapter:
         UNSUPPORTED_CALL_ARGS (dict[str, str]): Forward arguments a static graph cannot honour, with the fix
             (a call that sets one is refused; others that are not graph inputs are refused generically).
         EXAMPLE_PROMPT (str): The prompt benchmarks use when none is given (DiT: a class label).
+        TEXT_PROMPTS (bool): The pipeline is conditioned on free text (False: class ids, as DiT).
     """
 
     NAME: ClassVar[str]
@@ -129,6 +130,7 @@ class ModelAdapter:
     CONFIG_CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
     UNSUPPORTED_CALL_ARGS: ClassVar[dict[str, str]] = {}
     EXAMPLE_PROMPT: ClassVar[str] = "a red cube on a blue floor"
+    TEXT_PROMPTS: ClassVar[bool] = True
 
     # -- model classes and loading ------------------------------------------------------------------------
     def model_class(self) -> type:

@@ -46,6 +46,7 @@ class DiTAdapter(ModelAdapter):
     REPO_IDS = {"dit-xl-2-256": "facebook/DiT-XL-2-256"}
     CONFIG_CLASS_NAMES = ("Transformer2DModel",)  # the hub checkpoint's transformer/config.json
     EXAMPLE_PROMPT = "207"  # a class id: the tiny pipeline's "class 207", ImageNet's "golden retriever"
+    TEXT_PROMPTS = False
     UNSUPPORTED_CALL_ARGS = {
         "cross_attention_kwargs": "cross_attention_kwargs (LoRA scale) are not in the static graph; fuse LoRA weights before export or use the torch backend",
     }

@@ -227,6 +227,29 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+def ssim(a, b) -> float:
+    """Structural similarity (Wang et al. 2004) of two float images ``[H, W, 3]`` in [0, 1]: the standard
+    11 x 11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, computed per channel on the valid region and
+    averaged; 1.0 when identical."""
+    import numpy as np
+    import torch
+
+    x = torch.as_tensor(np.asarray(a, dtype=np.float64)).permute(2, 0, 1).unsqueeze(1)
+    y = torch.as_tensor(np.asarray(b, dtype=np.float64)).permute(2, 0, 1).unsqueeze(1)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5.0) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :])[None, None]
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, w)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
 def _to_pil(img):
     import numpy as np
     from PIL import Image

@@ -1,0 +1,669 @@
+"""``shiva-export validate frontier``: which acceleration should a user deploy, at which compute?
+
+A user who wants a faster DiT does not choose between token-selection methods; they choose between Shiva and
+what they would do instead: **fewer sampler steps**, one of **diffusers' caches** (FirstBlockCache,
+TaylorSeer, MagCache), or **a stack** of them. This tool runs every family on the same prompts and seeds and
+puts them on one compute axis.
+
+Families (rows):
+
+- ``dense``: the unpruned model at a grid of step counts (the recipe's steps are the reference);
+- ``cache``: diffusers' own cache hooks on the dense model, at the recipe's steps
+  (:mod:`shiva_export.runtime.caches`);
+- ``shiva``: uniform keep budgets and the recipe's learned schedule, at the recipe's steps;
+- ``stack``: Shiva with fewer steps, Shiva with a cache (torch), Shiva with fewer steps on ONNX Runtime.
+
+Axes of each row:
+
+- **compute**: transformer FLOPs *actually executed* per image, summed over the calls and blocks that really
+  ran (a cache's skipped blocks are not counted, its probe block is); beside it the median latency per
+  image over interleaved rounds (every configuration once per round);
+- **quality**: PSNR and SSIM against the dense reference (recipe steps, same prompt and seed) for every model;
+  with a judge (``[pipeline] judge = "shapes"``, the trained ``sd35-shapes``) also prompt accuracy and the
+  Fréchet distance of the judge's features to real scenes.
+
+Statistics: every comparison is paired over (prompt, seed). Accuracy differences use the exact McNemar test,
+FD and PSNR differences a paired bootstrap CI (:mod:`shiva_export.validate.stats`). A row is on the
+**frontier** when no other row with lower or equal FLOPs is *significantly* better on the primary quality
+(prompt accuracy with a judge, else PSNR). For each compute level the report names the best configuration of
+each family and overall, and whether the others are significantly worse than it.
+
+Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` (quality against FLOPs and against latency,
+one line per family and the overall frontier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from shiva_export.errors import ConfigError
+
+__all__ = ["FAMILIES", "FrontierConfig", "FrontierReport", "default_configs", "validate_frontier", "frontier_flags", "LEVELS"]
+
+FAMILIES = ("dense", "cache", "shiva", "stack")
+#: Compute levels of the summary table, as fractions of the dense reference's executed FLOPs.
+LEVELS = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
+#: PSNR of identical images, for statistics (a finite stand-in for +inf dB).
+PSNR_CAP = 100.0
+_DENSE_STEP_FACTORS = (1.0, 0.8, 0.6, 0.45, 0.3)
+_SHIVA_KEEPS = (0.8, 0.6, 0.4)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierConfig:
+    """One row: how the pipeline runs.
+
+    Args:
+        family (str): ``dense``, ``cache``, ``shiva`` or ``stack``.
+        steps (int): Sampler steps.
+        keep (float | None): Uniform keep ratio of the routed blocks; None: dense (or ``learned``).
+        learned (bool): Run the recipe's learned phase schedule.
+        cache (tuple | None): ``(kind, ((name, value), ...))`` of a diffusers cache, or None.
+        backend (str): ``torch`` or ``ort``.
+    """
+
+    family: str
+    steps: int
+    keep: float | None = None
+    learned: bool = False
+    cache: tuple[str, tuple[tuple[str, Any], ...]] | None = None
+    backend: str = "torch"
+
+    @property
+    def pruned(self) -> bool:
+        return self.keep is not None or self.learned
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.learned:
+            parts.append("shiva learned")
+        elif self.keep is not None:
+            parts.append(f"shiva keep {self.keep:.2f}")
+        if self.cache is not None:
+            kind, settings = self.cache
+            parts.append(kind + " " + ",".join(f"{k}={v}" for k, v in settings))
+        if not parts:
+            parts.append("dense")
+        parts.append(f"{self.steps} steps")
+        if self.backend != "torch":
+            parts.append(self.backend)
+        return " + ".join(parts)
+
+
+def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | None = None, keeps: Sequence[float] | None = None,
+                    cache_grid: Sequence[tuple[str, dict]] | None = None, ort: bool = True) -> list[FrontierConfig]:
+    """The default rows around a reference of ``steps`` sampler steps (the first row is the reference).
+
+    ``cache_grid`` defaults to :data:`shiva_export.runtime.caches.DEFAULT_GRID` (settings that span the compute
+    range on the shapes model); the stacks use fewer steps (0.6x), the budget nearest keep 0.6, and the first cache.
+    """
+    if cache_grid is None:
+        from shiva_export.runtime.caches import DEFAULT_GRID as cache_grid
+    caches = [(kind, tuple(sorted(settings.items()))) for kind, settings in cache_grid]
+    few = max(2, round(steps * 0.6))
+    grid = sorted({int(s) for s in (dense_steps or [max(2, round(steps * f)) for f in _DENSE_STEP_FACTORS])} | {steps}, reverse=True)
+    rows = [FrontierConfig("dense", steps)] + [FrontierConfig("dense", s) for s in grid if s != steps]
+    rows += [FrontierConfig("cache", steps, cache=c) for c in caches]
+    keeps = [float(k) for k in (keeps or _SHIVA_KEEPS)]
+    rows += [FrontierConfig("shiva", steps, keep=k) for k in keeps]
+    mid = min(keeps, key=lambda k: abs(k - 0.6))
+    rows += [FrontierConfig("stack", few, keep=k) for k in sorted({max(keeps), mid}, reverse=True)]
+    if learned:
+        rows += [FrontierConfig("shiva", steps, learned=True), FrontierConfig("stack", few, learned=True)]
+    rows += [FrontierConfig("stack", steps, keep=mid, cache=c) for c in caches[:1]]
+    if ort:
+        rows.append(FrontierConfig("stack", few, keep=mid, backend="ort"))
+    return rows
+
+
+def _check_configs(configs: Sequence[FrontierConfig]) -> None:
+    for c in configs:
+        if c.family not in FAMILIES:
+            raise ConfigError(f"frontier family {c.family!r} is unknown; choose from {', '.join(FAMILIES)}.")
+        if c.steps < 1:
+            raise ConfigError(f"--steps {c.steps} is out of range; expected >= 1 sampler step.")
+        if c.keep is not None and not 0.0 < c.keep <= 1.0:
+            raise ConfigError(f"--keep {c.keep} is out of range; expected 0 < keep <= 1 (fraction of image tokens kept).")
+        if c.backend == "ort" and c.cache is not None:
+            raise ConfigError(f"{c.label}: diffusers caches hook torch modules; an ONNX Runtime graph has none. Use the torch backend for caches.")
+        if c.backend not in ("torch", "ort"):
+            raise ConfigError(f"--backend {c.backend!r} is not measured by the frontier; choose torch or ort.")
+
+
+# --------------------------------------------------------------------------------------------- running
+class _Runner:
+    """Loads each pipeline once (dense torch, pruned torch, pruned ONNX Runtime) and runs rows on them.
+
+    A row's FLOPs are counted from what executed: on torch, the blocks that really ran in each transformer
+    call (:func:`shiva_export.runtime.caches.count_executed`) at that call's keep ratios; on ONNX Runtime,
+    where the static graph always runs whole, the graph of each call's phase.
+    """
+
+    def __init__(self, rec, weights, say: Callable[[str], None]):
+        self.rec, self.weights, self.say = rec, weights, say
+        self._pipes: dict[str, Any] = {}
+
+    def pipe(self, cfg: FrontierConfig):
+        key = "dense" if not cfg.pruned else f"pruned-{cfg.backend}"
+        if key not in self._pipes:
+            from shiva_export.runtime.pipeline import load_pipeline
+
+            self.say(f"load {key} pipeline")
+            if key == "dense":
+                self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, dense=True)
+            else:
+                self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, backend=cfg.backend,
+                                                 ratio=round(1.0 - (cfg.keep or 0.6), 6), phases=cfg.learned and cfg.backend != "torch",
+                                                 progress=self.say)
+        return self._pipes[key]
+
+    def activate(self, cfg: FrontierConfig):
+        """Puts the row's routing and cache on its pipeline; returns the pipeline."""
+        pipe = self.pipe(cfg)
+        if cfg.pruned and cfg.backend == "torch":
+            from shiva_export.prune.api import set_shiva_phases_
+
+            set_shiva_phases_(pipe.transformer, _phases_of(self.rec, pipe.transformer, cfg), auto_cfg=True)
+        if cfg.cache is not None:
+            from shiva_export.runtime.caches import enable_cache
+
+            enable_cache(pipe, cfg.cache[0], **dict(cfg.cache[1]))
+        return pipe
+
+    def deactivate(self, cfg: FrontierConfig) -> None:
+        if cfg.cache is not None:
+            from shiva_export.runtime.caches import disable_cache
+
+            disable_cache(self.pipe(cfg))
+
+    def run(self, cfg: FrontierConfig, pipe, text: str, seed: int, guidance: float):
+        """One image: ``(image, executed transformer FLOPs, latency ms)``."""
+        from shiva_export.runtime.caches import count_executed
+        from shiva_export.runtime.generate import run_pipeline
+
+        if cfg.backend == "torch":
+            with count_executed(pipe.transformer) as calls:
+                res = run_pipeline(pipe, text, steps=cfg.steps, guidance=guidance, seed=seed)
+            flops = _executed_flops(pipe, calls, guidance)
+        else:
+            res = run_pipeline(pipe, text, steps=cfg.steps, guidance=guidance, seed=seed)
+            flops = _graph_flops(pipe, res.times.phase_trace, guidance)
+        return res.image, flops, res.times.total
+
+
+def _phases_of(rec, transformer, cfg: FrontierConfig):
+    from shiva_export.models import get_adapter
+    from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
+
+    n = get_adapter(transformer).num_blocks(transformer)
+    if cfg.learned:
+        return phases_from_recipe(rec, n)
+    return (uniform_phase(n, round(1.0 - cfg.keep, 6), rec.routed_blocks(n)),)
+
+
+def _flop_count(pipe, keep_ratios, guidance: float):
+    from shiva_export.models import get_adapter
+    from shiva_export.runtime.pipeline import config_obj
+
+    info = pipe.shiva
+    adapter = get_adapter(info.recipe.architecture)
+    config = dict(pipe.transformer.config)
+    n_tokens = adapter.num_image_tokens(config_obj(config), info.height, info.width)
+    batch = 2 if adapter.BATCHED_CFG and adapter.uses_cfg(guidance) else 1
+    return adapter.count_flops(config, n_tokens, info.text_len, keep_ratios, batch=batch, bottleneck=info.recipe.router.bottleneck)
+
+
+def _executed_flops(pipe, calls: Sequence[dict], guidance: float) -> float:
+    """FLOPs of the blocks that ran in each call (at the call's keep ratios) plus each call's model-level work."""
+    memo: dict[tuple, Any] = {}
+    total = 0.0
+    for call in calls:
+        keeps = tuple(call["keep_ratios"])
+        if keeps not in memo:
+            memo[keeps] = _flop_count(pipe, None if all(k is None for k in keeps) else keeps, guidance)
+        count = memo[keeps]
+        total += count.total - sum(sum(b.values()) for b in count.blocks)  # embeddings, head, router context
+        total += sum(sum(count.blocks[i].values()) for i in call["blocks"])
+    return total
+
+
+def _graph_flops(pipe, trace: Sequence[str], guidance: float) -> float:
+    """A static graph runs whole: each call costs its phase's full count."""
+    by = {p.name: p for p in pipe.shiva.phases}
+    memo: dict[str, float] = {}
+    total = 0.0
+    for name in trace:
+        if name not in memo:
+            memo[name] = float(_flop_count(pipe, by[name].keep_ratios if name in by else None, guidance).total)
+        total += memo[name]
+    return total
+
+
+# --------------------------------------------------------------------------------------------- measuring
+@dataclasses.dataclass
+class _Measured:
+    """Per-image results of one row, in (prompt, seed) order."""
+
+    cfg: FrontierConfig
+    images: list = dataclasses.field(default_factory=list)
+    flops: list[float] = dataclasses.field(default_factory=list)
+    latency: list[float] = dataclasses.field(default_factory=list)
+    psnr: list[float] = dataclasses.field(default_factory=list)
+    ssim: list[float] = dataclasses.field(default_factory=list)
+    correct: list[bool] = dataclasses.field(default_factory=list)
+    attributes: list[dict] = dataclasses.field(default_factory=list)
+    features: list = dataclasses.field(default_factory=list)
+
+
+class _Judge:
+    """The analytic shapes judge (``[pipeline] judge = "shapes"``): correctness per attribute and the
+    features of the Fréchet distance, against real scenes of the same captions."""
+
+    def __init__(self, scenes, n_ref: int):
+        import numpy as np
+
+        from shiva_export.shapes.analyze import features
+        from shiva_export.shapes.data import render
+        from shiva_export.validate.quality import _real_like
+
+        self.scenes = scenes
+        self.ref = np.stack([features(render(s)[0]) for s in _real_like(scenes, n_ref, seed=1000)])
+
+    def judge(self, img, scene) -> tuple[dict, Any]:
+        from shiva_export.shapes.analyze import features, prompt_correct
+
+        return prompt_correct(img, scene.attributes), features(img)
+
+    def fd(self, feats: Sequence) -> float:
+        import numpy as np
+
+        from shiva_export.shapes.analyze import frechet_distance
+
+        return frechet_distance(np.stack(feats), self.ref) if len(feats) >= 2 else math.nan
+
+
+def _image_metrics(m: _Measured, ref: _Measured | None) -> None:
+    from shiva_export.runtime.generate import psnr, ssim
+
+    if ref is None:  # the reference itself
+        m.psnr = [PSNR_CAP] * len(m.images)
+        m.ssim = [1.0] * len(m.images)
+        return
+    m.psnr = [min(PSNR_CAP, psnr(a, b)) for a, b in zip(m.images, ref.images)]
+    m.ssim = [ssim(a, b) for a, b in zip(m.images, ref.images)]
+
+
+def _prompts(rec, n: int, judge: bool):
+    """``n`` prompts: shape captions (the judge's scenes) or, for a class-conditional model, class ids."""
+    from shiva_export.models import adapter_for_architecture
+    from shiva_export.shapes.data import caption
+    from shiva_export.validate.quality import prompt_scenes
+
+    scenes = prompt_scenes(n)
+    adapter = adapter_for_architecture(rec.architecture)
+    texts = [caption(s) for s in scenes] if adapter.TEXT_PROMPTS else [str(i) for i in range(n)]
+    return scenes, texts
+
+
+def _generate(runner: _Runner, configs, texts, seeds, guidance: float, judge: _Judge | None, scenes, say) -> list[_Measured]:
+    """Every row on every (prompt, seed); per-image results in the same order for every row."""
+    out = []
+    for i, cfg in enumerate(configs):
+        say(f"generate {cfg.label} ({i + 1}/{len(configs)})")
+        pipe = runner.activate(cfg)
+        m = _Measured(cfg)
+        try:
+            for p_i, text in enumerate(texts):
+                for seed in seeds:
+                    img, flops, ms = runner.run(cfg, pipe, text, int(seed), guidance)
+                    m.images.append(img)
+                    m.flops.append(flops)
+                    m.latency.append(ms)
+                    if judge is not None:
+                        c, f = judge.judge(img, scenes[p_i])
+                        m.correct.append(bool(c["all"]))
+                        m.attributes.append({k: bool(v) for k, v in c.items()})
+                        m.features.append(f)
+        finally:
+            runner.deactivate(cfg)
+        out.append(m)
+    return out
+
+
+def _interleaved_latency(runner: _Runner, measured: list[_Measured], text: str, seed: int, guidance: float, rounds: int, say) -> list[float]:
+    """Median ms per image of each row over ``rounds`` round-robin passes (one image per row per pass), so a
+    busy machine slows every row alike; with 0 rounds, the median of the generation calls."""
+    timed: list[list[float]] = [[] for _ in measured]
+    for r in range(rounds):
+        say(f"latency round {r + 1}/{rounds}")
+        for i, m in enumerate(measured):
+            pipe = runner.activate(m.cfg)
+            try:
+                timed[i].append(runner.run(m.cfg, pipe, text, seed, guidance)[2])
+            finally:
+                runner.deactivate(m.cfg)
+    return [statistics.median(t) if t else statistics.median(m.latency) for t, m in zip(timed, measured)]
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def frontier_flags(flops: Sequence[float], better: Callable[[int, int], bool], rel_tol: float = 1e-9) -> list[bool]:
+    """Row ``r`` is on the frontier when no other row ``o`` with ``flops[o] <= flops[r]`` is significantly
+    better (``better(o, r)``)."""
+    flags = []
+    for r, fr in enumerate(flops):
+        cheaper = [o for o, fo in enumerate(flops) if o != r and fo <= fr * (1 + rel_tol)]
+        flags.append(not any(better(o, r) for o in cheaper))
+    return flags
+
+
+class _Stats:
+    """Paired comparisons on the primary quality (accuracy with a judge, else PSNR), memoised."""
+
+    def __init__(self, measured: list[_Measured], judged: bool):
+        self.m, self.judged = measured, judged
+        self._memo: dict[tuple[int, int], Any] = {}
+
+    def compare(self, a: int, b: int):
+        from shiva_export.validate.stats import mcnemar_exact, paired_bootstrap_mean
+
+        if (a, b) not in self._memo:
+            x, y = self.m[a], self.m[b]
+            self._memo[(a, b)] = mcnemar_exact(x.correct, y.correct) if self.judged else paired_bootstrap_mean(x.psnr, y.psnr)
+        return self._memo[(a, b)]
+
+    def better(self, a: int, b: int) -> bool:
+        c = self.compare(a, b)
+        return c.significant and c.diff > 0
+
+    def quality(self, i: int) -> float:
+        m = self.m[i]
+        return sum(m.correct) / len(m.correct) if self.judged else statistics.mean(m.psnr)
+
+
+def _fd_vs_reference(judge: _Judge, m: _Measured, ref: _Measured):
+    from shiva_export.validate.stats import paired_bootstrap
+
+    return paired_bootstrap(m.features, ref.features, judge.fd, n_boot=300)
+
+
+def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float, frontier: bool, seeds) -> dict[str, Any]:
+    from shiva_export.validate.stats import wilson_interval
+
+    c = m.cfg
+    row: dict[str, Any] = {
+        "family": c.family, "config": c.label, "steps": c.steps, "keep": c.keep, "learned": c.learned, "backend": c.backend,
+        "cache": None if c.cache is None else {"kind": c.cache[0], **dict(c.cache[1])},
+        "flops_per_image": statistics.mean(m.flops), "latency_ms": latency,
+        "accuracy": None, "accuracy_ci": None, "fd": None, "psnr": statistics.mean(m.psnr), "ssim": statistics.mean(m.ssim),
+        "frontier": frontier, "n_images": len(m.images),
+    }
+    if judge is not None:
+        k = sum(m.correct)
+        row["accuracy"], row["accuracy_ci"] = k / len(m.correct), list(wilson_interval(k, len(m.correct)))
+        row["fd"] = judge.fd(m.features)
+        n = len(seeds)
+        row["accuracy_by_seed"] = {str(s): statistics.mean(m.correct[j::n]) for j, s in enumerate(seeds)}
+        row["correct"] = [int(x) for x in m.correct]  # per (prompt, seed), for paired tests from the JSON
+    if i > 0:
+        row["vs_reference"] = st.compare(i, 0).to_dict()
+        if judge is not None:
+            row["fd_vs_reference"] = _fd_vs_reference(judge, m, st.m[0]).to_dict()
+    row["psnr_per_image"] = [round(v, 3) for v in m.psnr]
+    return row
+
+
+def _levels(rows: list[dict], st: _Stats) -> list[dict[str, Any]]:
+    """For each compute level: the best row of each family within it, the best overall, and whether each
+    family's best is significantly worse than the overall best."""
+    ref = rows[0]["flops_per_image"]
+    out = []
+    for level in LEVELS:
+        ok = [i for i, r in enumerate(rows) if r["flops_per_image"] <= level * ref * (1 + 1e-9)]
+        if not ok:
+            continue
+        best = max(ok, key=lambda i: (st.quality(i), -rows[i]["flops_per_image"]))
+        fam = {}
+        for f in FAMILIES:
+            cand = [i for i in ok if rows[i]["family"] == f]
+            if cand:
+                b = max(cand, key=lambda i: (st.quality(i), -rows[i]["flops_per_image"]))
+                fam[f] = {"row": b, "config": rows[b]["config"], "quality": st.quality(b), "worse_than_best": b != best and st.better(best, b)}
+        out.append({"level": level, "max_flops": level * ref, "best": best, "best_config": rows[best]["config"], "families": fam})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- report
+@dataclasses.dataclass
+class FrontierReport:
+    model: str
+    settings: dict[str, Any]
+    rows: list[dict[str, Any]]
+    levels: list[dict[str, Any]]
+    prompts: list[str]
+    out_dir: str | None = None
+
+    @property
+    def judged(self) -> bool:
+        return self.rows[0]["accuracy"] is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "settings": self.settings, "rows": self.rows, "levels": self.levels, "prompts": self.prompts,
+                "out_dir": self.out_dir}
+
+    def conclusion(self) -> list[str]:
+        """One line per compute level: which family is best, and which are significantly worse."""
+        lines = []
+        for lv in self.levels:
+            best = self.rows[lv["best"]]
+            worse = [f for f, v in lv["families"].items() if v["worse_than_best"]]
+            tied = [f for f, v in lv["families"].items() if not v["worse_than_best"] and f != best["family"]]
+            lines.append(f"- <= {lv['level']:.0%} of the reference FLOPs: best **{best['config']}** ({best['family']}); "
+                         f"significantly worse: {', '.join(worse) or 'none'}; not significantly different: {', '.join(tied) or 'none'}.")
+        return lines
+
+    def to_markdown(self) -> str:
+        s = self.settings
+        q = "prompt accuracy (exact McNemar)" if self.judged else "PSNR vs the reference (paired bootstrap)"
+        lines = [f"# Equal-compute frontier: {self.model}", "",
+                 f"{len(self.prompts)} prompts x seeds {s['seeds']} = {self.rows[0]['n_images']} paired images per row; reference: dense, "
+                 f"{s['steps']} steps, CFG {s['guidance']}. FLOPs: transformer FLOPs actually executed per image. Primary quality: {q}; "
+                 f"a row is on the frontier (*) when no row with lower or equal FLOPs is significantly better (alpha {s['alpha']}, "
+                 "no multiple-comparison correction). 'n.s.': the difference to the reference is not significant.", "",
+                 "## Best per compute level", ""] + self.conclusion() + ["", "## Rows", "", _table(self.rows, self.judged)]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _sig(row: dict, key: str) -> str:
+    c = row.get(key)
+    if not c:
+        return ""
+    if c["p"] is not None:
+        return f" (p={c['p']:.3g}{'' if c['significant'] else ', n.s.'})"
+    return f" [{c['low']:+.3f}, {c['high']:+.3f}]{'' if c['significant'] else ' n.s.'}"
+
+
+def _table(rows: list[dict], judged: bool) -> str:
+    ref = rows[0]["flops_per_image"]
+    head = "| * | family | configuration | GFLOPs | vs ref | latency (ms) |"
+    head += " accuracy (95% CI) | FD | PSNR (dB) | SSIM |" if judged else " PSNR (dB) | SSIM |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = ["*" if r["frontier"] else "", r["family"], r["config"], f"{r['flops_per_image'] / 1e9:.2f}", f"{r['flops_per_image'] / ref:.2f}x",
+                 f"{r['latency_ms']:.0f}"]
+        if judged:
+            lo, hi = r["accuracy_ci"]
+            cells.append(f"{r['accuracy']:.1%} ({lo:.0%}-{hi:.0%}){_sig(r, 'vs_reference')}")
+            cells.append(_fmt(r["fd"], ".3f") + _sig(r, "fd_vs_reference"))
+            cells += [_fmt(r["psnr"], ".1f"), _fmt(r["ssim"], ".3f")]
+        else:
+            cells += [_fmt(r["psnr"], ".1f") + _sig(r, "vs_reference"), _fmt(r["ssim"], ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_COLORS = {"dense": "black", "cache": "#1f77b4", "shiva": "#d62728", "stack": "#ff7f0e"}
+
+
+def _plot_png(report: FrontierReport) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, name = ("accuracy", "prompt accuracy ↑") if report.judged else ("psnr", "PSNR vs reference (dB) ↑")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, xkey, xname in ((axes[0], "flops_per_image", "executed transformer GFLOPs per image"), (axes[1], "latency_ms", "median latency per image (ms)")):
+        scale = 1e9 if xkey == "flops_per_image" else 1.0
+        for fam in FAMILIES:
+            pts = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["family"] == fam)
+            if pts:
+                ax.plot(*zip(*_running_best(pts)), "-", color=_COLORS[fam], alpha=0.6)
+                ax.scatter(*zip(*pts), color=_COLORS[fam], s=28, label=fam)
+        front = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["frontier"])
+        if front:
+            ax.plot(*zip(*front), "--", color="#999999", lw=1.2, label="frontier (no cheaper row significantly better)")
+        ax.set_xlabel(xname)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{report.model}: quality vs compute, {report.rows[0]['n_images']} paired images per row", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _running_best(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The family's own Pareto line: each point that beats every cheaper point of the family."""
+    out, best = [], -math.inf
+    for x, y in pts:
+        if y > best:
+            out.append((x, y))
+            best = y
+    return out
+
+
+def _write(report: FrontierReport, out: Path) -> None:
+    import time
+
+    from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from shiva_export.validate.quality import _finite
+
+    report.out_dir = str(out)
+    atomic_write_text(out / "frontier.md", report.to_markdown())
+    atomic_write_bytes(out / "frontier.png", _plot_png(report))
+    atomic_write_json(out / "frontier.json", _finite(report.to_dict()) | {"generated_unix": int(time.time())})
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def _check_options(prompts: int, seeds: Sequence[int], latency_repeats: int, threads: int | None, families: Sequence[str] | None) -> None:
+    if not seeds:
+        raise ConfigError("--seed needs at least one value.")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
+            raise ConfigError(f"--seed {s!r} is out of range; expected an integer in 0..2**63-1.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seed values repeat ({list(seeds)}); paired tests need distinct seeds.")
+    if not 1 <= prompts <= 96:
+        raise ConfigError(f"--prompts {prompts} is out of range; choose 1..96 (every shape caption once).")
+    if latency_repeats < 0:
+        raise ConfigError(f"--latency-repeats {latency_repeats} is negative; expected >= 0.")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} is out of range; expected >= 1.")
+    for f in families or ():
+        if f not in FAMILIES:
+            raise ConfigError(f"--family {f!r} is unknown; choose from {', '.join(FAMILIES)}.")
+
+
+def validate_frontier(
+    *,
+    model: str = "sd35-shapes",
+    recipe=None,
+    weights=None,
+    prompts: int = 24,
+    seeds: Sequence[int] = (0,),
+    steps: int | None = None,
+    guidance: float | None = None,
+    dense_steps: Sequence[int] | None = None,
+    keeps: Sequence[float] | None = None,
+    families: Sequence[str] | None = None,
+    ort: bool = True,
+    configs: Sequence[FrontierConfig] | None = None,
+    n_ref: int = 256,
+    threads: int | None = 1,
+    latency_repeats: int = 3,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> FrontierReport:
+    """Runs every family on the same prompts and seeds and writes the frontier (see the module docstring).
+
+    Args:
+        model (str): Any model with a pipeline; ``sd35-shapes`` adds the judge's accuracy and FD.
+        prompts (int): How many prompts of the fixed caption order (1..96). Defaults to 24.
+        seeds (list[int]): Seeds of every prompt; the tests pair over (prompt, seed). Defaults to (0,).
+        steps (int): The reference's sampler steps. Defaults to the recipe's.
+        dense_steps (list[int]): The ``dense`` family's step grid. Defaults to fractions of ``steps``.
+        keeps (list[float]): Uniform keep budgets of the ``shiva`` family. Defaults to 0.8, 0.6, 0.4.
+        families (list[str]): Keep only these families (the reference row always runs). Defaults to all.
+        ort (bool): Include the ONNX Runtime stack (exports one graph on first use). Defaults to True.
+        configs (list[FrontierConfig]): Explicit rows (the first is the reference); overrides the grid.
+        latency_repeats (int): Interleaved timing rounds. Defaults to 3.
+        out_dir (PathLike): Where to write frontier.{json,md,png}. Defaults to None.
+    """
+    from shiva_export.runtime.pipeline import _recipe
+
+    _check_options(prompts, list(seeds), latency_repeats, threads, families)
+    if out_dir is not None:
+        from shiva_export.utils.io import check_writable
+
+        check_writable(Path(out_dir) / "frontier.json", "frontier report")
+    rec = _recipe(model, recipe)
+    steps = int(steps or rec.pipeline.steps)
+    guidance = float(rec.pipeline.guidance if guidance is None else guidance)
+    learned = rec.schedule is not None and bool(rec.schedule.phases)
+    rows_cfg = list(configs) if configs else default_configs(steps, learned=learned, dense_steps=dense_steps, keeps=keeps, ort=ort)
+    if families:
+        rows_cfg = rows_cfg[:1] + [c for c in rows_cfg[1:] if c.family in families]
+    _check_configs(rows_cfg)
+    return _measure(rec, weights, rows_cfg, prompts, list(seeds), steps, guidance, n_ref, threads, latency_repeats, out_dir, progress)
+
+
+def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, threads, latency_repeats, out_dir, progress) -> FrontierReport:
+    import torch
+
+    from shiva_export.validate.stats import ALPHA
+
+    say = progress or (lambda m: None)
+    if threads:
+        torch.set_num_threads(int(threads))
+    judged = rec.pipeline.judge == "shapes"
+    scenes, texts = _prompts(rec, prompts, judged)
+    judge = _Judge(scenes, n_ref) if judged else None
+    runner = _Runner(rec, weights, say)
+    measured = _generate(runner, rows_cfg, texts, seeds, guidance, judge, scenes, say)
+    for i, m in enumerate(measured):
+        _image_metrics(m, None if i == 0 else measured[0])
+    latency = _interleaved_latency(runner, measured, texts[0], seeds[0], guidance, latency_repeats, say)
+    st = _Stats(measured, judged)
+    flags = frontier_flags([statistics.mean(m.flops) for m in measured], st.better)
+    rows = [_row(i, m, st, judge, latency[i], flags[i], seeds) for i, m in enumerate(measured)]
+    settings = {"steps": steps, "guidance": guidance, "seeds": seeds, "prompts": prompts, "alpha": ALPHA, "threads": threads,
+                "latency_repeats": latency_repeats, "judge": rec.pipeline.judge, "n_ref": n_ref, "torch": torch.__version__,
+                "primary_quality": "accuracy" if judged else "psnr"}
+    report = FrontierReport(model=rec.name, settings=settings, rows=rows, levels=_levels(rows, st), prompts=texts)
+    if out_dir is not None:
+        _write(report, Path(out_dir))
+    return report

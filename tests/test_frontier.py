@@ -1,0 +1,92 @@
+"""validate frontier: the paired statistics, the frontier rule, SSIM, and the command end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from shiva_export.validate.frontier import FrontierConfig, default_configs, frontier_flags
+from shiva_export.validate.stats import mcnemar_exact, paired_bootstrap, paired_bootstrap_mean, wilson_interval
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    a = [True] * 10 + [False] * 5
+    b = [False] * 10 + [False] * 5
+    c = mcnemar_exact(a, b)
+    assert c.p == pytest.approx(2 * 0.5**10)
+    assert c.significant and c.diff == pytest.approx(10 / 15)
+    # 3 vs 1 discordant pairs: p = 2 * (1 + 4) / 16 = 0.625, not significant
+    c = mcnemar_exact([True, True, True, False, True], [False, False, False, True, True])
+    assert c.p == pytest.approx(0.625) and not c.significant
+
+
+def test_mcnemar_of_identical_outcomes_is_one():
+    c = mcnemar_exact([True, False, True], [True, False, True])
+    assert c.p == 1.0 and not c.significant and c.diff == 0.0
+
+
+def test_paired_tests_refuse_unpaired_samples():
+    from shiva_export.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="same prompts and seeds"):
+        mcnemar_exact([True], [True, False])
+    with pytest.raises(ConfigError, match="no paired samples"):
+        paired_bootstrap_mean([], [])
+
+
+def test_bootstrap_mean_finds_a_constant_shift_and_not_noise():
+    rng = np.random.default_rng(0)
+    base = rng.normal(20, 3, 200)
+    shifted = paired_bootstrap_mean(list(base + 0.5), list(base))
+    assert shifted.significant and shifted.low > 0 and shifted.diff == pytest.approx(0.5)
+    noise = paired_bootstrap_mean(list(base + rng.normal(0, 1, 200)), list(base + rng.normal(0, 1, 200)))
+    assert noise.low < 0 < noise.high and not noise.significant
+
+
+def test_generic_bootstrap_agrees_with_the_vectorised_mean():
+    rng = np.random.default_rng(1)
+    a, b = list(rng.normal(1, 1, 60)), list(rng.normal(0, 1, 60))
+    g = paired_bootstrap(a, b, lambda v: float(np.mean(v)), n_boot=2000)
+    v = paired_bootstrap_mean(a, b, n_boot=2000)
+    assert g.diff == pytest.approx(v.diff)
+    assert g.low == pytest.approx(v.low, abs=0.12) and g.high == pytest.approx(v.high, abs=0.12)
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson_interval(89, 96)
+    assert lo < 89 / 96 < hi and hi < 1.0
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_frontier_rule_needs_a_cheaper_significantly_better_row():
+    flops = [10.0, 5.0, 6.0, 6.0]
+    better = {(1, 2)}  # row 1 (cheaper) is significantly better than row 2
+    flags = frontier_flags(flops, lambda o, r: (o, r) in better)
+    assert flags == [True, True, False, True]
+    # equal FLOPs count as "lower or equal"
+    assert frontier_flags([5.0, 5.0], lambda o, r: o == 0) == [True, False]
+
+
+def test_default_grid_has_every_family_and_the_reference_first():
+    rows = default_configs(20, learned=True, cache_grid=[("fbc", {"threshold": 0.1})])
+    assert rows[0] == FrontierConfig("dense", 20)
+    fams = {r.family for r in rows}
+    assert fams == {"dense", "cache", "shiva", "stack"}
+    assert any(r.backend == "ort" for r in rows) and any(r.cache and r.pruned for r in rows)
+    assert sorted({r.steps for r in rows if r.family == "dense"}, reverse=True)[0] == 20
+
+
+def test_ssim_identity_and_order():
+    from shiva_export.runtime.generate import ssim
+
+    rng = np.random.default_rng(0)
+    img = rng.random((24, 24, 3))
+    assert ssim(img, img) == pytest.approx(1.0)
+    small = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+    big = np.clip(img + rng.normal(0, 0.2, img.shape), 0, 1)
+    assert 1.0 > ssim(img, small) > ssim(img, big)
