@@ -2,10 +2,9 @@
 
 :func:`apply_shiva_` attaches a :class:`~shiva_export.prune.router.RouterBank` as the submodule
 ``transformer.shiva_routers`` and a routing state, then lets the model's adapter
-(``shiva_export.models``) install the routing: SD3 replaces the instance ``forward`` with a copy whose
-block loop routes image tokens; Flux replaces only the routed blocks' ``forward`` and captures the
-router context with a forward pre-hook. :func:`remove_shiva_` undoes both, so the class's own forward
-(and its exact outputs) come back.
+(``shiva_export.models``) install the routing: every adapter replaces only the routed blocks' ``forward``
+(on the instance) and captures the router context with a forward pre-hook on the model.
+:func:`remove_shiva_` undoes both, so the class's own forward (and its exact outputs) come back.
 
 Per routed block with keep ratio ``r`` and N image tokens (``k = floor(N r)``, a Python int):
 score tokens with the router -> ``TopK(k)`` -> sort indices by position -> gather the kept tokens ->
@@ -135,7 +134,7 @@ class _ShivaState:
     config: ShivaConfig
     recorder: list | None = field(default=None)
     record_hidden: bool = False
-    route_override: Any = None  # training: callable replacing _route_block's selection (see set_route_override)
+    route_override: Any = None  # training: callable replacing route_tokens' selection (see set_route_override)
     phases: tuple | None = None  # runtime: ((TimestepPhase, ShivaConfig), ...) dispatched on the call's timestep
     auto_cfg: bool = False  # runtime: decide per call whether the batch is a CFG pair (see set_shiva_phases_)
     trace: list = field(default_factory=list)  # runtime: phase name of every call since set_shiva_phases_
@@ -324,8 +323,8 @@ def _call_config(state: _ShivaState, hidden_states: torch.Tensor, timestep, skip
 def set_route_override(transformer: nn.Module, fn) -> None:
     """Installs (or with ``None`` removes) a callable that replaces the hard routing of every routed block.
 
-    ``fn(index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs,
-    routers) -> (encoder_hidden_states, hidden_states)``. Training uses it to route through the
+    ``fn(index_block, hidden_states, temb, pooled, run_block, shared, routers) -> (extra, hidden_states)``
+    (the protocol of :func:`shiva_export.models._override.route_tokens`). Training uses it to route through the
     differentiable top-k (``shiva_export.train``); inference and export never set it.
     """
     if not is_shiva_applied(transformer):
