@@ -2,7 +2,9 @@
 
 Quirks handled here (why they matter for routing):
 - ``JointTransformerBlock.forward`` returns ``(encoder_hidden_states, hidden_states)``; the last block has
-  ``context_pre_only=True`` and returns ``None`` for the text stream (it is never used afterwards).
+  ``context_pre_only=True`` and returns ``None`` for the text stream (it is never used afterwards). diffusers'
+  block caches subtract or store that output, so :meth:`SD3Adapter.prepare_cache` hands the block's input
+  text through in its place while a cache is on (``shiva_export.runtime.caches``).
 - SD3.5-Medium (MMDiT-X) adds an image-only self-attention (``attn2``) in ``dual_attention_layers`` and
   RMS qk-norm. Both act per image token (attn2 only among image tokens), so a routed block runs them on
   the kept tokens with unchanged code.
@@ -29,7 +31,7 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
-from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, get_adapter, register_adapter, torch_dtype
+from shiva_export.models.base import CACHE_FIX_HOOK, VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, get_adapter, register_adapter, torch_dtype
 from shiva_export.models.base import load_transformer as _load_any
 
 __all__ = [
@@ -94,6 +96,16 @@ class SD3Adapter(ModelAdapter):
 
     def remove_routing(self, transformer: nn.Module) -> None:
         remove_overrides(transformer, self.blocks(transformer))
+
+    def prepare_cache(self, transformer: nn.Module) -> None:
+        """The last block (``context_pre_only``) returns ``None`` as its text output; diffusers' FirstBlockCache
+        tail hook subtracts it (TypeError) and TaylorSeer reads its dtype. A hook below the cache's hands the
+        block's *input* text states through instead (diffusers' forward never reads them after the last block)."""
+        from diffusers.hooks import HookRegistry
+
+        for block in self.blocks(transformer):
+            if block.context_pre_only:
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(_text_passthrough_hook(), CACHE_FIX_HOOK)
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         super().check_image_size(config, height, width)
@@ -215,6 +227,20 @@ class SD3Adapter(ModelAdapter):
 
 
 _ADAPTER = SD3Adapter
+
+
+def _text_passthrough_hook():
+    """A diffusers ``ModelHook`` whose block returns the text states it was given where it would return ``None``."""
+    from diffusers.hooks import ModelHook
+
+    class TextPassthrough(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            encoder_out, hidden_out = self.fn_ref.original_forward(*args, **kwargs)
+            if encoder_out is None:
+                encoder_out = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+            return encoder_out, hidden_out
+
+    return TextPassthrough()
 
 
 # Module-level helpers kept for callers that know they hold an SD3 model (tests, the SD3 runtime).

@@ -174,6 +174,7 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
         )
     if is_shiva_applied(transformer):
         raise ConfigError("Shiva is already applied to this transformer; call remove_shiva_(transformer) first.")
+    _check_no_block_hooks(transformer, adapter, "apply_shiva_")
     rc = config.router_config(*adapter.router_dims(transformer))
     if routers is None:
         routers = RouterBank(rc)
@@ -189,11 +190,24 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
     return routers
 
 
+def _check_no_block_hooks(transformer: nn.Module, adapter, what: str) -> None:
+    """Routing replaces routed blocks' ``forward``; diffusers hooks (caches) wrap that same attribute, so
+    they must be registered after routing and removed before it."""
+    names = sorted({n for b in adapter.blocks(transformer) for n in getattr(b.__dict__.get("_diffusers_hook"), "hooks", {})})
+    if names:
+        raise ConfigError(
+            f"{what}: the transformer's blocks carry diffusers hooks ({', '.join(names)}), e.g. a cache; routing must sit below them. "
+            "Call shiva_export.runtime.caches.disable_cache(pipe) first and enable the cache again afterwards."
+        )
+
+
 def remove_shiva_(transformer: nn.Module) -> RouterBank:
     """Removes Shiva pruning in place (restores the class forward); returns the detached router bank."""
     if not is_shiva_applied(transformer):
         raise ConfigError("Shiva is not applied to this transformer; nothing to remove.")
-    _adapter(transformer).remove_routing(transformer)
+    adapter = _adapter(transformer)
+    _check_no_block_hooks(transformer, adapter, "remove_shiva_")
+    adapter.remove_routing(transformer)
     bank = transformer._modules.pop(_ROUTERS_ATTR)
     object.__delattr__(transformer, _STATE_ATTR)
     if "forward" in transformer.__dict__:
