@@ -290,7 +290,6 @@ def _install(tr: nn.Module, adapter, blocks, kind: str, config) -> dict[str, Any
 
 
 def _uninstall(tr: nn.Module, kind: str, handles) -> None:
-    from diffusers.hooks import HookRegistry
     from diffusers.models.cache_utils import CacheMixin
 
     from shiva_export.models.base import CACHE_FIX_HOOK
