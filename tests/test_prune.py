@@ -61,8 +61,10 @@ def test_ratio_04_budget_identity_and_removal(name):
     n = num_image_tokens(model, tiny.HEIGHT, tiny.WIDTH)
     k = int(n * 0.6)
     seen_shapes = {}
+    # tokens the unmodified diffusers block computes on (its first layer); the block's own call sees all N
+    # (a routed block gathers and scatters inside its forward)
     hooks = [
-        blk.register_forward_pre_hook(lambda m, a, kw, i=i: seen_shapes.__setitem__(i, tuple(kw["hidden_states"].shape)), with_kwargs=True)
+        blk.norm1.register_forward_pre_hook(lambda m, a, i=i: seen_shapes.__setitem__(i, tuple(a[0].shape)))
         for i, blk in enumerate(model.transformer_blocks)
     ]
     with record_selection(model, hidden_states=True) as rec:

@@ -44,10 +44,13 @@ __all__ = [
     "torch_dtype",
     "weights_sha256",
     "VAE_SCALE",
+    "CACHE_FIX_HOOK",
 ]
 
 logger = get_logger(__name__)
 
+#: Name of the diffusers hooks an adapter's :meth:`ModelAdapter.prepare_cache` registers.
+CACHE_FIX_HOOK = "shiva_cache_fix"
 #: Pixels per latent cell (the SD3, Flux, PixArt and DiT VAEs all downsample by 8).
 VAE_SCALE = 8
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -274,6 +277,16 @@ class ModelAdapter:
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):
         """Context manager for export-only rewrites (default: none)."""
         return contextlib.nullcontext()
+
+    # -- diffusers caches (``shiva_export.runtime.caches``) ------------------------------------------------
+    #: The architecture's diffusers pipeline enters ``transformer.cache_context(...)`` around each call itself
+    #: (Flux); otherwise ``runtime.caches`` sets the context with hooks on the transformer (SD3, PixArt, DiT).
+    PIPELINE_SETS_CACHE_CONTEXT: ClassVar[bool] = False
+
+    def prepare_cache(self, transformer: nn.Module) -> None:
+        """Registers what diffusers' block-cache hooks need beyond diffusers' own block registry, as diffusers
+        hooks named :data:`CACHE_FIX_HOOK` on the blocks; ``runtime.caches`` calls it before applying a
+        cache (so these sit below the cache's hooks) and removes the hooks with the cache. Default: none."""
 
     # -- the diffusers pipeline (runtime: ``shiva_export.runtime``) ----------------------------------------
     def pipeline_class(self) -> type:

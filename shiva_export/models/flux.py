@@ -61,6 +61,7 @@ class FluxAdapter(ModelAdapter):
     REPO_IDS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
     TIMESTEP_SCALE = 1000.0
     BATCHED_CFG = False
+    PIPELINE_SETS_CACHE_CONTEXT = True  # FluxPipeline enters transformer.cache_context("cond") itself
 
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         if "axes_dims_rope" in config:

@@ -2,16 +2,21 @@
 
 Quirks handled here (why they matter for routing):
 - ``JointTransformerBlock.forward`` returns ``(encoder_hidden_states, hidden_states)``; the last block has
-  ``context_pre_only=True`` and returns ``None`` for the text stream (it is never used afterwards).
+  ``context_pre_only=True`` and returns ``None`` for the text stream (it is never used afterwards). diffusers'
+  block caches subtract or store that output, so :meth:`SD3Adapter.prepare_cache` hands the block's input
+  text through in its place while a cache is on (``shiva_export.runtime.caches``).
 - SD3.5-Medium (MMDiT-X) adds an image-only self-attention (``attn2``) in ``dual_attention_layers`` and
   RMS qk-norm. Both act per image token (attn2 only among image tokens), so a routed block runs them on
   the kept tokens with unchanged code.
 - Position embeddings are added once in ``pos_embed`` (cropped sin-cos table of ``pos_embed_max_size``
   patches per side), so gathered tokens carry their position and need nothing extra (unlike Flux RoPE).
-- Routing replaces the instance's ``forward`` with :func:`_shiva_forward`, a copy of the diffusers forward
-  whose block loop calls :func:`_route_block` (kept, rather than the lighter block override the Flux adapter
-  uses, because skip-layer guidance and ControlNet residuals hook into this loop). Routed blocks go through
-  the same ``route_tokens`` as every other adapter, so training's ``set_route_override`` sees one protocol.
+- Routing is a block override (as in the Flux, PixArt and DiT adapters): the model keeps diffusers' own
+  forward (so skip-layer guidance and ControlNet residuals work unchanged), each routed block gets an instance
+  ``forward`` that gathers, runs the class forward on the kept tokens and scatters back, and a forward pre-hook
+  on the model captures the call's keep schedule and ``pooled_projections``. A routed block therefore maps
+  ``N`` image tokens to ``N``, so diffusers' block-level cache hooks (``shiva_export.runtime.caches``),
+  registered after routing, wrap it like a dense block. Routed blocks go through the same ``route_tokens``
+  as every other adapter, so training's ``set_route_override`` sees one protocol.
 - Router context = ``(temb, pooled_projections)``: the model's own ``time_text_embed`` output and the pooled
   CLIP vector (paper, Sec. 2.3).
 """
@@ -19,7 +24,6 @@ Quirks handled here (why they matter for routing):
 from __future__ import annotations
 
 import os
-import types
 from typing import Any
 
 import torch
@@ -27,7 +31,7 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
-from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, get_adapter, register_adapter, torch_dtype
+from shiva_export.models.base import CACHE_FIX_HOOK, VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, get_adapter, register_adapter, torch_dtype
 from shiva_export.models.base import load_transformer as _load_any
 
 __all__ = [
@@ -87,10 +91,21 @@ class SD3Adapter(ModelAdapter):
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
     def install_routing(self, transformer: nn.Module) -> None:
-        transformer.forward = types.MethodType(_shiva_forward, transformer)
+        install_overrides(transformer, self.blocks(transformer), _routed_block_forward)
+        add_hook(transformer, "", _capture_context, "pre")
 
     def remove_routing(self, transformer: nn.Module) -> None:
-        del transformer.forward  # the instance attribute; the class method is visible again
+        remove_overrides(transformer, self.blocks(transformer))
+
+    def prepare_cache(self, transformer: nn.Module) -> None:
+        """The last block (``context_pre_only``) returns ``None`` as its text output; diffusers' FirstBlockCache
+        tail hook subtracts it (TypeError) and TaylorSeer reads its dtype. A hook below the cache's hands the
+        block's *input* text states through instead (diffusers' forward never reads them after the last block)."""
+        from diffusers.hooks import HookRegistry
+
+        for block in self.blocks(transformer):
+            if block.context_pre_only:
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(_text_passthrough_hook(), CACHE_FIX_HOOK)
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         super().check_image_size(config, height, width)
@@ -214,6 +229,20 @@ class SD3Adapter(ModelAdapter):
 _ADAPTER = SD3Adapter
 
 
+def _text_passthrough_hook():
+    """A diffusers ``ModelHook`` whose block returns the text states it was given where it would return ``None``."""
+    from diffusers.hooks import ModelHook
+
+    class TextPassthrough(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            encoder_out, hidden_out = self.fn_ref.original_forward(*args, **kwargs)
+            if encoder_out is None:
+                encoder_out = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+            return encoder_out, hidden_out
+
+    return TextPassthrough()
+
+
 # Module-level helpers kept for callers that know they hold an SD3 model (tests, the SD3 runtime).
 def check_supported(transformer: nn.Module) -> None:
     """Raises a one-line :class:`ConfigError` unless ``transformer`` is an ``SD3Transformer2DModel``."""
@@ -244,96 +273,38 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
     return _load_any(recipe=recipe, weights=weights, dtype=dtype)
 
 
-# -- routing: the copied forward ----------------------------------------------------------------------------
-from shiva_export.models._override import route_tokens, rows_of  # noqa: E402
-from shiva_export.prune.api import _STATE_ATTR, _call_config  # noqa: E402
+# -- routing: block overrides -------------------------------------------------------------------------------
+from shiva_export.models._override import add_hook, block_context, bound_args, install_overrides, remove_overrides, route_tokens, rows_of  # noqa: E402
 
 
-def _route_block(self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs, config):
-    """One routed ``JointTransformerBlock``: :func:`~shiva_export.models._override.route_tokens` with the
-    block called on ``[kept image; all text]`` tokens; returns ``(encoder_hidden_states, hidden_states)``."""
-    state = getattr(self, _STATE_ATTR)
+def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: decides this call's keep schedule (phase from ``timestep``, CFG pairing, which
+    ``skip_layers`` turns off) and keeps ``pooled_projections`` for the routed blocks' routers."""
+    from shiva_export.prune.api import _STATE_ATTR, _call_config
+
+    bound = bound_args(module, args, kwargs)
+    state = getattr(module, _STATE_ATTR)
+    config = _call_config(state, bound.get("hidden_states"), bound.get("timestep"), bound.get("skip_layers"))
+    state.call = {"config": config, "pooled": bound.get("pooled_projections")}
+    return None
+
+
+def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb=None, joint_attention_kwargs=None):
+    """A routed ``JointTransformerBlock``: top-k over image tokens, the unmodified diffusers block on
+    ``[kept image; all text]``, scatter back (rejected tokens unchanged); returns ``(encoder_hidden_states,
+    hidden_states)`` with all ``N`` image tokens, so hooks around the block (diffusers caches) see dense shapes."""
+    owner, index, state, config = block_context(block)
+    pooled = state.call.get("pooled")
+    if pooled is None:
+        raise ConfigError("a routed SD3 block needs pooled_projections; call the transformer with pooled_projections=.")
 
     def run(kept, idx, rows=None):
-        return block(
+        return type(block).forward(
+            block,
             hidden_states=kept,
             encoder_hidden_states=rows_of(encoder_hidden_states, rows),
             temb=rows_of(temb, rows),
             joint_attention_kwargs=joint_attention_kwargs,
         )
 
-    return route_tokens(self, index_block, state, config, hidden_states, temb, pooled, run)
-
-
-# Copied from diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward (diffusers 0.42)
-# with the block call replaced by _route_block for routed blocks. Keep in sync when bumping diffusers;
-# tests/test_prune.py::test_keep_one_is_bit_identical guards the copy.
-def _shiva_forward(
-    self,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor = None,
-    pooled_projections: torch.Tensor = None,
-    timestep: torch.LongTensor = None,
-    block_controlnet_hidden_states: list = None,
-    joint_attention_kwargs: dict[str, Any] | None = None,
-    return_dict: bool = True,
-    skip_layers: list[int] | None = None,
-):
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    state = getattr(self, _STATE_ATTR)
-    config = _call_config(state, hidden_states, timestep, skip_layers)
-    height, width = hidden_states.shape[-2:]
-
-    hidden_states = self.pos_embed(hidden_states)
-    hidden_states = hidden_states.contiguous()
-    temb = self.time_text_embed(timestep, pooled_projections)
-    encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-
-    if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
-        ip_adapter_image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
-        ip_hidden_states, ip_temb = self.image_proj(ip_adapter_image_embeds, timestep)
-        joint_attention_kwargs.update(ip_hidden_states=ip_hidden_states, temb=ip_temb)
-
-    for index_block, block in enumerate(self.transformer_blocks):
-        is_skip = True if skip_layers is not None and index_block in skip_layers else False
-        routed = config.keep_ratios[index_block] is not None
-
-        if is_skip:
-            pass
-        elif routed:
-            encoder_hidden_states, hidden_states = _route_block(
-                self, index_block, block, hidden_states, encoder_hidden_states, temb, pooled_projections, joint_attention_kwargs, config
-            )
-        elif torch.is_grad_enabled() and self.gradient_checkpointing:
-            encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs
-            )
-        else:
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                temb=temb,
-                joint_attention_kwargs=joint_attention_kwargs,
-            )
-
-        if block_controlnet_hidden_states is not None and block.context_pre_only is False:
-            interval_control = len(self.transformer_blocks) / len(block_controlnet_hidden_states)
-            hidden_states = hidden_states + block_controlnet_hidden_states[int(index_block / interval_control)]
-
-    hidden_states = self.norm_out(hidden_states, temb)
-    hidden_states = self.proj_out(hidden_states)
-
-    patch_size = self.config.patch_size
-    height = height // patch_size
-    width = width // patch_size
-
-    hidden_states = hidden_states.reshape(
-        shape=(hidden_states.shape[0], height, width, patch_size, patch_size, self.out_channels)
-    )
-    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
-    output = hidden_states.reshape(shape=(hidden_states.shape[0], self.out_channels, height * patch_size, width * patch_size))
-
-    if not return_dict:
-        return (output,)
-    return Transformer2DModelOutput(sample=output)
+    return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)

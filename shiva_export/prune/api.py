@@ -2,10 +2,9 @@
 
 :func:`apply_shiva_` attaches a :class:`~shiva_export.prune.router.RouterBank` as the submodule
 ``transformer.shiva_routers`` and a routing state, then lets the model's adapter
-(``shiva_export.models``) install the routing: SD3 replaces the instance ``forward`` with a copy whose
-block loop routes image tokens; Flux replaces only the routed blocks' ``forward`` and captures the
-router context with a forward pre-hook. :func:`remove_shiva_` undoes both, so the class's own forward
-(and its exact outputs) come back.
+(``shiva_export.models``) install the routing: every adapter replaces only the routed blocks' ``forward``
+(on the instance) and captures the router context with a forward pre-hook on the model.
+:func:`remove_shiva_` undoes both, so the class's own forward (and its exact outputs) come back.
 
 Per routed block with keep ratio ``r`` and N image tokens (``k = floor(N r)``, a Python int):
 score tokens with the router -> ``TopK(k)`` -> sort indices by position -> gather the kept tokens ->
@@ -135,7 +134,7 @@ class _ShivaState:
     config: ShivaConfig
     recorder: list | None = field(default=None)
     record_hidden: bool = False
-    route_override: Any = None  # training: callable replacing _route_block's selection (see set_route_override)
+    route_override: Any = None  # training: callable replacing route_tokens' selection (see set_route_override)
     phases: tuple | None = None  # runtime: ((TimestepPhase, ShivaConfig), ...) dispatched on the call's timestep
     auto_cfg: bool = False  # runtime: decide per call whether the batch is a CFG pair (see set_shiva_phases_)
     trace: list = field(default_factory=list)  # runtime: phase name of every call since set_shiva_phases_
@@ -175,6 +174,7 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
         )
     if is_shiva_applied(transformer):
         raise ConfigError("Shiva is already applied to this transformer; call remove_shiva_(transformer) first.")
+    _check_no_block_hooks(transformer, adapter, "apply_shiva_")
     rc = config.router_config(*adapter.router_dims(transformer))
     if routers is None:
         routers = RouterBank(rc)
@@ -190,11 +190,24 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
     return routers
 
 
+def _check_no_block_hooks(transformer: nn.Module, adapter, what: str) -> None:
+    """Routing replaces routed blocks' ``forward``; diffusers hooks (caches) wrap that same attribute, so
+    they must be registered after routing and removed before it."""
+    names = sorted({n for b in adapter.blocks(transformer) for n in getattr(b.__dict__.get("_diffusers_hook"), "hooks", {})})
+    if names:
+        raise ConfigError(
+            f"{what}: the transformer's blocks carry diffusers hooks ({', '.join(names)}), e.g. a cache; routing must sit below them. "
+            "Call shiva_export.runtime.caches.disable_cache(pipe) first and enable the cache again afterwards."
+        )
+
+
 def remove_shiva_(transformer: nn.Module) -> RouterBank:
     """Removes Shiva pruning in place (restores the class forward); returns the detached router bank."""
     if not is_shiva_applied(transformer):
         raise ConfigError("Shiva is not applied to this transformer; nothing to remove.")
-    _adapter(transformer).remove_routing(transformer)
+    adapter = _adapter(transformer)
+    _check_no_block_hooks(transformer, adapter, "remove_shiva_")
+    adapter.remove_routing(transformer)
     bank = transformer._modules.pop(_ROUTERS_ATTR)
     object.__delattr__(transformer, _STATE_ATTR)
     if "forward" in transformer.__dict__:
@@ -324,8 +337,8 @@ def _call_config(state: _ShivaState, hidden_states: torch.Tensor, timestep, skip
 def set_route_override(transformer: nn.Module, fn) -> None:
     """Installs (or with ``None`` removes) a callable that replaces the hard routing of every routed block.
 
-    ``fn(index_block, block, hidden_states, encoder_hidden_states, temb, pooled, joint_attention_kwargs,
-    routers) -> (encoder_hidden_states, hidden_states)``. Training uses it to route through the
+    ``fn(index_block, hidden_states, temb, pooled, run_block, shared, routers) -> (extra, hidden_states)``
+    (the protocol of :func:`shiva_export.models._override.route_tokens`). Training uses it to route through the
     differentiable top-k (``shiva_export.train``); inference and export never set it.
     """
     if not is_shiva_applied(transformer):
