@@ -90,3 +90,81 @@ def test_ssim_identity_and_order():
     small = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
     big = np.clip(img + rng.normal(0, 0.2, img.shape), 0, 1)
     assert 1.0 > ssim(img, small) > ssim(img, big)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+_CONTRACT = {"family", "config", "steps", "flops_per_image", "latency_ms", "accuracy", "fd", "psnr", "ssim", "frontier"}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """sd35-tiny, 1 prompt x 2 seeds, 4 steps: a dense step, a cache, a Shiva row, a cached Shiva stack and the
+    ONNX Runtime stack (one export into a temporary artifact root)."""
+    from shiva_export.validate.frontier import validate_frontier
+
+    cfgs = [FrontierConfig("dense", 4), FrontierConfig("dense", 2), FrontierConfig("cache", 4, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
+            FrontierConfig("shiva", 4, keep=0.6), FrontierConfig("stack", 4, keep=0.6, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
+            FrontierConfig("stack", 2, keep=0.6, backend="ort")]
+    out = tmp_path_factory.mktemp("frontier")
+    rep = validate_frontier(model="sd35-tiny", prompts=1, seeds=[0, 1], configs=cfgs, latency_repeats=1, out_dir=out,
+                            artifact_root=out / "engines")
+    return rep, out
+
+
+def test_tiny_frontier_rows_follow_the_contract(tiny_report):
+    rep, out = tiny_report
+    data = json.loads((out / "frontier.json").read_text())
+    assert [r["family"] for r in data["rows"]] == ["dense", "dense", "cache", "shiva", "stack", "stack"]
+    for r in data["rows"]:
+        assert _CONTRACT <= set(r)
+        assert r["accuracy"] is None and r["fd"] is None  # sd35-tiny has no judge
+        assert isinstance(r["frontier"], bool) and r["flops_per_image"] > 0 and r["n_images"] == 2
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Best per compute level" in (out / "frontier.md").read_text()
+
+
+def test_executed_flops_count_what_ran(tiny_report):
+    rows = tiny_report[0].rows
+    dense4, dense2, cache, shiva, stack, ort = (r["flops_per_image"] for r in rows)
+    assert dense2 == pytest.approx(dense4 / 2)  # per-step cost is fixed: half the steps, half the FLOPs
+    assert cache < dense4  # TaylorSeer every 2nd step from step 1: skipped blocks are not counted
+    assert shiva < dense4 and stack < shiva  # the cache skips steps of the pruned model too
+    assert ort == pytest.approx(shiva / 2)  # the static graph of the same budget, half the steps
+
+
+def test_reference_row_and_a_tiny_difference(tiny_report):
+    rows = tiny_report[0].rows
+    assert rows[0]["psnr"] is None and rows[0]["ssim"] == 1.0 and rows[0]["frontier"]
+    for r in rows[1:]:
+        assert r["psnr"] > 10 and 0 < r["ssim"] <= 1.0
+    # the cheapest row cannot be dominated by a cheaper one
+    cheapest = min(range(len(rows)), key=lambda i: rows[i]["flops_per_image"])
+    assert rows[cheapest]["frontier"]
+
+
+def test_shapes_frontier_reports_accuracy_fd_and_paired_tests(tmp_path):
+    from shiva_export.validate.frontier import validate_frontier
+
+    cfgs = [FrontierConfig("dense", 3), FrontierConfig("shiva", 3, keep=0.6)]
+    rep = validate_frontier(model="sd35-shapes", prompts=2, seeds=[1, 2], configs=cfgs, latency_repeats=0, n_ref=16)
+    ref, shiva = rep.rows
+    assert 0.0 <= ref["accuracy"] <= 1.0 and ref["fd"] > 0 and len(ref["correct"]) == 4
+    assert set(ref["accuracy_by_seed"]) == {"1", "2"}
+    assert shiva["vs_reference"]["p"] is not None and "McNemar" in shiva["vs_reference"]["detail"]
+    assert shiva["fd_vs_reference"]["low"] is not None
+    assert rep.settings["primary_quality"] == "accuracy"
+
+
+def test_frontier_cli_json_and_option_checks(tmp_path, capsys):
+    from shiva_export.cli import main
+
+    assert main(["validate", "frontier", "--model", "sd35-tiny", "--seed", "-1", "--out-dir", str(tmp_path / "a")]) == 2
+    assert main(["validate", "frontier", "--model", "sd35-tiny", "--family", "fast", "--out-dir", str(tmp_path / "b")]) == 2
+    assert main(["validate", "frontier", "--model", "sd35-tiny", "--seed", "3", "--seed", "3", "--out-dir", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    capsys.readouterr()
+    code = main(["validate", "frontier", "--model", "flux-tiny", "--prompts", "1", "--steps", "2", "--family", "dense", "--no-ort",
+                 "--latency-repeats", "0", "--json", "--out-dir", str(tmp_path / "flux")])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["config"] for r in data["rows"]] == ["dense + 2 steps"] and _CONTRACT <= set(data["rows"][0])

@@ -52,6 +52,7 @@ LEVELS = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
 PSNR_CAP = 100.0
 _DENSE_STEP_FACTORS = (1.0, 0.8, 0.6, 0.45, 0.3)
 _SHIVA_KEEPS = (0.8, 0.6, 0.4)
+_SHORT = {"threshold": "thr", "cache_interval": "every", "disable_cache_before_step": "from", "num_inference_steps": "steps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ class FrontierConfig:
             parts.append(f"shiva keep {self.keep:.2f}")
         if self.cache is not None:
             kind, settings = self.cache
-            parts.append(kind + " " + ",".join(f"{k}={v}" for k, v in settings))
+            parts.append(kind + " " + " ".join(f"{_SHORT.get(k, k)} {v}" for k, v in settings))
         if not parts:
             parts.append("dense")
         parts.append(f"{self.steps} steps")
@@ -116,7 +117,10 @@ def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | N
     rows += [FrontierConfig("stack", few, keep=k) for k in sorted({max(keeps), mid}, reverse=True)]
     if learned:
         rows += [FrontierConfig("shiva", steps, learned=True), FrontierConfig("stack", few, learned=True)]
-    rows += [FrontierConfig("stack", steps, keep=mid, cache=c) for c in caches[:1]]
+    firsts: dict[str, Any] = {}
+    for c in caches:  # the mildest setting of the first two kinds (the grid lists each kind mildest first)
+        firsts.setdefault(c[0], c)
+    rows += [FrontierConfig("stack", steps, keep=mid, cache=c) for c in list(firsts.values())[:2]]
     if ort:
         rows.append(FrontierConfig("stack", few, keep=mid, backend="ort"))
     return rows
@@ -141,12 +145,12 @@ class _Runner:
     """Loads each pipeline once (dense torch, pruned torch, pruned ONNX Runtime) and runs rows on them.
 
     A row's FLOPs are counted from what executed: on torch, the blocks that really ran in each transformer
-    call (:func:`shiva_export.runtime.caches.count_executed`) at that call's keep ratios; on ONNX Runtime,
+    call (:class:`shiva_export.runtime.caches.count_executed_blocks`) at that call's keep ratios; on ONNX Runtime,
     where the static graph always runs whole, the graph of each call's phase.
     """
 
-    def __init__(self, rec, weights, say: Callable[[str], None]):
-        self.rec, self.weights, self.say = rec, weights, say
+    def __init__(self, rec, weights, artifact_root, say: Callable[[str], None]):
+        self.rec, self.weights, self.root, self.say = rec, weights, artifact_root, say
         self._pipes: dict[str, Any] = {}
 
     def pipe(self, cfg: FrontierConfig):
@@ -160,7 +164,7 @@ class _Runner:
             else:
                 self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, backend=cfg.backend,
                                                  ratio=round(1.0 - (cfg.keep or 0.6), 6), phases=cfg.learned and cfg.backend != "torch",
-                                                 progress=self.say)
+                                                 artifact_root=self.root, progress=self.say)
         return self._pipes[key]
 
     def activate(self, cfg: FrontierConfig):
@@ -173,7 +177,10 @@ class _Runner:
         if cfg.cache is not None:
             from shiva_export.runtime.caches import enable_cache
 
-            enable_cache(pipe, cfg.cache[0], **dict(cfg.cache[1]))
+            settings = dict(cfg.cache[1])
+            if cfg.cache[0] == "magcache":
+                settings.setdefault("num_inference_steps", cfg.steps)  # its ratios are per step of this run
+            enable_cache(pipe, cfg.cache[0], **settings)
         return pipe
 
     def deactivate(self, cfg: FrontierConfig) -> None:
@@ -184,13 +191,13 @@ class _Runner:
 
     def run(self, cfg: FrontierConfig, pipe, text: str, seed: int, guidance: float):
         """One image: ``(image, executed transformer FLOPs, latency ms)``."""
-        from shiva_export.runtime.caches import count_executed
+        from shiva_export.runtime.caches import count_executed_blocks, executed_flops
         from shiva_export.runtime.generate import run_pipeline
 
         if cfg.backend == "torch":
-            with count_executed(pipe.transformer) as calls:
+            with count_executed_blocks(pipe) as records:
                 res = run_pipeline(pipe, text, steps=cfg.steps, guidance=guidance, seed=seed)
-            flops = _executed_flops(pipe, calls, guidance)
+            flops = float(executed_flops(records, pipe).total)
         else:
             res = run_pipeline(pipe, text, steps=cfg.steps, guidance=guidance, seed=seed)
             flops = _graph_flops(pipe, res.times.phase_trace, guidance)
@@ -217,20 +224,6 @@ def _flop_count(pipe, keep_ratios, guidance: float):
     n_tokens = adapter.num_image_tokens(config_obj(config), info.height, info.width)
     batch = 2 if adapter.BATCHED_CFG and adapter.uses_cfg(guidance) else 1
     return adapter.count_flops(config, n_tokens, info.text_len, keep_ratios, batch=batch, bottleneck=info.recipe.router.bottleneck)
-
-
-def _executed_flops(pipe, calls: Sequence[dict], guidance: float) -> float:
-    """FLOPs of the blocks that ran in each call (at the call's keep ratios) plus each call's model-level work."""
-    memo: dict[tuple, Any] = {}
-    total = 0.0
-    for call in calls:
-        keeps = tuple(call["keep_ratios"])
-        if keeps not in memo:
-            memo[keeps] = _flop_count(pipe, None if all(k is None for k in keeps) else keeps, guidance)
-        count = memo[keeps]
-        total += count.total - sum(sum(b.values()) for b in count.blocks)  # embeddings, head, router context
-        total += sum(sum(count.blocks[i].values()) for i in call["blocks"])
-    return total
 
 
 def _graph_flops(pipe, trace: Sequence[str], guidance: float) -> float:
@@ -400,7 +393,8 @@ def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float,
         "family": c.family, "config": c.label, "steps": c.steps, "keep": c.keep, "learned": c.learned, "backend": c.backend,
         "cache": None if c.cache is None else {"kind": c.cache[0], **dict(c.cache[1])},
         "flops_per_image": statistics.mean(m.flops), "latency_ms": latency,
-        "accuracy": None, "accuracy_ci": None, "fd": None, "psnr": statistics.mean(m.psnr), "ssim": statistics.mean(m.ssim),
+        "accuracy": None, "accuracy_ci": None, "fd": None, "psnr": None if i == 0 else statistics.mean(m.psnr),
+        "psnr_ci": None if i == 0 else list(_mean_ci(m.psnr)), "ssim": statistics.mean(m.ssim),
         "frontier": frontier, "n_images": len(m.images),
     }
     if judge is not None:
@@ -410,12 +404,19 @@ def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float,
         n = len(seeds)
         row["accuracy_by_seed"] = {str(s): statistics.mean(m.correct[j::n]) for j, s in enumerate(seeds)}
         row["correct"] = [int(x) for x in m.correct]  # per (prompt, seed), for paired tests from the JSON
-    if i > 0:
+    if i > 0 and judge is not None:  # PSNR is measured against the reference: no test against it
         row["vs_reference"] = st.compare(i, 0).to_dict()
-        if judge is not None:
-            row["fd_vs_reference"] = _fd_vs_reference(judge, m, st.m[0]).to_dict()
+        row["fd_vs_reference"] = _fd_vs_reference(judge, m, st.m[0]).to_dict()
     row["psnr_per_image"] = [round(v, 3) for v in m.psnr]
     return row
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """95% bootstrap CI of a mean (the pairing partner is zero)."""
+    from shiva_export.validate.stats import paired_bootstrap_mean
+
+    c = paired_bootstrap_mean(list(values), [0.0] * len(values))
+    return c.low, c.high
 
 
 def _levels(rows: list[dict], st: _Stats) -> list[dict[str, Any]]:
@@ -474,7 +475,8 @@ class FrontierReport:
                  f"{len(self.prompts)} prompts x seeds {s['seeds']} = {self.rows[0]['n_images']} paired images per row; reference: dense, "
                  f"{s['steps']} steps, CFG {s['guidance']}. FLOPs: transformer FLOPs actually executed per image. Primary quality: {q}; "
                  f"a row is on the frontier (*) when no row with lower or equal FLOPs is significantly better (alpha {s['alpha']}, "
-                 "no multiple-comparison correction). 'n.s.': the difference to the reference is not significant.", "",
+                 "no multiple-comparison correction). " + ("Beside each accuracy: its test against the reference; 'n.s.': not significant."
+                 if self.judged else f"PSNR and SSIM are measured against the reference (identical images count as {PSNR_CAP:.0f} dB in the tests)."), "",
                  "## Best per compute level", ""] + self.conclusion() + ["", "## Rows", "", _table(self.rows, self.judged)]
         return "\n".join(lines) + "\n"
 
@@ -495,7 +497,7 @@ def _sig(row: dict, key: str) -> str:
 def _table(rows: list[dict], judged: bool) -> str:
     ref = rows[0]["flops_per_image"]
     head = "| * | family | configuration | GFLOPs | vs ref | latency (ms) |"
-    head += " accuracy (95% CI) | FD | PSNR (dB) | SSIM |" if judged else " PSNR (dB) | SSIM |"
+    head += " accuracy (95% CI) | FD | PSNR (dB) | SSIM |" if judged else " PSNR (dB, 95% CI) | SSIM |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = ["*" if r["frontier"] else "", r["family"], r["config"], f"{r['flops_per_image'] / 1e9:.2f}", f"{r['flops_per_image'] / ref:.2f}x",
@@ -504,9 +506,10 @@ def _table(rows: list[dict], judged: bool) -> str:
             lo, hi = r["accuracy_ci"]
             cells.append(f"{r['accuracy']:.1%} ({lo:.0%}-{hi:.0%}){_sig(r, 'vs_reference')}")
             cells.append(_fmt(r["fd"], ".3f") + _sig(r, "fd_vs_reference"))
-            cells += [_fmt(r["psnr"], ".1f"), _fmt(r["ssim"], ".3f")]
+            cells += ["reference" if r["psnr"] is None else f"{r['psnr']:.1f}", _fmt(r["ssim"], ".3f")]
         else:
-            cells += [_fmt(r["psnr"], ".1f") + _sig(r, "vs_reference"), _fmt(r["ssim"], ".3f")]
+            ci = r["psnr_ci"]
+            cells += ["reference" if r["psnr"] is None else f"{r['psnr']:.1f} ({ci[0]:.1f}-{ci[1]:.1f})", _fmt(r["ssim"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -527,17 +530,18 @@ def _plot_png(report: FrontierReport) -> bytes:
     for ax, xkey, xname in ((axes[0], "flops_per_image", "executed transformer GFLOPs per image"), (axes[1], "latency_ms", "median latency per image (ms)")):
         scale = 1e9 if xkey == "flops_per_image" else 1.0
         for fam in FAMILIES:
-            pts = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["family"] == fam)
+            pts = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["family"] == fam and r[key] is not None)
             if pts:
                 ax.plot(*zip(*_running_best(pts)), "-", color=_COLORS[fam], alpha=0.6)
                 ax.scatter(*zip(*pts), color=_COLORS[fam], s=28, label=fam)
-        front = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["frontier"])
+        front = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["frontier"] and r[key] is not None)
         if front:
             ax.plot(*zip(*front), "--", color="#999999", lw=1.2, label="frontier (no cheaper row significantly better)")
         ax.set_xlabel(xname)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{report.model}: quality vs compute, {report.rows[0]['n_images']} paired images per row", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -606,6 +610,7 @@ def validate_frontier(
     threads: int | None = 1,
     latency_repeats: int = 3,
     out_dir: str | Path | None = None,
+    artifact_root: str | Path = "engines",
     progress: Callable[[str], None] | None = None,
 ) -> FrontierReport:
     """Runs every family on the same prompts and seeds and writes the frontier (see the module docstring).
@@ -622,6 +627,7 @@ def validate_frontier(
         configs (list[FrontierConfig]): Explicit rows (the first is the reference); overrides the grid.
         latency_repeats (int): Interleaved timing rounds. Defaults to 3.
         out_dir (PathLike): Where to write frontier.{json,md,png}. Defaults to None.
+        artifact_root (PathLike): Where the ONNX Runtime row's graph is cached (as ``generate``). Defaults to ``engines``.
     """
     from shiva_export.runtime.pipeline import _recipe
 
@@ -638,10 +644,12 @@ def validate_frontier(
     if families:
         rows_cfg = rows_cfg[:1] + [c for c in rows_cfg[1:] if c.family in families]
     _check_configs(rows_cfg)
-    return _measure(rec, weights, rows_cfg, prompts, list(seeds), steps, guidance, n_ref, threads, latency_repeats, out_dir, progress)
+    return _measure(rec, weights, rows_cfg, prompts, list(seeds), steps, guidance, n_ref, threads, latency_repeats, out_dir, progress,
+                    artifact_root)
 
 
-def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, threads, latency_repeats, out_dir, progress) -> FrontierReport:
+def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, threads, latency_repeats, out_dir, progress,
+             artifact_root) -> FrontierReport:
     import torch
 
     from shiva_export.validate.stats import ALPHA
@@ -652,7 +660,7 @@ def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, thr
     judged = rec.pipeline.judge == "shapes"
     scenes, texts = _prompts(rec, prompts, judged)
     judge = _Judge(scenes, n_ref) if judged else None
-    runner = _Runner(rec, weights, say)
+    runner = _Runner(rec, weights, artifact_root, say)
     measured = _generate(runner, rows_cfg, texts, seeds, guidance, judge, scenes, say)
     for i, m in enumerate(measured):
         _image_metrics(m, None if i == 0 else measured[0])
