@@ -43,6 +43,7 @@ def frontier_command(
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = 1,
     latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Interleaved timing rounds (0: the median of the generation calls).")] = 3,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Write frontier.json, frontier.md and frontier.png here.")] = Path("validate/reports/frontier"),
+    artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of the ONNX Runtime row's exported graph (as generate).")] = Path("engines"),
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with `rows` on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -53,7 +54,7 @@ def frontier_command(
         rep = validate_frontier(
             model=model, recipe=recipe, weights=weights, prompts=prompts, seeds=seed or (0,), steps=steps, guidance=guidance,
             dense_steps=dense_steps, keeps=keep, families=family, ort=ort, threads=threads, latency_repeats=latency_repeats,
-            out_dir=out_dir, progress=advance,
+            out_dir=out_dir, artifact_root=artifact_root, progress=advance,
         )
     result_json(_finite(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK
