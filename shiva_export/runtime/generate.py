@@ -304,8 +304,10 @@ def generate(
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """Generates one image per prompt (seed ``seed + i``) and writes PNGs, ``generate.json`` and the grid.
+    ``context`` (``"drop"`` / ``"keep"``, default the recipe's) is :func:`load_pipeline`'s.
 
     Returns the record written to ``generate.json``.
     """
@@ -335,7 +337,7 @@ def generate(
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
                   threads=threads, device=device, artifact_root=artifact_root, progress=say)
-    pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, **common)
+    pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, context=context, **common)
     info = pipe.shiva
     dense_pipe = None
     if compare_dense:
@@ -414,6 +416,7 @@ def generate(
 def _budget_desc(info) -> str:
     if info.dense:
         return "dense"
+    ctx = "" if info.context in (None, "drop") else f", context {info.context}"
     if len(info.phases) == 1 and info.phases[0].name.startswith("ratio"):
-        return f"ratio {info.phases[0].name[5:]}"
-    return "phases " + "/".join(p.name for p in info.phases)
+        return f"ratio {info.phases[0].name[5:]}{ctx}"
+    return "phases " + "/".join(p.name for p in info.phases) + ctx
