@@ -305,3 +305,4 @@ def test_cli_context_flag(capsys, tmp_path):
     assert main(["generate", "--model", "sd35-tiny", "--prompt", "a", "--context", "sideways", "--out", str(tmp_path / "g")]) == 2
     assert main(["generate", "--model", "flux-tiny", "--prompt", "a", "--context", "keep", "--out", str(tmp_path / "g")]) == 2
     assert "not implemented for architecture 'flux'" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "m.onnx").exists()  # refused before writing anything

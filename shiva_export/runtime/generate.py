@@ -329,10 +329,13 @@ def generate(
         raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    from shiva_export.models import adapter_for_architecture
+
+    if context is not None:
+        adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
     say = progress or (lambda m: None)
-    from shiva_export.models import adapter_for_architecture
 
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
