@@ -95,6 +95,11 @@ class PruneSection(BaseModel):
     ratios: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
         default_factory=lambda: [0.4], description="default pruning ratios (fraction of image tokens pruned)"
     )
+    context: Literal["drop", "keep"] = Field(
+        "drop",
+        description="rejected tokens: 'drop' leaves them out of the routed block; 'keep' still gives their keys and values "
+        "(attention over all image tokens; queries, attention output and MLP only for the kept ones). SD3/SD3.5 only",
+    )
 
     @field_validator("ratios")
     @classmethod
@@ -224,8 +229,11 @@ class Recipe(BaseModel):
     def _cfg_matches_architecture(self):
         from shiva_export.models.base import adapter_for_architecture
 
-        if self.shapes.cfg and not adapter_for_architecture(self.architecture).BATCHED_CFG:
+        adapter = adapter_for_architecture(self.architecture)
+        if self.shapes.cfg and not adapter.BATCHED_CFG:
             raise ValueError(f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false")
+        if self.prune.context not in adapter.CONTEXT_MODES:
+            raise ValueError(f"[prune] context = {self.prune.context!r} is not implemented for architecture {self.architecture!r}; set context = \"drop\"")
         return self
 
     @field_validator("tolerances")
@@ -356,7 +364,10 @@ class Recipe(BaseModel):
         return str(self.source_path) if self.source_path else f"recipe {self.name!r}"
 
     def content_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"source_path"})
+        d = self.model_dump(mode="json", exclude={"source_path"})
+        if d["prune"]["context"] == "drop":  # the default: recipes written before the option keep their hash (cache keys)
+            del d["prune"]["context"]
+        return d
 
 
 def recipe_hash(recipe: Recipe) -> str:

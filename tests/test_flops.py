@@ -58,6 +58,8 @@ def test_one_block_hand_count_dense():
         "block.attn2.qkv": 3 * 2 * N * D * D,  # 6144
         "block.attn2.out": 2 * N * D * D,  # 2048
         "block.attn2.sdpa": 2 * 2 * N * N * D,  # 8192
+        "block.ctx.adaln": 0,  # context "keep" only
+        "block.ctx.kv": 0,
         "router.proj_x": 0,
         "router.context": 0,
         "router.score": 0,
@@ -89,6 +91,8 @@ def test_one_block_hand_count_routed():
         "block.attn2.qkv": 3 * 2 * k * D * D,  # 3072
         "block.attn2.out": 2 * k * D * D,  # 1024
         "block.attn2.sdpa": 2 * 2 * k * k * D,  # 2048
+        "block.ctx.adaln": 0,  # context "drop" (the default)
+        "block.ctx.kv": 0,
         "router.proj_x": 2 * N * D * dp,  # every token is scored: 1024
         "router.context": 2 * (D + 6) * dp + 2 * dp * dp,  # temb + pooled per sample, layer embedding once: 144
         "router.score": 2 * N * dp,  # 128
@@ -104,6 +108,22 @@ def test_one_block_hand_count_routed():
     # batch scales everything except the layer-embedding projection (one vector per call)
     c2 = count_flops(ONE_BLOCK, N, T, [0.5], bottleneck=dp, batch=2)
     assert c2.total == 2 * c.total - 2 * dp * dp
+
+
+def test_one_block_hand_count_context_keep():
+    """Context "keep": the 8 rejected tokens' norm1 + K/V (joint and dual attention), and k + T queries over N + T keys."""
+    D, k, dp = 8, 8, 4
+    drop = count_flops(ONE_BLOCK, N, T, [0.5], bottleneck=dp)
+    keep = count_flops(ONE_BLOCK, N, T, [0.5], bottleneck=dp, context="keep")
+    changed = {
+        "block.ctx.adaln": 2 * D * 9 * D,  # SD35AdaLayerNormZeroX's linear once more: 1152
+        "block.ctx.kv": 2 * 2 * (N - k) * D * D * 2,  # K and V of the rejected tokens, attn and attn2: 4096
+        "block.attn.joint": 2 * 2 * (k + T) * (N + T) * D,  # 8736
+        "block.attn2.sdpa": 2 * 2 * k * N * D,  # 4096
+    }
+    assert keep.terms == drop.terms | changed
+    assert keep.total == 42320 + 1152 + 4096 + (8736 - 5408) + (4096 - 2048) == 52944
+    assert keep.kept_tokens == (8,) and keep.context == "keep" and drop.context == "drop"
 
 
 def test_sd35_medium_1024px_dense():

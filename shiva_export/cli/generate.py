@@ -43,6 +43,7 @@ def generate_command(
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE, transformer).")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (router, schedule, shapes) overriding the model's.")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1): 0.4 keeps 60%. Default: the recipe's first ratio.")] = None,
+    context: Annotated[str | None, typer.Option("--context", help="keep | drop: whether rejected tokens still give keys and values in routed blocks (SD3/SD3.5). Default: the recipe's [prune] context (drop).")] = None,
     phases: Annotated[bool, typer.Option("--phases", help="Run the recipe's learned [[schedule.phases]]: one static graph per phase, switched at the recorded timestep boundaries.")] = False,
     backend: Annotated[str, typer.Option("--backend", "-b", help="torch | ort | trt.")] = "torch",
     artifact: Annotated[list[Path] | None, typer.Option("--artifact", help="Run this ONNX (ort) or engine folder (trt) instead of exporting; repeat once per phase.")] = None,
@@ -71,6 +72,8 @@ def generate_command(
         )
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"{device!r} is not one of cpu, cuda.", param_hint="--device")
+    if context not in (None, "keep", "drop"):
+        raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
     if provider not in ("cpu", "cuda"):
         raise typer.BadParameter(f"{provider!r} is not one of cpu, cuda.", param_hint="--provider")
     texts = list(prompt or [])
@@ -114,7 +117,7 @@ def generate_command(
                 model=model, prompts=texts, out_dir=out, backend=backend, ratio=ratio, phases=phases, recipe=recipe, weights=weights,
                 router=router, artifacts=artifact, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                 height=height, width=width, compare_dense=compare_dense, dtype=dtype, provider=provider, threads=threads, device=device,
-                artifact_root=artifact_root, progress=advance, step_progress=step if show else None,
+                artifact_root=artifact_root, progress=advance, step_progress=step if show else None, context=context,
             )
         finally:
             if progress_bar is not None:

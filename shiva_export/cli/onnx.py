@@ -53,6 +53,7 @@ def onnx_command(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or fp16 (bf16 is refused: ONNX has no bfloat16 Conv/Einsum; run bf16 with generate --backend torch).")] = "fp32",
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset 17..22 (default 20: newest TensorRT 10.x parses).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Export a symbolic batch axis (default: fixed shapes).")] = False,
+    context: Annotated[str | None, typer.Option("--context", help="keep | drop: whether rejected tokens still give keys and values in routed blocks (SD3/SD3.5; output folder ratio<r>-context-keep). Default: the recipe's [prune] context (drop).")] = None,
     phase: Annotated[str | None, typer.Option("--phase", help="Export a learned phase (name or index) of the recipe's [[schedule.phases]] instead of a uniform --ratio.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX path. Default: engines/<model>/ratio<r>/<dtype>/model.onnx.")] = None,
     debug_outputs: Annotated[bool, typer.Option("--debug-outputs", help="Also output each routed block's kept indices (kept_indices.<block>).")] = False,
@@ -73,6 +74,8 @@ def onnx_command(
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
+    if context not in (None, "keep", "drop"):
+        raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
     with stages(enabled=not (quiet or json_out)) as advance:
         res = export_pruned(
             model=model,
@@ -95,6 +98,7 @@ def onnx_command(
             parity_cases=parity_cases,
             bounded=bounded,
             progress=advance,
+            context=context,
         )
     summary = res.to_dict()
     if json_out:
@@ -119,7 +123,8 @@ def format_summary(s: dict) -> str:
     lines = [
         f"model        {s['model']}  ({s['recipe']})",
         f"budget       ratio {s['ratio']:g} pruned = keep {s['keep_ratio']:g}; N = {s['num_image_tokens']} image tokens; "
-        f"k = {ks[0] if len(ks) == 1 else ks} ({len(s['k_per_block'])} routed blocks)",
+        f"k = {ks[0] if len(ks) == 1 else ks} ({len(s['k_per_block'])} routed blocks)"
+        + (f"; context {s['context']} (rejected tokens give keys/values)" if s.get("context") == "keep" else ""),
         f"k per block  {k_desc or '(dense: no routed block)'}",
         "shapes       " + ", ".join(f"{k} {v}" for k, v in s["shapes"].items()) + f"  (cfg {s['cfg']})",
         f"onnx         {s['onnx']}  {_mb(s['onnx_bytes'])}"

@@ -21,7 +21,7 @@ from shiva_export.engines.builder import Backend, build_engine, deserialize_chec
 from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout, read_chain
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
-from shiva_export.export.pipeline import budget_label, export_pruned
+from shiva_export.export.pipeline import budget_dir, export_pruned
 from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import folder_lock, sha256_file
@@ -87,8 +87,10 @@ def export_key_for(
     dtype: str,
     opset: int,
     dynamic_batch: bool,
+    context: str = "drop",
 ) -> dict[str, Any]:
-    """Everything that determines the exported ONNX, known before exporting."""
+    """Everything that determines the exported ONNX, known before exporting. ``context`` (the routing's
+    ``ShivaConfig.context``) enters the key only when not ``"drop"``, so keys made before the option stay valid."""
     import importlib.metadata as md
 
     def ver(pkg: str) -> str | None:
@@ -106,7 +108,7 @@ def export_key_for(
         router_id = {"file_sha256": sha256_file(recipe.router_weights_path())}
     else:
         router_id = {"random_seed": recipe.router.seed}
-    return {
+    key = {
         "recipe_sha256": recipe_hash(recipe),
         "weights": weights_fingerprint(recipe, weights),
         "router": router_id,
@@ -118,6 +120,9 @@ def export_key_for(
         "dynamic_batch": dynamic_batch,
         "versions": {"shiva-export": __version__, "torch": ver("torch"), "diffusers": ver("diffusers"), "onnx": ver("onnx")},
     }
+    if context != "drop" and not dense:
+        key["context"] = context
+    return key
 
 
 @dataclass
@@ -220,6 +225,7 @@ def build_engines(
     force: bool = False,
     validate: bool = True,
     progress: Callable[[str], None] | None = None,
+    context: str | None = None,
 ) -> list[EngineBuild]:
     """Builds one engine per budget (and the dense reference) with a shared timing cache.
 
@@ -252,6 +258,8 @@ def build_engines(
         force (bool): Rebuild even when the cache matches. Defaults to False.
         validate (bool): ONNX Runtime parity after each new export. Defaults to True.
         progress (Callable[[str], None]): Stage callback. Defaults to None.
+        context (str): ``"drop"`` or ``"keep"`` for the pruned budgets (``ShivaConfig.context``); their folders get a
+            ``-context-keep`` suffix. Defaults to the recipe's ``[prune] context``.
     """
     say = progress or (lambda stage: None)
     from shiva_export.engines.builder import check_timing_cache_path
@@ -270,6 +278,9 @@ def build_engines(
         raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
+    from shiva_export.models import adapter_for_architecture
+
+    context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
     if onnx is not None:
         return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
                                 strip_weights, segments or 1)]
@@ -308,24 +319,25 @@ def build_engines(
         options["segments"] = segments
     results: list[EngineBuild] = []
     for r in todo:
-        d = Path(out_dir) / rec.name / budget_label(r) / dtype
+        ctx = "drop" if r == 0.0 else context  # the dense reference routes nothing
+        d = Path(out_dir) / rec.name / budget_dir(r, ctx) / dtype
         with folder_lock(d, "engine folder"):
             results.append(_build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
                                          timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                         any_layout=segments is None))
+                                         any_layout=segments is None, context=ctx))
     return results
 
 
 def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
-              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False) -> EngineBuild:
+              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop") -> EngineBuild:
     """One budget folder (the caller holds its lock). With ``any_layout`` (no --segments given), a cached chain is
     reused as readily as a cached engine."""
     is_dense = r == 0.0
     segments = int(options.get("segments", 1))
     onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
     mpath = manifest_path_for(plan)
-    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch)
-    label = "dense" if is_dense else f"ratio {r:g}"
+    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context)
+    label = "dense" if is_dense else f"ratio {r:g}" + ("" if context == "drop" else f" (context {context})")
     if not force:
         tries = [(plan, options)]
         if any_layout and segments == 1 and (d / CHAIN_FILE).is_file():
@@ -359,6 +371,7 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         dynamic_batch=dynamic_batch,
         validate=validate,
         extra_metadata={"export_key": key},
+        context=None if is_dense else context,
     )
     if ex.parity is not None and ex.parity.status == "failed":
         from shiva_export.errors import ParityError
@@ -465,7 +478,8 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--onnx {onnx_path}: shiva.dtype {dtype!r} is not fp32, fp16 or bf16; re-export it with `shiva-export onnx`.")
     model_name = safe_component(get("model", rec.name), f"--onnx {onnx_path}: shiva.model")
-    d = inside(out_dir, Path(out_dir) / model_name / budget_label(ratio) / dtype, "engine folder")
+    ctx = "keep" if get("context") == "keep" else "drop"
+    d = inside(out_dir, Path(out_dir) / model_name / budget_dir(ratio, ctx) / dtype, "engine folder")
     shapes = {}
     dynamic = False
     for i in m.graph.input:

@@ -25,13 +25,19 @@ from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
 from shiva_export.validate.parity import ParityReport, check_parity
 
-__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "model_config_hash", "router_tensor_hash", "resolve_router"]
+__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
 
 logger = get_logger(__name__)
 
 
-def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines") -> Path:
-    return Path(root) / model_name / budget_label(ratio) / dtype / "model.onnx"
+def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines", context: str = "drop") -> Path:
+    """``<root>/<model>/ratio<r>[-context-keep]/<dtype>/model.onnx``: a context-keep graph never lands on a drop graph's path."""
+    return Path(root) / model_name / budget_dir(ratio, context) / dtype / "model.onnx"
+
+
+def budget_dir(ratio: float, context: str = "drop") -> str:
+    """Folder name of a budget: :func:`budget_label`, plus ``-context-keep`` for a context-keep graph."""
+    return budget_label(ratio) + ("" if context == "drop" else f"-context-{context}")
 
 
 def _refuse_engine_onnx(path: Path) -> None:
@@ -99,6 +105,7 @@ class PrunedExport:
             "ratio": self.ratio,
             "keep_ratio": 1.0 - self.ratio,
             "dense": self.dense,
+            "context": None if self.dense else self.config.context,
             "num_image_tokens": self.num_image_tokens,
             "k_per_block": {str(b): k for b, k in self.budgets.items()},
             "shapes": ex.input_shapes,
@@ -147,6 +154,7 @@ def export_pruned(
     extra_metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     bounded: bool | None = None,
+    context: str | None = None,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -180,6 +188,8 @@ def export_pruned(
             freed in turn, so peak memory stays below the bytes written instead of 4x; same graph and bytes.
             True requires it, False loads eagerly. Defaults to None: bounded wherever the weights can be read
             lazily (embedded models, diffusers folders with plain safetensors), eager otherwise.
+        context (str): ``"drop"`` or ``"keep"`` (``ShivaConfig.context``: rejected tokens still give keys and values;
+            SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``.
     """
     import time
 
@@ -203,6 +213,11 @@ def export_pruned(
         raise ConfigError(f"a dense export prunes nothing; got ratio {ratio}. Use ratio 0 (or omit it) with dense=True.")
     if ratio is not None and not (0.0 <= ratio < 1.0):
         raise ConfigError(f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+    if dense and context == "keep":
+        raise ConfigError("a dense export routes nothing, so --context keep has no effect; drop --context or --dense.")
+    from shiva_export.models import adapter_for_architecture
+
+    context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
     spec = InputSpec(
         batch=batch if batch is not None else rec.shapes.batch,
         height=height if height is not None else rec.shapes.height,
@@ -217,7 +232,8 @@ def export_pruned(
     if out_path is not None:
         check_writable(out_path, "ONNX output")  # fail before minutes of loading
     elif phase is None and keep_ratios is None:
-        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype))
+        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
+                                              context="drop" if dense else context))
 
     say("load model")
     t0 = time.perf_counter()
@@ -243,7 +259,7 @@ def export_pruned(
     if phase is not None:
         keep_ratios = rec.phase_keep_ratios(phase, n_layers)
     if keep_ratios is not None:
-        config = ShivaConfig(tuple(keep_ratios), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+        config = ShivaConfig(tuple(keep_ratios), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
         if len(config.keep_ratios) != n_layers:
             raise ConfigError(f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block.")
         routed_keep = [r for r in config.keep_ratios if r is not None]
@@ -251,7 +267,7 @@ def export_pruned(
     else:
         ratio_used = 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio)
         config = ShivaConfig.uniform(
-            n_layers, ratio_used, routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size
+            n_layers, ratio_used, routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context
         )
     budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
 
@@ -285,8 +301,11 @@ def export_pruned(
         export_model = transformer
 
     if out_path is None:
+        ctx_used = "drop" if dense else context
         out_path = (
-            Path("engines") / rec.name / f"phase-{phase}" / dtype / "model.onnx" if phase is not None else default_onnx_path(rec.name, ratio_used, dtype)
+            Path("engines") / rec.name / f"phase-{phase}" + ("" if ctx_used == "drop" else f"-context-{ctx_used}") / dtype / "model.onnx"
+            if phase is not None
+            else default_onnx_path(rec.name, ratio_used, dtype, context=ctx_used)
         )
         _refuse_engine_onnx(out_path)
     if phase is not None:
@@ -301,6 +320,7 @@ def export_pruned(
         "ratio": ratio_used,
         **t_range,
         "dense": dense,
+        "context": None if dense else config.context,
         "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
         "k_per_block": {str(b): k for b, k in budgets.items()},
         "num_image_tokens": n_tokens,

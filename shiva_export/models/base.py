@@ -121,6 +121,8 @@ class ModelAdapter:
             (a call that sets one is refused; others that are not graph inputs are refused generically).
         EXAMPLE_PROMPT (str): The prompt benchmarks use when none is given (DiT: a class label).
         TEXT_PROMPTS (bool): The pipeline is conditioned on free text (False: class ids, as DiT).
+        CONTEXT_MODES (tuple[str, ...]): The ``ShivaConfig.context`` modes its routing implements
+            (``"drop"`` everywhere; ``"keep"`` where rejected tokens can still give keys and values).
     """
 
     NAME: ClassVar[str]
@@ -134,6 +136,7 @@ class ModelAdapter:
     UNSUPPORTED_CALL_ARGS: ClassVar[dict[str, str]] = {}
     EXAMPLE_PROMPT: ClassVar[str] = "a red cube on a blue floor"
     TEXT_PROMPTS: ClassVar[bool] = True
+    CONTEXT_MODES: ClassVar[tuple[str, ...]] = ("drop",)
 
     # -- model classes and loading ------------------------------------------------------------------------
     def model_class(self) -> type:
@@ -200,6 +203,18 @@ class ModelAdapter:
     def remove_routing(self, transformer: nn.Module) -> None:
         """Undoes :meth:`install_routing` exactly."""
         raise NotImplementedError
+
+    def check_context(self, context: str) -> str:
+        """``context`` if the routing implements it (:attr:`CONTEXT_MODES`), else one :class:`ConfigError` line
+        naming the architecture; call it before loading a model."""
+        from shiva_export.prune.api import check_context
+
+        if check_context(context) not in self.CONTEXT_MODES:
+            raise ConfigError(
+                f"context {context!r} is not implemented for architecture {self.NAME!r} ({self.MODEL_CLASS}); it supports "
+                f"{', '.join(self.CONTEXT_MODES)}. Use --context drop (recipe [prune] context = \"drop\") for this model."
+            )
+        return context
 
     # -- shapes and inputs (abstract unless noted) --------------------------------------------------------
     def patch_px(self, config: Any) -> int:
@@ -270,8 +285,10 @@ class ModelAdapter:
         out.update({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
         return out
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
-        """Analytic matmul FLOPs of one forward (``shiva_export.validate.flops`` convention) -> ``FlopCount``."""
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
+                    context: str = "drop"):
+        """Analytic matmul FLOPs of one forward (``shiva_export.validate.flops`` convention) -> ``FlopCount``;
+        ``context`` is the routing's ``ShivaConfig.context`` (refused unless in :attr:`CONTEXT_MODES`)."""
         raise NotImplementedError
 
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):

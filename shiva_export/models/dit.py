@@ -91,12 +91,14 @@ class DiTAdapter(ModelAdapter):
         cfg = _transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
+                    context: str = "drop"):
         """DiT terms: per image token 12 D^2 plus self-attention ``2*2*k^2*D``; every block's adaLN-Zero embedder
         (t MLP + 6D modulation) is per sample; a routed block runs its embedder once more for the router's temb.
         ``text_len`` is ignored (no text)."""
         from shiva_export.validate.flops import assemble_count, router_terms
 
+        self.check_context(context)
         c = self.full_config(config)
         D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
         B, N = batch, num_image_tokens

@@ -84,7 +84,9 @@ class FluxAdapter(ModelAdapter):
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
+                    context: str = "drop"):
+        self.check_context(context)
         return _flux_flops(self, config, num_image_tokens, text_len, keep_ratios, batch, bottleneck)
 
     def sampler_timesteps(self, config: Any, steps: int, num_image_tokens: int, shift: float = 3.0) -> list[float]:

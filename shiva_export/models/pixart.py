@@ -149,11 +149,13 @@ class PixArtAdapter(ModelAdapter):
                                    guidance=guidance, height=height, width=width, max_sequence_length=max_sequence_length, generator=generator)
         return kw | {"use_resolution_binning": False, "clean_caption": False}
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
+                    context: str = "drop"):
         """PixArt terms: per image token 14 D^2 (self-attn q/k/v/out 4, cross-attn q/out 2, FF 8); the cross-
         attention K/V over the T caption tokens are constant; self-attention ``2*2*k^2*D`` is quadratic in k."""
         from shiva_export.validate.flops import assemble_count, router_terms
 
+        self.check_context(context)
         c = self.full_config(config)
         D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
         B, N, T = batch, num_image_tokens, text_len

@@ -19,6 +19,10 @@ Quirks handled here (why they matter for routing):
   as every other adapter, so training's ``set_route_override`` sees one protocol.
 - Router context = ``(temb, pooled_projections)``: the model's own ``time_text_embed`` output and the pooled
   CLIP vector (paper, Sec. 2.3).
+- Context ``"keep"`` (``ShivaConfig.context``, RAS/ToCa style): a routed block still runs the unmodified
+  diffusers block on ``[kept image; text]``, but its attention processors (``attn``, and ``attn2`` in dual
+  blocks) take the image keys and values from all N tokens, normalised and modulated by the block's own
+  ``norm1`` (:meth:`SD3Adapter.block_context_kv`); rejected tokens skip only queries, attention output and MLP.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class SD3Adapter(ModelAdapter):
     BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")
     INPUT_NAMES = INPUT_NAMES
     DYNAMIC_AXES = {name: {0: "batch_size"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch_size"}}
+    CONTEXT_MODES = ("drop", "keep")
 
     def dora_target_modules(self) -> str:
         # joint attention (4 image + 4 context linears), SD3.5's dual attention attn2 (Medium: blocks 0-12) and
@@ -93,9 +98,14 @@ class SD3Adapter(ModelAdapter):
     def install_routing(self, transformer: nn.Module) -> None:
         install_overrides(transformer, self.blocks(transformer), _routed_block_forward)
         add_hook(transformer, "", _capture_context, "pre")
+        from shiva_export.prune.api import _STATE_ATTR
+
+        if getattr(transformer, _STATE_ATTR).config.context == "keep":
+            _wrap_processors(transformer)
 
     def remove_routing(self, transformer: nn.Module) -> None:
         remove_overrides(transformer, self.blocks(transformer))
+        _unwrap_processors(transformer)
 
     def prepare_cache(self, transformer: nn.Module) -> None:
         """The last block (``context_pre_only``) returns ``None`` as its text output; diffusers' FirstBlockCache
@@ -106,6 +116,14 @@ class SD3Adapter(ModelAdapter):
         for block in self.blocks(transformer):
             if block.context_pre_only:
                 HookRegistry.check_if_exists_or_initialize(block).register_hook(_text_passthrough_hook(), CACHE_FIX_HOOK)
+
+    @staticmethod
+    def block_context_kv(block: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{attention name: the tokens its image keys/values are projected from}`` for all of
+        ``hidden_states`` (every image token of the block's input), as the block itself prepares them:
+        ``norm1`` (AdaLayerNormZero, or SD35AdaLayerNormZeroX whose second output feeds ``attn2``)."""
+        out = block.norm1(hidden_states, emb=temb)
+        return {"attn": out[0], "attn2": out[5]} if block.use_dual_attention else {"attn": out[0]}
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         super().check_image_size(config, height, width)
@@ -136,10 +154,11 @@ class SD3Adapter(ModelAdapter):
         cfg = _transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64):
+    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
+                    context: str = "drop"):
         from shiva_export.validate.flops import count_flops
 
-        return count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck)
+        return count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck, context=context)
 
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded random inputs (``timestep`` stays float32, in 0..1000). With CFG the uncond half's text
@@ -299,12 +318,84 @@ def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb
         raise ConfigError("a routed SD3 block needs pooled_projections; call the transformer with pooled_projections=.")
 
     def run(kept, idx, rows=None):
+        kwargs = joint_attention_kwargs
+        if config.context == "keep" and kept.shape[1] < hidden_states.shape[1]:  # static: at k = N the kept set is the context
+            ctx = SD3Adapter.block_context_kv(block, rows_of(hidden_states, rows), rows_of(temb, rows))
+            kwargs = {**(joint_attention_kwargs or {}), _CONTEXT_KWARG: ctx}
         return type(block).forward(
             block,
             hidden_states=kept,
             encoder_hidden_states=rows_of(encoder_hidden_states, rows),
             temb=rows_of(temb, rows),
-            joint_attention_kwargs=joint_attention_kwargs,
+            joint_attention_kwargs=kwargs,
         )
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)
+
+
+# -- context "keep": image keys/values from every token --------------------------------------------------------
+#: The ``joint_attention_kwargs`` entry that hands :meth:`SD3Adapter.block_context_kv` to the wrapped processors.
+_CONTEXT_KWARG = "shiva_context"
+
+
+class _KVFrom:
+    """``attn`` as its processor sees it, except that ``to_k`` / ``to_v`` project ``context`` (all N image
+    tokens) instead of their argument (the k kept ones): ``JointAttnProcessor2_0`` computes ``attn.to_k(
+    hidden_states)``, so this is the one place where the keys' source changes; queries, qk-norm, the text
+    stream, the split at ``k`` and the output projection stay diffusers' code."""
+
+    def __init__(self, attn: nn.Module, context: torch.Tensor):
+        self._attn, self._context = attn, context
+
+    def to_k(self, _kept: torch.Tensor) -> torch.Tensor:
+        return self._attn.to_k(self._context)
+
+    def to_v(self, _kept: torch.Tensor) -> torch.Tensor:
+        return self._attn.to_v(self._context)
+
+    def __getattr__(self, name: str):
+        return getattr(self._attn, name)
+
+
+class _ContextKVProcessor:
+    """Wraps a routed block's ``JointAttnProcessor2_0`` (``name``: ``attn`` or ``attn2``, which share one
+    processor in diffusers): with ``shiva_context`` given, runs it on :class:`_KVFrom`; without, unchanged."""
+
+    def __init__(self, inner: Any, name: str):
+        self.inner, self.name = inner, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, shiva_context=None, **kwargs):
+        target = attn if shiva_context is None else _KVFrom(attn, shiva_context[self.name])
+        return self.inner(target, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs)
+
+
+def _attentions(transformer: nn.Module):
+    """``(block index, name, Attention)`` of every routed block's attention(s)."""
+    from shiva_export.prune.api import _STATE_ATTR
+
+    state = getattr(transformer, _STATE_ATTR)
+    for i in state.config.routed_blocks:
+        block = transformer.transformer_blocks[i]
+        for name in ("attn", "attn2"):
+            if getattr(block, name, None) is not None:
+                yield i, name, getattr(block, name)
+
+
+def _wrap_processors(transformer: nn.Module) -> None:
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    found = list(_attentions(transformer))
+    for i, name, attn in found:  # check all before changing any
+        if type(attn.processor) is not JointAttnProcessor2_0:  # others (fused QKV, IP-Adapter) project K/V elsewhere
+            raise ConfigError(
+                f"context 'keep' needs diffusers' JointAttnProcessor2_0 in transformer_blocks.{i}.{name}, which runs "
+                f"{type(attn.processor).__name__}; undo that processor change (e.g. unfuse_qkv_projections()) or use context 'drop'."
+            )
+    for _, name, attn in found:
+        attn.processor = _ContextKVProcessor(attn.processor, name)
+
+
+def _unwrap_processors(transformer: nn.Module) -> None:
+    for _, _, attn in _attentions(transformer):
+        if isinstance(attn.processor, _ContextKVProcessor):
+            attn.processor = attn.processor.inner

@@ -28,7 +28,9 @@ from shiva_export.prune.router import RouterBank, RouterConfig
 from shiva_export.prune.topk import SELECTIONS, static_k
 
 __all__ = [
+    "CONTEXTS",
     "ShivaConfig",
+    "check_context",
     "apply_shiva_",
     "remove_shiva_",
     "is_shiva_applied",
@@ -46,6 +48,11 @@ logger = get_logger(__name__)
 _ROUTERS_ATTR = "shiva_routers"
 _STATE_ATTR = "_shiva_state"
 
+#: What a routed block does with its rejected tokens' context: ``"drop"`` (the paper: they leave the block
+#: entirely) or ``"keep"`` (RAS / ToCa style: they still give keys and values, only their queries, attention
+#: output and MLP are skipped; adapters that support it list it in ``ModelAdapter.CONTEXT_MODES``).
+CONTEXTS = ("drop", "keep")
+
 
 @dataclass(frozen=True)
 class ShivaConfig:
@@ -61,6 +68,10 @@ class ShivaConfig:
         group_size (int): Adjacent routed blocks per router. Defaults to 2.
         selection (str): ``"bounded"`` exact top-k with every TopK K <= 3840 and a backend-independent
             tie rule (lower position wins), or ``"topk"`` (plain torch.topk + sort). Defaults to ``"bounded"``.
+        context (str): ``"drop"``: rejected tokens leave the block (kept tokens attend to kept and text
+            tokens only). ``"keep"``: rejected tokens still contribute keys and values from their current
+            hidden states (attention over all N image tokens + text; queries, attention output and MLP
+            only for the kept ones). Defaults to ``"drop"``.
 
     Example:
         >>> cfg = ShivaConfig.uniform(num_layers=24, ratio=0.4)   # keep 60% in blocks 1..23
@@ -73,6 +84,7 @@ class ShivaConfig:
     bottleneck: int = 64
     group_size: int = 2
     selection: str = "bounded"
+    context: str = "drop"
 
     def __post_init__(self):
         kr = tuple(self.keep_ratios)
@@ -88,6 +100,7 @@ class ShivaConfig:
             raise ConfigError("no block is routed; give at least one block a keep ratio.")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection {self.selection!r} is unknown; choose one of {SELECTIONS}.")
+        check_context(self.context)
 
     @classmethod
     def uniform(
@@ -121,7 +134,14 @@ class ShivaConfig:
         return replace(self, keep_ratios=tuple(keep_ratios))
 
     def to_dict(self) -> dict:
-        return {"keep_ratios": list(self.keep_ratios), "cfg": self.cfg, "bottleneck": self.bottleneck, "group_size": self.group_size, "selection": self.selection}
+        return {"keep_ratios": list(self.keep_ratios), "cfg": self.cfg, "bottleneck": self.bottleneck, "group_size": self.group_size, "selection": self.selection, "context": self.context}
+
+
+def check_context(context: str) -> str:
+    """``context`` if it is one of :data:`CONTEXTS`, else a one-line :class:`ConfigError`."""
+    if context not in CONTEXTS:
+        raise ConfigError(f"context {context!r} is unknown; choose one of {', '.join(CONTEXTS)} (--context keep|drop, recipe [prune] context).")
+    return context
 
 
 def block_budgets(config: ShivaConfig, num_tokens: int) -> dict[int, int]:
@@ -175,6 +195,7 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
     if is_shiva_applied(transformer):
         raise ConfigError("Shiva is already applied to this transformer; call remove_shiva_(transformer) first.")
     _check_no_block_hooks(transformer, adapter, "apply_shiva_")
+    adapter.check_context(config.context)
     rc = config.router_config(*adapter.router_dims(transformer))
     if routers is None:
         routers = RouterBank(rc)
@@ -185,7 +206,12 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
     routers.to(device=ref.device)
     transformer.add_module(_ROUTERS_ATTR, routers)
     object.__setattr__(transformer, _STATE_ATTR, _ShivaState(config))
-    adapter.install_routing(transformer)
+    try:
+        adapter.install_routing(transformer)
+    except Exception:  # e.g. a processor context "keep" cannot wrap: leave the model as it was
+        transformer._modules.pop(_ROUTERS_ATTR, None)
+        object.__delattr__(transformer, _STATE_ATTR)
+        raise
     logger.info("Shiva applied: %d routed blocks, %d routers", len(config.routed_blocks), rc.num_routers)
     return routers
 
@@ -262,6 +288,8 @@ def _check_same_routing(old: ShivaConfig, new: ShivaConfig) -> None:
         )
     if (new.bottleneck, new.group_size) != (old.bottleneck, old.group_size):
         raise ConfigError("the new config changes the router shape (bottleneck/group_size); re-apply Shiva instead.")
+    if new.context != old.context:
+        raise ConfigError(f"the new config changes context {old.context!r} -> {new.context!r}, which the installed routing fixes; re-apply Shiva instead.")
 
 
 def shiva_config(transformer: nn.Module) -> ShivaConfig:

@@ -134,7 +134,8 @@ class E2EReport:
         ])
 
 
-def _flops_of(adapter, config: dict[str, Any], n_tokens: int, text_len: int, model_batch: int, phases, phase_steps: dict[str, int], bottleneck: int) -> float:
+def _flops_of(adapter, config: dict[str, Any], n_tokens: int, text_len: int, model_batch: int, phases, phase_steps: dict[str, int], bottleneck: int,
+              context: str = "drop") -> float:
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     if not phases:
         return float(adapter.count_flops(cfg, n_tokens, text_len, None, batch=model_batch).total) * sum(phase_steps.values() or [0])
@@ -142,7 +143,7 @@ def _flops_of(adapter, config: dict[str, Any], n_tokens: int, text_len: int, mod
     by_name = {p.name: p for p in phases}
     for name, steps in phase_steps.items():
         p = by_name[name]
-        total += steps * float(adapter.count_flops(cfg, n_tokens, text_len, p.keep_ratios, batch=model_batch, bottleneck=bottleneck).total)
+        total += steps * float(adapter.count_flops(cfg, n_tokens, text_len, p.keep_ratios, batch=model_batch, bottleneck=bottleneck, context=context).total)
     return total
 
 
@@ -246,7 +247,7 @@ def benchmark_e2e(
     model_batch = 2 if adapter.uses_cfg(guidance) else 1
     for v, pipe in variants:
         ph = () if pipe.shiva.dense else pipe.shiva.phases
-        v.flops = _flops_of(adapter, config, n_tokens, pipe.shiva.text_len, model_batch, ph, v.phase_steps, rec.router.bottleneck)
+        v.flops = _flops_of(adapter, config, n_tokens, pipe.shiva.text_len, model_batch, ph, v.phase_steps, rec.router.bottleneck, pipe.shiva.context or "drop")
     cmd = (f"shiva-export validate speed --e2e --model {rec.name} " + " ".join(f"--backend {b}" for b in backends) + " "
            + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
            + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")

@@ -327,8 +327,10 @@ def generate(
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """Generates one image per prompt (seed ``seed + i``) and writes PNGs, ``generate.json`` and the grid.
+    ``context`` (``"drop"`` / ``"keep"``, default the recipe's) is :func:`load_pipeline`'s.
 
     Returns the record written to ``generate.json``.
     """
@@ -350,15 +352,18 @@ def generate(
         raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    from shiva_export.models import adapter_for_architecture
+
+    if context is not None:
+        adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
     say = progress or (lambda m: None)
-    from shiva_export.models import adapter_for_architecture
 
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
                   threads=threads, device=device, artifact_root=artifact_root, progress=say)
-    pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, **common)
+    pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, context=context, **common)
     info = pipe.shiva
     dense_pipe = None
     if compare_dense:
@@ -437,6 +442,7 @@ def generate(
 def _budget_desc(info) -> str:
     if info.dense:
         return "dense"
+    ctx = "" if info.context in (None, "drop") else f", context {info.context}"
     if len(info.phases) == 1 and info.phases[0].name.startswith("ratio"):
-        return f"ratio {info.phases[0].name[5:]}"
-    return "phases " + "/".join(p.name for p in info.phases)
+        return f"ratio {info.phases[0].name[5:]}{ctx}"
+    return "phases " + "/".join(p.name for p in info.phases) + ctx

@@ -94,6 +94,7 @@ class ShivaPipelineInfo:
     batch: int = 1
     cfg: bool = True
     dtype: str = "fp32"
+    context: str | None = "drop"  # the routing's ShivaConfig.context; None for a dense pipeline
 
     def to_dict(self) -> dict[str, Any]:
         from shiva_export.recipe import recipe_hash
@@ -102,6 +103,7 @@ class ShivaPipelineInfo:
             "model": self.model,
             "backend": self.backend,
             "dense": self.dense,
+            "context": self.context,
             "recipe": str(self.recipe.source_path),
             "recipe_sha256": recipe_hash(self.recipe),
             "pipeline": self.pipeline_source,
@@ -234,23 +236,24 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool) -> str:
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop") -> str:
     from shiva_export.engines.pipeline import export_key_for
 
-    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False)
+    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context)
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
 
 
 def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False) -> dict[str, Any]:
-    """Exports (or reuses, by content key) the ONNX of one phase, or of the dense reference; returns its provenance."""
+                 use_phases: bool = False, context: str = "drop") -> dict[str, Any]:
+    """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
+    or of the dense reference; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pipeline import export_pruned
     from shiva_export.utils.io import inside, safe_component, sha256_file
 
-    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense)
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
     path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
@@ -284,6 +287,7 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
             out=path,
             validate=True,
             extra_metadata={"runtime_key": key, "phase": phase.name, "t_start": phase.t_start, "t_stop": phase.t_stop},
+            context=None if dense else context,
             **budget,
         )
         if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
@@ -298,6 +302,7 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
         "onnx_sha256": sha256_file(path),
         "status": status,
         "k_per_block": meta.get("k_per_block") or {},
+        "context": meta.get("context"),
         "router_sha256": meta.get("router_sha256"),
         "model_config_sha256": meta.get("model_config_sha256"),
         "input_spec": meta.get("input_spec"),
@@ -348,7 +353,8 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
         name = safe_component(meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}", f"--artifact {p}: shiva.phase")
         phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
         spec = InputSpec(**meta["input_spec"])
-        info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given")
+        info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given",
+                    context=None if meta.get("dense") else (meta.get("context") or "drop"))  # exports before the option dropped
         out.append((phase, spec, info, meta))
     out.sort(key=lambda x: -x[0].t_start)
     return out
@@ -375,6 +381,7 @@ def load_pipeline(
     device: str = "cpu",
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
+    context: str | None = None,
 ):
     """Loads a diffusers pipeline with a Shiva-pruned transformer.
 
@@ -400,6 +407,9 @@ def load_pipeline(
         provider (str): ONNX Runtime provider, ``cpu`` or ``cuda``. Defaults to ``cpu``.
         threads (int): ONNX Runtime intra-op threads. Defaults to ORT's choice.
         artifact_root (PathLike): Where exported graphs are cached. Defaults to ``engines``.
+        context (str): ``"drop"`` or ``"keep"``: whether rejected tokens still give keys and values in routed blocks
+            (``ShivaConfig.context``; SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``; given
+            ``artifacts`` must have been exported with it.
 
     Returns:
         DiffusionPipeline: the architecture's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``,
@@ -428,8 +438,11 @@ def load_pipeline(
     rec = _recipe(model, recipe)
     if dense and (ratio not in (None, 0.0) or phases):
         raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
-    say("load pipeline")
+    if dense and context == "keep":
+        raise ConfigError("a dense pipeline routes nothing, so --context keep has no effect; drop --context or dense.")
     adapter = _adapter_of(rec)
+    ctx = adapter.check_context(rec.prune.context if context is None else context)
+    say("load pipeline")
     cfg = cfg and adapter.BATCHED_CFG  # Flux: guidance is an embedding, never a [uncond; cond] batch
     loc, local = _pipeline_location(rec, weights)
     config = _transformer_config(loc, local, rec)
@@ -449,7 +462,7 @@ def load_pipeline(
             router_info = {"source": "none (dense)"}
         else:
             phase_list = resolve_phases(rec, n_layers, ratio, phases)
-            router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg)
+            router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
         text_len = rec.shapes.text_len
         artifacts_info: list[dict[str, Any]] = []
     else:
@@ -459,6 +472,7 @@ def load_pipeline(
         aps = []
         if artifacts:
             opened = _open_artifacts(artifacts, backend, config, say)
+            ctx = _artifacts_context(opened, context)
             for phase, aspec, info, _meta in opened:
                 run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
                 aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
@@ -471,10 +485,10 @@ def load_pipeline(
             root = Path(artifact_root)
             for phase in phase_list:
                 if backend == "ort":
-                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases)
+                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases, context=ctx)
                     run = OrtRunner(info["onnx"], provider=provider, threads=threads)
                 else:
-                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say)
+                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say, ctx)
                     run = TrtRunner(info["engine"])
                 aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
@@ -498,9 +512,21 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.shiva = ShivaPipelineInfo(
         model=rec.name, backend=backend, recipe=rec, phases=phase_list, dense=dense, pipeline_source=loc, artifacts=artifacts_info,
-        router=router_info, max_sequence_length=max_seq, text_len=text_len, height=h, width=w, batch=batch, cfg=cfg, **info_kwargs,
+        router=router_info, max_sequence_length=max_seq, text_len=text_len, height=h, width=w, batch=batch, cfg=cfg,
+        context=None if dense else ctx, **info_kwargs,
     )
     return pipe
+
+
+def _artifacts_context(opened, context: str | None) -> str:
+    """The context the given artifacts were exported with (all the same), checked against ``context`` when given."""
+    found = {info.get("context") for _p, _s, info, _m in opened} - {None}
+    if len(found) > 1:
+        raise ConfigError(f"--artifact graphs were exported with different contexts ({', '.join(sorted(found))}); pass graphs of one context.")
+    got = found.pop() if found else None
+    if context is not None and got is not None and got != context:
+        raise ConfigError(f"--context {context} but the --artifact graphs were exported with context {got!r}; export them with --context {context}.")
+    return got if got is not None else ("drop" if context is None else context)
 
 
 def config_obj(config: dict[str, Any]):
@@ -510,12 +536,12 @@ def config_obj(config: dict[str, Any]):
     return SimpleNamespace(**{k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool) -> dict[str, Any]:
+def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, context: str = "drop") -> dict[str, Any]:
     from shiva_export.export.pipeline import resolve_router, router_tensor_hash
     from shiva_export.models import router_dims
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_shiva_phases_
 
-    config = ShivaConfig(phase_list[0].keep_ratios, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    config = ShivaConfig(phase_list[0].keep_ratios, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
     rc = config.router_config(*router_dims(transformer))
     bank, info = resolve_router(rec, router, rc)
     bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
@@ -524,7 +550,7 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool) -> dic
     return info
 
 
-def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say) -> dict[str, Any]:
+def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop") -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
     from shiva_export.engines.pipeline import build_engines
 
@@ -536,7 +562,8 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
     r = 0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)
     say(f"engine ({phase.name})")
     builds = build_engines(recipe=rec, weights=weights, router=router, ratios=[r], dense=dense, dtype=dtype,
-                           height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root)
+                           height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root,
+                           context=None if dense else context)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         from shiva_export.errors import EngineBuildError
@@ -550,8 +577,9 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
 
 
 def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | Recipe, ratio: float | None = None, phases: bool = False,
-                   router: str | os.PathLike | None = None, cfg: bool = True):
-    """Prunes the transformer of a pipeline the user already loaded (``torch`` backend, in place).
+                   router: str | os.PathLike | None = None, cfg: bool = True, context: str | None = None):
+    """Prunes the transformer of a pipeline the user already loaded (``torch`` backend, in place); ``context`` as
+    in :func:`load_pipeline`.
 
     For ``ort``/``trt`` use :func:`load_pipeline` with ``weights=`` the pipeline folder: graphs are static,
     so they are exported for the recipe's shapes and the module is handed to ``from_pretrained``.
@@ -566,13 +594,14 @@ def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | 
     adapter = get_adapter(pipe.transformer)
     if adapter.NAME != rec.architecture:
         raise ConfigError(f"the pipeline's transformer is a {adapter.MODEL_CLASS}, recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe.")
+    ctx = adapter.check_context(rec.prune.context if context is None else context)
     n_layers = adapter.num_blocks(pipe.transformer)
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
-    router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg and adapter.BATCHED_CFG)
+    router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg and adapter.BATCHED_CFG, ctx)
     text_len = rec.shapes.text_len
     pipe.shiva = ShivaPipelineInfo(
         model=rec.name, backend="torch", recipe=rec, phases=phase_list, dense=False, pipeline_source="(user pipeline)", router=router_info,
         max_sequence_length=adapter.max_sequence_length(pipe, text_len), text_len=text_len, height=rec.shapes.height,
-        width=rec.shapes.width, cfg=cfg and adapter.BATCHED_CFG,
+        width=rec.shapes.width, cfg=cfg and adapter.BATCHED_CFG, context=ctx,
     )
     return pipe

@@ -289,7 +289,7 @@ def validate_parity(
         report_md (PathLike): Write a Markdown report here. Defaults to None.
         progress (Callable[[str], None]): Stage callback. Defaults to None.
     """
-    from shiva_export.export.pipeline import budget_label, export_pruned, resolve_router
+    from shiva_export.export.pipeline import budget_dir, budget_label, export_pruned, resolve_router
 
     say = progress or (lambda s: None)
     require("polygraphy", purpose="parity validation")  # typed error + pip line when missing
@@ -330,7 +330,8 @@ def validate_parity(
             ref = base
             if not meta.get("dense") and meta.get("k_per_block"):
                 kr = meta.get("keep_ratios") or ShivaConfig.uniform(n_layers, ratio, rec.routed_blocks(n_layers)).keep_ratios
-                config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+                config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
+                                     context=meta.get("context") or "drop")  # exports before the option dropped
                 rc = config.router_config(*router_dims(base))
                 bank, _ = resolve_router(rec, router, rc)
                 import copy
@@ -353,7 +354,8 @@ def validate_parity(
                     runners.append(OrtRunner(path, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
                                            float_names=get_adapter(base).float_inputs(base.config)))
                 elif b == "engine":
-                    edir = Path(engines_dir) / rec.name / budget_label(ratio) / ex_dtype if engines_dir else None
+                    bdir = budget_dir(ratio, "keep" if meta.get("context") == "keep" else "drop")
+                    edir = Path(engines_dir) / rec.name / bdir / ex_dtype if engines_dir else None
                     if edir is None or not ((edir / "model.plan").is_file() or (edir / CHAIN_FILE).is_file()):
                         report.skipped.append(f"ratio {ratio:g} engine: no engine at {edir}; build it with `shiva-export trt`")
                     elif not torch.cuda.is_available():

@@ -31,6 +31,14 @@ Terms (``S = k + T`` joint tokens, ``k`` = image tokens the block sees: ``N`` de
 ``block.attn.joint``              ``2 * 2 * (k+T)^2 * D`` (one SDPA over ``[image; text]``)
 ``block.attn2.qkv`` / ``.out``    dual-attention blocks only (SD3.5-M blocks 0..12): ``3 * 2*k*D^2`` / ``2*k*D^2``
 ``block.attn2.sdpa``              ``2 * 2 * k^2 * D`` (image-only self-attention)
+``block.ctx.adaln``                context ``"keep"`` only (routed blocks with ``k < N``): ``norm1``'s linear once
+                                  more, ``2 * D * m * D`` per sample (the full-token context is normalised and
+                                  modulated by the block's own ``norm1``)
+``block.ctx.kv``                  context ``"keep"`` only: K/V projections of the ``N - k`` rejected tokens,
+                                  ``2 * 2*(N-k)*D^2``, again for ``attn2`` in dual blocks; the attention
+                                  products then run ``k + T`` queries over ``N + T`` keys:
+                                  ``block.attn.joint`` = ``2 * 2 * (k+T)(N+T) * D``, ``block.attn2.sdpa`` =
+                                  ``2 * 2 * k * N * D``
 ``router.proj_x``                 routed blocks: ``2 * N * D * d'`` (every token is scored)
 ``router.context``                ``2 * (D + P) * d'`` per sample + ``2 * d'^2`` (layer embedding, once)
 ``router.score``                  ``2 * N * d'``; the router's LayerNorm/SiLU are elementwise (not counted)
@@ -95,6 +103,8 @@ TERMS: tuple[str, ...] = (
     "block.attn2.qkv",
     "block.attn2.out",
     "block.attn2.sdpa",
+    "block.ctx.adaln",
+    "block.ctx.kv",
     "router.proj_x",
     "router.context",
     "router.score",
@@ -168,6 +178,7 @@ class FlopCount:
         batch (int): Samples through the network (CFG: 2 x prompts).
         keep_ratios (tuple[float | None, ...]): Per-block keep ratio, ``None`` for dense.
         bottleneck (int): Router width d' used for the router terms.
+        context (str): The routing's ``ShivaConfig.context`` the count is for.
     """
 
     terms: dict[str, int]
@@ -179,6 +190,7 @@ class FlopCount:
     keep_ratios: tuple[float | None, ...]
     bottleneck: int = 64
     notes: tuple[str, ...] = field(default=())
+    context: str = "drop"
 
     @property
     def total(self) -> int:
@@ -223,6 +235,7 @@ class FlopCount:
             "batch": self.batch,
             "keep_ratios": list(self.keep_ratios),
             "bottleneck": self.bottleneck,
+            "context": self.context,
             "convention": "2 FLOPs per multiply-add; matrix products only (Linear, patch Conv2d, QK^T, AV)",
         }
 
@@ -251,6 +264,7 @@ def count_flops(
     *,
     batch: int = 1,
     bottleneck: int = 64,
+    context: str = "drop",
 ) -> FlopCount:
     """Counts the FLOPs of one ``SD3Transformer2DModel`` forward, dense or with Shiva routing.
 
@@ -264,6 +278,9 @@ def count_flops(
             argument) means a dense model with no router. Defaults to None.
         batch (int): Samples through the network (with CFG, 2 x prompts). Defaults to 1.
         bottleneck (int): Router width d'. Defaults to 64.
+        context (str): The routing's ``ShivaConfig.context``: ``"keep"`` adds the rejected tokens' context
+            (``block.ctx.*``, keys over ``N + T`` tokens) to routed blocks with ``k < N``; at ``k = N`` the
+            routing computes no separate context, so keep 1.0 counts as dense. Defaults to ``"drop"``.
 
     Returns:
         FlopCount: Term-by-term FLOPs and totals.
@@ -274,6 +291,9 @@ def count_flops(
         >>> round(count_flops(cfg, 4096, 333).total / 1e12, 2)
         11.25
     """
+    from shiva_export.prune.api import check_context
+
+    check_context(context)
     arch = _read_config(config)
     for name, v in (("num_image_tokens", num_image_tokens), ("text_len", text_len), ("batch", batch), ("bottleneck", bottleneck)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -298,6 +318,8 @@ def count_flops(
     blocks = []
     for i in range(L):
         k, last, dual = kept[i], i == L - 1, i in arch.dual
+        ctx = context == "keep" and keeps[i] is not None and k < N  # rejected tokens still give keys and values
+        kv = N if ctx else k  # image keys the attention products run over
         b = dict.fromkeys((t for t in TERMS if t.startswith(("block.", "router."))), 0)
         b["block.adaln"] = 2 * B * D * D * ((9 if dual else 6) + (2 if last else 6))
         b["block.img.qkv"] = 3 * 2 * B * k * D * D
@@ -307,11 +329,14 @@ def count_flops(
         if not last:
             b["block.txt.out"] = 2 * B * T * D * D
             b["block.txt.mlp"] = 2 * 2 * B * T * D * 4 * D
-        b["block.attn.joint"] = 2 * 2 * B * (k + T) ** 2 * D
+        b["block.attn.joint"] = 2 * 2 * B * (k + T) * (kv + T) * D
         if dual:
             b["block.attn2.qkv"] = 3 * 2 * B * k * D * D
             b["block.attn2.out"] = 2 * B * k * D * D
-            b["block.attn2.sdpa"] = 2 * 2 * B * k * k * D
+            b["block.attn2.sdpa"] = 2 * 2 * B * k * kv * D
+        if ctx:
+            b["block.ctx.adaln"] = 2 * B * D * D * (9 if dual else 6)
+            b["block.ctx.kv"] = 2 * 2 * B * (N - k) * D * D * (2 if dual else 1)
         if keeps[i] is not None:
             b["router.proj_x"] = 2 * B * N * D * dp
             b["router.context"] = 2 * B * (D + arch.pooled) * dp + 2 * dp * dp
@@ -326,8 +351,8 @@ def count_flops(
         "not counted: biases, norms (incl. qk RMSNorm), modulation/gates, activations, softmax, residuals",
         "router.select = 0: TopK, CumSum compaction, gather and scatter do no multiply-adds",
         "last block is context_pre_only: text stream has qkv only (no to_add_out, no ff_context)",
-    )
-    return FlopCount(terms, tuple(blocks), kept, N, T, B, keeps, dp, notes)
+    ) + (("context keep: rejected tokens' norm1 + K/V (block.ctx.*), attention over all N image keys",) if context == "keep" else ())
+    return FlopCount(terms, tuple(blocks), kept, N, T, B, keeps, dp, notes, context)
 
 
 def ideal_speedup(dense: FlopCount, pruned: FlopCount) -> float:
@@ -392,9 +417,11 @@ def assemble_count(num_blocks: int, num_image_tokens: int, text_len: int, keep_r
 
 
 def count_model_flops(model_or_architecture: Any, config: Any, num_image_tokens: int, text_len: int,
-                      keep_ratios: Sequence[float | None] | None = None, *, batch: int = 1, bottleneck: int = 64) -> FlopCount:
+                      keep_ratios: Sequence[float | None] | None = None, *, batch: int = 1, bottleneck: int = 64,
+                      context: str = "drop") -> FlopCount:
     """:func:`count_flops` for any architecture: the adapter of ``model_or_architecture`` (a transformer, a
     class name or a recipe ``architecture`` key) counts ``config`` (a config dict or diffusers config)."""
     from shiva_export.models.base import get_adapter
 
-    return get_adapter(model_or_architecture).count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck)
+    return get_adapter(model_or_architecture).count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck,
+                                                          context=context)

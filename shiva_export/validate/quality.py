@@ -162,7 +162,7 @@ def _mean_keep(phases, trace: Sequence[str]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], bottleneck: int, model_batch: int) -> float:
+def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], bottleneck: int, model_batch: int, context: str = "drop") -> float:
     """Transformer GFLOPs of one image: the sum over its denoising steps (phase per step from the trace)."""
     from shiva_export.validate.flops import count_flops
 
@@ -174,7 +174,7 @@ def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], 
     total = 0.0
     for name in trace:
         if name not in cache:
-            cache[name] = float(count_flops(cfg, n_tokens, text_len, by[name].keep_ratios, batch=model_batch, bottleneck=bottleneck).total)
+            cache[name] = float(count_flops(cfg, n_tokens, text_len, by[name].keep_ratios, batch=model_batch, bottleneck=bottleneck, context=context).total)
         total += cache[name]
     return total / 1e9
 
@@ -405,7 +405,7 @@ def validate_quality(
             dense_imgs = imgs
         feats = np.stack([features(im) for im in imgs])
         correct = [prompt_correct(im, sc.attributes) for im, sc in zip(imgs, (s for s in scenes for _ in seeds))]
-        gfl = _gflops(config, n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch) if m != "dense" else \
+        gfl = _gflops(config, n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch, info.context or "drop") if m != "dense" else \
             _gflops(config, n_tokens, info.text_len, None, traces[0], rec.router.bottleneck, model_batch)
         row: dict[str, Any] = {
             "method": m, "label": label + ("" if m in ("dense", "random", "l2norm", "spatial") or trained else " [untrained router]"),
