@@ -104,7 +104,7 @@ def tiny_report(tmp_path_factory):
 
     cfgs = [FrontierConfig("dense", 4), FrontierConfig("dense", 2), FrontierConfig("cache", 4, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
             FrontierConfig("shiva", 4, keep=0.6), FrontierConfig("stack", 4, keep=0.6, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
-            FrontierConfig("stack", 2, keep=0.6, backend="ort")]
+            FrontierConfig("stack", 2, keep=0.6, backend="ort"), FrontierConfig("shiva", 4, keep=0.6, context="keep")]
     out = tmp_path_factory.mktemp("frontier")
     rep = validate_frontier(model="sd35-tiny", prompts=1, seeds=[0, 1], configs=cfgs, latency_repeats=1, out_dir=out,
                             artifact_root=out / "engines")
@@ -114,7 +114,7 @@ def tiny_report(tmp_path_factory):
 def test_tiny_frontier_rows_follow_the_contract(tiny_report):
     rep, out = tiny_report
     data = json.loads((out / "frontier.json").read_text())
-    assert [r["family"] for r in data["rows"]] == ["dense", "dense", "cache", "shiva", "stack", "stack"]
+    assert [r["family"] for r in data["rows"]] == ["dense", "dense", "cache", "shiva", "stack", "stack", "shiva"]
     for r in data["rows"]:
         assert _CONTRACT <= set(r)
         assert r["accuracy"] is None and r["fd"] is None  # sd35-tiny has no judge
@@ -125,11 +125,12 @@ def test_tiny_frontier_rows_follow_the_contract(tiny_report):
 
 def test_executed_flops_count_what_ran(tiny_report):
     rows = tiny_report[0].rows
-    dense4, dense2, cache, shiva, stack, ort = (r["flops_per_image"] for r in rows)
+    dense4, dense2, cache, shiva, stack, ort, kept = (r["flops_per_image"] for r in rows)
     assert dense2 == pytest.approx(dense4 / 2)  # per-step cost is fixed: half the steps, half the FLOPs
     assert cache < dense4  # TaylorSeer every 2nd step from step 1: skipped blocks are not counted
     assert shiva < dense4 and stack < shiva  # the cache skips steps of the pruned model too
     assert ort == pytest.approx(shiva / 2)  # the static graph of the same budget, half the steps
+    assert shiva < kept < dense4  # kept context adds the rejected tokens' keys and values, not their MLP
 
 
 def test_reference_row_and_a_tiny_difference(tiny_report):

@@ -526,13 +526,15 @@ def executed_flops(records: Sequence[dict[str, Any]], pipe) -> ExecutedFlops:
     n_blocks = len(blocks)
     state = tr.__dict__.get(_STATE_ATTR)
     bottleneck = state.config.bottleneck if state is not None else 64
+    context = state.config.context if state is not None else "drop"  # kept context costs its extra K/V projections
     counts: dict[tuple, Any] = {}
 
     def count(keeps, rec):
         # architectures without text (DiT) report text_len None: they count no text tokens either way
         key = (keeps, rec["num_image_tokens"], rec["text_len"], rec["batch"])
         if key not in counts:
-            counts[key] = adapter.count_flops(tr.config, rec["num_image_tokens"], rec["text_len"] or 1, keeps, batch=rec["batch"], bottleneck=bottleneck)
+            counts[key] = adapter.count_flops(tr.config, rec["num_image_tokens"], rec["text_len"] or 1, keeps, batch=rec["batch"], bottleneck=bottleneck,
+                                              context=context if keeps is not None else "drop")
         return counts[key]
 
     total = dense = run = 0

@@ -66,6 +66,7 @@ class FrontierConfig:
         learned (bool): Run the recipe's learned phase schedule.
         cache (tuple | None): ``(kind, ((name, value), ...))`` of a diffusers cache, or None.
         backend (str): ``torch`` or ``ort``.
+        context (str): ``drop`` (rejected tokens leave the block) or ``keep`` (they still give keys and values).
     """
 
     family: str
@@ -74,6 +75,7 @@ class FrontierConfig:
     learned: bool = False
     cache: tuple[str, tuple[tuple[str, Any], ...]] | None = None
     backend: str = "torch"
+    context: str = "drop"
 
     @property
     def pruned(self) -> bool:
@@ -86,6 +88,8 @@ class FrontierConfig:
             parts.append("shiva learned")
         elif self.keep is not None:
             parts.append(f"shiva keep {self.keep:.2f}")
+        if self.context == "keep":
+            parts.append("context kept")
         if self.cache is not None:
             kind, settings = self.cache
             parts.append(kind + " " + " ".join(f"{_SHORT.get(k, k)} {v}" for k, v in settings))
@@ -98,7 +102,7 @@ class FrontierConfig:
 
 
 def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | None = None, keeps: Sequence[float] | None = None,
-                    cache_grid: Sequence[tuple[str, dict]] | None = None, ort: bool = True) -> list[FrontierConfig]:
+                    cache_grid: Sequence[tuple[str, dict]] | None = None, ort: bool = True, context_keep: bool = False) -> list[FrontierConfig]:
     """The default rows around a reference of ``steps`` sampler steps (the first row is the reference).
 
     ``cache_grid`` defaults to :data:`shiva_export.runtime.caches.DEFAULT_GRID` (settings that span the compute
@@ -114,6 +118,9 @@ def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | N
     keeps = [float(k) for k in (keeps or _SHIVA_KEEPS)]
     rows += [FrontierConfig("shiva", steps, keep=k) for k in keeps]
     mid = min(keeps, key=lambda k: abs(k - 0.6))
+    if context_keep:  # where the adapter implements it: rejected tokens still give keys and values
+        rows += [FrontierConfig("shiva", steps, keep=k, context="keep") for k in sorted({mid, max(keeps)}, reverse=True)]
+        rows.append(FrontierConfig("stack", few, keep=mid, context="keep"))
     rows += [FrontierConfig("stack", few, keep=k) for k in sorted({max(keeps), mid}, reverse=True)]
     if learned:
         rows += [FrontierConfig("shiva", steps, learned=True), FrontierConfig("stack", few, learned=True)]
@@ -136,6 +143,8 @@ def _check_configs(configs: Sequence[FrontierConfig]) -> None:
             raise ConfigError(f"--keep {c.keep} is out of range; expected 0 < keep <= 1 (fraction of image tokens kept).")
         if c.backend == "ort" and c.cache is not None:
             raise ConfigError(f"{c.label}: diffusers caches hook torch modules; an ONNX Runtime graph has none. Use the torch backend for caches.")
+        if c.context not in ("drop", "keep"):
+            raise ConfigError(f"context {c.context!r} is unknown; choose drop or keep.")
         if c.backend not in ("torch", "ort"):
             raise ConfigError(f"--backend {c.backend!r} is not measured by the frontier; choose torch or ort.")
 
@@ -154,7 +163,7 @@ class _Runner:
         self._pipes: dict[str, Any] = {}
 
     def pipe(self, cfg: FrontierConfig):
-        key = "dense" if not cfg.pruned else f"pruned-{cfg.backend}"
+        key = "dense" if not cfg.pruned else f"pruned-{cfg.backend}-{cfg.context}"
         if key not in self._pipes:
             from shiva_export.runtime.pipeline import load_pipeline
 
@@ -164,6 +173,7 @@ class _Runner:
             else:
                 self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, backend=cfg.backend,
                                                  ratio=round(1.0 - (cfg.keep or 0.6), 6), phases=cfg.learned and cfg.backend != "torch",
+                                                 context=cfg.context,
                                                  artifact_root=self.root, progress=self.say)
         return self._pipes[key]
 
@@ -223,7 +233,8 @@ def _flop_count(pipe, keep_ratios, guidance: float):
     config = dict(pipe.transformer.config)
     n_tokens = adapter.num_image_tokens(config_obj(config), info.height, info.width)
     batch = 2 if adapter.BATCHED_CFG and adapter.uses_cfg(guidance) else 1
-    return adapter.count_flops(config, n_tokens, info.text_len, keep_ratios, batch=batch, bottleneck=info.recipe.router.bottleneck)
+    context = (info.context or "drop") if keep_ratios is not None else "drop"
+    return adapter.count_flops(config, n_tokens, info.text_len, keep_ratios, batch=batch, bottleneck=info.recipe.router.bottleneck, context=context)
 
 
 def _graph_flops(pipe, trace: Sequence[str], guidance: float) -> float:
@@ -390,7 +401,7 @@ def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float,
 
     c = m.cfg
     row: dict[str, Any] = {
-        "family": c.family, "config": c.label, "steps": c.steps, "keep": c.keep, "learned": c.learned, "backend": c.backend,
+        "family": c.family, "config": c.label, "steps": c.steps, "keep": c.keep, "learned": c.learned, "backend": c.backend, "context": c.context,
         "cache": None if c.cache is None else {"kind": c.cache[0], **dict(c.cache[1])},
         "flops_per_image": statistics.mean(m.flops), "latency_ms": latency,
         "accuracy": None, "accuracy_ci": None, "fd": None, "psnr": None if i == 0 else statistics.mean(m.psnr),
@@ -646,7 +657,11 @@ def validate_frontier(
     steps = int(steps or rec.pipeline.steps)
     guidance = float(rec.pipeline.guidance if guidance is None else guidance)
     learned = rec.schedule is not None and bool(rec.schedule.phases)
-    rows_cfg = list(configs) if configs else default_configs(steps, learned=learned, dense_steps=dense_steps, keeps=keeps, ort=ort)
+    from shiva_export.models import adapter_for_architecture
+
+    context_keep = "keep" in adapter_for_architecture(rec.architecture).CONTEXT_MODES
+    rows_cfg = list(configs) if configs else default_configs(steps, learned=learned, dense_steps=dense_steps, keeps=keeps, ort=ort,
+                                                             context_keep=context_keep)
     if families:
         rows_cfg = rows_cfg[:1] + [c for c in rows_cfg[1:] if c.family in families]
     _check_configs(rows_cfg)
