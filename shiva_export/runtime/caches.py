@@ -96,19 +96,18 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                  "calibration_prompt": None, "calibration_guidance": None, "calibration_seed": 0},
 }
 
-#: ``(kind, settings)`` spanning ~30..80 % of dense FLOPs on sd35-shapes (8 captions, seed 1, 28 steps, CFG 2.0,
-#: scripts/measure_caches.py); measured fraction of dense FLOPs / mean PSNR vs dense in dB:
-#: fbc 0.05: 0.78 / 62.2, 0.08: 0.63 / 51.7, 0.12: 0.53 / 47.0, 0.2: 0.39 / 37.3;
-#: taylorseer interval 2: 0.54 / 54.3, 3: 0.40 / 51.9, 5: 0.29 / 42.5 (3 warm-up steps);
-#: magcache (ratios calibrated on the fly) 0.06: 0.72 / 57.0, 0.2: 0.50 / 50.6.
+#: ``(kind, settings)`` spanning ~35..85 % of dense FLOPs on sd35-shapes, the default grid of a quality/compute
+#: frontier. Fraction of dense FLOPs / mean PSNR vs dense (dB), 8 captions, seed 1, CFG 2.0, at 28 steps
+#: (scripts/measure_caches.py) and, in brackets, at the 14-step knee (24 captions, `validate frontier`):
+#: fbc 0.12: 0.53 / 47.0 [0.72 / 54.5], 0.2: 0.39 / 37.3 [0.54 / 38.8];
+#: taylorseer interval 2: 0.54 / 54.3 [0.57 / 48.7], 5: 0.29 / 42.5 [0.36 / 37.8] (3 warm-up steps);
+#: magcache (ratios calibrated on the fly) 0.06: 0.72 / 57.0 [0.86 / 54.3], 0.2: 0.50 / 50.6 [0.50 / 48.0].
+#: Milder settings (fbc 0.05 / 0.08: 0.78 / 0.63 at 28 steps, 1.00 / 0.96 at 14) skip almost nothing at the knee.
 #: MagCache entries need ``num_inference_steps`` = the run's steps when it differs from the recipe's.
 DEFAULT_GRID: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("fbc", {"threshold": 0.05}),
-    ("fbc", {"threshold": 0.08}),
     ("fbc", {"threshold": 0.12}),
     ("fbc", {"threshold": 0.2}),
     ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 3}),
-    ("taylorseer", {"cache_interval": 3, "disable_cache_before_step": 3}),
     ("taylorseer", {"cache_interval": 5, "disable_cache_before_step": 3}),
     ("magcache", {"threshold": 0.06}),
     ("magcache", {"threshold": 0.2}),
