@@ -203,14 +203,17 @@ def quality_command(
 ESTIMATOR_EPILOG = """Examples:
 
   shiva-export validate estimator --model sd35-tiny
-  shiva-export validate estimator --model sd35-shapes --data build/shapes/latents --router random --min-agreement 0.9
+  shiva-export validate estimator --model sd35-shapes --data build/shapes/latents --router random --min-agreement 0.9 --beat-baseline
 
 Per routed layer and keep level, the estimator's dL/dkeep is compared with central finite differences
-of the real hard-routed distillation loss (one layer moved by +-delta). Exit 1 when --min-agreement is
-given and the first --estimator's sign agreement is below it (exit code 3)."""
+of the real hard-routed distillation loss (one layer moved by +-delta): sign agreement, rank agreement
+(Spearman across layers and keep levels) and magnitude error, each beside a constant estimator (the median
+finite difference). Exit 3 when --min-agreement is given and the first --estimator's sign agreement is
+below it, or when --beat-baseline is given and it does not beat the constant on rank agreement and
+magnitude error (on a model where every finite difference is negative, a constant agrees in sign 100%)."""
 
 
-@validate_app.command("estimator", epilog=ESTIMATOR_EPILOG, help="Check the training estimators' gradient to the keep ratio (output-gated, the paper's residual STE) against finite differences of the real routed loss: sign agreement and magnitude ratio per layer and keep level.")
+@validate_app.command("estimator", epilog=ESTIMATOR_EPILOG, help="Check the training estimators' gradient to the keep ratio (output-gated, the paper's residual STE) against finite differences of the real routed loss: sign agreement, rank agreement and magnitude error per layer and keep level, each beside a constant estimator.")
 def estimator_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, sd35-shapes, flux-tiny, ...).")] = "sd35-tiny",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override (e.g. a trained recipe.toml).")] = None,
@@ -223,7 +226,8 @@ def estimator_command(
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the inputs.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
-    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 1) below this sign agreement of the first estimator, e.g. 0.9.")] = None,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 3) below this sign agreement of the first estimator, e.g. 0.9.")] = None,
+    beat_baseline: Annotated[bool, typer.Option("--beat-baseline", help="Fail (exit 3) unless the first estimator beats a constant estimator on rank agreement and magnitude error.")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the Markdown report here (and .json beside it).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -254,7 +258,13 @@ def estimator_command(
         atomic_write_text(report, rep.to_markdown())
         atomic_write_text(report.with_suffix(".json"), json.dumps(rep.to_dict(), indent=2) + "\n")
     result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
+    failed = False
     if min_agreement is not None and rep.agreement(ests[0]) < min_agreement:
         warning(f"{ests[0]} sign agreement {rep.agreement(ests[0]):.0%} is below --min-agreement {min_agreement:.0%}.")
-        return ExitCode.VALIDATION_FAILED
-    return ExitCode.OK
+        failed = True
+    if beat_baseline and not rep.beats_baseline(ests[0]):
+        b = rep.baseline(ests[0])
+        warning(f"{ests[0]} does not beat a constant estimator: rank agreement {rep.rank_agreement(ests[0]):+.2f} (constant 0), magnitude error "
+                f"{rep.magnitude_error(ests[0]):.2f} (constant {b['magnitude_error']:.2f}).")
+        failed = True
+    return ExitCode.VALIDATION_FAILED if failed else ExitCode.OK
