@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,8 +14,9 @@ import torch
 from shiva_export.cli import main
 from shiva_export.errors import ConfigError, ModelNotFoundError, RecipeError
 from shiva_export.recipe import load_recipe
-from shiva_export.shapes.analyze import analyze, features, frechet_distance, judge_accuracy, prompt_correct
-from shiva_export.shapes.data import IMAGE_SIZE, Scene, all_scenes, caption, parse_caption, render, render_batch, sample_scenes, token_mask
+from shiva_export.shapes.analyze import FEATURE_GROUPS, _component_sizes, analyze, features, frechet_distance, judge_accuracy, prompt_correct
+from shiva_export.shapes.data import COLORS, IMAGE_SIZE, Scene, all_scenes, caption, parse_caption, render, render_batch, sample_scenes, token_mask
+from shiva_export.shapes.metrics import FD_GROUPS, bootstrap_ci, fd_of, judge_images, seed_band, standardize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +56,62 @@ def test_judge_reads_each_attribute_and_rejects_blank_images():
     assert analyze(blank)["color"] is None and not prompt_correct(blank, s.attributes)["all"]
 
 
+def _paint(inside, scene: Scene, ss: int = 4) -> np.ndarray:
+    """An image of ``scene``'s colour and background where ``inside(x, y)`` (coordinates in [0, 1]) holds."""
+    c = (np.arange(IMAGE_SIZE * ss) + 0.5) / (IMAGE_SIZE * ss)
+    x, y = np.meshgrid(c, c)
+    cov = inside(x, y).reshape(IMAGE_SIZE, ss, IMAGE_SIZE, ss).mean(axis=(1, 3))[..., None]
+    return np.asarray(scene.background) * (1 - cov) + np.asarray(COLORS[scene.color]) * cov
+
+
+def test_judge_refuses_blobs_that_are_no_circle():
+    s = Scene("red", "circle", "big", "top left")
+    cx, cy, r = 0.27, 0.27, 0.17
+    blobs = {
+        "ellipse 1.5:1": lambda x, y: ((x - cx) / (r * 1.5**0.5)) ** 2 + ((y - cy) / (r / 1.5**0.5)) ** 2 <= 1,
+        "diamond": lambda x, y: np.abs(x - cx) + np.abs(y - cy) <= r * 1.25,
+        "three disks": lambda x, y: np.any([(x - cx - dx) ** 2 + (y - cy - dy) ** 2 <= (0.6 * r) ** 2
+                                            for dx, dy in ((-0.06, 0.03), (0.05, 0.04), (0.0, -0.05))], axis=0),
+    }
+    for name, inside in blobs.items():
+        got = prompt_correct(_paint(inside, s), s.attributes)
+        assert not got["shape"] and not got["all"], name
+        assert got["color"] and got["position"], name  # the rest is still read
+        assert analyze(_paint(inside, s))["shape"] == "blob", name
+    disk = prompt_correct(_paint(lambda x, y: (x - cx) ** 2 + (y - cy) ** 2 <= r * r, s), s.attributes)
+    assert disk["all"]  # a true disk drawn here, not by the renderer, still passes
+
+
+def test_judge_refuses_a_second_shape_but_not_a_speck():
+    a, b = Scene("blue", "square", "big", "top left"), Scene("yellow", "triangle", "small", "bottom right")
+    img_a, _ = render(a)
+    img_b, cov_b = render(dataclasses.replace(b, background=a.background))
+    two = img_a * (1 - cov_b[..., None]) + img_b * cov_b[..., None]
+    assert prompt_correct(img_a, a.attributes)["all"]
+    got = prompt_correct(two, a.attributes)
+    assert not any(got.values()), got  # a second shape: every attribute wrong
+    assert analyze(two)["distractor"] and analyze(two)["color"] == "blue"
+    same = prompt_correct(img_a * (1 - cov_b[..., None]) + np.asarray(COLORS["blue"]) * cov_b[..., None], a.attributes)
+    assert not same["all"]  # also when the second shape has the prompt's colour
+    speck = img_a.copy()
+    speck[100:105, 100:106] = COLORS["yellow"]  # 30 px: a decoder artefact, not a shape
+    assert prompt_correct(speck, a.attributes)["all"] and 0 < analyze(speck)["second"] < 0.0073
+
+
+def test_component_sizes_are_8_connected():
+    m = np.zeros((12, 12), bool)
+    m[1:4, 1:4] = True  # 9
+    m[4, 4] = True  # touches the first diagonally: the same component
+    m[8:10, 2:9] = True  # 14
+    m[11, 11] = True  # 1
+    assert _component_sizes(m).tolist() == [14, 10, 1]
+    assert _component_sizes(np.zeros((5, 5), bool)).tolist() == []
+    spiral = np.zeros((31, 31), bool)
+    spiral[1::4, 1:-1] = True
+    spiral[1:-1, 1:-1:4] = True  # a grid, one component with long paths
+    assert _component_sizes(spiral).tolist() == [int(spiral.sum())]
+
+
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 5))
@@ -68,11 +126,65 @@ def test_frechet_distance():
         frechet_distance(a[:1], b)
 
 
+def _blob(scene: Scene, k: int = 9) -> np.ndarray:
+    """The scene's colour, position and size, but a blurred disk whatever the shape: a shapeless blob."""
+    _, cov = render(dataclasses.replace(scene, shape="circle"))
+    box = np.ones(k) / k
+    cov = np.apply_along_axis(np.convolve, 1, np.apply_along_axis(np.convolve, 0, cov, box, "same"), box, "same")[..., None]
+    return np.asarray(scene.background) * (1 - cov) + np.asarray(COLORS[scene.color]) * cov
+
+
+def _washed(scene: Scene, w: float) -> np.ndarray:
+    """The right shape with its colour washed ``w`` of the way toward the background (the judge still reads it)."""
+    _, cov = render(scene)
+    color = np.asarray(COLORS[scene.color]) * (1 - w) + np.asarray(scene.background) * w
+    return np.asarray(scene.background) * (1 - cov[..., None]) + color * cov[..., None]
+
+
+def test_standardised_fd_weighs_shape_like_colour():
+    ref = np.stack([features(render(s)[0]) for s in sample_scenes(120, 11)])
+    z = standardize(ref, ref)
+    names = [n for g in FD_GROUPS for n in FEATURE_GROUPS[g]]
+    start = 0
+    for g in FD_GROUPS:  # on the reference itself, every attribute group has total variance 1
+        n = len(FEATURE_GROUPS[g])
+        assert z[:, start : start + n].var(axis=0).sum() == pytest.approx(1.0, rel=1e-9), g
+        start += n
+    assert z.shape == (120, len(names)) and fd_of(ref, ref) == pytest.approx(0.0, abs=1e-6)
+    scenes = sample_scenes(60, 12)
+    blob = np.stack([features(_blob(s)) for s in scenes])
+    washed = [_washed(s, 0.4) for s in scenes]
+    assert all(prompt_correct(im, s.attributes)["all"] for im, s in zip(washed, scenes))
+    washed = np.stack([features(im) for im in washed])
+    correct = np.stack([features(render(s)[0]) for s in scenes])
+    # Shapeless blobs of the right colour and place are far worse than correct shapes, even correct shapes with
+    # a washed-out colour; the raw distance, dominated by colour variance, can hardly tell the two apart.
+    assert fd_of(blob, ref) > 4 * fd_of(correct, ref)  # 1.71 vs 0.38 (60 images: a small set's own sampling distance)
+    assert fd_of(blob, ref) > 1.8 * fd_of(washed, ref)  # 1.71 vs 0.82
+    assert frechet_distance(blob, ref) < 1.3 * frechet_distance(washed, ref)  # raw: 0.208 vs 0.181
+
+
+def test_metric_helpers():
+    scenes = sample_scenes(3, 5)
+    imgs = [render(s)[0] for s in scenes]
+    judged = judge_images(imgs, scenes)
+    assert [j["correct"]["all"] for j in judged] == [True] * 3 and len(judged[0]["features"]) == 19
+    assert judged[1]["read"] == dict(zip(("color", "shape", "size", "position"), scenes[1].attributes)) | {"distractor": False}
+    with pytest.raises(ValueError, match="one scene per image"):
+        judge_images(imgs, scenes[:2])
+    assert seed_band({2: 1.0, 3: 2.0, 4: 1.5}) == {"mean": 1.5, "min": 1.0, "max": 2.0, "n": 3}
+    correct = np.array([[1, 1], [0, 1], [1, 0], [0, 0], [1, 1], [1, 1]], dtype=float)
+    lo, hi = bootstrap_ci(6, lambda i: correct[i].mean())
+    assert lo < correct.mean() < hi and 0.0 <= lo and hi <= 1.0
+    assert bootstrap_ci(6, lambda i: correct[i].mean()) == (lo, hi)  # seeded: the same resamples for every method
+    assert bootstrap_ci(6, lambda i: correct[i].mean() - correct[i].mean()) == (0.0, 0.0)  # paired: identical methods differ by 0
+
+
 # ------------------------------------------------------------------------------------------ baselines
 def test_scorers_select_what_they_say():
     from shiva_export.models.sd3 import build_embedded
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, record_selection
-    from shiva_export.prune.baselines import MaskScorer, NormScorer, RandomScorer, SpatialScorer, bayer_rank, set_scorer_
+    from shiva_export.prune.baselines import FixedDitherScorer, MaskScorer, NormScorer, RandomScorer, RotatingDitherScorer, bayer_rank, set_scorer_
 
     r = bayer_rank(16).reshape(16, 16)
     assert torch.equal((r < 0.25).nonzero()[:, 0].unique(), torch.arange(0, 16, 2))  # keep 1/4 = every other row and column
@@ -90,11 +202,22 @@ def test_scorers_select_what_they_say():
     with torch.no_grad(), record_selection(tf) as rec:
         tf(**inputs)
     assert all(set(range(10)) <= set(r["indices"][0].tolist()) for r in rec)
-    for scorer in (RandomScorer(1), NormScorer(), SpatialScorer()):
+    kept = {}
+    for scorer in (RandomScorer(1), NormScorer(), FixedDitherScorer(), RotatingDitherScorer()):
         set_scorer_(tf, scorer)
         with torch.no_grad(), record_selection(tf) as rec:
             tf(**inputs)
         assert all(r["indices"].shape == (1, 32) for r in rec)
+        kept[type(scorer).__name__] = [set(r["indices"][0].tolist()) for r in rec]
+    fixed, rotating = kept["FixedDitherScorer"], kept["RotatingDitherScorer"]
+    assert len(fixed) == len(rotating) >= 4
+    assert all(k == fixed[0] for k in fixed)  # the same half of the 8 x 8 grid in every block
+    assert len({frozenset(k) for k in rotating}) >= 2 and set().union(*rotating) == set(range(64))  # every token runs somewhere
+    x = torch.zeros(1, 256, 4)
+    runs = torch.zeros(256)
+    for b in range(1, 6):  # keep 0.6 over 5 blocks: every token runs in 2 to 4 of them
+        runs[RotatingDitherScorer()(b, x, None, None)[0].topk(153).indices] += 1
+    assert runs.min() == 2 and runs.max() == 4
 
 
 # ------------------------------------------------------------------------------------------ recipe source = local
@@ -169,11 +292,23 @@ def test_validate_quality_end_to_end_tiny(tmp_path, capsys):
     rep = json.loads(stdout)
     methods = [r["method"] for r in rep["rows"]]
     learned = load_recipe("sd35-shapes").schedule is not None
-    assert methods == ["dense", "shiva"] + (["shiva-learned"] if learned else []) + ["random", "l2norm", "spatial"]
+    assert methods == ["dense", "shiva"] + (["shiva-learned"] if learned else []) + ["random", "l2norm", "spatial-rotating"]
+    assert rep["settings"]["seeds"] == [2, 3]  # held out: the choices were made on seeds 0 and 1
     for r in rep["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_ms"] > 0 and r["fd"] >= 0
+        lo, hi = r["accuracy_ci"]
+        assert lo <= r["accuracy"] <= hi
+        assert set(r["fd_by_seed"]) == {"2", "3"} and r["fd_band"]["n"] == 2
+        assert [(p["prompt"], p["seed"], p["noise_seed"]) for p in r["per_image"]] == [(0, 2, 2000), (0, 3, 3000), (1, 2, 2001), (1, 3, 3001)]
+        assert all(len(p["features"]) == 19 and set(p["correct"]) == {"color", "shape", "size", "position", "all"} for p in r["per_image"])
+        assert r["accuracy"] == pytest.approx(np.mean([p["correct"]["all"] for p in r["per_image"]]))
         if r["method"] != "dense":
             assert r["gflops"] < rep["rows"][0]["gflops"] and 0.0 <= r["fg_kept"] <= 1.0 and r["velocity_error"] > 0
+            assert all(p["psnr"] is not None for p in r["per_image"])
+    # the stored records and reference recompute the reported FD exactly
+    ref = np.asarray(rep["reference"]["features"])
+    assert ref.shape == (16, 19) and fd_of([p["features"] for p in rep["rows"][1]["per_image"]], ref) == pytest.approx(rep["rows"][1]["fd"])
+    assert {c["metric"] for c in rep["comparisons"]} == {"accuracy", "fd"} and all(c["keep"] == 0.6 for c in rep["comparisons"])
     assert {v["method"] for v in rep["velocity"]} >= {"random", "foreground"}
     fg = next(v for v in rep["velocity"] if v["method"] == "foreground")
     assert fg["fg_kept"] == pytest.approx(1.0)  # the oracle keeps every foreground token at keep 0.6
@@ -181,15 +316,21 @@ def test_validate_quality_end_to_end_tiny(tmp_path, capsys):
         assert (out / name).is_file() and (out / name).stat().st_size > 100
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "quality.md").read_text()
-    assert "| Method | Keep | FD↓ | Prompt acc↑" in md and "Spatial downsample" in md
+    assert "| Method | Keep | FD↓ | Prompt acc↑ [95%]" in md and "Rotating dither (per block)" in md and "Dense FD between seeds" in md
+    assert "floor" not in md and "after a round trip through the pipeline's VAE (a reference point" in md
+    assert ("Warning: keep 0.60" in md) == any(not c["ranked"] for c in rep["comparisons"])
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
     assert grid.height > len(methods) * IMAGE_SIZE  # one row per method/budget, one column per prompt
-    with pytest.raises(ConfigError, match="--keep"):
-        from shiva_export.validate.quality import validate_quality
+    from shiva_export.validate.quality import validate_quality
 
+    with pytest.raises(ConfigError, match="--keep"):
         validate_quality(keeps=[1.5], prompts=1)
+    with pytest.raises(ConfigError, match="distinct"):
+        validate_quality(seeds=[2, 2], prompts=1)
+    with pytest.raises(ConfigError, match="spatial-rotating"):
+        validate_quality(methods=["spatial"], prompts=1)
 
 
 def test_training_script_rebuilds_the_shipped_text_encoders_bit_for_bit():

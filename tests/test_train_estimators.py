@@ -102,7 +102,38 @@ def test_estimator_check_reports_sign_and_magnitude():
     assert all(c.finite_difference < 0 for c in rep.cases if c.agree is not None)  # more tokens, lower loss
     d = rep.to_dict()
     assert set(d["summary"]) == {"output-gated", "residual"} and 0.0 <= d["summary"]["output-gated"]["sign_agreement"] <= 1.0
-    assert "| output-gated |" in rep.to_markdown()
+    summary = d["summary"]["output-gated"]
+    assert -1.0 <= summary["rank_agreement"] <= 1.0 and summary["magnitude_error"] >= 0 and isinstance(summary["beats_baseline"], bool)
+    assert summary["constant_baseline"]["sign_agreement"] == 1.0  # every finite difference is negative: a constant agrees in sign
+    assert "| output-gated |" in rep.to_markdown() and "cannot tell an estimator from a constant" in rep.to_markdown()
+
+
+def _report(grads, fds):
+    from shiva_export.validate.estimator import EstimatorCase, EstimatorReport
+
+    rep = EstimatorReport(model="m", router="r", keeps=[0.4, 0.6, 0.8], delta=0.1, samples=2)
+    for i, (g, f) in enumerate(zip(grads, fds)):
+        rep.cases.append(EstimatorCase("e", [0.4, 0.6, 0.8][i // 5], 1 + i % 5, g, f, (g < 0) == (f < 0)))
+    return rep
+
+
+def test_estimator_gate_fails_a_constant_estimator():
+    # every finite difference negative (more tokens, lower loss), different per layer and keep
+    fds = [-0.5, -0.1, -0.3, -0.05, -0.2, -0.9, -0.2, -0.6, -0.1, -0.4, -1.4, -0.3, -1.0, -0.2, -0.7]
+    const = _report([-0.3] * 15, fds)
+    assert const.agreement("e") == 1.0  # the old check: a perfect score
+    assert const.rank_agreement("e") == 0.0 and not const.beats_baseline("e")
+    best_const = _report([const.baseline("e")["value"]] * 15, fds)  # the best constant only ties the baseline: still fails
+    assert best_const.magnitude_error("e") == pytest.approx(best_const.baseline("e")["magnitude_error"]) and not best_const.beats_baseline("e")
+    noisy = [f * s for f, s in zip(fds, [1.3, 0.8, 1.1, 0.9, 1.2, 0.7, 1.1, 1.0, 0.9, 1.2, 0.8, 1.3, 1.0, 0.9, 1.1])]
+    good = _report(noisy, fds)
+    assert good.rank_agreement("e") > 0.8 and good.magnitude_error("e") < good.baseline("e")["magnitude_error"] and good.beats_baseline("e")
+    flipped = _report([-g for g in noisy], fds)  # right magnitudes, wrong ranking and sign
+    assert flipped.agreement("e") == 0.0 and not flipped.beats_baseline("e")
+    scaled = _report([10 * g for g in noisy], fds)  # right ranking, magnitude 10x off: worse than the constant
+    assert scaled.rank_agreement("e") > 0.8 and not scaled.beats_baseline("e")
+    md = const.to_markdown()
+    assert "| e | 100% (100%) | +0.00 (+0.00) |" in md and "| NO |" in md
 
 
 def test_cli_validate_estimator_and_paper_only_train(tmp_path, capsys):
@@ -115,6 +146,11 @@ def test_cli_validate_estimator_and_paper_only_train(tmp_path, capsys):
     code = main(["validate", "estimator", "--model", "sd35-tiny", "--min-agreement", "1.5"])
     out, err = capsys.readouterr()
     assert code == 2 and "min-agreement" in err and "Traceback" not in err
+    code = main(["validate", "estimator", "--model", "sd35-tiny", "--keep", "0.6", "--samples", "2", "--router", "random", "--estimator", "residual",
+                 "--beat-baseline", "-q"])
+    out, err = capsys.readouterr()
+    rep = out.split("| residual |")[1]
+    assert code == (0 if "| yes |" in rep.split("\n")[0] else 3) and ("does not beat a constant" in err) == (code == 3)
     # the paper-only path: residual STE, no importance auxiliary, the batch's timesteps for the budget
     out_dir = tmp_path / "paper"
     code = main(["train", "--model", "sd35-tiny", "--steps", "3", "--steps", "2", "--steps", "1", "--batch", "2",

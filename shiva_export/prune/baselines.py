@@ -7,8 +7,11 @@ of tokens differs:
 
 - :class:`RandomScorer`: fresh seeded uniform scores on every call (a random router);
 - :class:`NormScorer`: the L2 norm of each token's hidden state (the norm heuristic);
-- :class:`SpatialScorer`: a fixed ordered-dither (Bayer) rank of the token grid, so every budget keeps an
-  evenly spread spatial subset (a fixed spatial downsample that fits any static k);
+- :class:`RotatingDitherScorer`: an ordered-dither (Bayer) rank of the token grid, shifted by the block index,
+  so every budget keeps an evenly spread spatial subset and each token is skipped in some blocks only (the
+  rotating spatial stride of ToDo-style downsampling, fitted to any static k);
+- :class:`FixedDitherScorer`: the same dither rank without the shift: one fixed spatial subset skipped in
+  every block at every step (a strawman kept for comparison, labelled as what it is);
 - :class:`MaskScorer`: fixed per-token scores given by the caller, e.g. a ground-truth foreground mask
   (the oracle of the non-uniform-cost check).
 """
@@ -22,7 +25,7 @@ from torch import nn
 
 from shiva_export.errors import ConfigError
 
-__all__ = ["RandomScorer", "NormScorer", "SpatialScorer", "MaskScorer", "set_scorer_", "bayer_rank"]
+__all__ = ["RandomScorer", "NormScorer", "FixedDitherScorer", "RotatingDitherScorer", "MaskScorer", "set_scorer_", "bayer_rank"]
 
 
 class RandomScorer(nn.Module):
@@ -61,16 +64,35 @@ def bayer_rank(side: int) -> torch.Tensor:
     return (m.argsort().argsort().double() / m.numel()).float()
 
 
-class SpatialScorer(nn.Module):
-    """A fixed spatial subset: tokens ranked by an ordered-dither matrix over the (square) token grid."""
+def _dither_scores(x: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+    """Scores (B, N) of the ordered-dither rank of the square token grid of ``x``, rolled by ``shift`` (rows, cols)."""
+    n = int(x.shape[1])
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ConfigError(f"The dither scorers need a square token grid; got {n} image tokens. Use a square image size.")
+    s = 1.0 - torch.roll(bayer_rank(side).reshape(side, side), shifts=shift, dims=(0, 1)).reshape(-1)
+    return s.to(device=x.device, dtype=x.dtype).expand(x.shape[0], n)
+
+
+class FixedDitherScorer(nn.Module):
+    """A fixed dither subset: the same evenly spread tokens in every block at every step."""
 
     def forward(self, block: int, x: torch.Tensor, temb: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        n = int(x.shape[1])
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ConfigError(f"SpatialScorer needs a square token grid; got {n} image tokens. Use a square image size.")
-        s = 1.0 - bayer_rank(side)
-        return s.to(device=x.device, dtype=x.dtype).expand(x.shape[0], n)
+        return _dither_scores(x, (0, 0))
+
+
+#: Grid shifts of the 2 x 2 dither level in an order where consecutive blocks keep complementary cells.
+_SHIFTS = ((0, 0), (0, 1), (1, 1), (1, 0))
+
+
+class RotatingDitherScorer(nn.Module):
+    """The dither subset rolled per block: block ``b`` shifts the grid by ``_SHIFTS[b % 4]`` plus twice
+    ``_SHIFTS[b // 4 % 4]``, so the 16 first blocks take every offset of a 4 x 4 cell and no token is skipped
+    in every block (at keep 0.6 over 5 blocks, every token runs in 2 to 4 of them)."""
+
+    def forward(self, block: int, x: torch.Tensor, temb: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        fine, coarse = _SHIFTS[int(block) % 4], _SHIFTS[int(block) // 4 % 4]
+        return _dither_scores(x, (fine[0] + 2 * coarse[0], fine[1] + 2 * coarse[1]))
 
 
 class MaskScorer(nn.Module):

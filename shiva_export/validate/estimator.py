@@ -5,11 +5,23 @@ distillation loss with respect to layer ``l``'s keep ratio (summed over the batc
 central finite difference of the **real, hard-routed** loss, ``(L(q_l + d) - L(q_l - d)) / 2d``, on the
 same inputs, router and teacher. The forward of the student equals hard routing bit for bit, so the finite
 difference is exactly the loss deployment would see. Reported per case: both values, sign agreement and
-the magnitude ratio ``|estimator| / |finite difference|``; per estimator: the agreement rate over the cases
-whose finite difference is not flat.
+the magnitude ratio ``|estimator| / |finite difference|``; per estimator, over the cases whose finite
+difference is not flat:
+
+- **sign agreement**: the share of cases with the finite difference's sign;
+- **rank agreement**: Spearman's rank correlation of estimate and finite difference across layers and keep
+  levels (does the estimator know which layer's tokens matter most?);
+- **magnitude error**: ``mean |estimate - fd| / mean |fd|``.
+
+Each is set beside a **constant baseline**, the estimator replaced by the median finite difference (the
+constant with the least absolute error): on a model where more tokens always lower the loss every finite
+difference is negative, and a constant negative value agrees in sign 100% of the time. An estimator
+:meth:`~EstimatorReport.beats_baseline` when its rank agreement is above the constant's (0: a constant ranks
+nothing) and its magnitude error below the constant's; ``--beat-baseline`` gates on it.
 
 The training review found the paper's residual STE wrong in sign on most SD3.5 layers (more tokens always
-lower the loss, the estimator says otherwise); the output-gated estimator was right in 30 of 30 cases.
+lower the loss, the estimator says otherwise); the output-gated estimator was right in sign in 30 of 30
+cases, which on that model a constant negative value matches, hence the rank and magnitude measures.
 """
 
 from __future__ import annotations
@@ -64,6 +76,35 @@ class EstimatorReport:
         r = sorted(x.ratio for x in self.cases if x.estimator == estimator and x.agree is not None)
         return r[len(r) // 2] if r else math.nan
 
+    def _pairs(self, estimator: str) -> tuple[list[float], list[float]]:
+        c = [x for x in self.cases if x.estimator == estimator and x.agree is not None]
+        return [x.grad for x in c], [x.finite_difference for x in c]
+
+    def rank_agreement(self, estimator: str) -> float:
+        """Spearman correlation of estimate and finite difference over the non-flat cases (0 when either is constant)."""
+        g, f = self._pairs(estimator)
+        return _spearman(g, f) if len(g) >= 2 else math.nan
+
+    def magnitude_error(self, estimator: str) -> float:
+        """``mean |estimate - fd| / mean |fd|`` over the non-flat cases."""
+        g, f = self._pairs(estimator)
+        return _relative_error(g, f)
+
+    def baseline(self, estimator: str) -> dict[str, float]:
+        """The same three measures for the estimator replaced by the median finite difference of its cases."""
+        _, f = self._pairs(estimator)
+        if not f:
+            return {"value": math.nan, "sign_agreement": math.nan, "rank_agreement": math.nan, "magnitude_error": math.nan}
+        c = sorted(f)[len(f) // 2] if len(f) % 2 else (sorted(f)[len(f) // 2 - 1] + sorted(f)[len(f) // 2]) / 2
+        sign = sum(c != 0 and math.copysign(1, c) == math.copysign(1, v) for v in f) / len(f)
+        return {"value": c, "sign_agreement": sign, "rank_agreement": 0.0, "magnitude_error": _relative_error([c] * len(f), f)}
+
+    def beats_baseline(self, estimator: str) -> bool:
+        """Rank agreement above the constant's (0) and magnitude error below the constant's."""
+        base = self.baseline(estimator)
+        rank, err = self.rank_agreement(estimator), self.magnitude_error(estimator)
+        return bool(rank > base["rank_agreement"] and err < base["magnitude_error"])
+
     @property
     def estimators(self) -> list[str]:
         return list(dict.fromkeys(c.estimator for c in self.cases))
@@ -71,7 +112,11 @@ class EstimatorReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cases"] = [dict(asdict(c), ratio=c.ratio) for c in self.cases]
-        d["summary"] = {e: {"sign_agreement": self.agreement(e), "median_magnitude_ratio": self.median_ratio(e)} for e in self.estimators}
+        d["summary"] = {
+            e: {"sign_agreement": self.agreement(e), "median_magnitude_ratio": self.median_ratio(e), "rank_agreement": self.rank_agreement(e),
+                "magnitude_error": self.magnitude_error(e), "constant_baseline": self.baseline(e), "beats_baseline": self.beats_baseline(e)}
+            for e in self.estimators
+        }
         return d
 
     def to_markdown(self) -> str:
@@ -81,17 +126,55 @@ class EstimatorReport:
             f"{self.samples} samples, stratified timesteps; keep levels {', '.join(f'{k:g}' for k in self.keeps)}; "
             f"finite differences at +-{self.delta:g} of the hard-routed distillation loss ({self.loss:.5g} at the first level).",
             "",
-            "| estimator | sign agreement | median abs(est) / abs(fd) | cases |",
-            "|---|---:|---:|---:|",
+            "Beside each measure, in brackets, the same for a constant estimator (the median finite difference).",
+            "",
+            "| estimator | sign agreement | rank agreement (Spearman) | magnitude error | median abs(est) / abs(fd) | beats constant | cases |",
+            "|---|---:|---:|---:|---:|---|---:|",
         ]
         for e in self.estimators:
             n = sum(1 for c in self.cases if c.estimator == e and c.agree is not None)
-            lines.append(f"| {e} | {self.agreement(e):.0%} | {self.median_ratio(e):.2f} | {n} |")
+            b = self.baseline(e)
+            lines.append(f"| {e} | {self.agreement(e):.0%} ({b['sign_agreement']:.0%}) | {self.rank_agreement(e):+.2f} (+0.00) | "
+                         f"{self.magnitude_error(e):.2f} ({b['magnitude_error']:.2f}) | {self.median_ratio(e):.2f} | "
+                         f"{'yes' if self.beats_baseline(e) else 'NO'} | {n} |")
+        fds = [c.finite_difference for c in self.cases if c.agree is not None]
+        if fds and (all(v < 0 for v in fds) or all(v > 0 for v in fds)):
+            lines += ["", "Every finite difference has the same sign, so sign agreement cannot tell an estimator from a constant; "
+                      "rank agreement and magnitude error can."]
         lines += ["", "| estimator | keep | layer | dL/dkeep (est.) | finite difference | sign |", "|---|---:|---:|---:|---:|---|"]
         for c in self.cases:
             mark = "flat" if c.agree is None else ("ok" if c.agree else "WRONG")
             lines.append(f"| {c.estimator} | {c.keep:g} | {c.layer} | {c.grad:+.3e} | {c.finite_difference:+.3e} | {mark} |")
         return "\n".join(lines) + "\n"
+
+
+def _ranks(v: list[float]) -> list[float]:
+    """Ranks from 0, ties sharing their mean rank."""
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    r = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            r[order[t]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Pearson correlation of the ranks; 0 when either side is constant (it ranks nothing)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
+
+
+def _relative_error(est: list[float], fd: list[float]) -> float:
+    scale = sum(abs(v) for v in fd)
+    return sum(abs(e - f) for e, f in zip(est, fd)) / scale if scale > 0 else math.nan
 
 
 def check_estimator(
