@@ -280,16 +280,16 @@ class _Judge:
         self.ref = np.stack([features(render(s)[0]) for s in _real_like(scenes, n_ref, seed=1000)])
 
     def judge(self, img, scene) -> tuple[dict, Any]:
-        from shiva_export.shapes.analyze import features, prompt_correct
+        from shiva_export.shapes.metrics import judge_images
 
-        return prompt_correct(img, scene.attributes), features(img)
+        rec = judge_images([img], [scene])[0]
+        return rec["correct"], rec["features"]
 
     def fd(self, feats: Sequence) -> float:
-        import numpy as np
+        """Fréchet distance of standardised features (every attribute group weighs the same) to the real set."""
+        from shiva_export.shapes.metrics import fd_of
 
-        from shiva_export.shapes.analyze import frechet_distance
-
-        return frechet_distance(np.stack(feats), self.ref) if len(feats) >= 2 else math.nan
+        return fd_of(feats, self.ref) if len(feats) >= 2 else math.nan
 
 
 def _image_metrics(m: _Measured, ref: _Measured | None) -> None:
@@ -316,7 +316,11 @@ def _prompts(rec, n: int, judge: bool):
 
 
 def _generate(runner: _Runner, configs, texts, seeds, guidance: float, judge: _Judge | None, scenes, say) -> list[_Measured]:
-    """Every row on every (prompt, seed); per-image results in the same order for every row."""
+    """Every row on every (prompt, seed); per-image results in the same order for every row. Each image has
+    its own noise (:func:`~shiva_export.validate.quality.noise_seed`): one noise shared by every prompt of a
+    seed makes the seeds, not the methods, what moves the metrics."""
+    from shiva_export.validate.quality import noise_seed
+
     out = []
     for i, cfg in enumerate(configs):
         say(f"generate {cfg.label} ({i + 1}/{len(configs)})")
@@ -325,7 +329,7 @@ def _generate(runner: _Runner, configs, texts, seeds, guidance: float, judge: _J
         try:
             for p_i, text in enumerate(texts):
                 for seed in seeds:
-                    img, flops, ms = runner.run(cfg, pipe, text, int(seed), guidance)
+                    img, flops, ms = runner.run(cfg, pipe, text, noise_seed(seed, p_i), guidance)
                     m.images.append(img)
                     m.flops.append(flops)
                     m.latency.append(ms)
@@ -349,7 +353,7 @@ def _interleaved_latency(runner: _Runner, measured: list[_Measured], text: str, 
         for i, m in enumerate(measured):
             pipe = runner.activate(m.cfg)
             try:
-                timed[i].append(runner.run(m.cfg, pipe, text, seed, guidance)[2])
+                timed[i].append(runner.run(m.cfg, pipe, text, seed, guidance)[2])  # latency only: any noise
             finally:
                 runner.deactivate(m.cfg)
     return [statistics.median(t) if t else statistics.median(m.latency) for t, m in zip(timed, measured)]
@@ -594,8 +598,8 @@ def _check_options(prompts: int, seeds: Sequence[int], latency_repeats: int, thr
     if not seeds:
         raise ConfigError("--seed needs at least one value.")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
-            raise ConfigError(f"--seed {s!r} is out of range; expected an integer in 0..2**63-1.")
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**40:
+            raise ConfigError(f"--seed {s!r} is out of range; expected an integer in 0..2**40-1 (image noise seed = 1000 x seed + prompt).")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seed values repeat ({list(seeds)}); paired tests need distinct seeds.")
     if not 1 <= prompts <= 96:
