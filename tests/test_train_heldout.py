@@ -66,11 +66,18 @@ def test_settings_are_checked():
         TrainConfig(eval_every=5, eval_samples=0)
 
 
-def test_cli_refuses_stopping_options_without_eval_every(tmp_path):
-    from shiva_export.cli.train import train_command
+def test_cli_held_out_stopping(tmp_path, capsys):
+    from shiva_export.cli import main
 
-    with pytest.raises(ConfigError, match="--patience.*--eval-every"):
-        train_command(model=MODEL, out_dir=tmp_path, patience=3)
+    code = main(["train", "--model", MODEL, "--patience", "3", "--out-dir", str(tmp_path / "x")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--eval-every" in err and "Traceback" not in err and not (tmp_path / "x").exists()
+    code = main(["train", "--model", MODEL, "--steps", "2", "--steps", "2", "--steps", "2", "--batch", "2", "--eval-every", "1",
+                 "--patience", "1", "--eval-min-delta", "0.9", "--eval-samples", "2", "--out-dir", str(tmp_path / "y")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "stopped early at step 1" in err and "run per stage 1/1/1; held-out stopping" in out
+    assert json.loads((tmp_path / "y" / "training.json").read_text())["stages_run"] == [1, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------------ the split
