@@ -1045,7 +1045,8 @@ def train(
             say(rec_step)
             if stopper is not None and (stop_stage or s_in + 1 == s_len):
                 # the stage ends (early or at its budget): continue from, and write, its best state
-                restore(stopper.snapshot)
+                if stopper.snapshot is not None:  # None only when every evaluation of the stage was non-finite
+                    restore(stopper.snapshot)
                 if s_in + 1 < s_len:
                     stopper.stops[stage] = step
                     step += s_len - (s_in + 1)  # the global counter jumps to the next stage (its temperatures, lr warm-up)
