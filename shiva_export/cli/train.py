@@ -26,6 +26,8 @@ EPILOG = """Examples:
 
   shiva-export train --model sd35 --weights ./sd35m/transformer --data ./latents --out-dir runs/sd35 --resume
 
+  shiva-export train --model sd35-tiny --steps 300 --steps 2000 --steps 1000 --eval-every 25 --patience 6
+
   shiva-export train --model sd35-tiny --paper-only            # the paper's estimator and budget as published
 
   shiva-export train --model sd35-tiny --dora --dora-rank 32 --lr-dora 1e-4 --out-dir runs/sd35-tiny-dora
@@ -77,6 +79,10 @@ def train_command(
     accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per optimizer step per process (--batch is the global batch).")] = 1,
     cfg_pairs: Annotated[bool, typer.Option("--cfg-pairs", help="Train on [uncond; cond] pairs sharing kept indices by max score, as CFG inference.")] = False,
     caption_dropout: Annotated[float, typer.Option("--caption-dropout", help="Probability of the null text per sample (paper 0.1).")] = 0.0,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Held-out stopping: evaluate a fixed held-out batch every N steps of a stage; stop the stage after --patience evaluations without improvement; keep each stage's best state. Default: off (full stage budgets).")] = None,
+    patience: Annotated[int | None, typer.Option("--patience", help="Held-out evaluations without improvement before a stage stops (needs --eval-every). Default 5.")] = None,
+    eval_min_delta: Annotated[float | None, typer.Option("--eval-min-delta", help="Relative held-out improvement that counts (needs --eval-every). Default 1e-3.")] = None,
+    eval_samples: Annotated[int | None, typer.Option("--eval-samples", help="Held-out batch size; with a folder of cached latents they are split off the training pool (needs --eval-every). Default 32.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -101,6 +107,14 @@ def train_command(
         stage_steps = (a, b, n - a - b)
     else:
         raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
+    held_opts = {"--patience": patience, "--eval-min-delta": eval_min_delta, "--eval-samples": eval_samples}
+    given = [k for k, v in held_opts.items() if v is not None]
+    if eval_every is None and given:
+        raise ConfigError(f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them.")
+    held = {"eval_every": eval_every}
+    for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
+        if v is not None:
+            held[key] = v
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
     if paper_only:
         estimator, importance_weight, min_keep, budget, budget_timesteps = "residual", 0.0, 0.0, "ema", "batch"
@@ -139,6 +153,7 @@ def train_command(
         out_dir=out_dir,
         resume=resume,
         num_threads=threads,
+        **held,
     )
     show = not (quiet or json_out)
     every = max(1, cfg.total_steps // 20)
@@ -147,13 +162,17 @@ def train_command(
         if not show:
             return
         kind = ev["event"]
-        if kind == "step" and (ev["step"] % every == 0 or ev["step"] == 1 or ev["step"] == ev["total"]):
+        if kind == "step" and (ev["step"] % every == 0 or ev["step"] == 1 or ev["step"] == ev["total"] or "heldout" in ev):
             print(
                 f"[{ev['seconds']:7.1f}s] step {ev['step']}/{ev['total']} {ev['stage']:<13} loss {ev['loss']:.5f} "
-                f"distill {ev['distill']:.5f} mean keep {ev['mean_keep']:.3f} (ema {ev['mu']:.3f})",
+                f"distill {ev['distill']:.5f} mean keep {ev['mean_keep']:.3f} (ema {ev['mu']:.3f})"
+                + (f" held-out {ev['heldout']:.5f}" if "heldout" in ev else ""),
                 file=sys.stderr,
                 flush=True,
             )
+        elif kind == "stage-end":
+            why = f"stopped early at step {ev['stopped_at']}" if ev["stopped_at"] is not None else "ran its budget"
+            print(f"stage {ev['stage']} {why}; best held-out loss {ev['best_loss']:.5f} at step {ev['best_step']} (restored)", file=sys.stderr, flush=True)
         elif kind == "resume":
             print(f"resumed at step {ev['step']}/{ev['total']} from {ev['checkpoint']}", file=sys.stderr, flush=True)
 
@@ -176,7 +195,7 @@ def format_summary(s: dict) -> str:
         f"router       {s['router_path']}  sha256 {s['router_sha256'][:12]}",
         f"recipe       {s['recipe_path']}",
         *([f"transformer  {s['dora']['path']}  sha256 {s['dora']['sha256'][:12]} (DoRA merged; merge error rel {s['dora']['rel_error']:.2g})"] if s.get("dora") else []),
-        f"steps        {s['step']} in {s['seconds']:.1f} s",
+        f"steps        {s['step']} in {s['seconds']:.1f} s" + (f" (run per stage {'/'.join(map(str, s['stages_run']))}; held-out stopping)" if s.get("heldout") else ""),
         f"mean keep    {s['mean_keep']:.4f} (target {s['target_keep']:g}; before calibration {s['raw_mean_keep']:.4f}; "
         f"quantised k/N {s['quantized_mean_keep']:.4f}; calibration shift {s.get('calibration_shift') or 0.0:+.3f} logit)",
         "keep LUT     t      " + " ".join(f"b{b:<5d}" for b in s["layers"]),

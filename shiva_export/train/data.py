@@ -356,8 +356,18 @@ class LatentFolder:
                 f"caption dropout / CFG pairs need the pipeline's null embedding, and {self.folder} has no {_NULL_FILE}. "
                 "Encode the data with shiva-export train-data (it stores encode_prompt(\"\")), or add that file."
             )
-        g = self._g
-        ix = torch.randint(0, len(self), (batch,), generator=g)
+        return self._noised(torch.randint(0, len(self), (batch,), generator=self._g), timesteps, caption_dropout, cfg_pairs)
+
+    def every(self, timesteps: torch.Tensor | None = None, *, cfg_pairs: bool = False) -> Batch:
+        """Every sample once, in file order, noised to ``timesteps`` (``[len(self)]``) from this source's RNG:
+        a fixed evaluation batch of a held-out split (:meth:`split_off`)."""
+        _check_conditioning(0.0, cfg_pairs)
+        if cfg_pairs and self.null_text is None:
+            raise ConfigError(f"CFG pairs need the pipeline's null embedding, and {self.folder} has no {_NULL_FILE}. Add that file or train without --cfg-pairs.")
+        return self._noised(torch.arange(len(self)), timesteps, 0.0, cfg_pairs)
+
+    def _noised(self, ix: torch.Tensor, timesteps, caption_dropout: float, cfg_pairs: bool) -> Batch:
+        g, batch = self._g, int(ix.numel())
         x0 = self.latents[ix]
         eps = torch.randn(x0.shape, generator=g)
         t = _timesteps(batch, timesteps, g)
@@ -368,6 +378,23 @@ class LatentFolder:
         if caption_dropout == 0.0 and not cfg_pairs:
             return out
         return condition_batch(out, self.null_text, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, generator=g)
+
+    def split_off(self, n: int, seed: int) -> LatentFolder:
+        """Removes the last ``n`` samples (by file name) from this source and returns them as their own
+        source with RNG ``seed``: a held-out split that training never draws from.
+
+        Raises:
+            ConfigError: ``n`` is not in ``1 .. len(self) - 1``.
+        """
+        if not isinstance(n, int) or not 1 <= n < len(self):
+            raise ConfigError(f"held-out split of {n!r} samples from {self.folder} ({len(self)} samples); expected 1 <= n < {len(self)}. Pass fewer --eval-samples.")
+        import copy
+
+        held = copy.copy(self)
+        held.latents, held.prompt_embeds, held.pooled = self.latents[-n:], self.prompt_embeds[-n:], self.pooled[-n:]
+        held.seed, held._g = int(seed), torch.Generator(device="cpu").manual_seed(int(seed))
+        self.latents, self.prompt_embeds, self.pooled = self.latents[:-n], self.prompt_embeds[:-n], self.pooled[:-n]
+        return held
 
     def state_dict(self) -> dict:
         return {"kind": "latents", "seed": self.seed, "rng": self._g.get_state()}

@@ -159,6 +159,14 @@ class TrainConfig:
         stop_at_step (int | None): End this run after that global step with a checkpoint but no outputs
             (time-sliced training; resume later). Defaults to None.
         num_threads (int | None): ``torch.set_num_threads`` for the run. Defaults to None (unchanged).
+        eval_every (int | None): Held-out stopping (:mod:`shiva_export.train.heldout`): evaluate the
+            quality loss on a fixed held-out batch every that many steps of a stage (and when it begins),
+            stop the stage after ``patience`` evaluations without an improvement, and restore the stage's best
+            state at its end. None (the default) trains every stage for its full step count, as before.
+        patience (int): Evaluations without an improvement before a stage stops. Defaults to 5.
+        eval_min_delta (float): Relative improvement of the held-out loss that counts. Defaults to 1e-3.
+        eval_samples (int): Size of the held-out batch (with cached latents: samples split off the training
+            pool). Defaults to 32.
         dora (bool): DoRA adapters on the attention/FFN linears (:mod:`shiva_export.train.dora`), trained in
             stage 3 only; the teacher runs with them disabled; the merged transformer is saved to
             ``out_dir/transformer`` and the written recipe is bound to it by path and sha256. Defaults to False.
@@ -213,6 +221,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     stop_at_step: int | None = None
     num_threads: int | None = None
+    eval_every: int | None = None
+    patience: int = 5
+    eval_min_delta: float = 1e-3
+    eval_samples: int = 32
     # -- DoRA (stage 3) --
     dora: bool = False
     dora_rank: int = 32
@@ -276,6 +288,14 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} is not a torch device; pass cpu, cuda or cuda:N.") from None
         if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
             raise ConfigError(f"stop_at_step is {self.stop_at_step!r}; expected an int >= 1 or None.")
+        if self.eval_every is not None:
+            if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 1:
+                raise ConfigError(f"eval_every is {self.eval_every!r}; expected an int >= 1 (steps between held-out evaluations) or None (off).")
+            if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
+                raise ConfigError(f"eval_samples is {self.eval_samples!r}; expected an int >= 1 (size of the held-out batch).")
+            from shiva_export.train.heldout import EarlyStopping
+
+            EarlyStopping(self.patience, self.eval_min_delta)  # checks patience and min_delta
         if self.dora:  # -- DoRA --
             from shiva_export.train.dora import check_dora_settings
 
@@ -322,7 +342,10 @@ class TrainResult:
         quantized_mean_keep (float | None): Step-weighted mean ``k / N`` of the phases.
         calibration_shift (float | None): Logit shift of the post-hoc budget calibration.
         phases (list[dict]): The phases as written to the recipe.
-        history (list[dict]): One record per step (loss terms, mean keep, stage).
+        history (list[dict]): One record per step (loss terms, mean keep, stage; ``heldout`` at evaluations).
+        stages_run (list[int]): Optimizer steps run per stage (less than its budget when it stopped early).
+        heldout (dict | None): With ``eval_every``: the held-out source and, per stage, every evaluation
+            ``{"step", "loss"}``, the best step and loss, and the step it stopped at (None: ran its budget).
     """
 
     out_dir: Path
@@ -345,6 +368,8 @@ class TrainResult:
     phases: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     dora: dict | None = None  # -- DoRA: merge_and_save's result (path, sha256, merge error) --
+    stages_run: list[int] = field(default_factory=list)
+    heldout: dict | None = None
 
     def to_dict(self, history: bool = False) -> dict[str, Any]:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -539,6 +564,39 @@ def _forward(transformer, state: _RouteState, inputs: dict) -> tuple[torch.Tenso
     state.taps, state.scores = {}, {}
     out = transformer(**inputs).sample
     return out, dict(state.taps)
+
+
+def _heldout_loss(transformer, state: _RouteState, batch, keep: torch.Tensor, cfg: TrainConfig, device, bdtype, chunk: int) -> float:
+    """Mean quality loss (weighted distillation + flow matching) of the student on a fixed batch: no grad,
+    no score noise, no draw from any training RNG (the training stream is the same with and without it)."""
+    from shiva_export.train import dora as _dora
+
+    pairs = 2 if batch.cfg else 1
+    n = len(batch) // pairs
+    was = state.topk.training
+    state.topk.eval()
+    state.noise_key = None
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                ids = list(range(lo, min(n, lo + chunk)))
+                mb = batch.rows(ids)
+                inputs = {k: (v.to(device, bdtype) if v.is_floating_point() and k != "timestep" else v.to(device)) for k, v in mb.model_inputs().items()}
+                with _dora.teacher_mode(transformer):
+                    state.mode, state.record_updates, state.updates = "dense", cfg.estimator == "output-gated", {}
+                    t_out, t_taps = _forward(transformer, state, inputs)
+                    state.record_updates = False
+                state.mode, state.keep = "student", keep[ids].repeat(pairs, 1)
+                s_out, s_taps = _forward(transformer, state, inputs)
+                loss = cfg.distill_weight * float(_distill_loss(s_out, s_taps, t_out, t_taps))
+                if mb.target is not None and cfg.flow_weight > 0:
+                    loss += cfg.flow_weight * float(F.mse_loss(s_out.float(), mb.target.to(device).float()))
+                total += loss * len(ids)
+    finally:
+        state.topk.train(was)
+        state.updates = {}
+    return total / n
 
 
 def _distill_loss(s_out, s_taps, t_out, t_taps) -> torch.Tensor:
@@ -772,6 +830,12 @@ def train(
         hooks = [blocks[b].register_forward_hook(_tap_hook(state, b, adapter)) for b in taps if b not in routed]
 
         data = make_data(cfg.data, transformer, h, w, text_len, seed=cfg.seed)
+        stopper = held = None
+        if cfg.eval_every is not None:  # before any draw: with cached latents the held-out samples leave the training pool
+            from shiva_export.train.heldout import EarlyStopping, heldout_batch
+
+            held = heldout_batch(cfg, data, transformer, h, w, text_len)
+            stopper = EarlyStopping(cfg.patience, cfg.eval_min_delta)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
         my_rows = dist.rows(cfg.batch)
         if len(my_rows) % cfg.accumulate:
@@ -803,6 +867,8 @@ def train(
             data.load_state_dict(ck["data"])
             gen.set_state(ck["generator"])
             step, history = int(ck["step"]), list(ck.get("history", []))
+            if stopper is not None and "heldout" in ck:
+                stopper.load_state_dict(ck["heldout"])
             logger.info("resumed from %s at step %d", ckpt_path, step)
             say({"event": "resume", "step": step, "total": cfg.total_steps, "checkpoint": str(ckpt_path), "world": dist.world})
 
@@ -823,10 +889,30 @@ def train(
                         "generator": gen.get_state(),
                         "history": history,
                         **({"dora": _dora.adapter_state_dict(transformer)} if cfg.dora else {}),  # -- DoRA
+                        **({"heldout": stopper.state_dict()} if stopper is not None else {}),
                     },
                 )
                 say({"event": "checkpoint", "step": step, "path": str(ckpt_path)})
             dist.barrier()
+
+        def snapshot() -> dict:
+            """The trainable state (copied by the stopper when it is a stage's best)."""
+            snap = {"routers": bank.state_dict(), "policy": policy.state_dict(), "budget": budget.state_dict(), "optimizer": opt.state_dict()}
+            return {**snap, "dora": _dora.adapter_state_dict(transformer)} if cfg.dora else snap  # -- DoRA
+
+        def restore(snap: dict) -> None:
+            bank.load_state_dict(snap["routers"])
+            policy.load_state_dict(snap["policy"])
+            budget.load_state_dict(snap["budget"])
+            opt.load_state_dict(snap["optimizer"])
+            if cfg.dora:  # -- DoRA
+                _dora.load_adapter_state_dict(transformer, snap["dora"])
+
+        def heldout_loss(stage: int) -> float:
+            batch, ratios, _ = held
+            with torch.no_grad():
+                keep = ratios[:, None].expand(len(ratios), len(routed)) if stage == 0 else policy(batch.timestep[: len(ratios)].to(device), layer_ids, noise=False)
+            return _heldout_loss(transformer, state, batch, keep.to(device), cfg, device, bdtype, max(1, micro))
 
         metrics = _Metrics(out_dir / METRICS_NAME if dist.is_main else None, append=cfg.resume)
         sampler_t = torch.tensor(adapter.sampler_timesteps(transformer.config, cfg.sampler_steps, n_tokens, cfg.sampler_shift) if cfg.timesteps is None else list(cfg.timesteps))
@@ -839,6 +925,9 @@ def train(
             if cfg.dora:  # -- DoRA: adapters on and learning in the joint stage only (identity before it)
                 _dora.set_dora_enabled(transformer, stage == 2)
                 _dora.set_dora_trainable(transformer, stage == 2)
+            if stopper is not None and stopper.stage != stage:  # a stage begins: its entry state is the first candidate
+                stopper.start(stage)
+                stopper.observe(step, heldout_loss(stage), snapshot)
             warm = max(1, int(round(cfg.lr_warmup_frac * s_len)))
             f = min(1.0, (s_in + 1) / warm)
             for g in opt.param_groups:
@@ -918,6 +1007,10 @@ def train(
                 with torch.no_grad():
                     projected = _calibrate_anchor(policy, sampler_t.tolist(), routed, cfg.target_keep, measure)[1]
             step += 1
+            h_loss, stop_stage = None, False
+            if stopper is not None and ((s_in + 1) % cfg.eval_every == 0 or s_in + 1 == s_len):
+                h_loss = heldout_loss(stage)
+                stop_stage = stopper.observe(step, h_loss, snapshot)
             tot = dist.all_reduce_sum([sums["distill"], sums["flow"], sums["importance"]])
             distill_v, flow_v, imp_v = (v / cfg.batch for v in tot)
             loss_v = cfg.distill_weight * distill_v + (cfg.flow_weight * flow_v if has["flow"] else 0.0) + (cfg.importance_weight * imp_v if has["importance"] else 0.0)
@@ -945,16 +1038,30 @@ def train(
                 "samples_per_s": round(rate, 3),
                 "eta_s": round((stop - step) * cfg.batch / max(rate, 1e-9), 1),
                 "seconds": round(elapsed, 3),
+                **({"heldout": h_loss} if h_loss is not None else {}),
             }
             history.append(rec_step)
             metrics.write(rec_step)
             say(rec_step)
-            if step % cfg.checkpoint_every == 0 or step == stop:
+            if stopper is not None and (stop_stage or s_in + 1 == s_len):
+                # the stage ends (early or at its budget): continue from, and write, its best state
+                if stopper.snapshot is not None:  # None only when every evaluation of the stage was non-finite
+                    restore(stopper.snapshot)
+                if s_in + 1 < s_len:
+                    stopper.stops[stage] = step
+                    step += s_len - (s_in + 1)  # the global counter jumps to the next stage (its temperatures, lr warm-up)
+                say({"event": "stage-end", "stage": STAGES[stage], "step": step, **stopper.summary(stage)})
+                checkpoint()
+            elif step % cfg.checkpoint_every == 0 or step == stop:
                 checkpoint()
         for hk in hooks:
             hk.remove()
 
         result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history)
+        result.stages_run = [sum(1 for r in history if r["stage"] == name) for name in STAGES]
+        if stopper is not None:
+            result.heldout = {"source": held[2], "samples": cfg.eval_samples, "eval_every": cfg.eval_every, "patience": cfg.patience,
+                              "min_delta": cfg.eval_min_delta, "stages": {STAGES[i]: stopper.summary(i) for i in range(len(STAGES))}}
         if result.finished and cfg.dora and dist.is_main:  # -- DoRA: merge in fp32, save out_dir/transformer, bind the recipe to it
             from shiva_export.models import InputSpec
             from shiva_export.prune.api import remove_shiva_
@@ -1010,7 +1117,8 @@ def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
     old = ck.get("config", {})
     if ck.get("model") != rec.name:
         raise ConfigError(f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir.")
-    for key in ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "max_logit", "cfg_pairs", "caption_dropout", "budget", "budget_timesteps", "budget_measure"):
+    keys = ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "max_logit", "cfg_pairs", "caption_dropout", "budget", "budget_timesteps", "budget_measure", "eval_every")
+    for key in keys + (("eval_samples",) if cfg.eval_every is not None else ()):  # the held-out split changes the training pool
         if old.get(key) != getattr(cfg, key):
             raise ConfigError(
                 f"checkpoint {path} has {key} = {old.get(key)!r}, this run {getattr(cfg, key)!r}; expected the same value. "
@@ -1053,7 +1161,8 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     sha = save_routers(
         bank,
         router_path,
-        extra={"model": rec.name, "target_keep": cfg.target_keep, "steps": result.step, "stages": [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps], "seed": cfg.seed},
+        extra={"model": rec.name, "target_keep": cfg.target_keep, "steps": sum(result.stages_run) if result.heldout else result.step,
+               "stages": result.stages_run if result.heldout else [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps], "seed": cfg.seed},
     )
     phase_rows = []
     for name, ph in zip(names, phases):
@@ -1101,9 +1210,18 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     if result.dora is not None:  # -- DoRA: router and schedule bound to the merged weights (path + sha256), never the base
         content["model"] = {"source": "local", "path": Path(result.dora["path"]).name, "sha256": result.dora["sha256"]}
         content["description"] += f" + DoRA r={cfg.dora_rank} merged into {Path(result.dora['path']).name}/"
+    budgets = f"{cfg.warmup_steps}/{cfg.policy_steps}/{cfg.joint_steps}"
+    if result.heldout:
+        run = "/".join(str(n) for n in result.stages_run)
+        steps_text = (f"{sum(result.stages_run)} steps (stages {run} of budgets {budgets}: held-out stopping every {cfg.eval_every} steps, "
+                      f"patience {cfg.patience}, best state of each stage kept; curve in training.json)")
+        atomic_write_json(out_dir / "training.json", {"model": rec.name, "config": cfg.to_dict(), "stages_run": result.stages_run, "heldout": result.heldout,
+                                                      "sampler_steps": len(timesteps), "phases": [
+                                                          {"name": r["name"], "keep_ratios": r["keep_ratios"]} for r in phase_rows]})
+    else:
+        steps_text = f"{result.step} steps (stages {budgets})"
     header = (
-        f"# Written by `shiva-export train` from {rec.source_path or rec.name}: {result.step} steps "
-        f"(stages {cfg.warmup_steps}/{cfg.policy_steps}/{cfg.joint_steps}), seed {cfg.seed}, "
+        f"# Written by `shiva-export train` from {rec.source_path or rec.name}: {steps_text}, seed {cfg.seed}, "
         f"{'cached latents' if cfg.data else 'synthetic inputs'}.\n"
     )
     recipe_path = out_dir / "recipe.toml"
