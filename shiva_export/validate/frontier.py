@@ -593,6 +593,18 @@ def _write(report: FrontierReport, out: Path) -> None:
     atomic_write_json(out / "frontier.json", _finite(report.to_dict()) | {"generated_unix": int(time.time())})
 
 
+def _provenance(rec, runner: _Runner) -> dict[str, Any]:
+    """What made the report: the recipe (content hash), the router of the pruned pipelines, the packages."""
+    import diffusers
+
+    from shiva_export._version import __version__
+    from shiva_export.recipe import recipe_hash
+
+    routers = {k: p.shiva.router for k, p in runner._pipes.items() if k != "dense" and getattr(p, "shiva", None) is not None}
+    return {"recipe": str(rec.source_path or rec.name), "recipe_sha256": recipe_hash(rec), "routers": routers,
+            "diffusers": diffusers.__version__, "shiva_export": __version__}
+
+
 # --------------------------------------------------------------------------------------------- entry point
 def _check_options(prompts: int, seeds: Sequence[int], latency_repeats: int, threads: int | None, families: Sequence[str] | None) -> None:
     if not seeds:
@@ -695,7 +707,7 @@ def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, thr
     rows = [_row(i, m, st, judge, latency[i], flags[i], seeds) for i, m in enumerate(measured)]
     settings = {"steps": steps, "guidance": guidance, "seeds": seeds, "prompts": prompts, "alpha": ALPHA, "threads": threads,
                 "latency_repeats": latency_repeats, "judge": rec.pipeline.judge, "n_ref": n_ref, "torch": torch.__version__,
-                "primary_quality": "accuracy" if judged else "psnr"}
+                "primary_quality": "accuracy" if judged else "psnr", **_provenance(rec, runner)}
     report = FrontierReport(model=rec.name, settings=settings, rows=rows, levels=_levels(rows, st), prompts=texts)
     if out_dir is not None:
         _write(report, Path(out_dir))
