@@ -89,7 +89,7 @@ def test_ssim_identity_and_order():
     assert ssim(img, img) == pytest.approx(1.0)
     small = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
     big = np.clip(img + rng.normal(0, 0.2, img.shape), 0, 1)
-    assert 1.0 > ssim(img, small) > ssim(img, big)
+    assert ssim(img, big) < ssim(img, small) < 1.0
 
 
 # ------------------------------------------------------------------------------------------- end to end

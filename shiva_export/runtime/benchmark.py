@@ -276,12 +276,9 @@ def _compile(pipe) -> None:
 
 
 def _plot_png(report: E2EReport) -> bytes:
-    import io
+    from shiva_export.utils.plots import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report.rows()
     labels = [f"{r['backend']}\n{r['budget']}" for r in rows]
@@ -299,8 +296,4 @@ def _plot_png(report: E2EReport) -> bytes:
     ax.set_title(f"{report.model} {report.width}x{report.height}, {report.steps} steps: end to end by stage", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, max(bottom) * 1.25)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

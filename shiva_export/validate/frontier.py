@@ -533,12 +533,9 @@ _COLORS = {"dense": "black", "cache": "#1f77b4", "shiva": "#d62728", "stack": "#
 
 
 def _plot_png(report: FrontierReport) -> bytes:
-    import io
+    from shiva_export.utils.plots import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key, name = ("accuracy", "prompt accuracy ↑") if report.judged else ("psnr", "PSNR vs reference (dB) ↑")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -564,11 +561,7 @@ def _plot_png(report: FrontierReport) -> bytes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{report.model}: quality vs compute, {report.rows[0]['n_images']} paired images per row", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _running_best(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:

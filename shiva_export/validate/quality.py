@@ -669,12 +669,9 @@ def _router_desc(info) -> str:
 
 
 def _pareto_png(report: QualityReport) -> bytes:
-    import io
+    from shiva_export.utils.plots import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"dense": "black", "shiva": "#d62728", "shiva-learned": "#ff7f0e", "random": "#7f7f7f", "l2norm": "#1f77b4", "spatial-rotating": "#2ca02c",
@@ -704,11 +701,7 @@ def _pareto_png(report: QualityReport) -> bytes:
     for ax in axes:
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{report.model}: quality vs latency (labels: keep ratio)", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: int) -> None:
