@@ -235,6 +235,7 @@ def validate_quality(
     *,
     model: str = "sd35-shapes",
     recipe=None,
+    weights=None,
     methods: Sequence[str] | None = None,
     keeps: Sequence[float] | None = None,
     prompts: int = 24,
@@ -253,6 +254,8 @@ def validate_quality(
 
     Args:
         model (str): A model whose prompts are shape captions (``sd35-shapes``). Defaults to ``sd35-shapes``.
+        weights (PathLike): A transformer or pipeline folder, loaded as ``generate --weights`` loads it (a recipe
+            bound by sha256, e.g. ``train --dora``'s, takes only its own weights). Defaults to the recipe's.
         methods (list[str]): Subset of :data:`METHODS`. Defaults to all.
         keeps (list[float]): Keep budgets of the uniform methods. Defaults to :data:`KEEPS`.
         prompts (int): How many prompts of the fixed set. Defaults to 24.
@@ -303,8 +306,8 @@ def validate_quality(
     guidance = float(rec.pipeline.guidance if guidance is None else guidance)
 
     say("load pipelines")
-    dense_pipe = load_pipeline(rec.name, recipe=rec, dense=True)
-    pipe = load_pipeline(rec.name, recipe=rec, ratio=round(1.0 - keeps[0], 6))
+    dense_pipe = load_pipeline(rec.name, recipe=rec, weights=weights, dense=True)
+    pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
     tf = pipe.transformer
     from shiva_export.prune.api import _ROUTERS_ATTR
 
