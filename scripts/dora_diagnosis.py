@@ -181,6 +181,30 @@ def _flow_loss(transformer, z, pe, pp, sigmas=(0.8, 0.6, 0.4, 0.2), seed: int = 
     return tot / len(sigmas)
 
 
+def _block_updates(transformer, z, pe, pp, sigmas=(0.8, 0.6, 0.4, 0.2), seed: int = 4000) -> list[float]:
+    """Mean norm of each block's update to the image tokens, ``|h_b - h_(b-1)|`` (block 0: none), run dense."""
+    import torch
+
+    from shiva_export.models import get_adapter
+
+    adapter = get_adapter(transformer)
+    outs: dict[int, torch.Tensor] = {}
+    hooks = [blk.register_forward_hook(lambda m, a, o, b=b: outs.__setitem__(b, adapter.block_image_output(o))) for b, blk in enumerate(adapter.blocks(transformer))]
+    g = torch.Generator().manual_seed(seed)
+    norms: dict[int, float] = {}
+    try:
+        with torch.inference_mode():
+            for sigma in sigmas:
+                eps = torch.randn(z.shape, generator=g)
+                transformer(hidden_states=(1 - sigma) * z + sigma * eps, encoder_hidden_states=pe, pooled_projections=pp, timestep=torch.full((len(z),), sigma * 1000.0))
+                for b in range(1, len(outs)):
+                    norms[b] = norms.get(b, 0.0) + float((outs[b] - outs[b - 1]).float().norm(dim=-1).mean()) / len(sigmas)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [norms[b] for b in sorted(norms)]
+
+
 def _flow_table(dense, pruned, base, data: str) -> dict:
     """Flow-matching loss on held-out real scenes and on training samples: base dense, this backbone dense, and this
     backbone at uniform keep 0.6 with its router."""
@@ -222,27 +246,60 @@ def cmd_eval(args) -> None:
     if recipe is not None and (OUT / args.name / "transformer").is_dir():
         res["drift"] = _velocity_drift(dense, base)
     res["flow"] = _flow_table(dense, pruned, base, args.data)
+    if dense is not base:  # how much larger (> 1) or smaller each block's dense update is than the base's
+        held = _held_out(base)
+        res["update_ratio"] = [round(a / b, 4) for a, b in zip(_block_updates(dense.transformer, *held), _block_updates(base.transformer, *held))]
     res["seconds"] = round(time.time() - t0, 1)
     (OUT / args.name).mkdir(parents=True, exist_ok=True)
     (OUT / args.name / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res), flush=True)
 
 
+def cmd_weights(args) -> None:
+    """Per block, how far the merged linears moved from the base: relative Frobenius change, the mean relative change of
+    the row norms (DoRA's magnitude) and the mean 1 - cosine of the rows (its direction)."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from shiva_export.recipe import load_recipe
+
+    base = load_file(str(load_recipe("sd35-shapes").local_pipeline_path() / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for name in args.names:
+        merged = load_file(str(OUT / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+        rows = {}
+        for k, w in merged.items():
+            m = re.match(r"transformer_blocks\.(\d+)\..*\.weight$", k)
+            if not m or w.dim() != 2 or torch.equal(w, base[k].to(w.dtype)):
+                continue
+            b0, w1 = base[k].float(), w.float()
+            r = rows.setdefault(int(m.group(1)), [0.0, 0.0, [], []])
+            r[0] += float((w1 - b0).norm() ** 2)
+            r[1] += float(b0.norm() ** 2)
+            r[2].append(((w1.norm(dim=1) / b0.norm(dim=1)) - 1).abs())
+            r[3].append(1 - torch.nn.functional.cosine_similarity(w1, b0, dim=1))
+        cells = [f"b{b}: {(r[0] / r[1]) ** 0.5:.3f} / {float(torch.cat(r[2]).mean()):.4f} / {float(torch.cat(r[3]).mean()):.5f}" for b, r in sorted(rows.items())]
+        print(f"{name}: " + "; ".join(cells))
+
+
 def cmd_table(args) -> None:
-    rows = ["| run | joint loss first -> last10 (flow) | dense acc (CFG 2) | keep 0.6 acc | dense acc (CFG 1) | vel. drift cond / uncond / CFG | "
-            "flow held-out: base / dense / keep 0.6 | flow train: base / dense / keep 0.6 |", "|---|---|---|---|---|---|---|---|"]
-    for d in sorted(OUT.iterdir()):
+    rows = ["| run | stage-3 s | loss first -> last 10 | dense acc | keep 0.6 acc | dense acc, CFG 1 | vel. drift cond / uncond | "
+            "flow loss dense (base 0.071) | flow loss keep 0.6 | dense update ratio b1..b5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {n: i for i, n in enumerate(args.order)}
+    for d in sorted(OUT.iterdir(), key=lambda d: (order.get(d.name, len(order)), d.name)):
         e, s = d / "eval.json", d / "train_summary.json"
         if not e.is_file():
             continue
         ev = json.loads(e.read_text())
         tr = json.loads(s.read_text()) if s.is_file() else None
-        loss = f"{tr['loss_first']:.3f} -> {tr['loss_last10']:.3f} ({tr['flow_last10']:.3f})" if tr else "-"
-        fl = ev.get("flow") or {}
-        fcol = [" / ".join(f"{fl[s][k]:.4f}" for k in ("base_dense", "dense", "keep06")) if s in fl else "-" for s in ("held_out", "train")]
+        loss = f"{tr['loss_first']:.3f} -> {tr['loss_last10']:.3f}" if tr else "-"
         dr = ev.get("drift")
-        drift = f"{dr['cond']:.4f} / {dr['uncond']:.4f} / {dr['cfg']:.4f}" if dr else "-"
-        rows.append(f"| {d.name} | {loss} | {ev['dense_acc']:.1%} | {ev['keep06_acc']:.1%} | {ev['dense_acc_cfg1']:.1%} | {drift} | {fcol[0]} | {fcol[1]} |")
+        drift = f"{dr['cond']:.3f} / {dr['uncond']:.3f}" if dr else "0"
+        fl = ev["flow"]["held_out"]
+        ratio = " ".join(f"{v:.2f}" for v in ev.get("update_ratio") or [1.0] * 5)
+        rows.append(f"| {d.name} | {tr['seconds'] if tr else '-'} | {loss} | {ev['dense_acc']:.1%} | {ev['keep06_acc']:.1%} | {ev['dense_acc_cfg1']:.1%} | {drift} | "
+                    f"{fl['dense']:.3f} | {fl['keep06']:.3f} | {ratio} |")
     print("\n".join(rows))
 
 
@@ -271,7 +328,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=11)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("weights")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_weights)
     p = sub.add_parser("table")
+    p.add_argument("order", nargs="*", help="run names first, in this order")
     p.set_defaults(func=cmd_table)
     args = ap.parse_args()
     args.func(args)
