@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError  # noqa: E402
 from shiva_export.models import InputSpec, load_transformer, make_inputs  # noqa: E402
 from shiva_export.recipe import load_recipe  # noqa: E402
+from shiva_export.runtime.pipeline import load_pipeline  # noqa: E402
 from shiva_export.train import dora  # noqa: E402
 from shiva_export.train.loop import TrainConfig, train  # noqa: E402
 
@@ -195,8 +196,8 @@ def test_recipe_refuses_tampered_missing_or_base_weights(dora_run, tmp_path):
 
     with pytest.raises(WeightsError, match="do not match recipe"):  # nor can `generate --weights` with another pipeline
         _pipeline_location(rec, load_recipe("sd35-shapes").local_pipeline_path())
-    with pytest.raises(ModelNotFoundError, match="transformer folder, not a whole pipeline"):
-        _pipeline_location(rec, None)
+    with pytest.raises(WeightsError, match="do not match recipe"):  # nor a transformer folder
+        load_pipeline(MODEL, recipe=rec, weights=base, dense=True)
     f = out / "transformer" / "diffusion_pytorch_model.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0x01
@@ -204,10 +205,14 @@ def test_recipe_refuses_tampered_missing_or_base_weights(dora_run, tmp_path):
     with pytest.raises(WeightsError, match="sha256") as err:
         load_transformer(recipe=rec)
     assert "\n" not in str(err.value)
+    with pytest.raises(WeightsError, match="do not match recipe"):  # the pipeline path checks the same binding
+        load_pipeline(MODEL, recipe=rec, ratio=0.4)
     shutil.rmtree(out / "transformer")
     with pytest.raises(ModelNotFoundError, match="bound by \\[model\\] sha256") as err:
         load_transformer(recipe=rec)
     assert "\n" not in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="bound by \\[model\\] sha256"):
+        load_pipeline(MODEL, recipe=rec, dense=True)
 
 
 def test_resume_restores_adapter_state(dora_run, tmp_path):
@@ -251,3 +256,123 @@ def test_cli_help_mentions_dora():
 
     r = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
     assert r.exit_code == 0 and "--dora" in r.output and "--dora-rank" in r.output and "--lr-dora" in r.output
+    assert "--stage3-keep" in r.output and "--dense-weight" in r.output
+    r = CliRunner().invoke(app, ["validate", "quality", "--help"], terminal_width=200)
+    assert r.exit_code == 0 and "--weights" in r.output
+
+
+# ----------------------------------------------------------------------------- the DoRA recipe in a pipeline
+def _weights_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa = {k: v for k, v in a.state_dict().items() if "shiva_routers" not in k}
+    sb = b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sb)
+
+
+def test_dora_recipe_runs_the_merged_transformer_in_the_base_pipeline(dora_run):
+    """`generate`/`validate quality` loading: the recipe alone, or --weights its transformer folder, gives the base
+    model's pipeline (text encoders, VAE, scheduler) around exactly the merged weights, routed by the trained router."""
+    from shiva_export.runtime.generate import run_pipeline
+    from shiva_export.runtime.pipeline import _pipeline_location
+
+    res, _, _ = dora_run
+    rec = load_recipe(res.recipe_path)
+    merged = load_transformer(recipe=rec)
+    assert _pipeline_location(rec, None) == _pipeline_location(load_recipe(MODEL), None)  # the base's other components
+    for weights in (None, res.out_dir / "transformer"):
+        pipe = load_pipeline(MODEL, recipe=rec, weights=weights, ratio=0.4)
+        assert _weights_equal(pipe.transformer, merged) and pipe.shiva.router["file_sha256"] == res.router_sha256
+        dense = load_pipeline(MODEL, recipe=rec, weights=weights, dense=True)
+        assert _weights_equal(dense.transformer, merged)
+    assert not _weights_equal(merged, _base())  # the adapters moved the weights: the test could tell them apart
+    a = run_pipeline(pipe, "a red cube", steps=2, guidance=2.0, seed=0).image
+    b = run_pipeline(dense, "a red cube", steps=2, guidance=2.0, seed=0).image
+    assert a.shape == b.shape and a.std() > 0
+
+
+def test_dora_recipe_without_a_base_model_of_its_name_is_refused(dora_run, tmp_path):
+    res, _, _ = dora_run
+    out = tmp_path / "renamed"
+    shutil.copytree(res.out_dir, out)
+    text = (out / "recipe.toml").read_text().replace('name = "sd35-tiny"', 'name = "my-model"')
+    (out / "recipe.toml").write_text(text)
+    with pytest.raises(WeightsError, match="no built-in sd3 model named 'my-model'") as err:
+        load_pipeline(recipe=out / "recipe.toml", dense=True)
+    assert "\n" not in str(err.value)
+
+
+def test_validate_quality_cli_takes_the_dora_recipe_and_weights(dora_run, tmp_path, capsys):
+    import json
+
+    from shiva_export.cli import main
+
+    res, _, _ = dora_run
+    args = ["validate", "quality", "--model", MODEL, "--recipe", str(res.recipe_path), "--method", "shiva", "--keep", "0.6", "--prompts", "1",
+            "--steps", "1", "--n-ref", "2", "--velocity-samples", "1", "--latency-repeats", "0", "--json"]
+    code = main([*args, "--weights", str(res.out_dir / "transformer"), "--out-dir", str(tmp_path / "q")])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads(stdout)["rows"]
+    assert [r["method"] for r in rows] == ["dense", "shiva"] and "untrained" not in rows[1]["label"]
+    base = tmp_path / "base"
+    _base().save_pretrained(base)
+    code = main([*args, "--weights", str(base), "--out-dir", str(tmp_path / "q2")])  # the unadapted base: refused, one line
+    _, err = capsys.readouterr()
+    assert code == 1 and "do not match recipe" in err and not (tmp_path / "q2").exists()
+
+
+# ------------------------------------------------------------------------------ stage 3: uniform keep, dense term
+def test_stage3_keep_routes_the_student_uniformly_and_freezes_the_policy(tmp_path, monkeypatch):
+    from shiva_export.train.ste import DifferentiableTopK
+
+    keeps: list[float] = []
+    select = DifferentiableTopK.select
+
+    def spy(self, scores, keep, *a, **kw):
+        keeps.append(float(keep.detach()) if torch.is_tensor(keep) else float(keep))
+        return select(self, scores, keep, *a, **kw)
+
+    monkeypatch.setattr(DifferentiableTopK, "select", spy)
+    cfg = dict(_STEPS, dora=False, stage3_keep=0.5)
+    cut = train(MODEL, TrainConfig(out_dir=tmp_path, stop_at_step=3, **cfg))  # end of stage 2
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    keeps.clear()
+    res = train(MODEL, TrainConfig(out_dir=tmp_path, resume=True, **cfg))
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert not cut.finished and res.finished
+    assert keeps and set(keeps) == {0.5}  # every stage-3 student selection, every routed block
+    assert [h["keep"] for h in res.history[3:]] == [[0.5] * 5] * 3
+    assert all(torch.equal(before["policy"][k], v) for k, v in after["policy"].items())  # no policy or budget update
+    assert any(not torch.equal(before["routers"][k], v) for k, v in after["routers"].items())  # routers still learn
+
+
+def test_dense_term_is_zero_at_identity_then_trains_the_adapters(dora_run, tmp_path):
+    """--dense-weight: the adapted model run dense vs the frozen teacher. It is exactly 0 while the adapters are the
+    identity (first joint step), then non-zero, and its gradient changes what the adapters learn."""
+    res, _, _ = dora_run
+    with_term = train(MODEL, TrainConfig(out_dir=tmp_path, dense_weight=10.0, **_STEPS))
+    dense = [h["dense"] for h in with_term.history]
+    assert dense[:3] == [None] * 3 and dense[3] <= 1e-12 and dense[4] > 1e-9 and dense[5] > 1e-9
+    assert all(h.get("dense") is None for h in res.history)
+    assert with_term.history[2]["loss"] == res.history[2]["loss"]  # same run before stage 3
+    a = torch.load(res.out_dir / "checkpoint.pt", weights_only=True)["dora"]
+    b = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["dora"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-6
+
+
+def test_resume_uses_this_runs_learning_rates(tmp_path):
+    cfg = dict(_STEPS, dora=False)
+    train(MODEL, TrainConfig(out_dir=tmp_path, stop_at_step=2, **cfg))
+    train(MODEL, TrainConfig(out_dir=tmp_path, resume=True, **dict(cfg, lr_router=5e-4)))
+    groups = {g["name"]: g for g in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]}
+    assert groups["router"]["base_lr"] == 5e-4 and groups["policy"]["base_lr"] == _STEPS["lr_policy"]
+
+
+def test_stage3_settings_errors():
+    with pytest.raises(ConfigError, match="stage3_keep"):
+        TrainConfig(stage3_keep=1.5)
+    with pytest.raises(ConfigError, match="stage3-keep"):
+        TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=0, stage3_keep=0.6)
+    with pytest.raises(ConfigError, match="needs --dora"):
+        TrainConfig(dense_weight=1.0)
+    with pytest.raises(ConfigError, match="dense_weight"):
+        TrainConfig(dora=True, dense_weight=float("nan"))

@@ -40,7 +40,7 @@ def generate_command(
     prompts_file: Annotated[Path | None, typer.Option("--prompts", help="Text file with one prompt per line (blank lines and # comments skipped).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs, generate.json and grid.png.")] = Path("out"),
     model: Annotated[str, typer.Option("--model", "-m", help="Model: offline sd35-tiny / sd3-tiny / sd3-mid / flux-tiny / pixart-tiny / dit-tiny, or sd35, sd3, sd35-large, flux-dev, flux-schnell, pixart-sigma, dit-xl-2-256 (need --weights offline).")] = "sd35-tiny",
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE, transformer).")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE, transformer), or a TRANSFORMER folder run in the model's own pipeline.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (router, schedule, shapes) overriding the model's.")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1): 0.4 keeps 60%. Default: the recipe's first ratio.")] = None,
     context: Annotated[str | None, typer.Option("--context", help="keep | drop: whether rejected tokens still give keys and values in routed blocks (SD3/SD3.5). Default: the recipe's [prune] context (drop).")] = None,

@@ -32,6 +32,8 @@ EPILOG = """Examples:
 
   shiva-export train --model sd35-tiny --dora --dora-rank 32 --lr-dora 1e-4 --out-dir runs/sd35-tiny-dora
 
+  shiva-export train --model sd35-tiny --dora --stage3-keep 0.6 --dense-weight 1 --out-dir runs/sd35-tiny-dora-u
+
   torchrun --nproc_per_node 2 -m shiva_export train --model sd35-tiny --batch 8 --out-dir runs/ddp
 
 --data is a train-data output (sharded safetensors + manifest) or a folder of one-sample .safetensors files
@@ -60,6 +62,8 @@ def train_command(
     dora: Annotated[bool, typer.Option("--dora", help="Stage 3 also tunes DoRA adapters on the attention/FFN linears; saves the merged transformer and binds the recipe to it by sha256 (needs peft).")] = False,
     dora_rank: Annotated[int, typer.Option("--dora-rank", help="DoRA rank (alpha = rank).")] = 32,
     lr_dora: Annotated[float, typer.Option("--lr-dora", help="AdamW lr of the DoRA adapters.")] = 1e-4,
+    stage3_keep: Annotated[float | None, typer.Option("--stage3-keep", help="Stage 3 routes the student at this uniform FRACTION OF IMAGE TOKENS KEPT in every routed block, not the learned policy (frozen in stage 3).")] = None,
+    dense_weight: Annotated[float, typer.Option("--dense-weight", help="--dora: weight of a stage-3 term distilling the adapted model run dense (keep 1.0) to the frozen teacher, so the merged backbone stays good dense. 0 = off.")] = 0.0,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder (router.safetensors, lut.json, recipe.toml, checkpoint.pt).")] = Path("shiva-train"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, sampling and noise.")] = 0,
@@ -145,6 +149,8 @@ def train_command(
         dora_rank=dora_rank,
         dora_alpha=float(dora_rank),
         lr_dora=lr_dora,
+        stage3_keep=stage3_keep,
+        dense_weight=dense_weight,
         target_keep=target_keep,
         seed=seed,
         phases=phases,

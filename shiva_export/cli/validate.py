@@ -171,7 +171,8 @@ three seeds (40-60 minutes).
 @validate_app.command("quality", epilog=QUALITY_EPILOG, help="Quality at a budget (FD, prompt accuracy with 95% intervals, PSNR/MAD vs dense, latency, velocity error, foreground kept) for dense, Shiva (uniform, learned schedule), random, L2-norm and rotating spatial dither selection at keep 0.8/0.6/0.4. --keep is the FRACTION OF IMAGE TOKENS KEPT.")
 def quality_command(
     model: Annotated[str, typer.Option("--model", "-m", help="A model with shape-caption ground truth (sd35-shapes).")] = "sd35-shapes",
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override (e.g. a `train --dora` recipe.toml).")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers transformer or pipeline folder (as generate --weights).")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", help="dense | shiva | shiva-learned | random | l2norm | spatial-rotating | spatial-fixed (repeatable). Default: all but spatial-fixed.")] = None,
     keep: Annotated[list[float] | None, typer.Option("--keep", help="FRACTION OF IMAGE TOKENS KEPT per routed block (repeatable). Default 0.8 0.6 0.4.")] = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Prompts of the fixed set, 1..96.")] = 24,
@@ -190,7 +191,7 @@ def quality_command(
 
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_quality(
-            model=model, recipe=recipe, methods=method, keeps=keep, prompts=prompts, seeds=seed or SEEDS, steps=steps, guidance=guidance,
+            model=model, recipe=recipe, weights=weights, methods=method, keeps=keep, prompts=prompts, seeds=seed or SEEDS, steps=steps, guidance=guidance,
             n_ref=n_ref, velocity_samples=velocity_samples, threads=threads, latency_repeats=latency_repeats, out_dir=out_dir, progress=advance,
         )
     if json_out:  # the Markdown carries the same lines

@@ -121,16 +121,55 @@ def _is_pipeline_folder(p: Path) -> bool:
     return (p / "model_index.json").is_file()
 
 
+def _is_transformer_folder(p: Path) -> bool:
+    return (p / "config.json").is_file() and not _is_pipeline_folder(p)
+
+
+def _transformer_folder(rec: Recipe, weights: str | os.PathLike | None) -> Path | None:
+    """The transformer folder a pipeline runs in place of its own ``transformer/``: ``weights`` when it is one,
+    else a ``source = "local"`` recipe's transformer folder (``train --dora``'s merged ``transformer/``); None when
+    the pipeline's own transformer runs."""
+    if weights is not None:
+        p = Path(weights).expanduser()
+        return p if _is_transformer_folder(p) else None
+    if rec.model.source == "local" and rec.model.path:
+        p = rec.local_model_path()  # a bound folder that is missing fails here, in one line
+        return p if _is_transformer_folder(p) else None
+    return None
+
+
+def _components_location(rec: Recipe) -> tuple[str, bool]:
+    """(folder or repo id, is_local) of the pipeline whose text encoders, VAE and scheduler run a transformer folder:
+    the recipe's own pipeline, or, for a recipe bound to a transformer folder (``train --dora`` keeps the base model's
+    name), the pipeline of the built-in model of that name."""
+    if _transformer_folder(rec, None) is None:
+        return _pipeline_location(rec, None)
+    from shiva_export.errors import RecipeError
+
+    try:
+        base = load_recipe(rec.name)
+    except (RecipeError, ModelNotFoundError):  # not a built-in model name
+        base = None
+    if base is None or base.architecture != rec.architecture or _transformer_folder(base, None) is not None:
+        raise WeightsError(
+            f"{rec.source_path or rec.name}: [model] path is a transformer folder and no built-in {rec.architecture} model named {rec.name!r} "
+            "supplies the rest of the pipeline; pass --weights a pipeline folder whose transformer/ holds exactly these weights."
+        )
+    return _pipeline_location(base, None)
+
+
 def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[str, bool]:
-    """(folder or repo id, is_local) of the diffusers pipeline."""
+    """(folder or repo id, is_local) of the diffusers pipeline (with a transformer folder: of its other components)."""
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.is_dir():
-            raise WeightsError(f"--weights {p} is not a folder. Pass a diffusers pipeline folder (with model_index.json).")
+            raise WeightsError(f"--weights {p} is not a folder. Pass a diffusers pipeline folder (model_index.json) or transformer folder (config.json).")
+        if _is_transformer_folder(p):  # the transformer comes from p (sha256-checked by load_transformer), the rest from the model
+            return _components_location(rec)
         if not _is_pipeline_folder(p):
             raise WeightsError(
-                f"--weights {p} has no model_index.json, so it is not a diffusers pipeline folder; `generate` needs the whole pipeline "
-                "(text encoders, VAE, scheduler, transformer), e.g. the folder written by the pipeline's save_pretrained."
+                f"--weights {p} has neither model_index.json nor config.json, so it is not a diffusers pipeline or transformer folder; "
+                "pass the folder written by the pipeline's (or transformer's) save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
             from shiva_export.models.base import _check_weights_sha256
@@ -138,6 +177,8 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
             _check_weights_sha256(p / "transformer", rec)
         return str(p), True
     if rec.model.source == "local":
+        if _transformer_folder(rec, None) is not None:
+            return _components_location(rec)
         return str(rec.local_pipeline_path()), True
     if rec.model.source == "embedded":
         from shiva_export.runtime.embedded import ensure_embedded_pipeline
@@ -185,11 +226,11 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     )
 
 
-def _transformer_config(location: str, is_local: bool, rec: Recipe) -> dict[str, Any]:
+def _transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer") -> dict[str, Any]:
     adapter = _adapter_of(rec)
     try:
         with quiet_libraries():
-            cfg = adapter.model_class().load_config(location, subfolder="transformer", local_files_only=True)
+            cfg = adapter.model_class().load_config(location, subfolder=subfolder, local_files_only=True)
     except Exception as err:  # noqa: BLE001
         reason = str(err).splitlines()[0][:200]
         if not is_local:
@@ -445,7 +486,8 @@ def load_pipeline(
     say("load pipeline")
     cfg = cfg and adapter.BATCHED_CFG  # Flux: guidance is an embedding, never a [uncond; cond] batch
     loc, local = _pipeline_location(rec, weights)
-    config = _transformer_config(loc, local, rec)
+    tf_dir = _transformer_folder(rec, weights)  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
+    config = _transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else _transformer_config(loc, local, rec)
     n_layers = adapter.config_num_blocks(config)
     h = rec.shapes.height if height is None else height
     w = rec.shapes.width if width is None else width
@@ -455,7 +497,12 @@ def load_pipeline(
     info_kwargs: dict[str, Any] = {}
 
     if backend == "torch":
-        pipe = _from_pretrained(loc, local, rec)
+        own = {}
+        if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
+            from shiva_export.models import load_transformer
+
+            own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
+        pipe = _from_pretrained(loc, local, rec, **own)
         adapter.check_pipeline(pipe, rec)
         if dense:
             phase_list: tuple[TimestepPhase, ...] = ()

@@ -173,6 +173,12 @@ class TrainConfig:
         dora_rank (int): DoRA rank. Defaults to 32.
         dora_alpha (float): DoRA ``lora_alpha``. Defaults to 32.
         lr_dora (float): AdamW lr of the DoRA adapters (own param group). Defaults to 1e-4.
+        stage3_keep (float | None): Route the stage-3 student at this uniform keep in every routed block instead of
+            the learned policy (which is then frozen: no policy or budget update in stage 3). None follows the
+            policy (the paper). Defaults to None.
+        dense_weight (float): With DoRA, weight of a stage-3 term that keeps the dense behaviour: the adapted model
+            run dense (keep 1.0, no routing) distilled to the frozen dense teacher, the same normalised feature
+            loss (one extra forward and backward per step). 0 is off (the paper). Defaults to 0.0.
     """
 
     warmup_steps: int = 120
@@ -230,6 +236,8 @@ class TrainConfig:
     dora_rank: int = 32
     dora_alpha: float = 32.0
     lr_dora: float = 1e-4
+    stage3_keep: float | None = None
+    dense_weight: float = 0.0
 
     def __post_init__(self):
         for name in ("warmup_steps", "policy_steps", "joint_steps"):
@@ -300,6 +308,20 @@ class TrainConfig:
             from shiva_export.train.dora import check_dora_settings
 
             check_dora_settings(self.dora_rank, self.dora_alpha, self.lr_dora, self.joint_steps)
+        self._check_stage3()
+
+    def _check_stage3(self) -> None:
+        if self.stage3_keep is not None:
+            if not (isinstance(self.stage3_keep, (int, float)) and not isinstance(self.stage3_keep, bool) and 0.0 < self.stage3_keep <= 1.0):
+                raise ConfigError(f"stage3_keep is {self.stage3_keep!r}; expected 0 < keep <= 1 (the uniform keep of the stage-3 student).")
+            if self.joint_steps < 1:
+                raise ConfigError("--stage3-keep routes stage 3 (joint), which has 0 steps; pass 3 --steps values with a joint stage, or drop --stage3-keep.")
+        if not (isinstance(self.dense_weight, (int, float)) and math.isfinite(self.dense_weight) and self.dense_weight >= 0):
+            raise ConfigError(f"dense_weight is {self.dense_weight!r}; expected a finite float >= 0.")
+        if self.dense_weight > 0 and not self.dora:
+            raise ConfigError(
+                f"dense_weight {self.dense_weight:g} needs --dora: without adapters the dense student is the teacher, so the term is 0. Add --dora or drop --dense-weight."
+            )
 
     @property
     def total_steps(self) -> int:
@@ -864,6 +886,9 @@ def train(
             policy.load_state_dict(ck["policy"])
             budget.load_state_dict(ck["budget"])
             opt.load_state_dict(ck["optimizer"])
+            lrs = {"router": cfg.lr_router, "policy": cfg.lr_policy, "dora": cfg.lr_dora}
+            for g in opt.param_groups:  # this run's learning rates, not the checkpoint's (load_state_dict restores those)
+                g["base_lr"] = lrs[g["name"]]
             data.load_state_dict(ck["data"])
             gen.set_state(ck["generator"])
             step, history = int(ck["step"]), list(ck.get("history", []))
@@ -936,10 +961,14 @@ def train(
             # -- global draws (identical on every rank): timesteps, keep ratios, data
             t_all = stratified_timesteps(cfg.batch, generator=gen)
             t_dev = t_all.to(device)
+            uniform = stage == 0 or (stage == 2 and cfg.stage3_keep is not None)  # keeps not from the policy
             if stage == 0:
                 groups = min(cfg.ratio_groups, cfg.batch)
                 r = stratified_ratios(cfg.batch, groups, cfg.ratio_range[0], cfg.ratio_range[1], generator=gen)
                 fixed = r[:, None].expand(cfg.batch, len(routed)).to(device)
+                noise = None
+            elif uniform:  # --stage3-keep: the student at one keep everywhere; the policy is frozen
+                fixed = torch.full((cfg.batch, len(routed)), float(cfg.stage3_keep), device=device)
                 noise = None
             else:
                 policy.train()
@@ -947,7 +976,7 @@ def train(
 
             def keep_rows(idx: list[int]) -> torch.Tensor:
                 """Keep ratios [len(idx), L] of global samples ``idx`` (a fresh graph per use: micro-batches backward separately)."""
-                if stage == 0:
+                if uniform:
                     return fixed[idx]
                 z = policy.logits(t_dev[idx], layer_ids, noise=False)
                 return policy.keep_of(z if noise is None else z + noise[idx])
@@ -956,8 +985,8 @@ def train(
                 keep_all = keep_rows(list(range(cfg.batch)))  # [B, L], for the log
             batch = _draw(data, cfg, t_all, my_rows)
             opt.zero_grad(set_to_none=True)
-            sums = {"distill": 0.0, "flow": 0.0, "importance": 0.0}
-            has = {"flow": False, "importance": False}
+            sums = {"distill": 0.0, "flow": 0.0, "importance": 0.0, "dense": 0.0}
+            has = {"flow": False, "importance": False, "dense": stage == 2 and cfg.dense_weight > 0}
             state.noise_key = (cfg.seed, step)
             for m in range(cfg.accumulate):
                 lo, hi = m * micro, (m + 1) * micro
@@ -981,6 +1010,12 @@ def train(
                     loss = loss + cfg.flow_weight * flow
                     sums["flow"] += float(flow.detach()) * (hi - lo)
                     has["flow"] = True
+                if has["dense"]:  # the adapted model run dense stays the frozen dense teacher
+                    state.mode = "dense"
+                    d_out, d_taps = _forward(transformer, state, inputs)
+                    dense_term = _distill_loss(d_out, d_taps, t_out, t_taps)
+                    loss = loss + cfg.dense_weight * dense_term
+                    sums["dense"] += float(dense_term.detach()) * (hi - lo)
                 if cfg.importance_weight > 0:
                     imp = _importance_loss(state.scores, state.importance)
                     loss = loss + cfg.importance_weight * imp
@@ -989,7 +1024,7 @@ def train(
                 (loss * ((hi - lo) / cfg.batch)).backward()
                 state.updates, state.importance = {}, {}
             b_loss, b_measure = None, None
-            if stage > 0:  # once per optimizer step, identical on every rank
+            if stage > 0 and not uniform:  # once per optimizer step, identical on every rank
                 table = policy(sampler_t.to(device), layer_ids, noise=False) if cfg.budget_timesteps == "sampler" else keep_rows(list(range(cfg.batch)))
                 b_measure = measure(table)
                 if cfg.budget == "ema":
@@ -1000,7 +1035,7 @@ def train(
             dist.all_reduce_grads_(trainable)
             opt.step()
             projected = None
-            if stage > 0 and cfg.budget == "project":
+            if stage > 0 and not uniform and cfg.budget == "project":
                 # hard budget: after every policy update, shift b_anchor so the policy's measure over the deployment
                 # sampler's timesteps is the target again (identical on every rank); the policy the next step uses,
                 # and the one written at the end, is on budget
@@ -1011,9 +1046,10 @@ def train(
             if stopper is not None and ((s_in + 1) % cfg.eval_every == 0 or s_in + 1 == s_len):
                 h_loss = heldout_loss(stage)
                 stop_stage = stopper.observe(step, h_loss, snapshot)
-            tot = dist.all_reduce_sum([sums["distill"], sums["flow"], sums["importance"]])
-            distill_v, flow_v, imp_v = (v / cfg.batch for v in tot)
+            tot = dist.all_reduce_sum([sums["distill"], sums["flow"], sums["importance"], sums["dense"]])
+            distill_v, flow_v, imp_v, dense_v = (v / cfg.batch for v in tot)
             loss_v = cfg.distill_weight * distill_v + (cfg.flow_weight * flow_v if has["flow"] else 0.0) + (cfg.importance_weight * imp_v if has["importance"] else 0.0)
+            loss_v += cfg.dense_weight * dense_v if has["dense"] else 0.0
             if b_loss is not None:
                 loss_v += float(b_loss.detach())
             elapsed = time.perf_counter() - run_t0
@@ -1028,6 +1064,7 @@ def train(
                 "flow": flow_v if has["flow"] else None,
                 "budget": None if b_loss is None else float(b_loss.detach()),
                 "importance": imp_v if has["importance"] else None,
+                "dense": dense_v if has["dense"] else None,
                 "mean_keep": float(keep_all.detach().mean()),
                 "budget_keep": None if b_measure is None else float(b_measure.detach()),
                 "budget_shift": projected,

@@ -560,6 +560,7 @@ def validate_quality(
     *,
     model: str = "sd35-shapes",
     recipe=None,
+    weights=None,
     methods: Sequence[str] | None = None,
     keeps: Sequence[float] | None = None,
     prompts: int = 24,
@@ -578,6 +579,8 @@ def validate_quality(
 
     Args:
         model (str): A model whose prompts are shape captions (``sd35-shapes``). Defaults to ``sd35-shapes``.
+        weights (PathLike): A transformer or pipeline folder, loaded as ``generate --weights`` loads it (a recipe
+            bound by sha256, e.g. ``train --dora``'s, takes only its own weights). Defaults to the recipe's.
         methods (list[str]): Subset of :data:`METHODS`. Defaults to :data:`DEFAULT_METHODS`.
         keeps (list[float]): Keep budgets of the uniform methods. Defaults to :data:`KEEPS`.
         prompts (int): How many prompts of the fixed set. Defaults to 24.
@@ -614,8 +617,8 @@ def validate_quality(
         torch.set_num_threads(int(threads))
 
     say("load pipelines")
-    pipe = load_pipeline(rec.name, recipe=rec, ratio=round(1.0 - keeps[0], 6))
-    setup = _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
+    pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
+    setup = _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
                    n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
                    trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
                    guidance=float(rec.pipeline.guidance if guidance is None else guidance))
