@@ -28,6 +28,8 @@ EPILOG = """Examples:
 
   shiva-export train --model sd35-tiny --steps 300 --steps 2000 --steps 1000 --eval-every 25 --patience 6
 
+  shiva-export train --model sd35-tiny --context keep         # rejected tokens still give keys/values (SD3/SD3.5)
+
   shiva-export train --model sd35-tiny --paper-only            # the paper's estimator and budget as published
 
   shiva-export train --model sd35-tiny --dora --dora-rank 32 --lr-dora 1e-4 --out-dir runs/sd35-tiny-dora
@@ -76,6 +78,7 @@ def train_command(
     lambda_budget: Annotated[float, typer.Option("--lambda-budget", help="Weight of the EMA budget loss (--budget ema).")] = 1.0,
     budget_timesteps: Annotated[str, typer.Option("--budget-timesteps", help="sampler (the LUT over the deployment sampler's timesteps) | batch (the paper's).")] = "sampler",
     budget_measure: Annotated[str, typer.Option("--budget-measure", help="tokens (mean keep) | flops (the uniform keep with the same FLOPs).")] = "tokens",
+    context: Annotated[str | None, typer.Option("--context", help="keep | drop: whether rejected tokens still give keys and values in the routed blocks the student trains (SD3/SD3.5; as `generate --context`). Default: the recipe's [prune] context (drop).")] = None,
     paper_only: Annotated[bool, typer.Option("--paper-only", help="The paper's objective as published: residual STE, no importance auxiliary, no keep floor, the soft EMA budget on the batch's timesteps.")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU).")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="Backbone dtype: fp32 | bf16 | fp16 (routers, policy and losses stay fp32).")] = "fp32",
@@ -94,6 +97,8 @@ def train_command(
     from shiva_export.recipe import load_recipe
     from shiva_export.train.loop import TrainConfig, train
 
+    if context not in (None, "keep", "drop"):
+        raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
     if target_keep is not None and ratio is not None:
         raise ConfigError(f"--target-keep {target_keep} and --ratio {ratio} were both given; expected one (ratio = 1 - target keep). Drop one of them.")
     if ratio is not None:
@@ -120,6 +125,10 @@ def train_command(
         if v is not None:
             held[key] = v
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
+    if context is not None:
+        from shiva_export.models import adapter_for_architecture
+
+        adapter_for_architecture(rec.architecture).check_context(context)  # before loading the model
     if paper_only:
         estimator, importance_weight, min_keep, budget, budget_timesteps = "residual", 0.0, 0.0, "ema", "batch"
         max_logit = None
@@ -132,6 +141,7 @@ def train_command(
         min_keep=min_keep,
         budget_timesteps=budget_timesteps,
         budget_measure=budget_measure,
+        context=context,
         device=device,
         dtype=dtype,
         gradient_checkpointing=gradient_checkpointing,
@@ -199,7 +209,7 @@ def format_summary(s: dict) -> str:
     lines = [
         f"out dir      {s['out_dir']}",
         f"router       {s['router_path']}  sha256 {s['router_sha256'][:12]}",
-        f"recipe       {s['recipe_path']}",
+        f"recipe       {s['recipe_path']}" + (f"  (context {s['context']}: rejected tokens give keys/values)" if s.get("context") == "keep" else ""),
         *([f"transformer  {s['dora']['path']}  sha256 {s['dora']['sha256'][:12]} (DoRA merged; merge error rel {s['dora']['rel_error']:.2g})"] if s.get("dora") else []),
         f"steps        {s['step']} in {s['seconds']:.1f} s" + (f" (run per stage {'/'.join(map(str, s['stages_run']))}; held-out stopping)" if s.get("heldout") else ""),
         f"mean keep    {s['mean_keep']:.4f} (target {s['target_keep']:g}; before calibration {s['raw_mean_keep']:.4f}; "

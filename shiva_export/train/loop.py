@@ -41,7 +41,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,10 @@ class TrainConfig:
         dense_weight (float): With DoRA, weight of a stage-3 term that keeps the dense behaviour: the adapted model
             run dense (keep 1.0, no routing) distilled to the frozen dense teacher, the same normalised feature
             loss (one extra forward and backward per step). 0 is off (the paper). Defaults to 0.0.
+        context (str | None): The routing's ``ShivaConfig.context`` the student trains with: ``"drop"`` or
+            ``"keep"`` (rejected tokens still give keys and values, as at inference with that option; SD3/SD3.5).
+            The ``"flops"`` budget measure counts its extra K/V, and the written recipe and router metadata
+            record it. Defaults to None (the recipe's ``[prune] context``).
     """
 
     warmup_steps: int = 120
@@ -238,6 +242,7 @@ class TrainConfig:
     lr_dora: float = 1e-4
     stage3_keep: float | None = None
     dense_weight: float = 0.0
+    context: str | None = None
 
     def __post_init__(self):
         for name in ("warmup_steps", "policy_steps", "joint_steps"):
@@ -269,8 +274,12 @@ class TrainConfig:
             raise ConfigError(f"ratio_range is {self.ratio_range!r}; expected 0 < low < high <= 1 (keep ratios).")
         if self.timesteps is None and (not isinstance(self.sampler_steps, int) or self.sampler_steps < self.phases):
             raise ConfigError(f"sampler_steps is {self.sampler_steps!r}; expected an int >= phases ({self.phases}).")
+        from shiva_export.prune.api import check_context
         from shiva_export.train.policy import KEEP_MEASURES
         from shiva_export.train.ste import ESTIMATORS
+
+        if self.context is not None:
+            check_context(self.context)
 
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"estimator {self.estimator!r} is unknown; choose one of {', '.join(ESTIMATORS)}.")
@@ -368,6 +377,7 @@ class TrainResult:
         stages_run (list[int]): Optimizer steps run per stage (less than its budget when it stopped early).
         heldout (dict | None): With ``eval_every``: the held-out source and, per stage, every evaluation
             ``{"step", "loss"}``, the best step and loss, and the step it stopped at (None: ran its budget).
+        context (str): The routing's ``ShivaConfig.context`` the student trained with.
     """
 
     out_dir: Path
@@ -392,6 +402,7 @@ class TrainResult:
     dora: dict | None = None  # -- DoRA: merge_and_save's result (path, sha256, merge error) --
     stages_run: list[int] = field(default_factory=list)
     heldout: dict | None = None
+    context: str = "drop"
 
     def to_dict(self, history: bool = False) -> dict[str, Any]:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -783,8 +794,12 @@ def train(
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, set_route_override
     from shiva_export.train.distributed import DistContext
 
+    from shiva_export.models import adapter_for_architecture
+
     cfg = config or TrainConfig()
     rec = _resolve_recipe(recipe_or_model)
+    context = adapter_for_architecture(rec.architecture).check_context(cfg.context or rec.prune.context)  # before loading the model
+    cfg = replace(cfg, context=context)  # resolved: the checkpoint, training.json and the resume check record what ran
     dist = DistContext.from_env(cfg.device)
     say = (progress or (lambda ev: None)) if dist.is_main else (lambda ev: None)
     out_dir = Path(cfg.out_dir)
@@ -827,7 +842,10 @@ def train(
             _dora.add_dora(transformer, r=cfg.dora_rank, alpha=cfg.dora_alpha, seed=cfg.seed)
             _dora.set_dora_enabled(transformer, False)
         # -- end DoRA
-        shiva_cfg = ShivaConfig.uniform(n_layers, 1.0 - cfg.target_keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+        # context "keep": the routed blocks' attention processors are wrapped here, so the student's run_block
+        # (the adapter's routed-block closure) hands them every token's keys and values, as at inference
+        shiva_cfg = ShivaConfig.uniform(n_layers, 1.0 - cfg.target_keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
+                                        context=context)
         bank = apply_shiva_(transformer, shiva_cfg, seed=rec.router.seed)
         bank.train()
         for p in bank.parameters():
@@ -836,7 +854,7 @@ def train(
             torch.manual_seed(cfg.seed)  # reproducible policy init (nn.Linear draws from the global RNG)
             policy = RatioPolicy(n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std, min_keep=cfg.min_keep, max_logit=cfg.max_logit)
         policy.to(device)
-        measure = KeepMeasure.for_model(cfg.budget_measure, transformer, n_tokens, text_len, routed, rec.router.bottleneck)
+        measure = KeepMeasure.for_model(cfg.budget_measure, transformer, n_tokens, text_len, routed, rec.router.bottleneck, context=context)
         budget = EMABudget(cfg.target_keep, beta=cfg.ema_beta, lam=cfg.lambda_budget, sync=False).to(device)
         topk = DifferentiableTopK(tau_rank=cfg.tau_rank[0], tau_sel=cfg.tau_sel[0], noise_std=cfg.score_noise_std)
         topk.train()
@@ -1094,7 +1112,8 @@ def train(
         for hk in hooks:
             hk.remove()
 
-        result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history)
+        result = TrainResult(out_dir=out_dir, finished=step >= cfg.total_steps, step=step, seconds=0.0, target_keep=cfg.target_keep, checkpoint_path=ckpt_path, history=history,
+                             context=context)
         result.stages_run = [sum(1 for r in history if r["stage"] == name) for name in STAGES]
         if stopper is not None:
             result.heldout = {"source": held[2], "samples": cfg.eval_samples, "eval_every": cfg.eval_every, "patience": cfg.patience,
@@ -1108,7 +1127,7 @@ def train(
             say({"event": "dora-merged", **result.dora})
         if result.finished:
             if dist.is_main:
-                _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers, transformer, measure)
+                _write_outputs(result, rec, cfg, bank, policy, routed, n_tokens, n_layers, transformer, measure, context=context)
                 say({"event": "done", "step": step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep})
             dist.barrier()
         result.seconds = time.perf_counter() - t_start
@@ -1154,18 +1173,21 @@ def _check_compatible(ck: dict, rec, cfg: TrainConfig, path: Path) -> None:
     old = ck.get("config", {})
     if ck.get("model") != rec.name:
         raise ConfigError(f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir.")
-    keys = ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "max_logit", "cfg_pairs", "caption_dropout", "budget", "budget_timesteps", "budget_measure", "eval_every")
+    keys = ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "max_logit", "cfg_pairs", "caption_dropout", "budget", "budget_timesteps", "budget_measure", "eval_every", "context")
+    before = {"context": "drop"}  # settings added later: what checkpoints written before them ran with
     for key in keys + (("eval_samples",) if cfg.eval_every is not None else ()):  # the held-out split changes the training pool
-        if old.get(key) != getattr(cfg, key):
+        was = old.get(key, before.get(key))
+        if was != getattr(cfg, key):
             raise ConfigError(
-                f"checkpoint {path} has {key} = {old.get(key)!r}, this run {getattr(cfg, key)!r}; expected the same value. "
+                f"checkpoint {path} has {key} = {was!r}, this run {getattr(cfg, key)!r}; expected the same value. "
                 "Resume with the original settings or use another --out-dir."
             )
     if int(ck["step"]) > cfg.total_steps:
         raise ConfigError(f"checkpoint {path} is at step {ck['step']}, beyond this run's {cfg.total_steps} total steps. Pass more --steps.")
 
 
-def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int, transformer, measure=None) -> None:
+def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int, transformer, measure=None,
+                   context: str = "drop") -> None:
     from shiva_export.models import get_adapter
     from shiva_export.prune.router import save_routers
     from shiva_export.recipe import load_recipe
@@ -1199,7 +1221,8 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
         bank,
         router_path,
         extra={"model": rec.name, "target_keep": cfg.target_keep, "steps": sum(result.stages_run) if result.heldout else result.step,
-               "stages": result.stages_run if result.heldout else [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps], "seed": cfg.seed},
+               "stages": result.stages_run if result.heldout else [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps], "seed": cfg.seed,
+               **({"context": context} if context != "drop" else {})},  # drop: metadata (and so the sha) as before the option
     )
     phase_rows = []
     for name, ph in zip(names, phases):
@@ -1225,6 +1248,7 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
             "keep": lut_rows,
             "raw_mean_keep": raw_mean,
             "budget_measure": measure.mode,
+            "context": context,
             "raw_budget_keep": raw_measure,
             "calibration_shift": shift,
             "min_keep": cfg.min_keep,
@@ -1238,6 +1262,8 @@ def _write_outputs(result: TrainResult, rec, cfg: TrainConfig, bank, policy: Rat
     content = rec.content_dict()
     content["description"] = (content.get("description") or rec.name) + f" + learned Shiva router/schedule (target keep {cfg.target_keep:g})"
     content["router"] = dict(content["router"], weights=router_path.name, sha256=sha)
+    prune = {k: v for k, v in content["prune"].items() if k != "context"}
+    content["prune"] = prune if context == "drop" else dict(prune, context=context)  # the routing the router was trained with
     content["schedule"] = {"target_keep": cfg.target_keep, "timesteps": timesteps, "lut": lut_rows, "phases": phase_rows}
     if rec.model.source == "local" and rec.model.path and rec.source_path is not None and not Path(rec.model.path).is_absolute():
         # the written recipe lives in out_dir: keep the base recipe's local weights folder reachable from there
@@ -1336,7 +1362,8 @@ def evaluate_router(
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     n_layers = num_blocks(transformer)
     routed = rec.routed_blocks(n_layers)
-    scfg = ShivaConfig.uniform(n_layers, 1.0 - keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    scfg = ShivaConfig.uniform(n_layers, 1.0 - keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
+                               context=rec.prune.context)  # the routing the recipe deploys
     rc = scfg.router_config(*router_dims(transformer))
     if isinstance(router, RouterBank):
         trained = router

@@ -482,6 +482,9 @@ class KeepMeasure:
       the adapter's FLOP counter, evaluated at three budgets, gives ``f_l(r) = a_l + b_l r + c_l r^2`` and
       the measure inverts ``sum_l f_l(r) = mean_s sum_l f_l(keep_sl)`` in closed form (differentiable).
       A layer whose attention dominates then costs more budget per token than a cheap one.
+      With context ``"keep"`` a routed block at ``k < N`` also projects the rejected tokens' keys and values
+      (and ``norm1`` once more), which ``k = N`` does not: the cost jumps at keep 1, so the fit uses three
+      budgets below it (exact for every ``k < N``; the policy's keeps stay below 1 unless ``min_keep`` says otherwise).
 
     Args:
         mode (str): ``"tokens"`` or ``"flops"``.
@@ -497,8 +500,9 @@ class KeepMeasure:
         self.coeffs = None if coeffs is None else coeffs.double()
 
     @classmethod
-    def for_model(cls, mode: str, transformer, num_image_tokens: int, text_len: int, routed, bottleneck: int = 64) -> KeepMeasure:
-        """The measure of ``transformer``'s routed blocks at ``num_image_tokens`` image and ``text_len`` text tokens."""
+    def for_model(cls, mode: str, transformer, num_image_tokens: int, text_len: int, routed, bottleneck: int = 64, context: str = "drop") -> KeepMeasure:
+        """The measure of ``transformer``'s routed blocks at ``num_image_tokens`` image and ``text_len`` text tokens,
+        routed with ``context`` (``ShivaConfig.context``)."""
         if mode == "tokens":
             return cls("tokens")
         from shiva_export.models import get_adapter, num_blocks
@@ -507,9 +511,9 @@ class KeepMeasure:
         adapter = get_adapter(transformer)
         n_layers, routed = num_blocks(transformer), list(routed)
         rows, rs = [], []
-        for r in (0.25, 0.5, 1.0):
+        for r in (0.25, 0.5, 1.0) if context == "drop" else (0.25, 0.5, 0.75):
             keeps = [r if i in routed else None for i in range(n_layers)]
-            fc = adapter.count_flops(transformer.config, num_image_tokens, text_len, keeps, bottleneck=bottleneck)
+            fc = adapter.count_flops(transformer.config, num_image_tokens, text_len, keeps, bottleneck=bottleneck, context=context)
             rows.append([float(sum(fc.blocks[i].values())) for i in routed])
             rs.append(static_k(num_image_tokens, r) / num_image_tokens)
         v = torch.tensor([[1.0, r, r * r] for r in rs], dtype=torch.float64)
