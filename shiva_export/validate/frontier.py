@@ -303,7 +303,7 @@ def _image_metrics(m: _Measured, ref: _Measured | None) -> None:
     m.ssim = [ssim(a, b) for a, b in zip(m.images, ref.images)]
 
 
-def _prompts(rec, n: int, judge: bool):
+def _prompts(rec, n: int):
     """``n`` prompts: shape captions (the judge's scenes) or, for a class-conditional model, class ids."""
     from shiva_export.models import adapter_for_architecture
     from shiva_export.shapes.data import caption
@@ -688,7 +688,7 @@ def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, thr
     if threads:
         torch.set_num_threads(int(threads))
     judged = rec.pipeline.judge == "shapes"
-    scenes, texts = _prompts(rec, prompts, judged)
+    scenes, texts = _prompts(rec, prompts)
     judge = _Judge(scenes, n_ref) if judged else None
     runner = _Runner(rec, weights, artifact_root, say)
     measured = _generate(runner, rows_cfg, texts, seeds, guidance, judge, scenes, say)
