@@ -171,8 +171,21 @@ def train_command(
         num_threads=threads,
         **held,
     )
-    show = not (quiet or json_out)
-    every = max(1, cfg.total_steps // 20)
+    progress = _progress_printer(cfg.total_steps, show=not (quiet or json_out))
+    res = train(rec, cfg, progress=progress, weights=weights)
+    if int(__import__("os").environ.get("RANK", "0") or 0) != 0:
+        return ExitCode.OK  # torchrun: rank 0 reports
+    summary = res.to_dict()
+    if json_out:
+        result_json(summary)
+    else:
+        result_text(format_summary(summary))
+    return ExitCode.OK
+
+
+def _progress_printer(total_steps: int, *, show: bool):
+    """The training progress on stderr: about 20 step lines, every held-out evaluation, stage ends and resumes."""
+    every = max(1, total_steps // 20)
 
     def progress(ev: dict) -> None:
         if not show:
@@ -192,15 +205,7 @@ def train_command(
         elif kind == "resume":
             print(f"resumed at step {ev['step']}/{ev['total']} from {ev['checkpoint']}", file=sys.stderr, flush=True)
 
-    res = train(rec, cfg, progress=progress, weights=weights)
-    if int(__import__("os").environ.get("RANK", "0") or 0) != 0:
-        return ExitCode.OK  # torchrun: rank 0 reports
-    summary = res.to_dict()
-    if json_out:
-        result_json(summary)
-    else:
-        result_text(format_summary(summary))
-    return ExitCode.OK
+    return progress
 
 
 def format_summary(s: dict) -> str:
