@@ -115,7 +115,7 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
 
 @pytest.fixture(scope="module")
 def exports(arch, tmp_path_factory):
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
 
     name, rec, _ = arch
     root = tmp_path_factory.mktemp(name)

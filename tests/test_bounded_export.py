@@ -13,7 +13,7 @@ from torch import nn
 import shiva_export.export.lazy as lazy
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.export.lazy import LazyWeights, build_embedded_lazy, is_lazy, standing_in
-from shiva_export.export.pipeline import export_pruned
+from shiva_export.export.pruned import export_pruned
 from shiva_export.models import adapter_for_architecture
 from shiva_export.recipe import load_recipe
 

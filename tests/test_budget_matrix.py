@@ -37,7 +37,7 @@ def _max_topk_k(path) -> int:
 @pytest.mark.parametrize("px,n", [(512, 1024), (1024, 4096)])
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_tiny_sd35_every_budget(tmp_path, px, n, ratio):
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
 
     res = export_pruned(model="sd35-tiny", ratio=ratio, height=px, width=px, out=tmp_path / "m.onnx", parity_cases=1)
     assert res.num_image_tokens == n

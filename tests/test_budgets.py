@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shiva_export.cli import main
-from shiva_export.engines.pipeline import unique_budgets
-from shiva_export.export.pipeline import budget_label
+from shiva_export.engines.budgets import unique_budgets
+from shiva_export.export.pruned import budget_label
 from shiva_export.recipe import load_recipe
 
 
@@ -73,7 +73,7 @@ def test_timing_cache_written_by_a_build_is_reusable_and_stamped(tmp_path):
 def test_weights_fingerprint_catches_a_same_size_same_mtime_change(tmp_path):
     import os
 
-    from shiva_export.engines.pipeline import weights_fingerprint
+    from shiva_export.engines.budgets import weights_fingerprint
 
     rec = load_recipe("sd35-tiny")
     w = tmp_path / "transformer"

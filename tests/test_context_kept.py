@@ -167,7 +167,7 @@ def test_onnx_export_keep_static_shapes_and_ort_parity(recipe_file, tmp_path):
     import numpy as np
     import onnx
 
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
     from shiva_export.validate.parity import ort_session
 
     keep = export_pruned(recipe=recipe_file, ratio=0.4, out=tmp_path / "keep.onnx", parity_cases=2)
@@ -186,7 +186,7 @@ def test_onnx_export_keep_static_shapes_and_ort_parity(recipe_file, tmp_path):
 
 
 def test_dense_with_context_keep_is_refused(recipe_file):
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
 
     with pytest.raises(ConfigError, match="dense export routes nothing"):
         export_pruned(recipe=recipe_file, dense=True, context="keep")
@@ -224,10 +224,10 @@ def test_other_architectures_refuse_keep_before_loading(monkeypatch, tmp_path):
             get_adapter(arch).check_context("keep")
         with pytest.raises(ConfigError, match=f"architecture '{arch}'"):
             count_model_flops(arch, {}, 64, 8, None, context="keep")
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
     from shiva_export.runtime.pipeline import load_pipeline
 
-    monkeypatch.setattr("shiva_export.export.pipeline.load_transformer", lambda **kw: pytest.fail("loaded a model"))
+    monkeypatch.setattr("shiva_export.export.pruned.load_transformer", lambda **kw: pytest.fail("loaded a model"))
     monkeypatch.setattr("shiva_export.runtime.pipeline._pipeline_location", lambda *a: pytest.fail("loaded a pipeline"))
 
     with pytest.raises(ConfigError, match="architecture 'flux'"):
@@ -250,8 +250,8 @@ def test_apply_on_flux_refuses_keep_and_leaves_model_untouched():
 
 
 def test_recipe_context_key_hash_and_cache_keys(tmp_path):
-    from shiva_export.engines.pipeline import export_key_for
-    from shiva_export.export.pipeline import default_onnx_path
+    from shiva_export.engines.budgets import export_key_for
+    from shiva_export.export.pruned import default_onnx_path
     from shiva_export.recipe import load_recipe, recipe_hash
 
     src = (tiny_recipe := load_recipe("sd35-tiny")).source_path.read_text()

@@ -518,7 +518,7 @@ def test_stripped_plan_holds_no_weights(trt, tmp_path):
 
 @pytest.mark.trt_rtx
 def test_refit_source_is_checked_against_the_manifest(trt, tmp_path):
-    from shiva_export.engines.pipeline import _refit_weights, build_engines
+    from shiva_export.engines.budgets import _refit_weights, build_engines
     from shiva_export.engines.runner import EngineRunner
 
     (res,) = build_engines(model="sd35-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path, validate=False, height=128, width=128)

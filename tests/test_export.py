@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from shiva_export.errors import ExportError
-from shiva_export.export.pipeline import export_pruned
+from shiva_export.export.pruned import export_pruned
 from shiva_export.models.sd3 import InputSpec, make_inputs
 from shiva_export.validate.parity import check_parity, ort_session
 
 
 def _reference(res):
     """The fp32 PyTorch model with exactly the export's router and budget (the recipe's trained router)."""
-    from shiva_export.export.pipeline import resolve_router
+    from shiva_export.export.pruned import resolve_router
     from shiva_export.models.sd3 import load_transformer
     from shiva_export.prune import apply_shiva_
 

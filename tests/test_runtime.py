@@ -33,7 +33,7 @@ def torch_pipe():
 @pytest.fixture(scope="module")
 def ort_export(tmp_path_factory):
     """ratio 0.4 ONNX of sd35-tiny with the trained router and kept-index debug outputs."""
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
 
     out = tmp_path_factory.mktemp("ort") / "r04.onnx"
     res = export_pruned(model="sd35-tiny", ratio=0.4, out=out, debug_outputs=True, validate=False)
@@ -303,7 +303,7 @@ def test_gpu_suite_parses_and_skips_cleanly_without_a_gpu(tmp_path):
 @pytest.mark.trt_rtx
 def test_trt_backend_verifies_the_engine_before_looking_for_a_gpu(capsys, tmp_path):
     """An untouched engine gets as far as the GPU check (exit 4 here); a tampered one is refused first (exit 1)."""
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     builds = build_engines(model="sd35-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path / "engines", validate=False)
     eng = builds[-1].out_dir

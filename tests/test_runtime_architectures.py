@@ -222,7 +222,7 @@ def test_load_pipeline_without_a_pipeline_class_fails_in_one_line(monkeypatch, t
 def test_trt_backend_goes_through_the_artifact_path_and_refuses_without_a_gpu(capsys, tmp_path):
     """``--backend trt`` exports, builds (TensorRT-RTX, ahead of time, no GPU needed) and then opens the engine
     like any artifact: without a CUDA GPU it stops there in one line with exit 4."""
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     builds = build_engines(model="dit-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path / "engines", validate=False)
     eng = builds[-1].out_dir

@@ -59,7 +59,7 @@ def test_trained_router_beats_untrained(trained):
 
 
 def test_phase_export_passes_parity(trained, tmp_path):
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
 
     res, _ = trained
     ex = export_pruned(recipe=res.recipe_path, phase=0, validate=True, parity_cases=1, out=tmp_path / "p0.onnx")

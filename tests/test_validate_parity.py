@@ -33,7 +33,7 @@ def test_parity_passes_for_every_budget(capsys, tmp_path, model):
 
 @pytest.fixture(scope="module")
 def export_04(tmp_path_factory):
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
 
     d = tmp_path_factory.mktemp("v")
     return export_pruned(model="sd3-tiny", ratio=0.4, out=d / "good.onnx", validate=False)

@@ -24,7 +24,7 @@ def budget_label(ratio: float) -> str:
 
     Two different ratios never share a name: 0.4 is ``ratio0.40`` and 0.404 ``ratio0.404``, 0.12 is
     ``ratio0.12`` and 0.125 ``ratio0.125`` (their per-block k differ). Ratios that give the same k in every
-    block are one budget: callers deduplicate them before building (``engines.pipeline.unique_budgets``).
+    block are one budget: callers deduplicate them before building (``engines.budgets.unique_budgets``).
     """
     r = float(ratio)
     short = f"{r:.2f}"

@@ -278,7 +278,7 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
 
 
 def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop") -> str:
-    from shiva_export.engines.pipeline import export_key_for
+    from shiva_export.engines.budgets import export_key_for
 
     key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context)
     key["keep_ratios"] = list(phase.keep_ratios)
@@ -291,7 +291,7 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
     or of the dense reference; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
-    from shiva_export.export.pipeline import export_pruned
+    from shiva_export.export.pruned import export_pruned
     from shiva_export.utils.io import inside, safe_component, sha256_file
 
     key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
@@ -584,7 +584,7 @@ def config_obj(config: dict[str, Any]):
 
 
 def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, context: str = "drop") -> dict[str, Any]:
-    from shiva_export.export.pipeline import resolve_router, router_tensor_hash
+    from shiva_export.export.pruned import resolve_router, router_tensor_hash
     from shiva_export.models import router_dims
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_shiva_phases_
 
@@ -599,7 +599,7 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
 
 def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop") -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     if use_phases:
         raise ConfigError(

@@ -289,7 +289,7 @@ def validate_parity(
         report_md (PathLike): Write a Markdown report here. Defaults to None.
         progress (Callable[[str], None]): Stage callback. Defaults to None.
     """
-    from shiva_export.export.pipeline import budget_dir, budget_label, export_pruned, resolve_router
+    from shiva_export.export.pruned import budget_dir, budget_label, export_pruned, resolve_router
 
     say = progress or (lambda s: None)
     require("polygraphy", purpose="parity validation")  # typed error + pip line when missing

@@ -10,7 +10,7 @@ on the same inputs, shapes and dtype (fp32), in
 
 * ``torch``: PyTorch eager under ``torch.inference_mode()`` (CPU, or CUDA with ``device="cuda"``), and
 * ``ort``: ONNX Runtime ``CPUExecutionProvider``. Each variant is exported once into a temporary folder:
-  the pruned ones with :func:`~shiva_export.export.pipeline.export_pruned` (``validate=False``), the dense
+  the pruned ones with :func:`~shiva_export.export.pruned.export_pruned` (``validate=False``), the dense
   one with :func:`~shiva_export.export.onnx.export_onnx` on the model without Shiva.
 
 Benchmark hygiene (``feasibility.md`` section 6: back-to-back runs drifted by up to 25 % on a shared
@@ -395,7 +395,7 @@ def benchmark_speed(
 
 def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, device, tmp: Path, say, command, load_start) -> SpeedReport:
     from shiva_export.export.onnx import _quiet_exporter, export_onnx, package_versions
-    from shiva_export.export.pipeline import export_pruned, resolve_router, router_tensor_hash
+    from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
 
     timings: dict[str, Any] = {}
     say("load model")

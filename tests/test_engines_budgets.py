@@ -17,7 +17,7 @@ pytestmark = pytest.mark.trt_rtx
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     root = tmp_path_factory.mktemp("engines")
     tc = root / "timing.cache"
@@ -52,7 +52,7 @@ def test_engines_per_budget_with_complete_manifests(built, model):
 
 
 def test_second_run_is_cached_and_force_rebuilds(built):
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     root, tc, _ = built
     again = build_engines(model="sd3-tiny", ratios=[0.2, 0.4, 0.6], backend="tensorrt-rtx", out_dir=root, timing_cache=tc)
@@ -64,7 +64,7 @@ def test_second_run_is_cached_and_force_rebuilds(built):
 
 
 def test_tampered_engine_is_refused_and_rebuilt(built, tmp_path):
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     root, tc, out = built
     r = out["sd35-tiny"][2]
@@ -141,7 +141,7 @@ def test_inspect_cli_reports_findings(tmp_path, capsys):
 
 
 def test_dynamic_batch_engine_gets_a_profile(tmp_path):
-    from shiva_export.engines.pipeline import build_engines
+    from shiva_export.engines.budgets import build_engines
 
     res = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path,
                         dynamic_batch=True, batch_range=(1, 2, 4), validate=True)

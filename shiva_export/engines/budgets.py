@@ -21,7 +21,7 @@ from shiva_export.engines.builder import Backend, build_engine, deserialize_chec
 from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout, read_chain
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
-from shiva_export.export.pipeline import budget_dir, export_pruned
+from shiva_export.export.pruned import budget_dir, export_pruned
 from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import folder_lock, sha256_file
