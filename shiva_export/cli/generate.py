@@ -62,6 +62,8 @@ def generate_command(
     artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
     json_out: Annotated[bool, typer.Option("--json", help="Print the run record as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Map the prompts over Ray Data actors (one pipeline each; resumable: finished images are skipped on rerun). Needs shiva-export[serve].")] = False,
+    replicas: Annotated[int, typer.Option("--replicas", help="With --ray: actors (pipelines) running at once.")] = 1,
 ) -> int:
     if backend not in ("torch", "ort", "trt"):
         raise typer.BadParameter(f"{backend!r} is not one of torch, ort, trt.", param_hint="--backend")
@@ -92,6 +94,13 @@ def generate_command(
 
         torch.set_num_threads(threads)
 
+    if ray:
+        return _generate_ray(texts, out=out, model=model, weights=weights, recipe=recipe, ratio=ratio, context=context, phases=phases, backend=backend,
+                             artifact=artifact, router=router, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                             height=height, width=width, compare_dense=compare_dense, dtype=dtype, device=device, provider=provider,
+                             threads=threads, artifact_root=artifact_root, json_out=json_out, show=not (quiet or json_out), replicas=replicas)
+    if replicas != 1:
+        raise typer.BadParameter("--replicas needs --ray (one process runs one pipeline).", param_hint="--replicas")
     from shiva_export.runtime.generate import generate
 
     show = not (quiet or json_out)
@@ -122,6 +131,32 @@ def generate_command(
         finally:
             if progress_bar is not None:
                 progress_bar.stop()
+    if json_out:
+        result_json(rec)
+    else:
+        result_text(format_record(rec))
+    return ExitCode.OK
+
+
+def _generate_ray(texts: list[str], *, json_out: bool, show: bool, **kw) -> int:
+    """``generate --ray``: the same files as the single-process run, from Ray Data actors, with one progress bar."""
+    from shiva_export.serve import require_ray
+    from shiva_export.serve.data import generate_ray
+
+    require_ray("generate --ray")
+    bar = None
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False)
+        bar.start()
+        task = bar.add_task("images", total=len(texts))
+    try:
+        rec = generate_ray(prompts=texts, out_dir=kw.pop("out"), artifacts=kw.pop("artifact"), **kw,
+                           progress=(lambda d, n: bar.update(task, completed=d)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.stop()
     if json_out:
         result_json(rec)
     else:
