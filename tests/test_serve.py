@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,7 +169,7 @@ def test_batched_call_is_within_40_db_of_generate(worker, reference):
     from shiva_export.runtime.generate import psnr
     from shiva_export.serve.requests import GenerateRequest
 
-    out, rec = reference
+    _, rec = reference
     reqs = [GenerateRequest(p, i, STEPS, 4.5, 256, 256) for i, p in enumerate(PROMPTS[:2])]
     res = worker.run(reqs)
     assert [r["record"]["batch_size"] for r in res] == [2, 2]
@@ -182,11 +183,11 @@ def test_served_alone_is_generate_byte_for_byte_and_healthz_is_up(served, refere
     from shiva_export.serve.client import get_health, post_generate
 
     assert get_health(served) == (200, {"ok": True, "status": "RUNNING", "replicas": {"RUNNING": 2}})
-    out, rec = reference
+    _, rec = reference
     reply = post_generate(served, {"prompt": PROMPTS[2], "seed": 2, "steps": STEPS})
     assert reply.status == 200, reply.body
     png = base64.b64decode(reply.body["image_png_base64"])
-    assert png == open(rec["images"][2]["png"], "rb").read()
+    assert png == Path(rec["images"][2]["png"]).read_bytes()
     r = reply.body["record"]
     assert r["batch_size"] == 1 and r["image"]["seed"] == 2 and r["image"]["phase_trace"] == "RR"
     assert r["pipeline"]["router"] == rec["pipeline"]["router"] and r["request_id"]
@@ -201,7 +202,7 @@ def test_generate_ray_writes_the_single_process_files_and_resumes(ray_cluster, o
                        artifact_root=opts.artifact_root, num_cpus=0.5, progress=lambda d, n: seen.append((d, n)))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in out_ref.iterdir())
     for a, b in zip(rec["images"], rec_ref["images"]):
-        assert open(a["png"], "rb").read() == open(b["png"], "rb").read()
+        assert Path(a["png"]).read_bytes() == Path(b["png"]).read_bytes()
     assert _comparable(json.loads((tmp_path / "generate.json").read_text())) == _comparable(json.loads((out_ref / "generate.json").read_text()))
     assert seen[0] == (0, 3) and seen[-1] == (3, 3)
     seen.clear()
@@ -251,7 +252,7 @@ def test_ort_static_batch_graphs_lone_bit_exact_batched_40_db(ray_cluster, tmp_p
     rec = generate(model="sd35-tiny", prompts=PROMPTS[:2], out_dir=tmp_path / "g", backend="ort", ratio=0.4, steps=STEPS, threads=1,
                    artifact_root=o.artifact_root)
     lone = w.run([GenerateRequest(PROMPTS[0], 0, STEPS, 4.5, 256, 256)])[0]
-    assert lone["png"] == open(rec["images"][0]["png"], "rb").read()
+    assert lone["png"] == Path(rec["images"][0]["png"]).read_bytes()
     pair = w.run([GenerateRequest(p, i, STEPS, 4.5, 256, 256) for i, p in enumerate(PROMPTS[:2])])
     for r, im in zip(pair, rec["images"]):
         assert r["record"]["batch_size"] == 2
