@@ -23,7 +23,7 @@ from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.prune.schedule import budget_label
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
-from shiva_export.validate.parity import ParityReport, check_parity
+from shiva_export.export.parity import ParityReport, check_parity
 
 __all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
 

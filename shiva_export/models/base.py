@@ -31,6 +31,8 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ModelNotFoundError, ShapeError, WeightsError
 from shiva_export.logging import get_logger
+from shiva_export.models.components import import_pipeline_class
+from shiva_export.prune.api import register_adapter_lookup
 
 __all__ = [
     "ModelAdapter",
@@ -42,7 +44,10 @@ __all__ = [
     "supported_architectures",
     "load_transformer",
     "torch_dtype",
+    "transformer_config",
     "weights_sha256",
+    "check_weights_sha256",
+    "read_class_name",
     "VAE_SCALE",
     "CACHE_FIX_HOOK",
 ]
@@ -62,7 +67,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _transformer_config(transformer_or_config: Any) -> Any:
+def transformer_config(transformer_or_config: Any) -> Any:
     return getattr(transformer_or_config, "config", transformer_or_config)
 
 
@@ -96,7 +101,7 @@ class InputSpec:
 
     def shapes(self, transformer_or_config: Any) -> dict[str, tuple[int, ...]]:
         """``{input name: static shape}`` of the graph inputs, as the model's adapter declares them."""
-        return get_adapter(transformer_or_config).input_shapes(_transformer_config(transformer_or_config), self)
+        return get_adapter(transformer_or_config).input_shapes(transformer_config(transformer_or_config), self)
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "height": self.height, "width": self.width, "text_len": self.text_len, "cfg": self.cfg}
@@ -190,7 +195,7 @@ class ModelAdapter:
     def config_num_blocks(self, config: Any) -> int:
         """:meth:`num_blocks` from a config alone (the runtime never loads the weights of ort/trt pipelines).
         Default: ``num_layers``."""
-        return int(dict(_transformer_config(config))["num_layers"])
+        return int(dict(transformer_config(config))["num_layers"])
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         """``(temb width, pooled width)`` of the router's context vectors."""
@@ -219,7 +224,7 @@ class ModelAdapter:
     # -- shapes and inputs (abstract unless noted) --------------------------------------------------------
     def patch_px(self, config: Any) -> int:
         """Pixels per image token along one side. Default: the VAE's 8 x the config's ``patch_size``."""
-        return VAE_SCALE * int(_transformer_config(config).patch_size)
+        return VAE_SCALE * int(transformer_config(config).patch_size)
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         """Default: both sides positive multiples of :meth:`patch_px`; adapters add their own limits."""
@@ -280,14 +285,14 @@ class ModelAdapter:
         so config-only FLOP counts of real checkpoints need only the keys that differ."""
         import inspect
 
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         out = {k: p.default for k, p in inspect.signature(self.model_class().__init__).parameters.items() if p.default is not inspect.Parameter.empty}
         out.update({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
         return out
 
     def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
                     context: str = "drop"):
-        """Analytic matmul FLOPs of one forward (``shiva_export.validate.flops`` convention) -> ``FlopCount``;
+        """Analytic matmul FLOPs of one forward (``shiva_export.models.flops`` convention) -> ``FlopCount``;
         ``context`` is the routing's ``ShivaConfig.context`` (refused unless in :attr:`CONTEXT_MODES`)."""
         raise NotImplementedError
 
@@ -313,8 +318,6 @@ class ModelAdapter:
                 f"architecture {self.NAME!r} ({self.MODEL_CLASS}) declares no diffusers pipeline (PIPELINE_CLASS is None), so it "
                 "cannot generate images; export it with `shiva-export onnx` / `trt`, or add the pipeline to its adapter."
             )
-        from shiva_export.runtime.embedded import import_pipeline_class
-
         return import_pipeline_class(self.PIPELINE_CLASS)
 
     def config_class_names(self) -> tuple[str, ...]:
@@ -330,7 +333,7 @@ class ModelAdapter:
 
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """The offline tiny pipeline around ``transformer`` (seeded components from
-        ``shiva_export.runtime.embedded``)."""
+        :mod:`shiva_export.models.components`)."""
         raise ConfigError(f"architecture {self.NAME!r} has no offline embedded pipeline; pass --weights PATH (a diffusers pipeline folder).")
 
     def pipeline_index_extras(self, pipe) -> dict[str, Any]:
@@ -487,8 +490,13 @@ def get_adapter(obj: Any) -> ModelAdapter:
     return get_adapter(str(name))
 
 
+# prune lies below this package and never imports it: it asks this lookup for a transformer's adapter.
+register_adapter_lookup(get_adapter)
+
+
 # -- generic loading (one code path for every architecture) -------------------------------------------------
-def _read_class_name(folder: Path) -> str | None:
+def read_class_name(folder: Path) -> str | None:
+    """``_class_name`` of the diffusers ``config.json`` in ``folder`` (None when there is none to read)."""
     try:
         return json.loads((folder / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError):
@@ -510,7 +518,7 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     return sha256_bytes("".join(f"{d}  {n}\n" for d, n in digests).encode())
 
 
-def _check_weights_sha256(folder: Path, recipe) -> None:
+def check_weights_sha256(folder: Path, recipe) -> None:
     """A recipe whose ``[model] sha256`` is set loads only those exact weights (its router and schedule were
     trained on them, e.g. a DoRA-merged transformer)."""
     want = getattr(recipe.model, "sha256", None) if recipe is not None else None
@@ -555,13 +563,13 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
                 f"--weights {p} holds no config.json (nor transformer/config.json). "
                 "Pass the folder written by <Transformer>.save_pretrained or a pipeline folder."
             )
-        cls_name = _read_class_name(folder / sub if sub else folder)
+        cls_name = read_class_name(folder / sub if sub else folder)
         if cls_name is None:
             raise WeightsError(f"--weights {p}: config.json has no _class_name. Pass a folder written by diffusers' save_pretrained.")
         adapter = get_adapter(cls_name)
         if recipe is not None and recipe.architecture != adapter.NAME:
             raise WeightsError(f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe.")
-        _check_weights_sha256(folder / sub if sub else folder, recipe)
+        check_weights_sha256(folder / sub if sub else folder, recipe)
         try:
             model = adapter.from_pretrained(str(folder), sub, td, True)
         except WeightsError:

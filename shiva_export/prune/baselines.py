@@ -114,10 +114,8 @@ class MaskScorer(nn.Module):
 
 def set_scorer_(transformer: nn.Module, scorer: nn.Module) -> nn.Module:
     """Replaces the router bank of a Shiva transformer with ``scorer``; returns the bank it replaced."""
-    from shiva_export.prune.api import _ROUTERS_ATTR, is_shiva_applied
+    from shiva_export.prune.api import is_shiva_applied, set_router_bank_
 
     if not is_shiva_applied(transformer):
         raise ConfigError("set_scorer_ needs a transformer with Shiva applied (apply_shiva_ or load_pipeline).")
-    old = transformer._modules[_ROUTERS_ATTR]
-    transformer._modules[_ROUTERS_ATTR] = scorer
-    return old
+    return set_router_bank_(transformer, scorer)

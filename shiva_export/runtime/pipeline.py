@@ -172,9 +172,9 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
                 "pass the folder written by the pipeline's (or transformer's) save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
-            from shiva_export.models.base import _check_weights_sha256
+            from shiva_export.models.base import check_weights_sha256
 
-            _check_weights_sha256(p / "transformer", rec)
+            check_weights_sha256(p / "transformer", rec)
         return str(p), True
     if rec.model.source == "local":
         if _transformer_folder(rec, None) is not None:

@@ -33,7 +33,8 @@ from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
 from shiva_export.export.onnx import read_shiva_metadata
 from shiva_export.engines.chain import CHAIN_FILE
-from shiva_export.validate.parity import ChainedSession, _row_overlap, compare_arrays
+from shiva_export.export.ort import ChainedSession
+from shiva_export.export.parity import compare_arrays, row_overlap
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
 
@@ -406,7 +407,7 @@ def _summarize(ratio, backend, dtype, results, i_ref, i_test, tol, ok_simple, ok
         stats.append(compare_arrays(OUTPUT_NAME, ra[OUTPUT_NAME], rb[OUTPUT_NAME], tol.atol, tol.rtol, tol.min_cosine, tol.quantile))
         for name in ra.keys():
             if name.startswith(INDEX_PREFIX) and name in rb.keys():
-                ov, ex = _row_overlap(np.asarray(ra[name]), np.asarray(rb[name]))
+                ov, ex = row_overlap(np.asarray(ra[name]), np.asarray(rb[name]))
                 overlaps.append(ov)
                 exacts.append(ex)
                 blk = int(name[len(INDEX_PREFIX):])

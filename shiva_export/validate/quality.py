@@ -226,7 +226,7 @@ def _mean_keep(phases, trace: Sequence[str]) -> float:
 
 def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], bottleneck: int, model_batch: int, context: str = "drop") -> float:
     """Transformer GFLOPs of one image: the sum over its denoising steps (phase per step from the trace)."""
-    from shiva_export.validate.flops import count_flops
+    from shiva_export.models.sd3 import count_flops  # sd35-shapes is an SD3 model
 
     cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     if not phases:
@@ -433,7 +433,7 @@ def _generate(setup: _Setup, m: str, phases, texts: Sequence[str], seeds: Sequen
     """(images, latencies, phase traces) of every prompt x seed (prompts outer), noise from :func:`noise_seed`."""
     import numpy as np
 
-    from shiva_export.prune.api import _ROUTERS_ATTR
+    from shiva_export.prune.api import set_router_bank_
     from shiva_export.prune.baselines import RandomScorer
     from shiva_export.runtime.generate import run_pipeline
 
@@ -442,7 +442,7 @@ def _generate(setup: _Setup, m: str, phases, texts: Sequence[str], seeds: Sequen
     for i, text in enumerate(texts):
         for seed in seeds:
             if m == "random":
-                setup.tf._modules[_ROUTERS_ATTR] = RandomScorer(7000 + 131 * i + seed)
+                set_router_bank_(setup.tf, RandomScorer(7000 + 131 * i + seed))
             res = run_pipeline(p, text, steps=setup.steps, guidance=setup.guidance, seed=noise_seed(seed, i))
             imgs.append(np.asarray(res.image, dtype=np.float64))
             lat.append(res.times.total)
@@ -597,7 +597,7 @@ def validate_quality(
     """
     import torch
 
-    from shiva_export.prune.api import _ROUTERS_ATTR
+    from shiva_export.prune.api import router_bank
     from shiva_export.prune.baselines import set_scorer_
     from shiva_export.runtime.pipeline import _recipe, load_pipeline
     from shiva_export.shapes.analyze import FEATURE_NAMES
@@ -618,7 +618,7 @@ def validate_quality(
 
     say("load pipelines")
     pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
-    setup = _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
+    setup = _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=router_bank(pipe.transformer),
                    n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
                    trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
                    guidance=float(rec.pipeline.guidance if guidance is None else guidance))

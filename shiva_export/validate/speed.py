@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +46,9 @@ from torch import nn
 
 from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
-from shiva_export.validate.parity import ort_session
+from shiva_export.export.ort import ort_session
+from shiva_export.utils.machine import loadavg as _loadavg
+from shiva_export.utils.machine import machine_info as _machine
 from shiva_export.logging import get_logger
 from shiva_export.models import InputSpec, check_image_size, get_adapter, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
@@ -220,55 +221,6 @@ class _Variant:
     key: str
     run: Callable[[], Any]
     prepare: Callable[[], None] = lambda: None
-
-
-def _cpuinfo() -> dict[str, Any]:
-    """First processor's fields of /proc/cpuinfo that identify the CPU (empty off Linux)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return {}
-    flags = set(fields.get("flags", "").split())
-    return {
-        "cpu_vendor": fields.get("vendor_id"),
-        "cpu_family": fields.get("cpu family"),
-        "cpu_model_number": fields.get("model"),
-        "cpu_mhz": fields.get("cpu MHz"),
-        "cpu_cores_per_socket": fields.get("cpu cores"),
-        "cpu_simd": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")),
-        "cpu_model": fields.get("model name"),
-    }
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def _machine(load_start: float | None) -> dict[str, Any]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-    info = _cpuinfo()
-    return {
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
-        **info,
-        "cpu_model": info.get("cpu_model") or platform.processor() or platform.machine() or "unknown",
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": affinity,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def _pct(values: list[float], q: float) -> float:
