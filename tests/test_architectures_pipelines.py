@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from shiva_export.models import load_transformer
+from shiva_export.models.components import clip_tokenizer, seeded, t5_encoder, t5_tokenizer
 from shiva_export.prune import is_shiva_applied, remove_shiva_
 from shiva_export.recipe import load_recipe
-from shiva_export.models.components import clip_tokenizer, seeded, t5_encoder, t5_tokenizer
 from shiva_export.runtime.pipeline import shiva_pipeline
 
 torch.set_num_threads(1)

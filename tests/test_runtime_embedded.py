@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from shiva_export.errors import OutputPathError, RecipeError
-from shiva_export.recipe import load_recipe
 from shiva_export.models import components as C
+from shiva_export.recipe import load_recipe
 from shiva_export.runtime import embedded as E
 
 

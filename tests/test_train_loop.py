@@ -70,7 +70,7 @@ def test_phase_export_passes_parity(trained, tmp_path):
 
 def test_resume_continues_at_the_right_step(tmp_path):
     kw = dict(warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, checkpoint_every=3)
-    full = train(MODEL, _cfg(tmp_path / "full", **kw))
+    train(MODEL, _cfg(tmp_path / "full", **kw))  # the uninterrupted reference: compared through its checkpoint below
     first = train(MODEL, _cfg(tmp_path / "cut", stop_at_step=5, **kw))
     assert not first.finished and first.step == 5 and first.recipe_path is None
     events: list[dict] = []

@@ -71,7 +71,6 @@ def test_wrong_router_fails_with_exit_3(capsys, tmp_path, export_04):
 
 
 def test_boundary_score_ties_are_told_from_real_mismatches():
-    import numpy as np
     import torch
 
     from shiva_export.export.parity import _near_ties

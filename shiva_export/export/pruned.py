@@ -13,17 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from shiva_export.errors import ConfigError, RouterError
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
+from shiva_export.export.parity import ParityReport, check_parity
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
+from shiva_export.models import (
+    InputSpec,
+    check_image_size,
+    load_transformer,
+    make_inputs,
+    num_blocks,
+    num_image_tokens,
+    router_dims,
+    torch_dtype,
+)
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.prune.schedule import budget_label
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
-from shiva_export.export.parity import ParityReport, check_parity
 
 __all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
 

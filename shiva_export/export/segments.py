@@ -30,9 +30,9 @@ import bisect
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from shiva_export.errors import ConfigError

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from shiva_export.prune.api import routing_state, router_bank
+from shiva_export.prune.api import router_bank, routing_state
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 
 __all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep", "rows_of", "bound_args"]

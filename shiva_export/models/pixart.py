@@ -33,11 +33,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export.models import components as C
 from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, bound_args, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
+from shiva_export.models import components as C
+from shiva_export.models._override import (
+    add_hook,
+    block_context,
+    bound_args,
+    hook_state,
+    install_overrides,
+    remove_overrides,
+    route_tokens,
+    rows_of,
+)
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, register_adapter, transformer_config
 from shiva_export.models.flops import assemble_count, router_terms
-from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, transformer_config, register_adapter
 
 __all__ = ["PixArtAdapter"]
 

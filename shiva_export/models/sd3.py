@@ -35,11 +35,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export.models import components as C
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
-from shiva_export.models._override import add_hook, block_context, bound_args, install_overrides, remove_overrides, route_tokens, rows_of
-from shiva_export.models.base import CACHE_FIX_HOOK, VAE_SCALE, InputSpec, ModelAdapter, transformer_config, get_adapter, register_adapter, torch_dtype
+from shiva_export.models import components as C
+from shiva_export.models._override import (
+    add_hook,
+    block_context,
+    bound_args,
+    install_overrides,
+    remove_overrides,
+    route_tokens,
+    rows_of,
+)
+from shiva_export.models.base import (
+    CACHE_FIX_HOOK,
+    VAE_SCALE,
+    InputSpec,
+    ModelAdapter,
+    get_adapter,
+    register_adapter,
+    torch_dtype,
+    transformer_config,
+)
 from shiva_export.models.base import load_transformer as _load_any
 from shiva_export.models.flops import FlopCount
 from shiva_export.prune.api import check_context, routing_state

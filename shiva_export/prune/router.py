@@ -155,9 +155,7 @@ def save_routers(bank: RouterBank, path: str | Path, extra: dict | None = None) 
     """Writes the router bank as safetensors (atomically, byte-reproducible) and returns its sha256."""
     from safetensors.torch import save_file
 
-    from shiva_export.utils.io import check_writable
-
-    from shiva_export.utils.io import canonical_json
+    from shiva_export.utils.io import canonical_json, check_writable
 
     path = check_writable(path, "router weights")
     # One metadata key holding canonical JSON: safetensors writes its metadata map in arbitrary order,

@@ -152,7 +152,7 @@ def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], N
 
 def _trace_of(pipe) -> list[str]:
     t = pipe.transformer
-    if hasattr(t, "trace") and isinstance(getattr(t, "trace"), list):
+    if hasattr(t, "trace") and isinstance(t.trace, list):
         out = list(t.trace)
         t.trace.clear()
         return out

@@ -60,7 +60,8 @@ from shiva_export.export.ort import ort_session
 from shiva_export.models import InputSpec
 from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
-__all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]
+# ShivaArtifactTransformer is defined on first access (module __getattr__ below), which ruff cannot see.
+__all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]  # noqa: F822
 
 
 def export_command(model: str, phase: TimestepPhase, spec: InputSpec, *, height: int | None = None, width: int | None = None,

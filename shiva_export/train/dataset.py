@@ -363,7 +363,13 @@ def encode_train_data(
     from safetensors.torch import save as st_save
 
     from shiva_export.recipe import recipe_hash
-    from shiva_export.runtime.pipeline import _from_pretrained, _pipeline_location, _recipe, _transformer_config, config_obj
+    from shiva_export.runtime.pipeline import (
+        _from_pretrained,
+        _pipeline_location,
+        _recipe,
+        _transformer_config,
+        config_obj,
+    )
     from shiva_export.utils.io import atomic_write_json, sha256_bytes, temp_prefix
 
     t_start = time.perf_counter()
@@ -690,8 +696,7 @@ class _IndexStream(torch.utils.data.Sampler):
         while True:
             e, off = divmod(pos, self.n)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e)).tolist()
-            for i in perm[off:]:
-                yield i
+            yield from perm[off:]
             pos = (e + 1) * self.n
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for warnings

@@ -52,7 +52,15 @@ from shiva_export.errors import ConfigError, RecipeError
 from shiva_export.logging import get_logger
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 from shiva_export.train.data import make_data
-from shiva_export.train.policy import MAX_PHASES, EMABudget, KeepMeasure, RatioPolicy, quantize_lut, stratified_ratios, stratified_timesteps
+from shiva_export.train.policy import (
+    MAX_PHASES,
+    EMABudget,
+    KeepMeasure,
+    RatioPolicy,
+    quantize_lut,
+    stratified_ratios,
+    stratified_timesteps,
+)
 from shiva_export.train.ste import DifferentiableTopK, TemperatureSchedule, route_with_ste
 
 __all__ = [
@@ -790,11 +798,15 @@ def train(
         ConfigError: Bad settings, an unreadable checkpoint or data folder.
         RecipeError: The recipe's routed range does not fit the model.
     """
-    from shiva_export.models import check_image_size, get_adapter, load_transformer, num_image_tokens
+    from shiva_export.models import (
+        adapter_for_architecture,
+        check_image_size,
+        get_adapter,
+        load_transformer,
+        num_image_tokens,
+    )
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, set_route_override
     from shiva_export.train.distributed import DistContext
-
-    from shiva_export.models import adapter_for_architecture
 
     cfg = config or TrainConfig()
     rec = _resolve_recipe(recipe_or_model)

@@ -25,16 +25,25 @@ import numpy as np
 import torch
 
 from shiva_export._imports import require
+from shiva_export.engines.chain import CHAIN_FILE
 from shiva_export.errors import ConfigError, HardwareError
+from shiva_export.export.onnx import read_shiva_metadata
+from shiva_export.export.ort import ChainedSession
+from shiva_export.export.parity import compare_arrays, row_overlap
 from shiva_export.logging import get_logger
-from shiva_export.models import OUTPUT_NAME, InputSpec, get_adapter, input_names, load_transformer, make_inputs, num_blocks, router_dims
+from shiva_export.models import (
+    OUTPUT_NAME,
+    InputSpec,
+    get_adapter,
+    input_names,
+    load_transformer,
+    make_inputs,
+    num_blocks,
+    router_dims,
+)
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
 from shiva_export.utils.io import atomic_write_text
-from shiva_export.export.onnx import read_shiva_metadata
-from shiva_export.engines.chain import CHAIN_FILE
-from shiva_export.export.ort import ChainedSession
-from shiva_export.export.parity import compare_arrays, row_overlap
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
 

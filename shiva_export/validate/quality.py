@@ -680,7 +680,7 @@ def _pareto_png(report: QualityReport) -> bytes:
     colors = {"dense": "black", "shiva": "#d62728", "shiva-learned": "#ff7f0e", "random": "#7f7f7f", "l2norm": "#1f77b4", "spatial-rotating": "#2ca02c",
               "spatial-fixed": "#98df8a"}
     for ax, key, name, better_low in ((axes[0], "fd", "Fréchet distance (analytic features) ↓", True), (axes[1], "accuracy", "prompt accuracy ↑", False)):
-        pts = sorted(((r["latency_ms"], r[key]) for r in report.rows if math.isfinite(r[key])))
+        pts = sorted((r["latency_ms"], r[key]) for r in report.rows if math.isfinite(r[key]))
         front, best = [], None
         for x, y in pts:
             if best is None or (y < best if better_low else y > best):
@@ -716,7 +716,7 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
     check_writable(out / "quality.json", "quality report")
     report.out_dir = str(out)
     rows, labels = [], []
-    for (m, k, _), r in zip(configs, report.rows):
+    for (m, k, _), _row in zip(configs, report.rows):
         imgs = images[(m, k)][::n_seeds]  # the first seed of every prompt
         rows.append([_to_pil(im) for im in imgs])
         labels.append(f"{m} {k:.2f}")

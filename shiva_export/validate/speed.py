@@ -47,15 +47,32 @@ from torch import nn
 from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
 from shiva_export.export.ort import ort_session
-from shiva_export.utils.machine import loadavg as _loadavg
-from shiva_export.utils.machine import machine_info as _machine
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, check_image_size, get_adapter, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
-from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
+from shiva_export.models import (
+    InputSpec,
+    check_image_size,
+    get_adapter,
+    input_names,
+    load_transformer,
+    make_inputs,
+    num_blocks,
+    num_image_tokens,
+    router_dims,
+)
+from shiva_export.prune.api import (
+    ShivaConfig,
+    apply_shiva_,
+    block_budgets,
+    is_shiva_applied,
+    record_selection,
+    remove_shiva_,
+)
 from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
 from shiva_export.recipe import load_recipe
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from shiva_export.utils.machine import loadavg as _loadavg
+from shiva_export.utils.machine import machine_info as _machine
 from shiva_export.validate.flops import count_model_flops, ideal_speedup
 
 __all__ = ["SpeedRow", "SpeedReport", "benchmark_speed", "BACKENDS"]
