@@ -32,7 +32,8 @@ from torch import nn
 from shiva_export.errors import ConfigError, ModelNotFoundError, ShapeError, WeightsError
 from shiva_export.logging import get_logger
 from shiva_export.models.components import import_pipeline_class
-from shiva_export.prune.api import register_adapter_lookup
+from shiva_export.prune.api import check_context, register_adapter_lookup
+from shiva_export.utils.io import sha256_bytes, sha256_file_cached
 
 __all__ = [
     "ModelAdapter",
@@ -212,8 +213,6 @@ class ModelAdapter:
     def check_context(self, context: str) -> str:
         """``context`` if the routing implements it (:attr:`CONTEXT_MODES`), else one :class:`ConfigError` line
         naming the architecture; call it before loading a model."""
-        from shiva_export.prune.api import check_context
-
         if check_context(context) not in self.CONTEXT_MODES:
             raise ConfigError(
                 f"context {context!r} is not implemented for architecture {self.NAME!r} ({self.MODEL_CLASS}); it supports "
@@ -507,8 +506,6 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     """Digest of a transformer folder's weights: the ``*.safetensors`` files in it (not its subfolders).
     One file: its sha256 (what ``sha256sum`` prints). Several (a sharded save): the sha256 of their
     ``sha256sum`` listing (``"<sha256>  <name>\\n"`` per file, sorted by name). No file: WeightsError."""
-    from shiva_export.utils.io import sha256_bytes, sha256_file_cached
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{folder} holds no *.safetensors weights. Pass the folder written by <Transformer>.save_pretrained.")

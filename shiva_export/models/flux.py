@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, RecipeError
 from shiva_export.models import components as C
 from shiva_export.models._override import (
     add_hook,
@@ -196,8 +196,6 @@ class FluxAdapter(ModelAdapter):
     def check_embedded_recipe(self, recipe) -> None:
         c = int((recipe.model.config or {}).get("in_channels", 64))
         if c % 4:
-            from shiva_export.errors import RecipeError
-
             raise RecipeError(f"{recipe.source_path}: model.config.in_channels = {c} is not 4 x VAE channels (FluxPipeline packs 2x2 latents); use a multiple of 4.")
 
     def embedded_pipeline(self, transformer: nn.Module, recipe):

@@ -30,6 +30,7 @@ from torch import nn
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.logging import get_logger
 from shiva_export.prune.router import RouterBank, RouterConfig
+from shiva_export.prune.schedule import call_timestep, check_phases, phase_index
 from shiva_export.prune.topk import SELECTIONS, static_k
 
 __all__ = [
@@ -184,7 +185,6 @@ class RoutingState:
         (``skip_layers``: the call's skip-layer-guidance argument, which makes a batch not a CFG pair)."""
         if self.phases is None:
             return self.config
-        from shiva_export.prune.schedule import call_timestep, phase_index
 
         i = phase_index([ph for ph, _ in self.phases], call_timestep(timestep))
         phase, config = self.phases[i]
@@ -393,8 +393,6 @@ def set_shiva_phases_(transformer: nn.Module, phases, *, auto_cfg: bool = True) 
 
     Every call appends the phase name to :func:`phase_trace`. ``set_shiva_config_`` removes the schedule.
     """
-    from shiva_export.prune.schedule import check_phases
-
     state = _state(transformer, "set_shiva_phases_")
     phases = check_phases(phases)
     table = []

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import OutputPathError, RecipeError
-from shiva_export.utils.io import canonical_json, sha256_bytes
+from shiva_export.utils.io import canonical_json, sha256_bytes, sweep_stale_temps, temp_prefix
 
 __all__ = [
     "build_embedded_pipeline",
@@ -211,7 +211,6 @@ def ensure_embedded_pipeline(recipe) -> Path:
     fix = "Set SHIVA_CACHE_DIR to a writable folder."
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        from shiva_export.utils.io import sweep_stale_temps, temp_prefix
 
         sweep_stale_temps(parent)  # half-built pipelines of killed runs
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".tmp", dir=parent))

@@ -26,10 +26,12 @@ import torch
 
 from shiva_export._imports import require
 from shiva_export.engines.chain import CHAIN_FILE
+from shiva_export.engines.runner import EngineRunner
 from shiva_export.errors import ConfigError, HardwareError
 from shiva_export.export.onnx import read_shiva_metadata
 from shiva_export.export.ort import ChainedSession
 from shiva_export.export.parity import compare_arrays, row_overlap
+from shiva_export.export.pruned import budget_dir, budget_label, export_pruned, resolve_router
 from shiva_export.logging import get_logger
 from shiva_export.models import (
     OUTPUT_NAME,
@@ -43,7 +45,7 @@ from shiva_export.models import (
 )
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
-from shiva_export.utils.io import atomic_write_text
+from shiva_export.utils.io import atomic_write_text, check_writable
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
 
@@ -155,8 +157,6 @@ def _runner_classes():
             self.engine_dir = engine_dir
 
         def activate_impl(self):
-            from shiva_export.engines.runner import EngineRunner
-
             self.runner = EngineRunner(self.engine_dir)
             self.runner.activate()
 
@@ -299,8 +299,6 @@ def validate_parity(
         report_md (PathLike): Write a Markdown report here. Defaults to None.
         progress (Callable[[str], None]): Stage callback. Defaults to None.
     """
-    from shiva_export.export.pruned import budget_dir, budget_label, export_pruned, resolve_router
-
     say = progress or (lambda s: None)
     require("polygraphy", purpose="parity validation")  # typed error + pip line when missing
     from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SimpleCompareFunc
@@ -315,8 +313,6 @@ def validate_parity(
             raise ConfigError(f"backend {b!r} is unknown; choose from ort-cpu, ort-cuda, engine.")
     report = ParitySuiteReport(rec.name, dtype)
     if report_md:
-        from shiva_export.utils.io import check_writable
-
         check_writable(report_md, "--report")  # before minutes of exports
     tmp = Path(tempfile.mkdtemp(prefix="shiva-parity-"))
     try:
