@@ -19,7 +19,7 @@ Stages (each deterministic from --seed, each writes into --work and is skipped w
                  measured training times into --out/training.json.
     latents      512 cached samples (latents, prompt_embeds, pooled) for `shiva-export train --data`.
 
-Run (one CPU thread; docs/manual.md quotes this command and the measured times):
+Run (one CPU thread; docs/training.md quotes this command and the measured times):
 
     .venv/bin/python scripts/train_shapes.py --seed 0
 

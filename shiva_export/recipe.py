@@ -332,7 +332,7 @@ class Recipe(BaseModel):
         if not (p / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{self._where()}: the shipped pipeline folder {p} has no model_index.json. "
-                "Restore it from git or rebuild it with scripts/train_shapes.py (see docs/manual.md)."
+                "Restore it from git or rebuild it with scripts/train_shapes.py (see docs/training.md)."
             )
         return p
 

@@ -10,7 +10,7 @@ Quirks handled here (why they matter for routing), checked on diffusers 0.42:
 - **RoPE must be gathered.** ``image_rotary_emb = pos_embed(cat(txt_ids, img_ids))`` is ``(cos, sin)``, each
   ``[T + N, head_dim]`` with no batch axis, text rows first. A routed block receives
   ``cat(cos[:T], cos[T:][idx])`` (same for sin) with the kept indices ``idx``; without it the block is
-  off by ~4e-2 (``architectures.md``).
+  off by ~4e-2 (measured in ``docs/architecture.md``, "Flux RoPE must follow the kept tokens").
 - **One index set per call.** diffusers' ``apply_rotary_emb`` broadcasts 2-D cos/sin over the batch, so all
   rows of a call keep the same tokens: the selection uses the element-wise max of the rows' scores
   (at batch 1, the paper's latency setting, this is plain top-k). ``ShivaConfig.cfg`` is therefore moot:
