@@ -54,6 +54,7 @@ __all__ = [
     "embedded_pipeline_dir",
     "ensure_embedded_pipeline",
     "load_embedded_pipeline",
+    "saved_none_components",
 ]
 
 _BUILDER_VERSION = 1
@@ -107,7 +108,7 @@ def _quiet_libraries() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _saved_none_components(folder: Path) -> dict[str, None]:
+def saved_none_components(folder: Path) -> dict[str, None]:
     """Components saved as ``[null, null]`` (e.g. SD3 without T5): ``from_pretrained`` reloads the folder only
     when they are passed as None again."""
     try:
@@ -271,7 +272,7 @@ def load_embedded_pipeline(recipe, *, transformer=None, torch_dtype=None):
         kwargs["transformer"] = transformer
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    kwargs.update(_saved_none_components(folder))
+    kwargs.update(saved_none_components(folder))
     with _quiet_libraries():
         return pipe_cls.from_pretrained(str(folder), **kwargs)
 

@@ -205,9 +205,9 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     attempts = [True] if (is_local or offline) else [True, False]
     last: Exception | None = None
     if is_local:
-        from shiva_export.runtime.embedded import _saved_none_components
+        from shiva_export.runtime.embedded import saved_none_components
 
-        for comp, none in _saved_none_components(Path(location)).items():
+        for comp, none in saved_none_components(Path(location)).items():
             kwargs.setdefault(comp, none)  # a pipeline saved without T5 reloads only when told so again
     for local_only in attempts:
         try:
