@@ -185,7 +185,6 @@ class RoutingState:
         (``skip_layers``: the call's skip-layer-guidance argument, which makes a batch not a CFG pair)."""
         if self.phases is None:
             return self.config
-
         i = phase_index([ph for ph, _ in self.phases], call_timestep(timestep))
         phase, config = self.phases[i]
         self.trace.append(phase.name)
