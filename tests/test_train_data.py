@@ -378,7 +378,7 @@ def test_help_works_without_heavy_packages():
 def test_train_resumes_on_sharded_data(tmp_path, data_dir):
     """The loop checkpoints the reader's state (position in the seeded order + noise RNG): a cut and resumed run
     ends with the routers of an uninterrupted one, and the flow loss is on (real latents)."""
-    from shiva_export.train.loop import TrainConfig, train
+    from shiva_export.train import TrainConfig, train
 
     kw = dict(warmup_steps=3, policy_steps=1, joint_steps=1, batch=2, checkpoint_every=2, data=data_dir, num_threads=1, phases=1, sampler_steps=8)
     full = train("sd35-tiny", TrainConfig(out_dir=tmp_path / "full", **kw))

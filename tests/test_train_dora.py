@@ -15,7 +15,7 @@ from shiva_export.models import InputSpec, load_transformer, make_inputs  # noqa
 from shiva_export.recipe import load_recipe  # noqa: E402
 from shiva_export.runtime.pipeline import load_pipeline  # noqa: E402
 from shiva_export.train import dora  # noqa: E402
-from shiva_export.train.loop import TrainConfig, train  # noqa: E402
+from shiva_export.train import TrainConfig, train  # noqa: E402
 
 MODEL = "sd35-tiny"
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")

@@ -12,7 +12,7 @@ from shiva_export.errors import ConfigError
 from shiva_export.train import loop
 from shiva_export.train.data import DataShapes, LatentFolder
 from shiva_export.train.heldout import EarlyStopping
-from shiva_export.train.loop import TrainConfig, train
+from shiva_export.train import TrainConfig, train
 
 MODEL = "sd35-tiny"
 
@@ -127,7 +127,7 @@ def test_best_state_of_each_stage_is_kept(tmp_path, monkeypatch):
         seen.append(_router_state(transformer))
         return next(script)
 
-    monkeypatch.setattr(loop, "_heldout_loss", fake)
+    monkeypatch.setattr(loop, "heldout_loss", fake)
     res = train(MODEL, _cfg(tmp_path, eval_min_delta=0.0))
     warm = res.heldout["stages"]["router-warmup"]
     assert [e["step"] for e in warm["evals"]] == [0, 2, 4, 6, 8] and warm["best_step"] == 4 and warm["stopped_at"] is None

@@ -7,7 +7,8 @@ import torch
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.train.data import DataShapes, LatentFolder, SyntheticData
-from shiva_export.train.loop import TrainConfig, dumps_toml, evaluate_router, sampler_timesteps, train
+from shiva_export.train import TrainConfig, evaluate_router, train
+from shiva_export.train.outputs import dumps_toml, sampler_timesteps
 
 MODEL = "sd35-tiny"
 

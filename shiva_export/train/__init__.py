@@ -3,7 +3,11 @@
 * :mod:`shiva_export.train.ste`: residual-based differentiable top-k -- the inference top-k in the
   forward pass, a soft-rank / inclusion-probability surrogate with a residual straight-through
   estimator in the backward pass, and temperature annealing.
-* :mod:`shiva_export.train.loop`: the three-stage training loop (`shiva-export train`) and router evaluation.
+* :mod:`shiva_export.train.loop`: the three-stage training loop (`shiva-export train`), built from
+  :mod:`~shiva_export.train.config` (``TrainConfig``), :mod:`~shiva_export.train.student` (the route override
+  and the losses), :mod:`~shiva_export.train.checkpoint` and :mod:`~shiva_export.train.outputs` (router,
+  LUT, recipe; ``TrainResult``).
+* :mod:`shiva_export.train.evaluate`: router evaluation against the dense model.
 * :mod:`shiva_export.train.data`: synthetic batches and cached-latent folders; caption dropout and CFG pairs.
 * :mod:`shiva_export.train.dataset`: ``shiva-export train-data`` (encode prompts/images with the pipeline's
   own encoders into sharded safetensors) and its lazy, memory-mapped reader ``ShardedLatents``.
@@ -15,7 +19,10 @@
 
 from shiva_export.train.data import LatentFolder, SyntheticData
 from shiva_export.train.dataset import ShardedLatents, encode_train_data
-from shiva_export.train.loop import TrainConfig, TrainResult, evaluate_router, train
+from shiva_export.train.config import TrainConfig
+from shiva_export.train.evaluate import evaluate_router
+from shiva_export.train.loop import train
+from shiva_export.train.outputs import TrainResult
 from shiva_export.train.policy import (
     MAX_PHASES,
     EMABudget,
