@@ -37,7 +37,8 @@ class TrainConfig:
         lambda_budget (float): Weight of the EMA budget loss. Defaults to 1.0.
         ema_beta (float): EMA weight of the batch mean keep. Defaults to 0.2 (paper).
         distill_weight (float): Weight of the normalised feature distillation. Defaults to 1.0.
-        flow_weight (float): Weight of the flow-matching loss (real latents only). Defaults to 1.0.
+        flow_weight (float): Weight of the denoising loss on real latents (the adapter's objective: flow matching
+            for SD3/Flux, DDPM noise for PixArt/DiT), logged as ``flow``. Defaults to 1.0.
         importance_weight (float): Weight of an auxiliary router loss that is NOT in the paper:
             ``1 - corr(router scores, teacher's per-token relative update norm)`` per routed block (the
             teacher's dense pass gives the update norms for free). It is ~100x the distillation loss in

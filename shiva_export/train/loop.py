@@ -10,7 +10,8 @@ backbone is frozen; with ``dora=True`` stage 3 also trains DoRA adapters on its 
 
 Losses: normalised feature distillation ``mean_l ||LN(h_s^l) - LN(h_t^l)||^2`` over the hidden states
 after every ``tap_every``-th block and the output (paper: every 4 blocks plus the output), plus the
-flow-matching loss ``||v_s - (eps - x0)||^2`` when real latents are given, plus the EMA budget loss.
+denoising loss when real latents are given (the adapter's objective: flow matching ``||v_s - (eps - x0)||^2``
+for SD3/Flux, DDPM noise ``||eps_s - eps||^2`` for PixArt/DiT; logged as ``flow``), plus the EMA budget loss.
 
 Curriculum (three stages, global step counter across them):
 
@@ -53,7 +54,7 @@ from shiva_export.logging import get_logger
 from shiva_export.train import dora as _dora
 from shiva_export.train.checkpoint import CHECKPOINT_NAME, Trainables, checkpoint_payload, resume_from, save_checkpoint
 from shiva_export.train.config import STAGES, TrainConfig, resolve_recipe
-from shiva_export.train.data import make_data
+from shiva_export.train.cached import make_data
 from shiva_export.train.outputs import METRICS_NAME, Metrics, TrainResult, write_outputs
 from shiva_export.train.policy import EMABudget, KeepMeasure, RatioPolicy, calibrate_anchor, stratified_ratios, stratified_timesteps
 from shiva_export.train.ste import DifferentiableTopK, TemperatureSchedule
@@ -400,7 +401,7 @@ def _micro_step(run: _Run, batch, keeps: _Keeps, lo: int, hi: int, sums: dict[st
     loss = cfg.distill_weight * distill
     sums["distill"] += float(distill.detach()) * (hi - lo)
     if mb.target is not None and cfg.flow_weight > 0:
-        flow = F.mse_loss(s_out.float(), mb.target.to(run.device).float())
+        flow = F.mse_loss(run.adapter.training_prediction(transformer.config, s_out).float(), mb.target.to(run.device).float())
         loss = loss + cfg.flow_weight * flow
         sums["flow"] += float(flow.detach()) * (hi - lo)
         has["flow"] = True

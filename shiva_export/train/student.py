@@ -167,6 +167,7 @@ def forward_with_taps(transformer, state: RouteState, inputs: dict) -> tuple[tor
 def heldout_loss(transformer, state: RouteState, batch, keep: torch.Tensor, cfg, device, bdtype, chunk: int) -> float:
     """Mean quality loss (weighted distillation + flow matching) of the student on a fixed batch: no grad,
     no score noise, no draw from any training RNG (the training stream is the same with and without it)."""
+    from shiva_export.models import get_adapter
     from shiva_export.train import dora as _dora
 
     pairs = 2 if batch.cfg else 1
@@ -189,7 +190,8 @@ def heldout_loss(transformer, state: RouteState, batch, keep: torch.Tensor, cfg,
                 s_out, s_taps = forward_with_taps(transformer, state, inputs)
                 loss = cfg.distill_weight * float(distill_loss(s_out, s_taps, t_out, t_taps))
                 if mb.target is not None and cfg.flow_weight > 0:
-                    loss += cfg.flow_weight * float(F.mse_loss(s_out.float(), mb.target.to(device).float()))
+                    pred = get_adapter(transformer).training_prediction(transformer.config, s_out)
+                    loss += cfg.flow_weight * float(F.mse_loss(pred.float(), mb.target.to(device).float()))
                 total += loss * len(ids)
     finally:
         state.topk.train(was)

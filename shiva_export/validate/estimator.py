@@ -205,7 +205,7 @@ def check_estimator(
         seed: Seed of the inputs.
     """
     from shiva_export.recipe import Recipe, load_recipe
-    from shiva_export.train.data import make_data
+    from shiva_export.train.cached import make_data
     from shiva_export.train.policy import stratified_timesteps
     from shiva_export.train.student import distill_loss, forward_with_taps
 
