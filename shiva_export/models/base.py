@@ -385,6 +385,65 @@ class ModelAdapter:
         names = set(self.input_names(config))
         return {k: v for k, v in inputs.items() if k not in names}
 
+    # -- cached training data (``shiva-export train-data``, ``train --data``: ``shiva_export.train.cached``) ---
+    #: Cached text tensor -> the forward argument it feeds. A train-data shard holds these (per sample, no batch
+    #: axis) plus ``latents``; ``null.safetensors`` holds them for the pipeline's unconditional input.
+    CACHE_TEXT_INPUTS: ClassVar[dict[str, str]] = {"prompt_embeds": "encoder_hidden_states", "pooled": "pooled_projections"}
+    #: The training target: ``"flow"`` (rectified flow ``x_t = (1 - s) x0 + s eps``, ``s = t / 1000``, target
+    #: ``eps - x0``: SD3, Flux) or ``"epsilon"`` (DDPM ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with the
+    #: :meth:`scheduler`'s ``alphas_cumprod``, target ``eps``: PixArt, DiT).
+    PREDICTION: ClassVar[str] = "flow"
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """The pipeline's own text encoding of ``prompts`` as the transformer (``config``) receives it with ``text_len`` text
+        tokens: ``({key of CACHE_TEXT_INPUTS: [B, ...] CPU tensor}, prompts the encoders truncated)``. The prompt
+        ``""`` encodes the unconditional input of classifier-free guidance. Abstract."""
+        raise ConfigError(f"architecture {self.NAME!r} declares no text encoding for cached training data. Train on synthetic inputs (omit --data).")
+
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        """What a train-data manifest records about the text encoding (default: ``max_sequence_length``); raises
+        before any encoding when ``text_len`` does not fit the pipeline."""
+        return {"max_sequence_length": self.max_sequence_length(pipe, text_len)}
+
+    def encode_latent_cache(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean latents of preprocessed images ``[B, 3, H, W]`` in the layout of the transformer's ``hidden_states``,
+        scaled as the pipeline unscales them before decoding. Default: ``(posterior mean - shift_factor) *
+        scaling_factor`` ``[B, C, H/8, W/8]`` (deterministic: no sampling)."""
+        vae = pipe.vae
+        shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        return ((z - shift) * float(vae.config.scaling_factor)).float().cpu()
+
+    def cache_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes (no batch axis) of the cached tensors at ``spec``: ``latents`` as ``hidden_states``,
+        each text tensor as the input it feeds."""
+        shapes = self.input_shapes(transformer_config(config), spec)
+        return {"latents": tuple(shapes["hidden_states"][1:]), **{k: tuple(shapes[name][1:]) for k, name in self.CACHE_TEXT_INPUTS.items()}}
+
+    def noised_latents(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target)`` of clean latents ``x0`` and noise ``eps`` at timesteps ``t`` ``[B]`` on the 0..1000
+        scale, by :attr:`PREDICTION`."""
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        if self.PREDICTION == "flow":
+            sigma = (t / 1000.0).view(view)
+            return (1.0 - sigma) * x0 + sigma * eps, eps - x0
+        # DDPM: alphas_cumprod at fractional t, log-linear between the integer steps
+        log_a = torch.log(self.scheduler().alphas_cumprod.double())
+        lo = t.double().floor().clamp(0, len(log_a) - 1)
+        hi = (lo + 1).clamp(max=len(log_a) - 1)
+        w = t.double() - lo
+        a = torch.exp(log_a[lo.long()] * (1 - w) + log_a[hi.long()] * w).float().view(view)
+        return a.sqrt() * x0 + (1.0 - a).sqrt() * eps, eps
+
+    def training_prediction(self, config: Any, output: torch.Tensor) -> torch.Tensor:
+        """The part of the transformer's output the training target is compared with: all of it, except the
+        learned-variance half of an ``"epsilon"`` model whose ``out_channels`` is twice ``in_channels``."""
+        cfg = transformer_config(config)
+        c_in, c_out = int(cfg.in_channels), int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        if self.PREDICTION == "epsilon" and c_out == 2 * c_in:
+            return output[:, :c_in]
+        return output
+
     # -- loading ------------------------------------------------------------------------------------------
     def from_pretrained(self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
         """Loads real weights; a checkpoint with missing, unexpected or mismatched tensors is a load error

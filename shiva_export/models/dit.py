@@ -160,9 +160,10 @@ class DiTAdapter(ModelAdapter):
     def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
         return None
 
-    def class_id(self, pipe, prompt: str) -> int:
-        """A class id from a ``--prompt``: an integer id, or a label of ``pipe.labels`` (``get_label_ids``)."""
-        n = int(pipe.transformer.config.num_embeds_ada_norm)
+    def class_id(self, pipe, prompt: str, num_classes: int | None = None) -> int:
+        """A class id from a ``--prompt``: an integer id, or a label of ``pipe.labels`` (``get_label_ids``); ``num_classes``
+        defaults to the pipeline transformer's ``num_embeds_ada_norm``."""
+        n = int(pipe.transformer.config.num_embeds_ada_norm if num_classes is None else num_classes)
         text = prompt.strip()
         if text.lstrip("-").isdigit():
             i = int(text)
@@ -177,6 +178,19 @@ class DiTAdapter(ModelAdapter):
                 f"or a class id 0..{n - 1}."
             )
         return int(pipe.get_label_ids([text])[0])
+
+    CACHE_TEXT_INPUTS = {"class_labels": "class_labels"}
+    PREDICTION = "epsilon"  # DDPM noise (plus the learned-variance half of the output, not trained here)
+
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        return {}  # no text encoder
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """Class ids (:meth:`class_id`: an id or a label of the pipeline) as ``class_labels`` (int64, no axis per sample);
+        the empty prompt is the null class ``num_embeds_ada_norm``, the unconditional input of DiT's CFG."""
+        n = int(transformer_config(config).num_embeds_ada_norm)
+        ids = [n if not p.strip() else self.class_id(pipe, p, num_classes=n) for p in prompts]
+        return {"class_labels": torch.tensor(ids, dtype=torch.int64)}, 0
 
     def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
         """``DiTPipeline(class_labels=[id], guidance_scale=, ...)``: the prompt is a class label or id; the size is

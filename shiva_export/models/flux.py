@@ -226,6 +226,22 @@ class FluxAdapter(ModelAdapter):
         return {"prompt": prompt, "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                 "generator": generator, "max_sequence_length": max_sequence_length}
 
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        return {"max_sequence_length": text_len, "clip_max_length": int(pipe.tokenizer.model_max_length)}
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``FluxPipeline.encode_prompt``: T5 ``prompt_embeds [T, J]`` (T = ``max_sequence_length``) and pooled CLIP
+        ``pooled [P]``; a prompt counts as truncated when it exceeds CLIP's window or the T5 length."""
+        clip = int(pipe.tokenizer.model_max_length)
+        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > clip or len(pipe.tokenizer_2(t).input_ids) > text_len) for t in prompts)
+        pe, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=text_len)
+        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}, truncated
+
+    def encode_latent_cache(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE latents packed 2 x 2 into tokens ``[B, N, 4C]``, as ``FluxPipeline.prepare_latents`` packs them."""
+        z = super().encode_latent_cache(pipe, pixels)
+        return pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
+
     def call_geometry(self, config: Any, call: dict[str, Any]) -> dict[str, int | None]:
         """Packed latents ``[B, N, C]`` carry no grid: the size comes from ``img_ids`` (rows, cols = max id + 1)."""
         ids = call.get("img_ids")

@@ -151,6 +151,16 @@ class PixArtAdapter(ModelAdapter):
         vae = C.vae(seed + C.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.13025, shift_factor=None, quant_convs=True)
         return self.pipeline_class()(tokenizer=tok, text_encoder=t5, vae=vae, transformer=transformer, scheduler=_scheduler())
 
+    CACHE_TEXT_INPUTS = {"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"}
+    PREDICTION = "epsilon"  # DDPM noise (plus the learned-variance half of the output, not trained here)
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``PixArtSigmaPipeline.encode_prompt`` (T5, no caption cleaning, as ``pipeline_call``): ``prompt_embeds [T, C]``
+        and its padding mask ``prompt_attention_mask [T]`` (int64); truncated: prompts longer than ``text_len`` tokens."""
+        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > text_len) for t in prompts)
+        pe, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=text_len)
+        return {"prompt_embeds": pe.float().cpu(), "prompt_attention_mask": mask.long().cpu()}, truncated
+
     def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
         """``PixArtSigmaPipeline``: no aspect-ratio binning (it would move the size off the static graph's, and
         it knows only sample sizes 32..256), no caption cleaning (needs bs4/ftfy); the negative prompt

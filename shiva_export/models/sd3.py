@@ -232,6 +232,18 @@ class SD3Adapter(ModelAdapter):
     def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
         return pipe.tokenizer.model_max_length + int(max_sequence_length or 0)
 
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length(pipe, text_len), "clip_max_length": int(pipe.tokenizer.model_max_length)}
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``pipe.encode_prompt`` (CLIP x2 + T5): ``prompt_embeds [T, J]``, ``pooled [P]``; a prompt counts as truncated
+        when it exceeds CLIP's window or the T5 length (encode_prompt cuts it, as at inference)."""
+        max_seq, clip = self.max_sequence_length(pipe, text_len), int(pipe.tokenizer.model_max_length)
+        t5 = getattr(pipe, "tokenizer_3", None)
+        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > clip or (t5 is not None and len(t5(t).input_ids) > max_seq)) for t in prompts)
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_seq)
+        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}, truncated
+
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """Two CLIP encoders with projections (pooled halves), a T5 encoder unless ``[pipeline] t5 = false``,
         a 16-channel VAE and the flow-matching scheduler, sized from the transformer config (see

@@ -597,12 +597,11 @@ def validate_quality(
     """
     import torch
 
-    from shiva_export.prune.api import router_bank
     from shiva_export.prune.baselines import set_scorer_
-    from shiva_export.runtime.pipeline import _recipe, load_pipeline
+    from shiva_export.runtime.pipeline import _recipe
     from shiva_export.shapes.analyze import FEATURE_NAMES
     from shiva_export.shapes.data import caption
-    from shiva_export.shapes.metrics import FD_GROUPS, judge_images
+    from shiva_export.shapes.metrics import FD_GROUPS
 
     say = progress or (lambda m: None)
     methods, keeps, seeds = _check_options(methods, keeps, seeds, latency_repeats, n_ref, velocity_samples)
@@ -617,38 +616,16 @@ def validate_quality(
         torch.set_num_threads(int(threads))
 
     say("load pipelines")
-    pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
-    setup = _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=router_bank(pipe.transformer),
-                   n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
-                   trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
-                   guidance=float(rec.pipeline.guidance if guidance is None else guidance))
-    info, tf = pipe.shiva, pipe.transformer
-    n_tokens = (info.height // 8 // tf.config.patch_size) * (info.width // 8 // tf.config.patch_size)
-    model_batch = 2 if setup.guidance > 1.0 else 1
+    setup = _load_setup(rec, weights, keeps, steps, guidance)
+    info = setup.pipe.shiva
     configs = _configs(setup, methods, keeps)
 
     say("real reference features")
-    ref_feat, real = _reference(pipe.vae, scenes, n_ref, len(scenes) * len(seeds))
+    ref_feat, real = _reference(setup.pipe.vae, scenes, n_ref, len(scenes) * len(seeds))
     say("velocity check")
     velocity = _velocity_table(setup, methods, keeps, scenes, velocity_samples, sigmas, info.max_sequence_length)
-    vel_of = {(v["method"], v["keep"]): (v["velocity_error"], v["fg_kept"]) for v in velocity}
-
-    rows, arrays, images, dense_imgs = [], [], {}, []
-    prompt_of = [s for s in scenes for _ in seeds]
-    for ci, (m, k, phases) in enumerate(configs):
-        say(f"generate {LABELS[m]} keep {k:.2f} ({ci + 1}/{len(configs)})")
-        imgs, lat, traces = _generate(setup, m, phases, texts, seeds)
-        dense_imgs = imgs if m == "dense" else dense_imgs
-        judged = judge_images(imgs, prompt_of)
-        stats, correct, feats = _quality_stats(judged, len(scenes), seeds, ref_feat)
-        gfl = _gflops(dict(tf.config), n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch, info.context or "drop")
-        row = _row(setup, m, k, phases, imgs, lat, traces, dense_imgs, judged, stats, gfl, seeds)
-        if (m, k) in vel_of:
-            row["velocity_error"], row["fg_kept"] = vel_of[(m, k)]
-        rows.append(row)
-        arrays.append((correct, feats))
-        images[(m, k)] = imgs
-    set_scorer_(tf, setup.bank)
+    rows, arrays, images = _generate_rows(setup, configs, scenes, texts, seeds, ref_feat, velocity, say)
+    set_scorer_(setup.pipe.transformer, setup.bank)
 
     say(f"latency ({latency_repeats} interleaved rounds)")
     _set_latency(rows, _latency(setup, configs, texts[0], seeds[0], latency_repeats))
@@ -665,6 +642,44 @@ def validate_quality(
     if out_dir is not None:
         _write(report, Path(out_dir), images, configs, texts, len(seeds))
     return report
+
+
+def _load_setup(rec, weights, keeps: list[float], steps: int | None, guidance: float | None) -> _Setup:
+    """The pruned pipeline (at the first keep) and the dense one, with the recipe's router, schedule, steps and guidance."""
+    from shiva_export.prune.api import _ROUTERS_ATTR
+    from shiva_export.runtime.pipeline import load_pipeline
+
+    pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
+    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
+                  n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
+                  trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
+                  guidance=float(rec.pipeline.guidance if guidance is None else guidance))
+
+
+def _generate_rows(setup: _Setup, configs, scenes, texts: list[str], seeds: list[int], ref_feat, velocity: list[dict], say):
+    """Every configuration generated and judged: ``(rows, (correct, features) per row, images per (method, keep))``."""
+    from shiva_export.shapes.metrics import judge_images
+
+    info, tf, rec = setup.pipe.shiva, setup.pipe.transformer, setup.rec
+    n_tokens = (info.height // 8 // tf.config.patch_size) * (info.width // 8 // tf.config.patch_size)
+    model_batch = 2 if setup.guidance > 1.0 else 1
+    vel_of = {(v["method"], v["keep"]): (v["velocity_error"], v["fg_kept"]) for v in velocity}
+    rows, arrays, images, dense_imgs = [], [], {}, []
+    prompt_of = [s for s in scenes for _ in seeds]
+    for ci, (m, k, phases) in enumerate(configs):
+        say(f"generate {LABELS[m]} keep {k:.2f} ({ci + 1}/{len(configs)})")
+        imgs, lat, traces = _generate(setup, m, phases, texts, seeds)
+        dense_imgs = imgs if m == "dense" else dense_imgs
+        judged = judge_images(imgs, prompt_of)
+        stats, correct, feats = _quality_stats(judged, len(scenes), seeds, ref_feat)
+        gfl = _gflops(dict(tf.config), n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch, info.context or "drop")
+        row = _row(setup, m, k, phases, imgs, lat, traces, dense_imgs, judged, stats, gfl, seeds)
+        if (m, k) in vel_of:
+            row["velocity_error"], row["fg_kept"] = vel_of[(m, k)]
+        rows.append(row)
+        arrays.append((correct, feats))
+        images[(m, k)] = imgs
+    return rows, arrays, images
 
 
 def _router_desc(info) -> str:
