@@ -127,7 +127,7 @@ class Phase(BaseModel):
     """One static schedule of a learned keep-ratio table: every denoising step whose timestep ``t`` satisfies
     ``t_stop < t <= t_start`` (the last phase, ``t_stop = 0``, also owns ``t = 0``) uses ``keep_ratios``
     (one per routed block, in block order). Each phase is one static graph / engine. Boundaries are
-    midpoints between the training sampler's timesteps (``train.loop.phase_bounds``)."""
+    midpoints between the training sampler's timesteps (``train.outputs.phase_bounds``)."""
 
     model_config = _STRICT
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(description="phase name, e.g. 'early' (a file-name-safe word)")
