@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shiva_export.errors import ModelNotFoundError, RecipeError
+from shiva_export.models.base import adapter_for_architecture, supported_architectures
 from shiva_export.utils.io import canonical_json, sha256_bytes
 
 __all__ = [
@@ -126,7 +127,7 @@ class Phase(BaseModel):
     """One static schedule of a learned keep-ratio table: every denoising step whose timestep ``t`` satisfies
     ``t_stop < t <= t_start`` (the last phase, ``t_stop = 0``, also owns ``t = 0``) uses ``keep_ratios``
     (one per routed block, in block order). Each phase is one static graph / engine. Boundaries are
-    midpoints between the training sampler's timesteps (``train.loop.phase_bounds``)."""
+    midpoints between the training sampler's timesteps (``train.outputs.phase_bounds``)."""
 
     model_config = _STRICT
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(description="phase name, e.g. 'early' (a file-name-safe word)")
@@ -195,7 +196,7 @@ class Recipe(BaseModel):
     schema_version: int
     name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     description: str = ""
-    architecture: str = Field("sd3", description="model adapter key (shiva_export.models): sd3, flux, ...")
+    architecture: str = Field(description="model adapter key (shiva_export.models), required: sd3 (SD3 and SD3.5), flux, pixart, dit")
     model: ModelSection
     prune: PruneSection = Field(default_factory=PruneSection)
     router: RouterSection = Field(default_factory=RouterSection)
@@ -218,8 +219,6 @@ class Recipe(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _architecture(cls, v: str) -> str:
-        from shiva_export.models.base import supported_architectures
-
         known = supported_architectures()
         if v not in known:
             raise ValueError(f"architecture {v!r} has no adapter; choose one of {', '.join(known)}")
@@ -227,8 +226,6 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _cfg_matches_architecture(self):
-        from shiva_export.models.base import adapter_for_architecture
-
         adapter = adapter_for_architecture(self.architecture)
         if self.shapes.cfg and not adapter.BATCHED_CFG:
             raise ValueError(f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false")
@@ -335,7 +332,7 @@ class Recipe(BaseModel):
         if not (p / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{self._where()}: the shipped pipeline folder {p} has no model_index.json. "
-                "Restore it from git or rebuild it with scripts/train_shapes.py (see docs/manual.md)."
+                "Restore it from git or rebuild it with scripts/train_shapes.py (see docs/training.md)."
             )
         return p
 
@@ -407,6 +404,17 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
+def _check_architecture_given(path: Path, data: dict) -> None:
+    """A recipe names its architecture: nothing defaults to SD3, so a Flux or PixArt file that forgot the key
+    fails here, before any model is loaded, instead of being read as SD3."""
+    if "architecture" not in data:
+        known = supported_architectures()
+        raise RecipeError(
+            f"{path}: architecture is missing; every recipe names its model adapter. Add a top-level "
+            f"architecture = one of {', '.join(repr(k) for k in known)} (\"sd3\" for SD3 and SD3.5)."
+        )
+
+
 def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
     """Loads and validates a recipe from a TOML path or a built-in model name.
 
@@ -437,6 +445,7 @@ def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
         raise RecipeError(f"{p}: not a UTF-8 text file, so not a recipe. Pass a .toml recipe.") from None
     except OSError as err:
         raise RecipeError(f"{p}: cannot read ({err.strerror}).") from None
+    _check_architecture_given(p, data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

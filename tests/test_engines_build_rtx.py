@@ -36,7 +36,14 @@ from shiva_export.engines import (
     verify_engine,
     write_manifest,
 )
-from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, ManifestError, MissingDependencyError, PreflightError
+from shiva_export.errors import (
+    ConfigError,
+    EngineBuildError,
+    HardwareError,
+    ManifestError,
+    MissingDependencyError,
+    PreflightError,
+)
 
 
 def pruning_graph(n=64, d=16, k=38, dynamic_batch=False):

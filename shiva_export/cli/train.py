@@ -95,7 +95,7 @@ def train_command(
 ) -> int:
     from shiva_export.errors import ConfigError
     from shiva_export.recipe import load_recipe
-    from shiva_export.train.loop import TrainConfig, train
+    from shiva_export.train import TrainConfig, train
 
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")

@@ -99,7 +99,14 @@ def train_data_command(
     bar = None
     task: list[int] = []
     if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                        console=err_console, transient=False, disable=not err_console.is_terminal)
@@ -141,8 +148,8 @@ def format_summary(s: dict) -> str:
             f"manifest     {s['manifest']}",
             f"model        {s['model']}",
             f"samples      {s['samples']} in {s['shards']} shards ({s['bytes'] / 2**20:.2f} MiB, {s['dtype']})",
-            f"tensors      prompt_embeds {sh['prompt_embeds']}, pooled {sh['pooled']}, {kind}",
-            f"truncated    {s['truncated_prompts']} prompts longer than the CLIP window or the T5 length (cut, as at inference)",
+            f"tensors      {', '.join(f'{k} {v}' for k, v in sh.items() if k != 'latents')}, {kind}",
+            f"truncated    {s['truncated_prompts']} prompts longer than the text encoders' windows (cut, as at inference)",
             f"time         {s['seconds']:.1f} s (pipeline load {s['load_seconds']:.1f} s, encode {s['encode_seconds']:.1f} s: {rate})",
             f"train with   shiva-export train --model {s['model']} --data {s['out_dir']}",
         ]

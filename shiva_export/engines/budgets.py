@@ -262,20 +262,7 @@ def build_engines(
             ``-context-keep`` suffix. Defaults to the recipe's ``[prune] context``.
     """
     say = progress or (lambda stage: None)
-    from shiva_export.engines.builder import check_timing_cache_path
-
-    check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
-    if dtype == "bf16" and onnx is None:
-        raise ConfigError(
-            "--dtype bf16 cannot be exported: ONNX (opset <= 22) has no bfloat16 Conv or Einsum, which the patch embedding and "
-            "unpatchify use. Build --dtype fp16 (engines are strongly typed, so the ONNX dtype is the engine's)."
-        )
-    from shiva_export.export.segments import MAX_SEGMENTS
-
-    if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS):
-        raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
-    if (segments or 1) > 1 and (dynamic_batch or strip_weights):
-        raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
+    _check_engine_options(timing_cache, dtype, onnx, segments, dynamic_batch, strip_weights)
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     from shiva_export.models import adapter_for_architecture
@@ -284,18 +271,7 @@ def build_engines(
     if onnx is not None:
         return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
                                 strip_weights, segments or 1)]
-    todo = list(ratios) if ratios else list(rec.prune.ratios)
-    for r in todo:
-        if not 0.0 <= r < 1.0:
-            raise ConfigError(f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0 = dense reference).")
-    if dense and 0.0 not in todo:
-        todo = [0.0, *todo]
-    if not dense:
-        todo = [r for r in todo if r != 0.0]
-    if not todo:
-        raise ConfigError("nothing to build: give at least one --ratio above 0, or drop --no-dense.")
-    todo = sorted(set(todo))
-
+    todo = _budget_ratios(rec, ratios, dense)
     shapes_spec = {
         "height": height or rec.shapes.height,
         "width": width or rec.shapes.width,
@@ -326,6 +302,39 @@ def build_engines(
                                          timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
                                          any_layout=segments is None, context=ctx))
     return results
+
+
+def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool) -> None:
+    """Refuses bad or contradictory settings before the backend loads and before minutes of export."""
+    from shiva_export.engines.builder import check_timing_cache_path
+
+    check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
+    if dtype == "bf16" and onnx is None:
+        raise ConfigError(
+            "--dtype bf16 cannot be exported: ONNX (opset <= 22) has no bfloat16 Conv or Einsum, which the patch embedding and "
+            "unpatchify use. Build --dtype fp16 (engines are strongly typed, so the ONNX dtype is the engine's)."
+        )
+    from shiva_export.export.segments import MAX_SEGMENTS
+
+    if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS):
+        raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
+    if (segments or 1) > 1 and (dynamic_batch or strip_weights):
+        raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
+
+
+def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list[float]:
+    """The ratios to build, ascending: the given ones (else the recipe's), with the dense reference 0 added or removed."""
+    todo = list(ratios) if ratios else list(rec.prune.ratios)
+    for r in todo:
+        if not 0.0 <= r < 1.0:
+            raise ConfigError(f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0 = dense reference).")
+    if dense and 0.0 not in todo:
+        todo = [0.0, *todo]
+    if not dense:
+        todo = [r for r in todo if r != 0.0]
+    if not todo:
+        raise ConfigError("nothing to build: give at least one --ratio above 0, or drop --no-dense.")
+    return sorted(set(todo))
 
 
 def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,

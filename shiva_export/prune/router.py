@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import RouterError
-from shiva_export.utils.io import sha256_file
+from shiva_export.utils.io import canonical_json, check_writable, sha256_file
 
 __all__ = ["RouterConfig", "ShivaRouter", "RouterBank", "save_routers", "load_routers", "read_router_metadata"]
 
@@ -155,9 +155,6 @@ def save_routers(bank: RouterBank, path: str | Path, extra: dict | None = None) 
     """Writes the router bank as safetensors (atomically, byte-reproducible) and returns its sha256."""
     from safetensors.torch import save_file
 
-    from shiva_export.utils.io import check_writable
-
-    from shiva_export.utils.io import canonical_json
 
     path = check_writable(path, "router weights")
     # One metadata key holding canonical JSON: safetensors writes its metadata map in arbitrary order,

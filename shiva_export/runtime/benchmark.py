@@ -24,6 +24,7 @@ from typing import Any
 
 from shiva_export.errors import ConfigError
 from shiva_export.logging import get_logger
+from shiva_export.utils.machine import loadavg, machine_info
 
 __all__ = ["E2EVariant", "E2EReport", "benchmark_e2e"]
 
@@ -175,7 +176,6 @@ def benchmark_e2e(
     from shiva_export.runtime.generate import run_pipeline
     from shiva_export.runtime.pipeline import _recipe, load_pipeline
     from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
-    from shiva_export.validate.speed import _loadavg, _machine
 
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
@@ -212,7 +212,7 @@ def benchmark_e2e(
         check_writable(out / "e2e.json", "--out-dir")
     if threads is not None:
         torch.set_num_threads(threads)
-    load_start = _loadavg()
+    load_start = loadavg()
 
     budgets: list[tuple[str, dict[str, Any]]] = [("dense", {"dense": True})]
     budgets += [(f"ratio {r:.2f}", {"ratio": r}) for r in ratios]
@@ -252,7 +252,7 @@ def benchmark_e2e(
            + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
            + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")
            + (" --compile" if compile else ""))
-    machine = _machine(load_start)
+    machine = machine_info(load_start)
     machine["threads"] = torch.get_num_threads()
     report = E2EReport(rec.name, steps, guidance, any_pipe.shiva.height, any_pipe.shiva.width, warmup, repeats, device, dtype, compile,
                        [v for v, _ in variants], machine, cmd)

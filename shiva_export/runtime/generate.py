@@ -152,7 +152,7 @@ def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], N
 
 def _trace_of(pipe) -> list[str]:
     t = pipe.transformer
-    if hasattr(t, "trace") and isinstance(getattr(t, "trace"), list):
+    if hasattr(t, "trace") and isinstance(t.trace, list):
         out = list(t.trace)
         t.trace.clear()
         return out
@@ -334,28 +334,17 @@ def generate(
 
     Returns the record written to ``generate.json``.
     """
-    import numpy as np
     import torch
 
     from shiva_export._version import __version__
     from shiva_export.export.onnx import package_versions
-    from shiva_export.runtime.pipeline import _recipe, load_pipeline
+    from shiva_export.runtime.pipeline import load_pipeline
     from shiva_export.utils.io import atomic_write_json, check_writable
 
     prompts = [p for p in prompts]
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
-    rec = _recipe(model, recipe)
-    steps = rec.pipeline.steps if steps is None else steps
-    guidance = rec.pipeline.guidance if guidance is None else guidance
-    if not isinstance(steps, int) or steps < 1 or steps > 1000:
-        raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    rec, steps, guidance = _check_generate_options(model, recipe, prompts, steps, guidance, context)
     from shiva_export.models import adapter_for_architecture
 
-    if context is not None:
-        adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
     say = progress or (lambda m: None)
@@ -380,36 +369,11 @@ def generate(
         say("warm up")
         for pp in (pipe, dense_pipe):
             run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w)
+    call = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w)
     images = []
     for i, prompt in enumerate(prompts):
-        s = seed + i
-        tick = (lambda j, _p=prompt: step_progress(_p, j + 1, steps)) if step_progress else None
         say(f"generate {i + 1}/{len(prompts)}")
-        res = run_pipeline(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=tick)
-        name = f"{i:03d}-{_slug(prompt)}"
-        png = out / f"{name}.png"
-        entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "png": str(png),
-                                 "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
-                                 "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
-        pil = _write_png(png, _to_pil(res.image))
-        if dense_pipe is not None:
-            dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
-            dres = run_pipeline(dense_pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=dtick)
-            dpng = out / f"{name}.dense.png"
-            dpil = _write_png(dpng, _to_pil(dres.image))
-            p = psnr(res.image, dres.image)
-            entry["dense"] = {
-                "png": str(dpng),
-                "timings_ms": dres.times.to_dict(),
-                "psnr_db": None if math.isinf(p) else round(p, 3),
-                "identical": bool(np.array_equal(res.image, dres.image)),
-                "mean_abs_diff": float(np.mean(np.abs(np.asarray(res.image, np.float64) - np.asarray(dres.image, np.float64)))),
-                "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max()) if res.latents is not None else None,
-                "transformer_speedup": round(dres.times.transformer_total / max(res.times.transformer_total, 1e-9), 4),
-                "e2e_speedup": round(dres.times.total / max(res.times.total, 1e-9), 4),
-            }
-            entry["_pil"] = (dpil, pil)
-        images.append(entry)
+        images.append(_generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{_slug(prompt)}", call, step_progress))
 
     grid_path = None
     if compare_dense:
@@ -437,6 +401,63 @@ def generate(
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record
+
+
+def _check_generate_options(model, recipe, prompts: list, steps, guidance, context):
+    """Validates prompts, steps, guidance and context before any output is made: (recipe, steps, guidance)."""
+    from shiva_export.runtime.pipeline import _recipe
+
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
+    rec = _recipe(model, recipe)
+    steps = rec.pipeline.steps if steps is None else steps
+    guidance = rec.pipeline.guidance if guidance is None else guidance
+    if not isinstance(steps, int) or steps < 1 or steps > 1000:
+        raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    if context is not None:
+        from shiva_export.models import adapter_for_architecture
+
+        adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
+    return rec, steps, guidance
+
+
+def _generate_one(pipe, dense_pipe, prompt: str, seed: int, stem: Path, call: dict[str, Any], step_progress) -> dict[str, Any]:
+    """One prompt through the pipeline (and the dense one): writes ``<stem>.png`` (and ``<stem>.dense.png``), returns its entry."""
+    steps = call["steps"]
+    tick = (lambda j, _p=prompt: step_progress(_p, j + 1, steps)) if step_progress else None
+    res = run_pipeline(pipe, prompt, seed=seed, on_step=tick, **call)
+    png = stem.parent / f"{stem.name}.png"
+    entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": call["negative_prompt"], "seed": seed, "png": str(png),
+                             "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
+                             "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
+    pil = _write_png(png, _to_pil(res.image))
+    if dense_pipe is not None:
+        dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
+        dres = run_pipeline(dense_pipe, prompt, seed=seed, on_step=dtick, **call)
+        dpng = stem.parent / f"{stem.name}.dense.png"
+        dpil = _write_png(dpng, _to_pil(dres.image))
+        entry["dense"] = _dense_comparison(res, dres, dpng)
+        entry["_pil"] = (dpil, pil)
+    return entry
+
+
+def _dense_comparison(res, dres, dpng: Path) -> dict[str, Any]:
+    """How far the pruned image is from the dense one, and the speed-ups."""
+    import numpy as np
+
+    p = psnr(res.image, dres.image)
+    return {
+        "png": str(dpng),
+        "timings_ms": dres.times.to_dict(),
+        "psnr_db": None if math.isinf(p) else round(p, 3),
+        "identical": bool(np.array_equal(res.image, dres.image)),
+        "mean_abs_diff": float(np.mean(np.abs(np.asarray(res.image, np.float64) - np.asarray(dres.image, np.float64)))),
+        "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max()) if res.latents is not None else None,
+        "transformer_speedup": round(dres.times.transformer_total / max(res.times.transformer_total, 1e-9), 4),
+        "e2e_speedup": round(dres.times.total / max(res.times.total, 1e-9), 4),
+    }
 
 
 def _budget_desc(info) -> str:

@@ -56,10 +56,12 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.export.ort import ort_session
 from shiva_export.models import InputSpec
 from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
-__all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]
+# ShivaArtifactTransformer is defined on first access (module __getattr__ below), which ruff cannot see.
+__all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]  # noqa: F822
 
 
 def export_command(model: str, phase: TimestepPhase, spec: InputSpec, *, height: int | None = None, width: int | None = None,
@@ -317,8 +319,6 @@ class OrtRunner:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
-        from shiva_export.validate.parity import ort_session
-
         self.path = Path(onnx_path)
         self.session = ort_session(self.path, provider=provider, threads=threads)
         self.provider = self.session.get_providers()[0]

@@ -172,9 +172,9 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
                 "pass the folder written by the pipeline's (or transformer's) save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
-            from shiva_export.models.base import _check_weights_sha256
+            from shiva_export.models.base import check_weights_sha256
 
-            _check_weights_sha256(p / "transformer", rec)
+            check_weights_sha256(p / "transformer", rec)
         return str(p), True
     if rec.model.source == "local":
         if _transformer_folder(rec, None) is not None:
@@ -205,9 +205,9 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     attempts = [True] if (is_local or offline) else [True, False]
     last: Exception | None = None
     if is_local:
-        from shiva_export.runtime.embedded import _saved_none_components
+        from shiva_export.runtime.embedded import saved_none_components
 
-        for comp, none in _saved_none_components(Path(location)).items():
+        for comp, none in saved_none_components(Path(location)).items():
             kwargs.setdefault(comp, none)  # a pipeline saved without T5 reloads only when told so again
     for local_only in attempts:
         try:
@@ -462,19 +462,7 @@ def load_pipeline(
         >>> flux = load_pipeline("flux-tiny", backend="ort", ratio=0.4)   # FluxPipeline; cfg is off (guidance embedding)
         >>> dit = load_pipeline("dit-tiny", backend="torch", ratio=0.4)   # DiTPipeline: dit(class_labels=dit.get_label_ids(["cat"]))
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            from shiva_export.errors import HardwareError
-
-            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+    _check_pipeline_options(backend, dtype, device)
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
     if dense and (ratio not in (None, 0.0) or phases):
@@ -497,47 +485,19 @@ def load_pipeline(
     info_kwargs: dict[str, Any] = {}
 
     if backend == "torch":
-        own = {}
-        if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
-            from shiva_export.models import load_transformer
-
-            own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
-        pipe = _from_pretrained(loc, local, rec, **own)
-        adapter.check_pipeline(pipe, rec)
-        if dense:
-            phase_list: tuple[TimestepPhase, ...] = ()
-            router_info = {"source": "none (dense)"}
-        else:
-            phase_list = resolve_phases(rec, n_layers, ratio, phases)
-            router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
+        pipe, phase_list, router_info = _torch_pipeline(rec, adapter, loc, local, tf_dir, router, n_layers, ratio, phases, dense, cfg, ctx)
         text_len = rec.shapes.text_len
         artifacts_info: list[dict[str, Any]] = []
     else:
         spec = InputSpec(batch=batch, height=h, width=w, text_len=rec.shapes.text_len, cfg=cfg)
-        from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, ShivaArtifactTransformer, TrtRunner
+        from shiva_export.runtime.modules import ShivaArtifactTransformer
 
-        aps = []
         if artifacts:
-            opened = _open_artifacts(artifacts, backend, config, say)
-            ctx = _artifacts_context(opened, context)
-            for phase, aspec, info, _meta in opened:
-                run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
-                aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
-            phase_list = tuple(a.phase for a in aps)
+            aps, ctx = _opened_phases(artifacts, backend, config, rec, dtype, provider, threads, context, say)
         else:
-            if dense:
-                phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),)
-            else:
-                phase_list = resolve_phases(rec, n_layers, ratio, phases)
-            root = Path(artifact_root)
-            for phase in phase_list:
-                if backend == "ort":
-                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases, context=ctx)
-                    run = OrtRunner(info["onnx"], provider=provider, threads=threads)
-                else:
-                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say, ctx)
-                    run = TrtRunner(info["engine"])
-                aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
+            phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),) if dense else resolve_phases(rec, n_layers, ratio, phases)
+            aps = _built_phases(rec, weights, router, phase_list, spec, dtype, Path(artifact_root), backend, provider, threads, dense, phases, ctx, say)
+        phase_list = tuple(a.phase for a in aps)
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
         pipe = _from_pretrained(loc, local, rec, transformer=module)
         adapter.check_pipeline(pipe, rec)
@@ -547,14 +507,8 @@ def load_pipeline(
         h, w, batch, cfg = aps[0].spec.height, aps[0].spec.width, aps[0].spec.batch, aps[0].spec.cfg
         info_kwargs["dtype"] = aps[0].dtype
     max_seq = adapter.max_sequence_length(pipe, text_len)  # what the pipeline must encode for the graph's text length
-    if device != "cpu":
-        pipe.to(device)
+    _place(pipe, device, dtype if backend == "torch" else "fp32", dense)
     if backend == "torch" and dtype != "fp32":
-        import torch
-
-        pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-        if not dense:  # routers always compute in float32 (top-k is sensitive to rounding)
-            pipe.transformer.shiva_routers.to(torch.float32)
         info_kwargs["dtype"] = dtype
     pipe.set_progress_bar_config(disable=True)
     pipe.shiva = ShivaPipelineInfo(
@@ -563,6 +517,79 @@ def load_pipeline(
         context=None if dense else ctx, **info_kwargs,
     )
     return pipe
+
+
+def _place(pipe, device: str, torch_dtype_name: str, dense: bool) -> None:
+    """Moves the pipeline to its device, and a torch pipeline to its dtype with the routers kept in float32."""
+    if device != "cpu":
+        pipe.to(device)
+    if torch_dtype_name != "fp32":
+        import torch
+
+        pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[torch_dtype_name])
+        if not dense:  # routers always compute in float32 (top-k is sensitive to rounding)
+            pipe.transformer.shiva_routers.to(torch.float32)
+
+
+def _check_pipeline_options(backend: str, dtype: str, device: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from shiva_export.errors import HardwareError
+
+            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+
+
+def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router, n_layers: int, ratio, phases: bool, dense: bool, cfg: bool, ctx: str):
+    """The model's pipeline with its own transformer, routed in place: (pipe, phases, router info)."""
+    own = {}
+    if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
+        from shiva_export.models import load_transformer
+
+        own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
+    pipe = _from_pretrained(loc, local, rec, **own)
+    adapter.check_pipeline(pipe, rec)
+    if dense:
+        return pipe, (), {"source": "none (dense)"}
+    phase_list = resolve_phases(rec, n_layers, ratio, phases)
+    return pipe, phase_list, _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
+
+
+def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, provider: str, threads, context, say):
+    """Runners over given ONNX files or engine folders, phases and shapes from their metadata: (phases, context)."""
+    from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
+
+    opened = _open_artifacts(artifacts, backend, config, say)
+    ctx = _artifacts_context(opened, context)
+    aps = []
+    for phase, aspec, info, _meta in opened:
+        run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
+        aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
+    return aps, ctx
+
+
+def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path, backend: str, provider: str, threads, dense: bool,
+                  use_phases: bool, ctx: str, say) -> list:
+    """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use."""
+    from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
+
+    aps = []
+    for phase in phase_list:
+        if backend == "ort":
+            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx)
+            run = OrtRunner(info["onnx"], provider=provider, threads=threads)
+        else:
+            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx)
+            run = TrtRunner(info["engine"])
+        aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
+    return aps
 
 
 def _artifacts_context(opened, context: str | None) -> str:
