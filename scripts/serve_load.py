@@ -136,7 +136,7 @@ def bench_shutdown(args, prompts) -> dict:
 
 
 def markdown(rows: list[dict], shutdown: dict, args) -> str:
-    out = [f"| setting | clients | images | wall s | images/s | p50 s | p99 s | mean batch | retried / failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| setting | clients | images | wall s | images/s | p50 s | p99 s | mean batch | retried / failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         rf = f"{r.get('retried', 0)} / {r.get('failed', 0)}" if "retried" in r else "-"
         out.append(f"| {r['setting']} | {r['concurrency']} | {r['images']} | {r['wall_s']} | {r['images_per_s']} | {r['p50_s']} | {r['p99_s']} | "

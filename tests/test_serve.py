@@ -109,6 +109,41 @@ def test_without_ray_serve_and_generate_ray_exit_4_with_the_install_line(monkeyp
     assert "pip install 'shiva-export[serve]'" in capsys.readouterr().err
 
 
+def test_serve_help_works_without_ray_torch_or_diffusers():
+    blocker = (
+        "import sys\n"
+        "class B:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'torch', 'diffusers', 'onnxruntime', 'fastapi'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, B())\n"
+        "from shiva_export.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", blocker, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--dump-config" in r.stdout, r.stderr
+
+
+def test_dump_config_is_rays_serve_config_of_the_same_options(tmp_path, capsys):
+    pytest.importorskip("ray.serve")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from shiva_export.cli import main
+
+    path = tmp_path / "serve.yaml"
+    assert main(["serve", "--backend", "ort", "--ratio", "0.4", "--autoscale", "1:3", "--port", "8123", "--dump-config", str(path)]) == 0
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "shiva_export.serve.app:build_app" and config["http_options"]["port"] == 8123
+    assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in app["deployments"][0]
+    again = ServeOptions.from_args(app["args"])
+    assert (again.backend, again.ratio, again.autoscale) == ("ort", 0.4, (1, 3)) and again.to_args() == app["args"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -164,14 +164,14 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
 def _map(pending: list[dict[str, Any]], load, run, replicas: int, num_cpus: float, num_gpus: float):
     """Rows of results as the actors finish them (one prompt per task, so a restarted actor redoes one image)."""
     ray = require_ray("generate --ray")
-    import ray.data
+    from ray import data as ray_data
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    ctx = ray.data.DataContext.get_current()
+    ctx = ray_data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws one bar over images, not Ray's per-operator bars
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-    ds = ds.map_batches(_GenerateActor, fn_constructor_kwargs={"load": load, "run": run}, batch_size=1, compute=ray.data.ActorPoolStrategy(size=replicas),
+    ds = ray_data.from_items(pending, override_num_blocks=len(pending))
+    ds = ds.map_batches(_GenerateActor, fn_constructor_kwargs={"load": load, "run": run}, batch_size=1, compute=ray_data.ActorPoolStrategy(size=replicas),
                         num_cpus=num_cpus, num_gpus=num_gpus, batch_format="numpy")
     yield from ds.iter_rows()
 
