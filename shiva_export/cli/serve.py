@@ -55,6 +55,7 @@ def serve_command(
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above).")] = 65536,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds before Ray's proxy gives up on a request; also the drain limit.")] = 300.0,
     artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Port of Ray's Prometheus metrics (Ray Serve's and ours) on this node, when serve starts the local Ray cluster.")] = None,
     dump_config: Annotated[Path | None, typer.Option("--dump-config", help="Write Ray's serve config YAML (for `serve deploy`) to FILE and exit; nothing starts.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -63,7 +64,9 @@ def serve_command(
     if autoscale is not None and replicas != 1:
         raise typer.BadParameter("give --replicas N or --autoscale MIN:MAX, not both.", param_hint="--autoscale")
     if dump_config is None and 1 <= port <= 65535:
-        check_port_free(host, port)  # first: a second app on a busy port is refused before any model code loads
+        check_port_free(host, port)
+    if metrics_port is not None and not 1 <= metrics_port <= 65535:
+        raise typer.BadParameter(f"{metrics_port} is not a port in 1..65535.", param_hint="--metrics-port")  # first: a second app on a busy port is refused before any model code loads
     opts = ServeOptions(
         model=model, recipe=_s(recipe), weights=_s(weights), router=_s(router), backend=backend, ratio=ratio, phases=phases,
         artifacts=[str(a) for a in artifact or []], context=context, dtype=dtype, device=device, provider=provider, threads=threads,
@@ -82,7 +85,7 @@ def serve_command(
     from shiva_export.serve.server import serve_forever
 
     say = (lambda m: None) if quiet else (lambda m: err_console.print(f"[serve] {m}", markup=False, highlight=False))
-    serve_forever(opts, say=say)
+    serve_forever(opts, say=say, metrics_port=metrics_port)
     return ExitCode.OK
 
 

@@ -31,16 +31,18 @@ def dump_config(opts: ServeOptions, path: str | Path) -> Path:
     return atomic_write_text(path, "# shiva-export serve config: serve deploy THIS_FILE\n" + yaml.safe_dump(config, sort_keys=False))
 
 
-def start_app(opts: ServeOptions, *, num_cpus: int | None = None, say: Callable[[str], None] = lambda m: None):
-    """Starts Ray (a local cluster unless ``RAY_ADDRESS`` names one), Serve's HTTP proxy and the application;
-    returns once every replica has loaded its pipeline (Ray's ``serve.run`` waits for that)."""
+def start_app(opts: ServeOptions, *, num_cpus: int | None = None, metrics_port: int | None = None, say: Callable[[str], None] = lambda m: None):
+    """Starts Ray (a local cluster unless ``RAY_ADDRESS`` names one; its Prometheus metrics on ``metrics_port``),
+    Serve's HTTP proxy and the application; returns once every replica has loaded its pipeline (Ray's
+    ``serve.run`` waits for that)."""
     ray = require_ray("shiva-export serve")
     from ray import serve
 
     check_port_free(opts.host, opts.port)  # before Ray starts: a second app on this port is refused in one line
     if not ray.is_initialized():
         say("start ray")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        extra = {"_metrics_export_port": metrics_port} if metrics_port else {}  # what `ray start --metrics-export-port` sets
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **extra)
     serve.start(http_options=http_options(opts))
     say(f"load {opts.replicas if not opts.autoscale else opts.autoscale[0]} replica(s)")
     return serve.run(build_app(opts.to_args()), name=APP_NAME, route_prefix="/", blocking=False)
@@ -61,12 +63,12 @@ def stop_app(*, shutdown_ray: bool = True) -> None:
         ray.shutdown()
 
 
-def serve_forever(opts: ServeOptions, say: Callable[[str], None] = lambda m: None) -> None:
+def serve_forever(opts: ServeOptions, say: Callable[[str], None] = lambda m: None, metrics_port: int | None = None) -> None:
     """:func:`start_app`, then waits for Ctrl-C / SIGTERM and :func:`stop_app` (draining in-flight requests)."""
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        start_app(opts, say=say)
+        start_app(opts, say=say, metrics_port=metrics_port)
         say(f"serving http://{opts.host}:{opts.port}/generate (GET /healthz); Ctrl-C drains and stops")
         while not stop.wait(0.5):
             pass
