@@ -264,6 +264,17 @@ def test_concurrent_requests_a_bad_one_and_a_killed_replica_lose_nothing(served)
     assert sorted(r.body["record"]["image"]["seed"] for r in replies) == list(range(6))
 
 
+def test_generate_ray_reports_an_actors_error_in_one_line(ray_cluster, opts, tmp_path):
+    """A user error inside an actor (here the size) is generate's own ShapeError in the driver, not Ray's wrapping."""
+    from shiva_export.errors import ShapeError
+    from shiva_export.serve.data import generate_ray
+
+    with pytest.raises(ShapeError, match="^--height 100 is not a positive multiple of 16 px"):
+        generate_ray(prompts=["a"], out_dir=tmp_path, model="sd35-tiny", backend=opts.backend, ratio=0.4, steps=STEPS, height=100,
+                     artifact_root=opts.artifact_root, num_cpus=0.5)
+    assert not (tmp_path / "generate.json").exists()
+
+
 def _comparable(record: dict) -> dict:
     """A generate.json without what differs between two runs of the same images: timings and the folder."""
     r = dict(record)

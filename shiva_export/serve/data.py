@@ -34,15 +34,35 @@ class _GenerateActor:
     def __init__(self, load: dict[str, Any], run: dict[str, Any]):
         import torch
 
+        from shiva_export.errors import ShivaError
         from shiva_export.runtime.pipeline import load_pipeline
         from shiva_export.serve.worker import pipeline_kwargs
 
         if load.get("threads") is not None:
             torch.set_num_threads(int(load["threads"]))
-        self.pipe = load_pipeline(batch=1, **pipeline_kwargs(**load))
-        self.run = run
+        self.run, self.error = run, ""
+        try:
+            self.pipe = load_pipeline(batch=1, **pipeline_kwargs(**load))
+        except ShivaError as err:  # a user error: reported as a row, so the driver raises it in one line (Ray would retry the actor)
+            self.error = _error_text(err)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from shiva_export.errors import ShivaError
+
+        out: dict[str, list] = {"index": [], "png": [], "entry": [], "head": [], "error": []}
+        for i, prompt in zip(batch["index"], batch["prompt"]):
+            png, entry, head, error = b"", "", "", self.error
+            if not error:
+                try:
+                    png, entry, head = self._one(int(i), str(prompt))
+                except ShivaError as err:
+                    error = _error_text(err)
+            for key, val in (("index", int(i)), ("png", png), ("entry", entry), ("head", head), ("error", error)):
+                out[key].append(val)
+        return out
+
+    def _one(self, i: int, prompt: str) -> tuple[bytes, str, str]:
+        """PNG, entry and run head (JSON) of prompt ``i``, exactly as ``generate`` makes them."""
         import torch
 
         from shiva_export.runtime.generate import run_pipeline
@@ -51,19 +71,27 @@ class _GenerateActor:
         r, info = self.run, self.pipe.shiva
         h = info.height if r["height"] is None else r["height"]
         w = info.width if r["width"] is None else r["width"]
-        head = json.dumps({"pipeline": info.to_dict(), "device": str(self.pipe._execution_device), "torch_threads": torch.get_num_threads(),
-                           "height": h, "width": w, "budget": _budget(info)}, default=str)
-        out: dict[str, list] = {"index": [], "png": [], "entry": [], "head": []}
-        for i, prompt in zip(batch["index"], batch["prompt"]):
-            i = int(i)
-            res = run_pipeline(self.pipe, str(prompt), negative_prompt=r["negative_prompt"], steps=r["steps"], guidance=r["guidance"],
-                               seed=r["seed"] + i, height=h, width=w)
-            entry = {"prompt": str(prompt), "negative_prompt": r["negative_prompt"], "seed": r["seed"] + i, "timings_ms": res.times.to_dict(),
-                     "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
-                     "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
-            for key, val in (("index", i), ("png", png_bytes(res.image)), ("entry", json.dumps(entry)), ("head", head)):
-                out[key].append(val)
-        return out
+        res = run_pipeline(self.pipe, prompt, negative_prompt=r["negative_prompt"], steps=r["steps"], guidance=r["guidance"], seed=r["seed"] + i,
+                           height=h, width=w)
+        entry = {"prompt": prompt, "negative_prompt": r["negative_prompt"], "seed": r["seed"] + i, "timings_ms": res.times.to_dict(),
+                 "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
+                 "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
+        head = {"pipeline": info.to_dict(), "device": str(self.pipe._execution_device), "torch_threads": torch.get_num_threads(),
+                "height": h, "width": w, "budget": _budget(info)}
+        return png_bytes(res.image), json.dumps(entry), json.dumps(head, default=str)
+
+
+def _error_text(err: BaseException) -> str:
+    return json.dumps({"type": type(err).__name__, "message": str(err).splitlines()[0] if str(err) else ""})
+
+
+def _raise_row_error(text: str) -> None:
+    """Raises, in the driver, the ShivaError an actor reported (same class: same exit code)."""
+    from shiva_export import errors
+
+    e = json.loads(text)
+    cls = getattr(errors, e["type"], errors.ShivaError)
+    raise (cls if isinstance(cls, type) and issubclass(cls, errors.ShivaError) else errors.ShivaError)(e["message"])
 
 
 def _budget(info) -> str:
@@ -142,7 +170,7 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
     load = dict(model=model, recipe=None if recipe is None else str(Path(recipe).resolve()), weights=None if weights is None else str(Path(weights).resolve()),
                 router=None if router is None else str(Path(router).resolve()), backend=backend, ratio=ratio, phases=phases,
                 artifacts=[str(Path(a).resolve()) for a in artifacts or []], context=context, dtype=dtype, device=device, provider=provider,
-                threads=threads, artifact_root=str(Path(artifact_root).resolve()))
+                threads=threads, artifact_root=str(Path(artifact_root).resolve()), height=height, width=width)
     run = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, height=height, width=width)
     state = _cache_root() / "ray-generate" / _run_key(load, run, out)
     done = _finished(state, out, prompts, seed)
@@ -151,6 +179,8 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
     pending = [{"index": i, "prompt": p} for i, p in enumerate(prompts) if i not in done]
     if pending:
         for row in _map(pending, load, run, replicas, num_cpus, num_gpus):
+            if row["error"]:
+                _raise_row_error(str(row["error"]))
             i = int(row["index"])
             png = bytes(row["png"])
             atomic_write_bytes(out / f"{_name(i, prompts[i])}.png", png)
@@ -170,6 +200,10 @@ def _map(pending: list[dict[str, Any]], load, run, replicas: int, num_cpus: floa
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ctx = ray_data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws one bar over images, not Ray's per-operator bars
+    if os.environ.get("SHIVA_DEBUG", "0") in ("", "0", "false"):
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's execution-plan INFO lines
     ds = ray_data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(_GenerateActor, fn_constructor_kwargs={"load": load, "run": run}, batch_size=1, compute=ray_data.ActorPoolStrategy(size=replicas),
                         num_cpus=num_cpus, num_gpus=num_gpus, batch_format="numpy")
