@@ -144,6 +144,16 @@ def test_dump_config_is_rays_serve_config_of_the_same_options(tmp_path, capsys):
     assert (again.backend, again.ratio, again.autoscale) == ("ort", 0.4, (1, 3)) and again.to_args() == app["args"]
 
 
+def test_a_replica_that_cannot_load_is_reported_as_its_own_error():
+    from shiva_export.errors import WeightsError
+    from shiva_export.serve.server import replica_error
+
+    text = "Deploying application shiva failed\nTraceback ...\nshiva_export.errors.WeightsError: Cannot load a pipeline from /x: gone.\n"
+    err = replica_error(text)
+    assert isinstance(err, WeightsError) and str(err) == "a replica failed to load: Cannot load a pipeline from /x: gone."
+    assert replica_error("RuntimeError: something else") is None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

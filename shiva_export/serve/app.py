@@ -71,7 +71,9 @@ def build_app(args: dict[str, Any]):
     dep = _deployment_class()
     o = deployment_options(opts)
     o.pop("name")
-    return dep.options(**o).bind(opts.to_args())
+    # A replica that cannot load (wrong artifact, missing weights) fails the same way every time: give up after
+    # 3 attempts instead of Ray's 20, so `serve` exits with the reason instead of retrying for minutes.
+    return dep.options(**o, max_constructor_retry_count=3).bind(opts.to_args())
 
 
 def _deployment_class():

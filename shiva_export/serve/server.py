@@ -45,7 +45,41 @@ def start_app(opts: ServeOptions, *, num_cpus: int | None = None, metrics_port: 
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **extra)
     serve.start(http_options=http_options(opts))
     say(f"load {opts.replicas if not opts.autoscale else opts.autoscale[0]} replica(s)")
-    return serve.run(build_app(opts.to_args()), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        return serve.run(build_app(opts.to_args()), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as err:  # Ray reports a replica that failed to load as text: raise the replica's own error
+        cause = replica_error(str(err) + "\n" + _deployment_messages())
+        if cause is None:
+            raise
+        serve.shutdown()
+        raise cause from None
+
+
+def _deployment_messages() -> str:
+    """Ray's status messages of the application and its deployments (they carry a failed replica's traceback)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001 - only used to word an error that is already being raised
+        return ""
+    if app is None:
+        return ""
+    return "\n".join([app.message or ""] + [d.message or "" for d in app.deployments.values()])
+
+
+def replica_error(text: str):
+    """The last ``shiva_export.errors.<Class>: <message>`` line of a Ray deployment failure, as that error."""
+    import re
+
+    from shiva_export import errors
+
+    found = re.findall(r"shiva_export\.errors\.(\w+): ([^\n]*)", text)
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, errors.ShivaError)
+    return (cls if isinstance(cls, type) and issubclass(cls, errors.ShivaError) else errors.ShivaError)(f"a replica failed to load: {message}")
 
 
 def stop_app(*, shutdown_ray: bool = True) -> None:
