@@ -65,6 +65,18 @@ def test_pick_bucket_matches_exactly_and_refuses_others_in_one_line(tmp_path):
     assert "\n" not in msg and "no bucket 64x64" in msg and "64x48, 128x128" in msg and "--size 64x64" in msg
 
 
+def test_default_paths_put_each_bucket_and_phase_in_its_own_folder():
+    from pathlib import Path
+
+    from shiva_export.export.pruned import _default_out_path, default_onnx_path
+
+    rec = load_recipe("sd35-tiny")
+    assert default_onnx_path("sd35-tiny", 0.4, "fp32", bucket="64x48") == Path("engines/sd35-tiny/64x48/ratio0.40/fp32/model.onnx")
+    assert default_onnx_path("sd35-tiny", 0.4, "fp32") == Path("engines/sd35-tiny/ratio0.40/fp32/model.onnx")  # no bucket: as before
+    assert _default_out_path(rec, "early", 0.3, "fp16", "drop", "64x48") == Path("engines/sd35-tiny/64x48/phase-early/fp16/model.onnx")
+    assert _default_out_path(rec, "late", 0.5, "fp32", "keep", None) == Path("engines/sd35-tiny/phase-late-context-keep/fp32/model.onnx")
+
+
 def test_budget_dedup_counts_each_buckets_tokens_from_the_adapter():
     from shiva_export.engines.budgets import image_tokens, unique_budgets
 
@@ -157,3 +169,15 @@ def test_generate_trt_phases_runs_the_bucket_on_a_gpu(phase_engines, tmp_path, c
     assert code == 0, capsys.readouterr().err
     rec = json.loads((tmp_path / "out" / "generate.json").read_text())
     assert [a["engine"] for a in rec["pipeline"]["artifacts"]] == [str(root / "sd35-tiny" / "64x48" / f"phase-{p}" / "fp32") for p in ("early", "late")]
+
+
+@pytest.mark.trt_rtx
+def test_trt_cli_size_and_phases_reuse_the_built_engines(phase_engines, capsys):
+    root, builds = phase_engines
+    args = ["trt", "--model", "sd35-tiny", "--size", "64x64", "--size", "64x48", "--backend", "tensorrt-rtx", "--out-dir", str(root)]
+    code = main([*args, "--phases", "--json"])
+    rows = json.loads(capsys.readouterr().out)["engines"]
+    assert code == 0 and [(r["bucket"], r["phase"], r["status"]) for r in rows] == [(b.bucket, b.phase, "cached") for b in builds]
+    assert rows[0]["ratio"] == pytest.approx(builds[0].ratio)
+    code = main([*args, "--phases", "--ratio", "0.4"])
+    assert code == 2 and "not both" in capsys.readouterr().err

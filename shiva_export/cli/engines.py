@@ -104,7 +104,7 @@ def trt_command(
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'budget':<14} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
+    head = f"{'budget':<22} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
     lines = [head, "-" * len(head)]
     for r in rows:
         ks = sorted(set(r["per_block_k"].values()))
@@ -115,7 +115,7 @@ def _table(rows: list[dict]) -> str:
         mb = f"{r['engine_mb']:.2f}" if r["engine_mb"] is not None else "-"
         de = r.get("deserialize") or {}
         runnable = "yes" if de.get("deserialized") else ("no GPU: plan + manifest checked" if de else "-")
-        lines.append(f"{budget:<14} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
+        lines.append(f"{budget:<22} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
         lines.append(f"  {r['plan']}")
     return "\n".join(lines)
 

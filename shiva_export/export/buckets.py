@@ -52,7 +52,7 @@ def _built(model_root: Path) -> list[str]:
     """Bucket folders already under ``<root>/<model>`` (what `onnx` or `trt` wrote)."""
     if not model_root.is_dir():
         return []
-    return [p.name for p in model_root.iterdir() if p.is_dir() and _SIZE.match(p.name)]
+    return [p.name for p in model_root.iterdir() if p.is_dir() and _SIZE.match(p.name) and all(int(x) > 0 for x in p.name.split("x"))]
 
 
 def known_buckets(recipe, root: str | os.PathLike) -> list[str]:
