@@ -24,7 +24,10 @@ TRT_EPILOG = """Examples:
 
   shiva-export trt --onnx xl/model.onnx --backend tensorrt-rtx --segments 2   # 8 B on a 24 GB machine
 
-Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json}; with --segments N,
+  shiva-export trt --model sd35-tiny --size 256x256 --size 256x192 --phases --backend tensorrt-rtx
+
+Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json} (with --size, in
+<out-dir>/<model>/<W>x<H>/ratio<r>/...; with --phases, phase-<name>/ in place of ratio<r>/); with --segments N,
 segments.json + manifest.json there and one engine per segment in seg<i>of<N>/ (the segment ONNX files, which
 reference the export's weights, go beside the export). A budget whose
 inputs all hash the same as its manifest is skipped (--force rebuilds). A missing backend module exits 4.
@@ -44,6 +47,8 @@ def trt_command(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16: the ONNX dtype; engines are strongly typed.")] = "fp32",
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16).")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16).")] = None,
+    size: Annotated[list[str] | None, typer.Option("--size", help="Resolution bucket WIDTHxHEIGHT, repeatable: every engine once per size, in <out-dir>/<model>/<W>x<H>/. Default: the recipe's [[buckets]], else one size.")] = None,
+    phases: Annotated[bool, typer.Option("--phases", help="One engine per learned phase of the recipe's [[schedule.phases]] (phase-<name>/<dtype>/), the layout `generate --backend trt --phases` reads; instead of --ratio.")] = False,
     batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call (CFG doubles the model batch).")] = None,
     cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves sharing kept tokens.")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch with an optimization profile (see --batch-min/--batch-max).")] = False,
@@ -88,6 +93,7 @@ def trt_command(
             backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
             batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
             optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, segments=segments, out_dir=out_dir, force=force, validate=validate, progress=advance,
+            sizes=size, phases=phases,
         )
     rows = [r.to_dict() for r in results]
     if json_out:
@@ -98,17 +104,18 @@ def trt_command(
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'budget':<14} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
+    head = f"{'budget':<22} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
     lines = [head, "-" * len(head)]
     for r in rows:
         ks = sorted(set(r["per_block_k"].values()))
         kdesc = "dense" if r["dense"] else (str(ks[0]) if len(ks) == 1 else ",".join(map(str, ks)))
-        budget = "dense (r=0)" if r["dense"] else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        budget = "dense (r=0)" if r["dense"] else f"phase {r['phase']}" if r.get("phase") else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        budget = f"{r['bucket']} {budget}" if r.get("bucket") else budget
         bs = f"{r['build_seconds']:.2f}" if r["build_seconds"] is not None else "-"
         mb = f"{r['engine_mb']:.2f}" if r["engine_mb"] is not None else "-"
         de = r.get("deserialize") or {}
         runnable = "yes" if de.get("deserialized") else ("no GPU: plan + manifest checked" if de else "-")
-        lines.append(f"{budget:<14} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
+        lines.append(f"{budget:<22} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
         lines.append(f"  {r['plan']}")
     return "\n".join(lines)
 

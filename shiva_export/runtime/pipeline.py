@@ -287,15 +287,16 @@ def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtyp
 
 
 def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False, context: str = "drop") -> dict[str, Any]:
+                 use_phases: bool = False, context: str = "drop", bucket: str | None = None) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
-    or of the dense reference; returns its provenance."""
+    or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pruned import export_pruned
     from shiva_export.utils.io import inside, safe_component, sha256_file
 
     key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
-    path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
+    folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
+    path = inside(root, folder / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
     if path.is_file():
@@ -577,16 +578,19 @@ def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, pro
 
 def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path, backend: str, provider: str, threads, dense: bool,
                   use_phases: bool, ctx: str, say) -> list:
-    """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use."""
+    """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
+    ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
+    from shiva_export.export.buckets import pick_bucket
     from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
 
+    bucket = pick_bucket(rec, root, spec.height, spec.width)  # a model with buckets runs only at their sizes
     aps = []
     for phase in phase_list:
         if backend == "ort":
-            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx)
+            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx, bucket=bucket)
             run = OrtRunner(info["onnx"], provider=provider, threads=threads)
         else:
-            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx)
+            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx, bucket)
             run = TrtRunner(info["engine"])
         aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
     return aps
@@ -624,20 +628,20 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
     return info
 
 
-def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop") -> dict[str, Any]:
-    """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
+def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop",
+                   bucket: str | None = None) -> dict[str, Any]:
+    """Builds (or reuses) the engine of a fixed-ratio or learned phase with ``build_engines``: the folders
+    ``shiva-export trt [--size WxH] [--phases]`` writes."""
     from shiva_export.engines.budgets import build_engines
 
-    if use_phases:
-        raise ConfigError(
-            "engines for learned phases are built from their ONNX: export each with `shiva-export onnx --phase P`, build it with "
-            "`shiva-export trt --onnx PATH`, and pass the engine folders with --artifact."
-        )
-    r = 0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)
+    size = {"sizes": [bucket]} if bucket else {"height": spec.height, "width": spec.width}
+    if use_phases and not dense:
+        budget: dict[str, Any] = {"phases": [phase.name], "dense": False}
+    else:
+        budget = {"ratios": [0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)], "dense": dense}
     say(f"engine ({phase.name})")
-    builds = build_engines(recipe=rec, weights=weights, router=router, ratios=[r], dense=dense, dtype=dtype,
-                           height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root,
-                           context=None if dense else context)
+    builds = build_engines(recipe=rec, weights=weights, router=router, dtype=dtype, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg,
+                           out_dir=root, context=None if dense else context, **size, **budget)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         from shiva_export.errors import EngineBuildError
