@@ -76,7 +76,13 @@ def onnx_command(
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
-    with stages(enabled=not (quiet or json_out)) as advance:
+    from shiva_export.checks import check_model_name, check_sizes
+    from shiva_export.utils.io import folder_lock
+
+    check_model_name(model)
+    check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
+    lock_dir = out.parent if out is not None else Path("engines")  # two exports into one folder: the second is refused
+    with folder_lock(lock_dir, "ONNX output folder"), stages(enabled=not (quiet or json_out)) as advance:
         res = export_pruned(
             model=model,
             recipe=recipe,
