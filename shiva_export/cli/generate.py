@@ -166,9 +166,10 @@ def _check_artifact_budget(a: Path, backend: str, ratio: float | None, phases: b
 
         meta = onnx_metadata(a, "--artifact")
         got, phase = meta.get("ratio"), meta.get("phase")
-    if phases and not phase:
+    uniform = not phase or str(phase).startswith("ratio")  # uniform graphs carry no phase, or the one-phase name ratio<r>
+    if phases and uniform:
         raise ConfigError(f"--phases runs the recipe's learned phases, but --artifact {a} is one uniform graph (ratio {got}); drop --phases, or pass one --artifact per learned phase (shiva-export onnx --phase P).")
-    if ratio is not None and (got is None or abs(float(got) - ratio) > 1e-6 or phase):
+    if ratio is not None and (got is None or abs(float(got) - ratio) > 1e-6 or not uniform):
         raise ConfigError(f"--ratio {ratio} contradicts --artifact {a}, which was exported with ratio {got}{f' (phase {phase})' if phase else ''}; drop --ratio (the artifact decides) or export --ratio {ratio}.")
 
 
