@@ -14,20 +14,26 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ConfigError, HardwareError, MissingDependencyError, OutputPathError, ShapeError
+from shiva_export.errors import (
+    ConfigError,
+    HardwareError,
+    MissingDependencyError,
+    OutputPathError,
+    ShapeError,
+)
 
 __all__ = [
     "MAX_SIDE",
     "available_memory",
+    "check_build_options",
+    "check_cuda_device",
+    "check_finite",
     "check_model_name",
+    "check_ort_provider",
     "check_out_dir",
     "check_seed",
     "check_side",
     "check_sizes",
-    "check_finite",
-    "check_cuda_device",
-    "check_ort_provider",
-    "check_build_options",
     "onnx_metadata",
 ]
 
@@ -235,7 +241,7 @@ def _scan_finite(folder: Path) -> None:
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
+                for k in h.keys():  # noqa: SIM118 - safe_open is not a dict
                     check_finite({k: h.get_tensor(k)}, f"--data {f}")
         except (SafetensorError, OSError, ValueError) as err:
             if isinstance(err, ConfigError):

@@ -90,8 +90,8 @@ def _router(tmp: Path, value: float) -> Path:
 
     src = ROOT / "recipes" / "sd35-tiny.learned" / "router.safetensors"
     with safe_open(str(src), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
-    first = sorted(tensors)[0]
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    first = min(tensors)
     tensors[first].view(-1)[0] = value
     dst = tmp / "in" / f"router-{value}.safetensors"
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def _nan_data(tmp: Path) -> Path:
     return d
 
 
-def _engine(tmp: Path, edit: dict | None) -> Path:
+def _engine(tmp: Path, edit: dict | None, version: str = "1.2.0") -> Path:
     """An engine folder (plan bytes + a sealed manifest); ``edit`` changes manifest fields afterwards, by hand."""
     from shiva_export.engines.manifest import EngineManifest, write_manifest
     from shiva_export.utils.io import sha256_file
@@ -119,7 +119,7 @@ def _engine(tmp: Path, edit: dict | None) -> Path:
     (d / "model.plan").write_bytes(b"plan" * 64)
     write_manifest(d / "manifest.json", EngineManifest(
         model_name="sd35-tiny", model_config_hash="cfg", onnx_sha256="0" * 64, engine_sha256=sha256_file(d / "model.plan"), backend="tensorrt-rtx",
-        backend_version="1.2.0", input_shapes={"hidden_states": [2, 16, 32, 32]}, dtype="fp32", ratio=0.4, keep_ratio=0.6, per_block_k={"1": 153}))
+        backend_version=version, input_shapes={"hidden_states": [2, 16, 32, 32]}, dtype="fp32", ratio=0.4, keep_ratio=0.6, per_block_k={"1": 153}))
     if edit:
         data = json.loads((d / "manifest.json").read_text())
         data.update(edit)
@@ -238,6 +238,14 @@ CORPUS = [
     ("gen-out-is-file", ["generate", "--model", "sd35-tiny", "--prompt", "x", "--out", "{file}"], 1, "not a folder"),
     ("speed-out-dir-is-file", ["validate", "speed", "--model", "sd35-tiny", "--out-dir", "{file}"], 1, "not a folder"),
     ("trt-out-dir-is-file", TRT[:-2] + ["--ratio", "0.4", "--out-dir", "{file}"], 1, "not a folder"),
+    ("train-data-out-is-file", ["train-data", "--out", "{file}", "--prompts", "{file}"], 1, "not a folder"),
+    ("quality-out-dir-is-file", ["validate", "quality", "--out-dir", "{file}"], 1, "not a folder"),
+    ("frontier-out-dir-is-file", ["validate", "frontier", "--model", "sd35-tiny", "--out-dir", "{file}"], 1, "not a folder"),
+    ("suite-out-dir-is-file", ["validate", "suite", "cpu", "--out-dir", "{file}"], 1, "not a folder"),
+    ("speed-batch-huge", ["validate", "speed", "--model", "sd35-tiny", "--batch", "1000000000"], 2, "--batch 1000000000"),
+    ("train-seed-65-bits", ["train", "--model", "sd35-tiny", "--seed", str(2**64), "--out-dir", "{out}/t"], 2, "--seed"),
+    ("run-seed-65-bits", ["run", "{dir}", "--seed", str(2**64)], 2, "--seed"),
+    ("run-iterations-0", ["run", "{dir}", "--iterations", "0"], 2, "--iterations"),
     # --- exit codes: missing hardware is 4 everywhere
     ("train-device-cuda7", ["train", "--model", "sd35-tiny", "--device", "cuda:7", "--out-dir", "{out}/t"], 4, "cuda:7"),
     # --- S3
@@ -377,6 +385,15 @@ def test_a_bound_recipe_refuses_a_pipeline_folder_holding_other_weights(tmp_path
     assert code == 1 and "do not match recipe" in err and not (tmp_path / "o" / "m.onnx").exists(), err
 
 
+def test_run_checks_the_backend_version_before_looking_for_a_gpu(tmp_path, capsys):
+    """A sealed manifest of another TensorRT-RTX version: `run` names the version, not the missing GPU."""
+    pytest.importorskip("tensorrt_rtx")
+    d = _engine(tmp_path, None, version="0.0.1")
+    code = main(["run", str(d)])
+    err = capsys.readouterr().err
+    assert code == 1 and "0.0.1" in err and "this runtime is" in err and "CUDA" not in err, err
+
+
 # ------------------------------------------------------------------------------ S3
 def test_the_e2e_report_names_the_cpu_and_load_average():
     from shiva_export.runtime.benchmark import E2EReport
@@ -392,11 +409,11 @@ def test_every_tool_write_refuses_special_files(tmp_path):
     from shiva_export.errors import OutputPathError
     from shiva_export.utils.io import atomic_write_text, check_regular_target
 
-    for kind in SPECIAL:
+    for kind, is_kind in SPECIAL.items():
         p = _special(kind, tmp_path)
         with pytest.raises(OutputPathError):
             atomic_write_text(p, "x")
-        assert SPECIAL[kind](os.lstat(p).st_mode)
+        assert is_kind(os.lstat(p).st_mode)
     inside_link = tmp_path / "in" / "inner-link"
     (tmp_path / "in" / "real").write_text("old")
     inside_link.symlink_to(tmp_path / "in" / "real")

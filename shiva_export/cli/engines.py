@@ -114,6 +114,10 @@ def check_trt_flags(*, model, onnx, ratio, workspace, opt_level, aot_target, dyn
     if ratio:
         raise ConfigError(f"--onnx {onnx} is built as exported, so --ratio {', '.join(map(str, ratio))} would be ignored; drop --ratio (or drop --onnx to export that ratio).")
     got = onnx_metadata(onnx, "--onnx").get("model")
+    if got is not None:
+        from shiva_export.utils.io import safe_component
+
+        safe_component(got, f"--onnx {onnx}: shiva.model")  # it names the output folder
     if model is not None and got is not None and got != model:
         raise ConfigError(f"--model {model} but --onnx {onnx} is a graph of model {got!r}; drop --model (the graph decides) or pass --model {got}.")
 
@@ -173,6 +177,11 @@ def run_command(
 ) -> int:
     import statistics
 
+    from shiva_export.checks import check_seed
+
+    check_seed(seed)
+    if iterations < 1:
+        raise typer.BadParameter(f"{iterations} must be >= 1.", param_hint="--iterations")
     import torch
 
     from shiva_export.engines.runner import EngineRunner

@@ -112,7 +112,10 @@ def speed_command(
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.speed import benchmark_speed
 
+    from shiva_export.checks import check_sizes
+
     check_model_name(model)
+    check_sizes(batch=batch, height=height, width=width, cfg=cfg)
     check_out_dir(out_dir, "--out-dir")
     with folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext():  # one writer per report folder
         return _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
@@ -150,9 +153,13 @@ def suite_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
     """Run a declarative suite (validate/<name>.toml): parity cases can fail it (exit 3); speed cases only report."""
+    from shiva_export.checks import check_out_dir
+    from shiva_export.utils.io import folder_lock
     from shiva_export.validate.suite import run_suite
 
-    with stages(enabled=not (quiet or json_out)) as advance:
+    check_out_dir(out_dir, "--out-dir")
+    lock = folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()  # one writer per report folder
+    with lock, stages(enabled=not (quiet or json_out)) as advance:
         summary = run_suite(name, out_dir=out_dir, progress=advance)
     if json_out:
         result_json(summary)

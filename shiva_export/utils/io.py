@@ -80,7 +80,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputPathError(f"{what} {d} cannot be created ({err.strerror or err}); pass a folder path that is not a file and is writable.") from None
+        raise OutputPathError(f"Cannot create the folder for the {what}: {d} ({err.strerror or err}). Pass a writable folder path that is not a file.") from None
     lock = d / ".shiva.lock"
     check_regular_target(lock, f"{what} lock")
     try:
