@@ -374,7 +374,7 @@ class Recipe(BaseModel):
             p = self.source_path.parent / p
         if (p / "config.json").is_file():
             return p
-        if self.model.sha256:
+        if self.model.sha256 and not (p / "model_index.json").is_file():  # a bound pipeline folder: its transformer/ is checked on load
             raise ModelNotFoundError(
                 f"{self._where()}: the transformer folder {p} bound by [model] sha256 is missing (no config.json); "
                 "its router and schedule belong to those weights only. Restore the folder written with this recipe."
@@ -466,6 +466,8 @@ def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: arrays or tables nested too deeply to be a recipe. Pass a recipe shaped like recipes/sd35.toml.") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a UTF-8 text file, so not a recipe. Pass a .toml recipe.") from None
     except OSError as err:

@@ -37,7 +37,7 @@ RUN_HELP = "Run a built engine on seeded inputs on a CUDA GPU and print output s
 
 
 def trt_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny).")] = "sd35",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny). Default: sd35, or the --onnx graph's.")] = None,
     ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1); repeat for several engines. 0 = dense reference. Default: the recipe's ratios.")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Build this existing export (from `shiva-export onnx`) instead of exporting.")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder with the transformer weights.")] = None,
@@ -52,7 +52,7 @@ def trt_command(
     batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call (CFG doubles the model batch).")] = None,
     cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves sharing kept tokens.")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch with an optimization profile (see --batch-min/--batch-max).")] = False,
-    batch_min: Annotated[int, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch).")] = 1,
+    batch_min: Annotated[int | None, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch; default 1).")] = None,
     batch_max: Annotated[int | None, typer.Option("--batch-max", help="Profile max prompts (default 4 x --batch).")] = None,
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file shared by every budget of this command.")] = None,
     workspace: Annotated[int | None, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = None,
@@ -85,8 +85,10 @@ def trt_command(
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
+    check_trt_flags(model=model, onnx=onnx, ratio=ratio, workspace=workspace, opt_level=opt_level, aot_target=aot_target, dynamic_batch=dynamic_batch,
+                    batch_min=batch_min, batch_max=batch_max, batch=batch, height=height, width=width, cfg=cfg, out_dir=out_dir)
     b = batch or 1
-    batch_range = (batch_min, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
+    batch_range = (batch_min or 1, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
     with stages(enabled=not (quiet or json_out)) as advance:
         results = build_engines(
             model=model, recipe=recipe, weights=weights, router=router, ratios=ratio, dense=not no_dense, onnx=onnx,
@@ -101,6 +103,30 @@ def trt_command(
     else:
         result_text(_table(rows))
     return ExitCode.OK
+
+
+def check_trt_flags(*, model, onnx, ratio, workspace, opt_level, aot_target, dynamic_batch, batch_min, batch_max, batch, height, width, cfg, out_dir) -> None:
+    """Every trt option, before any export or backend import (each used to be refused only after the dense export)."""
+    from shiva_export.checks import check_build_options, check_model_name, check_out_dir, check_sizes
+    from shiva_export.errors import ConfigError
+    from shiva_export.export.onnx import read_shiva_metadata
+
+    check_model_name(model)
+    check_build_options(workspace_mib=workspace, opt_level=opt_level, aot_targets=aot_target, dynamic_batch=dynamic_batch,
+                        batch_min=batch_min, batch_max=batch_max, batch=batch)
+    check_sizes(batch=batch, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
+    check_out_dir(out_dir, "--out-dir")
+    if onnx is None:
+        return
+    if ratio:
+        raise ConfigError(f"--onnx {onnx} is built as exported, so --ratio {', '.join(map(str, ratio))} would be ignored; drop --ratio (or drop --onnx to export that ratio).")
+    got = read_shiva_metadata(onnx, what="--onnx").get("model")
+    if got is not None:
+        from shiva_export.utils.io import safe_component
+
+        safe_component(got, f"--onnx {onnx}: shiva.model")  # it names the output folder
+    if model is not None and got is not None and got != model:
+        raise ConfigError(f"--model {model} but --onnx {onnx} is a graph of model {got!r}; drop --model (the graph decides) or pass --model {got}.")
 
 
 def _table(rows: list[dict]) -> str:
@@ -131,6 +157,10 @@ def inspect_command(
 
     if not onnx_path.is_file():
         raise typer.BadParameter(f"{onnx_path} does not exist.", param_hint="ONNX_PATH")
+    import re
+
+    if backend_version is not None and not re.fullmatch(r"\d+(\.\d+){0,3}", backend_version.strip()):
+        raise typer.BadParameter(f"{backend_version!r} is not a version; expected digits and dots, e.g. 10.13.3 or 1.2.0.", param_hint="--backend-version")
     version = backend_version
     if version is None:
         try:
@@ -155,6 +185,11 @@ def run_command(
 ) -> int:
     import statistics
 
+    from shiva_export.checks import check_seed
+
+    check_seed(seed)
+    if iterations < 1:
+        raise typer.BadParameter(f"{iterations} must be >= 1.", param_hint="--iterations")
     import torch
 
     from shiva_export.engines.runner import EngineRunner

@@ -79,17 +79,24 @@ def onnx_command(
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
+    from shiva_export.checks import check_model_name, check_sizes
+    from shiva_export.utils.io import folder_lock
+
+    check_model_name(model)
+    check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
     rec = load_recipe(recipe if recipe is not None else model)
     buckets = bucket_sizes(rec, size, height, width)
     if buckets is not None and len(buckets) > 1 and out is not None:
         raise typer.BadParameter(f"{len(buckets)} sizes make {len(buckets)} graphs, which cannot share one --out path; drop --out.", param_hint="--out")
     results = []
-    for w_h in buckets or [None]:
-        with stages(enabled=not (quiet or json_out)) as advance:
-            results.append(_export_one(export_pruned, rec, w_h, advance, weights=weights, ratio=ratio, height=height, width=width, batch=batch,
-                                       text_len=text_len, cfg=cfg, dtype=dtype, opset=opset, out=out, router=router, dynamic_batch=dynamic_batch,
-                                       phase=phase, debug_outputs=debug_outputs, validate=validate, parity_cases=parity_cases, bounded=bounded,
-                                       context=context))
+    lock_dir = out.parent if out is not None else Path("engines")  # two exports into one folder: the second is refused
+    with folder_lock(lock_dir, "ONNX output folder"):
+        for w_h in buckets or [None]:
+            with stages(enabled=not (quiet or json_out)) as advance:
+                results.append(_export_one(export_pruned, rec, w_h, advance, weights=weights, ratio=ratio, height=height, width=width, batch=batch,
+                                           text_len=text_len, cfg=cfg, dtype=dtype, opset=opset, out=out, router=router, dynamic_batch=dynamic_batch,
+                                           phase=phase, debug_outputs=debug_outputs, validate=validate, parity_cases=parity_cases, bounded=bounded,
+                                           context=context))
     summaries = [res.to_dict() for res in results]
     if json_out:
         result_json(summaries[0] if len(summaries) == 1 else {"exports": summaries})

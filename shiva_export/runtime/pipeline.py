@@ -179,7 +179,12 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
     if rec.model.source == "local":
         if _transformer_folder(rec, None) is not None:
             return _components_location(rec)
-        return str(rec.local_pipeline_path()), True
+        folder = rec.local_pipeline_path()
+        if rec.model.sha256:  # bound by sha256 (train --dora): the pipeline folder's transformer must be those weights
+            from shiva_export.models.base import _check_weights_sha256
+
+            _check_weights_sha256(Path(folder) / "transformer", rec)
+        return str(folder), True
     if rec.model.source == "embedded":
         from shiva_export.runtime.embedded import ensure_embedded_pipeline
 
@@ -292,7 +297,7 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
     or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pruned import export_pruned
-    from shiva_export.utils.io import inside, safe_component, sha256_file
+    from shiva_export.utils.io import inside, safe_component, sha256_file, verify_onnx_record
 
     key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
     folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
@@ -300,10 +305,13 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
     status = "cached"
     meta = None
     if path.is_file():
+        why = verify_onnx_record(path)  # reused by content, never by key alone: an edited graph is exported again
         try:
-            meta = read_shiva_metadata(path)
+            meta = read_shiva_metadata(path) if why is None else None
         except Exception:  # noqa: BLE001 - an unreadable cache entry is re-exported
             meta = None
+        if why is not None:
+            logger.warning("re-exporting cached graph %s: %s", path, why)
         if not meta or meta.get("runtime_key") != key:
             meta = None
     parity = None
@@ -356,6 +364,15 @@ def _config_hash(config: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json({k: v for k, v in config.items() if not k.startswith("_")}).encode())
 
 
+def _check_artifact_record(p: Path) -> None:
+    """An --artifact graph runs only while it is byte for byte what `shiva-export onnx` wrote (its sha256 record)."""
+    from shiva_export.utils.io import verify_onnx_record
+
+    why = verify_onnx_record(p)
+    if why is not None:
+        raise ConfigError(f"--artifact {p} cannot be trusted: {why}. Re-export it with `shiva-export onnx` (and keep the .sha256.json beside it).")
+
+
 def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
     """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
     from shiva_export.export.onnx import read_shiva_metadata
@@ -377,6 +394,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
             info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
         else:
             meta = read_shiva_metadata(p, require=True, what="--artifact")
+            _check_artifact_record(p)
             info = {"onnx": str(p), "onnx_sha256": sha256_file(p)}
         if "input_spec" not in meta or "model" not in meta:
             raise ConfigError(f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it.")
@@ -557,6 +575,10 @@ def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router,
         own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
     pipe = _from_pretrained(loc, local, rec, **own)
     adapter.check_pipeline(pipe, rec)
+    if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
+        from shiva_export.checks import check_finite
+
+        check_finite(pipe.transformer.state_dict(), f"transformer weights in {loc}", WeightsError)
     if dense:
         return pipe, (), {"source": "none (dense)"}
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
