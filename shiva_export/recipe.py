@@ -156,6 +156,18 @@ class ShapesSection(BaseModel):
     cfg: bool = Field(True, description="batch holds uncond and cond halves that share kept indices")
 
 
+class Bucket(BaseModel):
+    """One image size of ``[[buckets]]``: a static graph and engine per budget in a ``<width>x<height>`` folder."""
+
+    model_config = _STRICT
+    width: Annotated[int, Field(gt=0, le=16384)]
+    height: Annotated[int, Field(gt=0, le=16384)]
+
+    @property
+    def name(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
 class PipelineSection(BaseModel):
     """The full diffusers pipeline around the transformer (``shiva-export generate``): the architecture's
     ``PIPELINE_CLASS`` (SD3, Flux, PixArt-Sigma, DiT).
@@ -205,6 +217,9 @@ class Recipe(BaseModel):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     tolerances: dict[Literal["fp32", "fp16", "bf16"], Tolerance]
     schedule: ScheduleSection | None = None
+    buckets: list[Bucket] = Field(
+        default_factory=list, description="[[buckets]] image sizes `onnx` and `trt` build (one <W>x<H> folder each) and `generate` accepts"
+    )
 
     # set by load_recipe, not part of the file
     source_path: Path | None = Field(None, exclude=True)
@@ -232,6 +247,15 @@ class Recipe(BaseModel):
         if self.prune.context not in adapter.CONTEXT_MODES:
             raise ValueError(f"[prune] context = {self.prune.context!r} is not implemented for architecture {self.architecture!r}; set context = \"drop\"")
         return self
+
+    @field_validator("buckets")
+    @classmethod
+    def _distinct_buckets(cls, v: list) -> list:
+        names = [b.name for b in v]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise ValueError(f"[[buckets]] lists {dup} twice; give each size once")
+        return v
 
     @field_validator("tolerances")
     @classmethod
@@ -350,7 +374,7 @@ class Recipe(BaseModel):
             p = self.source_path.parent / p
         if (p / "config.json").is_file():
             return p
-        if self.model.sha256:
+        if self.model.sha256 and not (p / "model_index.json").is_file():  # a bound pipeline folder: its transformer/ is checked on load
             raise ModelNotFoundError(
                 f"{self._where()}: the transformer folder {p} bound by [model] sha256 is missing (no config.json); "
                 "its router and schedule belong to those weights only. Restore the folder written with this recipe."
@@ -364,6 +388,7 @@ class Recipe(BaseModel):
         d = self.model_dump(mode="json", exclude={"source_path"})
         if d["prune"]["context"] == "drop":  # the default: recipes written before the option keep their hash (cache keys)
             del d["prune"]["context"]
+        del d["buckets"]  # which sizes get built changes no graph (each graph's shapes are in its own key)
         return d
 
 
@@ -441,6 +466,8 @@ def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: arrays or tables nested too deeply to be a recipe. Pass a recipe shaped like recipes/sd35.toml.") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a UTF-8 text file, so not a recipe. Pass a .toml recipe.") from None
     except OSError as err:

@@ -87,6 +87,8 @@ def generate_command(
         texts += [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not texts:
         raise typer.BadParameter("give at least one --prompt TEXT or --prompts FILE.", param_hint="--prompt")
+    check_generate_flags(model=model, backend=backend, artifact=artifact, ratio=ratio, phases=phases, provider=provider, seed=seed,
+                         count=len(texts), height=height, width=width, out=out, device=device)
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter(f"{threads} must be >= 1.", param_hint="--threads")
@@ -102,6 +104,7 @@ def generate_command(
     if replicas != 1:
         raise typer.BadParameter("--replicas needs --ray (one process runs one pipeline).", param_hint="--replicas")
     from shiva_export.runtime.generate import generate
+    from shiva_export.utils.io import folder_lock
 
     show = not (quiet or json_out)
     progress_bar = None
@@ -118,7 +121,7 @@ def generate_command(
             tasks[label] = progress_bar.add_task(label[:60], total=n)
         progress_bar.update(tasks[label], completed=i)
 
-    with stages(enabled=show) as advance:
+    with folder_lock(out, "--out folder"), stages(enabled=show) as advance:  # a second run into this folder is refused
         if progress_bar is not None:
             progress_bar.start()
         try:
@@ -151,9 +154,13 @@ def _generate_ray(texts: list[str], *, json_out: bool, show: bool, **kw) -> int:
         bar = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False)
         bar.start()
         task = bar.add_task("images", total=len(texts))
+    from shiva_export.utils.io import folder_lock
+
+    out = kw.pop("out")
     try:
-        rec = generate_ray(prompts=texts, out_dir=kw.pop("out"), artifacts=kw.pop("artifact"), **kw,
-                           progress=(lambda d, n: bar.update(task, completed=d)) if bar else None)
+        with folder_lock(out, "--out folder"):  # as the single-process run: a second run into this folder is refused
+            rec = generate_ray(prompts=texts, out_dir=out, artifacts=kw.pop("artifact"), **kw,
+                               progress=(lambda d, n: bar.update(task, completed=d)) if bar else None)
     finally:
         if bar is not None:
             bar.stop()
@@ -162,6 +169,54 @@ def _generate_ray(texts: list[str], *, json_out: bool, show: bool, **kw) -> int:
     else:
         result_text(format_record(rec))
     return ExitCode.OK
+
+
+def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, seed, count, height, width, out, device) -> None:
+    """Contradictory or impossible flags, refused in one line before any model is loaded or any file written."""
+    from shiva_export.checks import (
+        check_cuda_device,
+        check_model_name,
+        check_ort_provider,
+        check_out_dir,
+        check_seed,
+        check_side,
+    )
+    from shiva_export.errors import ConfigError
+
+    check_model_name(model)
+    if artifact and backend == "torch":
+        raise ConfigError("--backend torch runs the PyTorch transformer and ignores --artifact (an ONNX or engine); pass --backend ort/trt with --artifact, or drop --artifact.")
+    check_seed(seed, count)
+    check_side(height, "--height")
+    check_side(width, "--width")
+    check_out_dir(out, "--out")
+    check_cuda_device(device)
+    check_ort_provider(provider, backend)
+    for a in artifact or []:
+        if ratio is not None or phases:
+            _check_artifact_budget(a, backend, ratio, phases)
+
+
+def _check_artifact_budget(a: Path, backend: str, ratio: float | None, phases: bool) -> None:
+    """--ratio / --phases must describe the --artifact given (it decides the budget; the flags would be ignored)."""
+    from shiva_export.errors import ConfigError
+
+    if backend == "trt":
+        from shiva_export.engines.manifest import manifest_path_for, read_manifest
+        from shiva_export.engines.runner import find_plan
+
+        man = read_manifest(manifest_path_for(find_plan(a)))
+        got, phase = man.ratio, None
+    else:
+        from shiva_export.export.onnx import read_shiva_metadata
+
+        meta = read_shiva_metadata(a, what="--artifact")
+        got, phase = meta.get("ratio"), meta.get("phase")
+    uniform = not phase or str(phase).startswith("ratio")  # uniform graphs carry no phase, or the one-phase name ratio<r>
+    if phases and uniform:
+        raise ConfigError(f"--phases runs the recipe's learned phases, but --artifact {a} is one uniform graph (ratio {got}); drop --phases, or pass one --artifact per learned phase (shiva-export onnx --phase P).")
+    if ratio is not None and (got is None or abs(float(got) - ratio) > 1e-6 or not uniform):
+        raise ConfigError(f"--ratio {ratio} contradicts --artifact {a}, which was exported with ratio {got}{f' (phase {phase})' if phase else ''}; drop --ratio (the artifact decides) or export --ratio {ratio}.")
 
 
 def format_record(r: dict) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -124,7 +127,16 @@ def train_command(
     for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
         if v is not None:
             held[key] = v
+    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_seed, check_train_data
+
+    check_model_name(model)
+    check_seed(seed)
+    check_cuda_device(device)
+    check_out_dir(out_dir, "--out-dir")
+    if sampler_shift is not None and not (math.isfinite(sampler_shift) and sampler_shift > 0):
+        raise ConfigError(f"--sampler-shift {sampler_shift} is invalid; expected a finite number > 0 (the sampler's timestep shift, e.g. 3.0).")
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
+    check_train_data(data, rec.name, rec.source_path)
     if context is not None:
         from shiva_export.models import adapter_for_architecture
 
@@ -172,7 +184,10 @@ def train_command(
         **held,
     )
     progress = _progress_printer(cfg.total_steps, show=not (quiet or json_out))
-    res = train(rec, cfg, progress=progress, weights=weights)
+    from shiva_export.utils.io import folder_lock
+
+    with folder_lock(out_dir, "--out-dir") if int(os.environ.get("RANK", "0") or 0) == 0 else contextlib.nullcontext():
+        res = train(rec, cfg, progress=progress, weights=weights)  # a second run into this folder is refused
     if int(__import__("os").environ.get("RANK", "0") or 0) != 0:
         return ExitCode.OK  # torchrun: rank 0 reports
     summary = res.to_dict()

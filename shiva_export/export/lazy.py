@@ -329,6 +329,9 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
         def make() -> torch.Tensor:
             with safe_open(str(files[name]), framework="pt") as f:
                 t = f.get_tensor(name)
+            from shiva_export.checks import check_finite
+
+            check_finite({name: t}, f"weights {files[name]}", WeightsError)
             return t.to(target) if t.dtype != target else t
 
         return make
@@ -370,6 +373,9 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
         adapter = get_adapter(cls_name)
         if adapter.NAME != recipe.architecture:
             return None
+        from shiva_export.models.base import check_weights_sha256
+
+        check_weights_sha256(folder, recipe)  # a recipe bound to its weights loads only those, lazily too
         return load_checkpoint_lazy(adapter, folder, str(p))
     repo, sub = recipe.model.repo_id, recipe.model.subfolder
     try:

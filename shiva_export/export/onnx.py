@@ -43,7 +43,7 @@ from shiva_export.models import InputSpec, get_adapter
 
 if TYPE_CHECKING:
     from shiva_export.export.lazy import LazyWeights
-from shiva_export.utils.io import check_writable, commit_files, sha256_file
+from shiva_export.utils.io import check_writable, commit_files, onnx_record_path, sha256_file, write_onnx_record
 
 __all__ = [
     "export_onnx",
@@ -394,7 +394,8 @@ def export_onnx(
         }
         str_meta = _stamp_and_check(model, tmp_onnx, meta, check)
         data_files = [p for p in tmp_dir.iterdir() if p.name != dest.name]
-        moves = [(p, dest.parent / p.name) for p in data_files] + [(tmp_onnx, dest)]
+        record = write_onnx_record(tmp_onnx, data_files, tmp_dir / onnx_record_path(dest).name)  # reuse is checked against it
+        moves = [(p, dest.parent / p.name) for p in data_files] + [(record, dest.parent / record.name), (tmp_onnx, dest)]
         commit_files(moves)  # data first, the .onnx (what looks complete) last
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

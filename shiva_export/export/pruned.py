@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError, RouterError
+from shiva_export.export.buckets import bucket_name
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
 from shiva_export.export.parity import ParityReport, check_parity
 from shiva_export.logging import get_logger
@@ -33,14 +34,21 @@ from shiva_export.prune.schedule import budget_label
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
 
-__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
+__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "phase_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
 
 logger = get_logger(__name__)
 
 
-def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines", context: str = "drop") -> Path:
-    """``<root>/<model>/ratio<r>[-context-keep]/<dtype>/model.onnx``: a context-keep graph never lands on a drop graph's path."""
-    return Path(root) / model_name / budget_dir(ratio, context) / dtype / "model.onnx"
+def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines", context: str = "drop",
+                      bucket: str | None = None) -> Path:
+    """``<root>/<model>[/<W>x<H>]/ratio<r>[-context-keep]/<dtype>/model.onnx``: a context-keep graph never lands on a drop
+    graph's path, and a resolution bucket (:mod:`shiva_export.export.buckets`) has its own folder."""
+    return Path(root) / model_name / (bucket or "") / budget_dir(ratio, context) / dtype / "model.onnx"
+
+
+def phase_dir(phase: str, context: str = "drop") -> str:
+    """Folder name of a learned phase's graph: ``phase-<name>``, plus ``-context-keep`` for a context-keep graph."""
+    return f"phase-{phase}" + ("" if context == "drop" else f"-context-{context}")
 
 
 def budget_dir(ratio: float, context: str = "drop") -> str:
@@ -163,6 +171,7 @@ def export_pruned(
     progress: Callable[[str], None] | None = None,
     bounded: bool | None = None,
     context: str | None = None,
+    bucket: bool = False,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -198,17 +207,19 @@ def export_pruned(
             lazily (embedded models, diffusers folders with plain safetensors), eager otherwise.
         context (str): ``"drop"`` or ``"keep"`` (``ShivaConfig.context``: rejected tokens still give keys and values;
             SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``.
+        bucket (bool): The default ``out`` goes in the ``<width>x<height>`` folder of a resolution bucket. Defaults to False.
     """
     say = progress or (lambda stage: None)
     rec, context, spec = _check_export_options(
         model, recipe, ratio, keep_ratios, phase, dense, context, dtype, parity_cases, batch, height, width, text_len, cfg
     )
     out_path = Path(out) if out is not None else None
+    size_dir = bucket_name(spec.width, spec.height) if bucket else None
     if out_path is not None:
         check_writable(out_path, "ONNX output")  # fail before minutes of loading
     elif phase is None and keep_ratios is None:
         _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
-                                              context="drop" if dense else context))
+                                              context="drop" if dense else context, bucket=size_dir))
 
     say("load model")
     transformer, lazy_weights, load_seconds = _load_for_export(rec, weights, bounded)
@@ -223,7 +234,7 @@ def export_pruned(
     export_model, router_info = _prepare_models(transformer, rec, config, router, dtype, dense, lazy_weights)
 
     if out_path is None:
-        out_path = _default_out_path(rec, phase, ratio_used, dtype, "drop" if dense else context)
+        out_path = _default_out_path(rec, phase, ratio_used, dtype, "drop" if dense else context, size_dir)
         _refuse_engine_onnx(out_path)
     meta = _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, extra_metadata)
     say("export onnx")
@@ -379,11 +390,11 @@ def _prepare_models(transformer, rec: Recipe, config: ShivaConfig, router, dtype
     return (transformer if export_model is None else export_model), router_info
 
 
-def _default_out_path(rec: Recipe, phase, ratio_used: float, dtype: str, ctx_used: str) -> Path:
-    """``engines/<model>/phase-<p>[-context-keep]/<dtype>/model.onnx`` for a phase, else :func:`default_onnx_path`."""
+def _default_out_path(rec: Recipe, phase, ratio_used: float, dtype: str, ctx_used: str, size_dir: str | None) -> Path:
+    """``engines/<model>[/<W>x<H>]/phase-<p>[-context-keep]/<dtype>/model.onnx`` for a phase, else :func:`default_onnx_path`."""
     if phase is not None:
-        return Path("engines") / rec.name / (f"phase-{phase}" + ("" if ctx_used == "drop" else f"-context-{ctx_used}")) / dtype / "model.onnx"
-    return default_onnx_path(rec.name, ratio_used, dtype, context=ctx_used)
+        return Path("engines") / rec.name / (size_dir or "") / phase_dir(str(phase), ctx_used) / dtype / "model.onnx"
+    return default_onnx_path(rec.name, ratio_used, dtype, context=ctx_used, bucket=size_dir)
 
 
 def _phase_range(rec: Recipe, phase) -> dict[str, Any]:

@@ -633,6 +633,9 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise WeightsError(f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?") from None
         get_adapter(model)
+        from shiva_export.checks import check_finite
+
+        check_finite(model.state_dict(), f"weights {folder / sub if sub else folder}", WeightsError)
         return model.eval()
 
     if recipe is None:

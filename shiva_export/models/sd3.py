@@ -429,6 +429,47 @@ def _unwrap_processors(transformer: nn.Module) -> None:
 
 
 # -- FLOPs: SD3's analytic count (the convention of shiva_export.models.flops) ---------------------------------
+# Terms (``S = k + T`` joint tokens, ``k`` = image tokens the block sees: ``N`` dense, ``floor(N * keep)`` routed):
+#
+# ================================  ======================================================================
+# ``embed.patch``                   ``2 * N * (C_in * p^2) * D`` (Conv2d, kernel = stride = patch)
+# ``embed.time_text``               ``2 * (256*D + D*D + P*D + D*D)`` per sample (timestep + pooled MLPs)
+# ``embed.context``                 ``2 * T * J * D`` (``context_embedder``, J = joint_attention_dim)
+# ``block.adaln``                   ``2 * D * m * D`` per sample per block, ``m`` = 6 (``norm1``), 9 in dual
+#                                   blocks (``SD35AdaLayerNormZeroX``); plus ``norm1_context``: 6, or 2 in
+#                                   the last (``context_pre_only``) block
+# ``block.img.qkv`` / ``.out``      ``3 * 2*k*D^2`` / ``2*k*D^2``
+# ``block.img.mlp``                 ``2 * 2*k*D*4D`` (GELU-tanh FF, 4x)
+# ``block.txt.qkv``                 ``3 * 2*T*D^2`` in every block
+# ``block.txt.out`` / ``.mlp``      ``2*T*D^2`` / ``2 * 2*T*D*4D``, not in the last block (``context_pre_only``:
+#                                   its text output is never used, diffusers builds no ``to_add_out``/``ff_context``)
+# ``block.attn.joint``              ``2 * 2 * (k+T)^2 * D`` (one SDPA over ``[image; text]``)
+# ``block.attn2.qkv`` / ``.out``    dual-attention blocks only (SD3.5-M blocks 0..12): ``3 * 2*k*D^2`` / ``2*k*D^2``
+# ``block.attn2.sdpa``              ``2 * 2 * k^2 * D`` (image-only self-attention)
+# ``block.ctx.adaln``                context ``"keep"`` only (routed blocks with ``k < N``): ``norm1``'s linear once
+#                                   more, ``2 * D * m * D`` per sample (the full-token context is normalised and
+#                                   modulated by the block's own ``norm1``)
+# ``block.ctx.kv``                  context ``"keep"`` only: K/V projections of the ``N - k`` rejected tokens,
+#                                   ``2 * 2*(N-k)*D^2``, again for ``attn2`` in dual blocks; the attention
+#                                   products then run ``k + T`` queries over ``N + T`` keys:
+#                                   ``block.attn.joint`` = ``2 * 2 * (k+T)(N+T) * D``, ``block.attn2.sdpa`` =
+#                                   ``2 * 2 * k * N * D``
+# ``router.proj_x``                 routed blocks: ``2 * N * D * d'`` (every token is scored)
+# ``router.context``                ``2 * (D + P) * d'`` per sample + ``2 * d'^2`` (layer embedding, once)
+# ``router.score``                  ``2 * N * d'``; the router's LayerNorm/SiLU are elementwise (not counted)
+# ``router.select``                 0: TopK, the compaction CumSums, gather and scatter move data and do no
+#                                   multiply-adds; they are listed so the table says so
+# ``out.norm`` / ``out.proj``       ``2 * D * 2D`` per sample / ``2 * N * D * (p^2 * C_out)``
+# ================================  ======================================================================
+#
+# SD3.5-Medium at 1024 px (N = 4096, T = 333, D = 1536, 24 blocks, dual attention in 0..12, batch 1):
+# **11.2496 TFLOP** dense (11,249,573,707,776): 11.2437 T in the blocks (1.52 GFLOP of it adaLN
+# linears), 5.83 GFLOP model-level (patch conv 0.81, context embedder 4.19, time/text embedder 0.017,
+# norm_out 0.009, proj_out 0.81). Attention products are 37.6 % of it. The often-quoted "~11.26 T" is the
+# same count within 0.1 %: it is what one gets by also giving the last block a full text stream
+# (+14.15 GFLOP of text out-proj and MLP that diffusers never builds for a ``context_pre_only`` block),
+# 11.2637 T. Keep 0.6 in blocks 1..23 (block 0 dense): 6.2985 T, ideal speedup 1.786x.
+
 #: Width of SD3's sinusoidal timestep features (``Timesteps(num_channels=256)`` in diffusers).
 _TIMESTEP_CHANNELS = 256
 
@@ -535,47 +576,7 @@ def count_flops(
 ) -> FlopCount:
     """Counts the FLOPs of one ``SD3Transformer2DModel`` forward, dense or with Shiva routing.
 
-    The convention is :mod:`shiva_export.models.flops`'s. Terms (``S = k + T`` joint tokens, ``k`` = image
-    tokens the block sees: ``N`` dense, ``floor(N * keep)`` routed):
-
-    ================================  ======================================================================
-    ``embed.patch``                   ``2 * N * (C_in * p^2) * D`` (Conv2d, kernel = stride = patch)
-    ``embed.time_text``               ``2 * (256*D + D*D + P*D + D*D)`` per sample (timestep + pooled MLPs)
-    ``embed.context``                 ``2 * T * J * D`` (``context_embedder``, J = joint_attention_dim)
-    ``block.adaln``                   ``2 * D * m * D`` per sample per block, ``m`` = 6 (``norm1``), 9 in dual
-                                      blocks (``SD35AdaLayerNormZeroX``); plus ``norm1_context``: 6, or 2 in
-                                      the last (``context_pre_only``) block
-    ``block.img.qkv`` / ``.out``      ``3 * 2*k*D^2`` / ``2*k*D^2``
-    ``block.img.mlp``                 ``2 * 2*k*D*4D`` (GELU-tanh FF, 4x)
-    ``block.txt.qkv``                 ``3 * 2*T*D^2`` in every block
-    ``block.txt.out`` / ``.mlp``      ``2*T*D^2`` / ``2 * 2*T*D*4D``, not in the last block (``context_pre_only``:
-                                      its text output is never used, diffusers builds no ``to_add_out``/``ff_context``)
-    ``block.attn.joint``              ``2 * 2 * (k+T)^2 * D`` (one SDPA over ``[image; text]``)
-    ``block.attn2.qkv`` / ``.out``    dual-attention blocks only (SD3.5-M blocks 0..12): ``3 * 2*k*D^2`` / ``2*k*D^2``
-    ``block.attn2.sdpa``              ``2 * 2 * k^2 * D`` (image-only self-attention)
-    ``block.ctx.adaln``                context ``"keep"`` only (routed blocks with ``k < N``): ``norm1``'s linear once
-                                      more, ``2 * D * m * D`` per sample (the full-token context is normalised and
-                                      modulated by the block's own ``norm1``)
-    ``block.ctx.kv``                  context ``"keep"`` only: K/V projections of the ``N - k`` rejected tokens,
-                                      ``2 * 2*(N-k)*D^2``, again for ``attn2`` in dual blocks; the attention
-                                      products then run ``k + T`` queries over ``N + T`` keys:
-                                      ``block.attn.joint`` = ``2 * 2 * (k+T)(N+T) * D``, ``block.attn2.sdpa`` =
-                                      ``2 * 2 * k * N * D``
-    ``router.proj_x``                 routed blocks: ``2 * N * D * d'`` (every token is scored)
-    ``router.context``                ``2 * (D + P) * d'`` per sample + ``2 * d'^2`` (layer embedding, once)
-    ``router.score``                  ``2 * N * d'``; the router's LayerNorm/SiLU are elementwise (not counted)
-    ``router.select``                 0: TopK, the compaction CumSums, gather and scatter move data and do no
-                                      multiply-adds; they are listed so the table says so
-    ``out.norm`` / ``out.proj``       ``2 * D * 2D`` per sample / ``2 * N * D * (p^2 * C_out)``
-    ================================  ======================================================================
-
-    SD3.5-Medium at 1024 px (N = 4096, T = 333, D = 1536, 24 blocks, dual attention in 0..12, batch 1):
-    **11.2496 TFLOP** dense (11,249,573,707,776): 11.2437 T in the blocks (1.52 GFLOP of it adaLN
-    linears), 5.83 GFLOP model-level (patch conv 0.81, context embedder 4.19, time/text embedder 0.017,
-    norm_out 0.009, proj_out 0.81). Attention products are 37.6 % of it. The often-quoted "~11.26 T" is the
-    same count within 0.1 %: it is what one gets by also giving the last block a full text stream
-    (+14.15 GFLOP of text out-proj and MLP that diffusers never builds for a ``context_pre_only`` block),
-    11.2637 T. Keep 0.6 in blocks 1..23 (block 0 dense): 6.2985 T, ideal speedup 1.786x.
+    The convention is :mod:`shiva_export.models.flops`'s; the terms are tabled in the comment above :data:`FLOP_TERMS`.
 
     Args:
         config (Any): A diffusers config (``transformer.config``), a config dict, or the transformer.

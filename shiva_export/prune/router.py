@@ -192,6 +192,9 @@ def load_routers(path: str | Path, expected: RouterConfig) -> tuple[RouterBank, 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise RouterError(f"Cannot read router weights {path}: {err}. Is it a safetensors file?") from None
+    from shiva_export.checks import check_finite
+
+    check_finite(tensors, f"router weights {path}", RouterError)  # a NaN score makes top-k pick arbitrary tokens
     if "shiva" in meta:
         meta = json.loads(meta["shiva"])
     elif "config" in meta:  # files written before the single-key layout

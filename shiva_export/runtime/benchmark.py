@@ -33,6 +33,10 @@ logger = get_logger(__name__)
 _STAGES = ("text_encode", "transformer", "loop_overhead", "vae_decode", "postprocess")
 
 
+def _load(v) -> str:
+    return "unavailable" if v is None else f"{v:.2f}"
+
+
 @dataclass
 class E2EVariant:
     backend: str
@@ -125,7 +129,8 @@ class E2EReport:
             f"# End-to-end speed: {self.model}, {self.width}x{self.height}, {self.steps} steps, guidance {self.guidance}",
             "",
             f"Device {self.device}, {self.dtype}{', torch.compile' if self.compile else ''}; {self.warmup} warm-up + {self.repeats} interleaved "
-            f"rounds, medians (ms). Machine: {m.get('cpu', '?')}, {m.get('threads', '?')} threads, load {m.get('load_start')} -> {m.get('load_end')}.",
+            f"rounds, medians (ms). Machine: {m.get('cpu_model') or m.get('cpu', '?')}, {m.get('threads', '?')} threads, 1-min load average "
+            f"{_load(m.get('loadavg_start', m.get('load_start')))} -> {_load(m.get('loadavg_end', m.get('load_end')))}.",
             "Speedups vs the dense pipeline of the same backend; ideal = FLOP ratio (transformer) and Amdahl with every other stage unchanged (e2e).",
             "",
             self.table_markdown(),

@@ -179,7 +179,12 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
     if rec.model.source == "local":
         if _transformer_folder(rec, None) is not None:
             return _components_location(rec)
-        return str(rec.local_pipeline_path()), True
+        folder = rec.local_pipeline_path()
+        if rec.model.sha256:  # bound by sha256 (train --dora): the pipeline folder's transformer must be those weights
+            from shiva_export.models.base import check_weights_sha256
+
+            check_weights_sha256(Path(folder) / "transformer", rec)
+        return str(folder), True
     if rec.model.source == "embedded":
         from shiva_export.runtime.embedded import ensure_embedded_pipeline
 
@@ -287,22 +292,26 @@ def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtyp
 
 
 def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False, context: str = "drop") -> dict[str, Any]:
+                 use_phases: bool = False, context: str = "drop", bucket: str | None = None) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
-    or of the dense reference; returns its provenance."""
+    or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pruned import export_pruned
-    from shiva_export.utils.io import inside, safe_component, sha256_file
+    from shiva_export.utils.io import inside, safe_component, sha256_file, verify_onnx_record
 
     key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
-    path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
+    folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
+    path = inside(root, folder / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
     if path.is_file():
+        why = verify_onnx_record(path)  # reused by content, never by key alone: an edited graph is exported again
         try:
-            meta = read_shiva_metadata(path)
+            meta = read_shiva_metadata(path) if why is None else None
         except Exception:  # noqa: BLE001 - an unreadable cache entry is re-exported
             meta = None
+        if why is not None:
+            logger.warning("re-exporting cached graph %s: %s", path, why)
         if not meta or meta.get("runtime_key") != key:
             meta = None
     parity = None
@@ -355,6 +364,15 @@ def _config_hash(config: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json({k: v for k, v in config.items() if not k.startswith("_")}).encode())
 
 
+def _check_artifact_record(p: Path) -> None:
+    """An --artifact graph runs only while it is byte for byte what `shiva-export onnx` wrote (its sha256 record)."""
+    from shiva_export.utils.io import verify_onnx_record
+
+    why = verify_onnx_record(p)
+    if why is not None:
+        raise ConfigError(f"--artifact {p} cannot be trusted: {why}. Re-export it with `shiva-export onnx` (and keep the .sha256.json beside it).")
+
+
 def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
     """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
     from shiva_export.export.onnx import read_shiva_metadata
@@ -376,6 +394,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
             info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
         else:
             meta = read_shiva_metadata(p, require=True, what="--artifact")
+            _check_artifact_record(p)
             info = {"onnx": str(p), "onnx_sha256": sha256_file(p)}
         if "input_spec" not in meta or "model" not in meta:
             raise ConfigError(f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it.")
@@ -556,6 +575,10 @@ def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router,
         own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
     pipe = _from_pretrained(loc, local, rec, **own)
     adapter.check_pipeline(pipe, rec)
+    if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
+        from shiva_export.checks import check_finite
+
+        check_finite(pipe.transformer.state_dict(), f"transformer weights in {loc}", WeightsError)
     if dense:
         return pipe, (), {"source": "none (dense)"}
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
@@ -577,16 +600,19 @@ def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, pro
 
 def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path, backend: str, provider: str, threads, dense: bool,
                   use_phases: bool, ctx: str, say) -> list:
-    """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use."""
+    """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
+    ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
+    from shiva_export.export.buckets import pick_bucket
     from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
 
+    bucket = pick_bucket(rec, root, spec.height, spec.width)  # a model with buckets runs only at their sizes
     aps = []
     for phase in phase_list:
         if backend == "ort":
-            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx)
+            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx, bucket=bucket)
             run = OrtRunner(info["onnx"], provider=provider, threads=threads)
         else:
-            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx)
+            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx, bucket)
             run = TrtRunner(info["engine"])
         aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
     return aps
@@ -624,20 +650,20 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
     return info
 
 
-def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop") -> dict[str, Any]:
-    """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
+def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop",
+                   bucket: str | None = None) -> dict[str, Any]:
+    """Builds (or reuses) the engine of a fixed-ratio or learned phase with ``build_engines``: the folders
+    ``shiva-export trt [--size WxH] [--phases]`` writes."""
     from shiva_export.engines.budgets import build_engines
 
-    if use_phases:
-        raise ConfigError(
-            "engines for learned phases are built from their ONNX: export each with `shiva-export onnx --phase P`, build it with "
-            "`shiva-export trt --onnx PATH`, and pass the engine folders with --artifact."
-        )
-    r = 0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)
+    size = {"sizes": [bucket]} if bucket else {"height": spec.height, "width": spec.width}
+    if use_phases and not dense:
+        budget: dict[str, Any] = {"phases": [phase.name], "dense": False}
+    else:
+        budget = {"ratios": [0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)], "dense": dense}
     say(f"engine ({phase.name})")
-    builds = build_engines(recipe=rec, weights=weights, router=router, ratios=[r], dense=dense, dtype=dtype,
-                           height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root,
-                           context=None if dense else context)
+    builds = build_engines(recipe=rec, weights=weights, router=router, dtype=dtype, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg,
+                           out_dir=root, context=None if dense else context, **size, **budget)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         from shiva_export.errors import EngineBuildError

@@ -182,6 +182,10 @@ class Metrics:
 
     def __init__(self, path: Path | None, append: bool):
         self.path = path
+        if path is not None:
+            from shiva_export.utils.io import check_regular_target
+
+            check_regular_target(path, "metrics file")  # appended to with open(): never a FIFO or device
         if path is not None and not append:
             path.write_text("")
 

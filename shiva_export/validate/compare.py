@@ -318,6 +318,8 @@ def validate_parity(
         jobs: list[tuple[float, Path, dict]] = []
         if onnx is not None:
             meta = read_shiva_metadata(Path(onnx), require=True, what="--onnx")
+            if meta.get("model") not in (None, rec.name):  # before any reference is built from the wrong recipe
+                raise ConfigError(f"--onnx {onnx} is a graph of model {meta.get('model')!r}, and --model is {rec.name!r}; pass --model {meta.get('model')} (or that model's --recipe).")
             jobs.append((float(meta.get("ratio", 0.0)), Path(onnx), meta))
         else:
             for r in ratios or rec.prune.ratios:

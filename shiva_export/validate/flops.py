@@ -15,7 +15,7 @@ Convention
   time/text embedder, the router's context projections) are counted per sample: tiny but included.
 
 Every architecture's formula lives in its adapter (``ModelAdapter.count_flops``; SD3's term table is
-documented in :func:`shiva_export.models.sd3.count_flops`), all of them returning a
+the comment above ``FLOP_TERMS`` in ``models/sd3.py``), all of them returning a
 :class:`~shiva_export.models.flops.FlopCount`. This module asks the adapter (:func:`count_model_flops`)
 and compares two counts (:func:`ideal_speedup`).
 """
