@@ -70,8 +70,6 @@ def onnx_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.export.pruned import export_pruned
-
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     if context not in (None, "keep", "drop"):
@@ -81,6 +79,8 @@ def onnx_command(
 
     check_model_name(model)
     check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
+    from shiva_export.export.pruned import export_pruned  # torch, diffusers: only once the options are known to be good
+
     lock_dir = out.parent if out is not None else Path("engines")  # two exports into one folder: the second is refused
     with folder_lock(lock_dir, "ONNX output folder"), stages(enabled=not (quiet or json_out)) as advance:
         res = export_pruned(
