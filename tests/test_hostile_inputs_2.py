@@ -418,3 +418,21 @@ def test_every_tool_write_refuses_special_files(tmp_path):
     (tmp_path / "in" / "real").write_text("old")
     inside_link.symlink_to(tmp_path / "in" / "real")
     assert check_regular_target(inside_link) == inside_link  # a symlink within the folder to a regular file is fine
+
+
+def test_an_edited_embedded_pipeline_cache_is_rebuilt(tmp_path, monkeypatch):
+    """The embedded pipeline cache (<cache>/pipelines/<name>-<key>) is reused by content too: an edited weight file
+    (size kept) is not loaded, the pipeline is built again, bit for bit."""
+    monkeypatch.setenv("SHIVA_CACHE_DIR", str(tmp_path / "cache"))
+    from shiva_export.recipe import load_recipe
+    from shiva_export.runtime.embedded import _cache_key, _is_complete, ensure_embedded_pipeline
+
+    rec = load_recipe("sd35-tiny")
+    folder = ensure_embedded_pipeline(rec)
+    f = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    good = f.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert not _is_complete(folder, _cache_key(rec))
+    assert ensure_embedded_pipeline(rec) == folder and f.read_bytes() == good

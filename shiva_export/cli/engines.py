@@ -81,12 +81,12 @@ def trt_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.engines.budgets import build_engines
-
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     check_trt_flags(model=model, onnx=onnx, ratio=ratio, workspace=workspace, opt_level=opt_level, aot_target=aot_target, dynamic_batch=dynamic_batch,
                     batch_min=batch_min, batch_max=batch_max, batch=batch, height=height, width=width, cfg=cfg, out_dir=out_dir)
+    from shiva_export.engines.budgets import build_engines  # torch, onnx: only once the options are known to be good
+
     b = batch or 1
     batch_range = (batch_min or 1, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
     with stages(enabled=not (quiet or json_out)) as advance:

@@ -72,7 +72,6 @@ def onnx_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
     from shiva_export.export.buckets import bucket_sizes
-    from shiva_export.export.pruned import export_pruned
     from shiva_export.recipe import load_recipe
 
     if dtype not in ("fp32", "fp16", "bf16"):
@@ -89,6 +88,8 @@ def onnx_command(
     if buckets is not None and len(buckets) > 1 and out is not None:
         raise typer.BadParameter(f"{len(buckets)} sizes make {len(buckets)} graphs, which cannot share one --out path; drop --out.", param_hint="--out")
     results = []
+    from shiva_export.export.pruned import export_pruned  # torch, diffusers: only once the options are known to be good
+
     lock_dir = out.parent if out is not None else Path("engines")  # two exports into one folder: the second is refused
     with folder_lock(lock_dir, "ONNX output folder"):
         for w_h in buckets or [None]:

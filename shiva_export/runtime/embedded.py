@@ -188,7 +188,16 @@ def _is_complete(folder: Path, key: str) -> bool:
         stamp = json.loads((folder / _STAMP).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(stamp, dict) and stamp.get("key") == key and (folder / "model_index.json").is_file()
+    if not (isinstance(stamp, dict) and stamp.get("key") == key and (folder / "model_index.json").is_file()):
+        return False
+    return _digests(folder) == stamp.get("files")  # reused by content: an edited weight file means a rebuild
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a saved pipeline but its stamp (memoised on size, mtime, ctime and inode)."""
+    from shiva_export.utils.io import sha256_file_cached
+
+    return {str(f.relative_to(folder)): sha256_file_cached(f) for f in sorted(folder.rglob("*")) if f.is_file() and f.name != _STAMP}
 
 
 def _remove(path: Path) -> None:
@@ -226,7 +235,7 @@ def ensure_embedded_pipeline(recipe) -> Path:
             index = json.loads((tmp / "model_index.json").read_text())
             index.update(index_extras)
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        stamp = {"recipe": recipe.name, "key": key, "versions": _versions(), "builder_version": _BUILDER_VERSION}
+        stamp = {"recipe": recipe.name, "key": key, "versions": _versions(), "builder_version": _BUILDER_VERSION, "files": _digests(tmp)}
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         if final.exists() and not _is_complete(final, key):  # stale or half-broken: move aside, then drop
             trash = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".old", dir=parent))
