@@ -21,6 +21,8 @@ EPILOG = """Examples:
 
   shiva-export onnx --model sd35 --weights ./sd35m/transformer --ratio 0.4 --height 1024 --width 1024
 
+  shiva-export onnx --model sd35-tiny --ratio 0.4 --lora style.safetensors --lora-scale 0.8
+
   shiva-export onnx --recipe my.toml --router router.safetensors --dtype fp16 --out out/model.onnx
 
 Exit codes: 0 ok, 1 error, 2 bad option value, 3 parity failed, 4 missing dependency/hardware.
@@ -67,6 +69,8 @@ def onnx_command(
             "loading of the whole model. Default: bounded wherever the weights can be read lazily (embedded models, safetensors folders).",
         ),
     ] = None,
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export; its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -76,6 +80,9 @@ def onnx_command(
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
+    from shiva_export.export.lora import resolve_loras
+
+    loras = resolve_loras(lora, lora_scale)  # before minutes of loading: a count mismatch or missing file is one line
     with stages(enabled=not (quiet or json_out)) as advance:
         res = export_pruned(
             model=model,
@@ -99,6 +106,7 @@ def onnx_command(
             bounded=bounded,
             progress=advance,
             context=context,
+            loras=loras,
         )
     summary = res.to_dict()
     if json_out:

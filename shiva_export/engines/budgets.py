@@ -88,9 +88,12 @@ def export_key_for(
     opset: int,
     dynamic_batch: bool,
     context: str = "drop",
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> dict[str, Any]:
     """Everything that determines the exported ONNX, known before exporting. ``context`` (the routing's
-    ``ShivaConfig.context``) enters the key only when not ``"drop"``, so keys made before the option stay valid."""
+    ``ShivaConfig.context``) enters the key only when not ``"drop"``, and ``loras`` (each LoRA's sha256 and scale)
+    only when given, so keys made before these options stay valid."""
     import importlib.metadata as md
 
     def ver(pkg: str) -> str | None:
@@ -122,6 +125,10 @@ def export_key_for(
     }
     if context != "drop" and not dense:
         key["context"] = context
+    if loras:
+        key["loras"] = [lo.to_dict() for lo in loras]
+    if controlnet_layers:
+        key["controlnet_layers"] = int(controlnet_layers)
     return key
 
 
@@ -226,6 +233,8 @@ def build_engines(
     validate: bool = True,
     progress: Callable[[str], None] | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> list[EngineBuild]:
     """Builds one engine per budget (and the dense reference) with a shared timing cache.
 
@@ -260,6 +269,9 @@ def build_engines(
         progress (Callable[[str], None]): Stage callback. Defaults to None.
         context (str): ``"drop"`` or ``"keep"`` for the pruned budgets (``ShivaConfig.context``); their folders get a
             ``-context-keep`` suffix. Defaults to the recipe's ``[prune] context``.
+        loras (Sequence[LoraSpec]): LoRAs fused at their scales before export (``shiva_export.export.lora``); in the
+            export key, so a changed file or scale rebuilds (or, for ``strip_weights`` engines, refits). Defaults to None.
+        controlnet_layers (int): Engines that also take this many ControlNet block residuals (SD3). Defaults to 0.
     """
     say = progress or (lambda stage: None)
     from shiva_export.engines.builder import check_timing_cache_path
@@ -324,19 +336,21 @@ def build_engines(
         with folder_lock(d, "engine folder"):
             results.append(_build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
                                          timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                         any_layout=segments is None, context=ctx))
+                                         any_layout=segments is None, context=ctx, loras=loras,
+                                         controlnet_layers=controlnet_layers))
     return results
 
 
 def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
-              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop") -> EngineBuild:
+              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop", loras=None,
+                  controlnet_layers: int = 0) -> EngineBuild:
     """One budget folder (the caller holds its lock). With ``any_layout`` (no --segments given), a cached chain is
     reused as readily as a cached engine."""
     is_dense = r == 0.0
     segments = int(options.get("segments", 1))
     onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
     mpath = manifest_path_for(plan)
-    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context)
+    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context, loras, controlnet_layers)
     label = "dense" if is_dense else f"ratio {r:g}" + ("" if context == "drop" else f" (context {context})")
     if not force:
         tries = [(plan, options)]
@@ -372,6 +386,8 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         validate=validate,
         extra_metadata={"export_key": key},
         context=None if is_dense else context,
+        loras=loras,
+        controlnet_layers=controlnet_layers,
     )
     if ex.parity is not None and ex.parity.status == "failed":
         from shiva_export.errors import ParityError

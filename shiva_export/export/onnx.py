@@ -323,6 +323,7 @@ def export_onnx(
     check: bool = True,
     debug_outputs: bool = False,
     weights: LazyWeights | None = None,
+    extra_inputs: dict[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
@@ -343,6 +344,8 @@ def export_onnx(
             export dtype: the bounded-memory path (``shiva_export.export.lazy``). The exporter traces the
             placeholders, and each weight is made, written to the external-data file and freed in turn; the
             graph and bytes equal the eager path's. Defaults to None (the transformer holds real weights).
+        extra_inputs (dict): More graph inputs after the adapter's, ``{name: sample tensor}``, passed to the
+            transformer as keyword arguments (ControlNet residuals: ``shiva_export.export.controlnet``). Defaults to None.
 
     Returns:
         ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
@@ -362,8 +365,8 @@ def export_onnx(
         # torch.export specializes size-1 dims: trace with two prompts so the batch axis stays symbolic.
         trace_spec = InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg)
     adapter = get_adapter(transformer)
-    names = adapter.input_names(transformer.config)
-    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype)
+    names = adapter.input_names(transformer.config) + tuple(extra_inputs or ())
+    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype) | dict(extra_inputs or {})
     args = tuple(inputs[n] for n in names)
     extras = {k: v for k, v in inputs.items() if k not in names}
 

@@ -94,6 +94,7 @@ class PrunedExport:
     parity: ParityReport | None
     load_seconds: float
     dense: bool = False
+    loras: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         ex = self.export
@@ -122,6 +123,7 @@ class PrunedExport:
             "op_counts": {op: ex.op_counts.get(op, 0) for op in interesting},
             "num_nodes": ex.num_nodes,
             "router": self.router,
+            "loras": self.loras,
             "load_seconds": round(self.load_seconds, 3),
             "export_seconds": round(ex.export_seconds, 3),
             "parity": self.parity.to_dict() if self.parity is not None else None,
@@ -155,6 +157,8 @@ def export_pruned(
     progress: Callable[[str], None] | None = None,
     bounded: bool | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -190,6 +194,10 @@ def export_pruned(
             lazily (embedded models, diffusers folders with plain safetensors), eager otherwise.
         context (str): ``"drop"`` or ``"keep"`` (``ShivaConfig.context``: rejected tokens still give keys and values;
             SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``.
+        loras (Sequence[LoraSpec]): LoRAs (:func:`shiva_export.export.lora.resolve_loras`) fused at their scales
+            before pruning and export; recorded in ``shiva.loras``. Needs an eager load. Defaults to None.
+        controlnet_layers (int): The graph also takes this many ControlNet block residuals
+            (``controlnet_block_<i>``, SD3/SD3.5; :mod:`shiva_export.export.controlnet`). Defaults to 0.
     """
     import time
 
@@ -235,10 +243,14 @@ def export_pruned(
         _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
                                               context="drop" if dense else context))
 
+    if controlnet_layers and dynamic_batch:
+        raise ConfigError("ControlNet residual inputs are exported with fixed shapes; drop --dynamic-batch.")
+    if loras and bounded:
+        raise ConfigError("--lora is fused into the loaded weights, which a bounded-memory export never holds; drop --bounded (use --eager).")
     say("load model")
     t0 = time.perf_counter()
     lazy_weights = None
-    if bounded is not False:
+    if bounded is not False and not loras:
         from shiva_export.export.lazy import fake_placeholders_, lazy_transformer
 
         lazy = lazy_transformer(rec, weights)
@@ -251,10 +263,17 @@ def export_pruned(
             transformer, lazy_weights = lazy
     if lazy_weights is None:
         transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+    if loras:
+        from shiva_export.export.lora import fuse_loras_
+
+        fuse_loras_(transformer, loras)  # before the dtype copy and routing: every copy carries the fused weights
     load_seconds = time.perf_counter() - t0
     check_image_size(transformer, spec.height, spec.width)
     n_layers = num_blocks(transformer)
     n_tokens = num_image_tokens(transformer, spec.height, spec.width)
+    from shiva_export.export import controlnet as cn
+
+    controlnet_layers = cn.check_controlnet_layers(transformer, controlnet_layers)
     routed = rec.routed_blocks(n_layers)
     if phase is not None:
         keep_ratios = rec.phase_keep_ratios(phase, n_layers)
@@ -299,6 +318,8 @@ def export_pruned(
             apply_shiva_(export_model, config, routers=copy.deepcopy(bank))
     if export_model is None:
         export_model = transformer
+    for m in {id(export_model): export_model, id(transformer): transformer}.values() if controlnet_layers else ():
+        cn.add_residual_hook(m)  # controlnet_block_<i> kwargs -> block_controlnet_hidden_states (models local to this call)
 
     if out_path is None:
         ctx_used = "drop" if dense else context
@@ -327,6 +348,8 @@ def export_pruned(
         "router_sha256": router_info["tensor_sha256"],
         "router_source": router_info["source"],
         "cfg": spec.cfg,
+        **({"loras": [lo.to_dict() for lo in loras]} if loras else {}),
+        **({"controlnet_layers": controlnet_layers} if controlnet_layers else {}),
         **(extra_metadata or {}),
     }
     say("export onnx")
@@ -341,6 +364,7 @@ def export_pruned(
         metadata=meta,
         debug_outputs=debug_outputs,
         weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
+        extra_inputs=cn.sample_inputs(export_model, spec.model_batch, n_tokens, controlnet_layers, dtype=torch_dtype(dtype)) or None,
     )
     if export_model is not transformer:
         del export_model
@@ -354,7 +378,8 @@ def export_pruned(
             materialize_(transformer, lazy_weights)
         tol = rec.tolerance(dtype)
         timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
-        cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]
+        cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])
+                  | cn.sample_inputs(transformer, spec.model_batch, n_tokens, controlnet_layers, seed=s)) for s in range(parity_cases)]
         parity = check_parity(
             result.onnx_path,
             transformer,
@@ -367,4 +392,5 @@ def export_pruned(
             dtype=dtype,
             onnx_input_dtype=torch_dtype(dtype),
         )
-    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense)
+    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense,
+                        [lo.to_dict() for lo in loras] if loras else None)

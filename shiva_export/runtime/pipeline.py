@@ -95,6 +95,7 @@ class ShivaPipelineInfo:
     cfg: bool = True
     dtype: str = "fp32"
     context: str | None = "drop"  # the routing's ShivaConfig.context; None for a dense pipeline
+    loras: list[dict[str, Any]] = field(default_factory=list)  # LoraSpec.to_dict() of each LoRA (fused or not)
 
     def to_dict(self) -> dict[str, Any]:
         from shiva_export.recipe import recipe_hash
@@ -113,6 +114,7 @@ class ShivaPipelineInfo:
             "shapes": {"height": self.height, "width": self.width, "text_len": self.text_len, "batch": self.batch, "cfg": self.cfg},
             "max_sequence_length": self.max_sequence_length,
             "dtype": self.dtype,
+            "loras": self.loras,
         }
 
 
@@ -277,24 +279,26 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop") -> str:
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None) -> str:
     from shiva_export.engines.budgets import export_key_for
 
-    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context)
+    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras)
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
 
 
 def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False, context: str = "drop") -> dict[str, Any]:
+                 use_phases: bool = False, context: str = "drop", loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
     or of the dense reference; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pruned import export_pruned
     from shiva_export.utils.io import inside, safe_component, sha256_file
 
-    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras)
+    if controlnet_layers:  # a graph with ControlNet inputs is another graph (absent otherwise: existing keys stay valid)
+        key = sha256_bytes(f"{key}:controlnet_layers={int(controlnet_layers)}".encode())
     path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
@@ -329,6 +333,8 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
             validate=True,
             extra_metadata={"runtime_key": key, "phase": phase.name, "t_start": phase.t_start, "t_stop": phase.t_stop},
             context=None if dense else context,
+            loras=loras,
+            controlnet_layers=controlnet_layers,
             **budget,
         )
         if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
@@ -348,6 +354,8 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
         "model_config_sha256": meta.get("model_config_sha256"),
         "input_spec": meta.get("input_spec"),
         "parity": parity,
+        "loras": meta.get("loras"),
+        "controlnet_layers": int(meta.get("controlnet_layers") or 0),
     }
 
 
@@ -395,6 +403,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
         phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
         spec = InputSpec(**meta["input_spec"])
         info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given",
+                    loras=meta.get("loras"), controlnet_layers=int(meta.get("controlnet_layers") or 0),
                     context=None if meta.get("dense") else (meta.get("context") or "drop"))  # exports before the option dropped
         out.append((phase, spec, info, meta))
     out.sort(key=lambda x: -x[0].t_start)
@@ -423,6 +432,8 @@ def load_pipeline(
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
 ):
     """Loads a diffusers pipeline with a Shiva-pruned transformer.
 
@@ -451,6 +462,10 @@ def load_pipeline(
         context (str): ``"drop"`` or ``"keep"``: whether rejected tokens still give keys and values in routed blocks
             (``ShivaConfig.context``; SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``; given
             ``artifacts`` must have been exported with it.
+        loras (Sequence[LoraSpec]): LoRAs (:func:`shiva_export.export.lora.resolve_loras`): unfused on the torch
+            backend (peft layers at their scales), fused into the exported graphs otherwise (in their cache keys).
+        controlnet_layers (int): ``ort``/``trt``: export the graphs with this many ControlNet residual inputs (the
+            ControlNet's ``num_layers``; :mod:`shiva_export.runtime.controlnet` wraps the pipeline). Defaults to 0.
 
     Returns:
         DiffusionPipeline: the architecture's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``,
@@ -494,7 +509,7 @@ def load_pipeline(
     from shiva_export.models import InputSpec
 
     adapter.check_image_size(config_obj(config), h, w)
-    info_kwargs: dict[str, Any] = {}
+    info_kwargs: dict[str, Any] = {"loras": [lo.to_dict() for lo in loras or ()]}
 
     if backend == "torch":
         own = {}
@@ -504,6 +519,9 @@ def load_pipeline(
             own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
         pipe = _from_pretrained(loc, local, rec, **own)
         adapter.check_pipeline(pipe, rec)
+        from shiva_export.export.lora import load_loras_
+
+        load_loras_(pipe.transformer, loras or ())  # unfused, before routing: the routed blocks run the peft layers
         if dense:
             phase_list: tuple[TimestepPhase, ...] = ()
             router_info = {"source": "none (dense)"}
@@ -532,10 +550,11 @@ def load_pipeline(
             root = Path(artifact_root)
             for phase in phase_list:
                 if backend == "ort":
-                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases, context=ctx)
+                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases, context=ctx,
+                                        loras=loras, controlnet_layers=controlnet_layers)
                     run = OrtRunner(info["onnx"], provider=provider, threads=threads)
                 else:
-                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say, ctx)
+                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say, ctx, loras, controlnet_layers)
                     run = TrtRunner(info["engine"])
                 aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
@@ -597,7 +616,8 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
     return info
 
 
-def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop") -> dict[str, Any]:
+def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop", loras=None,
+                   controlnet_layers: int = 0) -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
     from shiva_export.engines.budgets import build_engines
 
@@ -610,7 +630,7 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
     say(f"engine ({phase.name})")
     builds = build_engines(recipe=rec, weights=weights, router=router, ratios=[r], dense=dense, dtype=dtype,
                            height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root,
-                           context=None if dense else context)
+                           context=None if dense else context, loras=loras, controlnet_layers=controlnet_layers)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         from shiva_export.errors import EngineBuildError
@@ -620,7 +640,8 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
 
     man = read_manifest(manifest_path_for(b.plan_path))
     return {"phase": phase.name, "engine": str(b.out_dir), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256,
-            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version}
+            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version,
+            "loras": (man.export_key or {}).get("loras"), "controlnet_layers": int((man.export_key or {}).get("controlnet_layers") or 0)}
 
 
 def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | Recipe, ratio: float | None = None, phases: bool = False,
