@@ -173,6 +173,10 @@ def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_lora
     again = _ensure_onnx(rec, None, None, phase, spec, "fp32", tmp_path / "engines", lambda m: None, loras=a)
     assert (first["status"], again["status"]) == ("exported", "cached") and first["onnx"] == again["onnx"]
     assert first["loras"] == [lo.to_dict() for lo in a] and first["parity"] and "pass" in first["parity"].lower()
+    from shiva_export.runtime.pipeline import load_pipeline
+
+    with pytest.raises(ConfigError, match="was exported with LoRAs"):  # a given graph must carry exactly the requested LoRAs
+        load_pipeline("sd35-tiny", backend="ort", artifacts=[first["onnx"]], loras=resolve_loras(lora_files[:1], [0.6]))
 
 
 # -- ControlNet -------------------------------------------------------------------------------------------------
@@ -271,3 +275,63 @@ def test_generate_cli_controlnet_and_lora_on_ort(capsys, controlnet_dir, control
     assert rec["pipeline"]["loras"][0]["scale"] == 0.3 and rec["pipeline"]["artifacts"][0]["loras"][0]["scale"] == 0.3
     assert main(["generate", "--model", "sd35-tiny", "--prompt", "x", "--controlnet", str(controlnet_dir), "--out", str(tmp_path / "g2")]) == 2
     assert "--controlnet and --control-image go together" in capsys.readouterr().err
+
+
+# -- refitting weight-stripped engines on a LoRA change ----------------------------------------------------------
+def test_lora_change_on_a_stripped_engine_is_a_refit_decision(two_loras, lora_files, tmp_path):
+    """CPU part of the refit path: which manifest may take a new LoRA by a refit (no TensorRT needed)."""
+    from types import SimpleNamespace
+
+    from shiva_export.engines.lora_refit import refit_manifest, refit_option, refittable_manifest
+    from shiva_export.engines.manifest import EngineManifest, read_manifest, write_manifest
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.utils.io import sha256_file
+
+    be = SimpleNamespace(name="tensorrt", version="10.13")
+    a = resolve_loras(lora_files[:1], [0.5])
+    opts = {"strip_weights": True, **refit_option(True, a)}
+    assert opts["refit"] == "any" and refit_option(True, ()) == {} and refit_option(False, a) == {}
+    key_a = {"ratio": 0.4, "loras": [lo.to_dict() for lo in a]}
+    key_b = {"ratio": 0.4, "loras": [lo.to_dict() for lo in two_loras]}
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"stripped plan")
+    m = EngineManifest(model_name="sd35-tiny", model_config_hash="c", onnx_sha256="o", engine_sha256=sha256_file(plan), backend=be.name,
+                       backend_version=be.version, input_shapes={}, dtype="fp32", export_key=key_a,
+                       build_options={**opts, "refit_weights": {"onnx_sha256": "o", "data": None, "data_sha256": None}})
+    mpath = tmp_path / "manifest.json"
+    write_manifest(mpath, m)
+    assert refittable_manifest(mpath, plan, key_b, opts, be) is not None  # only the LoRAs differ: refit
+    assert refittable_manifest(mpath, plan, key_a, opts, be) is None  # same LoRAs: the cache, not a refit
+    assert refittable_manifest(mpath, plan, {**key_b, "ratio": 0.2}, opts, be) is None  # another graph: rebuild
+    assert refittable_manifest(mpath, plan, key_b, {"strip_weights": True}, be) is None  # REFIT_IDENTICAL engine: rebuild
+    assert refittable_manifest(mpath, plan, key_b, opts, SimpleNamespace(name="tensorrt", version="10.14")) is None
+    new = refit_manifest(read_manifest(mpath), key_b, "o2", {"onnx_sha256": "o2", "data": None, "data_sha256": None}, "r")
+    assert new.engine_sha256 == m.engine_sha256 and new.export_key == key_b and new.onnx_sha256 == "o2"
+    assert new.build_options["refit_weights"]["onnx_sha256"] == "o2" and new.build_options["refit"] == "any"
+    plan.write_bytes(b"another plan")
+    assert refittable_manifest(mpath, plan, key_b, opts, be) is None  # the plan is not the manifest's
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_stripped_lora_engine_refits_on_a_lora_change_and_matches_ort(two_loras, lora_files, tmp_path):
+    """GPU: a weight-stripped engine built with one LoRA takes another LoRA by a refit (same plan sha256), and the
+    refit engine's output equals ONNX Runtime on the re-exported graph."""
+    from shiva_export.engines.budgets import build_engines
+    from shiva_export.engines.manifest import read_manifest
+    from shiva_export.engines.runner import EngineRunner
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.runtime.modules import OrtRunner
+
+    kw = dict(model="sd35-tiny", ratios=[0.4], dense=False, backend="tensorrt", out_dir=tmp_path, strip_weights=True)
+    first = build_engines(loras=resolve_loras(lora_files[:1], [0.5]), **kw)[0]
+    sha = read_manifest(first.manifest_path).engine_sha256
+    second = build_engines(loras=two_loras, **kw)[0]
+    assert (first.status, second.status) == ("built", "refit") and read_manifest(second.manifest_path).engine_sha256 == sha
+    assert second.deserialize["refit_checked"] is True
+    _, x = _inputs()
+    runner = EngineRunner(second.out_dir)
+    runner.activate()  # deserialize + refit from the re-exported ONNX
+    got = runner.infer(x)["sample"].float().cpu()
+    ref = OrtRunner(second.onnx_path)(x)
+    assert (got - ref).abs().max().item() < 1e-2

@@ -138,7 +138,7 @@ class EngineBuild:
 
     ratio: float
     dense: bool
-    status: str  # built | cached | failed
+    status: str  # built | cached | refit | failed
     out_dir: Path
     plan_path: Path | None = None
     onnx_path: Path | None = None
@@ -327,6 +327,9 @@ def build_engines(
         "aot_targets": list(aot_targets) if aot_targets else None,
         "strip_weights": strip_weights,
     }
+    from shiva_export.engines.lora_refit import refit_option
+
+    options.update(refit_option(strip_weights, loras))  # LoRA engines that are stripped refit on a LoRA change
     if (segments or 1) > 1:
         options["segments"] = segments
     results: list[EngineBuild] = []
@@ -367,7 +370,10 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
                 say(f"{label}: cached ({cand})")
                 return EngineBuild(r, is_dense, "cached", d, cand, onnx_path, mpath, m.per_block_k, m.build_seconds, None, _engine_bytes(cand), None,
                                    m.deserialize)
-    say(f"{label}: export onnx")
+    from shiva_export.engines.lora_refit import refittable_manifest
+
+    to_refit = None if force else refittable_manifest(mpath, plan, key, options, be)
+    say(f"{label}: export onnx" + (" (LoRA changed: the weight-stripped engine is refit, not rebuilt)" if to_refit else ""))
     ex = export_pruned(
         recipe=rec,
         weights=weights,
@@ -393,6 +399,8 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         from shiva_export.errors import ParityError
 
         raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
+    if to_refit is not None:
+        return _refit_budget(to_refit, r, is_dense, d, plan, onnx_path, mpath, key, ex, be)
     profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
     say(f"{label}: preflight + build ({be.name} {be.version})")
     exd = ex.to_dict()
@@ -410,7 +418,7 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
     )
     res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
                              builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
-                             strip_weights=bool(options.get("strip_weights")))
+                             strip_weights=bool(options.get("strip_weights")), **({"refit_any": True} if options.get("refit") else {}))
     if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
         options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
     manifest = EngineManifest.from_build(
@@ -428,6 +436,17 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         r, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
         res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize,
     )
+
+
+def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be) -> EngineBuild:
+    """The plan stays; the manifest now names the re-exported ONNX as its refit source (``engines/lora_refit.py``)."""
+    from shiva_export.engines.lora_refit import check_refit, refit_manifest
+
+    manifest = refit_manifest(m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256"))
+    write_manifest(mpath, manifest)
+    check = check_refit(d, be.name)
+    return EngineBuild(r, is_dense, "refit", d, plan, onnx_path, mpath, manifest.per_block_k, None, ex.export.export_seconds, _engine_bytes(plan),
+                       ex.parity.summary_line() if ex.parity is not None else None, {**(manifest.deserialize or {}), **check})
 
 
 def _build_plan(onnx_path: Path, d: Path, be: Backend, segments: int, fields: dict[str, Any], say, **build_kwargs) -> tuple[Any, dict[str, Any]]:

@@ -367,6 +367,7 @@ def build_engine(
     compute_capabilities: Sequence[Any] | None = None,
     skip_preflight: bool = False,
     strip_weights: bool = False,
+    refit_any: bool = False,
 ) -> BuildResult:
     """Builds a strongly typed TensorRT / TensorRT-RTX engine from an ONNX file.
 
@@ -470,7 +471,9 @@ def build_engine(
 
         if strip_weights:
             config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # STRIP_PLAN's default refit mode, stated
+            # REFIT_IDENTICAL (STRIP_PLAN's default, stated) promises the build-time weights; refit_any (a LoRA engine,
+            # engines/lora_refit.py) takes any weights of the same graph, so a LoRA change refits instead of rebuilding.
+            config.set_flag(trt.BuilderFlag.REFIT if refit_any else trt.BuilderFlag.REFIT_IDENTICAL)
         aot_targets, aot_default = _configure_targets(be, config, compute_capabilities)
         tc_info = _load_timing_cache(be, config, timing_cache_path, trt_logger)
 

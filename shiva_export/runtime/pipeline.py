@@ -279,10 +279,12 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None) -> str:
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None,
+                  controlnet_layers: int = 0) -> str:
     from shiva_export.engines.budgets import export_key_for
 
-    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras)
+    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras,
+                         controlnet_layers)
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
@@ -296,9 +298,7 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
     from shiva_export.export.pruned import export_pruned
     from shiva_export.utils.io import inside, safe_component, sha256_file
 
-    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras)
-    if controlnet_layers:  # a graph with ControlNet inputs is another graph (absent otherwise: existing keys stay valid)
-        key = sha256_bytes(f"{key}:controlnet_layers={int(controlnet_layers)}".encode())
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras, controlnet_layers)
     path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
@@ -538,6 +538,7 @@ def load_pipeline(
         if artifacts:
             opened = _open_artifacts(artifacts, backend, config, say)
             ctx = _artifacts_context(opened, context)
+            _check_artifact_loras(opened, loras)
             for phase, aspec, info, _meta in opened:
                 run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
                 aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
@@ -582,6 +583,21 @@ def load_pipeline(
         context=None if dense else ctx, **info_kwargs,
     )
     return pipe
+
+
+def _check_artifact_loras(opened, loras) -> None:
+    """Given graphs carry their LoRAs fused: they must be exactly the requested ones (files by sha256, and scales)."""
+    from shiva_export.export.lora import lora_provenance
+
+    def strip(rows):  # the file name is only a label
+        return [(r.get("sha256"), r.get("scale")) for r in rows or []]
+
+    want = lora_provenance(loras)
+    for _p, _s, info, _m in opened:
+        if strip(info.get("loras")) != strip(want):
+            got = ", ".join(f"{r.get('file')}@{r.get('scale')}" for r in info.get("loras") or []) or "none"
+            raise ConfigError(f"--artifact {info.get('onnx') or info.get('engine')} was exported with LoRAs [{got}], not the --lora/--lora-scale given; "
+                              "export it with these LoRAs (or drop --artifact to export on demand).")
 
 
 def _artifacts_context(opened, context: str | None) -> str:
