@@ -49,9 +49,33 @@ def two_loras(lora_files):
     return resolve_loras(lora_files, [0.7, -0.5])
 
 
+CN_LAYERS = 2
+
+
+def _spec_phase():
+    from shiva_export.models import InputSpec
+    from shiva_export.prune.schedule import uniform_phase
+
+    rec = load_recipe("sd35-tiny")
+    return rec, InputSpec(batch=1, height=256, width=256, text_len=32, cfg=True), uniform_phase(6, 0.4, rec.routed_blocks(6))
+
+
+@pytest.fixture(scope="module")
+def shared_graph(tmp_path_factory, lora_files):
+    """The one runtime export the ORT tests share (what `generate --backend ort --ratio 0.4 --lora lora0 --lora-scale 0.5
+    --controlnet <2 layers>` exports): sd35-tiny, ratio 0.4, LoRA 0 fused at 0.5, 2 ControlNet residual inputs, parity-checked."""
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.runtime.pipeline import _ensure_onnx
+
+    rec, spec, phase = _spec_phase()
+    root = tmp_path_factory.mktemp("engines")
+    loras = resolve_loras(lora_files[:1], [0.5])
+    info = _ensure_onnx(rec, None, None, phase, spec, "fp32", root, lambda m: None, loras=loras, controlnet_layers=CN_LAYERS)
+    return root, loras, info
+
+
 def _inputs(seed=0):
-    from shiva_export.models import InputSpec, make_inputs
-    from shiva_export.models import load_transformer
+    from shiva_export.models import InputSpec, load_transformer, make_inputs
 
     tf = load_transformer(recipe=load_recipe("sd35-tiny"))
     return tf, make_inputs(tf, InputSpec(batch=1, height=256, width=256, text_len=32, cfg=True), seed=seed)
@@ -145,16 +169,12 @@ def test_ratio0_with_lora_is_bit_identical_to_dense_with_lora(two_loras):
     assert pruned.shiva.to_dict()["loras"] == [lo.to_dict() for lo in two_loras]
 
 
-def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_loras, lora_files, tmp_path):
+def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_loras, lora_files, shared_graph, tmp_path):
     from shiva_export.engines.budgets import export_key_for
     from shiva_export.export.lora import resolve_loras
-    from shiva_export.models import InputSpec
-    from shiva_export.prune.schedule import uniform_phase
     from shiva_export.runtime.pipeline import _artifact_key, _ensure_onnx
 
-    rec = load_recipe("sd35-tiny")
-    spec = InputSpec(batch=1, height=256, width=256, text_len=32, cfg=True)
-    phase = uniform_phase(6, 0.4, rec.routed_blocks(6))
+    rec, spec, phase = _spec_phase()
 
     def key(loras):
         return _artifact_key(rec, None, None, phase, spec, "fp32", False, "drop", loras)
@@ -169,8 +189,10 @@ def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_lora
     changed = tmp_path / "lora0.safetensors"
     changed.write_bytes(lora_files[0].read_bytes()[:-1] + b" ")
     assert resolve_loras([changed], [0.5])[0].sha256 != a[0].sha256
-    first = _ensure_onnx(rec, None, None, phase, spec, "fp32", tmp_path / "engines", lambda m: None, loras=a)
-    again = _ensure_onnx(rec, None, None, phase, spec, "fp32", tmp_path / "engines", lambda m: None, loras=a)
+    assert key(a) != _artifact_key(rec, None, None, phase, spec, "fp32", False, "drop", a, CN_LAYERS)  # ControlNet inputs: another graph
+    root, _, first = shared_graph
+    again = _ensure_onnx(rec, None, None, phase, spec, "fp32", root, lambda m: None, loras=resolve_loras(lora_files[:1], [0.5]),
+                         controlnet_layers=CN_LAYERS)
     assert (first["status"], again["status"]) == ("exported", "cached") and first["onnx"] == again["onnx"]
     assert first["loras"] == [lo.to_dict() for lo in a] and first["parity"] and "pass" in first["parity"].lower()
     from shiva_export.runtime.pipeline import load_pipeline
@@ -180,8 +202,6 @@ def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_lora
 
 
 # -- ControlNet -------------------------------------------------------------------------------------------------
-CN_LAYERS = 2
-
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
@@ -240,17 +260,18 @@ def test_controlnet_ratio0_equals_dense_controlnet_pipeline_bit_for_bit(controln
     assert not torch.equal(ref, d)  # the ControlNet acts
 
 
-def test_controlnet_graph_parity_and_ort_pipeline_equals_torch(controlnet_dir, control_image, tmp_path):
-    """The graph with residual inputs passes ORT parity (residuals fed), and the ControlNet pipeline on ORT equals
-    the torch one (ratio 0.4, trained router) within the fp32 tolerance."""
+def test_controlnet_graph_parity_and_ort_pipeline_equals_torch(controlnet_dir, control_image, shared_graph):
+    """The graph with residual inputs (and a fused LoRA) passed ORT parity with the residuals fed, and the ControlNet
+    pipeline on ORT equals the torch one (LoRA unfused, ratio 0.4, trained router) within the fp32 tolerance."""
     from shiva_export.runtime.controlnet import controlnet_pipeline, load_controlnet
     from shiva_export.runtime.pipeline import load_pipeline
 
+    root, loras, first = shared_graph
+    assert first["controlnet_layers"] == CN_LAYERS and "pass" in first["parity"].lower()
     cn = load_controlnet(controlnet_dir)
-    ort = load_pipeline("sd35-tiny", backend="ort", ratio=0.4, artifact_root=tmp_path, controlnet_layers=CN_LAYERS)
-    info = ort.shiva.artifacts[0]
-    assert info["controlnet_layers"] == CN_LAYERS and "pass" in info["parity"].lower()
-    tch = load_pipeline("sd35-tiny", backend="torch", ratio=0.4)
+    ort = load_pipeline("sd35-tiny", backend="ort", ratio=0.4, artifact_root=root, controlnet_layers=CN_LAYERS, loras=loras)
+    assert ort.shiva.artifacts[0]["status"] == "cached"
+    tch = load_pipeline("sd35-tiny", backend="torch", ratio=0.4, loras=loras)
     got = _cn_latents(controlnet_pipeline(ort, cn), control_image)
     ref = _cn_latents(controlnet_pipeline(tch, cn), control_image)
     tol = load_recipe("sd35-tiny").tolerance("fp32")
@@ -258,21 +279,23 @@ def test_controlnet_graph_parity_and_ort_pipeline_equals_torch(controlnet_dir, c
     assert (got - ref).abs().max().item() <= tol.atol
     # the same graph without a ControlNet: zero residuals, equal to the plain torch pipeline
     g = torch.Generator().manual_seed(0)
-    kw = dict(num_inference_steps=STEPS, guidance_scale=4.5, output_type="latent", max_sequence_length=16, height=256, width=256)
+    kw = {"num_inference_steps": STEPS, "guidance_scale": 4.5, "output_type": "latent", "max_sequence_length": 16, "height": 256, "width": 256}
     plain_ort = ort("a red cube", generator=g, **kw).images
     plain_tch = tch("a red cube", generator=torch.Generator().manual_seed(0), **kw).images
     assert (plain_ort - plain_tch).abs().max().item() <= tol.atol and (plain_ort - got).abs().max().item() > 100 * tol.atol
 
 
-def test_generate_cli_controlnet_and_lora_on_ort(capsys, controlnet_dir, control_image, lora_files, tmp_path):
+def test_generate_cli_controlnet_and_lora_on_ort(capsys, controlnet_dir, control_image, lora_files, shared_graph, tmp_path):
+    root, _, _ = shared_graph
     out = tmp_path / "gen"
     code = main(["generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "ort", "--ratio", "0.4", "--steps", "2",
                  "--controlnet", str(controlnet_dir), "--control-image", str(control_image), "--control-scale", "0.5",
-                 "--lora", str(lora_files[0]), "--lora-scale", "0.3", "--artifact-root", str(tmp_path / "eng"), "--out", str(out), "--json", "-q"])
+                 "--lora", str(lora_files[0]), "--lora-scale", "0.5", "--artifact-root", str(root), "--out", str(out), "--json", "-q"])
     rec = json.loads(capsys.readouterr().out)
     assert code == 0 and (out / "000-a-red-cube.png").is_file()
     assert rec["controlnet"]["layers"] == CN_LAYERS and rec["controlnet"]["control_scale"] == 0.5
-    assert rec["pipeline"]["loras"][0]["scale"] == 0.3 and rec["pipeline"]["artifacts"][0]["loras"][0]["scale"] == 0.3
+    art = rec["pipeline"]["artifacts"][0]
+    assert rec["pipeline"]["loras"][0]["scale"] == 0.5 and art["loras"][0]["scale"] == 0.5 and art["status"] == "cached"
     assert main(["generate", "--model", "sd35-tiny", "--prompt", "x", "--controlnet", str(controlnet_dir), "--out", str(tmp_path / "g2")]) == 2
     assert "--controlnet and --control-image go together" in capsys.readouterr().err
 
@@ -282,8 +305,16 @@ def test_lora_change_on_a_stripped_engine_is_a_refit_decision(two_loras, lora_fi
     """CPU part of the refit path: which manifest may take a new LoRA by a refit (no TensorRT needed)."""
     from types import SimpleNamespace
 
-    from shiva_export.engines.lora_refit import refit_manifest, refit_option, refittable_manifest
-    from shiva_export.engines.manifest import EngineManifest, read_manifest, write_manifest
+    from shiva_export.engines.lora_refit import (
+        refit_manifest,
+        refit_option,
+        refittable_manifest,
+    )
+    from shiva_export.engines.manifest import (
+        EngineManifest,
+        read_manifest,
+        write_manifest,
+    )
     from shiva_export.export.lora import resolve_loras
     from shiva_export.utils.io import sha256_file
 
@@ -323,7 +354,7 @@ def test_stripped_lora_engine_refits_on_a_lora_change_and_matches_ort(two_loras,
     from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.modules import OrtRunner
 
-    kw = dict(model="sd35-tiny", ratios=[0.4], dense=False, backend="tensorrt", out_dir=tmp_path, strip_weights=True)
+    kw = {"model": "sd35-tiny", "ratios": [0.4], "dense": False, "backend": "tensorrt", "out_dir": tmp_path, "strip_weights": True}
     first = build_engines(loras=resolve_loras(lora_files[:1], [0.5]), **kw)[0]
     sha = read_manifest(first.manifest_path).engine_sha256
     second = build_engines(loras=two_loras, **kw)[0]

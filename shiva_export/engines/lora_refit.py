@@ -26,7 +26,7 @@ from shiva_export.errors import ManifestError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import sha256_file
 
-__all__ = ["FULL_REFIT", "refit_option", "refittable_manifest", "refit_manifest", "check_refit"]
+__all__ = ["FULL_REFIT", "check_refit", "refit_manifest", "refit_option", "refittable_manifest"]
 
 logger = get_logger(__name__)
 

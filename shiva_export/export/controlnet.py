@@ -25,7 +25,7 @@ from torch import nn
 
 from shiva_export.errors import ConfigError
 
-__all__ = ["INPUT_PREFIX", "input_names", "sample_inputs", "residual_inputs", "add_residual_hook", "check_controlnet_layers", "as_feed"]
+__all__ = ["INPUT_PREFIX", "add_residual_hook", "as_feed", "check_controlnet_layers", "input_names", "residual_inputs", "sample_inputs"]
 
 INPUT_PREFIX = "controlnet_block_"
 _KWARG = "block_controlnet_hidden_states"

@@ -23,7 +23,7 @@ from typing import Any
 
 from shiva_export.errors import ConfigError, WeightsError
 
-__all__ = ["LoraSpec", "resolve_loras", "load_loras_", "fuse_loras_", "lora_provenance", "LORA_FILE"]
+__all__ = ["LORA_FILE", "LoraSpec", "fuse_loras_", "load_loras_", "lora_provenance", "resolve_loras"]
 
 #: the file name ``save_lora_weights`` writes into a folder.
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -94,7 +94,8 @@ def _read_checked(lora: LoraSpec) -> tuple[dict, dict | None]:
         raise WeightsError(f"--lora {lora.path} changed while it was being loaded (sha256 differs); run the command again.")
     try:
         with safe_open(str(lora.path), framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            names = f.keys()  # a safe_open handle, not a dict
+            sd = {k: f.get_tensor(k) for k in names}
             header = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"--lora {lora.path} is not a readable safetensors file ({str(err)[:120]}).") from None

@@ -15,7 +15,7 @@ from typing import Any
 
 from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError
 
-__all__ = ["controlnet_layers", "load_controlnet", "controlnet_pipeline", "load_control_image"]
+__all__ = ["controlnet_layers", "controlnet_pipeline", "load_control_image", "load_controlnet"]
 
 
 def _location(path_or_name: str | os.PathLike) -> tuple[str, bool]:
