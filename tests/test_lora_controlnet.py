@@ -121,33 +121,38 @@ def test_lora_count_mismatch_and_bad_files_are_refused_in_one_line(capsys, lora_
         load_loras_(tf, resolve_loras([bad]))
 
 
-def test_ort_with_fused_loras_equals_torch_with_unfused_loras(capsys, two_loras, lora_files, tmp_path):
-    """Two LoRAs at scales 0.7 and -0.5 through `onnx --lora`: the graph (fused) equals the torch model with the
-    LoRAs unfused at the same scales, pruned at ratio 0.4, within today's fp32 parity tolerance."""
+def test_ort_with_fused_loras_equals_torch_with_unfused_loras(capsys, two_loras, lora_files, controlnet_dir, tmp_path):
+    """Two LoRAs at scales 0.7 and -0.5 through `onnx --lora` (and `--controlnet`: residual inputs): the graph (fused)
+    equals the torch model with the LoRAs unfused at the same scales and the residuals added by diffusers, pruned at
+    ratio 0.4, within today's fp32 parity tolerance."""
+    from shiva_export.export import controlnet as cn
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.validate.parity import check_parity
 
     out = tmp_path / "lora.onnx"
-    args = ["onnx", "--model", "sd35-tiny", "--ratio", "0.4", "--out", str(out), "--no-validate", "--json"]
+    args = ["onnx", "--model", "sd35-tiny", "--ratio", "0.4", "--out", str(out), "--no-validate", "--json", "--controlnet", str(controlnet_dir)]
     for f, s in zip(lora_files, ("0.7", "-0.5")):
         args += ["--lora", str(f), "--lora-scale", s]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     want = [lo.to_dict() for lo in two_loras]
-    assert summary["loras"] == want and read_shiva_metadata(out)["loras"] == want
+    meta = read_shiva_metadata(out)
+    assert summary["loras"] == want and meta["loras"] == want and meta["controlnet_layers"] == CN_LAYERS
     tf = _torch_pruned(two_loras)
     tol = load_recipe("sd35-tiny").tolerance("fp32")
     cases = [(s, t, _inputs(s)[1]) for s, t in ((0, None), (1, 1.0), (2, 999.0))]
     for s, t, x in cases:
         if t is not None:
             x["timestep"] = torch.full_like(x["timestep"], t)
-    rep = check_parity(out, tf, cases, atol=tol.atol, rtol=tol.rtol, min_cosine=tol.min_cosine, min_index_agreement=1.0)
+        x.update(cn.sample_inputs(tf, 2, 256, CN_LAYERS, seed=s))
+    with cn.residual_inputs(tf):
+        rep = check_parity(out, tf, cases, atol=tol.atol, rtol=tol.rtol, min_cosine=tol.min_cosine, min_index_agreement=1.0)
     assert rep.passed, rep.summary_line()
     assert rep.worst.max_abs <= tol.atol and rep.index_agreement == 1.0
     print("LoRA parity:", rep.summary_line())
     # the LoRAs change the output (so the comparison above can fail)
     plain = _torch_pruned(())
-    x = cases[0][2]
+    x = _inputs(0)[1]
     with torch.no_grad():
         assert (plain(**x).sample - tf(**x).sample).abs().max().item() > 100 * tol.atol
 

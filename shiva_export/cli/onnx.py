@@ -71,6 +71,7 @@ def onnx_command(
     ] = None,
     lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export; its sha256 and scale go into the metadata and cache keys.")] = None,
     lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --controlnet --artifact).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -83,6 +84,9 @@ def onnx_command(
     from shiva_export.export.lora import resolve_loras
 
     loras = resolve_loras(lora, lora_scale)  # before minutes of loading: a count mismatch or missing file is one line
+    from shiva_export.runtime.controlnet import controlnet_num_layers
+
+    cn_layers = controlnet_num_layers(controlnet) if controlnet is not None else 0
     with stages(enabled=not (quiet or json_out)) as advance:
         res = export_pruned(
             model=model,
@@ -107,6 +111,7 @@ def onnx_command(
             progress=advance,
             context=context,
             loras=loras,
+            controlnet_layers=cn_layers,
         )
     summary = res.to_dict()
     if json_out:

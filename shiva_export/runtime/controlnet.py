@@ -15,7 +15,7 @@ from typing import Any
 
 from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError
 
-__all__ = ["controlnet_layers", "controlnet_pipeline", "load_control_image", "load_controlnet"]
+__all__ = ["ControlRun", "check_controlnet_options", "controlnet_num_layers", "controlnet_pipeline", "load_control_image", "load_controlnet"]
 
 
 def _location(path_or_name: str | os.PathLike) -> tuple[str, bool]:
@@ -43,17 +43,10 @@ def _config(path_or_name) -> dict[str, Any]:
     return dict(cfg)
 
 
-def controlnet_layers(path_or_name, transformer_config: dict[str, Any]) -> int:
-    """The ControlNet's number of block residuals (its ``num_layers``), checked against the transformer's width and
-    depth before any export."""
-    cfg = _config(path_or_name)
-    width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-    want = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
-    if width != want:
-        raise ConfigError(f"--controlnet {path_or_name} is {width} wide, the transformer {want}; use a ControlNet made for this model.")
-    from shiva_export.export.controlnet import check_controlnet_layers
-
-    return check_controlnet_layers(transformer_config, int(cfg["num_layers"]))
+def controlnet_num_layers(path_or_name) -> int:
+    """The ControlNet's number of block residuals (its config's ``num_layers``), read without loading its weights:
+    what the graphs' ``controlnet_layers`` must be."""
+    return int(_config(path_or_name)["num_layers"])
 
 
 def load_controlnet(path_or_name):
@@ -77,6 +70,9 @@ def controlnet_pipeline(pipe, controlnet):
 
     if not isinstance(pipe, StableDiffusion3Pipeline):
         raise ConfigError(f"--controlnet needs an SD3/SD3.5 pipeline, got {type(pipe).__name__}; drop --controlnet.")
+    width = {int(c.num_attention_heads) * int(c.attention_head_dim) for c in (controlnet.config, pipe.transformer.config)}
+    if len(width) != 1:
+        raise ConfigError(f"the ControlNet's width ({controlnet.inner_dim}) is not the transformer's; use a ControlNet made for this model.")
     controlnet = controlnet.to(pipe._execution_device)
     with quiet_libraries():
         out = StableDiffusion3ControlNetPipeline.from_pipe(pipe, controlnet=controlnet, transformer=pipe.transformer)  # by name: a graph module is no SD3Transformer2DModel
@@ -121,7 +117,7 @@ class ControlRun:
 
     def __init__(self, path_or_name, control_image, control_scale: float = 1.0):
         self.source = str(path_or_name)
-        self.layers = int(_config(path_or_name)["num_layers"])
+        self.layers = controlnet_num_layers(path_or_name)
         self.image_path = Path(control_image)
         self.scale = float(control_scale)
         self.model = None
