@@ -444,7 +444,11 @@ def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be) -> Eng
 
     manifest = refit_manifest(m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256"))
     write_manifest(mpath, manifest)
-    check = check_refit(d, be.name)
+    try:
+        check = check_refit(d, be.name)
+    except Exception:  # noqa: BLE001 - any refit failure: the old manifest no longer matches the new ONNX, so the next run rebuilds
+        write_manifest(mpath, m)
+        raise
     return EngineBuild(r, is_dense, "refit", d, plan, onnx_path, mpath, manifest.per_block_k, None, ex.export.export_seconds, _engine_bytes(plan),
                        ex.parity.summary_line() if ex.parity is not None else None, {**(manifest.deserialize or {}), **check})
 
