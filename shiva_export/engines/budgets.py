@@ -446,7 +446,7 @@ def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be) -> Eng
     write_manifest(mpath, manifest)
     try:
         check = check_refit(d, be.name)
-    except Exception:  # noqa: BLE001 - any refit failure: the old manifest no longer matches the new ONNX, so the next run rebuilds
+    except Exception:  # any refit failure: the old manifest no longer matches the new ONNX, so the next run rebuilds
         write_manifest(mpath, m)
         raise
     return EngineBuild(r, is_dense, "refit", d, plan, onnx_path, mpath, manifest.per_block_k, None, ex.export.export_seconds, _engine_bytes(plan),
