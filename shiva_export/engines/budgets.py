@@ -288,6 +288,8 @@ def build_engines(
         raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
     if (segments or 1) > 1 and (dynamic_batch or strip_weights):
         raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
+    if (segments or 1) > 1 and controlnet_layers:
+        raise ConfigError(f"--segments {segments} cuts the graph at block boundaries, and the ControlNet residual inputs are not cut with it; drop --segments or --controlnet.")
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     from shiva_export.models import adapter_for_architecture
