@@ -107,6 +107,13 @@ def test_lora_count_mismatch_and_bad_files_are_refused_in_one_line(capsys, lora_
     assert code == 2 and "2 --lora but 1 --lora-scale" in err and not (tmp_path / "x.onnx").exists()
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_loras([tmp_path / "missing.safetensors"])
+    from shiva_export.engines.budgets import build_engines
+    from shiva_export.export.pruned import export_pruned
+
+    with pytest.raises(ConfigError, match="bounded-memory export"):  # before anything loads
+        export_pruned(model="sd35-tiny", ratio=0.4, out=tmp_path / "b.onnx", bounded=True, loras=resolve_loras(lora_files[:1]))
+    with pytest.raises(ConfigError, match="--segments 2 .* ControlNet"):
+        build_engines(model="sd35-tiny", ratios=[0.4], segments=2, controlnet_layers=2, out_dir=tmp_path)
     # a LoRA holding NaN is refused before diffusers sees it
     from safetensors.torch import load_file, save_file
 
