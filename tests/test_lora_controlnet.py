@@ -378,3 +378,19 @@ def test_stripped_lora_engine_refits_on_a_lora_change_and_matches_ort(two_loras,
     got = runner.infer(x)["sample"].float().cpu()
     ref = OrtRunner(second.onnx_path)(x)
     assert (got - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.trt_rtx
+def test_rtx_engine_with_loras_and_controlnet_inputs_builds_and_is_cached(two_loras, tmp_path):
+    """`trt --lora ... --controlnet ...` on TensorRT-RTX (AOT, no GPU needed): the engine takes the residual inputs,
+    its manifest's export key records the LoRAs (sha256, scale) and the residual count, and the same inputs reuse it."""
+    from shiva_export.engines.budgets import build_engines
+    from shiva_export.engines.manifest import read_manifest
+
+    kw = {"model": "sd35-tiny", "ratios": [0.4], "dense": False, "backend": "tensorrt-rtx", "out_dir": tmp_path, "loras": two_loras,
+          "controlnet_layers": CN_LAYERS, "validate": False}
+    first = build_engines(**kw)[0]
+    m = read_manifest(first.manifest_path)
+    assert first.status == "built" and m.export_key["loras"] == [lo.to_dict() for lo in two_loras]
+    assert m.export_key["controlnet_layers"] == CN_LAYERS and m.input_shapes["controlnet_block_1"] == [2, 256, 64]
+    assert build_engines(**kw)[0].status == "cached"

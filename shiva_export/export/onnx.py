@@ -459,6 +459,7 @@ def export_onnx(
     if dynamic_batch:
         out_shape[0] = "batch_size"
     shapes = {k: list(v) for k, v in spec.shapes(transformer).items()}
+    shapes.update({k: list(v.shape) for k, v in (extra_inputs or {}).items()})  # extra graph inputs (ControlNet residuals)
     if dynamic_batch:
         for v in shapes.values():
             v[0] = "batch_size"
