@@ -183,9 +183,9 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
             return _components_location(rec)
         folder = rec.local_pipeline_path()
         if rec.model.sha256:  # bound by sha256 (train --dora): the pipeline folder's transformer must be those weights
-            from shiva_export.models.base import _check_weights_sha256
+            from shiva_export.models.base import check_weights_sha256
 
-            _check_weights_sha256(Path(folder) / "transformer", rec)
+            check_weights_sha256(Path(folder) / "transformer", rec)
         return str(folder), True
     if rec.model.source == "embedded":
         from shiva_export.runtime.embedded import ensure_embedded_pipeline
