@@ -373,9 +373,9 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
         adapter = get_adapter(cls_name)
         if adapter.NAME != recipe.architecture:
             return None
-        from shiva_export.models.base import _check_weights_sha256
+        from shiva_export.models.base import check_weights_sha256
 
-        _check_weights_sha256(folder, recipe)  # a recipe bound to its weights loads only those, lazily too
+        check_weights_sha256(folder, recipe)  # a recipe bound to its weights loads only those, lazily too
         return load_checkpoint_lazy(adapter, folder, str(p))
     repo, sub = recipe.model.repo_id, recipe.model.subfolder
     try:
