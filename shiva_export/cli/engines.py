@@ -78,13 +78,23 @@ def trt_command(
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="ORT parity after each new export (exit 3 on failure).")] = True,
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export (with --strip-weights a change refits the engine instead of rebuilding it); its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --backend trt --controlnet --artifact).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.runtime.controlnet import controlnet_num_layers
+
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     check_trt_flags(model=model, onnx=onnx, ratio=ratio, workspace=workspace, opt_level=opt_level, aot_target=aot_target, dynamic_batch=dynamic_batch,
                     batch_min=batch_min, batch_max=batch_max, batch=batch, height=height, width=width, cfg=cfg, out_dir=out_dir)
+    if (lora or controlnet is not None) and onnx is not None:
+        raise typer.BadParameter("--lora and --controlnet act at export; an existing --onnx is built as it is. Export it with `onnx --lora/--controlnet`.", param_hint="--onnx")
+    loras = resolve_loras(lora, lora_scale)  # before any export: a count mismatch or missing file is one line
+    cn_layers = controlnet_num_layers(controlnet) if controlnet is not None else 0
     from shiva_export.engines.budgets import build_engines  # torch, onnx: only once the options are known to be good
 
     b = batch or 1
@@ -95,7 +105,7 @@ def trt_command(
             backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
             batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
             optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, segments=segments, out_dir=out_dir, force=force, validate=validate, progress=advance,
-            sizes=size, phases=phases,
+            sizes=size, phases=phases, loras=loras, controlnet_layers=cn_layers,
         )
     rows = [r.to_dict() for r in results]
     if json_out:

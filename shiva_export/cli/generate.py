@@ -28,6 +28,10 @@ EPILOG = """Examples:
 
   shiva-export generate --model flux-tiny --prompt "a red cube" --backend ort --ratio 0.4 --compare-dense --out out/
 
+  shiva-export generate --model sd35-tiny --prompt "a red cube" --backend ort --lora style.safetensors --lora-scale 0.8 --out out/
+
+  shiva-export generate --model sd35-tiny --prompt "a red cube" --backend ort --controlnet ./cn --control-image edges.png --out out/
+
   shiva-export generate --model dit-tiny --prompt cat --prompt 207 --backend ort --ratio 0.4 --out out/
 
 Static graphs (ort, trt) fix batch, size, text length and CFG: a call that does not fit exits 2 with the export
@@ -60,6 +64,11 @@ def generate_command(
     provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: cpu | cuda (needs onnxruntime-gpu).")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
     artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. torch: loaded unfused at its --lora-scale; ort/trt: fused into the exported graph; its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (SD3ControlNetModel folder, or a cached hub id): runs StableDiffusion3ControlNetPipeline with the pruned transformer; ort/trt graphs take its block residuals as inputs.")] = None,
+    control_image: Annotated[Path | None, typer.Option("--control-image", help="Control image for --controlnet (PNG, JPEG), resized to the generation size.")] = None,
+    control_scale: Annotated[float, typer.Option("--control-scale", help="controlnet_conditioning_scale of --controlnet.")] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run record as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Map the prompts over Ray Data actors (one pipeline each; resumable: finished images are skipped on rerun). Needs shiva-export[serve].")] = False,
@@ -96,6 +105,8 @@ def generate_command(
 
         torch.set_num_threads(threads)
 
+    if ray and (lora or controlnet is not None):
+        raise typer.BadParameter("--lora and --controlnet do not reach the Ray actors yet; run them without --ray.", param_hint="--ray")
     if ray:
         return _generate_ray(texts, out=out, model=model, weights=weights, recipe=recipe, ratio=ratio, context=context, phases=phases, backend=backend,
                              artifact=artifact, router=router, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
@@ -103,8 +114,11 @@ def generate_command(
                              threads=threads, artifact_root=artifact_root, json_out=json_out, show=not (quiet or json_out), replicas=replicas)
     if replicas != 1:
         raise typer.BadParameter("--replicas needs --ray (one process runs one pipeline).", param_hint="--replicas")
+    from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.generate import generate
     from shiva_export.utils.io import folder_lock
+
+    loras = resolve_loras(lora, lora_scale)
 
     show = not (quiet or json_out)
     progress_bar = None
@@ -130,6 +144,7 @@ def generate_command(
                 router=router, artifacts=artifact, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                 height=height, width=width, compare_dense=compare_dense, dtype=dtype, provider=provider, threads=threads, device=device,
                 artifact_root=artifact_root, progress=advance, step_progress=step if show else None, context=context,
+                loras=loras, controlnet=controlnet, control_image=control_image, control_scale=control_scale,
             )
         finally:
             if progress_bar is not None:

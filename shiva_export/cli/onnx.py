@@ -21,6 +21,8 @@ EPILOG = """Examples:
 
   shiva-export onnx --model sd35 --weights ./sd35m/transformer --ratio 0.4 --height 1024 --width 1024
 
+  shiva-export onnx --model sd35-tiny --ratio 0.4 --lora style.safetensors --lora-scale 0.8
+
   shiva-export onnx --recipe my.toml --router router.safetensors --dtype fp16 --out out/model.onnx
 
 Exit codes: 0 ok, 1 error, 2 bad option value, 3 parity failed, 4 missing dependency/hardware.
@@ -68,6 +70,9 @@ def onnx_command(
             "loading of the whole model. Default: bounded wherever the weights can be read lazily (embedded models, safetensors folders).",
         ),
     ] = None,
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export; its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --controlnet --artifact).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
@@ -83,6 +88,11 @@ def onnx_command(
 
     check_model_name(model)
     check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.runtime.controlnet import controlnet_num_layers
+
+    loras = resolve_loras(lora, lora_scale)  # before minutes of loading: a count mismatch or missing file is one line
+    cn_layers = controlnet_num_layers(controlnet) if controlnet is not None else 0
     rec = load_recipe(recipe if recipe is not None else model)
     buckets = bucket_sizes(rec, size, height, width)
     if buckets is not None and len(buckets) > 1 and out is not None:
@@ -97,7 +107,7 @@ def onnx_command(
                 results.append(_export_one(export_pruned, rec, w_h, advance, weights=weights, ratio=ratio, height=height, width=width, batch=batch,
                                            text_len=text_len, cfg=cfg, dtype=dtype, opset=opset, out=out, router=router, dynamic_batch=dynamic_batch,
                                            phase=phase, debug_outputs=debug_outputs, validate=validate, parity_cases=parity_cases, bounded=bounded,
-                                           context=context))
+                                           context=context, loras=loras, controlnet_layers=cn_layers))
     summaries = [res.to_dict() for res in results]
     if json_out:
         result_json(summaries[0] if len(summaries) == 1 else {"exports": summaries})

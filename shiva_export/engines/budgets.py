@@ -130,9 +130,12 @@ def export_key_for(
     opset: int,
     dynamic_batch: bool,
     context: str = "drop",
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> dict[str, Any]:
     """Everything that determines the exported ONNX, known before exporting. ``context`` (the routing's
-    ``ShivaConfig.context``) enters the key only when not ``"drop"``, so keys made before the option stay valid."""
+    ``ShivaConfig.context``) enters the key only when not ``"drop"``, and ``loras`` (each LoRA's sha256 and scale)
+    only when given, so keys made before these options stay valid."""
     import importlib.metadata as md
 
     def ver(pkg: str) -> str | None:
@@ -164,6 +167,10 @@ def export_key_for(
     }
     if context != "drop" and not dense:
         key["context"] = context
+    if loras:
+        key["loras"] = [lo.to_dict() for lo in loras]
+    if controlnet_layers:
+        key["controlnet_layers"] = int(controlnet_layers)
     return key
 
 
@@ -173,7 +180,7 @@ class EngineBuild:
 
     ratio: float
     dense: bool
-    status: str  # built | cached | failed
+    status: str  # built | cached | refit | failed
     out_dir: Path
     plan_path: Path | None = None
     onnx_path: Path | None = None
@@ -274,6 +281,8 @@ def build_engines(
     context: str | None = None,
     sizes: list[str] | None = None,
     phases: bool | Sequence[str] = False,
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> list[EngineBuild]:
     """Builds one engine per budget (and the dense reference) with a shared timing cache.
 
@@ -314,9 +323,12 @@ def build_engines(
         phases (bool | list[str]): Build the recipe's learned ``[[schedule.phases]]`` (all, or these names) instead of
             ratios: one engine per phase in ``phase-<name>/<dtype>/``, the layout ``generate --backend trt --phases``
             reads. Defaults to False.
+        loras (Sequence[LoraSpec]): LoRAs fused at their scales before export (``shiva_export.export.lora``); in the
+            export key, so a changed file or scale rebuilds (or, for ``strip_weights`` engines, refits). Defaults to None.
+        controlnet_layers (int): Engines that also take this many ControlNet block residuals (SD3). Defaults to 0.
     """
     say = progress or (lambda stage: None)
-    _check_engine_options(timing_cache, dtype, onnx, segments, dynamic_batch, strip_weights)
+    _check_engine_options(timing_cache, dtype, onnx, segments, dynamic_batch, strip_weights, controlnet_layers)
     if onnx is not None and (sizes or phases):
         raise ConfigError("--onnx builds that one graph at its own size and budget; drop --size/--phases, or drop --onnx to export them.")
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
@@ -331,7 +343,7 @@ def build_engines(
     phase_rows = _phase_rows(rec, phases, ratios)
     todo = [] if phase_rows else _budget_ratios(rec, ratios, dense)
     opset_used = opset if opset is not None else rec.export.opset
-    options = _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments)
+    options = _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras)
     results: list[EngineBuild] = []
     for w_h in buckets or [None]:
         bucket = bucket_name(*w_h) if w_h else None
@@ -349,14 +361,16 @@ def build_engines(
             with folder_lock(d, "engine folder"):
                 b = _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
                                   timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                  any_layout=segments is None, context=ctx)
+                                  any_layout=segments is None, context=ctx, loras=loras, controlnet_layers=controlnet_layers)
             b.bucket = bucket
             results.append(b)
     return results
 
 
-def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments) -> dict[str, Any]:
+def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras=None) -> dict[str, Any]:
     """The builder settings a cached engine must match (recorded in its manifest)."""
+    from shiva_export.engines.lora_refit import refit_option
+
     options = {
         "dynamic_batch": dynamic_batch,
         "batch_range": list(batch_range) if batch_range else None,
@@ -364,6 +378,7 @@ def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_lev
         "optimization_level": optimization_level,
         "aot_targets": list(aot_targets) if aot_targets else None,
         "strip_weights": strip_weights,
+        **refit_option(strip_weights, loras),  # LoRA engines that are stripped refit on a LoRA change
     }
     if (segments or 1) > 1:
         options["segments"] = segments
@@ -397,7 +412,7 @@ def _phase_rows(rec: Recipe, phases: bool | Sequence[str], ratios: list[float] |
     return [r for r in rows if r.name in phases]
 
 
-def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool) -> None:
+def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool, controlnet_layers: int = 0) -> None:
     """Refuses bad or contradictory settings before the backend loads and before minutes of export."""
     from shiva_export.engines.builder import check_timing_cache_path
 
@@ -413,6 +428,8 @@ def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batc
         raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
     if (segments or 1) > 1 and (dynamic_batch or strip_weights):
         raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
+    if (segments or 1) > 1 and controlnet_layers:
+        raise ConfigError(f"--segments {segments} cuts the graph at block boundaries, and the ControlNet residual inputs are not cut with it; drop --segments or --controlnet.")
 
 
 def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list[float]:
@@ -431,7 +448,8 @@ def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list
 
 
 def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
-              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop") -> EngineBuild:
+              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop", loras=None,
+                  controlnet_layers: int = 0) -> EngineBuild:
     """One budget folder (the caller holds its lock): ``job`` is a ratio (0 = the dense reference) or a learned phase's
     ``[[schedule.phases]]`` row. With ``any_layout`` (no --segments given), a cached chain is reused as readily as a
     cached engine."""
@@ -441,7 +459,7 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
     segments = int(options.get("segments", 1))
     onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
     mpath = manifest_path_for(plan)
-    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context)
+    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context, loras, controlnet_layers)
     if phase is not None:  # the phase's own schedule and timestep range decide its graph
         key["phase"] = phase.model_dump(mode="json")
     label = ("dense" if is_dense else f"phase {phase.name}" if phase else f"ratio {r:g}") + ("" if context == "drop" else f" (context {context})")
@@ -451,7 +469,10 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
             say(f"{label}: cached ({cached.plan_path})")
             cached.phase, cached.ratio = (phase.name, cached.ratio) if phase else (None, r)
             return cached
-    say(f"{label}: export onnx")
+    from shiva_export.engines.lora_refit import refittable_manifest
+
+    to_refit = None if force else refittable_manifest(mpath, plan, key, options, be)
+    say(f"{label}: export onnx" + (" (LoRA changed: the weight-stripped engine is refit, not rebuilt)" if to_refit else ""))
     ex = export_pruned(
         recipe=rec,
         weights=weights,
@@ -469,11 +490,15 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
         validate=validate,
         extra_metadata={"export_key": key},
         context=None if is_dense else context,
+        loras=loras,
+        controlnet_layers=controlnet_layers,
     )
     if ex.parity is not None and ex.parity.status == "failed":
         from shiva_export.errors import ParityError
 
         raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
+    if to_refit is not None:
+        return _refit_budget(to_refit, ex.ratio, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase.name if phase else None)
     profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
     say(f"{label}: preflight + build ({be.name} {be.version})")
     exd = ex.to_dict()
@@ -491,7 +516,7 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
     )
     res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
                              builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
-                             strip_weights=bool(options.get("strip_weights")))
+                             strip_weights=bool(options.get("strip_weights")), **({"refit_any": True} if options.get("refit") else {}))
     if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
         options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
     manifest = EngineManifest.from_build(
@@ -509,6 +534,21 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
         ex.ratio, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
         res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize, phase=phase.name if phase else None,
     )
+
+
+def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase: str | None = None) -> EngineBuild:
+    """The plan stays; the manifest now names the re-exported ONNX as its refit source (``engines/lora_refit.py``)."""
+    from shiva_export.engines.lora_refit import check_refit, refit_manifest
+
+    manifest = refit_manifest(m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256"))
+    write_manifest(mpath, manifest)
+    try:
+        check = check_refit(d, be.name)
+    except Exception:  # any refit failure: the old manifest no longer matches the new ONNX, so the next run rebuilds
+        write_manifest(mpath, m)
+        raise
+    return EngineBuild(r, is_dense, "refit", d, plan, onnx_path, mpath, manifest.per_block_k, None, ex.export.export_seconds, _engine_bytes(plan),
+                       ex.parity.summary_line() if ex.parity is not None else None, {**(manifest.deserialize or {}), **check}, phase=phase)
 
 
 def _cached_build(d: Path, plan: Path, onnx_path: Path, mpath: Path, key: dict[str, Any], options: dict[str, Any], be: Backend,

@@ -367,6 +367,7 @@ def build_engine(
     compute_capabilities: Sequence[Any] | None = None,
     skip_preflight: bool = False,
     strip_weights: bool = False,
+    refit_any: bool = False,
 ) -> BuildResult:
     """Builds a strongly typed TensorRT / TensorRT-RTX engine from an ONNX file.
 
@@ -390,6 +391,8 @@ def build_engine(
             (:class:`~shiva_export.engines.runner.EngineRunner` does it). For models whose plan would not fit
             on disk twice. ``tensorrt_rtx`` 1.7.1 builds refittable engines only with a CUDA GPU present (its
             Myelin JIT needs the driver): without one this raises :class:`HardwareError`. Defaults to False.
+        refit_any (bool): With ``strip_weights``: refit mode ``REFIT`` (any weights of the same graph) instead of
+            ``REFIT_IDENTICAL``, so a LoRA change refits the engine (``shiva_export.engines.lora_refit``). Defaults to False.
 
     Returns:
         BuildResult: Plan path, sha256, size, timings, backend and target info.
@@ -418,7 +421,8 @@ def build_engine(
         warnings.simplefilter("ignore", DeprecationWarning)  # tensorrt_rtx: timing-cache APIs are deprecated no-ops
         builder, network = _parse_network(be, trt_logger, records, onnx_path)
         config = builder.create_builder_config()
-        profile_used = _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights)
+        profile_used = _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights,
+                                          refit_any)
         aot_targets, aot_default = _configure_targets(be, config, compute_capabilities)
         tc_info = _load_timing_cache(be, config, timing_cache_path, trt_logger)
 
@@ -508,7 +512,8 @@ def _parse_network(be: Backend, trt_logger: Any, records: list, onnx_path: Path)
     return builder, network
 
 
-def _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights) -> dict | None:
+def _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights,
+                       refit_any: bool = False) -> dict | None:
     """Workspace, optimization level, the optimization profile and weight stripping; returns the checked profile."""
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -523,7 +528,9 @@ def _configure_builder(trt, builder, network, config, workspace_bytes, builder_o
         config.add_optimization_profile(opt_profile)
     if strip_weights:
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # STRIP_PLAN's default refit mode, stated
+        # REFIT_IDENTICAL (STRIP_PLAN's default, stated) promises the build-time weights; refit_any (a LoRA engine,
+        # engines/lora_refit.py) takes any weights of the same graph, so a LoRA change refits instead of rebuilding.
+        config.set_flag(trt.BuilderFlag.REFIT if refit_any else trt.BuilderFlag.REFIT_IDENTICAL)
     return profile_used
 
 

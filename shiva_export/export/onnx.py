@@ -323,6 +323,7 @@ def export_onnx(
     check: bool = True,
     debug_outputs: bool = False,
     weights: LazyWeights | None = None,
+    extra_inputs: dict[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
@@ -343,6 +344,8 @@ def export_onnx(
             export dtype: the bounded-memory path (``shiva_export.export.lazy``). The exporter traces the
             placeholders, and each weight is made, written to the external-data file and freed in turn; the
             graph and bytes equal the eager path's. Defaults to None (the transformer holds real weights).
+        extra_inputs (dict): More graph inputs after the adapter's, ``{name: sample tensor}``, passed to the
+            transformer as keyword arguments (ControlNet residuals: ``shiva_export.export.controlnet``). Defaults to None.
 
     Returns:
         ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
@@ -362,8 +365,8 @@ def export_onnx(
         # torch.export specializes size-1 dims: trace with two prompts so the batch axis stays symbolic.
         trace_spec = InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg)
     adapter = get_adapter(transformer)
-    names = adapter.input_names(transformer.config)
-    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype)
+    names = adapter.input_names(transformer.config) + tuple(extra_inputs or ())
+    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype) | dict(extra_inputs or {})
     external = _param_bytes(transformer) > _PROTOBUF_LIMIT - (64 << 20)
     from shiva_export.utils.io import sweep_stale_temps, temp_prefix
 
@@ -399,7 +402,8 @@ def export_onnx(
         commit_files(moves)  # data first, the .onnx (what looks complete) last
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return _export_result(transformer, adapter, dest, external, spec, trace_spec, opset, dtype, dynamic_batch, export_seconds, index_tensors, str_meta)
+    return _export_result(transformer, adapter, dest, external, spec, trace_spec, opset, dtype, dynamic_batch, export_seconds, index_tensors, str_meta,
+                          extra_inputs)
 
 
 def _dynamic_shapes(names: tuple[str, ...], spec: InputSpec, dynamic_batch: bool):
@@ -464,7 +468,8 @@ def _stamp_and_check(model, tmp_onnx: Path, meta: dict[str, Any], check: bool) -
 
 
 def _export_result(transformer, adapter, dest: Path, external: bool, spec: InputSpec, trace_spec: InputSpec, opset: int, dtype: str,
-                   dynamic_batch: bool, export_seconds: float, index_tensors: dict[int, str], str_meta: dict[str, str]) -> ExportResult:
+                   dynamic_batch: bool, export_seconds: float, index_tensors: dict[int, str], str_meta: dict[str, str],
+                   extra_inputs: dict[str, torch.Tensor] | None = None) -> ExportResult:
     """Removes a stale external-data file and describes the committed graph."""
     import onnx
 
@@ -477,6 +482,7 @@ def _export_result(transformer, adapter, dest: Path, external: bool, spec: Input
     if dynamic_batch:
         out_shape[0] = "batch_size"
     shapes = {k: list(v) for k, v in spec.shapes(transformer).items()}
+    shapes.update({k: list(v.shape) for k, v in (extra_inputs or {}).items()})  # extra graph inputs (ControlNet residuals)
     if dynamic_batch:
         for v in shapes.values():
             v[0] = "batch_size"

@@ -287,7 +287,7 @@ def check_parity(
             feed = {}
             for name in (i.name for i in sess.get_inputs()):  # the graph's inputs; the rest are baked in
                 t = inputs[name]
-                if name in float_names and onnx_input_dtype is not None:
+                if (name in float_names or name.startswith("controlnet_block_")) and onnx_input_dtype is not None:
                     t = t.to(onnx_input_dtype)
                 feed[name] = _to_numpy(t)
             outs = dict(zip(out_names, sess.run(out_names, feed)))

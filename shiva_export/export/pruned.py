@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError, RouterError
+from shiva_export.export import controlnet as cn
 from shiva_export.export.buckets import bucket_name
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
 from shiva_export.export.parity import ParityReport, check_parity
@@ -110,6 +111,7 @@ class PrunedExport:
     parity: ParityReport | None
     load_seconds: float
     dense: bool = False
+    loras: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         ex = self.export
@@ -138,6 +140,7 @@ class PrunedExport:
             "op_counts": {op: ex.op_counts.get(op, 0) for op in interesting},
             "num_nodes": ex.num_nodes,
             "router": self.router,
+            "loras": self.loras,
             "load_seconds": round(self.load_seconds, 3),
             "export_seconds": round(ex.export_seconds, 3),
             "parity": self.parity.to_dict() if self.parity is not None else None,
@@ -172,6 +175,8 @@ def export_pruned(
     bounded: bool | None = None,
     context: str | None = None,
     bucket: bool = False,
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -208,47 +213,47 @@ def export_pruned(
         context (str): ``"drop"`` or ``"keep"`` (``ShivaConfig.context``: rejected tokens still give keys and values;
             SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``.
         bucket (bool): The default ``out`` goes in the ``<width>x<height>`` folder of a resolution bucket. Defaults to False.
+        loras (Sequence[LoraSpec]): LoRAs (:func:`shiva_export.export.lora.resolve_loras`) fused at their scales
+            before pruning and export; recorded in ``shiva.loras``. Needs an eager load. Defaults to None.
+        controlnet_layers (int): The graph also takes this many ControlNet block residuals
+            (``controlnet_block_<i>``, SD3/SD3.5; :mod:`shiva_export.export.controlnet`). Defaults to 0.
     """
     say = progress or (lambda stage: None)
     rec, context, spec = _check_export_options(
         model, recipe, ratio, keep_ratios, phase, dense, context, dtype, parity_cases, batch, height, width, text_len, cfg
     )
-    out_path = Path(out) if out is not None else None
     size_dir = bucket_name(spec.width, spec.height) if bucket else None
-    if out_path is not None:
-        check_writable(out_path, "ONNX output")  # fail before minutes of loading
-    elif phase is None and keep_ratios is None:
-        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
-                                              context="drop" if dense else context, bucket=size_dir))
+    out_path = _check_out(out, rec, phase, keep_ratios, dense, ratio, dtype, context, size_dir)
+    _check_lora_controlnet(loras, controlnet_layers, dynamic_batch, bounded)
 
     say("load model")
-    transformer, lazy_weights, load_seconds = _load_for_export(rec, weights, bounded)
+    transformer, lazy_weights, load_seconds = _load_for_export(rec, weights, bounded, loras)
     check_image_size(transformer, spec.height, spec.width)
     n_layers = num_blocks(transformer)
     n_tokens = num_image_tokens(transformer, spec.height, spec.width)
+    controlnet_layers = cn.check_controlnet_layers(transformer, controlnet_layers)
     routed = rec.routed_blocks(n_layers)
     if phase is not None:
         keep_ratios = rec.phase_keep_ratios(phase, n_layers)
     config, ratio_used = _prune_config(rec, n_layers, routed, ratio, keep_ratios, dense, spec.cfg, context)
     budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
     export_model, router_info = _prepare_models(transformer, rec, config, router, dtype, dense, lazy_weights)
+    for m in {id(export_model): export_model, id(transformer): transformer}.values() if controlnet_layers else ():
+        cn.add_residual_hook(m)  # controlnet_block_<i> kwargs -> block_controlnet_hidden_states (models local to this call)
 
     if out_path is None:
         out_path = _default_out_path(rec, phase, ratio_used, dtype, "drop" if dense else context, size_dir)
         _refuse_engine_onnx(out_path)
-    meta = _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, extra_metadata)
+    lora_rows = [lo.to_dict() for lo in loras] if loras else None
+    graph_extra = {**({"loras": lora_rows} if loras else {}), **({"controlnet_layers": controlnet_layers} if controlnet_layers else {}),
+                   **(extra_metadata or {})}
+    meta = _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, graph_extra)
     say("export onnx")
     result = export_onnx(
-        export_model,
-        out_path,
-        spec,
-        opset=opset if opset is not None else rec.export.opset,
-        dtype=dtype,
-        dynamic_batch=dynamic_batch,
-        routed_blocks=None if dense else list(config.routed_blocks),
-        metadata=meta,
-        debug_outputs=debug_outputs,
+        export_model, out_path, spec, opset=opset if opset is not None else rec.export.opset, dtype=dtype, dynamic_batch=dynamic_batch,
+        routed_blocks=None if dense else list(config.routed_blocks), metadata=meta, debug_outputs=debug_outputs,
         weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
+        extra_inputs=cn.sample_inputs(export_model, spec.model_batch, n_tokens, controlnet_layers, dtype=torch_dtype(dtype)) or None,
     )
     if export_model is not transformer:
         del export_model
@@ -256,8 +261,27 @@ def export_pruned(
     parity = None
     if validate:
         say("parity (onnxruntime cpu)")
-        parity = _export_parity(result, transformer, lazy_weights, rec, spec, dtype, parity_cases)
-    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense)
+        parity = _export_parity(result, transformer, lazy_weights, rec, spec, dtype, parity_cases, n_tokens, controlnet_layers)
+    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense, lora_rows)
+
+
+def _check_out(out, rec: Recipe, phase, keep_ratios, dense: bool, ratio, dtype: str, context: str, size_dir: str | None) -> Path | None:
+    """The given ``out`` path, checked writable; without one, refuses a default path that holds an engine's ONNX."""
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        check_writable(out_path, "ONNX output")  # fail before minutes of loading
+    elif phase is None and keep_ratios is None:
+        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
+                                              context="drop" if dense else context, bucket=size_dir))
+    return out_path
+
+
+def _check_lora_controlnet(loras, controlnet_layers: int, dynamic_batch: bool, bounded: bool | None) -> None:
+    """Refuses LoRA/ControlNet settings the export cannot honour, before anything loads."""
+    if controlnet_layers and dynamic_batch:
+        raise ConfigError("ControlNet residual inputs are exported with fixed shapes; drop --dynamic-batch.")
+    if loras and bounded:
+        raise ConfigError("--lora is fused into the loaded weights, which a bounded-memory export never holds; drop --bounded (use --eager).")
 
 
 def _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, extra_metadata) -> dict[str, Any]:
@@ -319,13 +343,14 @@ def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, conte
     return rec, context, spec
 
 
-def _load_for_export(rec: Recipe, weights, bounded: bool | None):
-    """The fp32 transformer, bounded (meta placeholders plus lazy weights) where possible: (transformer, lazy_weights, seconds)."""
+def _load_for_export(rec: Recipe, weights, bounded: bool | None, loras=None):
+    """The fp32 transformer, bounded (meta placeholders plus lazy weights) where possible, with ``loras`` fused (eager
+    only: a bounded export never holds the weights): (transformer, lazy_weights, seconds)."""
     import time
 
     t0 = time.perf_counter()
     lazy_weights = None
-    if bounded is not False:
+    if bounded is not False and not loras:
         from shiva_export.export.lazy import lazy_transformer
 
         lazy = lazy_transformer(rec, weights)
@@ -338,6 +363,10 @@ def _load_for_export(rec: Recipe, weights, bounded: bool | None):
             transformer, lazy_weights = lazy
     if lazy_weights is None:
         transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
+    if loras:
+        from shiva_export.export.lora import fuse_loras_
+
+        fuse_loras_(transformer, loras)  # before the dtype copy and routing: every copy carries the fused weights
     return transformer, lazy_weights, time.perf_counter() - t0
 
 
@@ -405,15 +434,18 @@ def _phase_range(rec: Recipe, phase) -> dict[str, Any]:
     return {"phase": ph_row.name, "t_start": float(ph_row.t_start), "t_stop": float(ph_row.t_stop)}
 
 
-def _export_parity(result: ExportResult, transformer, lazy_weights, rec: Recipe, spec: InputSpec, dtype: str, parity_cases: int) -> ParityReport:
-    """ONNX Runtime against the fp32 PyTorch model on seeded cases (case 2 at t=1, case 3 at t=999)."""
+def _export_parity(result: ExportResult, transformer, lazy_weights, rec: Recipe, spec: InputSpec, dtype: str, parity_cases: int,
+                   n_tokens: int = 0, controlnet_layers: int = 0) -> ParityReport:
+    """ONNX Runtime against the fp32 PyTorch model on seeded cases (case 2 at t=1, case 3 at t=999), ControlNet
+    residual inputs (seeded) included."""
     if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
         from shiva_export.export.lazy import materialize_
 
         materialize_(transformer, lazy_weights)
     tol = rec.tolerance(dtype)
     timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
-    cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]
+    cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])
+              | cn.sample_inputs(transformer, spec.model_batch, n_tokens, controlnet_layers, seed=s)) for s in range(parity_cases)]
     return check_parity(
         result.onnx_path,
         transformer,

@@ -206,8 +206,8 @@ class SD3Adapter(ModelAdapter):
     # -- the diffusers pipeline ---------------------------------------------------------------------------
     UNSUPPORTED_CALL_ARGS = {
         "skip_layers": "skip-layer guidance (skip_layers) is not in the static graph; call the pipeline with skip_guidance_layers=None",
-        "block_controlnet_hidden_states": "ControlNet residuals are not in the static graph; use the torch backend for ControlNet",
-        "joint_attention_kwargs": "joint_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRA weights before export or use the torch backend",
+        "block_controlnet_hidden_states": "this graph has no ControlNet residual inputs; export one with them (generate --controlnet does) or use the torch backend",
+        "joint_attention_kwargs": "joint_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRAs at export (--lora PATH --lora-scale S) or use the torch backend",
     }
 
     def check_embedded_recipe(self, recipe) -> None:

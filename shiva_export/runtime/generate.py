@@ -184,11 +184,13 @@ def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: 
 
 
 def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps: int = 28, guidance: float = 4.5, seed: int = 0,
-                 height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None) -> RunResult:
+                 height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None,
+                 extra_call: dict[str, Any] | None = None) -> RunResult:
     """One prompt through ``pipe`` with stage timings (see :class:`StageTimes`).
 
     The call's keyword arguments come from the architecture adapter (``ModelAdapter.pipeline_call``): a text
-    prompt for SD3 / Flux / PixArt, a class label or id for DiT.
+    prompt for SD3 / Flux / PixArt, a class label or id for DiT; ``extra_call`` adds pipeline arguments (ControlNet's
+    ``control_image`` and ``controlnet_conditioning_scale``).
     """
     import torch
 
@@ -205,7 +207,9 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
     dev = pipe._execution_device
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     kwargs = adapter.pipeline_call(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w,
-                                   max_sequence_length=max_seq, generator=gen)
+                                   max_sequence_length=max_seq, generator=gen) | dict(extra_call or {})
+    if extra_call:  # StableDiffusion3ControlNetPipeline samples the control image's VAE posterior from the global RNG
+        torch.manual_seed(int(seed))
     with _instrument(pipe, times, store, on_step) as marks, torch.inference_mode():
         _sync(dev)
         t0 = time.perf_counter()
@@ -328,9 +332,15 @@ def generate(
     progress: Callable[[str], None] | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet: str | os.PathLike | None = None,
+    control_image: str | os.PathLike | None = None,
+    control_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Generates one image per prompt (seed ``seed + i``) and writes PNGs, ``generate.json`` and the grid.
-    ``context`` (``"drop"`` / ``"keep"``, default the recipe's) is :func:`load_pipeline`'s.
+    ``context`` (``"drop"`` / ``"keep"``, default the recipe's) and ``loras`` are :func:`load_pipeline`'s; ``controlnet``
+    (folder or cached hub id of an ``SD3ControlNetModel``) with ``control_image`` and ``control_scale`` runs diffusers'
+    ``StableDiffusion3ControlNetPipeline`` (dense comparison included) around the pruned transformer.
 
     Returns the record written to ``generate.json``.
     """
@@ -344,14 +354,18 @@ def generate(
     prompts = [p for p in prompts]
     rec, steps, guidance = _check_generate_options(model, recipe, prompts, steps, guidance, context)
     from shiva_export.models import adapter_for_architecture
+    from shiva_export.runtime.controlnet import ControlRun, check_controlnet_options
 
+    check_controlnet_options(rec.architecture, controlnet, control_image, control_scale)
+    control = ControlRun(controlnet, control_image, control_scale) if controlnet is not None else None
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
     say = progress or (lambda m: None)
 
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
-                  threads=threads, device=device, artifact_root=artifact_root, progress=say)
+                  threads=threads, device=device, artifact_root=artifact_root, progress=say, loras=loras,
+                  controlnet_layers=control.layers if control is not None and backend != "torch" else 0)
     pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, context=context, **common)
     info = pipe.shiva
     dense_pipe = None
@@ -360,6 +374,10 @@ def generate(
         dense_pipe = load_pipeline(backend=backend, dense=True, **common)
     h = info.height if height is None else height
     w = info.width if width is None else width
+    control_call = {}  # ControlNet's control_image and conditioning scale
+    if control is not None:
+        pipe, dense_pipe = control.wrap(pipe), (control.wrap(dense_pipe) if dense_pipe is not None else None)
+        control_call = control.call_kwargs(h, w)
     for pp in (pipe, dense_pipe):  # the static-shape contract, before the first step
         if pp is not None:
             check_pipeline_call(pp, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=pp.shiva.max_sequence_length)
@@ -368,8 +386,9 @@ def generate(
         # One warm-up step each, so the first timed call of neither pipeline pays session/allocator start-up.
         say("warm up")
         for pp in (pipe, dense_pipe):
-            run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w)
-    call = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w)
+            run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w,
+                         extra_call=control_call)
+    call = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w, extra_call=control_call)
     images = []
     for i, prompt in enumerate(prompts):
         say(f"generate {i + 1}/{len(prompts)}")
@@ -394,6 +413,7 @@ def generate(
         "device": str(pipe._execution_device),
         "torch_threads": torch.get_num_threads(),
         "pipeline": info.to_dict(),
+        "controlnet": control.to_dict() if control is not None else None,
         "images": images,
         "grid": str(grid_path) if grid_path else None,
         "versions": package_versions(),

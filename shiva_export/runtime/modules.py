@@ -268,6 +268,8 @@ class _ArtifactTransformerBase:
         for name, value in call.items():
             if name in names or name in self._static_names or _is_unset(value):
                 continue
+            if name == _CONTROLNET_KWARG and all(p.info.get("controlnet_layers") for p in self.phases):
+                continue  # every graph takes the residuals as inputs
             why = adapter.UNSUPPORTED_CALL_ARGS.get(name, f"{name} is not an input of the static graph; use the torch backend")
             raise ConfigError(f"{why} (got {name}={_short(value)}).")
         hidden_states = call.get("hidden_states")
@@ -293,6 +295,10 @@ class _ArtifactTransformerBase:
                 raise ShapeError(f"pipeline call: {n} has shape {list(v.shape)} but the graph (phase {ap.phase.name!r}) takes {list(want)}; "
                                  f"export one that fits: {export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}")
             feed[n] = v
+        if ap.info.get("controlnet_layers"):  # graphs with ControlNet inputs (zeros when the call has no ControlNet)
+            from shiva_export.export.controlnet import as_feed
+
+            feed.update(as_feed(call.get(_CONTROLNET_KWARG), int(ap.info["controlnet_layers"]), hidden_states, self.config))
         self.trace.append(ap.phase.name)
         out = ap.run(feed).to(device=hidden_states.device, dtype=hidden_states.dtype)
         if not return_dict:
@@ -300,6 +306,9 @@ class _ArtifactTransformerBase:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+_CONTROLNET_KWARG = "block_controlnet_hidden_states"
 
 
 def _short(value: Any) -> str:

@@ -95,6 +95,7 @@ class ShivaPipelineInfo:
     cfg: bool = True
     dtype: str = "fp32"
     context: str | None = "drop"  # the routing's ShivaConfig.context; None for a dense pipeline
+    loras: list[dict[str, Any]] = field(default_factory=list)  # LoraSpec.to_dict() of each LoRA (fused or not)
 
     def to_dict(self) -> dict[str, Any]:
         from shiva_export.recipe import recipe_hash
@@ -113,6 +114,7 @@ class ShivaPipelineInfo:
             "shapes": {"height": self.height, "width": self.width, "text_len": self.text_len, "batch": self.batch, "cfg": self.cfg},
             "max_sequence_length": self.max_sequence_length,
             "dtype": self.dtype,
+            "loras": self.loras,
         }
 
 
@@ -282,24 +284,26 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop") -> str:
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None,
+                  controlnet_layers: int = 0) -> str:
     from shiva_export.engines.budgets import export_key_for
 
-    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context)
+    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras,
+                         controlnet_layers)
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
 
 
 def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False, context: str = "drop", bucket: str | None = None) -> dict[str, Any]:
+                 use_phases: bool = False, context: str = "drop", bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
     or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pruned import export_pruned
     from shiva_export.utils.io import inside, safe_component, sha256_file, verify_onnx_record
 
-    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras, controlnet_layers)
     folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
     path = inside(root, folder / "model.onnx", "runtime ONNX")
     status = "cached"
@@ -338,6 +342,8 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
             validate=True,
             extra_metadata={"runtime_key": key, "phase": phase.name, "t_start": phase.t_start, "t_stop": phase.t_stop},
             context=None if dense else context,
+            loras=loras,
+            controlnet_layers=controlnet_layers,
             **budget,
         )
         if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
@@ -357,6 +363,8 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
         "model_config_sha256": meta.get("model_config_sha256"),
         "input_spec": meta.get("input_spec"),
         "parity": parity,
+        "loras": meta.get("loras"),
+        "controlnet_layers": int(meta.get("controlnet_layers") or 0),
     }
 
 
@@ -414,6 +422,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
         phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
         spec = InputSpec(**meta["input_spec"])
         info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given",
+                    loras=meta.get("loras"), controlnet_layers=int(meta.get("controlnet_layers") or 0),
                     context=None if meta.get("dense") else (meta.get("context") or "drop"))  # exports before the option dropped
         out.append((phase, spec, info, meta))
     out.sort(key=lambda x: -x[0].t_start)
@@ -442,6 +451,8 @@ def load_pipeline(
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
 ):
     """Loads a diffusers pipeline with a Shiva-pruned transformer.
 
@@ -470,6 +481,8 @@ def load_pipeline(
         context (str): ``"drop"`` or ``"keep"``: whether rejected tokens still give keys and values in routed blocks
             (``ShivaConfig.context``; SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``; given
             ``artifacts`` must have been exported with it.
+        loras (Sequence[LoraSpec]): ``resolve_loras``'s: unfused (peft) on torch, else fused into the graphs and their cache keys.
+        controlnet_layers (int): ``ort``/``trt``: graphs with this many ControlNet residual inputs. Defaults to 0.
 
     Returns:
         DiffusionPipeline: the architecture's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``,
@@ -481,13 +494,9 @@ def load_pipeline(
         >>> flux = load_pipeline("flux-tiny", backend="ort", ratio=0.4)   # FluxPipeline; cfg is off (guidance embedding)
         >>> dit = load_pipeline("dit-tiny", backend="torch", ratio=0.4)   # DiTPipeline: dit(class_labels=dit.get_label_ids(["cat"]))
     """
-    _check_pipeline_options(backend, dtype, device)
+    _check_pipeline_options(backend, dtype, device, dense, ratio, phases, context)
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
-    if dense and (ratio not in (None, 0.0) or phases):
-        raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
-    if dense and context == "keep":
-        raise ConfigError("a dense pipeline routes nothing, so --context keep has no effect; drop --context or dense.")
     adapter = _adapter_of(rec)
     ctx = adapter.check_context(rec.prune.context if context is None else context)
     say("load pipeline")
@@ -501,10 +510,10 @@ def load_pipeline(
     from shiva_export.models import InputSpec
 
     adapter.check_image_size(config_obj(config), h, w)
-    info_kwargs: dict[str, Any] = {}
+    info_kwargs: dict[str, Any] = {"loras": [lo.to_dict() for lo in loras or ()]}
 
     if backend == "torch":
-        pipe, phase_list, router_info = _torch_pipeline(rec, adapter, loc, local, tf_dir, router, n_layers, ratio, phases, dense, cfg, ctx)
+        pipe, phase_list, router_info = _torch_pipeline(rec, adapter, loc, local, tf_dir, router, n_layers, ratio, phases, dense, cfg, ctx, loras)
         text_len = rec.shapes.text_len
         artifacts_info: list[dict[str, Any]] = []
     else:
@@ -512,10 +521,11 @@ def load_pipeline(
         from shiva_export.runtime.modules import ShivaArtifactTransformer
 
         if artifacts:
-            aps, ctx = _opened_phases(artifacts, backend, config, rec, dtype, provider, threads, context, say)
+            aps, ctx = _opened_phases(artifacts, backend, config, rec, dtype, provider, threads, context, say, loras)
         else:
             phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),) if dense else resolve_phases(rec, n_layers, ratio, phases)
-            aps = _built_phases(rec, weights, router, phase_list, spec, dtype, Path(artifact_root), backend, provider, threads, dense, phases, ctx, say)
+            aps = _built_phases(rec, weights, router, phase_list, spec, dtype, Path(artifact_root), backend, provider, threads, dense, phases, ctx, say,
+                                loras, controlnet_layers)
         phase_list = tuple(a.phase for a in aps)
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
         pipe = _from_pretrained(loc, local, rec, transformer=module)
@@ -550,7 +560,7 @@ def _place(pipe, device: str, torch_dtype_name: str, dense: bool) -> None:
             pipe.transformer.shiva_routers.to(torch.float32)
 
 
-def _check_pipeline_options(backend: str, dtype: str, device: str) -> None:
+def _check_pipeline_options(backend: str, dtype: str, device: str, dense: bool = False, ratio=None, phases: bool = False, context=None) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
     if dtype not in ("fp32", "fp16", "bf16"):
@@ -564,10 +574,15 @@ def _check_pipeline_options(backend: str, dtype: str, device: str) -> None:
             from shiva_export.errors import HardwareError
 
             raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+    if dense and (ratio not in (None, 0.0) or phases):
+        raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
+    if dense and context == "keep":
+        raise ConfigError("a dense pipeline routes nothing, so --context keep has no effect; drop --context or dense.")
 
 
-def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router, n_layers: int, ratio, phases: bool, dense: bool, cfg: bool, ctx: str):
-    """The model's pipeline with its own transformer, routed in place: (pipe, phases, router info)."""
+def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router, n_layers: int, ratio, phases: bool, dense: bool, cfg: bool, ctx: str,
+                    loras=None):
+    """The model's pipeline with its own transformer, LoRAs loaded (unfused), routed in place: (pipe, phases, router info)."""
     own = {}
     if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
         from shiva_export.models import load_transformer
@@ -579,18 +594,23 @@ def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router,
         from shiva_export.checks import check_finite
 
         check_finite(pipe.transformer.state_dict(), f"transformer weights in {loc}", WeightsError)
+    from shiva_export.export.lora import load_loras_
+
+    load_loras_(pipe.transformer, loras or ())  # unfused, before routing: the routed blocks run the peft layers
     if dense:
         return pipe, (), {"source": "none (dense)"}
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
     return pipe, phase_list, _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
 
 
-def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, provider: str, threads, context, say):
-    """Runners over given ONNX files or engine folders, phases and shapes from their metadata: (phases, context)."""
+def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, provider: str, threads, context, say, loras=None):
+    """Runners over given ONNX files or engine folders, phases and shapes from their metadata, which must carry
+    ``loras``: (phases, context)."""
     from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
 
     opened = _open_artifacts(artifacts, backend, config, say)
     ctx = _artifacts_context(opened, context)
+    _check_artifact_loras(opened, loras)
     aps = []
     for phase, aspec, info, _meta in opened:
         run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
@@ -599,7 +619,7 @@ def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, pro
 
 
 def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path, backend: str, provider: str, threads, dense: bool,
-                  use_phases: bool, ctx: str, say) -> list:
+                  use_phases: bool, ctx: str, say, loras=None, controlnet_layers: int = 0) -> list:
     """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
     ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
     from shiva_export.export.buckets import pick_bucket
@@ -609,13 +629,29 @@ def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path
     aps = []
     for phase in phase_list:
         if backend == "ort":
-            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx, bucket=bucket)
+            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx, bucket=bucket,
+                                loras=loras, controlnet_layers=controlnet_layers)
             run = OrtRunner(info["onnx"], provider=provider, threads=threads)
         else:
-            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx, bucket)
+            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx, bucket, loras, controlnet_layers)
             run = TrtRunner(info["engine"])
         aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
     return aps
+
+
+def _check_artifact_loras(opened, loras) -> None:
+    """Given graphs carry their LoRAs fused: they must be exactly the requested ones (files by sha256, and scales)."""
+    from shiva_export.export.lora import lora_provenance
+
+    def strip(rows):  # the file name is only a label
+        return [(r.get("sha256"), r.get("scale")) for r in rows or []]
+
+    want = lora_provenance(loras)
+    for _p, _s, info, _m in opened:
+        if strip(info.get("loras")) != strip(want):
+            got = ", ".join(f"{r.get('file')}@{r.get('scale')}" for r in info.get("loras") or []) or "none"
+            raise ConfigError(f"--artifact {info.get('onnx') or info.get('engine')} was exported with LoRAs [{got}], not the --lora/--lora-scale given; "
+                              "export it with these LoRAs (or drop --artifact to export on demand).")
 
 
 def _artifacts_context(opened, context: str | None) -> str:
@@ -651,7 +687,7 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
 
 
 def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop",
-                   bucket: str | None = None) -> dict[str, Any]:
+                   bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio or learned phase with ``build_engines``: the folders
     ``shiva-export trt [--size WxH] [--phases]`` writes."""
     from shiva_export.engines.budgets import build_engines
@@ -663,7 +699,7 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
         budget = {"ratios": [0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)], "dense": dense}
     say(f"engine ({phase.name})")
     builds = build_engines(recipe=rec, weights=weights, router=router, dtype=dtype, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg,
-                           out_dir=root, context=None if dense else context, **size, **budget)
+                           out_dir=root, context=None if dense else context, loras=loras, controlnet_layers=controlnet_layers, **size, **budget)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         from shiva_export.errors import EngineBuildError
@@ -673,7 +709,8 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
 
     man = read_manifest(manifest_path_for(b.plan_path))
     return {"phase": phase.name, "engine": str(b.out_dir), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256,
-            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version}
+            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version,
+            "loras": (man.export_key or {}).get("loras"), "controlnet_layers": int((man.export_key or {}).get("controlnet_layers") or 0)}
 
 
 def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | Recipe, ratio: float | None = None, phases: bool = False,
