@@ -425,7 +425,11 @@ def test_an_edited_embedded_pipeline_cache_is_rebuilt(tmp_path, monkeypatch):
     (size kept) is not loaded, the pipeline is built again, bit for bit."""
     monkeypatch.setenv("SHIVA_CACHE_DIR", str(tmp_path / "cache"))
     from shiva_export.recipe import load_recipe
-    from shiva_export.runtime.embedded import _cache_key, _is_complete, ensure_embedded_pipeline
+    from shiva_export.runtime.embedded import (
+        _cache_key,
+        _is_complete,
+        ensure_embedded_pipeline,
+    )
 
     rec = load_recipe("sd35-tiny")
     folder = ensure_embedded_pipeline(rec)
