@@ -18,20 +18,17 @@ from shiva_export.cli import main
 from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.export.segments import plan_cuts, read_segments, segment_path, split_onnx
 from shiva_export.validate.parity import ChainedSession, ort_session
+from tests import archcases, shared
 
-MODELS = ["sd35-tiny", "flux-tiny", "pixart-tiny", "dit-tiny"]
+MODELS = archcases.NAMES
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """One ratio-0.4 export per adapter (graph + weights), shared by the tests of this module."""
+    """One ratio-0.4 export per adapter (graph + weights): this module's copies of the session's shared exports
+    (tests/shared.py), since cutting writes the segments beside the source."""
     root = tmp_path_factory.mktemp("seg")
-    out = {}
-    for m in MODELS:
-        path = root / m / "model.onnx"
-        assert main(["onnx", "--model", m, "--ratio", "0.4", "--no-validate", "--out", str(path), "-q"]) == 0
-        out[m] = path
-    return out
+    return {m: shared.export_copy(m, 0.4, root / m / "model.onnx") for m in MODELS}
 
 
 def _feed(sess, seed=0):
