@@ -2,8 +2,10 @@
 
 An export of a tiny model takes 4-15 s on one core and several files need the same (model, ratio, dtype): each is
 made once per session by :func:`export` (always validated, so every caller gets ORT parity) and handed out
-read-only. A test that writes next to its export (segments, tampering) takes its own copy with
-:func:`export_copy`. Built under a per-session folder (``$SHIVA_TEST_SHARED``, set by ``tests/conftest.py``).
+read-only, as are its TensorRT-RTX engine (:func:`engine`) and the one short training (:func:`short_training`).
+A test that writes next to its export (segments, tampering) takes its own copy with :func:`export_copy`. Built
+under a per-session folder (``$SHIVA_TEST_SHARED``, set by ``tests/conftest.py``); in-process, so each pytest
+process (an xdist worker too) makes its own.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["root", "export", "export_copy", "SHORT_TRAINING", "short_training"]
+__all__ = ["root", "export", "export_copy", "engine", "SHORT_TRAINING", "short_training"]
 
 #: Parity cases a shared export is validated with unless the caller asks otherwise (export_pruned's default).
 PARITY_CASES = 3
 
 _EXPORTS: dict[tuple, Any] = {}
 _TRAININGS: dict[str, Any] = {}
+_ENGINES: dict[tuple, Any] = {}
 
 #: The one short `train` run the suite shares (router warm-up, policy and joint stages, two learned phases); a
 #: checkpoint every 3 steps (and at the end) so resume tests can compare against it.
@@ -72,6 +75,17 @@ def export_copy(model: str, ratio: float, dest: str | os.PathLike, **kw: Any) ->
     if ex.data_path is not None:  # the graph names its data file by base name: keep that name beside the copy
         shutil.copyfile(ex.data_path, dest.parent / ex.data_path.name)
     return dest
+
+
+def engine(model: str, ratio: float, **kw: Any):
+    """``build_engine`` (TensorRT-RTX, ahead of time) of the shared :func:`export`, once per session (a ``BuildResult``)."""
+    key = _key(model, ratio, kw.pop("dtype", "fp32"), kw)
+    if key not in _ENGINES:
+        from shiva_export.engines import build_engine
+
+        ex = export(model, ratio, dtype=key[2], parity_cases=1, **dict(key[3]))  # whichever export of that key exists
+        _ENGINES[key] = build_engine(ex.export.onnx_path, ex.export.onnx_path.parent / "model.plan", backend="tensorrt-rtx")
+    return _ENGINES[key]
 
 
 def short_training(model: str = "sd35-tiny"):
