@@ -12,6 +12,10 @@ if "SHIVA_CACHE_DIR" not in os.environ:  # embedded pipelines are built into a p
     import tempfile
 
     os.environ["SHIVA_CACHE_DIR"] = tempfile.mkdtemp(prefix="shiva-test-cache-")
+if "SHIVA_TEST_SHARED" not in os.environ:  # tests/shared.py: exports, engines and a training made once per session
+    import tempfile
+
+    os.environ["SHIVA_TEST_SHARED"] = tempfile.mkdtemp(prefix="shiva-test-shared-")
 
 
 def _has(mod: str) -> bool:

@@ -1,9 +1,9 @@
-"""Every non-SD3 adapter through every stage, on its embedded tiny recipe (seeded random weights).
+"""Every adapter through every stage, on its embedded tiny recipe (seeded random weights).
 
-One row of ``ARCHS`` per architecture: the same identities as ``test_prune.py`` (keep 1.0 bit for bit,
-exact k per routed block, rejected tokens unchanged, exact removal), the export contract (pre-flight,
-ORT parity <= 1e-4 at ratios 0/0.2/0.4/0.6), an RTX build, and loading a ``save_pretrained`` folder
-through ``--weights``. Architecture-specific checks (Flux RoPE) follow.
+One case per architecture (``tests/archcases.py``, SD3 included): the same identities as ``test_prune.py``
+(keep 1.0 bit for bit, exact k per routed block, rejected tokens unchanged, exact removal), the export contract
+(pre-flight, ORT parity <= 1e-4 at ratios 0/0.2/0.4/0.6), an RTX build, and loading a ``save_pretrained``
+folder through ``--weights``. Architecture-specific checks (Flux RoPE) follow.
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ from shiva_export.recipe import load_recipe
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
 
-#: (tiny recipe, the module the image tokens of a routed block reach first, extra tokens that module sees)
-ARCHS = {
-    "flux-tiny": {"probe": lambda blk: blk.norm1 if hasattr(blk, "norm1") else blk.norm, "text_in_probe": lambda blk, t: 0 if hasattr(blk, "norm1") else t},
-    "pixart-tiny": {"probe": lambda blk: blk.norm1, "text_in_probe": lambda blk, t: 0},
-    "dit-tiny": {"probe": lambda blk: blk.norm1, "text_in_probe": lambda blk, t: 0},
-}
+from tests import archcases, shared  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
+@pytest.fixture(scope="module", params=archcases.NAMES)
 def arch(request):
     rec = load_recipe(request.param)
     model = load_transformer(recipe=rec)
@@ -83,7 +78,7 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
     k = int(n * 0.6)
     apply_shiva_(model, ShivaConfig.uniform(n_blocks, 0.4), seed=3)
     seen = {}
-    probe, text_in = ARCHS[name]["probe"], ARCHS[name]["text_in_probe"]
+    probe, text_in = archcases.BY_NAME[name].probe, archcases.BY_NAME[name].text_in_probe
     hooks = [probe(b).register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1])) for i, b in enumerate(_blocks(model))]
     try:
         with record_selection(model, hidden_states=True) as recs:
@@ -114,12 +109,9 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
 
 
 @pytest.fixture(scope="module")
-def exports(arch, tmp_path_factory):
-    from shiva_export.export.pruned import export_pruned
-
-    name, rec, _ = arch
-    root = tmp_path_factory.mktemp(name)
-    return {r: export_pruned(recipe=rec, ratio=r, out=root / f"r{r}" / "model.onnx", parity_cases=2) for r in (0.0, 0.2, 0.4, 0.6)}
+def exports(arch):
+    """The session's shared exports of this recipe (``tests/shared.py``; ORT parity on 3 seeded cases)."""
+    return {r: shared.export(arch[0], r) for r in (0.0, 0.2, 0.4, 0.6)}
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.2, 0.4, 0.6])
@@ -153,10 +145,8 @@ def test_validate_parity_suite_on_the_export(arch, exports):
 
 
 @pytest.mark.trt_rtx
-def test_rtx_build(arch, exports, tmp_path):
-    from shiva_export.engines import build_engine
-
-    res = build_engine(exports[0.4].export.onnx_path, tmp_path / "model.plan", backend="tensorrt-rtx")
+def test_rtx_build(arch, exports):
+    res = shared.engine(arch[0], 0.4)  # build_engine of exports[0.4], once per session (test_budget_matrix builds it too)
     assert res.plan_path.is_file() and res.size_bytes > 0
 
 
@@ -167,8 +157,9 @@ def test_save_pretrained_loads_through_weights(arch, tmp_path):
         loaded = load_transformer(recipe=rec, weights=folder)
         assert type(loaded) is type(model)
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    with pytest.raises(WeightsError, match="architecture 'sd3'"):
-        load_transformer(recipe=load_recipe("sd3-tiny"), weights=tmp_path)
+    other = "flux-tiny" if rec.architecture == "sd3" else "sd3-tiny"  # a recipe of another architecture
+    with pytest.raises(WeightsError, match=f"architecture '{load_recipe(other).architecture}'"):
+        load_transformer(recipe=load_recipe(other), weights=tmp_path)
 
 
 # -- the registry --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The new architectures inside their own diffusers pipelines (torch backend): ``shiva_pipeline`` prunes the
-transformer of an offline tiny ``DiTPipeline`` / ``FluxPipeline`` / ``PixArtSigmaPipeline`` through its adapter.
+"""Every architecture (``tests/archcases.py``) inside its own diffusers pipeline (torch backend): ``shiva_pipeline``
+prunes the transformer of an offline tiny ``StableDiffusion3Pipeline`` / ``DiTPipeline`` / ``FluxPipeline`` /
+``PixArtSigmaPipeline`` through its adapter.
 Keep 1.0 reproduces the dense pipeline's image bit for bit; ratio 0.4 runs the routed path on every step."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from shiva_export.models.components import clip_tokenizer, seeded, t5_encoder, t
 from shiva_export.prune import is_shiva_applied, remove_shiva_
 from shiva_export.recipe import load_recipe
 from shiva_export.runtime.pipeline import shiva_pipeline
+from tests import archcases
 
 torch.set_num_threads(1)
 
@@ -24,6 +26,16 @@ def _vae(latent_channels: int = 4):
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                              block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
                              sample_size=128, scaling_factor=0.3611, shift_factor=0.1159).eval()  # Flux.1 VAE factors
+
+
+def _sd3():
+    from shiva_export.runtime.pipeline import load_diffusers_pipeline
+
+    rec = load_recipe("sd35-tiny")
+    pipe = load_diffusers_pipeline(recipe=rec)  # the embedded offline pipeline (two CLIPs, T5, 16-channel VAE)
+    pipe.set_progress_bar_config(disable=True)
+    return rec, pipe, lambda p: p("a red cube", height=128, width=128, num_inference_steps=2, guidance_scale=4.5,
+                                  max_sequence_length=rec.max_sequence_length(), generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
 def _dit():
@@ -62,9 +74,13 @@ def _pixart():
                                   use_resolution_binning=False, generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
-@pytest.mark.parametrize("build", [_dit, _flux, _pixart], ids=["dit", "flux", "pixart"])
-def test_shiva_pipeline_keep_one_is_exact_and_ratio_runs(build):
-    rec, pipe, run = build()
+BUILD = {"sd3": _sd3, "flux": _flux, "pixart": _pixart, "dit": _dit}
+
+
+@pytest.mark.parametrize("case", archcases.params())
+def test_shiva_pipeline_keep_one_is_exact_and_ratio_runs(case):
+    rec, pipe, run = BUILD[case.architecture]()
+    assert rec.name == case.name
     with torch.no_grad():
         dense = run(pipe)
     shiva_pipeline(pipe, recipe=rec, ratio=0.0)

@@ -16,9 +16,10 @@ from shiva_export.export.lazy import LazyWeights, build_embedded_lazy, is_lazy, 
 from shiva_export.export.pruned import export_pruned
 from shiva_export.models import adapter_for_architecture
 from shiva_export.recipe import load_recipe
+from tests import archcases
 
 
-@pytest.mark.parametrize("name", ["sd35-tiny", "flux-tiny", "pixart-tiny", "dit-tiny"])
+@pytest.mark.parametrize("name", archcases.NAMES)
 def test_lazy_build_is_bit_identical_to_build_embedded(name):
     rec = load_recipe(name)
     adapter = adapter_for_architecture(rec.architecture)

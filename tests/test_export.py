@@ -14,6 +14,7 @@ from shiva_export.export.ort import ort_session
 from shiva_export.export.parity import check_parity
 from shiva_export.export.pruned import export_pruned
 from shiva_export.models.sd3 import InputSpec, make_inputs
+from tests import shared
 
 
 def _reference(res):
@@ -39,9 +40,9 @@ def _topk_nodes(path):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    d = tmp_path_factory.mktemp("exp")
-    return {r: export_pruned(model="sd35-tiny", ratio=r, out=d / f"r{r}.onnx") for r in (0.0, 0.2, 0.4, 0.6)}
+def exports():
+    """The session's shared sd35-tiny exports (tests/shared.py), validated with export_pruned's default 3 parity cases."""
+    return {r: shared.export("sd35-tiny", r) for r in (0.0, 0.2, 0.4, 0.6)}
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.2, 0.4, 0.6])

@@ -1,6 +1,6 @@
-"""The generation runtime for Flux, PixArt-Sigma and DiT: the real ``FluxPipeline`` / ``PixArtSigmaPipeline`` /
-``DiTPipeline`` (offline tiny pipelines, seeded) with the transformer routed in place (torch) or replaced by
-``ShivaArtifactTransformer`` over ONNX Runtime sessions (ort).
+"""The generation runtime for every architecture (``tests/archcases.py``): the real ``StableDiffusion3Pipeline`` /
+``FluxPipeline`` / ``PixArtSigmaPipeline`` / ``DiTPipeline`` (offline tiny pipelines, seeded) with the transformer
+routed in place (torch) or replaced by ``ShivaArtifactTransformer`` over ONNX Runtime sessions (ort).
 
 - keep 1.0 through the routed path is bit-identical to the dense pipeline of the same seed (torch);
 - ORT at ratio 0.4 follows torch at ratio 0.4 (final latents within 1e-4 abs or 1e-5 of the peak; see ORT_ATOL);
@@ -23,12 +23,13 @@ from shiva_export.cli import main
 from shiva_export.errors import ConfigError, RecipeError, ShapeError
 from shiva_export.models import InputSpec, adapter_for_architecture
 from shiva_export.recipe import load_recipe
+from tests import archcases
 
 torch.set_num_threads(1)
 
 STEPS = 3
-MODELS = ["flux-tiny", "pixart-tiny", "dit-tiny"]
-PROMPT = {"flux-tiny": "a red cube", "pixart-tiny": "a red cube", "dit-tiny": "cat"}
+MODELS = archcases.NAMES
+PROMPT = {c.name: c.prompt for c in archcases.CASES}
 # ORT vs torch on the final latents: 1e-4 abs at unit scale, 1e-5 of the peak where the latents are large. With random
 # weights DPM-Solver++ (PixArt) and DDIM (DiT) grow the latents to |x| ~ 1e3 (VAE-scaled), so a 1e-6 relative float
 # reassociation reads ~5e-3 absolute there. Measured: Flux ~1e-6 abs; PixArt / DiT ~1e-6 of the peak.
@@ -70,7 +71,10 @@ def test_embedded_pipeline_is_deterministic_and_reloads(model):
             sa, sb = comp.state_dict(), b.components[name].state_dict()
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
     t = a.transformer.config
-    if model == "flux-tiny":
+    if model == "sd35-tiny":
+        assert a.text_encoder.config.projection_dim + a.text_encoder_2.config.projection_dim == t.pooled_projection_dim
+        assert a.text_encoder_3.config.d_model == t.joint_attention_dim and a.vae.config.latent_channels == t.in_channels
+    elif model == "flux-tiny":
         assert a.text_encoder.config.hidden_size == t.pooled_projection_dim and a.text_encoder_2.config.d_model == t.joint_attention_dim
         assert 4 * a.vae.config.latent_channels == t.in_channels
     elif model == "pixart-tiny":
@@ -120,7 +124,8 @@ def test_static_shape_contract(model, ort_pipe):
     module = ort_pipe.transformer
     spec = module.phases[0].spec
     assert _call(module, spec).shape[0] == spec.model_batch  # the exported shapes run
-    field = {"height": (InputSpec(spec.batch, 256, 256, spec.text_len, spec.cfg), "height is 256 px but the artifact was exported for 128 px"),
+    h2 = 2 * spec.height
+    field = {"height": (InputSpec(spec.batch, h2, h2, spec.text_len, spec.cfg), f"height is {h2} px but the artifact was exported for {spec.height} px"),
              "batch": (InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg),
                        f"model batch is {2 * spec.model_batch} rows but the artifact was exported for {spec.model_batch}")}
     if model != "dit-tiny":  # DiT has no text
@@ -137,8 +142,7 @@ def test_static_shape_contract(model, ort_pipe):
         with pytest.raises(ShapeError, match=r"txt_ids has other values than the \[8, 3\] baked into the graph"):
             module(**inputs)
     with pytest.raises(ConfigError, match="not in the static graph|not an input of the static graph"):
-        extra = {"flux-tiny": {"joint_attention_kwargs": {"scale": 0.5}}, "pixart-tiny": {"cross_attention_kwargs": {"scale": 0.5}},
-                 "dit-tiny": {"cross_attention_kwargs": {"scale": 0.5}}}[model]
+        extra = archcases.BY_NAME[model].unsupported_call
         module(**module._adapter.make_inputs(module.config, spec, seed=1, timestep=500.0), **extra)
 
 
@@ -186,15 +190,8 @@ def test_generate_cli_writes_image_dense_grid_and_record(capsys, model, ort_pipe
     assert [a["status"] for a in rec["pipeline"]["artifacts"]] == ["cached"]  # the fixture's export, found by content key
 
 
-BAD = {
-    "dit-tiny": (["--prompt", "unicorn"], "is not a class label"),
-    "flux-tiny": (["--prompt", "a cat", "--negative-prompt", "blurry"], "true CFG"),
-    "pixart-tiny": (["--prompt", "a cat", "--height", "100", "--width", "100"], "--height 100 is not a positive multiple of 16 px"),
-}
-
-
 def test_generate_cli_bad_input_exits_2_in_one_line(capsys, model, ort_pipe, root):
-    args, msg = BAD[model]
+    args, msg = archcases.BY_NAME[model].bad_generate
     code, out, err = _cli(capsys, "generate", "--model", model, *args, "--backend", "ort", "--ratio", "0.4", "--steps", "1",
                           "--out", str(root / "bad"), "--artifact-root", str(root / "engines"))
     errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]

@@ -18,20 +18,17 @@ from shiva_export.cli import main
 from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.export.ort import ChainedSession, ort_session
 from shiva_export.export.segments import plan_cuts, read_segments, segment_path, split_onnx
+from tests import archcases, shared
 
-MODELS = ["sd35-tiny", "flux-tiny", "pixart-tiny", "dit-tiny"]
+MODELS = archcases.NAMES
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """One ratio-0.4 export per adapter (graph + weights), shared by the tests of this module."""
+    """One ratio-0.4 export per adapter (graph + weights): this module's copies of the session's shared exports
+    (tests/shared.py), since cutting writes the segments beside the source."""
     root = tmp_path_factory.mktemp("seg")
-    out = {}
-    for m in MODELS:
-        path = root / m / "model.onnx"
-        assert main(["onnx", "--model", m, "--ratio", "0.4", "--no-validate", "--out", str(path), "-q"]) == 0
-        out[m] = path
-    return out
+    return {m: shared.export_copy(m, 0.4, root / m / "model.onnx") for m in MODELS}
 
 
 def _feed(sess, seed=0):
@@ -205,9 +202,9 @@ def test_segment_names_out_of_range_are_refused(tmp_path):
 def test_a_cached_chain_is_reused_checked_by_content_and_replaced_cleanly(tmp_path):
     from shiva_export.engines.chain import CHAIN_FILE
 
-    out = tmp_path / "engines"
-    base = ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--no-dense", "--no-validate", "--backend", "tensorrt-rtx", "--out-dir", str(out), "--json"]
-    d = out / "sd35-tiny" / "ratio0.40" / "fp32"
+    out = tmp_path / "engines"  # any model with >= 3 blocks: the cache's checks are by content; sd3-tiny builds fastest
+    base = ["trt", "--model", "sd3-tiny", "--ratio", "0.4", "--no-dense", "--no-validate", "--backend", "tensorrt-rtx", "--out-dir", str(out), "--json"]
+    d = out / "sd3-tiny" / "ratio0.40" / "fp32"
 
     import io
     from contextlib import redirect_stdout

@@ -1,4 +1,4 @@
-"""`shiva-export train` on every architecture (flux-tiny, pixart-tiny, dit-tiny): the route-override protocol
+"""`shiva-export train` on every architecture (``tests/archcases.py``, SD3 included): the route-override protocol
 gives a bit-exact dense teacher and a student whose forward equals inference's hard routing, gradients reach
 the routers, and a short run writes a recipe whose learned phases export."""
 
@@ -10,12 +10,12 @@ import torch
 from shiva_export.models import InputSpec, get_adapter, load_transformer, make_inputs
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
 from shiva_export.recipe import load_recipe
-from shiva_export.train import TrainConfig, train
 from shiva_export.train.data import SyntheticData
 from shiva_export.train.ste import DifferentiableTopK
 from shiva_export.train.student import RouteState, make_override
+from tests import archcases, shared
 
-MODELS = ["flux-tiny", "pixart-tiny", "dit-tiny"]
+MODELS = archcases.NAMES
 
 
 def _setup(name: str, batch: int = 2):
@@ -95,9 +95,8 @@ def test_flux_student_shares_one_index_set_per_keep_group():
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_short_training_writes_an_exportable_recipe(name, tmp_path):
-    cfg = TrainConfig(warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, phases=2, out_dir=tmp_path, checkpoint_every=1000, lr_router=3e-3, lr_policy=1e-3)
-    res = train(name, cfg)
+def test_short_training_writes_an_exportable_recipe(name):
+    res = shared.short_training(name)  # TrainConfig(**shared.SHORT_TRAINING), once per session (test_train_loop resumes against it)
     assert res.finished and res.router_path.is_file() and abs(res.mean_keep - 0.6) <= 0.02
     rec = load_recipe(res.recipe_path)
     assert rec.architecture == get_adapter(rec.architecture).NAME and len(rec.schedule.phases) == 2

@@ -10,6 +10,7 @@ from shiva_export.train import TrainConfig, evaluate_router, train
 from shiva_export.train.cached import LatentFolder
 from shiva_export.train.data import SyntheticData
 from shiva_export.train.outputs import dumps_toml, sampler_timesteps
+from tests import shared
 
 MODEL = "sd35-tiny"
 
@@ -72,7 +73,8 @@ def test_phase_export_passes_parity(trained, tmp_path):
 
 def test_resume_continues_at_the_right_step(tmp_path):
     kw = dict(warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, checkpoint_every=3)
-    train(MODEL, _cfg(tmp_path / "full", **kw))  # the uninterrupted reference: compared through its checkpoint below
+    assert _cfg(tmp_path, **kw) == TrainConfig(out_dir=tmp_path, **shared.SHORT_TRAINING)  # the same run as the session's short training
+    full = shared.short_training(MODEL)
     first = train(MODEL, _cfg(tmp_path / "cut", stop_at_step=5, **kw))
     assert not first.finished and first.step == 5 and first.recipe_path is None
     events: list[dict] = []
@@ -80,7 +82,8 @@ def test_resume_continues_at_the_right_step(tmp_path):
     assert events[0] == {"event": "resume", "step": 5, "total": 8, "checkpoint": str(tmp_path / "cut" / "checkpoint.pt"), "world": 1}
     assert [e["step"] for e in events if e["event"] == "step"] == [6, 7, 8]
     assert second.finished and second.step == 8 and len(second.history) == 8
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    assert full.finished and full.step == 8
+    a = torch.load(full.out_dir / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     for k, v in a["routers"].items():
         assert torch.allclose(v, b["routers"][k], atol=1e-6), k
