@@ -25,6 +25,8 @@ from shiva_export._version import __version__
 from shiva_export.errors import ManifestError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import atomic_write_text, sha256_file
+from shiva_export.utils.io import canonical_json, sha256_bytes
+from shiva_export.engines.preflight import normalize_backend_name
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
@@ -227,8 +229,6 @@ def manifest_path_for(plan_path: str | os.PathLike) -> Path:
 
 def manifest_self_hash(data: dict[str, Any]) -> str:
     """sha256 of a manifest's fields other than ``self_sha256`` (canonical JSON)."""
-    from shiva_export.utils.io import canonical_json, sha256_bytes
-
     return sha256_bytes(canonical_json({k: v for k, v in data.items() if k != "self_sha256"}).encode())
 
 
@@ -368,8 +368,6 @@ def verify_engine(
             "The plan must be byte-identical to the one built. Rebuild the engine (the file was modified, truncated or replaced)."
         )
     if backend is not None:
-        from shiva_export.engines.preflight import normalize_backend_name
-
         if normalize_backend_name(backend) != manifest.backend:
             raise ManifestError(
                 f"Engine {plan_path} was built with {manifest.backend}, not {backend}. Plans load only in the backend that built them. "
