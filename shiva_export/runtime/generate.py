@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shiva_export._version import __version__
 from shiva_export.errors import ConfigError
+from shiva_export.export.onnx import package_versions
 from shiva_export.logging import get_logger
+from shiva_export.models import adapter_for_architecture, get_adapter
+from shiva_export.prune.api import is_shiva_applied, phase_trace
+from shiva_export.runtime.controlnet import ControlRun, check_controlnet_options
+from shiva_export.runtime.pipeline import _recipe, load_pipeline
+from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, check_writable
 
 __all__ = ["StageTimes", "RunResult", "run_pipeline", "generate", "psnr", "check_pipeline_call", "image_grid"]
 
@@ -156,7 +163,6 @@ def _trace_of(pipe) -> list[str]:
         out = list(t.trace)
         t.trace.clear()
         return out
-    from shiva_export.prune.api import is_shiva_applied, phase_trace
 
     if is_shiva_applied(t):
         return phase_trace(t, clear=True)
@@ -164,8 +170,6 @@ def _trace_of(pipe) -> list[str]:
 
 
 def _adapter(pipe):
-    from shiva_export.models import get_adapter
-
     info = getattr(pipe, "shiva", None)
     if info is not None:
         return get_adapter(info.recipe.architecture)
@@ -265,8 +269,6 @@ def _write_png(path, image):
     """Writes a PIL image as PNG atomically; returns the image."""
     import io
 
-    from shiva_export.utils.io import atomic_write_bytes
-
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -346,15 +348,8 @@ def generate(
     """
     import torch
 
-    from shiva_export._version import __version__
-    from shiva_export.export.onnx import package_versions
-    from shiva_export.runtime.pipeline import load_pipeline
-    from shiva_export.utils.io import atomic_write_json, check_writable
-
     prompts = [p for p in prompts]
     rec, steps, guidance = _check_generate_options(model, recipe, prompts, steps, guidance, context)
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.runtime.controlnet import ControlRun, check_controlnet_options
 
     check_controlnet_options(rec.architecture, controlnet, control_image, control_scale)
     control = ControlRun(controlnet, control_image, control_scale) if controlnet is not None else None
@@ -425,8 +420,6 @@ def generate(
 
 def _check_generate_options(model, recipe, prompts: list, steps, guidance, context):
     """Validates prompts, steps, guidance and context before any output is made: (recipe, steps, guidance)."""
-    from shiva_export.runtime.pipeline import _recipe
-
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
     rec = _recipe(model, recipe)
@@ -437,8 +430,6 @@ def _check_generate_options(model, recipe, prompts: list, steps, guidance, conte
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
     if context is not None:
-        from shiva_export.models import adapter_for_architecture
-
         adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
     return rec, steps, guidance
 
