@@ -18,7 +18,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from shiva_export._version import __version__
 from shiva_export.errors import ConfigError, ShapeError, ShivaError
+from shiva_export.export.onnx import package_versions
+from shiva_export.models import adapter_for_architecture
+from shiva_export.runtime.generate import (
+    StageTimes,
+    _adapter,
+    _budget_desc,
+    _instrument,
+    _sync,
+    _to_pil,
+    _trace_of,
+    check_pipeline_call,
+    run_pipeline,
+)
+from shiva_export.runtime.pipeline import _recipe, load_pipeline, quiet_libraries
 from shiva_export.serve.requests import GenerateRequest, Limits, RequestError
 
 __all__ = ["ImageWorker", "run_batch", "png_bytes", "pipeline_kwargs"]
@@ -29,9 +44,6 @@ _TEXT_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 def pipeline_kwargs(*, model, recipe, weights, router, backend, ratio, phases, artifacts, context, dtype, device, provider, threads,
                     artifact_root, height=None, width=None) -> dict[str, Any]:
     """``load_pipeline`` keyword arguments exactly as ``generate`` builds them (CFG from the recipe's guidance)."""
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.runtime.pipeline import _recipe
-
     rec = _recipe(model, recipe)
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(rec.pipeline.guidance)
     return dict(recipe=rec, weights=weights, height=height, width=width, cfg=cfg, dtype=dtype, provider=provider, threads=threads,
@@ -41,8 +53,6 @@ def pipeline_kwargs(*, model, recipe, weights, router, backend, ratio, phases, a
 
 def png_bytes(image) -> bytes:
     """The PNG ``generate`` writes for a float image in [0, 1] (same conversion, same encoder)."""
-    from shiva_export.runtime.generate import _to_pil
-
     buf = io.BytesIO()
     _to_pil(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -70,8 +80,6 @@ def _merge_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
 def run_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, height: int, width: int):
     """Several prompts in one pipeline call (row i seeded with ``seeds[i]``); returns (images, StageTimes of the call)."""
     import torch
-
-    from shiva_export.runtime.generate import StageTimes, _adapter, _instrument, _sync, _trace_of, check_pipeline_call
 
     info, adapter = pipe.shiva, _adapter(pipe)
     max_seq = info.max_sequence_length
@@ -117,9 +125,6 @@ class ImageWorker:
     def __init__(self, opts, progress=None):
         import torch
 
-        from shiva_export.export.onnx import package_versions
-        from shiva_export.runtime.pipeline import load_pipeline
-
         if opts.threads is not None:
             torch.set_num_threads(opts.threads)
         self.opts = opts
@@ -143,8 +148,6 @@ class ImageWorker:
         the prompt's length in tokens, DiT's class labels. Raises :class:`RequestError` (422)."""
         import torch
 
-        from shiva_export.runtime.generate import _adapter, check_pipeline_call
-
         pipe = self.pipes[1]
         adapter = _adapter(pipe)
         try:
@@ -161,8 +164,6 @@ class ImageWorker:
     def _check_tokens(self, prompt: str) -> None:
         """A prompt must reach the model whole: no tokenizer of the pipeline may truncate it (CLIP at its
         ``model_max_length``, T5 at the graph's ``max_sequence_length``)."""
-        from shiva_export.runtime.pipeline import quiet_libraries
-
         pipe = self.pipes[1]
         for attr in _TEXT_TOKENIZERS:
             tok = getattr(pipe, attr, None)
@@ -207,8 +208,6 @@ class ImageWorker:
         return results
 
     def _call(self, reqs: list[GenerateRequest]) -> list[dict[str, Any]]:
-        from shiva_export.runtime.generate import run_pipeline
-
         r0 = reqs[0]
         if len(reqs) == 1:  # exactly generate's call
             res = run_pipeline(self.pipes[1], r0.prompt, steps=r0.steps, guidance=r0.guidance, seed=r0.seed, height=r0.height, width=r0.width)
@@ -223,9 +222,6 @@ class ImageWorker:
         """The PNG and its record: what ``generate.json`` holds for the image and its run, plus the batch."""
         import torch
 
-        from shiva_export._version import __version__
-        from shiva_export.runtime.generate import _budget_desc
-
         data = png_bytes(image)
         info = self.info
         entry = {"prompt": req.prompt, "negative_prompt": None, "seed": req.seed, "png_sha256": hashlib.sha256(data).hexdigest(),
@@ -239,6 +235,4 @@ class ImageWorker:
         return {"png": data, "record": record}
 
     def _adapter_cfg(self, guidance: float) -> bool:
-        from shiva_export.runtime.generate import _adapter
-
         return bool(_adapter(self.pipes[1]).uses_cfg(guidance))
