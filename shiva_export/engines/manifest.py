@@ -46,7 +46,7 @@ MANIFEST_SCHEMA_VERSION = 1
 _REQUIRED = ("model_name", "model_config_hash", "onnx_sha256", "engine_sha256", "backend", "backend_version", "input_shapes", "dtype")
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
@@ -107,7 +107,7 @@ class EngineManifest:
     build_options: dict[str, Any] | None = None
     deserialize: dict[str, Any] | None = None
     shiva_export_version: str = __version__
-    created_at: str = field(default_factory=_utc_now)
+    created_at: str = field(default_factory=utc_now)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     #: sha256 of the manifest's other fields (canonical JSON), written by :func:`write_manifest` and checked by
     #: :func:`read_manifest` before any field is trusted: an edited ratio, per-block k or input shape is caught.

@@ -93,7 +93,7 @@ _FORBIDDEN_OPS = ("NonZero", "Unique", "Loop", "If", "Compress", "NonMaxSuppress
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The dynamo exporter prints progress to stdout and warns about torchvision: keep stdout clean
     for ``--json`` and route the chatter to this module's debug log."""
     buf = io.StringIO()
@@ -430,7 +430,7 @@ def _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx: Path, opset: i
     extras = {k: v for k, v in inputs.items() if k not in names}
     wrapper = _ExportWrapper(transformer, names, extras).eval()
     try:
-        with torch.no_grad(), _quiet_exporter(), adapter.export_context(transformer, inputs):
+        with torch.no_grad(), quiet_exporter(), adapter.export_context(transformer, inputs):
             if weights is not None:
                 _export_streamed(wrapper, args, tmp_onnx, weights, opset, names, adapter, dynamic_shapes, external)
             else:

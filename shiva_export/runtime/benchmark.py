@@ -27,7 +27,7 @@ from shiva_export.logging import get_logger
 from shiva_export.models import adapter_for_architecture
 from shiva_export.prune.api import is_shiva_applied, set_shiva_config_, shiva_config
 from shiva_export.runtime.generate import run_pipeline
-from shiva_export.runtime.pipeline import _recipe, config_obj, load_pipeline
+from shiva_export.runtime.pipeline import config_obj, generation_recipe, load_pipeline
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from shiva_export.utils.machine import loadavg, machine_info
 from shiva_export.utils.plots import figure_png, pyplot
@@ -185,7 +185,7 @@ def benchmark_e2e(
     import torch
 
     say = progress or (lambda m: None)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
 
     adapter = adapter_for_architecture(rec.architecture)
     prompt = adapter.EXAMPLE_PROMPT if prompt is None else prompt

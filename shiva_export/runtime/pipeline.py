@@ -164,7 +164,7 @@ def _components_location(rec: Recipe) -> tuple[str, bool]:
     the recipe's own pipeline, or, for a recipe bound to a transformer folder (``train --dora`` keeps the base model's
     name), the pipeline of the built-in model of that name."""
     if _transformer_folder(rec, None) is None:
-        return _pipeline_location(rec, None)
+        return pipeline_location(rec, None)
 
     try:
         base = load_recipe(rec.name)
@@ -175,10 +175,10 @@ def _components_location(rec: Recipe) -> tuple[str, bool]:
             f"{rec.source_path or rec.name}: [model] path is a transformer folder and no built-in {rec.architecture} model named {rec.name!r} "
             "supplies the rest of the pipeline; pass --weights a pipeline folder whose transformer/ holds exactly these weights."
         )
-    return _pipeline_location(base, None)
+    return pipeline_location(base, None)
 
 
-def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[str, bool]:
+def pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[str, bool]:
     """(folder or repo id, is_local) of the diffusers pipeline (with a transformer folder: of its other components)."""
     if weights is not None:
         p = Path(weights).expanduser()
@@ -215,7 +215,7 @@ def _adapter_of(rec: Recipe):
     return adapter_for_architecture(rec.architecture)
 
 
-def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
+def pipeline_from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     adapter = _adapter_of(rec)
     with quiet_libraries():  # importing a pipeline makes transformers log about torchvision image processors
         pipe_cls = adapter.pipeline_class()
@@ -243,7 +243,7 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     )
 
 
-def _transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer") -> dict[str, Any]:
+def read_transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer") -> dict[str, Any]:
     adapter = _adapter_of(rec)
     try:
         with quiet_libraries():
@@ -269,13 +269,13 @@ def _transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: s
 
 def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLike | Recipe | None = None, weights=None, transformer=None):
     """The plain diffusers pipeline of a model (embedded, ``--weights`` folder or cached hub id)."""
-    rec = _recipe(model, recipe)
-    loc, local = _pipeline_location(rec, weights)
+    rec = generation_recipe(model, recipe)
+    loc, local = pipeline_location(rec, weights)
     kwargs = {"transformer": transformer} if transformer is not None else {}
-    return _from_pretrained(loc, local, rec, **kwargs)
+    return pipeline_from_pretrained(loc, local, rec, **kwargs)
 
 
-def _recipe(model: str | None, recipe) -> Recipe:
+def generation_recipe(model: str | None, recipe) -> Recipe:
     """The recipe of a generation run; its architecture must declare a diffusers pipeline (one line if not)."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
     adapter = _adapter_of(rec)
@@ -487,14 +487,14 @@ def load_pipeline(
     """
     _check_pipeline_options(backend, dtype, device, dense, ratio, phases, context)
     say = progress or (lambda m: None)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     adapter = _adapter_of(rec)
     ctx = adapter.check_context(rec.prune.context if context is None else context)
     say("load pipeline")
     cfg = cfg and adapter.BATCHED_CFG  # Flux: guidance is an embedding, never a [uncond; cond] batch
-    loc, local = _pipeline_location(rec, weights)
+    loc, local = pipeline_location(rec, weights)
     tf_dir = _transformer_folder(rec, weights)  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
-    config = _transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else _transformer_config(loc, local, rec)
+    config = read_transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else read_transformer_config(loc, local, rec)
     n_layers = adapter.config_num_blocks(config)
     h = rec.shapes.height if height is None else height
     w = rec.shapes.width if width is None else width
@@ -520,7 +520,7 @@ def load_pipeline(
                                 loras, controlnet_layers)
         phase_list = tuple(a.phase for a in aps)
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
-        pipe = _from_pretrained(loc, local, rec, transformer=module)
+        pipe = pipeline_from_pretrained(loc, local, rec, transformer=module)
         adapter.check_pipeline(pipe, rec)
         artifacts_info = [a.info for a in aps]
         router_info = {"router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})}
@@ -577,7 +577,7 @@ def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router,
     if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
 
         own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
-    pipe = _from_pretrained(loc, local, rec, **own)
+    pipe = pipeline_from_pretrained(loc, local, rec, **own)
     adapter.check_pipeline(pipe, rec)
     if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
 

@@ -28,14 +28,14 @@ from shiva_export.errors import ConfigError, ShivaError
 from shiva_export.export.onnx import package_versions
 from shiva_export.models import adapter_for_architecture
 from shiva_export.recipe import recipe_hash
-from shiva_export.runtime.generate import _budget_desc, _slug, run_pipeline
-from shiva_export.runtime.pipeline import _recipe, load_pipeline
+from shiva_export.runtime.generate import budget_desc, run_pipeline, slug
+from shiva_export.runtime.pipeline import generation_recipe, load_pipeline
 from shiva_export.serve import require_ray
 from shiva_export.serve.worker import pipeline_kwargs, png_bytes
 from shiva_export.utils.io import (
-    _cache_root,
     atomic_write_bytes,
     atomic_write_json,
+    cache_root,
     canonical_json,
     check_writable,
     sha256_file,
@@ -100,15 +100,15 @@ def _raise_row_error(text: str) -> None:
 
 
 def _budget(info) -> str:
-    return _budget_desc(info)
+    return budget_desc(info)
 
 
 def _name(i: int, prompt: str) -> str:
-    return f"{i:03d}-{_slug(prompt)}"
+    return f"{i:03d}-{slug(prompt)}"
 
 
 def _run_key(load: dict[str, Any], run: dict[str, Any], out: Path) -> str:
-    rec = _recipe(load["model"], load["recipe"])
+    rec = generation_recipe(load["model"], load["recipe"])
     key = {"recipe": recipe_hash(rec), "load": {k: str(v) for k, v in load.items()}, "run": run, "out": str(out.resolve())}
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
 
@@ -154,7 +154,7 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
     written to ``generate.json``. ``progress(done, total)`` after each image (skipped ones count as done)."""
     prompts = list(prompts)
     _check(prompts, steps, guidance, replicas, compare_dense)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     steps = rec.pipeline.steps if steps is None else steps
     guidance = rec.pipeline.guidance if guidance is None else guidance
     out = Path(out_dir)
@@ -164,7 +164,7 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
                 artifacts=[str(Path(a).resolve()) for a in artifacts or []], context=context, dtype=dtype, device=device, provider=provider,
                 threads=threads, artifact_root=str(Path(artifact_root).resolve()), height=height, width=width)
     run = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, height=height, width=width)
-    state = _cache_root() / "ray-generate" / _run_key(load, run, out)
+    state = cache_root() / "ray-generate" / _run_key(load, run, out)
     done = _finished(state, out, prompts, seed)
     tick = progress or (lambda d, n: None)
     tick(len(done), len(prompts))

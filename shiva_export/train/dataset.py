@@ -45,7 +45,7 @@ from shiva_export.errors import ConfigError, HardwareError, MissingDependencyErr
 from shiva_export.logging import get_logger
 from shiva_export.models import VAE_SCALE, InputSpec, adapter_for_architecture
 from shiva_export.recipe import recipe_hash
-from shiva_export.runtime.pipeline import _recipe, config_obj, quiet_libraries
+from shiva_export.runtime.pipeline import config_obj, generation_recipe, quiet_libraries
 from shiva_export.utils.io import (
     atomic_write_json,
     canonical_json,
@@ -359,7 +359,7 @@ def encode_train_data(
     recs = _check_encode_args(prompts, records, shard_size, batch, dtype, device)
     out = Path(out).expanduser()
     _prepare_out(out, overwrite)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     h = rec.shapes.height if height is None else int(height)
     w = rec.shapes.width if width is None else int(width)
     with_images = any(r.image is not None for r in recs)
@@ -424,23 +424,23 @@ class _Encoder:
     def open(cls, rec, weights, pipe, h: int, w: int, device: str) -> _Encoder:
         """Loads the pipeline (unless given) after checking the image size against the transformer config."""
         from shiva_export.runtime.pipeline import (  # lazy: looked up at call time (tests monkeypatch it)
-            _from_pretrained,
-            _pipeline_location,
-            _transformer_config,
             config_obj,
+            pipeline_from_pretrained,
+            pipeline_location,
+            read_transformer_config,
         )
 
         adapter = adapter_for_architecture(rec.architecture)
         if pipe is None:
-            loc, local = _pipeline_location(rec, weights)
-            tcfg = _transformer_config(loc, local, rec)
+            loc, local = pipeline_location(rec, weights)
+            tcfg = read_transformer_config(loc, local, rec)
         else:
             loc = str(getattr(pipe, "name_or_path", "") or "")
             local = Path(loc).is_dir()
-            tcfg = _transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
+            tcfg = read_transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
         adapter.check_image_size(config_obj(tcfg), h, w)
         if pipe is None:
-            pipe = _from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
+            pipe = pipeline_from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
         if device != "cpu":
             pipe.to(device)
         text_info = adapter.text_cache_info(pipe, rec.shapes.text_len)  # refuses a text length the pipeline cannot give

@@ -49,13 +49,13 @@ from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
 from shiva_export.recipe import recipe_hash
 from shiva_export.runtime.caches import count_executed_blocks, disable_cache, enable_cache, executed_flops
 from shiva_export.runtime.generate import psnr, run_pipeline, ssim
-from shiva_export.runtime.pipeline import _recipe, config_obj, load_pipeline
+from shiva_export.runtime.pipeline import config_obj, generation_recipe, load_pipeline
 from shiva_export.shapes.analyze import features
 from shiva_export.shapes.data import caption, render
 from shiva_export.shapes.metrics import fd_of, judge_images
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from shiva_export.utils.plots import figure_png, pyplot
-from shiva_export.validate.quality import _finite, _real_like, noise_seed, prompt_scenes
+from shiva_export.validate.quality import json_safe, noise_seed, prompt_scenes, real_like
 from shiva_export.validate.stats import ALPHA, mcnemar_exact, paired_bootstrap, paired_bootstrap_mean, wilson_interval
 
 __all__ = ["FAMILIES", "FrontierConfig", "FrontierReport", "default_configs", "validate_frontier", "frontier_flags", "LEVELS"]
@@ -271,7 +271,7 @@ class _Judge:
         import numpy as np
 
         self.scenes = scenes
-        self.ref = np.stack([features(render(s)[0]) for s in _real_like(scenes, n_ref, seed=1000)])
+        self.ref = np.stack([features(render(s)[0]) for s in real_like(scenes, n_ref, seed=1000)])
 
     def judge(self, img, scene) -> tuple[dict, Any]:
         rec = judge_images([img], [scene])[0]
@@ -552,7 +552,7 @@ def _write(report: FrontierReport, out: Path) -> None:
     report.out_dir = str(out)
     atomic_write_text(out / "frontier.md", report.to_markdown())
     atomic_write_bytes(out / "frontier.png", _plot_png(report))
-    atomic_write_json(out / "frontier.json", _finite(report.to_dict()) | {"generated_unix": int(time.time())})
+    atomic_write_json(out / "frontier.json", json_safe(report.to_dict()) | {"generated_unix": int(time.time())})
 
 
 def _provenance(rec, runner: _Runner) -> dict[str, Any]:
@@ -624,7 +624,7 @@ def validate_frontier(
     _check_options(prompts, list(seeds), latency_repeats, threads, families)
     if out_dir is not None:
         check_writable(Path(out_dir) / "frontier.json", "frontier report")
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     steps = int(steps or rec.pipeline.steps)
     guidance = float(rec.pipeline.guidance if guidance is None else guidance)
     learned = rec.schedule is not None and bool(rec.schedule.phases)

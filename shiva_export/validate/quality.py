@@ -54,7 +54,7 @@ from typing import Any
 
 from shiva_export.errors import ConfigError
 from shiva_export.models.sd3 import count_flops
-from shiva_export.prune.api import _ROUTERS_ATTR, record_selection, set_router_bank_, set_shiva_phases_
+from shiva_export.prune.api import ROUTERS_ATTR, record_selection, set_router_bank_, set_shiva_phases_
 from shiva_export.prune.baselines import (
     FixedDitherScorer,
     MaskScorer,
@@ -64,8 +64,8 @@ from shiva_export.prune.baselines import (
     set_scorer_,
 )
 from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
-from shiva_export.runtime.generate import _to_pil, image_grid, psnr, run_pipeline
-from shiva_export.runtime.pipeline import _recipe, load_pipeline
+from shiva_export.runtime.generate import image_grid, psnr, run_pipeline, to_pil
+from shiva_export.runtime.pipeline import generation_recipe, load_pipeline
 from shiva_export.shapes.analyze import FEATURE_NAMES, features
 from shiva_export.shapes.data import all_scenes, caption, render, render_batch, sample_scenes, token_mask
 from shiva_export.shapes.metrics import FD_GROUPS, bootstrap_ci, fd_of, judge_images, seed_band
@@ -105,7 +105,7 @@ def prompt_scenes(n: int):
     return [scenes[i] for i in order[:n]]
 
 
-def _real_like(prompts, n: int, seed: int):
+def real_like(prompts, n: int, seed: int):
     """``n`` real scenes cycling through ``prompts``, each with fresh jitter (seeded)."""
     jit = sample_scenes(n, seed)
     return [dataclasses.replace(j, color=p.color, shape=p.shape, size=p.size, position=p.position) for j, p in zip(jit, (prompts[i % len(prompts)] for i in range(n)))]
@@ -372,8 +372,8 @@ def _reference(vae, scenes, n_ref: int, n_held: int):
     """(reference features (n_ref, 19), the ``real`` summary): held-out real images, raw and after the VAE."""
     import numpy as np
 
-    ref_feat = np.stack([features(render(s)[0]) for s in _real_like(scenes, n_ref, seed=1000)])
-    held = _real_like(scenes, max(2, n_held), seed=2000)
+    ref_feat = np.stack([features(render(s)[0]) for s in real_like(scenes, n_ref, seed=1000)])
+    held = real_like(scenes, max(2, n_held), seed=2000)
     held_imgs = [render(s)[0] for s in held]
     real: dict[str, Any] = {"n": len(held)}
     for key, imgs in (("", held_imgs), ("vae_", _vae_round_trip(vae, held_imgs))):
@@ -387,7 +387,7 @@ def _velocity_table(setup: _Setup, methods, keeps, scenes, velocity_samples: int
     """Velocity error and foreground recall of every pruned selection and of the foreground oracle."""
     import torch
 
-    cases, tm, _ = _velocity_inputs(setup.pipe, _real_like(scenes, velocity_samples, seed=3000), sigmas, seed=4000, max_seq=max_seq)
+    cases, tm, _ = _velocity_inputs(setup.pipe, real_like(scenes, velocity_samples, seed=3000), sigmas, seed=4000, max_seq=max_seq)
     with torch.inference_mode():
         dense_out = [setup.dense_pipe.transformer(**c).sample for c in cases]
     runs = []
@@ -579,7 +579,7 @@ def validate_quality(
     methods, keeps, seeds = _check_options(methods, keeps, seeds, latency_repeats, n_ref, velocity_samples)
     if out_dir is not None:
         check_writable(Path(out_dir) / "quality.json", "quality report")
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     scenes = prompt_scenes(prompts)
     texts = [caption(s) for s in scenes]
     if threads:
@@ -617,7 +617,7 @@ def validate_quality(
 def _load_setup(rec, weights, keeps: list[float], steps: int | None, guidance: float | None) -> _Setup:
     """The pruned pipeline (at the first keep) and the dense one, with the recipe's router, schedule, steps and guidance."""
     pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
-    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
+    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[ROUTERS_ATTR],
                   n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
                   trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
                   guidance=float(rec.pipeline.guidance if guidance is None else guidance))
@@ -693,7 +693,7 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
     rows, labels = [], []
     for (m, k, _), _row in zip(configs, report.rows):
         imgs = images[(m, k)][::n_seeds]  # the first seed of every prompt
-        rows.append([_to_pil(im) for im in imgs])
+        rows.append([to_pil(im) for im in imgs])
         labels.append(f"{m} {k:.2f}")
     grid = image_grid(rows, labels=[f"p{i}" for i in range(len(texts))], row_labels=labels)
     buf = io.BytesIO()
@@ -702,15 +702,15 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
     atomic_write_bytes(out / "pareto.png", _pareto_png(report))
     md = report.to_markdown() + "\nPrompts (grid columns): " + "; ".join(f"p{i} {t}" for i, t in enumerate(texts)) + "\n"
     atomic_write_text(out / "quality.md", md)
-    atomic_write_json(out / "quality.json", _finite(report.to_dict()) | {"generated_unix": int(time.time())})
+    atomic_write_json(out / "quality.json", json_safe(report.to_dict()) | {"generated_unix": int(time.time())})
 
 
-def _finite(obj):
+def json_safe(obj):
     """JSON-safe copy: inf/nan floats become strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -46,7 +46,7 @@ from torch import nn
 
 from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
-from shiva_export.export.onnx import _quiet_exporter, export_onnx, package_versions
+from shiva_export.export.onnx import export_onnx, package_versions, quiet_exporter
 from shiva_export.export.ort import ort_session
 from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
 from shiva_export.logging import get_logger
@@ -512,7 +512,7 @@ def _ort_selection_variants(bench: _Bench, selection: tuple, tmp: Path, threads,
         path = tmp / f"selection{r:.2f}.onnx"
         try:
             mod = _SelectionPath(bench.bank, bench.budgets[r], bench.spec.cfg, bench.configs[r].selection).cpu().eval()
-            with torch.no_grad(), _quiet_exporter():
+            with torch.no_grad(), quiet_exporter():
                 torch.onnx.export(mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET)
             sess = ort_session(path, threads=threads)
             names = [i.name for i in sess.get_inputs()]
