@@ -423,8 +423,7 @@ class _Encoder:
     @classmethod
     def open(cls, rec, weights, pipe, h: int, w: int, device: str) -> _Encoder:
         """Loads the pipeline (unless given) after checking the image size against the transformer config."""
-        from shiva_export.runtime.pipeline import (  # lazy: looked up at call time (tests monkeypatch it)
-            config_obj,
+        from shiva_export.runtime.pipeline import (  # lazy: looked up at call time (tests/test_context_kept.py patches pipeline_location)
             pipeline_from_pretrained,
             pipeline_location,
             read_transformer_config,

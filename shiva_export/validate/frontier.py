@@ -47,7 +47,7 @@ from shiva_export.models import adapter_for_architecture, get_adapter
 from shiva_export.prune.api import set_shiva_phases_
 from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
 from shiva_export.recipe import recipe_hash
-from shiva_export.runtime.caches import count_executed_blocks, disable_cache, enable_cache, executed_flops
+from shiva_export.runtime.caches import DEFAULT_GRID, count_executed_blocks, disable_cache, enable_cache, executed_flops
 from shiva_export.runtime.generate import psnr, run_pipeline, ssim
 from shiva_export.runtime.pipeline import config_obj, generation_recipe, load_pipeline
 from shiva_export.shapes.analyze import features
@@ -124,7 +124,7 @@ def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | N
     range on the shapes model); the stacks use fewer steps (0.6x), the budget nearest keep 0.6, and the first cache.
     """
     if cache_grid is None:
-        from shiva_export.runtime.caches import DEFAULT_GRID as cache_grid
+        cache_grid = DEFAULT_GRID
     caches = [(kind, tuple(sorted(settings.items()))) for kind, settings in cache_grid]
     few = max(2, round(steps * 0.6))
     grid = sorted({int(s) for s in (dense_steps or [max(2, round(steps * f)) for f in _DENSE_STEP_FACTORS])} | {steps}, reverse=True)
