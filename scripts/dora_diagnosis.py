@@ -120,9 +120,9 @@ def _velocity_drift(pipe, base_pipe, n: int = 8):
     conditional text, unconditional ("") text, and their CFG combination (guidance 2)."""
     import torch
 
-    from shiva_export.validate.quality import SIGMAS, _real_like, _velocity_inputs, prompt_scenes
+    from shiva_export.validate.quality import SIGMAS, _velocity_inputs, prompt_scenes, real_like
 
-    scenes = _real_like(prompt_scenes(24), n, seed=3000)
+    scenes = real_like(prompt_scenes(24), n, seed=3000)
     cases, _, _ = _velocity_inputs(base_pipe, scenes, SIGMAS, seed=4000, max_seq=base_pipe.shiva.max_sequence_length)
     with torch.inference_mode():
         pe, _, pp, _ = base_pipe.encode_prompt("", "", "", device="cpu", do_classifier_free_guidance=False, max_sequence_length=base_pipe.shiva.max_sequence_length)
@@ -143,9 +143,9 @@ def _held_out(pipe, n: int = 16):
     import torch
 
     from shiva_export.shapes.data import caption, render_batch
-    from shiva_export.validate.quality import _real_like, prompt_scenes
+    from shiva_export.validate.quality import prompt_scenes, real_like
 
-    scenes = _real_like(prompt_scenes(24), n, seed=3000)
+    scenes = real_like(prompt_scenes(24), n, seed=3000)
     x, _ = render_batch(scenes)
     vae = pipe.vae
     with torch.inference_mode():

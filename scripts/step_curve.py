@@ -70,13 +70,13 @@ def main() -> None:
     from shiva_export.shapes.analyze import features
     from shiva_export.shapes.data import render
     from shiva_export.utils.io import atomic_write_json
-    from shiva_export.validate.quality import _real_like, prompt_scenes
+    from shiva_export.validate.quality import prompt_scenes, real_like
 
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model, dense=True)
     guidance = float(load_recipe(args.model).pipeline.guidance)
     scenes = prompt_scenes(args.prompts)
-    ref_feat = np.stack([features(render(s)[0]) for s in _real_like(scenes, 256, seed=1000)])  # validate quality's reference
+    ref_feat = np.stack([features(render(s)[0]) for s in real_like(scenes, 256, seed=1000)])  # validate quality's reference
     rows = []
     for n in sorted(args.steps):
         rows.append(measure(pipe, scenes, n, args.seed, guidance, ref_feat))

@@ -229,7 +229,7 @@ def test_other_architectures_refuse_keep_before_loading(monkeypatch, tmp_path):
     from shiva_export.runtime.pipeline import load_pipeline
 
     monkeypatch.setattr("shiva_export.export.pruned.load_transformer", lambda **kw: pytest.fail("loaded a model"))
-    monkeypatch.setattr("shiva_export.runtime.pipeline._pipeline_location", lambda *a: pytest.fail("loaded a pipeline"))
+    monkeypatch.setattr("shiva_export.runtime.pipeline.pipeline_location", lambda *a: pytest.fail("loaded a pipeline"))
 
     with pytest.raises(ConfigError, match="architecture 'flux'"):
         export_pruned(model="flux-tiny", context="keep", out=tmp_path / "m.onnx", bounded=False)

@@ -372,14 +372,14 @@ def test_a_bound_recipe_refuses_a_pipeline_folder_holding_other_weights(tmp_path
     rec = _w(tmp_path / "bound.toml", text)
     from shiva_export.errors import WeightsError
     from shiva_export.recipe import load_recipe
-    from shiva_export.runtime.pipeline import _pipeline_location
+    from shiva_export.runtime.pipeline import pipeline_location
 
     with pytest.raises(WeightsError, match="do not match recipe"):
-        _pipeline_location(load_recipe(rec), None)  # what validate quality, generate and speed --e2e load
+        pipeline_location(load_recipe(rec), None)  # what validate quality, generate and speed --e2e load
     from shiva_export.models.base import weights_sha256
 
     good = _w(tmp_path / "good.toml", text.replace("ab" * 32, weights_sha256(ROOT / "recipes" / "sd35-shapes" / "pipeline" / "transformer")))
-    assert _pipeline_location(load_recipe(good), None)[0].endswith("pipeline")  # the weights it is bound to load
+    assert pipeline_location(load_recipe(good), None)[0].endswith("pipeline")  # the weights it is bound to load
     code = main(["onnx", "--recipe", str(rec), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 1 and "do not match recipe" in err and not (tmp_path / "o" / "m.onnx").exists(), err

@@ -195,10 +195,10 @@ def test_recipe_refuses_tampered_missing_or_base_weights(dora_run, tmp_path):
     with pytest.raises(WeightsError, match="do not match recipe") as err:
         load_transformer(recipe=rec, weights=base)  # --weights cannot swap the unadapted base in
     assert "\n" not in str(err.value)
-    from shiva_export.runtime.pipeline import _pipeline_location
+    from shiva_export.runtime.pipeline import pipeline_location
 
     with pytest.raises(WeightsError, match="do not match recipe"):  # nor can `generate --weights` with another pipeline
-        _pipeline_location(rec, load_recipe("sd35-shapes").local_pipeline_path())
+        pipeline_location(rec, load_recipe("sd35-shapes").local_pipeline_path())
     with pytest.raises(WeightsError, match="do not match recipe"):  # nor a transformer folder
         load_pipeline(MODEL, recipe=rec, weights=base, dense=True)
     f = out / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -275,12 +275,12 @@ def test_dora_recipe_runs_the_merged_transformer_in_the_base_pipeline(dora_run):
     """`generate`/`validate quality` loading: the recipe alone, or --weights its transformer folder, gives the base
     model's pipeline (text encoders, VAE, scheduler) around exactly the merged weights, routed by the trained router."""
     from shiva_export.runtime.generate import run_pipeline
-    from shiva_export.runtime.pipeline import _pipeline_location
+    from shiva_export.runtime.pipeline import pipeline_location
 
     res, _, _ = dora_run
     rec = load_recipe(res.recipe_path)
     merged = load_transformer(recipe=rec)
-    assert _pipeline_location(rec, None) == _pipeline_location(load_recipe(MODEL), None)  # the base's other components
+    assert pipeline_location(rec, None) == pipeline_location(load_recipe(MODEL), None)  # the base's other components
     for weights in (None, res.out_dir / "transformer"):
         pipe = load_pipeline(MODEL, recipe=rec, weights=weights, ratio=0.4)
         assert _weights_equal(pipe.transformer, merged) and pipe.shiva.router["file_sha256"] == res.router_sha256

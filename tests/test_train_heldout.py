@@ -24,9 +24,9 @@ def _cfg(out_dir, **kw) -> TrainConfig:
 
 
 def _router_state(transformer) -> dict[str, torch.Tensor]:
-    from shiva_export.prune.api import _ROUTERS_ATTR
+    from shiva_export.prune.api import ROUTERS_ATTR
 
-    return {k: v.detach().clone() for k, v in transformer._modules[_ROUTERS_ATTR].state_dict().items()}
+    return {k: v.detach().clone() for k, v in transformer._modules[ROUTERS_ATTR].state_dict().items()}
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -50,7 +50,7 @@ def frontier_command(
     from shiva_export.checks import check_model_name, check_out_dir
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.frontier import validate_frontier
-    from shiva_export.validate.quality import _finite
+    from shiva_export.validate.quality import json_safe
 
     check_model_name(model)
     check_out_dir(out_dir, "--out-dir")
@@ -60,5 +60,5 @@ def frontier_command(
             dense_steps=dense_steps, keeps=keep, families=family, ort=ort, threads=threads, latency_repeats=latency_repeats,
             out_dir=out_dir, artifact_root=artifact_root, progress=advance,
         )
-    result_json(_finite(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
+    result_json(json_safe(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK

@@ -208,7 +208,7 @@ def quality_command(
 ) -> int:
     from shiva_export.checks import check_model_name, check_out_dir
     from shiva_export.utils.io import folder_lock
-    from shiva_export.validate.quality import SEEDS, _finite, validate_quality
+    from shiva_export.validate.quality import SEEDS, json_safe, validate_quality
 
     check_model_name(model)
     check_out_dir(out_dir, "--out-dir")
@@ -220,7 +220,7 @@ def quality_command(
     if json_out:  # the Markdown carries the same lines
         for w in rep.warnings():
             warning(w)
-    result_json(_finite(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
+    result_json(json_safe(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK
 
 

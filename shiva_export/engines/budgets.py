@@ -26,6 +26,18 @@ from shiva_export.export.pruned import budget_dir, export_pruned, phase_dir
 from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import folder_lock, sha256_file
+from shiva_export.utils.io import sha256_file_cached
+from shiva_export.prune.topk import static_k
+from shiva_export.models import adapter_for_architecture
+from shiva_export.engines.lora_refit import refit_option
+from shiva_export.engines.builder import check_timing_cache_path
+from shiva_export.export.segments import MAX_SEGMENTS
+from shiva_export.engines.lora_refit import refittable_manifest
+from shiva_export.errors import ParityError
+from shiva_export.engines.lora_refit import check_refit, refit_manifest
+from shiva_export.export.onnx import read_shiva_metadata
+from shiva_export.export.onnx import load_onnx_graph
+from shiva_export.utils.io import inside, safe_component
 
 __all__ = ["EngineBuild", "build_engines", "export_key_for", "weights_fingerprint", "unique_budgets"]
 
@@ -40,8 +52,6 @@ def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> di
     file changes, even at the same size and mtime). Hub ids: the repo id (a local snapshot is resolved by
     diffusers).
     """
-    from shiva_export.utils.io import sha256_file_cached
-
     if weights is None and recipe.model.source == "local":
         weights = recipe.local_model_path()
     if weights is None:
@@ -66,8 +76,6 @@ def unique_budgets(recipe: Recipe, ratios: list[float], height: int, width: int,
 
     Returns the ratios to build (ascending) and ``{dropped ratio: the ratio it duplicates}``.
     """
-    from shiva_export.prune.topk import static_k
-
     n = image_tokens(recipe, height, width, weights)
     if n is None:
         return sorted(set(ratios)), {}
@@ -86,8 +94,6 @@ def image_tokens(recipe: Recipe, height: int, width: int, weights: str | os.Path
     """Image tokens of the recipe's transformer at ``height`` x ``width``, from its adapter and config (no weights loaded);
     None where the config cannot be read here."""
     from types import SimpleNamespace
-
-    from shiva_export.models import adapter_for_architecture
 
     adapter = adapter_for_architecture(recipe.architecture)
     config = _config_dict(recipe, weights, adapter)
@@ -333,7 +339,6 @@ def build_engines(
         raise ConfigError("--onnx builds that one graph at its own size and budget; drop --size/--phases, or drop --onnx to export them.")
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
-    from shiva_export.models import adapter_for_architecture
 
     context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
     if onnx is not None:
@@ -369,8 +374,6 @@ def build_engines(
 
 def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras=None) -> dict[str, Any]:
     """The builder settings a cached engine must match (recorded in its manifest)."""
-    from shiva_export.engines.lora_refit import refit_option
-
     options = {
         "dynamic_batch": dynamic_batch,
         "batch_range": list(batch_range) if batch_range else None,
@@ -414,15 +417,12 @@ def _phase_rows(rec: Recipe, phases: bool | Sequence[str], ratios: list[float] |
 
 def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool, controlnet_layers: int = 0) -> None:
     """Refuses bad or contradictory settings before the backend loads and before minutes of export."""
-    from shiva_export.engines.builder import check_timing_cache_path
-
     check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
     if dtype == "bf16" and onnx is None:
         raise ConfigError(
             "--dtype bf16 cannot be exported: ONNX (opset <= 22) has no bfloat16 Conv or Einsum, which the patch embedding and "
             "unpatchify use. Build --dtype fp16 (engines are strongly typed, so the ONNX dtype is the engine's)."
         )
-    from shiva_export.export.segments import MAX_SEGMENTS
 
     if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS):
         raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
@@ -469,7 +469,6 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
             say(f"{label}: cached ({cached.plan_path})")
             cached.phase, cached.ratio = (phase.name, cached.ratio) if phase else (None, r)
             return cached
-    from shiva_export.engines.lora_refit import refittable_manifest
 
     to_refit = None if force else refittable_manifest(mpath, plan, key, options, be)
     say(f"{label}: export onnx" + (" (LoRA changed: the weight-stripped engine is refit, not rebuilt)" if to_refit else ""))
@@ -494,8 +493,6 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
         controlnet_layers=controlnet_layers,
     )
     if ex.parity is not None and ex.parity.status == "failed":
-        from shiva_export.errors import ParityError
-
         raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
     if to_refit is not None:
         return _refit_budget(to_refit, ex.ratio, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase.name if phase else None)
@@ -538,8 +535,6 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
 
 def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase: str | None = None) -> EngineBuild:
     """The plan stays; the manifest now names the re-exported ONNX as its refit source (``engines/lora_refit.py``)."""
-    from shiva_export.engines.lora_refit import check_refit, refit_manifest
-
     manifest = refit_manifest(m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256"))
     write_manifest(mpath, manifest)
     try:
@@ -595,8 +590,6 @@ def _profile(input_shapes: dict[str, list], spec, batch_range) -> dict[str, tupl
 
 def _refit_weights(onnx_path: Path, data_sha256: str | None = None) -> dict[str, Any]:
     """What a weight-stripped engine must be refit from: the ONNX and its external-data file (name, sha256)."""
-    from shiva_export.utils.io import sha256_file_cached
-
     data = onnx_path.parent / (onnx_path.name + ".data")
     if not data.is_file():
         return {"onnx_sha256": sha256_file_cached(onnx_path), "data": None, "data_sha256": None}
@@ -606,10 +599,6 @@ def _refit_weights(onnx_path: Path, data_sha256: str | None = None) -> dict[str,
 def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
                     strip_weights: bool = False, segments: int = 1) -> EngineBuild:
     """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
-    from shiva_export.export.onnx import read_shiva_metadata
-
-    from shiva_export.export.onnx import load_onnx_graph
-
     m = load_onnx_graph(onnx_path, "--onnx")
     meta = read_shiva_metadata(onnx_path)
 
@@ -622,7 +611,6 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
             f"--onnx {onnx_path} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; "
             "export the model with `shiva-export onnx` (or `trt --model`) instead of passing a foreign ONNX."
         )
-    from shiva_export.utils.io import inside, safe_component
 
     try:
         ratio = float(get("ratio", 0.0))

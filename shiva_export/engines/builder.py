@@ -46,6 +46,10 @@ from shiva_export.engines.preflight import normalize_backend_name, preflight
 from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, MissingDependencyError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import atomic_write_bytes, check_writable, sha256_file
+from shiva_export.utils.io import sweep_stale_temps
+from shiva_export.utils.io import atomic_write_json
+from shiva_export.utils.io import atomic_write_stream
+from shiva_export.errors import OutputPathError
 
 __all__ = [
     "Backend",
@@ -474,7 +478,6 @@ def _check_build_options(onnx_path, plan_path, backend, builder_optimization_lev
         )
     be = resolve_backend(backend)
     plan_path = check_writable(plan_path, "engine plan")
-    from shiva_export.utils.io import sweep_stale_temps
 
     sweep_stale_temps(plan_path.parent)  # leftovers of a killed build in this folder
     if builder_optimization_level is not None and not (
@@ -552,7 +555,6 @@ def _save_timing_cache(be: Backend, config: Any, tc_info: dict[str, Any]) -> Non
     """Writes the timing cache and its stamp (sha256, backend, version) atomically."""
     serialized = config.get_timing_cache().serialize()
     atomic_write_bytes(tc_info["path"], memoryview(serialized))
-    from shiva_export.utils.io import atomic_write_json
 
     atomic_write_json(
         _timing_cache_stamp(Path(tc_info["path"])),
@@ -577,7 +579,6 @@ def _build_to_file(trt: ModuleType, builder: Any, network: Any, config: Any, pla
     backend has no stream API. A failed build leaves no file and raises :class:`_BuildFailed`."""
     if not hasattr(builder, "build_serialized_network_to_stream") or not hasattr(trt, "IStreamWriter"):
         return None
-    from shiva_export.utils.io import atomic_write_stream
 
     digest = hashlib.sha256()
     size = 0
@@ -658,8 +659,6 @@ def check_timing_cache_path(path: str | os.PathLike | None) -> Path | None:
     if path is None:
         return None
     import json
-
-    from shiva_export.errors import OutputPathError
 
     p = check_writable(path, "timing cache")
     if not p.exists() or p.stat().st_size == 0:

@@ -27,6 +27,9 @@ from shiva_export.engines.manifest import EngineManifest, manifest_path_for, wri
 from shiva_export.errors import ConfigError, ManifestError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import atomic_write_json, sha256_file
+from shiva_export.export.onnx import load_onnx_graph
+from shiva_export.export.segments import split_onnx
+from shiva_export.utils.io import safe_component
 
 __all__ = ["CHAIN_FILE", "CHAIN_FORMAT", "build_chain", "read_chain", "chain_deserialize_check", "clear_other_layout"]
 
@@ -39,8 +42,6 @@ _SEG_DIR_RE = re.compile(r"^seg\d+of\d+$")
 
 
 def _graph_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
-    from shiva_export.export.onnx import load_onnx_graph
-
     m = load_onnx_graph(onnx_path, "segment")
     shapes = {}
     for i in m.graph.input:
@@ -95,14 +96,11 @@ def build_chain(
         say (Callable): Progress callback.
         **build_kwargs: Passed to :func:`~shiva_export.engines.builder.build_engine` (workspace, targets, ...).
     """
-    from shiva_export.export.segments import split_onnx
-
     if build_kwargs.get("strip_weights"):
         raise ConfigError("--segments and --strip-weights do not combine; choose one way to bound the build's memory.")
     if build_kwargs.get("profile"):
         raise ConfigError("--segments needs fixed shapes; export without --dynamic-batch.")
     onnx_path, folder = Path(onnx_path), Path(folder)
-    from shiva_export.export.onnx import load_onnx_graph
 
     graph_outputs = [o.name for o in load_onnx_graph(onnx_path, "--onnx").graph.output]
     say(f"cut {onnx_path.name} into {count} segments")
@@ -143,8 +141,6 @@ def build_chain(
 def read_chain(path: str | os.PathLike) -> dict[str, Any]:
     """``segments.json``, checked for shape: the format, a count equal to its rows, safe folder names, and
     segments that chain (every input is a graph input or an earlier segment's output)."""
-    from shiva_export.utils.io import safe_component
-
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -25,6 +25,8 @@ from shiva_export.engines.manifest import EngineManifest, read_manifest
 from shiva_export.errors import ManifestError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import sha256_file
+from shiva_export.engines.manifest import utc_now
+from shiva_export.engines.runner import EngineRunner
 
 __all__ = ["FULL_REFIT", "check_refit", "refit_manifest", "refit_option", "refittable_manifest"]
 
@@ -68,10 +70,8 @@ def refittable_manifest(manifest_path: Path, plan: Path, key: dict[str, Any], op
 
 def refit_manifest(m: EngineManifest, key: dict[str, Any], onnx_sha256: str, refit_weights: dict[str, Any], router_sha256: str | None) -> EngineManifest:
     """``m`` for the re-exported ONNX: new export key, ONNX sha256 and refit source; the plan (and its sha256) stays."""
-    from shiva_export.engines.manifest import _utc_now
-
     return dataclasses.replace(m, export_key=key, onnx_sha256=onnx_sha256, router_sha256=router_sha256,
-                               build_options={**(m.build_options or {}), "refit_weights": refit_weights}, created_at=_utc_now())
+                               build_options={**(m.build_options or {}), "refit_weights": refit_weights}, created_at=utc_now())
 
 
 def check_refit(engine_dir: Path, backend: str) -> dict[str, Any]:
@@ -84,7 +84,6 @@ def check_refit(engine_dir: Path, backend: str) -> dict[str, Any]:
         gpu = False
     if not gpu:
         return {"refit_checked": False, "reason": "no CUDA GPU here: the engine refits from the new ONNX when it is first loaded"}
-    from shiva_export.engines.runner import EngineRunner
 
     EngineRunner(engine_dir, backend=backend).activate()  # deserialize + refit (EngineBuildError on failure)
     return {"refit_checked": True, "reason": None}

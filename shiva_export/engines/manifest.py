@@ -25,6 +25,8 @@ from shiva_export._version import __version__
 from shiva_export.errors import ManifestError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import atomic_write_text, sha256_file
+from shiva_export.utils.io import canonical_json, sha256_bytes
+from shiva_export.engines.preflight import normalize_backend_name
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
@@ -44,7 +46,7 @@ MANIFEST_SCHEMA_VERSION = 1
 _REQUIRED = ("model_name", "model_config_hash", "onnx_sha256", "engine_sha256", "backend", "backend_version", "input_shapes", "dtype")
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
@@ -105,7 +107,7 @@ class EngineManifest:
     build_options: dict[str, Any] | None = None
     deserialize: dict[str, Any] | None = None
     shiva_export_version: str = __version__
-    created_at: str = field(default_factory=_utc_now)
+    created_at: str = field(default_factory=utc_now)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     #: sha256 of the manifest's other fields (canonical JSON), written by :func:`write_manifest` and checked by
     #: :func:`read_manifest` before any field is trusted: an edited ratio, per-block k or input shape is caught.
@@ -227,8 +229,6 @@ def manifest_path_for(plan_path: str | os.PathLike) -> Path:
 
 def manifest_self_hash(data: dict[str, Any]) -> str:
     """sha256 of a manifest's fields other than ``self_sha256`` (canonical JSON)."""
-    from shiva_export.utils.io import canonical_json, sha256_bytes
-
     return sha256_bytes(canonical_json({k: v for k, v in data.items() if k != "self_sha256"}).encode())
 
 
@@ -368,8 +368,6 @@ def verify_engine(
             "The plan must be byte-identical to the one built. Rebuild the engine (the file was modified, truncated or replaced)."
         )
     if backend is not None:
-        from shiva_export.engines.preflight import normalize_backend_name
-
         if normalize_backend_name(backend) != manifest.backend:
             raise ManifestError(
                 f"Engine {plan_path} was built with {manifest.backend}, not {backend}. Plans load only in the backend that built them. "

@@ -34,6 +34,7 @@ from typing import Any
 
 from shiva_export.errors import ConfigError, PreflightError
 from shiva_export.logging import get_logger
+from shiva_export.export.onnx import load_onnx_graph
 
 __all__ = [
     "BACKENDS",
@@ -306,7 +307,6 @@ def _load(onnx_path_or_model: Any) -> tuple[Any, str | None, Path | None]:
             f"preflight() input has type {type(onnx_path_or_model).__name__}. Expected an .onnx path or an onnx.ModelProto. "
             "Pass the exported model path."
         )
-    from shiva_export.export.onnx import load_onnx_graph
 
     path = Path(onnx_path_or_model)
     model = load_onnx_graph(path, "ONNX file for preflight")

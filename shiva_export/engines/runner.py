@@ -15,6 +15,11 @@ from shiva_export.engines.builder import Backend, current_gpu, resolve_backend
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, verify_engine
 from shiva_export.errors import EngineBuildError, HardwareError, ManifestError, ShapeError
 from shiva_export.logging import get_logger
+from shiva_export.engines.chain import CHAIN_FILE
+from shiva_export.errors import MissingDependencyError
+from shiva_export.engines.chain import CHAIN_FILE, read_chain
+from shiva_export.utils.io import sha256_file_cached
+from shiva_export.export.segments import run_chain
 
 __all__ = ["EngineRunner", "find_plan"]
 
@@ -24,8 +29,6 @@ logger = get_logger(__name__)
 def find_plan(path: str | os.PathLike) -> Path:
     """A plan file, or what an engine folder holds: its ``model.plan``, or the ``segments.json`` of a chain of
     segment engines (:mod:`shiva_export.engines.chain`)."""
-    from shiva_export.engines.chain import CHAIN_FILE
-
     p = Path(path)
     if p.is_dir():
         p = p / "model.plan" if (p / "model.plan").is_file() or not (p / CHAIN_FILE).is_file() else p / CHAIN_FILE
@@ -36,8 +39,6 @@ def find_plan(path: str | os.PathLike) -> Path:
 
 def _installed_version(backend: str) -> str | None:
     """The installed version of ``backend``, or None when it is not installed (the GPU check then refuses, exit 4)."""
-    from shiva_export.errors import MissingDependencyError
-
     try:
         return resolve_backend(backend).version
     except MissingDependencyError:
@@ -57,8 +58,6 @@ class EngineRunner:
     """
 
     def __init__(self, plan: str | os.PathLike, backend: str | None = None):
-        from shiva_export.engines.chain import CHAIN_FILE, read_chain
-
         self.plan_path = find_plan(plan)
         self.chain: dict[str, Any] | None = read_chain(self.plan_path) if self.plan_path.name == CHAIN_FILE else None
         self.manifest: EngineManifest = read_manifest(manifest_path_for(self.plan_path))
@@ -128,8 +127,6 @@ class EngineRunner:
     def refit_source(self) -> Path:
         """The ONNX a weight-stripped engine is refit from, checked against the manifest (same graph and
         weights as at build time: the engine was built ``REFIT_IDENTICAL``)."""
-        from shiva_export.utils.io import sha256_file_cached
-
         rec = (self.manifest.build_options or {}).get("refit_weights") or {}
         onnx = Path(self.manifest.onnx_path or "model.onnx")
         if not onnx.is_absolute():
@@ -212,8 +209,6 @@ class EngineRunner:
 
     def _infer_chain(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Runs the segment engines in order; each reads the graph inputs and earlier segments' outputs."""
-        from shiva_export.export.segments import run_chain
-
         env = run_chain([r["inputs"] for r in self.chain["segments"]], lambda i, tensors: self.parts[i].infer(tensors), feed)
         self.inference_time = sum(part.inference_time or 0.0 for part in self.parts)
         return {k: env[k] for k in self.chain["outputs"]}

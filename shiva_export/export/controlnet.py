@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.models import get_adapter
 
 __all__ = ["INPUT_PREFIX", "add_residual_hook", "as_feed", "check_controlnet_layers", "input_names", "residual_inputs", "sample_inputs"]
 
@@ -38,8 +39,6 @@ def input_names(layers: int) -> tuple[str, ...]:
 def check_controlnet_layers(transformer_or_config, layers: int) -> int:
     """``layers`` when the model takes ControlNet residuals and ``layers`` divides into its blocks as diffusers
     indexes them; a one-line :class:`ConfigError` otherwise."""
-    from shiva_export.models import get_adapter
-
     layers = int(layers)
     if layers == 0:
         return 0
@@ -85,8 +84,6 @@ def residual_inputs(transformer: nn.Module) -> Iterator[None]:
 def as_feed(residuals, layers: int, hidden_states: torch.Tensor, config) -> dict[str, torch.Tensor]:
     """The graph feed of a call's ``block_controlnet_hidden_states`` (None: zeros, which add nothing), checked
     against the graph's ``[B, N, inner_dim]`` (``hidden_states``: the call's ``[B, C, h, w]`` latents)."""
-    from shiva_export.errors import ShapeError
-
     patch = int(config["patch_size"])
     want = (int(hidden_states.shape[0]), (int(hidden_states.shape[-2]) // patch) * (int(hidden_states.shape[-1]) // patch),
             int(config["num_attention_heads"]) * int(config["attention_head_dim"]))

@@ -42,8 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from shiva_export.errors import ShivaInternalError
+from shiva_export.checks import check_finite
+from shiva_export.errors import ConfigError, ShivaInternalError, WeightsError
 from shiva_export.logging import get_logger
+from shiva_export.models.base import adapter_for_architecture, check_weights_sha256, get_adapter, read_class_name
 
 __all__ = [
     "LazyWeights",
@@ -228,8 +230,6 @@ def build_embedded_lazy(adapter, config: dict[str, Any], seed: int = 0, *, min_n
             "export it with `shiva-export onnx --eager` (loads the whole model). Please report this."
         ) from None
     except TypeError as err:
-        from shiva_export.errors import ConfigError
-
         raise ConfigError(f"Invalid {adapter.MODEL_CLASS} config: {err}. Check [model.config] in the recipe.") from None
     makers: dict[str, Callable[[], torch.Tensor]] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -279,8 +279,6 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
     """
     import json
 
-    from shiva_export.errors import WeightsError
-
     try:
         files = checkpoint_files(folder)
     except Exception:  # noqa: BLE001 - an unreadable or hostile file: the eager loader reports it in its words
@@ -329,7 +327,6 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
         def make() -> torch.Tensor:
             with safe_open(str(files[name]), framework="pt") as f:
                 t = f.get_tensor(name)
-            from shiva_export.checks import check_finite
 
             check_finite({name: t}, f"weights {files[name]}", WeightsError)
             return t.to(target) if t.dtype != target else t
@@ -358,8 +355,6 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
     from the same source :func:`~shiva_export.models.load_transformer` would use. None where this cannot
     read the source (no plain safetensors, not cached, an invalid folder): the caller loads eagerly, which
     also reports any error in its usual words."""
-    from shiva_export.models.base import adapter_for_architecture, get_adapter, read_class_name
-
     if weights is None and recipe.model.source == "embedded":
         return build_embedded_lazy(adapter_for_architecture(recipe.architecture), recipe.model.config, recipe.model.seed)
     if weights is None and recipe.model.source == "local":
@@ -373,7 +368,6 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
         adapter = get_adapter(cls_name)
         if adapter.NAME != recipe.architecture:
             return None
-        from shiva_export.models.base import check_weights_sha256
 
         check_weights_sha256(folder, recipe)  # a recipe bound to its weights loads only those, lazily too
         return load_checkpoint_lazy(adapter, folder, str(p))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError, WeightsError
+from shiva_export.utils.io import sha256_file, sha256_file_cached
 
 __all__ = ["LORA_FILE", "LoraSpec", "fuse_loras_", "load_loras_", "lora_provenance", "resolve_loras"]
 
@@ -64,8 +65,6 @@ def resolve_loras(paths: Sequence[str | os.PathLike] | None, scales: Sequence[fl
     Raises:
         ConfigError: the numbers of paths and scales differ, a scale is not finite, a file is missing or not safetensors.
     """
-    from shiva_export.utils.io import sha256_file_cached
-
     paths = list(paths or ())
     scales = list(scales or ())
     if scales and len(scales) != len(paths):
@@ -87,8 +86,6 @@ def _read_checked(lora: LoraSpec) -> tuple[dict, dict | None]:
     files that changed since they were hashed, and files without transformer LoRA tensors."""
     import torch
     from safetensors import SafetensorError, safe_open
-
-    from shiva_export.utils.io import sha256_file
 
     if sha256_file(lora.path) != lora.sha256:
         raise WeightsError(f"--lora {lora.path} changed while it was being loaded (sha256 differs); run the command again.")

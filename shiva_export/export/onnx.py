@@ -43,7 +43,16 @@ from shiva_export.models import InputSpec, get_adapter
 
 if TYPE_CHECKING:
     from shiva_export.export.lazy import LazyWeights
-from shiva_export.utils.io import check_writable, commit_files, onnx_record_path, sha256_file, write_onnx_record
+from shiva_export.export.lazy import resolve_stand_ins_, standing_in, stream_initializers_
+from shiva_export.utils.io import (
+    check_writable,
+    commit_files,
+    onnx_record_path,
+    sha256_file,
+    sweep_stale_temps,
+    temp_prefix,
+    write_onnx_record,
+)
 
 __all__ = [
     "export_onnx",
@@ -84,7 +93,7 @@ _FORBIDDEN_OPS = ("NonZero", "Unique", "Loop", "If", "Compress", "NonMaxSuppress
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The dynamo exporter prints progress to stdout and warns about torchvision: keep stdout clean
     for ``--json`` and route the chatter to this module's debug log."""
     buf = io.StringIO()
@@ -287,8 +296,6 @@ def _export_streamed(wrapper, args, dest: Path, weights: LazyWeights, opset: int
     from torch.onnx._internal._lazy_import import onnxscript_apis
     from torch.onnx._internal.exporter import _ir_passes
 
-    from shiva_export.export.lazy import resolve_stand_ins_, standing_in, stream_initializers_
-
     program = torch.onnx.export(
         wrapper,
         args,
@@ -368,7 +375,6 @@ def export_onnx(
     names = adapter.input_names(transformer.config) + tuple(extra_inputs or ())
     inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype) | dict(extra_inputs or {})
     external = _param_bytes(transformer) > _PROTOBUF_LIMIT - (64 << 20)
-    from shiva_export.utils.io import sweep_stale_temps, temp_prefix
 
     sweep_stale_temps(dest.parent)  # leftovers of a killed export in this folder
     tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("export-"), dir=dest.parent))
@@ -424,7 +430,7 @@ def _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx: Path, opset: i
     extras = {k: v for k, v in inputs.items() if k not in names}
     wrapper = _ExportWrapper(transformer, names, extras).eval()
     try:
-        with torch.no_grad(), _quiet_exporter(), adapter.export_context(transformer, inputs):
+        with torch.no_grad(), quiet_exporter(), adapter.export_context(transformer, inputs):
             if weights is not None:
                 _export_streamed(wrapper, args, tmp_onnx, weights, opset, names, adapter, dynamic_shapes, external)
             else:

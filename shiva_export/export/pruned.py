@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ConfigError, RouterError
+from shiva_export.errors import ConfigError, OutputPathError, RouterError
 from shiva_export.export import controlnet as cn
 from shiva_export.export.buckets import bucket_name
+from shiva_export.export.lazy import fake_placeholders_, lazy_transformer, materialize_
+from shiva_export.export.lora import fuse_loras_
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
 from shiva_export.export.parity import ParityReport, check_parity
 from shiva_export.logging import get_logger
 from shiva_export.models import (
     InputSpec,
+    adapter_for_architecture,
     check_image_size,
     load_transformer,
     make_inputs,
@@ -60,8 +63,6 @@ def budget_dir(ratio: float, context: str = "drop") -> str:
 def _refuse_engine_onnx(path: Path) -> None:
     """The default ONNX path is inside an engine folder of `shiva-export trt`: never overwrite an engine's ONNX."""
     if (path.parent / "manifest.json").exists():
-        from shiva_export.errors import OutputPathError
-
         raise OutputPathError(
             f"the default output {path} belongs to the engine built there ({path.parent / 'manifest.json'}); "
             "overwriting it would orphan that engine. Pass --out PATH, or rebuild the engine with `shiva-export trt`."
@@ -328,7 +329,6 @@ def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, conte
         raise ConfigError(f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
     if dense and context == "keep":
         raise ConfigError("a dense export routes nothing, so --context keep has no effect; drop --context or --dense.")
-    from shiva_export.models import adapter_for_architecture
 
     context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
     spec = InputSpec(
@@ -351,8 +351,6 @@ def _load_for_export(rec: Recipe, weights, bounded: bool | None, loras=None):
     t0 = time.perf_counter()
     lazy_weights = None
     if bounded is not False and not loras:
-        from shiva_export.export.lazy import lazy_transformer
-
         lazy = lazy_transformer(rec, weights)
         if lazy is None and bounded:
             raise ConfigError(
@@ -364,8 +362,6 @@ def _load_for_export(rec: Recipe, weights, bounded: bool | None, loras=None):
     if lazy_weights is None:
         transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     if loras:
-        from shiva_export.export.lora import fuse_loras_
-
         fuse_loras_(transformer, loras)  # before the dtype copy and routing: every copy carries the fused weights
     return transformer, lazy_weights, time.perf_counter() - t0
 
@@ -404,7 +400,6 @@ def _prepare_models(transformer, rec: Recipe, config: ShivaConfig, router, dtype
         finally:
             dlogging.set_verbosity(level)
     if lazy_weights is not None:  # fake CPU tensors in place of the meta placeholders, before routers read the device
-        from shiva_export.export.lazy import fake_placeholders_
 
         fake_placeholders_(transformer, lazy_weights)
         if export_model is not None:
@@ -439,7 +434,6 @@ def _export_parity(result: ExportResult, transformer, lazy_weights, rec: Recipe,
     """ONNX Runtime against the fp32 PyTorch model on seeded cases (case 2 at t=1, case 3 at t=999), ControlNet
     residual inputs (seeded) included."""
     if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
-        from shiva_export.export.lazy import materialize_
 
         materialize_(transformer, lazy_weights)
     tol = rec.tolerance(dtype)

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, OutputPathError, ShapeError
+from shiva_export.export.onnx import META_PREFIX, load_onnx_graph, read_shiva_metadata
 from shiva_export.logging import get_logger
+from shiva_export.utils.io import commit_files, sha256_file, sweep_stale_temps, temp_prefix
 
 __all__ = ["Segment", "split_onnx", "segment_path", "read_segments", "is_segment_path", "run_chain", "plan_cuts", "SEGMENT_META", "MAX_SEGMENTS"]
 
@@ -208,14 +210,9 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
     Returns:
         list[Segment]: The segments, in run order.
     """
-    from shiva_export.export.onnx import load_onnx_graph
-    from shiva_export.utils.io import sha256_file
-
     src = Path(onnx_path)
     model = load_onnx_graph(src, "--onnx")
     if not os.access(src.parent, os.W_OK | os.X_OK):
-        from shiva_export.errors import OutputPathError
-
         raise OutputPathError(
             f"the segment graphs are written beside the export (they reference its weights file by name), and {src.parent} is not writable; "
             "copy the .onnx and its .onnx.data to a writable folder."
@@ -258,8 +255,6 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
 
 def _cut_metadata(src: Path, model) -> tuple[dict[str, str], list[str], dict[str, str]]:
     """The export's metadata, its block scopes and its kept-index tensors; refuses a segment or an export without scopes."""
-    from shiva_export.export.onnx import META_PREFIX
-
     meta = {p.key: p.value for p in model.metadata_props}
     if META_PREFIX + "segment" in meta:
         raise ConfigError(f"{src} is already a segment of a cut export; pass the whole export (the .onnx without .segNofM).")
@@ -340,8 +335,6 @@ def _segment_model(cut: _CutGraph, s: int, count: int, path: Path):
     """Segment ``s`` as a graph-only ModelProto (weights referenced in the export's data file) and its description."""
     import onnx
 
-    from shiva_export.export.onnx import META_PREFIX
-
     own, consts, made, ins, outs = _segment_io(cut, s)
     nodes, model = cut.nodes, cut.model
     used_inits = []
@@ -374,8 +367,6 @@ def _write_segments(src: Path, segments: list[Segment], protos: list) -> None:
     """Saves, checks and commits every segment file, or none."""
     import onnx
 
-    from shiva_export.utils.io import commit_files, sweep_stale_temps, temp_prefix
-
     sweep_stale_temps(src.parent)
     # temp files beside the export (not in a subfolder), so that the checker resolves the external data
     tmps = [src.parent / f"{temp_prefix('segment.')}{info.path.name}" for info in segments]
@@ -403,7 +394,6 @@ def _existing(paths: list[Path], source_sha: str, cuts: list[int]) -> list[Segme
         return None
     if [s.blocks[0] for s in found[1:]] != cuts:
         return None
-    from shiva_export.export.onnx import read_shiva_metadata
 
     if (read_shiva_metadata(paths[0]).get(SEGMENT_META) or {}).get("cutter") != CUTTER_VERSION:
         return None
@@ -414,8 +404,6 @@ def read_segments(path: str | os.PathLike) -> list[Segment]:
     """All segments of the cut export that ``path`` (any one segment file) belongs to, in run order; each is
     checked to come from the same export, with the same count, and to chain (every input is a graph input or
     an earlier segment's output)."""
-    from shiva_export.export.onnx import read_shiva_metadata
-
     p = Path(path)
     m = _SEG_NAME.match(p.name)
     if not m:
@@ -457,8 +445,6 @@ def run_chain(inputs: list[Sequence[str]], run_one: Callable[[int, dict[str, Any
     """Runs a chain of segments in order on ``feed`` (the whole graph's inputs), whatever runs them (ONNX Runtime
     sessions, engines): ``inputs[i]`` names what segment ``i`` reads, ``run_one(i, tensors)`` runs it and returns
     its outputs by name. Returns every tensor the chain made, the graph's outputs included."""
-    from shiva_export.errors import ShapeError
-
     env = dict(feed)
     for i, names in enumerate(inputs):
         missing = [x for x in names if x not in env]

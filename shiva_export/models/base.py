@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from shiva_export.checks import check_finite
 from shiva_export.errors import ConfigError, ModelNotFoundError, ShapeError, WeightsError
 from shiva_export.logging import get_logger
 from shiva_export.models.components import import_pipeline_class
@@ -633,7 +634,6 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise WeightsError(f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?") from None
         get_adapter(model)
-        from shiva_export.checks import check_finite
 
         check_finite(model.state_dict(), f"weights {folder / sub if sub else folder}", WeightsError)
         return model.eval()

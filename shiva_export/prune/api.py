@@ -56,7 +56,7 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-_ROUTERS_ATTR = "shiva_routers"
+ROUTERS_ATTR = "shiva_routers"
 _STATE_ATTR = "_shiva_state"
 
 #: What a routed block does with its rejected tokens' context: ``"drop"`` (the paper: they leave the block
@@ -207,7 +207,7 @@ def routing_state(transformer: nn.Module) -> RoutingState | None:
 
 def router_bank(transformer: nn.Module) -> nn.Module:
     """The router bank (or the scorer standing in for it) a Shiva-applied transformer routes with."""
-    return transformer._modules[_ROUTERS_ATTR]
+    return transformer._modules[ROUTERS_ATTR]
 
 
 def set_router_bank_(transformer: nn.Module, bank: nn.Module) -> nn.Module:
@@ -215,8 +215,8 @@ def set_router_bank_(transformer: nn.Module, bank: nn.Module) -> nn.Module:
     e.g. a training-free scorer) from now on; returns the bank it replaced."""
     if not is_shiva_applied(transformer):
         raise ConfigError("set_router_bank_ needs a transformer with Shiva applied (apply_shiva_ or load_pipeline).")
-    old = transformer._modules[_ROUTERS_ATTR]
-    transformer._modules[_ROUTERS_ATTR] = bank
+    old = transformer._modules[ROUTERS_ATTR]
+    transformer._modules[ROUTERS_ATTR] = bank
     return old
 
 
@@ -274,12 +274,12 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
         raise ConfigError(f"router bank was built for {routers.config}, but this model/config needs {rc}.")
     ref = next(transformer.parameters())
     routers.to(device=ref.device)
-    transformer.add_module(_ROUTERS_ATTR, routers)
+    transformer.add_module(ROUTERS_ATTR, routers)
     object.__setattr__(transformer, _STATE_ATTR, RoutingState(config, adapter=adapter))
     try:
         adapter.install_routing(transformer)
     except Exception:  # e.g. a processor context "keep" cannot wrap: leave the model as it was
-        transformer._modules.pop(_ROUTERS_ATTR, None)
+        transformer._modules.pop(ROUTERS_ATTR, None)
         object.__delattr__(transformer, _STATE_ATTR)
         raise
     logger.info("Shiva applied: %d routed blocks, %d routers", len(config.routed_blocks), rc.num_routers)
@@ -304,7 +304,7 @@ def remove_shiva_(transformer: nn.Module) -> RouterBank:
     adapter = getattr(transformer, _STATE_ATTR).adapter
     _check_no_block_hooks(transformer, adapter, "remove_shiva_")
     adapter.remove_routing(transformer)
-    bank = transformer._modules.pop(_ROUTERS_ATTR)
+    bank = transformer._modules.pop(ROUTERS_ATTR)
     object.__delattr__(transformer, _STATE_ATTR)
     if "forward" in transformer.__dict__:
         raise ShivaInternalError("forward still overridden after remove_shiva_")

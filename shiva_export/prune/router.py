@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shiva_export.checks import check_finite
 from shiva_export.errors import RouterError
 from shiva_export.utils.io import canonical_json, check_writable, sha256_file
 
@@ -192,7 +193,6 @@ def load_routers(path: str | Path, expected: RouterConfig) -> tuple[RouterBank, 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise RouterError(f"Cannot read router weights {path}: {err}. Is it a safetensors file?") from None
-    from shiva_export.checks import check_finite
 
     check_finite(tensors, f"router weights {path}", RouterError)  # a NaN score makes top-k pick arbitrary tokens
     if "shiva" in meta:

@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, HardwareError
 from shiva_export.logging import get_logger
+from shiva_export.models import adapter_for_architecture
+from shiva_export.prune.api import is_shiva_applied, set_shiva_config_, shiva_config
+from shiva_export.runtime.generate import run_pipeline
+from shiva_export.runtime.pipeline import config_obj, generation_recipe, load_pipeline
+from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from shiva_export.utils.machine import loadavg, machine_info
+from shiva_export.utils.plots import figure_png, pyplot
 
 __all__ = ["E2EVariant", "E2EReport", "benchmark_e2e"]
 
@@ -178,13 +184,8 @@ def benchmark_e2e(
     """Times dense and Shiva pipelines end to end, interleaved; writes ``e2e.{json,md,png}`` to ``out_dir``."""
     import torch
 
-    from shiva_export.runtime.generate import run_pipeline
-    from shiva_export.runtime.pipeline import _recipe, load_pipeline
-    from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
-
     say = progress or (lambda m: None)
-    rec = _recipe(model, recipe)
-    from shiva_export.models import adapter_for_architecture
+    rec = generation_recipe(model, recipe)
 
     adapter = adapter_for_architecture(rec.architecture)
     prompt = adapter.EXAMPLE_PROMPT if prompt is None else prompt
@@ -203,8 +204,6 @@ def benchmark_e2e(
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
-        from shiva_export.errors import HardwareError
-
         raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
@@ -244,7 +243,6 @@ def benchmark_e2e(
             v.runs.append(res.times.to_dict())
             v.phase_steps = {k: d["steps"] for k, d in res.times.per_phase().items()} or {"dense": len(res.times.transformer)}
     # FLOPs of the transformer over the loop, each step on the phase that ran it
-    from shiva_export.runtime.pipeline import config_obj
 
     any_pipe = variants[0][1]
     config = dict(any_pipe.transformer.config)
@@ -272,8 +270,6 @@ def _compile(pipe) -> None:
     """torch.compile with CUDA graphs ('reduce-overhead'): static shapes are the point of a static budget."""
     import torch
 
-    from shiva_export.prune.api import is_shiva_applied, set_shiva_config_, shiva_config
-
     t = pipe.transformer
     if is_shiva_applied(t):
         set_shiva_config_(t, shiva_config(t).with_keep_ratios(pipe.shiva.phases[0].keep_ratios))  # fixed graph, no per-call dispatch
@@ -281,8 +277,6 @@ def _compile(pipe) -> None:
 
 
 def _plot_png(report: E2EReport) -> bytes:
-    from shiva_export.utils.plots import figure_png, pyplot
-
     plt = pyplot()
 
     rows = report.rows()

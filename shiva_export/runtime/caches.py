@@ -70,7 +70,10 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.logging import get_logger
+from shiva_export.models._override import bound_args
+from shiva_export.models.base import CACHE_FIX_HOOK, get_adapter
 from shiva_export.prune.api import routing_state
+from shiva_export.runtime.generate import run_pipeline
 
 __all__ = [
     "CACHE_KINDS",
@@ -201,7 +204,9 @@ def _transformer(pipe) -> nn.Module:
     tr = getattr(pipe, "transformer", None)
     if tr is None:
         raise ConfigError(f"caches need a diffusers pipeline with a transformer; got a {type(pipe).__name__}.")
-    from shiva_export.runtime.modules import ShivaArtifactTransformer
+    from shiva_export.runtime.modules import (
+        ShivaArtifactTransformer,  # lazy: shiva_export.runtime.modules defines it on first access (module __getattr__ imports diffusers)
+    )
 
     if isinstance(tr, ShivaArtifactTransformer):
         raise ConfigError(f"caches hook the torch transformer's blocks; this pipeline runs {tr.backend} graphs. Load it with backend='torch'.")
@@ -209,8 +214,6 @@ def _transformer(pipe) -> nn.Module:
 
 
 def _blocks(tr: nn.Module):
-    from shiva_export.models.base import get_adapter
-
     adapter = get_adapter(tr)
     return adapter, adapter.blocks(tr)
 
@@ -291,8 +294,6 @@ def _install(tr: nn.Module, adapter, blocks, kind: str, config) -> dict[str, Any
 
 def _uninstall(tr: nn.Module, kind: str, handles) -> None:
     from diffusers.models.cache_utils import CacheMixin
-
-    from shiva_export.models.base import CACHE_FIX_HOOK
 
     for h in handles:
         h.remove()
@@ -390,8 +391,6 @@ def _calibrate(pipe, tr, adapter, blocks, s: dict[str, Any], recipe) -> tuple[li
     from diffusers.hooks import MagCacheConfig
     from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
 
-    from shiva_export.runtime.generate import run_pipeline
-
     steps = s["num_inference_steps"]
     prompt = s["calibration_prompt"] or adapter.EXAMPLE_PROMPT
     guidance = s["calibration_guidance"] if s["calibration_guidance"] is not None else (recipe.pipeline.guidance if recipe is not None else 4.5)
@@ -462,8 +461,6 @@ class count_executed_blocks:
             _remove_hooks(self._tr, (_PROBE_HOOK,))
 
     def _on_call(self, module, args, kwargs) -> None:
-        from shiva_export.models._override import bound_args
-
         bound = bound_args(module, args, kwargs)
         geo = self._adapter.call_geometry(module.config, bound)
         n = self._adapter.num_image_tokens(module.config, geo["height"], geo["width"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError
+from shiva_export.runtime.pipeline import quiet_libraries
 
 __all__ = ["ControlRun", "check_controlnet_options", "controlnet_num_layers", "controlnet_pipeline", "load_control_image", "load_controlnet"]
 
@@ -53,8 +54,6 @@ def load_controlnet(path_or_name):
     """The ``SD3ControlNetModel`` (local folder, or a cached hub id; never downloaded)."""
     from diffusers import SD3ControlNetModel
 
-    from shiva_export.runtime.pipeline import quiet_libraries
-
     loc, _ = _location(path_or_name)
     _config(path_or_name)  # one-line errors for a missing or foreign model
     with quiet_libraries():
@@ -65,8 +64,6 @@ def controlnet_pipeline(pipe, controlnet):
     """``StableDiffusion3ControlNetPipeline.from_pipe(pipe, controlnet=...)``: the same components (the pruned
     transformer included), with ``pipe.shiva`` carried over and the ControlNet on the pipeline's device."""
     from diffusers import StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
-
-    from shiva_export.runtime.pipeline import quiet_libraries
 
     if not isinstance(pipe, StableDiffusion3Pipeline):
         raise ConfigError(f"--controlnet needs an SD3/SD3.5 pipeline, got {type(pipe).__name__}; drop --controlnet.")

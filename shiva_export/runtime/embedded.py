@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import OutputPathError, RecipeError
-from shiva_export.utils.io import canonical_json, sha256_bytes, sweep_stale_temps, temp_prefix
+from shiva_export.models import adapter_for_architecture, load_transformer
+from shiva_export.utils.io import canonical_json, sha256_bytes, sha256_file_cached, sweep_stale_temps, temp_prefix
 
 __all__ = [
     "build_embedded_pipeline",
@@ -129,8 +130,6 @@ def saved_none_components(folder: Path) -> dict[str, None]:
 
 
 def _adapter(recipe):
-    from shiva_export.models import adapter_for_architecture
-
     return adapter_for_architecture(recipe.architecture)
 
 
@@ -151,8 +150,6 @@ def build_embedded_pipeline(recipe):
     adapter = _adapter(recipe)
     adapter.pipeline_class()  # one line when the architecture has no pipeline
     with _quiet_libraries():
-        from shiva_export.models import load_transformer
-
         transformer = load_transformer(recipe=recipe)
         return adapter.embedded_pipeline(transformer, recipe)
 
@@ -195,8 +192,6 @@ def _is_complete(folder: Path, key: str) -> bool:
 
 def _digests(folder: Path) -> dict[str, str]:
     """sha256 of every file of a saved pipeline but its stamp (memoised on size, mtime, ctime and inode)."""
-    from shiva_export.utils.io import sha256_file_cached
-
     return {str(f.relative_to(folder)): sha256_file_cached(f) for f in sorted(folder.rglob("*")) if f.is_file() and f.name != _STAMP}
 
 

@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shiva_export._version import __version__
 from shiva_export.errors import ConfigError
+from shiva_export.export.onnx import package_versions
 from shiva_export.logging import get_logger
+from shiva_export.models import adapter_for_architecture, get_adapter
+from shiva_export.prune.api import is_shiva_applied, phase_trace
+from shiva_export.runtime.controlnet import ControlRun, check_controlnet_options
+from shiva_export.runtime.pipeline import generation_recipe, load_pipeline
+from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, check_writable
 
 __all__ = ["StageTimes", "RunResult", "run_pipeline", "generate", "psnr", "check_pipeline_call", "image_grid"]
 
@@ -86,7 +93,7 @@ class RunResult:
     times: StageTimes
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     import torch
 
     if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
@@ -94,7 +101,7 @@ def _sync(device) -> None:
 
 
 @contextmanager
-def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], None] | None = None):
+def instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], None] | None = None):
     """Wraps ``encode_prompt`` (when the pipeline has one: DiT has no text) and ``vae.decode``, and hooks the
     transformer, for the duration of one call. ``on_step(i)`` runs after the i-th transformer call (one per
     denoising step in every supported pipeline), so no pipeline-specific callback API is needed."""
@@ -105,20 +112,20 @@ def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], N
     marks: dict[str, float] = {}
 
     def encode_prompt(*a, **k):
-        _sync(dev)
+        sync_device(dev)
         t0 = clock()
         out = orig_encode(*a, **k)
-        _sync(dev)
+        sync_device(dev)
         marks["enc_end"] = clock()
         times.text_encode += (marks["enc_end"] - t0) * 1e3
         return out
 
     def decode(z, *a, **k):
         store["latents"] = z.detach().clone()
-        _sync(dev)
+        sync_device(dev)
         marks["dec_start"] = clock()
         out = orig_decode(z, *a, **k)
-        _sync(dev)
+        sync_device(dev)
         marks["dec_end"] = clock()
         times.vae_decode += (marks["dec_end"] - marks["dec_start"]) * 1e3
         return out
@@ -126,11 +133,11 @@ def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], N
     call_start: list[float] = []
 
     def pre(module, args, kwargs):
-        _sync(dev)
+        sync_device(dev)
         call_start.append(clock())
 
     def post(module, args, kwargs, output):
-        _sync(dev)
+        sync_device(dev)
         times.transformer.append((clock() - call_start.pop()) * 1e3)
         if on_step is not None:
             on_step(len(times.transformer) - 1)
@@ -150,22 +157,19 @@ def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], N
         del pipe.vae.decode
 
 
-def _trace_of(pipe) -> list[str]:
+def trace_of(pipe) -> list[str]:
     t = pipe.transformer
     if hasattr(t, "trace") and isinstance(t.trace, list):
         out = list(t.trace)
         t.trace.clear()
         return out
-    from shiva_export.prune.api import is_shiva_applied, phase_trace
 
     if is_shiva_applied(t):
         return phase_trace(t, clear=True)
     return []
 
 
-def _adapter(pipe):
-    from shiva_export.models import get_adapter
-
+def pipeline_adapter(pipe):
     info = getattr(pipe, "shiva", None)
     if info is not None:
         return get_adapter(info.recipe.architecture)
@@ -176,7 +180,7 @@ def _adapter(pipe):
 def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: float, max_sequence_length: int | None) -> None:
     """Shape contract, before the first step: what the pipeline will feed vs what the graphs were built for."""
     t = pipe.transformer
-    adapter = _adapter(pipe)
+    adapter = pipeline_adapter(pipe)
     cfg = adapter.uses_cfg(guidance)
     text_len = adapter.pipeline_text_len(pipe, max_sequence_length)
     if hasattr(t, "check_call"):
@@ -195,14 +199,14 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
     import torch
 
     info = getattr(pipe, "shiva", None)
-    adapter = _adapter(pipe)
+    adapter = pipeline_adapter(pipe)
     h = height or (info.height if info else None)
     w = width or (info.width if info else None)
     max_seq = info.max_sequence_length if info else adapter.max_sequence_length(pipe, 256)
     check_pipeline_call(pipe, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=max_seq)
     times = StageTimes()
     store: dict[str, Any] = {}
-    _trace_of(pipe)  # drop calls made before this run
+    trace_of(pipe)  # drop calls made before this run
 
     dev = pipe._execution_device
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -210,16 +214,16 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
                                    max_sequence_length=max_seq, generator=gen) | dict(extra_call or {})
     if extra_call:  # StableDiffusion3ControlNetPipeline samples the control image's VAE posterior from the global RNG
         torch.manual_seed(int(seed))
-    with _instrument(pipe, times, store, on_step) as marks, torch.inference_mode():
-        _sync(dev)
+    with instrument(pipe, times, store, on_step) as marks, torch.inference_mode():
+        sync_device(dev)
         t0 = time.perf_counter()
         out = pipe(**kwargs, output_type="np")
-        _sync(dev)
+        sync_device(dev)
         t1 = time.perf_counter()
     times.total = (t1 - t0) * 1e3
     times.denoise_loop = (marks["dec_start"] - marks.get("enc_end", t0)) * 1e3
     times.postprocess = (t1 - marks["dec_end"]) * 1e3
-    times.phase_trace = _trace_of(pipe)
+    times.phase_trace = trace_of(pipe)
     return RunResult(out.images[0], store.get("latents"), times)
 
 
@@ -254,7 +258,7 @@ def ssim(a, b) -> float:
     return float(s.mean())
 
 
-def _to_pil(img):
+def to_pil(img):
     import numpy as np
     from PIL import Image
 
@@ -264,8 +268,6 @@ def _to_pil(img):
 def _write_png(path, image):
     """Writes a PIL image as PNG atomically; returns the image."""
     import io
-
-    from shiva_export.utils.io import atomic_write_bytes
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -300,7 +302,7 @@ def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = Non
     return grid
 
 
-def _slug(text: str, n: int = 40) -> str:
+def slug(text: str, n: int = 40) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return (s[:n].rstrip("-") or "prompt")
 
@@ -346,15 +348,8 @@ def generate(
     """
     import torch
 
-    from shiva_export._version import __version__
-    from shiva_export.export.onnx import package_versions
-    from shiva_export.runtime.pipeline import load_pipeline
-    from shiva_export.utils.io import atomic_write_json, check_writable
-
     prompts = [p for p in prompts]
     rec, steps, guidance = _check_generate_options(model, recipe, prompts, steps, guidance, context)
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.runtime.controlnet import ControlRun, check_controlnet_options
 
     check_controlnet_options(rec.architecture, controlnet, control_image, control_scale)
     control = ControlRun(controlnet, control_image, control_scale) if controlnet is not None else None
@@ -392,19 +387,19 @@ def generate(
     images = []
     for i, prompt in enumerate(prompts):
         say(f"generate {i + 1}/{len(prompts)}")
-        images.append(_generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{_slug(prompt)}", call, step_progress))
+        images.append(_generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{slug(prompt)}", call, step_progress))
 
     grid_path = None
     if compare_dense:
         rows = [e.pop("_pil") for e in images]
-        grid = image_grid(rows, labels=["dense", f"shiva ({backend}, {_budget_desc(info)})"], row_labels=[e["prompt"] for e in images])
+        grid = image_grid(rows, labels=["dense", f"shiva ({backend}, {budget_desc(info)})"], row_labels=[e["prompt"] for e in images])
         grid_path = out / "grid.png"
         _write_png(grid_path, grid)
     record = {
         "tool": f"shiva-export {__version__}",
         "model": info.model,
         "backend": backend,
-        "budget": _budget_desc(info),
+        "budget": budget_desc(info),
         "steps": steps,
         "guidance": guidance,
         "cfg": cfg,
@@ -425,11 +420,9 @@ def generate(
 
 def _check_generate_options(model, recipe, prompts: list, steps, guidance, context):
     """Validates prompts, steps, guidance and context before any output is made: (recipe, steps, guidance)."""
-    from shiva_export.runtime.pipeline import _recipe
-
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     steps = rec.pipeline.steps if steps is None else steps
     guidance = rec.pipeline.guidance if guidance is None else guidance
     if not isinstance(steps, int) or steps < 1 or steps > 1000:
@@ -437,8 +430,6 @@ def _check_generate_options(model, recipe, prompts: list, steps, guidance, conte
     if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
         raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
     if context is not None:
-        from shiva_export.models import adapter_for_architecture
-
         adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
     return rec, steps, guidance
 
@@ -452,12 +443,12 @@ def _generate_one(pipe, dense_pipe, prompt: str, seed: int, stem: Path, call: di
     entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": call["negative_prompt"], "seed": seed, "png": str(png),
                              "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
                              "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
-    pil = _write_png(png, _to_pil(res.image))
+    pil = _write_png(png, to_pil(res.image))
     if dense_pipe is not None:
         dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
         dres = run_pipeline(dense_pipe, prompt, seed=seed, on_step=dtick, **call)
         dpng = stem.parent / f"{stem.name}.dense.png"
-        dpil = _write_png(dpng, _to_pil(dres.image))
+        dpil = _write_png(dpng, to_pil(dres.image))
         entry["dense"] = _dense_comparison(res, dres, dpng)
         entry["_pil"] = (dpil, pil)
     return entry
@@ -480,7 +471,7 @@ def _dense_comparison(res, dres, dpng: Path) -> dict[str, Any]:
     }
 
 
-def _budget_desc(info) -> str:
+def budget_desc(info) -> str:
     if info.dense:
         return "dense"
     ctx = "" if info.context in (None, "drop") else f", context {info.context}"

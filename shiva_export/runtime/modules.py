@@ -55,9 +55,11 @@ from typing import Any
 
 import torch
 
+from shiva_export.engines.runner import EngineRunner
 from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.export.controlnet import as_feed
 from shiva_export.export.ort import ort_session
-from shiva_export.models import InputSpec
+from shiva_export.models import InputSpec, get_adapter
 from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
 # ShivaArtifactTransformer is defined on first access (module __getattr__ below), which ruff cannot see.
@@ -184,8 +186,6 @@ class _ArtifactTransformerBase:
     def __init__(self, config: dict[str, Any], phases: list[ArtifactPhase], backend: str, adapter=None):
         from diffusers.configuration_utils import FrozenDict
 
-        from shiva_export.models import get_adapter
-
         super().__init__()
         if not phases:
             raise ConfigError("ShivaArtifactTransformer needs at least one artifact phase.")
@@ -296,7 +296,6 @@ class _ArtifactTransformerBase:
                                  f"export one that fits: {export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}")
             feed[n] = v
         if ap.info.get("controlnet_layers"):  # graphs with ControlNet inputs (zeros when the call has no ControlNet)
-            from shiva_export.export.controlnet import as_feed
 
             feed.update(as_feed(call.get(_CONTROLNET_KWARG), int(ap.info["controlnet_layers"]), hidden_states, self.config))
         self.trace.append(ap.phase.name)
@@ -364,8 +363,6 @@ class TrtRunner:
     """
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | None = None):
-        from shiva_export.engines.runner import EngineRunner
-
         self.runner = EngineRunner(engine_dir, backend=backend)
         self.runner.activate()
 

@@ -29,11 +29,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError
+from shiva_export.checks import check_finite
+from shiva_export.engines.budgets import build_engines, export_key_for
+from shiva_export.engines.manifest import manifest_path_for, read_manifest
+from shiva_export.engines.runner import find_plan
+from shiva_export.errors import (
+    ConfigError,
+    EngineBuildError,
+    HardwareError,
+    ModelNotFoundError,
+    ParityError,
+    RecipeError,
+    WeightsError,
+)
+from shiva_export.export.buckets import pick_bucket
+from shiva_export.export.lora import load_loras_, lora_provenance
+from shiva_export.export.onnx import read_shiva_metadata
+from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
 from shiva_export.logging import get_logger
+from shiva_export.models import InputSpec, adapter_for_architecture, get_adapter, load_transformer, router_dims
+from shiva_export.models.base import check_weights_sha256
+from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_shiva_phases_
 from shiva_export.prune.schedule import TimestepPhase, phases_from_recipe, uniform_phase
-from shiva_export.recipe import Recipe, load_recipe
-from shiva_export.utils.io import canonical_json, sha256_bytes
+from shiva_export.recipe import Recipe, load_recipe, recipe_hash
+from shiva_export.runtime.embedded import ensure_embedded_pipeline, saved_none_components
+from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
+from shiva_export.utils.io import canonical_json, inside, safe_component, sha256_bytes, sha256_file, verify_onnx_record
 
 __all__ = ["BACKENDS", "ShivaPipelineInfo", "load_pipeline", "shiva_pipeline", "load_diffusers_pipeline", "resolve_phases", "quiet_libraries"]
 
@@ -98,8 +119,6 @@ class ShivaPipelineInfo:
     loras: list[dict[str, Any]] = field(default_factory=list)  # LoraSpec.to_dict() of each LoRA (fused or not)
 
     def to_dict(self) -> dict[str, Any]:
-        from shiva_export.recipe import recipe_hash
-
         return {
             "model": self.model,
             "backend": self.backend,
@@ -145,8 +164,7 @@ def _components_location(rec: Recipe) -> tuple[str, bool]:
     the recipe's own pipeline, or, for a recipe bound to a transformer folder (``train --dora`` keeps the base model's
     name), the pipeline of the built-in model of that name."""
     if _transformer_folder(rec, None) is None:
-        return _pipeline_location(rec, None)
-    from shiva_export.errors import RecipeError
+        return pipeline_location(rec, None)
 
     try:
         base = load_recipe(rec.name)
@@ -157,10 +175,10 @@ def _components_location(rec: Recipe) -> tuple[str, bool]:
             f"{rec.source_path or rec.name}: [model] path is a transformer folder and no built-in {rec.architecture} model named {rec.name!r} "
             "supplies the rest of the pipeline; pass --weights a pipeline folder whose transformer/ holds exactly these weights."
         )
-    return _pipeline_location(base, None)
+    return pipeline_location(base, None)
 
 
-def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[str, bool]:
+def pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[str, bool]:
     """(folder or repo id, is_local) of the diffusers pipeline (with a transformer folder: of its other components)."""
     if weights is not None:
         p = Path(weights).expanduser()
@@ -174,7 +192,6 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
                 "pass the folder written by the pipeline's (or transformer's) save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
-            from shiva_export.models.base import check_weights_sha256
 
             check_weights_sha256(p / "transformer", rec)
         return str(p), True
@@ -183,13 +200,10 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
             return _components_location(rec)
         folder = rec.local_pipeline_path()
         if rec.model.sha256:  # bound by sha256 (train --dora): the pipeline folder's transformer must be those weights
-            from shiva_export.models.base import check_weights_sha256
 
             check_weights_sha256(Path(folder) / "transformer", rec)
         return str(folder), True
     if rec.model.source == "embedded":
-        from shiva_export.runtime.embedded import ensure_embedded_pipeline
-
         return str(ensure_embedded_pipeline(rec)), True
     repo = rec.pipeline_repo_id()
     if not repo:
@@ -198,12 +212,10 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
 
 
 def _adapter_of(rec: Recipe):
-    from shiva_export.models import adapter_for_architecture
-
     return adapter_for_architecture(rec.architecture)
 
 
-def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
+def pipeline_from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     adapter = _adapter_of(rec)
     with quiet_libraries():  # importing a pipeline makes transformers log about torchvision image processors
         pipe_cls = adapter.pipeline_class()
@@ -212,8 +224,6 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     attempts = [True] if (is_local or offline) else [True, False]
     last: Exception | None = None
     if is_local:
-        from shiva_export.runtime.embedded import saved_none_components
-
         for comp, none in saved_none_components(Path(location)).items():
             kwargs.setdefault(comp, none)  # a pipeline saved without T5 reloads only when told so again
     for local_only in attempts:
@@ -233,7 +243,7 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     )
 
 
-def _transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer") -> dict[str, Any]:
+def read_transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer") -> dict[str, Any]:
     adapter = _adapter_of(rec)
     try:
         with quiet_libraries():
@@ -259,13 +269,13 @@ def _transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: s
 
 def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLike | Recipe | None = None, weights=None, transformer=None):
     """The plain diffusers pipeline of a model (embedded, ``--weights`` folder or cached hub id)."""
-    rec = _recipe(model, recipe)
-    loc, local = _pipeline_location(rec, weights)
+    rec = generation_recipe(model, recipe)
+    loc, local = pipeline_location(rec, weights)
     kwargs = {"transformer": transformer} if transformer is not None else {}
-    return _from_pretrained(loc, local, rec, **kwargs)
+    return pipeline_from_pretrained(loc, local, rec, **kwargs)
 
 
-def _recipe(model: str | None, recipe) -> Recipe:
+def generation_recipe(model: str | None, recipe) -> Recipe:
     """The recipe of a generation run; its architecture must declare a diffusers pipeline (one line if not)."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
     adapter = _adapter_of(rec)
@@ -286,8 +296,6 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
 
 def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None,
                   controlnet_layers: int = 0) -> str:
-    from shiva_export.engines.budgets import export_key_for
-
     key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras,
                          controlnet_layers)
     key["keep_ratios"] = list(phase.keep_ratios)
@@ -299,10 +307,6 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
                  use_phases: bool = False, context: str = "drop", bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
     or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
-    from shiva_export.export.onnx import read_shiva_metadata
-    from shiva_export.export.pruned import export_pruned
-    from shiva_export.utils.io import inside, safe_component, sha256_file, verify_onnx_record
-
     key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras, controlnet_layers)
     folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
     path = inside(root, folder / "model.onnx", "runtime ONNX")
@@ -347,8 +351,6 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
             **budget,
         )
         if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
-            from shiva_export.errors import ParityError
-
             raise ParityError(f"exported {path} fails ORT parity: {res.parity.summary_line()}", report=res.parity)
         parity = res.parity.summary_line() if res.parity is not None else None
         meta = read_shiva_metadata(path)
@@ -374,8 +376,6 @@ def _config_hash(config: dict[str, Any]) -> str:
 
 def _check_artifact_record(p: Path) -> None:
     """An --artifact graph runs only while it is byte for byte what `shiva-export onnx` wrote (its sha256 record)."""
-    from shiva_export.utils.io import verify_onnx_record
-
     why = verify_onnx_record(p)
     if why is not None:
         raise ConfigError(f"--artifact {p} cannot be trusted: {why}. Re-export it with `shiva-export onnx` (and keep the .sha256.json beside it).")
@@ -383,17 +383,10 @@ def _check_artifact_record(p: Path) -> None:
 
 def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
     """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
-    from shiva_export.export.onnx import read_shiva_metadata
-    from shiva_export.models import InputSpec
-    from shiva_export.utils.io import sha256_file
-
     out = []
     for a in artifacts:
         p = Path(a)
         if backend == "trt":
-            from shiva_export.engines.manifest import manifest_path_for, read_manifest
-            from shiva_export.engines.runner import find_plan
-
             plan = find_plan(p)
             man = read_manifest(manifest_path_for(plan))
             op = Path(man.onnx_path) if man.onnx_path else Path("model.onnx")
@@ -412,11 +405,9 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
                 f"--artifact {p} was exported from another transformer (config sha256 {want[:12]}... != {_config_hash(config)[:12]}...); "
                 "export it from this pipeline's transformer."
             )
-        from shiva_export.models import get_adapter
 
         n_layers = get_adapter(config).config_num_blocks(config)
         keep = meta.get("keep_ratios") or [None] * n_layers
-        from shiva_export.utils.io import safe_component
 
         name = safe_component(meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}", f"--artifact {p}: shiva.phase")
         phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
@@ -496,18 +487,17 @@ def load_pipeline(
     """
     _check_pipeline_options(backend, dtype, device, dense, ratio, phases, context)
     say = progress or (lambda m: None)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     adapter = _adapter_of(rec)
     ctx = adapter.check_context(rec.prune.context if context is None else context)
     say("load pipeline")
     cfg = cfg and adapter.BATCHED_CFG  # Flux: guidance is an embedding, never a [uncond; cond] batch
-    loc, local = _pipeline_location(rec, weights)
+    loc, local = pipeline_location(rec, weights)
     tf_dir = _transformer_folder(rec, weights)  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
-    config = _transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else _transformer_config(loc, local, rec)
+    config = read_transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else read_transformer_config(loc, local, rec)
     n_layers = adapter.config_num_blocks(config)
     h = rec.shapes.height if height is None else height
     w = rec.shapes.width if width is None else width
-    from shiva_export.models import InputSpec
 
     adapter.check_image_size(config_obj(config), h, w)
     info_kwargs: dict[str, Any] = {"loras": [lo.to_dict() for lo in loras or ()]}
@@ -518,7 +508,9 @@ def load_pipeline(
         artifacts_info: list[dict[str, Any]] = []
     else:
         spec = InputSpec(batch=batch, height=h, width=w, text_len=rec.shapes.text_len, cfg=cfg)
-        from shiva_export.runtime.modules import ShivaArtifactTransformer
+        from shiva_export.runtime.modules import (
+            ShivaArtifactTransformer,  # lazy: shiva_export.runtime.modules defines it on first access (module __getattr__ imports diffusers)
+        )
 
         if artifacts:
             aps, ctx = _opened_phases(artifacts, backend, config, rec, dtype, provider, threads, context, say, loras)
@@ -528,7 +520,7 @@ def load_pipeline(
                                 loras, controlnet_layers)
         phase_list = tuple(a.phase for a in aps)
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
-        pipe = _from_pretrained(loc, local, rec, transformer=module)
+        pipe = pipeline_from_pretrained(loc, local, rec, transformer=module)
         adapter.check_pipeline(pipe, rec)
         artifacts_info = [a.info for a in aps]
         router_info = {"router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})}
@@ -571,8 +563,6 @@ def _check_pipeline_options(backend: str, dtype: str, device: str, dense: bool =
         import torch
 
         if not torch.cuda.is_available():
-            from shiva_export.errors import HardwareError
-
             raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
     if dense and (ratio not in (None, 0.0) or phases):
         raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
@@ -585,16 +575,13 @@ def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router,
     """The model's pipeline with its own transformer, LoRAs loaded (unfused), routed in place: (pipe, phases, router info)."""
     own = {}
     if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
-        from shiva_export.models import load_transformer
 
         own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
-    pipe = _from_pretrained(loc, local, rec, **own)
+    pipe = pipeline_from_pretrained(loc, local, rec, **own)
     adapter.check_pipeline(pipe, rec)
     if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
-        from shiva_export.checks import check_finite
 
         check_finite(pipe.transformer.state_dict(), f"transformer weights in {loc}", WeightsError)
-    from shiva_export.export.lora import load_loras_
 
     load_loras_(pipe.transformer, loras or ())  # unfused, before routing: the routed blocks run the peft layers
     if dense:
@@ -606,8 +593,6 @@ def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router,
 def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, provider: str, threads, context, say, loras=None):
     """Runners over given ONNX files or engine folders, phases and shapes from their metadata, which must carry
     ``loras``: (phases, context)."""
-    from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
-
     opened = _open_artifacts(artifacts, backend, config, say)
     ctx = _artifacts_context(opened, context)
     _check_artifact_loras(opened, loras)
@@ -622,9 +607,6 @@ def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path
                   use_phases: bool, ctx: str, say, loras=None, controlnet_layers: int = 0) -> list:
     """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
     ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
-    from shiva_export.export.buckets import pick_bucket
-    from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
-
     bucket = pick_bucket(rec, root, spec.height, spec.width)  # a model with buckets runs only at their sizes
     aps = []
     for phase in phase_list:
@@ -641,8 +623,6 @@ def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path
 
 def _check_artifact_loras(opened, loras) -> None:
     """Given graphs carry their LoRAs fused: they must be exactly the requested ones (files by sha256, and scales)."""
-    from shiva_export.export.lora import lora_provenance
-
     def strip(rows):  # the file name is only a label
         return [(r.get("sha256"), r.get("scale")) for r in rows or []]
 
@@ -673,10 +653,6 @@ def config_obj(config: dict[str, Any]):
 
 
 def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, context: str = "drop") -> dict[str, Any]:
-    from shiva_export.export.pruned import resolve_router, router_tensor_hash
-    from shiva_export.models import router_dims
-    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_shiva_phases_
-
     config = ShivaConfig(phase_list[0].keep_ratios, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
     rc = config.router_config(*router_dims(transformer))
     bank, info = resolve_router(rec, router, rc)
@@ -690,8 +666,6 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
                    bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio or learned phase with ``build_engines``: the folders
     ``shiva-export trt [--size WxH] [--phases]`` writes."""
-    from shiva_export.engines.budgets import build_engines
-
     size = {"sizes": [bucket]} if bucket else {"height": spec.height, "width": spec.width}
     if use_phases and not dense:
         budget: dict[str, Any] = {"phases": [phase.name], "dense": False}
@@ -702,10 +676,7 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
                            out_dir=root, context=None if dense else context, loras=loras, controlnet_layers=controlnet_layers, **size, **budget)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
-        from shiva_export.errors import EngineBuildError
-
         raise EngineBuildError(f"engine for {phase.name} did not build: {b.error}")
-    from shiva_export.engines.manifest import manifest_path_for, read_manifest
 
     man = read_manifest(manifest_path_for(b.plan_path))
     return {"phase": phase.name, "engine": str(b.out_dir), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256,
@@ -725,7 +696,6 @@ def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | 
         raise ConfigError(
             f"shiva_pipeline(backend={backend!r}) on an already loaded pipeline is torch-only; use load_pipeline(weights=FOLDER, backend={backend!r})."
         )
-    from shiva_export.models import get_adapter
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     adapter = get_adapter(pipe.transformer)

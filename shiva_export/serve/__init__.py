@@ -15,6 +15,8 @@ Ray is an optional extra (``pip install 'shiva-export[serve]'``), imported only 
 
 from __future__ import annotations
 
+from shiva_export.errors import MissingDependencyError
+
 __all__ = ["require_ray", "RAY_INSTALL"]
 
 #: the install line printed when Ray is missing
@@ -27,7 +29,5 @@ def require_ray(purpose: str):
         import ray
         import ray.serve  # noqa: F401 - the extra installs both; a partial install fails here, not mid-run
     except ImportError as err:
-        from shiva_export.errors import MissingDependencyError
-
         raise MissingDependencyError(f"Optional package 'ray' is needed for {purpose} but cannot be imported ({err}). Install it: {RAY_INSTALL}.") from None
     return ray

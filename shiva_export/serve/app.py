@@ -23,6 +23,7 @@ from typing import Any
 
 from shiva_export.serve.options import ServeOptions
 from shiva_export.serve.requests import RequestError, parse_request
+from shiva_export.serve.worker import ImageWorker
 
 __all__ = ["APP_NAME", "DEPLOYMENT_NAME", "IMPORT_PATH", "build_app", "serve_config", "deployment_options"]
 
@@ -89,8 +90,6 @@ def _deployment_class():
         """One replica: the pipeline(s) loaded once in ``__init__`` (Ray marks the replica ready after it)."""
 
         def __init__(self, args: dict[str, Any]):
-            from shiva_export.serve.worker import ImageWorker
-
             self.opts = ServeOptions.from_args(args)
             self.worker = ImageWorker(self.opts)
             self.generate_batch.set_max_batch_size(self.worker.max_batch)

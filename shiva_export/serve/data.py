@@ -22,8 +22,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shiva_export.errors import ConfigError
+from shiva_export import errors
+from shiva_export._version import __version__
+from shiva_export.errors import ConfigError, ShivaError
+from shiva_export.export.onnx import package_versions
+from shiva_export.models import adapter_for_architecture
+from shiva_export.recipe import recipe_hash
+from shiva_export.runtime.generate import budget_desc, run_pipeline, slug
+from shiva_export.runtime.pipeline import generation_recipe, load_pipeline
 from shiva_export.serve import require_ray
+from shiva_export.serve.worker import pipeline_kwargs, png_bytes
+from shiva_export.utils.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    cache_root,
+    canonical_json,
+    check_writable,
+    sha256_file,
+)
 
 __all__ = ["generate_ray"]
 
@@ -34,10 +50,6 @@ class _GenerateActor:
     def __init__(self, load: dict[str, Any], run: dict[str, Any]):
         import torch
 
-        from shiva_export.errors import ShivaError
-        from shiva_export.runtime.pipeline import load_pipeline
-        from shiva_export.serve.worker import pipeline_kwargs
-
         if load.get("threads") is not None:
             torch.set_num_threads(int(load["threads"]))
         self.run, self.error = run, ""
@@ -47,8 +59,6 @@ class _GenerateActor:
             self.error = _error_text(err)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from shiva_export.errors import ShivaError
-
         out: dict[str, list] = {"index": [], "png": [], "entry": [], "head": [], "error": []}
         for i, prompt in zip(batch["index"], batch["prompt"]):
             png, entry, head, error = b"", "", "", self.error
@@ -64,9 +74,6 @@ class _GenerateActor:
     def _one(self, i: int, prompt: str) -> tuple[bytes, str, str]:
         """PNG, entry and run head (JSON) of prompt ``i``, exactly as ``generate`` makes them."""
         import torch
-
-        from shiva_export.runtime.generate import run_pipeline
-        from shiva_export.serve.worker import png_bytes
 
         r, info = self.run, self.pipe.shiva
         h = info.height if r["height"] is None else r["height"]
@@ -87,39 +94,27 @@ def _error_text(err: BaseException) -> str:
 
 def _raise_row_error(text: str) -> None:
     """Raises, in the driver, the ShivaError an actor reported (same class: same exit code)."""
-    from shiva_export import errors
-
     e = json.loads(text)
     cls = getattr(errors, e["type"], errors.ShivaError)
     raise (cls if isinstance(cls, type) and issubclass(cls, errors.ShivaError) else errors.ShivaError)(e["message"])
 
 
 def _budget(info) -> str:
-    from shiva_export.runtime.generate import _budget_desc
-
-    return _budget_desc(info)
+    return budget_desc(info)
 
 
 def _name(i: int, prompt: str) -> str:
-    from shiva_export.runtime.generate import _slug
-
-    return f"{i:03d}-{_slug(prompt)}"
+    return f"{i:03d}-{slug(prompt)}"
 
 
 def _run_key(load: dict[str, Any], run: dict[str, Any], out: Path) -> str:
-    from shiva_export.recipe import recipe_hash
-    from shiva_export.runtime.pipeline import _recipe
-    from shiva_export.utils.io import canonical_json
-
-    rec = _recipe(load["model"], load["recipe"])
+    rec = generation_recipe(load["model"], load["recipe"])
     key = {"recipe": recipe_hash(rec), "load": {k: str(v) for k, v in load.items()}, "run": run, "out": str(out.resolve())}
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
 
 
 def _finished(state: Path, out: Path, prompts: Sequence[str], seed: int) -> dict[int, dict[str, Any]]:
     """Entries of images a previous run finished: state file present, prompt and seed equal, PNG unchanged."""
-    from shiva_export.utils.io import sha256_file
-
     done: dict[int, dict[str, Any]] = {}
     for i, prompt in enumerate(prompts):
         f = state / f"{i:06d}.json"
@@ -157,12 +152,9 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
                  num_gpus: float = 0.0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """What :func:`~shiva_export.runtime.generate.generate` does, over ``replicas`` Ray Data actors; returns the record
     written to ``generate.json``. ``progress(done, total)`` after each image (skipped ones count as done)."""
-    from shiva_export.runtime.pipeline import _recipe
-    from shiva_export.utils.io import _cache_root, atomic_write_bytes, atomic_write_json, check_writable
-
     prompts = list(prompts)
     _check(prompts, steps, guidance, replicas, compare_dense)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     steps = rec.pipeline.steps if steps is None else steps
     guidance = rec.pipeline.guidance if guidance is None else guidance
     out = Path(out_dir)
@@ -172,7 +164,7 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
                 artifacts=[str(Path(a).resolve()) for a in artifacts or []], context=context, dtype=dtype, device=device, provider=provider,
                 threads=threads, artifact_root=str(Path(artifact_root).resolve()), height=height, width=width)
     run = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, height=height, width=width)
-    state = _cache_root() / "ray-generate" / _run_key(load, run, out)
+    state = cache_root() / "ray-generate" / _run_key(load, run, out)
     done = _finished(state, out, prompts, seed)
     tick = progress or (lambda d, n: None)
     tick(len(done), len(prompts))
@@ -212,11 +204,6 @@ def _map(pending: list[dict[str, Any]], load, run, replicas: int, num_cpus: floa
 
 def _write_record(out: Path, rec, done: dict[int, dict[str, Any]], prompts: Sequence[str], backend: str, steps: int, guidance: float) -> dict[str, Any]:
     """``generate.json`` as the single-process run writes it (``generate``'s keys, images in prompt order)."""
-    from shiva_export._version import __version__
-    from shiva_export.export.onnx import package_versions
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.utils.io import atomic_write_json
-
     head = done[0]["head"]
     images = []
     for i, prompt in enumerate(prompts):

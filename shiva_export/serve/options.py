@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError
+from shiva_export.models import adapter_for_architecture
+from shiva_export.runtime.pipeline import generation_recipe
 
 __all__ = ["ServeOptions", "parse_autoscale", "check_port_free", "DEFAULT_MAX_BATCH"]
 
@@ -107,13 +109,10 @@ class ServeOptions:
 
     def _check_model(self) -> None:
         """The model, recipe and context resolve (reads the recipe TOML only; nothing is loaded)."""
-        from shiva_export.models import adapter_for_architecture
-        from shiva_export.runtime.pipeline import _recipe
-
         for name, p in (("--recipe", self.recipe), ("--weights", self.weights), ("--router", self.router)):
             if p is not None and not Path(p).exists():
                 raise ConfigError(f"{name} {p} does not exist; pass an existing path.")
-        rec = _recipe(self.model, self.recipe)
+        rec = generation_recipe(self.model, self.recipe)
         if self.context is not None:
             adapter_for_architecture(rec.architecture).check_context(self.context)
 

@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shiva_export import errors
 from shiva_export.serve import require_ray
 from shiva_export.serve.app import APP_NAME, build_app, http_options, serve_config
 from shiva_export.serve.options import ServeOptions, check_port_free
+from shiva_export.utils.io import atomic_write_text
 
 __all__ = ["dump_config", "start_app", "stop_app", "serve_forever"]
 
@@ -23,8 +25,6 @@ def dump_config(opts: ServeOptions, path: str | Path) -> Path:
     require_ray("shiva-export serve --dump-config")
     import yaml
     from ray.serve.schema import ServeDeploySchema
-
-    from shiva_export.utils.io import atomic_write_text
 
     config = serve_config(opts)
     ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
@@ -71,8 +71,6 @@ def _deployment_messages() -> str:
 def replica_error(text: str):
     """The last ``shiva_export.errors.<Class>: <message>`` line of a Ray deployment failure, as that error."""
     import re
-
-    from shiva_export import errors
 
     found = re.findall(r"shiva_export\.errors\.(\w+): ([^\n]*)", text)
     if not found:

@@ -18,7 +18,22 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from shiva_export._version import __version__
 from shiva_export.errors import ConfigError, ShapeError, ShivaError
+from shiva_export.export.onnx import package_versions
+from shiva_export.models import adapter_for_architecture
+from shiva_export.runtime.generate import (
+    StageTimes,
+    budget_desc,
+    check_pipeline_call,
+    instrument,
+    pipeline_adapter,
+    run_pipeline,
+    sync_device,
+    to_pil,
+    trace_of,
+)
+from shiva_export.runtime.pipeline import generation_recipe, load_pipeline, quiet_libraries
 from shiva_export.serve.requests import GenerateRequest, Limits, RequestError
 
 __all__ = ["ImageWorker", "run_batch", "png_bytes", "pipeline_kwargs"]
@@ -29,10 +44,7 @@ _TEXT_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 def pipeline_kwargs(*, model, recipe, weights, router, backend, ratio, phases, artifacts, context, dtype, device, provider, threads,
                     artifact_root, height=None, width=None) -> dict[str, Any]:
     """``load_pipeline`` keyword arguments exactly as ``generate`` builds them (CFG from the recipe's guidance)."""
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.runtime.pipeline import _recipe
-
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(rec.pipeline.guidance)
     return dict(recipe=rec, weights=weights, height=height, width=width, cfg=cfg, dtype=dtype, provider=provider, threads=threads,
                 device=device, artifact_root=artifact_root, backend=backend, ratio=ratio, phases=phases, router=router,
@@ -41,10 +53,8 @@ def pipeline_kwargs(*, model, recipe, weights, router, backend, ratio, phases, a
 
 def png_bytes(image) -> bytes:
     """The PNG ``generate`` writes for a float image in [0, 1] (same conversion, same encoder)."""
-    from shiva_export.runtime.generate import _to_pil
-
     buf = io.BytesIO()
-    _to_pil(image).save(buf, format="PNG")
+    to_pil(image).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -71,9 +81,7 @@ def run_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     """Several prompts in one pipeline call (row i seeded with ``seeds[i]``); returns (images, StageTimes of the call)."""
     import torch
 
-    from shiva_export.runtime.generate import StageTimes, _adapter, _instrument, _sync, _trace_of, check_pipeline_call
-
-    info, adapter = pipe.shiva, _adapter(pipe)
+    info, adapter = pipe.shiva, pipeline_adapter(pipe)
     max_seq = info.max_sequence_length
     check_pipeline_call(pipe, batch=len(prompts), height=height, width=width, guidance=guidance, max_sequence_length=max_seq)
     calls = [adapter.pipeline_call(pipe, p, negative_prompt=None, steps=steps, guidance=guidance, height=height, width=width,
@@ -81,18 +89,18 @@ def run_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
              for p, s in zip(prompts, seeds)]
     kwargs = _merge_calls(calls)
     times, store = StageTimes(), {}
-    _trace_of(pipe)  # drop calls made before this run
+    trace_of(pipe)  # drop calls made before this run
     dev = pipe._execution_device
-    with _instrument(pipe, times, store) as marks, torch.inference_mode():
-        _sync(dev)
+    with instrument(pipe, times, store) as marks, torch.inference_mode():
+        sync_device(dev)
         t0 = time.perf_counter()
         out = pipe(**kwargs, output_type="np")
-        _sync(dev)
+        sync_device(dev)
         t1 = time.perf_counter()
     times.total = (t1 - t0) * 1e3
     times.denoise_loop = (marks["dec_start"] - marks.get("enc_end", t0)) * 1e3
     times.postprocess = (t1 - marks["dec_end"]) * 1e3
-    times.phase_trace = _trace_of(pipe)
+    times.phase_trace = trace_of(pipe)
     return list(out.images), times
 
 
@@ -117,9 +125,6 @@ class ImageWorker:
     def __init__(self, opts, progress=None):
         import torch
 
-        from shiva_export.export.onnx import package_versions
-        from shiva_export.runtime.pipeline import load_pipeline
-
         if opts.threads is not None:
             torch.set_num_threads(opts.threads)
         self.opts = opts
@@ -143,10 +148,8 @@ class ImageWorker:
         the prompt's length in tokens, DiT's class labels. Raises :class:`RequestError` (422)."""
         import torch
 
-        from shiva_export.runtime.generate import _adapter, check_pipeline_call
-
         pipe = self.pipes[1]
-        adapter = _adapter(pipe)
+        adapter = pipeline_adapter(pipe)
         try:
             adapter.check_image_size(pipe.transformer.config, req.height, req.width)
             check_pipeline_call(pipe, batch=1, height=req.height, width=req.width, guidance=req.guidance,
@@ -161,8 +164,6 @@ class ImageWorker:
     def _check_tokens(self, prompt: str) -> None:
         """A prompt must reach the model whole: no tokenizer of the pipeline may truncate it (CLIP at its
         ``model_max_length``, T5 at the graph's ``max_sequence_length``)."""
-        from shiva_export.runtime.pipeline import quiet_libraries
-
         pipe = self.pipes[1]
         for attr in _TEXT_TOKENIZERS:
             tok = getattr(pipe, attr, None)
@@ -207,8 +208,6 @@ class ImageWorker:
         return results
 
     def _call(self, reqs: list[GenerateRequest]) -> list[dict[str, Any]]:
-        from shiva_export.runtime.generate import run_pipeline
-
         r0 = reqs[0]
         if len(reqs) == 1:  # exactly generate's call
             res = run_pipeline(self.pipes[1], r0.prompt, steps=r0.steps, guidance=r0.guidance, seed=r0.seed, height=r0.height, width=r0.width)
@@ -223,22 +222,17 @@ class ImageWorker:
         """The PNG and its record: what ``generate.json`` holds for the image and its run, plus the batch."""
         import torch
 
-        from shiva_export._version import __version__
-        from shiva_export.runtime.generate import _budget_desc
-
         data = png_bytes(image)
         info = self.info
         entry = {"prompt": req.prompt, "negative_prompt": None, "seed": req.seed, "png_sha256": hashlib.sha256(data).hexdigest(),
                  "timings_ms": times.to_dict(), "phase_trace": "".join(n[0].upper() for n in times.phase_trace),
                  "phase_steps": {k: v["steps"] for k, v in times.per_phase().items()}}
         cfg = self._adapter_cfg(req.guidance)
-        record = {"tool": f"shiva-export {__version__}", "model": info.model, "backend": info.backend, "budget": _budget_desc(info),
+        record = {"tool": f"shiva-export {__version__}", "model": info.model, "backend": info.backend, "budget": budget_desc(info),
                   "steps": req.steps, "guidance": req.guidance, "cfg": cfg, "height": req.height, "width": req.width,
                   "device": str(self.pipes[1]._execution_device), "torch_threads": torch.get_num_threads(), "pipeline": info.to_dict(),
                   "image": entry, "batch_size": batch, "replica": dict(self.replica), "versions": self.versions}
         return {"png": data, "record": record}
 
     def _adapter_cfg(self, guidance: float) -> bool:
-        from shiva_export.runtime.generate import _adapter
-
-        return bool(_adapter(self.pipes[1]).uses_cfg(guidance))
+        return bool(pipeline_adapter(self.pipes[1]).uses_cfg(guidance))

@@ -42,8 +42,10 @@ import torch
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
+from shiva_export.models import InputSpec, adapter_for_architecture, get_adapter
 from shiva_export.train.data import Batch, SyntheticData, check_conditioning, condition_batch, draw_timesteps
 from shiva_export.train.dataset import FORMAT, FORMAT_VERSION, MANIFEST_NAME, NULL_NAME
+from shiva_export.utils.io import safe_component, sha256_file_cached
 
 __all__ = ["CachedLayout", "LatentFolder", "ShardDataset", "ShardedLatents", "is_train_data", "make_data"]
 
@@ -73,8 +75,6 @@ class CachedLayout:
     @classmethod
     def of(cls, model, height: int | None = None, width: int | None = None) -> CachedLayout:
         """The layout of a transformer, a config (``_class_name``) or an architecture key (no shape checks, no extras)."""
-        from shiva_export.models import get_adapter
-
         config = None if isinstance(model, str) else getattr(model, "config", model)
         return cls(get_adapter(model), config, height, width)
 
@@ -87,8 +87,6 @@ class CachedLayout:
 
     def expected(self, shapes: dict[str, tuple[int, ...]], height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes the model needs at ``height`` x ``width`` px, at the stored text length."""
-        from shiva_export.models import InputSpec
-
         return self.adapter.cache_shapes(self.config, InputSpec(1, height, width, self._text_len(shapes), False))
 
     def check(self, shapes: dict[str, tuple[int, ...]], where: str, encoded_px: tuple[int, int] | None = None) -> None:
@@ -119,8 +117,6 @@ class CachedLayout:
         if self.config is None or self.height is None or self.width is None:
             return {}
         if (b, text_len) not in self._extras:
-            from shiva_export.models import InputSpec
-
             spec = InputSpec(b, self.height, self.width, text_len, False)
             held = {"hidden_states", "timestep", *self.adapter.CACHE_TEXT_INPUTS.values()}
             made = self.adapter.make_inputs(self.config, spec, seed=0)
@@ -131,7 +127,6 @@ class CachedLayout:
         """Inputs with a batch axis (Flux ``img_ids``/``txt_ids`` have none); None: all."""
         if self.config is None or self.height is None or self.width is None:
             return None
-        from shiva_export.models import InputSpec
 
         shapes = self.adapter.input_shapes(self.config, InputSpec(1, self.height, self.width, 1, False))
         return {n for n in shapes if n != "timestep"}
@@ -343,8 +338,6 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 def _check_file(folder: Path, entry: dict[str, Any], verify: str) -> Path:
     from safetensors import SafetensorError
 
-    from shiva_export.utils.io import safe_component, sha256_file_cached
-
     name = safe_component(entry.get("file"), "train-data shard")
     path = folder / name
     fix = "Re-run shiva-export train-data (the folder is damaged)."
@@ -368,8 +361,6 @@ def _check_file(folder: Path, entry: dict[str, Any], verify: str) -> Path:
 def _manifest_layout(m: dict[str, Any], p: Path, model, height: int | None, width: int | None) -> CachedLayout:
     """The layout of the manifest's architecture (manifests before the field were SD3's, the only one then);
     a model of another architecture is refused."""
-    from shiva_export.models import adapter_for_architecture, get_adapter
-
     arch = m.get("architecture", "sd3")
     if not isinstance(arch, str):
         raise ConfigError(f"--data {p}: {MANIFEST_NAME} has a malformed architecture. Re-run shiva-export train-data.")

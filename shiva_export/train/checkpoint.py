@@ -18,6 +18,7 @@ import torch
 
 from shiva_export.errors import ConfigError
 from shiva_export.train import dora as _dora
+from shiva_export.utils.io import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_NAME", "Trainables", "save_checkpoint", "load_checkpoint", "check_compatible", "checkpoint_payload", "resume_from"]
 
@@ -52,8 +53,6 @@ class Trainables:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Writes ``payload`` (:func:`checkpoint_payload`) to ``path`` atomically."""
-    from shiva_export.utils.io import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())

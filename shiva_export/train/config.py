@@ -12,7 +12,12 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError
-from shiva_export.train.policy import MAX_PHASES
+from shiva_export.prune.api import check_context
+from shiva_export.recipe import Recipe, load_recipe
+from shiva_export.train.dora import check_dora_settings
+from shiva_export.train.heldout import EarlyStopping
+from shiva_export.train.policy import KEEP_MEASURES, MAX_PHASES
+from shiva_export.train.ste import ESTIMATORS
 
 __all__ = ["TrainConfig", "STAGES", "resolve_recipe"]
 
@@ -225,10 +230,6 @@ class TrainConfig:
             raise ConfigError(f"sampler_steps is {self.sampler_steps!r}; expected an int >= phases ({self.phases}).")
 
     def _check_choices(self) -> None:
-        from shiva_export.prune.api import check_context
-        from shiva_export.train.policy import KEEP_MEASURES
-        from shiva_export.train.ste import ESTIMATORS
-
         if self.context is not None:
             check_context(self.context)
 
@@ -263,11 +264,9 @@ class TrainConfig:
                 raise ConfigError(f"eval_every is {self.eval_every!r}; expected an int >= 1 (steps between held-out evaluations) or None (off).")
             if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
                 raise ConfigError(f"eval_samples is {self.eval_samples!r}; expected an int >= 1 (size of the held-out batch).")
-            from shiva_export.train.heldout import EarlyStopping
 
             EarlyStopping(self.patience, self.eval_min_delta)  # checks patience and min_delta
         if self.dora:  # -- DoRA --
-            from shiva_export.train.dora import check_dora_settings
 
             check_dora_settings(self.dora_rank, self.dora_alpha, self.lr_dora, self.joint_steps)
 
@@ -308,6 +307,4 @@ class TrainConfig:
 
 def resolve_recipe(recipe_or_model):
     """A :class:`~shiva_export.recipe.Recipe` as is, else the recipe of a model name or path."""
-    from shiva_export.recipe import Recipe, load_recipe
-
     return recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)

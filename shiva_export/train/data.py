@@ -36,6 +36,7 @@ import torch
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
+from shiva_export.models import InputSpec, get_adapter
 
 __all__ = ["Batch", "SyntheticData", "condition_batch", "draw_timesteps", "check_conditioning"]
 
@@ -173,8 +174,6 @@ class SyntheticData:
     has_targets = False
 
     def __init__(self, model, height: int, width: int, text_len: int, seed: int = 0):
-        from shiva_export.models import InputSpec, get_adapter
-
         self.adapter = get_adapter(model)
         self.config = getattr(model, "config", model)
         self.spec = InputSpec(batch=1, height=height, width=width, text_len=text_len, cfg=False)

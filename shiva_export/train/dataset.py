@@ -40,8 +40,20 @@ from typing import Any
 
 import torch
 
-from shiva_export.errors import ConfigError, MissingDependencyError, ModelNotFoundError, OutputPathError
+from shiva_export._version import __version__
+from shiva_export.errors import ConfigError, HardwareError, MissingDependencyError, ModelNotFoundError, OutputPathError
 from shiva_export.logging import get_logger
+from shiva_export.models import VAE_SCALE, InputSpec, adapter_for_architecture
+from shiva_export.recipe import recipe_hash
+from shiva_export.runtime.pipeline import config_obj, generation_recipe, quiet_libraries
+from shiva_export.utils.io import (
+    atomic_write_json,
+    canonical_json,
+    sha256_bytes,
+    sha256_file_cached,
+    sweep_stale_temps,
+    temp_prefix,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -237,7 +249,6 @@ def _versions() -> dict[str, str]:
     for pkg in ("torch", "diffusers", "transformers", "safetensors"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-    from shiva_export._version import __version__
 
     out["shiva-export"] = __version__
     return out
@@ -245,8 +256,6 @@ def _versions() -> dict[str, str]:
 
 def _component_digests(location: str, is_local: bool) -> dict[str, str | None]:
     """sha256 per pipeline component folder: the hash of ``{relative path: file sha256}`` of its files."""
-    from shiva_export.utils.io import canonical_json, sha256_bytes, sha256_file_cached
-
     root: Path | None = Path(location) if is_local else None
     if root is None:
         try:
@@ -346,14 +355,11 @@ def encode_train_data(
         ConfigError: Bad sizes, counts, images, or an architecture whose adapter declares no cached layout.
         OutputPathError: ``out`` exists and is not replaceable, or cannot be written.
     """
-    from shiva_export.runtime.pipeline import _recipe
-    from shiva_export.utils.io import atomic_write_json
-
     t_start = time.perf_counter()
     recs = _check_encode_args(prompts, records, shard_size, batch, dtype, device)
     out = Path(out).expanduser()
     _prepare_out(out, overwrite)
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     h = rec.shapes.height if height is None else int(height)
     w = rec.shapes.width if width is None else int(width)
     with_images = any(r.image is not None for r in recs)
@@ -394,8 +400,6 @@ def _check_encode_args(prompts, records, shard_size: int, batch: int, dtype: str
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
-        from shiva_export.errors import HardwareError
-
         raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
     return recs
 
@@ -419,28 +423,29 @@ class _Encoder:
     @classmethod
     def open(cls, rec, weights, pipe, h: int, w: int, device: str) -> _Encoder:
         """Loads the pipeline (unless given) after checking the image size against the transformer config."""
-        from shiva_export.models import adapter_for_architecture
-        from shiva_export.runtime.pipeline import _from_pretrained, _pipeline_location, _transformer_config, config_obj
+        from shiva_export.runtime.pipeline import (  # lazy: looked up at call time (tests/test_context_kept.py patches pipeline_location)
+            pipeline_from_pretrained,
+            pipeline_location,
+            read_transformer_config,
+        )
 
         adapter = adapter_for_architecture(rec.architecture)
         if pipe is None:
-            loc, local = _pipeline_location(rec, weights)
-            tcfg = _transformer_config(loc, local, rec)
+            loc, local = pipeline_location(rec, weights)
+            tcfg = read_transformer_config(loc, local, rec)
         else:
             loc = str(getattr(pipe, "name_or_path", "") or "")
             local = Path(loc).is_dir()
-            tcfg = _transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
+            tcfg = read_transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
         adapter.check_image_size(config_obj(tcfg), h, w)
         if pipe is None:
-            pipe = _from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
+            pipe = pipeline_from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
         if device != "cpu":
             pipe.to(device)
         text_info = adapter.text_cache_info(pipe, rec.shapes.text_len)  # refuses a text length the pipeline cannot give
         return cls(pipe, adapter, tcfg, loc, local, rec.shapes.text_len, h, w, device, text_info)
 
     def text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        from shiva_export.runtime.pipeline import config_obj
-
         out, truncated = self.adapter.encode_text_cache(self.pipe, config_obj(self.tcfg), texts, self.text_len, self.device)
         self.truncated += truncated
         return out
@@ -451,23 +456,16 @@ class _Encoder:
         if processor is None:  # DiTPipeline has none: the VAE's own preprocessing ([-1, 1], resized)
             from diffusers.image_processor import VaeImageProcessor
 
-            from shiva_export.models import VAE_SCALE
-
             processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE)
         x = processor.preprocess(ims, height=self.height, width=self.width, resize_mode="crop")
         return self.adapter.encode_latent_cache(self.pipe, x)
 
     def latent_shape(self) -> list[int]:
-        from shiva_export.models import InputSpec
-        from shiva_export.runtime.pipeline import config_obj
-
         return [int(v) for v in self.adapter.cache_shapes(config_obj(self.tcfg), InputSpec(1, self.height, self.width, self.text_len, False))["latents"]]
 
 
 def _temp_folder(out: Path) -> tuple[Path, Path]:
     """``(parent, temp folder)`` beside ``out``: the output is written there and moved into place whole."""
-    from shiva_export.utils.io import sweep_stale_temps, temp_prefix
-
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -490,8 +488,6 @@ class _ShardWriter:
 
     def write(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         from safetensors.torch import save as st_save
-
-        from shiva_export.utils.io import sha256_bytes
 
         data = st_save({k: (v.to(self.store) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}, metadata=self.meta)
         path = self.tmp / name
@@ -524,8 +520,6 @@ class _ShardWriter:
 
 def _encode_records(enc: _Encoder, writer: _ShardWriter, recs: list[DataRecord], batch: int, with_images: bool, progress) -> dict[str, Any]:
     """The null prompt into ``null.safetensors``, then every record in batches into shards; returns the null entry."""
-    from shiva_export.runtime.pipeline import quiet_libraries
-
     with torch.inference_mode(), quiet_libraries():  # truncation notes are counted instead (manifest, summary)
         null = enc.text([""])  # what the pipeline encodes for the uncond half of CFG
         null_info = writer.write(NULL_NAME, {k: v[0] for k, v in null.items()})
@@ -545,8 +539,6 @@ def _encode_records(enc: _Encoder, writer: _ShardWriter, recs: list[DataRecord],
 
 def _manifest(rec, enc: _Encoder, writer: _ShardWriter, null_info: dict[str, Any], samples: int, with_images: bool, source, seed: int,
               t_start: float) -> dict[str, Any]:
-    from shiva_export.recipe import recipe_hash
-
     vae = enc.pipe.vae.config
     shift, scale = float(getattr(vae, "shift_factor", 0.0) or 0.0), float(vae.scaling_factor)
     return {
@@ -578,8 +570,6 @@ def _manifest(rec, enc: _Encoder, writer: _ShardWriter, null_info: dict[str, Any
 
 def _commit(tmp: Path, out: Path, parent: Path) -> None:
     """Moves the finished temp folder to ``out`` (replacing an earlier output, checked by :func:`_prepare_out`)."""
-    from shiva_export.utils.io import temp_prefix
-
     trash = None
     try:
         if out.is_dir() and any(out.iterdir()):

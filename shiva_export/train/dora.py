@@ -35,9 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export._imports import lazy_import
-from shiva_export.errors import ConfigError, ShivaInternalError
+from shiva_export._imports import INSTALL_HINTS, is_available, lazy_import
+from shiva_export.errors import ConfigError, MissingDependencyError, ShivaInternalError
 from shiva_export.logging import get_logger
+from shiva_export.models import InputSpec, get_adapter, make_inputs
+from shiva_export.models.base import weights_sha256
+from shiva_export.prune.api import is_shiva_applied
+from shiva_export.utils.io import temp_prefix
 
 __all__ = [
     "DORA_RANK",
@@ -108,8 +112,6 @@ class DoRAMergeResult:
 # ------------------------------------------------------------------------------------------------ targets
 def dora_target_modules(transformer: nn.Module) -> str:
     """The architecture's DoRA target regex (peft ``target_modules``, ``re.fullmatch`` on module names)."""
-    from shiva_export.models import get_adapter
-
     return get_adapter(transformer).dora_target_modules()
 
 
@@ -304,8 +306,6 @@ def check_dora_settings(rank: int, alpha: float, lr: float, joint_steps: int) ->
     for name, v in (("dora_alpha", alpha), ("lr_dora", lr)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ConfigError(f"{name} is {v!r}; expected a finite float > 0.")
-    from shiva_export._imports import INSTALL_HINTS, is_available
-    from shiva_export.errors import MissingDependencyError
 
     if not is_available("peft"):
         raise MissingDependencyError(f"--dora needs peft, which is not installed. Install: {INSTALL_HINTS['peft']}.")
@@ -331,8 +331,6 @@ def load_checkpoint_state(transformer: nn.Module, ck: dict, enabled: bool, path)
 
 # ------------------------------------------------------------------------------------------------- merge
 def _check_inputs(transformer: nn.Module, check_inputs) -> dict[str, Any]:
-    from shiva_export.models import InputSpec, make_inputs
-
     if isinstance(check_inputs, InputSpec):
         check_inputs = make_inputs(transformer, check_inputs, seed=0)
     device = next(transformer.parameters()).device
@@ -368,10 +366,6 @@ def merge_and_save(transformer: nn.Module, out_dir: str | os.PathLike, check_inp
         >>> res = merge_and_save(transformer, "runs/sd35", check_inputs=InputSpec(1, 256, 256, 77, False))
         >>> res.sha256, res.rel_error                                # bound in recipe.toml [model]
     """
-    from shiva_export.models.base import weights_sha256
-    from shiva_export.prune.api import is_shiva_applied
-    from shiva_export.utils.io import temp_prefix
-
     if not has_dora(transformer):
         raise ConfigError("the transformer has no DoRA adapters to merge; add them with add_dora and train stage 3.")
     if is_shiva_applied(transformer):

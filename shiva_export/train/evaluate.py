@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, RouterError
+from shiva_export.models import InputSpec, load_transformer, make_inputs, num_blocks, router_dims
+from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
+from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.train.config import resolve_recipe
 from shiva_export.train.ste import DifferentiableTopK
 from shiva_export.train.student import RouteState, make_override
@@ -68,11 +71,6 @@ def evaluate_router(
     Raises:
         RouterError: No trained router is given and the recipe has none.
     """
-    from shiva_export.errors import RouterError
-    from shiva_export.models import InputSpec, load_transformer, make_inputs, num_blocks, router_dims
-    from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
-    from shiva_export.prune.router import RouterBank, load_routers
-
     rec = resolve_recipe(recipe_or_model)
     if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
         raise ConfigError(f"keep is {keep!r}; expected 0 < keep <= 1 (fraction of image tokens kept).")

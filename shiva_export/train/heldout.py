@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError
+from shiva_export.train.cached import LatentFolder, make_data
+from shiva_export.train.policy import stratified_ratios, stratified_timesteps
 
 __all__ = ["EarlyStopping", "heldout_batch", "EVAL_SEED_OFFSET"]
 
@@ -88,9 +90,6 @@ def heldout_batch(cfg, data, transformer, height: int, width: int, text_len: int
     """``(batch, stage-1 keep ratios [n], source)``: the run's fixed held-out batch (module docstring).
 
     With a :class:`~shiva_export.train.cached.LatentFolder` the held-out samples are removed from ``data``."""
-    from shiva_export.train.cached import LatentFolder, make_data
-    from shiva_export.train.policy import stratified_ratios, stratified_timesteps
-
     n, seed = cfg.eval_samples, cfg.seed + EVAL_SEED_OFFSET
     g = torch.Generator(device="cpu").manual_seed(seed)
     t = stratified_timesteps(n, generator=g)

@@ -51,10 +51,21 @@ import torch.nn.functional as F
 
 from shiva_export.errors import ConfigError
 from shiva_export.logging import get_logger
+from shiva_export.models import (
+    InputSpec,
+    adapter_for_architecture,
+    check_image_size,
+    get_adapter,
+    load_transformer,
+    num_image_tokens,
+)
+from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, remove_shiva_, set_route_override
 from shiva_export.train import dora as _dora
 from shiva_export.train.cached import make_data
 from shiva_export.train.checkpoint import CHECKPOINT_NAME, Trainables, checkpoint_payload, resume_from, save_checkpoint
 from shiva_export.train.config import STAGES, TrainConfig, resolve_recipe
+from shiva_export.train.distributed import DistContext
+from shiva_export.train.heldout import EarlyStopping, heldout_batch
 from shiva_export.train.outputs import METRICS_NAME, Metrics, TrainResult, write_outputs
 from shiva_export.train.policy import (
     EMABudget,
@@ -130,9 +141,6 @@ def train(
         ConfigError: Bad settings, an unreadable checkpoint or data folder.
         RecipeError: The recipe's routed range does not fit the model.
     """
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.train.distributed import DistContext
-
     cfg = config or TrainConfig()
     rec = resolve_recipe(recipe_or_model)
     context = adapter_for_architecture(rec.architecture).check_context(cfg.context or rec.prune.context)  # before loading the model
@@ -165,9 +173,6 @@ def train(
 def _load_backbone(run: _Run, weights, transformer, pipeline) -> None:
     """The frozen backbone on the run's device (given, from a pipeline, or the recipe's), its geometry, and
     the switched-off DoRA adapters (``--dora``)."""
-    from shiva_export.models import check_image_size, get_adapter, load_transformer, num_image_tokens
-    from shiva_export.prune.api import is_shiva_applied
-
     cfg, rec = run.cfg, run.rec
     run.device = device = run.dist.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -200,8 +205,6 @@ def _load_backbone(run: _Run, weights, transformer, pipeline) -> None:
 
 def _attach_student(run: _Run) -> None:
     """Routers (trainable), the ratio policy, the budget, the differentiable top-k and the route override."""
-    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
-
     cfg, rec, transformer = run.cfg, run.rec, run.transformer
     # context "keep": the routed blocks' attention processors are wrapped here, so the student's run_block
     # (the adapter's routed-block closure) hands them every token's keys and values, as at inference
@@ -238,7 +241,6 @@ def _open_data(run: _Run) -> None:
     cfg = run.cfg
     run.data = make_data(cfg.data, run.transformer, run.h, run.w, run.text_len, seed=cfg.seed)
     if cfg.eval_every is not None:  # before any draw: with cached latents the held-out samples leave the training pool
-        from shiva_export.train.heldout import EarlyStopping, heldout_batch
 
         run.held = heldout_batch(cfg, run.data, run.transformer, run.h, run.w, run.text_len)
         run.stopper = EarlyStopping(cfg.patience, cfg.eval_min_delta)
@@ -523,8 +525,6 @@ def _finish(run: _Run) -> TrainResult:
         result.heldout = {"source": run.held[2], "samples": cfg.eval_samples, "eval_every": cfg.eval_every, "patience": cfg.patience,
                           "min_delta": cfg.eval_min_delta, "stages": {STAGES[i]: run.stopper.summary(i) for i in range(len(STAGES))}}
     if result.finished and cfg.dora and run.dist.is_main:  # -- DoRA: merge in fp32, save out_dir/transformer, bind the recipe to it
-        from shiva_export.models import InputSpec
-        from shiva_export.prune.api import remove_shiva_
 
         remove_shiva_(run.transformer)
         result.dora = _dora.merge_and_save(run.transformer, run.out_dir, check_inputs=InputSpec(1, run.h, run.w, run.text_len, False)).to_dict()

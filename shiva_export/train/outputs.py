@@ -21,7 +21,11 @@ import torch
 
 from shiva_export.errors import ConfigError, RecipeError
 from shiva_export.logging import get_logger
+from shiva_export.models import get_adapter
+from shiva_export.prune.router import save_routers
+from shiva_export.recipe import load_recipe
 from shiva_export.train.policy import KeepMeasure, PhaseSchedule, RatioPolicy, calibrate_anchor, quantize_lut
+from shiva_export.utils.io import atomic_write_json, atomic_write_text, check_regular_target
 
 __all__ = ["TrainResult", "sampler_timesteps", "phase_bounds", "phase_names", "dumps_toml", "write_outputs", "Metrics", "METRICS_NAME"]
 
@@ -183,8 +187,6 @@ class Metrics:
     def __init__(self, path: Path | None, append: bool):
         self.path = path
         if path is not None:
-            from shiva_export.utils.io import check_regular_target
-
             check_regular_target(path, "metrics file")  # appended to with open(): never a FIFO or device
         if path is not None and not append:
             path.write_text("")
@@ -232,7 +234,6 @@ def _lut_timesteps(cfg, transformer, n_tokens: int) -> list[float]:
     if cfg.timesteps is not None:
         timesteps = [float(t) for t in cfg.timesteps]
     else:  # the architecture's own pipeline sampler (SD3: flow-matching Euler with cfg.sampler_shift)
-        from shiva_export.models import get_adapter
 
         timesteps = get_adapter(transformer).sampler_timesteps(transformer.config, cfg.sampler_steps, n_tokens, cfg.sampler_shift)
     if len(timesteps) < cfg.phases:
@@ -259,8 +260,6 @@ def _schedule(cfg, policy: RatioPolicy, timesteps: list[float], routed: list[int
 
 
 def _save_router(result: TrainResult, rec, cfg, bank, path: Path, context: str) -> str:
-    from shiva_export.prune.router import save_routers
-
     return save_routers(
         bank,
         path,
@@ -271,8 +270,6 @@ def _save_router(result: TrainResult, rec, cfg, bank, path: Path, context: str) 
 
 
 def _write_lut_json(path: Path, rec, cfg, sched: _Schedule, routed: list[int], n_tokens: int, measure: KeepMeasure, context: str) -> None:
-    from shiva_export.utils.io import atomic_write_json
-
     atomic_write_json(
         path,
         {
@@ -318,8 +315,6 @@ def _recipe_content(result: TrainResult, rec, cfg, router: tuple[Path, str], sch
 
 def _steps_text(result: TrainResult, rec, cfg, timesteps: list[float], phase_rows: list[dict]) -> str:
     """How many steps ran, for the recipe's header; with held-out stopping also writes ``training.json``."""
-    from shiva_export.utils.io import atomic_write_json
-
     budgets = f"{cfg.warmup_steps}/{cfg.policy_steps}/{cfg.joint_steps}"
     if not result.heldout:
         return f"{result.step} steps (stages {budgets})"
@@ -333,9 +328,6 @@ def _steps_text(result: TrainResult, rec, cfg, timesteps: list[float], phase_row
 
 def _write_recipe(path: Path, rec, cfg, content: dict[str, Any], steps_text: str, n_layers: int) -> None:
     """Writes ``recipe.toml`` and reads it back through the recipe checks (a written recipe that fails is an error)."""
-    from shiva_export.recipe import load_recipe
-    from shiva_export.utils.io import atomic_write_text
-
     header = (
         f"# Written by `shiva-export train` from {rec.source_path or rec.name}: {steps_text}, seed {cfg.seed}, "
         f"{'cached latents' if cfg.data else 'synthetic inputs'}.\n"

@@ -20,6 +20,7 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
+from shiva_export.models import get_adapter, num_blocks
 from shiva_export.prune.topk import static_k
 
 __all__ = [
@@ -507,8 +508,6 @@ class KeepMeasure:
         routed with ``context`` (``ShivaConfig.context``)."""
         if mode == "tokens":
             return cls("tokens")
-        from shiva_export.models import get_adapter, num_blocks
-        from shiva_export.prune.topk import static_k
 
         adapter = get_adapter(transformer)
         n_layers, routed = num_blocks(transformer), list(routed)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shiva_export.models import get_adapter
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
-from shiva_export.train.ste import DifferentiableTopK, route_with_ste
+from shiva_export.train import dora as _dora
+from shiva_export.train.distributed import sample_noise
+from shiva_export.train.ste import DifferentiableTopK, Selection, route_output_gated, route_with_ste
 
 __all__ = ["RouteState", "make_override", "tap_hook", "forward_with_taps", "distill_loss", "importance_loss", "heldout_loss"]
 
@@ -84,8 +87,6 @@ def make_override(state: RouteState):
 def _shared_selection(sel, rows: int):
     """One selection (made on the rows' max scores) expanded to ``rows`` rows (blocks whose per-token side
     inputs have no batch axis, e.g. Flux RoPE, need one index set per call)."""
-    from shiva_export.train.ste import Selection
-
     if rows == 1:
         return sel
     ex = lambda t: t.expand(rows, *t.shape[1:])  # noqa: E731
@@ -95,15 +96,12 @@ def _shared_selection(sel, rows: int):
 def _score_noise(state: RouteState, ids: list[int], block: int, n: int):
     if state.noise_key is None or state.samples is None or not state.topk.training or state.topk.noise_std <= 0:
         return None
-    from shiva_export.train.distributed import sample_noise
 
     seed, step = state.noise_key
     return sample_noise(seed, step, [int(state.samples[i]) for i in ids], block, n)
 
 
 def _student_block(state, index_block, hs, temb, pooled, run_block, shared, routers):
-    from shiva_export.train.ste import route_output_gated
-
     scores = routers(index_block, hs, temb, pooled)  # [B, N] fp32
     state.scores[index_block] = scores
     keep = state.keep[:, state.col[index_block]]  # [B]
@@ -167,9 +165,6 @@ def forward_with_taps(transformer, state: RouteState, inputs: dict) -> tuple[tor
 def heldout_loss(transformer, state: RouteState, batch, keep: torch.Tensor, cfg, device, bdtype, chunk: int) -> float:
     """Mean quality loss (weighted distillation + flow matching) of the student on a fixed batch: no grad,
     no score noise, no draw from any training RNG (the training stream is the same with and without it)."""
-    from shiva_export.models import get_adapter
-    from shiva_export.train import dora as _dora
-
     pairs = 2 if batch.cfg else 1
     n = len(batch) // pairs
     was = state.topk.training

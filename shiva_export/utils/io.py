@@ -195,7 +195,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     env = os.environ.get("SHIVA_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "shiva-export"
 
@@ -212,7 +212,7 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     p = Path(path).resolve()
     st = p.stat()
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-    memo_path = _cache_root() / "sha256.json"
+    memo_path = cache_root() / "sha256.json"
     try:
         memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
         if not isinstance(memo, dict):

@@ -35,6 +35,14 @@ import torch
 
 from shiva_export.errors import ConfigError
 from shiva_export.logging import get_logger
+from shiva_export.models import get_adapter, load_transformer, num_blocks, router_dims
+from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
+from shiva_export.prune.router import load_routers
+from shiva_export.recipe import Recipe, load_recipe
+from shiva_export.train.cached import make_data
+from shiva_export.train.policy import stratified_timesteps
+from shiva_export.train.ste import ESTIMATORS, DifferentiableTopK
+from shiva_export.train.student import RouteState, distill_loss, forward_with_taps, make_override, tap_hook
 
 __all__ = ["EstimatorCase", "EstimatorReport", "check_estimator"]
 
@@ -204,11 +212,6 @@ def check_estimator(
         weights: Local diffusers folder of the backbone.
         seed: Seed of the inputs.
     """
-    from shiva_export.recipe import Recipe, load_recipe
-    from shiva_export.train.cached import make_data
-    from shiva_export.train.policy import stratified_timesteps
-    from shiva_export.train.student import distill_loss, forward_with_taps
-
     say = progress or (lambda s: None)
     _check_estimator_args(estimators, keeps, delta, samples)
     rec = recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
@@ -243,8 +246,6 @@ def check_estimator(
 
 
 def _check_estimator_args(estimators, keeps, delta: float, samples: int) -> None:
-    from shiva_export.train.ste import ESTIMATORS
-
     for e in estimators:
         if e not in ESTIMATORS:
             raise ConfigError(f"estimator {e!r} is unknown; choose from {', '.join(ESTIMATORS)}.")
@@ -260,10 +261,6 @@ def _check_estimator_args(estimators, keeps, delta: float, samples: int) -> None
 def _routed_model(rec, weights, router):
     """The frozen backbone with Shiva applied (the given, the recipe's trained, or the seeded random router):
     ``(transformer, routed blocks, router label)``."""
-    from shiva_export.models import load_transformer, num_blocks, router_dims
-    from shiva_export.prune.api import ShivaConfig, apply_shiva_
-    from shiva_export.prune.router import load_routers
-
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     for p in transformer.parameters():
         p.requires_grad_(False)
@@ -284,11 +281,6 @@ def _routed_model(rec, weights, router):
 
 def _route_with_taps(transformer, routed: list[int]):
     """The training route override (no score noise) with taps every 4 blocks: ``(state, tap hooks)``."""
-    from shiva_export.models import get_adapter
-    from shiva_export.prune.api import set_route_override
-    from shiva_export.train.ste import DifferentiableTopK
-    from shiva_export.train.student import RouteState, make_override, tap_hook
-
     topk = DifferentiableTopK(noise_std=0.0)
     topk.eval()
     adapter = get_adapter(transformer)

@@ -41,7 +41,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from shiva_export._version import __version__
 from shiva_export.errors import ConfigError
+from shiva_export.models import adapter_for_architecture, get_adapter
+from shiva_export.prune.api import set_shiva_phases_
+from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
+from shiva_export.recipe import recipe_hash
+from shiva_export.runtime.caches import DEFAULT_GRID, count_executed_blocks, disable_cache, enable_cache, executed_flops
+from shiva_export.runtime.generate import psnr, run_pipeline, ssim
+from shiva_export.runtime.pipeline import config_obj, generation_recipe, load_pipeline
+from shiva_export.shapes.analyze import features
+from shiva_export.shapes.data import caption, render
+from shiva_export.shapes.metrics import fd_of, judge_images
+from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
+from shiva_export.utils.plots import figure_png, pyplot
+from shiva_export.validate.quality import json_safe, noise_seed, prompt_scenes, real_like
+from shiva_export.validate.stats import ALPHA, mcnemar_exact, paired_bootstrap, paired_bootstrap_mean, wilson_interval
 
 __all__ = ["FAMILIES", "FrontierConfig", "FrontierReport", "default_configs", "validate_frontier", "frontier_flags", "LEVELS"]
 
@@ -109,7 +124,7 @@ def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | N
     range on the shapes model); the stacks use fewer steps (0.6x), the budget nearest keep 0.6, and the first cache.
     """
     if cache_grid is None:
-        from shiva_export.runtime.caches import DEFAULT_GRID as cache_grid
+        cache_grid = DEFAULT_GRID
     caches = [(kind, tuple(sorted(settings.items()))) for kind, settings in cache_grid]
     few = max(2, round(steps * 0.6))
     grid = sorted({int(s) for s in (dense_steps or [max(2, round(steps * f)) for f in _DENSE_STEP_FACTORS])} | {steps}, reverse=True)
@@ -165,8 +180,6 @@ class _Runner:
     def pipe(self, cfg: FrontierConfig):
         key = "dense" if not cfg.pruned else f"pruned-{cfg.backend}-{cfg.context}"
         if key not in self._pipes:
-            from shiva_export.runtime.pipeline import load_pipeline
-
             self.say(f"load {key} pipeline")
             if key == "dense":
                 self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, dense=True)
@@ -181,12 +194,8 @@ class _Runner:
         """Puts the row's routing and cache on its pipeline; returns the pipeline."""
         pipe = self.pipe(cfg)
         if cfg.pruned and cfg.backend == "torch":
-            from shiva_export.prune.api import set_shiva_phases_
-
             set_shiva_phases_(pipe.transformer, _phases_of(self.rec, pipe.transformer, cfg), auto_cfg=True)
         if cfg.cache is not None:
-            from shiva_export.runtime.caches import enable_cache
-
             settings = dict(cfg.cache[1])
             if cfg.cache[0] == "magcache":
                 settings.setdefault("num_inference_steps", cfg.steps)  # its ratios are per step of this run
@@ -195,15 +204,10 @@ class _Runner:
 
     def deactivate(self, cfg: FrontierConfig) -> None:
         if cfg.cache is not None:
-            from shiva_export.runtime.caches import disable_cache
-
             disable_cache(self.pipe(cfg))
 
     def run(self, cfg: FrontierConfig, pipe, text: str, seed: int, guidance: float):
         """One image: ``(image, executed transformer FLOPs, latency ms)``."""
-        from shiva_export.runtime.caches import count_executed_blocks, executed_flops
-        from shiva_export.runtime.generate import run_pipeline
-
         if cfg.backend == "torch":
             with count_executed_blocks(pipe) as records:
                 res = run_pipeline(pipe, text, steps=cfg.steps, guidance=guidance, seed=seed)
@@ -215,9 +219,6 @@ class _Runner:
 
 
 def _phases_of(rec, transformer, cfg: FrontierConfig):
-    from shiva_export.models import get_adapter
-    from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
-
     n = get_adapter(transformer).num_blocks(transformer)
     if cfg.learned:
         return phases_from_recipe(rec, n)
@@ -225,9 +226,6 @@ def _phases_of(rec, transformer, cfg: FrontierConfig):
 
 
 def _flop_count(pipe, keep_ratios, guidance: float):
-    from shiva_export.models import get_adapter
-    from shiva_export.runtime.pipeline import config_obj
-
     info = pipe.shiva
     adapter = get_adapter(info.recipe.architecture)
     config = dict(pipe.transformer.config)
@@ -272,29 +270,19 @@ class _Judge:
     def __init__(self, scenes, n_ref: int):
         import numpy as np
 
-        from shiva_export.shapes.analyze import features
-        from shiva_export.shapes.data import render
-        from shiva_export.validate.quality import _real_like
-
         self.scenes = scenes
-        self.ref = np.stack([features(render(s)[0]) for s in _real_like(scenes, n_ref, seed=1000)])
+        self.ref = np.stack([features(render(s)[0]) for s in real_like(scenes, n_ref, seed=1000)])
 
     def judge(self, img, scene) -> tuple[dict, Any]:
-        from shiva_export.shapes.metrics import judge_images
-
         rec = judge_images([img], [scene])[0]
         return rec["correct"], rec["features"]
 
     def fd(self, feats: Sequence) -> float:
         """Fréchet distance of standardised features (every attribute group weighs the same) to the real set."""
-        from shiva_export.shapes.metrics import fd_of
-
         return fd_of(feats, self.ref) if len(feats) >= 2 else math.nan
 
 
 def _image_metrics(m: _Measured, ref: _Measured | None) -> None:
-    from shiva_export.runtime.generate import psnr, ssim
-
     if ref is None:  # the reference itself
         m.psnr = [PSNR_CAP] * len(m.images)
         m.ssim = [1.0] * len(m.images)
@@ -305,10 +293,6 @@ def _image_metrics(m: _Measured, ref: _Measured | None) -> None:
 
 def _prompts(rec, n: int):
     """``n`` prompts: shape captions (the judge's scenes) or, for a class-conditional model, class ids."""
-    from shiva_export.models import adapter_for_architecture
-    from shiva_export.shapes.data import caption
-    from shiva_export.validate.quality import prompt_scenes
-
     scenes = prompt_scenes(n)
     adapter = adapter_for_architecture(rec.architecture)
     texts = [caption(s) for s in scenes] if adapter.TEXT_PROMPTS else [str(i) for i in range(n)]
@@ -319,8 +303,6 @@ def _generate(runner: _Runner, configs, texts, seeds, guidance: float, judge: _J
     """Every row on every (prompt, seed); per-image results in the same order for every row. Each image has
     its own noise (:func:`~shiva_export.validate.quality.noise_seed`): one noise shared by every prompt of a
     seed makes the seeds, not the methods, what moves the metrics."""
-    from shiva_export.validate.quality import noise_seed
-
     out = []
     for i, cfg in enumerate(configs):
         say(f"generate {cfg.label} ({i + 1}/{len(configs)})")
@@ -378,8 +360,6 @@ class _Stats:
         self._memo: dict[tuple[int, int], Any] = {}
 
     def compare(self, a: int, b: int):
-        from shiva_export.validate.stats import mcnemar_exact, paired_bootstrap_mean
-
         if (a, b) not in self._memo:
             x, y = self.m[a], self.m[b]
             self._memo[(a, b)] = mcnemar_exact(x.correct, y.correct) if self.judged else paired_bootstrap_mean(x.psnr, y.psnr)
@@ -395,14 +375,10 @@ class _Stats:
 
 
 def _fd_vs_reference(judge: _Judge, m: _Measured, ref: _Measured):
-    from shiva_export.validate.stats import paired_bootstrap
-
     return paired_bootstrap(m.features, ref.features, judge.fd, n_boot=300)
 
 
 def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float, frontier: bool, seeds) -> dict[str, Any]:
-    from shiva_export.validate.stats import wilson_interval
-
     c = m.cfg
     row: dict[str, Any] = {
         "family": c.family, "config": c.label, "steps": c.steps, "keep": c.keep, "learned": c.learned, "backend": c.backend, "context": c.context,
@@ -428,8 +404,6 @@ def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float,
 
 def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
     """95% bootstrap CI of a mean (the pairing partner is zero)."""
-    from shiva_export.validate.stats import paired_bootstrap_mean
-
     c = paired_bootstrap_mean(list(values), [0.0] * len(values))
     return c.low, c.high
 
@@ -533,8 +507,6 @@ _COLORS = {"dense": "black", "cache": "#1f77b4", "shiva": "#d62728", "stack": "#
 
 
 def _plot_png(report: FrontierReport) -> bytes:
-    from shiva_export.utils.plots import figure_png, pyplot
-
     plt = pyplot()
 
     key, name = ("accuracy", "prompt accuracy ↑") if report.judged else ("psnr", "PSNR vs reference (dB) ↑")
@@ -577,21 +549,15 @@ def _running_best(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def _write(report: FrontierReport, out: Path) -> None:
     import time
 
-    from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from shiva_export.validate.quality import _finite
-
     report.out_dir = str(out)
     atomic_write_text(out / "frontier.md", report.to_markdown())
     atomic_write_bytes(out / "frontier.png", _plot_png(report))
-    atomic_write_json(out / "frontier.json", _finite(report.to_dict()) | {"generated_unix": int(time.time())})
+    atomic_write_json(out / "frontier.json", json_safe(report.to_dict()) | {"generated_unix": int(time.time())})
 
 
 def _provenance(rec, runner: _Runner) -> dict[str, Any]:
     """What made the report: the recipe (content hash), the router of the pruned pipelines, the packages."""
     import diffusers
-
-    from shiva_export._version import __version__
-    from shiva_export.recipe import recipe_hash
 
     routers = {k: p.shiva.router for k, p in runner._pipes.items() if k != "dense" and getattr(p, "shiva", None) is not None}
     return {"recipe": str(rec.source_path or rec.name), "recipe_sha256": recipe_hash(rec), "routers": routers,
@@ -655,18 +621,13 @@ def validate_frontier(
         out_dir (PathLike): Where to write frontier.{json,md,png}. Defaults to None.
         artifact_root (PathLike): Where the ONNX Runtime row's graph is cached (as ``generate``). Defaults to ``engines``.
     """
-    from shiva_export.runtime.pipeline import _recipe
-
     _check_options(prompts, list(seeds), latency_repeats, threads, families)
     if out_dir is not None:
-        from shiva_export.utils.io import check_writable
-
         check_writable(Path(out_dir) / "frontier.json", "frontier report")
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     steps = int(steps or rec.pipeline.steps)
     guidance = float(rec.pipeline.guidance if guidance is None else guidance)
     learned = rec.schedule is not None and bool(rec.schedule.phases)
-    from shiva_export.models import adapter_for_architecture
 
     context_keep = "keep" in adapter_for_architecture(rec.architecture).CONTEXT_MODES
     rows_cfg = list(configs) if configs else default_configs(steps, learned=learned, dense_steps=dense_steps, keeps=keeps, ort=ort,
@@ -681,8 +642,6 @@ def validate_frontier(
 def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, threads, latency_repeats, out_dir, progress,
              artifact_root) -> FrontierReport:
     import torch
-
-    from shiva_export.validate.stats import ALPHA
 
     say = progress or (lambda m: None)
     if threads:

@@ -53,6 +53,24 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError
+from shiva_export.models.sd3 import count_flops
+from shiva_export.prune.api import ROUTERS_ATTR, record_selection, set_router_bank_, set_shiva_phases_
+from shiva_export.prune.baselines import (
+    FixedDitherScorer,
+    MaskScorer,
+    NormScorer,
+    RandomScorer,
+    RotatingDitherScorer,
+    set_scorer_,
+)
+from shiva_export.prune.schedule import phases_from_recipe, uniform_phase
+from shiva_export.runtime.generate import image_grid, psnr, run_pipeline, to_pil
+from shiva_export.runtime.pipeline import generation_recipe, load_pipeline
+from shiva_export.shapes.analyze import FEATURE_NAMES, features
+from shiva_export.shapes.data import all_scenes, caption, render, render_batch, sample_scenes, token_mask
+from shiva_export.shapes.metrics import FD_GROUPS, bootstrap_ci, fd_of, judge_images, seed_band
+from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
+from shiva_export.utils.plots import figure_png, pyplot
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "KEEPS", "SEEDS", "CHOICE_SEEDS", "QualityReport", "validate_quality", "prompt_scenes", "noise_seed"]
 
@@ -80,8 +98,6 @@ def prompt_scenes(n: int):
     """The first ``n`` of a fixed seeded permutation of every attribute combination (no jitter)."""
     import numpy as np
 
-    from shiva_export.shapes.data import all_scenes
-
     scenes = all_scenes()
     if not 1 <= n <= len(scenes):
         raise ConfigError(f"--prompts {n} is out of range; choose 1..{len(scenes)} (every attribute combination once).")
@@ -89,10 +105,8 @@ def prompt_scenes(n: int):
     return [scenes[i] for i in order[:n]]
 
 
-def _real_like(prompts, n: int, seed: int):
+def real_like(prompts, n: int, seed: int):
     """``n`` real scenes cycling through ``prompts``, each with fresh jitter (seeded)."""
-    from shiva_export.shapes.data import sample_scenes
-
     jit = sample_scenes(n, seed)
     return [dataclasses.replace(j, color=p.color, shape=p.shape, size=p.size, position=p.position) for j, p in zip(jit, (prompts[i % len(prompts)] for i in range(n)))]
 
@@ -194,14 +208,10 @@ def _fmt(v, spec: str) -> str:
 
 
 def _route_phase(rec, n_layers: int, keep: float):
-    from shiva_export.prune.schedule import uniform_phase
-
     return (uniform_phase(n_layers, round(1.0 - keep, 6), rec.routed_blocks(n_layers)),)
 
 
 def _scorer(method: str, bank, seed: int):
-    from shiva_export.prune.baselines import FixedDitherScorer, NormScorer, RandomScorer, RotatingDitherScorer
-
     if method in ("shiva", "shiva-learned"):
         return bank
     if method == "random":
@@ -226,8 +236,6 @@ def _mean_keep(phases, trace: Sequence[str]) -> float:
 
 def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], bottleneck: int, model_batch: int, context: str = "drop") -> float:
     """Transformer GFLOPs of one image: the sum over its denoising steps (phase per step from the trace)."""
-    from shiva_export.models.sd3 import count_flops  # sd35-shapes is an SD3 model
-
     cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     if not phases:
         return len(trace) * float(count_flops(cfg, n_tokens, text_len, None, batch=model_batch).total) / 1e9
@@ -245,8 +253,6 @@ def _velocity_inputs(pipe, scenes, sigmas, seed: int, max_seq: int):
     """Noised real latents, their text conditioning and token masks, for the one-call velocity check."""
     import numpy as np
     import torch
-
-    from shiva_export.shapes.data import caption, render_batch, token_mask
 
     x, masks = render_batch(scenes)
     vae = pipe.vae
@@ -274,8 +280,6 @@ def _velocity_inputs(pipe, scenes, sigmas, seed: int, max_seq: int):
 def _velocity(transformer, cases, tm, dense_out):
     """(relative velocity error, foreground recall) of the transformer's current selection."""
     import torch
-
-    from shiva_export.prune.api import record_selection
 
     errs, recalls = [], []
     fg = tm >= _FG_TOKEN
@@ -338,8 +342,6 @@ def _check_options(methods, keeps, seeds, latency_repeats: int, n_ref: int, velo
 
 def _configs(setup: _Setup, methods: Sequence[str], keeps: Sequence[float]) -> list[tuple[str, float, Any]]:
     """(method, keep, phases) of every table row, dense first; phases None for dense."""
-    from shiva_export.prune.schedule import phases_from_recipe
-
     configs: list[tuple[str, float, Any]] = [("dense", 1.0, None)]
     for m in methods:
         if m == "dense":
@@ -370,12 +372,8 @@ def _reference(vae, scenes, n_ref: int, n_held: int):
     """(reference features (n_ref, 19), the ``real`` summary): held-out real images, raw and after the VAE."""
     import numpy as np
 
-    from shiva_export.shapes.analyze import features
-    from shiva_export.shapes.data import render
-    from shiva_export.shapes.metrics import fd_of, judge_images
-
-    ref_feat = np.stack([features(render(s)[0]) for s in _real_like(scenes, n_ref, seed=1000)])
-    held = _real_like(scenes, max(2, n_held), seed=2000)
+    ref_feat = np.stack([features(render(s)[0]) for s in real_like(scenes, n_ref, seed=1000)])
+    held = real_like(scenes, max(2, n_held), seed=2000)
     held_imgs = [render(s)[0] for s in held]
     real: dict[str, Any] = {"n": len(held)}
     for key, imgs in (("", held_imgs), ("vae_", _vae_round_trip(vae, held_imgs))):
@@ -389,11 +387,7 @@ def _velocity_table(setup: _Setup, methods, keeps, scenes, velocity_samples: int
     """Velocity error and foreground recall of every pruned selection and of the foreground oracle."""
     import torch
 
-    from shiva_export.prune.api import set_shiva_phases_
-    from shiva_export.prune.baselines import MaskScorer, set_scorer_
-    from shiva_export.prune.schedule import phases_from_recipe
-
-    cases, tm, _ = _velocity_inputs(setup.pipe, _real_like(scenes, velocity_samples, seed=3000), sigmas, seed=4000, max_seq=max_seq)
+    cases, tm, _ = _velocity_inputs(setup.pipe, real_like(scenes, velocity_samples, seed=3000), sigmas, seed=4000, max_seq=max_seq)
     with torch.inference_mode():
         dense_out = [setup.dense_pipe.transformer(**c).sample for c in cases]
     runs = []
@@ -419,9 +413,6 @@ def _velocity_table(setup: _Setup, methods, keeps, scenes, velocity_samples: int
 
 def _select(setup: _Setup, m: str, phases, seed: int):
     """The pipeline of method ``m``, its phases and scorer set."""
-    from shiva_export.prune.api import set_shiva_phases_
-    from shiva_export.prune.baselines import set_scorer_
-
     if m == "dense":
         return setup.dense_pipe
     set_shiva_phases_(setup.tf, phases, auto_cfg=True)
@@ -432,10 +423,6 @@ def _select(setup: _Setup, m: str, phases, seed: int):
 def _generate(setup: _Setup, m: str, phases, texts: Sequence[str], seeds: Sequence[int]):
     """(images, latencies, phase traces) of every prompt x seed (prompts outer), noise from :func:`noise_seed`."""
     import numpy as np
-
-    from shiva_export.prune.api import set_router_bank_
-    from shiva_export.prune.baselines import RandomScorer
-    from shiva_export.runtime.generate import run_pipeline
 
     p = _select(setup, m, phases, seed=7000)
     imgs, lat, traces = [], [], []
@@ -459,8 +446,6 @@ def _quality_stats(judged: list[dict], n_prompts: int, seeds: Sequence[int], ref
     """
     import numpy as np
 
-    from shiva_export.shapes.metrics import bootstrap_ci, fd_of, seed_band
-
     n_s = len(seeds)
     correct = np.array([j["correct"]["all"] for j in judged], dtype=np.float64).reshape(n_prompts, n_s)
     feats = np.array([j["features"] for j in judged], dtype=np.float64).reshape(n_prompts, n_s, -1)
@@ -481,8 +466,6 @@ def _quality_stats(judged: list[dict], n_prompts: int, seeds: Sequence[int], ref
 
 def _comparisons(rows: list[dict], arrays: list, ref_feat, n_prompts: int) -> list[dict[str, Any]]:
     """Per keep budget and metric, the paired bootstrap interval of the difference between the two best methods."""
-    from shiva_export.shapes.metrics import bootstrap_ci, fd_of
-
     if n_prompts < 2:  # one prompt: nothing to resample
         return []
     by_keep: dict[float, list[int]] = {}
@@ -511,8 +494,6 @@ def _row(setup: _Setup, m: str, k: float, phases, imgs, lat, traces, dense_imgs,
     """One table row, with the per-image records (prompt, seed, judged attributes, PSNR to dense, features)."""
     import numpy as np
 
-    from shiva_export.runtime.generate import psnr
-
     untrained = m in ("shiva", "shiva-learned") and not setup.trained
     row: dict[str, Any] = {"method": m, "label": LABELS[m] + (" [untrained router]" if untrained else ""), "keep": k, **stats,
                            "latency_ms": statistics.median(lat), "gflops": gflops}
@@ -533,9 +514,6 @@ def _row(setup: _Setup, m: str, k: float, phases, imgs, lat, traces, dense_imgs,
 
 def _latency(setup: _Setup, configs, text: str, seed: int, repeats: int) -> list[list[float]]:
     """Per configuration, ``repeats`` timings of one prompt, every configuration in turn (round robin)."""
-    from shiva_export.prune.baselines import set_scorer_
-    from shiva_export.runtime.generate import run_pipeline
-
     timed: list[list[float]] = [[] for _ in configs]
     for _ in range(repeats):
         for ci, (m, _k, phases) in enumerate(configs):
@@ -597,19 +575,11 @@ def validate_quality(
     """
     import torch
 
-    from shiva_export.prune.baselines import set_scorer_
-    from shiva_export.runtime.pipeline import _recipe
-    from shiva_export.shapes.analyze import FEATURE_NAMES
-    from shiva_export.shapes.data import caption
-    from shiva_export.shapes.metrics import FD_GROUPS
-
     say = progress or (lambda m: None)
     methods, keeps, seeds = _check_options(methods, keeps, seeds, latency_repeats, n_ref, velocity_samples)
     if out_dir is not None:
-        from shiva_export.utils.io import check_writable
-
         check_writable(Path(out_dir) / "quality.json", "quality report")
-    rec = _recipe(model, recipe)
+    rec = generation_recipe(model, recipe)
     scenes = prompt_scenes(prompts)
     texts = [caption(s) for s in scenes]
     if threads:
@@ -646,11 +616,8 @@ def validate_quality(
 
 def _load_setup(rec, weights, keeps: list[float], steps: int | None, guidance: float | None) -> _Setup:
     """The pruned pipeline (at the first keep) and the dense one, with the recipe's router, schedule, steps and guidance."""
-    from shiva_export.prune.api import _ROUTERS_ATTR
-    from shiva_export.runtime.pipeline import load_pipeline
-
     pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
-    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
+    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[ROUTERS_ATTR],
                   n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
                   trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
                   guidance=float(rec.pipeline.guidance if guidance is None else guidance))
@@ -658,8 +625,6 @@ def _load_setup(rec, weights, keeps: list[float], steps: int | None, guidance: f
 
 def _generate_rows(setup: _Setup, configs, scenes, texts: list[str], seeds: list[int], ref_feat, velocity: list[dict], say):
     """Every configuration generated and judged: ``(rows, (correct, features) per row, images per (method, keep))``."""
-    from shiva_export.shapes.metrics import judge_images
-
     info, tf, rec = setup.pipe.shiva, setup.pipe.transformer, setup.rec
     n_tokens = (info.height // 8 // tf.config.patch_size) * (info.width // 8 // tf.config.patch_size)
     model_batch = 2 if setup.guidance > 1.0 else 1
@@ -687,8 +652,6 @@ def _router_desc(info) -> str:
 
 
 def _pareto_png(report: QualityReport) -> bytes:
-    from shiva_export.utils.plots import figure_png, pyplot
-
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -725,15 +688,12 @@ def _pareto_png(report: QualityReport) -> bytes:
 def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: int) -> None:
     import io
 
-    from shiva_export.runtime.generate import _to_pil, image_grid
-    from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
-
     check_writable(out / "quality.json", "quality report")
     report.out_dir = str(out)
     rows, labels = [], []
     for (m, k, _), _row in zip(configs, report.rows):
         imgs = images[(m, k)][::n_seeds]  # the first seed of every prompt
-        rows.append([_to_pil(im) for im in imgs])
+        rows.append([to_pil(im) for im in imgs])
         labels.append(f"{m} {k:.2f}")
     grid = image_grid(rows, labels=[f"p{i}" for i in range(len(texts))], row_labels=labels)
     buf = io.BytesIO()
@@ -742,15 +702,15 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
     atomic_write_bytes(out / "pareto.png", _pareto_png(report))
     md = report.to_markdown() + "\nPrompts (grid columns): " + "; ".join(f"p{i} {t}" for i, t in enumerate(texts)) + "\n"
     atomic_write_text(out / "quality.md", md)
-    atomic_write_json(out / "quality.json", _finite(report.to_dict()) | {"generated_unix": int(time.time())})
+    atomic_write_json(out / "quality.json", json_safe(report.to_dict()) | {"generated_unix": int(time.time())})
 
 
-def _finite(obj):
+def json_safe(obj):
     """JSON-safe copy: inf/nan floats become strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -46,7 +46,9 @@ from torch import nn
 
 from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
+from shiva_export.export.onnx import export_onnx, package_versions, quiet_exporter
 from shiva_export.export.ort import ort_session
+from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
 from shiva_export.logging import get_logger
 from shiva_export.models import (
     InputSpec,
@@ -70,7 +72,7 @@ from shiva_export.prune.api import (
 from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
 from shiva_export.recipe import load_recipe
-from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from shiva_export.utils.machine import loadavg as _loadavg
 from shiva_export.utils.machine import machine_info as _machine
 from shiva_export.validate.flops import count_model_flops, ideal_speedup
@@ -342,8 +344,6 @@ def benchmark_speed(
     )
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
-        from shiva_export.utils.io import check_writable
-
         check_writable(out_path / "speed.json", "--out-dir")  # before minutes of timing
     command = _command(model, ratios_l, backends_l, height, width, batch, cfg, warmup, repeats, threads, device)
 
@@ -386,8 +386,6 @@ class _Bench:
         self.inputs = make_inputs(transformer, spec, seed=0)
 
     def _router(self) -> None:
-        from shiva_export.export.pruned import resolve_router, router_tensor_hash
-
         rec = self.rec
         rc = self.configs[self.ratios[0]].router_config(*router_dims(self.transformer))
         bank, self.router_info = resolve_router(rec, None, rc)
@@ -426,9 +424,6 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
 
 def _ort_variants(bench: _Bench, tmp: Path, threads, say) -> list[_Variant]:
     """The dense and pruned ONNX exports (checked to use the benchmark's budgets and router) as ORT sessions."""
-    from shiva_export.export.onnx import export_onnx
-    from shiva_export.export.pruned import export_pruned
-
     rec, spec, timings = bench.rec, bench.spec, bench.timings
     say("export onnx (dense)")
     t0 = time.perf_counter()
@@ -507,8 +502,6 @@ def _torch_variants(bench: _Bench, tdev: torch.device, say) -> tuple[list[_Varia
 
 def _ort_selection_variants(bench: _Bench, selection: tuple, tmp: Path, threads, tdev: torch.device, notes: list[str], say) -> list[_Variant]:
     """The selection path as a selection-only ONNX graph per ratio in ORT; none (and a note) if one fails to export."""
-    from shiva_export.export.onnx import _quiet_exporter
-
     block_inputs, temb, pooled = selection
     say("export selection-only onnx")
     cpu_inputs = {r: tuple(x.cpu() for x in block_inputs[r]) for r in bench.ratios}
@@ -519,7 +512,7 @@ def _ort_selection_variants(bench: _Bench, selection: tuple, tmp: Path, threads,
         path = tmp / f"selection{r:.2f}.onnx"
         try:
             mod = _SelectionPath(bench.bank, bench.budgets[r], bench.spec.cfg, bench.configs[r].selection).cpu().eval()
-            with torch.no_grad(), _quiet_exporter():
+            with torch.no_grad(), quiet_exporter():
                 torch.onnx.export(mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET)
             sess = ort_session(path, threads=threads)
             names = [i.name for i in sess.get_inputs()]
@@ -603,8 +596,6 @@ def _report_notes(backends, device: str) -> list[str]:
 
 
 def _report(bench: _Bench, rows: list[SpeedRow], backends, warmup, repeats, threads, device, notes: list[str], command, load_start) -> SpeedReport:
-    from shiva_export.export.onnx import package_versions
-
     spec, ratios, transformer = bench.spec, bench.ratios, bench.transformer
     threads_info: dict[str, Any] = {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
     if "ort" in backends:

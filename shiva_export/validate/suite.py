@@ -24,7 +24,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shiva_export.errors import ConfigError, RecipeError
+from shiva_export.runtime.benchmark import benchmark_e2e
 from shiva_export.utils.io import atomic_write_json, atomic_write_text
+from shiva_export.validate.compare import validate_parity
+from shiva_export.validate.speed import benchmark_speed
 
 __all__ = ["Suite", "SuiteCase", "load_suite", "run_suite", "suites_dir", "available_suites"]
 
@@ -115,9 +118,6 @@ def run_suite(
 
     Speed cases never fail the suite (timings are reported, not asserted); parity cases do.
     """
-    from shiva_export.validate.compare import validate_parity
-    from shiva_export.validate.speed import benchmark_speed
-
     s = suite if isinstance(suite, Suite) else load_suite(suite)
     say = progress or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("validate") / "reports" / s.name
@@ -131,8 +131,6 @@ def run_suite(
             results.append({"case": tag, "kind": c.kind, "passed": True, "skipped": True, "summary": f"SKIPPED ({missing})"})
             continue
         if c.kind == "e2e":
-            from shiva_export.runtime.benchmark import benchmark_e2e
-
             for st in c.steps or [None]:
                 sub = f"{tag}-{st}steps" if st else tag
                 rep = benchmark_e2e(model=c.model, backends=c.backends or ["ort"], ratios=c.ratios, phases=c.phases, steps=st, guidance=c.guidance,
