@@ -213,7 +213,9 @@ def _write_record(out: Path, rec, done: dict[int, dict[str, Any]], prompts: Sequ
     record = {
         "tool": f"shiva-export {__version__}", "model": head["pipeline"]["model"], "backend": backend, "budget": head["budget"], "steps": steps,
         "guidance": guidance, "cfg": adapter_for_architecture(rec.architecture).uses_cfg(guidance), "height": head["height"], "width": head["width"],
-        "device": head["device"], "torch_threads": head["torch_threads"], "pipeline": head["pipeline"], "images": images, "grid": None,
+        "device": head["device"], "torch_threads": head["torch_threads"], "pipeline": head["pipeline"],
+        "controlnet": None,  # generate --ray refuses --controlnet
+        "images": images, "grid": None,
         "versions": package_versions(),
     }
     atomic_write_json(out / "generate.json", record)
