@@ -38,7 +38,7 @@ def _data(args) -> str:
 
 
 def _config(args, out: Path, dora: bool, rank: int, **extra):
-    from shiva_export.train.loop import TrainConfig
+    from shiva_export.train import TrainConfig
 
     kw = dict(COMMON, warmup_steps=STAGES[0], policy_steps=STAGES[1], joint_steps=args.joint, data=args.data, out_dir=out)
     if dora:
@@ -72,7 +72,7 @@ def _with_null(args) -> str:
 
 
 def cmd_prefix(args) -> None:
-    from shiva_export.train.loop import train
+    from shiva_export.train import train
 
     out = _prefix(args)
     extra = {}
@@ -85,7 +85,7 @@ def cmd_prefix(args) -> None:
 
 
 def cmd_stage3(args) -> None:
-    from shiva_export.train.loop import train
+    from shiva_export.train import train
 
     out = OUT / args.name
     if out.exists():

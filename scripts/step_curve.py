@@ -17,7 +17,6 @@ Run (one CPU thread, ~4 min for the default curve):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -90,7 +89,7 @@ def main() -> None:
             "model": args.model, "method": "dense", "seed": args.seed, "prompts": len(scenes), "guidance": guidance,
             "n_ref": 256, "plateau": plateau, "plateau_rule": "mean accuracy of the step counts >= the median step count",
             "tolerance_points": args.tolerance, "knee_steps": k, "rows": rows, "torch": torch.__version__,
-            "command": "scripts/step_curve.py --seed %d --prompts %d --steps %s" % (args.seed, args.prompts, " ".join(map(str, args.steps))),
+            "command": f"scripts/step_curve.py --seed {args.seed} --prompts {args.prompts} --steps {' '.join(map(str, args.steps))}",
         })
 
 

@@ -8,7 +8,7 @@ Stages (each deterministic from --seed, each writes into --work and is skipped w
     transformer  SD3Transformer2DModel (MMDiT-X: dual attention in blocks 0-2, qk RMSNorm, patch 1 on a
                  16 x 16 latent = 256 image tokens), rectified-flow loss (v = noise - x0) on logit-normal
                  sigmas with the scheduler's shift, 10% caption dropout (the empty prompt) for CFG, EMA.
-                 Text encoders (CLIP x2 + T5 + tokenizers from shiva_export.runtime.embedded) stay frozen
+                 Text encoders (CLIP x2 + T5 + tokenizers from shiva_export.models.components) stay frozen
                  at their seeded random init.
     transformer2 a second cycle from phase A's EMA weights (lr 5e-4, fresh EMA and noise);
     transformer3 a third from phase B's (lr 3e-4);
@@ -19,7 +19,7 @@ Stages (each deterministic from --seed, each writes into --work and is skipped w
                  measured training times into --out/training.json.
     latents      512 cached samples (latents, prompt_embeds, pooled) for `shiva-export train --data`.
 
-Run (one CPU thread; docs/manual.md quotes this command and the measured times):
+Run (one CPU thread; docs/training.md quotes this command and the measured times):
 
     .venv/bin/python scripts/train_shapes.py --seed 0
 
@@ -157,15 +157,15 @@ PIPE_SEED = 0
 
 def build_text_stack():
     """(tokenizer, clip1, tokenizer_2, clip2, tokenizer_3, t5): the embedded runtime's seeded text encoders."""
-    from shiva_export.runtime import embedded as e
+    from shiva_export.models import components as e
 
     joint, pooled = TF_CONFIG["joint_attention_dim"], TF_CONFIG["pooled_projection_dim"]
-    hidden, heads = e._clip_hidden(joint)
-    tok1, tok2 = e._clip_tokenizer(CLIP_MAX_LENGTH), e._clip_tokenizer(CLIP_MAX_LENGTH)
-    clip1 = e._clip_encoder(tok1, hidden, heads, pooled // 2, PIPE_SEED + e.SEED_CLIP1)
-    clip2 = e._clip_encoder(tok2, hidden, heads, pooled - pooled // 2, PIPE_SEED + e.SEED_CLIP2)
-    tok3 = e._t5_tokenizer()
-    t5 = e._t5_encoder(tok3, joint, PIPE_SEED + e.SEED_T5)
+    hidden, heads = e.clip_hidden(joint)
+    tok1, tok2 = e.clip_tokenizer(CLIP_MAX_LENGTH), e.clip_tokenizer(CLIP_MAX_LENGTH)
+    clip1 = e.clip_encoder(tok1, hidden, heads, pooled // 2, PIPE_SEED + e.SEED_CLIP1)
+    clip2 = e.clip_encoder(tok2, hidden, heads, pooled - pooled // 2, PIPE_SEED + e.SEED_CLIP2)
+    tok3 = e.t5_tokenizer()
+    t5 = e.t5_encoder(tok3, joint, PIPE_SEED + e.SEED_T5)
     return tok1, clip1, tok2, clip2, tok3, t5
 
 
@@ -368,7 +368,8 @@ def stage_latents(args, work: Path) -> None:
     encoded by the *shipped* pipeline (its VAE and frozen text encoders)."""
     from safetensors.torch import save_file
 
-    from shiva_export.runtime.embedded import _quiet_libraries, _pipeline_class
+    from shiva_export.models.components import import_pipeline_class
+    from shiva_export.runtime.pipeline import quiet_libraries
     from shiva_export.shapes.data import caption, render_batch, sample_scenes
 
     out = work / "latents"
@@ -377,8 +378,8 @@ def stage_latents(args, work: Path) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with _quiet_libraries():
-        pipe = _pipeline_class().from_pretrained(str(args.out / "pipeline"), local_files_only=True)
+    with quiet_libraries():
+        pipe = import_pipeline_class().from_pretrained(str(args.out / "pipeline"), local_files_only=True)
     scenes = sample_scenes(args.latent_samples, args.seed + 300)
     x, _ = render_batch(scenes)
     lat = encode_images(pipe.vae, torch.from_numpy(x))

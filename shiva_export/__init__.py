@@ -29,8 +29,8 @@ _LAZY = {
     "EngineRunner": "shiva_export.engines.runner",
     "validate_parity": "shiva_export.validate.compare",
     "benchmark_speed": "shiva_export.validate.speed",
-    "check_parity": "shiva_export.validate.parity",
-    "ParityReport": "shiva_export.validate.parity",
+    "check_parity": "shiva_export.export.parity",
+    "ParityReport": "shiva_export.export.parity",
 }
 
 __all__ = ["__version__", *_LAZY]

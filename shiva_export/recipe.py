@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shiva_export.errors import ModelNotFoundError, RecipeError
+from shiva_export.models.base import adapter_for_architecture, supported_architectures
 from shiva_export.utils.io import canonical_json, sha256_bytes
 
 __all__ = [
@@ -126,7 +127,7 @@ class Phase(BaseModel):
     """One static schedule of a learned keep-ratio table: every denoising step whose timestep ``t`` satisfies
     ``t_stop < t <= t_start`` (the last phase, ``t_stop = 0``, also owns ``t = 0``) uses ``keep_ratios``
     (one per routed block, in block order). Each phase is one static graph / engine. Boundaries are
-    midpoints between the training sampler's timesteps (``train.loop.phase_bounds``)."""
+    midpoints between the training sampler's timesteps (``train.outputs.phase_bounds``)."""
 
     model_config = _STRICT
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(description="phase name, e.g. 'early' (a file-name-safe word)")
@@ -153,6 +154,18 @@ class ShapesSection(BaseModel):
     text_len: Annotated[int, Field(gt=0, le=8192)] = Field(333, description="text tokens (SD3: 77 CLIP + 256 T5)")
     batch: Annotated[int, Field(ge=1, le=256)] = Field(1, description="prompts per call; CFG doubles the model batch")
     cfg: bool = Field(True, description="batch holds uncond and cond halves that share kept indices")
+
+
+class Bucket(BaseModel):
+    """One image size of ``[[buckets]]``: a static graph and engine per budget in a ``<width>x<height>`` folder."""
+
+    model_config = _STRICT
+    width: Annotated[int, Field(gt=0, le=16384)]
+    height: Annotated[int, Field(gt=0, le=16384)]
+
+    @property
+    def name(self) -> str:
+        return f"{self.width}x{self.height}"
 
 
 class PipelineSection(BaseModel):
@@ -195,7 +208,7 @@ class Recipe(BaseModel):
     schema_version: int
     name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     description: str = ""
-    architecture: str = Field("sd3", description="model adapter key (shiva_export.models): sd3, flux, ...")
+    architecture: str = Field(description="model adapter key (shiva_export.models), required: sd3 (SD3 and SD3.5), flux, pixart, dit")
     model: ModelSection
     prune: PruneSection = Field(default_factory=PruneSection)
     router: RouterSection = Field(default_factory=RouterSection)
@@ -204,6 +217,9 @@ class Recipe(BaseModel):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     tolerances: dict[Literal["fp32", "fp16", "bf16"], Tolerance]
     schedule: ScheduleSection | None = None
+    buckets: list[Bucket] = Field(
+        default_factory=list, description="[[buckets]] image sizes `onnx` and `trt` build (one <W>x<H> folder each) and `generate` accepts"
+    )
 
     # set by load_recipe, not part of the file
     source_path: Path | None = Field(None, exclude=True)
@@ -218,8 +234,6 @@ class Recipe(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _architecture(cls, v: str) -> str:
-        from shiva_export.models.base import supported_architectures
-
         known = supported_architectures()
         if v not in known:
             raise ValueError(f"architecture {v!r} has no adapter; choose one of {', '.join(known)}")
@@ -227,14 +241,21 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _cfg_matches_architecture(self):
-        from shiva_export.models.base import adapter_for_architecture
-
         adapter = adapter_for_architecture(self.architecture)
         if self.shapes.cfg and not adapter.BATCHED_CFG:
             raise ValueError(f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false")
         if self.prune.context not in adapter.CONTEXT_MODES:
             raise ValueError(f"[prune] context = {self.prune.context!r} is not implemented for architecture {self.architecture!r}; set context = \"drop\"")
         return self
+
+    @field_validator("buckets")
+    @classmethod
+    def _distinct_buckets(cls, v: list) -> list:
+        names = [b.name for b in v]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise ValueError(f"[[buckets]] lists {dup} twice; give each size once")
+        return v
 
     @field_validator("tolerances")
     @classmethod
@@ -335,7 +356,7 @@ class Recipe(BaseModel):
         if not (p / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"{self._where()}: the shipped pipeline folder {p} has no model_index.json. "
-                "Restore it from git or rebuild it with scripts/train_shapes.py (see docs/manual.md)."
+                "Restore it from git or rebuild it with scripts/train_shapes.py (see docs/training.md)."
             )
         return p
 
@@ -353,7 +374,7 @@ class Recipe(BaseModel):
             p = self.source_path.parent / p
         if (p / "config.json").is_file():
             return p
-        if self.model.sha256:
+        if self.model.sha256 and not (p / "model_index.json").is_file():  # a bound pipeline folder: its transformer/ is checked on load
             raise ModelNotFoundError(
                 f"{self._where()}: the transformer folder {p} bound by [model] sha256 is missing (no config.json); "
                 "its router and schedule belong to those weights only. Restore the folder written with this recipe."
@@ -367,6 +388,7 @@ class Recipe(BaseModel):
         d = self.model_dump(mode="json", exclude={"source_path"})
         if d["prune"]["context"] == "drop":  # the default: recipes written before the option keep their hash (cache keys)
             del d["prune"]["context"]
+        del d["buckets"]  # which sizes get built changes no graph (each graph's shapes are in its own key)
         return d
 
 
@@ -407,6 +429,17 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
+def _check_architecture_given(path: Path, data: dict) -> None:
+    """A recipe names its architecture: nothing defaults to SD3, so a Flux or PixArt file that forgot the key
+    fails here, before any model is loaded, instead of being read as SD3."""
+    if "architecture" not in data:
+        known = supported_architectures()
+        raise RecipeError(
+            f"{path}: architecture is missing; every recipe names its model adapter. Add a top-level "
+            f"architecture = one of {', '.join(repr(k) for k in known)} (\"sd3\" for SD3 and SD3.5)."
+        )
+
+
 def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
     """Loads and validates a recipe from a TOML path or a built-in model name.
 
@@ -433,10 +466,13 @@ def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: arrays or tables nested too deeply to be a recipe. Pass a recipe shaped like recipes/sd35.toml.") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a UTF-8 text file, so not a recipe. Pass a .toml recipe.") from None
     except OSError as err:
         raise RecipeError(f"{p}: cannot read ({err.strerror}).") from None
+    _check_architecture_given(p, data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

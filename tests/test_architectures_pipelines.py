@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from shiva_export.models import load_transformer
+from shiva_export.models.components import clip_tokenizer, seeded, t5_encoder, t5_tokenizer
 from shiva_export.prune import is_shiva_applied, remove_shiva_
 from shiva_export.recipe import load_recipe
-from shiva_export.runtime.embedded import _clip_tokenizer, _seeded, _t5_encoder, _t5_tokenizer
 from shiva_export.runtime.pipeline import shiva_pipeline
 
 torch.set_num_threads(1)
@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 def _vae(latent_channels: int = 4):
     from diffusers import AutoencoderKL
 
-    with _seeded(0):
+    with seeded(0):
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                              block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8,
                              sample_size=128, scaling_factor=0.3611, shift_factor=0.1159).eval()  # Flux.1 VAE factors
@@ -39,13 +39,13 @@ def _flux():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     rec = load_recipe("flux-tiny")
-    tok = _clip_tokenizer(16)
-    with _seeded(1):
+    tok = clip_tokenizer(16)
+    with seeded(1):
         clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                             max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                             pad_token_id=tok.pad_token_id)).eval()
-    tok2 = _t5_tokenizer()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=clip, tokenizer=tok, text_encoder_2=_t5_encoder(tok2, 32, 2),
+    tok2 = t5_tokenizer()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=clip, tokenizer=tok, text_encoder_2=t5_encoder(tok2, 32, 2),
                         tokenizer_2=tok2, transformer=load_transformer(recipe=rec))
     return rec, pipe, lambda p: p("a red cube", height=128, width=128, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=8,
                                   generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -55,8 +55,8 @@ def _pixart():
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     rec = load_recipe("pixart-tiny")
-    tok = _t5_tokenizer()
-    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=_t5_encoder(tok, 48, 2), vae=_vae(), transformer=load_transformer(recipe=rec),
+    tok = t5_tokenizer()
+    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 48, 2), vae=_vae(), transformer=load_transformer(recipe=rec),
                                scheduler=DPMSolverMultistepScheduler())
     return rec, pipe, lambda p: p("a red cube", height=128, width=128, num_inference_steps=2, guidance_scale=4.5, max_sequence_length=12,
                                   use_resolution_binning=False, generator=torch.Generator().manual_seed(0), output_type="np").images

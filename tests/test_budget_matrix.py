@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from shiva_export.engines.builder import build_engine
+from shiva_export.export.ort import ort_session
 from shiva_export.prune.router import ShivaRouter
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 from shiva_export.prune.topk_lowering import topk_reference
-from shiva_export.validate.parity import ort_session
 
 pytestmark = pytest.mark.trt_rtx
 RATIOS = [0.05, 0.2, 0.4, 0.6, 0.8, 0.95]

@@ -55,12 +55,11 @@ def test_timing_cache_never_overwrites_another_file(tmp_path):
 
 @pytest.mark.trt_rtx
 def test_timing_cache_written_by_a_build_is_reusable_and_stamped(tmp_path):
-    from tests.test_engines_build_rtx import pruning_graph  # a tiny TopK/Gather/Scatter graph
-
     import onnx
 
     from shiva_export.engines import build_engine
     from shiva_export.engines.builder import check_timing_cache_path
+    from tests.test_engines_build_rtx import pruning_graph  # a tiny TopK/Gather/Scatter graph
 
     onnx_path = tmp_path / "m.onnx"
     onnx.save(pruning_graph(), onnx_path)

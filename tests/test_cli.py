@@ -10,7 +10,6 @@ import textwrap
 import pytest
 
 from shiva_export.cli import main
-from tests.fixtures import tiny
 
 
 def run(capsys, *args):
@@ -20,7 +19,7 @@ def run(capsys, *args):
 
 
 def _one_line_error(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.startswith("Error:")]
+    lines = [line for line in err.strip().splitlines() if line.startswith("Error:")]
     assert len(lines) == 1, err
     assert "Traceback" not in err, err
     return lines[0]

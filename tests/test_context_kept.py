@@ -13,9 +13,10 @@ import torch
 
 from shiva_export.errors import ConfigError, RecipeError
 from shiva_export.models.base import get_adapter
+from shiva_export.models.sd3 import count_flops
 from shiva_export.prune import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection, remove_shiva_
 from shiva_export.prune.api import set_shiva_config_
-from shiva_export.validate.flops import count_flops, count_model_flops
+from shiva_export.validate.flops import count_model_flops
 from tests.fixtures import tiny
 
 torch.use_deterministic_algorithms(True)
@@ -167,8 +168,8 @@ def test_onnx_export_keep_static_shapes_and_ort_parity(recipe_file, tmp_path):
     import numpy as np
     import onnx
 
+    from shiva_export.export.ort import ort_session
     from shiva_export.export.pruned import export_pruned
-    from shiva_export.validate.parity import ort_session
 
     keep = export_pruned(recipe=recipe_file, ratio=0.4, out=tmp_path / "keep.onnx", parity_cases=2)
     assert keep.config.context == "keep" and keep.to_dict()["context"] == "keep"

@@ -63,9 +63,6 @@ def test_lazy_import_names_are_pinned():
 
 
 def test_missing_backend_is_a_typed_error():
-    from shiva_export._imports import lazy_import
-    from shiva_export.errors import MissingDependencyError
-
     code = (
         "import importlib.abc, sys\n"
         "class B(importlib.abc.MetaPathFinder):\n"

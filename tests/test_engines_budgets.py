@@ -108,7 +108,7 @@ def test_missing_backend_module_exits_4_one_line(tmp_path, backend, pip):
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 4, r.stderr
-    errors = [l for l in r.stderr.splitlines() if l.startswith("Error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and pip in errors[0] and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir()), "nothing is exported before the backend is known to exist"
 

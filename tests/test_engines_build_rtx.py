@@ -36,7 +36,15 @@ from shiva_export.engines import (
     verify_engine,
     write_manifest,
 )
-from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, ManifestError, MissingDependencyError, PreflightError
+from shiva_export.engines.manifest import manifest_self_hash
+from shiva_export.errors import (
+    ConfigError,
+    EngineBuildError,
+    HardwareError,
+    ManifestError,
+    MissingDependencyError,
+    PreflightError,
+)
 
 
 def pruning_graph(n=64, d=16, k=38, dynamic_batch=False):
@@ -384,6 +392,7 @@ def test_read_manifest_rejects_bad_fields(tmp_path):
     ):
         data = json.loads(json.dumps(good))
         mutate(data)
+        data["self_sha256"] = manifest_self_hash(data)  # a consistent manifest with a bad field
         path.write_text(json.dumps(data))
         with pytest.raises(ManifestError, match=match):
             read_manifest(path)
@@ -526,6 +535,7 @@ def test_refit_source_is_checked_against_the_manifest(trt, tmp_path):
     assert m["build_options"]["strip_weights"] is False and "refit_weights" not in m["build_options"]
     # what a stripped build records (it needs a GPU to build, see above): the runner checks it before refitting
     m["build_options"] = {**m["build_options"], "strip_weights": True, "refit_weights": _refit_weights(res.onnx_path)}
+    m["self_sha256"] = manifest_self_hash(m)  # re-sealed: an unsealed edit is refused before anything else
     res.manifest_path.write_text(json.dumps(m))
     runner = EngineRunner(res.out_dir)
     assert runner.refit_source() == res.onnx_path

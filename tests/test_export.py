@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from shiva_export.errors import ExportError
+from shiva_export.export.ort import ort_session
+from shiva_export.export.parity import check_parity
 from shiva_export.export.pruned import export_pruned
 from shiva_export.models.sd3 import InputSpec, make_inputs
-from shiva_export.validate.parity import check_parity, ort_session
 
 
 def _reference(res):

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.validate.flops import TERMS, count_flops, ideal_speedup
+from shiva_export.models.sd3 import FLOP_TERMS as TERMS
+from shiva_export.models.sd3 import count_flops
+from shiva_export.validate.flops import ideal_speedup
 from tests.fixtures.tiny import CATALOGUE, HEIGHT, WIDTH, build, inputs
 
 # One block: it is both block 0 and the last block (context_pre_only), with dual attention.

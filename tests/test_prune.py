@@ -183,3 +183,32 @@ def test_deepcopy_keeps_independent_state():
     remove_shiva_(clone)
     assert is_shiva_applied(model)
     _dense(model, x)
+
+
+def test_adapter_passed_in_routes_like_the_registered_lookup():
+    """prune lies below models: the adapter given to apply_shiva_ is the one that installs and removes the
+    routing, and it routes exactly as the default (the lookup shiva_export.models registers)."""
+    from shiva_export.models.sd3 import SD3Adapter
+    from shiva_export.prune.api import routing_state
+
+    a, b = tiny.build("sd3"), tiny.build("sd3")
+    x = tiny.inputs(a)
+    given = SD3Adapter()
+    apply_shiva_(a, ShivaConfig.uniform(4, 0.5), seed=3, adapter=given)
+    apply_shiva_(b, ShivaConfig.uniform(4, 0.5), seed=3)
+    assert routing_state(a).adapter is given and isinstance(routing_state(b).adapter, SD3Adapter)
+    assert torch.equal(_dense(a, x), _dense(b, x))
+    remove_shiva_(a)
+    assert routing_state(a) is None and not any("forward" in blk.__dict__ for blk in a.transformer_blocks)
+
+
+def test_prune_without_a_lookup_asks_for_the_adapter(monkeypatch):
+    """prune never imports models (lint-imports checks that); with no lookup registered, apply_shiva_ says how to
+    pass the adapter, in one ConfigError line, and leaves the model untouched."""
+    import shiva_export.prune.api as api
+
+    monkeypatch.setattr(api, "_ADAPTER_LOOKUP", [])
+    model = tiny.build("sd3")
+    with pytest.raises(ConfigError, match=r"^no architecture adapter for SD3Transformer2DModel: pass apply_shiva_\(\.\.\., adapter=get_adapter\(transformer\)\)") as ei:
+        apply_shiva_(model, ShivaConfig.uniform(4, 0.5))
+    assert "\n" not in str(ei.value) and not is_shiva_applied(model)

@@ -12,6 +12,7 @@ BUILT_IN = ["sd3", "sd35", "sd35-large", "sd35-tiny", "sd3-tiny", "sd3-mid"]
 GOOD = """
 schema_version = 1
 name = "mine"
+architecture = "sd3"
 [model]
 source = "hub"
 repo_id = "org/repo"
@@ -58,6 +59,18 @@ def test_bad_recipes_name_file_and_field(tmp_path, mutation, match):
     with pytest.raises(RecipeError, match=match) as ei:
         load_recipe(p)
     assert str(p) in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_architecture_is_required(tmp_path):
+    """No silent SD3: a recipe without ``architecture`` is refused with the file and the allowed values."""
+    p = tmp_path / "noarch.toml"
+    p.write_text(GOOD.replace('architecture = "sd3"\n', ""))
+    with pytest.raises(RecipeError, match=r"architecture is missing.*one of 'dit', 'flux', 'pixart', 'sd3'") as ei:
+        load_recipe(p)
+    assert str(p) in str(ei.value) and "\n" not in str(ei.value)
+    p.write_text(GOOD.replace('architecture = "sd3"', 'architecture = "unet"'))
+    with pytest.raises(RecipeError, match=r"architecture = 'unet' is invalid: .*has no adapter; choose one of"):
+        load_recipe(p)
 
 
 def test_model_aware_block_range(tmp_path):

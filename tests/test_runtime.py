@@ -9,7 +9,7 @@ import torch
 
 from shiva_export.cli import main
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.prune.api import apply_shiva_, ShivaConfig, phase_trace, record_selection, remove_shiva_
+from shiva_export.prune.api import ShivaConfig, apply_shiva_, phase_trace, record_selection, remove_shiva_
 from shiva_export.recipe import load_recipe
 
 STEPS = 10
@@ -269,8 +269,8 @@ def test_e2e_benchmark_writes_json_markdown_png(tmp_path, generated):
     r = rows[("ort", "ratio 0.40")]
     # the ideals are the FLOP counter's ratio over the 3 steps (N = 256, T = 32, CFG batch 2) and Amdahl on the
     # dense row's own medians
+    from shiva_export.models.sd3 import count_flops
     from shiva_export.recipe import load_recipe
-    from shiva_export.validate.flops import count_flops
 
     cfg = load_recipe("sd35-tiny").model.config
     keep = (None,) + (0.6,) * 5

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from shiva_export.errors import OutputPathError, RecipeError
+from shiva_export.models import components as C
 from shiva_export.recipe import load_recipe
 from shiva_export.runtime import embedded as E
 
@@ -200,15 +201,15 @@ def test_transformer_override_is_quiet(loaded, cache_dir, monkeypatch, capfd):
 
 def test_mid_encoders_stay_small():
     """sd3-mid (joint_attention_dim 4096, pooled 2048): the encoders fit the constraints with a few M params."""
-    hidden, heads = E._clip_hidden(4096)
+    hidden, heads = C.clip_hidden(4096)
     assert (hidden, heads) == (256, 4)
-    tok = E._clip_tokenizer(77)
-    clip = E._clip_encoder(tok, hidden, heads, 1024, 1)
-    t5 = E._t5_encoder(E._t5_tokenizer(), 4096, 3)
+    tok = C.clip_tokenizer(77)
+    clip = C.clip_encoder(tok, hidden, heads, 1024, 1)
+    t5 = C.t5_encoder(C.t5_tokenizer(), 4096, 3)
     n_clip = sum(p.numel() for p in clip.parameters())
     n_t5 = sum(p.numel() for p in t5.parameters())
     assert n_clip < 3e6 and n_t5 < 8e6, (n_clip, n_t5)
-    assert E._clip_hidden(64) == (32, 4) and E._clip_hidden(16) == (8, 1)
+    assert C.clip_hidden(64) == (32, 4) and C.clip_hidden(16) == (8, 1)
 
 
 _OFFLINE = textwrap.dedent(

@@ -50,15 +50,15 @@ class _Boom:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
-    from shiva_export.train.loop import _load_checkpoint
+    from shiva_export.train.checkpoint import load_checkpoint
 
     _Boom.marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": "shiva-train/1", "evil": _Boom()}, path)
     with pytest.raises(ConfigError, match="cannot read checkpoint"):
-        _load_checkpoint(path)
+        load_checkpoint(path)
     assert not _Boom.marker.exists()
     path.write_bytes(pickle.dumps({"format": "x", "evil": _Boom()}))
     with pytest.raises(ConfigError):
-        _load_checkpoint(path)
+        load_checkpoint(path)
     assert not _Boom.marker.exists()

@@ -16,8 +16,8 @@ import pytest
 
 from shiva_export.cli import main
 from shiva_export.errors import ConfigError, ManifestError
+from shiva_export.export.ort import ChainedSession, ort_session
 from shiva_export.export.segments import plan_cuts, read_segments, segment_path, split_onnx
-from shiva_export.validate.parity import ChainedSession, ort_session
 
 MODELS = ["sd35-tiny", "flux-tiny", "pixart-tiny", "dit-tiny"]
 

@@ -14,8 +14,27 @@ import torch
 from shiva_export.cli import main
 from shiva_export.errors import ConfigError, ModelNotFoundError, RecipeError
 from shiva_export.recipe import load_recipe
-from shiva_export.shapes.analyze import FEATURE_GROUPS, _component_sizes, analyze, features, frechet_distance, judge_accuracy, prompt_correct
-from shiva_export.shapes.data import COLORS, IMAGE_SIZE, Scene, all_scenes, caption, parse_caption, render, render_batch, sample_scenes, token_mask
+from shiva_export.shapes.analyze import (
+    FEATURE_GROUPS,
+    _component_sizes,
+    analyze,
+    features,
+    frechet_distance,
+    judge_accuracy,
+    prompt_correct,
+)
+from shiva_export.shapes.data import (
+    COLORS,
+    IMAGE_SIZE,
+    Scene,
+    all_scenes,
+    caption,
+    parse_caption,
+    render,
+    render_batch,
+    sample_scenes,
+    token_mask,
+)
 from shiva_export.shapes.metrics import FD_GROUPS, bootstrap_ci, fd_of, judge_images, seed_band, standardize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +203,15 @@ def test_metric_helpers():
 def test_scorers_select_what_they_say():
     from shiva_export.models.sd3 import build_embedded
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, record_selection
-    from shiva_export.prune.baselines import FixedDitherScorer, MaskScorer, NormScorer, RandomScorer, RotatingDitherScorer, bayer_rank, set_scorer_
+    from shiva_export.prune.baselines import (
+        FixedDitherScorer,
+        MaskScorer,
+        NormScorer,
+        RandomScorer,
+        RotatingDitherScorer,
+        bayer_rank,
+        set_scorer_,
+    )
 
     r = bayer_rank(16).reshape(16, 16)
     assert torch.equal((r < 0.25).nonzero()[:, 0].unique(), torch.arange(0, 16, 2))  # keep 1/4 = every other row and column

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shiva_export.recipe import load_recipe
-from shiva_export.train.loop import sampler_timesteps
+from shiva_export.train.outputs import sampler_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,10 @@ import torch
 from shiva_export.models import InputSpec, get_adapter, load_transformer, make_inputs
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, remove_shiva_, set_route_override
 from shiva_export.recipe import load_recipe
+from shiva_export.train import TrainConfig, train
 from shiva_export.train.data import SyntheticData
-from shiva_export.train.loop import TrainConfig, _make_override, _RouteState, train
 from shiva_export.train.ste import DifferentiableTopK
+from shiva_export.train.student import RouteState, make_override
 
 MODELS = ["flux-tiny", "pixart-tiny", "dit-tiny"]
 
@@ -36,8 +37,8 @@ def test_dense_teacher_is_the_plain_forward_bit_for_bit(name):
     with torch.no_grad():
         ref = model(**inputs).sample
         apply_shiva_(model, ShivaConfig.uniform(n, 0.4, routed))
-        st = _RouteState(routed, DifferentiableTopK(), set())
-        set_route_override(model, _make_override(st))
+        st = RouteState(routed, DifferentiableTopK(), set())
+        set_route_override(model, make_override(st))
         out = model(**inputs).sample
         remove_shiva_(model)
     assert torch.equal(out, ref)
@@ -59,8 +60,8 @@ def test_student_forward_equals_hard_routing_and_grads_reach_routers(name, estim
     with torch.no_grad():
         hard = model(**inputs).sample  # inference routing (hard top-k, shared indices where the adapter needs them)
     topk = DifferentiableTopK(noise_std=0.0)
-    st = _RouteState(routed, topk, set(), estimator=estimator)
-    set_route_override(model, _make_override(st))
+    st = RouteState(routed, topk, set(), estimator=estimator)
+    set_route_override(model, make_override(st))
     _teacher_updates(model, st, inputs)
     st.mode, st.keep = "student", torch.full((2, len(routed)), keep)
     out = model(**inputs).sample
@@ -81,8 +82,8 @@ def test_flux_student_shares_one_index_set_per_keep_group():
         seen.append(shared)
         return inner(index, hs, temb, pooled, run_block, shared, routers)
 
-    st = _RouteState(routed, DifferentiableTopK(noise_std=0.0), set())
-    inner = _make_override(st)
+    st = RouteState(routed, DifferentiableTopK(noise_std=0.0), set())
+    inner = make_override(st)
     set_route_override(model, spy)
     _teacher_updates(model, st, inputs)
     seen.clear()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shiva_export.errors import ConfigError
-from shiva_export.train.loop import TrainConfig, train
+from shiva_export.train import TrainConfig, train
 
 MODEL = "sd35-tiny"
 

@@ -4,6 +4,7 @@ caption dropout, CFG pairs, resume, damaged shards, ``make_data`` and the CLI.""
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import types
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from shiva_export.train.data import Batch, LatentFolder, SyntheticData, make_data
+from shiva_export.train.cached import LatentFolder, ShardedLatents, make_data
+from shiva_export.train.data import Batch, SyntheticData
 from shiva_export.train.dataset import (
     MANIFEST_NAME,
     NULL_NAME,
-    ShardedLatents,
     dataset_records,
     encode_train_data,
     image_records,
@@ -84,7 +85,8 @@ def test_manifest_records_what_made_the_data(data_dir):
 def test_stored_tensors_are_the_pipelines_own_encodings(data_dir, tiny_pipe, images):
     data = ShardedLatents(data_dir)
     null_pe, null_pooled = _encode_prompt(tiny_pipe, [""])
-    assert torch.equal(data.null_prompt_embeds, null_pe[0]) and torch.equal(data.null_pooled, null_pooled[0])
+    null = data.null_text
+    assert torch.equal(null["encoder_hidden_states"], null_pe[0]) and torch.equal(null["pooled_projections"], null_pooled[0])
     pe, pooled = _encode_prompt(tiny_pipe, PROMPTS[4:])  # the second shard, encoded in one call of 2
     s = data.dataset[5]
     torch.testing.assert_close(s["prompt_embeds"], pe[1], atol=1e-5, rtol=0)
@@ -150,9 +152,9 @@ def test_caption_dropout_rate_and_null(data_dir):
         b = data.batch(8, caption_dropout=0.1)
         m = b.dropped
         dropped += int(m.sum())
-        null_rows = (b.inputs["encoder_hidden_states"] == data.null_prompt_embeds).flatten(1).all(1)
+        null_rows = (b.inputs["encoder_hidden_states"] == data.null_text["encoder_hidden_states"]).flatten(1).all(1)
         assert torch.equal(null_rows, m)
-        assert torch.equal((b.inputs["pooled_projections"] == data.null_pooled).all(1), m)
+        assert torch.equal((b.inputs["pooled_projections"] == data.null_text["pooled_projections"]).all(1), m)
     assert dropped == 42  # of 400 (rate 0.105), seed 0, p = 0.1
     with pytest.raises(Exception, match="caption_dropout"):
         data.batch(2, caption_dropout=1.5)
@@ -166,8 +168,8 @@ def test_cfg_pairs_share_latents_and_timesteps(data_dir):
     hs, t = b.hidden_states, b.timestep
     assert torch.equal(hs[:3], hs[3:]) and torch.equal(t[:3], t[3:]) and torch.equal(b.target[:3], b.target[3:])
     assert torch.equal(hs[3:], ref.hidden_states)  # the cond half is the plain batch (same stream)
-    assert torch.equal(b.inputs["encoder_hidden_states"][:3], data.null_prompt_embeds.expand(3, -1, -1))
-    assert torch.equal(b.inputs["pooled_projections"][:3], data.null_pooled.expand(3, -1))
+    assert torch.equal(b.inputs["encoder_hidden_states"][:3], data.null_text["encoder_hidden_states"].expand(3, -1, -1))
+    assert torch.equal(b.inputs["pooled_projections"][:3], data.null_text["pooled_projections"].expand(3, -1))
     assert torch.equal(b.inputs["encoder_hidden_states"][3:], ref.inputs["encoder_hidden_states"])
     assert b.model_inputs()["timestep"].shape == (6,)
 
@@ -240,7 +242,7 @@ def test_make_data_picks_the_source(tmp_path, data_dir, tiny_pipe):
     with pytest.raises(Exception, match="null embedding"):
         lf.batch(2, cfg_pairs=True)
     shutil.copy(data_dir / NULL_NAME, folder / NULL_NAME)  # a null.safetensors beside the samples enables CFG pairs
-    lf = LatentFolder(folder)
+    lf = LatentFolder(folder, tf)
     assert len(lf) == 2 and len(lf.batch(2, cfg_pairs=True)) == 4
 
 
@@ -378,7 +380,7 @@ def test_help_works_without_heavy_packages():
 def test_train_resumes_on_sharded_data(tmp_path, data_dir):
     """The loop checkpoints the reader's state (position in the seeded order + noise RNG): a cut and resumed run
     ends with the routers of an uninterrupted one, and the flow loss is on (real latents)."""
-    from shiva_export.train.loop import TrainConfig, train
+    from shiva_export.train import TrainConfig, train
 
     kw = dict(warmup_steps=3, policy_steps=1, joint_steps=1, batch=2, checkpoint_every=2, data=data_dir, num_threads=1, phases=1, sampler_steps=8)
     full = train("sd35-tiny", TrainConfig(out_dir=tmp_path / "full", **kw))
@@ -418,4 +420,130 @@ def test_hostile_manifest_is_one_typed_line(tmp_path, data_dir, edit, needle):
     (bad / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(ShivaError, match=needle) as e:
         ShardedLatents(bad)
+    assert "\n" not in str(e.value)
+
+
+# -- every architecture: the cached layout is the adapter's ---------------------------------------------------
+ARCH_PROMPTS = {"flux-tiny": ["a red cube", "a blue ball", "green tree"], "pixart-tiny": ["a red cube", "a blue ball", "green tree"], "dit-tiny": ["1", "2", "3"]}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCH_PROMPTS))
+def arch_data(request, tmp_path_factory, images):
+    """``train-data`` (CLI) on a non-SD3 tiny model: 3 images with captions (DiT: class ids), shards of 2."""
+    import contextlib
+    import io
+    import json
+
+    from shiva_export.cli import main
+    from shiva_export.runtime.pipeline import load_diffusers_pipeline
+
+    model = request.param
+    root = tmp_path_factory.mktemp(model)
+    img = root / "images"
+    img.mkdir()
+    for f in sorted(images.iterdir())[:3]:
+        shutil.copy(f, img / f.name)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(ARCH_PROMPTS[model]) + "\n", encoding="utf-8")
+    out = root / "data"
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        rc = main(["train-data", "--model", model, "--images", str(img), "--prompts", str(prompts), "--out", str(out), "--shard-size", "2", "--json"])
+    assert rc == 0 and json.loads(buf.getvalue())["samples"] == 3
+    return model, out, load_diffusers_pipeline(model), img
+
+
+def test_other_architectures_store_their_pipelines_own_encodings(arch_data):
+    """The manifest names the architecture; the shapes are the adapter's cached layout at the recipe's size; the
+    text tensors are the pipeline's own encode_prompt (DiT: the class id) and the latents its VAE's (Flux: packed)."""
+    import json
+
+    from PIL import Image
+
+    from shiva_export.models import InputSpec, get_adapter
+    from shiva_export.recipe import load_recipe
+
+    model, out, pipe, img = arch_data
+    rec, adapter = load_recipe(model), get_adapter(pipe.transformer)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    want = adapter.cache_shapes(pipe.transformer.config, InputSpec(1, rec.shapes.height, rec.shapes.width, rec.shapes.text_len, False))
+    assert m["architecture"] == adapter.NAME and {k: tuple(v) for k, v in m["shapes"].items()} == want and tuple(m["latent_shape"]) == want["latents"]
+    data = ShardedLatents(out)
+    s = data.dataset[2]  # the second shard's only sample
+    text = ARCH_PROMPTS[model][2]
+    with torch.inference_mode():
+        if model == "flux-tiny":
+            pe, pooled, _ = pipe.encode_prompt([text], [text], device="cpu", max_sequence_length=rec.shapes.text_len)
+            torch.testing.assert_close(s["prompt_embeds"], pe[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(s["pooled"], pooled[0], atol=1e-5, rtol=0)
+        elif model == "pixart-tiny":
+            pe, mask, _, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False, device="cpu", clean_caption=False, max_sequence_length=rec.shapes.text_len)
+            torch.testing.assert_close(s["prompt_embeds"], pe[0], atol=1e-5, rtol=0)
+            assert torch.equal(s["prompt_attention_mask"], mask[0].long())
+        else:
+            assert int(s["class_labels"]) == 3 and int(data.null["class_labels"]) == int(pipe.transformer.config.num_embeds_ada_norm)
+        vae = pipe.vae
+        from diffusers.image_processor import VaeImageProcessor
+
+        x = VaeImageProcessor(vae_scale_factor=8).preprocess(Image.open(sorted(img.iterdir())[2]).convert("RGB"), height=rec.shapes.height,
+                                                             width=rec.shapes.width, resize_mode="crop")
+        z = (vae.encode(x).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        if model == "flux-tiny":
+            z = pipe._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
+    torch.testing.assert_close(s["latents"], z[0], atol=1e-4, rtol=0)
+
+
+def test_other_architectures_batches_run_the_transformer(arch_data):
+    """Cached batches are the transformer's own arguments (with the adapter's static extras, e.g. Flux ids), noised by
+    the adapter's objective: rectified flow (Flux, target eps - x0) or DDPM (PixArt, DiT, target eps); the clean latent
+    comes back exactly from x_t and the target. CFG pairs put the pipeline's null conditioning in the uncond half."""
+    from shiva_export.models import get_adapter
+    from shiva_export.recipe import load_recipe
+
+    model, out, pipe, _ = arch_data
+    rec, tf = load_recipe(model), pipe.transformer
+    adapter = get_adapter(tf)
+    data = make_data(out, tf, rec.shapes.height, rec.shapes.width, rec.shapes.text_len, seed=0)
+    t = torch.tensor([0.0, 400.0, 999.0])
+    b = data.batch(3, timesteps=t)
+    stored = torch.stack([data.dataset[i]["latents"] for i in range(len(data))])
+    view = (-1, *[1] * (b.hidden_states.dim() - 1))
+    if adapter.PREDICTION == "flow":  # x_t = (1 - s) x0 + s eps, target eps - x0
+        x0 = b.hidden_states - (t / 1000.0).view(view) * b.target
+    else:  # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps, abar of the pipeline's scheduler at integer t
+        abar = adapter.scheduler().alphas_cumprod[t.long()].view(view)
+        x0 = (b.hidden_states - (1 - abar).sqrt() * b.target) / abar.sqrt()
+    for row in x0:
+        assert torch.isclose(row, stored, atol=1e-4).flatten(1).all(1).any()
+    pairs = data.batch(2, cfg_pairs=True)
+    for name, v in data.null_text.items():
+        assert torch.equal(pairs.inputs[name][:2], v.to(pairs.inputs[name].dtype).expand_as(pairs.inputs[name][:2]))
+    with torch.no_grad():
+        y = tf(**pairs.model_inputs()).sample
+    assert adapter.training_prediction(tf.config, y).shape == pairs.target.shape
+
+
+def test_other_architectures_train_on_their_data(arch_data, tmp_path):
+    """``train --data`` on the cached folder: 3 steps with the denoising loss (real latents), CFG pairs and caption
+    dropout; a model of another architecture is refused with one line."""
+    import contextlib
+    import io
+    import json
+
+    from shiva_export.cli import main
+    from shiva_export.errors import ConfigError
+    from shiva_export.models import load_transformer
+    from shiva_export.recipe import load_recipe
+
+    model, out, _, _ = arch_data
+    run = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        rc = main(["train", "--model", model, "--data", str(out), "--steps", "1", "--steps", "1", "--steps", "1", "--batch", "2", "--cfg-pairs",
+                   "--caption-dropout", "0.2", "--out-dir", str(run), "--quiet", "--threads", "1", "--json"])
+    res = json.loads(buf.getvalue())
+    assert rc == 0 and (run / "router.safetensors").is_file() and res["step"] == 3
+    assert all(h["flow"] is not None and math.isfinite(h["flow"]) for h in res["history"])
+    assert "cached latents" in (run / "recipe.toml").read_text().splitlines()[0]
+    other = load_transformer(recipe=load_recipe("sd35-tiny"))
+    with pytest.raises(ConfigError, match="encoded for architecture") as e:
+        make_data(out, other, 256, 256, 32)
     assert "\n" not in str(e.value)

@@ -51,7 +51,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_resume_at_another_world_size(tmp_path):
-    from shiva_export.train.loop import TrainConfig, train
+    from shiva_export.train import TrainConfig, train
 
     steps = ["--steps", "2", "--steps", "1", "--steps", "0"]
     full = _single(*ARGS, *steps, "--out-dir", str(tmp_path / "full"))

@@ -14,8 +14,11 @@ from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError  #
 from shiva_export.models import InputSpec, load_transformer, make_inputs  # noqa: E402
 from shiva_export.recipe import load_recipe  # noqa: E402
 from shiva_export.runtime.pipeline import load_pipeline  # noqa: E402
-from shiva_export.train import dora  # noqa: E402
-from shiva_export.train.loop import TrainConfig, train  # noqa: E402
+from shiva_export.train import (  # noqa: E402
+    TrainConfig,
+    dora,  # noqa: E402
+    train,
+)
 
 MODEL = "sd35-tiny"
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")

@@ -11,7 +11,7 @@ import torch
 
 from shiva_export.errors import ConfigError
 from shiva_export.prune.topk import gather_tokens, scatter_tokens
-from shiva_export.train.loop import TrainConfig
+from shiva_export.train import TrainConfig
 from shiva_export.train.policy import KeepMeasure, RatioPolicy
 from shiva_export.train.ste import DifferentiableTopK, route_output_gated, route_with_ste
 
@@ -169,8 +169,9 @@ def test_cfg_pair_student_equals_cfg_inference_and_trains(tmp_path):
     from shiva_export.models import load_transformer
     from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
     from shiva_export.recipe import load_recipe
+    from shiva_export.train import train
     from shiva_export.train.data import SyntheticData
-    from shiva_export.train.loop import _make_override, _RouteState, train
+    from shiva_export.train.student import RouteState, make_override
 
     rec = load_recipe("sd35-tiny")
     model = load_transformer(recipe=rec)
@@ -182,9 +183,9 @@ def test_cfg_pair_student_equals_cfg_inference_and_trains(tmp_path):
     apply_shiva_(model, ShivaConfig.uniform(6, 0.4, routed, cfg=True), seed=0)
     with torch.no_grad():
         hard = model(**inputs).sample  # CFG inference: both halves keep the tokens of max(s_uncond, s_cond)
-        st = _RouteState(routed, DifferentiableTopK(noise_std=0.0), set())
+        st = RouteState(routed, DifferentiableTopK(noise_std=0.0), set())
         st.cfg = True
-        set_route_override(model, _make_override(st))
+        set_route_override(model, make_override(st))
         st.mode, st.record_updates = "dense", True
         model(**inputs)
         st.mode, st.keep = "student", torch.tensor([[0.6] * 5, [0.6] * 5]).repeat(2, 1)
@@ -197,7 +198,7 @@ def test_cfg_pair_student_equals_cfg_inference_and_trains(tmp_path):
 def test_written_recipe_of_a_local_model_finds_its_weights(tmp_path):
     from shiva_export.models import load_transformer
     from shiva_export.recipe import load_recipe
-    from shiva_export.train.loop import train
+    from shiva_export.train import train
 
     res = train("sd35-shapes", TrainConfig(warmup_steps=1, policy_steps=1, joint_steps=1, batch=2, out_dir=tmp_path / "out", checkpoint_every=100))
     rec = load_recipe(res.recipe_path)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from shiva_export.errors import ConfigError
-from shiva_export.train import loop
-from shiva_export.train.data import DataShapes, LatentFolder
+from shiva_export.train import TrainConfig, loop, train
+from shiva_export.train.cached import LatentFolder
 from shiva_export.train.heldout import EarlyStopping
-from shiva_export.train.loop import TrainConfig, train
 
 MODEL = "sd35-tiny"
 
@@ -86,12 +85,12 @@ def test_latent_folder_split_is_held_out(tmp_path):
 
     for i in range(5):
         save_file({"latents": torch.full((16, 32, 32), float(i)), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)}, str(tmp_path / f"{i}.safetensors"))
-    data = LatentFolder(tmp_path, DataShapes(16, 32, 32, 8, 64, 64), seed=0)
+    data = LatentFolder(tmp_path, "sd3", seed=0)
     held = data.split_off(2, seed=7)
     assert len(data) == 3 and len(held) == 2
     assert sorted(data.latents[:, 0, 0, 0].tolist()) == [0.0, 1.0, 2.0]  # training never draws 3 or 4
     t = torch.tensor([0.0, 999.0])
-    a, b = held.every(t), LatentFolder(tmp_path, DataShapes(16, 32, 32, 8, 64, 64)).split_off(2, seed=7).every(t)
+    a, b = held.every(t), LatentFolder(tmp_path, "sd3").split_off(2, seed=7).every(t)
     assert torch.equal(a.hidden_states, b.hidden_states)  # fixed for the run
     assert torch.equal(a.hidden_states[0], held.latents[0])  # t = 0: the clean latent of file 3
     with pytest.raises(ConfigError, match="fewer --eval-samples"):
@@ -127,7 +126,7 @@ def test_best_state_of_each_stage_is_kept(tmp_path, monkeypatch):
         seen.append(_router_state(transformer))
         return next(script)
 
-    monkeypatch.setattr(loop, "_heldout_loss", fake)
+    monkeypatch.setattr(loop, "heldout_loss", fake)
     res = train(MODEL, _cfg(tmp_path, eval_min_delta=0.0))
     warm = res.heldout["stages"]["router-warmup"]
     assert [e["step"] for e in warm["evals"]] == [0, 2, 4, 6, 8] and warm["best_step"] == 4 and warm["stopped_at"] is None

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.train.data import DataShapes, LatentFolder, SyntheticData
-from shiva_export.train.loop import TrainConfig, dumps_toml, evaluate_router, sampler_timesteps, train
+from shiva_export.train import TrainConfig, evaluate_router, train
+from shiva_export.train.cached import LatentFolder
+from shiva_export.train.data import SyntheticData
+from shiva_export.train.outputs import dumps_toml, sampler_timesteps
 
 MODEL = "sd35-tiny"
 
@@ -70,7 +72,7 @@ def test_phase_export_passes_parity(trained, tmp_path):
 
 def test_resume_continues_at_the_right_step(tmp_path):
     kw = dict(warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, checkpoint_every=3)
-    full = train(MODEL, _cfg(tmp_path / "full", **kw))
+    train(MODEL, _cfg(tmp_path / "full", **kw))  # the uninterrupted reference: compared through its checkpoint below
     first = train(MODEL, _cfg(tmp_path / "cut", stop_at_step=5, **kw))
     assert not first.finished and first.step == 5 and first.recipe_path is None
     events: list[dict] = []
@@ -116,23 +118,32 @@ def test_synthetic_data_is_seeded():
 
 
 def test_latent_folder(tmp_path):
+    import types
+
     from safetensors.torch import save_file
 
-    shapes = DataShapes(16, 32, 32, 8, 64, 64)
+    from shiva_export.models import load_transformer
+    from shiva_export.recipe import load_recipe
+
+    tf = load_transformer(recipe=load_recipe(MODEL))  # 16 latent channels, text 64 wide, pooled 64, at 256 x 256 px
+    shapes = dict(model=tf, height=256, width=256)
     with pytest.raises(ConfigError, match="does not exist"):
-        LatentFolder(tmp_path / "missing", shapes)
+        LatentFolder(tmp_path / "missing", **shapes)
     with pytest.raises(ConfigError, match="no .safetensors"):
-        LatentFolder(tmp_path, shapes)
+        LatentFolder(tmp_path, **shapes)
     save_file({"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(ConfigError, match="lacks tensors"):
-        LatentFolder(tmp_path, shapes)
+        LatentFolder(tmp_path, **shapes)
     save_file({"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)}, str(tmp_path / "a.safetensors"))
     save_file({"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)}, str(tmp_path / "b.safetensors"))
-    data = LatentFolder(tmp_path, shapes, seed=0)
+    data = LatentFolder(tmp_path, seed=0, **shapes)
     batch = data.batch(3, timesteps=torch.tensor([0.0, 500.0, 999.0]))
     assert batch.target is not None and batch.hidden_states.shape == (3, 16, 32, 32)
+    four = types.SimpleNamespace(**{**dict(tf.config), "in_channels": 4, "_class_name": type(tf).__name__})  # a 4-channel model
     with pytest.raises(ShapeError, match="channels"):
-        LatentFolder(tmp_path, DataShapes(4, 32, 32, 8, 64, 64))
+        LatentFolder(tmp_path, four, height=256, width=256)
+    with pytest.raises(ShapeError, match="latent grid"):  # the recipe's token count is what the schedule is learned for
+        LatentFolder(tmp_path, tf, height=512, width=512)
 
 
 def test_toml_writer_round_trips():

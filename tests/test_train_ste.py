@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -220,14 +219,12 @@ def test_n4096_never_materialises_n_by_n(one_thread):
     x = torch.randn(1, n, d, generator=g, requires_grad=True)
     keep = torch.tensor(0.6, requires_grad=True)
     topk = DifferentiableTopK(chunk_size=chunk).train()
-    t0 = time.perf_counter()
     with _PeakNumel() as peak:
         sel = topk.select(scores, keep, generator=g)
         out = route_with_ste(x, sel, lambda z: z - 0.5 * torch.tanh(z))
         out.square().mean().backward()
     assert peak.peak <= max(chunk * n, n * d), (peak.peak, peak.op)  # [chunk, N] scalar blocks at most
     assert peak.peak < n * n
-    assert time.perf_counter() - t0 < 20
     assert keep.grad is not None and torch.isfinite(scores.grad).all() and float(scores.grad.abs().sum()) > 0
     # The default chunk also bounds the block (4 Mi scalars) and gives the same ranks as chunk=256.
     s = scores.detach().double()
@@ -338,7 +335,6 @@ def test_synthetic_budget_and_router_learning(one_thread):
     topk = DifferentiableTopK(tau_rank=0.2, tau_sel=0.1).train()
     lam, warmup, adapt = 0.1, 100, 700
 
-    t0 = time.perf_counter()
     history = []
     for step in range(warmup + adapt):
         x, _ = sample(batch)
@@ -355,7 +351,6 @@ def test_synthetic_budget_and_router_learning(one_thread):
         if step >= warmup:
             opt_k.step()
         history.append(float(k_param.detach()))
-    elapsed = time.perf_counter() - t0
 
     assert history[warmup - 1] == 50.0  # frozen during warm-up
     assert min(history[warmup : warmup + 100]) < 40  # the penalty drives k down ...
@@ -366,7 +361,6 @@ def test_synthetic_budget_and_router_learning(one_thread):
         sel = topk.eval().select(router(x).squeeze(-1), k_final / n)
     kept = float(torch.gather(sig, 1, sel.indices).sum()) / float(sig.sum())
     assert kept >= 0.9, (k_final, kept)
-    assert elapsed < 20
 
 
 # ------------------------------------------------------------------------------------------ annealing

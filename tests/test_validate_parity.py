@@ -71,10 +71,9 @@ def test_wrong_router_fails_with_exit_3(capsys, tmp_path, export_04):
 
 
 def test_boundary_score_ties_are_told_from_real_mismatches():
-    import numpy as np
     import torch
 
-    from shiva_export.validate.parity import _near_ties
+    from shiva_export.export.parity import _near_ties
 
     scores = torch.tensor([[0.9, 0.5, 0.30000001, 0.3, 0.1]])
     rec = [{"block": 1, "indices": torch.tensor([[0, 1, 2]]), "scores": scores}]

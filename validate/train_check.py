@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from shiva_export.train.loop import TrainConfig, evaluate_router, train
+from shiva_export.train import TrainConfig, evaluate_router, train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ def _register() -> None:
     from shiva_export.cli import generate as _generate
     from shiva_export.cli import onnx as _onnx
     from shiva_export.cli import recipe as _recipe
+    from shiva_export.cli import serve as _serve
     from shiva_export.cli import train as _train
     from shiva_export.cli import train_data as _train_data
     from shiva_export.cli import validate as _validate
@@ -68,6 +69,7 @@ def _register() -> None:
     app.command(name="inspect", help=_engines.INSPECT_HELP)(_engines.inspect_command)
     app.command(name="run", help=_engines.RUN_HELP)(_engines.run_command)
     app.command(name="generate", help=_generate.HELP, epilog=_generate.EPILOG)(_generate.generate_command)
+    app.command(name="serve", help=_serve.HELP, epilog=_serve.EPILOG)(_serve.serve_command)
     app.command(name="train", help=_train.HELP, epilog=_train.EPILOG)(_train.train_command)
     app.command(name="train-data", help=_train_data.HELP, epilog=_train_data.EPILOG)(_train_data.train_data_command)
     _validate.validate_app.command(name="frontier", help=_frontier.HELP, epilog=_frontier.EPILOG)(_frontier.frontier_command)

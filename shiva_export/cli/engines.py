@@ -24,7 +24,10 @@ TRT_EPILOG = """Examples:
 
   shiva-export trt --onnx xl/model.onnx --backend tensorrt-rtx --segments 2   # 8 B on a 24 GB machine
 
-Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json}; with --segments N,
+  shiva-export trt --model sd35-tiny --size 256x256 --size 256x192 --phases --backend tensorrt-rtx
+
+Engines go to <out-dir>/<model>/ratio<r>/<dtype>/{model.onnx, model.plan, manifest.json} (with --size, in
+<out-dir>/<model>/<W>x<H>/ratio<r>/...; with --phases, phase-<name>/ in place of ratio<r>/); with --segments N,
 segments.json + manifest.json there and one engine per segment in seg<i>of<N>/ (the segment ONNX files, which
 reference the export's weights, go beside the export). A budget whose
 inputs all hash the same as its manifest is skipped (--force rebuilds). A missing backend module exits 4.
@@ -34,7 +37,7 @@ RUN_HELP = "Run a built engine on seeded inputs on a CUDA GPU and print output s
 
 
 def trt_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny).")] = "sd35",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny). Default: sd35, or the --onnx graph's.")] = None,
     ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1); repeat for several engines. 0 = dense reference. Default: the recipe's ratios.")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Build this existing export (from `shiva-export onnx`) instead of exporting.")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder with the transformer weights.")] = None,
@@ -44,10 +47,12 @@ def trt_command(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16: the ONNX dtype; engines are strongly typed.")] = "fp32",
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16).")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16).")] = None,
+    size: Annotated[list[str] | None, typer.Option("--size", help="Resolution bucket WIDTHxHEIGHT, repeatable: every engine once per size, in <out-dir>/<model>/<W>x<H>/. Default: the recipe's [[buckets]], else one size.")] = None,
+    phases: Annotated[bool, typer.Option("--phases", help="One engine per learned phase of the recipe's [[schedule.phases]] (phase-<name>/<dtype>/), the layout `generate --backend trt --phases` reads; instead of --ratio.")] = False,
     batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call (CFG doubles the model batch).")] = None,
     cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves sharing kept tokens.")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch with an optimization profile (see --batch-min/--batch-max).")] = False,
-    batch_min: Annotated[int, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch).")] = 1,
+    batch_min: Annotated[int | None, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch; default 1).")] = None,
     batch_max: Annotated[int | None, typer.Option("--batch-max", help="Profile max prompts (default 4 x --batch).")] = None,
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file shared by every budget of this command.")] = None,
     workspace: Annotated[int | None, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = None,
@@ -73,21 +78,34 @@ def trt_command(
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="ORT parity after each new export (exit 3 on failure).")] = True,
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export (with --strip-weights a change refits the engine instead of rebuilding it); its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --backend trt --controlnet --artifact).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.engines.budgets import build_engines
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.runtime.controlnet import controlnet_num_layers
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
+    check_trt_flags(model=model, onnx=onnx, ratio=ratio, workspace=workspace, opt_level=opt_level, aot_target=aot_target, dynamic_batch=dynamic_batch,
+                    batch_min=batch_min, batch_max=batch_max, batch=batch, height=height, width=width, cfg=cfg, out_dir=out_dir)
+    if (lora or controlnet is not None) and onnx is not None:
+        raise typer.BadParameter("--lora and --controlnet act at export; an existing --onnx is built as it is. Export it with `onnx --lora/--controlnet`.", param_hint="--onnx")
+    loras = resolve_loras(lora, lora_scale)  # before any export: a count mismatch or missing file is one line
+    cn_layers = controlnet_num_layers(controlnet) if controlnet is not None else 0
+    from shiva_export.engines.budgets import build_engines  # torch, onnx: only once the options are known to be good
+
     b = batch or 1
-    batch_range = (batch_min, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
+    batch_range = (batch_min or 1, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
     with stages(enabled=not (quiet or json_out)) as advance:
         results = build_engines(
             model=model, recipe=recipe, weights=weights, router=router, ratios=ratio, dense=not no_dense, onnx=onnx,
             backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
             batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
             optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, segments=segments, out_dir=out_dir, force=force, validate=validate, progress=advance,
+            sizes=size, phases=phases, loras=loras, controlnet_layers=cn_layers,
         )
     rows = [r.to_dict() for r in results]
     if json_out:
@@ -97,18 +115,43 @@ def trt_command(
     return ExitCode.OK
 
 
+def check_trt_flags(*, model, onnx, ratio, workspace, opt_level, aot_target, dynamic_batch, batch_min, batch_max, batch, height, width, cfg, out_dir) -> None:
+    """Every trt option, before any export or backend import (each used to be refused only after the dense export)."""
+    from shiva_export.checks import check_build_options, check_model_name, check_out_dir, check_sizes
+    from shiva_export.errors import ConfigError
+    from shiva_export.export.onnx import read_shiva_metadata
+
+    check_model_name(model)
+    check_build_options(workspace_mib=workspace, opt_level=opt_level, aot_targets=aot_target, dynamic_batch=dynamic_batch,
+                        batch_min=batch_min, batch_max=batch_max, batch=batch)
+    check_sizes(batch=batch, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
+    check_out_dir(out_dir, "--out-dir")
+    if onnx is None:
+        return
+    if ratio:
+        raise ConfigError(f"--onnx {onnx} is built as exported, so --ratio {', '.join(map(str, ratio))} would be ignored; drop --ratio (or drop --onnx to export that ratio).")
+    got = read_shiva_metadata(onnx, what="--onnx").get("model")
+    if got is not None:
+        from shiva_export.utils.io import safe_component
+
+        safe_component(got, f"--onnx {onnx}: shiva.model")  # it names the output folder
+    if model is not None and got is not None and got != model:
+        raise ConfigError(f"--model {model} but --onnx {onnx} is a graph of model {got!r}; drop --model (the graph decides) or pass --model {got}.")
+
+
 def _table(rows: list[dict]) -> str:
-    head = f"{'budget':<14} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
+    head = f"{'budget':<22} {'k per block':<24} {'build s':>8} {'engine MB':>10} {'status':<7} runnable here"
     lines = [head, "-" * len(head)]
     for r in rows:
         ks = sorted(set(r["per_block_k"].values()))
         kdesc = "dense" if r["dense"] else (str(ks[0]) if len(ks) == 1 else ",".join(map(str, ks)))
-        budget = "dense (r=0)" if r["dense"] else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        budget = "dense (r=0)" if r["dense"] else f"phase {r['phase']}" if r.get("phase") else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        budget = f"{r['bucket']} {budget}" if r.get("bucket") else budget
         bs = f"{r['build_seconds']:.2f}" if r["build_seconds"] is not None else "-"
         mb = f"{r['engine_mb']:.2f}" if r["engine_mb"] is not None else "-"
         de = r.get("deserialize") or {}
         runnable = "yes" if de.get("deserialized") else ("no GPU: plan + manifest checked" if de else "-")
-        lines.append(f"{budget:<14} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
+        lines.append(f"{budget:<22} {kdesc:<24} {bs:>8} {mb:>10} {r['status']:<7} {runnable}")
         lines.append(f"  {r['plan']}")
     return "\n".join(lines)
 
@@ -124,6 +167,10 @@ def inspect_command(
 
     if not onnx_path.is_file():
         raise typer.BadParameter(f"{onnx_path} does not exist.", param_hint="ONNX_PATH")
+    import re
+
+    if backend_version is not None and not re.fullmatch(r"\d+(\.\d+){0,3}", backend_version.strip()):
+        raise typer.BadParameter(f"{backend_version!r} is not a version; expected digits and dots, e.g. 10.13.3 or 1.2.0.", param_hint="--backend-version")
     version = backend_version
     if version is None:
         try:
@@ -148,6 +195,11 @@ def run_command(
 ) -> int:
     import statistics
 
+    from shiva_export.checks import check_seed
+
+    check_seed(seed)
+    if iterations < 1:
+        raise typer.BadParameter(f"{iterations} must be >= 1.", param_hint="--iterations")
     import torch
 
     from shiva_export.engines.runner import EngineRunner

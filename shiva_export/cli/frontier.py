@@ -47,10 +47,14 @@ def frontier_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with `rows` on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
+    from shiva_export.checks import check_model_name, check_out_dir
+    from shiva_export.utils.io import folder_lock
     from shiva_export.validate.frontier import validate_frontier
     from shiva_export.validate.quality import _finite
 
-    with stages(enabled=not (quiet or json_out)) as advance:
+    check_model_name(model)
+    check_out_dir(out_dir, "--out-dir")
+    with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:  # one writer per report folder
         rep = validate_frontier(
             model=model, recipe=recipe, weights=weights, prompts=prompts, seeds=seed or (0,), steps=steps, guidance=guidance,
             dense_steps=dense_steps, keeps=keep, families=family, ort=ort, threads=threads, latency_repeats=latency_repeats,

@@ -28,6 +28,10 @@ EPILOG = """Examples:
 
   shiva-export generate --model flux-tiny --prompt "a red cube" --backend ort --ratio 0.4 --compare-dense --out out/
 
+  shiva-export generate --model sd35-tiny --prompt "a red cube" --backend ort --lora style.safetensors --lora-scale 0.8 --out out/
+
+  shiva-export generate --model sd35-tiny --prompt "a red cube" --backend ort --controlnet ./cn --control-image edges.png --out out/
+
   shiva-export generate --model dit-tiny --prompt cat --prompt 207 --backend ort --ratio 0.4 --out out/
 
 Static graphs (ort, trt) fix batch, size, text length and CFG: a call that does not fit exits 2 with the export
@@ -60,8 +64,15 @@ def generate_command(
     provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: cpu | cuda (needs onnxruntime-gpu).")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
     artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. torch: loaded unfused at its --lora-scale; ort/trt: fused into the exported graph; its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (SD3ControlNetModel folder, or a cached hub id): runs StableDiffusion3ControlNetPipeline with the pruned transformer; ort/trt graphs take its block residuals as inputs.")] = None,
+    control_image: Annotated[Path | None, typer.Option("--control-image", help="Control image for --controlnet (PNG, JPEG), resized to the generation size.")] = None,
+    control_scale: Annotated[float, typer.Option("--control-scale", help="controlnet_conditioning_scale of --controlnet.")] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run record as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Map the prompts over Ray Data actors (one pipeline each; resumable: finished images are skipped on rerun). Needs shiva-export[serve].")] = False,
+    replicas: Annotated[int, typer.Option("--replicas", help="With --ray: actors (pipelines) running at once.")] = 1,
 ) -> int:
     if backend not in ("torch", "ort", "trt"):
         raise typer.BadParameter(f"{backend!r} is not one of torch, ort, trt.", param_hint="--backend")
@@ -85,6 +96,8 @@ def generate_command(
         texts += [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not texts:
         raise typer.BadParameter("give at least one --prompt TEXT or --prompts FILE.", param_hint="--prompt")
+    check_generate_flags(model=model, backend=backend, artifact=artifact, ratio=ratio, phases=phases, provider=provider, seed=seed,
+                         count=len(texts), height=height, width=width, out=out, device=device)
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter(f"{threads} must be >= 1.", param_hint="--threads")
@@ -92,7 +105,20 @@ def generate_command(
 
         torch.set_num_threads(threads)
 
+    if ray and (lora or controlnet is not None):
+        raise typer.BadParameter("--lora and --controlnet do not reach the Ray actors yet; run them without --ray.", param_hint="--ray")
+    if ray:
+        return _generate_ray(texts, out=out, model=model, weights=weights, recipe=recipe, ratio=ratio, context=context, phases=phases, backend=backend,
+                             artifact=artifact, router=router, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                             height=height, width=width, compare_dense=compare_dense, dtype=dtype, device=device, provider=provider,
+                             threads=threads, artifact_root=artifact_root, json_out=json_out, show=not (quiet or json_out), replicas=replicas)
+    if replicas != 1:
+        raise typer.BadParameter("--replicas needs --ray (one process runs one pipeline).", param_hint="--replicas")
+    from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.generate import generate
+    from shiva_export.utils.io import folder_lock
+
+    loras = resolve_loras(lora, lora_scale)
 
     show = not (quiet or json_out)
     progress_bar = None
@@ -109,7 +135,7 @@ def generate_command(
             tasks[label] = progress_bar.add_task(label[:60], total=n)
         progress_bar.update(tasks[label], completed=i)
 
-    with stages(enabled=show) as advance:
+    with folder_lock(out, "--out folder"), stages(enabled=show) as advance:  # a second run into this folder is refused
         if progress_bar is not None:
             progress_bar.start()
         try:
@@ -118,6 +144,7 @@ def generate_command(
                 router=router, artifacts=artifact, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                 height=height, width=width, compare_dense=compare_dense, dtype=dtype, provider=provider, threads=threads, device=device,
                 artifact_root=artifact_root, progress=advance, step_progress=step if show else None, context=context,
+                loras=loras, controlnet=controlnet, control_image=control_image, control_scale=control_scale,
             )
         finally:
             if progress_bar is not None:
@@ -127,6 +154,84 @@ def generate_command(
     else:
         result_text(format_record(rec))
     return ExitCode.OK
+
+
+def _generate_ray(texts: list[str], *, json_out: bool, show: bool, **kw) -> int:
+    """``generate --ray``: the same files as the single-process run, from Ray Data actors, with one progress bar."""
+    from shiva_export.serve import require_ray
+    from shiva_export.serve.data import generate_ray
+
+    require_ray("generate --ray")
+    bar = None
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False)
+        bar.start()
+        task = bar.add_task("images", total=len(texts))
+    from shiva_export.utils.io import folder_lock
+
+    out = kw.pop("out")
+    try:
+        with folder_lock(out, "--out folder"):  # as the single-process run: a second run into this folder is refused
+            rec = generate_ray(prompts=texts, out_dir=out, artifacts=kw.pop("artifact"), **kw,
+                               progress=(lambda d, n: bar.update(task, completed=d)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if json_out:
+        result_json(rec)
+    else:
+        result_text(format_record(rec))
+    return ExitCode.OK
+
+
+def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, seed, count, height, width, out, device) -> None:
+    """Contradictory or impossible flags, refused in one line before any model is loaded or any file written."""
+    from shiva_export.checks import (
+        check_cuda_device,
+        check_model_name,
+        check_ort_provider,
+        check_out_dir,
+        check_seed,
+        check_side,
+    )
+    from shiva_export.errors import ConfigError
+
+    check_model_name(model)
+    if artifact and backend == "torch":
+        raise ConfigError("--backend torch runs the PyTorch transformer and ignores --artifact (an ONNX or engine); pass --backend ort/trt with --artifact, or drop --artifact.")
+    check_seed(seed, count)
+    check_side(height, "--height")
+    check_side(width, "--width")
+    check_out_dir(out, "--out")
+    check_cuda_device(device)
+    check_ort_provider(provider, backend)
+    for a in artifact or []:
+        if ratio is not None or phases:
+            _check_artifact_budget(a, backend, ratio, phases)
+
+
+def _check_artifact_budget(a: Path, backend: str, ratio: float | None, phases: bool) -> None:
+    """--ratio / --phases must describe the --artifact given (it decides the budget; the flags would be ignored)."""
+    from shiva_export.errors import ConfigError
+
+    if backend == "trt":
+        from shiva_export.engines.manifest import manifest_path_for, read_manifest
+        from shiva_export.engines.runner import find_plan
+
+        man = read_manifest(manifest_path_for(find_plan(a)))
+        got, phase = man.ratio, None
+    else:
+        from shiva_export.export.onnx import read_shiva_metadata
+
+        meta = read_shiva_metadata(a, what="--artifact")
+        got, phase = meta.get("ratio"), meta.get("phase")
+    uniform = not phase or str(phase).startswith("ratio")  # uniform graphs carry no phase, or the one-phase name ratio<r>
+    if phases and uniform:
+        raise ConfigError(f"--phases runs the recipe's learned phases, but --artifact {a} is one uniform graph (ratio {got}); drop --phases, or pass one --artifact per learned phase (shiva-export onnx --phase P).")
+    if ratio is not None and (got is None or abs(float(got) - ratio) > 1e-6 or not uniform):
+        raise ConfigError(f"--ratio {ratio} contradicts --artifact {a}, which was exported with ratio {got}{f' (phase {phase})' if phase else ''}; drop --ratio (the artifact decides) or export --ratio {ratio}.")
 
 
 def format_record(r: dict) -> str:

@@ -21,6 +21,8 @@ EPILOG = """Examples:
 
   shiva-export onnx --model sd35 --weights ./sd35m/transformer --ratio 0.4 --height 1024 --width 1024
 
+  shiva-export onnx --model sd35-tiny --ratio 0.4 --lora style.safetensors --lora-scale 0.8
+
   shiva-export onnx --recipe my.toml --router router.safetensors --dtype fp16 --out out/model.onnx
 
 Exit codes: 0 ok, 1 error, 2 bad option value, 3 parity failed, 4 missing dependency/hardware.
@@ -47,6 +49,7 @@ def onnx_command(
     router: Annotated[Path | None, typer.Option("--router", help="Router weights (.safetensors). Default: the recipe's, else a seeded random router.")] = None,
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16). Default: recipe.")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16). Default: recipe.")] = None,
+    size: Annotated[list[str] | None, typer.Option("--size", help="Resolution bucket WIDTHxHEIGHT, repeatable: one graph per size in engines/<model>/<W>x<H>/... Default: the recipe's [[buckets]], else one size.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call; with --cfg the model batch is 2x. Default: recipe.")] = None,
     text_len: Annotated[int | None, typer.Option("--text-len", help="Text tokens (SD3: 333). Default: recipe.")] = None,
     cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves that share kept tokens. Default: recipe.")] = None,
@@ -67,50 +70,64 @@ def onnx_command(
             "loading of the whole model. Default: bounded wherever the weights can be read lazily (embedded models, safetensors folders).",
         ),
     ] = None,
+    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export; its sha256 and scale go into the metadata and cache keys.")] = None,
+    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
+    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --controlnet --artifact).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.export.pruned import export_pruned
+    from shiva_export.export.buckets import bucket_sizes
+    from shiva_export.recipe import load_recipe
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
-    with stages(enabled=not (quiet or json_out)) as advance:
-        res = export_pruned(
-            model=model,
-            recipe=recipe,
-            weights=weights,
-            ratio=ratio,
-            height=height,
-            width=width,
-            batch=batch,
-            text_len=text_len,
-            cfg=cfg,
-            dtype=dtype,
-            opset=opset,
-            out=out,
-            router=router,
-            dynamic_batch=dynamic_batch,
-            phase=phase,
-            debug_outputs=debug_outputs,
-            validate=validate,
-            parity_cases=parity_cases,
-            bounded=bounded,
-            progress=advance,
-            context=context,
-        )
-    summary = res.to_dict()
+    from shiva_export.checks import check_model_name, check_sizes
+    from shiva_export.utils.io import folder_lock
+
+    check_model_name(model)
+    check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
+    from shiva_export.export.lora import resolve_loras
+    from shiva_export.runtime.controlnet import controlnet_num_layers
+
+    loras = resolve_loras(lora, lora_scale)  # before minutes of loading: a count mismatch or missing file is one line
+    cn_layers = controlnet_num_layers(controlnet) if controlnet is not None else 0
+    rec = load_recipe(recipe if recipe is not None else model)
+    buckets = bucket_sizes(rec, size, height, width)
+    if buckets is not None and len(buckets) > 1 and out is not None:
+        raise typer.BadParameter(f"{len(buckets)} sizes make {len(buckets)} graphs, which cannot share one --out path; drop --out.", param_hint="--out")
+    results = []
+    from shiva_export.export.pruned import export_pruned  # torch, diffusers: only once the options are known to be good
+
+    lock_dir = out.parent if out is not None else Path("engines")  # two exports into one folder: the second is refused
+    with folder_lock(lock_dir, "ONNX output folder"):
+        for w_h in buckets or [None]:
+            with stages(enabled=not (quiet or json_out)) as advance:
+                results.append(_export_one(export_pruned, rec, w_h, advance, weights=weights, ratio=ratio, height=height, width=width, batch=batch,
+                                           text_len=text_len, cfg=cfg, dtype=dtype, opset=opset, out=out, router=router, dynamic_batch=dynamic_batch,
+                                           phase=phase, debug_outputs=debug_outputs, validate=validate, parity_cases=parity_cases, bounded=bounded,
+                                           context=context, loras=loras, controlnet_layers=cn_layers))
+    summaries = [res.to_dict() for res in results]
     if json_out:
-        result_json(summary)
+        result_json(summaries[0] if len(summaries) == 1 else {"exports": summaries})
     else:
-        result_text(format_summary(summary))
-    if res.parity is not None:
-        if res.parity.status == "skipped":
-            warning(res.parity.summary_line())
-        elif not res.parity.passed:
-            return ExitCode.VALIDATION_FAILED
-    return ExitCode.OK
+        result_text("\n\n".join(format_summary(s) for s in summaries))
+    code = ExitCode.OK
+    for res in results:
+        if res.parity is not None:
+            if res.parity.status == "skipped":
+                warning(res.parity.summary_line())
+            elif not res.parity.passed:
+                code = ExitCode.VALIDATION_FAILED
+    return code
+
+
+def _export_one(export_pruned, rec, w_h, advance, **kw):
+    """One export; a bucket's (width, height) overrides the size and puts the default path in its folder."""
+    if w_h is not None:
+        kw.update(width=w_h[0], height=w_h[1])
+    return export_pruned(recipe=rec, bucket=w_h is not None, progress=advance, **kw)
 
 
 def _mb(n: int) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +13,7 @@ import typer
 
 from shiva_export.cli._exit_codes import ExitCode
 from shiva_export.cli._output import result_json, result_text
+from shiva_export.errors import ConfigError
 
 HELP = (
     "Train Shiva routers and the adaptive keep-ratio policy by distillation from the frozen dense model "
@@ -93,9 +97,8 @@ def train_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.errors import ConfigError
     from shiva_export.recipe import load_recipe
-    from shiva_export.train.loop import TrainConfig, train
+    from shiva_export.train import TrainConfig, train
 
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
@@ -106,25 +109,18 @@ def train_command(
             raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
         target_keep = 1.0 - ratio
     target_keep = 0.6 if target_keep is None else target_keep
-    if steps is None:
-        stage_steps = (120, 60, 40)
-    elif len(steps) == 3:
-        stage_steps = tuple(steps)
-    elif len(steps) == 1:
-        n = steps[0]
-        a, b = int(round(0.5 * n)), int(round(0.3 * n))
-        stage_steps = (a, b, n - a - b)
-    else:
-        raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
-    held_opts = {"--patience": patience, "--eval-min-delta": eval_min_delta, "--eval-samples": eval_samples}
-    given = [k for k, v in held_opts.items() if v is not None]
-    if eval_every is None and given:
-        raise ConfigError(f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them.")
-    held = {"eval_every": eval_every}
-    for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
-        if v is not None:
-            held[key] = v
+    stage_steps = _stage_steps(steps)
+    held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
+    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_seed, check_train_data
+
+    check_model_name(model)
+    check_seed(seed)
+    check_cuda_device(device)
+    check_out_dir(out_dir, "--out-dir")
+    if sampler_shift is not None and not (math.isfinite(sampler_shift) and sampler_shift > 0):
+        raise ConfigError(f"--sampler-shift {sampler_shift} is invalid; expected a finite number > 0 (the sampler's timestep shift, e.g. 3.0).")
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
+    check_train_data(data, rec.name, rec.source_path)
     if context is not None:
         from shiva_export.models import adapter_for_architecture
 
@@ -172,8 +168,11 @@ def train_command(
         **held,
     )
     progress = _progress_printer(cfg.total_steps, show=not (quiet or json_out))
-    res = train(rec, cfg, progress=progress, weights=weights)
-    if int(__import__("os").environ.get("RANK", "0") or 0) != 0:
+    from shiva_export.utils.io import folder_lock
+
+    with folder_lock(out_dir, "--out-dir") if int(os.environ.get("RANK", "0") or 0) == 0 else contextlib.nullcontext():
+        res = train(rec, cfg, progress=progress, weights=weights)  # a second run into this folder is refused
+    if int(os.environ.get("RANK", "0") or 0) != 0:
         return ExitCode.OK  # torchrun: rank 0 reports
     summary = res.to_dict()
     if json_out:
@@ -181,6 +180,32 @@ def train_command(
     else:
         result_text(format_summary(summary))
     return ExitCode.OK
+
+
+def _stage_steps(steps: list[int] | None) -> tuple[int, int, int]:
+    """--steps: none (120, 60, 40), one total (split 50/30/20) or three per-stage counts."""
+    if steps is None:
+        return (120, 60, 40)
+    if len(steps) == 3:
+        return tuple(steps)
+    if len(steps) == 1:
+        n = steps[0]
+        a, b = int(round(0.5 * n)), int(round(0.3 * n))
+        return (a, b, n - a - b)
+    raise ConfigError(f"--steps was given {len(steps)} times; expected 1 (total) or 3 (warm-up, policy, joint) values.")
+
+
+def _held_out_options(eval_every, patience, eval_min_delta, eval_samples) -> dict:
+    """The held-out stopping options as TrainConfig fields; its knobs without --eval-every are refused."""
+    held_opts = {"--patience": patience, "--eval-min-delta": eval_min_delta, "--eval-samples": eval_samples}
+    given = [k for k, v in held_opts.items() if v is not None]
+    if eval_every is None and given:
+        raise ConfigError(f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them.")
+    held = {"eval_every": eval_every}
+    for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
+        if v is not None:
+            held[key] = v
+    return held
 
 
 def _progress_printer(total_steps: int, *, show: bool):

@@ -63,8 +63,14 @@ def train_data_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
+    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_side
     from shiva_export.errors import ConfigError
 
+    check_model_name(model)
+    check_out_dir(out, "--out")
+    check_cuda_device(device)
+    check_side(height, "--height")
+    check_side(width, "--width")
     if prompts is not None and dataset is not None:
         raise ConfigError(f"--prompts {prompts} and --dataset {dataset} were both given; expected one source of prompts. Drop one of them.")
     if dataset is not None and images is not None:
@@ -99,7 +105,14 @@ def train_data_command(
     bar = None
     task: list[int] = []
     if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                        console=err_console, transient=False, disable=not err_console.is_terminal)
@@ -115,11 +128,14 @@ def train_data_command(
         if not err_console.is_terminal and (done == total or done == 0):
             print(f"encoded {done}/{total}", file=sys.stderr, flush=True)
 
+    from shiva_export.utils.io import folder_lock
+
     try:
-        res = encode_train_data(
-            model, out=out, records=records, source=source, recipe=recipe, weights=weights, shard_size=shard_size, height=height, width=width,
-            batch=batch, seed=seed, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
-        )
+        with folder_lock(out.parent, "--out's folder"):  # a second run writing the same output is refused
+            res = encode_train_data(
+                model, out=out, records=records, source=source, recipe=recipe, weights=weights, shard_size=shard_size, height=height, width=width,
+                batch=batch, seed=seed, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
+            )
     finally:
         if bar is not None and task:
             bar.stop()
@@ -141,8 +157,8 @@ def format_summary(s: dict) -> str:
             f"manifest     {s['manifest']}",
             f"model        {s['model']}",
             f"samples      {s['samples']} in {s['shards']} shards ({s['bytes'] / 2**20:.2f} MiB, {s['dtype']})",
-            f"tensors      prompt_embeds {sh['prompt_embeds']}, pooled {sh['pooled']}, {kind}",
-            f"truncated    {s['truncated_prompts']} prompts longer than the CLIP window or the T5 length (cut, as at inference)",
+            f"tensors      {', '.join(f'{k} {v}' for k, v in sh.items() if k != 'latents')}, {kind}",
+            f"truncated    {s['truncated_prompts']} prompts longer than the text encoders' windows (cut, as at inference)",
             f"time         {s['seconds']:.1f} s (pipeline load {s['load_seconds']:.1f} s, encode {s['encode_seconds']:.1f} s: {rate})",
             f"train with   shiva-export train --model {s['model']} --data {s['out_dir']}",
         ]

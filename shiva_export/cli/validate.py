@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -49,8 +50,10 @@ def parity_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
+    from shiva_export.checks import check_model_name
     from shiva_export.validate.compare import validate_parity
 
+    check_model_name(model)
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_parity(
             model=model, recipe=recipe, weights=weights, router=router, onnx=onnx, ratios=ratio, dtype=dtype, backends=backend,
@@ -105,8 +108,20 @@ def speed_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
+    from shiva_export.checks import check_model_name, check_out_dir, check_sizes
+    from shiva_export.utils.io import folder_lock
     from shiva_export.validate.speed import benchmark_speed
 
+    check_model_name(model)
+    check_sizes(batch=batch, height=height, width=width, cfg=cfg)
+    check_out_dir(out_dir, "--out-dir")
+    with folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext():  # one writer per report folder
+        return _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
+                      height, width, batch, cfg, quiet, json_out, benchmark_speed)
+
+
+def _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
+           height, width, batch, cfg, quiet, json_out, benchmark_speed) -> int:
     if e2e:
         from shiva_export.runtime.benchmark import benchmark_e2e
 
@@ -136,9 +151,13 @@ def suite_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
     """Run a declarative suite (validate/<name>.toml): parity cases can fail it (exit 3); speed cases only report."""
+    from shiva_export.checks import check_out_dir
+    from shiva_export.utils.io import folder_lock
     from shiva_export.validate.suite import run_suite
 
-    with stages(enabled=not (quiet or json_out)) as advance:
+    check_out_dir(out_dir, "--out-dir")
+    lock = folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()  # one writer per report folder
+    with lock, stages(enabled=not (quiet or json_out)) as advance:
         summary = run_suite(name, out_dir=out_dir, progress=advance)
     if json_out:
         result_json(summary)
@@ -187,9 +206,13 @@ def quality_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
+    from shiva_export.checks import check_model_name, check_out_dir
+    from shiva_export.utils.io import folder_lock
     from shiva_export.validate.quality import SEEDS, _finite, validate_quality
 
-    with stages(enabled=not (quiet or json_out)) as advance:
+    check_model_name(model)
+    check_out_dir(out_dir, "--out-dir")
+    with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_quality(
             model=model, recipe=recipe, weights=weights, methods=method, keeps=keep, prompts=prompts, seeds=seed or SEEDS, steps=steps, guidance=guidance,
             n_ref=n_ref, velocity_samples=velocity_samples, threads=threads, latency_repeats=latency_repeats, out_dir=out_dir, progress=advance,

@@ -11,7 +11,7 @@ after it, so an interrupted build never leaves a manifest describing a missing o
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from shiva_export.engines.builder import Backend, build_engine, deserialize_chec
 from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout, read_chain
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
-from shiva_export.export.pruned import budget_dir, export_pruned
+from shiva_export.export.buckets import bucket_name, bucket_sizes
+from shiva_export.export.pruned import budget_dir, export_pruned, phase_dir
 from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import folder_lock, sha256_file
@@ -56,16 +57,20 @@ def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> di
     return {"folder": str(root), "files": files}
 
 
-def unique_budgets(recipe: Recipe, ratios: list[float], height: int, width: int) -> tuple[list[float], dict[float, float]]:
-    """Drops ratios whose per-block k equal those of a smaller ratio (same budget, one engine).
+def unique_budgets(recipe: Recipe, ratios: list[float], height: int, width: int, weights: str | os.PathLike | None = None) -> tuple[list[float], dict[float, float]]:
+    """Drops ratios whose per-block k equal those of a smaller ratio (same budget, one engine) at this size.
+
+    The image-token count N comes from the architecture's adapter (Flux packs 2x2 latents, SD3 patches 2x2), read
+    from the transformer config without loading weights; where no config is at hand (a hub model not in the cache)
+    nothing is merged and the export says what is missing.
 
     Returns the ratios to build (ascending) and ``{dropped ratio: the ratio it duplicates}``.
     """
-    from shiva_export.models.sd3 import VAE_SCALE
     from shiva_export.prune.topk import static_k
 
-    patch = int((recipe.model.config or {}).get("patch_size", 2)) if recipe.model.source == "embedded" else 2
-    n = (height // (VAE_SCALE * patch)) * (width // (VAE_SCALE * patch))
+    n = image_tokens(recipe, height, width, weights)
+    if n is None:
+        return sorted(set(ratios)), {}
     keep, same, seen = [], {}, {}
     for r in sorted(set(ratios)):
         k = ("dense",) if r == 0.0 else static_k(n, 1.0 - r)
@@ -75,6 +80,43 @@ def unique_budgets(recipe: Recipe, ratios: list[float], height: int, width: int)
         seen[k] = r
         keep.append(r)
     return keep, same
+
+
+def image_tokens(recipe: Recipe, height: int, width: int, weights: str | os.PathLike | None = None) -> int | None:
+    """Image tokens of the recipe's transformer at ``height`` x ``width``, from its adapter and config (no weights loaded);
+    None where the config cannot be read here."""
+    from types import SimpleNamespace
+
+    from shiva_export.models import adapter_for_architecture
+
+    adapter = adapter_for_architecture(recipe.architecture)
+    config = _config_dict(recipe, weights, adapter)
+    if config is None:
+        return None
+    return adapter.num_image_tokens(SimpleNamespace(**{k: v for k, v in config.items() if not k.startswith("_")}), height, width)
+
+
+def _config_dict(recipe: Recipe, weights, adapter) -> dict[str, Any] | None:
+    """The transformer config: the embedded one, a local folder's config.json, or the hub cache's; None if unreadable."""
+    import json
+
+    if weights is None and recipe.model.source == "local":
+        weights = recipe.local_model_path()
+    if weights is None and recipe.model.source == "embedded":
+        return dict(recipe.model.config or {})
+    if weights is not None:
+        root = Path(weights).expanduser()
+        for cand in (root / "config.json", root / "transformer" / "config.json"):
+            if cand.is_file():
+                try:
+                    return json.loads(cand.read_text())
+                except (OSError, ValueError):
+                    return None
+        return None
+    try:
+        return dict(adapter.model_class().load_config(recipe.model.repo_id, subfolder=recipe.model.subfolder, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (or unreadable): the export reports it
+        return None
 
 
 def export_key_for(
@@ -88,9 +130,12 @@ def export_key_for(
     opset: int,
     dynamic_batch: bool,
     context: str = "drop",
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> dict[str, Any]:
     """Everything that determines the exported ONNX, known before exporting. ``context`` (the routing's
-    ``ShivaConfig.context``) enters the key only when not ``"drop"``, so keys made before the option stay valid."""
+    ``ShivaConfig.context``) enters the key only when not ``"drop"``, and ``loras`` (each LoRA's sha256 and scale)
+    only when given, so keys made before these options stay valid."""
     import importlib.metadata as md
 
     def ver(pkg: str) -> str | None:
@@ -122,6 +167,10 @@ def export_key_for(
     }
     if context != "drop" and not dense:
         key["context"] = context
+    if loras:
+        key["loras"] = [lo.to_dict() for lo in loras]
+    if controlnet_layers:
+        key["controlnet_layers"] = int(controlnet_layers)
     return key
 
 
@@ -131,7 +180,7 @@ class EngineBuild:
 
     ratio: float
     dense: bool
-    status: str  # built | cached | failed
+    status: str  # built | cached | refit | failed
     out_dir: Path
     plan_path: Path | None = None
     onnx_path: Path | None = None
@@ -143,9 +192,13 @@ class EngineBuild:
     parity: str | None = None
     deserialize: dict[str, Any] | None = None
     error: str | None = None
+    phase: str | None = None  # a learned phase's name (``trt --phases``); ratio is then its mean pruned fraction
+    bucket: str | None = None  # ``<width>x<height>`` of a resolution bucket, None for the size-free layout
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "phase": self.phase,
+            "bucket": self.bucket,
             "ratio": self.ratio,
             "keep_ratio": 1.0 - self.ratio,
             "dense": self.dense,
@@ -226,6 +279,10 @@ def build_engines(
     validate: bool = True,
     progress: Callable[[str], None] | None = None,
     context: str | None = None,
+    sizes: list[str] | None = None,
+    phases: bool | Sequence[str] = False,
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> list[EngineBuild]:
     """Builds one engine per budget (and the dense reference) with a shared timing cache.
 
@@ -260,8 +317,103 @@ def build_engines(
         progress (Callable[[str], None]): Stage callback. Defaults to None.
         context (str): ``"drop"`` or ``"keep"`` for the pruned budgets (``ShivaConfig.context``); their folders get a
             ``-context-keep`` suffix. Defaults to the recipe's ``[prune] context``.
+        sizes (list[str]): Resolution buckets ``WIDTHxHEIGHT``: every budget is built once per size, in
+            ``<out_dir>/<model>/<W>x<H>/``. Defaults to the recipe's ``[[buckets]]``, else one size (``height``/``width``
+            or ``[shapes]``) without a size folder.
+        phases (bool | list[str]): Build the recipe's learned ``[[schedule.phases]]`` (all, or these names) instead of
+            ratios: one engine per phase in ``phase-<name>/<dtype>/``, the layout ``generate --backend trt --phases``
+            reads. Defaults to False.
+        loras (Sequence[LoraSpec]): LoRAs fused at their scales before export (``shiva_export.export.lora``); in the
+            export key, so a changed file or scale rebuilds (or, for ``strip_weights`` engines, refits). Defaults to None.
+        controlnet_layers (int): Engines that also take this many ControlNet block residuals (SD3). Defaults to 0.
     """
     say = progress or (lambda stage: None)
+    _check_engine_options(timing_cache, dtype, onnx, segments, dynamic_batch, strip_weights, controlnet_layers)
+    if onnx is not None and (sizes or phases):
+        raise ConfigError("--onnx builds that one graph at its own size and budget; drop --size/--phases, or drop --onnx to export them.")
+    be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
+    from shiva_export.models import adapter_for_architecture
+
+    context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
+    if onnx is not None:
+        return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
+                                strip_weights, segments or 1)]
+    buckets = bucket_sizes(rec, sizes, height, width)
+    phase_rows = _phase_rows(rec, phases, ratios)
+    todo = [] if phase_rows else _budget_ratios(rec, ratios, dense)
+    opset_used = opset if opset is not None else rec.export.opset
+    options = _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras)
+    results: list[EngineBuild] = []
+    for w_h in buckets or [None]:
+        bucket = bucket_name(*w_h) if w_h else None
+        shapes_spec = {
+            "height": w_h[1] if w_h else (height or rec.shapes.height),
+            "width": w_h[0] if w_h else (width or rec.shapes.width),
+            "batch": batch or rec.shapes.batch,
+            "text_len": text_len or rec.shapes.text_len,
+            "cfg": rec.shapes.cfg if cfg is None else cfg,
+        }
+        root = Path(out_dir) / rec.name / (bucket or "")
+        for job in phase_rows or _deduplicated(rec, todo, shapes_spec, weights, bucket, say):
+            ctx = "drop" if job == 0.0 else context  # the dense reference routes nothing
+            d = root / (budget_dir(job, ctx) if isinstance(job, (int, float)) else phase_dir(job.name, ctx)) / dtype
+            with folder_lock(d, "engine folder"):
+                b = _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
+                                  timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
+                                  any_layout=segments is None, context=ctx, loras=loras, controlnet_layers=controlnet_layers)
+            b.bucket = bucket
+            results.append(b)
+    return results
+
+
+def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras=None) -> dict[str, Any]:
+    """The builder settings a cached engine must match (recorded in its manifest)."""
+    from shiva_export.engines.lora_refit import refit_option
+
+    options = {
+        "dynamic_batch": dynamic_batch,
+        "batch_range": list(batch_range) if batch_range else None,
+        "workspace_bytes": workspace_bytes,
+        "optimization_level": optimization_level,
+        "aot_targets": list(aot_targets) if aot_targets else None,
+        "strip_weights": strip_weights,
+        **refit_option(strip_weights, loras),  # LoRA engines that are stripped refit on a LoRA change
+    }
+    if (segments or 1) > 1:
+        options["segments"] = segments
+    return options
+
+
+def _deduplicated(rec: Recipe, todo: list[float], shapes_spec: dict[str, Any], weights, bucket: str | None, say) -> list[float]:
+    """The ratios of one size that give distinct k per block (N, and so k, differs per bucket)."""
+    kept, same = unique_budgets(rec, todo, shapes_spec["height"], shapes_spec["width"], weights)
+    where = f" at {bucket}" if bucket else ""
+    for r, first in same.items():
+        say(f"ratio {r:g} keeps the same k per block as ratio {first:g}{where}: one budget, built once")
+    return kept
+
+
+def _phase_rows(rec: Recipe, phases: bool | Sequence[str], ratios: list[float] | None) -> list:
+    """The recipe's ``[[schedule.phases]]`` rows to build (all, or the named ones); [] without ``phases``."""
+    if not phases:
+        return []
+    if ratios:
+        raise ConfigError("give --ratio or --phases, not both (a learned schedule brings its own keep ratios).")
+    rows = list(rec.schedule.phases) if rec.schedule else []
+    if not rows:
+        raise ConfigError(f"recipe {rec.name!r} has no [[schedule.phases]]; train a schedule with `shiva-export train`, or build --ratio engines.")
+    if phases is True:
+        return rows
+    names = [r.name for r in rows]
+    missing = [p for p in phases if p not in names]
+    if missing:
+        raise ConfigError(f"phase {missing[0]!r} is not in recipe {rec.name!r}; choose from {', '.join(names)}.")
+    return [r for r in rows if r.name in phases]
+
+
+def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool, controlnet_layers: int = 0) -> None:
+    """Refuses bad or contradictory settings before the backend loads and before minutes of export."""
     from shiva_export.engines.builder import check_timing_cache_path
 
     check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
@@ -276,14 +428,12 @@ def build_engines(
         raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
     if (segments or 1) > 1 and (dynamic_batch or strip_weights):
         raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
-    be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
-    from shiva_export.models import adapter_for_architecture
+    if (segments or 1) > 1 and controlnet_layers:
+        raise ConfigError(f"--segments {segments} cuts the graph at block boundaries, and the ControlNet residual inputs are not cut with it; drop --segments or --controlnet.")
 
-    context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
-    if onnx is not None:
-        return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                strip_weights, segments or 1)]
+
+def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list[float]:
+    """The ratios to build, ascending: the given ones (else the recipe's), with the dense reference 0 added or removed."""
     todo = list(ratios) if ratios else list(rec.prune.ratios)
     for r in todo:
         if not 0.0 <= r < 1.0:
@@ -294,72 +444,40 @@ def build_engines(
         todo = [r for r in todo if r != 0.0]
     if not todo:
         raise ConfigError("nothing to build: give at least one --ratio above 0, or drop --no-dense.")
-    todo = sorted(set(todo))
-
-    shapes_spec = {
-        "height": height or rec.shapes.height,
-        "width": width or rec.shapes.width,
-        "batch": batch or rec.shapes.batch,
-        "text_len": text_len or rec.shapes.text_len,
-        "cfg": rec.shapes.cfg if cfg is None else cfg,
-    }
-    todo, same = unique_budgets(rec, todo, shapes_spec["height"], shapes_spec["width"])
-    for r, first in same.items():
-        say(f"ratio {r:g} keeps the same k per block as ratio {first:g}: one budget, built once")
-    opset_used = opset if opset is not None else rec.export.opset
-    options = {
-        "dynamic_batch": dynamic_batch,
-        "batch_range": list(batch_range) if batch_range else None,
-        "workspace_bytes": workspace_bytes,
-        "optimization_level": optimization_level,
-        "aot_targets": list(aot_targets) if aot_targets else None,
-        "strip_weights": strip_weights,
-    }
-    if (segments or 1) > 1:
-        options["segments"] = segments
-    results: list[EngineBuild] = []
-    for r in todo:
-        ctx = "drop" if r == 0.0 else context  # the dense reference routes nothing
-        d = Path(out_dir) / rec.name / budget_dir(r, ctx) / dtype
-        with folder_lock(d, "engine folder"):
-            results.append(_build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
-                                         timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                         any_layout=segments is None, context=ctx))
-    return results
+    return sorted(set(todo))
 
 
-def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
-              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop") -> EngineBuild:
-    """One budget folder (the caller holds its lock). With ``any_layout`` (no --segments given), a cached chain is
-    reused as readily as a cached engine."""
+def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
+              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop", loras=None,
+                  controlnet_layers: int = 0) -> EngineBuild:
+    """One budget folder (the caller holds its lock): ``job`` is a ratio (0 = the dense reference) or a learned phase's
+    ``[[schedule.phases]]`` row. With ``any_layout`` (no --segments given), a cached chain is reused as readily as a
+    cached engine."""
+    phase = None if isinstance(job, (int, float)) else job
+    r = None if phase is not None else float(job)
     is_dense = r == 0.0
     segments = int(options.get("segments", 1))
     onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
     mpath = manifest_path_for(plan)
-    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context)
-    label = "dense" if is_dense else f"ratio {r:g}" + ("" if context == "drop" else f" (context {context})")
+    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context, loras, controlnet_layers)
+    if phase is not None:  # the phase's own schedule and timestep range decide its graph
+        key["phase"] = phase.model_dump(mode="json")
+    label = ("dense" if is_dense else f"phase {phase.name}" if phase else f"ratio {r:g}") + ("" if context == "drop" else f" (context {context})")
     if not force:
-        tries = [(plan, options)]
-        if any_layout and segments == 1 and (d / CHAIN_FILE).is_file():
-            try:
-                n = int((read_manifest(mpath).build_options or {}).get("segments", 0))
-            except (ManifestError, TypeError, ValueError):
-                n = 0
-            if n > 1:
-                tries.insert(0, (d / CHAIN_FILE, {**options, "segments": n}))
-        for cand, opts in tries:
-            m = _cached(mpath, cand, onnx_path, key, opts, be)
-            if m is not None:
-                say(f"{label}: cached ({cand})")
-                return EngineBuild(r, is_dense, "cached", d, cand, onnx_path, mpath, m.per_block_k, m.build_seconds, None, _engine_bytes(cand), None,
-                                   m.deserialize)
-    say(f"{label}: export onnx")
+        cached = _cached_build(d, plan, onnx_path, mpath, key, options, be, any_layout and segments == 1)
+        if cached is not None:
+            say(f"{label}: cached ({cached.plan_path})")
+            cached.phase, cached.ratio = (phase.name, cached.ratio) if phase else (None, r)
+            return cached
+    from shiva_export.engines.lora_refit import refittable_manifest
+
+    to_refit = None if force else refittable_manifest(mpath, plan, key, options, be)
+    say(f"{label}: export onnx" + (" (LoRA changed: the weight-stripped engine is refit, not rebuilt)" if to_refit else ""))
     ex = export_pruned(
         recipe=rec,
         weights=weights,
         router=router,
-        ratio=r,
-        dense=is_dense,
+        **({"phase": phase.name} if phase else {"ratio": r, "dense": is_dense}),
         height=shapes_spec["height"],
         width=shapes_spec["width"],
         batch=shapes_spec["batch"],
@@ -372,11 +490,15 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         validate=validate,
         extra_metadata={"export_key": key},
         context=None if is_dense else context,
+        loras=loras,
+        controlnet_layers=controlnet_layers,
     )
     if ex.parity is not None and ex.parity.status == "failed":
         from shiva_export.errors import ParityError
 
         raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
+    if to_refit is not None:
+        return _refit_budget(to_refit, ex.ratio, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase.name if phase else None)
     profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
     say(f"{label}: preflight + build ({be.name} {be.version})")
     exd = ex.to_dict()
@@ -386,15 +508,15 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
         dtype=dtype,
         recipe_sha256=exd["recipe_sha256"],
         router_sha256=ex.router.get("tensor_sha256"),
-        ratio=r,
-        keep_ratio=1.0 - r,
+        ratio=ex.ratio,
+        keep_ratio=1.0 - ex.ratio,
         per_block_k={str(b): k for b, k in ex.budgets.items()},
         dense=is_dense,
         export_key=key,
     )
     res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
                              builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
-                             strip_weights=bool(options.get("strip_weights")))
+                             strip_weights=bool(options.get("strip_weights")), **({"refit_any": True} if options.get("refit") else {}))
     if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
         options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
     manifest = EngineManifest.from_build(
@@ -409,9 +531,43 @@ def _build_budget(r, d, rec, weights, router, shapes_spec, dtype, opset_used, dy
     )
     write_manifest(mpath, manifest)
     return EngineBuild(
-        r, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
-        res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize,
+        ex.ratio, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
+        res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize, phase=phase.name if phase else None,
     )
+
+
+def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase: str | None = None) -> EngineBuild:
+    """The plan stays; the manifest now names the re-exported ONNX as its refit source (``engines/lora_refit.py``)."""
+    from shiva_export.engines.lora_refit import check_refit, refit_manifest
+
+    manifest = refit_manifest(m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256"))
+    write_manifest(mpath, manifest)
+    try:
+        check = check_refit(d, be.name)
+    except Exception:  # any refit failure: the old manifest no longer matches the new ONNX, so the next run rebuilds
+        write_manifest(mpath, m)
+        raise
+    return EngineBuild(r, is_dense, "refit", d, plan, onnx_path, mpath, manifest.per_block_k, None, ex.export.export_seconds, _engine_bytes(plan),
+                       ex.parity.summary_line() if ex.parity is not None else None, {**(manifest.deserialize or {}), **check}, phase=phase)
+
+
+def _cached_build(d: Path, plan: Path, onnx_path: Path, mpath: Path, key: dict[str, Any], options: dict[str, Any], be: Backend,
+                  chain_too: bool) -> EngineBuild | None:
+    """The folder's engine (or, with ``chain_too``, its segment chain) when its manifest matches this build; else None."""
+    tries = [(plan, options)]
+    if chain_too and (d / CHAIN_FILE).is_file():
+        try:
+            n = int((read_manifest(mpath).build_options or {}).get("segments", 0))
+        except (ManifestError, TypeError, ValueError):
+            n = 0
+        if n > 1:
+            tries.insert(0, (d / CHAIN_FILE, {**options, "segments": n}))
+    for cand, opts in tries:
+        m = _cached(mpath, cand, onnx_path, key, opts, be)
+        if m is not None:
+            return EngineBuild(m.ratio, bool(m.dense), "cached", d, cand, onnx_path, mpath, m.per_block_k, m.build_seconds, None,
+                               _engine_bytes(cand), None, m.deserialize)
+    return None
 
 
 def _build_plan(onnx_path: Path, d: Path, be: Backend, segments: int, fields: dict[str, Any], say, **build_kwargs) -> tuple[Any, dict[str, Any]]:

@@ -367,6 +367,7 @@ def build_engine(
     compute_capabilities: Sequence[Any] | None = None,
     skip_preflight: bool = False,
     strip_weights: bool = False,
+    refit_any: bool = False,
 ) -> BuildResult:
     """Builds a strongly typed TensorRT / TensorRT-RTX engine from an ONNX file.
 
@@ -390,6 +391,8 @@ def build_engine(
             (:class:`~shiva_export.engines.runner.EngineRunner` does it). For models whose plan would not fit
             on disk twice. ``tensorrt_rtx`` 1.7.1 builds refittable engines only with a CUDA GPU present (its
             Myelin JIT needs the driver): without one this raises :class:`HardwareError`. Defaults to False.
+        refit_any (bool): With ``strip_weights``: refit mode ``REFIT`` (any weights of the same graph) instead of
+            ``REFIT_IDENTICAL``, so a LoRA change refits the engine (``shiva_export.engines.lora_refit``). Defaults to False.
 
     Returns:
         BuildResult: Plan path, sha256, size, timings, backend and target info.
@@ -403,29 +406,8 @@ def build_engine(
         MissingDependencyError: The backend is not installed.
     """
     t_start = time.perf_counter()
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise EngineBuildError(
-            f"ONNX file for the engine build not found: {onnx_path}. Expected an existing .onnx file. Export the model first or fix the path."
-        )
-    be = resolve_backend(backend)
+    onnx_path, be, plan_path = _check_build_options(onnx_path, plan_path, backend, builder_optimization_level, workspace_bytes, compute_capabilities)
     trt = be.module
-    plan_path = check_writable(plan_path, "engine plan")
-    from shiva_export.utils.io import sweep_stale_temps
-
-    sweep_stale_temps(plan_path.parent)  # leftovers of a killed build in this folder
-    if builder_optimization_level is not None and not (
-        isinstance(builder_optimization_level, int) and 0 <= builder_optimization_level <= 5
-    ):
-        raise ConfigError(f"builder_optimization_level is {builder_optimization_level!r}. Valid range: 0-5. Pass an int in 0-5 or None.")
-    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes <= 0):
-        raise ConfigError(f"workspace_bytes is {workspace_bytes!r}. Expected a positive int. Pass e.g. 8 << 30 for 8 GiB.")
-    if compute_capabilities is not None and not be.is_rtx:
-        raise ConfigError(
-            f"compute_capabilities={list(compute_capabilities)!r} was given for backend {be.name}. It applies to tensorrt-rtx only. "
-            "Drop it (datacenter TensorRT builds for the GPU it runs on)."
-        )
-
     if not skip_preflight:
         preflight(onnx_path, be.name, be.version, profile_given=profile is not None).raise_if_failed()
 
@@ -437,40 +419,10 @@ def build_engine(
     trt_logger = _capture_logger(trt)
     with trt_logger.capture() as records, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # tensorrt_rtx: timing-cache APIs are deprecated no-ops
-        try:
-            builder = trt.Builder(trt_logger)
-        except TypeError as err:  # pybind: "factory function returned nullptr" when CUDA init fails
-            raise HardwareError(
-                f"{be.name} {be.version} could not create a builder: {err} ({_join_errors(_errors(records))}). "
-                "Datacenter TensorRT needs a CUDA GPU and driver to build. Build on a GPU machine (check nvidia-smi), "
-                "or use backend='tensorrt-rtx', which builds ahead of time without a GPU."
-            ) from None
-
-        network = builder.create_network(_network_flags(be))
-        parser = trt.OnnxParser(network, trt_logger)
-        if not parser.parse_from_file(str(onnx_path.resolve())):
-            raise EngineBuildError(
-                f"The {be.name} {be.version} ONNX parser rejected {onnx_path}: {_parser_errors(parser)}. "
-                "Run shiva_export.engines.preflight() and fix the listed nodes, or re-export the model."
-            )
-
+        builder, network = _parse_network(be, trt_logger, records, onnx_path)
         config = builder.create_builder_config()
-        if workspace_bytes is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-        if builder_optimization_level is not None:
-            config.builder_optimization_level = builder_optimization_level
-
-        profile_used = None
-        if profile is not None:
-            profile_used = _check_profile(network, profile)
-            opt_profile = builder.create_optimization_profile()
-            for name, (lo, opt, hi) in profile_used.items():
-                opt_profile.set_shape(name, lo, opt, hi)
-            config.add_optimization_profile(opt_profile)
-
-        if strip_weights:
-            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # STRIP_PLAN's default refit mode, stated
+        profile_used = _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights,
+                                          refit_any)
         aot_targets, aot_default = _configure_targets(be, config, compute_capabilities)
         tc_info = _load_timing_cache(be, config, timing_cache_path, trt_logger)
 
@@ -484,38 +436,13 @@ def build_engine(
             streamed, failed = None, True
         host_mem = None if streamed or failed else builder.build_serialized_network(network, config)
         build_seconds = time.perf_counter() - t_build
-        if (failed or (not streamed and host_mem is None)) and strip_weights and gpu is None and any(_CUDA_ERROR.search(e) or "CUDA_SUCCESS" in e for e in _errors(records[n_before_build:])):
-            raise HardwareError(
-                f"{be.name} {be.version} cannot build a weight-stripped (refittable) engine without a CUDA GPU: its refit path "
-                "JIT-compiles the graph (Myelin), which needs a CUDA driver (cudaError 35 here). Build the full engine on this machine "
-                "(drop --strip-weights), or build the stripped one on a machine with an RTX-class GPU."
-            )
         if failed or (not streamed and host_mem is None):
-            raise EngineBuildError(
-                f"The {be.name} {be.version} builder failed for {onnx_path}: {_join_errors(_errors(records[n_before_build:]))}. "
-                "Fix the graph construct named above (see preflight()), or rebuild with a supported opset/dtype."
-            )
-
+            _raise_build_failed(be, onnx_path, _errors(records[n_before_build:]), strip_weights and gpu is None)
         if tc_info is not None:
-            serialized = config.get_timing_cache().serialize()
-            atomic_write_bytes(tc_info["path"], memoryview(serialized))
-            from shiva_export.utils.io import atomic_write_json
-
-            atomic_write_json(
-                _timing_cache_stamp(Path(tc_info["path"])),
-                {"format": "shiva-timing-cache/1", "sha256": hashlib.sha256(memoryview(serialized)).hexdigest(), "backend": be.name, "version": be.version},
-            )
-            tc_info["saved_bytes"] = serialized.nbytes
+            _save_timing_cache(be, config, tc_info)
         warn_lines = tuple(" ".join(msg.split()) for sev, msg in records if sev == "WARNING")
 
-    if streamed:
-        digest, size = streamed
-    else:
-        view = memoryview(host_mem)
-        atomic_write_bytes(plan_path, view)
-        digest = hashlib.sha256(view).hexdigest()
-        size = host_mem.nbytes
-        del view, host_mem
+    digest, size = streamed if streamed else _write_plan(plan_path, host_mem)
     total = time.perf_counter() - t_start
     logger.info("built %s: %.1f MB in %.2f s (%s %s)", plan_path, size / 1e6, build_seconds, be.name, be.version)
     return BuildResult(
@@ -536,6 +463,112 @@ def build_engine(
         warnings=warn_lines,
         weights_stripped=strip_weights,
     )
+
+
+def _check_build_options(onnx_path, plan_path, backend, builder_optimization_level, workspace_bytes, compute_capabilities) -> tuple[Path, Backend, Path]:
+    """Validates the build settings before the builder exists: (onnx path, backend, writable plan path)."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise EngineBuildError(
+            f"ONNX file for the engine build not found: {onnx_path}. Expected an existing .onnx file. Export the model first or fix the path."
+        )
+    be = resolve_backend(backend)
+    plan_path = check_writable(plan_path, "engine plan")
+    from shiva_export.utils.io import sweep_stale_temps
+
+    sweep_stale_temps(plan_path.parent)  # leftovers of a killed build in this folder
+    if builder_optimization_level is not None and not (
+        isinstance(builder_optimization_level, int) and 0 <= builder_optimization_level <= 5
+    ):
+        raise ConfigError(f"builder_optimization_level is {builder_optimization_level!r}. Valid range: 0-5. Pass an int in 0-5 or None.")
+    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes <= 0):
+        raise ConfigError(f"workspace_bytes is {workspace_bytes!r}. Expected a positive int. Pass e.g. 8 << 30 for 8 GiB.")
+    if compute_capabilities is not None and not be.is_rtx:
+        raise ConfigError(
+            f"compute_capabilities={list(compute_capabilities)!r} was given for backend {be.name}. It applies to tensorrt-rtx only. "
+            "Drop it (datacenter TensorRT builds for the GPU it runs on)."
+        )
+    return onnx_path, be, plan_path
+
+
+def _parse_network(be: Backend, trt_logger: Any, records: list, onnx_path: Path) -> tuple[Any, Any]:
+    """The builder and the network parsed from the ONNX file (by path, so its external data is found)."""
+    trt = be.module
+    try:
+        builder = trt.Builder(trt_logger)
+    except TypeError as err:  # pybind: "factory function returned nullptr" when CUDA init fails
+        raise HardwareError(
+            f"{be.name} {be.version} could not create a builder: {err} ({_join_errors(_errors(records))}). "
+            "Datacenter TensorRT needs a CUDA GPU and driver to build. Build on a GPU machine (check nvidia-smi), "
+            "or use backend='tensorrt-rtx', which builds ahead of time without a GPU."
+        ) from None
+    network = builder.create_network(_network_flags(be))
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path.resolve())):
+        raise EngineBuildError(
+            f"The {be.name} {be.version} ONNX parser rejected {onnx_path}: {_parser_errors(parser)}. "
+            "Run shiva_export.engines.preflight() and fix the listed nodes, or re-export the model."
+        )
+    return builder, network
+
+
+def _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights,
+                       refit_any: bool = False) -> dict | None:
+    """Workspace, optimization level, the optimization profile and weight stripping; returns the checked profile."""
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if builder_optimization_level is not None:
+        config.builder_optimization_level = builder_optimization_level
+    profile_used = None
+    if profile is not None:
+        profile_used = _check_profile(network, profile)
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile_used.items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(opt_profile)
+    if strip_weights:
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        # REFIT_IDENTICAL (STRIP_PLAN's default, stated) promises the build-time weights; refit_any (a LoRA engine,
+        # engines/lora_refit.py) takes any weights of the same graph, so a LoRA change refits instead of rebuilding.
+        config.set_flag(trt.BuilderFlag.REFIT if refit_any else trt.BuilderFlag.REFIT_IDENTICAL)
+    return profile_used
+
+
+def _raise_build_failed(be: Backend, onnx_path: Path, errors: list[str], stripped_without_gpu: bool) -> None:
+    """The builder returned nothing: a stripped build without a CUDA driver is a hardware limit, the rest a build error."""
+    if stripped_without_gpu and any(_CUDA_ERROR.search(e) or "CUDA_SUCCESS" in e for e in errors):
+        raise HardwareError(
+            f"{be.name} {be.version} cannot build a weight-stripped (refittable) engine without a CUDA GPU: its refit path "
+            "JIT-compiles the graph (Myelin), which needs a CUDA driver (cudaError 35 here). Build the full engine on this machine "
+            "(drop --strip-weights), or build the stripped one on a machine with an RTX-class GPU."
+        )
+    raise EngineBuildError(
+        f"The {be.name} {be.version} builder failed for {onnx_path}: {_join_errors(errors)}. "
+        "Fix the graph construct named above (see preflight()), or rebuild with a supported opset/dtype."
+    )
+
+
+def _save_timing_cache(be: Backend, config: Any, tc_info: dict[str, Any]) -> None:
+    """Writes the timing cache and its stamp (sha256, backend, version) atomically."""
+    serialized = config.get_timing_cache().serialize()
+    atomic_write_bytes(tc_info["path"], memoryview(serialized))
+    from shiva_export.utils.io import atomic_write_json
+
+    atomic_write_json(
+        _timing_cache_stamp(Path(tc_info["path"])),
+        {"format": "shiva-timing-cache/1", "sha256": hashlib.sha256(memoryview(serialized)).hexdigest(), "backend": be.name, "version": be.version},
+    )
+    tc_info["saved_bytes"] = serialized.nbytes
+
+
+def _write_plan(plan_path: Path, host_mem: Any) -> tuple[str, int]:
+    """Writes a serialized plan held in host memory: (sha256, bytes)."""
+    view = memoryview(host_mem)
+    atomic_write_bytes(plan_path, view)
+    digest = hashlib.sha256(view).hexdigest()
+    size = host_mem.nbytes
+    del view
+    return digest, size
 
 
 def _build_to_file(trt: ModuleType, builder: Any, network: Any, config: Any, plan_path: Path) -> tuple[str, int] | None:

@@ -32,6 +32,7 @@ __all__ = [
     "manifest_path_for",
     "write_manifest",
     "read_manifest",
+    "manifest_self_hash",
     "cache_key",
     "verify_engine",
 ]
@@ -106,6 +107,9 @@ class EngineManifest:
     shiva_export_version: str = __version__
     created_at: str = field(default_factory=_utc_now)
     schema_version: int = MANIFEST_SCHEMA_VERSION
+    #: sha256 of the manifest's other fields (canonical JSON), written by :func:`write_manifest` and checked by
+    #: :func:`read_manifest` before any field is trusted: an edited ratio, per-block k or input shape is caught.
+    self_sha256: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.input_shapes = {str(k): [int(d) for d in v] for k, v in self.input_shapes.items()}
@@ -184,7 +188,7 @@ class EngineManifest:
 
 
 _STR_FIELDS = ("model_name", "model_config_hash", "onnx_sha256", "engine_sha256", "backend", "backend_version", "dtype", "shiva_export_version", "created_at")
-_OPT_STR_FIELDS = ("recipe_sha256", "router_sha256", "gpu_name", "compute_capability")
+_OPT_STR_FIELDS = ("recipe_sha256", "router_sha256", "gpu_name", "compute_capability", "self_sha256")
 _OPT_NUM_FIELDS = ("ratio", "keep_ratio", "build_seconds")
 
 
@@ -221,9 +225,35 @@ def manifest_path_for(plan_path: str | os.PathLike) -> Path:
     return Path(plan_path).with_name("manifest.json")
 
 
+def manifest_self_hash(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's fields other than ``self_sha256`` (canonical JSON)."""
+    from shiva_export.utils.io import canonical_json, sha256_bytes
+
+    return sha256_bytes(canonical_json({k: v for k, v in data.items() if k != "self_sha256"}).encode())
+
+
 def write_manifest(path: str | os.PathLike, manifest: EngineManifest) -> Path:
-    """Writes ``manifest`` to ``path`` atomically and returns the path."""
-    return atomic_write_text(path, manifest.to_json())
+    """Writes ``manifest`` to ``path`` atomically, sealed with its self-hash, and returns the path."""
+    data = manifest.to_dict()
+    data["self_sha256"] = manifest_self_hash(data)
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _check_self_hash(data: Any, where: str) -> None:
+    """The first check of a manifest read from disk: its fields are the ones written (schema checks come after)."""
+    if not isinstance(data, dict):
+        return  # from_dict names the wrong type
+    version = data.get("schema_version", MANIFEST_SCHEMA_VERSION)
+    if not isinstance(version, int) or not 1 <= version <= MANIFEST_SCHEMA_VERSION:
+        return  # from_dict names the schema
+    want = data.get("self_sha256")
+    if not isinstance(want, str):
+        raise ManifestError(f"Engine manifest {where} has no self_sha256, so edits to it cannot be detected. Rebuild the engine to rewrite it.")
+    if manifest_self_hash(data) != want:
+        raise ManifestError(
+            f"Engine manifest {where} was edited after it was written (its fields no longer match its self_sha256 {want[:12]}...). "
+            "Rebuild the engine (`shiva-export trt --force`) instead of editing its manifest."
+        )
 
 
 def read_manifest(path: str | os.PathLike) -> EngineManifest:
@@ -239,6 +269,11 @@ def read_manifest(path: str | os.PathLike) -> EngineManifest:
         raise ManifestError(f"Engine manifest not found: {path}. Expected a manifest next to the plan. Rebuild the engine to write one.") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"Cannot read engine manifest {path}: {err}. Expected a UTF-8 JSON file. Rebuild the engine.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None  # from_json names the JSON error
+    _check_self_hash(data, str(path))
     return EngineManifest.from_json(text, where=str(path))
 
 

@@ -34,6 +34,16 @@ def find_plan(path: str | os.PathLike) -> Path:
     return p
 
 
+def _installed_version(backend: str) -> str | None:
+    """The installed version of ``backend``, or None when it is not installed (the GPU check then refuses, exit 4)."""
+    from shiva_export.errors import MissingDependencyError
+
+    try:
+        return resolve_backend(backend).version
+    except MissingDependencyError:
+        return None
+
+
 class EngineRunner:
     """Context manager that runs one engine.
 
@@ -69,8 +79,9 @@ class EngineRunner:
         self.deactivate()
 
     def verify(self) -> None:
-        """Checks the plan's sha256 and backend against the manifest; needs no GPU (run before looking for one)."""
-        verify_engine(self.plan_path, self.manifest, None, None, backend=self._backend_name)
+        """Checks the plan's sha256, backend and (when the backend is installed) its version against the manifest;
+        needs no GPU (run before looking for one)."""
+        verify_engine(self.plan_path, self.manifest, _installed_version(self._backend_name), None, backend=self._backend_name)
         for part in self.parts:
             part.verify()
         self._check_rows()

@@ -329,6 +329,9 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
         def make() -> torch.Tensor:
             with safe_open(str(files[name]), framework="pt") as f:
                 t = f.get_tensor(name)
+            from shiva_export.checks import check_finite
+
+            check_finite({name: t}, f"weights {files[name]}", WeightsError)
             return t.to(target) if t.dtype != target else t
 
         return make
@@ -355,7 +358,7 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
     from the same source :func:`~shiva_export.models.load_transformer` would use. None where this cannot
     read the source (no plain safetensors, not cached, an invalid folder): the caller loads eagerly, which
     also reports any error in its usual words."""
-    from shiva_export.models.base import _read_class_name, adapter_for_architecture, get_adapter
+    from shiva_export.models.base import adapter_for_architecture, get_adapter, read_class_name
 
     if weights is None and recipe.model.source == "embedded":
         return build_embedded_lazy(adapter_for_architecture(recipe.architecture), recipe.model.config, recipe.model.seed)
@@ -364,12 +367,15 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
     if weights is not None:
         p = Path(weights).expanduser()
         folder = p if (p / "config.json").is_file() else p / "transformer"
-        cls_name = _read_class_name(folder) if (folder / "config.json").is_file() else None
+        cls_name = read_class_name(folder) if (folder / "config.json").is_file() else None
         if cls_name is None:
             return None
         adapter = get_adapter(cls_name)
         if adapter.NAME != recipe.architecture:
             return None
+        from shiva_export.models.base import check_weights_sha256
+
+        check_weights_sha256(folder, recipe)  # a recipe bound to its weights loads only those, lazily too
         return load_checkpoint_lazy(adapter, folder, str(p))
     repo, sub = recipe.model.repo_id, recipe.model.subfolder
     try:

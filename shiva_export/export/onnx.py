@@ -43,7 +43,7 @@ from shiva_export.models import InputSpec, get_adapter
 
 if TYPE_CHECKING:
     from shiva_export.export.lazy import LazyWeights
-from shiva_export.utils.io import check_writable, commit_files, sha256_file
+from shiva_export.utils.io import check_writable, commit_files, onnx_record_path, sha256_file, write_onnx_record
 
 __all__ = [
     "export_onnx",
@@ -323,6 +323,7 @@ def export_onnx(
     check: bool = True,
     debug_outputs: bool = False,
     weights: LazyWeights | None = None,
+    extra_inputs: dict[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
@@ -343,6 +344,8 @@ def export_onnx(
             export dtype: the bounded-memory path (``shiva_export.export.lazy``). The exporter traces the
             placeholders, and each weight is made, written to the external-data file and freed in turn; the
             graph and bytes equal the eager path's. Defaults to None (the transformer holds real weights).
+        extra_inputs (dict): More graph inputs after the adapter's, ``{name: sample tensor}``, passed to the
+            transformer as keyword arguments (ControlNet residuals: ``shiva_export.export.controlnet``). Defaults to None.
 
     Returns:
         ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
@@ -362,20 +365,8 @@ def export_onnx(
         # torch.export specializes size-1 dims: trace with two prompts so the batch axis stays symbolic.
         trace_spec = InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg)
     adapter = get_adapter(transformer)
-    names = adapter.input_names(transformer.config)
-    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype)
-    args = tuple(inputs[n] for n in names)
-    extras = {k: v for k, v in inputs.items() if k not in names}
-
-    dynamic_shapes = None
-    if dynamic_batch:
-        if spec.cfg:
-            half = torch.export.Dim("half_batch", min=1, max=1024)
-            axis = 2 * half
-        else:
-            axis = torch.export.Dim("batch_size", min=1, max=2048)
-        dynamic_shapes = (tuple({0: axis} for _ in names),)
-
+    names = adapter.input_names(transformer.config) + tuple(extra_inputs or ())
+    inputs = adapter.make_inputs(transformer.config, trace_spec, seed=0, dtype=torch_dtype) | dict(extra_inputs or {})
     external = _param_bytes(transformer) > _PROTOBUF_LIMIT - (64 << 20)
     from shiva_export.utils.io import sweep_stale_temps, temp_prefix
 
@@ -384,32 +375,8 @@ def export_onnx(
     tmp_onnx = tmp_dir / dest.name
     t0 = time.perf_counter()
     try:
-        wrapper = _ExportWrapper(transformer, names, extras).eval()
-        try:
-            with torch.no_grad(), _quiet_exporter(), adapter.export_context(transformer, inputs):
-                if weights is not None:
-                    _export_streamed(wrapper, args, tmp_onnx, weights, opset, names, adapter, dynamic_shapes, external)
-                else:
-                    torch.onnx.export(
-                        wrapper,
-                        args,
-                        str(tmp_onnx),
-                        dynamo=True,
-                        opset_version=opset,
-                        input_names=list(names),
-                        output_names=[adapter.OUTPUT_NAME],
-                        dynamic_shapes=dynamic_shapes,
-                        custom_translation_table=adapter.onnx_translations() or None,
-                        external_data=external,
-                        verbose=False,
-                    )
-        except ShivaInternalError:
-            raise
-        except Exception as err:  # exporter failures come as many types
-            first = str(err).strip().splitlines()[0][:300]
-            raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: {first}. Re-run with --debug for the full trace.") from err
+        _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx, opset, _dynamic_shapes(names, spec, dynamic_batch), external, weights)
         export_seconds = time.perf_counter() - t0
-
         model = onnx.load(str(tmp_onnx), load_external_data=False)
         index_tensors = {}
         if routed_blocks:
@@ -428,24 +395,83 @@ def export_onnx(
             "versions": package_versions(),
             **(metadata or {}),
         }
-        str_meta = {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in meta.items()}
-        del model.metadata_props[:]
-        for k, v in str_meta.items():
-            model.metadata_props.add(key=k, value=v)
-        model.producer_name = "shiva-export"
-        model.producer_version = __version__
-        onnx.save(model, str(tmp_onnx))  # graph only: external data references are kept as they are
-        if check:
-            try:
-                onnx.checker.check_model(str(tmp_onnx), full_check=True)
-            except onnx.checker.ValidationError as err:
-                raise ExportError(f"onnx.checker rejected the export: {str(err).splitlines()[0]}. Please report this.") from None
-
+        str_meta = _stamp_and_check(model, tmp_onnx, meta, check)
         data_files = [p for p in tmp_dir.iterdir() if p.name != dest.name]
-        moves = [(p, dest.parent / p.name) for p in data_files] + [(tmp_onnx, dest)]
+        record = write_onnx_record(tmp_onnx, data_files, tmp_dir / onnx_record_path(dest).name)  # reuse is checked against it
+        moves = [(p, dest.parent / p.name) for p in data_files] + [(record, dest.parent / record.name), (tmp_onnx, dest)]
         commit_files(moves)  # data first, the .onnx (what looks complete) last
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    return _export_result(transformer, adapter, dest, external, spec, trace_spec, opset, dtype, dynamic_batch, export_seconds, index_tensors, str_meta,
+                          extra_inputs)
+
+
+def _dynamic_shapes(names: tuple[str, ...], spec: InputSpec, dynamic_batch: bool):
+    """torch.export dynamic shapes: a symbolic axis 0 on every input (even, as two halves, under CFG), else None."""
+    if not dynamic_batch:
+        return None
+    if spec.cfg:
+        half = torch.export.Dim("half_batch", min=1, max=1024)
+        axis = 2 * half
+    else:
+        axis = torch.export.Dim("batch_size", min=1, max=2048)
+    return (tuple({0: axis} for _ in names),)
+
+
+def _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx: Path, opset: int, dynamic_shapes, external: bool, weights) -> None:
+    """Runs the dynamo exporter (streamed when the weights are lazy); its failures become one-line ExportErrors."""
+    args = tuple(inputs[n] for n in names)
+    extras = {k: v for k, v in inputs.items() if k not in names}
+    wrapper = _ExportWrapper(transformer, names, extras).eval()
+    try:
+        with torch.no_grad(), _quiet_exporter(), adapter.export_context(transformer, inputs):
+            if weights is not None:
+                _export_streamed(wrapper, args, tmp_onnx, weights, opset, names, adapter, dynamic_shapes, external)
+            else:
+                torch.onnx.export(
+                    wrapper,
+                    args,
+                    str(tmp_onnx),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=list(names),
+                    output_names=[adapter.OUTPUT_NAME],
+                    dynamic_shapes=dynamic_shapes,
+                    custom_translation_table=adapter.onnx_translations() or None,
+                    external_data=external,
+                    verbose=False,
+                )
+    except ShivaInternalError:
+        raise
+    except Exception as err:  # exporter failures come as many types
+        first = str(err).strip().splitlines()[0][:300]
+        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: {first}. Re-run with --debug for the full trace.") from err
+
+
+def _stamp_and_check(model, tmp_onnx: Path, meta: dict[str, Any], check: bool) -> dict[str, str]:
+    """Writes the ``shiva.*`` metadata into the graph (external data untouched) and runs the checker by path."""
+    import onnx
+
+    str_meta = {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in meta.items()}
+    del model.metadata_props[:]
+    for k, v in str_meta.items():
+        model.metadata_props.add(key=k, value=v)
+    model.producer_name = "shiva-export"
+    model.producer_version = __version__
+    onnx.save(model, str(tmp_onnx))  # graph only: external data references are kept as they are
+    if check:
+        try:
+            onnx.checker.check_model(str(tmp_onnx), full_check=True)
+        except onnx.checker.ValidationError as err:
+            raise ExportError(f"onnx.checker rejected the export: {str(err).splitlines()[0]}. Please report this.") from None
+    return str_meta
+
+
+def _export_result(transformer, adapter, dest: Path, external: bool, spec: InputSpec, trace_spec: InputSpec, opset: int, dtype: str,
+                   dynamic_batch: bool, export_seconds: float, index_tensors: dict[int, str], str_meta: dict[str, str],
+                   extra_inputs: dict[str, torch.Tensor] | None = None) -> ExportResult:
+    """Removes a stale external-data file and describes the committed graph."""
+    import onnx
 
     data_path = dest.parent / (dest.name + ".data") if external else None
     if not external:
@@ -456,6 +482,7 @@ def export_onnx(
     if dynamic_batch:
         out_shape[0] = "batch_size"
     shapes = {k: list(v) for k, v in spec.shapes(transformer).items()}
+    shapes.update({k: list(v.shape) for k, v in (extra_inputs or {}).items()})  # extra graph inputs (ControlNet residuals)
     if dynamic_batch:
         for v in shapes.values():
             v[0] = "batch_size"

@@ -13,26 +13,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from shiva_export.errors import ConfigError, RouterError
+from shiva_export.export import controlnet as cn
+from shiva_export.export.buckets import bucket_name
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
+from shiva_export.export.parity import ParityReport, check_parity
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, check_image_size, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims, torch_dtype
+from shiva_export.models import (
+    InputSpec,
+    check_image_size,
+    load_transformer,
+    make_inputs,
+    num_blocks,
+    num_image_tokens,
+    router_dims,
+    torch_dtype,
+)
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets
 from shiva_export.prune.router import RouterBank, load_routers
 from shiva_export.prune.schedule import budget_label
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
-from shiva_export.validate.parity import ParityReport, check_parity
 
-__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
+__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "phase_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
 
 logger = get_logger(__name__)
 
 
-def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines", context: str = "drop") -> Path:
-    """``<root>/<model>/ratio<r>[-context-keep]/<dtype>/model.onnx``: a context-keep graph never lands on a drop graph's path."""
-    return Path(root) / model_name / budget_dir(ratio, context) / dtype / "model.onnx"
+def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines", context: str = "drop",
+                      bucket: str | None = None) -> Path:
+    """``<root>/<model>[/<W>x<H>]/ratio<r>[-context-keep]/<dtype>/model.onnx``: a context-keep graph never lands on a drop
+    graph's path, and a resolution bucket (:mod:`shiva_export.export.buckets`) has its own folder."""
+    return Path(root) / model_name / (bucket or "") / budget_dir(ratio, context) / dtype / "model.onnx"
+
+
+def phase_dir(phase: str, context: str = "drop") -> str:
+    """Folder name of a learned phase's graph: ``phase-<name>``, plus ``-context-keep`` for a context-keep graph."""
+    return f"phase-{phase}" + ("" if context == "drop" else f"-context-{context}")
 
 
 def budget_dir(ratio: float, context: str = "drop") -> str:
@@ -94,6 +111,7 @@ class PrunedExport:
     parity: ParityReport | None
     load_seconds: float
     dense: bool = False
+    loras: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         ex = self.export
@@ -122,6 +140,7 @@ class PrunedExport:
             "op_counts": {op: ex.op_counts.get(op, 0) for op in interesting},
             "num_nodes": ex.num_nodes,
             "router": self.router,
+            "loras": self.loras,
             "load_seconds": round(self.load_seconds, 3),
             "export_seconds": round(ex.export_seconds, 3),
             "parity": self.parity.to_dict() if self.parity is not None else None,
@@ -155,6 +174,9 @@ def export_pruned(
     progress: Callable[[str], None] | None = None,
     bounded: bool | None = None,
     context: str | None = None,
+    bucket: bool = False,
+    loras=None,
+    controlnet_layers: int = 0,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -190,10 +212,101 @@ def export_pruned(
             lazily (embedded models, diffusers folders with plain safetensors), eager otherwise.
         context (str): ``"drop"`` or ``"keep"`` (``ShivaConfig.context``: rejected tokens still give keys and values;
             SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``.
+        bucket (bool): The default ``out`` goes in the ``<width>x<height>`` folder of a resolution bucket. Defaults to False.
+        loras (Sequence[LoraSpec]): LoRAs (:func:`shiva_export.export.lora.resolve_loras`) fused at their scales
+            before pruning and export; recorded in ``shiva.loras``. Needs an eager load. Defaults to None.
+        controlnet_layers (int): The graph also takes this many ControlNet block residuals
+            (``controlnet_block_<i>``, SD3/SD3.5; :mod:`shiva_export.export.controlnet`). Defaults to 0.
     """
-    import time
-
     say = progress or (lambda stage: None)
+    rec, context, spec = _check_export_options(
+        model, recipe, ratio, keep_ratios, phase, dense, context, dtype, parity_cases, batch, height, width, text_len, cfg
+    )
+    size_dir = bucket_name(spec.width, spec.height) if bucket else None
+    out_path = _check_out(out, rec, phase, keep_ratios, dense, ratio, dtype, context, size_dir)
+    _check_lora_controlnet(loras, controlnet_layers, dynamic_batch, bounded)
+
+    say("load model")
+    transformer, lazy_weights, load_seconds = _load_for_export(rec, weights, bounded, loras)
+    check_image_size(transformer, spec.height, spec.width)
+    n_layers = num_blocks(transformer)
+    n_tokens = num_image_tokens(transformer, spec.height, spec.width)
+    controlnet_layers = cn.check_controlnet_layers(transformer, controlnet_layers)
+    routed = rec.routed_blocks(n_layers)
+    if phase is not None:
+        keep_ratios = rec.phase_keep_ratios(phase, n_layers)
+    config, ratio_used = _prune_config(rec, n_layers, routed, ratio, keep_ratios, dense, spec.cfg, context)
+    budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
+    export_model, router_info = _prepare_models(transformer, rec, config, router, dtype, dense, lazy_weights)
+    for m in {id(export_model): export_model, id(transformer): transformer}.values() if controlnet_layers else ():
+        cn.add_residual_hook(m)  # controlnet_block_<i> kwargs -> block_controlnet_hidden_states (models local to this call)
+
+    if out_path is None:
+        out_path = _default_out_path(rec, phase, ratio_used, dtype, "drop" if dense else context, size_dir)
+        _refuse_engine_onnx(out_path)
+    lora_rows = [lo.to_dict() for lo in loras] if loras else None
+    graph_extra = {**({"loras": lora_rows} if loras else {}), **({"controlnet_layers": controlnet_layers} if controlnet_layers else {}),
+                   **(extra_metadata or {})}
+    meta = _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, graph_extra)
+    say("export onnx")
+    result = export_onnx(
+        export_model, out_path, spec, opset=opset if opset is not None else rec.export.opset, dtype=dtype, dynamic_batch=dynamic_batch,
+        routed_blocks=None if dense else list(config.routed_blocks), metadata=meta, debug_outputs=debug_outputs,
+        weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
+        extra_inputs=cn.sample_inputs(export_model, spec.model_batch, n_tokens, controlnet_layers, dtype=torch_dtype(dtype)) or None,
+    )
+    if export_model is not transformer:
+        del export_model
+
+    parity = None
+    if validate:
+        say("parity (onnxruntime cpu)")
+        parity = _export_parity(result, transformer, lazy_weights, rec, spec, dtype, parity_cases, n_tokens, controlnet_layers)
+    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense, lora_rows)
+
+
+def _check_out(out, rec: Recipe, phase, keep_ratios, dense: bool, ratio, dtype: str, context: str, size_dir: str | None) -> Path | None:
+    """The given ``out`` path, checked writable; without one, refuses a default path that holds an engine's ONNX."""
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        check_writable(out_path, "ONNX output")  # fail before minutes of loading
+    elif phase is None and keep_ratios is None:
+        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
+                                              context="drop" if dense else context, bucket=size_dir))
+    return out_path
+
+
+def _check_lora_controlnet(loras, controlnet_layers: int, dynamic_batch: bool, bounded: bool | None) -> None:
+    """Refuses LoRA/ControlNet settings the export cannot honour, before anything loads."""
+    if controlnet_layers and dynamic_batch:
+        raise ConfigError("ControlNet residual inputs are exported with fixed shapes; drop --dynamic-batch.")
+    if loras and bounded:
+        raise ConfigError("--lora is fused into the loaded weights, which a bounded-memory export never holds; drop --bounded (use --eager).")
+
+
+def _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, extra_metadata) -> dict[str, Any]:
+    """The ``shiva.*`` metadata of a pruned graph: what it prunes, for which timesteps, with which router."""
+    n_layers = len(config.keep_ratios)
+    return {
+        "model": rec.name,
+        "recipe_sha256": recipe_hash(rec),
+        "model_config_sha256": model_config_hash(transformer),
+        "ratio": ratio_used,
+        **_phase_range(rec, phase),
+        "dense": dense,
+        "context": None if dense else config.context,
+        "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
+        "k_per_block": {str(b): k for b, k in budgets.items()},
+        "num_image_tokens": n_tokens,
+        "router_sha256": router_info["tensor_sha256"],
+        "router_source": router_info["source"],
+        "cfg": spec.cfg,
+        **(extra_metadata or {}),
+    }
+
+
+def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, context, dtype, parity_cases, batch, height, width, text_len, cfg):
+    """Validates the flags before anything loads: returns the recipe, the checked context and the input spec."""
     if recipe is None:
         rec = load_recipe(model or "sd35")
     elif isinstance(recipe, Recipe):
@@ -227,19 +340,18 @@ def export_pruned(
     )
     if not 1 <= parity_cases <= 8:
         raise ConfigError(f"parity_cases {parity_cases} is out of range; expected 1..8.")
+    return rec, context, spec
 
-    out_path = Path(out) if out is not None else None
-    if out_path is not None:
-        check_writable(out_path, "ONNX output")  # fail before minutes of loading
-    elif phase is None and keep_ratios is None:
-        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
-                                              context="drop" if dense else context))
 
-    say("load model")
+def _load_for_export(rec: Recipe, weights, bounded: bool | None, loras=None):
+    """The fp32 transformer, bounded (meta placeholders plus lazy weights) where possible, with ``loras`` fused (eager
+    only: a bounded export never holds the weights): (transformer, lazy_weights, seconds)."""
+    import time
+
     t0 = time.perf_counter()
     lazy_weights = None
-    if bounded is not False:
-        from shiva_export.export.lazy import fake_placeholders_, lazy_transformer
+    if bounded is not False and not loras:
+        from shiva_export.export.lazy import lazy_transformer
 
         lazy = lazy_transformer(rec, weights)
         if lazy is None and bounded:
@@ -251,26 +363,31 @@ def export_pruned(
             transformer, lazy_weights = lazy
     if lazy_weights is None:
         transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
-    load_seconds = time.perf_counter() - t0
-    check_image_size(transformer, spec.height, spec.width)
-    n_layers = num_blocks(transformer)
-    n_tokens = num_image_tokens(transformer, spec.height, spec.width)
-    routed = rec.routed_blocks(n_layers)
-    if phase is not None:
-        keep_ratios = rec.phase_keep_ratios(phase, n_layers)
+    if loras:
+        from shiva_export.export.lora import fuse_loras_
+
+        fuse_loras_(transformer, loras)  # before the dtype copy and routing: every copy carries the fused weights
+    return transformer, lazy_weights, time.perf_counter() - t0
+
+
+def _prune_config(rec: Recipe, n_layers: int, routed: list[int], ratio, keep_ratios, dense: bool, cfg: bool, context: str) -> tuple[ShivaConfig, float]:
+    """The ShivaConfig of a keep schedule or a uniform ratio, and the mean pruned fraction it stands for."""
     if keep_ratios is not None:
-        config = ShivaConfig(tuple(keep_ratios), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
+        config = ShivaConfig(tuple(keep_ratios), cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
         if len(config.keep_ratios) != n_layers:
             raise ConfigError(f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block.")
         routed_keep = [r for r in config.keep_ratios if r is not None]
-        ratio_used = 1.0 - sum(routed_keep) / len(routed_keep)  # mean pruned fraction of the schedule
-    else:
-        ratio_used = 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio)
-        config = ShivaConfig.uniform(
-            n_layers, ratio_used, routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context
-        )
-    budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
+        return config, 1.0 - sum(routed_keep) / len(routed_keep)  # mean pruned fraction of the schedule
+    ratio_used = 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio)
+    config = ShivaConfig.uniform(
+        n_layers, ratio_used, routed, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
+        context=context,
+    )
+    return config, ratio_used
 
+
+def _prepare_models(transformer, rec: Recipe, config: ShivaConfig, router, dtype: str, dense: bool, lazy_weights):
+    """Applies Shiva to the fp32 reference and to the export-dtype copy: (export_model, router_info)."""
     rc = config.router_config(*router_dims(transformer))
     if dense:
         bank, router_info = None, {"source": "none (dense reference)", "file_sha256": None}
@@ -287,6 +404,8 @@ def export_pruned(
         finally:
             dlogging.set_verbosity(level)
     if lazy_weights is not None:  # fake CPU tensors in place of the meta placeholders, before routers read the device
+        from shiva_export.export.lazy import fake_placeholders_
+
         fake_placeholders_(transformer, lazy_weights)
         if export_model is not None:
             fake_placeholders_(export_model, lazy_weights)
@@ -297,74 +416,45 @@ def export_pruned(
         router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
         if export_model is not None:
             apply_shiva_(export_model, config, routers=copy.deepcopy(bank))
-    if export_model is None:
-        export_model = transformer
+    return (transformer if export_model is None else export_model), router_info
 
-    if out_path is None:
-        ctx_used = "drop" if dense else context
-        out_path = (
-            Path("engines") / rec.name / f"phase-{phase}" + ("" if ctx_used == "drop" else f"-context-{ctx_used}") / dtype / "model.onnx"
-            if phase is not None
-            else default_onnx_path(rec.name, ratio_used, dtype, context=ctx_used)
-        )
-        _refuse_engine_onnx(out_path)
+
+def _default_out_path(rec: Recipe, phase, ratio_used: float, dtype: str, ctx_used: str, size_dir: str | None) -> Path:
+    """``engines/<model>[/<W>x<H>]/phase-<p>[-context-keep]/<dtype>/model.onnx`` for a phase, else :func:`default_onnx_path`."""
     if phase is not None:
-        ph_row = rec.schedule.phases[[p.name for p in rec.schedule.phases].index(phase)] if not str(phase).isdigit() else rec.schedule.phases[int(phase)]
-        t_range = {"phase": ph_row.name, "t_start": float(ph_row.t_start), "t_stop": float(ph_row.t_stop)}
-    else:
-        t_range = {"phase": None, "t_start": 1000.0, "t_stop": 0.0}
-    meta = {
-        "model": rec.name,
-        "recipe_sha256": recipe_hash(rec),
-        "model_config_sha256": model_config_hash(transformer),
-        "ratio": ratio_used,
-        **t_range,
-        "dense": dense,
-        "context": None if dense else config.context,
-        "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
-        "k_per_block": {str(b): k for b, k in budgets.items()},
-        "num_image_tokens": n_tokens,
-        "router_sha256": router_info["tensor_sha256"],
-        "router_source": router_info["source"],
-        "cfg": spec.cfg,
-        **(extra_metadata or {}),
-    }
-    say("export onnx")
-    result = export_onnx(
-        export_model,
-        out_path,
-        spec,
-        opset=opset if opset is not None else rec.export.opset,
+        return Path("engines") / rec.name / (size_dir or "") / phase_dir(str(phase), ctx_used) / dtype / "model.onnx"
+    return default_onnx_path(rec.name, ratio_used, dtype, context=ctx_used, bucket=size_dir)
+
+
+def _phase_range(rec: Recipe, phase) -> dict[str, Any]:
+    """The timestep range a graph serves: a learned phase's, else the whole trajectory."""
+    if phase is None:
+        return {"phase": None, "t_start": 1000.0, "t_stop": 0.0}
+    ph_row = rec.schedule.phases[[p.name for p in rec.schedule.phases].index(phase)] if not str(phase).isdigit() else rec.schedule.phases[int(phase)]
+    return {"phase": ph_row.name, "t_start": float(ph_row.t_start), "t_stop": float(ph_row.t_stop)}
+
+
+def _export_parity(result: ExportResult, transformer, lazy_weights, rec: Recipe, spec: InputSpec, dtype: str, parity_cases: int,
+                   n_tokens: int = 0, controlnet_layers: int = 0) -> ParityReport:
+    """ONNX Runtime against the fp32 PyTorch model on seeded cases (case 2 at t=1, case 3 at t=999), ControlNet
+    residual inputs (seeded) included."""
+    if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
+        from shiva_export.export.lazy import materialize_
+
+        materialize_(transformer, lazy_weights)
+    tol = rec.tolerance(dtype)
+    timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
+    cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])
+              | cn.sample_inputs(transformer, spec.model_batch, n_tokens, controlnet_layers, seed=s)) for s in range(parity_cases)]
+    return check_parity(
+        result.onnx_path,
+        transformer,
+        cases,
+        atol=tol.atol,
+        rtol=tol.rtol,
+        min_cosine=tol.min_cosine,
+        quantile=tol.quantile,
+        min_index_agreement=tol.min_index_agreement,
         dtype=dtype,
-        dynamic_batch=dynamic_batch,
-        routed_blocks=None if dense else list(config.routed_blocks),
-        metadata=meta,
-        debug_outputs=debug_outputs,
-        weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
+        onnx_input_dtype=torch_dtype(dtype),
     )
-    if export_model is not transformer:
-        del export_model
-
-    parity = None
-    if validate:
-        say("parity (onnxruntime cpu)")
-        if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
-            from shiva_export.export.lazy import materialize_
-
-            materialize_(transformer, lazy_weights)
-        tol = rec.tolerance(dtype)
-        timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
-        cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])) for s in range(parity_cases)]
-        parity = check_parity(
-            result.onnx_path,
-            transformer,
-            cases,
-            atol=tol.atol,
-            rtol=tol.rtol,
-            min_cosine=tol.min_cosine,
-            quantile=tol.quantile,
-            min_index_agreement=tol.min_index_agreement,
-            dtype=dtype,
-            onnx_input_dtype=torch_dtype(dtype),
-        )
-    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense)

@@ -30,9 +30,9 @@ import bisect
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from shiva_export.errors import ConfigError
@@ -208,10 +208,8 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
     Returns:
         list[Segment]: The segments, in run order.
     """
-    import onnx
-
-    from shiva_export.export.onnx import META_PREFIX, load_onnx_graph
-    from shiva_export.utils.io import commit_files, sha256_file, sweep_stale_temps, temp_prefix
+    from shiva_export.export.onnx import load_onnx_graph
+    from shiva_export.utils.io import sha256_file
 
     src = Path(onnx_path)
     model = load_onnx_graph(src, "--onnx")
@@ -222,6 +220,46 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
             f"the segment graphs are written beside the export (they reference its weights file by name), and {src.parent} is not writable; "
             "copy the .onnx and its .onnx.data to a writable folder."
         )
+    meta, scopes, kept = _cut_metadata(src, model)
+    scope_to_block = {s: i for i, s in enumerate(scopes)}
+    nodes = list(model.graph.node)
+    blocks = [_block_index(n, scope_to_block) for n in nodes]
+    if not any(b is not None for b in blocks):
+        raise ConfigError(f"{src}: no node carries a block scope (pkg.torch.onnx.name_scopes); re-export it with `shiva-export onnx`.")
+    inits = {t.name: t for t in model.graph.initializer}
+    lowest = _min_block_downstream(model, blocks)
+    n_blocks = len(scopes)
+    if cuts is None:
+        cuts = plan_cuts(*_block_weights(nodes, inits, lowest, n_blocks), count)
+    else:
+        cuts = sorted(int(c) for c in cuts)
+        if len(cuts) != count - 1 or len(set(cuts)) != len(cuts) or not all(0 < c < n_blocks for c in cuts):
+            raise ConfigError(f"cuts {cuts} do not split {n_blocks} blocks into {count} segments; give {count - 1} distinct blocks in 1..{n_blocks - 1}.")
+    is_const = [n.op_type == "Constant" and not any(n.input) for n in nodes]
+    seg_of = _assign(nodes, blocks, lowest, cuts, is_const)
+
+    source_sha = sha256_file(src)
+    paths = [segment_path(src, i, count) for i in range(count)]
+    existing = _existing(paths, source_sha, cuts)
+    if existing is not None:
+        logger.info("segments of %s already cut (%s)", src, ", ".join(p.name for p in paths))
+        return existing
+
+    cut = _CutGraph(src, model, nodes, inits, is_const, seg_of, _value_infos(model), [0, *cuts, n_blocks], cuts, meta, kept, source_sha)
+    lost = [o for o in cut.graph_outputs if o not in {o for i, n in enumerate(nodes) if not is_const[i] for o in n.output}]
+    if lost:
+        raise ConfigError(f"{src}: graph output {lost[0]!r} is made by no node that a segment runs (a constant or a pass-through); it cannot be cut. Please report this.")
+    built = [_segment_model(cut, s, count, paths[s]) for s in range(count)]
+    segments = [info for info, _ in built]
+    _write_segments(src, segments, [proto for _, proto in built])
+    logger.info("cut %s into %d segments at blocks %s", src, count, cuts)
+    return segments
+
+
+def _cut_metadata(src: Path, model) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """The export's metadata, its block scopes and its kept-index tensors; refuses a segment or an export without scopes."""
+    from shiva_export.export.onnx import META_PREFIX
+
     meta = {p.key: p.value for p in model.metadata_props}
     if META_PREFIX + "segment" in meta:
         raise ConfigError(f"{src} is already a segment of a cut export; pass the whole export (the .onnx without .segNofM).")
@@ -238,16 +276,11 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
         assert isinstance(kept, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in kept.items())
     except (json.JSONDecodeError, AssertionError):
         raise ConfigError(f"{src}: shiva.kept_index_tensors is not a map of block to tensor name; re-export it with `shiva-export onnx`.") from None
-    scope_to_block = {s: i for i, s in enumerate(scopes)}
-    nodes = list(model.graph.node)
-    blocks = [_block_index(n, scope_to_block) for n in nodes]
-    if not any(b is not None for b in blocks):
-        raise ConfigError(f"{src}: no node carries a block scope (pkg.torch.onnx.name_scopes); re-export it with `shiva-export onnx`.")
-    inits = {t.name: t for t in model.graph.initializer}
-    lowest = _min_block_downstream(model, blocks)
+    return meta, scopes, kept
 
-    # weight bytes per block: each initializer counted once, at the lowest block of the nodes that read it
-    n_blocks = len(scopes)
+
+def _block_weights(nodes, inits: dict[str, Any], lowest: list[float], n_blocks: int) -> tuple[list[int], int]:
+    """Weight bytes per block and of the head: each initializer counted once, at the lowest block of the nodes that read it."""
     weight = [0] * n_blocks
     head = 0
     owner: dict[str, float] = {}
@@ -260,82 +293,88 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
             head += _tensor_bytes(inits[name])
         else:
             weight[int(b)] += _tensor_bytes(inits[name])
-    if cuts is None:
-        cuts = plan_cuts(weight, head, count)
-    else:
-        cuts = sorted(int(c) for c in cuts)
-        if len(cuts) != count - 1 or len(set(cuts)) != len(cuts) or not all(0 < c < n_blocks for c in cuts):
-            raise ConfigError(f"cuts {cuts} do not split {n_blocks} blocks into {count} segments; give {count - 1} distinct blocks in 1..{n_blocks - 1}.")
-    is_const = [n.op_type == "Constant" and not any(n.input) for n in nodes]
-    seg_of = _assign(nodes, blocks, lowest, cuts, is_const)
+    return weight, head
 
-    source_sha = sha256_file(src)
-    paths = [segment_path(src, i, count) for i in range(count)]
-    existing = _existing(paths, source_sha, cuts)
-    if existing is not None:
-        logger.info("segments of %s already cut (%s)", src, ", ".join(p.name for p in paths))
-        return existing
 
-    infos = _value_infos(model)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    graph_inputs = [v.name for v in model.graph.input]
-    graph_outputs = [v.name for v in model.graph.output]
-    # which segments read each tensor (constants are copied, so they never cross)
-    readers: dict[str, set[int]] = {}
-    for i, n in enumerate(nodes):
-        if is_const[i]:
-            continue
-        for x in n.input:
-            if x:
-                readers.setdefault(x, set()).add(seg_of[i])
-    bounds = [0, *cuts, n_blocks]
-    made_somewhere = {o for i, n in enumerate(nodes) if not is_const[i] for o in n.output}
-    lost = [o for o in graph_outputs if o not in made_somewhere]
-    if lost:
-        raise ConfigError(f"{src}: graph output {lost[0]!r} is made by no node that a segment runs (a constant or a pass-through); it cannot be cut. Please report this.")
-    segments: list[Segment] = []
-    protos = []
-    for s in range(count):
-        own = [i for i in range(len(nodes)) if seg_of[i] == s and not is_const[i]]
-        made = {o for i in own for o in nodes[i].output}
-        consts = sorted({producer[x] for i in own for x in nodes[i].input if x in producer and is_const[producer[x]]})
-        made |= {o for i in consts for o in nodes[i].output}
-        needed: list[str] = []
-        for i in own:
-            for x in nodes[i].input:
-                if x and x not in made and x not in inits and x not in needed:
-                    needed.append(x)
-        ins = [x for x in graph_inputs if x in needed] + [x for x in needed if x not in graph_inputs]
-        outs = [x for x in (o for i in own for o in nodes[i].output)
-                if x in graph_outputs or any(r > s for r in readers.get(x, ()))]
-        missing = [x for x in ins + outs if x not in infos]
-        if missing:
-            raise ConfigError(f"{src}: no type/shape known for tensor {missing[0]!r} at the cut before block {bounds[s]}; re-export it with `shiva-export onnx`.")
-        used_inits = []
-        seen = set()
-        for i in consts + own:
-            for x in nodes[i].input:
-                if x in inits and x not in seen:
-                    seen.add(x)
-                    used_inits.append(inits[x])
-        keep = sorted(set(consts) | set(own))
-        graph = onnx.helper.make_graph(
-            [nodes[i] for i in keep], f"{model.graph.name}_seg{s}of{count}",
-            [infos[x] for x in ins], [infos[x] for x in outs], initializer=used_inits,
-            value_info=[v for k, v in infos.items() if k in made and k not in outs],
-        )
-        seg_model = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                           producer_name=model.producer_name, producer_version=model.producer_version)
-        seg_model.functions.extend(model.functions)
-        info = Segment(s, count, paths[s], (bounds[s], bounds[s + 1]), tuple(ins), tuple(outs),
-                       sum(_tensor_bytes(t) for t in used_inits), source_sha, tuple(graph_inputs))
-        seg_meta = dict(meta)
-        seg_meta[META_PREFIX + "kept_index_tensors"] = json.dumps({k: v for k, v in kept.items() if v in made}, sort_keys=True)
-        seg_meta[META_PREFIX + SEGMENT_META] = json.dumps({**info.to_dict(), "path": info.path.name, "cuts": cuts, "cutter": CUTTER_VERSION}, sort_keys=True)
-        for k, v in seg_meta.items():
-            seg_model.metadata_props.add(key=k, value=v)
-        segments.append(info)
-        protos.append(seg_model)
+class _CutGraph:
+    """What every segment of one cut reads: the export's nodes and where each goes, its tensors' types, its metadata."""
+
+    def __init__(self, src, model, nodes, inits, is_const, seg_of, infos, bounds, cuts, meta, kept, source_sha):
+        self.src, self.model, self.nodes, self.inits, self.is_const, self.seg_of = src, model, nodes, inits, is_const, seg_of
+        self.infos, self.bounds, self.cuts, self.meta, self.kept, self.source_sha = infos, bounds, cuts, meta, kept, source_sha
+        self.producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+        self.graph_inputs = [v.name for v in model.graph.input]
+        self.graph_outputs = [v.name for v in model.graph.output]
+        # which segments read each tensor (constants are copied, so they never cross)
+        self.readers: dict[str, set[int]] = {}
+        for i, n in enumerate(nodes):
+            if is_const[i]:
+                continue
+            for x in n.input:
+                if x:
+                    self.readers.setdefault(x, set()).add(seg_of[i])
+
+
+def _segment_io(cut: _CutGraph, s: int) -> tuple[list[int], list[int], set[str], list[str], list[str]]:
+    """Segment ``s``'s own nodes, the constants it copies, the tensors it makes, and its inputs and outputs."""
+    nodes = cut.nodes
+    own = [i for i in range(len(nodes)) if cut.seg_of[i] == s and not cut.is_const[i]]
+    made = {o for i in own for o in nodes[i].output}
+    consts = sorted({cut.producer[x] for i in own for x in nodes[i].input if x in cut.producer and cut.is_const[cut.producer[x]]})
+    made |= {o for i in consts for o in nodes[i].output}
+    needed: list[str] = []
+    for i in own:
+        for x in nodes[i].input:
+            if x and x not in made and x not in cut.inits and x not in needed:
+                needed.append(x)
+    ins = [x for x in cut.graph_inputs if x in needed] + [x for x in needed if x not in cut.graph_inputs]
+    outs = [x for x in (o for i in own for o in nodes[i].output)
+            if x in cut.graph_outputs or any(r > s for r in cut.readers.get(x, ()))]
+    missing = [x for x in ins + outs if x not in cut.infos]
+    if missing:
+        raise ConfigError(f"{cut.src}: no type/shape known for tensor {missing[0]!r} at the cut before block {cut.bounds[s]}; re-export it with `shiva-export onnx`.")
+    return own, consts, made, ins, outs
+
+
+def _segment_model(cut: _CutGraph, s: int, count: int, path: Path):
+    """Segment ``s`` as a graph-only ModelProto (weights referenced in the export's data file) and its description."""
+    import onnx
+
+    from shiva_export.export.onnx import META_PREFIX
+
+    own, consts, made, ins, outs = _segment_io(cut, s)
+    nodes, model = cut.nodes, cut.model
+    used_inits = []
+    seen = set()
+    for i in consts + own:
+        for x in nodes[i].input:
+            if x in cut.inits and x not in seen:
+                seen.add(x)
+                used_inits.append(cut.inits[x])
+    keep = sorted(set(consts) | set(own))
+    graph = onnx.helper.make_graph(
+        [nodes[i] for i in keep], f"{model.graph.name}_seg{s}of{count}",
+        [cut.infos[x] for x in ins], [cut.infos[x] for x in outs], initializer=used_inits,
+        value_info=[v for k, v in cut.infos.items() if k in made and k not in outs],
+    )
+    seg_model = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                                       producer_name=model.producer_name, producer_version=model.producer_version)
+    seg_model.functions.extend(model.functions)
+    info = Segment(s, count, path, (cut.bounds[s], cut.bounds[s + 1]), tuple(ins), tuple(outs),
+                   sum(_tensor_bytes(t) for t in used_inits), cut.source_sha, tuple(cut.graph_inputs))
+    seg_meta = dict(cut.meta)
+    seg_meta[META_PREFIX + "kept_index_tensors"] = json.dumps({k: v for k, v in cut.kept.items() if v in made}, sort_keys=True)
+    seg_meta[META_PREFIX + SEGMENT_META] = json.dumps({**info.to_dict(), "path": info.path.name, "cuts": cut.cuts, "cutter": CUTTER_VERSION}, sort_keys=True)
+    for k, v in seg_meta.items():
+        seg_model.metadata_props.add(key=k, value=v)
+    return info, seg_model
+
+
+def _write_segments(src: Path, segments: list[Segment], protos: list) -> None:
+    """Saves, checks and commits every segment file, or none."""
+    import onnx
+
+    from shiva_export.utils.io import commit_files, sweep_stale_temps, temp_prefix
 
     sweep_stale_temps(src.parent)
     # temp files beside the export (not in a subfolder), so that the checker resolves the external data
@@ -351,8 +390,6 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
     finally:
         for t in tmps:
             t.unlink(missing_ok=True)
-    logger.info("cut %s into %d segments at blocks %s", src, count, cuts)
-    return segments
 
 
 def _existing(paths: list[Path], source_sha: str, cuts: list[int]) -> list[Segment] | None:

@@ -1,4 +1,4 @@
-"""Shared machinery of the block-override adapters (Flux, PixArt, DiT): the model keeps its own forward;
+"""Shared machinery of the adapters (SD3, Flux, PixArt, DiT): the model keeps its own forward;
 only routed blocks get an instance ``forward``, and the router context is captured with hooks.
 
 Everything installed is recorded in the routing state so :func:`remove_overrides` undoes it exactly:
@@ -8,12 +8,15 @@ model), hooks are recorded as ``(submodule name, hook id, kind)``.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from shiva_export.prune.api import router_bank, routing_state
+from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 
 __all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep", "rows_of", "bound_args"]
 
@@ -21,15 +24,9 @@ OWNER = "_shiva_owner"
 INDEX = "_shiva_block_index"
 
 
-def _state(transformer: nn.Module):
-    from shiva_export.prune.api import _STATE_ATTR
-
-    return getattr(transformer, _STATE_ATTR)
-
-
 def install_overrides(transformer: nn.Module, blocks: Sequence[nn.Module], routed_forward: Callable) -> None:
     """Gives every routed block (flat index ``i``) the instance forward ``routed_forward(block, ...)``."""
-    state = _state(transformer)
+    state = routing_state(transformer)
     for i, block in enumerate(blocks):
         if state.config.keep_ratios[i] is None:
             continue
@@ -44,11 +41,11 @@ def add_hook(transformer: nn.Module, name: str, fn: Callable, kind: str) -> None
     if mod is not transformer:
         object.__setattr__(mod, OWNER, transformer)  # so the hook finds the routing state (hook_state)
     h = mod.register_forward_pre_hook(fn, with_kwargs=True) if kind == "pre" else mod.register_forward_hook(fn)
-    _state(transformer).handles.append((name, h.id))
+    routing_state(transformer).handles.append((name, h.id))
 
 
 def remove_overrides(transformer: nn.Module, blocks: Sequence[nn.Module]) -> None:
-    state = _state(transformer)
+    state = routing_state(transformer)
     for name, hid in state.handles:
         mod = transformer.get_submodule(name)
         for d in (mod._forward_pre_hooks, mod._forward_pre_hooks_with_kwargs, mod._forward_hooks):
@@ -63,13 +60,13 @@ def remove_overrides(transformer: nn.Module, blocks: Sequence[nn.Module]) -> Non
 
 def hook_state(module: nn.Module):
     """The routing state a hook on ``module`` (the model or one of its submodules) writes to."""
-    return _state(module.__dict__.get(OWNER, module))
+    return routing_state(module.__dict__.get(OWNER, module))
 
 
 def block_context(block: nn.Module):
     """``(owner transformer, flat block index, routing state, this call's ShivaConfig)`` of a routed block."""
     owner = block.__dict__[OWNER]
-    state = _state(owner)
+    state = routing_state(owner)
     return owner, block.__dict__[INDEX], state, state.call.get("config", state.config)
 
 
@@ -97,10 +94,7 @@ def route_tokens(owner, index, state, config, hidden_states, temb, pooled, run_b
         ``(extra, hidden_states)``: whatever ``run_block`` returned beside the kept tokens, and the full
         image-token tensor with the block's outputs scattered back (rejected tokens unchanged).
     """
-    from shiva_export.prune.api import _ROUTERS_ATTR
-    from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
-
-    routers = getattr(owner, _ROUTERS_ATTR)
+    routers = router_bank(owner)
     if state.route_override is not None:
         return state.route_override(index, hidden_states, temb, pooled, run_block, shared, routers)
     n = int(hidden_states.shape[1])  # static N: int() bakes it in at trace time
@@ -134,7 +128,5 @@ def bound_args(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """A forward pre-hook's ``(args, kwargs)`` as ``{parameter name: value}`` of ``type(module).forward``."""
     cls = type(module)
     if cls not in _PARAMS:
-        import inspect
-
         _PARAMS[cls] = list(inspect.signature(cls.forward).parameters)[1:]
     return dict(zip(_PARAMS[cls], args)) | kwargs

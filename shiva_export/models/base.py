@@ -31,6 +31,9 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ModelNotFoundError, ShapeError, WeightsError
 from shiva_export.logging import get_logger
+from shiva_export.models.components import import_pipeline_class
+from shiva_export.prune.api import check_context, register_adapter_lookup
+from shiva_export.utils.io import sha256_bytes, sha256_file_cached
 
 __all__ = [
     "ModelAdapter",
@@ -42,7 +45,10 @@ __all__ = [
     "supported_architectures",
     "load_transformer",
     "torch_dtype",
+    "transformer_config",
     "weights_sha256",
+    "check_weights_sha256",
+    "read_class_name",
     "VAE_SCALE",
     "CACHE_FIX_HOOK",
 ]
@@ -62,7 +68,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _transformer_config(transformer_or_config: Any) -> Any:
+def transformer_config(transformer_or_config: Any) -> Any:
     return getattr(transformer_or_config, "config", transformer_or_config)
 
 
@@ -96,7 +102,7 @@ class InputSpec:
 
     def shapes(self, transformer_or_config: Any) -> dict[str, tuple[int, ...]]:
         """``{input name: static shape}`` of the graph inputs, as the model's adapter declares them."""
-        return get_adapter(transformer_or_config).input_shapes(_transformer_config(transformer_or_config), self)
+        return get_adapter(transformer_or_config).input_shapes(transformer_config(transformer_or_config), self)
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "height": self.height, "width": self.width, "text_len": self.text_len, "cfg": self.cfg}
@@ -190,7 +196,7 @@ class ModelAdapter:
     def config_num_blocks(self, config: Any) -> int:
         """:meth:`num_blocks` from a config alone (the runtime never loads the weights of ort/trt pipelines).
         Default: ``num_layers``."""
-        return int(dict(_transformer_config(config))["num_layers"])
+        return int(dict(transformer_config(config))["num_layers"])
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         """``(temb width, pooled width)`` of the router's context vectors."""
@@ -207,8 +213,6 @@ class ModelAdapter:
     def check_context(self, context: str) -> str:
         """``context`` if the routing implements it (:attr:`CONTEXT_MODES`), else one :class:`ConfigError` line
         naming the architecture; call it before loading a model."""
-        from shiva_export.prune.api import check_context
-
         if check_context(context) not in self.CONTEXT_MODES:
             raise ConfigError(
                 f"context {context!r} is not implemented for architecture {self.NAME!r} ({self.MODEL_CLASS}); it supports "
@@ -219,7 +223,7 @@ class ModelAdapter:
     # -- shapes and inputs (abstract unless noted) --------------------------------------------------------
     def patch_px(self, config: Any) -> int:
         """Pixels per image token along one side. Default: the VAE's 8 x the config's ``patch_size``."""
-        return VAE_SCALE * int(_transformer_config(config).patch_size)
+        return VAE_SCALE * int(transformer_config(config).patch_size)
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         """Default: both sides positive multiples of :meth:`patch_px`; adapters add their own limits."""
@@ -280,14 +284,14 @@ class ModelAdapter:
         so config-only FLOP counts of real checkpoints need only the keys that differ."""
         import inspect
 
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         out = {k: p.default for k, p in inspect.signature(self.model_class().__init__).parameters.items() if p.default is not inspect.Parameter.empty}
         out.update({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
         return out
 
     def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
                     context: str = "drop"):
-        """Analytic matmul FLOPs of one forward (``shiva_export.validate.flops`` convention) -> ``FlopCount``;
+        """Analytic matmul FLOPs of one forward (``shiva_export.models.flops`` convention) -> ``FlopCount``;
         ``context`` is the routing's ``ShivaConfig.context`` (refused unless in :attr:`CONTEXT_MODES`)."""
         raise NotImplementedError
 
@@ -313,8 +317,6 @@ class ModelAdapter:
                 f"architecture {self.NAME!r} ({self.MODEL_CLASS}) declares no diffusers pipeline (PIPELINE_CLASS is None), so it "
                 "cannot generate images; export it with `shiva-export onnx` / `trt`, or add the pipeline to its adapter."
             )
-        from shiva_export.runtime.embedded import import_pipeline_class
-
         return import_pipeline_class(self.PIPELINE_CLASS)
 
     def config_class_names(self) -> tuple[str, ...]:
@@ -330,7 +332,7 @@ class ModelAdapter:
 
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """The offline tiny pipeline around ``transformer`` (seeded components from
-        ``shiva_export.runtime.embedded``)."""
+        :mod:`shiva_export.models.components`)."""
         raise ConfigError(f"architecture {self.NAME!r} has no offline embedded pipeline; pass --weights PATH (a diffusers pipeline folder).")
 
     def pipeline_index_extras(self, pipe) -> dict[str, Any]:
@@ -382,6 +384,65 @@ class ModelAdapter:
         inputs = self.make_inputs(config, spec, seed=0)
         names = set(self.input_names(config))
         return {k: v for k, v in inputs.items() if k not in names}
+
+    # -- cached training data (``shiva-export train-data``, ``train --data``: ``shiva_export.train.cached``) ---
+    #: Cached text tensor -> the forward argument it feeds. A train-data shard holds these (per sample, no batch
+    #: axis) plus ``latents``; ``null.safetensors`` holds them for the pipeline's unconditional input.
+    CACHE_TEXT_INPUTS: ClassVar[dict[str, str]] = {"prompt_embeds": "encoder_hidden_states", "pooled": "pooled_projections"}
+    #: The training target: ``"flow"`` (rectified flow ``x_t = (1 - s) x0 + s eps``, ``s = t / 1000``, target
+    #: ``eps - x0``: SD3, Flux) or ``"epsilon"`` (DDPM ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with the
+    #: :meth:`scheduler`'s ``alphas_cumprod``, target ``eps``: PixArt, DiT).
+    PREDICTION: ClassVar[str] = "flow"
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """The pipeline's own text encoding of ``prompts`` as the transformer (``config``) receives it with ``text_len`` text
+        tokens: ``({key of CACHE_TEXT_INPUTS: [B, ...] CPU tensor}, prompts the encoders truncated)``. The prompt
+        ``""`` encodes the unconditional input of classifier-free guidance. Abstract."""
+        raise ConfigError(f"architecture {self.NAME!r} declares no text encoding for cached training data. Train on synthetic inputs (omit --data).")
+
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        """What a train-data manifest records about the text encoding (default: ``max_sequence_length``); raises
+        before any encoding when ``text_len`` does not fit the pipeline."""
+        return {"max_sequence_length": self.max_sequence_length(pipe, text_len)}
+
+    def encode_latent_cache(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean latents of preprocessed images ``[B, 3, H, W]`` in the layout of the transformer's ``hidden_states``,
+        scaled as the pipeline unscales them before decoding. Default: ``(posterior mean - shift_factor) *
+        scaling_factor`` ``[B, C, H/8, W/8]`` (deterministic: no sampling)."""
+        vae = pipe.vae
+        shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        return ((z - shift) * float(vae.config.scaling_factor)).float().cpu()
+
+    def cache_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes (no batch axis) of the cached tensors at ``spec``: ``latents`` as ``hidden_states``,
+        each text tensor as the input it feeds."""
+        shapes = self.input_shapes(transformer_config(config), spec)
+        return {"latents": tuple(shapes["hidden_states"][1:]), **{k: tuple(shapes[name][1:]) for k, name in self.CACHE_TEXT_INPUTS.items()}}
+
+    def noised_latents(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target)`` of clean latents ``x0`` and noise ``eps`` at timesteps ``t`` ``[B]`` on the 0..1000
+        scale, by :attr:`PREDICTION`."""
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        if self.PREDICTION == "flow":
+            sigma = (t / 1000.0).view(view)
+            return (1.0 - sigma) * x0 + sigma * eps, eps - x0
+        # DDPM: alphas_cumprod at fractional t, log-linear between the integer steps
+        log_a = torch.log(self.scheduler().alphas_cumprod.double())
+        lo = t.double().floor().clamp(0, len(log_a) - 1)
+        hi = (lo + 1).clamp(max=len(log_a) - 1)
+        w = t.double() - lo
+        a = torch.exp(log_a[lo.long()] * (1 - w) + log_a[hi.long()] * w).float().view(view)
+        return a.sqrt() * x0 + (1.0 - a).sqrt() * eps, eps
+
+    def training_prediction(self, config: Any, output: torch.Tensor) -> torch.Tensor:
+        """The part of the transformer's output the training target is compared with: all of it, except the
+        learned-variance half of an ``"epsilon"`` model whose ``out_channels`` is twice ``in_channels``."""
+        cfg = transformer_config(config)
+        c_in, c_out = int(cfg.in_channels), int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        if self.PREDICTION == "epsilon" and c_out == 2 * c_in:
+            return output[:, :c_in]
+        return output
 
     # -- loading ------------------------------------------------------------------------------------------
     def from_pretrained(self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
@@ -487,8 +548,13 @@ def get_adapter(obj: Any) -> ModelAdapter:
     return get_adapter(str(name))
 
 
+# prune lies below this package and never imports it: it asks this lookup for a transformer's adapter.
+register_adapter_lookup(get_adapter)
+
+
 # -- generic loading (one code path for every architecture) -------------------------------------------------
-def _read_class_name(folder: Path) -> str | None:
+def read_class_name(folder: Path) -> str | None:
+    """``_class_name`` of the diffusers ``config.json`` in ``folder`` (None when there is none to read)."""
     try:
         return json.loads((folder / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError):
@@ -499,8 +565,6 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     """Digest of a transformer folder's weights: the ``*.safetensors`` files in it (not its subfolders).
     One file: its sha256 (what ``sha256sum`` prints). Several (a sharded save): the sha256 of their
     ``sha256sum`` listing (``"<sha256>  <name>\\n"`` per file, sorted by name). No file: WeightsError."""
-    from shiva_export.utils.io import sha256_bytes, sha256_file_cached
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{folder} holds no *.safetensors weights. Pass the folder written by <Transformer>.save_pretrained.")
@@ -510,7 +574,7 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     return sha256_bytes("".join(f"{d}  {n}\n" for d, n in digests).encode())
 
 
-def _check_weights_sha256(folder: Path, recipe) -> None:
+def check_weights_sha256(folder: Path, recipe) -> None:
     """A recipe whose ``[model] sha256`` is set loads only those exact weights (its router and schedule were
     trained on them, e.g. a DoRA-merged transformer)."""
     want = getattr(recipe.model, "sha256", None) if recipe is not None else None
@@ -555,13 +619,13 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
                 f"--weights {p} holds no config.json (nor transformer/config.json). "
                 "Pass the folder written by <Transformer>.save_pretrained or a pipeline folder."
             )
-        cls_name = _read_class_name(folder / sub if sub else folder)
+        cls_name = read_class_name(folder / sub if sub else folder)
         if cls_name is None:
             raise WeightsError(f"--weights {p}: config.json has no _class_name. Pass a folder written by diffusers' save_pretrained.")
         adapter = get_adapter(cls_name)
         if recipe is not None and recipe.architecture != adapter.NAME:
             raise WeightsError(f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe.")
-        _check_weights_sha256(folder / sub if sub else folder, recipe)
+        check_weights_sha256(folder / sub if sub else folder, recipe)
         try:
             model = adapter.from_pretrained(str(folder), sub, td, True)
         except WeightsError:
@@ -569,6 +633,9 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise WeightsError(f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?") from None
         get_adapter(model)
+        from shiva_export.checks import check_finite
+
+        check_finite(model.state_dict(), f"weights {folder / sub if sub else folder}", WeightsError)
         return model.eval()
 
     if recipe is None:

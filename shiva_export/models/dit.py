@@ -23,8 +23,18 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
-from shiva_export.models._override import add_hook, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
-from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
+from shiva_export.models import components as C
+from shiva_export.models._override import (
+    add_hook,
+    block_context,
+    hook_state,
+    install_overrides,
+    remove_overrides,
+    route_tokens,
+    rows_of,
+)
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, register_adapter, transformer_config
+from shiva_export.models.flops import assemble_count, router_terms
 
 __all__ = ["DiTAdapter", "TINY_LABELS"]
 
@@ -83,12 +93,12 @@ class DiTAdapter(ModelAdapter):
         return ("hidden_states",)
 
     def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         b = spec.model_batch
         return {"hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE), "timestep": (b,), "class_labels": (b,)}
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
     def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
@@ -96,8 +106,6 @@ class DiTAdapter(ModelAdapter):
         """DiT terms: per image token 12 D^2 plus self-attention ``2*2*k^2*D``; every block's adaLN-Zero embedder
         (t MLP + 6D modulation) is per sample; a routed block runs its embedder once more for the router's temb.
         ``text_len`` is ignored (no text)."""
-        from shiva_export.validate.flops import assemble_count, router_terms
-
         self.check_context(context)
         c = self.full_config(config)
         D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
@@ -131,12 +139,11 @@ class DiTAdapter(ModelAdapter):
         """An SD-style VAE (``in_channels`` latent channels, scaling 0.18215, quant convs), DiT's DDIM scheduler
         (linear betas) and an ``id2label`` table: the first ids are named after :data:`TINY_LABELS`, the rest
         ``class <id>`` (the real checkpoint ships ImageNet's names)."""
-        from shiva_export.runtime import embedded as E
 
         cfg = transformer.config
         n = int(cfg.num_embeds_ada_norm)
         id2label = {i: (TINY_LABELS[i] if i < len(TINY_LABELS) else f"class {i}") for i in range(n)}
-        vae = E._vae(recipe.pipeline.seed + E.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.18215, shift_factor=None, quant_convs=True)
+        vae = C.vae(recipe.pipeline.seed + C.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.18215, shift_factor=None, quant_convs=True)
         return self.pipeline_class()(transformer=transformer, vae=vae, scheduler=_scheduler(), id2label=id2label)
 
     def pipeline_index_extras(self, pipe) -> dict[str, Any]:
@@ -153,9 +160,10 @@ class DiTAdapter(ModelAdapter):
     def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
         return None
 
-    def class_id(self, pipe, prompt: str) -> int:
-        """A class id from a ``--prompt``: an integer id, or a label of ``pipe.labels`` (``get_label_ids``)."""
-        n = int(pipe.transformer.config.num_embeds_ada_norm)
+    def class_id(self, pipe, prompt: str, num_classes: int | None = None) -> int:
+        """A class id from a ``--prompt``: an integer id, or a label of ``pipe.labels`` (``get_label_ids``); ``num_classes``
+        defaults to the pipeline transformer's ``num_embeds_ada_norm``."""
+        n = int(pipe.transformer.config.num_embeds_ada_norm if num_classes is None else num_classes)
         text = prompt.strip()
         if text.lstrip("-").isdigit():
             i = int(text)
@@ -170,6 +178,19 @@ class DiTAdapter(ModelAdapter):
                 f"or a class id 0..{n - 1}."
             )
         return int(pipe.get_label_ids([text])[0])
+
+    CACHE_TEXT_INPUTS = {"class_labels": "class_labels"}
+    PREDICTION = "epsilon"  # DDPM noise (plus the learned-variance half of the output, not trained here)
+
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        return {}  # no text encoder
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """Class ids (:meth:`class_id`: an id or a label of the pipeline) as ``class_labels`` (int64, no axis per sample);
+        the empty prompt is the null class ``num_embeds_ada_norm``, the unconditional input of DiT's CFG."""
+        n = int(transformer_config(config).num_embeds_ada_norm)
+        ids = [n if not p.strip() else self.class_id(pipe, p, num_classes=n) for p in prompts]
+        return {"class_labels": torch.tensor(ids, dtype=torch.int64)}, 0
 
     def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
         """``DiTPipeline(class_labels=[id], guidance_scale=, ...)``: the prompt is a class label or id; the size is
@@ -191,7 +212,7 @@ class DiTAdapter(ModelAdapter):
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``DiTPipeline`` feeds them: latents, float timestep in 0..1000, int64 class labels;
         with CFG ``[cond; uncond]`` halves sharing latent and timestep, the uncond half the null class."""
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         g = torch.Generator(device="cpu").manual_seed(seed)
         shapes = self.input_shapes(cfg, spec)
         half = spec.batch
@@ -206,12 +227,10 @@ class DiTAdapter(ModelAdapter):
 
 def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
     """Model pre-hook: this call's keep schedule (DiT's own forward has no model-level context to capture)."""
-    from shiva_export.prune.api import _call_config
-
     state = hook_state(module)
     hs = kwargs.get("hidden_states", args[0] if args else None)
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    state.call = {"config": _call_config(state, hs, t, None)}
+    state.call = {"config": state.call_config(hs, t)}
     return None
 
 

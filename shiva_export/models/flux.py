@@ -10,7 +10,7 @@ Quirks handled here (why they matter for routing), checked on diffusers 0.42:
 - **RoPE must be gathered.** ``image_rotary_emb = pos_embed(cat(txt_ids, img_ids))`` is ``(cos, sin)``, each
   ``[T + N, head_dim]`` with no batch axis, text rows first. A routed block receives
   ``cat(cos[:T], cos[T:][idx])`` (same for sin) with the kept indices ``idx``; without it the block is
-  off by ~4e-2 (``architectures.md``).
+  off by ~4e-2 (measured in ``docs/architecture.md``, "Flux RoPE must follow the kept tokens").
 - **One index set per call.** diffusers' ``apply_rotary_emb`` broadcasts 2-D cos/sin over the batch, so all
   rows of a call keep the same tokens: the selection uses the element-wise max of the rows' scores
   (at batch 1, the paper's latency setting, this is plain top-k). ``ShivaConfig.cfg`` is therefore moot:
@@ -35,9 +35,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, bound_args, block_context, install_overrides, phase_timestep, remove_overrides, route_tokens, rows_of
-from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
+from shiva_export.errors import ConfigError, RecipeError
+from shiva_export.models import components as C
+from shiva_export.models._override import (
+    add_hook,
+    block_context,
+    bound_args,
+    hook_state,
+    install_overrides,
+    phase_timestep,
+    remove_overrides,
+    route_tokens,
+    rows_of,
+)
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, register_adapter, transformer_config
+from shiva_export.models.flops import assemble_count, router_terms
 
 __all__ = ["FluxAdapter", "FLUX_PATCH_PX"]
 
@@ -78,7 +90,7 @@ class FluxAdapter(ModelAdapter):
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
     def config_num_blocks(self, config: Any) -> int:
-        c = dict(_transformer_config(config))
+        c = dict(transformer_config(config))
         return int(c["num_layers"]) + int(c["num_single_layers"])
 
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
@@ -97,7 +109,7 @@ class FluxAdapter(ModelAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sigmas = np.linspace(1.0, 1.0 / steps, steps)
-        if _transformer_config(config).guidance_embeds:
+        if transformer_config(config).guidance_embeds:
             sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
             m = (1.15 - 0.5) / (4096 - 256)
             sched.set_timesteps(sigmas=sigmas, mu=num_image_tokens * m + (0.5 - m * 256))
@@ -119,7 +131,7 @@ class FluxAdapter(ModelAdapter):
         return FLUX_PATCH_PX  # VAE 8 x the pipeline's 2x2 latent packing
 
     def input_names(self, config: Any) -> tuple[str, ...]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
         return names + (("guidance",) if cfg.guidance_embeds else ())
 
@@ -127,7 +139,7 @@ class FluxAdapter(ModelAdapter):
         return ("hidden_states", "encoder_hidden_states", "pooled_projections")
 
     def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         b = spec.model_batch
         n = self.num_image_tokens(cfg, spec.height, spec.width)
         shapes = {
@@ -141,14 +153,14 @@ class FluxAdapter(ModelAdapter):
         return shapes
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         return (spec.model_batch, self.num_image_tokens(cfg, spec.height, spec.width), cfg.out_channels or cfg.in_channels)
 
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``FluxPipeline`` feeds them: packed latents, T5 states, pooled CLIP, ``timestep``
         in [0, 1] (``timestep`` here is on the 0..1000 scale of the other adapters and divided by 1000),
         ``guidance`` 3.5 on dev, and the static ``img_ids`` ([N, 3]: 0, row, col) / ``txt_ids`` (zeros [T, 3])."""
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         g = torch.Generator(device="cpu").manual_seed(seed)
         shapes = self.input_shapes(cfg, spec)
         half = spec.batch
@@ -184,8 +196,6 @@ class FluxAdapter(ModelAdapter):
     def check_embedded_recipe(self, recipe) -> None:
         c = int((recipe.model.config or {}).get("in_channels", 64))
         if c % 4:
-            from shiva_export.errors import RecipeError
-
             raise RecipeError(f"{recipe.source_path}: model.config.in_channels = {c} is not 4 x VAE channels (FluxPipeline packs 2x2 latents); use a multiple of 4.")
 
     def embedded_pipeline(self, transformer: nn.Module, recipe):
@@ -194,15 +204,13 @@ class FluxAdapter(ModelAdapter):
         and shift factors, and the flow-matching scheduler with Flux's resolution-dependent shift."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from shiva_export.runtime import embedded as E
-
         cfg = transformer.config
         seed = recipe.pipeline.seed
-        tok = E._clip_tokenizer(recipe.pipeline.clip_max_length)
-        clip = E._clip_text_model(tok, int(cfg.pooled_projection_dim), seed + E.SEED_CLIP1)
-        tok2 = E._t5_tokenizer()
-        t5 = E._t5_encoder(tok2, int(cfg.joint_attention_dim), seed + E.SEED_T5)
-        vae = E._vae(seed + E.SEED_VAE, latent_channels=int(cfg.in_channels) // 4, scaling_factor=0.3611, shift_factor=0.1159)
+        tok = C.clip_tokenizer(recipe.pipeline.clip_max_length)
+        clip = C.clip_text_model(tok, int(cfg.pooled_projection_dim), seed + C.SEED_CLIP1)
+        tok2 = C.t5_tokenizer()
+        t5 = C.t5_encoder(tok2, int(cfg.joint_attention_dim), seed + C.SEED_T5)
+        vae = C.vae(seed + C.SEED_VAE, latent_channels=int(cfg.in_channels) // 4, scaling_factor=0.3611, shift_factor=0.1159)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift, use_dynamic_shifting=True,
                                                     base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
         return self.pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
@@ -217,6 +225,22 @@ class FluxAdapter(ModelAdapter):
             )
         return {"prompt": prompt, "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                 "generator": generator, "max_sequence_length": max_sequence_length}
+
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        return {"max_sequence_length": text_len, "clip_max_length": int(pipe.tokenizer.model_max_length)}
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``FluxPipeline.encode_prompt``: T5 ``prompt_embeds [T, J]`` (T = ``max_sequence_length``) and pooled CLIP
+        ``pooled [P]``; a prompt counts as truncated when it exceeds CLIP's window or the T5 length."""
+        clip = int(pipe.tokenizer.model_max_length)
+        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > clip or len(pipe.tokenizer_2(t).input_ids) > text_len) for t in prompts)
+        pe, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=text_len)
+        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}, truncated
+
+    def encode_latent_cache(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE latents packed 2 x 2 into tokens ``[B, N, 4C]``, as ``FluxPipeline.prepare_latents`` packs them."""
+        z = super().encode_latent_cache(pipe, pixels)
+        return pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
 
     def call_geometry(self, config: Any, call: dict[str, Any]) -> dict[str, int | None]:
         """Packed latents ``[B, N, C]`` carry no grid: the size comes from ``img_ids`` (rows, cols = max id + 1)."""
@@ -246,14 +270,12 @@ class FluxAdapter(ModelAdapter):
 def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: decides this call's keep schedule (phase, from ``1000 * timestep``) and keeps
     ``pooled_projections`` for the routed blocks' routers."""
-    from shiva_export.prune.api import _STATE_ATTR, _call_config
-
     bound = bound_args(module, args, kwargs)
-    state = getattr(module, _STATE_ATTR)
+    state = hook_state(module)
     t = bound.get("timestep")
     if state.phases is not None:
         t = phase_timestep(t, FluxAdapter.TIMESTEP_SCALE)
-    config = _call_config(state, bound.get("hidden_states"), t, None)
+    config = state.call_config(bound.get("hidden_states"), t)
     state.call = {"config": config, "pooled": bound.get("pooled_projections")}
     return None
 
@@ -286,8 +308,6 @@ def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb
 def _flux_flops(adapter: FluxAdapter, config: Any, n: int, t_len: int, keep_ratios, batch: int, bottleneck: int):
     """Flux terms: ``k`` kept image tokens, ``S = T + k`` joint tokens; double blocks run separate text and
     image weights, single blocks run every linear on all ``S`` tokens."""
-    from shiva_export.validate.flops import assemble_count, router_terms
-
     c = adapter.full_config(config)
     D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
     B, N, T = batch, n, t_len

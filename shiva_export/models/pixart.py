@@ -34,8 +34,19 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError
-from shiva_export.models._override import add_hook, bound_args, block_context, hook_state, install_overrides, remove_overrides, route_tokens, rows_of
-from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, register_adapter
+from shiva_export.models import components as C
+from shiva_export.models._override import (
+    add_hook,
+    block_context,
+    bound_args,
+    hook_state,
+    install_overrides,
+    remove_overrides,
+    route_tokens,
+    rows_of,
+)
+from shiva_export.models.base import VAE_SCALE, InputSpec, ModelAdapter, register_adapter, transformer_config
+from shiva_export.models.flops import assemble_count, router_terms
 
 __all__ = ["PixArtAdapter"]
 
@@ -97,7 +108,7 @@ class PixArtAdapter(ModelAdapter):
         return ("hidden_states", "encoder_hidden_states")
 
     def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         b = spec.model_batch
         return {
             "hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE),
@@ -107,13 +118,13 @@ class PixArtAdapter(ModelAdapter):
         }
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``PixArtSigmaPipeline`` feeds them: latents, T5 states with an int64 padding mask
         (each prompt a different length, the uncond half of a CFG pair its own), float timestep in 0..1000."""
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         if _additional_conditions(cfg):
             raise ConfigError("PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint.")
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -132,14 +143,23 @@ class PixArtAdapter(ModelAdapter):
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """T5 (d_model = caption_channels) with its tokenizer, an SDXL-style VAE (``in_channels`` latent
         channels, scaling 0.13025, quant convs) and PixArt-Sigma's DPM-Solver++ scheduler."""
-        from shiva_export.runtime import embedded as E
 
         cfg = transformer.config
         seed = recipe.pipeline.seed
-        tok = E._t5_tokenizer()
-        t5 = E._t5_encoder(tok, int(cfg.caption_channels), seed + E.SEED_T5)
-        vae = E._vae(seed + E.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.13025, shift_factor=None, quant_convs=True)
+        tok = C.t5_tokenizer()
+        t5 = C.t5_encoder(tok, int(cfg.caption_channels), seed + C.SEED_T5)
+        vae = C.vae(seed + C.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.13025, shift_factor=None, quant_convs=True)
         return self.pipeline_class()(tokenizer=tok, text_encoder=t5, vae=vae, transformer=transformer, scheduler=_scheduler())
+
+    CACHE_TEXT_INPUTS = {"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"}
+    PREDICTION = "epsilon"  # DDPM noise (plus the learned-variance half of the output, not trained here)
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``PixArtSigmaPipeline.encode_prompt`` (T5, no caption cleaning, as ``pipeline_call``): ``prompt_embeds [T, C]``
+        and its padding mask ``prompt_attention_mask [T]`` (int64); truncated: prompts longer than ``text_len`` tokens."""
+        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > text_len) for t in prompts)
+        pe, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=text_len)
+        return {"prompt_embeds": pe.float().cpu(), "prompt_attention_mask": mask.long().cpu()}, truncated
 
     def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
         """``PixArtSigmaPipeline``: no aspect-ratio binning (it would move the size off the static graph's, and
@@ -153,8 +173,6 @@ class PixArtAdapter(ModelAdapter):
                     context: str = "drop"):
         """PixArt terms: per image token 14 D^2 (self-attn q/k/v/out 4, cross-attn q/out 2, FF 8); the cross-
         attention K/V over the T caption tokens are constant; self-attention ``2*2*k^2*D`` is quadratic in k."""
-        from shiva_export.validate.flops import assemble_count, router_terms
-
         self.check_context(context)
         c = self.full_config(config)
         D = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
@@ -205,12 +223,9 @@ def _squeeze_dim_static(self, dim: int):
 
 def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
     """Model pre-hook: this call's keep schedule, and the caption mask the pooled context needs."""
-    from shiva_export.prune.api import _STATE_ATTR, _call_config
-
     bound = bound_args(module, args, kwargs)
-    state = getattr(module, _STATE_ATTR)
-    t = bound.get("timestep")
-    config = _call_config(state, bound.get("hidden_states"), t, None)
+    state = hook_state(module)
+    config = state.call_config(bound.get("hidden_states"), bound.get("timestep"))
     state.call = {"config": config, "mask": bound.get("encoder_attention_mask")}
     return None
 

@@ -28,6 +28,8 @@ Quirks handled here (why they matter for routing):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,8 +37,30 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.logging import get_logger
-from shiva_export.models.base import CACHE_FIX_HOOK, VAE_SCALE, InputSpec, ModelAdapter, _transformer_config, get_adapter, register_adapter, torch_dtype
+from shiva_export.models import components as C
+from shiva_export.models._override import (
+    add_hook,
+    block_context,
+    bound_args,
+    install_overrides,
+    remove_overrides,
+    route_tokens,
+    rows_of,
+)
+from shiva_export.models.base import (
+    CACHE_FIX_HOOK,
+    VAE_SCALE,
+    InputSpec,
+    ModelAdapter,
+    get_adapter,
+    register_adapter,
+    torch_dtype,
+    transformer_config,
+)
 from shiva_export.models.base import load_transformer as _load_any
+from shiva_export.models.flops import FlopCount
+from shiva_export.prune.api import check_context, routing_state
+from shiva_export.prune.topk import static_k
 
 __all__ = [
     "SD3Adapter",
@@ -51,6 +75,8 @@ __all__ = [
     "OUTPUT_NAME",
     "VAE_SCALE",
     "torch_dtype",
+    "count_flops",
+    "FLOP_TERMS",
 ]
 
 logger = get_logger(__name__)
@@ -98,9 +124,7 @@ class SD3Adapter(ModelAdapter):
     def install_routing(self, transformer: nn.Module) -> None:
         install_overrides(transformer, self.blocks(transformer), _routed_block_forward)
         add_hook(transformer, "", _capture_context, "pre")
-        from shiva_export.prune.api import _STATE_ATTR
-
-        if getattr(transformer, _STATE_ATTR).config.context == "keep":
+        if routing_state(transformer).config.context == "keep":
             _wrap_processors(transformer)
 
     def remove_routing(self, transformer: nn.Module) -> None:
@@ -127,7 +151,7 @@ class SD3Adapter(ModelAdapter):
 
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         super().check_image_size(config, height, width)
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         step = self.patch_px(cfg)
         max_px = (cfg.pos_embed_max_size or 0) * step
         for name, v in (("height", height), ("width", width)):
@@ -141,7 +165,7 @@ class SD3Adapter(ModelAdapter):
         return INPUT_NAMES
 
     def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         b = spec.model_batch
         return {
             "hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE),
@@ -151,13 +175,11 @@ class SD3Adapter(ModelAdapter):
         }
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        cfg = _transformer_config(config)
+        cfg = transformer_config(config)
         return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
 
     def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
                     context: str = "drop"):
-        from shiva_export.validate.flops import count_flops
-
         return count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck, context=context)
 
     def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
@@ -184,8 +206,8 @@ class SD3Adapter(ModelAdapter):
     # -- the diffusers pipeline ---------------------------------------------------------------------------
     UNSUPPORTED_CALL_ARGS = {
         "skip_layers": "skip-layer guidance (skip_layers) is not in the static graph; call the pipeline with skip_guidance_layers=None",
-        "block_controlnet_hidden_states": "ControlNet residuals are not in the static graph; use the torch backend for ControlNet",
-        "joint_attention_kwargs": "joint_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRA weights before export or use the torch backend",
+        "block_controlnet_hidden_states": "this graph has no ControlNet residual inputs; export one with them (generate --controlnet does) or use the torch backend",
+        "joint_attention_kwargs": "joint_attention_kwargs (LoRA scale, IP-Adapter) are not in the static graph; fuse LoRAs at export (--lora PATH --lora-scale S) or use the torch backend",
     }
 
     def check_embedded_recipe(self, recipe) -> None:
@@ -210,13 +232,23 @@ class SD3Adapter(ModelAdapter):
     def pipeline_text_len(self, pipe, max_sequence_length: int | None) -> int | None:
         return pipe.tokenizer.model_max_length + int(max_sequence_length or 0)
 
+    def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length(pipe, text_len), "clip_max_length": int(pipe.tokenizer.model_max_length)}
+
+    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``pipe.encode_prompt`` (CLIP x2 + T5): ``prompt_embeds [T, J]``, ``pooled [P]``; a prompt counts as truncated
+        when it exceeds CLIP's window or the T5 length (encode_prompt cuts it, as at inference)."""
+        max_seq, clip = self.max_sequence_length(pipe, text_len), int(pipe.tokenizer.model_max_length)
+        t5 = getattr(pipe, "tokenizer_3", None)
+        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > clip or (t5 is not None and len(t5(t).input_ids) > max_seq)) for t in prompts)
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_seq)
+        return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}, truncated
+
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """Two CLIP encoders with projections (pooled halves), a T5 encoder unless ``[pipeline] t5 = false``,
         a 16-channel VAE and the flow-matching scheduler, sized from the transformer config (see
-        ``shiva_export.runtime.embedded`` for the constraints)."""
+        :mod:`shiva_export.models.components` for the constraints)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from shiva_export.runtime import embedded as E
 
         tcfg = transformer.config
         joint, pooled = int(tcfg.joint_attention_dim), int(tcfg.pooled_projection_dim)
@@ -225,18 +257,18 @@ class SD3Adapter(ModelAdapter):
                 f"Embedded pipeline: pooled_projection_dim {pooled} cannot be split between two CLIP encoders. "
                 "Use a [model.config] pooled_projection_dim >= 2."
             )
-        hidden, heads = E._clip_hidden(joint)
+        hidden, heads = C.clip_hidden(joint)
         seed = recipe.pipeline.seed
         max_len = recipe.pipeline.clip_max_length
-        tok1, tok2 = E._clip_tokenizer(max_len), E._clip_tokenizer(max_len)
-        clip1 = E._clip_encoder(tok1, hidden, heads, pooled // 2, seed + E.SEED_CLIP1)
-        clip2 = E._clip_encoder(tok2, hidden, heads, pooled - pooled // 2, seed + E.SEED_CLIP2)
+        tok1, tok2 = C.clip_tokenizer(max_len), C.clip_tokenizer(max_len)
+        clip1 = C.clip_encoder(tok1, hidden, heads, pooled // 2, seed + C.SEED_CLIP1)
+        clip2 = C.clip_encoder(tok2, hidden, heads, pooled - pooled // 2, seed + C.SEED_CLIP2)
         if recipe.pipeline.t5:
-            tok3 = E._t5_tokenizer()
-            t5 = E._t5_encoder(tok3, joint, seed + E.SEED_T5)
+            tok3 = C.t5_tokenizer()
+            t5 = C.t5_encoder(tok3, joint, seed + C.SEED_T5)
         else:
             tok3 = t5 = None
-        vae = E._vae(seed + E.SEED_VAE)
+        vae = C.vae(seed + C.SEED_VAE)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift)
         return self.pipeline_class()(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip1, tokenizer=tok1, text_encoder_2=clip2,
@@ -293,17 +325,14 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
 
 
 # -- routing: block overrides -------------------------------------------------------------------------------
-from shiva_export.models._override import add_hook, block_context, bound_args, install_overrides, remove_overrides, route_tokens, rows_of  # noqa: E402
 
 
 def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: decides this call's keep schedule (phase from ``timestep``, CFG pairing, which
     ``skip_layers`` turns off) and keeps ``pooled_projections`` for the routed blocks' routers."""
-    from shiva_export.prune.api import _STATE_ATTR, _call_config
-
     bound = bound_args(module, args, kwargs)
-    state = getattr(module, _STATE_ATTR)
-    config = _call_config(state, bound.get("hidden_states"), bound.get("timestep"), bound.get("skip_layers"))
+    state = routing_state(module)
+    config = state.call_config(bound.get("hidden_states"), bound.get("timestep"), bound.get("skip_layers"))
     state.call = {"config": config, "pooled": bound.get("pooled_projections")}
     return None
 
@@ -371,9 +400,7 @@ class _ContextKVProcessor:
 
 def _attentions(transformer: nn.Module):
     """``(block index, name, Attention)`` of every routed block's attention(s)."""
-    from shiva_export.prune.api import _STATE_ATTR
-
-    state = getattr(transformer, _STATE_ATTR)
+    state = routing_state(transformer)
     for i in state.config.routed_blocks:
         block = transformer.transformer_blocks[i]
         for name in ("attn", "attn2"):
@@ -399,3 +426,238 @@ def _unwrap_processors(transformer: nn.Module) -> None:
     for _, _, attn in _attentions(transformer):
         if isinstance(attn.processor, _ContextKVProcessor):
             attn.processor = attn.processor.inner
+
+
+# -- FLOPs: SD3's analytic count (the convention of shiva_export.models.flops) ---------------------------------
+# Terms (``S = k + T`` joint tokens, ``k`` = image tokens the block sees: ``N`` dense, ``floor(N * keep)`` routed):
+#
+# ================================  ======================================================================
+# ``embed.patch``                   ``2 * N * (C_in * p^2) * D`` (Conv2d, kernel = stride = patch)
+# ``embed.time_text``               ``2 * (256*D + D*D + P*D + D*D)`` per sample (timestep + pooled MLPs)
+# ``embed.context``                 ``2 * T * J * D`` (``context_embedder``, J = joint_attention_dim)
+# ``block.adaln``                   ``2 * D * m * D`` per sample per block, ``m`` = 6 (``norm1``), 9 in dual
+#                                   blocks (``SD35AdaLayerNormZeroX``); plus ``norm1_context``: 6, or 2 in
+#                                   the last (``context_pre_only``) block
+# ``block.img.qkv`` / ``.out``      ``3 * 2*k*D^2`` / ``2*k*D^2``
+# ``block.img.mlp``                 ``2 * 2*k*D*4D`` (GELU-tanh FF, 4x)
+# ``block.txt.qkv``                 ``3 * 2*T*D^2`` in every block
+# ``block.txt.out`` / ``.mlp``      ``2*T*D^2`` / ``2 * 2*T*D*4D``, not in the last block (``context_pre_only``:
+#                                   its text output is never used, diffusers builds no ``to_add_out``/``ff_context``)
+# ``block.attn.joint``              ``2 * 2 * (k+T)^2 * D`` (one SDPA over ``[image; text]``)
+# ``block.attn2.qkv`` / ``.out``    dual-attention blocks only (SD3.5-M blocks 0..12): ``3 * 2*k*D^2`` / ``2*k*D^2``
+# ``block.attn2.sdpa``              ``2 * 2 * k^2 * D`` (image-only self-attention)
+# ``block.ctx.adaln``                context ``"keep"`` only (routed blocks with ``k < N``): ``norm1``'s linear once
+#                                   more, ``2 * D * m * D`` per sample (the full-token context is normalised and
+#                                   modulated by the block's own ``norm1``)
+# ``block.ctx.kv``                  context ``"keep"`` only: K/V projections of the ``N - k`` rejected tokens,
+#                                   ``2 * 2*(N-k)*D^2``, again for ``attn2`` in dual blocks; the attention
+#                                   products then run ``k + T`` queries over ``N + T`` keys:
+#                                   ``block.attn.joint`` = ``2 * 2 * (k+T)(N+T) * D``, ``block.attn2.sdpa`` =
+#                                   ``2 * 2 * k * N * D``
+# ``router.proj_x``                 routed blocks: ``2 * N * D * d'`` (every token is scored)
+# ``router.context``                ``2 * (D + P) * d'`` per sample + ``2 * d'^2`` (layer embedding, once)
+# ``router.score``                  ``2 * N * d'``; the router's LayerNorm/SiLU are elementwise (not counted)
+# ``router.select``                 0: TopK, the compaction CumSums, gather and scatter move data and do no
+#                                   multiply-adds; they are listed so the table says so
+# ``out.norm`` / ``out.proj``       ``2 * D * 2D`` per sample / ``2 * N * D * (p^2 * C_out)``
+# ================================  ======================================================================
+#
+# SD3.5-Medium at 1024 px (N = 4096, T = 333, D = 1536, 24 blocks, dual attention in 0..12, batch 1):
+# **11.2496 TFLOP** dense (11,249,573,707,776): 11.2437 T in the blocks (1.52 GFLOP of it adaLN
+# linears), 5.83 GFLOP model-level (patch conv 0.81, context embedder 4.19, time/text embedder 0.017,
+# norm_out 0.009, proj_out 0.81). Attention products are 37.6 % of it. The often-quoted "~11.26 T" is the
+# same count within 0.1 %: it is what one gets by also giving the last block a full text stream
+# (+14.15 GFLOP of text out-proj and MLP that diffusers never builds for a ``context_pre_only`` block),
+# 11.2637 T. Keep 0.6 in blocks 1..23 (block 0 dense): 6.2985 T, ideal speedup 1.786x.
+
+#: Width of SD3's sinusoidal timestep features (``Timesteps(num_channels=256)`` in diffusers).
+_TIMESTEP_CHANNELS = 256
+
+#: ``SD3Transformer2DModel.__init__`` defaults (diffusers), used for keys a config dict leaves out.
+_DEFAULTS: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": None,
+    "num_layers": 18,
+    "attention_head_dim": 64,
+    "num_attention_heads": 18,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1152,
+    "pooled_projection_dim": 2048,
+    "dual_attention_layers": (),
+}
+
+#: Every term name, in report order (model-level, per block, router, output).
+FLOP_TERMS: tuple[str, ...] = (
+    "embed.patch",
+    "embed.time_text",
+    "embed.context",
+    "block.adaln",
+    "block.img.qkv",
+    "block.img.out",
+    "block.img.mlp",
+    "block.txt.qkv",
+    "block.txt.out",
+    "block.txt.mlp",
+    "block.attn.joint",
+    "block.attn2.qkv",
+    "block.attn2.out",
+    "block.attn2.sdpa",
+    "block.ctx.adaln",
+    "block.ctx.kv",
+    "router.proj_x",
+    "router.context",
+    "router.score",
+    "router.select",
+    "out.norm",
+    "out.proj",
+)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    hidden: int
+    num_layers: int
+    pooled: int
+    joint: int
+    caption: int
+    patch: int
+    in_channels: int
+    out_channels: int
+    dual: frozenset[int]
+
+
+def _read_config(config: Any) -> _Arch:
+    cfg = getattr(config, "config", config)  # a transformer -> its config
+    if isinstance(cfg, Mapping):
+        get = lambda key: cfg.get(key, _DEFAULTS.get(key))  # noqa: E731
+    else:
+        get = lambda key: getattr(cfg, key, _DEFAULTS.get(key))  # noqa: E731
+    try:
+        heads, head_dim = int(get("num_attention_heads")), int(get("attention_head_dim"))
+        in_ch = int(get("in_channels"))
+        out_ch = get("out_channels")
+        arch = _Arch(
+            hidden=heads * head_dim,
+            num_layers=int(get("num_layers")),
+            pooled=int(get("pooled_projection_dim")),
+            joint=int(get("joint_attention_dim")),
+            caption=int(get("caption_projection_dim")),
+            patch=int(get("patch_size")),
+            in_channels=in_ch,
+            out_channels=in_ch if out_ch is None else int(out_ch),
+            dual=frozenset(int(i) for i in (get("dual_attention_layers") or ())),
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"SD3 transformer config cannot be read for FLOP counting: {err}. Expected integer fields such as "
+            "num_layers, num_attention_heads, attention_head_dim. Pass a diffusers config, a config dict or the model."
+        ) from None
+    for name in ("hidden", "num_layers", "pooled", "joint", "caption", "patch", "in_channels", "out_channels"):
+        if getattr(arch, name) < 1:
+            raise ConfigError(f"SD3 transformer config field {name} is {getattr(arch, name)}. It must be >= 1. Fix the config.")
+    bad = sorted(i for i in arch.dual if not 0 <= i < arch.num_layers)
+    if bad:
+        raise ConfigError(
+            f"dual_attention_layers holds {bad}. Valid block indices are 0..{arch.num_layers - 1}. Fix the config."
+        )
+    return arch
+
+
+def count_flops(
+    config: Any,
+    num_image_tokens: int,
+    text_len: int,
+    keep_ratios: Sequence[float | None] | None = None,
+    *,
+    batch: int = 1,
+    bottleneck: int = 64,
+    context: str = "drop",
+) -> FlopCount:
+    """Counts the FLOPs of one ``SD3Transformer2DModel`` forward, dense or with Shiva routing.
+
+    The convention is :mod:`shiva_export.models.flops`'s; the terms are tabled in the comment above :data:`FLOP_TERMS`.
+
+    Args:
+        config (Any): A diffusers config (``transformer.config``), a config dict, or the transformer.
+            Keys it lacks take ``SD3Transformer2DModel``'s defaults.
+        num_image_tokens (int): N, image tokens (``(H/16) * (W/16)`` for SD3 at patch 2).
+        text_len (int): T, text tokens (333 for SD3 with 256 T5 tokens).
+        keep_ratios (Sequence[float | None]): One entry per block, ``None`` = dense, else the keep ratio in
+            (0, 1]; ``k = floor(N * keep)`` as in :func:`~shiva_export.prune.topk.static_k`. ``None`` (the
+            argument) means a dense model with no router. Defaults to None.
+        batch (int): Samples through the network (with CFG, 2 x prompts). Defaults to 1.
+        bottleneck (int): Router width d'. Defaults to 64.
+        context (str): The routing's ``ShivaConfig.context``: ``"keep"`` adds the rejected tokens' context
+            (``block.ctx.*``, keys over ``N + T`` tokens) to routed blocks with ``k < N``; at ``k = N`` the
+            routing computes no separate context, so keep 1.0 counts as dense. Defaults to ``"drop"``.
+
+    Returns:
+        FlopCount: Term-by-term FLOPs and totals.
+
+    Example:
+        >>> cfg = dict(num_layers=24, num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536,
+        ...            dual_attention_layers=tuple(range(13)))
+        >>> round(count_flops(cfg, 4096, 333).total / 1e12, 2)
+        11.25
+    """
+    check_context(context)
+    arch = _read_config(config)
+    for name, v in (("num_image_tokens", num_image_tokens), ("text_len", text_len), ("batch", batch), ("bottleneck", bottleneck)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ShapeError(f"{name} for FLOP counting is {v!r}. It must be an integer >= 1. Pass a positive token/batch count.")
+    L, D, N, T, B, dp = arch.num_layers, arch.hidden, num_image_tokens, text_len, batch, bottleneck
+    if keep_ratios is None:
+        keeps: tuple[float | None, ...] = (None,) * L
+    else:
+        keeps = tuple(keep_ratios)
+        if len(keeps) != L:
+            raise ConfigError(f"keep_ratios has {len(keeps)} entries for a {L}-block model. Give one per block (None = dense). Fix the schedule.")
+    kept = tuple(N if r is None else static_k(N, r) for r in keeps)  # static_k validates 0 < r <= 1 and k >= 1
+
+    terms = dict.fromkeys(FLOP_TERMS, 0)
+    p2 = arch.patch * arch.patch
+    terms["embed.patch"] = 2 * B * N * arch.in_channels * p2 * D
+    terms["embed.time_text"] = 2 * B * (_TIMESTEP_CHANNELS * D + D * D + arch.pooled * D + D * D)
+    terms["embed.context"] = 2 * B * T * arch.joint * arch.caption
+    terms["out.norm"] = 2 * B * D * 2 * D
+    terms["out.proj"] = 2 * B * N * D * p2 * arch.out_channels
+
+    blocks = []
+    for i in range(L):
+        k, last, dual = kept[i], i == L - 1, i in arch.dual
+        ctx = context == "keep" and keeps[i] is not None and k < N  # rejected tokens still give keys and values
+        kv = N if ctx else k  # image keys the attention products run over
+        b = dict.fromkeys((t for t in FLOP_TERMS if t.startswith(("block.", "router."))), 0)
+        b["block.adaln"] = 2 * B * D * D * ((9 if dual else 6) + (2 if last else 6))
+        b["block.img.qkv"] = 3 * 2 * B * k * D * D
+        b["block.img.out"] = 2 * B * k * D * D
+        b["block.img.mlp"] = 2 * 2 * B * k * D * 4 * D
+        b["block.txt.qkv"] = 3 * 2 * B * T * D * D
+        if not last:
+            b["block.txt.out"] = 2 * B * T * D * D
+            b["block.txt.mlp"] = 2 * 2 * B * T * D * 4 * D
+        b["block.attn.joint"] = 2 * 2 * B * (k + T) * (kv + T) * D
+        if dual:
+            b["block.attn2.qkv"] = 3 * 2 * B * k * D * D
+            b["block.attn2.out"] = 2 * B * k * D * D
+            b["block.attn2.sdpa"] = 2 * 2 * B * k * kv * D
+        if ctx:
+            b["block.ctx.adaln"] = 2 * B * D * D * (9 if dual else 6)
+            b["block.ctx.kv"] = 2 * 2 * B * (N - k) * D * D * (2 if dual else 1)
+        if keeps[i] is not None:
+            b["router.proj_x"] = 2 * B * N * D * dp
+            b["router.context"] = 2 * B * (D + arch.pooled) * dp + 2 * dp * dp
+            b["router.score"] = 2 * B * N * dp
+            b["router.select"] = 0
+        blocks.append(b)
+        for name, v in b.items():
+            terms[name] += v
+
+    notes = (
+        "2 FLOPs per multiply-add; only matrix products are counted (Linear, patch Conv2d, QK^T, AV)",
+        "not counted: biases, norms (incl. qk RMSNorm), modulation/gates, activations, softmax, residuals",
+        "router.select = 0: TopK, CumSum compaction, gather and scatter do no multiply-adds",
+        "last block is context_pre_only: text stream has qkv only (no to_add_out, no ff_context)",
+    ) + (("context keep: rejected tokens' norm1 + K/V (block.ctx.*), attention over all N image keys",) if context == "keep" else ())
+    return FlopCount(terms, tuple(blocks), kept, N, T, B, keeps, dp, notes, context)

@@ -1,10 +1,15 @@
 """Apply and remove Shiva token pruning on a diffusers transformer, in place and reversibly.
 
 :func:`apply_shiva_` attaches a :class:`~shiva_export.prune.router.RouterBank` as the submodule
-``transformer.shiva_routers`` and a routing state, then lets the model's adapter
-(``shiva_export.models``) install the routing: every adapter replaces only the routed blocks' ``forward``
-(on the instance) and captures the router context with a forward pre-hook on the model.
-:func:`remove_shiva_` undoes both, so the class's own forward (and its exact outputs) come back.
+``transformer.shiva_routers`` and a :class:`RoutingState`, then lets the model's adapter install the routing:
+every adapter replaces only the routed blocks' ``forward`` (on the instance) and captures the router context
+with a forward pre-hook on the model. :func:`remove_shiva_` undoes both, so the class's own forward (and its
+exact outputs) come back.
+
+This package sits below ``shiva_export.models`` (docs/architecture.md): it never imports an adapter. The
+adapter is passed in (``apply_shiva_(..., adapter=)``) or found through the lookup the models package
+registers on import (:func:`register_adapter_lookup`). Adapters read and write the routing state through the
+public :func:`routing_state`, :func:`router_bank` and :meth:`RoutingState.call_config`.
 
 Per routed block with keep ratio ``r`` and N image tokens (``k = floor(N r)``, a Python int):
 score tokens with the router -> ``TopK(k)`` -> sort indices by position -> gather the kept tokens ->
@@ -25,6 +30,7 @@ from torch import nn
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.logging import get_logger
 from shiva_export.prune.router import RouterBank, RouterConfig
+from shiva_export.prune.schedule import call_timestep, check_phases, phase_index
 from shiva_export.prune.topk import SELECTIONS, static_k
 
 __all__ = [
@@ -41,6 +47,11 @@ __all__ = [
     "set_shiva_phases_",
     "shiva_config",
     "phase_trace",
+    "RoutingState",
+    "routing_state",
+    "router_bank",
+    "set_router_bank_",
+    "register_adapter_lookup",
 ]
 
 logger = get_logger(__name__)
@@ -150,7 +161,14 @@ def block_budgets(config: ShivaConfig, num_tokens: int) -> dict[int, int]:
 
 
 @dataclass
-class _ShivaState:
+class RoutingState:
+    """What a Shiva-applied transformer carries besides its router bank (``routing_state(transformer)``).
+
+    Adapters' hooks and routed blocks read ``config`` / ``call`` and write ``call`` (this call's schedule and
+    context, set by the model's pre-hook through :meth:`call_config`) and ``handles``; the other fields belong
+    to this module, training (``route_override``) and the runtime (``phases``, ``auto_cfg``, ``trace``).
+    """
+
     config: ShivaConfig
     recorder: list | None = field(default=None)
     record_hidden: bool = False
@@ -160,19 +178,69 @@ class _ShivaState:
     trace: list = field(default_factory=list)  # runtime: phase name of every call since set_shiva_phases_
     call: dict = field(default_factory=dict)  # block-override adapters: this call's config and context (pre-hook)
     handles: list = field(default_factory=list)  # block-override adapters: hook handles to remove
+    adapter: Any = None  # the architecture adapter that installed the routing (remove_shiva_ asks the same one)
+
+    def call_config(self, hidden_states: torch.Tensor, timestep, skip_layers=None) -> ShivaConfig:
+        """The keep schedule of this call: the phase owning ``timestep``, and CFG as this call needs it
+        (``skip_layers``: the call's skip-layer-guidance argument, which makes a batch not a CFG pair)."""
+        if self.phases is None:
+            return self.config
+        i = phase_index([ph for ph, _ in self.phases], call_timestep(timestep))
+        phase, config = self.phases[i]
+        self.trace.append(phase.name)
+        if self.auto_cfg:
+            b = int(hidden_states.shape[0])
+            pair = skip_layers is None and b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+            if config.cfg != pair:
+                config = replace(config, cfg=pair)
+        return config
 
 
 def is_shiva_applied(transformer: nn.Module) -> bool:
     return hasattr(transformer, _STATE_ATTR)
 
 
+def routing_state(transformer: nn.Module) -> RoutingState | None:
+    """The :class:`RoutingState` of a Shiva-applied transformer, or None when Shiva is not applied."""
+    return transformer.__dict__.get(_STATE_ATTR)
+
+
+def router_bank(transformer: nn.Module) -> nn.Module:
+    """The router bank (or the scorer standing in for it) a Shiva-applied transformer routes with."""
+    return transformer._modules[_ROUTERS_ATTR]
+
+
+def set_router_bank_(transformer: nn.Module, bank: nn.Module) -> nn.Module:
+    """Routes a Shiva-applied transformer with ``bank`` (a RouterBank or any module with its call signature,
+    e.g. a training-free scorer) from now on; returns the bank it replaced."""
+    if not is_shiva_applied(transformer):
+        raise ConfigError("set_router_bank_ needs a transformer with Shiva applied (apply_shiva_ or load_pipeline).")
+    old = transformer._modules[_ROUTERS_ATTR]
+    transformer._modules[_ROUTERS_ATTR] = bank
+    return old
+
+
+_ADAPTER_LOOKUP: list = []
+
+
+def register_adapter_lookup(lookup) -> None:
+    """Sets ``lookup(transformer) -> adapter``, the default when :func:`apply_shiva_` is given no adapter.
+
+    ``shiva_export.models`` registers its ``get_adapter`` when it is imported; this package cannot import it
+    (it lies below the models floor)."""
+    _ADAPTER_LOOKUP[:] = [lookup]
+
+
 def _adapter(transformer: nn.Module):
-    from shiva_export.models.base import get_adapter
+    if not _ADAPTER_LOOKUP:
+        raise ConfigError(
+            f"no architecture adapter for {type(transformer).__name__}: pass apply_shiva_(..., adapter=get_adapter(transformer)) "
+            "with get_adapter from shiva_export.models (importing shiva_export.models also registers it as the default)."
+        )
+    return _ADAPTER_LOOKUP[0](transformer)  # get_adapter: a one-line ConfigError listing the supported classes
 
-    return get_adapter(transformer)  # one-line ConfigError listing the supported classes
 
-
-def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBank | None = None, seed: int = 0) -> RouterBank:
+def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBank | None = None, seed: int = 0, *, adapter=None) -> RouterBank:
     """Applies Shiva pruning to ``transformer`` in place and returns its router bank.
 
     Args:
@@ -180,13 +248,15 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
         config (ShivaConfig): Keep ratio per block.
         routers (RouterBank): Trained routers. Defaults to a seeded random bank (``seed``).
         seed (int): Seed of the random router init when ``routers`` is None. Defaults to 0.
+        adapter (ModelAdapter): The transformer's architecture adapter. Defaults to the registered lookup
+            (``shiva_export.models.get_adapter``).
 
     Example:
         >>> bank = apply_shiva_(transformer, ShivaConfig.uniform(get_adapter(transformer).num_blocks(transformer), 0.4))
         >>> out = transformer(**inputs).sample      # pruned forward
         >>> remove_shiva_(transformer)                # dense again, bit for bit
     """
-    adapter = _adapter(transformer)
+    adapter = _adapter(transformer) if adapter is None else adapter
     n_blocks = adapter.num_blocks(transformer)
     if len(config.keep_ratios) != n_blocks:
         raise ConfigError(
@@ -205,7 +275,7 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
     ref = next(transformer.parameters())
     routers.to(device=ref.device)
     transformer.add_module(_ROUTERS_ATTR, routers)
-    object.__setattr__(transformer, _STATE_ATTR, _ShivaState(config))
+    object.__setattr__(transformer, _STATE_ATTR, RoutingState(config, adapter=adapter))
     try:
         adapter.install_routing(transformer)
     except Exception:  # e.g. a processor context "keep" cannot wrap: leave the model as it was
@@ -231,7 +301,7 @@ def remove_shiva_(transformer: nn.Module) -> RouterBank:
     """Removes Shiva pruning in place (restores the class forward); returns the detached router bank."""
     if not is_shiva_applied(transformer):
         raise ConfigError("Shiva is not applied to this transformer; nothing to remove.")
-    adapter = _adapter(transformer)
+    adapter = getattr(transformer, _STATE_ATTR).adapter
     _check_no_block_hooks(transformer, adapter, "remove_shiva_")
     adapter.remove_routing(transformer)
     bank = transformer._modules.pop(_ROUTERS_ATTR)
@@ -260,7 +330,7 @@ class record_selection:
     def __init__(self, transformer: nn.Module, hidden_states: bool = False):
         if not is_shiva_applied(transformer):
             raise ConfigError("record_selection needs a transformer with Shiva applied (apply_shiva_).")
-        self._state: _ShivaState = getattr(transformer, _STATE_ATTR)
+        self._state: RoutingState = getattr(transformer, _STATE_ATTR)
         self._hidden = hidden_states
         self.records: list[dict] = []
 
@@ -274,7 +344,7 @@ class record_selection:
         self._state.record_hidden = False
 
 
-def _state(transformer: nn.Module, what: str) -> _ShivaState:
+def _state(transformer: nn.Module, what: str) -> RoutingState:
     if not is_shiva_applied(transformer):
         raise ConfigError(f"{what} needs a transformer with Shiva applied (apply_shiva_).")
     return getattr(transformer, _STATE_ATTR)
@@ -322,8 +392,6 @@ def set_shiva_phases_(transformer: nn.Module, phases, *, auto_cfg: bool = True) 
 
     Every call appends the phase name to :func:`phase_trace`. ``set_shiva_config_`` removes the schedule.
     """
-    from shiva_export.prune.schedule import check_phases
-
     state = _state(transformer, "set_shiva_phases_")
     phases = check_phases(phases)
     table = []
@@ -343,23 +411,6 @@ def phase_trace(transformer: nn.Module, clear: bool = False) -> list[str]:
     if clear:
         state.trace.clear()
     return out
-
-
-def _call_config(state: _ShivaState, hidden_states: torch.Tensor, timestep, skip_layers) -> ShivaConfig:
-    """The keep schedule of this call: the phase owning its timestep, and CFG as this call needs it."""
-    if state.phases is None:
-        return state.config
-    from shiva_export.prune.schedule import call_timestep, phase_index
-
-    i = phase_index([ph for ph, _ in state.phases], call_timestep(timestep))
-    phase, config = state.phases[i]
-    state.trace.append(phase.name)
-    if state.auto_cfg:
-        b = int(hidden_states.shape[0])
-        pair = skip_layers is None and b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
-        if config.cfg != pair:
-            config = replace(config, cfg=pair)
-    return config
 
 
 def set_route_override(transformer: nn.Module, fn) -> None:

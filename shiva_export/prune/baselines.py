@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import ConfigError
+from shiva_export.prune.api import is_shiva_applied, set_router_bank_
 
 __all__ = ["RandomScorer", "NormScorer", "FixedDitherScorer", "RotatingDitherScorer", "MaskScorer", "set_scorer_", "bayer_rank"]
 
@@ -114,10 +115,6 @@ class MaskScorer(nn.Module):
 
 def set_scorer_(transformer: nn.Module, scorer: nn.Module) -> nn.Module:
     """Replaces the router bank of a Shiva transformer with ``scorer``; returns the bank it replaced."""
-    from shiva_export.prune.api import _ROUTERS_ATTR, is_shiva_applied
-
     if not is_shiva_applied(transformer):
         raise ConfigError("set_scorer_ needs a transformer with Shiva applied (apply_shiva_ or load_pipeline).")
-    old = transformer._modules[_ROUTERS_ATTR]
-    transformer._modules[_ROUTERS_ATTR] = scorer
-    return old
+    return set_router_bank_(transformer, scorer)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shiva_export.errors import RouterError
-from shiva_export.utils.io import sha256_file
+from shiva_export.utils.io import canonical_json, check_writable, sha256_file
 
 __all__ = ["RouterConfig", "ShivaRouter", "RouterBank", "save_routers", "load_routers", "read_router_metadata"]
 
@@ -155,9 +155,6 @@ def save_routers(bank: RouterBank, path: str | Path, extra: dict | None = None) 
     """Writes the router bank as safetensors (atomically, byte-reproducible) and returns its sha256."""
     from safetensors.torch import save_file
 
-    from shiva_export.utils.io import check_writable
-
-    from shiva_export.utils.io import canonical_json
 
     path = check_writable(path, "router weights")
     # One metadata key holding canonical JSON: safetensors writes its metadata map in arbitrary order,
@@ -195,6 +192,9 @@ def load_routers(path: str | Path, expected: RouterConfig) -> tuple[RouterBank, 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise RouterError(f"Cannot read router weights {path}: {err}. Is it a safetensors file?") from None
+    from shiva_export.checks import check_finite
+
+    check_finite(tensors, f"router weights {path}", RouterError)  # a NaN score makes top-k pick arbitrary tokens
     if "shiva" in meta:
         meta = json.loads(meta["shiva"])
     elif "config" in meta:  # files written before the single-key layout

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from shiva_export.errors import ConfigError
+from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.prune.topk_lowering import select_topk_bounded
 
 __all__ = ["SELECTIONS", "static_k", "select_topk", "gather_tokens", "scatter_tokens"]
@@ -69,8 +69,6 @@ def select_topk(scores: torch.Tensor, k: int, cfg: bool = False, selection: str 
     """
     if cfg:
         if not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() and isinstance(scores.shape[0], int) and scores.shape[0] % 2:
-            from shiva_export.errors import ShapeError
-
             raise ShapeError(
                 f"a CFG-routed call got a batch of {scores.shape[0]} rows, which is not [uncond; cond] pairs; "
                 "this call is not classifier-free guidance (guidance_scale <= 1 or skip-layer guidance): use cfg=False for it."

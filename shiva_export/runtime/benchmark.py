@@ -24,12 +24,17 @@ from typing import Any
 
 from shiva_export.errors import ConfigError
 from shiva_export.logging import get_logger
+from shiva_export.utils.machine import loadavg, machine_info
 
 __all__ = ["E2EVariant", "E2EReport", "benchmark_e2e"]
 
 logger = get_logger(__name__)
 
 _STAGES = ("text_encode", "transformer", "loop_overhead", "vae_decode", "postprocess")
+
+
+def _load(v) -> str:
+    return "unavailable" if v is None else f"{v:.2f}"
 
 
 @dataclass
@@ -124,7 +129,8 @@ class E2EReport:
             f"# End-to-end speed: {self.model}, {self.width}x{self.height}, {self.steps} steps, guidance {self.guidance}",
             "",
             f"Device {self.device}, {self.dtype}{', torch.compile' if self.compile else ''}; {self.warmup} warm-up + {self.repeats} interleaved "
-            f"rounds, medians (ms). Machine: {m.get('cpu', '?')}, {m.get('threads', '?')} threads, load {m.get('load_start')} -> {m.get('load_end')}.",
+            f"rounds, medians (ms). Machine: {m.get('cpu_model') or m.get('cpu', '?')}, {m.get('threads', '?')} threads, 1-min load average "
+            f"{_load(m.get('loadavg_start', m.get('load_start')))} -> {_load(m.get('loadavg_end', m.get('load_end')))}.",
             "Speedups vs the dense pipeline of the same backend; ideal = FLOP ratio (transformer) and Amdahl with every other stage unchanged (e2e).",
             "",
             self.table_markdown(),
@@ -175,7 +181,6 @@ def benchmark_e2e(
     from shiva_export.runtime.generate import run_pipeline
     from shiva_export.runtime.pipeline import _recipe, load_pipeline
     from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
-    from shiva_export.validate.speed import _loadavg, _machine
 
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
@@ -212,7 +217,7 @@ def benchmark_e2e(
         check_writable(out / "e2e.json", "--out-dir")
     if threads is not None:
         torch.set_num_threads(threads)
-    load_start = _loadavg()
+    load_start = loadavg()
 
     budgets: list[tuple[str, dict[str, Any]]] = [("dense", {"dense": True})]
     budgets += [(f"ratio {r:.2f}", {"ratio": r}) for r in ratios]
@@ -252,7 +257,7 @@ def benchmark_e2e(
            + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
            + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")
            + (" --compile" if compile else ""))
-    machine = _machine(load_start)
+    machine = machine_info(load_start)
     machine["threads"] = torch.get_num_threads()
     report = E2EReport(rec.name, steps, guidance, any_pipe.shiva.height, any_pipe.shiva.width, warmup, repeats, device, dtype, compile,
                        [v for v, _ in variants], machine, cmd)

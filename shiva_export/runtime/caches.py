@@ -70,6 +70,7 @@ from torch import nn
 
 from shiva_export.errors import ConfigError, ShivaInternalError
 from shiva_export.logging import get_logger
+from shiva_export.prune.api import routing_state
 
 __all__ = [
     "CACHE_KINDS",
@@ -470,12 +471,10 @@ class count_executed_blocks:
                              "batch": int(bound["hidden_states"].shape[0]), "num_image_tokens": int(n), "text_len": geo["text_len"]})
 
     def _on_block(self, index: int) -> None:
-        from shiva_export.prune.api import _STATE_ATTR
-
         if not self.records:
             return  # a block called outside a transformer call
         rec = self.records[-1]
-        state = self._tr.__dict__.get(_STATE_ATTR)
+        state = routing_state(self._tr)
         keep = None if state is None else state.call.get("config", state.config).keep_ratios[index]
         rec["blocks_run"].append(index)
         rec["keep"][index] = 1.0 if keep is None else float(keep)
@@ -518,12 +517,10 @@ class ExecutedFlops:
 
 def executed_flops(records: Sequence[dict[str, Any]], pipe) -> ExecutedFlops:
     """Analytic FLOPs of what ``records`` ran on ``pipe.transformer`` (its adapter's ``count_flops``)."""
-    from shiva_export.prune.api import _STATE_ATTR
-
     tr = _transformer(pipe)
     adapter, blocks = _blocks(tr)
     n_blocks = len(blocks)
-    state = tr.__dict__.get(_STATE_ATTR)
+    state = routing_state(tr)
     bottleneck = state.config.bottleneck if state is not None else 64
     context = state.config.context if state is not None else "drop"  # kept context costs its extra K/V projections
     counts: dict[tuple, Any] = {}

@@ -152,7 +152,7 @@ def _instrument(pipe, times: StageTimes, store: dict, on_step: Callable[[int], N
 
 def _trace_of(pipe) -> list[str]:
     t = pipe.transformer
-    if hasattr(t, "trace") and isinstance(getattr(t, "trace"), list):
+    if hasattr(t, "trace") and isinstance(t.trace, list):
         out = list(t.trace)
         t.trace.clear()
         return out
@@ -184,11 +184,13 @@ def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: 
 
 
 def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps: int = 28, guidance: float = 4.5, seed: int = 0,
-                 height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None) -> RunResult:
+                 height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None,
+                 extra_call: dict[str, Any] | None = None) -> RunResult:
     """One prompt through ``pipe`` with stage timings (see :class:`StageTimes`).
 
     The call's keyword arguments come from the architecture adapter (``ModelAdapter.pipeline_call``): a text
-    prompt for SD3 / Flux / PixArt, a class label or id for DiT.
+    prompt for SD3 / Flux / PixArt, a class label or id for DiT; ``extra_call`` adds pipeline arguments (ControlNet's
+    ``control_image`` and ``controlnet_conditioning_scale``).
     """
     import torch
 
@@ -205,7 +207,9 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
     dev = pipe._execution_device
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     kwargs = adapter.pipeline_call(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w,
-                                   max_sequence_length=max_seq, generator=gen)
+                                   max_sequence_length=max_seq, generator=gen) | dict(extra_call or {})
+    if extra_call:  # StableDiffusion3ControlNetPipeline samples the control image's VAE posterior from the global RNG
+        torch.manual_seed(int(seed))
     with _instrument(pipe, times, store, on_step) as marks, torch.inference_mode():
         _sync(dev)
         t0 = time.perf_counter()
@@ -328,41 +332,40 @@ def generate(
     progress: Callable[[str], None] | None = None,
     step_progress: Callable[[str, int, int], None] | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet: str | os.PathLike | None = None,
+    control_image: str | os.PathLike | None = None,
+    control_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Generates one image per prompt (seed ``seed + i``) and writes PNGs, ``generate.json`` and the grid.
-    ``context`` (``"drop"`` / ``"keep"``, default the recipe's) is :func:`load_pipeline`'s.
+    ``context`` (``"drop"`` / ``"keep"``, default the recipe's) and ``loras`` are :func:`load_pipeline`'s; ``controlnet``
+    (folder or cached hub id of an ``SD3ControlNetModel``) with ``control_image`` and ``control_scale`` runs diffusers'
+    ``StableDiffusion3ControlNetPipeline`` (dense comparison included) around the pruned transformer.
 
     Returns the record written to ``generate.json``.
     """
-    import numpy as np
     import torch
 
     from shiva_export._version import __version__
     from shiva_export.export.onnx import package_versions
-    from shiva_export.runtime.pipeline import _recipe, load_pipeline
+    from shiva_export.runtime.pipeline import load_pipeline
     from shiva_export.utils.io import atomic_write_json, check_writable
 
     prompts = [p for p in prompts]
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
-    rec = _recipe(model, recipe)
-    steps = rec.pipeline.steps if steps is None else steps
-    guidance = rec.pipeline.guidance if guidance is None else guidance
-    if not isinstance(steps, int) or steps < 1 or steps > 1000:
-        raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    rec, steps, guidance = _check_generate_options(model, recipe, prompts, steps, guidance, context)
     from shiva_export.models import adapter_for_architecture
+    from shiva_export.runtime.controlnet import ControlRun, check_controlnet_options
 
-    if context is not None:
-        adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
+    check_controlnet_options(rec.architecture, controlnet, control_image, control_scale)
+    control = ControlRun(controlnet, control_image, control_scale) if controlnet is not None else None
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
     say = progress or (lambda m: None)
 
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
     common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
-                  threads=threads, device=device, artifact_root=artifact_root, progress=say)
+                  threads=threads, device=device, artifact_root=artifact_root, progress=say, loras=loras,
+                  controlnet_layers=control.layers if control is not None and backend != "torch" else 0)
     pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, context=context, **common)
     info = pipe.shiva
     dense_pipe = None
@@ -371,6 +374,10 @@ def generate(
         dense_pipe = load_pipeline(backend=backend, dense=True, **common)
     h = info.height if height is None else height
     w = info.width if width is None else width
+    control_call = {}  # ControlNet's control_image and conditioning scale
+    if control is not None:
+        pipe, dense_pipe = control.wrap(pipe), (control.wrap(dense_pipe) if dense_pipe is not None else None)
+        control_call = control.call_kwargs(h, w)
     for pp in (pipe, dense_pipe):  # the static-shape contract, before the first step
         if pp is not None:
             check_pipeline_call(pp, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=pp.shiva.max_sequence_length)
@@ -379,37 +386,13 @@ def generate(
         # One warm-up step each, so the first timed call of neither pipeline pays session/allocator start-up.
         say("warm up")
         for pp in (pipe, dense_pipe):
-            run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w)
+            run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w,
+                         extra_call=control_call)
+    call = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w, extra_call=control_call)
     images = []
     for i, prompt in enumerate(prompts):
-        s = seed + i
-        tick = (lambda j, _p=prompt: step_progress(_p, j + 1, steps)) if step_progress else None
         say(f"generate {i + 1}/{len(prompts)}")
-        res = run_pipeline(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=tick)
-        name = f"{i:03d}-{_slug(prompt)}"
-        png = out / f"{name}.png"
-        entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "png": str(png),
-                                 "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
-                                 "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
-        pil = _write_png(png, _to_pil(res.image))
-        if dense_pipe is not None:
-            dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
-            dres = run_pipeline(dense_pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=s, height=h, width=w, on_step=dtick)
-            dpng = out / f"{name}.dense.png"
-            dpil = _write_png(dpng, _to_pil(dres.image))
-            p = psnr(res.image, dres.image)
-            entry["dense"] = {
-                "png": str(dpng),
-                "timings_ms": dres.times.to_dict(),
-                "psnr_db": None if math.isinf(p) else round(p, 3),
-                "identical": bool(np.array_equal(res.image, dres.image)),
-                "mean_abs_diff": float(np.mean(np.abs(np.asarray(res.image, np.float64) - np.asarray(dres.image, np.float64)))),
-                "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max()) if res.latents is not None else None,
-                "transformer_speedup": round(dres.times.transformer_total / max(res.times.transformer_total, 1e-9), 4),
-                "e2e_speedup": round(dres.times.total / max(res.times.total, 1e-9), 4),
-            }
-            entry["_pil"] = (dpil, pil)
-        images.append(entry)
+        images.append(_generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{_slug(prompt)}", call, step_progress))
 
     grid_path = None
     if compare_dense:
@@ -430,6 +413,7 @@ def generate(
         "device": str(pipe._execution_device),
         "torch_threads": torch.get_num_threads(),
         "pipeline": info.to_dict(),
+        "controlnet": control.to_dict() if control is not None else None,
         "images": images,
         "grid": str(grid_path) if grid_path else None,
         "versions": package_versions(),
@@ -437,6 +421,63 @@ def generate(
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record
+
+
+def _check_generate_options(model, recipe, prompts: list, steps, guidance, context):
+    """Validates prompts, steps, guidance and context before any output is made: (recipe, steps, guidance)."""
+    from shiva_export.runtime.pipeline import _recipe
+
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
+    rec = _recipe(model, recipe)
+    steps = rec.pipeline.steps if steps is None else steps
+    guidance = rec.pipeline.guidance if guidance is None else guidance
+    if not isinstance(steps, int) or steps < 1 or steps > 1000:
+        raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance {guidance} is invalid; expected a finite number >= 0 (<= 1 turns CFG off).")
+    if context is not None:
+        from shiva_export.models import adapter_for_architecture
+
+        adapter_for_architecture(rec.architecture).check_context(context)  # before the output folder is made
+    return rec, steps, guidance
+
+
+def _generate_one(pipe, dense_pipe, prompt: str, seed: int, stem: Path, call: dict[str, Any], step_progress) -> dict[str, Any]:
+    """One prompt through the pipeline (and the dense one): writes ``<stem>.png`` (and ``<stem>.dense.png``), returns its entry."""
+    steps = call["steps"]
+    tick = (lambda j, _p=prompt: step_progress(_p, j + 1, steps)) if step_progress else None
+    res = run_pipeline(pipe, prompt, seed=seed, on_step=tick, **call)
+    png = stem.parent / f"{stem.name}.png"
+    entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": call["negative_prompt"], "seed": seed, "png": str(png),
+                             "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
+                             "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
+    pil = _write_png(png, _to_pil(res.image))
+    if dense_pipe is not None:
+        dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
+        dres = run_pipeline(dense_pipe, prompt, seed=seed, on_step=dtick, **call)
+        dpng = stem.parent / f"{stem.name}.dense.png"
+        dpil = _write_png(dpng, _to_pil(dres.image))
+        entry["dense"] = _dense_comparison(res, dres, dpng)
+        entry["_pil"] = (dpil, pil)
+    return entry
+
+
+def _dense_comparison(res, dres, dpng: Path) -> dict[str, Any]:
+    """How far the pruned image is from the dense one, and the speed-ups."""
+    import numpy as np
+
+    p = psnr(res.image, dres.image)
+    return {
+        "png": str(dpng),
+        "timings_ms": dres.times.to_dict(),
+        "psnr_db": None if math.isinf(p) else round(p, 3),
+        "identical": bool(np.array_equal(res.image, dres.image)),
+        "mean_abs_diff": float(np.mean(np.abs(np.asarray(res.image, np.float64) - np.asarray(dres.image, np.float64)))),
+        "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max()) if res.latents is not None else None,
+        "transformer_speedup": round(dres.times.transformer_total / max(res.times.transformer_total, 1e-9), 4),
+        "e2e_speedup": round(dres.times.total / max(res.times.total, 1e-9), 4),
+    }
 
 
 def _budget_desc(info) -> str:

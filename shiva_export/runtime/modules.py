@@ -56,10 +56,12 @@ from typing import Any
 import torch
 
 from shiva_export.errors import ConfigError, ShapeError
+from shiva_export.export.ort import ort_session
 from shiva_export.models import InputSpec
 from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phases, phase_index
 
-__all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]
+# ShivaArtifactTransformer is defined on first access (module __getattr__ below), which ruff cannot see.
+__all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]  # noqa: F822
 
 
 def export_command(model: str, phase: TimestepPhase, spec: InputSpec, *, height: int | None = None, width: int | None = None,
@@ -266,6 +268,8 @@ class _ArtifactTransformerBase:
         for name, value in call.items():
             if name in names or name in self._static_names or _is_unset(value):
                 continue
+            if name == _CONTROLNET_KWARG and all(p.info.get("controlnet_layers") for p in self.phases):
+                continue  # every graph takes the residuals as inputs
             why = adapter.UNSUPPORTED_CALL_ARGS.get(name, f"{name} is not an input of the static graph; use the torch backend")
             raise ConfigError(f"{why} (got {name}={_short(value)}).")
         hidden_states = call.get("hidden_states")
@@ -291,6 +295,10 @@ class _ArtifactTransformerBase:
                 raise ShapeError(f"pipeline call: {n} has shape {list(v.shape)} but the graph (phase {ap.phase.name!r}) takes {list(want)}; "
                                  f"export one that fits: {export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}")
             feed[n] = v
+        if ap.info.get("controlnet_layers"):  # graphs with ControlNet inputs (zeros when the call has no ControlNet)
+            from shiva_export.export.controlnet import as_feed
+
+            feed.update(as_feed(call.get(_CONTROLNET_KWARG), int(ap.info["controlnet_layers"]), hidden_states, self.config))
         self.trace.append(ap.phase.name)
         out = ap.run(feed).to(device=hidden_states.device, dtype=hidden_states.dtype)
         if not return_dict:
@@ -298,6 +306,9 @@ class _ArtifactTransformerBase:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+_CONTROLNET_KWARG = "block_controlnet_hidden_states"
 
 
 def _short(value: Any) -> str:
@@ -317,8 +328,6 @@ class OrtRunner:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
-        from shiva_export.validate.parity import ort_session
-
         self.path = Path(onnx_path)
         self.session = ort_session(self.path, provider=provider, threads=threads)
         self.provider = self.session.get_providers()[0]

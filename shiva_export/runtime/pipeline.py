@@ -95,6 +95,7 @@ class ShivaPipelineInfo:
     cfg: bool = True
     dtype: str = "fp32"
     context: str | None = "drop"  # the routing's ShivaConfig.context; None for a dense pipeline
+    loras: list[dict[str, Any]] = field(default_factory=list)  # LoraSpec.to_dict() of each LoRA (fused or not)
 
     def to_dict(self) -> dict[str, Any]:
         from shiva_export.recipe import recipe_hash
@@ -113,6 +114,7 @@ class ShivaPipelineInfo:
             "shapes": {"height": self.height, "width": self.width, "text_len": self.text_len, "batch": self.batch, "cfg": self.cfg},
             "max_sequence_length": self.max_sequence_length,
             "dtype": self.dtype,
+            "loras": self.loras,
         }
 
 
@@ -172,14 +174,19 @@ def _pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[
                 "pass the folder written by the pipeline's (or transformer's) save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
-            from shiva_export.models.base import _check_weights_sha256
+            from shiva_export.models.base import check_weights_sha256
 
-            _check_weights_sha256(p / "transformer", rec)
+            check_weights_sha256(p / "transformer", rec)
         return str(p), True
     if rec.model.source == "local":
         if _transformer_folder(rec, None) is not None:
             return _components_location(rec)
-        return str(rec.local_pipeline_path()), True
+        folder = rec.local_pipeline_path()
+        if rec.model.sha256:  # bound by sha256 (train --dora): the pipeline folder's transformer must be those weights
+            from shiva_export.models.base import check_weights_sha256
+
+            check_weights_sha256(Path(folder) / "transformer", rec)
+        return str(folder), True
     if rec.model.source == "embedded":
         from shiva_export.runtime.embedded import ensure_embedded_pipeline
 
@@ -205,9 +212,9 @@ def _from_pretrained(location: str, is_local: bool, rec: Recipe, **kwargs):
     attempts = [True] if (is_local or offline) else [True, False]
     last: Exception | None = None
     if is_local:
-        from shiva_export.runtime.embedded import _saved_none_components
+        from shiva_export.runtime.embedded import saved_none_components
 
-        for comp, none in _saved_none_components(Path(location)).items():
+        for comp, none in saved_none_components(Path(location)).items():
             kwargs.setdefault(comp, none)  # a pipeline saved without T5 reloads only when told so again
     for local_only in attempts:
         try:
@@ -277,32 +284,38 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop") -> str:
+def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None,
+                  controlnet_layers: int = 0) -> str:
     from shiva_export.engines.budgets import export_key_for
 
-    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context)
+    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras,
+                         controlnet_layers)
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
 
 
 def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False, context: str = "drop") -> dict[str, Any]:
+                 use_phases: bool = False, context: str = "drop", bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
-    or of the dense reference; returns its provenance."""
+    or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
     from shiva_export.export.onnx import read_shiva_metadata
     from shiva_export.export.pruned import export_pruned
-    from shiva_export.utils.io import inside, safe_component, sha256_file
+    from shiva_export.utils.io import inside, safe_component, sha256_file, verify_onnx_record
 
-    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context)
-    path = inside(root, root / rec.name / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}" / "model.onnx", "runtime ONNX")
+    key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras, controlnet_layers)
+    folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
+    path = inside(root, folder / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
     if path.is_file():
+        why = verify_onnx_record(path)  # reused by content, never by key alone: an edited graph is exported again
         try:
-            meta = read_shiva_metadata(path)
+            meta = read_shiva_metadata(path) if why is None else None
         except Exception:  # noqa: BLE001 - an unreadable cache entry is re-exported
             meta = None
+        if why is not None:
+            logger.warning("re-exporting cached graph %s: %s", path, why)
         if not meta or meta.get("runtime_key") != key:
             meta = None
     parity = None
@@ -329,6 +342,8 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
             validate=True,
             extra_metadata={"runtime_key": key, "phase": phase.name, "t_start": phase.t_start, "t_stop": phase.t_stop},
             context=None if dense else context,
+            loras=loras,
+            controlnet_layers=controlnet_layers,
             **budget,
         )
         if res.parity is not None and res.parity.status != "skipped" and not res.parity.passed:
@@ -348,11 +363,22 @@ def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype
         "model_config_sha256": meta.get("model_config_sha256"),
         "input_spec": meta.get("input_spec"),
         "parity": parity,
+        "loras": meta.get("loras"),
+        "controlnet_layers": int(meta.get("controlnet_layers") or 0),
     }
 
 
 def _config_hash(config: dict[str, Any]) -> str:
     return sha256_bytes(canonical_json({k: v for k, v in config.items() if not k.startswith("_")}).encode())
+
+
+def _check_artifact_record(p: Path) -> None:
+    """An --artifact graph runs only while it is byte for byte what `shiva-export onnx` wrote (its sha256 record)."""
+    from shiva_export.utils.io import verify_onnx_record
+
+    why = verify_onnx_record(p)
+    if why is not None:
+        raise ConfigError(f"--artifact {p} cannot be trusted: {why}. Re-export it with `shiva-export onnx` (and keep the .sha256.json beside it).")
 
 
 def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
@@ -376,6 +402,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
             info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
         else:
             meta = read_shiva_metadata(p, require=True, what="--artifact")
+            _check_artifact_record(p)
             info = {"onnx": str(p), "onnx_sha256": sha256_file(p)}
         if "input_spec" not in meta or "model" not in meta:
             raise ConfigError(f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it.")
@@ -395,6 +422,7 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
         phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
         spec = InputSpec(**meta["input_spec"])
         info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given",
+                    loras=meta.get("loras"), controlnet_layers=int(meta.get("controlnet_layers") or 0),
                     context=None if meta.get("dense") else (meta.get("context") or "drop"))  # exports before the option dropped
         out.append((phase, spec, info, meta))
     out.sort(key=lambda x: -x[0].t_start)
@@ -423,6 +451,8 @@ def load_pipeline(
     artifact_root: str | os.PathLike = "engines",
     progress: Callable[[str], None] | None = None,
     context: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
 ):
     """Loads a diffusers pipeline with a Shiva-pruned transformer.
 
@@ -451,6 +481,8 @@ def load_pipeline(
         context (str): ``"drop"`` or ``"keep"``: whether rejected tokens still give keys and values in routed blocks
             (``ShivaConfig.context``; SD3/SD3.5 only). Defaults to the recipe's ``[prune] context``; given
             ``artifacts`` must have been exported with it.
+        loras (Sequence[LoraSpec]): ``resolve_loras``'s: unfused (peft) on torch, else fused into the graphs and their cache keys.
+        controlnet_layers (int): ``ort``/``trt``: graphs with this many ControlNet residual inputs. Defaults to 0.
 
     Returns:
         DiffusionPipeline: the architecture's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``,
@@ -462,25 +494,9 @@ def load_pipeline(
         >>> flux = load_pipeline("flux-tiny", backend="ort", ratio=0.4)   # FluxPipeline; cfg is off (guidance embedding)
         >>> dit = load_pipeline("dit-tiny", backend="torch", ratio=0.4)   # DiTPipeline: dit(class_labels=dit.get_label_ids(["cat"]))
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            from shiva_export.errors import HardwareError
-
-            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+    _check_pipeline_options(backend, dtype, device, dense, ratio, phases, context)
     say = progress or (lambda m: None)
     rec = _recipe(model, recipe)
-    if dense and (ratio not in (None, 0.0) or phases):
-        raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
-    if dense and context == "keep":
-        raise ConfigError("a dense pipeline routes nothing, so --context keep has no effect; drop --context or dense.")
     adapter = _adapter_of(rec)
     ctx = adapter.check_context(rec.prune.context if context is None else context)
     say("load pipeline")
@@ -494,50 +510,23 @@ def load_pipeline(
     from shiva_export.models import InputSpec
 
     adapter.check_image_size(config_obj(config), h, w)
-    info_kwargs: dict[str, Any] = {}
+    info_kwargs: dict[str, Any] = {"loras": [lo.to_dict() for lo in loras or ()]}
 
     if backend == "torch":
-        own = {}
-        if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
-            from shiva_export.models import load_transformer
-
-            own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
-        pipe = _from_pretrained(loc, local, rec, **own)
-        adapter.check_pipeline(pipe, rec)
-        if dense:
-            phase_list: tuple[TimestepPhase, ...] = ()
-            router_info = {"source": "none (dense)"}
-        else:
-            phase_list = resolve_phases(rec, n_layers, ratio, phases)
-            router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
+        pipe, phase_list, router_info = _torch_pipeline(rec, adapter, loc, local, tf_dir, router, n_layers, ratio, phases, dense, cfg, ctx, loras)
         text_len = rec.shapes.text_len
         artifacts_info: list[dict[str, Any]] = []
     else:
         spec = InputSpec(batch=batch, height=h, width=w, text_len=rec.shapes.text_len, cfg=cfg)
-        from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, ShivaArtifactTransformer, TrtRunner
+        from shiva_export.runtime.modules import ShivaArtifactTransformer
 
-        aps = []
         if artifacts:
-            opened = _open_artifacts(artifacts, backend, config, say)
-            ctx = _artifacts_context(opened, context)
-            for phase, aspec, info, _meta in opened:
-                run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
-                aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
-            phase_list = tuple(a.phase for a in aps)
+            aps, ctx = _opened_phases(artifacts, backend, config, rec, dtype, provider, threads, context, say, loras)
         else:
-            if dense:
-                phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),)
-            else:
-                phase_list = resolve_phases(rec, n_layers, ratio, phases)
-            root = Path(artifact_root)
-            for phase in phase_list:
-                if backend == "ort":
-                    info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=phases, context=ctx)
-                    run = OrtRunner(info["onnx"], provider=provider, threads=threads)
-                else:
-                    info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, phases, say, ctx)
-                    run = TrtRunner(info["engine"])
-                aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
+            phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),) if dense else resolve_phases(rec, n_layers, ratio, phases)
+            aps = _built_phases(rec, weights, router, phase_list, spec, dtype, Path(artifact_root), backend, provider, threads, dense, phases, ctx, say,
+                                loras, controlnet_layers)
+        phase_list = tuple(a.phase for a in aps)
         module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
         pipe = _from_pretrained(loc, local, rec, transformer=module)
         adapter.check_pipeline(pipe, rec)
@@ -547,14 +536,8 @@ def load_pipeline(
         h, w, batch, cfg = aps[0].spec.height, aps[0].spec.width, aps[0].spec.batch, aps[0].spec.cfg
         info_kwargs["dtype"] = aps[0].dtype
     max_seq = adapter.max_sequence_length(pipe, text_len)  # what the pipeline must encode for the graph's text length
-    if device != "cpu":
-        pipe.to(device)
+    _place(pipe, device, dtype if backend == "torch" else "fp32", dense)
     if backend == "torch" and dtype != "fp32":
-        import torch
-
-        pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-        if not dense:  # routers always compute in float32 (top-k is sensitive to rounding)
-            pipe.transformer.shiva_routers.to(torch.float32)
         info_kwargs["dtype"] = dtype
     pipe.set_progress_bar_config(disable=True)
     pipe.shiva = ShivaPipelineInfo(
@@ -563,6 +546,112 @@ def load_pipeline(
         context=None if dense else ctx, **info_kwargs,
     )
     return pipe
+
+
+def _place(pipe, device: str, torch_dtype_name: str, dense: bool) -> None:
+    """Moves the pipeline to its device, and a torch pipeline to its dtype with the routers kept in float32."""
+    if device != "cpu":
+        pipe.to(device)
+    if torch_dtype_name != "fp32":
+        import torch
+
+        pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[torch_dtype_name])
+        if not dense:  # routers always compute in float32 (top-k is sensitive to rounding)
+            pipe.transformer.shiva_routers.to(torch.float32)
+
+
+def _check_pipeline_options(backend: str, dtype: str, device: str, dense: bool = False, ratio=None, phases: bool = False, context=None) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from shiva_export.errors import HardwareError
+
+            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+    if dense and (ratio not in (None, 0.0) or phases):
+        raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
+    if dense and context == "keep":
+        raise ConfigError("a dense pipeline routes nothing, so --context keep has no effect; drop --context or dense.")
+
+
+def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router, n_layers: int, ratio, phases: bool, dense: bool, cfg: bool, ctx: str,
+                    loras=None):
+    """The model's pipeline with its own transformer, LoRAs loaded (unfused), routed in place: (pipe, phases, router info)."""
+    own = {}
+    if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
+        from shiva_export.models import load_transformer
+
+        own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
+    pipe = _from_pretrained(loc, local, rec, **own)
+    adapter.check_pipeline(pipe, rec)
+    if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
+        from shiva_export.checks import check_finite
+
+        check_finite(pipe.transformer.state_dict(), f"transformer weights in {loc}", WeightsError)
+    from shiva_export.export.lora import load_loras_
+
+    load_loras_(pipe.transformer, loras or ())  # unfused, before routing: the routed blocks run the peft layers
+    if dense:
+        return pipe, (), {"source": "none (dense)"}
+    phase_list = resolve_phases(rec, n_layers, ratio, phases)
+    return pipe, phase_list, _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
+
+
+def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, provider: str, threads, context, say, loras=None):
+    """Runners over given ONNX files or engine folders, phases and shapes from their metadata, which must carry
+    ``loras``: (phases, context)."""
+    from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
+
+    opened = _open_artifacts(artifacts, backend, config, say)
+    ctx = _artifacts_context(opened, context)
+    _check_artifact_loras(opened, loras)
+    aps = []
+    for phase, aspec, info, _meta in opened:
+        run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
+        aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
+    return aps, ctx
+
+
+def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path, backend: str, provider: str, threads, dense: bool,
+                  use_phases: bool, ctx: str, say, loras=None, controlnet_layers: int = 0) -> list:
+    """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
+    ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
+    from shiva_export.export.buckets import pick_bucket
+    from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
+
+    bucket = pick_bucket(rec, root, spec.height, spec.width)  # a model with buckets runs only at their sizes
+    aps = []
+    for phase in phase_list:
+        if backend == "ort":
+            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx, bucket=bucket,
+                                loras=loras, controlnet_layers=controlnet_layers)
+            run = OrtRunner(info["onnx"], provider=provider, threads=threads)
+        else:
+            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx, bucket, loras, controlnet_layers)
+            run = TrtRunner(info["engine"])
+        aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
+    return aps
+
+
+def _check_artifact_loras(opened, loras) -> None:
+    """Given graphs carry their LoRAs fused: they must be exactly the requested ones (files by sha256, and scales)."""
+    from shiva_export.export.lora import lora_provenance
+
+    def strip(rows):  # the file name is only a label
+        return [(r.get("sha256"), r.get("scale")) for r in rows or []]
+
+    want = lora_provenance(loras)
+    for _p, _s, info, _m in opened:
+        if strip(info.get("loras")) != strip(want):
+            got = ", ".join(f"{r.get('file')}@{r.get('scale')}" for r in info.get("loras") or []) or "none"
+            raise ConfigError(f"--artifact {info.get('onnx') or info.get('engine')} was exported with LoRAs [{got}], not the --lora/--lora-scale given; "
+                              "export it with these LoRAs (or drop --artifact to export on demand).")
 
 
 def _artifacts_context(opened, context: str | None) -> str:
@@ -597,20 +686,20 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
     return info
 
 
-def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop") -> dict[str, Any]:
-    """Builds (or reuses) the engine of a fixed-ratio phase with ``build_engines``."""
+def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop",
+                   bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
+    """Builds (or reuses) the engine of a fixed-ratio or learned phase with ``build_engines``: the folders
+    ``shiva-export trt [--size WxH] [--phases]`` writes."""
     from shiva_export.engines.budgets import build_engines
 
-    if use_phases:
-        raise ConfigError(
-            "engines for learned phases are built from their ONNX: export each with `shiva-export onnx --phase P`, build it with "
-            "`shiva-export trt --onnx PATH`, and pass the engine folders with --artifact."
-        )
-    r = 0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)
+    size = {"sizes": [bucket]} if bucket else {"height": spec.height, "width": spec.width}
+    if use_phases and not dense:
+        budget: dict[str, Any] = {"phases": [phase.name], "dense": False}
+    else:
+        budget = {"ratios": [0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)], "dense": dense}
     say(f"engine ({phase.name})")
-    builds = build_engines(recipe=rec, weights=weights, router=router, ratios=[r], dense=dense, dtype=dtype,
-                           height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg, out_dir=root,
-                           context=None if dense else context)
+    builds = build_engines(recipe=rec, weights=weights, router=router, dtype=dtype, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg,
+                           out_dir=root, context=None if dense else context, loras=loras, controlnet_layers=controlnet_layers, **size, **budget)
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         from shiva_export.errors import EngineBuildError
@@ -620,7 +709,8 @@ def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: 
 
     man = read_manifest(manifest_path_for(b.plan_path))
     return {"phase": phase.name, "engine": str(b.out_dir), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256,
-            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version}
+            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version,
+            "loras": (man.export_key or {}).get("loras"), "controlnet_layers": int((man.export_key or {}).get("controlnet_layers") or 0)}
 
 
 def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | Recipe, ratio: float | None = None, phases: bool = False,

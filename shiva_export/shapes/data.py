@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shiva_export.errors import ConfigError
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -79,8 +81,6 @@ def caption(scene: Scene) -> str:
 
 def parse_caption(text: str) -> tuple[str, str, str, str]:
     """(color, shape, size, position) of a caption written by :func:`caption`."""
-    from shiva_export.errors import ConfigError
-
     words = text.strip().split()
     if len(words) != 6 or words[0] != "a":
         raise ConfigError(f"Not a shapes caption: {text!r}. Expected 'a <size> <color> <shape> <top|bottom> <left|right>'.")

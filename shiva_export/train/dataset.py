@@ -1,57 +1,46 @@
-"""Real training data: encode prompts (and images) with the pipeline's own encoders into sharded
-safetensors, and read them back lazily.
+"""Real training data: ``shiva-export train-data`` encodes prompts (and images) with the pipeline's own
+encoders into sharded safetensors; :mod:`shiva_export.train.cached` reads them back lazily.
 
-:func:`encode_train_data` (``shiva-export train-data``) loads the model's real diffusers pipeline (the
-same loading code as ``generate``: embedded tiny pipeline, local folder, or a hub id from the offline
-cache; the transformer is not loaded), encodes each prompt with ``pipe.encode_prompt`` (SD3: CLIP x2 +
-T5 -> ``prompt_embeds [T, J]``, ``pooled [P]``) and, with images, encodes them with the pipeline's VAE
-into ``latents [C, H/8, W/8] = (mean - shift_factor) * scaling_factor``, the scaling the SD3 pipeline
-inverts before decoding. It also encodes the null prompt ``""`` once, exactly as the pipeline encodes the
-unconditional half of classifier-free guidance, into ``null.safetensors``.
+:func:`encode_train_data` loads the model's real diffusers pipeline (the same loading code as ``generate``:
+embedded tiny pipeline, local folder, or a hub id from the offline cache; the transformer is not loaded)
+and stores what the architecture's adapter says a cached sample is (``ModelAdapter.CACHE_TEXT_INPUTS``,
+``encode_text_cache``, ``encode_latent_cache``): each prompt's text conditioning as the pipeline encodes it
+(SD3: CLIP x2 + T5 -> ``prompt_embeds [T, J]``, ``pooled [P]``; Flux: T5 + pooled CLIP; PixArt: T5 and its
+mask; DiT: the class id) and, with images, their clean latents in the transformer's input layout (VAE
+posterior mean, ``(mean - shift_factor) * scaling_factor``, the scaling the pipeline inverts before
+decoding; Flux packs them 2 x 2). It also encodes the null prompt ``""`` once, exactly as the pipeline
+encodes the unconditional half of classifier-free guidance (DiT: the null class), into ``null.safetensors``.
 
 Layout of an output folder (written into a temporary sibling folder and moved into place whole, so a
 crash never leaves a folder that looks complete)::
 
-    manifest.json             format, model, recipe sha256, pipeline component sha256s, versions, shapes,
-                              dtype, counts, the null embedding's and every shard's bytes + sha256
-    null.safetensors          prompt_embeds [T, J], pooled [P]   (encode_prompt(""))
-    shard-00000.safetensors   latents [n, C, h, w] (with images), prompt_embeds [n, T, J], pooled [n, P]
+    manifest.json             format, model, architecture, recipe sha256, pipeline component sha256s,
+                              versions, shapes, dtype, counts, the null entry's and every shard's bytes + sha256
+    null.safetensors          the text tensors of encode_prompt("")   (SD3: prompt_embeds [T, J], pooled [P])
+    shard-00000.safetensors   latents [n, ...] (with images) and the text tensors [n, ...]
     ...
-
-:class:`ShardedLatents` reads such a folder lazily: shards are memory-mapped (``safetensors.safe_open``)
-and each sample is read on demand (``get_slice``), through a ``torch.utils.data`` DataLoader (optional
-worker processes). Resident memory does not grow with the dataset: the reader holds the null embedding,
-one epoch permutation (8 bytes per sample) and the batch being built. On open the folder is checked
-against the manifest (file sizes, safetensors headers, sha256 of every shard memoised by
-:func:`~shiva_export.utils.io.sha256_file_cached`, so only the first open reads the shards in full).
-
-Batches follow :class:`~shiva_export.train.data.LatentFolder` exactly (rectified flow ``x_t = (1 - s) x0 +
-s eps``, ``s = t / 1000``, target ``eps - x0``); samples come from a seeded per-epoch permutation (no
-replacement within an epoch). A text-only folder (no images) gives real text conditioning with seeded
-Gaussian ``x_t`` and no target: distillation only, no flow-matching loss.
 
 Example:
     >>> encode_train_data("sd35-tiny", prompts=["a red cube", "a blue ball"], out="data/tiny")
-    >>> data = ShardedLatents("data/tiny", seed=0)
+    >>> data = ShardedLatents("data/tiny", seed=0)   # shiva_export.train.cached
     >>> b = data.batch(4, caption_dropout=0.1, cfg_pairs=True)   # 8 rows: [uncond; cond]
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from shiva_export.errors import ConfigError, MissingDependencyError, ModelNotFoundError, OutputPathError, ShapeError
+from shiva_export.errors import ConfigError, MissingDependencyError, ModelNotFoundError, OutputPathError
 from shiva_export.logging import get_logger
 
 __all__ = [
@@ -65,9 +54,6 @@ __all__ = [
     "read_prompt_file",
     "image_records",
     "dataset_records",
-    "is_train_data",
-    "ShardDataset",
-    "ShardedLatents",
 ]
 
 logger = get_logger(__name__)
@@ -333,7 +319,7 @@ def encode_train_data(
     """Encodes prompts (and images) with a model's own pipeline into a sharded train-data folder.
 
     Args:
-        model (str): Model name (``sd35-tiny``, ``sd35-shapes``, ``sd35``, ...). Defaults to ``sd35-tiny``.
+        model (str): Model name (``sd35-tiny``, ``flux-tiny``, ``pixart-tiny``, ``sd35``, ...). Defaults to ``sd35-tiny``.
         out (PathLike): Output folder; must not exist or be empty (or, with ``overwrite``, an earlier output).
         prompts (Sequence[str]): Prompts, text only. Give this or ``records``.
         records (Sequence): From :func:`image_records` / :func:`dataset_records` (prompt + optional image).
@@ -349,24 +335,52 @@ def encode_train_data(
         device (str): ``cpu`` or ``cuda``, where the encoders run. Defaults to ``cpu``.
         overwrite (bool): Replace an existing train-data folder at ``out``. Defaults to False.
         progress (Callable[[int, int], None]): Called with (done, total) after every batch. Defaults to None.
-        pipe (StableDiffusion3Pipeline): An already loaded pipeline of this model to encode with (its
-            ``name_or_path`` folder is hashed for the manifest). Defaults to None (load the model's, without
+        pipe: An already loaded diffusers pipeline of this model to encode with (its ``name_or_path`` folder
+            is hashed for the manifest). Defaults to None (load the model's, without
             its transformer).
 
     Returns:
         TrainDataResult: The output folder and its manifest.
 
     Raises:
-        ConfigError: Bad sizes, counts, images or an architecture other than SD3.
+        ConfigError: Bad sizes, counts, images, or an architecture whose adapter declares no cached layout.
         OutputPathError: ``out`` exists and is not replaceable, or cannot be written.
     """
-    from safetensors.torch import save as st_save
-
-    from shiva_export.recipe import recipe_hash
-    from shiva_export.runtime.pipeline import _from_pretrained, _pipeline_location, _recipe, _transformer_config, config_obj
-    from shiva_export.utils.io import atomic_write_json, sha256_bytes, temp_prefix
+    from shiva_export.runtime.pipeline import _recipe
+    from shiva_export.utils.io import atomic_write_json
 
     t_start = time.perf_counter()
+    recs = _check_encode_args(prompts, records, shard_size, batch, dtype, device)
+    out = Path(out).expanduser()
+    _prepare_out(out, overwrite)
+    rec = _recipe(model, recipe)
+    h = rec.shapes.height if height is None else int(height)
+    w = rec.shapes.width if width is None else int(width)
+    with_images = any(r.image is not None for r in recs)
+    if with_images and not all(r.image is not None for r in recs):
+        raise ConfigError("some records have an image and some do not; expected all or none. Encode text-only and image data into separate folders.")
+    enc = _Encoder.open(rec, weights, pipe, h, w, device)
+    load_seconds = time.perf_counter() - t_start
+    if progress is not None:
+        progress(0, len(recs))
+    parent, tmp = _temp_folder(out)
+    try:
+        t_enc = time.perf_counter()
+        writer = _ShardWriter(tmp, _DTYPES[dtype], {"format": FORMAT, "model": rec.name}, shard_size, enc.adapter.CACHE_TEXT_INPUTS)
+        null_info = _encode_records(enc, writer, recs, batch, with_images, progress)
+        encode_seconds = time.perf_counter() - t_enc
+        manifest = _manifest(rec, enc, writer, null_info, len(recs), with_images, source, seed, t_start)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        _commit(tmp, out, parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %d samples in %d shards to %s", len(recs), len(writer.shards), out)
+    return TrainDataResult(out, manifest, time.perf_counter() - t_start, encode_seconds, load_seconds)
+
+
+def _check_encode_args(prompts, records, shard_size: int, batch: int, dtype: str, device: str) -> list[DataRecord]:
+    """The records to encode, once the sizes, dtype and device are known to be valid."""
     if (prompts is None) == (records is None):
         raise ConfigError("give prompts or records (exactly one) to encode_train_data.")
     recs = [DataRecord(p) for p in prompts] if prompts is not None else list(records)
@@ -383,161 +397,183 @@ def encode_train_data(
         from shiva_export.errors import HardwareError
 
         raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
-    out = Path(out).expanduser()
-    _prepare_out(out, overwrite)
-    rec = _recipe(model, recipe)
-    h = rec.shapes.height if height is None else int(height)
-    w = rec.shapes.width if width is None else int(width)
-    with_images = any(r.image is not None for r in recs)
-    if with_images and not all(r.image is not None for r in recs):
-        raise ConfigError("some records have an image and some do not; expected all or none. Encode text-only and image data into separate folders.")
+    return recs
 
-    if pipe is None:
-        loc, local = _pipeline_location(rec, weights)
-        tcfg = _transformer_config(loc, local, rec)
-    else:
-        loc = str(getattr(pipe, "name_or_path", "") or "")
-        local = Path(loc).is_dir()
-        tcfg = _transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
-    from shiva_export.models.sd3 import check_image_size
 
-    check_image_size(config_obj(tcfg), h, w)
-    if pipe is None:
-        pipe = _from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
-    if device != "cpu":
-        pipe.to(device)
-    max_seq = rec.shapes.text_len - pipe.tokenizer.model_max_length
-    if max_seq < 1:
-        raise ConfigError(
-            f"{rec.source_path}: text_len {rec.shapes.text_len} leaves {max_seq} T5 tokens after the CLIP tokenizer's "
-            f"{pipe.tokenizer.model_max_length}; use a recipe whose shapes.text_len exceeds the CLIP length."
-        )
-    vae = pipe.vae
-    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
-    scale = float(vae.config.scaling_factor)
-    load_seconds = time.perf_counter() - t_start
-    store = _DTYPES[dtype]
-    if progress is not None:
-        progress(0, len(recs))
+@dataclass
+class _Encoder:
+    """The model's pipeline (without its transformer) and its adapter's cache encoders, at one image size."""
 
-    clip_len = int(pipe.tokenizer.model_max_length)
-    truncated = [0]
+    pipe: Any
+    adapter: Any
+    tcfg: dict[str, Any]
+    location: str
+    local: bool
+    text_len: int
+    height: int
+    width: int
+    device: str
+    text_info: dict[str, Any]
+    truncated: int = 0
 
-    def count_truncated(texts: list[str]) -> None:
-        """Prompts longer than CLIP's window or the T5 length (encode_prompt cuts them, as at inference)."""
-        for text in texts:
-            n_clip = len(pipe.tokenizer(text).input_ids)
-            n_t5 = len(pipe.tokenizer_3(text).input_ids) if getattr(pipe, "tokenizer_3", None) is not None else 0
-            truncated[0] += int(n_clip > clip_len or n_t5 > max_seq)
+    @classmethod
+    def open(cls, rec, weights, pipe, h: int, w: int, device: str) -> _Encoder:
+        """Loads the pipeline (unless given) after checking the image size against the transformer config."""
+        from shiva_export.models import adapter_for_architecture
+        from shiva_export.runtime.pipeline import _from_pretrained, _pipeline_location, _transformer_config, config_obj
 
-    def encode_text(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        count_truncated(texts)
-        pe, _, pooled, _ = pipe.encode_prompt(texts, texts, texts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_seq)
-        return pe.float().cpu(), pooled.float().cpu()
+        adapter = adapter_for_architecture(rec.architecture)
+        if pipe is None:
+            loc, local = _pipeline_location(rec, weights)
+            tcfg = _transformer_config(loc, local, rec)
+        else:
+            loc = str(getattr(pipe, "name_or_path", "") or "")
+            local = Path(loc).is_dir()
+            tcfg = _transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
+        adapter.check_image_size(config_obj(tcfg), h, w)
+        if pipe is None:
+            pipe = _from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
+        if device != "cpu":
+            pipe.to(device)
+        text_info = adapter.text_cache_info(pipe, rec.shapes.text_len)  # refuses a text length the pipeline cannot give
+        return cls(pipe, adapter, tcfg, loc, local, rec.shapes.text_len, h, w, device, text_info)
 
-    def encode_images(batch_recs: list[DataRecord]) -> torch.Tensor:
-        ims = [_load_image(r.image, r.name or str(r.image)) for r in batch_recs]
-        x = pipe.image_processor.preprocess(ims, height=h, width=w, resize_mode="crop").to(device=device, dtype=vae.dtype)
-        z = vae.encode(x).latent_dist.mean
-        return ((z - shift) * scale).float().cpu()
+    def text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        from shiva_export.runtime.pipeline import config_obj
+
+        out, truncated = self.adapter.encode_text_cache(self.pipe, config_obj(self.tcfg), texts, self.text_len, self.device)
+        self.truncated += truncated
+        return out
+
+    def latents(self, records: list[DataRecord]) -> torch.Tensor:
+        ims = [_load_image(r.image, r.name or str(r.image)) for r in records]
+        processor = getattr(self.pipe, "image_processor", None)
+        if processor is None:  # DiTPipeline has none: the VAE's own preprocessing ([-1, 1], resized)
+            from diffusers.image_processor import VaeImageProcessor
+
+            from shiva_export.models import VAE_SCALE
+
+            processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE)
+        x = processor.preprocess(ims, height=self.height, width=self.width, resize_mode="crop")
+        return self.adapter.encode_latent_cache(self.pipe, x)
+
+    def latent_shape(self) -> list[int]:
+        from shiva_export.models import InputSpec
+        from shiva_export.runtime.pipeline import config_obj
+
+        return [int(v) for v in self.adapter.cache_shapes(config_obj(self.tcfg), InputSpec(1, self.height, self.width, self.text_len, False))["latents"]]
+
+
+def _temp_folder(out: Path) -> tuple[Path, Path]:
+    """``(parent, temp folder)`` beside ``out``: the output is written there and moved into place whole."""
+    from shiva_export.utils.io import sweep_stale_temps, temp_prefix
 
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        from shiva_export.utils.io import sweep_stale_temps
-
         sweep_stale_temps(parent)  # half-written folders of killed runs (their pid is gone)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name + "."), suffix=".tmp", dir=parent))
     except OSError as err:
         raise OutputPathError(f"cannot create a folder beside --out {out} ({err.strerror or err}). Pass a writable --out.") from None
-    meta = {"format": FORMAT, "model": rec.name}
-    shards: list[dict[str, Any]] = []
-    pending: dict[str, list[torch.Tensor]] = {"latents": [], "prompt_embeds": [], "pooled": []}
-    shapes: dict[str, list[int]] = {}
+    return parent, tmp
 
-    def write(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        data = st_save({k: v.to(store).contiguous() for k, v in tensors.items()}, metadata=meta)
-        path = tmp / name
+
+class _ShardWriter:
+    """Samples collected into shards of ``shard_size`` (stored dtype for floats; masks and class ids as they are)."""
+
+    def __init__(self, tmp: Path, store: torch.dtype, meta: dict[str, str], shard_size: int, text_inputs: dict[str, str]):
+        self.tmp, self.store, self.meta, self.shard_size = tmp, store, meta, shard_size
+        self.text_keys = tuple(text_inputs)
+        self.pending: dict[str, list[torch.Tensor]] = {"latents": [], **{k: [] for k in self.text_keys}}
+        self.shards: list[dict[str, Any]] = []
+        self.shapes: dict[str, list[int]] = {}
+
+    def write(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        from safetensors.torch import save as st_save
+
+        from shiva_export.utils.io import sha256_bytes
+
+        data = st_save({k: (v.to(self.store) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}, metadata=self.meta)
+        path = self.tmp / name
         with open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         return {"file": name, "bytes": len(data), "sha256": sha256_bytes(data)}
 
-    def flush() -> None:
-        n = len(pending["prompt_embeds"])
+    def add(self, rows: dict[str, torch.Tensor]) -> None:
+        """One encoded batch ``{key: [n, ...]}``; a full shard is written as soon as it fills."""
+        if not self.shapes:
+            self.shapes = {k: list(rows[k].shape[1:]) for k in (*self.text_keys, "latents") if k in rows}
+        for j in range(int(rows[self.text_keys[0]].shape[0])):
+            for k, v in rows.items():
+                self.pending[k].append(v[j])
+            if len(self.pending[self.text_keys[0]]) == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        n = len(self.pending[self.text_keys[0]])
         if not n:
             return
-        tensors = {k: torch.stack(v) for k, v in pending.items() if v}
-        info = write(f"shard-{len(shards):05d}.safetensors", tensors)
+        info = self.write(f"shard-{len(self.shards):05d}.safetensors", {k: torch.stack(v) for k, v in self.pending.items() if v})
         info["samples"] = n
-        shards.append(info)
-        for v in pending.values():
+        self.shards.append(info)
+        for v in self.pending.values():
             v.clear()
 
-    try:
-        t_enc = time.perf_counter()
-        from shiva_export.runtime.pipeline import quiet_libraries
 
-        with torch.inference_mode(), quiet_libraries():  # truncation notes are counted instead (manifest, summary)
-            null_pe, null_pooled = encode_text([""])  # what the pipeline encodes for the uncond half of CFG
-            null_info = write(NULL_NAME, {"prompt_embeds": null_pe[0], "pooled": null_pooled[0]})
-            done = 0
-            for i in range(0, len(recs), batch):
-                chunk = recs[i : i + batch]
-                pe, pooled = encode_text([r.prompt for r in chunk])
-                lat = encode_images(chunk) if with_images else None
-                for j in range(len(chunk)):
-                    pending["prompt_embeds"].append(pe[j])
-                    pending["pooled"].append(pooled[j])
-                    if lat is not None:
-                        pending["latents"].append(lat[j])
-                    if len(pending["prompt_embeds"]) == shard_size:
-                        flush()
-                if not shapes:
-                    shapes = {"prompt_embeds": list(pe.shape[1:]), "pooled": list(pooled.shape[1:])}
-                    if lat is not None:
-                        shapes["latents"] = list(lat.shape[1:])
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, len(recs))
-            flush()
-        encode_seconds = time.perf_counter() - t_enc
-        from shiva_export.models import VAE_SCALE
+def _encode_records(enc: _Encoder, writer: _ShardWriter, recs: list[DataRecord], batch: int, with_images: bool, progress) -> dict[str, Any]:
+    """The null prompt into ``null.safetensors``, then every record in batches into shards; returns the null entry."""
+    from shiva_export.runtime.pipeline import quiet_libraries
 
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "model": rec.name,
-            "architecture": rec.architecture,
-            "recipe": str(rec.source_path),
-            "recipe_sha256": recipe_hash(rec),
-            "pipeline": {"source": loc, "local": local, "components": _component_digests(loc, local), "versions": _versions()},
-            "samples": len(recs),
-            "truncated_prompts": truncated[0],
-            "has_latents": with_images,
-            "latent_shape": [int(tcfg["in_channels"]), h // VAE_SCALE, w // VAE_SCALE],
-            "shapes": shapes,
-            "dtype": _DTYPE_NAMES[store],
-            "height": h,
-            "width": w,
-            "text_len": rec.shapes.text_len,
-            "max_sequence_length": max_seq,
-            "clip_max_length": int(pipe.tokenizer.model_max_length),
-            "vae": {"shift_factor": shift, "scaling_factor": scale, "latents": "(posterior mean - shift_factor) * scaling_factor"} if with_images else None,
-            "null": dict(null_info, prompt=""),
-            "shards": shards,
-            "source": source or {"kind": "prompts"},
-            "seed": seed,
-            "seconds": round(time.perf_counter() - t_start, 3),
-        }
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        _commit(tmp, out, parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %d samples in %d shards to %s", len(recs), len(shards), out)
-    return TrainDataResult(out, manifest, time.perf_counter() - t_start, encode_seconds, load_seconds)
+    with torch.inference_mode(), quiet_libraries():  # truncation notes are counted instead (manifest, summary)
+        null = enc.text([""])  # what the pipeline encodes for the uncond half of CFG
+        null_info = writer.write(NULL_NAME, {k: v[0] for k, v in null.items()})
+        done = 0
+        for i in range(0, len(recs), batch):
+            chunk = recs[i : i + batch]
+            rows = enc.text([r.prompt for r in chunk])
+            if with_images:
+                rows["latents"] = enc.latents(chunk)
+            writer.add(rows)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(recs))
+        writer.flush()
+    return null_info
+
+
+def _manifest(rec, enc: _Encoder, writer: _ShardWriter, null_info: dict[str, Any], samples: int, with_images: bool, source, seed: int,
+              t_start: float) -> dict[str, Any]:
+    from shiva_export.recipe import recipe_hash
+
+    vae = enc.pipe.vae.config
+    shift, scale = float(getattr(vae, "shift_factor", 0.0) or 0.0), float(vae.scaling_factor)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": rec.name,
+        "architecture": rec.architecture,
+        "recipe": str(rec.source_path),
+        "recipe_sha256": recipe_hash(rec),
+        "pipeline": {"source": enc.location, "local": enc.local, "components": _component_digests(enc.location, enc.local), "versions": _versions()},
+        "samples": samples,
+        "truncated_prompts": enc.truncated,
+        "has_latents": with_images,
+        "latent_shape": enc.latent_shape(),
+        "shapes": writer.shapes,
+        "dtype": _DTYPE_NAMES[writer.store],
+        "height": enc.height,
+        "width": enc.width,
+        "text_len": rec.shapes.text_len,
+        **enc.text_info,
+        "vae": {"shift_factor": shift, "scaling_factor": scale, "latents": "(posterior mean - shift_factor) * scaling_factor"} if with_images else None,
+        "null": dict(null_info, prompt=""),
+        "shards": writer.shards,
+        "source": source or {"kind": "prompts"},
+        "seed": seed,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
 
 
 def _commit(tmp: Path, out: Path, parent: Path) -> None:
@@ -557,318 +593,3 @@ def _commit(tmp: Path, out: Path, parent: Path) -> None:
     finally:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------- reading
-def is_train_data(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a ``train-data`` output (holds ``manifest.json``)."""
-    return (Path(folder).expanduser() / MANIFEST_NAME).is_file()
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST_NAME
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"--data {folder}: {MANIFEST_NAME} cannot be read ({err.__class__.__name__}). Re-run shiva-export train-data.") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ConfigError(f"--data {folder}: {MANIFEST_NAME} is not a {FORMAT} manifest. Re-run shiva-export train-data into a new folder.")
-    if m.get("version") != FORMAT_VERSION:
-        raise ConfigError(f"--data {folder}: manifest version {m.get('version')!r}; this shiva-export reads version {FORMAT_VERSION}. Re-encode with this version.")
-    for key in ("samples", "shards", "shapes", "null", "latent_shape"):
-        if key not in m:
-            raise ConfigError(f"--data {folder}: {MANIFEST_NAME} lacks {key!r}. Re-run shiva-export train-data.")
-
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"--data {folder}: {MANIFEST_NAME} has a malformed {what}. Re-run shiva-export train-data.")
-
-    def ints(v, n: int | None = None) -> bool:
-        return isinstance(v, list) and (n is None or len(v) == n) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
-
-    def entry_ok(e, samples: bool) -> bool:
-        return (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str) and ints([e.get("bytes")])
-                and (not samples or ints([e.get("samples")])))
-
-    if not ints([m["samples"]]):
-        raise bad("samples count")
-    if not isinstance(m["shards"], list) or not m["shards"] or not all(entry_ok(e, True) for e in m["shards"]):
-        raise bad("shards list")
-    if not entry_ok(m["null"], False):
-        raise bad("null entry")
-    if not ints(m["latent_shape"], 3):
-        raise bad("latent_shape")
-    if not isinstance(m["shapes"], dict) or not all(ints(v) for v in m["shapes"].values()):
-        raise bad("shapes")
-    return m
-
-
-def _check_file(folder: Path, entry: dict[str, Any], verify: str) -> Path:
-    from safetensors import SafetensorError
-
-    from shiva_export.utils.io import safe_component, sha256_file_cached
-
-    name = safe_component(entry.get("file"), "train-data shard")
-    path = folder / name
-    fix = "Re-run shiva-export train-data (the folder is damaged)."
-    if not path.is_file():
-        raise ConfigError(f"--data {folder}: {name} is missing. {fix}")
-    size = path.stat().st_size
-    if size != entry.get("bytes"):
-        raise ConfigError(f"--data {folder}: {name} is {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced). {fix}")
-    if verify == "sha256" and sha256_file_cached(path) != entry.get("sha256"):
-        raise ConfigError(f"--data {folder}: {name} does not match its sha256 in the manifest (corrupted). {fix}")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(f"--data {folder}: {name} is not a readable safetensors file ({str(err).splitlines()[0]}). {fix}") from None
-    return path
-
-
-class ShardDataset(torch.utils.data.Dataset):
-    """Per-sample reads from memory-mapped shards: ``ds[i]`` -> ``{"prompt_embeds", "pooled"[, "latents"]}``
-    (float32, no batch axis). Picklable for DataLoader workers: file handles are opened lazily per process.
-
-    Attributes:
-        reads (int): Samples read in this process (what the RAM tests count).
-    """
-
-    def __init__(self, paths: Sequence[Path], counts: Sequence[int], keys: Sequence[str]):
-        self.paths = [str(p) for p in paths]
-        self.counts = [int(c) for c in counts]
-        self.keys = tuple(keys)
-        self.starts = [0]
-        for c in self.counts:
-            self.starts.append(self.starts[-1] + c)
-        self.reads = 0
-        self._handles: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_handles"] = {}
-        return d
-
-    def locate(self, i: int) -> tuple[int, int]:
-        import bisect
-
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} out of range 0..{len(self) - 1}")
-        s = bisect.bisect_right(self.starts, i) - 1
-        return s, i - self.starts[s]
-
-    def _handle(self, s: int):
-        f = self._handles.get(s)
-        if f is None:
-            from safetensors import safe_open
-
-            f = self._handles[s] = safe_open(self.paths[s], framework="pt")
-        return f
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s, j = self.locate(int(i))
-        f = self._handle(s)
-        self.reads += 1
-        return {k: f.get_slice(k)[j : j + 1][0].float() for k in self.keys}
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
-class _IndexStream(torch.utils.data.Sampler):
-    """The endless sample order from position ``start``: epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``."""
-
-    def __init__(self, n: int, seed: int, start: int):
-        self.n, self.seed, self.start = n, seed, start
-
-    def __iter__(self) -> Iterator[int]:
-        pos = self.start
-        while True:
-            e, off = divmod(pos, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e)).tolist()
-            for i in perm[off:]:
-                yield i
-            pos = (e + 1) * self.n
-
-    def __len__(self) -> int:  # endless; DataLoader only needs it for warnings
-        return 2**62
-
-
-@dataclass
-class _Loader:
-    batch: int
-    it: Iterator
-
-
-class ShardedLatents:
-    """Lazy reader of a ``shiva-export train-data`` folder with the :class:`~shiva_export.train.data.LatentFolder`
-    batch interface (see the module docstring).
-
-    Args:
-        folder (PathLike): The train-data output folder (holds ``manifest.json``).
-        shapes (DataShapes | None): Expected per-sample shapes (checks the data fits the model). Defaults to None.
-        seed (int): Seed of the sample order, noise and caption dropout. Defaults to 0.
-        num_workers (int): DataLoader worker processes reading samples (0: in this process). Defaults to 0.
-        verify (str): ``sha256`` (sizes + memoised shard hashes) or ``size`` (sizes and headers only). Defaults to ``sha256``.
-
-    Raises:
-        ConfigError: The manifest or a shard is missing, damaged or inconsistent.
-        ShapeError: The stored shapes do not fit ``shapes``.
-    """
-
-    def __init__(self, folder: str | os.PathLike, shapes=None, seed: int = 0, *, num_workers: int = 0, verify: str = "sha256"):
-        from safetensors import safe_open
-
-        from shiva_export.train.data import DataShapes
-
-        if verify not in ("sha256", "size"):
-            raise ConfigError(f"verify {verify!r} is unknown; choose sha256 or size.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"num_workers {num_workers!r} is out of range; expected an int >= 0.")
-        p = Path(folder).expanduser()
-        if not p.is_dir():
-            raise ConfigError(f"--data folder does not exist: {p}. Pass a shiva-export train-data output folder.")
-        m = _read_manifest(p)
-        self.manifest = m
-        self.has_targets = bool(m.get("has_latents"))
-        keys = ("prompt_embeds", "pooled") + (("latents",) if self.has_targets else ())
-        want = {k: tuple(m["shapes"][k]) for k in keys if k in m["shapes"]}
-        if set(want) != set(keys):
-            raise ConfigError(f"--data {p}: manifest shapes {sorted(m['shapes'])} lack {sorted(set(keys) - set(want))}. Re-run shiva-export train-data.")
-        paths, counts = [], []
-        for entry in m["shards"]:
-            path = _check_file(p, entry, verify)
-            with safe_open(str(path), framework="pt") as f:
-                names = set(f.keys())
-                if not set(keys) <= names:
-                    raise ConfigError(f"--data {p}: {path.name} lacks tensors {sorted(set(keys) - names)}. Re-run shiva-export train-data.")
-                for k in keys:
-                    got = tuple(f.get_slice(k).get_shape())
-                    if got != (entry["samples"], *want[k]):
-                        raise ShapeError(f"--data {p}: {path.name} holds {k} {got}; the manifest says {(entry['samples'], *want[k])}. Re-run shiva-export train-data.")
-            paths.append(path)
-            counts.append(int(entry["samples"]))
-        if sum(counts) != int(m["samples"]) or not counts:
-            raise ConfigError(f"--data {p}: the shards hold {sum(counts)} samples, the manifest says {m['samples']}. Re-run shiva-export train-data.")
-        null_path = _check_file(p, m["null"], verify)
-        from safetensors.torch import load_file
-
-        null = load_file(str(null_path))
-        self.null_prompt_embeds = null["prompt_embeds"].float()
-        self.null_pooled = null["pooled"].float()
-        c, lh, lw = (int(v) for v in m["latent_shape"])
-        got = DataShapes(c, lh, lw, *(int(v) for v in want["prompt_embeds"]), int(want["pooled"][0]))
-        if shapes is not None:
-            for fld in ("channels", "text_dim", "pooled_dim"):
-                if getattr(got, fld) != getattr(shapes, fld):
-                    raise ShapeError(f"--data {p} has {fld} {getattr(got, fld)}; the model needs {getattr(shapes, fld)}. Encode it for this model (shiva-export train-data --model ...).")
-            if (got.height, got.width) != (shapes.height, shapes.width):  # the learned k per phase is for the recipe's token count
-                from shiva_export.models import VAE_SCALE
-
-                raise ShapeError(
-                    f"--data {p} was encoded at {m.get('width')}x{m.get('height')} px (latent {got.width}x{got.height}); training runs at "
-                    f"{shapes.width * VAE_SCALE}x{shapes.height * VAE_SCALE} px (the recipe's shapes). Re-encode with --width/--height to match, or pass --recipe with those shapes."
-                )
-        self.shapes = got
-        self.folder = p
-        self.seed = int(seed)
-        self.num_workers = num_workers
-        self.dataset = ShardDataset(paths, counts, keys)
-        self._g = torch.Generator(device="cpu").manual_seed(self.seed)
-        self._pos = 0
-        self._loader: _Loader | None = None
-        logger.info("opened %d samples in %d shards from %s (%s)", len(self), len(paths), p, got)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __repr__(self) -> str:
-        kind = "latents" if self.has_targets else "text only"
-        return f"ShardedLatents({str(self.folder)!r}, samples={len(self)}, shards={len(self.dataset.paths)}, {kind}, seed={self.seed})"
-
-    @property
-    def null_text(self) -> dict[str, torch.Tensor]:
-        """The stored null embedding under the transformer's argument names (no batch axis)."""
-        return {"encoder_hidden_states": self.null_prompt_embeds, "pooled_projections": self.null_pooled}
-
-    def _next_samples(self, batch: int) -> dict[str, torch.Tensor]:
-        if self._loader is None or self._loader.batch != batch:
-            self.close()
-            kw: dict[str, Any] = {}
-            if self.num_workers:
-                kw = {"num_workers": self.num_workers, "prefetch_factor": 2, "persistent_workers": False}
-            dl = torch.utils.data.DataLoader(self.dataset, batch_size=batch, sampler=_IndexStream(len(self), self.seed, self._pos), **kw)
-            self._loader = _Loader(batch, iter(dl))
-        out = next(self._loader.it)
-        self._pos += batch
-        return out
-
-    def batch(self, batch: int, timesteps: torch.Tensor | None = None, *, caption_dropout: float = 0.0, cfg_pairs: bool = False):
-        """The next ``batch`` samples of the seeded order, noised to ``timesteps`` (rectified flow).
-
-        Args:
-            batch (int): Samples B.
-            timesteps (Tensor): ``[B]`` on 0..1000. Defaults to uniform in ``[0, 1000)``.
-            caption_dropout (float): Probability per sample that its text is replaced by the null
-                embedding. Defaults to 0.
-            cfg_pairs (bool): Return ``2B`` rows ``[uncond; cond]`` sharing ``x_t``, timestep and target,
-                the uncond half the null embedding (the SD3 pipeline's CFG batch). Defaults to False.
-
-        Returns:
-            Batch: ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep``, target.
-        """
-        from shiva_export.train.data import Batch, _timesteps, condition_batch
-
-        if not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch size is {batch!r}; expected an int >= 1.")
-        if timesteps is not None:  # checked before any sample is consumed (the stream position stays put)
-            _timesteps(batch, timesteps, None)
-        from shiva_export.train.data import _check_conditioning
-
-        _check_conditioning(caption_dropout, cfg_pairs)
-        g = self._g
-        s = self._next_samples(batch)
-        if self.has_targets:
-            x0 = s["latents"]
-            eps = torch.randn(x0.shape, generator=g)
-            t = _timesteps(batch, timesteps, g)
-            sigma = (t / 1000.0).view(-1, 1, 1, 1)
-            xt, target = (1.0 - sigma) * x0 + sigma * eps, eps - x0
-        else:  # text only: seeded Gaussian x_t (as SyntheticData), no flow target
-            xt = torch.randn((batch, *self.shapes_latent), generator=g)
-            t = _timesteps(batch, timesteps, g)
-            target = None
-        inputs = {"hidden_states": xt, "encoder_hidden_states": s["prompt_embeds"], "pooled_projections": s["pooled"]}
-        b = Batch(inputs, t, target=target)
-        return condition_batch(b, self.null_text, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, generator=g)
-
-    @property
-    def shapes_latent(self) -> tuple[int, int, int]:
-        return (self.shapes.channels, self.shapes.height, self.shapes.width)
-
-    def state_dict(self) -> dict:
-        return {"kind": "sharded", "seed": self.seed, "samples": len(self), "position": self._pos, "rng": self._g.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "sharded" or int(state.get("samples", -1)) != len(self):
-            raise ConfigError(
-                f"the checkpoint's data state is {state.get('kind')!r} with {state.get('samples')} samples; this --data {self.folder} "
-                f"holds {len(self)}. Resume with the original --data."
-            )
-        self.close()
-        self._pos = int(state["position"])
-        self._g.set_state(state["rng"])
-
-    def close(self) -> None:
-        """Stops the DataLoader (its workers) and closes the shard files; the next batch reopens them."""
-        self._loader = None
-        self.dataset.close()
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
-

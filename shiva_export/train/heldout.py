@@ -1,7 +1,7 @@
 """Held-out stopping of the training stages (``shiva-export train --eval-every N --patience P``).
 
 A small **fixed** held-out batch is built once per run (:func:`heldout_batch`): with a folder of cached
-latents (:class:`~shiva_export.train.data.LatentFolder`) its last ``n`` samples are split off and never
+latents (:class:`~shiva_export.train.cached.LatentFolder`) its last ``n`` samples are split off and never
 drawn for training; with synthetic inputs or a sharded ``train-data`` folder it is ``n`` draws of a source
 seeded apart from the training stream (held-out noise, timesteps and, for synthetic inputs, content).
 Its timesteps are stratified over ``[0, 1000)`` like the training batches, and its stage-1 keep ratios
@@ -87,8 +87,8 @@ class EarlyStopping:
 def heldout_batch(cfg, data, transformer, height: int, width: int, text_len: int):
     """``(batch, stage-1 keep ratios [n], source)``: the run's fixed held-out batch (module docstring).
 
-    With a :class:`~shiva_export.train.data.LatentFolder` the held-out samples are removed from ``data``."""
-    from shiva_export.train.data import LatentFolder, make_data
+    With a :class:`~shiva_export.train.cached.LatentFolder` the held-out samples are removed from ``data``."""
+    from shiva_export.train.cached import LatentFolder, make_data
     from shiva_export.train.policy import stratified_ratios, stratified_timesteps
 
     n, seed = cfg.eval_samples, cfg.seed + EVAL_SEED_OFFSET

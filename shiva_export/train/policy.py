@@ -31,6 +31,8 @@ __all__ = [
     "stratified_ratios",
     "quantize_lut",
     "MAX_PHASES",
+    "KeepMeasure",
+    "calibrate_anchor",
 ]
 
 logger = get_logger(__name__)
@@ -538,3 +540,25 @@ class KeepMeasure:
         else:
             r = (-b + torch.sqrt((b * b - 4.0 * q * (a - total)).clamp_min(0.0))) / (2.0 * q)
         return r.to(keep.dtype)
+
+
+def calibrate_anchor(policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float, measure: KeepMeasure | None = None) -> tuple[float, float]:
+    """Shifts ``b_anchor`` so the LUT's budget measure equals ``target``; returns (raw measure, shift)."""
+    measure = measure or KeepMeasure("tokens")
+    t, ids = torch.tensor(timesteps), torch.tensor(layers)
+
+    def at(shift: float) -> float:
+        return float(measure(policy.keep_of(policy.logits(t, ids, noise=False, anchor_shift=shift).double().cpu())))
+
+    with torch.no_grad():
+        raw = at(0.0)
+        lo, hi = -20.0, 20.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if at(mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        delta = 0.5 * (lo + hi)
+        policy.b_anchor.add_(delta)
+    return raw, delta

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,9 @@ __all__ = [
     "atomic_write_json",
     "commit_files",
     "check_writable",
+    "check_regular_target",
+    "write_onnx_record",
+    "verify_onnx_record",
 ]
 
 _CHUNK = 8 << 20
@@ -41,17 +45,49 @@ _CHUNK = 8 << 20
 _TEMP_RE = re.compile(r"^\.shiva-tmp-(\d+)-")
 
 
+_HELD: dict[str, int] = {}  # folders this process holds locked (a nested lock of the same folder passes through)
+
+
+def _made_dirs(d: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` of ``d`` will create, deepest first."""
+    made = []
+    p = d
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    return made
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
     """Holds an exclusive lock on ``folder`` (``<folder>/.shiva.lock``, ``flock``) for one writer; a second
     writer is refused at once with one line naming the holder. The kernel drops the lock when its
-    process dies, so a killed run never leaves the folder locked."""
+    process dies, so a killed run never leaves the folder locked. Re-entrant within one process (a command
+    that locks its output folder may call a library function that locks it again). Folders it had to create
+    are removed again when they are still empty on exit, so a refused run leaves nothing behind."""
     import fcntl
 
     d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
+    key = str(d.resolve())
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield d
+        finally:
+            _HELD[key] -= 1
+        return
+    made = _made_dirs(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"Cannot create the folder for the {what}: {d} ({err.strerror or err}). Pass a writable folder path that is not a file.") from None
     lock = d / ".shiva.lock"
-    f = open(lock, "a+")
+    check_regular_target(lock, f"{what} lock")
+    try:
+        f = open(lock, "a+")
+    except OSError as err:
+        _remove_empty(made)
+        raise OutputPathError(f"{what} {d} is not writable ({err.strerror or err}); pass a writable folder.") from None
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,12 +102,24 @@ def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         f.write(f"pid {os.getpid()}")
         f.flush()
         locked = True
+        _HELD[key] = 1
         yield d
     finally:
         if "locked" in locals():
+            _HELD.pop(key, None)
             with contextlib.suppress(OSError):
                 lock.unlink()  # still holding the lock: the folder is left as clean as it was
         f.close()
+        if "locked" in locals():
+            _remove_empty(made)
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for p in made:  # deepest first; stops at the first folder something was written into
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 def temp_prefix(tag: str = "") -> str:
@@ -193,16 +241,51 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_regular_target(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` if writing it (atomically: a temp file moved over it) can only create or replace a regular file
+    in its own folder; else :class:`~shiva_export.errors.OutputPathError`. Refused: a device node, FIFO or
+    socket (replacing ``/dev/null`` as root would break the machine; opening a FIFO blocks), and a symlink
+    that leads out of the folder or to anything but a regular file."""
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return p
+    except OSError as err:
+        raise OutputPathError(f"{what} {p} cannot be inspected ({err.strerror or err}); pass another path.") from None
+    if stat.S_ISLNK(st.st_mode):
+        target = p.resolve()
+        folder = p.parent.resolve()
+        if target.parent != folder:
+            raise OutputPathError(f"{what} {p} is a symlink to {target}, outside its folder {folder}; refusing to write through it. Pass a plain file path.")
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return p
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputPathError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to write or replace it. Pass a path to a regular file.")
+    return p
+
+
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     """Checks that ``path``'s folder exists (or can be made) and is writable; returns ``path`` as a Path."""
     path = Path(path)
     if path.exists() and path.is_dir():
         raise OutputPathError(f"{what} path is a directory: {path}. Pass a file path (e.g. {path / 'model.onnx'}).")
+    check_regular_target(path, what)
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputPathError(f"Cannot create the folder for the {what}: {parent} ({err.strerror}). Choose another --out.") from None
+        raise OutputPathError(f"Cannot create the folder for the {what}: {parent} ({err.strerror or err}). Choose another --out.") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what} folder is not writable: {parent}. Choose a writable --out.")
     return path
@@ -261,5 +344,52 @@ def commit_files(moves: list[tuple[Path, Path]]) -> None:
     Callers list side files (external data) first and the file that makes the set look complete
     (``model.onnx``, ``manifest.json``) last, so an interrupted commit never leaves a complete-looking set.
     """
+    for _src, dst in moves:
+        check_regular_target(dst, "output")
     for src, dst in moves:
         os.replace(src, dst)
+
+
+ONNX_RECORD_FORMAT = "shiva-onnx-record/1"
+
+
+def onnx_record_path(onnx_path: str | os.PathLike) -> Path:
+    """Where an exported graph records its own sha256 (and its external data's): ``<model.onnx>.sha256.json``."""
+    p = Path(onnx_path)
+    return p.with_name(p.name + ".sha256.json")
+
+
+def write_onnx_record(onnx_path: str | os.PathLike, data_files: list[Path], record_path: str | os.PathLike) -> Path:
+    """Writes the content record of a graph (``onnx_path``) and its external-data files to ``record_path`` (a
+    temporary name beside them; the caller moves it into place before the graph)."""
+    p = Path(onnx_path)
+    rec = {"format": ONNX_RECORD_FORMAT, "onnx": p.name, "onnx_sha256": sha256_file(p),
+           "data": {f.name: sha256_file(f) for f in sorted(data_files, key=lambda f: f.name)}}
+    Path(record_path).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    return Path(record_path)
+
+
+def verify_onnx_record(onnx_path: str | os.PathLike) -> str | None:
+    """None when ``onnx_path`` and every external-data file it was exported with still have the sha256 recorded
+    beside it at export; else why not (one phrase). The graph is hashed in full every time; its external data
+    through :func:`sha256_file_cached` (re-hashed whenever size, mtime, ctime or inode moves)."""
+    p = Path(onnx_path)
+    rp = onnx_record_path(p)
+    try:
+        rec = json.loads(rp.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no content record {rp.name} (written by `shiva-export onnx` beside every graph)"
+    except (OSError, ValueError) as err:
+        return f"its content record {rp.name} is unreadable ({type(err).__name__})"
+    if not isinstance(rec, dict) or rec.get("format") != ONNX_RECORD_FORMAT or not isinstance(rec.get("data"), dict):
+        return f"its content record {rp.name} is malformed"
+    got = sha256_file(p)
+    if got != rec.get("onnx_sha256"):
+        return f"its sha256 {got[:12]}... differs from the {str(rec.get('onnx_sha256'))[:12]}... recorded at export (the graph was edited or replaced)"
+    for name, want in rec["data"].items():
+        f = p.parent / safe_component(name, "external-data file")
+        if not f.is_file():
+            return f"its external data {name} is missing"
+        if sha256_file_cached(f) != want:
+            return f"its external data {name} differs from the sha256 recorded at export (edited or replaced)"
+    return None

@@ -25,15 +25,27 @@ import numpy as np
 import torch
 
 from shiva_export._imports import require
+from shiva_export.engines.chain import CHAIN_FILE
+from shiva_export.engines.runner import EngineRunner
 from shiva_export.errors import ConfigError, HardwareError
+from shiva_export.export.onnx import read_shiva_metadata
+from shiva_export.export.ort import ChainedSession
+from shiva_export.export.parity import compare_arrays, row_overlap
+from shiva_export.export.pruned import budget_dir, budget_label, export_pruned, resolve_router
 from shiva_export.logging import get_logger
-from shiva_export.models import OUTPUT_NAME, InputSpec, get_adapter, input_names, load_transformer, make_inputs, num_blocks, router_dims
+from shiva_export.models import (
+    OUTPUT_NAME,
+    InputSpec,
+    get_adapter,
+    input_names,
+    load_transformer,
+    make_inputs,
+    num_blocks,
+    router_dims,
+)
 from shiva_export.prune.api import ShivaConfig, apply_shiva_, is_shiva_applied, record_selection
 from shiva_export.recipe import Recipe, load_recipe
-from shiva_export.utils.io import atomic_write_text
-from shiva_export.export.onnx import read_shiva_metadata
-from shiva_export.engines.chain import CHAIN_FILE
-from shiva_export.validate.parity import ChainedSession, _row_overlap, compare_arrays
+from shiva_export.utils.io import atomic_write_text, check_writable
 
 __all__ = ["ComparisonResult", "ParitySuiteReport", "validate_parity", "DEFAULT_TIMESTEPS"]
 
@@ -145,8 +157,6 @@ def _runner_classes():
             self.engine_dir = engine_dir
 
         def activate_impl(self):
-            from shiva_export.engines.runner import EngineRunner
-
             self.runner = EngineRunner(self.engine_dir)
             self.runner.activate()
 
@@ -289,13 +299,10 @@ def validate_parity(
         report_md (PathLike): Write a Markdown report here. Defaults to None.
         progress (Callable[[str], None]): Stage callback. Defaults to None.
     """
-    from shiva_export.export.pruned import budget_dir, budget_label, export_pruned, resolve_router
 
     say = progress or (lambda s: None)
     require("polygraphy", purpose="parity validation")  # typed error + pip line when missing
-    from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SimpleCompareFunc
-
-    TorchRunner, OrtRunner, EngineParityRunner = _runner_classes()  # noqa: N806
+    runner_classes = _runner_classes()
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if not 1 <= cases <= 8:
         raise ConfigError(f"--cases {cases} is out of range; expected 1..8.")
@@ -305,14 +312,14 @@ def validate_parity(
             raise ConfigError(f"backend {b!r} is unknown; choose from ort-cpu, ort-cuda, engine.")
     report = ParitySuiteReport(rec.name, dtype)
     if report_md:
-        from shiva_export.utils.io import check_writable
-
         check_writable(report_md, "--report")  # before minutes of exports
     tmp = Path(tempfile.mkdtemp(prefix="shiva-parity-"))
     try:
         jobs: list[tuple[float, Path, dict]] = []
         if onnx is not None:
             meta = read_shiva_metadata(Path(onnx), require=True, what="--onnx")
+            if meta.get("model") not in (None, rec.name):  # before any reference is built from the wrong recipe
+                raise ConfigError(f"--onnx {onnx} is a graph of model {meta.get('model')!r}, and --model is {rec.name!r}; pass --model {meta.get('model')} (or that model's --recipe).")
             jobs.append((float(meta.get("ratio", 0.0)), Path(onnx), meta))
         else:
             for r in ratios or rec.prune.ratios:
@@ -320,66 +327,9 @@ def validate_parity(
                 ex = export_pruned(recipe=rec, weights=weights, router=router, ratio=r, dtype=dtype, height=height, width=width,
                                    batch=batch, cfg=cfg, out=tmp / budget_label(r) / "model.onnx", validate=False)
                 jobs.append((r, ex.export.onnx_path, read_shiva_metadata(ex.export.onnx_path)))
-
         base = load_transformer(recipe=rec, weights=weights, dtype="fp32")
-        n_layers = num_blocks(base)
         for ratio, path, meta in jobs:
-            spec = InputSpec(**meta["input_spec"])
-            ex_dtype = meta.get("dtype", "fp32")
-            tol = rec.tolerance(ex_dtype)
-            ref = base
-            if not meta.get("dense") and meta.get("k_per_block"):
-                kr = meta.get("keep_ratios") or ShivaConfig.uniform(n_layers, ratio, rec.routed_blocks(n_layers)).keep_ratios
-                config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
-                                     context=meta.get("context") or "drop")  # exports before the option dropped
-                rc = config.router_config(*router_dims(base))
-                bank, _ = resolve_router(rec, router, rc)
-                import copy
-
-                ref = copy.deepcopy(base)
-                apply_shiva_(ref, config, routers=bank, seed=rec.router.seed)
-            feeds, graph_inputs, extras = [], set(input_names(base)), {}
-            for s in range(cases):
-                x = make_inputs(base, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
-                feeds.append({k: v.numpy() for k, v in x.items() if k in graph_inputs})
-                extras = {k: v for k, v in x.items() if k not in graph_inputs}
-            np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
-            shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
-            runners = [TorchRunner(ref, shapes, extras=extras, dtypes={k: v.dtype for k, v in feeds[0].items()})]
-            for b in wanted:
-                if b in ("ort-cpu", "ort-cuda"):
-                    if ex_dtype == "bf16":
-                        report.skipped.append(f"ratio {ratio:g} {b}: ONNX Runtime has no bfloat16 kernels for this graph")
-                        continue
-                    runners.append(OrtRunner(path, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
-                                           float_names=get_adapter(base).float_inputs(base.config)))
-                elif b == "engine":
-                    bdir = budget_dir(ratio, "keep" if meta.get("context") == "keep" else "drop")
-                    edir = Path(engines_dir) / rec.name / bdir / ex_dtype if engines_dir else None
-                    if edir is None or not ((edir / "model.plan").is_file() or (edir / CHAIN_FILE).is_file()):
-                        report.skipped.append(f"ratio {ratio:g} engine: no engine at {edir}; build it with `shiva-export trt`")
-                    elif not torch.cuda.is_available():
-                        report.skipped.append(f"ratio {ratio:g} engine: {edir} exists but no CUDA GPU is visible to run it")
-                    else:
-                        runners.append(EngineParityRunner(edir, name="engine"))
-            say(f"ratio {ratio:g}: run {', '.join(r.name for r in runners)} on {cases} inputs")
-            try:
-                with _quiet_polygraphy():
-                    results = Comparator.run(runners, data_loader=feeds)
-                    for i in range(1, len(runners)):
-                        cmp = [(0, i)]
-                        only_sample = _only(OUTPUT_NAME)
-                        f_simple = SimpleCompareFunc(
-                            atol={OUTPUT_NAME: tol.atol}, rtol={OUTPUT_NAME: tol.rtol},
-                            check_error_stat="elemwise" if tol.quantile >= 1.0 else "quantile", error_quantile=tol.quantile,
-                            find_output_func=only_sample,
-                        )
-                        ok_simple = bool(Comparator.compare_accuracy(results, compare_func=f_simple, comparisons=cmp))
-                        f_cos = CosineSimilarityCompareFunc(cosine_similarity_threshold={OUTPUT_NAME: tol.min_cosine}, find_output_func=only_sample)
-                        ok_cos = bool(Comparator.compare_accuracy(results, compare_func=f_cos, comparisons=cmp))
-                        report.comparisons.append(_summarize(ratio, runners[i].name, ex_dtype, results, 0, i, tol, ok_simple, ok_cos))
-            except HardwareError as err:
-                report.skipped.append(f"ratio {ratio:g}: {err}")
+            _parity_job(report, runner_classes, rec, base, router, ratio, path, meta, wanted, engines_dir, cases, say)
     finally:
         import shutil
 
@@ -387,6 +337,93 @@ def validate_parity(
     if report_md:
         atomic_write_text(report_md, report.to_markdown())
     return report
+
+
+def _parity_job(report: ParitySuiteReport, runner_classes, rec, base, router, ratio: float, path: Path, meta: dict, wanted: list[str], engines_dir,
+                cases: int, say) -> None:
+    """One export against the fp32 torch reference at its budget, on ``cases`` seeded inputs, every wanted backend."""
+    TorchRunner = runner_classes[0]  # noqa: N806
+    spec = InputSpec(**meta["input_spec"])
+    ex_dtype = meta.get("dtype", "fp32")
+    tol = rec.tolerance(ex_dtype)
+    ref = _parity_reference(rec, base, router, ratio, meta, spec)
+    feeds, graph_inputs, extras = [], set(input_names(base)), {}
+    for s in range(cases):
+        x = make_inputs(base, spec, seed=s, timestep=DEFAULT_TIMESTEPS[s])
+        feeds.append({k: v.numpy() for k, v in x.items() if k in graph_inputs})
+        extras = {k: v for k, v in x.items() if k not in graph_inputs}
+    shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
+    runners = [TorchRunner(ref, shapes, extras=extras, dtypes={k: v.dtype for k, v in feeds[0].items()})]
+    runners += _backend_runners(report, runner_classes, rec, base, ratio, path, meta, ex_dtype, shapes, wanted, engines_dir)
+    say(f"ratio {ratio:g}: run {', '.join(r.name for r in runners)} on {cases} inputs")
+    try:
+        _compare_runners(report, runners, feeds, ratio, ex_dtype, tol)
+    except HardwareError as err:
+        report.skipped.append(f"ratio {ratio:g}: {err}")
+
+
+def _parity_reference(rec, base, router, ratio: float, meta: dict, spec: InputSpec):
+    """The fp32 torch model the export is judged against: ``base`` itself (dense), or a copy routed at the export's keep ratios."""
+
+    if meta.get("dense") or not meta.get("k_per_block"):
+        return base
+    n_layers = num_blocks(base)
+    kr = meta.get("keep_ratios") or ShivaConfig.uniform(n_layers, ratio, rec.routed_blocks(n_layers)).keep_ratios
+    config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
+                         context=meta.get("context") or "drop")  # exports before the option dropped
+    rc = config.router_config(*router_dims(base))
+    bank, _ = resolve_router(rec, router, rc)
+    import copy
+
+    ref = copy.deepcopy(base)
+    apply_shiva_(ref, config, routers=bank, seed=rec.router.seed)
+    return ref
+
+
+def _backend_runners(report: ParitySuiteReport, runner_classes, rec, base, ratio: float, path: Path, meta: dict, ex_dtype: str, shapes, wanted: list[str],
+                     engines_dir) -> list:
+    """The ORT and engine runners of one export; a backend that cannot run it is a line in ``report.skipped``."""
+
+    _, OrtRunner, EngineParityRunner = runner_classes  # noqa: N806
+    np_dtype = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[ex_dtype]
+    runners = []
+    for b in wanted:
+        if b in ("ort-cpu", "ort-cuda"):
+            if ex_dtype == "bf16":
+                report.skipped.append(f"ratio {ratio:g} {b}: ONNX Runtime has no bfloat16 kernels for this graph")
+                continue
+            runners.append(OrtRunner(path, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
+                                     float_names=get_adapter(base).float_inputs(base.config)))
+        elif b == "engine":
+            bdir = budget_dir(ratio, "keep" if meta.get("context") == "keep" else "drop")
+            edir = Path(engines_dir) / rec.name / bdir / ex_dtype if engines_dir else None
+            if edir is None or not ((edir / "model.plan").is_file() or (edir / CHAIN_FILE).is_file()):
+                report.skipped.append(f"ratio {ratio:g} engine: no engine at {edir}; build it with `shiva-export trt`")
+            elif not torch.cuda.is_available():
+                report.skipped.append(f"ratio {ratio:g} engine: {edir} exists but no CUDA GPU is visible to run it")
+            else:
+                runners.append(EngineParityRunner(edir, name="engine"))
+    return runners
+
+
+def _compare_runners(report: ParitySuiteReport, runners: list, feeds: list[dict], ratio: float, ex_dtype: str, tol) -> None:
+    """polygraphy: every runner on the feeds; each compared with the torch reference (runner 0) elementwise and by cosine."""
+    from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SimpleCompareFunc
+
+    with _quiet_polygraphy():
+        results = Comparator.run(runners, data_loader=feeds)
+        for i in range(1, len(runners)):
+            cmp = [(0, i)]
+            only_sample = _only(OUTPUT_NAME)
+            f_simple = SimpleCompareFunc(
+                atol={OUTPUT_NAME: tol.atol}, rtol={OUTPUT_NAME: tol.rtol},
+                check_error_stat="elemwise" if tol.quantile >= 1.0 else "quantile", error_quantile=tol.quantile,
+                find_output_func=only_sample,
+            )
+            ok_simple = bool(Comparator.compare_accuracy(results, compare_func=f_simple, comparisons=cmp))
+            f_cos = CosineSimilarityCompareFunc(cosine_similarity_threshold={OUTPUT_NAME: tol.min_cosine}, find_output_func=only_sample)
+            ok_cos = bool(Comparator.compare_accuracy(results, compare_func=f_cos, comparisons=cmp))
+            report.comparisons.append(_summarize(ratio, runners[i].name, ex_dtype, results, 0, i, tol, ok_simple, ok_cos))
 
 
 def _only(name: str):
@@ -406,7 +443,7 @@ def _summarize(ratio, backend, dtype, results, i_ref, i_test, tol, ok_simple, ok
         stats.append(compare_arrays(OUTPUT_NAME, ra[OUTPUT_NAME], rb[OUTPUT_NAME], tol.atol, tol.rtol, tol.min_cosine, tol.quantile))
         for name in ra.keys():
             if name.startswith(INDEX_PREFIX) and name in rb.keys():
-                ov, ex = _row_overlap(np.asarray(ra[name]), np.asarray(rb[name]))
+                ov, ex = row_overlap(np.asarray(ra[name]), np.asarray(rb[name]))
                 overlaps.append(ov)
                 exacts.append(ex)
                 blk = int(name[len(INDEX_PREFIX):])

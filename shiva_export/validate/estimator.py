@@ -204,16 +204,47 @@ def check_estimator(
         weights: Local diffusers folder of the backbone.
         seed: Seed of the inputs.
     """
-    from shiva_export.models import load_transformer, num_blocks, router_dims
-    from shiva_export.prune.api import ShivaConfig, apply_shiva_, set_route_override
-    from shiva_export.prune.router import load_routers
     from shiva_export.recipe import Recipe, load_recipe
-    from shiva_export.train.data import make_data
-    from shiva_export.train.loop import _distill_loss, _forward, _make_override, _RouteState
+    from shiva_export.train.cached import make_data
     from shiva_export.train.policy import stratified_timesteps
-    from shiva_export.train.ste import ESTIMATORS, DifferentiableTopK
+    from shiva_export.train.student import distill_loss, forward_with_taps
 
     say = progress or (lambda s: None)
+    _check_estimator_args(estimators, keeps, delta, samples)
+    rec = recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
+    say("load model")
+    transformer, routed, label = _routed_model(rec, weights, router)
+    h, w, t_len = rec.shapes.height, rec.shapes.width, rec.shapes.text_len
+    src = make_data(data, transformer, h, w, t_len, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = src.batch(samples, timesteps=stratified_timesteps(samples, generator=g))
+    inputs = batch.model_inputs()
+    state, hooks = _route_with_taps(transformer, routed)
+    try:
+        say("teacher (dense)")
+        with torch.no_grad():
+            state.mode, state.record_updates, state.updates = "dense", True, {}
+            t_out, t_taps = forward_with_taps(transformer, state, inputs)
+            state.record_updates = False
+            updates = dict(state.updates)
+
+        def loss_at(keep: torch.Tensor, estimator: str) -> torch.Tensor:
+            state.mode, state.estimator, state.keep, state.updates = "student", estimator, keep, updates
+            s_out, s_taps = forward_with_taps(transformer, state, inputs)
+            return distill_loss(s_out, s_taps, t_out, t_taps)
+
+        report = EstimatorReport(model=rec.name, router=label, keeps=[float(k) for k in keeps], delta=float(delta), samples=samples)
+        for qi, q in enumerate(keeps):
+            _keep_level(report, loss_at, routed, qi, float(q), estimators, delta, samples, say)
+        return report
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+def _check_estimator_args(estimators, keeps, delta: float, samples: int) -> None:
+    from shiva_export.train.ste import ESTIMATORS
+
     for e in estimators:
         if e not in ESTIMATORS:
             raise ConfigError(f"estimator {e!r} is unknown; choose from {', '.join(ESTIMATORS)}.")
@@ -224,8 +255,15 @@ def check_estimator(
             raise ConfigError(f"keep level {q} does not allow +-{delta}: expected {delta} < keep <= {1 - delta:g}.")
     if not isinstance(samples, int) or not 1 <= samples <= 256:
         raise ConfigError(f"--samples {samples} is out of range; expected 1..256.")
-    rec = recipe_or_model if isinstance(recipe_or_model, Recipe) else load_recipe(recipe_or_model)
-    say("load model")
+
+
+def _routed_model(rec, weights, router):
+    """The frozen backbone with Shiva applied (the given, the recipe's trained, or the seeded random router):
+    ``(transformer, routed blocks, router label)``."""
+    from shiva_export.models import load_transformer, num_blocks, router_dims
+    from shiva_export.prune.api import ShivaConfig, apply_shiva_
+    from shiva_export.prune.router import load_routers
+
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     for p in transformer.parameters():
         p.requires_grad_(False)
@@ -241,62 +279,49 @@ def check_estimator(
         bank, _ = load_routers(rec.router_weights_path(), rc)
         label = f"trained ({rec.router.weights})"
     apply_shiva_(transformer, scfg, routers=bank, seed=rec.router.seed)
-    h, w, t_len = rec.shapes.height, rec.shapes.width, rec.shapes.text_len
-    src = make_data(data, transformer, h, w, t_len, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    batch = src.batch(samples, timesteps=stratified_timesteps(samples, generator=g))
-    inputs = batch.model_inputs()
+    return transformer, routed, label
+
+
+def _route_with_taps(transformer, routed: list[int]):
+    """The training route override (no score noise) with taps every 4 blocks: ``(state, tap hooks)``."""
+    from shiva_export.models import get_adapter
+    from shiva_export.prune.api import set_route_override
+    from shiva_export.train.ste import DifferentiableTopK
+    from shiva_export.train.student import RouteState, make_override, tap_hook
+
     topk = DifferentiableTopK(noise_std=0.0)
     topk.eval()
-    taps = {b for b in range(n_layers - 1) if (b + 1) % 4 == 0}
-    state = _RouteState(routed, topk, taps)
-    set_route_override(transformer, _make_override(state))
-    hooks = []
-    from shiva_export.models import get_adapter
-    from shiva_export.train.loop import _tap_hook
-
     adapter = get_adapter(transformer)
     blocks = adapter.blocks(transformer)
-    hooks = [blocks[b].register_forward_hook(_tap_hook(state, b, adapter)) for b in taps if b not in routed]
-    try:
-        say("teacher (dense)")
-        with torch.no_grad():
-            state.mode, state.record_updates, state.updates = "dense", True, {}
-            t_out, t_taps = _forward(transformer, state, inputs)
-            state.record_updates = False
-            updates = dict(state.updates)
+    taps = {b for b in range(len(blocks) - 1) if (b + 1) % 4 == 0}
+    state = RouteState(routed, topk, taps)
+    set_route_override(transformer, make_override(state))
+    hooks = [blocks[b].register_forward_hook(tap_hook(state, b, adapter)) for b in taps if b not in routed]
+    return state, hooks
 
-        def loss_at(keep: torch.Tensor, estimator: str) -> torch.Tensor:
-            state.mode, state.estimator, state.keep, state.updates = "student", estimator, keep, updates
-            s_out, s_taps = _forward(transformer, state, inputs)
-            return _distill_loss(s_out, s_taps, t_out, t_taps)
 
-        report = EstimatorReport(model=rec.name, router=label, keeps=[float(k) for k in keeps], delta=float(delta), samples=samples)
-        L = len(routed)
-        for qi, q in enumerate(keeps):
-            say(f"keep {q:g}: finite differences ({2 * L} routed losses)")
-            fds = []
-            with torch.no_grad():
-                base = torch.full((samples, L), float(q))
-                if qi == 0:
-                    report.loss = float(loss_at(base, estimators[0]))
-                for j in range(L):
-                    up, dn = base.clone(), base.clone()
-                    up[:, j] += delta
-                    dn[:, j] -= delta
-                    fds.append((float(loss_at(up, estimators[0])) - float(loss_at(dn, estimators[0]))) / (2 * delta))
-            for e in estimators:
-                say(f"keep {q:g}: {e} gradient")
-                keep = torch.full((samples, L), float(q), requires_grad=True)
-                loss = loss_at(keep, e)
-                (grad,) = torch.autograd.grad(loss, keep)
-                gl = grad.sum(0).tolist()
-                for j, b in enumerate(routed):
-                    fd = fds[j]
-                    flat = abs(fd) * delta <= FLAT_REL * max(report.loss, 1e-12)
-                    agree = None if flat else (math.copysign(1, gl[j]) == math.copysign(1, fd) and gl[j] != 0)
-                    report.cases.append(EstimatorCase(e, float(q), int(b), float(gl[j]), float(fd), agree))
-        return report
-    finally:
-        for hk in hooks:
-            hk.remove()
+def _keep_level(report: EstimatorReport, loss_at, routed: list[int], qi: int, q: float, estimators, delta: float, samples: int, say) -> None:
+    """At keep ``q`` everywhere: the central finite difference per routed layer, then each estimator's gradient against it."""
+    L = len(routed)
+    say(f"keep {q:g}: finite differences ({2 * L} routed losses)")
+    fds = []
+    with torch.no_grad():
+        base = torch.full((samples, L), q)
+        if qi == 0:
+            report.loss = float(loss_at(base, estimators[0]))
+        for j in range(L):
+            up, dn = base.clone(), base.clone()
+            up[:, j] += delta
+            dn[:, j] -= delta
+            fds.append((float(loss_at(up, estimators[0])) - float(loss_at(dn, estimators[0]))) / (2 * delta))
+    for e in estimators:
+        say(f"keep {q:g}: {e} gradient")
+        keep = torch.full((samples, L), q, requires_grad=True)
+        loss = loss_at(keep, e)
+        (grad,) = torch.autograd.grad(loss, keep)
+        gl = grad.sum(0).tolist()
+        for j, b in enumerate(routed):
+            fd = fds[j]
+            flat = abs(fd) * delta <= FLAT_REL * max(report.loss, 1e-12)
+            agree = None if flat else (math.copysign(1, gl[j]) == math.copysign(1, fd) and gl[j] != 0)
+            report.cases.append(EstimatorCase(e, float(q), int(b), float(gl[j]), float(fd), agree))

@@ -226,7 +226,7 @@ def _mean_keep(phases, trace: Sequence[str]) -> float:
 
 def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], bottleneck: int, model_batch: int, context: str = "drop") -> float:
     """Transformer GFLOPs of one image: the sum over its denoising steps (phase per step from the trace)."""
-    from shiva_export.validate.flops import count_flops
+    from shiva_export.models.sd3 import count_flops  # sd35-shapes is an SD3 model
 
     cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     if not phases:
@@ -433,7 +433,7 @@ def _generate(setup: _Setup, m: str, phases, texts: Sequence[str], seeds: Sequen
     """(images, latencies, phase traces) of every prompt x seed (prompts outer), noise from :func:`noise_seed`."""
     import numpy as np
 
-    from shiva_export.prune.api import _ROUTERS_ATTR
+    from shiva_export.prune.api import set_router_bank_
     from shiva_export.prune.baselines import RandomScorer
     from shiva_export.runtime.generate import run_pipeline
 
@@ -442,7 +442,7 @@ def _generate(setup: _Setup, m: str, phases, texts: Sequence[str], seeds: Sequen
     for i, text in enumerate(texts):
         for seed in seeds:
             if m == "random":
-                setup.tf._modules[_ROUTERS_ATTR] = RandomScorer(7000 + 131 * i + seed)
+                set_router_bank_(setup.tf, RandomScorer(7000 + 131 * i + seed))
             res = run_pipeline(p, text, steps=setup.steps, guidance=setup.guidance, seed=noise_seed(seed, i))
             imgs.append(np.asarray(res.image, dtype=np.float64))
             lat.append(res.times.total)
@@ -597,12 +597,11 @@ def validate_quality(
     """
     import torch
 
-    from shiva_export.prune.api import _ROUTERS_ATTR
     from shiva_export.prune.baselines import set_scorer_
-    from shiva_export.runtime.pipeline import _recipe, load_pipeline
+    from shiva_export.runtime.pipeline import _recipe
     from shiva_export.shapes.analyze import FEATURE_NAMES
     from shiva_export.shapes.data import caption
-    from shiva_export.shapes.metrics import FD_GROUPS, judge_images
+    from shiva_export.shapes.metrics import FD_GROUPS
 
     say = progress or (lambda m: None)
     methods, keeps, seeds = _check_options(methods, keeps, seeds, latency_repeats, n_ref, velocity_samples)
@@ -617,38 +616,16 @@ def validate_quality(
         torch.set_num_threads(int(threads))
 
     say("load pipelines")
-    pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
-    setup = _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
-                   n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
-                   trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
-                   guidance=float(rec.pipeline.guidance if guidance is None else guidance))
-    info, tf = pipe.shiva, pipe.transformer
-    n_tokens = (info.height // 8 // tf.config.patch_size) * (info.width // 8 // tf.config.patch_size)
-    model_batch = 2 if setup.guidance > 1.0 else 1
+    setup = _load_setup(rec, weights, keeps, steps, guidance)
+    info = setup.pipe.shiva
     configs = _configs(setup, methods, keeps)
 
     say("real reference features")
-    ref_feat, real = _reference(pipe.vae, scenes, n_ref, len(scenes) * len(seeds))
+    ref_feat, real = _reference(setup.pipe.vae, scenes, n_ref, len(scenes) * len(seeds))
     say("velocity check")
     velocity = _velocity_table(setup, methods, keeps, scenes, velocity_samples, sigmas, info.max_sequence_length)
-    vel_of = {(v["method"], v["keep"]): (v["velocity_error"], v["fg_kept"]) for v in velocity}
-
-    rows, arrays, images, dense_imgs = [], [], {}, []
-    prompt_of = [s for s in scenes for _ in seeds]
-    for ci, (m, k, phases) in enumerate(configs):
-        say(f"generate {LABELS[m]} keep {k:.2f} ({ci + 1}/{len(configs)})")
-        imgs, lat, traces = _generate(setup, m, phases, texts, seeds)
-        dense_imgs = imgs if m == "dense" else dense_imgs
-        judged = judge_images(imgs, prompt_of)
-        stats, correct, feats = _quality_stats(judged, len(scenes), seeds, ref_feat)
-        gfl = _gflops(dict(tf.config), n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch, info.context or "drop")
-        row = _row(setup, m, k, phases, imgs, lat, traces, dense_imgs, judged, stats, gfl, seeds)
-        if (m, k) in vel_of:
-            row["velocity_error"], row["fg_kept"] = vel_of[(m, k)]
-        rows.append(row)
-        arrays.append((correct, feats))
-        images[(m, k)] = imgs
-    set_scorer_(tf, setup.bank)
+    rows, arrays, images = _generate_rows(setup, configs, scenes, texts, seeds, ref_feat, velocity, say)
+    set_scorer_(setup.pipe.transformer, setup.bank)
 
     say(f"latency ({latency_repeats} interleaved rounds)")
     _set_latency(rows, _latency(setup, configs, texts[0], seeds[0], latency_repeats))
@@ -667,6 +644,44 @@ def validate_quality(
     return report
 
 
+def _load_setup(rec, weights, keeps: list[float], steps: int | None, guidance: float | None) -> _Setup:
+    """The pruned pipeline (at the first keep) and the dense one, with the recipe's router, schedule, steps and guidance."""
+    from shiva_export.prune.api import _ROUTERS_ATTR
+    from shiva_export.runtime.pipeline import load_pipeline
+
+    pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
+    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[_ROUTERS_ATTR],
+                  n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
+                  trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
+                  guidance=float(rec.pipeline.guidance if guidance is None else guidance))
+
+
+def _generate_rows(setup: _Setup, configs, scenes, texts: list[str], seeds: list[int], ref_feat, velocity: list[dict], say):
+    """Every configuration generated and judged: ``(rows, (correct, features) per row, images per (method, keep))``."""
+    from shiva_export.shapes.metrics import judge_images
+
+    info, tf, rec = setup.pipe.shiva, setup.pipe.transformer, setup.rec
+    n_tokens = (info.height // 8 // tf.config.patch_size) * (info.width // 8 // tf.config.patch_size)
+    model_batch = 2 if setup.guidance > 1.0 else 1
+    vel_of = {(v["method"], v["keep"]): (v["velocity_error"], v["fg_kept"]) for v in velocity}
+    rows, arrays, images, dense_imgs = [], [], {}, []
+    prompt_of = [s for s in scenes for _ in seeds]
+    for ci, (m, k, phases) in enumerate(configs):
+        say(f"generate {LABELS[m]} keep {k:.2f} ({ci + 1}/{len(configs)})")
+        imgs, lat, traces = _generate(setup, m, phases, texts, seeds)
+        dense_imgs = imgs if m == "dense" else dense_imgs
+        judged = judge_images(imgs, prompt_of)
+        stats, correct, feats = _quality_stats(judged, len(scenes), seeds, ref_feat)
+        gfl = _gflops(dict(tf.config), n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch, info.context or "drop")
+        row = _row(setup, m, k, phases, imgs, lat, traces, dense_imgs, judged, stats, gfl, seeds)
+        if (m, k) in vel_of:
+            row["velocity_error"], row["fg_kept"] = vel_of[(m, k)]
+        rows.append(row)
+        arrays.append((correct, feats))
+        images[(m, k)] = imgs
+    return rows, arrays, images
+
+
 def _router_desc(info) -> str:
     return info.router.get("source", "?") if isinstance(info.router, dict) else str(info.router)
 
@@ -680,7 +695,7 @@ def _pareto_png(report: QualityReport) -> bytes:
     colors = {"dense": "black", "shiva": "#d62728", "shiva-learned": "#ff7f0e", "random": "#7f7f7f", "l2norm": "#1f77b4", "spatial-rotating": "#2ca02c",
               "spatial-fixed": "#98df8a"}
     for ax, key, name, better_low in ((axes[0], "fd", "Fréchet distance (analytic features) ↓", True), (axes[1], "accuracy", "prompt accuracy ↑", False)):
-        pts = sorted(((r["latency_ms"], r[key]) for r in report.rows if math.isfinite(r[key])))
+        pts = sorted((r["latency_ms"], r[key]) for r in report.rows if math.isfinite(r[key]))
         front, best = [], None
         for x, y in pts:
             if best is None or (y < best if better_low else y > best):
@@ -716,7 +731,7 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
     check_writable(out / "quality.json", "quality report")
     report.out_dir = str(out)
     rows, labels = [], []
-    for (m, k, _), r in zip(configs, report.rows):
+    for (m, k, _), _row in zip(configs, report.rows):
         imgs = images[(m, k)][::n_seeds]  # the first seed of every prompt
         rows.append([_to_pil(im) for im in imgs])
         labels.append(f"{m} {k:.2f}")

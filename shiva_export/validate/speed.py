@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,14 +46,33 @@ from torch import nn
 
 from shiva_export._imports import lazy_import, require
 from shiva_export.errors import ConfigError, HardwareError, ShivaInternalError
-from shiva_export.validate.parity import ort_session
+from shiva_export.export.ort import ort_session
 from shiva_export.logging import get_logger
-from shiva_export.models import InputSpec, check_image_size, get_adapter, input_names, load_transformer, make_inputs, num_blocks, num_image_tokens, router_dims
-from shiva_export.prune.api import ShivaConfig, apply_shiva_, block_budgets, is_shiva_applied, record_selection, remove_shiva_
+from shiva_export.models import (
+    InputSpec,
+    check_image_size,
+    get_adapter,
+    input_names,
+    load_transformer,
+    make_inputs,
+    num_blocks,
+    num_image_tokens,
+    router_dims,
+)
+from shiva_export.prune.api import (
+    ShivaConfig,
+    apply_shiva_,
+    block_budgets,
+    is_shiva_applied,
+    record_selection,
+    remove_shiva_,
+)
 from shiva_export.prune.router import RouterBank
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk
 from shiva_export.recipe import load_recipe
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from shiva_export.utils.machine import loadavg as _loadavg
+from shiva_export.utils.machine import machine_info as _machine
 from shiva_export.validate.flops import count_model_flops, ideal_speedup
 
 __all__ = ["SpeedRow", "SpeedReport", "benchmark_speed", "BACKENDS"]
@@ -222,55 +240,6 @@ class _Variant:
     prepare: Callable[[], None] = lambda: None
 
 
-def _cpuinfo() -> dict[str, Any]:
-    """First processor's fields of /proc/cpuinfo that identify the CPU (empty off Linux)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return {}
-    flags = set(fields.get("flags", "").split())
-    return {
-        "cpu_vendor": fields.get("vendor_id"),
-        "cpu_family": fields.get("cpu family"),
-        "cpu_model_number": fields.get("model"),
-        "cpu_mhz": fields.get("cpu MHz"),
-        "cpu_cores_per_socket": fields.get("cpu cores"),
-        "cpu_simd": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")),
-        "cpu_model": fields.get("model name"),
-    }
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def _machine(load_start: float | None) -> dict[str, Any]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-    info = _cpuinfo()
-    return {
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
-        **info,
-        "cpu_model": info.get("cpu_model") or platform.processor() or platform.machine() or "unknown",
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": affinity,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -393,74 +362,106 @@ def benchmark_speed(
     return report
 
 
+class _Bench:
+    """The model, keep schedules, router, FLOP model and inputs one benchmark times, and its timings."""
+
+    def __init__(self, rec, spec: InputSpec, ratios: list[float], say):
+        self.rec, self.spec, self.ratios = rec, spec, ratios
+        self.timings: dict[str, Any] = {}
+        say("load model")
+        t0 = time.perf_counter()
+        self.transformer = transformer = load_transformer(recipe=rec, dtype="fp32")
+        self.timings["load_seconds"] = round(time.perf_counter() - t0, 3)
+        check_image_size(transformer, spec.height, spec.width)
+        self.n_layers = num_blocks(transformer)
+        self.n_tokens = num_image_tokens(transformer, spec.height, spec.width)
+        self.routed = rec.routed_blocks(self.n_layers)
+        self.configs = {
+            r: ShivaConfig.uniform(self.n_layers, r, self.routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+            for r in ratios
+        }
+        self.budgets = {r: block_budgets(c, self.n_tokens) for r, c in self.configs.items()}  # raises if a ratio leaves k = 0
+        self._router()
+        self._flops()
+        self.inputs = make_inputs(transformer, spec, seed=0)
+
+    def _router(self) -> None:
+        from shiva_export.export.pruned import resolve_router, router_tensor_hash
+
+        rec = self.rec
+        rc = self.configs[self.ratios[0]].router_config(*router_dims(self.transformer))
+        bank, self.router_info = resolve_router(rec, None, rc)
+        if bank is None:  # the recipe's seeded random router, exactly as apply_shiva_/export_pruned build it
+            bank = RouterBank(rc)
+            bank.reset_parameters(rec.router.seed)
+        self.bank = bank
+        self.router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
+
+    def _flops(self) -> None:
+        """The ideal: analytic FLOPs of the dense and every pruned configuration."""
+        t, spec = self.transformer, self.spec
+        fl_kwargs = dict(batch=spec.model_batch, bottleneck=self.rec.router.bottleneck)
+        self.dense_flops = count_model_flops(t, t.config, self.n_tokens, spec.text_len, None, **fl_kwargs)
+        self.pruned_flops = {r: count_model_flops(t, t.config, self.n_tokens, spec.text_len, self.configs[r].keep_ratios, **fl_kwargs) for r in self.ratios}
+        self.ideal = {r: ideal_speedup(self.dense_flops, f) for r, f in self.pruned_flops.items()}
+
+
 def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, device, tmp: Path, say, command, load_start) -> SpeedReport:
-    from shiva_export.export.onnx import _quiet_exporter, export_onnx, package_versions
-    from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
-
-    timings: dict[str, Any] = {}
-    say("load model")
-    t0 = time.perf_counter()
-    transformer = load_transformer(recipe=rec, dtype="fp32")
-    timings["load_seconds"] = round(time.perf_counter() - t0, 3)
-    check_image_size(transformer, spec.height, spec.width)
-    n_layers = num_blocks(transformer)
-    n_tokens = num_image_tokens(transformer, spec.height, spec.width)
-    routed = rec.routed_blocks(n_layers)
-    configs = {
-        r: ShivaConfig.uniform(n_layers, r, routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
-        for r in ratios
-    }
-    budgets = {r: block_budgets(c, n_tokens) for r, c in configs.items()}  # raises if a ratio leaves k = 0
-    first = configs[ratios[0]]
-    rc = first.router_config(*router_dims(transformer))
-    bank, router_info = resolve_router(rec, None, rc)
-    if bank is None:  # the recipe's seeded random router, exactly as apply_shiva_/export_pruned build it
-        bank = RouterBank(rc)
-        bank.reset_parameters(rec.router.seed)
-    router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
-
-    # ---- FLOPs (the ideal) -------------------------------------------------------------------------
-    fl_kwargs = dict(batch=spec.model_batch, bottleneck=rec.router.bottleneck)
-    dense_flops = count_model_flops(transformer, transformer.config, n_tokens, spec.text_len, None, **fl_kwargs)
-    pruned_flops = {r: count_model_flops(transformer, transformer.config, n_tokens, spec.text_len, configs[r].keep_ratios, **fl_kwargs) for r in ratios}
-    ideal = {r: ideal_speedup(dense_flops, f) for r, f in pruned_flops.items()}
-
-    inputs = make_inputs(transformer, spec, seed=0)
-    tdev = torch.device(device)
+    bench = _Bench(rec, spec, ratios, say)
     variants: list[_Variant] = []
-
-    # ---- ONNX exports and sessions (done first: export_onnx needs the model without Shiva) ---------
-    sessions: dict[str, Any] = {}
+    if "ort" in backends:  # done first: export_onnx needs the model without Shiva
+        variants += _ort_variants(bench, tmp, threads, say)
+    torch_variants, selection = _torch_variants(bench, torch.device(device), say)
+    if "torch" in backends:
+        variants += torch_variants
+    notes: list[str] = []
     if "ort" in backends:
-        say("export onnx (dense)")
-        t0 = time.perf_counter()
-        export_onnx(transformer, tmp / "dense.onnx", spec, opset=rec.export.opset, routed_blocks=None)
-        timings["export_seconds"] = {"dense": round(time.perf_counter() - t0, 3)}
-        for r in ratios:
-            say(f"export onnx (ratio {r:.2f})")
-            t0 = time.perf_counter()
-            res = export_pruned(
-                recipe=rec, ratio=r, height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len,
-                cfg=spec.cfg, dtype="fp32", validate=False, out=tmp / f"ratio{r:.2f}.onnx",
-            )
-            timings["export_seconds"][f"ratio{r:.2f}"] = round(time.perf_counter() - t0, 3)
-            if res.budgets != budgets[r]:
-                raise ShivaInternalError(f"export budgets {res.budgets} differ from the benchmark's {budgets[r]}")
-            if res.router["tensor_sha256"] != router_info["tensor_sha256"]:
-                raise ShivaInternalError("the exported router differs from the benchmark's torch router")
-        say("onnxruntime sessions")
-        t0 = time.perf_counter()
-        sessions["dense"] = ort_session(tmp / "dense.onnx", threads=threads)
-        for r in ratios:
-            sessions[f"ratio{r:.2f}"] = ort_session(tmp / f"ratio{r:.2f}.onnx", threads=threads)
-        timings["ort_session_seconds"] = round(time.perf_counter() - t0, 3)
-        feeds = {n: inputs[n].numpy() for n in input_names(transformer)}
-        for name, sess in sessions.items():
-            variants.append(_Variant(f"ort/{name}", lambda s=sess: s.run(None, feeds)))
+        variants += _ort_selection_variants(bench, selection, tmp, threads, torch.device(device), notes, say)
+    times = _round_robin(bench, variants, warmup, repeats, say)
+    if is_shiva_applied(bench.transformer):
+        remove_shiva_(bench.transformer)
+    rows = _rows(bench, backends, times)
+    return _report(bench, rows, backends, warmup, repeats, threads, device, notes, command, load_start)
 
-    # ---- torch variants ---------------------------------------------------------------------------
+
+def _ort_variants(bench: _Bench, tmp: Path, threads, say) -> list[_Variant]:
+    """The dense and pruned ONNX exports (checked to use the benchmark's budgets and router) as ORT sessions."""
+    from shiva_export.export.onnx import export_onnx
+    from shiva_export.export.pruned import export_pruned
+
+    rec, spec, timings = bench.rec, bench.spec, bench.timings
+    say("export onnx (dense)")
+    t0 = time.perf_counter()
+    export_onnx(bench.transformer, tmp / "dense.onnx", spec, opset=rec.export.opset, routed_blocks=None)
+    timings["export_seconds"] = {"dense": round(time.perf_counter() - t0, 3)}
+    for r in bench.ratios:
+        say(f"export onnx (ratio {r:.2f})")
+        t0 = time.perf_counter()
+        res = export_pruned(
+            recipe=rec, ratio=r, height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len,
+            cfg=spec.cfg, dtype="fp32", validate=False, out=tmp / f"ratio{r:.2f}.onnx",
+        )
+        timings["export_seconds"][f"ratio{r:.2f}"] = round(time.perf_counter() - t0, 3)
+        if res.budgets != bench.budgets[r]:
+            raise ShivaInternalError(f"export budgets {res.budgets} differ from the benchmark's {bench.budgets[r]}")
+        if res.router["tensor_sha256"] != bench.router_info["tensor_sha256"]:
+            raise ShivaInternalError("the exported router differs from the benchmark's torch router")
+    say("onnxruntime sessions")
+    t0 = time.perf_counter()
+    sessions = {"dense": ort_session(tmp / "dense.onnx", threads=threads)}
+    for r in bench.ratios:
+        sessions[f"ratio{r:.2f}"] = ort_session(tmp / f"ratio{r:.2f}.onnx", threads=threads)
+    timings["ort_session_seconds"] = round(time.perf_counter() - t0, 3)
+    feeds = {n: bench.inputs[n].numpy() for n in input_names(bench.transformer)}
+    return [_Variant(f"ort/{name}", lambda s=sess: s.run(None, feeds)) for name, sess in sessions.items()]
+
+
+def _torch_variants(bench: _Bench, tdev: torch.device, say) -> tuple[list[_Variant], tuple]:
+    """The torch dense, pruned and selection-path variants, and the selection path's recorded inputs
+    ``(block inputs per ratio, temb, pooled)``."""
+    transformer, configs, bank = bench.transformer, bench.configs, bench.bank
     transformer.to(tdev)
-    tin = {k: v.to(tdev) for k, v in inputs.items()}
+    tin = {k: v.to(tdev) for k, v in bench.inputs.items()}
     sync = torch.cuda.synchronize if tdev.type == "cuda" else (lambda: None)
 
     current: list[float | None] = [None]  # the ratio the torch model is set up for (None = plain dense)
@@ -483,59 +484,66 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     # Record every routed block's input from a real pruned forward, for the selection-path timing.
     say("record routed-block inputs")
     block_inputs: dict[float, tuple[torch.Tensor, ...]] = {}
-    for r in ratios:
+    for r in bench.ratios:
         set_variant(r)
         with torch.inference_mode(), record_selection(transformer, hidden_states=True) as recs:
             transformer(**tin)
         block_inputs[r] = tuple(x["hidden_in"] for x in recs)
     temb, pooled = recs[0]["temb"], recs[0]["pooled"]  # the router context of this call, as the adapter captures it
-    sel_modules = {r: _SelectionPath(bank, budgets[r], spec.cfg, configs[r].selection).eval() for r in ratios}
+    sel_modules = {r: _SelectionPath(bank, bench.budgets[r], bench.spec.cfg, configs[r].selection).eval() for r in bench.ratios}
 
-    if "torch" in backends:
-        variants.append(_Variant("torch/dense", forward, lambda: set_variant(None)))
-        for r in ratios:
-            variants.append(_Variant(f"torch/ratio{r:.2f}", forward, lambda r=r: set_variant(r)))
+    variants = [_Variant("torch/dense", forward, lambda: set_variant(None))]
+    for r in bench.ratios:
+        variants.append(_Variant(f"torch/ratio{r:.2f}", forward, lambda r=r: set_variant(r)))
 
-            def sel(r=r) -> None:
-                with torch.inference_mode():
-                    sel_modules[r](block_inputs[r], temb, pooled)
-                sync()
+        def sel(r=r) -> None:
+            with torch.inference_mode():
+                sel_modules[r](block_inputs[r], temb, pooled)
+            sync()
 
-            variants.append(_Variant(f"torch-selection/ratio{r:.2f}", sel))
+        variants.append(_Variant(f"torch-selection/ratio{r:.2f}", sel))
+    return variants, (block_inputs, temb, pooled)
 
-    notes: list[str] = []
-    if "ort" in backends:
-        say("export selection-only onnx")
-        sel_feeds_ok = True
-        cpu_inputs = {r: tuple(x.cpu() for x in block_inputs[r]) for r in ratios}
-        temb_c, pooled_c = temb.cpu(), pooled.cpu()
-        for r in ratios:
-            path = tmp / f"selection{r:.2f}.onnx"
-            try:
-                mod = _SelectionPath(bank, budgets[r], spec.cfg, configs[r].selection).cpu().eval()
-                with torch.no_grad(), _quiet_exporter():
-                    torch.onnx.export(mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET)
-                sess = ort_session(path, threads=threads)
-                names = [i.name for i in sess.get_inputs()]
-                arrays = [x.numpy() for x in cpu_inputs[r]] + [temb_c.numpy(), pooled_c.numpy()]
-                if len(names) != len(arrays):
-                    raise ValueError(f"selection graph has {len(names)} inputs, expected {len(arrays)}")
-            except Exception as err:  # noqa: BLE001 - exporter failures come in many types
-                logger.warning("selection-only ONNX export failed (%s); ORT overhead not measured", (str(err).splitlines() or [""])[0][:200])
-                sel_feeds_ok = False
-                break
-            sel_feed = dict(zip(names, arrays))
-            variants.append(_Variant(f"ort-selection/ratio{r:.2f}", lambda s=sess, f=sel_feed: s.run(None, f)))
-        bank.to(tdev)
-        if not sel_feeds_ok:
-            variants = [v for v in variants if not v.key.startswith("ort-selection/")]
-            notes.append("ORT routing overhead not measured: the selection-only graph failed to export (see the log).")
 
-    # ---- interleaved round-robin -------------------------------------------------------------------
+def _ort_selection_variants(bench: _Bench, selection: tuple, tmp: Path, threads, tdev: torch.device, notes: list[str], say) -> list[_Variant]:
+    """The selection path as a selection-only ONNX graph per ratio in ORT; none (and a note) if one fails to export."""
+    from shiva_export.export.onnx import _quiet_exporter
+
+    block_inputs, temb, pooled = selection
+    say("export selection-only onnx")
+    cpu_inputs = {r: tuple(x.cpu() for x in block_inputs[r]) for r in bench.ratios}
+    temb_c, pooled_c = temb.cpu(), pooled.cpu()
+    variants: list[_Variant] = []
+    ok = True
+    for r in bench.ratios:
+        path = tmp / f"selection{r:.2f}.onnx"
+        try:
+            mod = _SelectionPath(bench.bank, bench.budgets[r], bench.spec.cfg, bench.configs[r].selection).cpu().eval()
+            with torch.no_grad(), _quiet_exporter():
+                torch.onnx.export(mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET)
+            sess = ort_session(path, threads=threads)
+            names = [i.name for i in sess.get_inputs()]
+            arrays = [x.numpy() for x in cpu_inputs[r]] + [temb_c.numpy(), pooled_c.numpy()]
+            if len(names) != len(arrays):
+                raise ValueError(f"selection graph has {len(names)} inputs, expected {len(arrays)}")
+        except Exception as err:  # noqa: BLE001 - exporter failures come in many types
+            logger.warning("selection-only ONNX export failed (%s); ORT overhead not measured", (str(err).splitlines() or [""])[0][:200])
+            ok = False
+            break
+        sel_feed = dict(zip(names, arrays))
+        variants.append(_Variant(f"ort-selection/ratio{r:.2f}", lambda s=sess, f=sel_feed: s.run(None, f)))
+    bench.bank.to(tdev)
+    if not ok:
+        notes.append("ORT routing overhead not measured: the selection-only graph failed to export (see the log).")
+        return []
+    return variants
+
+
+def _round_robin(bench: _Bench, variants: list[_Variant], warmup: int, repeats: int, say) -> dict[str, list[float]]:
+    """Every variant once per round, the order rotated by one each round; times (ms) of the rounds after ``warmup``."""
     times: dict[str, list[float]] = {v.key: [] for v in variants}
-    total_rounds = warmup + repeats
     t_bench = time.perf_counter()
-    for rnd in range(total_rounds):
+    for rnd in range(warmup + repeats):
         say(f"{'warm-up' if rnd < warmup else 'round'} {rnd + 1 if rnd < warmup else rnd - warmup + 1}/{warmup if rnd < warmup else repeats}")
         shift = rnd % len(variants)
         for v in variants[shift:] + variants[:shift]:
@@ -545,11 +553,12 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
             dt = (time.perf_counter() - t0) * 1e3
             if rnd >= warmup:
                 times[v.key].append(dt)
-    timings["benchmark_seconds"] = round(time.perf_counter() - t_bench, 3)
-    if is_shiva_applied(transformer):
-        remove_shiva_(transformer)
+    bench.timings["benchmark_seconds"] = round(time.perf_counter() - t_bench, 3)
+    return times
 
-    # ---- rows -------------------------------------------------------------------------------------
+
+def _rows(bench: _Bench, backends, times: dict[str, list[float]]) -> list[SpeedRow]:
+    """Per backend: the dense row, then one row per ratio (speedup = median of per-round ratios, overhead)."""
     rows: list[SpeedRow] = []
     for backend in backends:
         dense_t = times[f"{backend}/dense"]
@@ -557,32 +566,29 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
             SpeedRow(
                 backend=backend, variant="dense", ratio=None, keep=1.0, k=None, times_ms=dense_t,
                 median_ms=float(np.median(dense_t)), p90_ms=_pct(dense_t, 90), speedup=1.0, ideal_speedup=1.0,
-                efficiency=None, flops=dense_flops.total,
+                efficiency=None, flops=bench.dense_flops.total,
             )
         )
-        for r in ratios:
+        for r in bench.ratios:
             key = f"ratio{r:.2f}"
             t = times[f"{backend}/{key}"]
             med = float(np.median(t))
             speedup = float(np.median([d / p for d, p in zip(dense_t, t)]))
-            sel_key = f"{backend}-selection/{key}"
-            sel_t = times.get(sel_key, [])
+            sel_t = times.get(f"{backend}-selection/{key}", [])
             ovh = float(np.median(sel_t)) if sel_t else None
             rows.append(
                 SpeedRow(
-                    backend=backend, variant=key, ratio=r, keep=1.0 - r, k=min(budgets[r].values()), times_ms=t,
-                    median_ms=med, p90_ms=_pct(t, 90), speedup=speedup, ideal_speedup=ideal[r],
-                    efficiency=speedup / ideal[r], flops=pruned_flops[r].total, overhead_ms=ovh,
+                    backend=backend, variant=key, ratio=r, keep=1.0 - r, k=min(bench.budgets[r].values()), times_ms=t,
+                    median_ms=med, p90_ms=_pct(t, 90), speedup=speedup, ideal_speedup=bench.ideal[r],
+                    efficiency=speedup / bench.ideal[r], flops=bench.pruned_flops[r].total, overhead_ms=ovh,
                     overhead_pct=None if ovh is None else 100.0 * ovh / med, overhead_times_ms=sel_t,
                 )
             )
+    return rows
 
-    threads_info: dict[str, Any] = {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
-    if "ort" in backends:
-        threads_info.update(ort_intra_op=threads, ort_inter_op=1, ort_execution_mode="sequential", ort_allow_spinning=False)
-    versions = package_versions()
-    versions["numpy"] = np.__version__
-    notes += [
+
+def _report_notes(backends, device: str) -> list[str]:
+    notes = [
         "Selection-path overhead = router scoring of all N tokens + top-k (bounded lowering) + gather + scatter "
         "for every routed block, run alone on the block inputs recorded from a pruned forward; it is an estimate "
         "(inside the full graph the backend may fuse or schedule it differently).",
@@ -593,24 +599,36 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
     ]
     if device == "cpu" and "ort" in backends and "torch" in backends:
         notes.append("torch and ORT variants run in the same process and the same rounds; ORT intra-op spinning is off so its pool does not compete with torch.")
+    return notes
 
+
+def _report(bench: _Bench, rows: list[SpeedRow], backends, warmup, repeats, threads, device, notes: list[str], command, load_start) -> SpeedReport:
+    from shiva_export.export.onnx import package_versions
+
+    spec, ratios, transformer = bench.spec, bench.ratios, bench.transformer
+    threads_info: dict[str, Any] = {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
+    if "ort" in backends:
+        threads_info.update(ort_intra_op=threads, ort_inter_op=1, ort_execution_mode="sequential", ort_allow_spinning=False)
+    versions = package_versions()
+    versions["numpy"] = np.__version__
     flops_info = {
-        "dense": dense_flops.to_dict(),
-        "pruned": {f"{r:.2f}": pruned_flops[r].to_dict() for r in ratios},
-        "ideal_speedup": {f"{r:.2f}": ideal[r] for r in ratios},
+        "dense": bench.dense_flops.to_dict(),
+        "pruned": {f"{r:.2f}": bench.pruned_flops[r].to_dict() for r in ratios},
+        "ideal_speedup": {f"{r:.2f}": bench.ideal[r] for r in ratios},
     }
+    k_per_block = {f"{r:.2f}": {str(b): k for b, k in bench.budgets[r].items()} for r in ratios}
     return SpeedReport(
-        model=rec.name,
+        model=bench.rec.name,
         device=device,
         dtype="fp32",
         spec=spec.to_dict(),
         model_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items() if not k.startswith("_")},
         architecture=get_adapter(transformer).NAME,
-        num_layers=n_layers,
+        num_layers=bench.n_layers,
         model_batch=spec.model_batch,
-        num_image_tokens=n_tokens,
+        num_image_tokens=bench.n_tokens,
         text_len=spec.text_len,
-        routed_blocks=list(routed),
+        routed_blocks=list(bench.routed),
         warmup=warmup,
         repeats=repeats,
         threads=threads_info,
@@ -618,8 +636,8 @@ def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, devic
         versions=versions,
         rows=rows,
         flops=flops_info,
-        timings=timings | {"router": router_info, "k_per_block": {f"{r:.2f}": {str(b): k for b, k in budgets[r].items()} for r in ratios}},
-        notes=notes,
+        timings=bench.timings | {"router": bench.router_info, "k_per_block": k_per_block},
+        notes=notes + _report_notes(backends, device),
         command=command,
     )
 

@@ -84,6 +84,8 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
         return Suite.model_validate(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: arrays or tables nested too deeply to be a suite. Pass a suite shaped like validate/*.toml.") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a UTF-8 text file, so not a suite. Pass a .toml suite.") from None
     except OSError as err:

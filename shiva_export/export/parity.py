@@ -1,6 +1,7 @@
 """Parity of an exported ONNX against the PyTorch pruned model, in ONNX Runtime.
 
-The reference is the PyTorch model with the same router and budget (float32 unless given otherwise).
+The export's own check (``export_pruned(validate=True)``), so it lives on the export floor; ``validate``
+reuses its statistics. The reference is the PyTorch model with the same router and budget (float32 unless given otherwise).
 Besides the output, the kept-index set of every routed block is compared: an index mismatch means
 the deployed model *selected different tokens* (e.g. ties or fp16 scores), which is a different failure
 from numeric drift. The kept-index tensors are located at export time (``shiva.kept_index_tensors`` in
@@ -19,18 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from shiva_export._imports import lazy_import
-from shiva_export.errors import HardwareError
+from shiva_export.export.ort import PROVIDERS, ChainedSession
 from shiva_export.logging import get_logger
 from shiva_export.models import OUTPUT_NAME, get_adapter
-from shiva_export.prune.api import is_shiva_applied, record_selection
+from shiva_export.prune.api import is_shiva_applied, record_selection, set_route_override
+from shiva_export.prune.topk import gather_tokens, scatter_tokens
 
-__all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "ort_session", "ChainedSession"]
+__all__ = ["OutputStats", "CaseResult", "ParityReport", "check_parity", "compare_arrays", "row_overlap"]
 
 logger = get_logger(__name__)
-ort = lazy_import("onnxruntime", purpose="ONNX parity checks")
-
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass
@@ -170,129 +168,13 @@ class ParityReport:
         return d
 
 
-def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimizations: bool = False, threads: int | None = None):
-    """An ONNX Runtime session on ``provider``; refuses a silent fallback to another provider.
-
-    Args:
-        threads (int): Pin ``intra_op_num_threads`` and run sequentially with one inter-op thread and no
-            intra-op spinning (idle ORT threads would otherwise steal cores from interleaved timings).
-            Defaults to None (ORT's own threading).
-    """
-    if provider not in _PROVIDERS:
-        raise ValueError(f"provider {provider!r} unknown; choose one of {list(_PROVIDERS)}")
-    want = _PROVIDERS[provider]
-    if want not in ort.get_available_providers():
-        raise HardwareError(
-            f"ONNX Runtime provider {want} is not available (have {ort.get_available_providers()}). "
-            "Install onnxruntime-gpu (and only it) on a CUDA machine, or use --provider cpu."
-        )
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if disable_optimizations:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads is not None:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=[want])
-    if sess.get_providers()[0] != want:
-        raise HardwareError(f"ONNX Runtime fell back from {want} to {sess.get_providers()[0]}; refusing a silent fallback.")
-    return sess
-
-
-class _Arg:
-    def __init__(self, name: str, type: str = "tensor(float)"):
-        self.name, self.type = name, type
-
-
-class ChainedSession:
-    """ONNX Runtime behind the one-session interface (``get_inputs``, ``get_outputs``, ``run``) for an export or
-    for a cut export (:mod:`shiva_export.export.segments`, given any of its segment files), whose segments run one
-    after another, each in its own session. With ``index_outputs``, each graph also returns the kept indices of
-    the blocks it routes (``index_tensors``: block -> output name); :meth:`close` removes the temporary graphs
-    that adds."""
-
-    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, index_outputs: bool = False):
-        from shiva_export.export.segments import is_segment_path, read_segments
-
-        self.segments = read_segments(path) if is_segment_path(path) else None
-        self._tmp: list[Path] = []
-        self.sessions = []
-        self.index_tensors: dict[int, str] = {}
-        try:
-            for graph in [s.path for s in self.segments] if self.segments else [Path(path)]:
-                if index_outputs:
-                    idx = _read_index_tensors(graph)
-                    self.index_tensors.update(idx)
-                    if idx:
-                        graph = _with_index_outputs(graph, idx)
-                        self._tmp.append(graph)
-                self.sessions.append(ort_session(graph, provider, threads=threads))
-        except BaseException:
-            self.close()
-            raise
-
-    def get_inputs(self) -> list[Any]:
-        if not self.segments:
-            return self.sessions[0].get_inputs()
-        types = {i.name: i.type for s in self.sessions for i in s.get_inputs()}
-        return [_Arg(n, types.get(n, "tensor(float)")) for n in self.segments[0].source_inputs if n in types]
-
-    def get_outputs(self) -> list[Any]:
-        if not self.segments:
-            return self.sessions[0].get_outputs()
-        return [_Arg(o.name) for s in self.sessions for o in s.get_outputs() if o.name == OUTPUT_NAME or o.name in self.index_tensors.values()]
-
-    def get_providers(self) -> list[str]:
-        return self.sessions[0].get_providers()
-
-    def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if not self.segments:
-            return self.sessions[0].run(names, feed)
-        from shiva_export.export.segments import run_chain
-
-        def one(i: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            sess = self.sessions[i]
-            out_names = [o.name for o in sess.get_outputs()]
-            return dict(zip(out_names, sess.run(out_names, inputs)))
-
-        env = run_chain([s.inputs for s in self.segments], one, feed)
-        return [env[n] for n in (names or [OUTPUT_NAME])]
-
-    def close(self) -> None:
-        for p in self._tmp:
-            p.unlink(missing_ok=True)
-        self._tmp = []
-
-
-def _with_index_outputs(onnx_path: Path, index_tensors: dict[int, str]) -> Path:
-    """A copy of the graph (same folder, so external data resolves) with kept-index tensors as outputs."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    existing = {o.name for o in model.graph.output}
-    for name in index_tensors.values():
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-    tmp = onnx_path.parent / f".{onnx_path.stem}.parity-{os.getpid()}.onnx"
-    onnx.save(model, str(tmp))
-    return tmp
-
-
-def _read_index_tensors(onnx_path: Path) -> dict[int, str]:
-    from shiva_export.export.onnx import read_shiva_metadata
-
-    return {int(k): v for k, v in read_shiva_metadata(onnx_path).get("kept_index_tensors", {}).items()}
-
-
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.detach().cpu().numpy()
 
 
-def _row_overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def row_overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(mean |A & B| / k over rows, fraction of rows with identical sets)."""
     if a.shape != b.shape:
         return 0.0, 0.0
@@ -340,8 +222,6 @@ def _near_ties(rec: list[dict], backend_idx: dict[int, np.ndarray]) -> int:
 
 def _reference_with_indices(reference: nn.Module, inputs: dict, backend_idx: dict[int, np.ndarray]) -> torch.Tensor:
     """The reference's output with every routed block keeping the backend's tokens (tie-resolved)."""
-    from shiva_export.prune.api import set_route_override
-    from shiva_export.prune.topk import gather_tokens, scatter_tokens
 
     def forced(index, hidden_states, temb, pooled, run_block, shared, routers):
         idx = torch.as_tensor(backend_idx[index], dtype=torch.long, device=hidden_states.device)
@@ -386,7 +266,7 @@ def check_parity(
             Defaults to the reference inputs' dtype.
     """
     onnx_path = Path(onnx_path)
-    report = ParityReport(str(onnx_path), _PROVIDERS.get(provider, provider), dtype, min_index_agreement)
+    report = ParityReport(str(onnx_path), PROVIDERS.get(provider, provider), dtype, min_index_agreement)
     if dtype == "bf16" and provider == "cpu":
         report.status = "skipped"
         report.reason = "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
@@ -407,7 +287,7 @@ def check_parity(
             feed = {}
             for name in (i.name for i in sess.get_inputs()):  # the graph's inputs; the rest are baked in
                 t = inputs[name]
-                if name in float_names and onnx_input_dtype is not None:
+                if (name in float_names or name.startswith("controlnet_block_")) and onnx_input_dtype is not None:
                     t = t.to(onnx_input_dtype)
                 feed[name] = _to_numpy(t)
             outs = dict(zip(out_names, sess.run(out_names, feed)))
@@ -415,7 +295,7 @@ def check_parity(
             for r in rec:
                 name = index_tensors.get(r["block"])
                 if name is not None and name in outs:
-                    agree[r["block"]], exact[r["block"]] = _row_overlap(r["indices"].cpu().numpy(), outs[name])
+                    agree[r["block"]], exact[r["block"]] = row_overlap(r["indices"].cpu().numpy(), outs[name])
             ties = 0
             if rec and any(v < 1.0 for v in agree.values()):
                 ties = _near_ties(rec, {r["block"]: outs[index_tensors[r["block"]]] for r in rec if index_tensors.get(r["block"]) in outs})
