@@ -28,6 +28,8 @@ __all__ = [
     "check_build_options",
     "check_cuda_device",
     "check_finite",
+    "check_ignored",
+    "check_overridden",
     "check_model_name",
     "check_ort_provider",
     "check_out_dir",
@@ -142,6 +144,21 @@ def check_finite(tensors: dict[str, Any], where: str, error: type[Exception] = C
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise error(f"{where}: tensor {name!r} holds {bad} NaN/inf value(s) of {t.numel()}; refusing to use it. Re-train or re-save the file.")
+
+
+def check_ignored(given: dict[str, bool], needs: str, present: bool) -> None:
+    """Flags that act only together with ``needs`` are refused without it: silently ignoring one hides a typo or a
+    forgotten flag. ``given`` maps each flag to whether the user set it."""
+    flags = [f for f, g in given.items() if g]
+    if flags and not present:
+        raise ConfigError(f"{flags[0]} acts only with {needs}, which was not given, so it would be ignored; add {needs} or drop {flags[0]}.")
+
+
+def check_overridden(flag: str, present: bool, given: dict[str, bool], why: str) -> None:
+    """``flag`` fixes options of its own (e.g. --paper-only); giving one of them too is a contradiction, not a merge."""
+    flags = [f for f, g in given.items() if g]
+    if flags and present:
+        raise ConfigError(f"{flag} and {flags[0]} contradict each other: {flag} {why}; drop one of them.")
 
 
 def check_cuda_device(device: str, flag: str = "--device") -> None:

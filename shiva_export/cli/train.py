@@ -52,6 +52,7 @@ Exit codes: 0 ok, 1 error, 2 bad option value, 4 peft missing (--dora).
 
 
 def train_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, flux-tiny, pixart-tiny, dit-tiny, sd35, ...).")] = "sd35-tiny",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
@@ -111,12 +112,23 @@ def train_command(
     target_keep = 0.6 if target_keep is None else target_keep
     stage_steps = _stage_steps(steps)
     held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
-    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_seed, check_train_data
+    from shiva_export.checks import check_cuda_device, check_ignored, check_model_name, check_out_dir, check_overridden, check_seed, check_train_data
 
     check_model_name(model)
     check_seed(seed)
     check_cuda_device(device)
     check_out_dir(out_dir, "--out-dir")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} is out of range; expected 1 or more CPU threads (omit it for torch's default).")
+
+    def given(name: str) -> bool:  # set on the command line, not a default
+        src = ctx.get_parameter_source(name)
+        return src is not None and src.name == "COMMANDLINE"
+
+    check_ignored({"--dora-rank": given("dora_rank"), "--lr-dora": given("lr_dora"), "--dense-weight": given("dense_weight")}, "--dora", dora)
+    check_overridden("--paper-only", paper_only, {f"--{n.replace('_', '-')}": given(n) for n in ("estimator", "importance_weight", "min_keep", "budget", "budget_timesteps")},
+                     "sets the estimator, importance weight, keep floor and budget to the paper's")
+    check_ignored({"--lambda-budget": given("lambda_budget")}, "--budget ema (or --paper-only)", budget == "ema" or paper_only)
     if sampler_shift is not None and not (math.isfinite(sampler_shift) and sampler_shift > 0):
         raise ConfigError(f"--sampler-shift {sampler_shift} is invalid; expected a finite number > 0 (the sampler's timestep shift, e.g. 3.0).")
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)

@@ -108,13 +108,15 @@ def speed_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name, check_out_dir, check_sizes
+    from shiva_export.checks import check_ignored, check_model_name, check_out_dir, check_sizes
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.speed import benchmark_speed
 
     check_model_name(model)
     check_sizes(batch=batch, height=height, width=width, cfg=cfg)
     check_out_dir(out_dir, "--out-dir")
+    check_ignored({"--steps": steps is not None, "--phases": phases, "--guidance": guidance is not None, "--prompt": prompt is not None,
+                   "--compile": compile_, "--dtype": dtype != "fp32"}, "--e2e", e2e)
     with folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext():  # one writer per report folder
         return _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
                       height, width, batch, cfg, quiet, json_out, benchmark_speed)
