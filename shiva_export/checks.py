@@ -29,6 +29,7 @@ __all__ = [
     "check_cuda_device",
     "check_finite",
     "check_ignored",
+    "check_number",
     "check_overridden",
     "check_model_name",
     "check_ort_provider",
@@ -144,6 +145,15 @@ def check_finite(tensors: dict[str, Any], where: str, error: type[Exception] = C
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise error(f"{where}: tensor {name!r} holds {bad} NaN/inf value(s) of {t.numel()}; refusing to use it. Re-train or re-save the file.")
+
+
+def check_number(value: float | None, flag: str, lo: float, hi: float | None = None, example: str = "") -> None:
+    """A numeric option given (not None) is finite and within ``lo .. hi`` (inclusive); NaN never passes."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and value >= lo and (hi is None or value <= hi)):
+        rng = f"{lo:g}..{hi:g}" if hi is not None else f"a finite number >= {lo:g}"
+        raise ConfigError(f"{flag} {value} is out of range; expected {rng}." + (f" Pass e.g. {flag} {example}." if example else ""))
 
 
 def check_ignored(given: dict[str, bool], needs: str, present: bool) -> None:

@@ -208,12 +208,15 @@ def quality_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name, check_out_dir
+    from shiva_export.checks import check_model_name, check_number, check_out_dir
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.quality import SEEDS, _finite, validate_quality
 
     check_model_name(model)
     check_out_dir(out_dir, "--out-dir")
+    check_number(steps, "--steps", 1, example="14")
+    check_number(guidance, "--guidance", 0, example="2.0")
+    _check_judge(model, recipe)
     with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_quality(
             model=model, recipe=recipe, weights=weights, methods=method, keeps=keep, prompts=prompts, seeds=seed or SEEDS, steps=steps, guidance=guidance,
@@ -224,6 +227,18 @@ def quality_command(
             warning(w)
     result_json(_finite(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK
+
+
+def _check_judge(model: str, recipe: Path | None) -> None:
+    """Quality is read back by the analytic judge: a model without one ([pipeline] judge) would report accuracies
+    of nothing; refused before the pipeline is loaded."""
+    from shiva_export.errors import ConfigError
+    from shiva_export.recipe import load_recipe
+
+    rec = load_recipe(recipe if recipe is not None else model)
+    if rec.pipeline.judge != "shapes":
+        raise ConfigError(f"--model {rec.name} has no judge ([pipeline] judge = \"shapes\" in its recipe), so validate quality has nothing to score; "
+                          "use --model sd35-shapes, or `validate frontier` for PSNR against dense.")
 
 
 ESTIMATOR_EPILOG = """Examples:
