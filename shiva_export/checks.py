@@ -34,6 +34,7 @@ __all__ = [
     "check_model_name",
     "check_ort_provider",
     "check_out_dir",
+    "check_parity_backends",
     "check_seed",
     "check_side",
     "check_sizes",
@@ -186,19 +187,31 @@ def check_cuda_device(device: str, flag: str = "--device") -> None:
         raise HardwareError(f"{flag} {device} needs CUDA GPU {idx}, and torch sees {n} GPU(s). Run on a machine with that GPU or use {flag} cpu.")
 
 
-def check_ort_provider(provider: str, backend: str = "ort") -> None:
+def check_ort_provider(provider: str, backend: str = "ort", flag: str = "--provider cuda") -> None:
     """``--provider cuda`` needs onnxruntime-gpu (checked before minutes of export)."""
     if provider != "cuda" or backend != "ort":
         return
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError("--provider cuda needs onnxruntime-gpu, and onnxruntime is not installed. pip install onnxruntime-gpu.") from None
+        raise MissingDependencyError(f"{flag} needs onnxruntime-gpu, and onnxruntime is not installed. pip install onnxruntime-gpu.") from None
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise MissingDependencyError(
-            "--provider cuda needs onnxruntime-gpu (CUDAExecutionProvider), and the installed onnxruntime has only "
-            f"{', '.join(ort.get_available_providers())}. pip install onnxruntime-gpu, or use --provider cpu."
+            f"{flag} needs onnxruntime-gpu (CUDAExecutionProvider), and the installed onnxruntime has only "
+            f"{', '.join(ort.get_available_providers())}. pip install onnxruntime-gpu, or drop {flag}."
         )
+
+
+def check_parity_backends(backends: list[str] | None, engines_dir: str | os.PathLike | None) -> None:
+    """``validate parity --backend``: engines need ``--engines-dir`` (an existing folder); ort-cuda needs
+    onnxruntime-gpu (exit 4). Checked before the reference model is loaded."""
+    chosen = list(backends or [])
+    if "engine" in chosen and engines_dir is None:
+        raise ConfigError("--backend engine needs --engines-dir DIR (the root `shiva-export trt` wrote to); add it or drop --backend engine.")
+    if engines_dir is not None and not Path(engines_dir).is_dir():
+        raise ConfigError(f"--engines-dir {engines_dir} is not a folder; pass the root `shiva-export trt --out-dir` wrote engines to.")
+    if "ort-cuda" in chosen:
+        check_ort_provider("cuda", flag="--backend ort-cuda")
 
 
 _AOT = re.compile(r"^(?:current|(?:sm_?)?\d{2,3}\+?|\d+\.\d+\+?)$", re.IGNORECASE)

@@ -50,10 +50,11 @@ def parity_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name
+    from shiva_export.checks import check_model_name, check_parity_backends
     from shiva_export.validate.compare import validate_parity
 
     check_model_name(model)
+    check_parity_backends(backend, engines_dir)
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_parity(
             model=model, recipe=recipe, weights=weights, router=router, onnx=onnx, ratios=ratio, dtype=dtype, backends=backend,
