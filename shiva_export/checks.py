@@ -28,6 +28,7 @@ __all__ = [
     "check_build_options",
     "check_cuda_device",
     "check_finite",
+    "check_gpu",
     "check_ignored",
     "check_number",
     "check_overridden",
@@ -185,6 +186,14 @@ def check_cuda_device(device: str, flag: str = "--device") -> None:
     idx = int(m.group(1) or 0)
     if idx >= n:
         raise HardwareError(f"{flag} {device} needs CUDA GPU {idx}, and torch sees {n} GPU(s). Run on a machine with that GPU or use {flag} cpu.")
+
+
+def check_gpu(flag: str, why: str) -> None:
+    """``flag`` needs a CUDA GPU (exit 4), checked before minutes of export that could not be used here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HardwareError(f"{flag} needs a CUDA GPU ({why}), and torch sees none. Run on a GPU machine, or use --backend ort.")
 
 
 def check_ort_provider(provider: str, backend: str = "ort", flag: str = "--provider cuda") -> None:

@@ -190,6 +190,7 @@ def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, s
     """Contradictory or impossible flags, refused in one line before any model is loaded or any file written."""
     from shiva_export.checks import (
         check_cuda_device,
+        check_gpu,
         check_model_name,
         check_ort_provider,
         check_out_dir,
@@ -207,6 +208,8 @@ def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, s
     check_out_dir(out, "--out")
     check_cuda_device(device)
     check_ort_provider(provider, backend)
+    if backend == "trt" and not artifact:  # given engines are verified by content first (the runner), then the GPU
+        check_gpu("--backend trt", "engines run on a GPU; they would be exported and built first")
     for a in artifact or []:
         if ratio is not None or phases:
             _check_artifact_budget(a, backend, ratio, phases)
