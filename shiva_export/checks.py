@@ -33,6 +33,7 @@ __all__ = [
     "check_number",
     "check_overridden",
     "check_model_name",
+    "check_onnx_external_data",
     "check_ort_provider",
     "check_out_dir",
     "check_parity_backends",
@@ -186,6 +187,28 @@ def check_cuda_device(device: str, flag: str = "--device") -> None:
     idx = int(m.group(1) or 0)
     if idx >= n:
         raise HardwareError(f"{flag} {device} needs CUDA GPU {idx}, and torch sees {n} GPU(s). Run on a machine with that GPU or use {flag} cpu.")
+
+
+def check_onnx_external_data(path: str | os.PathLike, flag: str = "ONNX_PATH") -> None:
+    """Every external-data file an ONNX names exists beside it and is long enough: a graph whose weights are gone
+    is not a graph (static checks alone would pass it)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX at all: the reader's own message names it
+        return
+    base = Path(path).parent
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        f = base / info.location
+        need = (info.offset or 0) + (info.length or 0)
+        if not f.is_file() or f.stat().st_size < need:
+            what = "is missing" if not f.is_file() else f"holds {f.stat().st_size} bytes, {need} needed"
+            raise ConfigError(f"{flag} {path}: its external data file {f} (tensor {t.name!r}) {what}; copy the .onnx with its data file(s), or re-export it.")
 
 
 def check_gpu(flag: str, why: str) -> None:

@@ -179,6 +179,9 @@ def inspect_command(
             version = resolve_backend(backend).version
         except Exception:  # backend not installed: check against the conservative rules
             version = None
+    from shiva_export.checks import check_onnx_external_data
+
+    check_onnx_external_data(onnx_path)
     report = preflight(onnx_path, backend, backend_version=version, profile_given=profile)
     if json_out:
         result_json(report.to_dict())
