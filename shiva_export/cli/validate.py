@@ -51,10 +51,13 @@ def parity_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
     from shiva_export.checks import check_model_name, check_parity_backends
+    from shiva_export.errors import ConfigError
     from shiva_export.validate.compare import validate_parity
 
     check_model_name(model)
     check_parity_backends(backend, engines_dir)
+    if onnx is not None and ratio:  # the graph's metadata decides its budget; the flag would be ignored
+        raise ConfigError(f"--ratio {ratio[0]:g} contradicts --onnx {onnx}: an existing graph is validated at the ratio it was exported with; drop --ratio.")
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_parity(
             model=model, recipe=recipe, weights=weights, router=router, onnx=onnx, ratios=ratio, dtype=dtype, backends=backend,
