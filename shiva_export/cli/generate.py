@@ -94,6 +94,8 @@ def generate_command(
         except (OSError, UnicodeDecodeError) as err:
             raise typer.BadParameter(f"cannot read {prompts_file} as UTF-8 text ({err.__class__.__name__}).", param_hint="--prompts") from None
         texts += [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not texts and prompts_file is not None:
+        raise typer.BadParameter(f"{prompts_file} holds no prompt (only blank or # lines); write one prompt per line.", param_hint="--prompts")
     if not texts:
         raise typer.BadParameter("give at least one --prompt TEXT or --prompts FILE.", param_hint="--prompt")
     check_generate_flags(model=model, backend=backend, artifact=artifact, ratio=ratio, phases=phases, provider=provider, seed=seed,
