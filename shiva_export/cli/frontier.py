@@ -56,6 +56,8 @@ def frontier_command(
     check_out_dir(out_dir, "--out-dir")
     check_number(steps, "--steps", 1, example="14")
     check_number(guidance, "--guidance", 0, example="2.0")
+    for n in dense_steps or []:
+        check_number(n, "--dense-steps", 1, example="8")
     with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:  # one writer per report folder
         rep = validate_frontier(
             model=model, recipe=recipe, weights=weights, prompts=prompts, seeds=seed or (0,), steps=steps, guidance=guidance,

@@ -109,7 +109,13 @@ def train_command(
         if not 0.0 < ratio < 1.0:
             raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
         target_keep = 1.0 - ratio
+    if target_keep is not None and not 0.0 < target_keep < 1.0:  # NaN fails too
+        raise ConfigError(f"--target-keep {target_keep} is out of range; expected 0 < target keep < 1 (fraction of image tokens kept; 0.6 keeps 60%).")
     target_keep = 0.6 if target_keep is None else target_keep
+    if not paper_only and not 0.0 <= min_keep < target_keep:  # --paper-only sets the floor to 0
+        raise ConfigError(f"--min-keep {min_keep} is out of range; expected 0 <= --min-keep < the target keep ({target_keep:g}).")
+    if max_logit is not None and not max_logit > 0:
+        raise ConfigError(f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4).")
     stage_steps = _stage_steps(steps)
     held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
     from shiva_export.checks import check_cuda_device, check_ignored, check_model_name, check_out_dir, check_overridden, check_seed, check_train_data
@@ -198,6 +204,9 @@ def _stage_steps(steps: list[int] | None) -> tuple[int, int, int]:
     """--steps: none (120, 60, 40), one total (split 50/30/20) or three per-stage counts."""
     if steps is None:
         return (120, 60, 40)
+    for n in steps:
+        if n < 0:
+            raise ConfigError(f"--steps {n} is out of range; expected a step count >= 0 (one total, or warm-up, policy and joint).")
     if len(steps) == 3:
         return tuple(steps)
     if len(steps) == 1:
