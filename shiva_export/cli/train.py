@@ -222,6 +222,8 @@ def _held_out_options(eval_every, patience, eval_min_delta, eval_samples) -> dic
     given = [k for k, v in held_opts.items() if v is not None]
     if eval_every is None and given:
         raise ConfigError(f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them.")
+    if eval_every is not None and eval_every < 1:
+        raise ConfigError(f"--eval-every {eval_every} is out of range; expected a step count >= 1 (omit it to train the full stage budgets).")
     held = {"eval_every": eval_every}
     for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
         if v is not None:
