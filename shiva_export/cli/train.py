@@ -146,7 +146,7 @@ def train_command(
     if paper_only:
         estimator, importance_weight, min_keep, budget, budget_timesteps = "residual", 0.0, 0.0, "ema", "batch"
         max_logit = None
-    cfg = TrainConfig(
+    cfg = _config(ctx, TrainConfig,
         max_logit=max_logit,
         budget=budget,
         lambda_budget=lambda_budget,
@@ -198,6 +198,18 @@ def train_command(
     else:
         result_text(format_summary(summary))
     return ExitCode.OK
+
+
+def _config(ctx: typer.Context, cls, **kw):
+    """``cls(**kw)``; a refusal that names a field (``sampler_steps is 0``) names the option the user typed instead."""
+    try:
+        return cls(**kw)
+    except ConfigError as err:
+        options = {p.name: p.opts[0] for p in ctx.command.params if getattr(p, "opts", None)}
+        field = str(err).split(" ", 1)[0]
+        if field in options:
+            raise ConfigError(options[field] + str(err)[len(field):]) from None
+        raise
 
 
 def _stage_steps(steps: list[int] | None) -> tuple[int, int, int]:
