@@ -164,6 +164,8 @@ def _make2(kind: str, tmp: Path, graph: Path) -> Path:
         "recipe_k_edited": lambda: _w(tmp / "in" / "k.toml", _recipe_text().replace("k = [196, 191, 184, 149, 56]", "k = [9999, 191, 184, 149, 56]")),
         "recipe_layers_str": lambda: _w(tmp / "in" / "ls.toml", _recipe_text().replace("num_layers = 6", 'num_layers = "six"')),
         "suite_ratio_nan": lambda: _w(tmp / "in" / "sn.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "parity"\nmodel = "sd35-tiny"\nratios = [nan]\n'),
+        "imgs_two": lambda: _two_pngs(tmp / "in" / "imgs"),
+        "prompts_one": lambda: _w(tmp / "in" / "prompts-one.txt", "a red cube\n"),
         "weights_unet": lambda: _w(tmp / "in" / "unet" / "config.json", json.dumps({"_class_name": "UNet2DConditionModel"})).parent,
         "graph_ext_missing": lambda: _external_missing(graph, tmp / "in" / "ext" / "model.onnx"),
         "engine_edited_ratio": lambda: _engine(tmp, {"ratio": 0.2}),
@@ -184,6 +186,15 @@ def _recipe_text() -> str:
     """The built-in sd35-tiny recipe with its router path made absolute, so a copy in tmp still loads."""
     text = (ROOT / "recipes" / "sd35-tiny.toml").read_text()
     return re.sub(r'(?m)^(weights\s*=\s*)"([^"/][^"]*)"', lambda m: f'{m.group(1)}"{ROOT / "recipes" / m.group(2)}"', text)
+
+
+def _two_pngs(d: Path) -> Path:
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(d / f"{i}.png")
+    return d
 
 
 def _external_missing(graph: Path, dst: Path) -> Path:
@@ -297,6 +308,8 @@ CORPUS = [
     ("train-max-logit-0", ["train", "--model", "sd35-tiny", "--max-logit", "0", "--out-dir", "{out}/t"], 2, "--max-logit 0"),
     ("train-steps-negative", ["train", "--model", "sd35-tiny", "--steps", "-5", "--out-dir", "{out}/t"], 2, "--steps -5"),
     ("train-eval-every-0", ["train", "--model", "sd35-tiny", "--eval-every", "0", "--out-dir", "{out}/t"], 2, "--eval-every 0"),
+    ("unknown-command", ["bogus-command"], 2, "Choose one of: generate"),
+    ("train-data-fewer-prompts-than-images", ["train-data", "--model", "sd35-tiny", "--images", "{imgs_two}", "--prompts", "{prompts_one}", "--out", "{out}/d"], 2, "prompts-one.txt has 1 prompts"),
     ("train-sampler-steps-0", ["train", "--model", "sd35-tiny", "--sampler-steps", "0", "--out-dir", "{out}/t"], 2, "--sampler-steps"),
     # --- exit codes: missing hardware is 4 everywhere
     ("train-device-cuda7", ["train", "--model", "sd35-tiny", "--device", "cuda:7", "--out-dir", "{out}/t"], 4, "cuda:7"),

@@ -111,9 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # Click usage errors (typer vendors its own click, so match by duck type, not class).
         if hasattr(e, "show") and hasattr(e, "exit_code"):
+            _name_commands(e)
             e.show()
             return int(e.exit_code)
         raise
+
+
+def _name_commands(e) -> None:
+    """An unknown command's usage error also lists the commands there are (the fix, on the error line)."""
+    cmds = getattr(getattr(getattr(e, "ctx", None), "command", None), "commands", None)
+    msg = getattr(e, "message", None)
+    if isinstance(cmds, dict) and isinstance(msg, str) and msg.startswith("No such command"):
+        e.message = f"{msg} Choose one of: {', '.join(sorted(cmds))}."
 
 
 def _refuse_repeated_options(command, args: list[str]) -> None:

@@ -94,7 +94,7 @@ def train_data_command(
     else:
         texts = read_prompt_file(prompts) if prompts is not None else None
         if images is not None:
-            records = image_records(images, texts)
+            records = image_records(images, texts, prompts)
             source = {"kind": "images", "images": str(images), "prompts": None if prompts is None else str(prompts)}
         else:
             from shiva_export.train.dataset import DataRecord
