@@ -718,7 +718,9 @@ CASES_TABLE: list[Case] = [
     Case("U04", ["run", "{D}/e"], (1, 2), "run: plan byte flipped (sha256 checked before the GPU)", "sha256",
          prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"),
                          flip(d / "e/model.plan", d / "e/model.plan", -50))),
-    Case("U05", ["run", "{D}/e"], (2,), "run: manifest backend_version edited", "version",
+    # since issue 21 the manifest is sealed (self_sha256): any edit is a run-time integrity error, exit 1 (as
+    # tests/test_hostile_inputs_2.py pins), named as an edit; it no longer reaches the version comparison
+    Case("U05", ["run", "{D}/e"], (1,), "run: manifest backend_version edited", "edited",
          prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"), _edit_manifest(d / "e"))),
     Case("U06", ["run", ENGINE], (4,), "run an intact engine without a GPU", "GPU"),
     Case("U07", ["run", ENGINE, "--iterations", "0"], (2,), "zero iterations", "iterations"),
