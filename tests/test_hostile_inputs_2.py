@@ -329,6 +329,12 @@ def _torch_has_cuda() -> bool:
 
 if not _torch_has_cuda():
     CORPUS.append(("gen-trt-without-gpu", GEN + ["--backend", "trt", "--ratio", "0.4"], 4, "needs a CUDA GPU"))
+try:  # a well-formed but unknown AOT target is refused by asking tensorrt_rtx, before the export
+    import tensorrt_rtx  # noqa: F401
+
+    CORPUS.append(("trt-aot-target-unknown", TRT + ["--ratio", "0.4", "--aot-target", "99.9"], 2, "--aot-target 99.9"))
+except ImportError:
+    pass
 
 
 @pytest.fixture(autouse=True)
