@@ -889,7 +889,7 @@ CASES_TABLE: list[Case] = [
     Case("N03", TR + ["--target-keep", "0.6", "--ratio", "0.4"], (2,), "--target-keep with --ratio (exclusive)",
          "ratio"),
     Case("N04", TR[:3] + ["--steps", "1", "--steps", "2", "--batch", "1", "-q"], (2,), "two --steps values (1 or 3)",
-         "steps"),
+         "steps", repeat_ok=True),
     Case("N05", TR[:3] + ["--steps", "-5", "-q"], (2,), "negative steps", "-5"),
     Case("N06", TR + ["--batch", "0"], (2,), "zero batch", "batch"),
     Case("N07", TR + ["--phases", "5"], (2,), "five phases (max 4)", "5"),
