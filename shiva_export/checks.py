@@ -28,9 +28,15 @@ __all__ = [
     "check_build_options",
     "check_cuda_device",
     "check_finite",
+    "check_gpu",
+    "check_ignored",
+    "check_number",
+    "check_overridden",
     "check_model_name",
+    "check_onnx_external_data",
     "check_ort_provider",
     "check_out_dir",
+    "check_parity_backends",
     "check_seed",
     "check_side",
     "check_sizes",
@@ -144,6 +150,30 @@ def check_finite(tensors: dict[str, Any], where: str, error: type[Exception] = C
             raise error(f"{where}: tensor {name!r} holds {bad} NaN/inf value(s) of {t.numel()}; refusing to use it. Re-train or re-save the file.")
 
 
+def check_number(value: float | None, flag: str, lo: float, hi: float | None = None, example: str = "") -> None:
+    """A numeric option given (not None) is finite and within ``lo .. hi`` (inclusive); NaN never passes."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and value >= lo and (hi is None or value <= hi)):
+        rng = f"{lo:g}..{hi:g}" if hi is not None else f"a finite number >= {lo:g}"
+        raise ConfigError(f"{flag} {value} is out of range; expected {rng}." + (f" Pass e.g. {flag} {example}." if example else ""))
+
+
+def check_ignored(given: dict[str, bool], needs: str, present: bool) -> None:
+    """Flags that act only together with ``needs`` are refused without it: silently ignoring one hides a typo or a
+    forgotten flag. ``given`` maps each flag to whether the user set it."""
+    flags = [f for f, g in given.items() if g]
+    if flags and not present:
+        raise ConfigError(f"{flags[0]} acts only with {needs}, which was not given, so it would be ignored; add {needs} or drop {flags[0]}.")
+
+
+def check_overridden(flag: str, present: bool, given: dict[str, bool], why: str) -> None:
+    """``flag`` fixes options of its own (e.g. --paper-only); giving one of them too is a contradiction, not a merge."""
+    flags = [f for f, g in given.items() if g]
+    if flags and present:
+        raise ConfigError(f"{flag} and {flags[0]} contradict each other: {flag} {why}; drop one of them.")
+
+
 def check_cuda_device(device: str, flag: str = "--device") -> None:
     """``cuda`` / ``cuda:N`` needs that GPU (exit 4 through HardwareError, as every command)."""
     if not isinstance(device, str) or not device.startswith("cuda"):
@@ -159,19 +189,61 @@ def check_cuda_device(device: str, flag: str = "--device") -> None:
         raise HardwareError(f"{flag} {device} needs CUDA GPU {idx}, and torch sees {n} GPU(s). Run on a machine with that GPU or use {flag} cpu.")
 
 
-def check_ort_provider(provider: str, backend: str = "ort") -> None:
+def check_onnx_external_data(path: str | os.PathLike, flag: str = "ONNX_PATH") -> None:
+    """Every external-data file an ONNX names exists beside it and is long enough: a graph whose weights are gone
+    is not a graph (static checks alone would pass it)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX at all: the reader's own message names it
+        return
+    base = Path(path).parent
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        f = base / info.location
+        need = (info.offset or 0) + (info.length or 0)
+        if not f.is_file() or f.stat().st_size < need:
+            what = "is missing" if not f.is_file() else f"holds {f.stat().st_size} bytes, {need} needed"
+            raise ConfigError(f"{flag} {path}: its external data file {f} (tensor {t.name!r}) {what}; copy the .onnx with its data file(s), or re-export it.")
+
+
+def check_gpu(flag: str, why: str) -> None:
+    """``flag`` needs a CUDA GPU (exit 4), checked before minutes of export that could not be used here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HardwareError(f"{flag} needs a CUDA GPU ({why}), and torch sees none. Run on a GPU machine, or use --backend ort.")
+
+
+def check_ort_provider(provider: str, backend: str = "ort", flag: str = "--provider cuda") -> None:
     """``--provider cuda`` needs onnxruntime-gpu (checked before minutes of export)."""
     if provider != "cuda" or backend != "ort":
         return
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError("--provider cuda needs onnxruntime-gpu, and onnxruntime is not installed. pip install onnxruntime-gpu.") from None
+        raise MissingDependencyError(f"{flag} needs onnxruntime-gpu, and onnxruntime is not installed. pip install onnxruntime-gpu.") from None
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise MissingDependencyError(
-            "--provider cuda needs onnxruntime-gpu (CUDAExecutionProvider), and the installed onnxruntime has only "
-            f"{', '.join(ort.get_available_providers())}. pip install onnxruntime-gpu, or use --provider cpu."
+            f"{flag} needs onnxruntime-gpu (CUDAExecutionProvider), and the installed onnxruntime has only "
+            f"{', '.join(ort.get_available_providers())}. pip install onnxruntime-gpu, or drop {flag}."
         )
+
+
+def check_parity_backends(backends: list[str] | None, engines_dir: str | os.PathLike | None) -> None:
+    """``validate parity --backend``: engines need ``--engines-dir`` (an existing folder); ort-cuda needs
+    onnxruntime-gpu (exit 4). Checked before the reference model is loaded."""
+    chosen = list(backends or [])
+    if "engine" in chosen and engines_dir is None:
+        raise ConfigError("--backend engine needs --engines-dir DIR (the root `shiva-export trt` wrote to); add it or drop --backend engine.")
+    if engines_dir is not None and not Path(engines_dir).is_dir():
+        raise ConfigError(f"--engines-dir {engines_dir} is not a folder; pass the root `shiva-export trt --out-dir` wrote engines to.")
+    if "ort-cuda" in chosen:
+        check_ort_provider("cuda", flag="--backend ort-cuda")
 
 
 _AOT = re.compile(r"^(?:current|(?:sm_?)?\d{2,3}\+?|\d+\.\d+\+?)$", re.IGNORECASE)

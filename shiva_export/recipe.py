@@ -11,6 +11,8 @@ Terms: ``ratio`` is the fraction of image tokens *pruned* in a routed block (the
 
 from __future__ import annotations
 
+import math
+
 import os
 import tomllib
 from pathlib import Path
@@ -135,6 +137,21 @@ class Phase(BaseModel):
     t_stop: Annotated[float, Field(ge=0)] = Field(description="lower timestep bound of the phase (exclusive; 0 = to the end)")
     keep_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(description="keep ratio per routed block, in block order")
     k: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="the exact k per routed block at [shapes], for reference")
+
+    @model_validator(mode="after")
+    def _k_matches_keep(self):
+        """The recorded k must be about N * keep of one token count N for every block: a k edited apart from its
+        keep ratio (k = 9999) would otherwise be silently ignored."""
+        if self.k is None:
+            return self
+        if len(self.k) != len(self.keep_ratios):
+            raise ValueError(f"phase {self.name!r}: k has {len(self.k)} entries and keep_ratios {len(self.keep_ratios)}; expected one k per keep ratio")
+        lo = max((k - 1) / r for k, r in zip(self.k, self.keep_ratios))  # within one of N * keep (floor, round, or a floor of 1)
+        hi = min((k + 1) / r for k, r in zip(self.k, self.keep_ratios))
+        if math.ceil(lo - 1e-6) > hi + 1e-6:
+            raise ValueError(f"phase {self.name!r}: k = {self.k} is not N * keep of keep_ratios = {self.keep_ratios} for any one token count N; "
+                             "fix k or drop it (it is derived from keep_ratios)")
+        return self
 
 
 class ScheduleSection(BaseModel):

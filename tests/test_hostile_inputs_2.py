@@ -161,6 +161,13 @@ def _make2(kind: str, tmp: Path, graph: Path) -> Path:
         "data_of_sd3": lambda: _w(tmp / "in" / "d3" / "manifest.json", json.dumps({"format": "shiva-train-data", "version": 1, "model": "sd3-tiny",
                                                                                    "recipe": "recipes/sd3-tiny.toml"})).parent,
         "recipe_deep": lambda: _w(tmp / "in" / "deep.toml", "a = " + "[" * 5000 + "]" * 5000 + "\n"),
+        "recipe_k_edited": lambda: _w(tmp / "in" / "k.toml", _recipe_text().replace("k = [196, 191, 184, 149, 56]", "k = [9999, 191, 184, 149, 56]")),
+        "recipe_layers_str": lambda: _w(tmp / "in" / "ls.toml", _recipe_text().replace("num_layers = 6", 'num_layers = "six"')),
+        "suite_ratio_nan": lambda: _w(tmp / "in" / "sn.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "parity"\nmodel = "sd35-tiny"\nratios = [nan]\n'),
+        "imgs_two": lambda: _two_pngs(tmp / "in" / "imgs"),
+        "prompts_one": lambda: _w(tmp / "in" / "prompts-one.txt", "a red cube\n"),
+        "weights_unet": lambda: _w(tmp / "in" / "unet" / "config.json", json.dumps({"_class_name": "UNet2DConditionModel"})).parent,
+        "graph_ext_missing": lambda: _external_missing(graph, tmp / "in" / "ext" / "model.onnx"),
         "engine_edited_ratio": lambda: _engine(tmp, {"ratio": 0.2}),
         "engine_edited_version": lambda: _engine(tmp, {"backend_version": "9.9.9"}),
         "engine_edited_k": lambda: _engine(tmp, {"per_block_k": {"1": 256}}),
@@ -173,6 +180,31 @@ def _make2(kind: str, tmp: Path, graph: Path) -> Path:
             _edit_metadata(p, "shiva.model", "sd3-tiny")
         return p
     return _make(kind, tmp)
+
+
+def _recipe_text() -> str:
+    """The built-in sd35-tiny recipe with its router path made absolute, so a copy in tmp still loads."""
+    text = (ROOT / "recipes" / "sd35-tiny.toml").read_text()
+    return re.sub(r'(?m)^(weights\s*=\s*)"([^"/][^"]*)"', lambda m: f'{m.group(1)}"{ROOT / "recipes" / m.group(2)}"', text)
+
+
+def _two_pngs(d: Path) -> Path:
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(d / f"{i}.png")
+    return d
+
+
+def _external_missing(graph: Path, dst: Path) -> Path:
+    """The graph saved with its weights in a side file, which is then deleted."""
+    import onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.load(str(graph)), str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    (dst.parent / "model.onnx.data").unlink()
+    return dst
 
 
 def _w(path: Path, text: str) -> Path:
@@ -246,6 +278,39 @@ CORPUS = [
     ("train-seed-65-bits", ["train", "--model", "sd35-tiny", "--seed", str(2**64), "--out-dir", "{out}/t"], 2, "--seed"),
     ("run-seed-65-bits", ["run", "{dir}", "--seed", str(2**64)], 2, "--seed"),
     ("run-iterations-0", ["run", "{dir}", "--iterations", "0"], 2, "--iterations"),
+    # --- probe 2 rerun (docs/quality/hostile-probe-2.md): each row is a probe case that was not clean on main
+    ("onnx-ratio-given-twice", ONNX_T + ["--ratio", "0.4", "--ratio", "0.5"], 2, "--ratio 0.4 and --ratio 0.5"),
+    ("onnx-validate-and-no-validate", ["onnx", "--model", "sd35-tiny", "--validate", "--no-validate", "--out", "{out}/m.onnx"], 2, "--validate and --no-validate"),
+    ("onnx-out-socket", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{socket}"], 1, "socket"),
+    ("speed-compile-without-e2e", ["validate", "speed", "--model", "sd35-tiny", "--compile", "--out-dir", "{out}/s"], 2, "--compile acts only with --e2e"),
+    ("speed-steps-without-e2e", ["validate", "speed", "--model", "sd35-tiny", "--steps", "5", "--out-dir", "{out}/s"], 2, "--steps acts only with --e2e"),
+    ("speed-phases-without-e2e", ["validate", "speed", "--model", "sd35-tiny", "--phases", "--out-dir", "{out}/s"], 2, "--phases acts only with --e2e"),
+    ("train-dora-rank-without-dora", ["train", "--model", "sd35-tiny", "--dora-rank", "8", "--out-dir", "{out}/t"], 2, "--dora-rank acts only with --dora"),
+    ("train-lambda-budget-without-ema", ["train", "--model", "sd35-tiny", "--lambda-budget", "3", "--out-dir", "{out}/t"], 2, "--budget ema"),
+    ("train-paper-only-vs-estimator", ["train", "--model", "sd35-tiny", "--paper-only", "--estimator", "output-gated", "--out-dir", "{out}/t"], 2, "--paper-only and --estimator"),
+    ("train-threads-0", ["train", "--model", "sd35-tiny", "--threads", "0", "--out-dir", "{out}/t"], 2, "--threads 0"),
+    ("train-data-split-without-dataset", ["train-data", "--model", "sd35-tiny", "--prompts", "{file}", "--out", "{out}/d", "--split", "validation"], 2, "--split acts only with --dataset"),
+    ("quality-model-without-judge", ["validate", "quality", "--model", "sd35-tiny", "--out-dir", "{out}/q"], 2, "no judge"),
+    ("frontier-steps-0", ["validate", "frontier", "--model", "sd35-tiny", "--steps", "0", "--out-dir", "{out}/f"], 2, "--steps 0"),
+    ("frontier-guidance-nan", ["validate", "frontier", "--model", "sd35-tiny", "--guidance", "nan", "--out-dir", "{out}/f"], 2, "--guidance nan"),
+    ("frontier-dense-steps-0", ["validate", "frontier", "--model", "sd35-tiny", "--dense-steps", "0", "--out-dir", "{out}/f"], 2, "--dense-steps 0"),
+    ("parity-engine-without-engines-dir", ["validate", "parity", "--model", "sd35-tiny", "--backend", "engine"], 2, "--engines-dir"),
+    ("parity-engines-dir-missing", ["validate", "parity", "--model", "sd35-tiny", "--engines-dir", "{missing}"], 2, "does-not-exist"),
+    ("parity-onnx-with-ratio", ["validate", "parity", "--onnx", "{graph04}", "--ratio", "0.2"], 2, "--ratio 0.2 contradicts --onnx"),
+    ("recipe-phase-k-edited", ["recipe", "check", "{recipe_k_edited}"], 2, "k = [9999"),
+    ("onnx-recipe-config-wrong-type", ONNX_T + ["--recipe", "{recipe_layers_str}"], 2, "num_layers = 'six'"),
+    ("onnx-weights-unsupported-class", ONNX_T + ["--weights", "{weights_unet}"], 2, "--weights"),
+    ("inspect-external-data-missing", ["inspect", "{graph_ext_missing}"], 2, "external data file"),
+    ("gen-prompts-only-comments", ["generate", "--model", "sd35-tiny", "--out", "{out}", "--prompts", "{prompts_empty}"], 2, "prompts0.txt holds no prompt"),
+    ("suite-ratio-nan", ["validate", "suite", "{suite_ratio_nan}"], 2, "got nan"),
+    ("train-target-keep-0", ["train", "--model", "sd35-tiny", "--target-keep", "0", "--out-dir", "{out}/t"], 2, "--target-keep 0"),
+    ("train-min-keep-above-target", ["train", "--model", "sd35-tiny", "--min-keep", "0.9", "--target-keep", "0.5", "--out-dir", "{out}/t"], 2, "--min-keep 0.9"),
+    ("train-max-logit-0", ["train", "--model", "sd35-tiny", "--max-logit", "0", "--out-dir", "{out}/t"], 2, "--max-logit 0"),
+    ("train-steps-negative", ["train", "--model", "sd35-tiny", "--steps", "-5", "--out-dir", "{out}/t"], 2, "--steps -5"),
+    ("train-eval-every-0", ["train", "--model", "sd35-tiny", "--eval-every", "0", "--out-dir", "{out}/t"], 2, "--eval-every 0"),
+    ("unknown-command", ["bogus-command"], 2, "Choose one of: generate"),
+    ("train-data-fewer-prompts-than-images", ["train-data", "--model", "sd35-tiny", "--images", "{imgs_two}", "--prompts", "{prompts_one}", "--out", "{out}/d"], 2, "prompts-one.txt has 1 prompts"),
+    ("train-sampler-steps-0", ["train", "--model", "sd35-tiny", "--sampler-steps", "0", "--out-dir", "{out}/t"], 2, "--sampler-steps"),
     # --- exit codes: missing hardware is 4 everywhere
     ("train-device-cuda7", ["train", "--model", "sd35-tiny", "--device", "cuda:7", "--out-dir", "{out}/t"], 4, "cuda:7"),
     # --- S3
@@ -253,6 +318,23 @@ CORPUS = [
 ]
 if not _ort_has_cuda():
     CORPUS.append(("gen-provider-cuda-without-ort-gpu", GEN + ["--backend", "ort", "--provider", "cuda"], 4, "onnxruntime-gpu"))
+    CORPUS.append(("parity-ort-cuda-without-ort-gpu", ["validate", "parity", "--model", "sd35-tiny", "--backend", "ort-cuda"], 4, "onnxruntime-gpu"))
+
+
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _torch_has_cuda():
+    CORPUS.append(("gen-trt-without-gpu", GEN + ["--backend", "trt", "--ratio", "0.4"], 4, "needs a CUDA GPU"))
+try:  # a well-formed but unknown AOT target is refused by asking tensorrt_rtx, before the export
+    import tensorrt_rtx  # noqa: F401
+
+    CORPUS.append(("trt-aot-target-unknown", TRT + ["--ratio", "0.4", "--aot-target", "99.9"], 2, "--aot-target 99.9"))
+except ImportError:
+    pass
 
 
 @pytest.fixture(autouse=True)

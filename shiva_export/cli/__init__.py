@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     command = typer.main.get_command(app)
     try:
+        _refuse_repeated_options(command, args)
         rv = command.main(args=args, prog_name="shiva-export", standalone_mode=False)
         return int(rv) if isinstance(rv, int) else ExitCode.OK
     except _EXIT_TYPES as e:
@@ -110,9 +111,53 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # Click usage errors (typer vendors its own click, so match by duck type, not class).
         if hasattr(e, "show") and hasattr(e, "exit_code"):
+            _name_commands(e)
             e.show()
             return int(e.exit_code)
         raise
+
+
+def _name_commands(e) -> None:
+    """An unknown command's usage error also lists the commands there are (the fix, on the error line)."""
+    cmds = getattr(getattr(getattr(e, "ctx", None), "command", None), "commands", None)
+    msg = getattr(e, "message", None)
+    if isinstance(cmds, dict) and isinstance(msg, str) and msg.startswith("No such command"):
+        e.message = f"{msg} Choose one of: {', '.join(sorted(cmds))}."
+
+
+def _refuse_repeated_options(command, args: list[str]) -> None:
+    """A single-valued option given twice (``--ratio 0.4 --ratio 0.5``) is refused: click would let the last one
+    win silently. Walks the words the way click parses them (values are skipped, ``--`` ends options); a
+    flag and its ``--no-`` twin count as one option. Unknown words are left to click's own message. Typer vendors
+    its own click, so commands and options are matched by duck type."""
+    from shiva_export.errors import ConfigError
+
+    seen: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            return
+        if isinstance(getattr(command, "commands", None), dict) and not word.startswith("-") and word in command.commands:
+            command, seen = command.commands[word], {}
+            i += 1
+            continue
+        name, _, inline = word.partition("=")
+        param = next((p for p in command.params if getattr(p, "param_type_name", "") == "option" and name in p.opts + p.secondary_opts), None)
+        if param is None:
+            i += 1
+            continue
+        takes_value = not (param.is_flag or param.count)
+        if takes_value and not inline and i + 1 >= len(args):
+            return  # click names the missing value
+        i += 1 if (not takes_value or inline) else 2
+        if param.multiple or param.count:
+            continue
+        given = word if inline or not takes_value else f"{word} {args[i - 1]}"
+        if param.name in seen and seen[param.name] != given:  # the same flag twice (-q -q) changes nothing
+            raise ConfigError(f"{seen[param.name]} and {given} both set {param.opts[0]}, which takes one value (the last "
+                              f"would win silently); pass it once.")
+        seen[param.name] = given
 
 
 def _quiet_libraries() -> None:

@@ -115,6 +115,25 @@ def trt_command(
     return ExitCode.OK
 
 
+def _check_aot_targets(targets) -> None:
+    """A well-formed --aot-target that TensorRT-RTX has no target for (99.9) is refused before the export, when
+    tensorrt_rtx is installed to ask (without it the build reports its own missing package)."""
+    if not targets:
+        return
+    try:
+        import tensorrt_rtx
+    except ImportError:
+        return
+    from shiva_export.engines.builder import _cc_member
+    from shiva_export.errors import ConfigError
+
+    for t in targets:
+        try:
+            _cc_member(tensorrt_rtx, t)
+        except ConfigError as err:
+            raise ConfigError(f"--aot-target {t}: {err}") from None
+
+
 def check_trt_flags(*, model, onnx, ratio, workspace, opt_level, aot_target, dynamic_batch, batch_min, batch_max, batch, height, width, cfg, out_dir) -> None:
     """Every trt option, before any export or backend import (each used to be refused only after the dense export)."""
     from shiva_export.checks import check_build_options, check_model_name, check_out_dir, check_sizes
@@ -126,6 +145,7 @@ def check_trt_flags(*, model, onnx, ratio, workspace, opt_level, aot_target, dyn
                         batch_min=batch_min, batch_max=batch_max, batch=batch)
     check_sizes(batch=batch, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
     check_out_dir(out_dir, "--out-dir")
+    _check_aot_targets(aot_target)
     if onnx is None:
         return
     if ratio:
@@ -179,6 +199,9 @@ def inspect_command(
             version = resolve_backend(backend).version
         except Exception:  # backend not installed: check against the conservative rules
             version = None
+    from shiva_export.checks import check_onnx_external_data
+
+    check_onnx_external_data(onnx_path)
     report = preflight(onnx_path, backend, backend_version=version, profile_given=profile)
     if json_out:
         result_json(report.to_dict())

@@ -47,13 +47,17 @@ def frontier_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with `rows` on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name, check_out_dir
+    from shiva_export.checks import check_model_name, check_number, check_out_dir
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.frontier import validate_frontier
     from shiva_export.validate.quality import json_safe
 
     check_model_name(model)
     check_out_dir(out_dir, "--out-dir")
+    check_number(steps, "--steps", 1, example="14")
+    check_number(guidance, "--guidance", 0, example="2.0")
+    for n in dense_steps or []:
+        check_number(n, "--dense-steps", 1, example="8")
     with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:  # one writer per report folder
         rep = validate_frontier(
             model=model, recipe=recipe, weights=weights, prompts=prompts, seeds=seed or (0,), steps=steps, guidance=guidance,

@@ -94,6 +94,8 @@ def generate_command(
         except (OSError, UnicodeDecodeError) as err:
             raise typer.BadParameter(f"cannot read {prompts_file} as UTF-8 text ({err.__class__.__name__}).", param_hint="--prompts") from None
         texts += [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not texts and prompts_file is not None:
+        raise typer.BadParameter(f"{prompts_file} holds no prompt (only blank or # lines); write one prompt per line.", param_hint="--prompts")
     if not texts:
         raise typer.BadParameter("give at least one --prompt TEXT or --prompts FILE.", param_hint="--prompt")
     check_generate_flags(model=model, backend=backend, artifact=artifact, ratio=ratio, phases=phases, provider=provider, seed=seed,
@@ -190,6 +192,7 @@ def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, s
     """Contradictory or impossible flags, refused in one line before any model is loaded or any file written."""
     from shiva_export.checks import (
         check_cuda_device,
+        check_gpu,
         check_model_name,
         check_ort_provider,
         check_out_dir,
@@ -207,6 +210,8 @@ def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, s
     check_out_dir(out, "--out")
     check_cuda_device(device)
     check_ort_provider(provider, backend)
+    if backend == "trt" and not artifact:  # given engines are verified by content first (the runner), then the GPU
+        check_gpu("--backend trt", "engines run on a GPU; they would be exported and built first")
     for a in artifact or []:
         if ratio is not None or phases:
             _check_artifact_budget(a, backend, ratio, phases)

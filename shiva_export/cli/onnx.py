@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -84,9 +85,11 @@ def onnx_command(
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
     from shiva_export.checks import check_model_name, check_sizes
-    from shiva_export.utils.io import folder_lock
+    from shiva_export.utils.io import check_regular_target, folder_lock
 
     check_model_name(model)
+    if out is not None and os.path.lexists(out) and not out.is_dir():  # a device, FIFO or socket at --out: refused before
+        check_regular_target(out, "--out")  # minutes of export (a FIFO would hang it); folders get the writer's message
     check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
     from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.controlnet import controlnet_num_layers

@@ -52,6 +52,7 @@ Exit codes: 0 ok, 1 error, 2 bad option value, 4 peft missing (--dora).
 
 
 def train_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, flux-tiny, pixart-tiny, dit-tiny, sd35, ...).")] = "sd35-tiny",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
@@ -108,15 +109,32 @@ def train_command(
         if not 0.0 < ratio < 1.0:
             raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
         target_keep = 1.0 - ratio
+    if target_keep is not None and not 0.0 < target_keep < 1.0:  # NaN fails too
+        raise ConfigError(f"--target-keep {target_keep} is out of range; expected 0 < target keep < 1 (fraction of image tokens kept; 0.6 keeps 60%).")
     target_keep = 0.6 if target_keep is None else target_keep
+    if not paper_only and not 0.0 <= min_keep < target_keep:  # --paper-only sets the floor to 0
+        raise ConfigError(f"--min-keep {min_keep} is out of range; expected 0 <= --min-keep < the target keep ({target_keep:g}).")
+    if max_logit is not None and not max_logit > 0:
+        raise ConfigError(f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4).")
     stage_steps = _stage_steps(steps)
     held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
-    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_seed, check_train_data
+    from shiva_export.checks import check_cuda_device, check_ignored, check_model_name, check_out_dir, check_overridden, check_seed, check_train_data
 
     check_model_name(model)
     check_seed(seed)
     check_cuda_device(device)
     check_out_dir(out_dir, "--out-dir")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} is out of range; expected 1 or more CPU threads (omit it for torch's default).")
+
+    def given(name: str) -> bool:  # set on the command line, not a default
+        src = ctx.get_parameter_source(name)
+        return src is not None and src.name == "COMMANDLINE"
+
+    check_ignored({"--dora-rank": given("dora_rank"), "--lr-dora": given("lr_dora"), "--dense-weight": given("dense_weight")}, "--dora", dora)
+    check_overridden("--paper-only", paper_only, {f"--{n.replace('_', '-')}": given(n) for n in ("estimator", "importance_weight", "min_keep", "budget", "budget_timesteps")},
+                     "sets the estimator, importance weight, keep floor and budget to the paper's")
+    check_ignored({"--lambda-budget": given("lambda_budget")}, "--budget ema (or --paper-only)", budget == "ema" or paper_only)
     if sampler_shift is not None and not (math.isfinite(sampler_shift) and sampler_shift > 0):
         raise ConfigError(f"--sampler-shift {sampler_shift} is invalid; expected a finite number > 0 (the sampler's timestep shift, e.g. 3.0).")
     rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
@@ -128,7 +146,7 @@ def train_command(
     if paper_only:
         estimator, importance_weight, min_keep, budget, budget_timesteps = "residual", 0.0, 0.0, "ema", "batch"
         max_logit = None
-    cfg = TrainConfig(
+    cfg = _config(ctx, TrainConfig,
         max_logit=max_logit,
         budget=budget,
         lambda_budget=lambda_budget,
@@ -182,10 +200,25 @@ def train_command(
     return ExitCode.OK
 
 
+def _config(ctx: typer.Context, cls, **kw):
+    """``cls(**kw)``; a refusal that names a field (``sampler_steps is 0``) names the option the user typed instead."""
+    try:
+        return cls(**kw)
+    except ConfigError as err:
+        options = {p.name: p.opts[0] for p in ctx.command.params if getattr(p, "opts", None)}
+        field = str(err).split(" ", 1)[0]
+        if field in options:
+            raise ConfigError(options[field] + str(err)[len(field):]) from None
+        raise
+
+
 def _stage_steps(steps: list[int] | None) -> tuple[int, int, int]:
     """--steps: none (120, 60, 40), one total (split 50/30/20) or three per-stage counts."""
     if steps is None:
         return (120, 60, 40)
+    for n in steps:
+        if n < 0:
+            raise ConfigError(f"--steps {n} is out of range; expected a step count >= 0 (one total, or warm-up, policy and joint).")
     if len(steps) == 3:
         return tuple(steps)
     if len(steps) == 1:
@@ -201,6 +234,8 @@ def _held_out_options(eval_every, patience, eval_min_delta, eval_samples) -> dic
     given = [k for k, v in held_opts.items() if v is not None]
     if eval_every is None and given:
         raise ConfigError(f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them.")
+    if eval_every is not None and eval_every < 1:
+        raise ConfigError(f"--eval-every {eval_every} is out of range; expected a step count >= 1 (omit it to train the full stage budgets).")
     held = {"eval_every": eval_every}
     for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
         if v is not None:

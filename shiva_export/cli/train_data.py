@@ -63,7 +63,7 @@ def train_data_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_side
+    from shiva_export.checks import check_cuda_device, check_ignored, check_model_name, check_out_dir, check_side
     from shiva_export.errors import ConfigError
 
     check_model_name(model)
@@ -77,6 +77,7 @@ def train_data_command(
         raise ConfigError(f"--dataset {dataset} and --images {images} were both given; a dataset brings its own images (--image-column). Drop --images.")
     if prompts is None and dataset is None and images is None:
         raise ConfigError("no data given: pass --prompts FILE, --dataset NAME or --images FOLDER.")
+    check_ignored({"--split": split != "train"}, "--dataset", dataset is not None)
     if dataset is None and (prompt_column is not None or image_column is not None):
         raise ConfigError("--prompt-column / --image-column apply to --dataset only. Drop them or pass --dataset NAME.")
     if threads is not None:
@@ -93,7 +94,7 @@ def train_data_command(
     else:
         texts = read_prompt_file(prompts) if prompts is not None else None
         if images is not None:
-            records = image_records(images, texts)
+            records = image_records(images, texts, prompts)
             source = {"kind": "images", "images": str(images), "prompts": None if prompts is None else str(prompts)}
         else:
             from shiva_export.train.dataset import DataRecord

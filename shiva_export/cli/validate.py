@@ -50,10 +50,14 @@ def parity_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name
+    from shiva_export.checks import check_model_name, check_parity_backends
+    from shiva_export.errors import ConfigError
     from shiva_export.validate.compare import validate_parity
 
     check_model_name(model)
+    check_parity_backends(backend, engines_dir)
+    if onnx is not None and ratio:  # the graph's metadata decides its budget; the flag would be ignored
+        raise ConfigError(f"--ratio {ratio[0]:g} contradicts --onnx {onnx}: an existing graph is validated at the ratio it was exported with; drop --ratio.")
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_parity(
             model=model, recipe=recipe, weights=weights, router=router, onnx=onnx, ratios=ratio, dtype=dtype, backends=backend,
@@ -108,13 +112,15 @@ def speed_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name, check_out_dir, check_sizes
+    from shiva_export.checks import check_ignored, check_model_name, check_out_dir, check_sizes
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.speed import benchmark_speed
 
     check_model_name(model)
     check_sizes(batch=batch, height=height, width=width, cfg=cfg)
     check_out_dir(out_dir, "--out-dir")
+    check_ignored({"--steps": steps is not None, "--phases": phases, "--guidance": guidance is not None, "--prompt": prompt is not None,
+                   "--compile": compile_, "--dtype": dtype != "fp32"}, "--e2e", e2e)
     with folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext():  # one writer per report folder
         return _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
                       height, width, batch, cfg, quiet, json_out, benchmark_speed)
@@ -206,12 +212,15 @@ def quality_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> int:
-    from shiva_export.checks import check_model_name, check_out_dir
+    from shiva_export.checks import check_model_name, check_number, check_out_dir
     from shiva_export.utils.io import folder_lock
     from shiva_export.validate.quality import SEEDS, json_safe, validate_quality
 
     check_model_name(model)
     check_out_dir(out_dir, "--out-dir")
+    check_number(steps, "--steps", 1, example="14")
+    check_number(guidance, "--guidance", 0, example="2.0")
+    _check_judge(model, recipe)
     with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_quality(
             model=model, recipe=recipe, weights=weights, methods=method, keeps=keep, prompts=prompts, seeds=seed or SEEDS, steps=steps, guidance=guidance,
@@ -222,6 +231,18 @@ def quality_command(
             warning(w)
     result_json(json_safe(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK
+
+
+def _check_judge(model: str, recipe: Path | None) -> None:
+    """Quality is read back by the analytic judge: a model without one ([pipeline] judge) would report accuracies
+    of nothing; refused before the pipeline is loaded."""
+    from shiva_export.errors import ConfigError
+    from shiva_export.recipe import load_recipe
+
+    rec = load_recipe(recipe if recipe is not None else model)
+    if rec.pipeline.judge != "shapes":
+        raise ConfigError(f"--model {rec.name} has no judge ([pipeline] judge = \"shapes\" in its recipe), so validate quality has nothing to score; "
+                          "use --model sd35-shapes, or `validate frontier` for PSNR against dense.")
 
 
 ESTIMATOR_EPILOG = """Examples:

@@ -365,7 +365,12 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
         cls_name = read_class_name(folder) if (folder / "config.json").is_file() else None
         if cls_name is None:
             return None
-        adapter = get_adapter(cls_name)
+        from shiva_export.errors import ConfigError
+
+        try:
+            adapter = get_adapter(cls_name)
+        except ConfigError as err:  # name the folder and the fix, not only the class
+            raise ConfigError(f"--weights {p} holds a {cls_name} ({folder / 'config.json'}): {err} Pass a diffusers DiT transformer or pipeline folder.") from None
         if adapter.NAME != recipe.architecture:
             return None
 

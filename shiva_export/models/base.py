@@ -168,6 +168,25 @@ class ModelAdapter:
         for key, v in dict(config).items():
             if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
                 raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
+        self._check_config_types(config)
+
+    def _check_config_types(self, config: dict[str, Any]) -> None:
+        """A value of another type than the model class's default (``num_layers = "six"``), named before the
+        constructor fails somewhere inside with a TypeError that does not say which key."""
+        import inspect
+
+        try:
+            params = inspect.signature(self.model_class().__init__).parameters
+        except (TypeError, ValueError, AttributeError, ImportError):
+            return
+        for key, v in dict(config).items():
+            d = params[key].default if key in params else None
+            want = int if type(d) is int else bool if type(d) is bool else str if type(d) is str else None
+            if want is None or isinstance(v, want) and not (want is int and isinstance(v, bool)):
+                continue
+            if want is int and type(v) is float:  # 32.0 for 32: the constructor takes it
+                continue
+            raise ConfigError(f"[model.config] {key} = {v!r} has the wrong type; expected {want.__name__} (the default is {d!r}). Fix the recipe.")
 
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """TOML gives lists where the model wants tuples; adapters convert such keys here."""

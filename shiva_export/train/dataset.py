@@ -120,10 +120,10 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def image_records(folder: str | os.PathLike, prompts: Sequence[str] | None = None) -> list[DataRecord]:
+def image_records(folder: str | os.PathLike, prompts: Sequence[str] | None = None, prompts_source: str | os.PathLike | None = None) -> list[DataRecord]:
     """Image/caption pairs of a folder: with ``prompts``, the i-th prompt captions the i-th image in file-name
     order (counts must match); without, each image's caption is the text file beside it (``cat.png`` ->
-    ``cat.txt``).
+    ``cat.txt``). ``prompts_source`` (the prompt file) is only named in the count-mismatch message.
 
     Raises:
         ConfigError: Not a folder, no image, a count mismatch, or a missing/empty caption file.
@@ -133,7 +133,7 @@ def image_records(folder: str | os.PathLike, prompts: Sequence[str] | None = Non
     if prompts is not None:
         if len(prompts) != len(files):
             raise ConfigError(
-                f"--images {folder} holds {len(files)} images but --prompts has {len(prompts)} prompts; expected one prompt per image "
+                f"--images {folder} holds {len(files)} images but --prompts{' ' + str(prompts_source) if prompts_source else ''} has {len(prompts)} prompts; expected one prompt per image "
                 "(paired in file-name order). Fix the counts, or drop --prompts and put a caption file beside each image (cat.png -> cat.txt)."
             )
         return [DataRecord(pr, f, f.name) for pr, f in zip(prompts, files)]

@@ -96,7 +96,8 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
     except ValidationError as err:
         e = err.errors()[0]
         loc = ".".join(str(x) for x in e["loc"])
-        raise RecipeError(f"{p}: {loc} is invalid: {e['msg']}. Fix the suite file.") from None
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""  # name the bad value
+        raise RecipeError(f"{p}: {loc} is invalid{got}: {e['msg']}. Fix the suite file.") from None
 
 
 def _missing_requirement(req: str) -> str | None:
