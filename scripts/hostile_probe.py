@@ -36,10 +36,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 PY = os.environ.get("SHIVA_PROBE_PYTHON", "/work/main/.venv/bin/python")
@@ -135,9 +135,8 @@ def immutable(p: Path) -> None:
 
 
 def nan_router(src: Path, dst: Path) -> Path:
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
-
     from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
 
     with safe_open(str(src), "pt") as f:
         meta = f.metadata()
@@ -217,7 +216,7 @@ class Case:
     note: str
     mention: str | None = None  # the error line should contain this (the bad value or option)
     prep: Callable[[Path], None] | None = None
-    check: Callable[[Path, "Result"], list[tuple[str, str]]] | None = None
+    check: Callable[[Path, Result], list[tuple[str, str]]] | None = None
     mode: str = "plain"  # plain | sigint | kill | concurrent
     after_s: float = 0.0  # sigint/kill: when to signal
     exit0_class: str = "S2"  # class when a refusal was expected and it exited 0
@@ -514,7 +513,7 @@ ONNX = "{S}/m.onnx"
 ROUTER = "{S}/train/router.safetensors"
 ENGINE = "{S}/engines/sd35-tiny/ratio0.40/fp32"
 DATA = "{S}/data"
-O = ["onnx", "--model", T, "--no-validate", "-q"]
+O = ["onnx", "--model", T, "--no-validate", "-q"]  # noqa: E741 (the onnx template, beside G and TR)
 G = ["generate", "--model", T, "--prompt", "a red cube", "--steps", "1", "--backend", "ort", "-q"]
 TR = ["train", "--model", T, "--steps", "1", "--batch", "1", "--phases", "1", "--threads", "1", "-q"]
 TD = ["train-data", "--model", T, "-q"]

@@ -12,7 +12,6 @@ Terms: ``ratio`` is the fraction of image tokens *pruned* in a routed block (the
 from __future__ import annotations
 
 import math
-
 import os
 import tomllib
 from pathlib import Path

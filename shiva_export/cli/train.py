@@ -118,7 +118,15 @@ def train_command(
         raise ConfigError(f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4).")
     stage_steps = _stage_steps(steps)
     held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
-    from shiva_export.checks import check_cuda_device, check_ignored, check_model_name, check_out_dir, check_overridden, check_seed, check_train_data
+    from shiva_export.checks import (
+        check_cuda_device,
+        check_ignored,
+        check_model_name,
+        check_out_dir,
+        check_overridden,
+        check_seed,
+        check_train_data,
+    )
 
     check_model_name(model)
     check_seed(seed)
