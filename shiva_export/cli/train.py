@@ -103,19 +103,7 @@ def train_command(
 
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
-    if target_keep is not None and ratio is not None:
-        raise ConfigError(f"--target-keep {target_keep} and --ratio {ratio} were both given; expected one (ratio = 1 - target keep). Drop one of them.")
-    if ratio is not None:
-        if not 0.0 < ratio < 1.0:
-            raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
-        target_keep = 1.0 - ratio
-    if target_keep is not None and not 0.0 < target_keep < 1.0:  # NaN fails too
-        raise ConfigError(f"--target-keep {target_keep} is out of range; expected 0 < target keep < 1 (fraction of image tokens kept; 0.6 keeps 60%).")
-    target_keep = 0.6 if target_keep is None else target_keep
-    if not paper_only and not 0.0 <= min_keep < target_keep:  # --paper-only sets the floor to 0
-        raise ConfigError(f"--min-keep {min_keep} is out of range; expected 0 <= --min-keep < the target keep ({target_keep:g}).")
-    if max_logit is not None and not max_logit > 0:
-        raise ConfigError(f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4).")
+    target_keep = _target_keep(target_keep, ratio, min_keep, max_logit, paper_only)
     stage_steps = _stage_steps(steps)
     held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
     from shiva_export.checks import (
@@ -218,6 +206,24 @@ def _config(ctx: typer.Context, cls, **kw):
         if field in options:
             raise ConfigError(options[field] + str(err)[len(field):]) from None
         raise
+
+
+def _target_keep(target_keep, ratio, min_keep, max_logit, paper_only: bool) -> float:
+    """The target keep from --target-keep or --ratio (exclusive), with the keep floor and logit bound checked."""
+    if target_keep is not None and ratio is not None:
+        raise ConfigError(f"--target-keep {target_keep} and --ratio {ratio} were both given; expected one (ratio = 1 - target keep). Drop one of them.")
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+        target_keep = 1.0 - ratio
+    if target_keep is not None and not 0.0 < target_keep < 1.0:  # NaN fails too
+        raise ConfigError(f"--target-keep {target_keep} is out of range; expected 0 < target keep < 1 (fraction of image tokens kept; 0.6 keeps 60%).")
+    target_keep = 0.6 if target_keep is None else target_keep
+    if not paper_only and not 0.0 <= min_keep < target_keep:  # --paper-only sets the floor to 0
+        raise ConfigError(f"--min-keep {min_keep} is out of range; expected 0 <= --min-keep < the target keep ({target_keep:g}).")
+    if max_logit is not None and not max_logit > 0:
+        raise ConfigError(f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4).")
+    return target_keep
 
 
 def _stage_steps(steps: list[int] | None) -> tuple[int, int, int]:
