@@ -292,7 +292,6 @@ def _comparable(record: dict) -> dict:
     return r
 
 
-@pytest.mark.slow
 def test_ort_static_batch_graphs_lone_bit_exact_batched_40_db(tmp_path):
     """ort: the worker loads generate's batch-1 graph and a batch-2 graph; a lone request is generate's PNG, a
     pair runs in the batch-2 graph within 40 dB, a size that fits no graph gets generate's shape message."""
