@@ -208,12 +208,29 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
     store: dict[str, Any] = {}
     trace_of(pipe)  # drop calls made before this run
 
-    dev = pipe._execution_device
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     kwargs = adapter.pipeline_call(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w,
                                    max_sequence_length=max_seq, generator=gen) | dict(extra_call or {})
     if extra_call:  # StableDiffusion3ControlNetPipeline samples the control image's VAE posterior from the global RNG
         torch.manual_seed(int(seed))
+    out = timed_call(pipe, kwargs, times, store, on_step)
+    return RunResult(out.images[0], store.get("latents"), times)
+
+
+def generate_record(*, model: str, backend: str, budget: str, steps: int, guidance: float, cfg: bool, height: int, width: int, device: str,
+                    torch_threads: int, pipeline: dict, controlnet: dict | None, images: list, grid: str | None) -> dict[str, Any]:
+    """``generate.json``'s fields, in one place for every writer (one process, Ray Data): a new field is a
+    required argument here, so no writer can drift from the others."""
+    return {"tool": f"shiva-export {__version__}", "model": model, "backend": backend, "budget": budget, "steps": steps, "guidance": guidance,
+            "cfg": cfg, "height": height, "width": width, "device": device, "torch_threads": torch_threads, "pipeline": pipeline,
+            "controlnet": controlnet, "images": images, "grid": grid, "versions": package_versions()}
+
+
+def timed_call(pipe, kwargs: dict[str, Any], times: StageTimes, store: dict, on_step=None):
+    """``pipe(**kwargs, output_type="np")`` with the stage timings and phase trace filled into ``times``."""
+    import torch
+
+    dev = pipe._execution_device
     with instrument(pipe, times, store, on_step) as marks, torch.inference_mode():
         sync_device(dev)
         t0 = time.perf_counter()
@@ -224,7 +241,7 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
     times.denoise_loop = (marks["dec_start"] - marks.get("enc_end", t0)) * 1e3
     times.postprocess = (t1 - marks["dec_end"]) * 1e3
     times.phase_trace = trace_of(pipe)
-    return RunResult(out.images[0], store.get("latents"), times)
+    return out
 
 
 def psnr(a, b) -> float:
@@ -395,24 +412,10 @@ def generate(
         grid = image_grid(rows, labels=["dense", f"shiva ({backend}, {budget_desc(info)})"], row_labels=[e["prompt"] for e in images])
         grid_path = out / "grid.png"
         _write_png(grid_path, grid)
-    record = {
-        "tool": f"shiva-export {__version__}",
-        "model": info.model,
-        "backend": backend,
-        "budget": budget_desc(info),
-        "steps": steps,
-        "guidance": guidance,
-        "cfg": cfg,
-        "height": h,
-        "width": w,
-        "device": str(pipe._execution_device),
-        "torch_threads": torch.get_num_threads(),
-        "pipeline": info.to_dict(),
-        "controlnet": control.to_dict() if control is not None else None,
-        "images": images,
-        "grid": str(grid_path) if grid_path else None,
-        "versions": package_versions(),
-    }
+    record = generate_record(model=info.model, backend=backend, budget=budget_desc(info), steps=steps, guidance=guidance, cfg=cfg, height=h,
+                             width=w, device=str(pipe._execution_device), torch_threads=torch.get_num_threads(), pipeline=info.to_dict(),
+                             controlnet=control.to_dict() if control is not None else None, images=images,
+                             grid=str(grid_path) if grid_path else None)
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record

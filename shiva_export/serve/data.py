@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export import errors
-from shiva_export._version import __version__
 from shiva_export.errors import ConfigError, ShivaError
-from shiva_export.export.onnx import package_versions
 from shiva_export.models import adapter_for_architecture
 from shiva_export.recipe import recipe_hash
-from shiva_export.runtime.generate import budget_desc, run_pipeline, slug
+from shiva_export.runtime.generate import budget_desc, generate_record, run_pipeline, slug
 from shiva_export.runtime.pipeline import generation_recipe, load_pipeline
 from shiva_export.serve import require_ray
 from shiva_export.serve.worker import pipeline_kwargs, png_bytes
@@ -210,14 +208,11 @@ def _write_record(out: Path, rec, done: dict[int, dict[str, Any]], prompts: Sequ
         entry = dict(done[i]["entry"])
         entry["png"] = str(out / f"{_name(i, prompt)}.png")
         images.append(entry)
-    record = {
-        "tool": f"shiva-export {__version__}", "model": head["pipeline"]["model"], "backend": backend, "budget": head["budget"], "steps": steps,
-        "guidance": guidance, "cfg": adapter_for_architecture(rec.architecture).uses_cfg(guidance), "height": head["height"], "width": head["width"],
-        "device": head["device"], "torch_threads": head["torch_threads"], "pipeline": head["pipeline"],
-        "controlnet": None,  # generate --ray refuses --controlnet
-        "images": images, "grid": None,
-        "versions": package_versions(),
-    }
+    record = generate_record(model=head["pipeline"]["model"], backend=backend, budget=head["budget"], steps=steps, guidance=guidance,
+                             cfg=adapter_for_architecture(rec.architecture).uses_cfg(guidance), height=head["height"], width=head["width"],
+                             device=head["device"], torch_threads=head["torch_threads"], pipeline=head["pipeline"],
+                             controlnet=None,  # generate --ray refuses --controlnet
+                             images=images, grid=None)
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record

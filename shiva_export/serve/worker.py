@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +25,9 @@ from shiva_export.runtime.generate import (
     StageTimes,
     budget_desc,
     check_pipeline_call,
-    instrument,
     pipeline_adapter,
     run_pipeline,
-    sync_device,
+    timed_call,
     to_pil,
     trace_of,
 )
@@ -90,17 +88,7 @@ def run_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     kwargs = _merge_calls(calls)
     times, store = StageTimes(), {}
     trace_of(pipe)  # drop calls made before this run
-    dev = pipe._execution_device
-    with instrument(pipe, times, store) as marks, torch.inference_mode():
-        sync_device(dev)
-        t0 = time.perf_counter()
-        out = pipe(**kwargs, output_type="np")
-        sync_device(dev)
-        t1 = time.perf_counter()
-    times.total = (t1 - t0) * 1e3
-    times.denoise_loop = (marks["dec_start"] - marks.get("enc_end", t0)) * 1e3
-    times.postprocess = (t1 - marks["dec_end"]) * 1e3
-    times.phase_trace = trace_of(pipe)
+    out = timed_call(pipe, kwargs, times, store)
     return list(out.images), times
 
 

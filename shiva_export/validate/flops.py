@@ -1,18 +1,6 @@
 """Analytic FLOP counts of any architecture, and the ideal speedup they imply.
 
-Convention
-----------
-* **2 FLOPs per multiply-add**, and only **matrix products** are counted: every ``nn.Linear``, the
-  patch-embedding ``Conv2d``, and the two attention products ``Q K^T`` and ``A V`` (counted over all heads:
-  ``2 * 2 * S^2 * D`` for ``S`` tokens of width ``D``).
-* **Not counted** (elementwise, ``O(tokens * D)`` or less): bias adds, LayerNorm/RMSNorm (including SD3.5
-  qk-norm), adaLN modulation ``(1 + scale) * x + shift`` and gates, SiLU/GELU, softmax and its scaling,
-  residual adds, the position-embedding add, the sinusoidal timestep features, unpatchify. On SD3.5-Medium
-  at 1024 px they would add well under 1 % (softmax alone is ~5 FLOPs per attention score).
-* One forward of the transformer (one denoising step) for ``batch`` samples through the network: with
-  CFG pass the model batch (``2 x`` prompts).
-* Weights that act on one vector per sample (adaLN ``norm1``/``norm1_context``/``norm_out`` linears, the
-  time/text embedder, the router's context projections) are counted per sample: tiny but included.
+The counting convention (what is counted, per sample or per model batch) is in :mod:`shiva_export.models.flops`.
 
 Every architecture's formula lives in its adapter (``ModelAdapter.count_flops``; SD3's term table is
 the comment above ``FLOP_TERMS`` in ``models/sd3.py``), all of them returning a
