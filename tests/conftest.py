@@ -8,6 +8,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch/BLAS thread each (and in the CLIs they start)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 if "SHIVA_CACHE_DIR" not in os.environ:  # embedded pipelines are built into a per-session folder, not ~/.cache
     import tempfile
 
@@ -16,6 +19,10 @@ if "SHIVA_TEST_SHARED" not in os.environ:  # tests/shared.py: exports, engines a
     import tempfile
 
     os.environ["SHIVA_TEST_SHARED"] = tempfile.mkdtemp(prefix="shiva-test-shared-")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker its own shared exports (two workers never write one file)
+    _own = os.path.join(os.environ["SHIVA_TEST_SHARED"], os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(_own, exist_ok=True)
+    os.environ["SHIVA_TEST_SHARED"] = _own
 
 
 def _has(mod: str) -> bool:
