@@ -309,7 +309,13 @@ def test_validate_quality_cli_takes_the_dora_recipe_and_weights(dora_run, tmp_pa
     from shiva_export.cli import main
 
     res, _, _ = dora_run
-    args = ["validate", "quality", "--model", MODEL, "--recipe", str(res.recipe_path), "--method", "shiva", "--keep", "0.6", "--prompts", "1",
+    # validate quality scores with the shapes judge only where the recipe names it (a random tiny model has none):
+    # the same DoRA recipe, beside the original (its relative paths hold), with the judge named
+    text = res.recipe_path.read_text(encoding="utf-8")
+    assert "[pipeline]" in text and "judge" not in text
+    judged = res.recipe_path.with_name("judged.toml")
+    judged.write_text(text.replace("[pipeline]", '[pipeline]\njudge = "shapes"', 1), encoding="utf-8")
+    args = ["validate", "quality", "--model", MODEL, "--recipe", str(judged), "--method", "shiva", "--keep", "0.6", "--prompts", "1",
             "--steps", "1", "--n-ref", "2", "--velocity-samples", "1", "--latency-repeats", "0", "--json"]
     code = main([*args, "--weights", str(res.out_dir / "transformer"), "--out-dir", str(tmp_path / "q")])
     stdout, err = capsys.readouterr()
