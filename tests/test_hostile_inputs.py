@@ -244,17 +244,7 @@ def test_bad_input_is_one_clean_line(name, args, code, needle, tmp_path, capsys)
     pwned = Path("/tmp/shiva-pwned")
     pwned.unlink(missing_ok=True)
     got = main(argv)
-    stdout, err = capsys.readouterr()
-    assert got == code, f"{name}: exit {got}, expected {code}\n{err}"
-    assert "Traceback" not in err and "Traceback" not in stdout, err
-    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
-    usage = "Invalid value" in err or "No such option" in err or "Missing" in err or "Usage:" in err
-    assert len(errors) == 1 or (code == 2 and usage and not errors), f"{name}: not one clean line:\n{err}"
-    assert needle.lower() in err.lower(), f"{name}: {needle!r} not in\n{err}"
-    for bad in ("Warning:", "warn(", "UserWarning", "FutureWarning"):
-        assert bad not in err, f"{name}: leaked warning\n{err}"
-    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
-    assert not left, f"{name}: left files {left}"
+    assert_clean_refusal(name, got, code, needle, out, capsys)
     assert not pwned.exists(), f"{name}: code from a pickle ran"
 
 
@@ -289,3 +279,19 @@ def test_a_config_of_another_model_class_is_a_load_error(tmp_path, capsys):
     code = main(["onnx", "--model", "sd35-tiny", "--weights", str(tmp_path / "w"), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
     err = capsys.readouterr().err
     assert code in (1, 2) and "UNet2DConditionModel" in err and "Traceback" not in err, err
+
+
+def assert_clean_refusal(name: str, got: int, code: int, needle: str, out: Path, capsys) -> None:
+    """A corpus row's contract: the exit code, one clean error line naming ``needle``, no traceback or leaked
+    warning, and no file left under ``out``."""
+    stdout, err = capsys.readouterr()
+    assert got == code, f"{name}: exit {got}, expected {code}\n{err}"
+    assert "Traceback" not in err and "Traceback" not in stdout, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    usage = "Invalid value" in err or "No such option" in err or "Missing" in err or "Usage:" in err
+    assert len(errors) == 1 or (code == 2 and usage and not errors), f"{name}: not one clean line:\n{err}"
+    assert needle.lower() in err.lower(), f"{name}: {needle!r} not in\n{err}"
+    for bad in ("Warning:", "warn(", "UserWarning", "FutureWarning"):
+        assert bad not in err, f"{name}: leaked warning\n{err}"
+    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not left, f"{name}: left files {left}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shiva_export.cli import main
-from tests.test_hostile_inputs import ONNX_T, _make
+from tests.test_hostile_inputs import ONNX_T, _make, assert_clean_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ["generate", "--model", "sd35-tiny", "--out", "{out}", "--prompt", "x"]
@@ -357,17 +357,7 @@ def test_bad_input_is_one_clean_line(name, args, code, needle, tmp_path, capsys,
                 subs[key] = str(_make2(key, tmp_path, request.getfixturevalue("graph") if key.startswith("graph") else None))
     argv = [a.format(**subs) for a in args]
     got = main(argv)
-    stdout, err = capsys.readouterr()
-    assert got == code, f"{name}: exit {got}, expected {code}\n{err}"
-    assert "Traceback" not in err and "Traceback" not in stdout, err
-    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
-    usage = "Invalid value" in err or "No such option" in err or "Missing" in err or "Usage:" in err
-    assert len(errors) == 1 or (code == 2 and usage and not errors), f"{name}: not one clean line:\n{err}"
-    assert needle.lower() in err.lower(), f"{name}: {needle!r} not in\n{err}"
-    for bad in ("Warning:", "warn(", "UserWarning", "FutureWarning"):
-        assert bad not in err, f"{name}: leaked warning\n{err}"
-    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
-    assert not left, f"{name}: left files {left}"
+    assert_clean_refusal(name, got, code, needle, out, capsys)
     for key, test in SPECIAL.items():  # the node is still what it was, and nothing was stamped beside it
         if key in subs:
             p = Path(subs[key])
