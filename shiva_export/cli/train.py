@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import Quiet, RecipeFile, TorchThreads, TransformerWeights
 from shiva_export.cli._output import result_json, result_text
 from shiva_export.errors import ConfigError
 
@@ -51,98 +52,246 @@ Exit codes: 0 ok, 1 error, 2 bad option value, 4 peft missing (--dora).
 """
 
 
+Model = Annotated[
+    str, typer.Option("--model", "-m", help="Model name (sd35-tiny, flux-tiny, pixart-tiny, dit-tiny, sd35, ...).")
+]
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", help="Folder of cached latents + text embeddings (.safetensors). Default: synthetic inputs."
+    ),
+]
+TargetKeep = Annotated[
+    float | None,
+    typer.Option("--target-keep", help="Target mean FRACTION OF IMAGE TOKENS KEPT, in (0, 1). Default 0.6."),
+]
+Ratio = Annotated[
+    float | None,
+    typer.Option(
+        "--ratio",
+        "-r",
+        help="FRACTION OF IMAGE TOKENS PRUNED (= 1 - target keep), in (0, 1). Exclusive with --target-keep.",
+    ),
+]
+Steps = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--steps", help="Steps per stage: give 3 (warm-up, policy, joint) or 1 (split 50/30/20). Default 120 60 40."
+    ),
+]
+Batch = Annotated[int, typer.Option("--batch", help="Samples per step (= stratified timestep bins).")]
+Phases = Annotated[int, typer.Option("--phases", help="Static phases of the learned schedule, 1..4 (one engine each).")]
+SamplerSteps = Annotated[
+    int, typer.Option("--sampler-steps", help="Steps of the flow-matching sampler the LUT is evaluated on.")
+]
+SamplerShift = Annotated[
+    float | None,
+    typer.Option(
+        "--sampler-shift", help="Timestep shift of that sampler. Default: the recipe's [pipeline] scheduler_shift."
+    ),
+]
+LrRouter = Annotated[float, typer.Option("--lr-router", help="AdamW lr of the routers (paper 3e-4).")]
+LrPolicy = Annotated[float, typer.Option("--lr-policy", help="AdamW lr of the ratio policy (paper 1e-4).")]
+Dora = Annotated[
+    bool,
+    typer.Option(
+        "--dora",
+        help="Stage 3 also tunes DoRA adapters on the attention/FFN linears; saves the merged transformer and binds the recipe to it by sha256 (needs peft).",
+    ),
+]
+DoraRank = Annotated[int, typer.Option("--dora-rank", help="DoRA rank (alpha = rank).")]
+LrDora = Annotated[float, typer.Option("--lr-dora", help="AdamW lr of the DoRA adapters.")]
+Stage3Keep = Annotated[
+    float | None,
+    typer.Option(
+        "--stage3-keep",
+        help="Stage 3 routes the student at this uniform FRACTION OF IMAGE TOKENS KEPT in every routed block, not the learned policy (frozen in stage 3).",
+    ),
+]
+DenseWeight = Annotated[
+    float,
+    typer.Option(
+        "--dense-weight",
+        help="--dora: weight of a stage-3 term distilling the adapted model run dense (keep 1.0) to the frozen teacher, so the merged backbone stays good dense. 0 = off.",
+    ),
+]
+OutDir = Annotated[
+    Path,
+    typer.Option("--out-dir", "-o", help="Output folder (router.safetensors, lut.json, recipe.toml, checkpoint.pt)."),
+]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of data, sampling and noise.")]
+Estimator = Annotated[
+    str,
+    typer.Option(
+        "--estimator",
+        help="Gradient estimator: output-gated (default; measured right in sign) | residual (the paper's STE).",
+    ),
+]
+ImportanceWeight = Annotated[
+    float,
+    typer.Option(
+        "--importance-weight",
+        help="Weight of the importance-correlation auxiliary (not in the paper; ~100x the distillation loss in size). 0 = off.",
+    ),
+]
+MinKeep = Annotated[float, typer.Option("--min-keep", help="Floor of every learned keep ratio (no layer collapses).")]
+MaxLogit = Annotated[
+    float | None,
+    typer.Option(
+        "--max-logit", help="Smooth bound of the policy logits (m tanh(z/m)); stops saturated logits from drifting."
+    ),
+]
+Budget = Annotated[
+    str,
+    typer.Option(
+        "--budget",
+        help="project (hard: the policy's sampler-LUT mean is the target every step) | ema (the paper's soft EMA loss, weight --lambda-budget).",
+    ),
+]
+LambdaBudget = Annotated[float, typer.Option("--lambda-budget", help="Weight of the EMA budget loss (--budget ema).")]
+BudgetTimesteps = Annotated[
+    str,
+    typer.Option(
+        "--budget-timesteps", help="sampler (the LUT over the deployment sampler's timesteps) | batch (the paper's)."
+    ),
+]
+BudgetMeasure = Annotated[
+    str, typer.Option("--budget-measure", help="tokens (mean keep) | flops (the uniform keep with the same FLOPs).")
+]
+Context = Annotated[
+    str | None,
+    typer.Option(
+        "--context",
+        help="keep | drop: whether rejected tokens still give keys and values in the routed blocks the student trains (SD3/SD3.5; as `generate --context`). Default: the recipe's [prune] context (drop).",
+    ),
+]
+PaperOnly = Annotated[
+    bool,
+    typer.Option(
+        "--paper-only",
+        help="The paper's objective as published: residual STE, no importance auxiliary, no keep floor, the soft EMA budget on the batch's timesteps.",
+    ),
+]
+Device = Annotated[
+    str, typer.Option("--device", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU).")
+]
+Dtype = Annotated[
+    str, typer.Option("--dtype", help="Backbone dtype: fp32 | bf16 | fp16 (routers, policy and losses stay fp32).")
+]
+GradientCheckpointing = Annotated[
+    bool, typer.Option("--gradient-checkpointing", help="Recompute routed blocks in the backward (less memory).")
+]
+Accumulate = Annotated[
+    int,
+    typer.Option("--accumulate", help="Micro-batches per optimizer step per process (--batch is the global batch)."),
+]
+CfgPairs = Annotated[
+    bool,
+    typer.Option(
+        "--cfg-pairs", help="Train on [uncond; cond] pairs sharing kept indices by max score, as CFG inference."
+    ),
+]
+CaptionDropout = Annotated[
+    float, typer.Option("--caption-dropout", help="Probability of the null text per sample (paper 0.1).")
+]
+EvalEvery = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-every",
+        help="Held-out stopping: evaluate a fixed held-out batch every N steps of a stage; stop the stage after --patience evaluations without improvement; keep each stage's best state. Default: off (full stage budgets).",
+    ),
+]
+Patience = Annotated[
+    int | None,
+    typer.Option(
+        "--patience",
+        help="Held-out evaluations without improvement before a stage stops (needs --eval-every). Default 5.",
+    ),
+]
+EvalMinDelta = Annotated[
+    float | None,
+    typer.Option(
+        "--eval-min-delta", help="Relative held-out improvement that counts (needs --eval-every). Default 1e-3."
+    ),
+]
+EvalSamples = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-samples",
+        help="Held-out batch size; with a folder of cached latents they are split off the training pool (needs --eval-every). Default 32.",
+    ),
+]
+JsonResult = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+
+
 def train_command(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, flux-tiny, pixart-tiny, dit-tiny, sd35, ...).")] = "sd35-tiny",
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Folder of cached latents + text embeddings (.safetensors). Default: synthetic inputs.")] = None,
-    target_keep: Annotated[float | None, typer.Option("--target-keep", help="Target mean FRACTION OF IMAGE TOKENS KEPT, in (0, 1). Default 0.6.")] = None,
-    ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="FRACTION OF IMAGE TOKENS PRUNED (= 1 - target keep), in (0, 1). Exclusive with --target-keep.")] = None,
-    steps: Annotated[list[int] | None, typer.Option("--steps", help="Steps per stage: give 3 (warm-up, policy, joint) or 1 (split 50/30/20). Default 120 60 40.")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Samples per step (= stratified timestep bins).")] = 4,
-    phases: Annotated[int, typer.Option("--phases", help="Static phases of the learned schedule, 1..4 (one engine each).")] = 2,
-    sampler_steps: Annotated[int, typer.Option("--sampler-steps", help="Steps of the flow-matching sampler the LUT is evaluated on.")] = 28,
-    sampler_shift: Annotated[float | None, typer.Option("--sampler-shift", help="Timestep shift of that sampler. Default: the recipe's [pipeline] scheduler_shift.")] = None,
-    lr_router: Annotated[float, typer.Option("--lr-router", help="AdamW lr of the routers (paper 3e-4).")] = 3e-4,
-    lr_policy: Annotated[float, typer.Option("--lr-policy", help="AdamW lr of the ratio policy (paper 1e-4).")] = 1e-4,
-    dora: Annotated[bool, typer.Option("--dora", help="Stage 3 also tunes DoRA adapters on the attention/FFN linears; saves the merged transformer and binds the recipe to it by sha256 (needs peft).")] = False,
-    dora_rank: Annotated[int, typer.Option("--dora-rank", help="DoRA rank (alpha = rank).")] = 32,
-    lr_dora: Annotated[float, typer.Option("--lr-dora", help="AdamW lr of the DoRA adapters.")] = 1e-4,
-    stage3_keep: Annotated[float | None, typer.Option("--stage3-keep", help="Stage 3 routes the student at this uniform FRACTION OF IMAGE TOKENS KEPT in every routed block, not the learned policy (frozen in stage 3).")] = None,
-    dense_weight: Annotated[float, typer.Option("--dense-weight", help="--dora: weight of a stage-3 term distilling the adapted model run dense (keep 1.0) to the frozen teacher, so the merged backbone stays good dense. 0 = off.")] = 0.0,
-    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder (router.safetensors, lut.json, recipe.toml, checkpoint.pt).")] = Path("shiva-train"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of data, sampling and noise.")] = 0,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch. Default: torch's.")] = None,
-    estimator: Annotated[str, typer.Option("--estimator", help="Gradient estimator: output-gated (default; measured right in sign) | residual (the paper's STE).")] = "output-gated",
-    importance_weight: Annotated[float, typer.Option("--importance-weight", help="Weight of the importance-correlation auxiliary (not in the paper; ~100x the distillation loss in size). 0 = off.")] = 0.0,
-    min_keep: Annotated[float, typer.Option("--min-keep", help="Floor of every learned keep ratio (no layer collapses).")] = 0.2,
-    max_logit: Annotated[float | None, typer.Option("--max-logit", help="Smooth bound of the policy logits (m tanh(z/m)); stops saturated logits from drifting.")] = 4.0,
-    budget: Annotated[str, typer.Option("--budget", help="project (hard: the policy's sampler-LUT mean is the target every step) | ema (the paper's soft EMA loss, weight --lambda-budget).")] = "project",
-    lambda_budget: Annotated[float, typer.Option("--lambda-budget", help="Weight of the EMA budget loss (--budget ema).")] = 1.0,
-    budget_timesteps: Annotated[str, typer.Option("--budget-timesteps", help="sampler (the LUT over the deployment sampler's timesteps) | batch (the paper's).")] = "sampler",
-    budget_measure: Annotated[str, typer.Option("--budget-measure", help="tokens (mean keep) | flops (the uniform keep with the same FLOPs).")] = "tokens",
-    context: Annotated[str | None, typer.Option("--context", help="keep | drop: whether rejected tokens still give keys and values in the routed blocks the student trains (SD3/SD3.5; as `generate --context`). Default: the recipe's [prune] context (drop).")] = None,
-    paper_only: Annotated[bool, typer.Option("--paper-only", help="The paper's objective as published: residual STE, no importance auxiliary, no keep floor, the soft EMA budget on the batch's timesteps.")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU).")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="Backbone dtype: fp32 | bf16 | fp16 (routers, policy and losses stay fp32).")] = "fp32",
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute routed blocks in the backward (less memory).")] = False,
-    accumulate: Annotated[int, typer.Option("--accumulate", help="Micro-batches per optimizer step per process (--batch is the global batch).")] = 1,
-    cfg_pairs: Annotated[bool, typer.Option("--cfg-pairs", help="Train on [uncond; cond] pairs sharing kept indices by max score, as CFG inference.")] = False,
-    caption_dropout: Annotated[float, typer.Option("--caption-dropout", help="Probability of the null text per sample (paper 0.1).")] = 0.0,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Held-out stopping: evaluate a fixed held-out batch every N steps of a stage; stop the stage after --patience evaluations without improvement; keep each stage's best state. Default: off (full stage budgets).")] = None,
-    patience: Annotated[int | None, typer.Option("--patience", help="Held-out evaluations without improvement before a stage stops (needs --eval-every). Default 5.")] = None,
-    eval_min_delta: Annotated[float | None, typer.Option("--eval-min-delta", help="Relative held-out improvement that counts (needs --eval-every). Default 1e-3.")] = None,
-    eval_samples: Annotated[int | None, typer.Option("--eval-samples", help="Held-out batch size; with a folder of cached latents they are split off the training pool (needs --eval-every). Default 32.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: Model = "sd35-tiny",
+    recipe: RecipeFile = None,
+    weights: TransformerWeights = None,
+    data: Data = None,
+    target_keep: TargetKeep = None,
+    ratio: Ratio = None,
+    steps: Steps = None,
+    batch: Batch = 4,
+    phases: Phases = 2,
+    sampler_steps: SamplerSteps = 28,
+    sampler_shift: SamplerShift = None,
+    lr_router: LrRouter = 3e-4,
+    lr_policy: LrPolicy = 1e-4,
+    dora: Dora = False,
+    dora_rank: DoraRank = 32,
+    lr_dora: LrDora = 1e-4,
+    stage3_keep: Stage3Keep = None,
+    dense_weight: DenseWeight = 0.0,
+    out_dir: OutDir = Path("shiva-train"),
+    resume: Resume = False,
+    seed: Seed = 0,
+    threads: TorchThreads = None,
+    estimator: Estimator = "output-gated",
+    importance_weight: ImportanceWeight = 0.0,
+    min_keep: MinKeep = 0.2,
+    max_logit: MaxLogit = 4.0,
+    budget: Budget = "project",
+    lambda_budget: LambdaBudget = 1.0,
+    budget_timesteps: BudgetTimesteps = "sampler",
+    budget_measure: BudgetMeasure = "tokens",
+    context: Context = None,
+    paper_only: PaperOnly = False,
+    device: Device = "cpu",
+    dtype: Dtype = "fp32",
+    gradient_checkpointing: GradientCheckpointing = False,
+    accumulate: Accumulate = 1,
+    cfg_pairs: CfgPairs = False,
+    caption_dropout: CaptionDropout = 0.0,
+    eval_every: EvalEvery = None,
+    patience: Patience = None,
+    eval_min_delta: EvalMinDelta = None,
+    eval_samples: EvalSamples = None,
+    json_out: JsonResult = False,
+    quiet: Quiet = False,
 ) -> int:
-    from shiva_export.recipe import load_recipe
-    from shiva_export.train import TrainConfig, train
+    from shiva_export.train import TrainConfig
 
     if context not in (None, "keep", "drop"):
         raise typer.BadParameter(f"{context!r} is not one of keep, drop.", param_hint="--context")
     target_keep = _target_keep(target_keep, ratio, min_keep, max_logit, paper_only)
     stage_steps = _stage_steps(steps)
     held = _held_out_options(eval_every, patience, eval_min_delta, eval_samples)
-    from shiva_export.checks import (
-        check_cuda_device,
-        check_ignored,
-        check_model_name,
-        check_out_dir,
-        check_overridden,
-        check_seed,
-        check_train_data,
-    )
-
-    check_model_name(model)
-    check_seed(seed)
-    check_cuda_device(device)
-    check_out_dir(out_dir, "--out-dir")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads {threads} is out of range; expected 1 or more CPU threads (omit it for torch's default).")
-
-    def given(name: str) -> bool:  # set on the command line, not a default
-        src = ctx.get_parameter_source(name)
-        return src is not None and src.name == "COMMANDLINE"
-
-    check_ignored({"--dora-rank": given("dora_rank"), "--lr-dora": given("lr_dora"), "--dense-weight": given("dense_weight")}, "--dora", dora)
-    check_overridden("--paper-only", paper_only, {f"--{n.replace('_', '-')}": given(n) for n in ("estimator", "importance_weight", "min_keep", "budget", "budget_timesteps")},
-                     "sets the estimator, importance weight, keep floor and budget to the paper's")
-    check_ignored({"--lambda-budget": given("lambda_budget")}, "--budget ema (or --paper-only)", budget == "ema" or paper_only)
+    _check_values(model, seed, device, out_dir, threads)
+    _check_flag_pairs(ctx, dora, paper_only, budget)
     if sampler_shift is not None and not (math.isfinite(sampler_shift) and sampler_shift > 0):
-        raise ConfigError(f"--sampler-shift {sampler_shift} is invalid; expected a finite number > 0 (the sampler's timestep shift, e.g. 3.0).")
-    rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
-    check_train_data(data, rec.name, rec.source_path)
-    if context is not None:
-        from shiva_export.models import adapter_for_architecture
-
-        adapter_for_architecture(rec.architecture).check_context(context)  # before loading the model
+        raise ConfigError(
+            f"--sampler-shift {sampler_shift} is invalid; expected a finite number > 0 (the sampler's timestep shift, e.g. 3.0)."
+        )
+    rec = _checked_recipe(model, recipe, data, context)
     if paper_only:
         estimator, importance_weight, min_keep, budget, budget_timesteps = "residual", 0.0, 0.0, "ema", "batch"
         max_logit = None
-    cfg = _config(ctx, TrainConfig,
+    cfg = _config(
+        ctx,
+        TrainConfig,
         max_logit=max_logit,
         budget=budget,
         lambda_budget=lambda_budget,
@@ -181,12 +330,76 @@ def train_command(
         num_threads=threads,
         **held,
     )
-    progress = _progress_printer(cfg.total_steps, show=not (quiet or json_out))
+    return _run(rec, cfg, weights=weights, out_dir=out_dir, show=not (quiet or json_out), json_out=json_out)
+
+
+def _check_values(model: str, seed: int, device: str, out_dir: Path, threads: int | None) -> None:
+    """The options checked on their own, before any recipe or model is read."""
+    from shiva_export.checks import check_cuda_device, check_model_name, check_out_dir, check_seed
+
+    check_model_name(model)
+    check_seed(seed)
+    check_cuda_device(device)
+    check_out_dir(out_dir, "--out-dir")
+    if threads is not None and threads < 1:
+        raise ConfigError(
+            f"--threads {threads} is out of range; expected 1 or more CPU threads (omit it for torch's default)."
+        )
+
+
+def _check_flag_pairs(ctx: typer.Context, dora: bool, paper_only: bool, budget: str) -> None:
+    """Options given on the command line that another option ignores (--dora-rank without --dora) or overrides
+    (--estimator with --paper-only) are refused; their defaults are not."""
+    from shiva_export.checks import check_ignored, check_overridden
+
+    def given(name: str) -> bool:  # set on the command line, not a default
+        src = ctx.get_parameter_source(name)
+        return src is not None and src.name == "COMMANDLINE"
+
+    check_ignored(
+        {"--dora-rank": given("dora_rank"), "--lr-dora": given("lr_dora"), "--dense-weight": given("dense_weight")},
+        "--dora",
+        dora,
+    )
+    check_overridden(
+        "--paper-only",
+        paper_only,
+        {
+            f"--{n.replace('_', '-')}": given(n)
+            for n in ("estimator", "importance_weight", "min_keep", "budget", "budget_timesteps")
+        },
+        "sets the estimator, importance weight, keep floor and budget to the paper's",
+    )
+    check_ignored(
+        {"--lambda-budget": given("lambda_budget")}, "--budget ema (or --paper-only)", budget == "ema" or paper_only
+    )
+
+
+def _checked_recipe(model: str, recipe: Path | None, data: Path | None, context: str | None):
+    """The recipe, with --data and --context checked against it (before the model is loaded)."""
+    from shiva_export.checks import check_train_data
+    from shiva_export.recipe import load_recipe
+
+    rec = load_recipe(recipe) if recipe is not None else load_recipe(model)
+    check_train_data(data, rec.name, rec.source_path)
+    if context is not None:
+        from shiva_export.models import adapter_for_architecture
+
+        adapter_for_architecture(rec.architecture).check_context(context)
+    return rec
+
+
+def _run(rec, cfg, *, weights: Path | None, out_dir: Path, show: bool, json_out: bool) -> int:
+    """Trains; under torchrun rank 0 holds the --out-dir lock and reports."""
+    from shiva_export.train import train
     from shiva_export.utils.io import folder_lock
 
-    with folder_lock(out_dir, "--out-dir") if int(os.environ.get("RANK", "0") or 0) == 0 else contextlib.nullcontext():
-        res = train(rec, cfg, progress=progress, weights=weights)  # a second run into this folder is refused
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    progress = _progress_printer(cfg.total_steps, show=show)
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    # a second run into this folder is refused
+    with folder_lock(out_dir, "--out-dir") if rank0 else contextlib.nullcontext():
+        res = train(rec, cfg, progress=progress, weights=weights)
+    if not rank0:
         return ExitCode.OK  # torchrun: rank 0 reports
     summary = res.to_dict()
     if json_out:
