@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import JsonSummary, PromptFile, Quiet, RecipeFile, TorchThreads
 from shiva_export.cli._output import err_console, result_json, result_text
 
 HELP = (
@@ -40,28 +41,79 @@ columns, dataset not cached), 4 missing dependency (datasets) or GPU.
 """
 
 
+Out = Annotated[
+    Path,
+    typer.Option(
+        "--out", "-o", help="Output folder (created; must be new or empty, or --overwrite an earlier output)."
+    ),
+]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model whose pipeline encodes: sd35-tiny, sd35-shapes, sd3-tiny, sd35 (needs --weights offline), ...",
+    ),
+]
+Dataset = Annotated[
+    str | None, typer.Option("--dataset", help="A `datasets` dataset name in the local cache (offline only).")
+]
+Split = Annotated[str, typer.Option("--split", help="Split of --dataset.")]
+PromptColumn = Annotated[
+    str | None, typer.Option("--prompt-column", help="Text column of --dataset. Default: prompt, text or caption.")
+]
+ImageColumn = Annotated[
+    str | None,
+    typer.Option("--image-column", help="Image column of --dataset (encoded with the VAE). Default: none (text only)."),
+]
+Images = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        help="Folder of images (png/jpg/webp/bmp): captions from --prompts (file-name order) or NAME.txt beside each.",
+    ),
+]
+Weights = Annotated[
+    Path | None,
+    typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE)."),
+]
+ShardSize = Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")]
+Height = Annotated[
+    int | None,
+    typer.Option("--height", help="Image height in pixels (center crop, then resize). Default: the recipe's."),
+]
+Width = Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the recipe's.")]
+Batch = Annotated[int, typer.Option("--batch", help="Prompts/images per encoder call.")]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Recorded in the manifest (encoding is deterministic: posterior mean).")
+]
+Dtype = Annotated[str, typer.Option("--dtype", help="Stored dtype: fp32 | fp16 | bf16 (the encoders run in fp32).")]
+Device = Annotated[str, typer.Option("--device", help="cpu | cuda: where the text encoders and VAE run.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing train-data output at --out.")]
+
+
 def train_data_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be new or empty, or --overwrite an earlier output).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model whose pipeline encodes: sd35-tiny, sd35-shapes, sd3-tiny, sd35 (needs --weights offline), ...")] = "sd35-tiny",
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="Text file, one prompt per line (blank lines and # comments skipped).")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="A `datasets` dataset name in the local cache (offline only).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Split of --dataset.")] = "train",
-    prompt_column: Annotated[str | None, typer.Option("--prompt-column", help="Text column of --dataset. Default: prompt, text or caption.")] = None,
-    image_column: Annotated[str | None, typer.Option("--image-column", help="Image column of --dataset (encoded with the VAE). Default: none (text only).")] = None,
-    images: Annotated[Path | None, typer.Option("--images", help="Folder of images (png/jpg/webp/bmp): captions from --prompts (file-name order) or NAME.txt beside each.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's.")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers PIPELINE folder (model_index.json, text encoders, VAE).")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file.")] = 256,
-    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (center crop, then resize). Default: the recipe's.")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the recipe's.")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Prompts/images per encoder call.")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="Recorded in the manifest (encoding is deterministic: posterior mean).")] = 0,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: fp32 | fp16 | bf16 (the encoders run in fp32).")] = "fp32",
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda: where the text encoders and VAE run.")] = "cpu",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing train-data output at --out.")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch. Default: torch's.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    out: Out,
+    model: Model = "sd35-tiny",
+    prompts: PromptFile = None,
+    dataset: Dataset = None,
+    split: Split = "train",
+    prompt_column: PromptColumn = None,
+    image_column: ImageColumn = None,
+    images: Images = None,
+    recipe: RecipeFile = None,
+    weights: Weights = None,
+    shard_size: ShardSize = 256,
+    height: Height = None,
+    width: Width = None,
+    batch: Batch = 8,
+    seed: Seed = 0,
+    dtype: Dtype = "fp32",
+    device: Device = "cpu",
+    overwrite: Overwrite = False,
+    threads: TorchThreads = None,
+    json_out: JsonSummary = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.checks import check_cuda_device, check_ignored, check_model_name, check_out_dir, check_side
     from shiva_export.errors import ConfigError
@@ -72,9 +124,13 @@ def train_data_command(
     check_side(height, "--height")
     check_side(width, "--width")
     if prompts is not None and dataset is not None:
-        raise ConfigError(f"--prompts {prompts} and --dataset {dataset} were both given; expected one source of prompts. Drop one of them.")
+        raise ConfigError(
+            f"--prompts {prompts} and --dataset {dataset} were both given; expected one source of prompts. Drop one of them."
+        )
     if dataset is not None and images is not None:
-        raise ConfigError(f"--dataset {dataset} and --images {images} were both given; a dataset brings its own images (--image-column). Drop --images.")
+        raise ConfigError(
+            f"--dataset {dataset} and --images {images} were both given; a dataset brings its own images (--image-column). Drop --images."
+        )
     if prompts is None and dataset is None and images is None:
         raise ConfigError("no data given: pass --prompts FILE, --dataset NAME or --images FOLDER.")
     check_ignored({"--split": split != "train"}, "--dataset", dataset is not None)
@@ -86,23 +142,72 @@ def train_data_command(
         import torch
 
         torch.set_num_threads(threads)
-    from shiva_export.train.dataset import dataset_records, encode_train_data, image_records, read_prompt_file
+    from shiva_export.train.dataset import encode_train_data
+
+    records, source = _records(prompts, dataset, split, prompt_column, image_column, images)
+    bar, progress = _encode_progress(show=not (quiet or json_out), model=model)
+    from shiva_export.utils.io import folder_lock
+
+    try:
+        with folder_lock(out.parent, "--out's folder"):  # a second run writing the same output is refused
+            res = encode_train_data(
+                model,
+                out=out,
+                records=records,
+                source=source,
+                recipe=recipe,
+                weights=weights,
+                shard_size=shard_size,
+                height=height,
+                width=width,
+                batch=batch,
+                seed=seed,
+                dtype=dtype,
+                device=device,
+                overwrite=overwrite,
+                progress=progress,
+            )
+    finally:
+        if bar is not None and bar.task_ids:
+            bar.stop()
+    summary = res.to_dict()
+    if json_out:
+        result_json(summary)
+    else:
+        result_text(format_summary(summary))
+    return ExitCode.OK
+
+
+def _records(
+    prompts: Path | None,
+    dataset: str | None,
+    split: str,
+    prompt_column: str | None,
+    image_column: str | None,
+    images: Path | None,
+):
+    """The samples to encode and the manifest's record of where they came from: (records, source)."""
+    from shiva_export.train.dataset import DataRecord, dataset_records, image_records, read_prompt_file
 
     if dataset is not None:
         records = dataset_records(dataset, split=split, prompt_column=prompt_column, image_column=image_column)
-        source = {"kind": "dataset", "name": dataset, "split": split, "prompt_column": prompt_column, "image_column": image_column}
-    else:
-        texts = read_prompt_file(prompts) if prompts is not None else None
-        if images is not None:
-            records = image_records(images, texts, prompts)
-            source = {"kind": "images", "images": str(images), "prompts": None if prompts is None else str(prompts)}
-        else:
-            from shiva_export.train.dataset import DataRecord
+        return records, {
+            "kind": "dataset",
+            "name": dataset,
+            "split": split,
+            "prompt_column": prompt_column,
+            "image_column": image_column,
+        }
+    texts = read_prompt_file(prompts) if prompts is not None else None
+    if images is not None:
+        records = image_records(images, texts, prompts)
+        return records, {"kind": "images", "images": str(images), "prompts": None if prompts is None else str(prompts)}
+    return [DataRecord(t) for t in texts], {"kind": "prompts", "prompts": str(prompts)}
 
-            records = [DataRecord(t) for t in texts]
-            source = {"kind": "prompts", "prompts": str(prompts)}
 
-    show = not (quiet or json_out)
+def _encode_progress(*, show: bool, model: str):
+    """A Rich bar over the samples (started on the first call) and its ``progress(done, total)``; plain lines off a
+    terminal, nothing when hidden: (bar or None, progress)."""
     bar = None
     task: list[int] = []
     if show:
@@ -115,8 +220,16 @@ def train_data_command(
             TimeRemainingColumn,
         )
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                       console=err_console, transient=False, disable=not err_console.is_terminal)
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+            disable=not err_console.is_terminal,
+        )
         print(f"loading the {model} pipeline (text encoders, VAE) ...", file=sys.stderr, flush=True)
 
     def progress(done: int, total: int) -> None:
@@ -129,23 +242,7 @@ def train_data_command(
         if not err_console.is_terminal and (done == total or done == 0):
             print(f"encoded {done}/{total}", file=sys.stderr, flush=True)
 
-    from shiva_export.utils.io import folder_lock
-
-    try:
-        with folder_lock(out.parent, "--out's folder"):  # a second run writing the same output is refused
-            res = encode_train_data(
-                model, out=out, records=records, source=source, recipe=recipe, weights=weights, shard_size=shard_size, height=height, width=width,
-                batch=batch, seed=seed, dtype=dtype, device=device, overwrite=overwrite, progress=progress,
-            )
-    finally:
-        if bar is not None and task:
-            bar.stop()
-    summary = res.to_dict()
-    if json_out:
-        result_json(summary)
-    else:
-        result_text(format_summary(summary))
-    return ExitCode.OK
+    return bar, progress
 
 
 def format_summary(s: dict) -> str:
