@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import JsonSummary, LoraScale, Quiet, RecipeFile, TransformerWeights
 from shiva_export.cli._output import result_json, result_text, stages, warning
 
 HELP = (
@@ -29,10 +30,15 @@ EPILOG = """Examples:
 Exit codes: 0 ok, 1 error, 2 bad option value, 3 parity failed, 4 missing dependency/hardware.
 """
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Model name: sd35 (SD3.5-Medium), sd3, sd35-large, flux-dev, flux-schnell, or the offline sd35-tiny / sd3-tiny / sd3-mid / flux-tiny.")
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model name: sd35 (SD3.5-Medium), sd3, sd35-large, flux-dev, flux-schnell, or the offline sd35-tiny / sd3-tiny / sd3-mid / flux-tiny.",
+    ),
 ]
-RatioOpt = Annotated[
+Ratio = Annotated[
     float | None,
     typer.Option(
         "--ratio",
@@ -40,42 +46,117 @@ RatioOpt = Annotated[
         help="Fraction of image tokens PRUNED in each routed block, in [0, 1): 0.4 keeps 60% (k = floor(N * 0.6)). Default: the recipe's first ratio.",
     ),
 ]
+Router = Annotated[
+    Path | None,
+    typer.Option("--router", help="Router weights (.safetensors). Default: the recipe's, else a seeded random router."),
+]
+Height = Annotated[
+    int | None, typer.Option("--height", help="Image height in pixels (multiple of 16). Default: recipe.")
+]
+Width = Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16). Default: recipe.")]
+Size = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--size",
+        help="Resolution bucket WIDTHxHEIGHT, repeatable: one graph per size in engines/<model>/<W>x<H>/... Default: the recipe's [[buckets]], else one size.",
+    ),
+]
+Batch = Annotated[
+    int | None, typer.Option("--batch", help="Prompts per call; with --cfg the model batch is 2x. Default: recipe.")
+]
+TextLen = Annotated[int | None, typer.Option("--text-len", help="Text tokens (SD3: 333). Default: recipe.")]
+Cfg = Annotated[
+    bool | None,
+    typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves that share kept tokens. Default: recipe."),
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="fp32 or fp16 (bf16 is refused: ONNX has no bfloat16 Conv/Einsum; run bf16 with generate --backend torch).",
+    ),
+]
+Opset = Annotated[
+    int | None, typer.Option("--opset", help="ONNX opset 17..22 (default 20: newest TensorRT 10.x parses).")
+]
+DynamicBatch = Annotated[
+    bool, typer.Option("--dynamic-batch", help="Export a symbolic batch axis (default: fixed shapes).")
+]
+Context = Annotated[
+    str | None,
+    typer.Option(
+        "--context",
+        help="keep | drop: whether rejected tokens still give keys and values in routed blocks (SD3/SD3.5; output folder ratio<r>-context-keep). Default: the recipe's [prune] context (drop).",
+    ),
+]
+Phase = Annotated[
+    str | None,
+    typer.Option(
+        "--phase",
+        help="Export a learned phase (name or index) of the recipe's [[schedule.phases]] instead of a uniform --ratio.",
+    ),
+]
+Out = Annotated[
+    Path | None, typer.Option("--out", "-o", help="ONNX path. Default: engines/<model>/ratio<r>/<dtype>/model.onnx.")
+]
+DebugOutputs = Annotated[
+    bool, typer.Option("--debug-outputs", help="Also output each routed block's kept indices (kept_indices.<block>).")
+]
+Validate = Annotated[
+    bool, typer.Option("--validate/--no-validate", help="Check ONNX Runtime parity after export (exit 3 on failure).")
+]
+ParityCases = Annotated[int, typer.Option("--parity-cases", help="Seeded input cases for parity, 1..8.")]
+Bounded = Annotated[
+    bool | None,
+    typer.Option(
+        "--bounded/--eager",
+        help="Bounded memory (trace with fake weights, write them one at a time; peak RSS below the bytes written) or eager "
+        "loading of the whole model. Default: bounded wherever the weights can be read lazily (embedded models, safetensors folders).",
+    ),
+]
+Lora = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--lora",
+        help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export; its sha256 and scale go into the metadata and cache keys.",
+    ),
+]
+Controlnet = Annotated[
+    str | None,
+    typer.Option(
+        "--controlnet",
+        help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --controlnet --artifact).",
+    ),
+]
 
 
 def onnx_command(
-    model: ModelOpt = "sd35",
-    ratio: RatioOpt = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder (transformer folder or pipeline folder with transformer/).")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's built-in recipes/<model>.toml.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Router weights (.safetensors). Default: the recipe's, else a seeded random router.")] = None,
-    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16). Default: recipe.")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16). Default: recipe.")] = None,
-    size: Annotated[list[str] | None, typer.Option("--size", help="Resolution bucket WIDTHxHEIGHT, repeatable: one graph per size in engines/<model>/<W>x<H>/... Default: the recipe's [[buckets]], else one size.")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call; with --cfg the model batch is 2x. Default: recipe.")] = None,
-    text_len: Annotated[int | None, typer.Option("--text-len", help="Text tokens (SD3: 333). Default: recipe.")] = None,
-    cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves that share kept tokens. Default: recipe.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32 or fp16 (bf16 is refused: ONNX has no bfloat16 Conv/Einsum; run bf16 with generate --backend torch).")] = "fp32",
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset 17..22 (default 20: newest TensorRT 10.x parses).")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Export a symbolic batch axis (default: fixed shapes).")] = False,
-    context: Annotated[str | None, typer.Option("--context", help="keep | drop: whether rejected tokens still give keys and values in routed blocks (SD3/SD3.5; output folder ratio<r>-context-keep). Default: the recipe's [prune] context (drop).")] = None,
-    phase: Annotated[str | None, typer.Option("--phase", help="Export a learned phase (name or index) of the recipe's [[schedule.phases]] instead of a uniform --ratio.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX path. Default: engines/<model>/ratio<r>/<dtype>/model.onnx.")] = None,
-    debug_outputs: Annotated[bool, typer.Option("--debug-outputs", help="Also output each routed block's kept indices (kept_indices.<block>).")] = False,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Check ONNX Runtime parity after export (exit 3 on failure).")] = True,
-    parity_cases: Annotated[int, typer.Option("--parity-cases", help="Seeded input cases for parity, 1..8.")] = 3,
-    bounded: Annotated[
-        bool | None,
-        typer.Option(
-            "--bounded/--eager",
-            help="Bounded memory (trace with fake weights, write them one at a time; peak RSS below the bytes written) or eager "
-            "loading of the whole model. Default: bounded wherever the weights can be read lazily (embedded models, safetensors folders).",
-        ),
-    ] = None,
-    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export; its sha256 and scale go into the metadata and cache keys.")] = None,
-    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
-    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --controlnet --artifact).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: Model = "sd35",
+    ratio: Ratio = None,
+    weights: TransformerWeights = None,
+    recipe: RecipeFile = None,
+    router: Router = None,
+    height: Height = None,
+    width: Width = None,
+    size: Size = None,
+    batch: Batch = None,
+    text_len: TextLen = None,
+    cfg: Cfg = None,
+    dtype: Dtype = "fp32",
+    opset: Opset = None,
+    dynamic_batch: DynamicBatch = False,
+    context: Context = None,
+    phase: Phase = None,
+    out: Out = None,
+    debug_outputs: DebugOutputs = False,
+    validate: Validate = True,
+    parity_cases: ParityCases = 3,
+    bounded: Bounded = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = None,
+    controlnet: Controlnet = None,
+    json_out: JsonSummary = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.export.buckets import bucket_sizes
     from shiva_export.recipe import load_recipe
