@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import JsonSummary, LoraScale, Quiet, RecipeFile
 from shiva_export.cli._output import result_json, result_text, stages
 
 TRT_HELP = (
@@ -36,53 +37,142 @@ INSPECT_HELP = "Pre-flight an ONNX for TensorRT: list every construct the backen
 RUN_HELP = "Run a built engine on seeded inputs on a CUDA GPU and print output statistics (exit 4 without a GPU)."
 
 
+TrtModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny). Default: sd35, or the --onnx graph's.",
+    ),
+]
+TrtRatio = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--ratio",
+        "-r",
+        help="Fraction of image tokens PRUNED per routed block, in [0, 1); repeat for several engines. 0 = dense reference. Default: the recipe's ratios.",
+    ),
+]
+TrtOnnx = Annotated[
+    Path | None,
+    typer.Option("--onnx", help="Build this existing export (from `shiva-export onnx`) instead of exporting."),
+]
+TrtWeights = Annotated[
+    Path | None, typer.Option("--weights", help="Local diffusers folder with the transformer weights.")
+]
+TrtRouter = Annotated[Path | None, typer.Option("--router", help="Router weights (.safetensors).")]
+TrtBackend = Annotated[str, typer.Option("--backend", help="auto | tensorrt | tensorrt-rtx (auto prefers tensorrt).")]
+TrtDtype = Annotated[
+    str, typer.Option("--dtype", help="fp32 | fp16 | bf16: the ONNX dtype; engines are strongly typed.")
+]
+TrtHeight = Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16).")]
+TrtWidth = Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16).")]
+TrtSize = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--size",
+        help="Resolution bucket WIDTHxHEIGHT, repeatable: every engine once per size, in <out-dir>/<model>/<W>x<H>/. Default: the recipe's [[buckets]], else one size.",
+    ),
+]
+TrtPhases = Annotated[
+    bool,
+    typer.Option(
+        "--phases",
+        help="One engine per learned phase of the recipe's [[schedule.phases]] (phase-<name>/<dtype>/), the layout `generate --backend trt --phases` reads; instead of --ratio.",
+    ),
+]
+TrtBatch = Annotated[int | None, typer.Option("--batch", help="Prompts per call (CFG doubles the model batch).")]
+TrtCfg = Annotated[
+    bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves sharing kept tokens.")
+]
+TrtDynamicBatch = Annotated[
+    bool,
+    typer.Option("--dynamic-batch", help="Symbolic batch with an optimization profile (see --batch-min/--batch-max)."),
+]
+TrtBatchMin = Annotated[
+    int | None, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch; default 1).")
+]
+TrtBatchMax = Annotated[int | None, typer.Option("--batch-max", help="Profile max prompts (default 4 x --batch).")]
+TrtTimingCache = Annotated[
+    Path | None, typer.Option("--timing-cache", help="Timing cache file shared by every budget of this command.")
+]
+TrtWorkspace = Annotated[int | None, typer.Option("--workspace", help="Builder workspace limit in MiB.")]
+TrtOptLevel = Annotated[int | None, typer.Option("--opt-level", help="Builder optimization level 0-5 (default 3).")]
+TrtAotTarget = Annotated[
+    list[str] | None,
+    typer.Option("--aot-target", help="TensorRT-RTX compute capability to build for (repeatable, e.g. 8.9)."),
+]
+TrtStripWeights = Annotated[
+    bool,
+    typer.Option(
+        "--strip-weights",
+        help="Weight-stripped, refittable engine (STRIP_PLAN): the plan holds no weights and is refit from its ONNX when loaded. For 8-12 B models.",
+    ),
+]
+TrtSegments = Annotated[
+    int | None,
+    typer.Option(
+        "--segments",
+        help="Build each budget as a chain of N segment engines cut at block boundaries (equal weight bytes): the builder's peak "
+        "memory is one segment's. For 8-12 B models on small machines. Fixed shapes only. Default: reuse the cached engine or "
+        "chain, else one engine.",
+    ),
+]
+TrtOutDir = Annotated[Path, typer.Option("--out-dir", help="Root folder for engines.")]
+TrtNoDense = Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")]
+TrtForce = Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")]
+TrtValidate = Annotated[
+    bool, typer.Option("--validate/--no-validate", help="ORT parity after each new export (exit 3 on failure).")
+]
+TrtLora = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--lora",
+        help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export (with --strip-weights a change refits the engine instead of rebuilding it); its sha256 and scale go into the metadata and cache keys.",
+    ),
+]
+TrtControlnet = Annotated[
+    str | None,
+    typer.Option(
+        "--controlnet",
+        help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --backend trt --controlnet --artifact).",
+    ),
+]
+
+
 def trt_command(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny). Default: sd35, or the --onnx graph's.")] = None,
-    ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1); repeat for several engines. 0 = dense reference. Default: the recipe's ratios.")] = None,
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="Build this existing export (from `shiva-export onnx`) instead of exporting.")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder with the transformer weights.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding recipes/<model>.toml.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Router weights (.safetensors).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto | tensorrt | tensorrt-rtx (auto prefers tensorrt).")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16: the ONNX dtype; engines are strongly typed.")] = "fp32",
-    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (multiple of 16).")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (multiple of 16).")] = None,
-    size: Annotated[list[str] | None, typer.Option("--size", help="Resolution bucket WIDTHxHEIGHT, repeatable: every engine once per size, in <out-dir>/<model>/<W>x<H>/. Default: the recipe's [[buckets]], else one size.")] = None,
-    phases: Annotated[bool, typer.Option("--phases", help="One engine per learned phase of the recipe's [[schedule.phases]] (phase-<name>/<dtype>/), the layout `generate --backend trt --phases` reads; instead of --ratio.")] = False,
-    batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call (CFG doubles the model batch).")] = None,
-    cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="Batch holds uncond+cond halves sharing kept tokens.")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch with an optimization profile (see --batch-min/--batch-max).")] = False,
-    batch_min: Annotated[int | None, typer.Option("--batch-min", help="Profile min prompts (with --dynamic-batch; default 1).")] = None,
-    batch_max: Annotated[int | None, typer.Option("--batch-max", help="Profile max prompts (default 4 x --batch).")] = None,
-    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file shared by every budget of this command.")] = None,
-    workspace: Annotated[int | None, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = None,
-    opt_level: Annotated[int | None, typer.Option("--opt-level", help="Builder optimization level 0-5 (default 3).")] = None,
-    aot_target: Annotated[list[str] | None, typer.Option("--aot-target", help="TensorRT-RTX compute capability to build for (repeatable, e.g. 8.9).")] = None,
-    strip_weights: Annotated[
-        bool,
-        typer.Option(
-            "--strip-weights",
-            help="Weight-stripped, refittable engine (STRIP_PLAN): the plan holds no weights and is refit from its ONNX when loaded. For 8-12 B models.",
-        ),
-    ] = False,
-    segments: Annotated[
-        int | None,
-        typer.Option(
-            "--segments",
-            help="Build each budget as a chain of N segment engines cut at block boundaries (equal weight bytes): the builder's peak "
-            "memory is one segment's. For 8-12 B models on small machines. Fixed shapes only. Default: reuse the cached engine or "
-            "chain, else one engine.",
-        ),
-    ] = None,
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Root folder for engines.")] = Path("engines"),
-    no_dense: Annotated[bool, typer.Option("--no-dense", help="Skip the dense reference engine (ratio 0).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache matches.")] = False,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="ORT parity after each new export (exit 3 on failure).")] = True,
-    lora: Annotated[list[Path] | None, typer.Option("--lora", help="LoRA in the diffusers format (.safetensors, or the folder save_lora_weights wrote); repeatable. Fused at its --lora-scale before pruning and export (with --strip-weights a change refits the engine instead of rebuilding it); its sha256 and scale go into the metadata and cache keys.")] = None,
-    lora_scale: Annotated[list[float] | None, typer.Option("--lora-scale", help="Scale of each --lora, in order (one per --lora; default 1.0 each).")] = None,
-    controlnet: Annotated[str | None, typer.Option("--controlnet", help="SD3/SD3.5 ControlNet (folder or cached hub id): the graph also takes its block residuals as inputs controlnet_block_<i> (for generate --backend trt --controlnet --artifact).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: TrtModel = None,
+    ratio: TrtRatio = None,
+    onnx: TrtOnnx = None,
+    weights: TrtWeights = None,
+    recipe: RecipeFile = None,
+    router: TrtRouter = None,
+    backend: TrtBackend = "auto",
+    dtype: TrtDtype = "fp32",
+    height: TrtHeight = None,
+    width: TrtWidth = None,
+    size: TrtSize = None,
+    phases: TrtPhases = False,
+    batch: TrtBatch = None,
+    cfg: TrtCfg = None,
+    dynamic_batch: TrtDynamicBatch = False,
+    batch_min: TrtBatchMin = None,
+    batch_max: TrtBatchMax = None,
+    timing_cache: TrtTimingCache = None,
+    workspace: TrtWorkspace = None,
+    opt_level: TrtOptLevel = None,
+    aot_target: TrtAotTarget = None,
+    strip_weights: TrtStripWeights = False,
+    segments: TrtSegments = None,
+    out_dir: TrtOutDir = Path("engines"),
+    no_dense: TrtNoDense = False,
+    force: TrtForce = False,
+    validate: TrtValidate = True,
+    lora: TrtLora = None,
+    lora_scale: LoraScale = None,
+    controlnet: TrtControlnet = None,
+    json_out: JsonSummary = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.controlnet import controlnet_num_layers
@@ -176,12 +266,24 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+InspectOnnxPath = Annotated[Path, typer.Argument(help="ONNX model to check.")]
+InspectBackend = Annotated[str, typer.Option("--backend", help="tensorrt | tensorrt-rtx.")]
+InspectBackendVersion = Annotated[
+    str | None,
+    typer.Option("--backend-version", help="Backend version to check against (default: installed one, else unknown)."),
+]
+InspectProfile = Annotated[
+    bool, typer.Option("--profile-given", help="Treat dynamic inputs as covered by an optimization profile.")
+]
+InspectJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+
+
 def inspect_command(
-    onnx_path: Annotated[Path, typer.Argument(help="ONNX model to check.")],
-    backend: Annotated[str, typer.Option("--backend", help="tensorrt | tensorrt-rtx.")] = "tensorrt",
-    backend_version: Annotated[str | None, typer.Option("--backend-version", help="Backend version to check against (default: installed one, else unknown).")] = None,
-    profile: Annotated[bool, typer.Option("--profile-given", help="Treat dynamic inputs as covered by an optimization profile.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    onnx_path: InspectOnnxPath,
+    backend: InspectBackend = "tensorrt",
+    backend_version: InspectBackendVersion = None,
+    profile: InspectProfile = False,
+    json_out: InspectJson = False,
 ) -> int:
     from shiva_export.engines.preflight import format_report, preflight
 
@@ -210,11 +312,17 @@ def inspect_command(
     return ExitCode.OK if report.ok else ExitCode.ERROR
 
 
+RunEngine = Annotated[Path, typer.Argument(help="model.plan or an engines/<model>/<budget>/<dtype>/ folder.")]
+RunSeed = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+RunIterations = Annotated[int, typer.Option("--iterations", help="Timed runs after 3 warm-ups.")]
+RunJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
 def run_command(
-    engine: Annotated[Path, typer.Argument(help="model.plan or an engines/<model>/<budget>/<dtype>/ folder.")],
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
-    iterations: Annotated[int, typer.Option("--iterations", help="Timed runs after 3 warm-ups.")] = 10,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    engine: RunEngine,
+    seed: RunSeed = 0,
+    iterations: RunIterations = 10,
+    json_out: RunJson = False,
 ) -> int:
     import statistics
 
