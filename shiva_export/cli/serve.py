@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import ArtifactRoot, PipelineBackend, PipelineRouter, Provider, Quiet, RecipeFile
 from shiva_export.cli._output import err_console, result_text
 
 HELP = (
@@ -30,34 +31,100 @@ Exit codes: 0 stopped cleanly, 2 bad option value (checked before Ray starts; a 
 """
 
 
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Model, as in generate (sd35-tiny, flux-tiny, ..., or a hub model with --weights)."
+    ),
+]
+Ratio = Annotated[
+    float | None,
+    typer.Option(
+        "--ratio",
+        "-r",
+        help="Fraction of image tokens PRUNED per routed block, in [0, 1). Default: the recipe's first ratio.",
+    ),
+]
+Phases = Annotated[
+    bool, typer.Option("--phases", help="Run the recipe's learned phase schedule (one graph per phase).")
+]
+Artifact = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--artifact",
+        help="Run this ONNX (ort) or engine folder (trt); repeat once per phase. Batch-1 graphs: one request per call.",
+    ),
+]
+Weights = Annotated[Path | None, typer.Option("--weights", help="Local diffusers pipeline (or transformer) folder.")]
+Context = Annotated[str | None, typer.Option("--context", help="keep | drop (SD3/SD3.5). Default: the recipe's.")]
+Replicas = Annotated[int, typer.Option("--replicas", help="Replicas (each loads the pipeline once).")]
+Autoscale = Annotated[
+    str | None,
+    typer.Option("--autoscale", help="MIN:MAX replicas, scaled by Ray on ongoing requests (instead of --replicas)."),
+]
+MaxBatch = Annotated[
+    int | None,
+    typer.Option(
+        "--max-batch",
+        help="Requests per pipeline call at most (static graphs: the batch of the second graph). Default 4; 1 with --artifact.",
+    ),
+]
+BatchWaitMs = Annotated[float, typer.Option("--batch-wait-ms", help="How long a replica waits to fill a batch.")]
+Host = Annotated[str, typer.Option("--host", help="Address the HTTP proxy listens on.")]
+Port = Annotated[int, typer.Option("--port", help="HTTP port.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="ort/trt: graph dtype fp32 | fp16; torch: fp32 | fp16 | bf16.")]
+Device = Annotated[str, typer.Option("--device", help="cpu | cuda: where each replica's pipeline runs.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads per replica (torch and ONNX Runtime).")]
+NumCpus = Annotated[float, typer.Option("--num-cpus", help="CPUs Ray reserves per replica.")]
+NumGpus = Annotated[float, typer.Option("--num-gpus", help="GPUs Ray reserves per replica (fractions share one).")]
+MaxBodyBytes = Annotated[int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above).")]
+RequestTimeout = Annotated[
+    float,
+    typer.Option("--request-timeout", help="Seconds before Ray's proxy gives up on a request; also the drain limit."),
+]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        help="Port of Ray's Prometheus metrics (Ray Serve's and ours) on this node, when serve starts the local Ray cluster.",
+    ),
+]
+DumpConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--dump-config", help="Write Ray's serve config YAML (for `serve deploy`) to FILE and exit; nothing starts."
+    ),
+]
+
+
 def serve_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model, as in generate (sd35-tiny, flux-tiny, ..., or a hub model with --weights).")] = "sd35-tiny",
-    backend: Annotated[str, typer.Option("--backend", "-b", help="torch | ort | trt.")] = "torch",
-    ratio: Annotated[float | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block, in [0, 1). Default: the recipe's first ratio.")] = None,
-    phases: Annotated[bool, typer.Option("--phases", help="Run the recipe's learned phase schedule (one graph per phase).")] = False,
-    artifact: Annotated[list[Path] | None, typer.Option("--artifact", help="Run this ONNX (ort) or engine folder (trt); repeat once per phase. Batch-1 graphs: one request per call.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML overriding the model's.")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers pipeline (or transformer) folder.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Router safetensors. Default: the recipe's.")] = None,
-    context: Annotated[str | None, typer.Option("--context", help="keep | drop (SD3/SD3.5). Default: the recipe's.")] = None,
-    replicas: Annotated[int, typer.Option("--replicas", help="Replicas (each loads the pipeline once).")] = 1,
-    autoscale: Annotated[str | None, typer.Option("--autoscale", help="MIN:MAX replicas, scaled by Ray on ongoing requests (instead of --replicas).")] = None,
-    max_batch: Annotated[int | None, typer.Option("--max-batch", help="Requests per pipeline call at most (static graphs: the batch of the second graph). Default 4; 1 with --artifact.")] = None,
-    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="How long a replica waits to fill a batch.")] = 20.0,
-    host: Annotated[str, typer.Option("--host", help="Address the HTTP proxy listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
-    dtype: Annotated[str, typer.Option("--dtype", help="ort/trt: graph dtype fp32 | fp16; torch: fp32 | fp16 | bf16.")] = "fp32",
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda: where each replica's pipeline runs.")] = "cpu",
-    provider: Annotated[str, typer.Option("--provider", help="ONNX Runtime provider: cpu | cuda.")] = "cpu",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads per replica (torch and ONNX Runtime).")] = None,
-    num_cpus: Annotated[float, typer.Option("--num-cpus", help="CPUs Ray reserves per replica.")] = 1.0,
-    num_gpus: Annotated[float, typer.Option("--num-gpus", help="GPUs Ray reserves per replica (fractions share one).")] = 0.0,
-    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 above).")] = 65536,
-    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds before Ray's proxy gives up on a request; also the drain limit.")] = 300.0,
-    artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of exported graphs / engines.")] = Path("engines"),
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Port of Ray's Prometheus metrics (Ray Serve's and ours) on this node, when serve starts the local Ray cluster.")] = None,
-    dump_config: Annotated[Path | None, typer.Option("--dump-config", help="Write Ray's serve config YAML (for `serve deploy`) to FILE and exit; nothing starts.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: Model = "sd35-tiny",
+    backend: PipelineBackend = "torch",
+    ratio: Ratio = None,
+    phases: Phases = False,
+    artifact: Artifact = None,
+    recipe: RecipeFile = None,
+    weights: Weights = None,
+    router: PipelineRouter = None,
+    context: Context = None,
+    replicas: Replicas = 1,
+    autoscale: Autoscale = None,
+    max_batch: MaxBatch = None,
+    batch_wait_ms: BatchWaitMs = 20.0,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    dtype: Dtype = "fp32",
+    device: Device = "cpu",
+    provider: Provider = "cpu",
+    threads: Threads = None,
+    num_cpus: NumCpus = 1.0,
+    num_gpus: NumGpus = 0.0,
+    max_body_bytes: MaxBodyBytes = 65536,
+    request_timeout: RequestTimeout = 300.0,
+    artifact_root: ArtifactRoot = Path("engines"),
+    metrics_port: MetricsPort = None,
+    dump_config: DumpConfig = None,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.serve.options import ServeOptions, check_port_free, parse_autoscale
 
