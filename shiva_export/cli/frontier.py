@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import CfgScale, Quiet, TorchCpuThreads, TrainedRecipe
 from shiva_export.cli._output import result_json, result_text, stages
 
 HELP = (
@@ -28,24 +29,65 @@ primary quality is prompt accuracy; otherwise PSNR against the dense reference a
 """
 
 
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Any model with a pipeline (sd35-shapes has the judge; sd35-tiny, flux-tiny, pixart-tiny, ...).",
+    ),
+]
+Weights = Annotated[Path | None, typer.Option("--weights", help="Local diffusers pipeline folder.")]
+Prompts = Annotated[int, typer.Option("--prompts", help="Prompts of the fixed caption order, 1..96.")]
+Seed = Annotated[
+    list[int] | None,
+    typer.Option("--seed", help="Seeds per prompt (repeatable); tests pair over (prompt, seed). Default 0."),
+]
+Steps = Annotated[int | None, typer.Option("--steps", help="The reference's sampler steps (default: the recipe's).")]
+DenseSteps = Annotated[
+    list[int] | None,
+    typer.Option("--dense-steps", help="Step grid of the dense family (repeatable). Default: fractions of --steps."),
+]
+Keep = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--keep", help="FRACTION OF IMAGE TOKENS KEPT of the uniform Shiva rows (repeatable). Default 0.8 0.6 0.4."
+    ),
+]
+Family = Annotated[
+    list[str] | None, typer.Option("--family", help="dense | cache | shiva | stack (repeatable). Default: all.")
+]
+Ort = Annotated[
+    bool, typer.Option("--ort/--no-ort", help="Include the ONNX Runtime stack row (exports one graph on first use).")
+]
+LatencyRepeats = Annotated[
+    int, typer.Option("--latency-repeats", help="Interleaved timing rounds (0: the median of the generation calls).")
+]
+OutDir = Annotated[Path, typer.Option("--out-dir", help="Write frontier.json, frontier.md and frontier.png here.")]
+ArtifactRoot = Annotated[
+    Path, typer.Option("--artifact-root", help="Cache folder of the ONNX Runtime row's exported graph (as generate).")
+]
+JsonRows = Annotated[bool, typer.Option("--json", help="Print one JSON object with `rows` on stdout.")]
+
+
 def frontier_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Any model with a pipeline (sd35-shapes has the judge; sd35-tiny, flux-tiny, pixart-tiny, ...).")] = "sd35-shapes",
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override (e.g. a trained recipe.toml).")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers pipeline folder.")] = None,
-    prompts: Annotated[int, typer.Option("--prompts", help="Prompts of the fixed caption order, 1..96.")] = 24,
-    seed: Annotated[list[int] | None, typer.Option("--seed", help="Seeds per prompt (repeatable); tests pair over (prompt, seed). Default 0.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="The reference's sampler steps (default: the recipe's).")] = None,
-    dense_steps: Annotated[list[int] | None, typer.Option("--dense-steps", help="Step grid of the dense family (repeatable). Default: fractions of --steps.")] = None,
-    keep: Annotated[list[float] | None, typer.Option("--keep", help="FRACTION OF IMAGE TOKENS KEPT of the uniform Shiva rows (repeatable). Default 0.8 0.6 0.4.")] = None,
-    family: Annotated[list[str] | None, typer.Option("--family", help="dense | cache | shiva | stack (repeatable). Default: all.")] = None,
-    ort: Annotated[bool, typer.Option("--ort/--no-ort", help="Include the ONNX Runtime stack row (exports one graph on first use).")] = True,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale (default: the recipe's).")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = 1,
-    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Interleaved timing rounds (0: the median of the generation calls).")] = 3,
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Write frontier.json, frontier.md and frontier.png here.")] = Path("validate/reports/frontier"),
-    artifact_root: Annotated[Path, typer.Option("--artifact-root", help="Cache folder of the ONNX Runtime row's exported graph (as generate).")] = Path("engines"),
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with `rows` on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: Model = "sd35-shapes",
+    recipe: TrainedRecipe = None,
+    weights: Weights = None,
+    prompts: Prompts = 24,
+    seed: Seed = None,
+    steps: Steps = None,
+    dense_steps: DenseSteps = None,
+    keep: Keep = None,
+    family: Family = None,
+    ort: Ort = True,
+    guidance: CfgScale = None,
+    threads: TorchCpuThreads = 1,
+    latency_repeats: LatencyRepeats = 3,
+    out_dir: OutDir = Path("validate/reports/frontier"),
+    artifact_root: ArtifactRoot = Path("engines"),
+    json_out: JsonRows = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.checks import check_model_name, check_number, check_out_dir
     from shiva_export.utils.io import folder_lock

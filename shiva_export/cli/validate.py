@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from shiva_export.cli._exit_codes import ExitCode
+from shiva_export.cli._options import CfgScale, Quiet, Threads, TorchCpuThreads, TrainedRecipe
 from shiva_export.cli._output import result_json, result_text, stages, warning
 
 validate_app = typer.Typer(
@@ -20,6 +21,12 @@ validate_app = typer.Typer(
     rich_markup_mode=None,
 )
 
+# options several validate commands share
+JsonReport = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+Weights = Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder.")]
+Height = Annotated[int | None, typer.Option("--height", help="Image height in pixels.")]
+Width = Annotated[int | None, typer.Option("--width", help="Image width in pixels.")]
+
 PARITY_EPILOG = """Examples:
 
   shiva-export validate parity --model sd35-tiny --ratio 0 --ratio 0.2 --ratio 0.4 --ratio 0.6
@@ -30,25 +37,69 @@ Ends with a greppable 'PASSED | ...' or 'FAILED | ...' line; exit 3 when a compa
 """
 
 
-@validate_app.command("parity", epilog=PARITY_EPILOG, help="Compare ONNX Runtime (and engines on a GPU) with the fp32 PyTorch pruned model through polygraphy: error stats, cosine, kept-index overlap per routed block. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
+ParityModel = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny).",
+    ),
+]
+ParityRatio = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--ratio",
+        "-r",
+        help="Fraction of image tokens PRUNED per routed block (repeatable). Default: the recipe's ratios.",
+    ),
+]
+ParityOnnx = Annotated[
+    Path | None,
+    typer.Option("--onnx", help="Validate this existing export (ratio, shapes and dtype from its metadata)."),
+]
+ParityRecipe = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override.")]
+ParityRouter = Annotated[Path | None, typer.Option("--router", help="Router safetensors for the PyTorch reference.")]
+ParityDtype = Annotated[str, typer.Option("--dtype", help="Export dtype for fresh exports: fp32 | fp16 | bf16.")]
+ParityBackend = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--backend",
+        help="ort-cpu | ort-cuda | engine (repeatable). Default: ort-cpu, + ort-cuda when it really runs on CUDA, + engine with --engines-dir.",
+    ),
+]
+ParityEnginesDir = Annotated[
+    Path | None,
+    typer.Option("--engines-dir", help="Root of `shiva-export trt` outputs, to compare engines too (needs a GPU)."),
+]
+ParityCases = Annotated[int, typer.Option("--cases", help="Seeded inputs per budget, 1..8 (includes t=1 and t=999).")]
+ParityBatch = Annotated[int | None, typer.Option("--batch", help="Prompts per call.")]
+ParityCfg = Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="CFG batch (uncond+cond halves).")]
+ParityReport = Annotated[Path | None, typer.Option("--report", help="Write a Markdown report here.")]
+
+
+@validate_app.command(
+    "parity",
+    epilog=PARITY_EPILOG,
+    help="Compare ONNX Runtime (and engines on a GPU) with the fp32 PyTorch pruned model through polygraphy: error stats, cosine, kept-index overlap per routed block. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.",
+)
 def parity_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35, sd3, sd35-large, flux-dev, flux-schnell; offline: sd35-tiny, sd3-tiny, sd3-mid, flux-tiny).")] = "sd35",
-    ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable). Default: the recipe's ratios.")] = None,
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="Validate this existing export (ratio, shapes and dtype from its metadata).")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Router safetensors for the PyTorch reference.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Export dtype for fresh exports: fp32 | fp16 | bf16.")] = "fp32",
-    backend: Annotated[list[str] | None, typer.Option("--backend", help="ort-cpu | ort-cuda | engine (repeatable). Default: ort-cpu, + ort-cuda when it really runs on CUDA, + engine with --engines-dir.")] = None,
-    engines_dir: Annotated[Path | None, typer.Option("--engines-dir", help="Root of `shiva-export trt` outputs, to compare engines too (needs a GPU).")] = None,
-    cases: Annotated[int, typer.Option("--cases", help="Seeded inputs per budget, 1..8 (includes t=1 and t=999).")] = 4,
-    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels.")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels.")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="Prompts per call.")] = None,
-    cfg: Annotated[bool | None, typer.Option("--cfg/--no-cfg", help="CFG batch (uncond+cond halves).")] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Write a Markdown report here.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: ParityModel = "sd35",
+    ratio: ParityRatio = None,
+    onnx: ParityOnnx = None,
+    weights: Weights = None,
+    recipe: ParityRecipe = None,
+    router: ParityRouter = None,
+    dtype: ParityDtype = "fp32",
+    backend: ParityBackend = None,
+    engines_dir: ParityEnginesDir = None,
+    cases: ParityCases = 4,
+    height: Height = None,
+    width: Width = None,
+    batch: ParityBatch = None,
+    cfg: ParityCfg = None,
+    report: ParityReport = None,
+    json_out: JsonReport = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.checks import check_model_name, check_parity_backends
     from shiva_export.errors import ConfigError
@@ -88,29 +139,79 @@ reported, never asserted; variants run interleaved (round-robin) and speedups ar
 """
 
 
-@validate_app.command("speed", epilog=SPEED_EPILOG, help="Time dense vs pruned (torch eager on cpu/cuda, ONNX Runtime), interleaved, next to the ideal FLOP speedup and the router + top-k + gather + scatter overhead. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.")
+SpeedModel = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Model name (sd3-mid for the benchmark, sd35-shape for the real SD3.5-M shape)."
+    ),
+]
+SpeedRatio = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable; 0 = routing at k = N)."
+    ),
+]
+SpeedBackend = Annotated[list[str] | None, typer.Option("--backend", help="torch | ort (repeatable).")]
+SpeedDevice = Annotated[str, typer.Option("--device", help="cpu | cuda (torch backends).")]
+SpeedBatch = Annotated[int, typer.Option("--batch", help="Prompts per call.")]
+SpeedCfg = Annotated[bool, typer.Option("--cfg/--no-cfg", help="CFG batch (doubles the model batch).")]
+SpeedWarmup = Annotated[int, typer.Option("--warmup", help="Warm-up runs per variant.")]
+SpeedRepeats = Annotated[int, typer.Option("--repeats", help="Interleaved rounds.")]
+SpeedOutDir = Annotated[
+    Path | None, typer.Option("--out-dir", help="Write speed.json, speed.md and speed.png here (e2e.* with --e2e).")
+]
+SpeedE2e = Annotated[
+    bool,
+    typer.Option(
+        "--e2e",
+        help="End to end: whole diffusers pipelines per stage (text encode, denoise loop, VAE), dense vs pruned.",
+    ),
+]
+SpeedSteps = Annotated[int | None, typer.Option("--steps", help="--e2e: denoising steps (default: the recipe's).")]
+SpeedPhases = Annotated[bool, typer.Option("--phases", help="--e2e: also time the recipe's learned phase schedule.")]
+SpeedGuidance = Annotated[float | None, typer.Option("--guidance", help="--e2e: CFG scale (default: the recipe's).")]
+SpeedPrompt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt",
+        help="--e2e: the prompt of every run (DiT: a class label or id). Default: the model's example prompt.",
+    ),
+]
+SpeedDtype = Annotated[
+    str, typer.Option("--dtype", help="--e2e: fp32 | fp16 | bf16 (torch backbone dtype, or the graph dtype for ort).")
+]
+SpeedCompile = Annotated[
+    bool, typer.Option("--compile", help="--e2e, torch backend: torch.compile (CUDA graphs on cuda).")
+]
+
+
+@validate_app.command(
+    "speed",
+    epilog=SPEED_EPILOG,
+    help="Time dense vs pruned (torch eager on cpu/cuda, ONNX Runtime), interleaved, next to the ideal FLOP speedup and the router + top-k + gather + scatter overhead. --ratio is the FRACTION OF IMAGE TOKENS PRUNED.",
+)
 def speed_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd3-mid for the benchmark, sd35-shape for the real SD3.5-M shape).")] = "sd3-mid",
-    ratio: Annotated[list[float] | None, typer.Option("--ratio", "-r", help="Fraction of image tokens PRUNED per routed block (repeatable; 0 = routing at k = N).")] = None,
-    backend: Annotated[list[str] | None, typer.Option("--backend", help="torch | ort (repeatable).")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda (torch backends).")] = "cpu",
-    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels.")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels.")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Prompts per call.")] = 1,
-    cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="CFG batch (doubles the model batch).")] = False,
-    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up runs per variant.")] = 3,
-    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved rounds.")] = 15,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and ONNX Runtime.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write speed.json, speed.md and speed.png here (e2e.* with --e2e).")] = None,
-    e2e: Annotated[bool, typer.Option("--e2e", help="End to end: whole diffusers pipelines per stage (text encode, denoise loop, VAE), dense vs pruned.")] = False,
-    steps: Annotated[int | None, typer.Option("--steps", help="--e2e: denoising steps (default: the recipe's).")] = None,
-    phases: Annotated[bool, typer.Option("--phases", help="--e2e: also time the recipe's learned phase schedule.")] = False,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="--e2e: CFG scale (default: the recipe's).")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="--e2e: the prompt of every run (DiT: a class label or id). Default: the model's example prompt.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="--e2e: fp32 | fp16 | bf16 (torch backbone dtype, or the graph dtype for ort).")] = "fp32",
-    compile_: Annotated[bool, typer.Option("--compile", help="--e2e, torch backend: torch.compile (CUDA graphs on cuda).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: SpeedModel = "sd3-mid",
+    ratio: SpeedRatio = None,
+    backend: SpeedBackend = None,
+    device: SpeedDevice = "cpu",
+    height: Height = None,
+    width: Width = None,
+    batch: SpeedBatch = 1,
+    cfg: SpeedCfg = False,
+    warmup: SpeedWarmup = 3,
+    repeats: SpeedRepeats = 15,
+    threads: Threads = None,
+    out_dir: SpeedOutDir = None,
+    e2e: SpeedE2e = False,
+    steps: SpeedSteps = None,
+    phases: SpeedPhases = False,
+    guidance: SpeedGuidance = None,
+    prompt: SpeedPrompt = None,
+    dtype: SpeedDtype = "fp32",
+    compile_: SpeedCompile = False,
+    json_out: JsonReport = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.checks import check_ignored, check_model_name, check_out_dir, check_sizes
     from shiva_export.utils.io import folder_lock
@@ -149,12 +250,19 @@ def _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, 
     return ExitCode.OK
 
 
+SuiteName = Annotated[str, typer.Argument(help="Suite name in validate/ (cpu, mid, sd35m) or a .toml path.")]
+SuiteOutDir = Annotated[
+    Path | None, typer.Option("--out-dir", help="Report folder (default validate/reports/<suite>).")
+]
+SuiteJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
+
+
 @validate_app.command("suite")
 def suite_command(
-    name: Annotated[str, typer.Argument(help="Suite name in validate/ (cpu, mid, sd35m) or a .toml path.")],
-    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Report folder (default validate/reports/<suite>).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    name: SuiteName,
+    out_dir: SuiteOutDir = None,
+    json_out: SuiteJson = False,
+    quiet: Quiet = False,
 ) -> int:
     """Run a declarative suite (validate/<name>.toml): parity cases can fail it (exit 3); speed cases only report."""
     from shiva_export.checks import check_out_dir
@@ -193,24 +301,72 @@ three seeds (40-60 minutes).
 """
 
 
-@validate_app.command("quality", epilog=QUALITY_EPILOG, help="Quality at a budget (FD, prompt accuracy with 95% intervals, PSNR/MAD vs dense, latency, velocity error, foreground kept) for dense, Shiva (uniform, learned schedule), random, L2-norm and rotating spatial dither selection at keep 0.8/0.6/0.4. --keep is the FRACTION OF IMAGE TOKENS KEPT.")
+QualityModel = Annotated[
+    str, typer.Option("--model", "-m", help="A model with shape-caption ground truth (sd35-shapes).")
+]
+QualityRecipe = Annotated[
+    Path | None, typer.Option("--recipe", help="Recipe TOML override (e.g. a `train --dora` recipe.toml).")
+]
+QualityWeights = Annotated[
+    Path | None,
+    typer.Option("--weights", help="Local diffusers transformer or pipeline folder (as generate --weights)."),
+]
+QualityMethod = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method",
+        help="dense | shiva | shiva-learned | random | l2norm | spatial-rotating | spatial-fixed (repeatable). Default: all but spatial-fixed.",
+    ),
+]
+QualityKeep = Annotated[
+    list[float] | None,
+    typer.Option("--keep", help="FRACTION OF IMAGE TOKENS KEPT per routed block (repeatable). Default 0.8 0.6 0.4."),
+]
+QualityPrompts = Annotated[int, typer.Option("--prompts", help="Prompts of the fixed set, 1..96.")]
+QualitySeed = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--seed", help="Seeds per prompt (repeatable, distinct). Default: the held-out 2 and 3 (seed 1 is for choices)."
+    ),
+]
+QualitySteps = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the recipe's).")]
+QualityNRef = Annotated[int, typer.Option("--n-ref", help="Real scenes of the Fréchet reference set.")]
+QualityVelocitySamples = Annotated[
+    int, typer.Option("--velocity-samples", help="Real scenes of the velocity / foreground check.")
+]
+QualityLatencyRepeats = Annotated[
+    int,
+    typer.Option(
+        "--latency-repeats", help="Interleaved timing rounds per configuration (0: time the generation calls)."
+    ),
+]
+QualityOutDir = Annotated[
+    Path, typer.Option("--out-dir", help="Write quality.json, quality.md, pareto.png and grid.png here.")
+]
+
+
+@validate_app.command(
+    "quality",
+    epilog=QUALITY_EPILOG,
+    help="Quality at a budget (FD, prompt accuracy with 95% intervals, PSNR/MAD vs dense, latency, velocity error, foreground kept) for dense, Shiva (uniform, learned schedule), random, L2-norm and rotating spatial dither selection at keep 0.8/0.6/0.4. --keep is the FRACTION OF IMAGE TOKENS KEPT.",
+)
 def quality_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="A model with shape-caption ground truth (sd35-shapes).")] = "sd35-shapes",
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override (e.g. a `train --dora` recipe.toml).")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers transformer or pipeline folder (as generate --weights).")] = None,
-    method: Annotated[list[str] | None, typer.Option("--method", help="dense | shiva | shiva-learned | random | l2norm | spatial-rotating | spatial-fixed (repeatable). Default: all but spatial-fixed.")] = None,
-    keep: Annotated[list[float] | None, typer.Option("--keep", help="FRACTION OF IMAGE TOKENS KEPT per routed block (repeatable). Default 0.8 0.6 0.4.")] = None,
-    prompts: Annotated[int, typer.Option("--prompts", help="Prompts of the fixed set, 1..96.")] = 24,
-    seed: Annotated[list[int] | None, typer.Option("--seed", help="Seeds per prompt (repeatable, distinct). Default: the held-out 2 and 3 (seed 1 is for choices).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the recipe's).")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale (default: the recipe's).")] = None,
-    n_ref: Annotated[int, typer.Option("--n-ref", help="Real scenes of the Fréchet reference set.")] = 256,
-    velocity_samples: Annotated[int, typer.Option("--velocity-samples", help="Real scenes of the velocity / foreground check.")] = 16,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = 1,
-    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Interleaved timing rounds per configuration (0: time the generation calls).")] = 3,
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Write quality.json, quality.md, pareto.png and grid.png here.")] = Path("validate/reports/quality"),
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: QualityModel = "sd35-shapes",
+    recipe: QualityRecipe = None,
+    weights: QualityWeights = None,
+    method: QualityMethod = None,
+    keep: QualityKeep = None,
+    prompts: QualityPrompts = 24,
+    seed: QualitySeed = None,
+    steps: QualitySteps = None,
+    guidance: CfgScale = None,
+    n_ref: QualityNRef = 256,
+    velocity_samples: QualityVelocitySamples = 16,
+    threads: TorchCpuThreads = 1,
+    latency_repeats: QualityLatencyRepeats = 3,
+    out_dir: QualityOutDir = Path("validate/reports/quality"),
+    json_out: JsonReport = False,
+    quiet: Quiet = False,
 ) -> int:
     from shiva_export.checks import check_model_name, check_number, check_out_dir
     from shiva_export.utils.io import folder_lock
@@ -258,24 +414,66 @@ below it, or when --beat-baseline is given and it does not beat the constant on 
 magnitude error (on a model where every finite difference is negative, a constant agrees in sign 100%)."""
 
 
-@validate_app.command("estimator", epilog=ESTIMATOR_EPILOG, help="Check the training estimators' gradient to the keep ratio (output-gated, the paper's residual STE) against finite differences of the real routed loss: sign agreement, rank agreement and magnitude error per layer and keep level, each beside a constant estimator.")
+EstimatorModel = Annotated[
+    str, typer.Option("--model", "-m", help="Model name (sd35-tiny, sd35-shapes, flux-tiny, ...).")
+]
+EstimatorEstimator = Annotated[
+    list[str] | None, typer.Option("--estimator", help="output-gated | residual (repeatable). Default: both.")
+]
+EstimatorKeep = Annotated[
+    list[float] | None,
+    typer.Option("--keep", help="FRACTION OF IMAGE TOKENS KEPT per routed block (repeatable). Default 0.4 0.6 0.8."),
+]
+EstimatorDelta = Annotated[float, typer.Option("--delta", help="Finite-difference step of the keep ratio.")]
+EstimatorSamples = Annotated[int, typer.Option("--samples", help="Seeded samples (stratified timesteps).")]
+EstimatorRouter = Annotated[
+    str | None,
+    typer.Option(
+        "--router", help="'random' (untrained), a router .safetensors, or the recipe's trained router (default)."
+    ),
+]
+EstimatorData = Annotated[
+    Path | None, typer.Option("--data", help="Training data (as `train --data`); default synthetic inputs.")
+]
+EstimatorSeed = Annotated[int, typer.Option("--seed", help="Seed of the inputs.")]
+EstimatorMinAgreement = Annotated[
+    float | None,
+    typer.Option("--min-agreement", help="Fail (exit 3) below this sign agreement of the first estimator, e.g. 0.9."),
+]
+EstimatorBeatBaseline = Annotated[
+    bool,
+    typer.Option(
+        "--beat-baseline",
+        help="Fail (exit 3) unless the first estimator beats a constant estimator on rank agreement and magnitude error.",
+    ),
+]
+EstimatorReport = Annotated[
+    Path | None, typer.Option("--report", help="Also write the Markdown report here (and .json beside it).")
+]
+
+
+@validate_app.command(
+    "estimator",
+    epilog=ESTIMATOR_EPILOG,
+    help="Check the training estimators' gradient to the keep ratio (output-gated, the paper's residual STE) against finite differences of the real routed loss: sign agreement, rank agreement and magnitude error per layer and keep level, each beside a constant estimator.",
+)
 def estimator_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name (sd35-tiny, sd35-shapes, flux-tiny, ...).")] = "sd35-tiny",
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML override (e.g. a trained recipe.toml).")] = None,
-    estimator: Annotated[list[str] | None, typer.Option("--estimator", help="output-gated | residual (repeatable). Default: both.")] = None,
-    keep: Annotated[list[float] | None, typer.Option("--keep", help="FRACTION OF IMAGE TOKENS KEPT per routed block (repeatable). Default 0.4 0.6 0.8.")] = None,
-    delta: Annotated[float, typer.Option("--delta", help="Finite-difference step of the keep ratio.")] = 0.1,
-    samples: Annotated[int, typer.Option("--samples", help="Seeded samples (stratified timesteps).")] = 8,
-    router: Annotated[str | None, typer.Option("--router", help="'random' (untrained), a router .safetensors, or the recipe's trained router (default).")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Training data (as `train --data`); default synthetic inputs.")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local diffusers folder.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the inputs.")] = 0,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
-    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Fail (exit 3) below this sign agreement of the first estimator, e.g. 0.9.")] = None,
-    beat_baseline: Annotated[bool, typer.Option("--beat-baseline", help="Fail (exit 3) unless the first estimator beats a constant estimator on rank agreement and magnitude error.")] = False,
-    report: Annotated[Path | None, typer.Option("--report", help="Also write the Markdown report here (and .json beside it).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    model: EstimatorModel = "sd35-tiny",
+    recipe: TrainedRecipe = None,
+    estimator: EstimatorEstimator = None,
+    keep: EstimatorKeep = None,
+    delta: EstimatorDelta = 0.1,
+    samples: EstimatorSamples = 8,
+    router: EstimatorRouter = None,
+    data: EstimatorData = None,
+    weights: Weights = None,
+    seed: EstimatorSeed = 0,
+    threads: TorchCpuThreads = None,
+    min_agreement: EstimatorMinAgreement = None,
+    beat_baseline: EstimatorBeatBaseline = False,
+    report: EstimatorReport = None,
+    json_out: JsonReport = False,
+    quiet: Quiet = False,
 ) -> int:
     import json
 
