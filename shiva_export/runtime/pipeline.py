@@ -492,36 +492,22 @@ def load_pipeline(
     ctx = adapter.check_context(rec.prune.context if context is None else context)
     say("load pipeline")
     cfg = cfg and adapter.BATCHED_CFG  # Flux: guidance is an embedding, never a [uncond; cond] batch
-    loc, local = pipeline_location(rec, weights)
-    tf_dir = _transformer_folder(rec, weights)  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
-    config = read_transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else read_transformer_config(loc, local, rec)
-    n_layers = adapter.config_num_blocks(config)
+    src = _pipeline_source(rec, adapter, weights)
     h = rec.shapes.height if height is None else height
     w = rec.shapes.width if width is None else width
-
-    adapter.check_image_size(config_obj(config), h, w)
+    adapter.check_image_size(config_obj(src.config), h, w)
     info_kwargs: dict[str, Any] = {"loras": [lo.to_dict() for lo in loras or ()]}
 
     if backend == "torch":
-        pipe, phase_list, router_info = _torch_pipeline(rec, adapter, loc, local, tf_dir, router, n_layers, ratio, phases, dense, cfg, ctx, loras)
+        pipe, phase_list, router_info = _torch_pipeline(src, router, ratio, phases, dense, cfg, ctx, loras)
         text_len = rec.shapes.text_len
         artifacts_info: list[dict[str, Any]] = []
+        info_kwargs["dtype"] = dtype  # the pipeline's torch dtype (its routers stay float32)
     else:
         spec = InputSpec(batch=batch, height=h, width=w, text_len=rec.shapes.text_len, cfg=cfg)
-        from shiva_export.runtime.modules import (
-            ShivaArtifactTransformer,  # lazy: shiva_export.runtime.modules defines it on first access (module __getattr__ imports diffusers)
-        )
-
-        if artifacts:
-            aps, ctx = _opened_phases(artifacts, backend, config, rec, dtype, provider, threads, context, say, loras)
-        else:
-            phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),) if dense else resolve_phases(rec, n_layers, ratio, phases)
-            aps = _built_phases(rec, weights, router, phase_list, spec, dtype, Path(artifact_root), backend, provider, threads, dense, phases, ctx, say,
-                                loras, controlnet_layers)
+        graphs = _Graphs(backend, dtype, provider, threads, Path(artifact_root), loras, controlnet_layers)
+        pipe, aps, ctx = _artifact_pipeline(src, spec, graphs, artifacts, weights, router, ratio, phases, dense, context, ctx, say)
         phase_list = tuple(a.phase for a in aps)
-        module = ShivaArtifactTransformer(config, aps, backend, adapter=adapter)
-        pipe = pipeline_from_pretrained(loc, local, rec, transformer=module)
-        adapter.check_pipeline(pipe, rec)
         artifacts_info = [a.info for a in aps]
         router_info = {"router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})}
         text_len = aps[0].spec.text_len
@@ -529,15 +515,58 @@ def load_pipeline(
         info_kwargs["dtype"] = aps[0].dtype
     max_seq = adapter.max_sequence_length(pipe, text_len)  # what the pipeline must encode for the graph's text length
     _place(pipe, device, dtype if backend == "torch" else "fp32", dense)
-    if backend == "torch" and dtype != "fp32":
-        info_kwargs["dtype"] = dtype
     pipe.set_progress_bar_config(disable=True)
     pipe.shiva = ShivaPipelineInfo(
-        model=rec.name, backend=backend, recipe=rec, phases=phase_list, dense=dense, pipeline_source=loc, artifacts=artifacts_info,
+        model=rec.name, backend=backend, recipe=rec, phases=phase_list, dense=dense, pipeline_source=src.loc, artifacts=artifacts_info,
         router=router_info, max_sequence_length=max_seq, text_len=text_len, height=h, width=w, batch=batch, cfg=cfg,
         context=None if dense else ctx, **info_kwargs,
     )
     return pipe
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a pipeline comes from: the model's recipe and adapter, the pipeline folder or hub id, and the transformer
+    folder that replaces the pipeline's own transformer when there is one (``--weights`` naming one, or a ``train
+    --dora`` recipe's), with the transformer config read from wherever the transformer comes from."""
+
+    rec: Recipe
+    adapter: Any
+    loc: str
+    local: bool
+    tf_dir: Path | None
+    config: dict[str, Any]
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.config_num_blocks(self.config)
+
+
+def _pipeline_source(rec: Recipe, adapter, weights) -> _Source:
+    loc, local = pipeline_location(rec, weights)
+    tf_dir = _transformer_folder(rec, weights)  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
+    config = read_transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else read_transformer_config(loc, local, rec)
+    return _Source(rec, adapter, loc, local, tf_dir, config)
+
+
+@dataclass(frozen=True)
+class _Graphs:
+    """How the graphs of an ``ort``/``trt`` pipeline run (backend, ONNX Runtime provider and threads), and how the
+    ones not given are made: graph dtype, cache root, LoRAs fused, ControlNet residual inputs."""
+
+    backend: str
+    dtype: str
+    provider: str
+    threads: int | None
+    root: Path
+    loras: Any = None
+    controlnet_layers: int = 0
+
+    def runner(self, info: dict[str, Any]):
+        """An ONNX Runtime session over ``info["onnx"]``, or a TensorRT runner over ``info["engine"]``."""
+        if self.backend == "ort":
+            return OrtRunner(info["onnx"], provider=self.provider, threads=self.threads)
+        return TrtRunner(info["engine"])
 
 
 def _place(pipe, device: str, torch_dtype_name: str, dense: bool) -> None:
@@ -570,54 +599,68 @@ def _check_pipeline_options(backend: str, dtype: str, device: str, dense: bool =
         raise ConfigError("a dense pipeline routes nothing, so --context keep has no effect; drop --context or dense.")
 
 
-def _torch_pipeline(rec: Recipe, adapter, loc: str, local: bool, tf_dir, router, n_layers: int, ratio, phases: bool, dense: bool, cfg: bool, ctx: str,
-                    loras=None):
+def _torch_pipeline(src: _Source, router, ratio, phases: bool, dense: bool, cfg: bool, ctx: str, loras=None):
     """The model's pipeline with its own transformer, LoRAs loaded (unfused), routed in place: (pipe, phases, router info)."""
-    own = {}
-    if tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
+    rec, own = src.rec, {}
+    if src.tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
 
-        own["transformer"] = load_transformer(recipe=rec, weights=tf_dir)
-    pipe = pipeline_from_pretrained(loc, local, rec, **own)
-    adapter.check_pipeline(pipe, rec)
+        own["transformer"] = load_transformer(recipe=rec, weights=src.tf_dir)
+    pipe = pipeline_from_pretrained(src.loc, src.local, rec, **own)
+    src.adapter.check_pipeline(pipe, rec)
     if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
 
-        check_finite(pipe.transformer.state_dict(), f"transformer weights in {loc}", WeightsError)
+        check_finite(pipe.transformer.state_dict(), f"transformer weights in {src.loc}", WeightsError)
 
     load_loras_(pipe.transformer, loras or ())  # unfused, before routing: the routed blocks run the peft layers
     if dense:
         return pipe, (), {"source": "none (dense)"}
-    phase_list = resolve_phases(rec, n_layers, ratio, phases)
+    phase_list = resolve_phases(rec, src.n_layers, ratio, phases)
     return pipe, phase_list, _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
 
 
-def _opened_phases(artifacts, backend: str, config, rec: Recipe, dtype: str, provider: str, threads, context, say, loras=None):
+def _artifact_pipeline(src: _Source, spec: InputSpec, graphs: _Graphs, artifacts, weights, router, ratio, phases: bool, dense: bool,
+                       context: str | None, ctx: str, say):
+    """The model's pipeline around a ShivaArtifactTransformer over the given graphs or engines, else over the cached
+    ones (exported or built on first use), one per phase: (pipe, artifact phases, their context)."""
+    from shiva_export.runtime.modules import (
+        ShivaArtifactTransformer,  # lazy: shiva_export.runtime.modules defines it on first access (module __getattr__ imports diffusers)
+    )
+
+    if artifacts:
+        aps, ctx = _opened_phases(artifacts, graphs, src.config, src.rec, context, say)
+    else:
+        n_layers = src.n_layers
+        phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),) if dense else resolve_phases(src.rec, n_layers, ratio, phases)
+        aps = _built_phases(src.rec, weights, router, phase_list, spec, graphs, dense, phases, ctx, say)
+    module = ShivaArtifactTransformer(src.config, aps, graphs.backend, adapter=src.adapter)
+    pipe = pipeline_from_pretrained(src.loc, src.local, src.rec, transformer=module)
+    src.adapter.check_pipeline(pipe, src.rec)
+    return pipe, aps, ctx
+
+
+def _opened_phases(artifacts, graphs: _Graphs, config, rec: Recipe, context, say):
     """Runners over given ONNX files or engine folders, phases and shapes from their metadata, which must carry
     ``loras``: (phases, context)."""
-    opened = _open_artifacts(artifacts, backend, config, say)
+    opened = _open_artifacts(artifacts, graphs.backend, config, say)
     ctx = _artifacts_context(opened, context)
-    _check_artifact_loras(opened, loras)
-    aps = []
-    for phase, aspec, info, _meta in opened:
-        run = OrtRunner(info["onnx"], provider=provider, threads=threads) if backend == "ort" else TrtRunner(info["engine"])
-        aps.append(ArtifactPhase(phase, aspec, run, info, rec.name, dtype))
+    _check_artifact_loras(opened, graphs.loras)
+    aps = [ArtifactPhase(phase, aspec, graphs.runner(info), info, rec.name, graphs.dtype) for phase, aspec, info, _meta in opened]
     return aps, ctx
 
 
-def _built_phases(rec, weights, router, phase_list, spec, dtype: str, root: Path, backend: str, provider: str, threads, dense: bool,
-                  use_phases: bool, ctx: str, say, loras=None, controlnet_layers: int = 0) -> list:
+def _built_phases(rec, weights, router, phase_list, spec, graphs: _Graphs, dense: bool, use_phases: bool, ctx: str, say) -> list:
     """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
     ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
-    bucket = pick_bucket(rec, root, spec.height, spec.width)  # a model with buckets runs only at their sizes
+    bucket = pick_bucket(rec, graphs.root, spec.height, spec.width)  # a model with buckets runs only at their sizes
+    loras, cn_layers = graphs.loras, graphs.controlnet_layers
     aps = []
     for phase in phase_list:
-        if backend == "ort":
-            info = _ensure_onnx(rec, weights, router, phase, spec, dtype, root, say, dense=dense, use_phases=use_phases, context=ctx, bucket=bucket,
-                                loras=loras, controlnet_layers=controlnet_layers)
-            run = OrtRunner(info["onnx"], provider=provider, threads=threads)
+        if graphs.backend == "ort":
+            info = _ensure_onnx(rec, weights, router, phase, spec, graphs.dtype, graphs.root, say, dense=dense, use_phases=use_phases, context=ctx,
+                                bucket=bucket, loras=loras, controlnet_layers=cn_layers)
         else:
-            info = _ensure_engine(rec, weights, router, phase, spec, dtype, root, dense, use_phases, say, ctx, bucket, loras, controlnet_layers)
-            run = TrtRunner(info["engine"])
-        aps.append(ArtifactPhase(phase, spec, run, info, rec.name, dtype))
+            info = _ensure_engine(rec, weights, router, phase, spec, graphs.dtype, graphs.root, dense, use_phases, say, ctx, bucket, loras, cn_layers)
+        aps.append(ArtifactPhase(phase, spec, graphs.runner(info), info, rec.name, graphs.dtype))
     return aps
 
 
