@@ -191,6 +191,45 @@ def benchmark_e2e(
     prompt = adapter.EXAMPLE_PROMPT if prompt is None else prompt
     steps = rec.pipeline.steps if steps is None else steps
     guidance = rec.pipeline.guidance if guidance is None else guidance
+    _check_e2e_options(backends, ratios, phases, steps, warmup, repeats, device, dtype, compile)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_writable(out / "e2e.json", "--out-dir")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    load_start = loadavg()
+
+    load = dict(recipe=rec, weights=weights, cfg=adapter.uses_cfg(guidance), dtype=dtype, threads=threads, device=device, artifact_root=artifact_root)
+    variants = _load_variants(backends, ratios, phases, load, compile, say)
+    for i in range(warmup):
+        for v, pipe in variants:
+            say(f"warm-up {i + 1}/{warmup}: {v.backend} {v.budget}")
+            run_pipeline(pipe, prompt, steps=steps, guidance=guidance, seed=seed)
+    for i in range(repeats):
+        for v, pipe in variants:
+            say(f"round {i + 1}/{repeats}: {v.backend} {v.budget}")
+            res = run_pipeline(pipe, prompt, steps=steps, guidance=guidance, seed=seed)
+            v.runs.append(res.times.to_dict())
+            v.phase_steps = {k: d["steps"] for k, d in res.times.per_phase().items()} or {"dense": len(res.times.transformer)}
+    _count_flops(variants, adapter, rec, guidance)
+    cmd = (f"shiva-export validate speed --e2e --model {rec.name} " + " ".join(f"--backend {b}" for b in backends) + " "
+           + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
+           + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")
+           + (" --compile" if compile else ""))
+    machine = machine_info(load_start)
+    machine["threads"] = torch.get_num_threads()
+    any_pipe = variants[0][1]
+    report = E2EReport(rec.name, steps, guidance, any_pipe.shiva.height, any_pipe.shiva.width, warmup, repeats, device, dtype, compile,
+                       [v for v, _ in variants], machine, cmd)
+    if out is not None:
+        atomic_write_json(out / "e2e.json", report.to_dict())
+        atomic_write_text(out / "e2e.md", report.to_markdown())
+        atomic_write_bytes(out / "e2e.png", _plot_png(report))
+    return report
+
+
+def _check_e2e_options(backends, ratios, phases: bool, steps, warmup: int, repeats: int, device: str, dtype: str, compile: bool) -> None:
+    """Every option of an end-to-end run, before any pipeline loads."""
     for b in backends:
         if b not in ("torch", "ort", "trt"):
             raise ConfigError(f"--backend {b!r} is unknown for --e2e; choose torch, ort or trt.")
@@ -203,21 +242,21 @@ def benchmark_e2e(
         raise ConfigError(f"steps {steps}, warmup {warmup}, repeats {repeats}: expected steps >= 1, warmup >= 0, repeats >= 1.")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
     if compile and any(b != "torch" for b in backends):
         raise ConfigError("--compile applies to the torch backend only; pass --backend torch.")
     if compile and phases:
         raise ConfigError("--compile needs one static budget per graph; use --ratio (phases dispatch on the timestep in Python).")
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        check_writable(out / "e2e.json", "--out-dir")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    load_start = loadavg()
 
+
+def _load_variants(backends, ratios, phases: bool, load: dict[str, Any], compile: bool, say) -> list[tuple[E2EVariant, Any]]:
+    """One pipeline per backend and budget (dense, each ratio, the learned phases), each with ``load_pipeline(**load)``."""
     budgets: list[tuple[str, dict[str, Any]]] = [("dense", {"dense": True})]
     budgets += [(f"ratio {r:.2f}", {"ratio": r}) for r in ratios]
     if phases:
@@ -226,24 +265,17 @@ def benchmark_e2e(
     for b in backends:
         for label, kw in budgets:
             say(f"load {b} {label}")
-            pipe = load_pipeline(recipe=rec, weights=weights, backend=b, cfg=adapter.uses_cfg(guidance), dtype=dtype, threads=threads, device=device,
-                                 artifact_root=artifact_root, provider="cuda" if device == "cuda" and b == "ort" else "cpu", **kw)
+            provider = "cuda" if load["device"] == "cuda" and b == "ort" else "cpu"
+            pipe = load_pipeline(backend=b, provider=provider, **load, **kw)
             if compile:
                 _compile(pipe)
             name = label if label != "phases" else "phases " + "/".join(p.name for p in pipe.shiva.phases)
             variants.append((E2EVariant(b, name, artifacts=pipe.shiva.artifacts), pipe))
-    for i in range(warmup):
-        for v, pipe in variants:
-            say(f"warm-up {i + 1}/{warmup}: {v.backend} {v.budget}")
-            run_pipeline(pipe, prompt, steps=steps, guidance=guidance, seed=seed)
-    for i in range(repeats):
-        for v, pipe in variants:
-            say(f"round {i + 1}/{repeats}: {v.backend} {v.budget}")
-            res = run_pipeline(pipe, prompt, steps=steps, guidance=guidance, seed=seed)
-            v.runs.append(res.times.to_dict())
-            v.phase_steps = {k: d["steps"] for k, d in res.times.per_phase().items()} or {"dense": len(res.times.transformer)}
-    # FLOPs of the transformer over the loop, each step on the phase that ran it
+    return variants
 
+
+def _count_flops(variants: list[tuple[E2EVariant, Any]], adapter, rec, guidance: float) -> None:
+    """FLOPs of the transformer over the loop, each step on the phase that ran it."""
     any_pipe = variants[0][1]
     config = dict(any_pipe.transformer.config)
     n_tokens = adapter.num_image_tokens(config_obj(config), any_pipe.shiva.height, any_pipe.shiva.width)
@@ -251,19 +283,6 @@ def benchmark_e2e(
     for v, pipe in variants:
         ph = () if pipe.shiva.dense else pipe.shiva.phases
         v.flops = _flops_of(adapter, config, n_tokens, pipe.shiva.text_len, model_batch, ph, v.phase_steps, rec.router.bottleneck, pipe.shiva.context or "drop")
-    cmd = (f"shiva-export validate speed --e2e --model {rec.name} " + " ".join(f"--backend {b}" for b in backends) + " "
-           + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
-           + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")
-           + (" --compile" if compile else ""))
-    machine = machine_info(load_start)
-    machine["threads"] = torch.get_num_threads()
-    report = E2EReport(rec.name, steps, guidance, any_pipe.shiva.height, any_pipe.shiva.width, warmup, repeats, device, dtype, compile,
-                       [v for v, _ in variants], machine, cmd)
-    if out is not None:
-        atomic_write_json(out / "e2e.json", report.to_dict())
-        atomic_write_text(out / "e2e.md", report.to_markdown())
-        atomic_write_bytes(out / "e2e.png", _plot_png(report))
-    return report
 
 
 def _compile(pipe) -> None:
