@@ -394,24 +394,15 @@ def generate(
         if pp is not None:
             check_pipeline_call(pp, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=pp.shiva.max_sequence_length)
 
-    if dense_pipe is not None:
-        # One warm-up step each, so the first timed call of neither pipeline pays session/allocator start-up.
-        say("warm up")
-        for pp in (pipe, dense_pipe):
-            run_pipeline(pp, prompts[0], negative_prompt=negative_prompt, steps=1, guidance=guidance, seed=seed, height=h, width=w,
-                         extra_call=control_call)
     call = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w, extra_call=control_call)
+    if dense_pipe is not None:
+        _warm_up((pipe, dense_pipe), prompts[0], seed, call, say)
     images = []
     for i, prompt in enumerate(prompts):
         say(f"generate {i + 1}/{len(prompts)}")
         images.append(_generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{slug(prompt)}", call, step_progress))
 
-    grid_path = None
-    if compare_dense:
-        rows = [e.pop("_pil") for e in images]
-        grid = image_grid(rows, labels=["dense", f"shiva ({backend}, {budget_desc(info)})"], row_labels=[e["prompt"] for e in images])
-        grid_path = out / "grid.png"
-        _write_png(grid_path, grid)
+    grid_path = _write_grid(images, out, f"shiva ({backend}, {budget_desc(info)})") if compare_dense else None
     record = generate_record(model=info.model, backend=backend, budget=budget_desc(info), steps=steps, guidance=guidance, cfg=cfg, height=h,
                              width=w, device=str(pipe._execution_device), torch_threads=torch.get_num_threads(), pipeline=info.to_dict(),
                              controlnet=control.to_dict() if control is not None else None, images=images,
@@ -419,6 +410,22 @@ def generate(
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record
+
+
+def _warm_up(pipes, prompt: str, seed: int, call: dict[str, Any], say) -> None:
+    """One step each, so the first timed call of neither pipeline pays session/allocator start-up."""
+    say("warm up")
+    for pp in pipes:
+        run_pipeline(pp, prompt, seed=seed, **dict(call, steps=1))
+
+
+def _write_grid(images: list[dict[str, Any]], out: Path, label: str) -> Path:
+    """``grid.png``: dense | pruned, one row per prompt (the images leave their entries)."""
+    rows = [e.pop("_pil") for e in images]
+    grid = image_grid(rows, labels=["dense", label], row_labels=[e["prompt"] for e in images])
+    grid_path = out / "grid.png"
+    _write_png(grid_path, grid)
+    return grid_path
 
 
 def _check_generate_options(model, recipe, prompts: list, steps, guidance, context):
