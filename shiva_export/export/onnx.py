@@ -384,12 +384,7 @@ def export_onnx(
         _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx, opset, _dynamic_shapes(names, spec, dynamic_batch), external, weights)
         export_seconds = time.perf_counter() - t0
         model = onnx.load(str(tmp_onnx), load_external_data=False)
-        index_tensors = {}
-        if routed_blocks:
-            _check_contract(model)
-            index_tensors = kept_index_tensors(model, routed_blocks)
-            if debug_outputs:
-                index_tensors = _add_index_outputs(model, index_tensors, spec, dynamic_batch)
+        index_tensors = _index_tensors(model, routed_blocks, debug_outputs, spec, dynamic_batch)
         meta = {
             "exporter": "torch.onnx dynamo",
             "block_scopes": block_scopes(transformer),
@@ -410,6 +405,18 @@ def export_onnx(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return _export_result(transformer, adapter, dest, external, spec, trace_spec, opset, dtype, dynamic_batch, export_seconds, index_tensors, str_meta,
                           extra_inputs)
+
+
+def _index_tensors(model, routed_blocks: list[int] | None, debug_outputs: bool, spec: InputSpec, dynamic_batch: bool) -> dict:
+    """The kept-index tensor of each routed block (the graph's routing contract checked first), also made graph
+    outputs with ``debug_outputs``; none for a dense graph."""
+    if not routed_blocks:
+        return {}
+    _check_contract(model)
+    index_tensors = kept_index_tensors(model, routed_blocks)
+    if debug_outputs:
+        index_tensors = _add_index_outputs(model, index_tensors, spec, dynamic_batch)
+    return index_tensors
 
 
 def _dynamic_shapes(names: tuple[str, ...], spec: InputSpec, dynamic_batch: bool):

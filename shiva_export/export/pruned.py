@@ -220,14 +220,53 @@ def export_pruned(
             (``controlnet_block_<i>``, SD3/SD3.5; :mod:`shiva_export.export.controlnet`). Defaults to 0.
     """
     say = progress or (lambda stage: None)
-    rec, context, spec = _check_export_options(
-        model, recipe, ratio, keep_ratios, phase, dense, context, dtype, parity_cases, batch, height, width, text_len, cfg
-    )
+    rec, context = _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, context, dtype)
+    spec = _input_spec(rec, batch, height, width, text_len, cfg)
+    if not 1 <= parity_cases <= 8:
+        raise ConfigError(f"parity_cases {parity_cases} is out of range; expected 1..8.")
     size_dir = bucket_name(spec.width, spec.height) if bucket else None
     out_path = _check_out(out, rec, phase, keep_ratios, dense, ratio, dtype, context, size_dir)
     _check_lora_controlnet(loras, controlnet_layers, dynamic_batch, bounded)
 
     say("load model")
+    pm, export_model = _load_pruned(rec, spec, weights, bounded, loras, controlnet_layers, phase, ratio, keep_ratios, dense, context, router, dtype)
+    if out_path is None:
+        out_path = _default_out_path(rec, phase, pm.ratio_used, dtype, "drop" if dense else context, size_dir)
+        _refuse_engine_onnx(out_path)
+    lora_rows = [lo.to_dict() for lo in loras] if loras else None
+    meta = _graph_metadata(rec, pm, phase, dense, spec, lora_rows, extra_metadata)
+    say("export onnx")
+    result = _export_graph(export_model, pm, rec, spec, out_path, dense, dtype, opset, dynamic_batch, meta, debug_outputs)
+    if export_model is not pm.transformer:
+        del export_model
+
+    parity = None
+    if validate:
+        say("parity (onnxruntime cpu)")
+        parity = _export_parity(result, pm.transformer, pm.lazy_weights, rec, spec, dtype, parity_cases, pm.n_tokens, pm.controlnet_layers)
+    return PrunedExport(rec, pm.ratio_used, pm.config, spec, pm.n_tokens, pm.budgets, result, pm.router_info, parity, pm.load_seconds, dense,
+                        lora_rows)
+
+
+@dataclass
+class _Pruned:
+    """The transformer of one export, loaded and pruned: what its graph is made from and checked against."""
+
+    transformer: Any  # the reference in the loaded dtype (parity runs it)
+    lazy_weights: Any  # makers of the real weights on the bounded-memory path, else None
+    load_seconds: float
+    config: ShivaConfig
+    ratio_used: float
+    budgets: dict[int, int]  # routed block -> k
+    n_tokens: int
+    router_info: dict[str, Any]
+    controlnet_layers: int
+
+
+def _load_pruned(rec: Recipe, spec: InputSpec, weights, bounded: bool | None, loras, controlnet_layers: int, phase, ratio, keep_ratios,
+                 dense: bool, context: str, router, dtype: str):
+    """Loads the transformer (LoRAs fused) and prunes it with the budget asked for: (its state, the model to export:
+    a copy in the export dtype, or the transformer itself)."""
     transformer, lazy_weights, load_seconds = _load_for_export(rec, weights, bounded, loras)
     check_image_size(transformer, spec.height, spec.width)
     n_layers = num_blocks(transformer)
@@ -241,29 +280,18 @@ def export_pruned(
     export_model, router_info = _prepare_models(transformer, rec, config, router, dtype, dense, lazy_weights)
     for m in {id(export_model): export_model, id(transformer): transformer}.values() if controlnet_layers else ():
         cn.add_residual_hook(m)  # controlnet_block_<i> kwargs -> block_controlnet_hidden_states (models local to this call)
+    return _Pruned(transformer, lazy_weights, load_seconds, config, ratio_used, budgets, n_tokens, router_info, controlnet_layers), export_model
 
-    if out_path is None:
-        out_path = _default_out_path(rec, phase, ratio_used, dtype, "drop" if dense else context, size_dir)
-        _refuse_engine_onnx(out_path)
-    lora_rows = [lo.to_dict() for lo in loras] if loras else None
-    graph_extra = {**({"loras": lora_rows} if loras else {}), **({"controlnet_layers": controlnet_layers} if controlnet_layers else {}),
-                   **(extra_metadata or {})}
-    meta = _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, graph_extra)
-    say("export onnx")
-    result = export_onnx(
+
+def _export_graph(export_model, pm: _Pruned, rec: Recipe, spec: InputSpec, out_path: Path, dense: bool, dtype: str, opset, dynamic_batch: bool,
+                  meta: dict[str, Any], debug_outputs: bool) -> ExportResult:
+    """The ONNX export of the pruned model (from its lazy weights on the bounded-memory path), ControlNet inputs included."""
+    return export_onnx(
         export_model, out_path, spec, opset=opset if opset is not None else rec.export.opset, dtype=dtype, dynamic_batch=dynamic_batch,
-        routed_blocks=None if dense else list(config.routed_blocks), metadata=meta, debug_outputs=debug_outputs,
-        weights=None if lazy_weights is None else lazy_weights.with_dtype(torch_dtype(dtype)),
-        extra_inputs=cn.sample_inputs(export_model, spec.model_batch, n_tokens, controlnet_layers, dtype=torch_dtype(dtype)) or None,
+        routed_blocks=None if dense else list(pm.config.routed_blocks), metadata=meta, debug_outputs=debug_outputs,
+        weights=None if pm.lazy_weights is None else pm.lazy_weights.with_dtype(torch_dtype(dtype)),
+        extra_inputs=cn.sample_inputs(export_model, spec.model_batch, pm.n_tokens, pm.controlnet_layers, dtype=torch_dtype(dtype)) or None,
     )
-    if export_model is not transformer:
-        del export_model
-
-    parity = None
-    if validate:
-        say("parity (onnxruntime cpu)")
-        parity = _export_parity(result, transformer, lazy_weights, rec, spec, dtype, parity_cases, n_tokens, controlnet_layers)
-    return PrunedExport(rec, ratio_used, config, spec, n_tokens, budgets, result, router_info, parity, load_seconds, dense, lora_rows)
 
 
 def _check_out(out, rec: Recipe, phase, keep_ratios, dense: bool, ratio, dtype: str, context: str, size_dir: str | None) -> Path | None:
@@ -285,29 +313,33 @@ def _check_lora_controlnet(loras, controlnet_layers: int, dynamic_batch: bool, b
         raise ConfigError("--lora is fused into the loaded weights, which a bounded-memory export never holds; drop --bounded (use --eager).")
 
 
-def _graph_metadata(rec, transformer, config, phase, ratio_used, dense, budgets, n_tokens, router_info, spec, extra_metadata) -> dict[str, Any]:
-    """The ``shiva.*`` metadata of a pruned graph: what it prunes, for which timesteps, with which router."""
+def _graph_metadata(rec, pm: _Pruned, phase, dense, spec, lora_rows, extra_metadata) -> dict[str, Any]:
+    """The ``shiva.*`` metadata of a pruned graph: what it prunes, for which timesteps, with which router; the LoRAs fused
+    into it, its ControlNet inputs and the caller's ``extra_metadata``."""
+    config = pm.config
     n_layers = len(config.keep_ratios)
     return {
         "model": rec.name,
         "recipe_sha256": recipe_hash(rec),
-        "model_config_sha256": model_config_hash(transformer),
-        "ratio": ratio_used,
+        "model_config_sha256": model_config_hash(pm.transformer),
+        "ratio": pm.ratio_used,
         **_phase_range(rec, phase),
         "dense": dense,
         "context": None if dense else config.context,
         "keep_ratios": [None] * n_layers if dense else list(config.keep_ratios),
-        "k_per_block": {str(b): k for b, k in budgets.items()},
-        "num_image_tokens": n_tokens,
-        "router_sha256": router_info["tensor_sha256"],
-        "router_source": router_info["source"],
+        "k_per_block": {str(b): k for b, k in pm.budgets.items()},
+        "num_image_tokens": pm.n_tokens,
+        "router_sha256": pm.router_info["tensor_sha256"],
+        "router_source": pm.router_info["source"],
         "cfg": spec.cfg,
+        **({"loras": lora_rows} if lora_rows else {}),
+        **({"controlnet_layers": pm.controlnet_layers} if pm.controlnet_layers else {}),
         **(extra_metadata or {}),
     }
 
 
-def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, context, dtype, parity_cases, batch, height, width, text_len, cfg):
-    """Validates the flags before anything loads: returns the recipe, the checked context and the input spec."""
+def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, context, dtype):
+    """Validates the flags before anything loads: returns the recipe and the checked context."""
     if recipe is None:
         rec = load_recipe(model or "sd35")
     elif isinstance(recipe, Recipe):
@@ -330,17 +362,18 @@ def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, conte
     if dense and context == "keep":
         raise ConfigError("a dense export routes nothing, so --context keep has no effect; drop --context or --dense.")
 
-    context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
-    spec = InputSpec(
+    return rec, adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
+
+
+def _input_spec(rec: Recipe, batch, height, width, text_len, cfg) -> InputSpec:
+    """The graph's static shapes: the recipe's, where not given."""
+    return InputSpec(
         batch=batch if batch is not None else rec.shapes.batch,
         height=height if height is not None else rec.shapes.height,
         width=width if width is not None else rec.shapes.width,
         text_len=text_len if text_len is not None else rec.shapes.text_len,
         cfg=rec.shapes.cfg if cfg is None else cfg,
     )
-    if not 1 <= parity_cases <= 8:
-        raise ConfigError(f"parity_cases {parity_cases} is out of range; expected 1..8.")
-    return rec, context, spec
 
 
 def _load_for_export(rec: Recipe, weights, bounded: bool | None, loras=None):
