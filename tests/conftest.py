@@ -52,6 +52,10 @@ def pytest_collection_modifyitems(config, items):
         for mark, (skip, why) in skips.items():
             if skip and mark in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=why))
+        # `--dist loadgroup` sends each group to one xdist worker whole: a file is its own group (module fixtures
+        # run once), unless it names a shared one (tests/shared.py: files that reuse the same session exports).
+        group = getattr(item.module, "XDIST_GROUP", None) or item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 # diffusers binds its StreamHandler to sys.stderr on first use; do that now (the session-wide stream)

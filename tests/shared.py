@@ -5,7 +5,10 @@ made once per session by :func:`export` (always validated, so every caller gets 
 read-only, as are its TensorRT-RTX engine (:func:`engine`) and the one short training (:func:`short_training`).
 A test that writes next to its export (segments, tampering) takes its own copy with :func:`export_copy`. Built
 under a per-session folder (``$SHIVA_TEST_SHARED``, set by ``tests/conftest.py``); in-process, so each pytest
-process (an xdist worker too) makes its own.
+process (an xdist worker too) makes its own, so the files that reuse one artifact name the same ``XDIST_GROUP``
+(``EXPORTS``, ``TRAINING``, ``RUNTIME``): ``tests/conftest.py`` then sends them to one worker, which makes it once.
+:func:`runtime_root` is the session's artifact root for tests that run a graph without asserting how the runtime
+cache got it (the cache reuses a graph only after checking it by content).
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["root", "export", "export_copy", "engine", "SHORT_TRAINING", "short_training"]
+__all__ = ["root", "export", "export_copy", "engine", "SHORT_TRAINING", "short_training", "runtime_root", "EXPORTS", "TRAINING", "RUNTIME"]
+
+#: xdist groups (``XDIST_GROUP`` in a test file) of the files sharing :func:`export`/:func:`engine`,
+#: :func:`short_training` and :func:`runtime_root`.
+EXPORTS, TRAINING, RUNTIME = "shared-exports", "shared-training", "shared-runtime"
 
 #: Parity cases a shared export is validated with unless the caller asks otherwise (export_pruned's default).
 PARITY_CASES = 3
@@ -36,6 +43,15 @@ def root() -> Path:
     if not path:
         path = os.environ["SHIVA_TEST_SHARED"] = tempfile.mkdtemp(prefix="shiva-test-shared-")
     return Path(path)
+
+
+def runtime_root() -> Path:
+    """This session's ``--artifact-root`` for tests that need the runtime's graphs but not a fresh cache: each graph
+    is exported by the first test that asks for it and reused, checked by content, by the others. Tests that assert
+    "exported", or that tamper with a cached graph, keep their own root."""
+    path = root() / "runtime-artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _label(value: Any) -> str:

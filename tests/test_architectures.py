@@ -24,6 +24,8 @@ torch.set_num_threads(1)
 
 from tests import archcases, shared  # noqa: E402
 
+XDIST_GROUP = shared.EXPORTS  # conftest: one worker, which makes the shared artifacts once
+
 
 @pytest.fixture(scope="module", params=archcases.NAMES)
 def arch(request):

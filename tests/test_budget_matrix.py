@@ -26,6 +26,8 @@ from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, 
 from shiva_export.prune.topk_lowering import topk_reference
 from tests import shared
 
+XDIST_GROUP = shared.EXPORTS  # conftest: one worker, which makes the shared artifacts once
+
 pytestmark = pytest.mark.trt_rtx
 RATIOS = [0.05, 0.2, 0.4, 0.6, 0.8, 0.95]
 

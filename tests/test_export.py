@@ -16,6 +16,8 @@ from shiva_export.export.pruned import export_pruned
 from shiva_export.models.sd3 import InputSpec, make_inputs
 from tests import shared
 
+XDIST_GROUP = shared.EXPORTS  # conftest: one worker, which makes the shared artifacts once
+
 
 def _reference(res):
     """The fp32 PyTorch model with exactly the export's router and budget (the recipe's trained router)."""

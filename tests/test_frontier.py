@@ -10,6 +10,9 @@ import pytest
 
 from shiva_export.validate.frontier import FrontierConfig, default_configs, frontier_flags
 from shiva_export.validate.stats import mcnemar_exact, paired_bootstrap, paired_bootstrap_mean, wilson_interval
+from tests import shared
+
+XDIST_GROUP = shared.RUNTIME  # conftest: one worker, whose runtime cache (shared.runtime_root) they share
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
@@ -99,7 +102,7 @@ _CONTRACT = {"family", "config", "steps", "flops_per_image", "latency_ms", "accu
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     """sd35-tiny, 1 prompt x 2 seeds, 4 steps: a dense step, a cache, a Shiva row, a cached Shiva stack and the
-    ONNX Runtime stack (one export into a temporary artifact root)."""
+    ONNX Runtime stack (its graph from the session's runtime cache, tests/shared.py)."""
     from shiva_export.validate.frontier import validate_frontier
 
     cfgs = [FrontierConfig("dense", 4), FrontierConfig("dense", 2), FrontierConfig("cache", 4, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
@@ -107,7 +110,7 @@ def tiny_report(tmp_path_factory):
             FrontierConfig("stack", 2, keep=0.6, backend="ort"), FrontierConfig("shiva", 4, keep=0.6, context="keep")]
     out = tmp_path_factory.mktemp("frontier")
     rep = validate_frontier(model="sd35-tiny", prompts=1, seeds=[0, 1], configs=cfgs, latency_repeats=1, out_dir=out,
-                            artifact_root=out / "engines")
+                            artifact_root=shared.runtime_root())
     return rep, out
 
 

@@ -23,7 +23,9 @@ from shiva_export.cli import main
 from shiva_export.errors import ConfigError, RecipeError, ShapeError
 from shiva_export.models import InputSpec, adapter_for_architecture
 from shiva_export.recipe import load_recipe
-from tests import archcases
+from tests import archcases, shared
+
+XDIST_GROUP = shared.RUNTIME  # conftest: one worker, whose runtime cache (shared.runtime_root) they share
 
 torch.set_num_threads(1)
 
@@ -56,7 +58,7 @@ def model(request):
 def ort_pipe(model, root):
     from shiva_export.runtime.pipeline import load_pipeline
 
-    return load_pipeline(model, backend="ort", ratio=0.4, threads=1, artifact_root=root / "engines")
+    return load_pipeline(model, backend="ort", ratio=0.4, threads=1, artifact_root=shared.runtime_root())
 
 
 def test_embedded_pipeline_is_deterministic_and_reloads(model):
@@ -177,7 +179,7 @@ def _cli(capsys, *args):
 def test_generate_cli_writes_image_dense_grid_and_record(capsys, model, ort_pipe, root):
     out = root / f"out-{model}"
     code, stdout, err = _cli(capsys, "generate", "--model", model, "--prompt", PROMPT[model], "--backend", "ort", "--ratio", "0.4",
-                             "--compare-dense", "--steps", "2", "--threads", "1", "--out", str(out), "--artifact-root", str(root / "engines"), "--json")
+                             "--compare-dense", "--steps", "2", "--threads", "1", "--out", str(out), "--artifact-root", str(shared.runtime_root()), "--json")
     assert code == 0, err
     assert "Traceback" not in err and "Warning" not in err
     rec = json.loads(stdout)
@@ -193,7 +195,7 @@ def test_generate_cli_writes_image_dense_grid_and_record(capsys, model, ort_pipe
 def test_generate_cli_bad_input_exits_2_in_one_line(capsys, model, ort_pipe, root):
     args, msg = archcases.BY_NAME[model].bad_generate
     code, out, err = _cli(capsys, "generate", "--model", model, *args, "--backend", "ort", "--ratio", "0.4", "--steps", "1",
-                          "--out", str(root / "bad"), "--artifact-root", str(root / "engines"))
+                          "--out", str(root / "bad"), "--artifact-root", str(shared.runtime_root()))
     errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     assert code == 2 and len(errors) == 1 and msg in errors[0], err
     assert "Traceback" not in err and out == ""

@@ -20,6 +20,8 @@ from shiva_export.export.ort import ChainedSession, ort_session
 from shiva_export.export.segments import plan_cuts, read_segments, segment_path, split_onnx
 from tests import archcases, shared
 
+XDIST_GROUP = shared.EXPORTS  # conftest: one worker, which makes the shared artifacts once
+
 MODELS = archcases.NAMES
 
 

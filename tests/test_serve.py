@@ -26,6 +26,9 @@ import pytest
 from shiva_export.errors import ConfigError
 from shiva_export.serve.options import ServeOptions, check_port_free
 from shiva_export.serve.requests import Limits, RequestError, parse_request
+from tests import shared
+
+XDIST_GROUP = shared.RUNTIME  # conftest: one worker, whose runtime cache (shared.runtime_root) they share
 
 STEPS = 2
 PROMPTS = ["a red cube", "a blue ball", "a green triangle"]
@@ -171,10 +174,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def opts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-engines")
+def opts():
     return ServeOptions(model="sd35-tiny", backend="torch", ratio=0.4, replicas=2, max_batch=2, threads=1, num_cpus=0.5,
-                        artifact_root=str(root), port=_free_port(), batch_wait_ms=50.0).validate()
+                        artifact_root=str(shared.runtime_root()), port=_free_port(), batch_wait_ms=50.0).validate()
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +303,7 @@ def test_ort_static_batch_graphs_lone_bit_exact_batched_40_db(tmp_path):
     from shiva_export.serve.requests import GenerateRequest
     from shiva_export.serve.worker import ImageWorker
 
-    o = ServeOptions(model="sd35-tiny", backend="ort", ratio=0.4, max_batch=2, threads=1, artifact_root=str(tmp_path / "e")).validate()
+    o = ServeOptions(model="sd35-tiny", backend="ort", ratio=0.4, max_batch=2, threads=1, artifact_root=str(shared.runtime_root())).validate()
     w = ImageWorker(o)
     assert sorted(w.pipes) == [1, 2] and w.chunks(3) == [2, 1]
     rec = generate(model="sd35-tiny", prompts=PROMPTS[:2], out_dir=tmp_path / "g", backend="ort", ratio=0.4, steps=STEPS, threads=1,

@@ -15,6 +15,8 @@ from shiva_export.train.ste import DifferentiableTopK
 from shiva_export.train.student import RouteState, make_override
 from tests import archcases, shared
 
+XDIST_GROUP = shared.TRAINING  # conftest: one worker, which makes the shared artifacts once
+
 MODELS = archcases.NAMES
 
 

@@ -12,6 +12,8 @@ from shiva_export.train.data import SyntheticData
 from shiva_export.train.outputs import dumps_toml, sampler_timesteps
 from tests import shared
 
+XDIST_GROUP = shared.TRAINING  # conftest: one worker, which makes the shared artifacts once
+
 MODEL = "sd35-tiny"
 
 

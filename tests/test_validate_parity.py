@@ -9,6 +9,9 @@ import onnx
 import pytest
 
 from shiva_export.cli import main
+from tests import shared
+
+XDIST_GROUP = shared.EXPORTS  # conftest: one worker, which makes the shared artifacts once
 
 
 @pytest.mark.parametrize("model", ["sd3-tiny", "sd35-tiny"])
@@ -32,11 +35,8 @@ def test_parity_passes_for_every_budget(capsys, tmp_path, model):
 
 
 @pytest.fixture(scope="module")
-def export_04(tmp_path_factory):
-    from shiva_export.export.pruned import export_pruned
-
-    d = tmp_path_factory.mktemp("v")
-    return export_pruned(model="sd3-tiny", ratio=0.4, out=d / "good.onnx", validate=False)
+def export_04():
+    return shared.export("sd3-tiny", 0.4, parity_cases=1)  # read only: the tests write their broken copies elsewhere
 
 
 def test_corrupted_onnx_fails_with_exit_3_naming_output(capsys, tmp_path, export_04):
