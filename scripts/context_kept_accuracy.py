@@ -31,19 +31,46 @@ def main(n_captions: int, steps: int, seed: int, specs: list[str]) -> None:
         context, _, r = spec.partition(":")
         dense = context == "dense"
         t0 = time.perf_counter()
-        pipe = load_pipeline("sd35-shapes", dense=dense, ratio=None if dense else float(r), context=None if dense else context)
+        pipe = load_pipeline(
+            "sd35-shapes", dense=dense, ratio=None if dense else float(r), context=None if dense else context
+        )
         info = pipe.shiva
-        correct = [prompt_correct(run_pipeline(pipe, caption(s), steps=steps, guidance=info.recipe.pipeline.guidance, seed=seed).image, s.attributes)
-                   for s in scenes]
+        correct = [
+            prompt_correct(
+                run_pipeline(pipe, caption(s), steps=steps, guidance=info.recipe.pipeline.guidance, seed=seed).image,
+                s.attributes,
+            )
+            for s in scenes
+        ]
         cfg = {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}
         keeps = None if dense else info.phases[0].keep_ratios
         n_tokens = get_adapter("sd3").num_image_tokens(pipe.transformer.config, info.height, info.width)
-        flops = get_adapter("sd3").count_flops(cfg, n_tokens, info.text_len, keeps, batch=2, bottleneck=info.recipe.router.bottleneck,
-                                               context=info.context or "drop")
-        print(json.dumps({"spec": spec, "captions": n_captions, "steps": steps, "seed": seed,
-                          "accuracy": float(np.mean([c["all"] for c in correct])),
-                          "attributes": {a: float(np.mean([c[a] for c in correct])) for a in ("color", "shape", "size", "position")},
-                          "gflops_per_image": steps * flops.total / 1e9, "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+        flops = get_adapter("sd3").count_flops(
+            cfg,
+            n_tokens,
+            info.text_len,
+            keeps,
+            batch=2,
+            bottleneck=info.recipe.router.bottleneck,
+            context=info.context or "drop",
+        )
+        print(
+            json.dumps(
+                {
+                    "spec": spec,
+                    "captions": n_captions,
+                    "steps": steps,
+                    "seed": seed,
+                    "accuracy": float(np.mean([c["all"] for c in correct])),
+                    "attributes": {
+                        a: float(np.mean([c[a] for c in correct])) for a in ("color", "shape", "size", "position")
+                    },
+                    "gflops_per_image": steps * flops.total / 1e9,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,18 +22,44 @@ from shiva_export.validate.quality import validate_quality
 def _variants():
     shipped = load_recipe("sd35-shapes")
     keep = shipped.model_copy(update={"prune": shipped.prune.model_copy(update={"context": "keep"})})
-    return [("drop-router/drop", shipped), ("drop-router/keep", keep), ("ctx-router/keep", load_recipe("sd35-shapes-ctx"))]
+    return [
+        ("drop-router/drop", shipped),
+        ("drop-router/keep", keep),
+        ("ctx-router/keep", load_recipe("sd35-shapes-ctx")),
+    ]
 
 
 def main(out: str, prompts: int, seed: int, steps: int) -> None:
     result = {"prompts": prompts, "seeds": [seed], "steps": steps, "rows": []}
     for label, rec in _variants():
         t0 = time.perf_counter()
-        rep = validate_quality(model=rec.name, recipe=rec, methods=["shiva", "shiva-learned"], keeps=[0.6], prompts=prompts, seeds=[seed],
-                               steps=steps, latency_repeats=0, velocity_samples=1, threads=1)
+        rep = validate_quality(
+            model=rec.name,
+            recipe=rec,
+            methods=["shiva", "shiva-learned"],
+            keeps=[0.6],
+            prompts=prompts,
+            seeds=[seed],
+            steps=steps,
+            latency_repeats=0,
+            velocity_samples=1,
+            threads=1,
+        )
         for r in rep.rows:
-            row = {"variant": label, "context": rec.prune.context, "router_sha256": rec.router.sha256, "method": r["method"], "keep": r["keep"],
-                   "accuracy": r["accuracy"], "accuracy_ci": r.get("accuracy_ci"), "mean_keep": r.get("mean_keep"), "psnr_to_dense": r.get("psnr"), "gflops_per_image": r.get("gflops"), "fd": r.get("fd"), "seconds": round(time.perf_counter() - t0, 1)}
+            row = {
+                "variant": label,
+                "context": rec.prune.context,
+                "router_sha256": rec.router.sha256,
+                "method": r["method"],
+                "keep": r["keep"],
+                "accuracy": r["accuracy"],
+                "accuracy_ci": r.get("accuracy_ci"),
+                "mean_keep": r.get("mean_keep"),
+                "psnr_to_dense": r.get("psnr"),
+                "gflops_per_image": r.get("gflops"),
+                "fd": r.get("fd"),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
     atomic_write_json(out, result)

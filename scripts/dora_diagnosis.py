@@ -30,7 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "dora"
 STAGES = (300, 150)
-COMMON = dict(batch=4, phases=2, sampler_steps=28, sampler_shift=1.0, lr_router=3e-3, lr_policy=1e-4, seed=0, num_threads=1, checkpoint_every=10_000)
+COMMON = dict(
+    batch=4,
+    phases=2,
+    sampler_steps=28,
+    sampler_shift=1.0,
+    lr_router=3e-3,
+    lr_policy=1e-4,
+    seed=0,
+    num_threads=1,
+    checkpoint_every=10_000,
+)
 
 
 def _data(args) -> str:
@@ -40,7 +50,9 @@ def _data(args) -> str:
 def _config(args, out: Path, dora: bool, rank: int, **extra):
     from shiva_export.train import TrainConfig
 
-    kw = dict(COMMON, warmup_steps=STAGES[0], policy_steps=STAGES[1], joint_steps=args.joint, data=args.data, out_dir=out)
+    kw = dict(
+        COMMON, warmup_steps=STAGES[0], policy_steps=STAGES[1], joint_steps=args.joint, data=args.data, out_dir=out
+    )
     if dora:
         kw.update(dora=True, dora_rank=rank, dora_alpha=float(rank))
     return TrainConfig(**kw, **extra)
@@ -66,7 +78,14 @@ def _with_null(args) -> str:
             (dst / f.name).symlink_to(f.resolve())
     pipe = load_pipeline("sd35-shapes", dense=True)
     with torch.inference_mode():
-        pe, _, pp, _ = pipe.encode_prompt("", "", "", device="cpu", do_classifier_free_guidance=False, max_sequence_length=pipe.shiva.max_sequence_length)
+        pe, _, pp, _ = pipe.encode_prompt(
+            "",
+            "",
+            "",
+            device="cpu",
+            do_classifier_free_guidance=False,
+            max_sequence_length=pipe.shiva.max_sequence_length,
+        )
     save_file({"prompt_embeds": pe[0].contiguous(), "pooled": pp[0].contiguous()}, str(dst / "null.safetensors"))
     return str(dst)
 
@@ -106,11 +125,17 @@ def cmd_stage3(args) -> None:
     res = train("sd35-shapes", _config(args, out, dora, args.rank, **extra))
     hist = [h for h in res.history if h["stage"] == "joint"]
     first, last = hist[0], hist[-1]
-    summary = {"name": args.name, "seconds": round(time.time() - t0, 1), "joint_steps": len(hist), "settings": {k: v for k, v in vars(args).items() if k != "func"},
-               "loss_first": first["loss"], "loss_last10": sum(h["loss"] for h in hist[-10:]) / min(10, len(hist)),
-               "distill_last10": sum(h["distill"] for h in hist[-10:]) / min(10, len(hist)),
-               "flow_last10": None if last["flow"] is None else sum(h["flow"] for h in hist[-10:]) / min(10, len(hist)),
-               "dense_last10": None if last.get("dense") is None else sum(h["dense"] for h in hist[-10:]) / min(10, len(hist))}
+    summary = {
+        "name": args.name,
+        "seconds": round(time.time() - t0, 1),
+        "joint_steps": len(hist),
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "loss_first": first["loss"],
+        "loss_last10": sum(h["loss"] for h in hist[-10:]) / min(10, len(hist)),
+        "distill_last10": sum(h["distill"] for h in hist[-10:]) / min(10, len(hist)),
+        "flow_last10": None if last["flow"] is None else sum(h["flow"] for h in hist[-10:]) / min(10, len(hist)),
+        "dense_last10": None if last.get("dense") is None else sum(h["dense"] for h in hist[-10:]) / min(10, len(hist)),
+    }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
 
@@ -125,14 +150,29 @@ def _velocity_drift(pipe, base_pipe, n: int = 8):
     scenes = real_like(prompt_scenes(24), n, seed=3000)
     cases, _, _ = _velocity_inputs(base_pipe, scenes, SIGMAS, seed=4000, max_seq=base_pipe.shiva.max_sequence_length)
     with torch.inference_mode():
-        pe, _, pp, _ = base_pipe.encode_prompt("", "", "", device="cpu", do_classifier_free_guidance=False, max_sequence_length=base_pipe.shiva.max_sequence_length)
+        pe, _, pp, _ = base_pipe.encode_prompt(
+            "",
+            "",
+            "",
+            device="cpu",
+            do_classifier_free_guidance=False,
+            max_sequence_length=base_pipe.shiva.max_sequence_length,
+        )
     sums = {"cond": [0.0, 0.0], "uncond": [0.0, 0.0], "cfg": [0.0, 0.0]}
     with torch.inference_mode():
         for c in cases:
-            u = dict(c, encoder_hidden_states=pe.expand_as(c["encoder_hidden_states"]), pooled_projections=pp.expand_as(c["pooled_projections"]))
+            u = dict(
+                c,
+                encoder_hidden_states=pe.expand_as(c["encoder_hidden_states"]),
+                pooled_projections=pp.expand_as(c["pooled_projections"]),
+            )
             vc, vu = pipe.transformer(**c).sample, pipe.transformer(**u).sample
             bc, bu = base_pipe.transformer(**c).sample, base_pipe.transformer(**u).sample
-            for key, a, b in (("cond", vc, bc), ("uncond", vu, bu), ("cfg", vu + 2.0 * (vc - vu), bu + 2.0 * (bc - bu))):
+            for key, a, b in (
+                ("cond", vc, bc),
+                ("uncond", vu, bu),
+                ("cfg", vu + 2.0 * (vc - vu), bu + 2.0 * (bc - bu)),
+            ):
                 sums[key][0] += float(((a - b) ** 2).sum())
                 sums[key][1] += float((b**2).sum())
     return {k: v[0] / v[1] for k, v in sums.items()}
@@ -151,8 +191,17 @@ def _held_out(pipe, n: int = 16):
     with torch.inference_mode():
         z = vae.encode(torch.from_numpy(x).to(vae.dtype)).latent_dist.mean
         z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-        enc = [pipe.encode_prompt(caption(s), caption(s), caption(s), device="cpu", do_classifier_free_guidance=False,
-                                  max_sequence_length=pipe.shiva.max_sequence_length) for s in scenes]
+        enc = [
+            pipe.encode_prompt(
+                caption(s),
+                caption(s),
+                caption(s),
+                device="cpu",
+                do_classifier_free_guidance=False,
+                max_sequence_length=pipe.shiva.max_sequence_length,
+            )
+            for s in scenes
+        ]
     return z, torch.cat([e[0] for e in enc]), torch.cat([e[2] for e in enc])
 
 
@@ -175,8 +224,12 @@ def _flow_loss(transformer, z, pe, pp, sigmas=(0.8, 0.6, 0.4, 0.2), seed: int = 
     with torch.inference_mode():
         for sigma in sigmas:
             eps = torch.randn(z.shape, generator=g)
-            v = transformer(hidden_states=(1 - sigma) * z + sigma * eps, encoder_hidden_states=pe, pooled_projections=pp,
-                            timestep=torch.full((len(z),), sigma * 1000.0)).sample
+            v = transformer(
+                hidden_states=(1 - sigma) * z + sigma * eps,
+                encoder_hidden_states=pe,
+                pooled_projections=pp,
+                timestep=torch.full((len(z),), sigma * 1000.0),
+            ).sample
             tot += float(((v - (eps - z)) ** 2).mean())
     return tot / len(sigmas)
 
@@ -189,16 +242,26 @@ def _block_updates(transformer, z, pe, pp, sigmas=(0.8, 0.6, 0.4, 0.2), seed: in
 
     adapter = get_adapter(transformer)
     outs: dict[int, torch.Tensor] = {}
-    hooks = [blk.register_forward_hook(lambda m, a, o, b=b: outs.__setitem__(b, adapter.block_image_output(o))) for b, blk in enumerate(adapter.blocks(transformer))]
+    hooks = [
+        blk.register_forward_hook(lambda m, a, o, b=b: outs.__setitem__(b, adapter.block_image_output(o)))
+        for b, blk in enumerate(adapter.blocks(transformer))
+    ]
     g = torch.Generator().manual_seed(seed)
     norms: dict[int, float] = {}
     try:
         with torch.inference_mode():
             for sigma in sigmas:
                 eps = torch.randn(z.shape, generator=g)
-                transformer(hidden_states=(1 - sigma) * z + sigma * eps, encoder_hidden_states=pe, pooled_projections=pp, timestep=torch.full((len(z),), sigma * 1000.0))
+                transformer(
+                    hidden_states=(1 - sigma) * z + sigma * eps,
+                    encoder_hidden_states=pe,
+                    pooled_projections=pp,
+                    timestep=torch.full((len(z),), sigma * 1000.0),
+                )
                 for b in range(1, len(outs)):
-                    norms[b] = norms.get(b, 0.0) + float((outs[b] - outs[b - 1]).float().norm(dim=-1).mean()) / len(sigmas)
+                    norms[b] = norms.get(b, 0.0) + float((outs[b] - outs[b - 1]).float().norm(dim=-1).mean()) / len(
+                        sigmas
+                    )
     finally:
         for h in hooks:
             h.remove()
@@ -210,8 +273,11 @@ def _flow_table(dense, pruned, base, data: str) -> dict:
     backbone at uniform keep 0.6 with its router."""
     out = {}
     for split, batch in (("held_out", _held_out(base)), ("train", _training(data))):
-        out[split] = {"base_dense": _flow_loss(base.transformer, *batch), "dense": _flow_loss(dense.transformer, *batch),
-                      "keep06": _flow_loss(pruned.transformer, *batch)}
+        out[split] = {
+            "base_dense": _flow_loss(base.transformer, *batch),
+            "dense": _flow_loss(dense.transformer, *batch),
+            "keep06": _flow_loss(pruned.transformer, *batch),
+        }
     return out
 
 
@@ -222,7 +288,15 @@ def _accuracy(pipe, scenes, steps: int, guidance: float, seed: int) -> float:
     from shiva_export.shapes.analyze import prompt_correct
     from shiva_export.shapes.data import caption
 
-    ok = [prompt_correct(np.asarray(run_pipeline(pipe, caption(s), steps=steps, guidance=guidance, seed=seed).image, dtype=np.float64), s.attributes)["all"] for s in scenes]
+    ok = [
+        prompt_correct(
+            np.asarray(
+                run_pipeline(pipe, caption(s), steps=steps, guidance=guidance, seed=seed).image, dtype=np.float64
+            ),
+            s.attributes,
+        )["all"]
+        for s in scenes
+    ]
     return float(np.mean(ok))
 
 
@@ -239,16 +313,24 @@ def cmd_eval(args) -> None:
     base = load_pipeline("sd35-shapes", dense=True)
     dense = load_pipeline("sd35-shapes", recipe=recipe, dense=True) if recipe else base
     pruned = load_pipeline("sd35-shapes", recipe=recipe, ratio=0.4)  # base: the shipped router
-    res = {"name": args.name, "prompts": args.prompts, "seed": args.seed, "steps": args.steps,
-           "dense_acc": _accuracy(dense, scenes, args.steps, 2.0, args.seed),
-           "keep06_acc": _accuracy(pruned, scenes, args.steps, 2.0, args.seed),
-           "dense_acc_cfg1": _accuracy(dense, scenes, args.steps, 1.0, args.seed)}
+    res = {
+        "name": args.name,
+        "prompts": args.prompts,
+        "seed": args.seed,
+        "steps": args.steps,
+        "dense_acc": _accuracy(dense, scenes, args.steps, 2.0, args.seed),
+        "keep06_acc": _accuracy(pruned, scenes, args.steps, 2.0, args.seed),
+        "dense_acc_cfg1": _accuracy(dense, scenes, args.steps, 1.0, args.seed),
+    }
     if recipe is not None and (OUT / args.name / "transformer").is_dir():
         res["drift"] = _velocity_drift(dense, base)
     res["flow"] = _flow_table(dense, pruned, base, args.data)
     if dense is not base:  # how much larger (> 1) or smaller each block's dense update is than the base's
         held = _held_out(base)
-        res["update_ratio"] = [round(a / b, 4) for a, b in zip(_block_updates(dense.transformer, *held), _block_updates(base.transformer, *held))]
+        res["update_ratio"] = [
+            round(a / b, 4)
+            for a, b in zip(_block_updates(dense.transformer, *held), _block_updates(base.transformer, *held))
+        ]
     res["seconds"] = round(time.time() - t0, 1)
     (OUT / args.name).mkdir(parents=True, exist_ok=True)
     (OUT / args.name / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -265,7 +347,9 @@ def cmd_weights(args) -> None:
 
     from shiva_export.recipe import load_recipe
 
-    base = load_file(str(load_recipe("sd35-shapes").local_pipeline_path() / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(
+        str(load_recipe("sd35-shapes").local_pipeline_path() / "transformer" / "diffusion_pytorch_model.safetensors")
+    )
     for name in args.names:
         merged = load_file(str(OUT / name / "transformer" / "diffusion_pytorch_model.safetensors"))
         rows = {}
@@ -279,13 +363,19 @@ def cmd_weights(args) -> None:
             r[1] += float(b0.norm() ** 2)
             r[2].append(((w1.norm(dim=1) / b0.norm(dim=1)) - 1).abs())
             r[3].append(1 - torch.nn.functional.cosine_similarity(w1, b0, dim=1))
-        cells = [f"b{b}: {(r[0] / r[1]) ** 0.5:.3f} / {float(torch.cat(r[2]).mean()):.4f} / {float(torch.cat(r[3]).mean()):.5f}" for b, r in sorted(rows.items())]
+        cells = [
+            f"b{b}: {(r[0] / r[1]) ** 0.5:.3f} / {float(torch.cat(r[2]).mean()):.4f} / {float(torch.cat(r[3]).mean()):.5f}"
+            for b, r in sorted(rows.items())
+        ]
         print(f"{name}: " + "; ".join(cells))
 
 
 def cmd_table(args) -> None:
-    rows = ["| run | stage-3 s | loss first -> last 10 | dense acc | keep 0.6 acc | dense acc, CFG 1 | vel. drift cond / uncond | "
-            "flow loss dense (base 0.071) | flow loss keep 0.6 | dense update ratio b1..b5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | stage-3 s | loss first -> last 10 | dense acc | keep 0.6 acc | dense acc, CFG 1 | vel. drift cond / uncond | "
+        "flow loss dense (base 0.071) | flow loss keep 0.6 | dense update ratio b1..b5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     order = {n: i for i, n in enumerate(args.order)}
     for d in sorted(OUT.iterdir(), key=lambda d: (order.get(d.name, len(order)), d.name)):
         e, s = d / "eval.json", d / "train_summary.json"
@@ -298,8 +388,10 @@ def cmd_table(args) -> None:
         drift = f"{dr['cond']:.3f} / {dr['uncond']:.3f}" if dr else "0"
         fl = ev["flow"]["held_out"]
         ratio = " ".join(f"{v:.2f}" for v in ev.get("update_ratio") or [1.0] * 5)
-        rows.append(f"| {d.name} | {tr['seconds'] if tr else '-'} | {loss} | {ev['dense_acc']:.1%} | {ev['keep06_acc']:.1%} | {ev['dense_acc_cfg1']:.1%} | {drift} | "
-                    f"{fl['dense']:.3f} | {fl['keep06']:.3f} | {ratio} |")
+        rows.append(
+            f"| {d.name} | {tr['seconds'] if tr else '-'} | {loss} | {ev['dense_acc']:.1%} | {ev['keep06_acc']:.1%} | {ev['dense_acc_cfg1']:.1%} | {drift} | "
+            f"{fl['dense']:.3f} | {fl['keep06']:.3f} | {ratio} |"
+        )
     print("\n".join(rows))
 
 

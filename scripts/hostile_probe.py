@@ -152,7 +152,9 @@ def onnx_weight_offset(path: Path) -> int:
     import onnx  # noqa: PLC0415
 
     m = onnx.load(str(path), load_external_data=False)
-    cands = [t for t in m.graph.initializer if "pos_embed" not in t.name and "weight" in t.name and len(t.raw_data) >= 1024]
+    cands = [
+        t for t in m.graph.initializer if "pos_embed" not in t.name and "weight" in t.name and len(t.raw_data) >= 1024
+    ]
     big = max(cands or m.graph.initializer, key=lambda t: len(t.raw_data))  # pos_embed is mostly unused (cropped)
     raw = big.raw_data
     data = path.read_bytes()
@@ -163,7 +165,9 @@ def onnx_weight_offset(path: Path) -> int:
 def recipe_text(model: str = "sd35-tiny") -> str:
     """The built-in recipe with its relative router path made absolute (so a copy elsewhere still loads)."""
     txt = (REPO / "recipes" / f"{model}.toml").read_text()
-    return re.sub(r'(?m)^(weights\s*=\s*)"([^"/][^"]*)"', lambda m: f'{m.group(1)}"{REPO / "recipes" / m.group(2)}"', txt)
+    return re.sub(
+        r'(?m)^(weights\s*=\s*)"([^"/][^"]*)"', lambda m: f'{m.group(1)}"{REPO / "recipes" / m.group(2)}"', txt
+    )
 
 
 def recipe_sub(old: str, new: str, model: str = "sd35-tiny") -> Callable[[Path], None]:
@@ -171,6 +175,7 @@ def recipe_sub(old: str, new: str, model: str = "sd35-tiny") -> Callable[[Path],
         txt = recipe_text(model)
         assert old in txt, (old, model)
         write(d / "r.toml", txt.replace(old, new, 1))
+
     return f
 
 
@@ -192,8 +197,17 @@ def tree(root: Path) -> dict[str, str]:
             st = p.lstat()
             m = st.st_mode
             kind = (
-                "link" if stat.S_ISLNK(m) else "dir" if stat.S_ISDIR(m) else "fifo" if stat.S_ISFIFO(m)
-                else "chr" if stat.S_ISCHR(m) else "sock" if stat.S_ISSOCK(m) else "file"
+                "link"
+                if stat.S_ISLNK(m)
+                else "dir"
+                if stat.S_ISDIR(m)
+                else "fifo"
+                if stat.S_ISFIFO(m)
+                else "chr"
+                if stat.S_ISCHR(m)
+                else "sock"
+                if stat.S_ISSOCK(m)
+                else "file"
             )
             out[str(p.relative_to(root))] = kind
     return out
@@ -204,8 +218,21 @@ def tree(root: Path) -> dict[str, str]:
 
 
 #: single-valued options the base templates (G, TR, VP, ...) set, which cases override
-BASE_SINGLE = ("--steps", "--backend", "--batch", "--phases", "--threads", "--cases", "--repeats", "--warmup", "--prompts", "--n-ref",
-               "--velocity-samples", "--latency-repeats", "--samples")
+BASE_SINGLE = (
+    "--steps",
+    "--backend",
+    "--batch",
+    "--phases",
+    "--threads",
+    "--cases",
+    "--repeats",
+    "--warmup",
+    "--prompts",
+    "--n-ref",
+    "--velocity-samples",
+    "--latency-repeats",
+    "--samples",
+)
 
 
 @dataclass
@@ -232,7 +259,7 @@ class Case:
         for opt in BASE_SINGLE:
             at = [i for i, a in enumerate(self.cmd) if a == opt]
             if len(at) == 2:
-                del self.cmd[at[0]:at[0] + 2]
+                del self.cmd[at[0] : at[0] + 2]
 
 
 @dataclass
@@ -251,8 +278,15 @@ def fmt(args: list[str], d: Path) -> list[str]:
 
 def launch(args: list[str], cwd: Path, extra_env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [PY, "-m", "shiva_export", *args], cwd=cwd, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace",
+        [PY, "-m", "shiva_export", *args],
+        cwd=cwd,
+        env=env(extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        text=True,
+        errors="replace",
     )
 
 
@@ -308,13 +342,16 @@ WARN = re.compile(r"(\b\w*Warning: |warnings\.warn\(|\[W:onnxruntime|^\[W\] |^WA
 ERRLINE = re.compile(r"^(?:Error|error|ERROR)\b.*$", re.M)
 FIXWORDS = re.compile(
     r"(expected|expects|use |give|pass |must|needs?|install|run |one of|choose|remove|set |add |between|in \[|"
-    r"in \(|--\w|should|only|at least|at most|refus|rebuild|re-export|not )", re.I,
+    r"in \(|--\w|should|only|at least|at most|refus|rebuild|re-export|not )",
+    re.I,
 )
 PARTIAL = re.compile(r"(\.tmp\b|\btmp[.-]|\.partial|\.part$|\.incomplete|\.\d{3,}\.tmp|\.pid\d+|\.lock$)")
 ARTIFACT = re.compile(r"(\.onnx$|\.onnx\.data$|\.plan$|\.safetensors$|\.png$|\.json$|\.pt$)")
 
 
-def judge(c: Case, d: Path, r: Result, before: dict[str, str], outside_before: dict[str, str | None]) -> tuple[str, str]:
+def judge(
+    c: Case, d: Path, r: Result, before: dict[str, str], outside_before: dict[str, str | None]
+) -> tuple[str, str]:
     issues: list[tuple[str, str]] = []
     text = r.out + "\n" + r.err
     refusal = 0 not in c.expect
@@ -331,7 +368,7 @@ def judge(c: Case, d: Path, r: Result, before: dict[str, str], outside_before: d
         issues.append(("S2", "traceback leaked"))
     m = WARN.search(text)
     if m:
-        line = text[m.start(): text.find("\n", m.start())][:90].strip()
+        line = text[m.start() : text.find("\n", m.start())][:90].strip()
         issues.append(("S3", f"library warning leaked: `{line}`"))
     # message quality for refusals that did refuse
     if refusal and r.rc not in (0, None) and not r.timed_out and c.mode == "plain":
@@ -350,8 +387,12 @@ def judge(c: Case, d: Path, r: Result, before: dict[str, str], outside_before: d
                 issues.append(("S3", "no fix named"))
         if r.wall > LATE["s"]:
             made = [k for k, v in tree(d).items() if k not in before and v == "file" and ARTIFACT.search(k)]
-            issues.append(("S2", f"refused only after {r.wall:.0f} s" + (f" ({len(made)} artifacts written first)"
-                                                                         if made else "")))
+            issues.append(
+                (
+                    "S2",
+                    f"refused only after {r.wall:.0f} s" + (f" ({len(made)} artifacts written first)" if made else ""),
+                )
+            )
     # disk
     after = tree(d)
     for rel, kind in before.items():
@@ -389,6 +430,7 @@ def chk_no_files(pattern: str) -> Callable:
     def f(d: Path, r: Result):
         left = [k for k in tree(d) if re.search(pattern, k)]
         return [("S2", "partial artifact after interrupt: " + ", ".join(left[:3]))] if left else []
+
     return f
 
 
@@ -424,6 +466,7 @@ def chk_onnx_valid(rel: str) -> Callable:
         except Exception as e:  # noqa: BLE001
             return [("S1" if r.rc == 0 else "S2", f"{rel} not a valid ONNX after the run: {type(e).__name__}")]
         return []
+
     return f
 
 
@@ -448,6 +491,7 @@ def chk_concurrent(rel: str) -> Callable:
                 out.append(("S2", "loser's traceback"))
         out.append(("clean", f"exit codes {rcs}"))
         return out
+
     return f
 
 
@@ -457,6 +501,7 @@ def chk_unchanged(rel: str, h_file: str) -> Callable:
         if sha(d / rel) != h:
             return [("S1", f"{rel} overwritten")]
         return []
+
     return f
 
 
@@ -519,9 +564,37 @@ TR = ["train", "--model", T, "--steps", "1", "--batch", "1", "--phases", "1", "-
 TD = ["train-data", "--model", T, "-q"]
 VP = ["validate", "parity", "--model", T, "--cases", "1", "-q"]
 VS = ["validate", "speed", "--model", T, "--repeats", "1", "--warmup", "0", "-q"]
-VQ = ["validate", "quality", "--model", "sd35-shapes", "--prompts", "1", "--steps", "1", "--n-ref", "8",
-      "--velocity-samples", "1", "--latency-repeats", "0", "-q"]
-VF = ["validate", "frontier", "--model", T, "--prompts", "1", "--steps", "2", "--no-ort", "--latency-repeats", "0", "-q"]
+VQ = [
+    "validate",
+    "quality",
+    "--model",
+    "sd35-shapes",
+    "--prompts",
+    "1",
+    "--steps",
+    "1",
+    "--n-ref",
+    "8",
+    "--velocity-samples",
+    "1",
+    "--latency-repeats",
+    "0",
+    "-q",
+]
+VF = [
+    "validate",
+    "frontier",
+    "--model",
+    T,
+    "--prompts",
+    "1",
+    "--steps",
+    "2",
+    "--no-ort",
+    "--latency-repeats",
+    "0",
+    "-q",
+]
 VE = ["validate", "estimator", "--model", T, "--samples", "1", "--keep", "0.6", "-q"]
 TRT = ["trt", "--model", T, "--no-dense", "-q"]
 RR = ["--ratio", "0.4"]  # one budget: a late refusal costs one export, not four
@@ -532,16 +605,70 @@ def deep_toml(n: int) -> str:
 
 
 SETUP_CASES = [
-    Case("S-onnx", ["onnx", "--model", T, "--ratio", "0.4", "--parity-cases", "1", "--out", ONNX, "-q"], (0,),
-         "shared ONNX export (setup)", check=lambda d, r: chk_onnx_valid(str(SETUP / "m.onnx"))(Path("/"), r)),
-    Case("S-trt", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--out-dir", "{S}/engines", "-q"], (0,),
-         "shared engine built ahead of time on the CPU (setup)"),
-    Case("S-train", ["train", "--model", T, "--steps", "3", "--batch", "1", "--phases", "1", "--threads", "1",
-                     "--out-dir", "{S}/train", "-q"], (0,), "shared tiny router (setup)"),
-    Case("S-data", ["train-data", "--model", T, "--prompts", "{S}/p.txt", "--shard-size", "1", "--out", DATA, "-q"],
-         (0,), "shared two-prompt text data (setup)", prep=lambda d: write(SETUP / "p.txt", "a red cube\na blue ball\n")),
-    Case("S-gen", ["generate", "--model", T, "--prompt", "a red cube", "--steps", "2", "--backend", "ort", "--ratio",
-                   "0.4", "--out", "{S}/gen", "--artifact-root", "{S}/art", "-q"], (0,), "shared cached graph (setup)"),
+    Case(
+        "S-onnx",
+        ["onnx", "--model", T, "--ratio", "0.4", "--parity-cases", "1", "--out", ONNX, "-q"],
+        (0,),
+        "shared ONNX export (setup)",
+        check=lambda d, r: chk_onnx_valid(str(SETUP / "m.onnx"))(Path("/"), r),
+    ),
+    Case(
+        "S-trt",
+        ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--out-dir", "{S}/engines", "-q"],
+        (0,),
+        "shared engine built ahead of time on the CPU (setup)",
+    ),
+    Case(
+        "S-train",
+        [
+            "train",
+            "--model",
+            T,
+            "--steps",
+            "3",
+            "--batch",
+            "1",
+            "--phases",
+            "1",
+            "--threads",
+            "1",
+            "--out-dir",
+            "{S}/train",
+            "-q",
+        ],
+        (0,),
+        "shared tiny router (setup)",
+    ),
+    Case(
+        "S-data",
+        ["train-data", "--model", T, "--prompts", "{S}/p.txt", "--shard-size", "1", "--out", DATA, "-q"],
+        (0,),
+        "shared two-prompt text data (setup)",
+        prep=lambda d: write(SETUP / "p.txt", "a red cube\na blue ball\n"),
+    ),
+    Case(
+        "S-gen",
+        [
+            "generate",
+            "--model",
+            T,
+            "--prompt",
+            "a red cube",
+            "--steps",
+            "2",
+            "--backend",
+            "ort",
+            "--ratio",
+            "0.4",
+            "--out",
+            "{S}/gen",
+            "--artifact-root",
+            "{S}/art",
+            "-q",
+        ],
+        (0,),
+        "shared cached graph (setup)",
+    ),
 ]
 
 CASES_TABLE: list[Case] = [
@@ -570,96 +697,300 @@ CASES_TABLE: list[Case] = [
     Case("O22", ["onnx", "--model", T, "--parity-cases", "0", "-q"], (2,), "zero parity cases", "parity"),
     Case("O23", ["onnx", "--model", T, "--parity-cases", "9", "-q"], (2,), "parity cases above 8", "9"),
     Case("O24", O + ["--context", "sometimes"], (2,), "unknown --context", "sometimes"),
-    Case("O25", ["onnx", "--model", "flux-tiny", "--context", "keep", "--no-validate", "-q"], (2,),
-         "--context keep on Flux (documented refusal)", "context"),
+    Case(
+        "O25",
+        ["onnx", "--model", "flux-tiny", "--context", "keep", "--no-validate", "-q"],
+        (2,),
+        "--context keep on Flux (documented refusal)",
+        "context",
+    ),
     Case("O26", O + ["--phase", "nosuchphase"], (2,), "unknown phase", "nosuchphase"),
-    Case("O27", O + ["--phase", "early", "--ratio", "0.3"], (2,), "--phase and --ratio together (contradictory)",
-         "ratio"),
+    Case(
+        "O27", O + ["--phase", "early", "--ratio", "0.3"], (2,), "--phase and --ratio together (contradictory)", "ratio"
+    ),
     Case("O28", O + ["--phase", "7"], (2,), "phase index out of range", "7"),
-    Case("O29", O + ["--ratio", "0.4", "--ratio", "0.5", "--out", "{D}/x.onnx"], (2,),
-         "single-valued --ratio given twice (last one silently wins?)", "ratio", repeat_ok=True),
+    Case(
+        "O29",
+        O + ["--ratio", "0.4", "--ratio", "0.5", "--out", "{D}/x.onnx"],
+        (2,),
+        "single-valued --ratio given twice (last one silently wins?)",
+        "ratio",
+        repeat_ok=True,
+    ),
     # ---------------- onnx: models, paths
     Case("O30", ["onnx", "--model", "../../recipes/sd35-tiny", "-q"], (2,), "--model as a path", "model"),
     Case("O31", ["onnx", "--model", "", "-q"], (2,), "empty --model", "model"),
     Case("O32", ["onnx", "--model", "sd35", "--no-validate", "-q"], (2,), "hub model offline", "weights"),
     Case("O33", O + ["--weights", "{D}/missing"], (1, 2), "missing --weights", "missing"),
-    Case("O34", O + ["--weights", "{D}/w.bin"], (1, 2), "--weights is a file", "w.bin",
-         prep=lambda d: write(d / "w.bin", b"\0" * 64)),
-    Case("O35", O + ["--weights", "{D}/empty"], (1, 2), "--weights empty folder", "empty",
-         prep=lambda d: (d / "empty").mkdir()),
-    Case("O36", O + ["--weights", "{D}/w"], (1, 2), "--weights folder with another class's config.json", "w",
-         prep=lambda d: write(d / "w/config.json", json.dumps({"_class_name": "UNet2DConditionModel"}))),
+    Case(
+        "O34",
+        O + ["--weights", "{D}/w.bin"],
+        (1, 2),
+        "--weights is a file",
+        "w.bin",
+        prep=lambda d: write(d / "w.bin", b"\0" * 64),
+    ),
+    Case(
+        "O35",
+        O + ["--weights", "{D}/empty"],
+        (1, 2),
+        "--weights empty folder",
+        "empty",
+        prep=lambda d: (d / "empty").mkdir(),
+    ),
+    Case(
+        "O36",
+        O + ["--weights", "{D}/w"],
+        (1, 2),
+        "--weights folder with another class's config.json",
+        "w",
+        prep=lambda d: write(d / "w/config.json", json.dumps({"_class_name": "UNet2DConditionModel"})),
+    ),
     Case("O37", O + ["--router", "{D}/missing.safetensors"], (2,), "missing router", "missing.safetensors"),
     Case("O38", O + ["--router", "{D}"], (2,), "router is a directory", "router"),
-    Case("O39", O + ["--router", "{D}/r.safetensors"], (2,), "pickle disguised as .safetensors", "r.safetensors",
-         prep=lambda d: evil_pickle(d / "r.safetensors")),
-    Case("O40", O + ["--router", "{D}/r.safetensors"], (2,), "truncated router", "r.safetensors",
-         prep=lambda d: truncate(SETUP / "train/router.safetensors", d / "r.safetensors", 0.5)),
-    Case("O41", O + ["--router", "{D}/r.safetensors"], (2,), "router header byte flipped", "r.safetensors",
-         prep=lambda d: flip(SETUP / "train/router.safetensors", d / "r.safetensors", 10)),
-    Case("O42", O + ["--router", "{D}/r.safetensors", "--out", "{D}/o/m.onnx"], (2,), "all-NaN router weights",
-         "nan", prep=lambda d: nan_router(SETUP / "train/router.safetensors", d / "r.safetensors")),
-    Case("O43", O + ["--router", "{D}/r.safetensors"], (2,), "empty router file", "r.safetensors",
-         prep=lambda d: write(d / "r.safetensors", b"")),
-    Case("O44", O + ["--router", "{D}/r.safetensors"], (2,), "router is a FIFO (must not hang)", "r.safetensors",
-         prep=lambda d: fifo(d / "r.safetensors"), timeout=60),
-    Case("O45", O + ["--out", "{D}/dir"], (1, 2), "--out is an existing directory", "dir",
-         prep=lambda d: (d / "dir").mkdir()),
-    Case("O46", O + ["--out", "{D}/f/m.onnx"], (1, 2), "--out parent is a regular file", "f",
-         prep=lambda d: write(d / "f", "x")),
-    Case("O47", O + ["--out", "{D}/ro/m.onnx"], (1,), "--out in an immutable folder (chattr +i; root)", "ro",
-         prep=lambda d: ((d / "ro").mkdir(), immutable(d / "ro"))),
-    Case("O48", O + ["--out", "{D}/p.onnx"], (1, 2), "--out is a FIFO", "p.onnx",
-         prep=lambda d: fifo(d / "p.onnx"), timeout=60),
-    Case("O49", O + ["--out", "{D}/c.onnx"], (1, 2), "--out is a character device node", "c.onnx",
-         prep=lambda d: chardev(d / "c.onnx")),
-    Case("O50", O + ["--out", "{D}/o/m.onnx"], (0, 1, 2), "--out is a symlink to a file outside the folder",
-         prep=lambda d: ((d / "o").mkdir(), os.symlink(OUTSIDE / "victim.onnx", d / "o/m.onnx"))),
-    Case("O51", O + ["--out", "{D}/ü 模型\u200b/m\u00e9.onnx"], (0,), "unicode / zero-width output name",
-         check=chk_onnx_valid("ü 模型\u200b/mé.onnx")),
+    Case(
+        "O39",
+        O + ["--router", "{D}/r.safetensors"],
+        (2,),
+        "pickle disguised as .safetensors",
+        "r.safetensors",
+        prep=lambda d: evil_pickle(d / "r.safetensors"),
+    ),
+    Case(
+        "O40",
+        O + ["--router", "{D}/r.safetensors"],
+        (2,),
+        "truncated router",
+        "r.safetensors",
+        prep=lambda d: truncate(SETUP / "train/router.safetensors", d / "r.safetensors", 0.5),
+    ),
+    Case(
+        "O41",
+        O + ["--router", "{D}/r.safetensors"],
+        (2,),
+        "router header byte flipped",
+        "r.safetensors",
+        prep=lambda d: flip(SETUP / "train/router.safetensors", d / "r.safetensors", 10),
+    ),
+    Case(
+        "O42",
+        O + ["--router", "{D}/r.safetensors", "--out", "{D}/o/m.onnx"],
+        (2,),
+        "all-NaN router weights",
+        "nan",
+        prep=lambda d: nan_router(SETUP / "train/router.safetensors", d / "r.safetensors"),
+    ),
+    Case(
+        "O43",
+        O + ["--router", "{D}/r.safetensors"],
+        (2,),
+        "empty router file",
+        "r.safetensors",
+        prep=lambda d: write(d / "r.safetensors", b""),
+    ),
+    Case(
+        "O44",
+        O + ["--router", "{D}/r.safetensors"],
+        (2,),
+        "router is a FIFO (must not hang)",
+        "r.safetensors",
+        prep=lambda d: fifo(d / "r.safetensors"),
+        timeout=60,
+    ),
+    Case(
+        "O45",
+        O + ["--out", "{D}/dir"],
+        (1, 2),
+        "--out is an existing directory",
+        "dir",
+        prep=lambda d: (d / "dir").mkdir(),
+    ),
+    Case(
+        "O46",
+        O + ["--out", "{D}/f/m.onnx"],
+        (1, 2),
+        "--out parent is a regular file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
+    Case(
+        "O47",
+        O + ["--out", "{D}/ro/m.onnx"],
+        (1,),
+        "--out in an immutable folder (chattr +i; root)",
+        "ro",
+        prep=lambda d: ((d / "ro").mkdir(), immutable(d / "ro")),
+    ),
+    Case(
+        "O48",
+        O + ["--out", "{D}/p.onnx"],
+        (1, 2),
+        "--out is a FIFO",
+        "p.onnx",
+        prep=lambda d: fifo(d / "p.onnx"),
+        timeout=60,
+    ),
+    Case(
+        "O49",
+        O + ["--out", "{D}/c.onnx"],
+        (1, 2),
+        "--out is a character device node",
+        "c.onnx",
+        prep=lambda d: chardev(d / "c.onnx"),
+    ),
+    Case(
+        "O50",
+        O + ["--out", "{D}/o/m.onnx"],
+        (0, 1, 2),
+        "--out is a symlink to a file outside the folder",
+        prep=lambda d: ((d / "o").mkdir(), os.symlink(OUTSIDE / "victim.onnx", d / "o/m.onnx")),
+    ),
+    Case(
+        "O51",
+        O + ["--out", "{D}/ü 模型\u200b/m\u00e9.onnx"],
+        (0,),
+        "unicode / zero-width output name",
+        check=chk_onnx_valid("ü 模型\u200b/mé.onnx"),
+    ),
     Case("O52", O + ["--out", "{D}/m.txt"], (0, 2), "--out without the .onnx suffix"),
-    Case("O53", O + ["--out", "{D}/s.onnx"], (1, 2), "--out is a unix socket", "s.onnx",
-         prep=lambda d: unix_socket(d / "s.onnx")),
+    Case(
+        "O53",
+        O + ["--out", "{D}/s.onnx"],
+        (1, 2),
+        "--out is a unix socket",
+        "s.onnx",
+        prep=lambda d: unix_socket(d / "s.onnx"),
+    ),
     Case("O54", O + ["--dynamic-batch", "--batch", "0"], (2,), "dynamic batch with batch 0", "batch"),
     # ---------------- recipes
     Case("R01", O + ["--recipe", "{D}/missing.toml"], (2,), "missing recipe", "missing.toml"),
     Case("R02", O + ["--recipe", "{D}"], (2,), "recipe is a directory", "recipe"),
-    Case("R03", O + ["--recipe", "{D}/r.toml"], (2,), "binary recipe", "r.toml",
-         prep=lambda d: write(d / "r.toml", os.urandom(4096))),
-    Case("R04", ["recipe", "check", "{D}/r.toml"], (2,), "deeply nested TOML (recursion)", "r.toml",
-         prep=lambda d: write(d / "r.toml", deep_toml(50000))),
-    Case("R05", ["recipe", "check", "{D}/r.toml"], (2,), "empty recipe (missing keys)", "r.toml",
-         prep=lambda d: write(d / "r.toml", "")),
-    Case("R06", ["recipe", "check", "{D}/r.toml"], (2,), "unknown top-level key", "surprise",
-         prep=lambda d: write(d / "r.toml", recipe_text() + "\n[surprise]\nx = 1\n")),
-    Case("R07", ["recipe", "check", "{D}/r.toml"], (2,), "duplicate key (invalid TOML)", "r.toml",
-         prep=lambda d: write(d / "r.toml", recipe_text() + "\n[surprise]\nx = 1\nx = 2\n")),
-    Case("R08", ["recipe", "check", "{D}/r.toml"], (2,), "UTF-16 encoded recipe", "r.toml",
-         prep=lambda d: write(d / "r.toml", recipe_text().encode("utf-16"))),
-    Case("R09", ["recipe", "check", "{D}/r.toml"], (2,), "recipe is a FIFO (must not hang)", "r.toml",
-         prep=lambda d: fifo(d / "r.toml"), timeout=60),
+    Case(
+        "R03",
+        O + ["--recipe", "{D}/r.toml"],
+        (2,),
+        "binary recipe",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", os.urandom(4096)),
+    ),
+    Case(
+        "R04",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "deeply nested TOML (recursion)",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", deep_toml(50000)),
+    ),
+    Case(
+        "R05",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "empty recipe (missing keys)",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", ""),
+    ),
+    Case(
+        "R06",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "unknown top-level key",
+        "surprise",
+        prep=lambda d: write(d / "r.toml", recipe_text() + "\n[surprise]\nx = 1\n"),
+    ),
+    Case(
+        "R07",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "duplicate key (invalid TOML)",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", recipe_text() + "\n[surprise]\nx = 1\nx = 2\n"),
+    ),
+    Case(
+        "R08",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "UTF-16 encoded recipe",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", recipe_text().encode("utf-16")),
+    ),
+    Case(
+        "R09",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "recipe is a FIFO (must not hang)",
+        "r.toml",
+        prep=lambda d: fifo(d / "r.toml"),
+        timeout=60,
+    ),
     Case("R10", ["recipe", "show", "../scripts/bootstrap"], (2,), "recipe name escaping recipes/", "bootstrap"),
     Case("R11", ["recipe", "check", "sd35-tiny"], (0,), "built-in recipe checks"),
     Case("R12", ["recipe", "show", "sd35-tiny"], (0,), "built-in recipe shows"),
     Case("R13", ["recipe", "schema"], (0,), "schema prints"),
     Case("R14", ["recipe", "list"], (0,), "list prints"),
-    Case("R15", O + ["--recipe", "{D}/r.toml"], (2,), "recipe field of the wrong type (string for a table/number)",
-         "num_layers", prep=recipe_sub("num_layers = 6", 'num_layers = "six"')),
-    Case("R16", O + ["--recipe", "{D}/r.toml"], (2,), "integer beyond 64 bits in a recipe", "r.toml",
-         prep=recipe_sub("bottleneck = 64", "bottleneck = 99999999999999999999999")),
-    Case("R17", ["recipe", "check", "{D}/r.toml"], (2,), "scheduler_shift = nan in a recipe", "scheduler_shift",
-         prep=recipe_sub("scheduler_shift = 3.0", "scheduler_shift = nan")),
-    Case("R18", ["onnx", "--recipe", "{D}/r.toml", "--phase", "0", "--no-validate", "-q"], (2,),
-         "phase named ../../../../outside/evil (default output path would escape)", "evil",
-         prep=recipe_sub('name = "early"', 'name = "../../../../outside/evil"')),
-    Case("R21", O + ["--recipe", "{D}/r.toml"], (2,), "recipe [prune] ratios = [-0.5, 1.5]", "ratios",
-         prep=recipe_sub("ratios = [0.2, 0.4, 0.6]", "ratios = [-0.5, 1.5]")),
-    Case("R22", O + ["--recipe", "{D}/r.toml", "--phase", "early"], (2,), "recipe phase k beyond N (k = 9999)", "k",
-         prep=recipe_sub("k = [196, 191, 184, 149, 56]", "k = [9999, 191, 184, 149, 56]")),
-    Case("R19", ["recipe", "check", "{D}/r.toml"], (2,), "10 MB recipe of one long string", "r.toml",
-         prep=lambda d: write(d / "r.toml", 'x = "' + "a" * 10_000_000 + '"\n')),
-    Case("R20", ["recipe", "check", "{D}/r.toml"], (2,), "recipe with a NUL byte", "r.toml",
-         prep=lambda d: write(d / "r.toml", recipe_text().replace("\n", "\n\0", 1))),
+    Case(
+        "R15",
+        O + ["--recipe", "{D}/r.toml"],
+        (2,),
+        "recipe field of the wrong type (string for a table/number)",
+        "num_layers",
+        prep=recipe_sub("num_layers = 6", 'num_layers = "six"'),
+    ),
+    Case(
+        "R16",
+        O + ["--recipe", "{D}/r.toml"],
+        (2,),
+        "integer beyond 64 bits in a recipe",
+        "r.toml",
+        prep=recipe_sub("bottleneck = 64", "bottleneck = 99999999999999999999999"),
+    ),
+    Case(
+        "R17",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "scheduler_shift = nan in a recipe",
+        "scheduler_shift",
+        prep=recipe_sub("scheduler_shift = 3.0", "scheduler_shift = nan"),
+    ),
+    Case(
+        "R18",
+        ["onnx", "--recipe", "{D}/r.toml", "--phase", "0", "--no-validate", "-q"],
+        (2,),
+        "phase named ../../../../outside/evil (default output path would escape)",
+        "evil",
+        prep=recipe_sub('name = "early"', 'name = "../../../../outside/evil"'),
+    ),
+    Case(
+        "R21",
+        O + ["--recipe", "{D}/r.toml"],
+        (2,),
+        "recipe [prune] ratios = [-0.5, 1.5]",
+        "ratios",
+        prep=recipe_sub("ratios = [0.2, 0.4, 0.6]", "ratios = [-0.5, 1.5]"),
+    ),
+    Case(
+        "R22",
+        O + ["--recipe", "{D}/r.toml", "--phase", "early"],
+        (2,),
+        "recipe phase k beyond N (k = 9999)",
+        "k",
+        prep=recipe_sub("k = [196, 191, 184, 149, 56]", "k = [9999, 191, 184, 149, 56]"),
+    ),
+    Case(
+        "R19",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "10 MB recipe of one long string",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", 'x = "' + "a" * 10_000_000 + '"\n'),
+    ),
+    Case(
+        "R20",
+        ["recipe", "check", "{D}/r.toml"],
+        (2,),
+        "recipe with a NUL byte",
+        "r.toml",
+        prep=lambda d: write(d / "r.toml", recipe_text().replace("\n", "\n\0", 1)),
+    ),
     # ---------------- trt
     Case("T01", TRT + ["--ratio", "1.2"], (2,), "trt ratio above 1", "1.2"),
     Case("T02", TRT + RR + ["--backend", "cuda-magic"], (2,), "unknown backend", "cuda-magic"),
@@ -667,82 +998,240 @@ CASES_TABLE: list[Case] = [
     Case("T04", TRT + RR + ["--opt-level", "-1"], (2,), "negative opt level", "-1"),
     Case("T05", TRT + RR + ["--workspace", "-5"], (2,), "negative workspace", "-5"),
     Case("T06", TRT + RR + ["--segments", "0"], (2,), "zero segments", "segments"),
-    Case("T07", TRT + RR + ["--dynamic-batch", "--batch-min", "5", "--batch-max", "2"], (2,), "batch-min > batch-max",
-         "batch"),
-    Case("T08", TRT + ["--batch-min", "3", "--ratio", "0.4"], (2,),
-         "--batch-min without --dynamic-batch (ignored flag)", "batch-min"),
-    Case("T09", TRT + RR + ["--backend", "tensorrt-rtx", "--aot-target", "99.9"], (2,), "impossible AOT target", "99.9"),
-    Case("T10", TRT + RR + ["--backend", "tensorrt", "--aot-target", "8.9"], (2, 4),
-         "--aot-target with datacenter tensorrt (contradictory)"),
+    Case(
+        "T07",
+        TRT + RR + ["--dynamic-batch", "--batch-min", "5", "--batch-max", "2"],
+        (2,),
+        "batch-min > batch-max",
+        "batch",
+    ),
+    Case(
+        "T08",
+        TRT + ["--batch-min", "3", "--ratio", "0.4"],
+        (2,),
+        "--batch-min without --dynamic-batch (ignored flag)",
+        "batch-min",
+    ),
+    Case(
+        "T09", TRT + RR + ["--backend", "tensorrt-rtx", "--aot-target", "99.9"], (2,), "impossible AOT target", "99.9"
+    ),
+    Case(
+        "T10",
+        TRT + RR + ["--backend", "tensorrt", "--aot-target", "8.9"],
+        (2, 4),
+        "--aot-target with datacenter tensorrt (contradictory)",
+    ),
     Case("T11", ["trt", "--onnx", "{D}/missing.onnx", "-q"], (2,), "trt --onnx missing", "missing.onnx"),
-    Case("T12", ["trt", "--onnx", ONNX, "--ratio", "0.2", "--out-dir", "{D}/e", "-q"], (2,),
-         "--onnx with a different --ratio (contradictory)", "ratio"),
-    Case("T13", ["trt", "--onnx", "{D}/m.onnx", "--backend", "tensorrt-rtx", "--out-dir", "{D}/e", "-q"], (2,),
-         "trt --onnx truncated", "m.onnx", prep=lambda d: truncate(SETUP / "m.onnx", d / "m.onnx", 0.3)),
-    Case("T14", ["trt", "--onnx", ONNX, "--segments", "2", "--dynamic-batch", "--out-dir", "{D}/e", "-q"], (2,),
-         "--segments with --dynamic-batch (documented fixed shapes only)", "segments"),
-    Case("T15", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--timing-cache", "{D}", "--out-dir", "{D}/e",
-                 "-q"], (1, 2), "--timing-cache is a directory", "timing"),
-    Case("T16", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--timing-cache", "{D}/notes.txt", "--out-dir",
-                 "{D}/e", "-q"], (1, 2), "--timing-cache is a foreign file (must not overwrite)", "notes.txt",
-         prep=lambda d: (write(d / "notes.txt", "my notes\n"),
-                         write(d / "notes.sha", hashlib.sha256(b"my notes\n").hexdigest())),
-         check=chk_unchanged("notes.txt", "notes.sha"), exit0_class="S2", artifacts_ok=True),
-    Case("T17", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--strip-weights", "--out-dir", "{D}/e", "-q"],
-         (4,), "--strip-weights without a GPU (documented: needs CUDA)", "GPU"),
-    Case("T18", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--out-dir", "{D}/f", "-q"], (1, 2),
-         "--out-dir is a file", "f", prep=lambda d: write(d / "f", "x")),
-    Case("T19", TRT + ["--dtype", "bf16", "--ratio", "0.4"], (2,), "trt bf16 ONNX (refused by onnx)",
-         "bf16"),
-    Case("T20", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--out-dir", "{D}/e", "-q"], (0,),
-         "tampered plan in the cache is detected and rebuilt",
-         prep=lambda d: (shutil.copytree(SETUP / "engines", d / "e"),
-                         flip(d / "e/sd35-tiny/ratio0.40/fp32/model.plan", d / "e/sd35-tiny/ratio0.40/fp32/model.plan",
-                              -100)),
-         check=lambda d, r: chk_plan_rebuilt(d / "e", r)),
-    Case("T21", ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--segments", "-3", "--out-dir", "{D}/e", "-q"],
-         (2,), "negative segments", "-3"),
+    Case(
+        "T12",
+        ["trt", "--onnx", ONNX, "--ratio", "0.2", "--out-dir", "{D}/e", "-q"],
+        (2,),
+        "--onnx with a different --ratio (contradictory)",
+        "ratio",
+    ),
+    Case(
+        "T13",
+        ["trt", "--onnx", "{D}/m.onnx", "--backend", "tensorrt-rtx", "--out-dir", "{D}/e", "-q"],
+        (2,),
+        "trt --onnx truncated",
+        "m.onnx",
+        prep=lambda d: truncate(SETUP / "m.onnx", d / "m.onnx", 0.3),
+    ),
+    Case(
+        "T14",
+        ["trt", "--onnx", ONNX, "--segments", "2", "--dynamic-batch", "--out-dir", "{D}/e", "-q"],
+        (2,),
+        "--segments with --dynamic-batch (documented fixed shapes only)",
+        "segments",
+    ),
+    Case(
+        "T15",
+        ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--timing-cache", "{D}", "--out-dir", "{D}/e", "-q"],
+        (1, 2),
+        "--timing-cache is a directory",
+        "timing",
+    ),
+    Case(
+        "T16",
+        [
+            "trt",
+            "--onnx",
+            ONNX,
+            "--backend",
+            "tensorrt-rtx",
+            "--timing-cache",
+            "{D}/notes.txt",
+            "--out-dir",
+            "{D}/e",
+            "-q",
+        ],
+        (1, 2),
+        "--timing-cache is a foreign file (must not overwrite)",
+        "notes.txt",
+        prep=lambda d: (
+            write(d / "notes.txt", "my notes\n"),
+            write(d / "notes.sha", hashlib.sha256(b"my notes\n").hexdigest()),
+        ),
+        check=chk_unchanged("notes.txt", "notes.sha"),
+        exit0_class="S2",
+        artifacts_ok=True,
+    ),
+    Case(
+        "T17",
+        ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--strip-weights", "--out-dir", "{D}/e", "-q"],
+        (4,),
+        "--strip-weights without a GPU (documented: needs CUDA)",
+        "GPU",
+    ),
+    Case(
+        "T18",
+        ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--out-dir", "{D}/f", "-q"],
+        (1, 2),
+        "--out-dir is a file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
+    Case("T19", TRT + ["--dtype", "bf16", "--ratio", "0.4"], (2,), "trt bf16 ONNX (refused by onnx)", "bf16"),
+    Case(
+        "T20",
+        ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--out-dir", "{D}/e", "-q"],
+        (0,),
+        "tampered plan in the cache is detected and rebuilt",
+        prep=lambda d: (
+            shutil.copytree(SETUP / "engines", d / "e"),
+            flip(d / "e/sd35-tiny/ratio0.40/fp32/model.plan", d / "e/sd35-tiny/ratio0.40/fp32/model.plan", -100),
+        ),
+        check=lambda d, r: chk_plan_rebuilt(d / "e", r),
+    ),
+    Case(
+        "T21",
+        ["trt", "--onnx", ONNX, "--backend", "tensorrt-rtx", "--segments", "-3", "--out-dir", "{D}/e", "-q"],
+        (2,),
+        "negative segments",
+        "-3",
+    ),
     # ---------------- inspect
     Case("I01", ["inspect", "{D}/missing.onnx"], (2,), "inspect missing file", "missing.onnx"),
     Case("I02", ["inspect", "{D}"], (2,), "inspect a directory", "I02"),
-    Case("I03", ["inspect", "{D}/e.onnx"], (2,), "inspect an empty file", "e.onnx",
-         prep=lambda d: write(d / "e.onnx", b"")),
-    Case("I04", ["inspect", "{D}/t.onnx"], (2,), "inspect a truncated ONNX", "t.onnx",
-         prep=lambda d: truncate(SETUP / "m.onnx", d / "t.onnx", 0.5)),
-    Case("I05", ["inspect", "{D}/r.onnx"], (2,), "inspect random bytes", "r.onnx",
-         prep=lambda d: write(d / "r.onnx", os.urandom(100000))),
-    Case("I06", ["inspect", "{D}/p.onnx"], (2,), "inspect a pickle named .onnx", "p.onnx",
-         prep=lambda d: evil_pickle(d / "p.onnx")),
+    Case(
+        "I03",
+        ["inspect", "{D}/e.onnx"],
+        (2,),
+        "inspect an empty file",
+        "e.onnx",
+        prep=lambda d: write(d / "e.onnx", b""),
+    ),
+    Case(
+        "I04",
+        ["inspect", "{D}/t.onnx"],
+        (2,),
+        "inspect a truncated ONNX",
+        "t.onnx",
+        prep=lambda d: truncate(SETUP / "m.onnx", d / "t.onnx", 0.5),
+    ),
+    Case(
+        "I05",
+        ["inspect", "{D}/r.onnx"],
+        (2,),
+        "inspect random bytes",
+        "r.onnx",
+        prep=lambda d: write(d / "r.onnx", os.urandom(100000)),
+    ),
+    Case(
+        "I06",
+        ["inspect", "{D}/p.onnx"],
+        (2,),
+        "inspect a pickle named .onnx",
+        "p.onnx",
+        prep=lambda d: evil_pickle(d / "p.onnx"),
+    ),
     Case("I07", ["inspect", ONNX, "--backend", "foo"], (2,), "inspect unknown backend", "foo"),
     Case("I08", ["inspect", ONNX, "--backend-version", "banana"], (2,), "inspect bogus backend version", "banana"),
-    Case("I09", ["inspect", "{D}/f.onnx"], (2,), "inspect a FIFO (must not hang)", "f.onnx",
-         prep=lambda d: fifo(d / "f.onnx"), timeout=60),
-    Case("I10", ["inspect", "{D}/loop.onnx"], (2,), "inspect a symlink loop", "loop.onnx",
-         prep=lambda d: (os.symlink(d / "loop2.onnx", d / "loop.onnx"), os.symlink(d / "loop.onnx", d / "loop2.onnx"))),
+    Case(
+        "I09",
+        ["inspect", "{D}/f.onnx"],
+        (2,),
+        "inspect a FIFO (must not hang)",
+        "f.onnx",
+        prep=lambda d: fifo(d / "f.onnx"),
+        timeout=60,
+    ),
+    Case(
+        "I10",
+        ["inspect", "{D}/loop.onnx"],
+        (2,),
+        "inspect a symlink loop",
+        "loop.onnx",
+        prep=lambda d: (os.symlink(d / "loop2.onnx", d / "loop.onnx"), os.symlink(d / "loop.onnx", d / "loop2.onnx")),
+    ),
     Case("I11", ["inspect", ONNX, "--backend", "tensorrt-rtx", "--json"], (0,), "inspect a good export"),
-    Case("I12", ["inspect", "{D}/h.onnx"], (2,), "inspect an ONNX with its header byte flipped", "h.onnx",
-         prep=lambda d: flip(SETUP / "m.onnx", d / "h.onnx", 2)),
-    Case("I13", ["inspect", "{D}/ext.onnx"], (2,), "inspect an ONNX whose external data file is missing",
-         "data", prep=lambda d: _external_missing(d)),
+    Case(
+        "I12",
+        ["inspect", "{D}/h.onnx"],
+        (2,),
+        "inspect an ONNX with its header byte flipped",
+        "h.onnx",
+        prep=lambda d: flip(SETUP / "m.onnx", d / "h.onnx", 2),
+    ),
+    Case(
+        "I13",
+        ["inspect", "{D}/ext.onnx"],
+        (2,),
+        "inspect an ONNX whose external data file is missing",
+        "data",
+        prep=lambda d: _external_missing(d),
+    ),
     # ---------------- run
     Case("U01", ["run", "{D}/missing"], (1, 2), "run missing engine", "missing"),
     Case("U02", ["run", "{D}/empty"], (1, 2), "run empty folder", "empty", prep=lambda d: (d / "empty").mkdir()),
-    Case("U03", ["run", "{D}/e"], (1, 2), "run: manifest.json is garbage", "manifest",
-         prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"),
-                         write(d / "e/manifest.json", "{not json"))),
-    Case("U04", ["run", "{D}/e"], (1, 2), "run: plan byte flipped (sha256 checked before the GPU)", "sha256",
-         prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"),
-                         flip(d / "e/model.plan", d / "e/model.plan", -50))),
+    Case(
+        "U03",
+        ["run", "{D}/e"],
+        (1, 2),
+        "run: manifest.json is garbage",
+        "manifest",
+        prep=lambda d: (
+            shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"),
+            write(d / "e/manifest.json", "{not json"),
+        ),
+    ),
+    Case(
+        "U04",
+        ["run", "{D}/e"],
+        (1, 2),
+        "run: plan byte flipped (sha256 checked before the GPU)",
+        "sha256",
+        prep=lambda d: (
+            shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"),
+            flip(d / "e/model.plan", d / "e/model.plan", -50),
+        ),
+    ),
     # since issue 21 the manifest is sealed (self_sha256): any edit is a run-time integrity error, exit 1 (as
     # tests/test_hostile_inputs_2.py pins), named as an edit; it no longer reaches the version comparison
-    Case("U05", ["run", "{D}/e"], (1,), "run: manifest backend_version edited", "edited",
-         prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"), _edit_manifest(d / "e"))),
+    Case(
+        "U05",
+        ["run", "{D}/e"],
+        (1,),
+        "run: manifest backend_version edited",
+        "edited",
+        prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"), _edit_manifest(d / "e")),
+    ),
     Case("U06", ["run", ENGINE], (4,), "run an intact engine without a GPU", "GPU"),
     Case("U07", ["run", ENGINE, "--iterations", "0"], (2,), "zero iterations", "iterations"),
     Case("U08", ["run", ENGINE, "--iterations", "-1"], (2,), "negative iterations", "-1"),
-    Case("U09", ["run", "{D}/e"], (1, 2), "run: model.plan is a FIFO (must not hang)", "plan",
-         prep=lambda d: (shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"), (d / "e/model.plan").unlink(),
-                         fifo(d / "e/model.plan")), timeout=60),
+    Case(
+        "U09",
+        ["run", "{D}/e"],
+        (1, 2),
+        "run: model.plan is a FIFO (must not hang)",
+        "plan",
+        prep=lambda d: (
+            shutil.copytree(ENGINE.replace("{S}", str(SETUP)), d / "e"),
+            (d / "e/model.plan").unlink(),
+            fifo(d / "e/model.plan"),
+        ),
+        timeout=60,
+    ),
     Case("U10", ["run", ENGINE, "--seed", "99999999999999999999999"], (2,), "seed beyond 64 bits", "seed"),
     # ---------------- generate
     Case("G01", G + ["--steps", "0"], (2,), "zero steps", "steps"),
@@ -752,66 +1241,196 @@ CASES_TABLE: list[Case] = [
     Case("G05", G + ["--guidance", "inf"], (2,), "inf guidance", "inf"),
     Case("G06", G + ["--seed", "99999999999999999999999"], (2,), "seed beyond 64 bits", "seed"),
     Case("G07", ["generate", "--model", T, "--steps", "1", "-q"], (2,), "no prompt", "prompt"),
-    Case("G08", ["generate", "--model", T, "--prompts", "{D}/missing.txt", "-q"], (2,), "missing prompts file",
-         "missing.txt"),
+    Case(
+        "G08",
+        ["generate", "--model", T, "--prompts", "{D}/missing.txt", "-q"],
+        (2,),
+        "missing prompts file",
+        "missing.txt",
+    ),
     Case("G09", ["generate", "--model", T, "--prompts", "{D}", "-q"], (2,), "prompts is a directory", "prompts"),
-    Case("G10", ["generate", "--model", T, "--prompts", "{D}/p.txt", "-q"], (2,), "prompts file only comments",
-         "p.txt", prep=lambda d: write(d / "p.txt", "# nothing\n\n   \n")),
-    Case("G11", ["generate", "--model", T, "--prompts", "{D}/p.txt", "-q"], (2,), "binary prompts file", "p.txt",
-         prep=lambda d: write(d / "p.txt", os.urandom(2048))),
+    Case(
+        "G10",
+        ["generate", "--model", T, "--prompts", "{D}/p.txt", "-q"],
+        (2,),
+        "prompts file only comments",
+        "p.txt",
+        prep=lambda d: write(d / "p.txt", "# nothing\n\n   \n"),
+    ),
+    Case(
+        "G11",
+        ["generate", "--model", T, "--prompts", "{D}/p.txt", "-q"],
+        (2,),
+        "binary prompts file",
+        "p.txt",
+        prep=lambda d: write(d / "p.txt", os.urandom(2048)),
+    ),
     Case("G12", G + ["--backend", "tensorflow"], (2,), "unknown backend", "tensorflow"),
     Case("G13", G[:-3] + ["--backend", "trt", "--ratio", "0.4", "-q"], (4,), "trt backend without a GPU", "GPU"),
     Case("G14", G + ["--provider", "cuda"], (4,), "cuda provider without onnxruntime-gpu", "onnxruntime-gpu"),
     Case("G15", G + ["--device", "cuda"], (4,), "cuda device without a GPU", "cuda"),
     Case("G16", G + ["--dtype", "bf16"], (2,), "bf16 with the ort backend", "bf16"),
     Case("G17", G + ["--phases", "--ratio", "0.4"], (2,), "--phases with --ratio (contradictory)", "ratio"),
-    Case("G18", ["generate", "--model", "flux-tiny", "--prompt", "x", "--negative-prompt", "y", "--steps", "1", "-q"],
-         (2,), "negative prompt on Flux (documented refusal)", "negative"),
-    Case("G19", ["generate", "--model", "dit-tiny", "--prompt", "notaclass", "--steps", "1", "-q"], (2,),
-         "DiT unknown class label", "notaclass"),
-    Case("G20", ["generate", "--model", "dit-tiny", "--prompt", "1000", "--steps", "1", "-q"], (2,),
-         "DiT class id out of range", "1000"),
-    Case("G21", ["generate", "--model", "dit-tiny", "--prompt", "cat", "--context", "keep", "--steps", "1", "-q"],
-         (2,), "--context keep on DiT (documented refusal)", "context"),
+    Case(
+        "G18",
+        ["generate", "--model", "flux-tiny", "--prompt", "x", "--negative-prompt", "y", "--steps", "1", "-q"],
+        (2,),
+        "negative prompt on Flux (documented refusal)",
+        "negative",
+    ),
+    Case(
+        "G19",
+        ["generate", "--model", "dit-tiny", "--prompt", "notaclass", "--steps", "1", "-q"],
+        (2,),
+        "DiT unknown class label",
+        "notaclass",
+    ),
+    Case(
+        "G20",
+        ["generate", "--model", "dit-tiny", "--prompt", "1000", "--steps", "1", "-q"],
+        (2,),
+        "DiT class id out of range",
+        "1000",
+    ),
+    Case(
+        "G21",
+        ["generate", "--model", "dit-tiny", "--prompt", "cat", "--context", "keep", "--steps", "1", "-q"],
+        (2,),
+        "--context keep on DiT (documented refusal)",
+        "context",
+    ),
     Case("G22", G + ["--height", "100"], (2,), "height not a multiple of 16", "100"),
     Case("G23", G + ["--width", "0"], (2,), "zero width", "width"),
     Case("G24", G + ["--threads", "0"], (2,), "zero threads", "threads"),
     Case("G25", G + ["--threads", "-1"], (2,), "negative threads", "threads"),
-    Case("G26", G + ["--artifact", ONNX, "--ratio", "0.2"], (2,), "--artifact of ratio 0.4 with --ratio 0.2",
-         "ratio"),
-    Case("G27", ["generate", "--model", "dit-tiny", "--prompt", "cat", "--backend", "ort", "--artifact", ONNX,
-                 "--steps", "1", "-q"], (2,), "another model's ONNX as --artifact", "artifact"),
+    Case("G26", G + ["--artifact", ONNX, "--ratio", "0.2"], (2,), "--artifact of ratio 0.4 with --ratio 0.2", "ratio"),
+    Case(
+        "G27",
+        [
+            "generate",
+            "--model",
+            "dit-tiny",
+            "--prompt",
+            "cat",
+            "--backend",
+            "ort",
+            "--artifact",
+            ONNX,
+            "--steps",
+            "1",
+            "-q",
+        ],
+        (2,),
+        "another model's ONNX as --artifact",
+        "artifact",
+    ),
     Case("G28", G + ["--out", "{D}/f"], (1, 2), "--out is a file", "f", prep=lambda d: write(d / "f", "x")),
-    Case("G29", G + ["--ratio", "0.4", "--artifact-root", "{D}/f"], (1, 2), "--artifact-root is a file", "f",
-         prep=lambda d: write(d / "f", "x")),
-    Case("G30", ["generate", "--model", T, "--prompt", "a red cube", "--steps", "2", "--backend", "ort", "--ratio",
-                 "0.4", "--out", "{D}/gen", "--artifact-root", "{D}/art", "-q"], (0, 2),
-         "flipped byte in the cached runtime ONNX (content key unchanged)",
-         prep=lambda d: _tamper_cache(d), check=chk_gen_same_as_setup),
-    Case("G31", ["generate", "--model", T, "--prompt", "a red cube", "--steps", "2", "--backend", "ort", "--ratio",
-                 "0.4", "--out", "{D}/gen", "--artifact-root", "{S}/art", "-q"], (0, 1, 2),
-         "--out holds generate.json symlinked outside the folder",
-         prep=lambda d: ((d / "gen").mkdir(), os.symlink(OUTSIDE / "victim.json", d / "gen/generate.json"))),
-    Case("G32", G + ["--ratio", "0.4", "--artifact", "{D}/junk"], (2,), "--artifact is a folder of junk", "junk",
-         prep=lambda d: write(d / "junk/model.onnx", os.urandom(5000))),
-    Case("G33", G + ["--guidance", "0.5", "--ratio", "0.4", "--artifact", ONNX], (2,),
-         "guidance <= 1 (CFG off) with a CFG export", "cfg"),
+    Case(
+        "G29",
+        G + ["--ratio", "0.4", "--artifact-root", "{D}/f"],
+        (1, 2),
+        "--artifact-root is a file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
+    Case(
+        "G30",
+        [
+            "generate",
+            "--model",
+            T,
+            "--prompt",
+            "a red cube",
+            "--steps",
+            "2",
+            "--backend",
+            "ort",
+            "--ratio",
+            "0.4",
+            "--out",
+            "{D}/gen",
+            "--artifact-root",
+            "{D}/art",
+            "-q",
+        ],
+        (0, 2),
+        "flipped byte in the cached runtime ONNX (content key unchanged)",
+        prep=lambda d: _tamper_cache(d),
+        check=chk_gen_same_as_setup,
+    ),
+    Case(
+        "G31",
+        [
+            "generate",
+            "--model",
+            T,
+            "--prompt",
+            "a red cube",
+            "--steps",
+            "2",
+            "--backend",
+            "ort",
+            "--ratio",
+            "0.4",
+            "--out",
+            "{D}/gen",
+            "--artifact-root",
+            "{S}/art",
+            "-q",
+        ],
+        (0, 1, 2),
+        "--out holds generate.json symlinked outside the folder",
+        prep=lambda d: ((d / "gen").mkdir(), os.symlink(OUTSIDE / "victim.json", d / "gen/generate.json")),
+    ),
+    Case(
+        "G32",
+        G + ["--ratio", "0.4", "--artifact", "{D}/junk"],
+        (2,),
+        "--artifact is a folder of junk",
+        "junk",
+        prep=lambda d: write(d / "junk/model.onnx", os.urandom(5000)),
+    ),
+    Case(
+        "G33",
+        G + ["--guidance", "0.5", "--ratio", "0.4", "--artifact", ONNX],
+        (2,),
+        "guidance <= 1 (CFG off) with a CFG export",
+        "cfg",
+    ),
     Case("G34", G + ["--prompt", "x" * 100000], (0, 2), "a 100 kB prompt"),
     # ---------------- validate parity
     Case("P01", VP + ["--cases", "0"], (2,), "zero cases", "cases"),
     Case("P02", VP + ["--cases", "9"], (2,), "nine cases", "9"),
     Case("P03", VP + ["--ratio", "nan"], (2,), "NaN ratio", "nan"),
-    Case("P04", VP + ["--backend", "engine", "--ratio", "0.4"], (2,), "engine backend without --engines-dir",
-         "engines"),
+    Case(
+        "P04", VP + ["--backend", "engine", "--ratio", "0.4"], (2,), "engine backend without --engines-dir", "engines"
+    ),
     Case("P05", VP + ["--backend", "ort-cuda", "--ratio", "0.4"], (4,), "ort-cuda without onnxruntime-gpu", "cuda"),
-    Case("P06", ["validate", "parity", "--onnx", ONNX, "--ratio", "0.2", "--cases", "1", "-q"], (2,),
-         "--onnx of ratio 0.4 with --ratio 0.2", "ratio"),
+    Case(
+        "P06",
+        ["validate", "parity", "--onnx", ONNX, "--ratio", "0.2", "--cases", "1", "-q"],
+        (2,),
+        "--onnx of ratio 0.4 with --ratio 0.2",
+        "ratio",
+    ),
     Case("P07", ["validate", "parity", "--onnx", "{D}/missing.onnx", "-q"], (2,), "--onnx missing", "missing.onnx"),
-    Case("P08", ["validate", "parity", "--model", T, "--onnx", "{D}/m.onnx", "--cases", "1", "-q"], (3,),
-         "ONNX with a weight byte flipped must FAIL parity", None,
-         prep=lambda d: flip(SETUP / "m.onnx", d / "m.onnx", onnx_weight_offset(SETUP / "m.onnx")), exit0_class="S1"),
-    Case("P09", VP + ["--ratio", "0.4", "--report", "{D}/f/r.md"], (1, 2), "--report under a regular file", "f",
-         prep=lambda d: write(d / "f", "x")),
+    Case(
+        "P08",
+        ["validate", "parity", "--model", T, "--onnx", "{D}/m.onnx", "--cases", "1", "-q"],
+        (3,),
+        "ONNX with a weight byte flipped must FAIL parity",
+        None,
+        prep=lambda d: flip(SETUP / "m.onnx", d / "m.onnx", onnx_weight_offset(SETUP / "m.onnx")),
+        exit0_class="S1",
+    ),
+    Case(
+        "P09",
+        VP + ["--ratio", "0.4", "--report", "{D}/f/r.md"],
+        (1, 2),
+        "--report under a regular file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
     Case("P10", VP + ["--backend", "bogus"], (2,), "unknown backend", "bogus"),
     Case("P11", VP + ["--engines-dir", "{D}/missing", "--ratio", "0.4"], (2,), "--engines-dir missing", "missing"),
     # ---------------- validate speed
@@ -819,16 +1438,37 @@ CASES_TABLE: list[Case] = [
     Case("V02", VS + ["--warmup", "-1"], (2,), "negative warmup", "warmup"),
     Case("V03", VS + ["--backend", "foo"], (2,), "unknown backend", "foo"),
     Case("V04", VS + ["--device", "cuda", "--backend", "torch"], (4,), "cuda without a GPU", "cuda"),
-    Case("V05", VS + ["--compile", "--backend", "torch", "--ratio", "0.4"], (2,), "--compile without --e2e (ignored)",
-         "compile"),
-    Case("V06", VS + ["--steps", "5", "--backend", "torch", "--ratio", "0.4"], (2,), "--steps without --e2e (ignored)",
-         "steps"),
-    Case("V07", VS + ["--phases", "--backend", "torch", "--ratio", "0.4"], (2,), "--phases without --e2e (ignored)",
-         "phases"),
+    Case(
+        "V05",
+        VS + ["--compile", "--backend", "torch", "--ratio", "0.4"],
+        (2,),
+        "--compile without --e2e (ignored)",
+        "compile",
+    ),
+    Case(
+        "V06",
+        VS + ["--steps", "5", "--backend", "torch", "--ratio", "0.4"],
+        (2,),
+        "--steps without --e2e (ignored)",
+        "steps",
+    ),
+    Case(
+        "V07",
+        VS + ["--phases", "--backend", "torch", "--ratio", "0.4"],
+        (2,),
+        "--phases without --e2e (ignored)",
+        "phases",
+    ),
     Case("V08", VS + ["--threads", "0"], (2,), "zero threads", "threads"),
     Case("V09", VS + ["--ratio", "1"], (2,), "ratio 1", "1"),
-    Case("V10", VS + ["--out-dir", "{D}/f", "--backend", "torch", "--ratio", "0.4"], (1, 2), "--out-dir is a file",
-         "f", prep=lambda d: write(d / "f", "x")),
+    Case(
+        "V10",
+        VS + ["--out-dir", "{D}/f", "--backend", "torch", "--ratio", "0.4"],
+        (1, 2),
+        "--out-dir is a file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
     # ---------------- validate quality
     Case("Q01", VQ + ["--prompts", "0"], (2,), "zero prompts", "prompts"),
     Case("Q02", VQ + ["--prompts", "97"], (2,), "97 prompts (max 96)", "97"),
@@ -837,8 +1477,13 @@ CASES_TABLE: list[Case] = [
     Case("Q05", VQ + ["--keep", "nan"], (2,), "NaN keep", "nan"),
     Case("Q06", VQ + ["--seed", "2", "--seed", "2"], (2,), "repeated seed (documented distinct)", "seed"),
     Case("Q07", VQ + ["--method", "bogus"], (2,), "unknown method", "bogus"),
-    Case("Q08", ["validate", "quality", "--model", T, "--prompts", "1", "--steps", "1", "-q"], (2,),
-         "model without a judge", T),
+    Case(
+        "Q08",
+        ["validate", "quality", "--model", T, "--prompts", "1", "--steps", "1", "-q"],
+        (2,),
+        "model without a judge",
+        T,
+    ),
     Case("Q09", VQ + ["--n-ref", "0"], (2,), "zero reference scenes", "n-ref"),
     Case("Q10", VQ + ["--velocity-samples", "-1"], (2,), "negative velocity samples", "velocity"),
     Case("Q11", VQ + ["--latency-repeats", "-1"], (2,), "negative latency repeats", "latency"),
@@ -850,8 +1495,14 @@ CASES_TABLE: list[Case] = [
     Case("F04", VF + ["--keep", "-0.2"], (2,), "negative keep", "-0.2"),
     Case("F05", VF + ["--steps", "0"], (2,), "zero steps", "steps"),
     Case("F06", VF + ["--threads", "0"], (2,), "zero threads", "threads"),
-    Case("F07", VF + ["--out-dir", "{D}/f"], (1, 2), "--out-dir is a file (must refuse before generating)", "f",
-         prep=lambda d: write(d / "f", "x")),
+    Case(
+        "F07",
+        VF + ["--out-dir", "{D}/f"],
+        (1, 2),
+        "--out-dir is a file (must refuse before generating)",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
     Case("F08", VF + ["--dense-steps", "-4"], (2,), "negative dense steps", "-4"),
     Case("F09", VF + ["--guidance", "nan"], (2,), "NaN guidance", "nan"),
     # ---------------- validate estimator
@@ -861,137 +1512,380 @@ CASES_TABLE: list[Case] = [
     Case("E04", VE + ["--samples", "0"], (2,), "zero samples", "samples"),
     Case("E05", VE + ["--estimator", "bogus"], (2,), "unknown estimator", "bogus"),
     Case("E06", VE[:-3] + ["--keep", "1", "-q"], (2,), "keep 1 (+delta leaves [0, 1])", "keep"),
-    Case("E07", VE + ["--router", "{D}/r.safetensors"], (2,), "pickle router for the estimator", "r.safetensors",
-         prep=lambda d: evil_pickle(d / "r.safetensors")),
+    Case(
+        "E07",
+        VE + ["--router", "{D}/r.safetensors"],
+        (2,),
+        "pickle router for the estimator",
+        "r.safetensors",
+        prep=lambda d: evil_pickle(d / "r.safetensors"),
+    ),
     Case("E08", VE + ["--min-agreement", "2"], (2,), "min agreement above 1", "2"),
-    Case("E09", VE + ["--report", "{D}/f/r.md"], (1, 2), "--report under a regular file", "f",
-         prep=lambda d: write(d / "f", "x")),
-    Case("E10", VE + ["--data", "{D}/d"], (2,), "--data with a truncated shard", "shard",
-         prep=lambda d: (shutil.copytree(SETUP / "data", d / "d"),
-                         truncate(d / "d/shard-00000.safetensors", d / "d/shard-00000.safetensors", 0.6))),
+    Case(
+        "E09",
+        VE + ["--report", "{D}/f/r.md"],
+        (1, 2),
+        "--report under a regular file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
+    Case(
+        "E10",
+        VE + ["--data", "{D}/d"],
+        (2,),
+        "--data with a truncated shard",
+        "shard",
+        prep=lambda d: (
+            shutil.copytree(SETUP / "data", d / "d"),
+            truncate(d / "d/shard-00000.safetensors", d / "d/shard-00000.safetensors", 0.6),
+        ),
+    ),
     # ---------------- validate suite
     Case("X01", ["validate", "suite", "nosuchsuite", "-q"], (2,), "unknown suite", "nosuchsuite"),
-    Case("X02", ["validate", "suite", "{D}/s.toml", "-q"], (2,), "binary suite", "s.toml",
-         prep=lambda d: write(d / "s.toml", os.urandom(3000))),
-    Case("X03", ["validate", "suite", "{D}/s.toml", "-q"], (2,), "deeply nested suite TOML", "s.toml",
-         prep=lambda d: write(d / "s.toml", deep_toml(50000))),
-    Case("X04", ["validate", "suite", "{D}/s.toml", "-q"], (2,),
-         "suite named ../../../../outside/esc (default report folder would escape)", "name",
-         prep=lambda d: _escaping_suite(d)),
-    Case("X05", ["validate", "suite", "{D}/s.toml", "-q"], (2,), "suite with an unknown key", "bogus_key",
-         prep=lambda d: write(d / "s.toml", SMALL_SUITE.replace("NAME", "ok") + "bogus_key = 1\n")),
-    Case("X06", ["validate", "suite", "{D}/s.toml", "-q"], (2,), "suite case with ratios = [nan]", "nan",
-         prep=lambda d: write(d / "s.toml", SMALL_SUITE.replace("NAME", "ok").replace("[0.4]", "[nan]"))),
+    Case(
+        "X02",
+        ["validate", "suite", "{D}/s.toml", "-q"],
+        (2,),
+        "binary suite",
+        "s.toml",
+        prep=lambda d: write(d / "s.toml", os.urandom(3000)),
+    ),
+    Case(
+        "X03",
+        ["validate", "suite", "{D}/s.toml", "-q"],
+        (2,),
+        "deeply nested suite TOML",
+        "s.toml",
+        prep=lambda d: write(d / "s.toml", deep_toml(50000)),
+    ),
+    Case(
+        "X04",
+        ["validate", "suite", "{D}/s.toml", "-q"],
+        (2,),
+        "suite named ../../../../outside/esc (default report folder would escape)",
+        "name",
+        prep=lambda d: _escaping_suite(d),
+    ),
+    Case(
+        "X05",
+        ["validate", "suite", "{D}/s.toml", "-q"],
+        (2,),
+        "suite with an unknown key",
+        "bogus_key",
+        prep=lambda d: write(d / "s.toml", SMALL_SUITE.replace("NAME", "ok") + "bogus_key = 1\n"),
+    ),
+    Case(
+        "X06",
+        ["validate", "suite", "{D}/s.toml", "-q"],
+        (2,),
+        "suite case with ratios = [nan]",
+        "nan",
+        prep=lambda d: write(d / "s.toml", SMALL_SUITE.replace("NAME", "ok").replace("[0.4]", "[nan]")),
+    ),
     # ---------------- train
     Case("N01", TR + ["--target-keep", "0"], (2,), "target keep 0", "target-keep"),
     Case("N02", TR + ["--target-keep", "1"], (2,), "target keep 1", "target-keep"),
-    Case("N03", TR + ["--target-keep", "0.6", "--ratio", "0.4"], (2,), "--target-keep with --ratio (exclusive)",
-         "ratio"),
-    Case("N04", TR[:3] + ["--steps", "1", "--steps", "2", "--batch", "1", "-q"], (2,), "two --steps values (1 or 3)",
-         "steps", repeat_ok=True),
+    Case(
+        "N03", TR + ["--target-keep", "0.6", "--ratio", "0.4"], (2,), "--target-keep with --ratio (exclusive)", "ratio"
+    ),
+    Case(
+        "N04",
+        TR[:3] + ["--steps", "1", "--steps", "2", "--batch", "1", "-q"],
+        (2,),
+        "two --steps values (1 or 3)",
+        "steps",
+        repeat_ok=True,
+    ),
     Case("N05", TR[:3] + ["--steps", "-5", "-q"], (2,), "negative steps", "-5"),
     Case("N06", TR + ["--batch", "0"], (2,), "zero batch", "batch"),
     Case("N07", TR + ["--phases", "5"], (2,), "five phases (max 4)", "5"),
     Case("N08", TR + ["--lr-router", "nan"], (2,), "NaN learning rate", "nan"),
     Case("N09", TR + ["--lr-router", "-1"], (2,), "negative learning rate", "-1"),
-    Case("N10", TR + ["--min-keep", "0.9", "--target-keep", "0.5"], (2,), "keep floor above the target keep",
-         "min-keep"),
+    Case(
+        "N10", TR + ["--min-keep", "0.9", "--target-keep", "0.5"], (2,), "keep floor above the target keep", "min-keep"
+    ),
     Case("N11", TR + ["--max-logit", "0"], (2,), "zero logit bound", "max-logit"),
     Case("N12", TR + ["--budget", "foo"], (2,), "unknown budget", "foo"),
-    Case("N13", TR + ["--lambda-budget", "3", "--out-dir", "{D}/o"], (2,),
-         "--lambda-budget without --budget ema (ignored)", "lambda"),
-    Case("N14", TR + ["--dora-rank", "8", "--out-dir", "{D}/o"], (2,), "--dora-rank without --dora (ignored)",
-         "dora"),
-    Case("N15", TR + ["--dense-weight", "1", "--out-dir", "{D}/o"], (2,),
-         "--dense-weight without --dora (documented --dora only)", "dense-weight"),
-    Case("N16", TR + ["--patience", "3", "--out-dir", "{D}/o"], (2,),
-         "--patience without --eval-every (documented needs)", "patience"),
+    Case(
+        "N13",
+        TR + ["--lambda-budget", "3", "--out-dir", "{D}/o"],
+        (2,),
+        "--lambda-budget without --budget ema (ignored)",
+        "lambda",
+    ),
+    Case("N14", TR + ["--dora-rank", "8", "--out-dir", "{D}/o"], (2,), "--dora-rank without --dora (ignored)", "dora"),
+    Case(
+        "N15",
+        TR + ["--dense-weight", "1", "--out-dir", "{D}/o"],
+        (2,),
+        "--dense-weight without --dora (documented --dora only)",
+        "dense-weight",
+    ),
+    Case(
+        "N16",
+        TR + ["--patience", "3", "--out-dir", "{D}/o"],
+        (2,),
+        "--patience without --eval-every (documented needs)",
+        "patience",
+    ),
     Case("N17", TR + ["--eval-every", "0"], (2,), "zero eval-every", "eval-every"),
     Case("N18", TR + ["--caption-dropout", "1.5"], (2,), "dropout above 1", "1.5"),
     Case("N19", TR + ["--accumulate", "0"], (2,), "zero accumulate", "accumulate"),
     Case("N20", TR + ["--device", "cuda"], (4,), "cuda without a GPU", "cuda"),
     Case("N21", TR + ["--resume", "--out-dir", "{D}/o"], (2,), "--resume without a checkpoint", "checkpoint"),
-    Case("N22", TR + ["--resume", "--out-dir", "{D}/o"], (2,), "--resume from a pickle-bomb checkpoint.pt",
-         "checkpoint", prep=lambda d: evil_torch(d / "o/checkpoint.pt")),
-    Case("N23", TR + ["--resume", "--out-dir", "{D}/o"], (2,), "--resume from a truncated checkpoint.pt",
-         "checkpoint", prep=lambda d: truncate(SETUP / "train/checkpoint.pt", d / "o/checkpoint.pt", 0.5)),
+    Case(
+        "N22",
+        TR + ["--resume", "--out-dir", "{D}/o"],
+        (2,),
+        "--resume from a pickle-bomb checkpoint.pt",
+        "checkpoint",
+        prep=lambda d: evil_torch(d / "o/checkpoint.pt"),
+    ),
+    Case(
+        "N23",
+        TR + ["--resume", "--out-dir", "{D}/o"],
+        (2,),
+        "--resume from a truncated checkpoint.pt",
+        "checkpoint",
+        prep=lambda d: truncate(SETUP / "train/checkpoint.pt", d / "o/checkpoint.pt", 0.5),
+    ),
     Case("N24", TR + ["--data", "{D}/missing"], (2,), "--data missing", "missing"),
-    Case("N25", TR + ["--data", "{D}/d"], (2,), "--data shard with a byte flipped", "shard",
-         prep=lambda d: (shutil.copytree(SETUP / "data", d / "d"),
-                         flip(d / "d/shard-00001.safetensors", d / "d/shard-00001.safetensors", -7))),
-    Case("N26", TR + ["--data", "{D}/d"], (2,), "--data manifest.json garbage", "manifest",
-         prep=lambda d: (shutil.copytree(SETUP / "data", d / "d"), write(d / "d/manifest.json", "[1,2"))),
-    Case("N27", ["train", "--model", "flux-tiny", "--steps", "1", "--batch", "1", "--phases", "1", "--data", DATA,
-                 "-q"], (2,), "sd35-tiny data used for flux-tiny", "flux"),
+    Case(
+        "N25",
+        TR + ["--data", "{D}/d"],
+        (2,),
+        "--data shard with a byte flipped",
+        "shard",
+        prep=lambda d: (
+            shutil.copytree(SETUP / "data", d / "d"),
+            flip(d / "d/shard-00001.safetensors", d / "d/shard-00001.safetensors", -7),
+        ),
+    ),
+    Case(
+        "N26",
+        TR + ["--data", "{D}/d"],
+        (2,),
+        "--data manifest.json garbage",
+        "manifest",
+        prep=lambda d: (shutil.copytree(SETUP / "data", d / "d"), write(d / "d/manifest.json", "[1,2")),
+    ),
+    Case(
+        "N27",
+        ["train", "--model", "flux-tiny", "--steps", "1", "--batch", "1", "--phases", "1", "--data", DATA, "-q"],
+        (2,),
+        "sd35-tiny data used for flux-tiny",
+        "flux",
+    ),
     Case("N28", TR + ["--out-dir", "{D}/f"], (1, 2), "--out-dir is a file", "f", prep=lambda d: write(d / "f", "x")),
     Case("N29", TR + ["--sampler-steps", "0"], (2,), "zero sampler steps", "sampler-steps"),
     Case("N30", TR + ["--sampler-shift", "nan"], (2,), "NaN sampler shift", "nan"),
     Case("N31", TR + ["--stage3-keep", "1.5"], (2,), "stage3 keep above 1", "1.5"),
-    Case("N32", TR + ["--paper-only", "--estimator", "output-gated", "--out-dir", "{D}/o"], (2,),
-         "--paper-only with the non-paper estimator (contradictory)", "estimator"),
+    Case(
+        "N32",
+        TR + ["--paper-only", "--estimator", "output-gated", "--out-dir", "{D}/o"],
+        (2,),
+        "--paper-only with the non-paper estimator (contradictory)",
+        "estimator",
+    ),
     Case("N33", TR + ["--threads", "0"], (2,), "zero threads", "threads"),
-    Case("N34", TR + ["--data", "{D}/d"], (2,), "--data shard is a pickle renamed .safetensors", "shard",
-         prep=lambda d: (shutil.copytree(SETUP / "data", d / "d"), evil_pickle(d / "d/shard-00000.safetensors"))),
-    Case("N35", O + ["--recipe", "{D}/r.toml"], (2,), "recipe whose router file is another model's (sha256 kept)",
-         "router",
-         prep=lambda d: _foreign_router_recipe(d)),
+    Case(
+        "N34",
+        TR + ["--data", "{D}/d"],
+        (2,),
+        "--data shard is a pickle renamed .safetensors",
+        "shard",
+        prep=lambda d: (shutil.copytree(SETUP / "data", d / "d"), evil_pickle(d / "d/shard-00000.safetensors")),
+    ),
+    Case(
+        "N35",
+        O + ["--recipe", "{D}/r.toml"],
+        (2,),
+        "recipe whose router file is another model's (sha256 kept)",
+        "router",
+        prep=lambda d: _foreign_router_recipe(d),
+    ),
     # ---------------- train-data
     Case("D01", TD + ["--out", "{D}/o"], (2,), "no prompts, dataset or images", "prompts"),
     Case("D02", TD + ["--prompts", "{D}/missing.txt", "--out", "{D}/o"], (2,), "prompts file missing", "missing.txt"),
-    Case("D03", TD + ["--prompts", "{D}/p.txt", "--out", "{D}/o"], (2,), "empty prompts file", "p.txt",
-         prep=lambda d: write(d / "p.txt", "")),
-    Case("D04", TD + ["--prompts", "{D}/p.txt", "--out", "{D}/o"], (2,), "binary prompts file", "p.txt",
-         prep=lambda d: write(d / "p.txt", os.urandom(4096))),
-    Case("D05", TD + ["--prompts", "{S}/p.txt", "--shard-size", "0", "--out", "{D}/o"], (2,), "zero shard size",
-         "shard"),
+    Case(
+        "D03",
+        TD + ["--prompts", "{D}/p.txt", "--out", "{D}/o"],
+        (2,),
+        "empty prompts file",
+        "p.txt",
+        prep=lambda d: write(d / "p.txt", ""),
+    ),
+    Case(
+        "D04",
+        TD + ["--prompts", "{D}/p.txt", "--out", "{D}/o"],
+        (2,),
+        "binary prompts file",
+        "p.txt",
+        prep=lambda d: write(d / "p.txt", os.urandom(4096)),
+    ),
+    Case(
+        "D05", TD + ["--prompts", "{S}/p.txt", "--shard-size", "0", "--out", "{D}/o"], (2,), "zero shard size", "shard"
+    ),
     Case("D06", TD + ["--prompts", "{S}/p.txt", "--batch", "0", "--out", "{D}/o"], (2,), "zero batch", "batch"),
     Case("D07", TD + ["--prompts", "{S}/p.txt", "--dtype", "int4", "--out", "{D}/o"], (2,), "unknown dtype", "int4"),
-    Case("D08", TD + ["--prompts", "{S}/p.txt", "--out", "{D}/mine"], (1, 2), "--out is a non-empty user folder",
-         "mine", prep=lambda d: write(d / "mine/keep.txt", "precious"), check=chk_data_intact),
-    Case("D09", TD + ["--prompts", "{S}/p.txt", "--out", "{D}/mine", "--overwrite"], (1, 2),
-         "--overwrite on a folder that is not a train-data output", "mine",
-         prep=lambda d: write(d / "mine/keep.txt", "precious"), check=chk_data_intact, exit0_class="S1"),
-    Case("D10", TD + ["--prompts", "{S}/p.txt", "--out", "{D}/f"], (1, 2), "--out is a file", "f",
-         prep=lambda d: write(d / "f", "x")),
-    Case("D11", TD + ["--images", "{D}/imgs", "--out", "{D}/o"], (2,), "--images is empty", "imgs",
-         prep=lambda d: (d / "imgs").mkdir()),
-    Case("D12", TD + ["--images", "{D}/imgs", "--out", "{D}/o"], (2,), "--images with a corrupt PNG", "bad.png",
-         prep=lambda d: (write(d / "imgs/bad.png", b"\x89PNG\r\n\x1a\n" + os.urandom(200)),
-                         write(d / "imgs/bad.txt", "a red cube"))),
-    Case("D13", TD + ["--images", "{D}/imgs", "--prompts", "{D}/p.txt", "--out", "{D}/o"], (2,),
-         "fewer captions than images", "p.txt", prep=lambda d: _two_pngs(d)),
+    Case(
+        "D08",
+        TD + ["--prompts", "{S}/p.txt", "--out", "{D}/mine"],
+        (1, 2),
+        "--out is a non-empty user folder",
+        "mine",
+        prep=lambda d: write(d / "mine/keep.txt", "precious"),
+        check=chk_data_intact,
+    ),
+    Case(
+        "D09",
+        TD + ["--prompts", "{S}/p.txt", "--out", "{D}/mine", "--overwrite"],
+        (1, 2),
+        "--overwrite on a folder that is not a train-data output",
+        "mine",
+        prep=lambda d: write(d / "mine/keep.txt", "precious"),
+        check=chk_data_intact,
+        exit0_class="S1",
+    ),
+    Case(
+        "D10",
+        TD + ["--prompts", "{S}/p.txt", "--out", "{D}/f"],
+        (1, 2),
+        "--out is a file",
+        "f",
+        prep=lambda d: write(d / "f", "x"),
+    ),
+    Case(
+        "D11",
+        TD + ["--images", "{D}/imgs", "--out", "{D}/o"],
+        (2,),
+        "--images is empty",
+        "imgs",
+        prep=lambda d: (d / "imgs").mkdir(),
+    ),
+    Case(
+        "D12",
+        TD + ["--images", "{D}/imgs", "--out", "{D}/o"],
+        (2,),
+        "--images with a corrupt PNG",
+        "bad.png",
+        prep=lambda d: (
+            write(d / "imgs/bad.png", b"\x89PNG\r\n\x1a\n" + os.urandom(200)),
+            write(d / "imgs/bad.txt", "a red cube"),
+        ),
+    ),
+    Case(
+        "D13",
+        TD + ["--images", "{D}/imgs", "--prompts", "{D}/p.txt", "--out", "{D}/o"],
+        (2,),
+        "fewer captions than images",
+        "p.txt",
+        prep=lambda d: _two_pngs(d),
+    ),
     Case("D14", TD + ["--dataset", "nobody/nothing", "--out", "{D}/o"], (2, 4), "dataset not cached", "nobody"),
-    Case("D15", TD + ["--prompts", "{S}/p.txt", "--prompt-column", "text", "--out", "{D}/o"], (2,),
-         "--prompt-column without --dataset (ignored)", "prompt-column"),
-    Case("D16", TD + ["--prompts", "{S}/p.txt", "--device", "cuda", "--out", "{D}/o"], (4,), "cuda without a GPU",
-         "cuda"),
-    Case("D17", TD + ["--images", "{D}/imgs", "--height", "100", "--out", "{D}/o"], (2,),
-         "image height not a multiple of 16", "100", prep=lambda d: _two_pngs(d, captions=True)),
-    Case("D18", TD + ["--prompts", "{S}/p.txt", "--out", "{D}/o", "--split", "validation"], (2,),
-         "--split without --dataset (ignored)", "split"),
+    Case(
+        "D15",
+        TD + ["--prompts", "{S}/p.txt", "--prompt-column", "text", "--out", "{D}/o"],
+        (2,),
+        "--prompt-column without --dataset (ignored)",
+        "prompt-column",
+    ),
+    Case(
+        "D16", TD + ["--prompts", "{S}/p.txt", "--device", "cuda", "--out", "{D}/o"], (4,), "cuda without a GPU", "cuda"
+    ),
+    Case(
+        "D17",
+        TD + ["--images", "{D}/imgs", "--height", "100", "--out", "{D}/o"],
+        (2,),
+        "image height not a multiple of 16",
+        "100",
+        prep=lambda d: _two_pngs(d, captions=True),
+    ),
+    Case(
+        "D18",
+        TD + ["--prompts", "{S}/p.txt", "--out", "{D}/o", "--split", "validation"],
+        (2,),
+        "--split without --dataset (ignored)",
+        "split",
+    ),
     # ---------------- interrupts and concurrency
-    Case("K01", ["onnx", "--model", T, "--ratio", "0.4", "--out", "{D}/o/m.onnx", "-q"], (130,),
-         "Ctrl-C during an onnx export", mode="sigint", after_s=9.0, check=chk_sigint),
-    Case("K02", ["onnx", "--model", T, "--ratio", "0.4", "--no-validate", "--out", "{D}/o/m.onnx", "-q"], (0,),
-         "kill -9 during an onnx export, then rerun (temps swept)", mode="kill", after_s=9.0, check=chk_kill,
-         timeout=240),
-    Case("K03", TR[:3] + ["--steps", "200", "--batch", "1", "--threads", "1", "-q", "--out-dir", "{D}/o"], (130,), "Ctrl-C during training", mode="sigint",
-         after_s=10.0, check=chk_train_sigint),
-    Case("K04", TD + ["--prompts", "{D}/in/p.txt", "--out", "{D}/o"], (130,), "Ctrl-C during train-data (3000 prompts: still encoding at 5 s)",
-         mode="sigint", after_s=5.0, check=chk_sigint,
-         prep=lambda d: write(d / "in/p.txt", "".join(f"a red cube number {i}\n" for i in range(3000)))),
-    Case("K05", ["onnx", "--model", T, "--ratio", "0.4", "--no-validate", "--out", "{D}/o/m.onnx", "-q"], (0,),
-         "two concurrent exports into one --out", mode="concurrent", check=chk_concurrent("o/m.onnx"), timeout=300),
-    Case("K06", TD + ["--prompts", "{S}/p.txt", "--out", "{D}/o"], (0,), "two concurrent train-data into one --out",
-         mode="concurrent", check=chk_concurrent("o"), timeout=300),
-    Case("K07", ["trt", "--onnx", "{D}/m.onnx", "--backend", "tensorrt-rtx", "--out-dir", "{D}/e", "-q"], (0,),
-         "two concurrent trt builds into one folder (documented lock)", mode="concurrent",
-         prep=lambda d: shutil.copy(SETUP / "m.onnx", d / "m.onnx"), check=chk_concurrent("e"), timeout=300),
+    Case(
+        "K01",
+        ["onnx", "--model", T, "--ratio", "0.4", "--out", "{D}/o/m.onnx", "-q"],
+        (130,),
+        "Ctrl-C during an onnx export",
+        mode="sigint",
+        after_s=9.0,
+        check=chk_sigint,
+    ),
+    Case(
+        "K02",
+        ["onnx", "--model", T, "--ratio", "0.4", "--no-validate", "--out", "{D}/o/m.onnx", "-q"],
+        (0,),
+        "kill -9 during an onnx export, then rerun (temps swept)",
+        mode="kill",
+        after_s=9.0,
+        check=chk_kill,
+        timeout=240,
+    ),
+    Case(
+        "K03",
+        TR[:3] + ["--steps", "200", "--batch", "1", "--threads", "1", "-q", "--out-dir", "{D}/o"],
+        (130,),
+        "Ctrl-C during training",
+        mode="sigint",
+        after_s=10.0,
+        check=chk_train_sigint,
+    ),
+    Case(
+        "K04",
+        TD + ["--prompts", "{D}/in/p.txt", "--out", "{D}/o"],
+        (130,),
+        "Ctrl-C during train-data (3000 prompts: still encoding at 5 s)",
+        mode="sigint",
+        after_s=5.0,
+        check=chk_sigint,
+        prep=lambda d: write(d / "in/p.txt", "".join(f"a red cube number {i}\n" for i in range(3000))),
+    ),
+    Case(
+        "K05",
+        ["onnx", "--model", T, "--ratio", "0.4", "--no-validate", "--out", "{D}/o/m.onnx", "-q"],
+        (0,),
+        "two concurrent exports into one --out",
+        mode="concurrent",
+        check=chk_concurrent("o/m.onnx"),
+        timeout=300,
+    ),
+    Case(
+        "K06",
+        TD + ["--prompts", "{S}/p.txt", "--out", "{D}/o"],
+        (0,),
+        "two concurrent train-data into one --out",
+        mode="concurrent",
+        check=chk_concurrent("o"),
+        timeout=300,
+    ),
+    Case(
+        "K07",
+        ["trt", "--onnx", "{D}/m.onnx", "--backend", "tensorrt-rtx", "--out-dir", "{D}/e", "-q"],
+        (0,),
+        "two concurrent trt builds into one folder (documented lock)",
+        mode="concurrent",
+        prep=lambda d: shutil.copy(SETUP / "m.onnx", d / "m.onnx"),
+        check=chk_concurrent("e"),
+        timeout=300,
+    ),
     # ---------------- misc / global
     Case("M01", ["--version"], (0,), "version"),
     Case("M02", ["bogus-command"], (2,), "unknown command", "bogus-command"),
-    Case("M03", G + ["--ratio", "0.4"], (1, 2), "SHIVA_CACHE_DIR is a file", "cache",
-         prep=lambda d: write(d / "cachefile", "x")),
+    Case(
+        "M03",
+        G + ["--ratio", "0.4"],
+        (1, 2),
+        "SHIVA_CACHE_DIR is a file",
+        "cache",
+        prep=lambda d: write(d / "cachefile", "x"),
+    ),
 ]
 
 
@@ -999,8 +1893,14 @@ def _external_missing(d: Path) -> None:
     import onnx  # noqa: PLC0415
 
     m = onnx.load(str(SETUP / "m.onnx"))
-    onnx.save_model(m, str(d / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="ext.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        m,
+        str(d / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=1024,
+    )
     (d / "ext.onnx.data").unlink()
 
 
@@ -1102,9 +2002,15 @@ def run_case(c: Case, keep: bool) -> dict:
     if not keep and not c.id.startswith("S-"):
         unlock(d)
     return {
-        "id": c.id, "cmd": "shiva-export " + " ".join(_short(a) for a in fmt(c.cmd, d)), "what": c.note,
-        "expected": "/".join(map(str, c.expect)), "got": ("timeout" if r.timed_out else r.rc), "class": cls,
-        "note": note, "wall_s": round(r.wall, 1), "error_line": first_err[:300],
+        "id": c.id,
+        "cmd": "shiva-export " + " ".join(_short(a) for a in fmt(c.cmd, d)),
+        "what": c.note,
+        "expected": "/".join(map(str, c.expect)),
+        "got": ("timeout" if r.timed_out else r.rc),
+        "class": cls,
+        "note": note,
+        "wall_s": round(r.wall, 1),
+        "error_line": first_err[:300],
         "stderr_tail": r.err[-600:],
     }
 
@@ -1142,21 +2048,29 @@ def md(rows: list[dict], total_s: float) -> str:
     for r in rows:
         if r["class"] != "clean":
             lines.append(f"- **{r['id']}** ({r['class']}) `{r['cmd']}`: {r['what']}; got {r['got']}: {r['note']}")
-    lines += ["", "## All cases", "", "| id | command (short) | probe | expected | got | class | s | note / error line |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## All cases",
+        "",
+        "| id | command (short) | probe | expected | got | class | s | note / error line |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         note = r["note"] or r["error_line"]
         note = note.replace("|", "\\|").replace("\n", " ")[:260]
         cmd = r["cmd"].replace("|", "\\|")
-        lines.append(f"| {r['id']} | `{cmd}` | {r['what']} | {r['expected']} | {r['got']} | {r['class']} | "
-                     f"{r['wall_s']} | {note} |")
+        lines.append(
+            f"| {r['id']} | `{cmd}` | {r['what']} | {r['expected']} | {r['got']} | {r['class']} | "
+            f"{r['wall_s']} | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         return "?"
 
@@ -1167,8 +2081,11 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated case ids (the setup always runs unless --reuse-setup)")
     ap.add_argument("--reuse-setup", action="store_true", help="keep an existing setup folder")
     ap.add_argument("--keep", action="store_true", help="keep the case folders")
-    ap.add_argument("--merge", action="store_true",
-                    help="with --only: replace those rows in the existing OUT (and OUT .json), keep the others")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: replace those rows in the existing OUT (and OUT .json), keep the others",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="plain cases run this many at a time (each single-threaded)")
     a = ap.parse_args()
     t0 = time.time()
@@ -1182,14 +2099,22 @@ def main() -> int:
         SETUP.mkdir(parents=True)
         for c in SETUP_CASES:
             rows.append(run_case(c, a.keep))
-            print(f"{rows[-1]['id']:6} {rows[-1]['class']:5} rc={rows[-1]['got']} {rows[-1]['wall_s']:6.1f}s "
-                  f"{rows[-1]['note'][:120]}", flush=True)
+            print(
+                f"{rows[-1]['id']:6} {rows[-1]['class']:5} rc={rows[-1]['got']} {rows[-1]['wall_s']:6.1f}s "
+                f"{rows[-1]['note'][:120]}",
+                flush=True,
+            )
     only = {s for s in a.only.split(",") if s}
     todo = [c for c in CASES_TABLE if not only or c.id in only]
     # a trivial refusal, timed alone: refusals slower than 8x this (and 25 s) count as "after heavy work"
     t1 = time.time()
-    subprocess.run([PY, "-m", "shiva_export", "onnx", "--model", T, "--ratio", "-0.1"], env=env(), cwd=WORK,
-                   capture_output=True, check=False)
+    subprocess.run(
+        [PY, "-m", "shiva_export", "onnx", "--model", T, "--ratio", "-0.1"],
+        env=env(),
+        cwd=WORK,
+        capture_output=True,
+        check=False,
+    )
     LATE["s"] = max(25.0, 8 * (time.time() - t1))
     print(f"refusal baseline {time.time() - t1:.1f} s: late after {LATE['s']:.0f} s", flush=True)
 

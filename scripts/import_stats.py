@@ -68,7 +68,9 @@ def scan():
             where = (str(path.relative_to(ROOT)), node.lineno, ast.unparse(node))
             if in_func:
                 top = targets[0].split(".")[0]
-                deferred["shiva_export" if top == "shiva_export" else "optional" if top in OPTIONAL else "other"].append(where)
+                deferred[
+                    "shiva_export" if top == "shiva_export" else "optional" if top in OPTIONAL else "other"
+                ].append(where)
             if isinstance(node, ast.ImportFrom) and targets[0].startswith("shiva_export") and targets[0] != mod:
                 if any(n.startswith("_") and not n.startswith("__") for n in names):
                     private.append(where)
@@ -120,8 +122,10 @@ def main() -> None:
     print("package import cycles (SCCs):", cycles(edges) or "none")
     print("packages importing each other:", mutual or "none")
     total = sum(len(v) for v in deferred.values())
-    print(f"function-level imports: {total} (shiva_export modules {len(deferred['shiva_export'])}, "
-          f"optional heavy packages {len(deferred['optional'])}, other packages {len(deferred['other'])})")
+    print(
+        f"function-level imports: {total} (shiva_export modules {len(deferred['shiva_export'])}, "
+        f"optional heavy packages {len(deferred['optional'])}, other packages {len(deferred['other'])})"
+    )
     print("import lines taking another module's private names:", len(private))
     if args.list:
         for tag, rows in (("deferred", deferred["shiva_export"]), ("private", private)):

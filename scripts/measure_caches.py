@@ -58,10 +58,22 @@ def main() -> None:
             if kind:
                 C.disable_cache(pipe)
         psnrs = [psnr(a, b) for a, b in zip(images, ref)]
-        print(json.dumps({"kind": kind or "shiva", "settings": settings, "ratio": args.ratio, "flop_fraction": round(f.fraction, 4),
-                          "block_fraction": round(f.block_fraction, 4), "psnr_mean": round(float(np.mean(psnrs)), 2),
-                          "psnr_min": round(float(np.min(psnrs)), 2), "calibrated": "calibration" in info,
-                          "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "kind": kind or "shiva",
+                    "settings": settings,
+                    "ratio": args.ratio,
+                    "flop_fraction": round(f.fraction, 4),
+                    "block_fraction": round(f.block_fraction, 4),
+                    "psnr_mean": round(float(np.mean(psnrs)), 2),
+                    "psnr_min": round(float(np.min(psnrs)), 2),
+                    "calibrated": "calibration" in info,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

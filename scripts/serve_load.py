@@ -34,20 +34,47 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _summary(name: str, lat: list[float], wall: float, n_ok: int, **extra) -> dict:
-    return {"setting": name, "images": n_ok, "wall_s": round(wall, 2), "images_per_s": round(n_ok / wall, 3) if wall else None,
-            "p50_s": round(_pct(lat, 50), 3), "p99_s": round(_pct(lat, 99), 3), **extra}
+    return {
+        "setting": name,
+        "images": n_ok,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(n_ok / wall, 3) if wall else None,
+        "p50_s": round(_pct(lat, 50), 3),
+        "p99_s": round(_pct(lat, 99), 3),
+        **extra,
+    }
 
 
 def bench_generate(args, prompts) -> dict:
     from shiva_export.runtime.generate import generate
 
-    rec = generate(model=args.model, prompts=prompts[:2], out_dir=Path(args.work) / "warm", backend=args.backend, ratio=0.4, threads=args.threads,
-                   artifact_root=args.artifact_root)  # exports / warms the caches, not timed
+    rec = generate(
+        model=args.model,
+        prompts=prompts[:2],
+        out_dir=Path(args.work) / "warm",
+        backend=args.backend,
+        ratio=0.4,
+        threads=args.threads,
+        artifact_root=args.artifact_root,
+    )  # exports / warms the caches, not timed
     t0 = time.perf_counter()
-    rec = generate(model=args.model, prompts=prompts, out_dir=Path(args.work) / "loop", backend=args.backend, ratio=0.4, threads=args.threads,
-                   artifact_root=args.artifact_root)
+    rec = generate(
+        model=args.model,
+        prompts=prompts,
+        out_dir=Path(args.work) / "loop",
+        backend=args.backend,
+        ratio=0.4,
+        threads=args.threads,
+        artifact_root=args.artifact_root,
+    )
     wall = time.perf_counter() - t0
-    return _summary("generate (loop, 1 process)", [im["timings_ms"]["total"] / 1e3 for im in rec["images"]], wall, len(rec["images"]), concurrency=1)
+    return _summary(
+        "generate (loop, 1 process)",
+        [im["timings_ms"]["total"] / 1e3 for im in rec["images"]],
+        wall,
+        len(rec["images"]),
+        concurrency=1,
+    )
 
 
 def _load(url: str, prompts: list[str], args, kill_after: int | None = None) -> dict:
@@ -73,9 +100,17 @@ def _load(url: str, prompts: list[str], args, kill_after: int | None = None) -> 
     wall = time.perf_counter() - t0
     ok = [r for r in replies if r.status == 200]
     batches = [r.body["record"]["batch_size"] for r in ok]
-    return {"lat": [r.seconds for r in ok], "wall": wall, "ok": len(ok), "sent": len(replies), "retried": sum(r.retries > 0 for r in replies),
-            "retries": sum(r.retries for r in replies), "failed": len(replies) - len(ok), "mean_batch": round(sum(batches) / max(len(batches), 1), 2),
-            "killed_pid": killed[0] if killed else None}
+    return {
+        "lat": [r.seconds for r in ok],
+        "wall": wall,
+        "ok": len(ok),
+        "sent": len(replies),
+        "retried": sum(r.retries > 0 for r in replies),
+        "retries": sum(r.retries for r in replies),
+        "failed": len(replies) - len(ok),
+        "mean_batch": round(sum(batches) / max(len(batches), 1), 2),
+        "killed_pid": killed[0] if killed else None,
+    }
 
 
 def bench_serve(args, prompts) -> list[dict]:
@@ -85,8 +120,17 @@ def bench_serve(args, prompts) -> list[dict]:
 
     rows = []
     for replicas, fault in ((1, False), (2, False), (2, True)):
-        opts = ServeOptions(model=args.model, backend=args.backend, ratio=0.4, replicas=replicas, max_batch=2, threads=args.threads,
-                            num_cpus=args.num_cpus / 2, artifact_root=args.artifact_root, port=args.port).validate()
+        opts = ServeOptions(
+            model=args.model,
+            backend=args.backend,
+            ratio=0.4,
+            replicas=replicas,
+            max_batch=2,
+            threads=args.threads,
+            num_cpus=args.num_cpus / 2,
+            artifact_root=args.artifact_root,
+            port=args.port,
+        ).validate()
         t0 = time.perf_counter()
         start_app(opts)
         url = f"http://127.0.0.1:{args.port}"
@@ -96,9 +140,22 @@ def bench_serve(args, prompts) -> list[dict]:
             post_generate(url, {"prompt": "warm up", "seed": i})
         res = _load(url, prompts, args, kill_after=args.concurrency if fault else None)
         name = f"serve, {replicas} replica(s)" + (", one kill -9'd under load" if fault else "")
-        rows.append(_summary(name, res["lat"], res["wall"], res["ok"], concurrency=args.concurrency, sent=res["sent"], retried=res["retried"],
-                             retries=res["retries"], failed=res["failed"], mean_batch=res["mean_batch"], ready_s=round(ready, 1),
-                             killed_pid=res["killed_pid"]))
+        rows.append(
+            _summary(
+                name,
+                res["lat"],
+                res["wall"],
+                res["ok"],
+                concurrency=args.concurrency,
+                sent=res["sent"],
+                retried=res["retried"],
+                retries=res["retries"],
+                failed=res["failed"],
+                mean_batch=res["mean_batch"],
+                ready_s=round(ready, 1),
+                killed_pid=res["killed_pid"],
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
         stop_app(shutdown_ray=False)
     return rows
@@ -109,8 +166,30 @@ def bench_shutdown(args, prompts) -> dict:
     from shiva_export.serve.client import post_generate, wait_healthy
 
     port = args.port + 1
-    cmd = [sys.executable, "-m", "shiva_export", "serve", "--model", args.model, "--backend", args.backend, "--ratio", "0.4", "--replicas", "1",
-           "--max-batch", "2", "--threads", str(args.threads), "--num-cpus", "1", "--artifact-root", args.artifact_root, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shiva_export",
+        "serve",
+        "--model",
+        args.model,
+        "--backend",
+        args.backend,
+        "--ratio",
+        "0.4",
+        "--replicas",
+        "1",
+        "--max-batch",
+        "2",
+        "--threads",
+        str(args.threads),
+        "--num-cpus",
+        "1",
+        "--artifact-root",
+        args.artifact_root,
+        "--port",
+        str(port),
+    ]
     srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -119,7 +198,10 @@ def bench_shutdown(args, prompts) -> dict:
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         refusal = [ln for ln in second.stderr.splitlines() if ln.startswith("Error:")]
         with cf.ThreadPoolExecutor(args.concurrency) as ex:
-            futs = [ex.submit(post_generate, url, {"prompt": prompts[i], "seed": i}, retries=0) for i in range(args.concurrency)]
+            futs = [
+                ex.submit(post_generate, url, {"prompt": prompts[i], "seed": i}, retries=0)
+                for i in range(args.concurrency)
+            ]
             time.sleep(0.5)
             t0 = time.perf_counter()
             srv.send_signal(signal.SIGINT)
@@ -130,22 +212,38 @@ def bench_shutdown(args, prompts) -> dict:
         if srv.poll() is None:
             srv.kill()
     answered = sum(r.status == 200 for r in replies)
-    return {"setting": "graceful shutdown (SIGINT with requests in flight)", "in_flight": len(replies), "answered": answered,
-            "dropped": len(replies) - answered, "stop_s": round(drain, 1), "exit_code": srv.returncode,
-            "second_serve_same_port": {"exit_code": second.returncode, "line": refusal[0] if refusal else second.stderr[-200:]}}
+    return {
+        "setting": "graceful shutdown (SIGINT with requests in flight)",
+        "in_flight": len(replies),
+        "answered": answered,
+        "dropped": len(replies) - answered,
+        "stop_s": round(drain, 1),
+        "exit_code": srv.returncode,
+        "second_serve_same_port": {
+            "exit_code": second.returncode,
+            "line": refusal[0] if refusal else second.stderr[-200:],
+        },
+    }
 
 
 def markdown(rows: list[dict], shutdown: dict, args) -> str:
-    out = ["| setting | clients | images | wall s | images/s | p50 s | p99 s | mean batch | retried / failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| setting | clients | images | wall s | images/s | p50 s | p99 s | mean batch | retried / failed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         rf = f"{r.get('retried', 0)} / {r.get('failed', 0)}" if "retried" in r else "-"
-        out.append(f"| {r['setting']} | {r['concurrency']} | {r['images']} | {r['wall_s']} | {r['images_per_s']} | {r['p50_s']} | {r['p99_s']} | "
-                   f"{r.get('mean_batch', 1)} | {rf} |")
+        out.append(
+            f"| {r['setting']} | {r['concurrency']} | {r['images']} | {r['wall_s']} | {r['images_per_s']} | {r['p50_s']} | {r['p99_s']} | "
+            f"{r.get('mean_batch', 1)} | {rf} |"
+        )
     if shutdown.get("in_flight") is not None:
         out.append("")
-        out.append(f"Graceful shutdown: SIGINT with {shutdown['in_flight']} requests in flight: {shutdown['answered']} answered, {shutdown['dropped']} dropped, "
-                   f"stopped in {shutdown['stop_s']} s (exit {shutdown['exit_code']}). A second `serve` on the same port: exit "
-                   f"{shutdown['second_serve_same_port']['exit_code']}, `{shutdown['second_serve_same_port']['line']}`")
+        out.append(
+            f"Graceful shutdown: SIGINT with {shutdown['in_flight']} requests in flight: {shutdown['answered']} answered, {shutdown['dropped']} dropped, "
+            f"stopped in {shutdown['stop_s']} s (exit {shutdown['exit_code']}). A second `serve` on the same port: exit "
+            f"{shutdown['second_serve_same_port']['exit_code']}, `{shutdown['second_serve_same_port']['line']}`"
+        )
     return "\n".join(out)
 
 
@@ -166,7 +264,11 @@ def main() -> None:
     if not (1 <= args.requests <= 1000 and 1 <= args.concurrency <= 64):
         ap.error("--requests must be in 1..1000 and --concurrency in 1..64")
     args.artifact_root = str(Path(args.artifact_root).resolve())
-    prompts = [f"a {c} {s}" for s in ("cube", "ball", "triangle", "ring") for c in ("red", "green", "blue", "yellow", "purple", "white")]
+    prompts = [
+        f"a {c} {s}"
+        for s in ("cube", "ball", "triangle", "ring")
+        for c in ("red", "green", "blue", "yellow", "purple", "white")
+    ]
     prompts = (prompts * (args.requests // len(prompts) + 1))[: args.requests]
 
     import ray

@@ -32,7 +32,10 @@ def measure(pipe, scenes, steps: int, seed: int, guidance: float, ref_feat) -> d
     from shiva_export.shapes.data import caption
 
     t0 = time.perf_counter()
-    imgs = [np.asarray(run_pipeline(pipe, caption(s), steps=steps, guidance=guidance, seed=seed).image, dtype=np.float64) for s in scenes]
+    imgs = [
+        np.asarray(run_pipeline(pipe, caption(s), steps=steps, guidance=guidance, seed=seed).image, dtype=np.float64)
+        for s in scenes
+    ]
     correct = [prompt_correct(im, s.attributes) for im, s in zip(imgs, scenes)]
     return {
         "steps": steps,
@@ -58,7 +61,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[6, 8, 10, 12, 14, 17, 20, 28])
     ap.add_argument("--seed", type=int, default=1, help="the validation seed (seed 0 and 2+ are held out for reports)")
     ap.add_argument("--prompts", type=int, default=96)
-    ap.add_argument("--tolerance", type=float, default=1.0, help="points of accuracy below the plateau the knee may lose")
+    ap.add_argument(
+        "--tolerance", type=float, default=1.0, help="points of accuracy below the plateau the knee may lose"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -76,21 +81,40 @@ def main() -> None:
     pipe = load_pipeline(args.model, dense=True)
     guidance = float(load_recipe(args.model).pipeline.guidance)
     scenes = prompt_scenes(args.prompts)
-    ref_feat = np.stack([features(render(s)[0]) for s in real_like(scenes, 256, seed=1000)])  # validate quality's reference
+    ref_feat = np.stack(
+        [features(render(s)[0]) for s in real_like(scenes, 256, seed=1000)]
+    )  # validate quality's reference
     rows = []
     for n in sorted(args.steps):
         rows.append(measure(pipe, scenes, n, args.seed, guidance, ref_feat))
         r = rows[-1]
-        print(f"steps {n:3d}: accuracy {r['accuracy']:.1%} ({r['correct']}/{len(scenes)}) FD {r['fd']:.3f} ({r['seconds']:.0f} s)", flush=True)
+        print(
+            f"steps {n:3d}: accuracy {r['accuracy']:.1%} ({r['correct']}/{len(scenes)}) FD {r['fd']:.3f} ({r['seconds']:.0f} s)",
+            flush=True,
+        )
     k, plateau = knee(rows, args.tolerance)
-    print(f"plateau {plateau:.1%} (mean of the top half of the step counts); knee (within {args.tolerance:g} point) = {k} steps")
+    print(
+        f"plateau {plateau:.1%} (mean of the top half of the step counts); knee (within {args.tolerance:g} point) = {k} steps"
+    )
     if args.out is not None:
-        atomic_write_json(args.out, {
-            "model": args.model, "method": "dense", "seed": args.seed, "prompts": len(scenes), "guidance": guidance,
-            "n_ref": 256, "plateau": plateau, "plateau_rule": "mean accuracy of the step counts >= the median step count",
-            "tolerance_points": args.tolerance, "knee_steps": k, "rows": rows, "torch": torch.__version__,
-            "command": f"scripts/step_curve.py --seed {args.seed} --prompts {args.prompts} --steps {' '.join(map(str, args.steps))}",
-        })
+        atomic_write_json(
+            args.out,
+            {
+                "model": args.model,
+                "method": "dense",
+                "seed": args.seed,
+                "prompts": len(scenes),
+                "guidance": guidance,
+                "n_ref": 256,
+                "plateau": plateau,
+                "plateau_rule": "mean accuracy of the step counts >= the median step count",
+                "tolerance_points": args.tolerance,
+                "knee_steps": k,
+                "rows": rows,
+                "torch": torch.__version__,
+                "command": f"scripts/step_curve.py --seed {args.seed} --prompts {args.prompts} --steps {' '.join(map(str, args.steps))}",
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def build_vae(seed: int):
     )
 
 
-def _train_vae(vae, x_all, m_all, steps: int, batch: int, lr0: float, kl_w: float, fg_w: float, seed: int, tag: str, t0: float) -> float:
+def _train_vae(
+    vae, x_all, m_all, steps: int, batch: int, lr0: float, kl_w: float, fg_w: float, seed: int, tag: str, t0: float
+) -> float:
     """AdamW with cosine decay on L1 + MSE (foreground pixels weighted 1 + fg_w) + kl_w * KL per latent element."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr0, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -115,13 +117,27 @@ def stage_vae(args, work: Path) -> None:
         _log("vae phase A: exists, loaded")
     else:
         vae = build_vae(args.seed + 1)
-        rec = _train_vae(vae, x_all, m_all, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_kl, 0.0, args.seed + 2, "A", t0)
+        rec = _train_vae(
+            vae, x_all, m_all, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_kl, 0.0, args.seed + 2, "A", t0
+        )
         vae.save_pretrained(a_dir, safe_serialization=True)
         stats["a"] = {"seconds": time.time() - t0, "steps": args.vae_steps, "final_rec": rec}
         (work / "vae_a_stats.json").write_text(json.dumps(stats["a"], indent=2))
     t1 = time.time()
     vae.train()
-    rec = _train_vae(vae, x_all, m_all, args.vae_fg_steps, args.vae_batch, args.vae_fg_lr, args.vae_kl, args.vae_fg_weight, args.seed + 5, "B", t1)
+    rec = _train_vae(
+        vae,
+        x_all,
+        m_all,
+        args.vae_fg_steps,
+        args.vae_batch,
+        args.vae_fg_lr,
+        args.vae_kl,
+        args.vae_fg_weight,
+        args.seed + 5,
+        "B",
+        t1,
+    )
     stats["b"] = {"seconds": time.time() - t1, "steps": args.vae_fg_steps, "final_rec": rec}
     vae.eval()
     with torch.no_grad():
@@ -198,7 +214,9 @@ def encode_captions(pipe, captions: list[str]):
     """(prompt_embeds (n, 40, 64), pooled (n, 64)) through the pipeline's own encode_prompt."""
     embeds, pooled = [], []
     for c in captions:
-        pe, _, pp, _ = pipe.encode_prompt(c, c, c, device="cpu", do_classifier_free_guidance=False, max_sequence_length=T5_LENGTH)
+        pe, _, pp, _ = pipe.encode_prompt(
+            c, c, c, device="cpu", do_classifier_free_guidance=False, max_sequence_length=T5_LENGTH
+        )
         embeds.append(pe)
         pooled.append(pp)
     return torch.cat(embeds), torch.cat(pooled)
@@ -225,22 +243,58 @@ def stage_transformer(args, work: Path) -> None:
 
 def stage_transformer2(args, work: Path) -> None:
     """Phase B: from phase A's EMA weights, a second, lower cosine cycle with a fresh EMA and fresh noise."""
-    _train_transformer(args, work, work / "transformer2", work / "transformer", args.tf2_steps, args.tf2_lr, args.seed + 6, "transformer2")
+    _train_transformer(
+        args,
+        work,
+        work / "transformer2",
+        work / "transformer",
+        args.tf2_steps,
+        args.tf2_lr,
+        args.seed + 6,
+        "transformer2",
+    )
 
 
 def stage_transformer3(args, work: Path) -> None:
     """Phase C: from phase B's EMA weights, a third, lower cosine cycle (shape words are learned last)."""
-    _train_transformer(args, work, work / "transformer3", work / "transformer2", args.tf3_steps, args.tf3_lr, args.seed + 7, "transformer3")
+    _train_transformer(
+        args,
+        work,
+        work / "transformer3",
+        work / "transformer2",
+        args.tf3_steps,
+        args.tf3_lr,
+        args.seed + 7,
+        "transformer3",
+    )
 
 
 def stage_transformer4(args, work: Path) -> None:
     """Phase D: from phase C's EMA weights, a fourth, longer cycle at phase C's peak rate."""
-    _train_transformer(args, work, work / "transformer4", work / "transformer3", args.tf4_steps, args.tf4_lr, args.seed + 8, "transformer4")
+    _train_transformer(
+        args,
+        work,
+        work / "transformer4",
+        work / "transformer3",
+        args.tf4_steps,
+        args.tf4_lr,
+        args.seed + 8,
+        "transformer4",
+    )
 
 
 def stage_transformer5(args, work: Path) -> None:
     """Phase E: from phase D's EMA weights, a fifth cycle (shape and size words kept improving in phase D)."""
-    _train_transformer(args, work, work / "transformer5", work / "transformer4", args.tf5_steps, args.tf5_lr, args.seed + 9, "transformer5")
+    _train_transformer(
+        args,
+        work,
+        work / "transformer5",
+        work / "transformer4",
+        args.tf5_steps,
+        args.tf5_lr,
+        args.seed + 9,
+        "transformer5",
+    )
 
 
 CYCLES = ("transformer", "transformer2", "transformer3", "transformer4", "transformer5")
@@ -264,7 +318,9 @@ def seed_from_shipped(args, work: Path, cycle: str) -> None:
     _log(f"work folder seeded from {src}: vae and {cycle}")
 
 
-def _train_transformer(args, work: Path, out: Path, init: Path | None, steps: int, lr0: float, seed: int, tag: str) -> None:
+def _train_transformer(
+    args, work: Path, out: Path, init: Path | None, steps: int, lr0: float, seed: int, tag: str
+) -> None:
     from diffusers import SD3Transformer2DModel
 
     from shiva_export.shapes.data import all_scenes, caption, render_batch, sample_scenes
@@ -305,7 +361,9 @@ def _train_transformer(args, work: Path, out: Path, init: Path | None, steps: in
         noise = torch.randn(x0.shape, generator=g)
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
-        v = model(hidden_states=xt, encoder_hidden_states=emb[ci], pooled_projections=pooled[ci], timestep=sigma * 1000).sample
+        v = model(
+            hidden_states=xt, encoder_hidden_states=emb[ci], pooled_projections=pooled[ci], timestep=sigma * 1000
+        ).sample
         loss = (v - (noise - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,7 +379,18 @@ def _train_transformer(args, work: Path, out: Path, init: Path | None, steps: in
         if args.tf_checkpoint and step and step % args.tf_checkpoint == 0:
             _save_ema(model, ema, work / f"{tag}_ckpt")
     _save_ema(model, ema, out)
-    (work / f"{tag}_stats.json").write_text(json.dumps({"seconds": time.time() - t0, "steps": steps, "batch": batch, "lr": lr0, "final_loss": float(np.mean(losses[-100:]))}, indent=2))
+    (work / f"{tag}_stats.json").write_text(
+        json.dumps(
+            {
+                "seconds": time.time() - t0,
+                "steps": steps,
+                "batch": batch,
+                "lr": lr0,
+                "final_loss": float(np.mean(losses[-100:])),
+            },
+            indent=2,
+        )
+    )
     _log(f"{tag}: done in {time.time() - t0:.0f}s")
 
 
@@ -385,7 +454,10 @@ def stage_latents(args, work: Path) -> None:
     lat = encode_images(pipe.vae, torch.from_numpy(x))
     emb, pooled = encode_captions(pipe, [caption(s) for s in scenes])
     for i in range(len(scenes)):
-        save_file({"latents": lat[i].contiguous(), "prompt_embeds": emb[i].contiguous(), "pooled": pooled[i].contiguous()}, str(out / f"{i:05d}.safetensors"))
+        save_file(
+            {"latents": lat[i].contiguous(), "prompt_embeds": emb[i].contiguous(), "pooled": pooled[i].contiguous()},
+            str(out / f"{i:05d}.safetensors"),
+        )
     _log(f"latents: {len(scenes)} samples in {out} ({time.time() - t0:.0f}s)")
 
 
@@ -394,7 +466,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "shapes")
     ap.add_argument("--out", type=Path, default=ROOT / "recipes" / "sd35-shapes")
-    ap.add_argument("--stages", default="vae,transformer,transformer2,transformer3,transformer4,transformer5,assemble,latents")
+    ap.add_argument(
+        "--stages", default="vae,transformer,transformer2,transformer3,transformer4,transformer5,assemble,latents"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-images", type=int, default=2048)
     ap.add_argument("--vae-steps", type=int, default=700)
@@ -416,8 +490,12 @@ def main() -> None:
     ap.add_argument("--tf4-lr", type=float, default=3e-4)
     ap.add_argument("--tf5-steps", type=int, default=3000)
     ap.add_argument("--tf5-lr", type=float, default=3e-4)
-    ap.add_argument("--from-shipped", choices=CYCLES[:-1], default=None,
-                    help="seed --work from the shipped pipeline as the output of this cycle")
+    ap.add_argument(
+        "--from-shipped",
+        choices=CYCLES[:-1],
+        default=None,
+        help="seed --work from the shipped pipeline as the output of this cycle",
+    )
     ap.add_argument("--tf-checkpoint", type=int, default=400)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.998)

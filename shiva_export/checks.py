@@ -79,7 +79,9 @@ def check_out_dir(path: str | os.PathLike | None, flag: str) -> None:
         return
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise OutputPathError(f"{flag} {p} exists and is not a folder; pass a folder path (it is created when missing).")
+        raise OutputPathError(
+            f"{flag} {p} exists and is not a folder; pass a folder path (it is created when missing)."
+        )
     for parent in p.parents:  # a file on the way makes mkdir fail with NotADirectoryError
         if parent.exists():
             if not parent.is_dir():
@@ -92,7 +94,9 @@ def check_seed(seed: int | None, count: int = 1, flag: str = "--seed") -> None:
     if seed is None:
         return
     if not isinstance(seed, int) or seed < 0 or seed + max(count, 1) - 1 > _SEED_MAX:
-        raise ConfigError(f"{flag} {seed} is out of range; expected 0..{_SEED_MAX - max(count, 1) + 1} (a 64-bit generator seed). Pass e.g. {flag} 0.")
+        raise ConfigError(
+            f"{flag} {seed} is out of range; expected 0..{_SEED_MAX - max(count, 1) + 1} (a 64-bit generator seed). Pass e.g. {flag} 0."
+        )
 
 
 def check_side(value: int | None, flag: str, default: int | None = None) -> None:
@@ -101,11 +105,21 @@ def check_side(value: int | None, flag: str, default: int | None = None) -> None
         return
     if not 16 <= value <= MAX_SIDE:
         fix = f" (the recipe's is {default})" if default else ""
-        raise ShapeError(f"{flag} {value} is out of range; expected a multiple of 16 from 16 to {MAX_SIDE} px{fix}. Pass e.g. {flag} {default or 1024}.")
+        raise ShapeError(
+            f"{flag} {value} is out of range; expected a multiple of 16 from 16 to {MAX_SIDE} px{fix}. Pass e.g. {flag} {default or 1024}."
+        )
 
 
-def check_sizes(*, batch: int | None = None, text_len: int | None = None, height: int | None = None, width: int | None = None,
-                dynamic_batch: bool = False, cfg: bool | None = True, defaults: dict[str, int] | None = None) -> None:
+def check_sizes(
+    *,
+    batch: int | None = None,
+    text_len: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    dynamic_batch: bool = False,
+    cfg: bool | None = True,
+    defaults: dict[str, int] | None = None,
+) -> None:
     """A ``--batch`` or ``--text-len`` whose tensors would not fit in memory is refused before anything is allocated
     (sides are checked against the model elsewhere; here they only size the estimate).
 
@@ -114,7 +128,9 @@ def check_sizes(*, batch: int | None = None, text_len: int | None = None, height
     input tensors are smaller), so a call above it cannot run on this machine.
     """
     if dynamic_batch and batch is not None and batch > 1024:
-        raise ShapeError(f"--batch {batch} with --dynamic-batch is out of range; the symbolic batch axis spans 1..1024 prompts. Pass --batch 1..1024.")
+        raise ShapeError(
+            f"--batch {batch} with --dynamic-batch is out of range; the symbolic batch axis spans 1..1024 prompts. Pass --batch 1..1024."
+        )
     if (batch is None or batch < 1) and (text_len is None or text_len < 1):
         return  # nothing given to blame (non-positive values get their own message later)
     d = defaults or {}
@@ -147,7 +163,9 @@ def check_finite(tensors: dict[str, Any], where: str, error: type[Exception] = C
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise error(f"{where}: tensor {name!r} holds {bad} NaN/inf value(s) of {t.numel()}; refusing to use it. Re-train or re-save the file.")
+            raise error(
+                f"{where}: tensor {name!r} holds {bad} NaN/inf value(s) of {t.numel()}; refusing to use it. Re-train or re-save the file."
+            )
 
 
 def check_number(value: float | None, flag: str, lo: float, hi: float | None = None, example: str = "") -> None:
@@ -156,7 +174,9 @@ def check_number(value: float | None, flag: str, lo: float, hi: float | None = N
         return
     if not (math.isfinite(value) and value >= lo and (hi is None or value <= hi)):
         rng = f"{lo:g}..{hi:g}" if hi is not None else f"a finite number >= {lo:g}"
-        raise ConfigError(f"{flag} {value} is out of range; expected {rng}." + (f" Pass e.g. {flag} {example}." if example else ""))
+        raise ConfigError(
+            f"{flag} {value} is out of range; expected {rng}." + (f" Pass e.g. {flag} {example}." if example else "")
+        )
 
 
 def check_ignored(given: dict[str, bool], needs: str, present: bool) -> None:
@@ -164,7 +184,9 @@ def check_ignored(given: dict[str, bool], needs: str, present: bool) -> None:
     forgotten flag. ``given`` maps each flag to whether the user set it."""
     flags = [f for f, g in given.items() if g]
     if flags and not present:
-        raise ConfigError(f"{flags[0]} acts only with {needs}, which was not given, so it would be ignored; add {needs} or drop {flags[0]}.")
+        raise ConfigError(
+            f"{flags[0]} acts only with {needs}, which was not given, so it would be ignored; add {needs} or drop {flags[0]}."
+        )
 
 
 def check_overridden(flag: str, present: bool, given: dict[str, bool], why: str) -> None:
@@ -186,7 +208,9 @@ def check_cuda_device(device: str, flag: str = "--device") -> None:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     idx = int(m.group(1) or 0)
     if idx >= n:
-        raise HardwareError(f"{flag} {device} needs CUDA GPU {idx}, and torch sees {n} GPU(s). Run on a machine with that GPU or use {flag} cpu.")
+        raise HardwareError(
+            f"{flag} {device} needs CUDA GPU {idx}, and torch sees {n} GPU(s). Run on a machine with that GPU or use {flag} cpu."
+        )
 
 
 def check_onnx_external_data(path: str | os.PathLike, flag: str = "ONNX_PATH") -> None:
@@ -208,7 +232,9 @@ def check_onnx_external_data(path: str | os.PathLike, flag: str = "ONNX_PATH") -
         need = (info.offset or 0) + (info.length or 0)
         if not f.is_file() or f.stat().st_size < need:
             what = "is missing" if not f.is_file() else f"holds {f.stat().st_size} bytes, {need} needed"
-            raise ConfigError(f"{flag} {path}: its external data file {f} (tensor {t.name!r}) {what}; copy the .onnx with its data file(s), or re-export it.")
+            raise ConfigError(
+                f"{flag} {path}: its external data file {f} (tensor {t.name!r}) {what}; copy the .onnx with its data file(s), or re-export it."
+            )
 
 
 def check_gpu(flag: str, why: str) -> None:
@@ -216,7 +242,9 @@ def check_gpu(flag: str, why: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise HardwareError(f"{flag} needs a CUDA GPU ({why}), and torch sees none. Run on a GPU machine, or use --backend ort.")
+        raise HardwareError(
+            f"{flag} needs a CUDA GPU ({why}), and torch sees none. Run on a GPU machine, or use --backend ort."
+        )
 
 
 def check_ort_provider(provider: str, backend: str = "ort", flag: str = "--provider cuda") -> None:
@@ -226,7 +254,9 @@ def check_ort_provider(provider: str, backend: str = "ort", flag: str = "--provi
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError(f"{flag} needs onnxruntime-gpu, and onnxruntime is not installed. pip install onnxruntime-gpu.") from None
+        raise MissingDependencyError(
+            f"{flag} needs onnxruntime-gpu, and onnxruntime is not installed. pip install onnxruntime-gpu."
+        ) from None
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise MissingDependencyError(
             f"{flag} needs onnxruntime-gpu (CUDAExecutionProvider), and the installed onnxruntime has only "
@@ -239,9 +269,13 @@ def check_parity_backends(backends: list[str] | None, engines_dir: str | os.Path
     onnxruntime-gpu (exit 4). Checked before the reference model is loaded."""
     chosen = list(backends or [])
     if "engine" in chosen and engines_dir is None:
-        raise ConfigError("--backend engine needs --engines-dir DIR (the root `shiva-export trt` wrote to); add it or drop --backend engine.")
+        raise ConfigError(
+            "--backend engine needs --engines-dir DIR (the root `shiva-export trt` wrote to); add it or drop --backend engine."
+        )
     if engines_dir is not None and not Path(engines_dir).is_dir():
-        raise ConfigError(f"--engines-dir {engines_dir} is not a folder; pass the root `shiva-export trt --out-dir` wrote engines to.")
+        raise ConfigError(
+            f"--engines-dir {engines_dir} is not a folder; pass the root `shiva-export trt --out-dir` wrote engines to."
+        )
     if "ort-cuda" in chosen:
         check_ort_provider("cuda", flag="--backend ort-cuda")
 
@@ -249,27 +283,45 @@ def check_parity_backends(backends: list[str] | None, engines_dir: str | os.Path
 _AOT = re.compile(r"^(?:current|(?:sm_?)?\d{2,3}\+?|\d+\.\d+\+?)$", re.IGNORECASE)
 
 
-def check_build_options(*, workspace_mib: int | None = None, opt_level: int | None = None, aot_targets: list[str] | None = None,
-                        dynamic_batch: bool = False, batch_min: int | None = None, batch_max: int | None = None, batch: int | None = None) -> None:
+def check_build_options(
+    *,
+    workspace_mib: int | None = None,
+    opt_level: int | None = None,
+    aot_targets: list[str] | None = None,
+    dynamic_batch: bool = False,
+    batch_min: int | None = None,
+    batch_max: int | None = None,
+    batch: int | None = None,
+) -> None:
     """TensorRT builder options, before any export (each was refused only after a 30-45 s export)."""
     if workspace_mib is not None and workspace_mib < 1:
-        raise ConfigError(f"--workspace {workspace_mib} is out of range; expected a positive number of MiB (omit it for the backend's default).")
+        raise ConfigError(
+            f"--workspace {workspace_mib} is out of range; expected a positive number of MiB (omit it for the backend's default)."
+        )
     if opt_level is not None and not 0 <= opt_level <= 5:
         raise ConfigError(f"--opt-level {opt_level} is out of range; expected 0..5 (default 3).")
     for t in aot_targets or []:
         if not isinstance(t, str) or not _AOT.match(t.strip()):
-            raise ConfigError(f"--aot-target {t!r} is not a compute capability; expected e.g. 8.9, sm_89, SM120+ or current.")
+            raise ConfigError(
+                f"--aot-target {t!r} is not a compute capability; expected e.g. 8.9, sm_89, SM120+ or current."
+            )
     given = [f for f, v in (("--batch-min", batch_min), ("--batch-max", batch_max)) if v is not None]
     if given and not dynamic_batch:
-        raise ConfigError(f"{' and '.join(given)} set the profile of a dynamic batch, and --dynamic-batch was not given; add --dynamic-batch or drop {given[0]}.")
+        raise ConfigError(
+            f"{' and '.join(given)} set the profile of a dynamic batch, and --dynamic-batch was not given; add --dynamic-batch or drop {given[0]}."
+        )
     for f, v in (("--batch-min", batch_min), ("--batch-max", batch_max)):
         if v is not None and not 1 <= v <= 1024:
             raise ConfigError(f"{f} {v} is out of range; expected 1..1024 prompts.")
     lo, hi, b = batch_min or 1, batch_max, batch or 1
     if hi is not None and lo > hi:
-        raise ConfigError(f"--batch-min {lo} is above --batch-max {hi}; expected --batch-min <= --batch <= --batch-max.")
+        raise ConfigError(
+            f"--batch-min {lo} is above --batch-max {hi}; expected --batch-min <= --batch <= --batch-max."
+        )
     if dynamic_batch and not (lo <= b <= (hi if hi is not None else max(4 * b, 2))):
-        raise ConfigError(f"--batch {b} is outside the profile --batch-min {lo} .. --batch-max {hi}; the profile's opt batch must lie in it.")
+        raise ConfigError(
+            f"--batch {b} is outside the profile --batch-min {lo} .. --batch-max {hi}; the profile's opt batch must lie in it."
+        )
 
 
 def check_train_data(data: str | os.PathLike | None, model_name: str, recipe_source: Any = None) -> None:

@@ -71,7 +71,9 @@ class ModelSection(BaseModel):
     )
     subfolder: str | None = "transformer"
     seed: int = 0
-    config: dict[str, Any] | None = Field(None, description="diffusers transformer config (the adapter's model class) for embedded models")
+    config: dict[str, Any] | None = Field(
+        None, description="diffusers transformer config (the adapter's model class) for embedded models"
+    )
 
     @model_validator(mode="after")
     def _source_fields(self):
@@ -80,7 +82,9 @@ class ModelSection(BaseModel):
         if self.source == "embedded" and not self.config:
             raise ValueError("source = 'embedded' needs a [model.config] table with the transformer config")
         if self.source == "local" and not self.path:
-            raise ValueError("source = 'local' needs path (a diffusers pipeline folder relative to the recipe, e.g. 'sd35-shapes/pipeline')")
+            raise ValueError(
+                "source = 'local' needs path (a diffusers pipeline folder relative to the recipe, e.g. 'sd35-shapes/pipeline')"
+            )
         if self.source != "local" and self.path:
             raise ValueError(f"path is only for source = 'local' (source is {self.source!r})")
         if self.source != "local" and self.sha256:
@@ -131,11 +135,19 @@ class Phase(BaseModel):
     midpoints between the training sampler's timesteps (``train.outputs.phase_bounds``)."""
 
     model_config = _STRICT
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(description="phase name, e.g. 'early' (a file-name-safe word)")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+        description="phase name, e.g. 'early' (a file-name-safe word)"
+    )
     t_start: Annotated[float, Field(ge=0)] = Field(description="upper timestep bound of the phase (inclusive)")
-    t_stop: Annotated[float, Field(ge=0)] = Field(description="lower timestep bound of the phase (exclusive; 0 = to the end)")
-    keep_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(description="keep ratio per routed block, in block order")
-    k: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="the exact k per routed block at [shapes], for reference")
+    t_stop: Annotated[float, Field(ge=0)] = Field(
+        description="lower timestep bound of the phase (exclusive; 0 = to the end)"
+    )
+    keep_ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        description="keep ratio per routed block, in block order"
+    )
+    k: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="the exact k per routed block at [shapes], for reference"
+    )
 
     @model_validator(mode="after")
     def _k_matches_keep(self):
@@ -144,12 +156,18 @@ class Phase(BaseModel):
         if self.k is None:
             return self
         if len(self.k) != len(self.keep_ratios):
-            raise ValueError(f"phase {self.name!r}: k has {len(self.k)} entries and keep_ratios {len(self.keep_ratios)}; expected one k per keep ratio")
-        lo = max((k - 1) / r for k, r in zip(self.k, self.keep_ratios))  # within one of N * keep (floor, round, or a floor of 1)
+            raise ValueError(
+                f"phase {self.name!r}: k has {len(self.k)} entries and keep_ratios {len(self.keep_ratios)}; expected one k per keep ratio"
+            )
+        lo = max(
+            (k - 1) / r for k, r in zip(self.k, self.keep_ratios)
+        )  # within one of N * keep (floor, round, or a floor of 1)
         hi = min((k + 1) / r for k, r in zip(self.k, self.keep_ratios))
         if math.ceil(lo - 1e-6) > hi + 1e-6:
-            raise ValueError(f"phase {self.name!r}: k = {self.k} is not N * keep of keep_ratios = {self.keep_ratios} for any one token count N; "
-                             "fix k or drop it (it is derived from keep_ratios)")
+            raise ValueError(
+                f"phase {self.name!r}: k = {self.k} is not N * keep of keep_ratios = {self.keep_ratios} for any one token count N; "
+                "fix k or drop it (it is derived from keep_ratios)"
+            )
         return self
 
 
@@ -198,15 +216,21 @@ class PipelineSection(BaseModel):
     model_config = _STRICT
     repo_id: str | None = Field(None, description="diffusers pipeline repo id; defaults to model.repo_id")
     clip_max_length: Annotated[int, Field(ge=2, le=512)] = Field(
-        77, description="CLIP tokenizer model_max_length; SD3: the T5 part of the text is shapes.text_len - clip_max_length (Flux: pooled CLIP only)"
+        77,
+        description="CLIP tokenizer model_max_length; SD3: the T5 part of the text is shapes.text_len - clip_max_length (Flux: pooled CLIP only)",
     )
     t5: bool = Field(True, description="embedded pipelines: include a T5 encoder (text_encoder_3)")
-    scheduler_shift: Annotated[float, Field(gt=0, le=100)] = Field(3.0, description="FlowMatchEulerDiscreteScheduler shift (SD3/SD3.5: 3.0)")
+    scheduler_shift: Annotated[float, Field(gt=0, le=100)] = Field(
+        3.0, description="FlowMatchEulerDiscreteScheduler shift (SD3/SD3.5: 3.0)"
+    )
     seed: int = Field(0, description="embedded pipelines: seed of the text encoders' and VAE's random weights")
     steps: Annotated[int, Field(ge=1, le=1000)] = Field(28, description="default denoising steps of `generate`")
-    guidance: Annotated[float, Field(ge=0, le=100)] = Field(4.5, description="default guidance scale of `generate` (CFG; Flux: the guidance embedding)")
+    guidance: Annotated[float, Field(ge=0, le=100)] = Field(
+        4.5, description="default guidance scale of `generate` (CFG; Flux: the guidance embedding)"
+    )
     judge: Literal["shapes"] | None = Field(
-        None, description="an image judge for `validate quality|frontier`: 'shapes' = the analytic judge of shape captions (sd35-shapes)"
+        None,
+        description="an image judge for `validate quality|frontier`: 'shapes' = the analytic judge of shape captions (sd35-shapes)",
     )
 
 
@@ -224,7 +248,9 @@ class Recipe(BaseModel):
     schema_version: int
     name: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     description: str = ""
-    architecture: str = Field(description="model adapter key (shiva_export.models), required: sd3 (SD3 and SD3.5), flux, pixart, dit")
+    architecture: str = Field(
+        description="model adapter key (shiva_export.models), required: sd3 (SD3 and SD3.5), flux, pixart, dit"
+    )
     model: ModelSection
     prune: PruneSection = Field(default_factory=PruneSection)
     router: RouterSection = Field(default_factory=RouterSection)
@@ -234,7 +260,8 @@ class Recipe(BaseModel):
     tolerances: dict[Literal["fp32", "fp16", "bf16"], Tolerance]
     schedule: ScheduleSection | None = None
     buckets: list[Bucket] = Field(
-        default_factory=list, description="[[buckets]] image sizes `onnx` and `trt` build (one <W>x<H> folder each) and `generate` accepts"
+        default_factory=list,
+        description="[[buckets]] image sizes `onnx` and `trt` build (one <W>x<H> folder each) and `generate` accepts",
     )
 
     # set by load_recipe, not part of the file
@@ -244,7 +271,9 @@ class Recipe(BaseModel):
     @classmethod
     def _version(cls, v: int) -> int:
         if v != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is not supported; this shiva-export reads schema_version = {SCHEMA_VERSION}")
+            raise ValueError(
+                f"schema_version {v} is not supported; this shiva-export reads schema_version = {SCHEMA_VERSION}"
+            )
         return v
 
     @field_validator("architecture")
@@ -259,9 +288,13 @@ class Recipe(BaseModel):
     def _cfg_matches_architecture(self):
         adapter = adapter_for_architecture(self.architecture)
         if self.shapes.cfg and not adapter.BATCHED_CFG:
-            raise ValueError(f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false")
+            raise ValueError(
+                f"architecture {self.architecture!r} runs guidance without a batched [uncond; cond] pair; set [shapes] cfg = false"
+            )
         if self.prune.context not in adapter.CONTEXT_MODES:
-            raise ValueError(f"[prune] context = {self.prune.context!r} is not implemented for architecture {self.architecture!r}; set context = \"drop\"")
+            raise ValueError(
+                f'[prune] context = {self.prune.context!r} is not implemented for architecture {self.architecture!r}; set context = "drop"'
+            )
         return self
 
     @field_validator("buckets")
@@ -303,13 +336,17 @@ class Recipe(BaseModel):
         where = self._where()
         phases = self.schedule.phases if self.schedule else []
         if not phases:
-            raise RecipeError(f"{where}: has no [[schedule.phases]]; train one with `shiva-export train` or drop --phase.")
+            raise RecipeError(
+                f"{where}: has no [[schedule.phases]]; train one with `shiva-export train` or drop --phase."
+            )
         names = [p.name for p in phases]
         if isinstance(phase, str) and phase.isdigit():
             phase = int(phase)
         if isinstance(phase, int):
             if not 0 <= phase < len(phases):
-                raise RecipeError(f"--phase {phase} is out of range for {where}; expected 0..{len(phases) - 1} or one of {names}.")
+                raise RecipeError(
+                    f"--phase {phase} is out of range for {where}; expected 0..{len(phases) - 1} or one of {names}."
+                )
             ph = phases[phase]
         else:
             if phase not in names:
@@ -360,7 +397,9 @@ class Recipe(BaseModel):
             ModelNotFoundError: The folder or its ``model_index.json`` is missing.
         """
         if self.model.source != "local" or not self.model.path:
-            raise RecipeError(f"{self._where()}: model.source is {self.model.source!r}, not 'local'; it has no shipped pipeline folder.")
+            raise RecipeError(
+                f"{self._where()}: model.source is {self.model.source!r}, not 'local'; it has no shipped pipeline folder."
+            )
         p = Path(self.model.path)
         if not p.is_absolute() and self.source_path is not None:
             p = self.source_path.parent / p
@@ -384,13 +423,17 @@ class Recipe(BaseModel):
             ModelNotFoundError: The folder is missing or holds neither file.
         """
         if self.model.source != "local" or not self.model.path:
-            raise RecipeError(f"{self._where()}: model.source is {self.model.source!r}, not 'local'; it has no local weights folder.")
+            raise RecipeError(
+                f"{self._where()}: model.source is {self.model.source!r}, not 'local'; it has no local weights folder."
+            )
         p = Path(self.model.path)
         if not p.is_absolute() and self.source_path is not None:
             p = self.source_path.parent / p
         if (p / "config.json").is_file():
             return p
-        if self.model.sha256 and not (p / "model_index.json").is_file():  # a bound pipeline folder: its transformer/ is checked on load
+        if (
+            self.model.sha256 and not (p / "model_index.json").is_file()
+        ):  # a bound pipeline folder: its transformer/ is checked on load
             raise ModelNotFoundError(
                 f"{self._where()}: the transformer folder {p} bound by [model] sha256 is missing (no config.json); "
                 "its router and schedule belong to those weights only. Restore the folder written with this recipe."
@@ -402,7 +445,9 @@ class Recipe(BaseModel):
 
     def content_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"source_path"})
-        if d["prune"]["context"] == "drop":  # the default: recipes written before the option keep their hash (cache keys)
+        if (
+            d["prune"]["context"] == "drop"
+        ):  # the default: recipes written before the option keep their hash (cache keys)
             del d["prune"]["context"]
         del d["buckets"]  # which sizes get built changes no graph (each graph's shapes are in its own key)
         return d
@@ -452,7 +497,7 @@ def _check_architecture_given(path: Path, data: dict) -> None:
         known = supported_architectures()
         raise RecipeError(
             f"{path}: architecture is missing; every recipe names its model adapter. Add a top-level "
-            f"architecture = one of {', '.join(repr(k) for k in known)} (\"sd3\" for SD3 and SD3.5)."
+            f'architecture = one of {", ".join(repr(k) for k in known)} ("sd3" for SD3 and SD3.5).'
         )
 
 
@@ -483,7 +528,9 @@ def load_recipe(path_or_model: str | os.PathLike) -> Recipe:
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{p}: not valid TOML ({err}). Fix the syntax.") from None
     except RecursionError:
-        raise RecipeError(f"{p}: arrays or tables nested too deeply to be a recipe. Pass a recipe shaped like recipes/sd35.toml.") from None
+        raise RecipeError(
+            f"{p}: arrays or tables nested too deeply to be a recipe. Pass a recipe shaped like recipes/sd35.toml."
+        ) from None
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a UTF-8 text file, so not a recipe. Pass a .toml recipe.") from None
     except OSError as err:

@@ -53,20 +53,46 @@ def _no_text(block: nn.Module, text_len: int) -> int:
     return 0
 
 
-_BAD_SIZE = (("--prompt", "a cat", "--height", "100", "--width", "100"), "--height 100 is not a positive multiple of 16 px")
+_BAD_SIZE = (
+    ("--prompt", "a cat", "--height", "100", "--width", "100"),
+    "--height 100 is not a positive multiple of 16 px",
+)
 
 CASES: tuple[ArchCase, ...] = (
     # SD3 / SD3.5 (MMDiT-X: dual attention, qk-norm; the shipped trained router): norm1 takes the image stream,
     # norm1_context the text.
-    ArchCase("sd35-tiny", "sd3", _norm1, _no_text, "a red cube", _BAD_SIZE,
-             {"joint_attention_kwargs": {"scale": 0.5}}, context_keep=True),
+    ArchCase(
+        "sd35-tiny",
+        "sd3",
+        _norm1,
+        _no_text,
+        "a red cube",
+        _BAD_SIZE,
+        {"joint_attention_kwargs": {"scale": 0.5}},
+        context_keep=True,
+    ),
     # Flux: double-stream blocks (norm1 on the image stream), then single-stream blocks over [text; image] (norm).
-    ArchCase("flux-tiny", "flux", lambda b: b.norm1 if hasattr(b, "norm1") else b.norm,
-             lambda b, t: 0 if hasattr(b, "norm1") else t, "a red cube",
-             (("--prompt", "a cat", "--negative-prompt", "blurry"), "true CFG"), {"joint_attention_kwargs": {"scale": 0.5}}),
-    ArchCase("pixart-tiny", "pixart", _norm1, _no_text, "a red cube", _BAD_SIZE, {"cross_attention_kwargs": {"scale": 0.5}}),
-    ArchCase("dit-tiny", "dit", _norm1, _no_text, "cat", (("--prompt", "unicorn"), "is not a class label"),
-             {"cross_attention_kwargs": {"scale": 0.5}}),
+    ArchCase(
+        "flux-tiny",
+        "flux",
+        lambda b: b.norm1 if hasattr(b, "norm1") else b.norm,
+        lambda b, t: 0 if hasattr(b, "norm1") else t,
+        "a red cube",
+        (("--prompt", "a cat", "--negative-prompt", "blurry"), "true CFG"),
+        {"joint_attention_kwargs": {"scale": 0.5}},
+    ),
+    ArchCase(
+        "pixart-tiny", "pixart", _norm1, _no_text, "a red cube", _BAD_SIZE, {"cross_attention_kwargs": {"scale": 0.5}}
+    ),
+    ArchCase(
+        "dit-tiny",
+        "dit",
+        _norm1,
+        _no_text,
+        "cat",
+        (("--prompt", "unicorn"), "is not a class label"),
+        {"cross_attention_kwargs": {"scale": 0.5}},
+    ),
 )
 
 NAMES: list[str] = [c.name for c in CASES]

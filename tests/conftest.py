@@ -8,7 +8,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch/BLAS thread each (and in the CLIs they start)
+if os.environ.get(
+    "PYTEST_XDIST_WORKER"
+):  # two workers on two cores: one torch/BLAS thread each (and in the CLIs they start)
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 if "SHIVA_CACHE_DIR" not in os.environ:  # embedded pipelines are built into a per-session folder, not ~/.cache
@@ -45,7 +47,10 @@ def pytest_collection_modifyitems(config, items):
     skips = {
         "gpu": (not _cuda(), "needs a CUDA GPU"),
         "trt": (not _has("tensorrt"), "needs the tensorrt module"),
-        "trt_rtx": (not _has("tensorrt_rtx"), "needs the tensorrt_rtx module (pip install tensorrt-rtx-cu12==1.7.1.116)"),
+        "trt_rtx": (
+            not _has("tensorrt_rtx"),
+            "needs the tensorrt_rtx module (pip install tensorrt-rtx-cu12==1.7.1.116)",
+        ),
         "slow": (os.environ.get("SHIVA_SLOW", "0") in ("", "0"), "slow; set SHIVA_SLOW=1"),
     }
     for item in items:

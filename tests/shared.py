@@ -19,7 +19,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["root", "export", "export_copy", "engine", "SHORT_TRAINING", "short_training", "runtime_root", "EXPORTS", "TRAINING", "RUNTIME"]
+__all__ = [
+    "root",
+    "export",
+    "export_copy",
+    "engine",
+    "SHORT_TRAINING",
+    "short_training",
+    "runtime_root",
+    "EXPORTS",
+    "TRAINING",
+    "RUNTIME",
+]
 
 #: xdist groups (``XDIST_GROUP`` in a test file) of the files sharing :func:`export`/:func:`engine`,
 #: :func:`short_training` and :func:`runtime_root`.
@@ -34,7 +45,9 @@ _ENGINES: dict[tuple, Any] = {}
 
 #: The one short `train` run the suite shares (router warm-up, policy and joint stages, two learned phases); a
 #: checkpoint every 3 steps (and at the end) so resume tests can compare against it.
-SHORT_TRAINING = dict(warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, phases=2, lr_router=3e-3, lr_policy=1e-3, checkpoint_every=3)
+SHORT_TRAINING = dict(
+    warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, phases=2, lr_router=3e-3, lr_policy=1e-3, checkpoint_every=3
+)
 
 
 def root() -> Path:
@@ -63,7 +76,11 @@ def _key(model: str, ratio: float, dtype: str, kw: dict[str, Any]) -> tuple:
     from shiva_export.recipe import load_recipe
 
     shapes = load_recipe(model).shapes
-    kw = {k: v for k, v in kw.items() if not (k in ("height", "width", "batch", "text_len", "cfg") and getattr(shapes, k) == v)}
+    kw = {
+        k: v
+        for k, v in kw.items()
+        if not (k in ("height", "width", "batch", "text_len", "cfg") and getattr(shapes, k) == v)
+    }
     return (model, float(ratio), dtype, tuple(sorted(kw.items())))
 
 
@@ -78,7 +95,9 @@ def export(model: str, ratio: float, *, dtype: str = "fp32", parity_cases: int =
     if hit is None or len(hit.parity.cases) < parity_cases:
         extra = "".join(f"-{k}{_label(v)}" for k, v in key[3])
         out = root() / "exports" / f"{model}-r{ratio}-{dtype}{extra}-p{parity_cases}" / "model.onnx"
-        _EXPORTS[key] = hit = export_pruned(model=model, ratio=ratio, dtype=dtype, out=out, validate=True, parity_cases=parity_cases, **dict(key[3]))
+        _EXPORTS[key] = hit = export_pruned(
+            model=model, ratio=ratio, dtype=dtype, out=out, validate=True, parity_cases=parity_cases, **dict(key[3])
+        )
     return hit
 
 
@@ -100,7 +119,9 @@ def engine(model: str, ratio: float, **kw: Any):
         from shiva_export.engines import build_engine
 
         ex = export(model, ratio, dtype=key[2], parity_cases=1, **dict(key[3]))  # whichever export of that key exists
-        _ENGINES[key] = build_engine(ex.export.onnx_path, ex.export.onnx_path.parent / "model.plan", backend="tensorrt-rtx")
+        _ENGINES[key] = build_engine(
+            ex.export.onnx_path, ex.export.onnx_path.parent / "model.plan", backend="tensorrt-rtx"
+        )
     return _ENGINES[key]
 
 

@@ -81,7 +81,10 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
     apply_shiva_(model, ShivaConfig.uniform(n_blocks, 0.4), seed=3)
     seen = {}
     probe, text_in = archcases.BY_NAME[name].probe, archcases.BY_NAME[name].text_in_probe
-    hooks = [probe(b).register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1])) for i, b in enumerate(_blocks(model))]
+    hooks = [
+        probe(b).register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1]))
+        for i, b in enumerate(_blocks(model))
+    ]
     try:
         with record_selection(model, hidden_states=True) as recs:
             out = _run(model, x)
@@ -91,7 +94,9 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
     t = rec.shapes.text_len
     assert seen[0] == n + text_in(_blocks(model)[0], t), "block 0 stays dense"
     for i in range(1, n_blocks):
-        assert seen[i] == k + text_in(_blocks(model)[i], t), f"{name} block {i} processed {seen[i]} tokens, expected k={k}"
+        assert seen[i] == k + text_in(_blocks(model)[i], t), (
+            f"{name} block {i} processed {seen[i]} tokens, expected k={k}"
+        )
     assert [r["block"] for r in recs] == list(range(1, n_blocks))
     for r in recs:
         idx = r["indices"]
@@ -99,8 +104,13 @@ def test_ratio_04_processes_k_tokens_rejected_unchanged_and_removal_is_exact(arc
         assert idx.shape == (b, k) and torch.all(idx[:, 1:] > idx[:, :-1])
         rejected = torch.ones(b, n, dtype=torch.bool)
         rejected.scatter_(1, idx, False)
-        assert torch.equal(r["hidden_out"][rejected], r["hidden_in"][rejected]), "rejected tokens must pass through unchanged"
-        assert torch.equal(r["block_input"], torch.gather(r["hidden_in"], 1, idx.unsqueeze(-1).expand(-1, -1, r["hidden_in"].shape[-1])))
+        assert torch.equal(r["hidden_out"][rejected], r["hidden_in"][rejected]), (
+            "rejected tokens must pass through unchanged"
+        )
+        assert torch.equal(
+            r["block_input"],
+            torch.gather(r["hidden_in"], 1, idx.unsqueeze(-1).expand(-1, -1, r["hidden_in"].shape[-1])),
+        )
     assert not torch.equal(out, ref)
     remove_shiva_(model)
     assert not is_shiva_applied(model) and not hasattr(model, "shiva_routers")
@@ -148,7 +158,9 @@ def test_validate_parity_suite_on_the_export(arch, exports):
 
 @pytest.mark.trt_rtx
 def test_rtx_build(arch, exports):
-    res = shared.engine(arch[0], 0.4)  # build_engine of exports[0.4], once per session (test_budget_matrix builds it too)
+    res = shared.engine(
+        arch[0], 0.4
+    )  # build_engine of exports[0.4], once per session (test_budget_matrix builds it too)
     assert res.plan_path.is_file() and res.size_bytes > 0
 
 
@@ -179,7 +191,9 @@ def test_unsupported_architecture_fails_in_one_line_listing_the_supported(tmp_pa
     with pytest.raises(ConfigError, match="no Shiva adapter|No Shiva adapter"):
         apply_shiva_(torch.nn.Linear(2, 2), ShivaConfig.uniform(2, 0.4))
     bad = tmp_path / "bad.toml"
-    bad.write_text(load_recipe("flux-tiny").source_path.read_text().replace('architecture = "flux"', 'architecture = "hunyuan"'))
+    bad.write_text(
+        load_recipe("flux-tiny").source_path.read_text().replace('architecture = "flux"', 'architecture = "hunyuan"')
+    )
     with pytest.raises(RecipeError, match="no adapter; choose one of .*flux.*sd3"):
         load_recipe(bad)
 
@@ -221,9 +235,13 @@ def test_flux_rope_rows_follow_the_kept_tokens():
         kept = torch.gather(kw["hidden_states"], 1, idx.unsqueeze(-1).expand(-1, -1, kw["hidden_states"].shape[-1]))
         with torch.no_grad():
             e_ref, h_ref = type(blk).forward(blk, kept, kw["encoder_hidden_states"], kw["temb"], rope)
-        torch.testing.assert_close(torch.gather(hs_out, 1, idx.unsqueeze(-1).expand(-1, -1, hs_out.shape[-1])), h_ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            torch.gather(hs_out, 1, idx.unsqueeze(-1).expand(-1, -1, hs_out.shape[-1])), h_ref, atol=1e-6, rtol=0
+        )
         torch.testing.assert_close(ehs_out, e_ref, atol=1e-6, rtol=0)
-        assert kw["image_rotary_emb"][0].shape[0] == t + rec.shapes.height // 16 * rec.shapes.width // 16  # the block got the whole table
+        assert (
+            kw["image_rotary_emb"][0].shape[0] == t + rec.shapes.height // 16 * rec.shapes.width // 16
+        )  # the block got the whole table
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------------------
@@ -253,13 +271,33 @@ def test_flops_match_torch_flop_counter(arch, keep):
             remove_shiva_(model)
     n = a.num_image_tokens(model.config, spec.height, spec.width)
     ours = a.count_flops(model.config, n, spec.text_len, keeps, batch=spec.model_batch)
-    assert ours.total == counter.get_total_flops(), f"{name}: analytic {ours.total} vs torch {counter.get_total_flops()}"
+    assert ours.total == counter.get_total_flops(), (
+        f"{name}: analytic {ours.total} vs torch {counter.get_total_flops()}"
+    )
 
 
-FLUX_DEV = dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128, joint_attention_dim=4096,
-                pooled_projection_dim=768, in_channels=64, guidance_embeds=True)
-PIXART_SIGMA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, cross_attention_dim=1152,
-                    caption_channels=4096, sample_size=128, patch_size=2, use_additional_conditions=False)
+FLUX_DEV = dict(
+    num_layers=19,
+    num_single_layers=38,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    in_channels=64,
+    guidance_embeds=True,
+)
+PIXART_SIGMA = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    cross_attention_dim=1152,
+    caption_channels=4096,
+    sample_size=128,
+    patch_size=2,
+    use_additional_conditions=False,
+)
 
 
 def test_real_shape_flops_config_only():

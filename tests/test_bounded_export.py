@@ -157,7 +157,9 @@ def test_tracing_sees_no_real_weight(pair):
     seen = pair[3]
     assert seen["fake"] > 150
     # real: the routers (small, trained or seeded separately) and RMSNorm scales made by torch.ones
-    assert all(n.startswith("transformer.shiva_routers.") or numel <= 1024 for n, numel in seen["real"].items()), seen["real"]
+    assert all(n.startswith("transformer.shiva_routers.") or numel <= 1024 for n, numel in seen["real"].items()), seen[
+        "real"
+    ]
 
 
 def test_bounded_needs_weights_it_can_read_lazily():

@@ -71,10 +71,18 @@ def test_default_paths_put_each_bucket_and_phase_in_its_own_folder():
     from shiva_export.export.pruned import _default_out_path, default_onnx_path
 
     rec = load_recipe("sd35-tiny")
-    assert default_onnx_path("sd35-tiny", 0.4, "fp32", bucket="64x48") == Path("engines/sd35-tiny/64x48/ratio0.40/fp32/model.onnx")
-    assert default_onnx_path("sd35-tiny", 0.4, "fp32") == Path("engines/sd35-tiny/ratio0.40/fp32/model.onnx")  # no bucket: as before
-    assert _default_out_path(rec, "early", 0.3, "fp16", "drop", "64x48") == Path("engines/sd35-tiny/64x48/phase-early/fp16/model.onnx")
-    assert _default_out_path(rec, "late", 0.5, "fp32", "keep", None) == Path("engines/sd35-tiny/phase-late-context-keep/fp32/model.onnx")
+    assert default_onnx_path("sd35-tiny", 0.4, "fp32", bucket="64x48") == Path(
+        "engines/sd35-tiny/64x48/ratio0.40/fp32/model.onnx"
+    )
+    assert default_onnx_path("sd35-tiny", 0.4, "fp32") == Path(
+        "engines/sd35-tiny/ratio0.40/fp32/model.onnx"
+    )  # no bucket: as before
+    assert _default_out_path(rec, "early", 0.3, "fp16", "drop", "64x48") == Path(
+        "engines/sd35-tiny/64x48/phase-early/fp16/model.onnx"
+    )
+    assert _default_out_path(rec, "late", 0.5, "fp32", "keep", None) == Path(
+        "engines/sd35-tiny/phase-late-context-keep/fp32/model.onnx"
+    )
 
 
 def test_budget_dedup_counts_each_buckets_tokens_from_the_adapter():
@@ -82,7 +90,10 @@ def test_budget_dedup_counts_each_buckets_tokens_from_the_adapter():
 
     flux = load_recipe("flux-tiny")  # 2x2-packed latents: 64 tokens at 128 px (an SD3 count would say 256)
     assert image_tokens(flux, 128, 128) == 64
-    assert unique_budgets(flux, [0.4, 0.405], 128, 128) == ([0.4], {0.405: 0.4})  # k 38 and 38; at 256 tokens 153 and 152
+    assert unique_budgets(flux, [0.4, 0.405], 128, 128) == (
+        [0.4],
+        {0.405: 0.4},
+    )  # k 38 and 38; at 256 tokens 153 and 152
     sd = load_recipe("sd35-tiny")
     assert image_tokens(sd, 64, 48) == 12 and image_tokens(sd, 256, 256) == 256
     assert unique_budgets(sd, [0.4, 0.42], 64, 64) == ([0.4], {0.42: 0.4})  # 16 tokens: k 9 and 9
@@ -93,7 +104,23 @@ def test_onnx_exports_one_parity_checked_graph_per_size(tmp_path, monkeypatch, c
     from shiva_export.export.onnx import read_shiva_metadata
 
     monkeypatch.chdir(tmp_path)
-    code = main(["onnx", "--model", "sd35-tiny", "--ratio", "0.4", "--size", "64x64", "--size", "64x48", "--parity-cases", "1", "--json", "-q"])
+    code = main(
+        [
+            "onnx",
+            "--model",
+            "sd35-tiny",
+            "--ratio",
+            "0.4",
+            "--size",
+            "64x64",
+            "--size",
+            "64x48",
+            "--parity-cases",
+            "1",
+            "--json",
+            "-q",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0, out
     rows = out["exports"]
@@ -101,14 +128,35 @@ def test_onnx_exports_one_parity_checked_graph_per_size(tmp_path, monkeypatch, c
     assert [r["num_image_tokens"] for r in rows] == [16, 12] and all(r["parity"]["passed"] for r in rows)
     spec = read_shiva_metadata(tmp_path / rows[1]["onnx"])["input_spec"]
     assert (spec["width"], spec["height"]) == (64, 48)
-    code = main(["onnx", "--model", "sd35-tiny", "--size", "64x64", "--size", "64x48", "--out", "x.onnx", "--no-validate"])
+    code = main(
+        ["onnx", "--model", "sd35-tiny", "--size", "64x64", "--size", "64x48", "--out", "x.onnx", "--no-validate"]
+    )
     assert code == 2 and "cannot share one --out" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_size_without_a_bucket_before_any_export(tmp_path, capsys):
     (tmp_path / "engines" / "sd35-tiny" / "64x48").mkdir(parents=True)
-    code = main(["generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "ort", "--height", "64", "--width", "64",
-                 "--artifact-root", str(tmp_path / "engines"), "--out", str(tmp_path / "out"), "--steps", "2"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "sd35-tiny",
+            "--prompt",
+            "a red cube",
+            "--backend",
+            "ort",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--artifact-root",
+            str(tmp_path / "engines"),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+        ]
+    )
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")]
     assert code == 2 and len(errors) == 1 and "no bucket 64x64" in errors[0] and "64x48" in errors[0], errors
     assert [p.name for p in (tmp_path / "engines" / "sd35-tiny").iterdir()] == ["64x48"]  # nothing exported
@@ -120,7 +168,9 @@ def phase_engines(tmp_path_factory):
     from shiva_export.engines.budgets import build_engines
 
     root = tmp_path_factory.mktemp("engines")
-    return root, build_engines(model="sd35-tiny", sizes=["64x64", "64x48"], phases=True, backend="tensorrt-rtx", out_dir=root, validate=False)
+    return root, build_engines(
+        model="sd35-tiny", sizes=["64x64", "64x48"], phases=True, backend="tensorrt-rtx", out_dir=root, validate=False
+    )
 
 
 @pytest.mark.trt_rtx
@@ -130,7 +180,11 @@ def test_trt_phases_builds_every_bucket_and_phase_with_manifests(phase_engines):
 
     root, builds = phase_engines
     assert [(b.bucket, b.phase, b.status) for b in builds] == [
-        ("64x64", "early", "built"), ("64x64", "late", "built"), ("64x48", "early", "built"), ("64x48", "late", "built")]
+        ("64x64", "early", "built"),
+        ("64x64", "late", "built"),
+        ("64x48", "early", "built"),
+        ("64x48", "late", "built"),
+    ]
     rec = load_recipe("sd35-tiny")
     for b in builds:
         assert b.out_dir == root / "sd35-tiny" / b.bucket / f"phase-{b.phase}" / "fp32" and b.plan_path.is_file()
@@ -140,7 +194,9 @@ def test_trt_phases_builds_every_bucket_and_phase_with_manifests(phase_engines):
         meta = read_shiva_metadata(b.onnx_path)
         assert (meta["phase"], meta["t_start"], meta["t_stop"]) == (row.name, row.t_start, row.t_stop)
         n = 16 if b.bucket == "64x64" else 12
-        assert m.per_block_k == meta["k_per_block"] and all(k == int(n * r) for k, r in zip(m.per_block_k.values(), row.keep_ratios))
+        assert m.per_block_k == meta["k_per_block"] and all(
+            k == int(n * r) for k, r in zip(m.per_block_k.values(), row.keep_ratios)
+        )
         assert m.ratio == pytest.approx(1 - sum(row.keep_ratios) / len(row.keep_ratios))
 
 
@@ -155,7 +211,20 @@ def test_generate_trt_phases_reads_the_engines_trt_phases_built(phase_engines):
     rec = load_recipe("sd35-tiny")
     spec = InputSpec(batch=1, height=48, width=64, text_len=rec.shapes.text_len, cfg=True)
     for phase in phases_from_recipe(rec, 6):
-        info = _ensure_engine(rec, None, None, phase, spec, "fp32", root, False, True, lambda m: None, "drop", pick_bucket(rec, root, 48, 64))
+        info = _ensure_engine(
+            rec,
+            None,
+            None,
+            phase,
+            spec,
+            "fp32",
+            root,
+            False,
+            True,
+            lambda m: None,
+            "drop",
+            pick_bucket(rec, root, 48, 64),
+        )
         want = next(b for b in builds if b.bucket == "64x48" and b.phase == phase.name)
         assert info["status"] == "cached" and info["engine"] == str(want.out_dir)
 
@@ -164,20 +233,58 @@ def test_generate_trt_phases_reads_the_engines_trt_phases_built(phase_engines):
 @pytest.mark.gpu
 def test_generate_trt_phases_runs_the_bucket_on_a_gpu(phase_engines, tmp_path, capsys):
     root, _ = phase_engines
-    code = main(["generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "trt", "--phases", "--height", "48", "--width", "64",
-                 "--artifact-root", str(root), "--out", str(tmp_path / "out"), "--steps", "4", "--device", "cuda"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "sd35-tiny",
+            "--prompt",
+            "a red cube",
+            "--backend",
+            "trt",
+            "--phases",
+            "--height",
+            "48",
+            "--width",
+            "64",
+            "--artifact-root",
+            str(root),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "4",
+            "--device",
+            "cuda",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rec = json.loads((tmp_path / "out" / "generate.json").read_text())
-    assert [a["engine"] for a in rec["pipeline"]["artifacts"]] == [str(root / "sd35-tiny" / "64x48" / f"phase-{p}" / "fp32") for p in ("early", "late")]
+    assert [a["engine"] for a in rec["pipeline"]["artifacts"]] == [
+        str(root / "sd35-tiny" / "64x48" / f"phase-{p}" / "fp32") for p in ("early", "late")
+    ]
 
 
 @pytest.mark.trt_rtx
 def test_trt_cli_size_and_phases_reuse_the_built_engines(phase_engines, capsys):
     root, builds = phase_engines
-    args = ["trt", "--model", "sd35-tiny", "--size", "64x64", "--size", "64x48", "--backend", "tensorrt-rtx", "--out-dir", str(root)]
+    args = [
+        "trt",
+        "--model",
+        "sd35-tiny",
+        "--size",
+        "64x64",
+        "--size",
+        "64x48",
+        "--backend",
+        "tensorrt-rtx",
+        "--out-dir",
+        str(root),
+    ]
     code = main([*args, "--phases", "--json"])
     rows = json.loads(capsys.readouterr().out)["engines"]
-    assert code == 0 and [(r["bucket"], r["phase"], r["status"]) for r in rows] == [(b.bucket, b.phase, "cached") for b in builds]
+    assert code == 0 and [(r["bucket"], r["phase"], r["status"]) for r in rows] == [
+        (b.bucket, b.phase, "cached") for b in builds
+    ]
     assert rows[0]["ratio"] == pytest.approx(builds[0].ratio)
     code = main([*args, "--phases", "--ratio", "0.4"])
     assert code == 2 and "not both" in capsys.readouterr().err

@@ -35,8 +35,16 @@ RATIOS = [0.05, 0.2, 0.4, 0.6, 0.8, 0.95]
 def _max_topk_k(path) -> int:
     m = onnx.load(str(path), load_external_data=False)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
-    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR}
-    ks = [int((inits.get(n.input[1]) if n.input[1] in inits else consts[n.input[1]]).reshape(-1)[0]) for n in m.graph.node if n.op_type == "TopK"]
+    consts = {
+        n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+        for n in m.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR
+    }
+    ks = [
+        int((inits.get(n.input[1]) if n.input[1] in inits else consts[n.input[1]]).reshape(-1)[0])
+        for n in m.graph.node
+        if n.op_type == "TopK"
+    ]
     return max(ks)
 
 
@@ -89,8 +97,16 @@ def test_routed_block_probe_n16384(tmp_path, ratio):
     assert torch.equal(ref_idx[:1], oracle) and torch.equal(ref_idx[1:], oracle)
     path = tmp_path / "probe.onnx"
     with torch.no_grad():
-        torch.onnx.export(probe, (x, temb, pooled), str(path), dynamo=True, opset_version=20, external_data=False,
-                          input_names=["x", "temb", "pooled"], output_names=["out", "idx"])
+        torch.onnx.export(
+            probe,
+            (x, temb, pooled),
+            str(path),
+            dynamo=True,
+            opset_version=20,
+            external_data=False,
+            input_names=["x", "temb", "pooled"],
+            output_names=["out", "idx"],
+        )
     assert _max_topk_k(path) <= 3840
     sess = ort_session(path)
     out, idx = sess.run(None, {"x": x.numpy(), "temb": temb.numpy(), "pooled": pooled.numpy()})

@@ -17,7 +17,11 @@ N_BLOCKS = 6  # sd35-tiny
 # sd35-tiny's block-0 residual changes by 0.38..0.48 (relative) between steps: 0.5 skips, 0 never does
 FBC_SKIP = {"threshold": 0.5}
 TS_SKIP = {"cache_interval": 2, "disable_cache_before_step": 2}
-IDENTITY = [("fbc", {"threshold": 0.0}), ("taylorseer", {"cache_interval": 1}), ("magcache", {"num_inference_steps": STEPS, "max_skip_steps": 0})]
+IDENTITY = [
+    ("fbc", {"threshold": 0.0}),
+    ("taylorseer", {"cache_interval": 1}),
+    ("magcache", {"num_inference_steps": STEPS, "max_skip_steps": 0}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,9 @@ def test_counter_and_flops_of_plain_runs(pipes, dense_run):
     per_call = get_adapter("sd3").count_flops(one, 256, records[0]["text_len"], batch=2).total
     assert f.total == f.dense_total == STEPS * per_call and f.fraction == 1.0
     _, routed = _run(pipes["r4"])
-    assert all(r["keep"] == {0: 1.0, **{b: 0.6 for b in range(1, N_BLOCKS)}} and r["routed"] == [1, 2, 3, 4, 5] for r in routed)
+    assert all(
+        r["keep"] == {0: 1.0, **{b: 0.6 for b in range(1, N_BLOCKS)}} and r["routed"] == [1, 2, 3, 4, 5] for r in routed
+    )
     keeps = (None,) + (0.6,) * (N_BLOCKS - 1)
     pruned = get_adapter("sd3").count_flops(one, 256, records[0]["text_len"], keeps, batch=2).total
     assert C.executed_flops(routed, pipes["r4"]).total == STEPS * pruned
@@ -94,7 +100,10 @@ def test_magcache_calibrates_on_the_fly_and_skips(pipes, dense_run):
         C.disable_cache(pipes["dense"])
     ratios = info["calibration"]["mag_ratios"]
     assert len(ratios) == STEPS and ratios[0] == 1.0 and info["settings"]["mag_ratios"] == ratios
-    assert 0 in _blocks_per_call(records) and _blocks_per_call(records)[:2] == [N_BLOCKS, N_BLOCKS]  # retention 0.2 -> 2 steps
+    assert 0 in _blocks_per_call(records) and _blocks_per_call(records)[:2] == [
+        N_BLOCKS,
+        N_BLOCKS,
+    ]  # retention 0.2 -> 2 steps
     assert not np.array_equal(image, dense_run[0])
 
 
@@ -104,7 +113,9 @@ def test_cache_that_never_skips_is_dense_bit_for_bit(pipes, dense_run, kind, set
     assert _blocks_per_call(records) == [N_BLOCKS] * STEPS
     assert np.array_equal(image, dense_run[0])
     blocks = pipes["dense"].transformer.transformer_blocks
-    assert all("forward" not in b.__dict__ and "_diffusers_hook" not in b.__dict__ for b in blocks)  # disable_cache restored them
+    assert all(
+        "forward" not in b.__dict__ and "_diffusers_hook" not in b.__dict__ for b in blocks
+    )  # disable_cache restored them
     assert np.array_equal(_run(pipes["dense"])[0], dense_run[0])
 
 
@@ -144,9 +155,16 @@ def test_bad_kinds_settings_and_orders_raise_config_error(pipes):
         C.enable_cache(p, "teacache")
     with pytest.raises(ConfigError, match="no setting"):
         C.enable_cache(p, "fbc", treshold=0.1)
-    for kind, bad in [("fbc", {"threshold": -0.1}), ("fbc", {"threshold": float("nan")}), ("taylorseer", {"cache_interval": 0}),
-                      ("taylorseer", {"disable_cache_before_step": 0}), ("taylorseer", {"cache_interval": 2.5}),
-                      ("taylorseer", {"factors_dtype": "fp8"}), ("magcache", {"retention_ratio": 1.5}), ("magcache", {"mag_ratios": [1.0, -2.0]})]:
+    for kind, bad in [
+        ("fbc", {"threshold": -0.1}),
+        ("fbc", {"threshold": float("nan")}),
+        ("taylorseer", {"cache_interval": 0}),
+        ("taylorseer", {"disable_cache_before_step": 0}),
+        ("taylorseer", {"cache_interval": 2.5}),
+        ("taylorseer", {"factors_dtype": "fp8"}),
+        ("magcache", {"retention_ratio": 1.5}),
+        ("magcache", {"mag_ratios": [1.0, -2.0]}),
+    ]:
         with pytest.raises(ConfigError, match="invalid"):
             C.enable_cache(p, kind, **bad)
     assert C.cache_info(p) is None

@@ -85,7 +85,9 @@ def test_debug_shows_traceback(capsys):
 
 def test_main_job_json_and_weights_path(capsys, tmp_path):
     """The README's main job, then the same model through save_pretrained + --weights (real loading)."""
-    c, out, err = run(capsys, "onnx", "--model", "sd35-tiny", "--ratio", "0.4", "--json", "--out", str(tmp_path / "a.onnx"))
+    c, out, err = run(
+        capsys, "onnx", "--model", "sd35-tiny", "--ratio", "0.4", "--json", "--out", str(tmp_path / "a.onnx")
+    )
     assert c == 0, err
     s = json.loads(out)
     assert s["parity"]["passed"] and s["parity"]["worst_max_abs"] <= 1e-4
@@ -95,7 +97,19 @@ def test_main_job_json_and_weights_path(capsys, tmp_path):
     from shiva_export.recipe import load_recipe
 
     load_transformer(recipe=load_recipe("sd35-tiny")).save_pretrained(tmp_path / "weights")
-    c, out, err = run(capsys, "onnx", "--model", "sd35-tiny", "--weights", str(tmp_path / "weights"), "--ratio", "0.4", "--json", "--out", str(tmp_path / "b.onnx"))
+    c, out, err = run(
+        capsys,
+        "onnx",
+        "--model",
+        "sd35-tiny",
+        "--weights",
+        str(tmp_path / "weights"),
+        "--ratio",
+        "0.4",
+        "--json",
+        "--out",
+        str(tmp_path / "b.onnx"),
+    )
     assert c == 0, err
     s2 = json.loads(out)
     assert s2["parity"]["passed"] and s2["router"]["tensor_sha256"] == s["router"]["tensor_sha256"]
@@ -107,7 +121,9 @@ def test_parity_failure_exits_3(capsys, tmp_path):
     bad = tmp_path / "strict.toml"
     src = open(__import__("shiva_export.recipe", fromlist=["x"]).recipe_path("sd3-tiny")).read()
     bad.write_text(src.replace("atol = 1e-4", "atol = 1e-12"))
-    c, out, err = run(capsys, "onnx", "--recipe", str(bad), "--ratio", "0.4", "--out", str(tmp_path / "m.onnx"), "--parity-cases", "1")
+    c, out, err = run(
+        capsys, "onnx", "--recipe", str(bad), "--ratio", "0.4", "--out", str(tmp_path / "m.onnx"), "--parity-cases", "1"
+    )
     assert c == 3, err
     assert "FAILED | " in out and "worst sample" in out
 
@@ -129,8 +145,22 @@ _BLOCKER = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "cmd",
-    [[], ["onnx"], ["trt"], ["inspect"], ["run"], ["validate"], ["validate", "parity"], ["validate", "speed"], ["validate", "suite"],
-     ["recipe"], ["recipe", "check"], ["recipe", "show"], ["recipe", "schema"], ["recipe", "list"]],
+    [
+        [],
+        ["onnx"],
+        ["trt"],
+        ["inspect"],
+        ["run"],
+        ["validate"],
+        ["validate", "parity"],
+        ["validate", "speed"],
+        ["validate", "suite"],
+        ["recipe"],
+        ["recipe", "check"],
+        ["recipe", "show"],
+        ["recipe", "schema"],
+        ["recipe", "list"],
+    ],
 )
 def test_help_works_without_heavy_packages(cmd):
     """Every --help works with onnxruntime, tensorrt, torch and diffusers blocked from import."""

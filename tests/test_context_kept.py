@@ -34,7 +34,9 @@ def _outputs(name: str, ratio: float):
     dense = _run(model, x)
     out = {}
     for context in ("drop", "keep"):
-        apply_shiva_(model, ShivaConfig.uniform(len(model.transformer_blocks), ratio, cfg=True, context=context), seed=3)
+        apply_shiva_(
+            model, ShivaConfig.uniform(len(model.transformer_blocks), ratio, cfg=True, context=context), seed=3
+        )
         out[context] = _run(model, x)
         remove_shiva_(model)
     assert torch.equal(_run(model, x), dense)  # removal restores the processors exactly
@@ -60,6 +62,7 @@ def _block_io(model, x):
     def hook(i):
         def fn(mod, args, kwargs, output):
             calls[i] = (kwargs["encoder_hidden_states"], kwargs["temb"], output[0])
+
         return fn
 
     blocks = model.transformer_blocks
@@ -108,7 +111,9 @@ def test_processors_wrapped_while_applied_and_context_fixed():
         set_shiva_config_(model, ShivaConfig.uniform(n, 0.2))
     remove_shiva_(model)
     assert all(type(b.attn.processor) is JointAttnProcessor2_0 for b in model.transformer_blocks)
-    assert model.transformer_blocks[2].attn2.processor is model.transformer_blocks[2].attn.processor  # shared, as diffusers built it
+    assert (
+        model.transformer_blocks[2].attn2.processor is model.transformer_blocks[2].attn.processor
+    )  # shared, as diffusers built it
 
 
 # ----------------------------------------------------------------------------------------------- export + ORT parity
@@ -180,7 +185,9 @@ def test_onnx_export_keep_static_shapes_and_ort_parity(recipe_file, tmp_path):
     assert all(d.HasField("dim_value") for i in m.graph.input for d in i.type.tensor_type.shape.dim)
     adapter = get_adapter("sd3")
     drop = adapter.build_embedded(dict(keep.recipe.model.config), keep.recipe.model.seed)
-    apply_shiva_(drop, dataclasses.replace(keep.config, context="drop"), seed=keep.recipe.router.seed)  # the export's random router
+    apply_shiva_(
+        drop, dataclasses.replace(keep.config, context="drop"), seed=keep.recipe.router.seed
+    )  # the export's random router
     x = adapter.make_inputs(drop.config, keep.spec, seed=1)
     ort = ort_session(keep.export.onnx_path).run(None, {k: v.numpy() for k, v in x.items()})[0]
     assert np.abs(ort - _run(drop, x).numpy()).max() > 1e-3
@@ -207,10 +214,18 @@ def test_flops_keep_between_drop_and_dense_and_dense_at_keep_one():
     k, D, B = 153, 64, 2
     b1, b2 = keep.blocks[1], keep.blocks[4]  # a dual block and a plain one
     assert b1["block.ctx.kv"] == 2 * 2 * 2 * B * (n - k) * D * D and b2["block.ctx.kv"] == 2 * 2 * B * (n - k) * D * D
-    assert b1["block.attn.joint"] == 2 * 2 * B * (k + t) * (n + t) * D and b1["block.attn2.sdpa"] == 2 * 2 * B * k * n * D
-    assert keep.total - drop.total == sum(keep.blocks[i]["block.ctx.kv"] + keep.blocks[i]["block.ctx.adaln"] for i in range(L)) + sum(
-        keep.blocks[i]["block.attn.joint"] - drop.blocks[i]["block.attn.joint"] + keep.blocks[i]["block.attn2.sdpa"] - drop.blocks[i]["block.attn2.sdpa"]
-        for i in range(L))
+    assert (
+        b1["block.attn.joint"] == 2 * 2 * B * (k + t) * (n + t) * D and b1["block.attn2.sdpa"] == 2 * 2 * B * k * n * D
+    )
+    assert keep.total - drop.total == sum(
+        keep.blocks[i]["block.ctx.kv"] + keep.blocks[i]["block.ctx.adaln"] for i in range(L)
+    ) + sum(
+        keep.blocks[i]["block.attn.joint"]
+        - drop.blocks[i]["block.attn.joint"]
+        + keep.blocks[i]["block.attn2.sdpa"]
+        - drop.blocks[i]["block.attn2.sdpa"]
+        for i in range(L)
+    )
     # keep 1.0: the kept set is the context, the routing computes nothing extra: dense blocks (+ the router)
     one = [None] + [1.0] * (L - 1)
     keep1, drop1 = (count_flops(cfg, n, t, one, batch=2, context=c) for c in ("keep", "drop"))
@@ -262,7 +277,9 @@ def test_recipe_context_key_hash_and_cache_keys(tmp_path):
     keep.parent.mkdir()
     keep.write_text(src.replace("[prune]\n", '[prune]\ncontext = "keep"\n', 1))
     assert load_recipe(explicit).prune.context == "drop" and tiny_recipe.prune.context == "drop"
-    assert recipe_hash(load_recipe(explicit)) == recipe_hash(tiny_recipe)  # the default leaves old hashes (cache keys) as they were
+    assert recipe_hash(load_recipe(explicit)) == recipe_hash(
+        tiny_recipe
+    )  # the default leaves old hashes (cache keys) as they were
     assert load_recipe(keep).prune.context == "keep" and recipe_hash(load_recipe(keep)) != recipe_hash(tiny_recipe)
     flux = load_recipe("flux-tiny").source_path.read_text()
     bad = tmp_path / "flux.toml"
@@ -286,8 +303,18 @@ def test_pipeline_records_context_and_runtime_keys_tell_it_apart():
     assert pipe.shiva.context == "keep" and pipe.shiva.to_dict()["context"] == "keep"
     assert type(pipe.transformer.transformer_blocks[1].attn.processor).__name__ == "_ContextKVProcessor"
     rec = load_recipe("sd35-tiny")
-    args = (rec, None, None, uniform_phase(6, 0.4, rec.routed_blocks(6)), InputSpec(1, 256, 256, 32, True), "fp32", False)
-    assert _artifact_key(*args, "keep") != _artifact_key(*args, "drop") == _artifact_key(*args)  # drop keys as before the option
+    args = (
+        rec,
+        None,
+        None,
+        uniform_phase(6, 0.4, rec.routed_blocks(6)),
+        InputSpec(1, 256, 256, 32, True),
+        "fp32",
+        False,
+    )
+    assert (
+        _artifact_key(*args, "keep") != _artifact_key(*args, "drop") == _artifact_key(*args)
+    )  # drop keys as before the option
     given = [(None, None, {"context": c}, None) for c in ("keep", "keep")]
     assert _artifacts_context(given, None) == "keep" == _artifacts_context(given, "keep")
     with pytest.raises(ConfigError, match="exported with context 'keep'"):
@@ -303,7 +330,15 @@ def test_cli_context_flag(capsys, tmp_path):
     assert main(["onnx", "--model", "flux-tiny", "--context", "keep", "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "not implemented for architecture 'flux'" in err
-    assert main(["generate", "--model", "sd35-tiny", "--prompt", "a", "--context", "sideways", "--out", str(tmp_path / "g")]) == 2
-    assert main(["generate", "--model", "flux-tiny", "--prompt", "a", "--context", "keep", "--out", str(tmp_path / "g")]) == 2
+    assert (
+        main(
+            ["generate", "--model", "sd35-tiny", "--prompt", "a", "--context", "sideways", "--out", str(tmp_path / "g")]
+        )
+        == 2
+    )
+    assert (
+        main(["generate", "--model", "flux-tiny", "--prompt", "a", "--context", "keep", "--out", str(tmp_path / "g")])
+        == 2
+    )
     assert "not implemented for architecture 'flux'" in capsys.readouterr().err
     assert not (tmp_path / "g").exists() and not (tmp_path / "m.onnx").exists()  # refused before writing anything

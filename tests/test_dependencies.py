@@ -15,7 +15,9 @@ OPTIONAL = {"onnxruntime", "tensorrt", "tensorrt_rtx", "polygraphy", "matplotlib
 
 
 def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages([str(PKG)], prefix="shiva_export.") if not m.name.endswith("__main__"))
+    return sorted(
+        m.name for m in pkgutil.walk_packages([str(PKG)], prefix="shiva_export.") if not m.name.endswith("__main__")
+    )
 
 
 def test_no_top_level_optional_imports():
@@ -75,4 +77,6 @@ def test_missing_backend_is_a_typed_error():
         "try:\n    ort.InferenceSession\nexcept MissingDependencyError as e:\n    print('MDE', e)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "MDE Optional package 'onnxruntime' is needed for parity" in r.stdout and "pip install onnxruntime" in r.stdout
+    assert (
+        "MDE Optional package 'onnxruntime' is needed for parity" in r.stdout and "pip install onnxruntime" in r.stdout
+    )

@@ -23,7 +23,9 @@ def built(tmp_path_factory):
     tc = root / "timing.cache"
     out = {}
     for model in ("sd3-tiny", "sd35-tiny"):
-        out[model] = build_engines(model=model, ratios=[0.2, 0.4, 0.6], backend="tensorrt-rtx", out_dir=root, timing_cache=tc, validate=True)
+        out[model] = build_engines(
+            model=model, ratios=[0.2, 0.4, 0.6], backend="tensorrt-rtx", out_dir=root, timing_cache=tc, validate=True
+        )
     return root, tc, out
 
 
@@ -37,7 +39,16 @@ def test_engines_per_budget_with_complete_manifests(built, model):
         assert r.plan_path == root / model / f"ratio{r.ratio:.2f}" / "fp32" / "model.plan"
         assert r.plan_path.stat().st_size > 1e6 and r.parity.startswith("PASSED")
         m = read_manifest(r.manifest_path)
-        for field in ("model_name", "model_config_hash", "recipe_sha256", "onnx_sha256", "engine_sha256", "backend", "backend_version", "build_seconds"):
+        for field in (
+            "model_name",
+            "model_config_hash",
+            "recipe_sha256",
+            "onnx_sha256",
+            "engine_sha256",
+            "backend",
+            "backend_version",
+            "build_seconds",
+        ):
             assert getattr(m, field), field
         assert m.backend == "tensorrt-rtx" and m.aot_targets  # no GPU: the RTX AOT targets are recorded
         assert m.input_shapes["hidden_states"][0] == 2  # CFG batch
@@ -55,11 +66,24 @@ def test_second_run_is_cached_and_force_rebuilds(built):
     from shiva_export.engines.budgets import build_engines
 
     root, tc, _ = built
-    again = build_engines(model="sd3-tiny", ratios=[0.2, 0.4, 0.6], backend="tensorrt-rtx", out_dir=root, timing_cache=tc)
+    again = build_engines(
+        model="sd3-tiny", ratios=[0.2, 0.4, 0.6], backend="tensorrt-rtx", out_dir=root, timing_cache=tc
+    )
     assert [r.status for r in again] == ["cached"] * 4
-    forced = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, timing_cache=tc, force=True, validate=False)
+    forced = build_engines(
+        model="sd3-tiny",
+        ratios=[0.4],
+        dense=False,
+        backend="tensorrt-rtx",
+        out_dir=root,
+        timing_cache=tc,
+        force=True,
+        validate=False,
+    )
     assert [r.status for r in forced] == ["built"]
-    other_shape = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, batch=2, validate=False)
+    other_shape = build_engines(
+        model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, batch=2, validate=False
+    )
     assert [r.status for r in other_shape] == ["built"]  # a different shape is a different key
 
 
@@ -74,18 +98,52 @@ def test_tampered_engine_is_refused_and_rebuilt(built, tmp_path):
     r.plan_path.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match="sha256"):
         verify_engine(r.plan_path, m, m.backend_version, None, backend="tensorrt-rtx")
-    again = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, validate=False)
+    again = build_engines(
+        model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=root, validate=False
+    )
     assert again[0].status == "built"  # the cache noticed the tampered plan
-    verify_engine(again[0].plan_path, read_manifest(again[0].manifest_path), m.backend_version, None, backend="tensorrt-rtx")
+    verify_engine(
+        again[0].plan_path, read_manifest(again[0].manifest_path), m.backend_version, None, backend="tensorrt-rtx"
+    )
 
 
 def test_trt_cli_json_and_table(capsys, tmp_path):
-    code = main(["trt", "--model", "sd3-tiny", "--ratio", "0.6", "--no-dense", "--backend", "tensorrt-rtx", "--out-dir", str(tmp_path), "--json", "--no-validate"])
+    code = main(
+        [
+            "trt",
+            "--model",
+            "sd3-tiny",
+            "--ratio",
+            "0.6",
+            "--no-dense",
+            "--backend",
+            "tensorrt-rtx",
+            "--out-dir",
+            str(tmp_path),
+            "--json",
+            "--no-validate",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     rows = json.loads(out)["engines"]
     assert len(rows) == 1 and rows[0]["status"] == "built" and rows[0]["per_block_k"] == {"1": 102, "2": 102, "3": 102}
-    code = main(["trt", "--model", "sd3-tiny", "--ratio", "0.6", "--no-dense", "--backend", "tensorrt-rtx", "--out-dir", str(tmp_path), "--no-validate", "-q"])
+    code = main(
+        [
+            "trt",
+            "--model",
+            "sd3-tiny",
+            "--ratio",
+            "0.6",
+            "--no-dense",
+            "--backend",
+            "tensorrt-rtx",
+            "--out-dir",
+            str(tmp_path),
+            "--no-validate",
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "cached" in out and "r=0.6 keep=0.4" in out
 
@@ -101,11 +159,16 @@ _BLOCK = (
 )
 
 
-@pytest.mark.parametrize("backend,pip", [("tensorrt-rtx", "pip install tensorrt-rtx-cu12==1.7.1.116"), ("tensorrt", "pip install 'tensorrt-cu12")])
+@pytest.mark.parametrize(
+    "backend,pip",
+    [("tensorrt-rtx", "pip install tensorrt-rtx-cu12==1.7.1.116"), ("tensorrt", "pip install 'tensorrt-cu12")],
+)
 def test_missing_backend_module_exits_4_one_line(tmp_path, backend, pip):
     r = subprocess.run(
         [sys.executable, "-c", _BLOCK, "trt", "--model", "sd3-tiny", "--backend", backend, "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 4, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
@@ -143,8 +206,16 @@ def test_inspect_cli_reports_findings(tmp_path, capsys):
 def test_dynamic_batch_engine_gets_a_profile(tmp_path):
     from shiva_export.engines.budgets import build_engines
 
-    res = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path,
-                        dynamic_batch=True, batch_range=(1, 2, 4), validate=True)
+    res = build_engines(
+        model="sd3-tiny",
+        ratios=[0.4],
+        dense=False,
+        backend="tensorrt-rtx",
+        out_dir=tmp_path,
+        dynamic_batch=True,
+        batch_range=(1, 2, 4),
+        validate=True,
+    )
     assert res[0].status == "built" and res[0].parity.startswith("PASSED")
     m = read_manifest(res[0].manifest_path)
     assert m.build_options["dynamic_batch"] and m.build_options["batch_range"] == [1, 2, 4]

@@ -71,7 +71,13 @@ def pruning_graph(n=64, d=16, k=38, dynamic_batch=False):
     if dynamic_batch:  # keep the selection path static; only a side branch sees the dynamic batch
         nodes = [h.make_node("Relu", ["x"], ["y"], name="relu")]
         inits = []
-    graph = h.make_graph(nodes, "pruned", [h.make_tensor_value_info("x", TP.FLOAT, [b, n, d])], [h.make_tensor_value_info("y", TP.FLOAT, [b, n, d])], inits)
+    graph = h.make_graph(
+        nodes,
+        "pruned",
+        [h.make_tensor_value_info("x", TP.FLOAT, [b, n, d])],
+        [h.make_tensor_value_info("y", TP.FLOAT, [b, n, d])],
+        inits,
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -196,7 +202,9 @@ def test_settings_are_validated(trt, tmp_path):
         build_engine(onnx_path, tmp_path / "m.plan", backend="tensorrt-rtx", workspace_bytes=-1)
     with pytest.raises(EngineBuildError, match="not found"):
         build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan", backend="tensorrt-rtx")
-    res = build_engine(onnx_path, tmp_path / "m.plan", backend="tensorrt-rtx", workspace_bytes=1 << 30, builder_optimization_level=1)
+    res = build_engine(
+        onnx_path, tmp_path / "m.plan", backend="tensorrt-rtx", workspace_bytes=1 << 30, builder_optimization_level=1
+    )
     assert res.plan_path.is_file()
 
 
@@ -208,9 +216,19 @@ def test_dynamic_batch_needs_a_valid_profile(trt, tmp_path):
     with pytest.raises(ConfigError, match="inputs the graph does not have"):
         build_engine(onnx_path, tmp_path / "dyn.plan", backend="tensorrt-rtx", profile={"nope": ((1, 64, 16),) * 3})
     with pytest.raises(ConfigError, match="min <= opt <= max"):
-        build_engine(onnx_path, tmp_path / "dyn.plan", backend="tensorrt-rtx", profile={"x": ((4, 64, 16), (2, 64, 16), (8, 64, 16))})
+        build_engine(
+            onnx_path,
+            tmp_path / "dyn.plan",
+            backend="tensorrt-rtx",
+            profile={"x": ((4, 64, 16), (2, 64, 16), (8, 64, 16))},
+        )
     with pytest.raises(ConfigError, match="graph fixes it to 64"):
-        build_engine(onnx_path, tmp_path / "dyn.plan", backend="tensorrt-rtx", profile={"x": ((1, 32, 16), (2, 64, 16), (8, 64, 16))})
+        build_engine(
+            onnx_path,
+            tmp_path / "dyn.plan",
+            backend="tensorrt-rtx",
+            profile={"x": ((1, 32, 16), (2, 64, 16), (8, 64, 16))},
+        )
     profile = {"x": ((1, 64, 16), (2, 64, 16), (4, 64, 16))}
     res = build_engine(onnx_path, tmp_path / "dyn.plan", backend="tensorrt-rtx", profile=profile)
     assert res.profile == {"x": [[1, 64, 16], [2, 64, 16], [4, 64, 16]]}
@@ -319,7 +337,12 @@ def _manifest(**overrides) -> EngineManifest:
 def test_manifest_round_trip_and_verify(trt, built, tmp_path):
     onnx_path, res = built
     manifest = EngineManifest.from_build(
-        res, model_name="toy", model_config_hash="cfg", input_shapes={"x": [1, 64, 16]}, dtype="fp32", per_block_k={0: 38}
+        res,
+        model_name="toy",
+        model_config_hash="cfg",
+        input_shapes={"x": [1, 64, 16]},
+        dtype="fp32",
+        per_block_k={0: 38},
     )
     assert manifest.onnx_sha256 == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     assert manifest.engine_sha256 == res.sha256 and manifest.aot_targets == list(RTX_DEFAULT_AOT_TARGETS)
@@ -330,7 +353,9 @@ def test_manifest_round_trip_and_verify(trt, built, tmp_path):
     assert EngineManifest.from_json(manifest.to_json()) == manifest
 
     verify_engine(res.plan_path, again, trt.__version__, None)
-    verify_engine(res.plan_path, again, trt.__version__, {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"})
+    verify_engine(
+        res.plan_path, again, trt.__version__, {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
+    )
 
     tampered = tmp_path / "tampered.plan"
     data = bytearray(res.plan_path.read_bytes())
@@ -351,7 +376,9 @@ def test_manifest_json_round_trip_without_backend(tmp_path):
 
 def test_cache_key_tracks_inputs_not_timings():
     base = _manifest()
-    assert cache_key(base) == cache_key(_manifest(build_seconds=99.0, created_at="2020-01-01T00:00:00+00:00", engine_sha256="c" * 64))
+    assert cache_key(base) == cache_key(
+        _manifest(build_seconds=99.0, created_at="2020-01-01T00:00:00+00:00", engine_sha256="c" * 64)
+    )
     for change in (
         {"onnx_sha256": "d" * 64},
         {"recipe_sha256": "e" * 64},
@@ -420,7 +447,14 @@ def test_verify_engine_backend_version_and_gpu(tmp_path):
     with pytest.raises(ManifestError, match="this GPU is 8.9"):
         verify_engine(plan, _manifest(engine_sha256=digest, aot_targets=["SM120"]), None, "sm_89")
 
-    dc = _manifest(engine_sha256=digest, backend="tensorrt", backend_version="10.13.3.9", aot_targets=None, gpu_name="NVIDIA A100", compute_capability="8.0")
+    dc = _manifest(
+        engine_sha256=digest,
+        backend="tensorrt",
+        backend_version="10.13.3.9",
+        aot_targets=None,
+        gpu_name="NVIDIA A100",
+        compute_capability="8.0",
+    )
     verify_engine(plan, dc, "10.13.3.9", {"name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0"})
     with pytest.raises(ManifestError, match=r"built for compute capability 8.0 \(NVIDIA A100\), this GPU is 8.6"):
         verify_engine(plan, dc, "10.13.3.9", {"name": "NVIDIA RTX A6000", "compute_capability": "8.6"})
@@ -531,7 +565,16 @@ def test_refit_source_is_checked_against_the_manifest(trt, tmp_path):
     from shiva_export.engines.runner import EngineRunner
 
     # any model: the check is the manifest's; sd3-tiny is the cheapest to export
-    (res,) = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path, validate=False, height=128, width=128)
+    (res,) = build_engines(
+        model="sd3-tiny",
+        ratios=[0.4],
+        dense=False,
+        backend="tensorrt-rtx",
+        out_dir=tmp_path,
+        validate=False,
+        height=128,
+        width=128,
+    )
     m = json.loads(res.manifest_path.read_text())
     assert m["build_options"]["strip_weights"] is False and "refit_weights" not in m["build_options"]
     # what a stripped build records (it needs a GPU to build, see above): the runner checks it before refitting

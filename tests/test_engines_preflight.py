@@ -101,7 +101,9 @@ def test_preflight_reads_a_path_without_loading_weights(tmp_path):
 
 def test_topk_k_read_from_external_data(tmp_path):
     path = tmp_path / "big.onnx"
-    onnx.save_model(topk_graph(n=4096, k=3900), str(path), save_as_external_data=True, location="big.data", size_threshold=0)
+    onnx.save_model(
+        topk_graph(n=4096, k=3900), str(path), save_as_external_data=True, location="big.data", size_threshold=0
+    )
     assert _codes(preflight(path, "tensorrt-rtx")) == ["topk-k-too-large"]
 
 
@@ -176,7 +178,10 @@ def test_data_dependent_ops(op):
 
 def test_findings_inside_subgraphs_are_reported():
     then_g = h.make_graph(
-        [h.make_node("TopK", ["x", "K"], ["tv", "ti"], name="inner_topk", axis=1, sorted=0)], "then", [], [_vi("tv", [4, 2])]
+        [h.make_node("TopK", ["x", "K"], ["tv", "ti"], name="inner_topk", axis=1, sorted=0)],
+        "then",
+        [],
+        [_vi("tv", [4, 2])],
     )
     else_g = h.make_graph([h.make_node("Identity", ["x"], ["e"])], "else", [], [_vi("e", [4, 2])])
     node = h.make_node("If", ["c"], ["o"], name="branch", then_branch=then_g, else_branch=else_g)
@@ -282,9 +287,13 @@ def test_custom_domain_op_needs_a_plugin_but_local_functions_are_fine():
     report = preflight(model, "tensorrt")
     assert _codes(report) == ["custom-domain-op"] and report.findings[0].op == "com.example::FancyOp"
 
-    fn = h.make_function("pkg.local", "MyRelu", ["a"], ["b"], [h.make_node("Relu", ["a"], ["b"])], [h.make_opsetid("", 17)])
+    fn = h.make_function(
+        "pkg.local", "MyRelu", ["a"], ["b"], [h.make_node("Relu", ["a"], ["b"])], [h.make_opsetid("", 17)]
+    )
     call = h.make_node("MyRelu", ["x"], ["o"], name="call", domain="pkg.local")
-    model = _model([call], [_vi("x", [4])], [_vi("o", [4])], functions=[fn], extra_opsets=[h.make_opsetid("pkg.local", 1)])
+    model = _model(
+        [call], [_vi("x", [4])], [_vi("o", [4])], functions=[fn], extra_opsets=[h.make_opsetid("pkg.local", 1)]
+    )
     assert preflight(model, "tensorrt").ok
 
 
@@ -295,7 +304,13 @@ def test_local_function_bodies_are_checked():
     ]
     fn = h.make_function("pkg.local", "Select", ["a"], ["b"], body, [h.make_opsetid("", 17)])
     call = h.make_node("Select", ["x"], ["o"], name="call", domain="pkg.local")
-    model = _model([call], [_vi("x", [1, 4096])], [_vi("o", [1, 4000], TP.INT64)], functions=[fn], extra_opsets=[h.make_opsetid("pkg.local", 1)])
+    model = _model(
+        [call],
+        [_vi("x", [1, 4096])],
+        [_vi("o", [1, 4000], TP.INT64)],
+        functions=[fn],
+        extra_opsets=[h.make_opsetid("pkg.local", 1)],
+    )
     report = preflight(model, "tensorrt-rtx")
     assert _codes(report) == ["topk-k-too-large"]
     assert report.findings[0].node == "function pkg.local::Select/fn_topk"

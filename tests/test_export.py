@@ -94,7 +94,9 @@ def test_corrupted_onnx_fails_parity_and_names_output(exports, tmp_path):
     onnx.save(model, str(bad))
     t = _reference(res)
     cases = [(0, None, make_inputs(t.config, res.spec, seed=0))]
-    assert check_parity(res.export.onnx_path, t, cases, atol=1e-4, rtol=0.0, min_cosine=0.99999).passed  # the reference is right
+    assert check_parity(
+        res.export.onnx_path, t, cases, atol=1e-4, rtol=0.0, min_cosine=0.99999
+    ).passed  # the reference is right
     report = check_parity(bad, t, cases, atol=1e-4, rtol=0.0, min_cosine=0.99999)
     assert not report.passed and "worst output 'sample'" in report.reason
     assert report.summary_line().startswith("FAILED | ")
@@ -129,7 +131,9 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise onnx.checker.ValidationError("simulated crash")
 
-    monkeypatch.setattr(ex.onnx.checker, "check_model", boom) if hasattr(ex, "onnx") else monkeypatch.setattr(onnx.checker, "check_model", boom)
+    monkeypatch.setattr(ex.onnx.checker, "check_model", boom) if hasattr(ex, "onnx") else monkeypatch.setattr(
+        onnx.checker, "check_model", boom
+    )
     out = tmp_path / "m.onnx"
     with pytest.raises(ExportError, match="simulated crash"):
         export_pruned(model="sd3-tiny", ratio=0.4, out=out, validate=False)
@@ -142,7 +146,13 @@ def test_debug_outputs_expose_kept_indices(tmp_path):
     sess = ort_session(res.export.onnx_path)
     names = [o.name for o in sess.get_outputs()]
     assert names == ["sample", "kept_indices.1", "kept_indices.2", "kept_indices.3"]
-    x = make_inputs(res.spec and __import__("shiva_export.models.sd3", fromlist=["x"]).load_transformer(
-        recipe=__import__("shiva_export.recipe", fromlist=["x"]).load_recipe("sd3-tiny")).config, res.spec, seed=0)
+    x = make_inputs(
+        res.spec
+        and __import__("shiva_export.models.sd3", fromlist=["x"])
+        .load_transformer(recipe=__import__("shiva_export.recipe", fromlist=["x"]).load_recipe("sd3-tiny"))
+        .config,
+        res.spec,
+        seed=0,
+    )
     outs = sess.run(None, {k: v.numpy() for k, v in x.items()})
     assert outs[1].shape == (2, 153) and (np.diff(outs[1], axis=1) > 0).all()

@@ -105,12 +105,27 @@ def tiny_report(tmp_path_factory):
     ONNX Runtime stack (its graph from the session's runtime cache, tests/shared.py)."""
     from shiva_export.validate.frontier import validate_frontier
 
-    cfgs = [FrontierConfig("dense", 4), FrontierConfig("dense", 2), FrontierConfig("cache", 4, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
-            FrontierConfig("shiva", 4, keep=0.6), FrontierConfig("stack", 4, keep=0.6, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
-            FrontierConfig("stack", 2, keep=0.6, backend="ort"), FrontierConfig("shiva", 4, keep=0.6, context="keep")]
+    cfgs = [
+        FrontierConfig("dense", 4),
+        FrontierConfig("dense", 2),
+        FrontierConfig("cache", 4, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))),
+        FrontierConfig("shiva", 4, keep=0.6),
+        FrontierConfig(
+            "stack", 4, keep=0.6, cache=("taylorseer", (("cache_interval", 2), ("disable_cache_before_step", 1)))
+        ),
+        FrontierConfig("stack", 2, keep=0.6, backend="ort"),
+        FrontierConfig("shiva", 4, keep=0.6, context="keep"),
+    ]
     out = tmp_path_factory.mktemp("frontier")
-    rep = validate_frontier(model="sd35-tiny", prompts=1, seeds=[0, 1], configs=cfgs, latency_repeats=1, out_dir=out,
-                            artifact_root=shared.runtime_root())
+    rep = validate_frontier(
+        model="sd35-tiny",
+        prompts=1,
+        seeds=[0, 1],
+        configs=cfgs,
+        latency_repeats=1,
+        out_dir=out,
+        artifact_root=shared.runtime_root(),
+    )
     return rep, out
 
 
@@ -163,12 +178,49 @@ def test_frontier_cli_json_and_option_checks(tmp_path, capsys):
     from shiva_export.cli import main
 
     assert main(["validate", "frontier", "--model", "sd35-tiny", "--seed", "-1", "--out-dir", str(tmp_path / "a")]) == 2
-    assert main(["validate", "frontier", "--model", "sd35-tiny", "--family", "fast", "--out-dir", str(tmp_path / "b")]) == 2
-    assert main(["validate", "frontier", "--model", "sd35-tiny", "--seed", "3", "--seed", "3", "--out-dir", str(tmp_path / "c")]) == 2
+    assert (
+        main(["validate", "frontier", "--model", "sd35-tiny", "--family", "fast", "--out-dir", str(tmp_path / "b")])
+        == 2
+    )
+    assert (
+        main(
+            [
+                "validate",
+                "frontier",
+                "--model",
+                "sd35-tiny",
+                "--seed",
+                "3",
+                "--seed",
+                "3",
+                "--out-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     capsys.readouterr()
-    code = main(["validate", "frontier", "--model", "flux-tiny", "--prompts", "1", "--steps", "2", "--family", "dense", "--no-ort",
-                 "--latency-repeats", "0", "--json", "--out-dir", str(tmp_path / "flux")])
+    code = main(
+        [
+            "validate",
+            "frontier",
+            "--model",
+            "flux-tiny",
+            "--prompts",
+            "1",
+            "--steps",
+            "2",
+            "--family",
+            "dense",
+            "--no-ort",
+            "--latency-repeats",
+            "0",
+            "--json",
+            "--out-dir",
+            str(tmp_path / "flux"),
+        ]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert [r["config"] for r in data["rows"]] == ["dense + 2 steps"] and _CONTRACT <= set(data["rows"][0])

@@ -34,7 +34,9 @@ def _onnx_bytes() -> bytes:
 
     x = h.make_tensor_value_info("x", TP.FLOAT, [1, 4])
     y = h.make_tensor_value_info("y", TP.FLOAT, [1, 4])
-    return h.make_model(h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y]), opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
+    return h.make_model(
+        h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y]), opset_imports=[h.make_opsetid("", 17)]
+    ).SerializeToString()
 
 
 # Fixtures a row can name: each maps to a file or folder made in tmp.
@@ -50,19 +52,42 @@ def _make(kind: str, tmp: Path) -> Path:
         "recipe_nan": lambda: _w(tmp / "in" / "nan.toml", RECIPE.replace("atol = 1e-4", "atol = nan")),
         "recipe_neg_height": lambda: _w(tmp / "in" / "neg.toml", RECIPE.replace("height = 256", "height = -256")),
         "recipe_huge_height": lambda: _w(tmp / "in" / "huge.toml", RECIPE.replace("height = 256", "height = 1048576")),
-        "recipe_huge_text": lambda: _w(tmp / "in" / "htext.toml", RECIPE.replace("text_len = 32", "text_len = 1000000000")),
+        "recipe_huge_text": lambda: _w(
+            tmp / "in" / "htext.toml", RECIPE.replace("text_len = 32", "text_len = 1000000000")
+        ),
         "recipe_unknown_key": lambda: _w(tmp / "in" / "unk.toml", RECIPE.replace("[prune]", "[prune]\nbogus = 1")),
-        "recipe_version": lambda: _w(tmp / "in" / "ver.toml", RECIPE.replace("schema_version = 1", "schema_version = 99")),
+        "recipe_version": lambda: _w(
+            tmp / "in" / "ver.toml", RECIPE.replace("schema_version = 1", "schema_version = 99")
+        ),
         "recipe_bad_toml": lambda: _w(tmp / "in" / "bad.toml", "schema_version = = 1\n"),
-        "recipe_unsorted": lambda: _w(tmp / "in" / "uns.toml", RECIPE.replace("ratios = [0.2, 0.4, 0.6]", "ratios = [0.6, 0.2]")),
+        "recipe_unsorted": lambda: _w(
+            tmp / "in" / "uns.toml", RECIPE.replace("ratios = [0.2, 0.4, 0.6]", "ratios = [0.6, 0.2]")
+        ),
         "recipe_neg_layers": lambda: _w(tmp / "in" / "nl.toml", RECIPE.replace("num_layers = 6", "num_layers = -6")),
-        "recipe_phase_escape": lambda: _w(tmp / "in" / "ph.toml", RECIPE.replace('name = "early"', 'name = "../../evil"')),
+        "recipe_phase_escape": lambda: _w(
+            tmp / "in" / "ph.toml", RECIPE.replace('name = "early"', 'name = "../../evil"')
+        ),
         "suite_binary": lambda: _w(tmp / "in" / "suite.toml", bytes(range(256))),
-        "suite_escape": lambda: _w(tmp / "in" / "s1.toml", 'schema_version = 1\nname = "../../x"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [0.4]\n'),
-        "suite_model_escape": lambda: _w(tmp / "in" / "s2.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "speed"\nmodel = "../x"\nratios = [0.4]\n'),
-        "suite_repeats0": lambda: _w(tmp / "in" / "s3.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [0.4]\nrepeats = 0\n'),
-        "suite_unknown_kind": lambda: _w(tmp / "in" / "s4.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "fuzz"\nmodel = "sd35-tiny"\nratios = [0.4]\n'),
-        "suite_bad_ratio": lambda: _w(tmp / "in" / "s5.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [1.5]\n'),
+        "suite_escape": lambda: _w(
+            tmp / "in" / "s1.toml",
+            'schema_version = 1\nname = "../../x"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [0.4]\n',
+        ),
+        "suite_model_escape": lambda: _w(
+            tmp / "in" / "s2.toml",
+            'schema_version = 1\nname = "s"\n[[case]]\nkind = "speed"\nmodel = "../x"\nratios = [0.4]\n',
+        ),
+        "suite_repeats0": lambda: _w(
+            tmp / "in" / "s3.toml",
+            'schema_version = 1\nname = "s"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [0.4]\nrepeats = 0\n',
+        ),
+        "suite_unknown_kind": lambda: _w(
+            tmp / "in" / "s4.toml",
+            'schema_version = 1\nname = "s"\n[[case]]\nkind = "fuzz"\nmodel = "sd35-tiny"\nratios = [0.4]\n',
+        ),
+        "suite_bad_ratio": lambda: _w(
+            tmp / "in" / "s5.toml",
+            'schema_version = 1\nname = "s"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [1.5]\n',
+        ),
         "prompts_binary": lambda: _w(tmp / "in" / "prompts.txt", b"\xff\xfe\x00bad"),
         "prompts_empty": lambda: _w(tmp / "in" / "prompts0.txt", "\n# only a comment\n\n"),
         "file": lambda: _w(tmp / "in" / "a-file", "x"),
@@ -71,9 +96,14 @@ def _make(kind: str, tmp: Path) -> Path:
         "weights_bad_config": lambda: _w(tmp / "in" / "w2" / "config.json", "{not json").parent,
         "ckpt_dir_pickle": lambda: _w(tmp / "in" / "ck" / "checkpoint.pt", pickle.dumps({"x": _Boom()})).parent,
         "chain_bad_json": lambda: _w(tmp / "in" / "chain1" / "segments.json", "{not json").parent,
-        "chain_escape": lambda: _w(tmp / "in" / "chain2" / "segments.json", '{"format": "shiva-engine-chain/1", "count": 2, "inputs": ["x"], "outputs": ["y"], '
-                                    '"segments": [{"dir": "../../etc", "inputs": ["x"], "outputs": ["y"], "plan_sha256": "0"}, '
-                                    '{"dir": "seg1of2", "inputs": ["y"], "outputs": ["y"], "plan_sha256": "0"}]}').parent,
+        "chain_escape": lambda: (
+            _w(
+                tmp / "in" / "chain2" / "segments.json",
+                '{"format": "shiva-engine-chain/1", "count": 2, "inputs": ["x"], "outputs": ["y"], '
+                '"segments": [{"dir": "../../etc", "inputs": ["x"], "outputs": ["y"], "plan_sha256": "0"}, '
+                '{"dir": "seg1of2", "inputs": ["y"], "outputs": ["y"], "plan_sha256": "0"}]}',
+            ).parent
+        ),
         "segment_alone": lambda: _w(tmp / "in" / "model.seg0of2.onnx", _onnx_bytes()),
         "missing": lambda: tmp / "in" / "does-not-exist",
         "unwritable": lambda: Path("/proc/shiva-no-such-dir/out"),
@@ -104,8 +134,30 @@ CORPUS = [
     ("onnx-opset-9", ONNX_T + ["--opset", "9"], 2, "opset"),
     ("onnx-dtype-int8", ONNX_T + ["--dtype", "int8"], 2, "int8"),
     ("onnx-dtype-bf16", ONNX_T + ["--dtype", "bf16"], 2, "no bfloat16 Conv"),
-    ("trt-dtype-bf16", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--dtype", "bf16", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "bfloat16"),
-    ("onnx-parity-cases-0", ["onnx", "--model", "sd35-tiny", "--out", "{out}/m.onnx", "--parity-cases", "0"], 2, "parity_cases"),
+    (
+        "trt-dtype-bf16",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--ratio",
+            "0.4",
+            "--dtype",
+            "bf16",
+            "--backend",
+            "tensorrt-rtx",
+            "--out-dir",
+            "{out}/e",
+        ],
+        2,
+        "bfloat16",
+    ),
+    (
+        "onnx-parity-cases-0",
+        ["onnx", "--model", "sd35-tiny", "--out", "{out}/m.onnx", "--parity-cases", "0"],
+        2,
+        "parity_cases",
+    ),
     ("onnx-unknown-model", ONNX_T[:1] + ["--model", "sd99"] + ONNX_T[3:], 2, "Unknown model"),
     ("onnx-model-escape", ONNX_T[:1] + ["--model", "../../etc/passwd"] + ONNX_T[3:], 2, "Recipe files end in .toml"),
     ("onnx-unknown-phase", ONNX_T + ["--phase", "middle"], 2, "--phase 'middle'"),
@@ -134,7 +186,12 @@ CORPUS = [
     ("onnx-weights-empty-dir", ONNX_T + ["--weights", "{dir}"], 1, "config.json"),
     ("onnx-weights-no-config", ONNX_T + ["--weights", "{weights_no_config}"], 1, "config.json"),
     ("onnx-weights-bad-config", ONNX_T + ["--weights", "{weights_bad_config}"], 1, "config.json"),
-    ("onnx-out-unwritable", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{unwritable}"], 1, "ONNX output"),
+    (
+        "onnx-out-unwritable",
+        ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{unwritable}"],
+        1,
+        "ONNX output",
+    ),
     ("onnx-out-is-dir", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{dir}"], 1, ""),
     # --- inspect
     ("inspect-empty", ["inspect", "{empty}"], 2, "empty"),
@@ -150,13 +207,23 @@ CORPUS = [
     ("parity-onnx-foreign", ["validate", "parity", "--model", "sd35-tiny", "--onnx", "{foreign_onnx}"], 2, "shiva"),
     ("parity-cases-0", ["validate", "parity", "--model", "sd35-tiny", "--cases", "0"], 2, "cases"),
     ("parity-ratio-1", ["validate", "parity", "--model", "sd35-tiny", "--ratio", "1.0"], 2, "out of range"),
-    ("parity-report-unwritable", ["validate", "parity", "--model", "sd35-tiny", "--report", "{unwritable}"], 1, "report"),
+    (
+        "parity-report-unwritable",
+        ["validate", "parity", "--model", "sd35-tiny", "--report", "{unwritable}"],
+        1,
+        "report",
+    ),
     ("speed-ratio-1", ["validate", "speed", "--model", "sd35-tiny", "--ratio", "1.5"], 2, "ratio"),
     ("speed-repeats-0", ["validate", "speed", "--model", "sd35-tiny", "--repeats", "0"], 2, "repeats"),
     ("speed-backend-bad", ["validate", "speed", "--model", "sd35-tiny", "--backend", "tf"], 2, "tf"),
     ("speed-out-unwritable", ["validate", "speed", "--model", "sd35-tiny", "--out-dir", "{unwritable}"], 1, ""),
     ("e2e-ratio-1", ["validate", "speed", "--e2e", "--model", "sd35-tiny", "--ratio", "1.5"], 2, "ratio"),
-    ("e2e-compile-ort", ["validate", "speed", "--e2e", "--model", "sd35-tiny", "--backend", "ort", "--compile"], 2, "compile"),
+    (
+        "e2e-compile-ort",
+        ["validate", "speed", "--e2e", "--model", "sd35-tiny", "--backend", "ort", "--compile"],
+        2,
+        "compile",
+    ),
     ("e2e-device-cuda", ["validate", "speed", "--e2e", "--model", "sd35-tiny", "--device", "cuda"], 4, "CUDA"),
     ("suite-unknown", ["validate", "suite", "nope"], 2, "Unknown suite"),
     ("suite-binary", ["validate", "suite", "{suite_binary}"], 2, ""),
@@ -171,16 +238,137 @@ CORPUS = [
     ("recipe-check-unknown-key", ["recipe", "check", "{recipe_unknown_key}"], 2, "unknown field"),
     ("recipe-show-unknown", ["recipe", "show", "sd99"], 2, "Unknown model"),
     # --- trt / run
-    ("trt-onnx-empty", ["trt", "--model", "sd35-tiny", "--onnx", "{empty}", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "empty"),
-    ("trt-onnx-text", ["trt", "--model", "sd35-tiny", "--onnx", "{text}", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "ONNX"),
-    ("trt-onnx-foreign", ["trt", "--model", "sd35-tiny", "--onnx", "{foreign_onnx}", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "shiva"),
-    ("trt-backend-bad", ["trt", "--model", "sd35-tiny", "--backend", "tensorflow", "--out-dir", "{out}/e"], 2, "tensorflow"),
-    ("trt-ratio-1", ["trt", "--model", "sd35-tiny", "--ratio", "1.0", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"], 2, "out of range"),
-    ("trt-timing-cache-foreign", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--timing-cache", "{file}", "--out-dir", "{out}/e"], 1, "not a timing cache"),
-    ("trt-segments-0", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--segments", "0", "--out-dir", "{out}/e"], 2, "--segments 0"),
-    ("trt-segments-99", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--segments", "99", "--out-dir", "{out}/e"], 2, "out of range"),
-    ("trt-segments-dynamic", ["trt", "--model", "sd35-tiny", "--ratio", "0.4", "--backend", "tensorrt-rtx", "--segments", "2", "--dynamic-batch", "--out-dir", "{out}/e"], 2, "fixed shapes"),
-    ("trt-segments-foreign", ["trt", "--model", "sd35-tiny", "--onnx", "{foreign_onnx}", "--backend", "tensorrt-rtx", "--segments", "2", "--out-dir", "{out}/e"], 2, "shiva"),
+    (
+        "trt-onnx-empty",
+        ["trt", "--model", "sd35-tiny", "--onnx", "{empty}", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"],
+        2,
+        "empty",
+    ),
+    (
+        "trt-onnx-text",
+        ["trt", "--model", "sd35-tiny", "--onnx", "{text}", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"],
+        2,
+        "ONNX",
+    ),
+    (
+        "trt-onnx-foreign",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--onnx",
+            "{foreign_onnx}",
+            "--backend",
+            "tensorrt-rtx",
+            "--out-dir",
+            "{out}/e",
+        ],
+        2,
+        "shiva",
+    ),
+    (
+        "trt-backend-bad",
+        ["trt", "--model", "sd35-tiny", "--backend", "tensorflow", "--out-dir", "{out}/e"],
+        2,
+        "tensorflow",
+    ),
+    (
+        "trt-ratio-1",
+        ["trt", "--model", "sd35-tiny", "--ratio", "1.0", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"],
+        2,
+        "out of range",
+    ),
+    (
+        "trt-timing-cache-foreign",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--ratio",
+            "0.4",
+            "--backend",
+            "tensorrt-rtx",
+            "--timing-cache",
+            "{file}",
+            "--out-dir",
+            "{out}/e",
+        ],
+        1,
+        "not a timing cache",
+    ),
+    (
+        "trt-segments-0",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--ratio",
+            "0.4",
+            "--backend",
+            "tensorrt-rtx",
+            "--segments",
+            "0",
+            "--out-dir",
+            "{out}/e",
+        ],
+        2,
+        "--segments 0",
+    ),
+    (
+        "trt-segments-99",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--ratio",
+            "0.4",
+            "--backend",
+            "tensorrt-rtx",
+            "--segments",
+            "99",
+            "--out-dir",
+            "{out}/e",
+        ],
+        2,
+        "out of range",
+    ),
+    (
+        "trt-segments-dynamic",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--ratio",
+            "0.4",
+            "--backend",
+            "tensorrt-rtx",
+            "--segments",
+            "2",
+            "--dynamic-batch",
+            "--out-dir",
+            "{out}/e",
+        ],
+        2,
+        "fixed shapes",
+    ),
+    (
+        "trt-segments-foreign",
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--onnx",
+            "{foreign_onnx}",
+            "--backend",
+            "tensorrt-rtx",
+            "--segments",
+            "2",
+            "--out-dir",
+            "{out}/e",
+        ],
+        2,
+        "shiva",
+    ),
     ("run-chain-bad-json", ["run", "{chain_bad_json}"], 1, "engine chain"),
     ("run-chain-escape", ["run", "{chain_escape}"], 1, "segment"),
     ("parity-segment-foreign", ["validate", "parity", "--model", "sd35-tiny", "--onnx", "{segment_alone}"], 2, "shiva"),
@@ -191,7 +379,12 @@ CORPUS = [
     ("train-keep-0", ["train", "--model", "sd35-tiny", "--target-keep", "0", "--out-dir", "{out}/t"], 2, "target"),
     ("train-phases-9", ["train", "--model", "sd35-tiny", "--phases", "9", "--out-dir", "{out}/t"], 2, "phases"),
     ("train-resume-none", ["train", "--model", "sd35-tiny", "--resume", "--out-dir", "{dir}"], 2, "no checkpoint"),
-    ("train-resume-pickle", ["train", "--model", "sd35-tiny", "--resume", "--out-dir", "{ckpt_dir_pickle}", "--steps", "1"], 2, "checkpoint"),
+    (
+        "train-resume-pickle",
+        ["train", "--model", "sd35-tiny", "--resume", "--out-dir", "{ckpt_dir_pickle}", "--steps", "1"],
+        2,
+        "checkpoint",
+    ),
     ("train-data-missing", ["train", "--model", "sd35-tiny", "--data", "{missing}", "--out-dir", "{out}/t"], 2, "data"),
     # --- generate
     ("gen-no-prompt", GEN, 2, "--prompt"),
@@ -207,11 +400,21 @@ CORPUS = [
     ("gen-ratio-1", GEN + ["--prompt", "x", "--ratio", "1.0"], 2, "out of range"),
     ("gen-ratio-and-phases", GEN + ["--prompt", "x", "--ratio", "0.4", "--phases"], 2, "not both"),
     ("gen-height-250", GEN + ["--prompt", "x", "--height", "250"], 2, "multiple of 16"),
-    ("gen-artifact-missing", GEN + ["--prompt", "x", "--backend", "ort", "--artifact", "{missing}"], 2, "does not exist"),
+    (
+        "gen-artifact-missing",
+        GEN + ["--prompt", "x", "--backend", "ort", "--artifact", "{missing}"],
+        2,
+        "does not exist",
+    ),
     ("gen-artifact-foreign", GEN + ["--prompt", "x", "--backend", "ort", "--artifact", "{foreign_onnx}"], 2, "shiva"),
     ("gen-artifact-empty", GEN + ["--prompt", "x", "--backend", "ort", "--artifact", "{empty}"], 2, "empty"),
     ("gen-artifact-text", GEN + ["--prompt", "x", "--backend", "ort", "--artifact", "{text}"], 2, "ONNX"),
-    ("gen-trt-artifact-missing", GEN + ["--prompt", "x", "--backend", "trt", "--artifact", "{missing}"], 1, "not found"),
+    (
+        "gen-trt-artifact-missing",
+        GEN + ["--prompt", "x", "--backend", "trt", "--artifact", "{missing}"],
+        1,
+        "not found",
+    ),
     ("gen-weights-file", GEN + ["--prompt", "x", "--weights", "{file}"], 1, "not a folder"),
     ("gen-weights-not-pipeline", GEN + ["--prompt", "x", "--weights", "{dir}"], 1, "model_index.json"),
     ("gen-out-unwritable", ["generate", "--model", "sd35-tiny", "--prompt", "x", "--out", "{unwritable}"], 1, "--out"),
@@ -260,9 +463,22 @@ def test_a_weights_folder_with_a_missing_tensor_is_a_load_error(tmp_path, capsys
     tensors = st.load_file(f)
     tensors.pop("pos_embed.proj.bias")
     st.save_file(tensors, f, metadata={"format": "pt"})
-    code = main(["onnx", "--model", "sd35-tiny", "--weights", str(tmp_path / "w"), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
+    code = main(
+        [
+            "onnx",
+            "--model",
+            "sd35-tiny",
+            "--weights",
+            str(tmp_path / "w"),
+            "--no-validate",
+            "--out",
+            str(tmp_path / "o" / "m.onnx"),
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 1 and "missing keys: pos_embed.proj.bias" in err and "uninitialised" in err and "Traceback" not in err, err
+    assert (
+        code == 1 and "missing keys: pos_embed.proj.bias" in err and "uninitialised" in err and "Traceback" not in err
+    ), err
     assert not (tmp_path / "o" / "m.onnx").exists()
 
 
@@ -276,7 +492,18 @@ def test_a_config_of_another_model_class_is_a_load_error(tmp_path, capsys):
     cfg = json.loads((tmp_path / "w" / "config.json").read_text())
     cfg["_class_name"] = "UNet2DConditionModel"
     (tmp_path / "w" / "config.json").write_text(json.dumps(cfg))
-    code = main(["onnx", "--model", "sd35-tiny", "--weights", str(tmp_path / "w"), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
+    code = main(
+        [
+            "onnx",
+            "--model",
+            "sd35-tiny",
+            "--weights",
+            str(tmp_path / "w"),
+            "--no-validate",
+            "--out",
+            str(tmp_path / "o" / "m.onnx"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code in (1, 2) and "UNet2DConditionModel" in err and "Traceback" not in err, err
 

@@ -29,7 +29,20 @@ TRT = ["trt", "--model", "sd35-tiny", "--backend", "tensorrt-rtx", "--out-dir", 
 TRT_ONNX = ["trt", "--backend", "tensorrt-rtx", "--out-dir", "{out}/e"]
 
 
-GEN_ORT = ["generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "ort", "--ratio", "0.4", "--steps", "2", "--json"]
+GEN_ORT = [
+    "generate",
+    "--model",
+    "sd35-tiny",
+    "--prompt",
+    "a red cube",
+    "--backend",
+    "ort",
+    "--ratio",
+    "0.4",
+    "--steps",
+    "2",
+    "--json",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +57,12 @@ def runtime(tmp_path_factory) -> dict:
     with contextlib.redirect_stdout(buf):
         assert main(GEN_ORT + ["--artifact-root", str(root / "engines"), "--out", str(root / "a"), "-q"]) == 0
     (graph_path,) = (root / "engines" / "sd35-tiny" / "runtime").glob("*/model.onnx")
-    return {"root": root, "record": json.loads(buf.getvalue()), "graph": graph_path, "png": (root / "a" / "000-a-red-cube.png").read_bytes()}
+    return {
+        "root": root,
+        "record": json.loads(buf.getvalue()),
+        "graph": graph_path,
+        "png": (root / "a" / "000-a-red-cube.png").read_bytes(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +123,14 @@ def _nan_data(tmp: Path) -> Path:
 
     d = tmp / "in" / "nan-data"
     d.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": torch.full((16, 32, 32), float("nan")), "prompt_embeds": torch.zeros(32, 64), "pooled": torch.zeros(64)}, str(d / "0.safetensors"))
+    save_file(
+        {
+            "latents": torch.full((16, 32, 32), float("nan")),
+            "prompt_embeds": torch.zeros(32, 64),
+            "pooled": torch.zeros(64),
+        },
+        str(d / "0.safetensors"),
+    )
     return d
 
 
@@ -117,9 +142,22 @@ def _engine(tmp: Path, edit: dict | None, version: str = "1.2.0") -> Path:
     d = tmp / "in" / "engine"
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.plan").write_bytes(b"plan" * 64)
-    write_manifest(d / "manifest.json", EngineManifest(
-        model_name="sd35-tiny", model_config_hash="cfg", onnx_sha256="0" * 64, engine_sha256=sha256_file(d / "model.plan"), backend="tensorrt-rtx",
-        backend_version=version, input_shapes={"hidden_states": [2, 16, 32, 32]}, dtype="fp32", ratio=0.4, keep_ratio=0.6, per_block_k={"1": 153}))
+    write_manifest(
+        d / "manifest.json",
+        EngineManifest(
+            model_name="sd35-tiny",
+            model_config_hash="cfg",
+            onnx_sha256="0" * 64,
+            engine_sha256=sha256_file(d / "model.plan"),
+            backend="tensorrt-rtx",
+            backend_version=version,
+            input_shapes={"hidden_states": [2, 16, 32, 32]},
+            dtype="fp32",
+            ratio=0.4,
+            keep_ratio=0.6,
+            per_block_k={"1": 153},
+        ),
+    )
     if edit:
         data = json.loads((d / "manifest.json").read_text())
         data.update(edit)
@@ -158,15 +196,31 @@ def _make2(kind: str, tmp: Path, graph: Path) -> Path:
         "router_nan": lambda: _router(tmp, float("nan")),
         "router_inf": lambda: _router(tmp, float("inf")),
         "nan_data": lambda: _nan_data(tmp),
-        "data_of_sd3": lambda: _w(tmp / "in" / "d3" / "manifest.json", json.dumps({"format": "shiva-train-data", "version": 1, "model": "sd3-tiny",
-                                                                                   "recipe": "recipes/sd3-tiny.toml"})).parent,
+        "data_of_sd3": lambda: (
+            _w(
+                tmp / "in" / "d3" / "manifest.json",
+                json.dumps(
+                    {"format": "shiva-train-data", "version": 1, "model": "sd3-tiny", "recipe": "recipes/sd3-tiny.toml"}
+                ),
+            ).parent
+        ),
         "recipe_deep": lambda: _w(tmp / "in" / "deep.toml", "a = " + "[" * 5000 + "]" * 5000 + "\n"),
-        "recipe_k_edited": lambda: _w(tmp / "in" / "k.toml", _recipe_text().replace("k = [196, 191, 184, 149, 56]", "k = [9999, 191, 184, 149, 56]")),
-        "recipe_layers_str": lambda: _w(tmp / "in" / "ls.toml", _recipe_text().replace("num_layers = 6", 'num_layers = "six"')),
-        "suite_ratio_nan": lambda: _w(tmp / "in" / "sn.toml", 'schema_version = 1\nname = "s"\n[[case]]\nkind = "parity"\nmodel = "sd35-tiny"\nratios = [nan]\n'),
+        "recipe_k_edited": lambda: _w(
+            tmp / "in" / "k.toml",
+            _recipe_text().replace("k = [196, 191, 184, 149, 56]", "k = [9999, 191, 184, 149, 56]"),
+        ),
+        "recipe_layers_str": lambda: _w(
+            tmp / "in" / "ls.toml", _recipe_text().replace("num_layers = 6", 'num_layers = "six"')
+        ),
+        "suite_ratio_nan": lambda: _w(
+            tmp / "in" / "sn.toml",
+            'schema_version = 1\nname = "s"\n[[case]]\nkind = "parity"\nmodel = "sd35-tiny"\nratios = [nan]\n',
+        ),
         "imgs_two": lambda: _two_pngs(tmp / "in" / "imgs"),
         "prompts_one": lambda: _w(tmp / "in" / "prompts-one.txt", "a red cube\n"),
-        "weights_unet": lambda: _w(tmp / "in" / "unet" / "config.json", json.dumps({"_class_name": "UNet2DConditionModel"})).parent,
+        "weights_unet": lambda: (
+            _w(tmp / "in" / "unet" / "config.json", json.dumps({"_class_name": "UNet2DConditionModel"})).parent
+        ),
         "graph_ext_missing": lambda: _external_missing(graph, tmp / "in" / "ext" / "model.onnx"),
         "engine_edited_ratio": lambda: _engine(tmp, {"ratio": 0.2}),
         "engine_edited_version": lambda: _engine(tmp, {"backend_version": "9.9.9"}),
@@ -185,7 +239,9 @@ def _make2(kind: str, tmp: Path, graph: Path) -> Path:
 def _recipe_text() -> str:
     """The built-in sd35-tiny recipe with its router path made absolute, so a copy in tmp still loads."""
     text = (ROOT / "recipes" / "sd35-tiny.toml").read_text()
-    return re.sub(r'(?m)^(weights\s*=\s*)"([^"/][^"]*)"', lambda m: f'{m.group(1)}"{ROOT / "recipes" / m.group(2)}"', text)
+    return re.sub(
+        r'(?m)^(weights\s*=\s*)"([^"/][^"]*)"', lambda m: f'{m.group(1)}"{ROOT / "recipes" / m.group(2)}"', text
+    )
 
 
 def _two_pngs(d: Path) -> Path:
@@ -202,7 +258,14 @@ def _external_missing(graph: Path, dst: Path) -> Path:
     import onnx
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(onnx.load(str(graph)), str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        onnx.load(str(graph)),
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     (dst.parent / "model.onnx.data").unlink()
     return dst
 
@@ -223,7 +286,12 @@ CORPUS = [
     # --- S1 1 / S3: graphs are trusted by content (the sha256 recorded beside them at export), never by name
     ("gen-artifact-tampered", GEN + ["--backend", "ort", "--artifact", "{graph_tampered}"], 2, "differs from the"),
     ("gen-artifact-no-record", GEN + ["--backend", "ort", "--artifact", "{graph_no_record}"], 2, "content record"),
-    ("gen-trt-manifest-edited", GEN + ["--backend", "trt", "--artifact", "{engine_edited_ratio}"], 1, "edited after it was written"),
+    (
+        "gen-trt-manifest-edited",
+        GEN + ["--backend", "trt", "--artifact", "{engine_edited_ratio}"],
+        1,
+        "edited after it was written",
+    ),
     ("run-manifest-edited-ratio", ["run", "{engine_edited_ratio}"], 1, "edited after it was written"),
     ("run-manifest-edited-k", ["run", "{engine_edited_k}"], 1, "edited after it was written"),
     ("run-manifest-edited-version", ["run", "{engine_edited_version}"], 1, "edited after it was written"),
@@ -232,31 +300,76 @@ CORPUS = [
     ("trt-timing-cache-fifo", TRT + ["--ratio", "0.4", "--timing-cache", "{fifo}"], 1, "FIFO"),
     ("trt-timing-cache-socket", TRT + ["--ratio", "0.4", "--timing-cache", "{socket}"], 1, "socket"),
     ("trt-timing-cache-symlink-out", TRT + ["--ratio", "0.4", "--timing-cache", "{symlink_out}"], 1, "symlink"),
-    ("onnx-out-chardev", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{chardev}"], 1, "character device"),
+    (
+        "onnx-out-chardev",
+        ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{chardev}"],
+        1,
+        "character device",
+    ),
     ("onnx-out-fifo", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{fifo}"], 1, "FIFO"),
     ("onnx-out-symlink-out", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{symlink_out}"], 1, "symlink"),
     # --- S1 3: non-finite tensors
     ("onnx-router-nan", ONNX_T + ["--router", "{router_nan}"], 2, "NaN/inf"),
     ("gen-torch-router-inf", GEN + ["--backend", "torch", "--steps", "1", "--router", "{router_inf}"], 2, "NaN/inf"),
-    ("train-data-nan", ["train", "--model", "sd35-tiny", "--data", "{nan_data}", "--steps", "3", "--out-dir", "{out}/t"], 2, "NaN/inf"),
-    ("train-sampler-shift-nan", ["train", "--model", "sd35-tiny", "--sampler-shift", "nan", "--out-dir", "{out}/t"], 2, "--sampler-shift"),
+    (
+        "train-data-nan",
+        ["train", "--model", "sd35-tiny", "--data", "{nan_data}", "--steps", "3", "--out-dir", "{out}/t"],
+        2,
+        "NaN/inf",
+    ),
+    (
+        "train-sampler-shift-nan",
+        ["train", "--model", "sd35-tiny", "--sampler-shift", "nan", "--out-dir", "{out}/t"],
+        2,
+        "--sampler-shift",
+    ),
     # --- S1 4: another model's training data
-    ("train-data-other-model", ["train", "--model", "sd35-tiny", "--data", "{data_of_sd3}", "--out-dir", "{out}/t"], 2, "made for model 'sd3-tiny'"),
+    (
+        "train-data-other-model",
+        ["train", "--model", "sd35-tiny", "--data", "{data_of_sd3}", "--out-dir", "{out}/t"],
+        2,
+        "made for model 'sd3-tiny'",
+    ),
     # --- S2: contradictory flags, each naming both
     ("gen-torch-with-artifact", GEN + ["--backend", "torch", "--artifact", "{graph04}"], 2, "--artifact"),
-    ("gen-ratio-vs-artifact", GEN + ["--backend", "ort", "--ratio", "0.2", "--artifact", "{graph04}"], 2, "--ratio 0.2 contradicts --artifact"),
-    ("gen-phases-vs-uniform-artifact", GEN + ["--backend", "ort", "--phases", "--artifact", "{graph04}"], 2, "--phases"),
+    (
+        "gen-ratio-vs-artifact",
+        GEN + ["--backend", "ort", "--ratio", "0.2", "--artifact", "{graph04}"],
+        2,
+        "--ratio 0.2 contradicts --artifact",
+    ),
+    (
+        "gen-phases-vs-uniform-artifact",
+        GEN + ["--backend", "ort", "--phases", "--artifact", "{graph04}"],
+        2,
+        "--phases",
+    ),
     ("trt-onnx-and-ratio", TRT_ONNX + ["--onnx", "{graph04}", "--ratio", "0.4"], 2, "--ratio"),
     ("trt-model-vs-onnx", TRT_ONNX + ["--model", "sd3-tiny", "--onnx", "{graph04}"], 2, "graph of model 'sd35-tiny'"),
-    ("onnx-model-is-recipe-path", ["onnx", "--model", "recipes/sd35-tiny.toml", "--no-validate", "--out", "{out}/m.onnx"], 2, "--recipe"),
+    (
+        "onnx-model-is-recipe-path",
+        ["onnx", "--model", "recipes/sd35-tiny.toml", "--no-validate", "--out", "{out}/m.onnx"],
+        2,
+        "--recipe",
+    ),
     ("trt-batch-min-without-dynamic", TRT + ["--ratio", "0.4", "--batch-min", "2"], 2, "--dynamic-batch"),
     ("trt-workspace-0", TRT + ["--ratio", "0.4", "--workspace", "0"], 2, "--workspace 0"),
-    ("parity-graph-of-another-model", ["validate", "parity", "--model", "sd35-tiny", "--onnx", "{graph_of_sd3}"], 2, "graph of model 'sd3-tiny'"),
+    (
+        "parity-graph-of-another-model",
+        ["validate", "parity", "--model", "sd35-tiny", "--onnx", "{graph_of_sd3}"],
+        2,
+        "graph of model 'sd3-tiny'",
+    ),
     # --- S2: checked before any export or load
     ("trt-opt-level-6", TRT + ["--ratio", "0.4", "--opt-level", "6"], 2, "--opt-level 6"),
     ("trt-workspace-neg", TRT + ["--ratio", "0.4", "--workspace", "-5"], 2, "--workspace -5"),
     ("trt-aot-target-empty", TRT + ["--ratio", "0.4", "--aot-target", ""], 2, "--aot-target"),
-    ("trt-batch-min-above-max", TRT + ["--ratio", "0.4", "--dynamic-batch", "--batch-min", "5", "--batch-max", "2"], 2, "--batch-min 5"),
+    (
+        "trt-batch-min-above-max",
+        TRT + ["--ratio", "0.4", "--dynamic-batch", "--batch-min", "5", "--batch-max", "2"],
+        2,
+        "--batch-min 5",
+    ),
     ("onnx-text-len-huge", ONNX_T + ["--text-len", "1000000000"], 2, "--text-len 1000000000"),
     ("onnx-batch-huge", ONNX_T + ["--batch", "1000000000"], 2, "--batch 1000000000"),
     ("onnx-batch-huge-dynamic", ONNX_T + ["--batch", "100000", "--dynamic-batch"], 2, "--dynamic-batch"),
@@ -272,53 +385,207 @@ CORPUS = [
     ("trt-out-dir-is-file", TRT[:-2] + ["--ratio", "0.4", "--out-dir", "{file}"], 1, "not a folder"),
     ("train-data-out-is-file", ["train-data", "--out", "{file}", "--prompts", "{file}"], 1, "not a folder"),
     ("quality-out-dir-is-file", ["validate", "quality", "--out-dir", "{file}"], 1, "not a folder"),
-    ("frontier-out-dir-is-file", ["validate", "frontier", "--model", "sd35-tiny", "--out-dir", "{file}"], 1, "not a folder"),
+    (
+        "frontier-out-dir-is-file",
+        ["validate", "frontier", "--model", "sd35-tiny", "--out-dir", "{file}"],
+        1,
+        "not a folder",
+    ),
     ("suite-out-dir-is-file", ["validate", "suite", "cpu", "--out-dir", "{file}"], 1, "not a folder"),
-    ("speed-batch-huge", ["validate", "speed", "--model", "sd35-tiny", "--batch", "1000000000"], 2, "--batch 1000000000"),
-    ("train-seed-65-bits", ["train", "--model", "sd35-tiny", "--seed", str(2**64), "--out-dir", "{out}/t"], 2, "--seed"),
+    (
+        "speed-batch-huge",
+        ["validate", "speed", "--model", "sd35-tiny", "--batch", "1000000000"],
+        2,
+        "--batch 1000000000",
+    ),
+    (
+        "train-seed-65-bits",
+        ["train", "--model", "sd35-tiny", "--seed", str(2**64), "--out-dir", "{out}/t"],
+        2,
+        "--seed",
+    ),
     ("run-seed-65-bits", ["run", "{dir}", "--seed", str(2**64)], 2, "--seed"),
     ("run-iterations-0", ["run", "{dir}", "--iterations", "0"], 2, "--iterations"),
     # --- probe 2 rerun (docs/quality/hostile-probe-2.md): each row is a probe case that was not clean on main
     ("onnx-ratio-given-twice", ONNX_T + ["--ratio", "0.4", "--ratio", "0.5"], 2, "--ratio 0.4 and --ratio 0.5"),
-    ("onnx-validate-and-no-validate", ["onnx", "--model", "sd35-tiny", "--validate", "--no-validate", "--out", "{out}/m.onnx"], 2, "--validate and --no-validate"),
+    (
+        "onnx-validate-and-no-validate",
+        ["onnx", "--model", "sd35-tiny", "--validate", "--no-validate", "--out", "{out}/m.onnx"],
+        2,
+        "--validate and --no-validate",
+    ),
     ("onnx-out-socket", ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{socket}"], 1, "socket"),
-    ("speed-compile-without-e2e", ["validate", "speed", "--model", "sd35-tiny", "--compile", "--out-dir", "{out}/s"], 2, "--compile acts only with --e2e"),
-    ("speed-steps-without-e2e", ["validate", "speed", "--model", "sd35-tiny", "--steps", "5", "--out-dir", "{out}/s"], 2, "--steps acts only with --e2e"),
-    ("speed-phases-without-e2e", ["validate", "speed", "--model", "sd35-tiny", "--phases", "--out-dir", "{out}/s"], 2, "--phases acts only with --e2e"),
-    ("train-dora-rank-without-dora", ["train", "--model", "sd35-tiny", "--dora-rank", "8", "--out-dir", "{out}/t"], 2, "--dora-rank acts only with --dora"),
-    ("train-lambda-budget-without-ema", ["train", "--model", "sd35-tiny", "--lambda-budget", "3", "--out-dir", "{out}/t"], 2, "--budget ema"),
-    ("train-paper-only-vs-estimator", ["train", "--model", "sd35-tiny", "--paper-only", "--estimator", "output-gated", "--out-dir", "{out}/t"], 2, "--paper-only and --estimator"),
+    (
+        "speed-compile-without-e2e",
+        ["validate", "speed", "--model", "sd35-tiny", "--compile", "--out-dir", "{out}/s"],
+        2,
+        "--compile acts only with --e2e",
+    ),
+    (
+        "speed-steps-without-e2e",
+        ["validate", "speed", "--model", "sd35-tiny", "--steps", "5", "--out-dir", "{out}/s"],
+        2,
+        "--steps acts only with --e2e",
+    ),
+    (
+        "speed-phases-without-e2e",
+        ["validate", "speed", "--model", "sd35-tiny", "--phases", "--out-dir", "{out}/s"],
+        2,
+        "--phases acts only with --e2e",
+    ),
+    (
+        "train-dora-rank-without-dora",
+        ["train", "--model", "sd35-tiny", "--dora-rank", "8", "--out-dir", "{out}/t"],
+        2,
+        "--dora-rank acts only with --dora",
+    ),
+    (
+        "train-lambda-budget-without-ema",
+        ["train", "--model", "sd35-tiny", "--lambda-budget", "3", "--out-dir", "{out}/t"],
+        2,
+        "--budget ema",
+    ),
+    (
+        "train-paper-only-vs-estimator",
+        ["train", "--model", "sd35-tiny", "--paper-only", "--estimator", "output-gated", "--out-dir", "{out}/t"],
+        2,
+        "--paper-only and --estimator",
+    ),
     ("train-threads-0", ["train", "--model", "sd35-tiny", "--threads", "0", "--out-dir", "{out}/t"], 2, "--threads 0"),
-    ("train-data-split-without-dataset", ["train-data", "--model", "sd35-tiny", "--prompts", "{file}", "--out", "{out}/d", "--split", "validation"], 2, "--split acts only with --dataset"),
-    ("quality-model-without-judge", ["validate", "quality", "--model", "sd35-tiny", "--out-dir", "{out}/q"], 2, "no judge"),
-    ("frontier-steps-0", ["validate", "frontier", "--model", "sd35-tiny", "--steps", "0", "--out-dir", "{out}/f"], 2, "--steps 0"),
-    ("frontier-guidance-nan", ["validate", "frontier", "--model", "sd35-tiny", "--guidance", "nan", "--out-dir", "{out}/f"], 2, "--guidance nan"),
-    ("frontier-dense-steps-0", ["validate", "frontier", "--model", "sd35-tiny", "--dense-steps", "0", "--out-dir", "{out}/f"], 2, "--dense-steps 0"),
-    ("parity-engine-without-engines-dir", ["validate", "parity", "--model", "sd35-tiny", "--backend", "engine"], 2, "--engines-dir"),
-    ("parity-engines-dir-missing", ["validate", "parity", "--model", "sd35-tiny", "--engines-dir", "{missing}"], 2, "does-not-exist"),
-    ("parity-onnx-with-ratio", ["validate", "parity", "--onnx", "{graph04}", "--ratio", "0.2"], 2, "--ratio 0.2 contradicts --onnx"),
+    (
+        "train-data-split-without-dataset",
+        ["train-data", "--model", "sd35-tiny", "--prompts", "{file}", "--out", "{out}/d", "--split", "validation"],
+        2,
+        "--split acts only with --dataset",
+    ),
+    (
+        "quality-model-without-judge",
+        ["validate", "quality", "--model", "sd35-tiny", "--out-dir", "{out}/q"],
+        2,
+        "no judge",
+    ),
+    (
+        "frontier-steps-0",
+        ["validate", "frontier", "--model", "sd35-tiny", "--steps", "0", "--out-dir", "{out}/f"],
+        2,
+        "--steps 0",
+    ),
+    (
+        "frontier-guidance-nan",
+        ["validate", "frontier", "--model", "sd35-tiny", "--guidance", "nan", "--out-dir", "{out}/f"],
+        2,
+        "--guidance nan",
+    ),
+    (
+        "frontier-dense-steps-0",
+        ["validate", "frontier", "--model", "sd35-tiny", "--dense-steps", "0", "--out-dir", "{out}/f"],
+        2,
+        "--dense-steps 0",
+    ),
+    (
+        "parity-engine-without-engines-dir",
+        ["validate", "parity", "--model", "sd35-tiny", "--backend", "engine"],
+        2,
+        "--engines-dir",
+    ),
+    (
+        "parity-engines-dir-missing",
+        ["validate", "parity", "--model", "sd35-tiny", "--engines-dir", "{missing}"],
+        2,
+        "does-not-exist",
+    ),
+    (
+        "parity-onnx-with-ratio",
+        ["validate", "parity", "--onnx", "{graph04}", "--ratio", "0.2"],
+        2,
+        "--ratio 0.2 contradicts --onnx",
+    ),
     ("recipe-phase-k-edited", ["recipe", "check", "{recipe_k_edited}"], 2, "k = [9999"),
     ("onnx-recipe-config-wrong-type", ONNX_T + ["--recipe", "{recipe_layers_str}"], 2, "num_layers = 'six'"),
     ("onnx-weights-unsupported-class", ONNX_T + ["--weights", "{weights_unet}"], 2, "--weights"),
     ("inspect-external-data-missing", ["inspect", "{graph_ext_missing}"], 2, "external data file"),
-    ("gen-prompts-only-comments", ["generate", "--model", "sd35-tiny", "--out", "{out}", "--prompts", "{prompts_empty}"], 2, "prompts0.txt holds no prompt"),
+    (
+        "gen-prompts-only-comments",
+        ["generate", "--model", "sd35-tiny", "--out", "{out}", "--prompts", "{prompts_empty}"],
+        2,
+        "prompts0.txt holds no prompt",
+    ),
     ("suite-ratio-nan", ["validate", "suite", "{suite_ratio_nan}"], 2, "got nan"),
-    ("train-target-keep-0", ["train", "--model", "sd35-tiny", "--target-keep", "0", "--out-dir", "{out}/t"], 2, "--target-keep 0"),
-    ("train-min-keep-above-target", ["train", "--model", "sd35-tiny", "--min-keep", "0.9", "--target-keep", "0.5", "--out-dir", "{out}/t"], 2, "--min-keep 0.9"),
-    ("train-max-logit-0", ["train", "--model", "sd35-tiny", "--max-logit", "0", "--out-dir", "{out}/t"], 2, "--max-logit 0"),
-    ("train-steps-negative", ["train", "--model", "sd35-tiny", "--steps", "-5", "--out-dir", "{out}/t"], 2, "--steps -5"),
-    ("train-eval-every-0", ["train", "--model", "sd35-tiny", "--eval-every", "0", "--out-dir", "{out}/t"], 2, "--eval-every 0"),
+    (
+        "train-target-keep-0",
+        ["train", "--model", "sd35-tiny", "--target-keep", "0", "--out-dir", "{out}/t"],
+        2,
+        "--target-keep 0",
+    ),
+    (
+        "train-min-keep-above-target",
+        ["train", "--model", "sd35-tiny", "--min-keep", "0.9", "--target-keep", "0.5", "--out-dir", "{out}/t"],
+        2,
+        "--min-keep 0.9",
+    ),
+    (
+        "train-max-logit-0",
+        ["train", "--model", "sd35-tiny", "--max-logit", "0", "--out-dir", "{out}/t"],
+        2,
+        "--max-logit 0",
+    ),
+    (
+        "train-steps-negative",
+        ["train", "--model", "sd35-tiny", "--steps", "-5", "--out-dir", "{out}/t"],
+        2,
+        "--steps -5",
+    ),
+    (
+        "train-eval-every-0",
+        ["train", "--model", "sd35-tiny", "--eval-every", "0", "--out-dir", "{out}/t"],
+        2,
+        "--eval-every 0",
+    ),
     ("unknown-command", ["bogus-command"], 2, "Choose one of: generate"),
-    ("train-data-fewer-prompts-than-images", ["train-data", "--model", "sd35-tiny", "--images", "{imgs_two}", "--prompts", "{prompts_one}", "--out", "{out}/d"], 2, "prompts-one.txt has 1 prompts"),
-    ("train-sampler-steps-0", ["train", "--model", "sd35-tiny", "--sampler-steps", "0", "--out-dir", "{out}/t"], 2, "--sampler-steps"),
+    (
+        "train-data-fewer-prompts-than-images",
+        [
+            "train-data",
+            "--model",
+            "sd35-tiny",
+            "--images",
+            "{imgs_two}",
+            "--prompts",
+            "{prompts_one}",
+            "--out",
+            "{out}/d",
+        ],
+        2,
+        "prompts-one.txt has 1 prompts",
+    ),
+    (
+        "train-sampler-steps-0",
+        ["train", "--model", "sd35-tiny", "--sampler-steps", "0", "--out-dir", "{out}/t"],
+        2,
+        "--sampler-steps",
+    ),
     # --- exit codes: missing hardware is 4 everywhere
-    ("train-device-cuda7", ["train", "--model", "sd35-tiny", "--device", "cuda:7", "--out-dir", "{out}/t"], 4, "cuda:7"),
+    (
+        "train-device-cuda7",
+        ["train", "--model", "sd35-tiny", "--device", "cuda:7", "--out-dir", "{out}/t"],
+        4,
+        "cuda:7",
+    ),
     # --- S3
     ("inspect-backend-version-abc", ["inspect", "{graph04}", "--backend-version", "abc"], 2, "--backend-version"),
 ]
 if not _ort_has_cuda():
-    CORPUS.append(("gen-provider-cuda-without-ort-gpu", GEN + ["--backend", "ort", "--provider", "cuda"], 4, "onnxruntime-gpu"))
-    CORPUS.append(("parity-ort-cuda-without-ort-gpu", ["validate", "parity", "--model", "sd35-tiny", "--backend", "ort-cuda"], 4, "onnxruntime-gpu"))
+    CORPUS.append(
+        ("gen-provider-cuda-without-ort-gpu", GEN + ["--backend", "ort", "--provider", "cuda"], 4, "onnxruntime-gpu")
+    )
+    CORPUS.append(
+        (
+            "parity-ort-cuda-without-ort-gpu",
+            ["validate", "parity", "--model", "sd35-tiny", "--backend", "ort-cuda"],
+            4,
+            "onnxruntime-gpu",
+        )
+    )
 
 
 def _torch_has_cuda() -> bool:
@@ -354,7 +621,9 @@ def test_bad_input_is_one_clean_line(name, args, code, needle, tmp_path, capsys,
     for a in args:
         for key in re.findall(r"\{(\w+)\}", a):
             if key not in subs:
-                subs[key] = str(_make2(key, tmp_path, request.getfixturevalue("graph") if key.startswith("graph") else None))
+                subs[key] = str(
+                    _make2(key, tmp_path, request.getfixturevalue("graph") if key.startswith("graph") else None)
+                )
     argv = [a.format(**subs) for a in args]
     got = main(argv)
     assert_clean_refusal(name, got, code, needle, out, capsys)
@@ -379,20 +648,28 @@ _HOLDER = (
 def held(tmp_path):
     """Another process writing ``tmp/busy`` (holding its lock), as a concurrent run would."""
     d = tmp_path / "busy"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(d)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(d)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "locked"
     yield d
     proc.kill()
     proc.wait()
 
 
-@pytest.mark.parametrize("argv", [
-    ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{busy}/m.onnx"],
-    ["train", "--model", "sd35-tiny", "--steps", "3", "--out-dir", "{busy}"],
-    ["generate", "--model", "sd35-tiny", "--prompt", "x", "--out", "{busy}"],
-    ["validate", "speed", "--model", "sd35-tiny", "--out-dir", "{busy}"],
-], ids=["onnx", "train", "generate", "speed"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["onnx", "--model", "sd35-tiny", "--no-validate", "--out", "{busy}/m.onnx"],
+        ["train", "--model", "sd35-tiny", "--steps", "3", "--out-dir", "{busy}"],
+        ["generate", "--model", "sd35-tiny", "--prompt", "x", "--out", "{busy}"],
+        ["validate", "speed", "--model", "sd35-tiny", "--out-dir", "{busy}"],
+    ],
+    ids=["onnx", "train", "generate", "speed"],
+)
 def test_a_second_run_into_one_output_is_refused(argv, held, capsys):
     got = main([a.format(busy=held) for a in argv])
     err = capsys.readouterr().err
@@ -439,7 +716,10 @@ def test_verify_onnx_record_catches_valid_onnx_edits(graph, tmp_path):
 def test_a_bound_recipe_refuses_a_pipeline_folder_holding_other_weights(tmp_path, capsys):
     """A recipe bound by sha256 (train --dora) whose [model] path is a pipeline folder with the *base* transformer."""
     text = (ROOT / "recipes" / "sd35-shapes.toml").read_text()
-    text = text.replace('path = "sd35-shapes/pipeline"', f'path = "{ROOT / "recipes" / "sd35-shapes" / "pipeline"}"\nsha256 = "{"ab" * 32}"')
+    text = text.replace(
+        'path = "sd35-shapes/pipeline"',
+        f'path = "{ROOT / "recipes" / "sd35-shapes" / "pipeline"}"\nsha256 = "{"ab" * 32}"',
+    )
     text = re.sub(r'weights = "sd35-shapes.learned/', f'weights = "{ROOT / "recipes" / "sd35-shapes.learned"}/', text)
     rec = _w(tmp_path / "bound.toml", text)
     from shiva_export.errors import WeightsError
@@ -450,7 +730,10 @@ def test_a_bound_recipe_refuses_a_pipeline_folder_holding_other_weights(tmp_path
         pipeline_location(load_recipe(rec), None)  # what validate quality, generate and speed --e2e load
     from shiva_export.models.base import weights_sha256
 
-    good = _w(tmp_path / "good.toml", text.replace("ab" * 32, weights_sha256(ROOT / "recipes" / "sd35-shapes" / "pipeline" / "transformer")))
+    good = _w(
+        tmp_path / "good.toml",
+        text.replace("ab" * 32, weights_sha256(ROOT / "recipes" / "sd35-shapes" / "pipeline" / "transformer")),
+    )
     assert pipeline_location(load_recipe(good), None)[0].endswith("pipeline")  # the weights it is bound to load
     code = main(["onnx", "--recipe", str(rec), "--no-validate", "--out", str(tmp_path / "o" / "m.onnx")])
     err = capsys.readouterr().err
@@ -471,7 +754,9 @@ def test_the_e2e_report_names_the_cpu_and_load_average():
     from shiva_export.runtime.benchmark import E2EReport
     from shiva_export.validate.speed import _loadavg, _machine
 
-    rep = E2EReport("sd35-tiny", 1, 1.0, 16, 16, 0, 1, "cpu", "fp32", False, [], {**_machine(_loadavg()), "threads": 1}, "x")
+    rep = E2EReport(
+        "sd35-tiny", 1, 1.0, 16, 16, 0, 1, "cpu", "fp32", False, [], {**_machine(_loadavg()), "threads": 1}, "x"
+    )
     line = next(ln for ln in rep.to_markdown().splitlines() if "Machine:" in ln)
     assert "Machine: ?" not in line and "None" not in line and "load average" in line, line
 

@@ -25,7 +25,9 @@ def _save_lora(transformer, folder, targets, seed):
     from peft import LoraConfig, get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), adapter_name=f"mk{seed}")
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), adapter_name=f"mk{seed}"
+    )
     sd = get_peft_model_state_dict(transformer, adapter_name=f"mk{seed}")
     StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=sd)
     transformer.delete_adapters(f"mk{seed}")
@@ -57,7 +59,11 @@ def _spec_phase():
     from shiva_export.prune.schedule import uniform_phase
 
     rec = load_recipe("sd35-tiny")
-    return rec, InputSpec(batch=1, height=256, width=256, text_len=32, cfg=True), uniform_phase(6, 0.4, rec.routed_blocks(6))
+    return (
+        rec,
+        InputSpec(batch=1, height=256, width=256, text_len=32, cfg=True),
+        uniform_phase(6, 0.4, rec.routed_blocks(6)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,9 @@ def shared_graph(tmp_path_factory, lora_files):
     rec, spec, phase = _spec_phase()
     root = tmp_path_factory.mktemp("engines")
     loras = resolve_loras(lora_files[:1], [0.5])
-    info = _ensure_onnx(rec, None, None, phase, spec, "fp32", root, lambda m: None, loras=loras, controlnet_layers=CN_LAYERS)
+    info = _ensure_onnx(
+        rec, None, None, phase, spec, "fp32", root, lambda m: None, loras=loras, controlnet_layers=CN_LAYERS
+    )
     return root, loras, info
 
 
@@ -101,8 +109,21 @@ def test_lora_count_mismatch_and_bad_files_are_refused_in_one_line(capsys, lora_
 
     with pytest.raises(ConfigError, match="2 --lora but 1 --lora-scale"):
         resolve_loras(lora_files, [0.5])
-    code = main(["onnx", "--model", "sd35-tiny", "--lora", str(lora_files[0]), "--lora", str(lora_files[1]), "--lora-scale", "0.5",
-                 "--out", str(tmp_path / "x.onnx")])
+    code = main(
+        [
+            "onnx",
+            "--model",
+            "sd35-tiny",
+            "--lora",
+            str(lora_files[0]),
+            "--lora",
+            str(lora_files[1]),
+            "--lora-scale",
+            "0.5",
+            "--out",
+            str(tmp_path / "x.onnx"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "2 --lora but 1 --lora-scale" in err and not (tmp_path / "x.onnx").exists()
     with pytest.raises(ConfigError, match="does not exist"):
@@ -111,7 +132,9 @@ def test_lora_count_mismatch_and_bad_files_are_refused_in_one_line(capsys, lora_
     from shiva_export.export.pruned import export_pruned
 
     with pytest.raises(ConfigError, match="bounded-memory export"):  # before anything loads
-        export_pruned(model="sd35-tiny", ratio=0.4, out=tmp_path / "b.onnx", bounded=True, loras=resolve_loras(lora_files[:1]))
+        export_pruned(
+            model="sd35-tiny", ratio=0.4, out=tmp_path / "b.onnx", bounded=True, loras=resolve_loras(lora_files[:1])
+        )
     with pytest.raises(ConfigError, match="--segments 2 .* ControlNet"):
         build_engines(model="sd35-tiny", ratios=[0.4], segments=2, controlnet_layers=2, out_dir=tmp_path)
     # a LoRA holding NaN is refused before diffusers sees it
@@ -137,7 +160,19 @@ def test_ort_with_fused_loras_equals_torch_with_unfused_loras(capsys, two_loras,
     from shiva_export.export.parity import check_parity
 
     out = tmp_path / "lora.onnx"
-    args = ["onnx", "--model", "sd35-tiny", "--ratio", "0.4", "--out", str(out), "--no-validate", "--json", "--controlnet", str(controlnet_dir)]
+    args = [
+        "onnx",
+        "--model",
+        "sd35-tiny",
+        "--ratio",
+        "0.4",
+        "--out",
+        str(out),
+        "--no-validate",
+        "--json",
+        "--controlnet",
+        str(controlnet_dir),
+    ]
     for f, s in zip(lora_files, ("0.7", "-0.5")):
         args += ["--lora", str(f), "--lora-scale", s]
     assert main(args) == 0
@@ -153,7 +188,9 @@ def test_ort_with_fused_loras_equals_torch_with_unfused_loras(capsys, two_loras,
             x["timestep"] = torch.full_like(x["timestep"], t)
         x.update(cn.sample_inputs(tf, 2, 256, CN_LAYERS, seed=s))
     with cn.residual_inputs(tf):
-        rep = check_parity(out, tf, cases, atol=tol.atol, rtol=tol.rtol, min_cosine=tol.min_cosine, min_index_agreement=1.0)
+        rep = check_parity(
+            out, tf, cases, atol=tol.atol, rtol=tol.rtol, min_cosine=tol.min_cosine, min_index_agreement=1.0
+        )
     assert rep.passed, rep.summary_line()
     assert rep.worst.max_abs <= tol.atol and rep.index_agreement == 1.0
     print("LoRA parity:", rep.summary_line())
@@ -169,8 +206,16 @@ def test_ratio0_with_lora_is_bit_identical_to_dense_with_lora(two_loras):
 
     def latents(pipe):
         g = torch.Generator().manual_seed(0)
-        return pipe("a red cube", num_inference_steps=STEPS, guidance_scale=4.5, generator=g, output_type="latent",
-                    max_sequence_length=16, height=256, width=256).images
+        return pipe(
+            "a red cube",
+            num_inference_steps=STEPS,
+            guidance_scale=4.5,
+            generator=g,
+            output_type="latent",
+            max_sequence_length=16,
+            height=256,
+            width=256,
+        ).images
 
     dense = load_pipeline("sd35-tiny", backend="torch", dense=True, loras=two_loras)
     pruned = load_pipeline("sd35-tiny", backend="torch", ratio=0.0, loras=two_loras)
@@ -196,24 +241,41 @@ def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_lora
     assert len({key(()), key(a), key(resolve_loras(lora_files[:1], [0.6])), key(two_loras)}) == 4
     ek = export_key_for(rec, None, None, 0.4, False, spec.to_dict(), "fp32", 20, False, "drop", a)
     assert ek["loras"] == [{"file": lora_files[0].name, "sha256": a[0].sha256, "scale": 0.5}]
-    assert "loras" not in export_key_for(rec, None, None, 0.4, False, spec.to_dict(), "fp32", 20, False)  # old keys unchanged
+    assert "loras" not in export_key_for(
+        rec, None, None, 0.4, False, spec.to_dict(), "fp32", 20, False
+    )  # old keys unchanged
     # a changed file (same name) is another LoRA
     changed = tmp_path / "lora0.safetensors"
     changed.write_bytes(lora_files[0].read_bytes()[:-1] + b" ")
     assert resolve_loras([changed], [0.5])[0].sha256 != a[0].sha256
-    assert key(a) != _artifact_key(rec, None, None, phase, spec, "fp32", False, "drop", a, CN_LAYERS)  # ControlNet inputs: another graph
+    assert key(a) != _artifact_key(
+        rec, None, None, phase, spec, "fp32", False, "drop", a, CN_LAYERS
+    )  # ControlNet inputs: another graph
     root, _, first = shared_graph
-    again = _ensure_onnx(rec, None, None, phase, spec, "fp32", root, lambda m: None, loras=resolve_loras(lora_files[:1], [0.5]),
-                         controlnet_layers=CN_LAYERS)
+    again = _ensure_onnx(
+        rec,
+        None,
+        None,
+        phase,
+        spec,
+        "fp32",
+        root,
+        lambda m: None,
+        loras=resolve_loras(lora_files[:1], [0.5]),
+        controlnet_layers=CN_LAYERS,
+    )
     assert (first["status"], again["status"]) == ("exported", "cached") and first["onnx"] == again["onnx"]
     assert first["loras"] == [lo.to_dict() for lo in a] and first["parity"] and "pass" in first["parity"].lower()
     from shiva_export.runtime.pipeline import load_pipeline
 
-    with pytest.raises(ConfigError, match="was exported with LoRAs"):  # a given graph must carry exactly the requested LoRAs
+    with pytest.raises(
+        ConfigError, match="was exported with LoRAs"
+    ):  # a given graph must carry exactly the requested LoRAs
         load_pipeline("sd35-tiny", backend="ort", artifacts=[first["onnx"]], loras=resolve_loras(lora_files[:1], [0.6]))
 
 
 # -- ControlNet -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
@@ -221,10 +283,24 @@ def controlnet_dir(tmp_path_factory):
     from diffusers import SD3ControlNetModel
 
     torch.manual_seed(0)
-    cn = SD3ControlNetModel(sample_size=32, patch_size=2, in_channels=16, num_layers=CN_LAYERS, attention_head_dim=16, num_attention_heads=4,
-                            joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64,
-                            qk_norm="rms_norm", force_zeros_for_pooled_projection=False)
-    with torch.no_grad():  # diffusers zero-initialises the residual projections: randomise them so residuals are non-zero
+    cn = SD3ControlNetModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=CN_LAYERS,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+        force_zeros_for_pooled_projection=False,
+    )
+    with (
+        torch.no_grad()
+    ):  # diffusers zero-initialises the residual projections: randomise them so residuals are non-zero
         for p in list(cn.controlnet_blocks.parameters()) + list(cn.pos_embed_input.parameters()):
             p.normal_(0.0, 0.05)
     d = tmp_path_factory.mktemp("controlnet") / "cn"
@@ -248,8 +324,18 @@ def _cn_latents(pipe, image, steps=STEPS):
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # the pipeline samples the control image's VAE posterior from the global RNG
-    return pipe("a red cube", num_inference_steps=steps, guidance_scale=4.5, generator=g, output_type="latent", max_sequence_length=16,
-                height=256, width=256, control_image=load_control_image(image, 256, 256), controlnet_conditioning_scale=0.8).images
+    return pipe(
+        "a red cube",
+        num_inference_steps=steps,
+        guidance_scale=4.5,
+        generator=g,
+        output_type="latent",
+        max_sequence_length=16,
+        height=256,
+        width=256,
+        control_image=load_control_image(image, 256, 256),
+        controlnet_conditioning_scale=0.8,
+    ).images
 
 
 def test_controlnet_ratio0_equals_dense_controlnet_pipeline_bit_for_bit(controlnet_dir, control_image):
@@ -267,8 +353,16 @@ def test_controlnet_ratio0_equals_dense_controlnet_pipeline_bit_for_bit(controln
     plain = load_diffusers_pipeline("sd35-tiny")
     plain.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
-    ref = plain("a red cube", num_inference_steps=STEPS, guidance_scale=4.5, generator=g, output_type="latent", max_sequence_length=16,
-                height=256, width=256).images
+    ref = plain(
+        "a red cube",
+        num_inference_steps=STEPS,
+        guidance_scale=4.5,
+        generator=g,
+        output_type="latent",
+        max_sequence_length=16,
+        height=256,
+        width=256,
+    ).images
     assert not torch.equal(ref, d)  # the ControlNet acts
 
 
@@ -281,7 +375,9 @@ def test_controlnet_graph_parity_and_ort_pipeline_equals_torch(controlnet_dir, c
     root, loras, first = shared_graph
     assert first["controlnet_layers"] == CN_LAYERS and "pass" in first["parity"].lower()
     cn = load_controlnet(controlnet_dir)
-    ort = load_pipeline("sd35-tiny", backend="ort", ratio=0.4, artifact_root=root, controlnet_layers=CN_LAYERS, loras=loras)
+    ort = load_pipeline(
+        "sd35-tiny", backend="ort", ratio=0.4, artifact_root=root, controlnet_layers=CN_LAYERS, loras=loras
+    )
     assert ort.shiva.artifacts[0]["status"] == "cached"
     tch = load_pipeline("sd35-tiny", backend="torch", ratio=0.4, loras=loras)
     got = _cn_latents(controlnet_pipeline(ort, cn), control_image)
@@ -291,24 +387,78 @@ def test_controlnet_graph_parity_and_ort_pipeline_equals_torch(controlnet_dir, c
     assert (got - ref).abs().max().item() <= tol.atol
     # the same graph without a ControlNet: zero residuals, equal to the plain torch pipeline
     g = torch.Generator().manual_seed(0)
-    kw = {"num_inference_steps": STEPS, "guidance_scale": 4.5, "output_type": "latent", "max_sequence_length": 16, "height": 256, "width": 256}
+    kw = {
+        "num_inference_steps": STEPS,
+        "guidance_scale": 4.5,
+        "output_type": "latent",
+        "max_sequence_length": 16,
+        "height": 256,
+        "width": 256,
+    }
     plain_ort = ort("a red cube", generator=g, **kw).images
     plain_tch = tch("a red cube", generator=torch.Generator().manual_seed(0), **kw).images
-    assert (plain_ort - plain_tch).abs().max().item() <= tol.atol and (plain_ort - got).abs().max().item() > 100 * tol.atol
+    assert (plain_ort - plain_tch).abs().max().item() <= tol.atol and (
+        plain_ort - got
+    ).abs().max().item() > 100 * tol.atol
 
 
-def test_generate_cli_controlnet_and_lora_on_ort(capsys, controlnet_dir, control_image, lora_files, shared_graph, tmp_path):
+def test_generate_cli_controlnet_and_lora_on_ort(
+    capsys, controlnet_dir, control_image, lora_files, shared_graph, tmp_path
+):
     root, _, _ = shared_graph
     out = tmp_path / "gen"
-    code = main(["generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "ort", "--ratio", "0.4", "--steps", "2",
-                 "--controlnet", str(controlnet_dir), "--control-image", str(control_image), "--control-scale", "0.5",
-                 "--lora", str(lora_files[0]), "--lora-scale", "0.5", "--artifact-root", str(root), "--out", str(out), "--json", "-q"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "sd35-tiny",
+            "--prompt",
+            "a red cube",
+            "--backend",
+            "ort",
+            "--ratio",
+            "0.4",
+            "--steps",
+            "2",
+            "--controlnet",
+            str(controlnet_dir),
+            "--control-image",
+            str(control_image),
+            "--control-scale",
+            "0.5",
+            "--lora",
+            str(lora_files[0]),
+            "--lora-scale",
+            "0.5",
+            "--artifact-root",
+            str(root),
+            "--out",
+            str(out),
+            "--json",
+            "-q",
+        ]
+    )
     rec = json.loads(capsys.readouterr().out)
     assert code == 0 and (out / "000-a-red-cube.png").is_file()
     assert rec["controlnet"]["layers"] == CN_LAYERS and rec["controlnet"]["control_scale"] == 0.5
     art = rec["pipeline"]["artifacts"][0]
     assert rec["pipeline"]["loras"][0]["scale"] == 0.5 and art["loras"][0]["scale"] == 0.5 and art["status"] == "cached"
-    assert main(["generate", "--model", "sd35-tiny", "--prompt", "x", "--controlnet", str(controlnet_dir), "--out", str(tmp_path / "g2")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "sd35-tiny",
+                "--prompt",
+                "x",
+                "--controlnet",
+                str(controlnet_dir),
+                "--out",
+                str(tmp_path / "g2"),
+            ]
+        )
+        == 2
+    )
     assert "--controlnet and --control-image go together" in capsys.readouterr().err
 
 
@@ -338,17 +488,30 @@ def test_lora_change_on_a_stripped_engine_is_a_refit_decision(two_loras, lora_fi
     key_b = {"ratio": 0.4, "loras": [lo.to_dict() for lo in two_loras]}
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"stripped plan")
-    m = EngineManifest(model_name="sd35-tiny", model_config_hash="c", onnx_sha256="o", engine_sha256=sha256_file(plan), backend=be.name,
-                       backend_version=be.version, input_shapes={}, dtype="fp32", export_key=key_a,
-                       build_options={**opts, "refit_weights": {"onnx_sha256": "o", "data": None, "data_sha256": None}})
+    m = EngineManifest(
+        model_name="sd35-tiny",
+        model_config_hash="c",
+        onnx_sha256="o",
+        engine_sha256=sha256_file(plan),
+        backend=be.name,
+        backend_version=be.version,
+        input_shapes={},
+        dtype="fp32",
+        export_key=key_a,
+        build_options={**opts, "refit_weights": {"onnx_sha256": "o", "data": None, "data_sha256": None}},
+    )
     mpath = tmp_path / "manifest.json"
     write_manifest(mpath, m)
     assert refittable_manifest(mpath, plan, key_b, opts, be) is not None  # only the LoRAs differ: refit
     assert refittable_manifest(mpath, plan, key_a, opts, be) is None  # same LoRAs: the cache, not a refit
     assert refittable_manifest(mpath, plan, {**key_b, "ratio": 0.2}, opts, be) is None  # another graph: rebuild
-    assert refittable_manifest(mpath, plan, key_b, {"strip_weights": True}, be) is None  # REFIT_IDENTICAL engine: rebuild
+    assert (
+        refittable_manifest(mpath, plan, key_b, {"strip_weights": True}, be) is None
+    )  # REFIT_IDENTICAL engine: rebuild
     assert refittable_manifest(mpath, plan, key_b, opts, SimpleNamespace(name="tensorrt", version="10.14")) is None
-    new = refit_manifest(read_manifest(mpath), key_b, "o2", {"onnx_sha256": "o2", "data": None, "data_sha256": None}, "r")
+    new = refit_manifest(
+        read_manifest(mpath), key_b, "o2", {"onnx_sha256": "o2", "data": None, "data_sha256": None}, "r"
+    )
     assert new.engine_sha256 == m.engine_sha256 and new.export_key == key_b and new.onnx_sha256 == "o2"
     assert new.build_options["refit_weights"]["onnx_sha256"] == "o2" and new.build_options["refit"] == "any"
     plan.write_bytes(b"another plan")
@@ -366,11 +529,20 @@ def test_stripped_lora_engine_refits_on_a_lora_change_and_matches_ort(two_loras,
     from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.modules import OrtRunner
 
-    kw = {"model": "sd35-tiny", "ratios": [0.4], "dense": False, "backend": "tensorrt", "out_dir": tmp_path, "strip_weights": True}
+    kw = {
+        "model": "sd35-tiny",
+        "ratios": [0.4],
+        "dense": False,
+        "backend": "tensorrt",
+        "out_dir": tmp_path,
+        "strip_weights": True,
+    }
     first = build_engines(loras=resolve_loras(lora_files[:1], [0.5]), **kw)[0]
     sha = read_manifest(first.manifest_path).engine_sha256
     second = build_engines(loras=two_loras, **kw)[0]
-    assert (first.status, second.status) == ("built", "refit") and read_manifest(second.manifest_path).engine_sha256 == sha
+    assert (first.status, second.status) == ("built", "refit") and read_manifest(
+        second.manifest_path
+    ).engine_sha256 == sha
     assert second.deserialize["refit_checked"] is True
     _, x = _inputs()
     runner = EngineRunner(second.out_dir)
@@ -387,8 +559,16 @@ def test_rtx_engine_with_loras_and_controlnet_inputs_builds_and_is_cached(two_lo
     from shiva_export.engines.budgets import build_engines
     from shiva_export.engines.manifest import read_manifest
 
-    kw = {"model": "sd35-tiny", "ratios": [0.4], "dense": False, "backend": "tensorrt-rtx", "out_dir": tmp_path, "loras": two_loras,
-          "controlnet_layers": CN_LAYERS, "validate": False}
+    kw = {
+        "model": "sd35-tiny",
+        "ratios": [0.4],
+        "dense": False,
+        "backend": "tensorrt-rtx",
+        "out_dir": tmp_path,
+        "loras": two_loras,
+        "controlnet_layers": CN_LAYERS,
+        "validate": False,
+    }
     first = build_engines(**kw)[0]
     m = read_manifest(first.manifest_path)
     assert first.status == "built" and m.export_key["loras"] == [lo.to_dict() for lo in two_loras]

@@ -27,7 +27,11 @@ def test_inside(tmp_path):
 def test_recipe_phase_name_cannot_escape(tmp_path, capsys):
     src = (__import__("shiva_export.recipe", fromlist=["x"]).recipe_path("sd35-tiny")).read_text()
     bad = tmp_path / "bad.toml"
-    bad.write_text(src.replace('name = "early"', 'name = "../../../tmp/evil"').replace("sd35-tiny.learned/", str(tmp_path) + "/../x/"))
+    bad.write_text(
+        src.replace('name = "early"', 'name = "../../../tmp/evil"').replace(
+            "sd35-tiny.learned/", str(tmp_path) + "/../x/"
+        )
+    )
     code = main(["recipe", "check", str(bad)])
     err = capsys.readouterr().err
     assert code == 2 and "schedule.phases[0].name" in err and "Traceback" not in err
@@ -35,7 +39,9 @@ def test_recipe_phase_name_cannot_escape(tmp_path, capsys):
 
 def test_suite_name_cannot_escape(tmp_path, capsys):
     bad = tmp_path / "s.toml"
-    bad.write_text('schema_version = 1\nname = "../../escape"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [0.4]\n')
+    bad.write_text(
+        'schema_version = 1\nname = "../../escape"\n[[case]]\nkind = "speed"\nmodel = "sd35-tiny"\nratios = [0.4]\n'
+    )
     code = main(["validate", "suite", str(bad), "--out-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "name" in err and "Traceback" not in err
@@ -45,7 +51,9 @@ def test_suite_name_cannot_escape(tmp_path, capsys):
 def _foreign_onnx(path, meta=None):
     x = h.make_tensor_value_info("x", TP.FLOAT, [1, 4])
     y = h.make_tensor_value_info("y", TP.FLOAT, [1, 4])
-    m = h.make_model(h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y]), opset_imports=[h.make_opsetid("", 17)])
+    m = h.make_model(
+        h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y]), opset_imports=[h.make_opsetid("", 17)]
+    )
     for k, v in (meta or {}).items():
         m.metadata_props.add(key=k, value=v)
     onnx.save(m, path)
@@ -55,11 +63,25 @@ def _foreign_onnx(path, meta=None):
 @pytest.mark.trt_rtx
 def test_trt_refuses_a_foreign_or_escaping_onnx(tmp_path, capsys):
     out = tmp_path / "engines"
-    code = main(["trt", "--model", "sd35-tiny", "--onnx", str(_foreign_onnx(tmp_path / "f.onnx")), "--backend", "tensorrt-rtx", "--out-dir", str(out)])
+    code = main(
+        [
+            "trt",
+            "--model",
+            "sd35-tiny",
+            "--onnx",
+            str(_foreign_onnx(tmp_path / "f.onnx")),
+            "--backend",
+            "tensorrt-rtx",
+            "--out-dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "carries no shiva.* metadata" in err, err
     evil = _foreign_onnx(tmp_path / "e.onnx", {"shiva.model": "../../../escaped", "shiva.input_spec": "{}"})
-    code = main(["trt", "--model", "sd35-tiny", "--onnx", str(evil), "--backend", "tensorrt-rtx", "--out-dir", str(out)])
+    code = main(
+        ["trt", "--model", "sd35-tiny", "--onnx", str(evil), "--backend", "tensorrt-rtx", "--out-dir", str(out)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "not a safe file name" in err, err
     assert not (tmp_path / "escaped").exists() and not out.exists() or not any(out.rglob("*.plan"))

@@ -81,8 +81,13 @@ def test_ratio_04_budget_identity_and_removal(name):
         assert torch.all(idx[:, 1:] > idx[:, :-1]), "kept indices must be ascending and unique"
         rejected = torch.ones(4, n, dtype=torch.bool)
         rejected.scatter_(1, idx, False)
-        assert torch.equal(r["hidden_out"][rejected], r["hidden_in"][rejected]), "rejected tokens must pass through unchanged"
-        assert torch.equal(r["block_input"], torch.gather(r["hidden_in"], 1, idx.unsqueeze(-1).expand(-1, -1, r["hidden_in"].shape[-1])))
+        assert torch.equal(r["hidden_out"][rejected], r["hidden_in"][rejected]), (
+            "rejected tokens must pass through unchanged"
+        )
+        assert torch.equal(
+            r["block_input"],
+            torch.gather(r["hidden_in"], 1, idx.unsqueeze(-1).expand(-1, -1, r["hidden_in"].shape[-1])),
+        )
         # CFG: both halves keep the same tokens, chosen from the element-wise max of their scores
         assert torch.equal(idx[:2], idx[2:])
         s = r["scores"]
@@ -119,7 +124,8 @@ def test_apply_twice_and_remove_unapplied_are_errors():
 
 
 @pytest.mark.parametrize(
-    "n,keep,k", [(4096, 0.6, 2457), (1024, 0.8, 819), (1000, 0.7, 700), (1000, 1 - 0.3, 700), (64, 1.0, 64), (10, 0.1, 1)]
+    "n,keep,k",
+    [(4096, 0.6, 2457), (1024, 0.8, 819), (1000, 0.7, 700), (1000, 1 - 0.3, 700), (64, 1.0, 64), (10, 0.1, 1)],
 )
 def test_static_k_floor(n, keep, k):
     assert static_k(n, keep) == k
@@ -151,7 +157,9 @@ def test_router_stays_fp32_and_roundtrips(tmp_path):
         assert k1 == k2 and torch.equal(v1, v2)
     # Group-12 layout: 3 routed blocks in pairs -> 2 routers
     assert bank.config.num_routers == 2 and bank.config.slot(3) == (1, 0)
-    other = ShivaConfig.uniform(4, 0.4, bottleneck=32).router_config(64 * 0 + bank.config.hidden_dim, bank.config.pooled_dim)
+    other = ShivaConfig.uniform(4, 0.4, bottleneck=32).router_config(
+        64 * 0 + bank.config.hidden_dim, bank.config.pooled_dim
+    )
     with pytest.raises(RouterError, match="bottleneck = 64 in the file, 32 expected"):
         load_routers(path, other)
     bad = tmp_path / "router.pt"
@@ -209,6 +217,9 @@ def test_prune_without_a_lookup_asks_for_the_adapter(monkeypatch):
 
     monkeypatch.setattr(api, "_ADAPTER_LOOKUP", [])
     model = tiny.build("sd3")
-    with pytest.raises(ConfigError, match=r"^no architecture adapter for SD3Transformer2DModel: pass apply_shiva_\(\.\.\., adapter=get_adapter\(transformer\)\)") as ei:
+    with pytest.raises(
+        ConfigError,
+        match=r"^no architecture adapter for SD3Transformer2DModel: pass apply_shiva_\(\.\.\., adapter=get_adapter\(transformer\)\)",
+    ) as ei:
         apply_shiva_(model, ShivaConfig.uniform(4, 0.5))
     assert "\n" not in str(ei.value) and not is_shiva_applied(model)

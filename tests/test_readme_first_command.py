@@ -19,7 +19,7 @@ def _first_command() -> list[str]:
     lines = [ln for ln in block.splitlines() if ln.strip()]
     assert len(lines) == 2, "the README opens with exactly two set-up commands"
     words = shlex.split(lines[0])
-    return words[words.index(".venv/bin/shiva-export") + 1:]
+    return words[words.index(".venv/bin/shiva-export") + 1 :]
 
 
 def test_readme_first_command_draws_the_captioned_shapes(tmp_path, capsys):
@@ -35,7 +35,9 @@ def test_readme_first_command_draws_the_captioned_shapes(tmp_path, capsys):
     stdout, err = capsys.readouterr()
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "generate.json").read_text())
-    assert str(tmp_path / "out" / "grid.png") in stdout and str(tmp_path / "out" / "generate.json") in stdout  # the files to open
+    assert (
+        str(tmp_path / "out" / "grid.png") in stdout and str(tmp_path / "out" / "generate.json") in stdout
+    )  # the files to open
     assert (tmp_path / "out" / "grid.png").is_file() and len(record["images"]) in (2, 3)
     for im in record["images"]:
         attrs = parse_caption(im["prompt"])  # prompts of the caption set the model was trained on

@@ -46,7 +46,10 @@ def test_hash_ignores_formatting(tmp_path):
         (lambda s: s + "\n[prune]\nratios = [0.4]\nbogus = 1\n", r"unknown field 'prune\.bogus'"),
         (lambda s: s + "\n[prune]\nratios = [1.5]\n", r"prune\.ratios\[0\] = 1.5 is invalid"),
         (lambda s: s + "\n[prune]\nratios = [0.4, 0.2]\n", r"unique and ascending"),
-        (lambda s: s.replace("schema_version = 1", "schema_version = 9"), r"schema_version = 9 is invalid.*reads schema_version = 1"),
+        (
+            lambda s: s.replace("schema_version = 1", "schema_version = 9"),
+            r"schema_version = 9 is invalid.*reads schema_version = 1",
+        ),
         (lambda s: s.replace('source = "hub"', 'source = "http"'), r"model\.source = 'http' is invalid"),
         (lambda s: s + "\n[export]\nopset = 23\n", r"export\.opset = 23 is invalid"),
         (lambda s: s.replace("[model]", "[model]\nrepo = 1"), r"unknown field 'model\.repo'"),

@@ -17,8 +17,17 @@ STEPS = 10
 
 def _latents(pipe, prompt="a red cube", steps=STEPS, seed=0, guidance=4.5, **kw):
     g = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="latent",
-                max_sequence_length=16, height=256, width=256, **kw).images
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=g,
+        output_type="latent",
+        max_sequence_length=16,
+        height=256,
+        width=256,
+        **kw,
+    ).images
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +79,9 @@ def test_ort_pipeline_matches_torch_pruned_pipeline(torch_pipe, ort_export):
         remove_shiva_(t)
     runner = OrtRunner(ort_export.export.onnx_path)
     runner.record = []
-    module = ShivaArtifactTransformer(dict(t.config), [ArtifactPhase(phase, ort_export.spec, runner, {}, "sd35-tiny")], "ort")
+    module = ShivaArtifactTransformer(
+        dict(t.config), [ArtifactPhase(phase, ort_export.spec, runner, {}, "sd35-tiny")], "ort"
+    )
     pipe = load_diffusers_pipeline("sd35-tiny", transformer=module)
     pipe.set_progress_bar_config(disable=True)
     got = _latents(pipe)
@@ -78,7 +89,7 @@ def test_ort_pipeline_matches_torch_pruned_pipeline(torch_pipe, ort_export):
     assert (got - ref).abs().max().item() <= tol.atol
     assert len(runner.record) == STEPS and module.trace == [phase.name] * STEPS
     blocks = sorted(runner.record[0])
-    torch_steps = [rec_torch[i * len(blocks):(i + 1) * len(blocks)] for i in range(STEPS)]
+    torch_steps = [rec_torch[i * len(blocks) : (i + 1) * len(blocks)] for i in range(STEPS)]
     for step, (o, tr) in enumerate(zip(runner.record, torch_steps)):
         for r in tr:
             assert torch.equal(o[r["block"]].long(), r["indices"].long()), f"step {step} block {r['block']}"
@@ -140,7 +151,13 @@ def test_static_shape_contract(torch_pipe, ort_export):
 
     rec = load_recipe("sd35-tiny")
     n = len(torch_pipe.transformer.transformer_blocks)
-    ap = ArtifactPhase(uniform_phase(n, 0.4, rec.routed_blocks(n)), ort_export.spec, OrtRunner(ort_export.export.onnx_path), {}, "sd35-tiny")
+    ap = ArtifactPhase(
+        uniform_phase(n, 0.4, rec.routed_blocks(n)),
+        ort_export.spec,
+        OrtRunner(ort_export.export.onnx_path),
+        {},
+        "sd35-tiny",
+    )
     module = ShivaArtifactTransformer(dict(torch_pipe.transformer.config), [ap], "ort")
     cases = [
         ((4, 256, 256, 32, True), "model batch is 4 rows but the artifact was exported for 2", "--batch 2"),
@@ -152,7 +169,12 @@ def test_static_shape_contract(torch_pipe, ort_export):
         with pytest.raises(ShapeError) as e:
             module.check_call(*args)
         line = str(e.value)
-        assert msg in line and fix in line and "shiva-export onnx --model sd35-tiny --ratio 0.40" in line and "\n" not in line
+        assert (
+            msg in line
+            and fix in line
+            and "shiva-export onnx --model sd35-tiny --ratio 0.40" in line
+            and "\n" not in line
+        )
     pipe = load_diffusers_pipeline("sd35-tiny", transformer=module)
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(ShapeError, match="model batch is 4 rows"):
@@ -180,8 +202,26 @@ def generated(tmp_path_factory):
 
 def test_generate_writes_pngs_record_and_grid(capsys, generated):
     out = generated / "out"
-    code, stdout, err = _run(capsys, "generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--prompt", "a blue ball", "--backend", "ort",
-                             "--ratio", "0.4", "--compare-dense", "--out", str(out), "--artifact-root", str(generated / "engines"), "--json")
+    code, stdout, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue ball",
+        "--backend",
+        "ort",
+        "--ratio",
+        "0.4",
+        "--compare-dense",
+        "--out",
+        str(out),
+        "--artifact-root",
+        str(generated / "engines"),
+        "--json",
+    )
     assert code == 0, err
     rec = json.loads(stdout)  # one object
     assert "Traceback" not in err and "Warning" not in err and "torchvision" not in err
@@ -198,16 +238,49 @@ def test_generate_writes_pngs_record_and_grid(capsys, generated):
     assert len(art) == 1 and len(art[0]["onnx_sha256"]) == 64 and art[0]["status"] == "exported"
     assert rec["pipeline"]["router"]["router_sha256"]
     # cached on the second run, by content key
-    code, stdout, err = _run(capsys, "generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "ort", "--ratio", "0.4",
-                             "--out", str(out), "--artifact-root", str(generated / "engines"), "--json", "--steps", "2")
+    code, stdout, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--prompt",
+        "a red cube",
+        "--backend",
+        "ort",
+        "--ratio",
+        "0.4",
+        "--out",
+        str(out),
+        "--artifact-root",
+        str(generated / "engines"),
+        "--json",
+        "--steps",
+        "2",
+    )
     assert code == 0, err
     assert json.loads(stdout)["pipeline"]["artifacts"][0]["status"] == "cached"
 
 
 def test_generate_learned_phases_on_ort(capsys, generated):
     out = generated / "phases"
-    code, stdout, err = _run(capsys, "generate", "--model", "sd35-tiny", "--prompt", "a red cube", "--backend", "ort", "--phases",
-                             "--out", str(out), "--artifact-root", str(generated / "engines"), "--json", "--steps", "28")
+    code, stdout, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--prompt",
+        "a red cube",
+        "--backend",
+        "ort",
+        "--phases",
+        "--out",
+        str(out),
+        "--artifact-root",
+        str(generated / "engines"),
+        "--json",
+        "--steps",
+        "28",
+    )
     assert code == 0, err
     rec = json.loads(stdout)
     im = rec["images"][0]
@@ -222,7 +295,19 @@ def test_generate_learned_phases_on_ort(capsys, generated):
 
 def test_generate_shape_mismatch_exits_2_with_the_fitting_command(capsys, generated, ort_export):
     onnx = str(ort_export.export.onnx_path)
-    base = ["generate", "--model", "sd35-tiny", "--prompt", "x", "--backend", "ort", "--artifact", onnx, "--out", str(generated / "bad")]
+    base = [
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--prompt",
+        "x",
+        "--backend",
+        "ort",
+        "--artifact",
+        onnx,
+        "--out",
+        str(generated / "bad"),
+    ]
     code, out, err = _run(capsys, *base, "--guidance", "1.0")
     line = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     assert code == 2 and len(line) == 1 and "CFG is off" in line[0] and "--no-cfg" in line[0], err
@@ -234,9 +319,23 @@ def test_generate_shape_mismatch_exits_2_with_the_fitting_command(capsys, genera
 def test_generate_bad_options(capsys, tmp_path):
     code, _, err = _run(capsys, "generate", "--model", "sd35-tiny", "--out", str(tmp_path))
     assert code == 2 and "--prompt" in err
-    code, _, err = _run(capsys, "generate", "--model", "sd35-tiny", "--prompt", "x", "--backend", "tensorflow", "--out", str(tmp_path))
+    code, _, err = _run(
+        capsys, "generate", "--model", "sd35-tiny", "--prompt", "x", "--backend", "tensorflow", "--out", str(tmp_path)
+    )
     assert code == 2 and "torch, ort, trt" in err
-    code, _, err = _run(capsys, "generate", "--model", "sd35-tiny", "--prompt", "x", "--ratio", "0.4", "--phases", "--out", str(tmp_path))
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--prompt",
+        "x",
+        "--ratio",
+        "0.4",
+        "--phases",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 2 and "not both" in err
     code, _, err = _run(capsys, "generate", "--model", "sd35", "--prompt", "x", "--out", str(tmp_path))
     assert code == 2 and "--weights" in err and "Traceback" not in err
@@ -246,12 +345,40 @@ def test_generate_torch_backend_with_weights_folder(capsys, tmp_path, torch_pipe
     """--weights takes a saved diffusers pipeline folder: the real from_pretrained path."""
     folder = tmp_path / "pipe"
     torch_pipe.save_pretrained(folder)
-    code, stdout, err = _run(capsys, "generate", "--model", "sd35-tiny", "--weights", str(folder), "--prompt", "a cat", "--backend", "torch",
-                             "--ratio", "0.4", "--steps", "3", "--out", str(tmp_path / "o"), "--json")
+    code, stdout, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--weights",
+        str(folder),
+        "--prompt",
+        "a cat",
+        "--backend",
+        "torch",
+        "--ratio",
+        "0.4",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
     assert code == 0, err
     rec = json.loads(stdout)
     assert rec["pipeline"]["pipeline"] == str(folder) and rec["images"][0]["phase_steps"] == {"ratio0.40": 3}
-    code, _, err = _run(capsys, "generate", "--model", "sd35-tiny", "--weights", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "o"))
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        "sd35-tiny",
+        "--weights",
+        str(tmp_path),
+        "--prompt",
+        "a",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 1 and "model_index.json" in err
 
 
@@ -259,8 +386,17 @@ def test_generate_torch_backend_with_weights_folder(capsys, tmp_path, torch_pipe
 def test_e2e_benchmark_writes_json_markdown_png(tmp_path, generated):
     from shiva_export.runtime.benchmark import benchmark_e2e
 
-    rep = benchmark_e2e(model="sd35-tiny", backends=["ort", "torch"], ratios=[0.4], steps=3, warmup=0, repeats=1, threads=1,
-                        artifact_root=generated / "engines", out_dir=tmp_path)
+    rep = benchmark_e2e(
+        model="sd35-tiny",
+        backends=["ort", "torch"],
+        ratios=[0.4],
+        steps=3,
+        warmup=0,
+        repeats=1,
+        threads=1,
+        artifact_root=generated / "engines",
+        out_dir=tmp_path,
+    )
     rows = {(r["backend"], r["budget"]): r for r in rep.rows()}
     assert set(rows) == {("ort", "dense"), ("ort", "ratio 0.40"), ("torch", "dense"), ("torch", "ratio 0.40")}
     for key in (("ort", "dense"), ("torch", "dense")):
@@ -277,7 +413,9 @@ def test_e2e_benchmark_writes_json_markdown_png(tmp_path, generated):
     ideal = count_flops(cfg, 256, 32, None, batch=2).total / count_flops(cfg, 256, 32, keep, batch=2).total
     assert r["ideal_transformer"] == round(ideal, 4)
     d = rows[("ort", "dense")]
-    assert r["ideal_e2e"] == pytest.approx(d["total"] / (d["total"] - d["transformer"] + d["transformer"] / ideal), abs=2e-3)
+    assert r["ideal_e2e"] == pytest.approx(
+        d["total"] / (d["total"] - d["transformer"] + d["transformer"] / ideal), abs=2e-3
+    )
     assert r["total"] >= r["transformer"] > 0 and r["phase_steps"] == {"ratio0.40": 3}
     md = (tmp_path / "e2e.md").read_text()
     assert "| ort | ratio 0.40 |" in md and "Reproduce: `shiva-export validate speed --e2e" in md
@@ -290,7 +428,11 @@ def test_gpu_suite_parses_and_skips_cleanly_without_a_gpu(tmp_path):
 
     s = load_suite("gpu")
     kinds = {(c.kind, tuple(c.backends), c.compile, c.dtype) for c in s.case}
-    assert ("e2e", ("torch",), True, "bf16") in kinds and ("e2e", ("torch",), False, "bf16") in kinds and any(b == ("trt",) for _, b, _, _ in kinds)
+    assert (
+        ("e2e", ("torch",), True, "bf16") in kinds
+        and ("e2e", ("torch",), False, "bf16") in kinds
+        and any(b == ("trt",) for _, b, _, _ in kinds)
+    )
     assert all(c.steps == [28, 50] and c.model == "sd35-shape" and c.ratios == [0.2, 0.4] for c in s.case)
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: run the suite for real")
@@ -306,9 +448,28 @@ def test_trt_backend_verifies_the_engine_before_looking_for_a_gpu(capsys, tmp_pa
     from shiva_export.engines.budgets import build_engines
 
     # any model: what is checked is the artifact path; sd3-tiny is the cheapest to export
-    builds = build_engines(model="sd3-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path / "engines", validate=False)
+    builds = build_engines(
+        model="sd3-tiny",
+        ratios=[0.4],
+        dense=False,
+        backend="tensorrt-rtx",
+        out_dir=tmp_path / "engines",
+        validate=False,
+    )
     eng = builds[-1].out_dir
-    base = ["generate", "--model", "sd3-tiny", "--prompt", "x", "--backend", "trt", "--artifact", str(eng), "--out", str(tmp_path / "o")]
+    base = [
+        "generate",
+        "--model",
+        "sd3-tiny",
+        "--prompt",
+        "x",
+        "--backend",
+        "trt",
+        "--artifact",
+        str(eng),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     code, _, err = _run(capsys, *base)
     if not torch.cuda.is_available():
         assert code == 4 and "needs a CUDA GPU" in err, err

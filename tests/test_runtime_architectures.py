@@ -75,14 +75,23 @@ def test_embedded_pipeline_is_deterministic_and_reloads(model):
     t = a.transformer.config
     if model == "sd35-tiny":
         assert a.text_encoder.config.projection_dim + a.text_encoder_2.config.projection_dim == t.pooled_projection_dim
-        assert a.text_encoder_3.config.d_model == t.joint_attention_dim and a.vae.config.latent_channels == t.in_channels
+        assert (
+            a.text_encoder_3.config.d_model == t.joint_attention_dim and a.vae.config.latent_channels == t.in_channels
+        )
     elif model == "flux-tiny":
-        assert a.text_encoder.config.hidden_size == t.pooled_projection_dim and a.text_encoder_2.config.d_model == t.joint_attention_dim
+        assert (
+            a.text_encoder.config.hidden_size == t.pooled_projection_dim
+            and a.text_encoder_2.config.d_model == t.joint_attention_dim
+        )
         assert 4 * a.vae.config.latent_channels == t.in_channels
     elif model == "pixart-tiny":
         assert a.text_encoder.config.d_model == t.caption_channels and a.vae.config.latent_channels == t.in_channels
     else:
-        assert a.vae.config.latent_channels == t.in_channels and a.labels["cat"] == 0 and len(set(a.labels.values())) == t.num_embeds_ada_norm
+        assert (
+            a.vae.config.latent_channels == t.in_channels
+            and a.labels["cat"] == 0
+            and len(set(a.labels.values())) == t.num_embeds_ada_norm
+        )
     pipe = E.load_embedded_pipeline(rec)
     assert type(pipe).__name__ == adapter_for_architecture(rec.architecture).PIPELINE_CLASS
     if model == "dit-tiny":
@@ -110,7 +119,9 @@ def test_ort_follows_torch_at_ratio_04(model, ort_pipe):
     got = _run(ort_pipe, model)
     diff = (got.latents - ref.latents).abs().max().item()
     peak = ref.latents.abs().max().item()
-    print(f"{model}: ORT vs torch ratio 0.4, final latents max abs {diff:.3e} (peak |latent| {peak:.3g}, relative {diff / peak:.2e})")
+    print(
+        f"{model}: ORT vs torch ratio 0.4, final latents max abs {diff:.3e} (peak |latent| {peak:.3g}, relative {diff / peak:.2e})"
+    )
     assert diff <= max(ORT_ATOL, ORT_RTOL_PEAK * peak)
     assert got.times.phase_trace == ["ratio0.40"] * STEPS and len(got.times.transformer) == STEPS
     assert ort_pipe.shiva.cfg == adapter_for_architecture(ort_pipe.shiva.recipe.architecture).BATCHED_CFG
@@ -127,17 +138,29 @@ def test_static_shape_contract(model, ort_pipe):
     spec = module.phases[0].spec
     assert _call(module, spec).shape[0] == spec.model_batch  # the exported shapes run
     h2 = 2 * spec.height
-    field = {"height": (InputSpec(spec.batch, h2, h2, spec.text_len, spec.cfg), f"height is {h2} px but the artifact was exported for {spec.height} px"),
-             "batch": (InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg),
-                       f"model batch is {2 * spec.model_batch} rows but the artifact was exported for {spec.model_batch}")}
+    field = {
+        "height": (
+            InputSpec(spec.batch, h2, h2, spec.text_len, spec.cfg),
+            f"height is {h2} px but the artifact was exported for {spec.height} px",
+        ),
+        "batch": (
+            InputSpec(2, spec.height, spec.width, spec.text_len, spec.cfg),
+            f"model batch is {2 * spec.model_batch} rows but the artifact was exported for {spec.model_batch}",
+        ),
+    }
     if model != "dit-tiny":  # DiT has no text
-        field["text_len"] = (InputSpec(spec.batch, spec.height, spec.width, spec.text_len + 4, spec.cfg),
-                             f"text length is {spec.text_len + 4} tokens but the artifact was exported for {spec.text_len}")
+        field["text_len"] = (
+            InputSpec(spec.batch, spec.height, spec.width, spec.text_len + 4, spec.cfg),
+            f"text length is {spec.text_len + 4} tokens but the artifact was exported for {spec.text_len}",
+        )
     for name, (other, msg) in field.items():
         with pytest.raises(ShapeError) as e:
             _call(module, other)
         line = str(e.value)
-        assert msg in line and "\n" not in line and f"shiva-export onnx --model {model} --ratio 0.40" in line, (name, line)
+        assert msg in line and "\n" not in line and f"shiva-export onnx --model {model} --ratio 0.40" in line, (
+            name,
+            line,
+        )
     if model == "flux-tiny":  # RoPE is baked for the pipeline's ids: other ids of the same shape are refused too
         inputs = module._adapter.make_inputs(module.config, spec, seed=1, timestep=500.0)
         inputs["txt_ids"] = inputs["txt_ids"] + 1.0
@@ -158,8 +181,10 @@ def test_phases_dispatch_on_the_0_1000_scale(model, ort_pipe):
     ap = module.phases[0]
     keep = ap.phase.keep_ratios
     saved = module.phases
-    module.phases = [ArtifactPhase(TimestepPhase("early", 1000.0, 500.0, keep), ap.spec, ap.run, ap.info, ap.model),
-                     ArtifactPhase(TimestepPhase("late", 500.0, 0.0, keep), ap.spec, ap.run, ap.info, ap.model)]
+    module.phases = [
+        ArtifactPhase(TimestepPhase("early", 1000.0, 500.0, keep), ap.spec, ap.run, ap.info, ap.model),
+        ArtifactPhase(TimestepPhase("late", 500.0, 0.0, keep), ap.spec, ap.run, ap.info, ap.model),
+    ]
     try:
         res = _run(ort_pipe, model)
     finally:
@@ -178,8 +203,28 @@ def _cli(capsys, *args):
 
 def test_generate_cli_writes_image_dense_grid_and_record(capsys, model, ort_pipe, root):
     out = root / f"out-{model}"
-    code, stdout, err = _cli(capsys, "generate", "--model", model, "--prompt", PROMPT[model], "--backend", "ort", "--ratio", "0.4",
-                             "--compare-dense", "--steps", "2", "--threads", "1", "--out", str(out), "--artifact-root", str(shared.runtime_root()), "--json")
+    code, stdout, err = _cli(
+        capsys,
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        PROMPT[model],
+        "--backend",
+        "ort",
+        "--ratio",
+        "0.4",
+        "--compare-dense",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--artifact-root",
+        str(shared.runtime_root()),
+        "--json",
+    )
     assert code == 0, err
     assert "Traceback" not in err and "Warning" not in err
     rec = json.loads(stdout)
@@ -189,13 +234,30 @@ def test_generate_cli_writes_image_dense_grid_and_record(capsys, model, ort_pipe
     assert (out / "grid.png").is_file() and json.loads((out / "generate.json").read_text())["model"] == model
     assert im["phase_steps"] == {"ratio0.40": 2} and im["timings_ms"]["transformer"]["calls"] == 2
     assert im["dense"]["timings_ms"]["transformer"]["calls"] == 2 and im["dense"]["latent_max_abs"] > 0
-    assert [a["status"] for a in rec["pipeline"]["artifacts"]] == ["cached"]  # the fixture's export, found by content key
+    assert [a["status"] for a in rec["pipeline"]["artifacts"]] == [
+        "cached"
+    ]  # the fixture's export, found by content key
 
 
 def test_generate_cli_bad_input_exits_2_in_one_line(capsys, model, ort_pipe, root):
     args, msg = archcases.BY_NAME[model].bad_generate
-    code, out, err = _cli(capsys, "generate", "--model", model, *args, "--backend", "ort", "--ratio", "0.4", "--steps", "1",
-                          "--out", str(root / "bad"), "--artifact-root", str(shared.runtime_root()))
+    code, out, err = _cli(
+        capsys,
+        "generate",
+        "--model",
+        model,
+        *args,
+        "--backend",
+        "ort",
+        "--ratio",
+        "0.4",
+        "--steps",
+        "1",
+        "--out",
+        str(root / "bad"),
+        "--artifact-root",
+        str(shared.runtime_root()),
+    )
     errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     assert code == 2 and len(errors) == 1 and msg in errors[0], err
     assert "Traceback" not in err and out == ""
@@ -211,7 +273,9 @@ def test_load_pipeline_without_a_pipeline_class_fails_in_one_line(monkeypatch, t
         load_pipeline("flux-tiny", backend="torch")
     assert "\n" not in str(e.value) and "FluxTransformer2DModel" in str(e.value)
     bad = tmp_path / "unet.toml"
-    bad.write_text(load_recipe("dit-tiny").source_path.read_text().replace('architecture = "dit"', 'architecture = "unet"'))
+    bad.write_text(
+        load_recipe("dit-tiny").source_path.read_text().replace('architecture = "dit"', 'architecture = "unet"')
+    )
     with pytest.raises(RecipeError, match="architecture 'unet' has no adapter") as e:
         load_pipeline(recipe=bad, backend="torch")
     assert "\n" not in str(e.value)
@@ -223,10 +287,29 @@ def test_trt_backend_goes_through_the_artifact_path_and_refuses_without_a_gpu(ca
     like any artifact: without a CUDA GPU it stops there in one line with exit 4."""
     from shiva_export.engines.budgets import build_engines
 
-    builds = build_engines(model="dit-tiny", ratios=[0.4], dense=False, backend="tensorrt-rtx", out_dir=tmp_path / "engines", validate=False)
+    builds = build_engines(
+        model="dit-tiny",
+        ratios=[0.4],
+        dense=False,
+        backend="tensorrt-rtx",
+        out_dir=tmp_path / "engines",
+        validate=False,
+    )
     eng = builds[-1].out_dir
-    code, _, err = _cli(capsys, "generate", "--model", "dit-tiny", "--prompt", "cat", "--backend", "trt", "--artifact", str(eng),
-                        "--out", str(tmp_path / "o"))
+    code, _, err = _cli(
+        capsys,
+        "generate",
+        "--model",
+        "dit-tiny",
+        "--prompt",
+        "cat",
+        "--backend",
+        "trt",
+        "--artifact",
+        str(eng),
+        "--out",
+        str(tmp_path / "o"),
+    )
     errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the engine would run")

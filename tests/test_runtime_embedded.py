@@ -95,8 +95,10 @@ def test_reload_is_bit_exact_and_build_deterministic(loaded):
         sa, sb, sl = (getattr(p, name).state_dict() for p in (a, b, pipe))
         assert sa.keys() == sl.keys(), name
         assert all(torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sl[k]) for k in sa), name
-    assert not torch.equal(a.text_encoder.text_model.embeddings.token_embedding.weight,
-                           a.text_encoder_2.text_model.embeddings.token_embedding.weight)
+    assert not torch.equal(
+        a.text_encoder.text_model.embeddings.token_embedding.weight,
+        a.text_encoder_2.text_model.embeddings.token_embedding.weight,
+    )
 
 
 def test_tokenizers_round_trip(loaded):

@@ -66,9 +66,19 @@ def test_skip_guidance_layers_in_the_pipeline_at_ratio_0_equal_dense():
 
     def latents(slg=(1,)):
         with torch.no_grad():
-            return pipe("a red cube", num_inference_steps=3, guidance_scale=4.5, output_type="latent", max_sequence_length=16, height=128, width=128,
-                        skip_guidance_layers=list(slg) if slg else None, skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
-                        generator=torch.Generator().manual_seed(0)).images
+            return pipe(
+                "a red cube",
+                num_inference_steps=3,
+                guidance_scale=4.5,
+                output_type="latent",
+                max_sequence_length=16,
+                height=128,
+                width=128,
+                skip_guidance_layers=list(slg) if slg else None,
+                skip_layer_guidance_start=0.0,
+                skip_layer_guidance_stop=1.0,
+                generator=torch.Generator().manual_seed(0),
+            ).images
 
     routed = latents()
     routed_no_slg = latents(slg=None)
@@ -86,11 +96,19 @@ def _controlnet(model):
 
     c = model.config
     torch.manual_seed(7)
-    net = SD3ControlNetModel(sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels, num_layers=2,
-                             attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
-                             joint_attention_dim=c.joint_attention_dim, caption_projection_dim=c.caption_projection_dim,
-                             pooled_projection_dim=c.pooled_projection_dim, out_channels=c.out_channels,
-                             pos_embed_max_size=c.pos_embed_max_size).eval()
+    net = SD3ControlNetModel(
+        sample_size=c.sample_size,
+        patch_size=c.patch_size,
+        in_channels=c.in_channels,
+        num_layers=2,
+        attention_head_dim=c.attention_head_dim,
+        num_attention_heads=c.num_attention_heads,
+        joint_attention_dim=c.joint_attention_dim,
+        caption_projection_dim=c.caption_projection_dim,
+        pooled_projection_dim=c.pooled_projection_dim,
+        out_channels=c.out_channels,
+        pos_embed_max_size=c.pos_embed_max_size,
+    ).eval()
     for p in net.parameters():  # diffusers zero-initialises the output projections: make them matter
         torch.nn.init.normal_(p, std=0.05)
     return net
@@ -101,14 +119,22 @@ def test_controlnet_residuals_through_the_pruned_transformer(tiny):
     net = _controlnet(model)
     cond = torch.randn(x["hidden_states"].shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        res = net(hidden_states=x["hidden_states"], controlnet_cond=cond, conditioning_scale=1.0, encoder_hidden_states=x["encoder_hidden_states"],
-                  pooled_projections=x["pooled_projections"], timestep=x["timestep"]).controlnet_block_samples
+        res = net(
+            hidden_states=x["hidden_states"],
+            controlnet_cond=cond,
+            conditioning_scale=1.0,
+            encoder_hidden_states=x["encoder_hidden_states"],
+            pooled_projections=x["pooled_projections"],
+            timestep=x["timestep"],
+        ).controlnet_block_samples
     assert len(res) == 2 and all(r.abs().max() > 0 for r in res)
     dense = _run(model, x, block_controlnet_hidden_states=res)
     assert not torch.equal(dense, _run(model, x))
     assert torch.equal(_pruned(model, 0.0, x, block_controlnet_hidden_states=res), dense)
     pruned = _pruned(model, 0.4, x, block_controlnet_hidden_states=res)
-    assert torch.isfinite(pruned).all() and not torch.equal(pruned, _pruned(model, 0.4, x))  # the residuals reach the routed model
+    assert torch.isfinite(pruned).all() and not torch.equal(
+        pruned, _pruned(model, 0.4, x)
+    )  # the residuals reach the routed model
 
 
 # -- a peft LoRA with its scale --------------------------------------------------------------------------------
@@ -122,7 +148,9 @@ def test_lora_scale_through_joint_attention_kwargs(tiny):
 
     _, base, x = tiny
     model = copy.deepcopy(base)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
     g = torch.Generator().manual_seed(11)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # non-zero B so the adapter changes the output

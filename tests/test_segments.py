@@ -93,7 +93,12 @@ def test_segments_reference_the_exports_weights_without_copying(exports, tmp_pat
         assert sum(seg.weight_bytes for seg in segments) >= data and len(external) > 10
         assert all({e.key: e.value for e in t.external_data}["location"] == "model.onnx.data" for t in external)
         assert all(len(t.raw_data) < 1024 for t in g.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data", "model.seg0of2.onnx", "model.seg1of2.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.onnx",
+        "model.onnx.data",
+        "model.seg0of2.onnx",
+        "model.seg1of2.onnx",
+    ]
     whole, chain = ort_session(src), ChainedSession(segments[0].path)
     feed = _feed(whole)
     np.testing.assert_array_equal(chain.run(["sample"], feed)[0], whole.run(["sample"], feed)[0])
@@ -175,7 +180,24 @@ def test_a_chain_of_rtx_engines_builds_and_is_verified_by_content(exports, tmp_p
     assert find_plan(d) == d / CHAIN_FILE
     EngineRunner(d).verify()
     # the runtime opens a chain like one engine: metadata from its source export, then the GPU is looked for
-    assert main(["generate", "--model", "sd35-tiny", "--prompt", "x", "--backend", "trt", "--artifact", str(d), "--out", str(tmp_path / "img")]) == 4
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "sd35-tiny",
+                "--prompt",
+                "x",
+                "--backend",
+                "trt",
+                "--artifact",
+                str(d),
+                "--out",
+                str(tmp_path / "img"),
+            ]
+        )
+        == 4
+    )
     # a segment plan changed after the build: refused before any GPU is looked for
     with open(d / "seg1of2" / "model.plan", "ab") as f:
         f.write(b"x")
@@ -205,7 +227,20 @@ def test_a_cached_chain_is_reused_checked_by_content_and_replaced_cleanly(tmp_pa
     from shiva_export.engines.chain import CHAIN_FILE
 
     out = tmp_path / "engines"  # any model with >= 3 blocks: the cache's checks are by content; sd3-tiny builds fastest
-    base = ["trt", "--model", "sd3-tiny", "--ratio", "0.4", "--no-dense", "--no-validate", "--backend", "tensorrt-rtx", "--out-dir", str(out), "--json"]
+    base = [
+        "trt",
+        "--model",
+        "sd3-tiny",
+        "--ratio",
+        "0.4",
+        "--no-dense",
+        "--no-validate",
+        "--backend",
+        "tensorrt-rtx",
+        "--out-dir",
+        str(out),
+        "--json",
+    ]
     d = out / "sd3-tiny" / "ratio0.40" / "fp32"
 
     import io

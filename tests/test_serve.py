@@ -137,12 +137,31 @@ def test_dump_config_is_rays_serve_config_of_the_same_options(tmp_path, capsys):
     from shiva_export.cli import main
 
     path = tmp_path / "serve.yaml"
-    assert main(["serve", "--backend", "ort", "--ratio", "0.4", "--autoscale", "1:3", "--port", "8123", "--dump-config", str(path)]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--backend",
+                "ort",
+                "--ratio",
+                "0.4",
+                "--autoscale",
+                "1:3",
+                "--port",
+                "8123",
+                "--dump-config",
+                str(path),
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
     assert app["import_path"] == "shiva_export.serve.app:build_app" and config["http_options"]["port"] == 8123
-    assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in app["deployments"][0]
+    assert (
+        app["deployments"][0]["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in app["deployments"][0]
+    )
     again = ServeOptions.from_args(app["args"])
     assert (again.backend, again.ratio, again.autoscale) == ("ort", 0.4, (1, 3)) and again.to_args() == app["args"]
 
@@ -153,7 +172,9 @@ def test_a_replica_that_cannot_load_is_reported_as_its_own_error():
 
     text = "Deploying application shiva failed\nTraceback ...\nshiva_export.errors.WeightsError: Cannot load a pipeline from /x: gone.\n"
     err = replica_error(text)
-    assert isinstance(err, WeightsError) and str(err) == "a replica failed to load: Cannot load a pipeline from /x: gone."
+    assert (
+        isinstance(err, WeightsError) and str(err) == "a replica failed to load: Cannot load a pipeline from /x: gone."
+    )
     assert replica_error("RuntimeError: something else") is None
 
 
@@ -175,8 +196,18 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def opts():
-    return ServeOptions(model="sd35-tiny", backend="torch", ratio=0.4, replicas=2, max_batch=2, threads=1, num_cpus=0.5,
-                        artifact_root=str(shared.runtime_root()), port=_free_port(), batch_wait_ms=50.0).validate()
+    return ServeOptions(
+        model="sd35-tiny",
+        backend="torch",
+        ratio=0.4,
+        replicas=2,
+        max_batch=2,
+        threads=1,
+        num_cpus=0.5,
+        artifact_root=str(shared.runtime_root()),
+        port=_free_port(),
+        batch_wait_ms=50.0,
+    ).validate()
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +224,17 @@ def reference(opts, worker, tmp_path_factory):
     from shiva_export.runtime.generate import generate
 
     out = tmp_path_factory.mktemp("generate")
-    rec = generate(model="sd35-tiny", prompts=PROMPTS, out_dir=out, backend=opts.backend, ratio=0.4, steps=STEPS, seed=0, threads=1,
-                   artifact_root=opts.artifact_root)
+    rec = generate(
+        model="sd35-tiny",
+        prompts=PROMPTS,
+        out_dir=out,
+        backend=opts.backend,
+        ratio=0.4,
+        steps=STEPS,
+        seed=0,
+        threads=1,
+        artifact_root=opts.artifact_root,
+    )
     return out, rec
 
 
@@ -245,16 +285,40 @@ def test_generate_ray_writes_the_single_process_files_and_resumes(ray_cluster, o
 
     out_ref, rec_ref = reference
     seen = []
-    rec = generate_ray(prompts=PROMPTS, out_dir=tmp_path, replicas=2, model="sd35-tiny", backend=opts.backend, ratio=0.4, steps=STEPS, threads=1,
-                       artifact_root=opts.artifact_root, num_cpus=0.5, progress=lambda d, n: seen.append((d, n)))
+    rec = generate_ray(
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        replicas=2,
+        model="sd35-tiny",
+        backend=opts.backend,
+        ratio=0.4,
+        steps=STEPS,
+        threads=1,
+        artifact_root=opts.artifact_root,
+        num_cpus=0.5,
+        progress=lambda d, n: seen.append((d, n)),
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in out_ref.iterdir())
     for a, b in zip(rec["images"], rec_ref["images"]):
         assert Path(a["png"]).read_bytes() == Path(b["png"]).read_bytes()
-    assert _comparable(json.loads((tmp_path / "generate.json").read_text())) == _comparable(json.loads((out_ref / "generate.json").read_text()))
+    assert _comparable(json.loads((tmp_path / "generate.json").read_text())) == _comparable(
+        json.loads((out_ref / "generate.json").read_text())
+    )
     assert seen[0] == (0, 3) and seen[-1] == (3, 3)
     seen.clear()
-    again = generate_ray(prompts=PROMPTS, out_dir=tmp_path, replicas=2, model="sd35-tiny", backend=opts.backend, ratio=0.4, steps=STEPS, threads=1,
-                         artifact_root=opts.artifact_root, num_cpus=0.5, progress=lambda d, n: seen.append((d, n)))
+    again = generate_ray(
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        replicas=2,
+        model="sd35-tiny",
+        backend=opts.backend,
+        ratio=0.4,
+        steps=STEPS,
+        threads=1,
+        artifact_root=opts.artifact_root,
+        num_cpus=0.5,
+        progress=lambda d, n: seen.append((d, n)),
+    )
     assert seen == [(3, 3)]  # every image was finished: nothing ran
     assert again["images"] == rec["images"]
 
@@ -269,7 +333,10 @@ def test_concurrent_requests_a_bad_one_and_a_killed_replica_lose_nothing(served)
     first = post_generate(served, {"prompt": "warm", "steps": STEPS})
     victim = first.body["record"]["replica"]["pid"]
     with cf.ThreadPoolExecutor(6) as ex:
-        futs = [ex.submit(post_generate, served, {"prompt": f"shape {i}", "seed": i, "steps": 8}, retries=8) for i in range(6)]
+        futs = [
+            ex.submit(post_generate, served, {"prompt": f"shape {i}", "seed": i, "steps": 8}, retries=8)
+            for i in range(6)
+        ]
         os.kill(victim, signal.SIGKILL)
         replies = [f.result() for f in futs]
     assert [r.status for r in replies] == [200] * 6, [r.body for r in replies]
@@ -282,15 +349,27 @@ def test_generate_ray_reports_an_actors_error_in_one_line(ray_cluster, opts, tmp
     from shiva_export.serve.data import generate_ray
 
     with pytest.raises(ShapeError, match="^--height 100 is not a positive multiple of 16 px"):
-        generate_ray(prompts=["a"], out_dir=tmp_path, model="sd35-tiny", backend=opts.backend, ratio=0.4, steps=STEPS, height=100,
-                     artifact_root=opts.artifact_root, num_cpus=0.5)
+        generate_ray(
+            prompts=["a"],
+            out_dir=tmp_path,
+            model="sd35-tiny",
+            backend=opts.backend,
+            ratio=0.4,
+            steps=STEPS,
+            height=100,
+            artifact_root=opts.artifact_root,
+            num_cpus=0.5,
+        )
     assert not (tmp_path / "generate.json").exists()
 
 
 def _comparable(record: dict) -> dict:
     """A generate.json without what differs between two runs of the same images: timings and the folder."""
     r = dict(record)
-    r["images"] = [{k: v for k, v in e.items() if k not in ("timings_ms", "png")} | {"png": os.path.basename(e["png"])} for e in r["images"]]
+    r["images"] = [
+        {k: v for k, v in e.items() if k not in ("timings_ms", "png")} | {"png": os.path.basename(e["png"])}
+        for e in r["images"]
+    ]
     return r
 
 
@@ -303,16 +382,32 @@ def test_ort_static_batch_graphs_lone_bit_exact_batched_40_db(tmp_path):
     from shiva_export.serve.requests import GenerateRequest
     from shiva_export.serve.worker import ImageWorker
 
-    o = ServeOptions(model="sd35-tiny", backend="ort", ratio=0.4, max_batch=2, threads=1, artifact_root=str(shared.runtime_root())).validate()
+    o = ServeOptions(
+        model="sd35-tiny", backend="ort", ratio=0.4, max_batch=2, threads=1, artifact_root=str(shared.runtime_root())
+    ).validate()
     w = ImageWorker(o)
     assert sorted(w.pipes) == [1, 2] and w.chunks(3) == [2, 1]
-    rec = generate(model="sd35-tiny", prompts=PROMPTS[:2], out_dir=tmp_path / "g", backend="ort", ratio=0.4, steps=STEPS, threads=1,
-                   artifact_root=o.artifact_root)
+    rec = generate(
+        model="sd35-tiny",
+        prompts=PROMPTS[:2],
+        out_dir=tmp_path / "g",
+        backend="ort",
+        ratio=0.4,
+        steps=STEPS,
+        threads=1,
+        artifact_root=o.artifact_root,
+    )
     lone = w.run([GenerateRequest(PROMPTS[0], 0, STEPS, 4.5, 256, 256)])[0]
     assert lone["png"] == Path(rec["images"][0]["png"]).read_bytes()
     pair = w.run([GenerateRequest(p, i, STEPS, 4.5, 256, 256) for i, p in enumerate(PROMPTS[:2])])
     for r, im in zip(pair, rec["images"]):
         assert r["record"]["batch_size"] == 2
-        assert psnr(np.asarray(Image.open(io.BytesIO(r["png"])), np.float64) / 255, np.asarray(Image.open(im["png"]), np.float64) / 255) >= 40
+        assert (
+            psnr(
+                np.asarray(Image.open(io.BytesIO(r["png"])), np.float64) / 255,
+                np.asarray(Image.open(im["png"]), np.float64) / 255,
+            )
+            >= 40
+        )
     with pytest.raises(RequestError, match="^generate: height is 512 px but the artifact was exported for 256 px"):
         w.check(GenerateRequest("x", 0, STEPS, 4.5, 512, 256))

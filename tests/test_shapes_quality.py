@@ -89,8 +89,13 @@ def test_judge_refuses_blobs_that_are_no_circle():
     blobs = {
         "ellipse 1.5:1": lambda x, y: ((x - cx) / (r * 1.5**0.5)) ** 2 + ((y - cy) / (r / 1.5**0.5)) ** 2 <= 1,
         "diamond": lambda x, y: np.abs(x - cx) + np.abs(y - cy) <= r * 1.25,
-        "three disks": lambda x, y: np.any([(x - cx - dx) ** 2 + (y - cy - dy) ** 2 <= (0.6 * r) ** 2
-                                            for dx, dy in ((-0.06, 0.03), (0.05, 0.04), (0.0, -0.05))], axis=0),
+        "three disks": lambda x, y: np.any(
+            [
+                (x - cx - dx) ** 2 + (y - cy - dy) ** 2 <= (0.6 * r) ** 2
+                for dx, dy in ((-0.06, 0.03), (0.05, 0.04), (0.0, -0.05))
+            ],
+            axis=0,
+        ),
     }
     for name, inside in blobs.items():
         got = prompt_correct(_paint(inside, s), s.attributes)
@@ -140,7 +145,9 @@ def test_frechet_distance():
     assert near < 0.2 and far == pytest.approx(20.0, rel=0.1)
     real = np.stack([features(render(s)[0]) for s in sample_scenes(40, 1)])
     blank = np.stack([features(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 0.8) + 0.01 * i) for i in range(40)])
-    assert frechet_distance(real, blank) > 10 * frechet_distance(real, np.stack([features(render(s)[0]) for s in sample_scenes(40, 2)]))
+    assert frechet_distance(real, blank) > 10 * frechet_distance(
+        real, np.stack([features(render(s)[0]) for s in sample_scenes(40, 2)])
+    )
     with pytest.raises(ValueError):
         frechet_distance(a[:1], b)
 
@@ -149,7 +156,9 @@ def _blob(scene: Scene, k: int = 9) -> np.ndarray:
     """The scene's colour, position and size, but a blurred disk whatever the shape: a shapeless blob."""
     _, cov = render(dataclasses.replace(scene, shape="circle"))
     box = np.ones(k) / k
-    cov = np.apply_along_axis(np.convolve, 1, np.apply_along_axis(np.convolve, 0, cov, box, "same"), box, "same")[..., None]
+    cov = np.apply_along_axis(np.convolve, 1, np.apply_along_axis(np.convolve, 0, cov, box, "same"), box, "same")[
+        ..., None
+    ]
     return np.asarray(scene.background) * (1 - cov) + np.asarray(COLORS[scene.color]) * cov
 
 
@@ -188,7 +197,9 @@ def test_metric_helpers():
     imgs = [render(s)[0] for s in scenes]
     judged = judge_images(imgs, scenes)
     assert [j["correct"]["all"] for j in judged] == [True] * 3 and len(judged[0]["features"]) == 19
-    assert judged[1]["read"] == dict(zip(("color", "shape", "size", "position"), scenes[1].attributes)) | {"distractor": False}
+    assert judged[1]["read"] == dict(zip(("color", "shape", "size", "position"), scenes[1].attributes)) | {
+        "distractor": False
+    }
     with pytest.raises(ValueError, match="one scene per image"):
         judge_images(imgs, scenes[:2])
     assert seed_band({2: 1.0, 3: 2.0, 4: 1.5}) == {"mean": 1.5, "min": 1.0, "max": 2.0, "n": 3}
@@ -196,7 +207,10 @@ def test_metric_helpers():
     lo, hi = bootstrap_ci(6, lambda i: correct[i].mean())
     assert lo < correct.mean() < hi and 0.0 <= lo and hi <= 1.0
     assert bootstrap_ci(6, lambda i: correct[i].mean()) == (lo, hi)  # seeded: the same resamples for every method
-    assert bootstrap_ci(6, lambda i: correct[i].mean() - correct[i].mean()) == (0.0, 0.0)  # paired: identical methods differ by 0
+    assert bootstrap_ci(6, lambda i: correct[i].mean() - correct[i].mean()) == (
+        0.0,
+        0.0,
+    )  # paired: identical methods differ by 0
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -214,15 +228,21 @@ def test_scorers_select_what_they_say():
     )
 
     r = bayer_rank(16).reshape(16, 16)
-    assert torch.equal((r < 0.25).nonzero()[:, 0].unique(), torch.arange(0, 16, 2))  # keep 1/4 = every other row and column
+    assert torch.equal(
+        (r < 0.25).nonzero()[:, 0].unique(), torch.arange(0, 16, 2)
+    )  # keep 1/4 = every other row and column
     cfg = dict(load_recipe("sd35-tiny").model.config)
     tf = build_embedded(cfg, 0)
     with pytest.raises(ConfigError, match="Shiva applied"):
         set_scorer_(tf, NormScorer())
     apply_shiva_(tf, ShivaConfig.uniform(len(tf.transformer_blocks), 0.5, cfg=False))
     g = torch.Generator().manual_seed(0)
-    inputs = {"hidden_states": torch.randn(1, 16, 16, 16, generator=g), "encoder_hidden_states": torch.randn(1, 32, 64, generator=g),
-              "pooled_projections": torch.randn(1, 64, generator=g), "timestep": torch.tensor([500.0])}
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 16, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 32, 64, generator=g),
+        "pooled_projections": torch.randn(1, 64, generator=g),
+        "timestep": torch.tensor([500.0]),
+    }
     mask = torch.zeros(1, 64)
     mask[0, :10] = 1.0
     set_scorer_(tf, MaskScorer(mask + torch.linspace(0, 1e-3, 64)))
@@ -239,7 +259,9 @@ def test_scorers_select_what_they_say():
     fixed, rotating = kept["FixedDitherScorer"], kept["RotatingDitherScorer"]
     assert len(fixed) == len(rotating) >= 4
     assert all(k == fixed[0] for k in fixed)  # the same half of the 8 x 8 grid in every block
-    assert len({frozenset(k) for k in rotating}) >= 2 and set().union(*rotating) == set(range(64))  # every token runs somewhere
+    assert len({frozenset(k) for k in rotating}) >= 2 and set().union(*rotating) == set(
+        range(64)
+    )  # every token runs somewhere
     x = torch.zeros(1, 256, 4)
     runs = torch.zeros(256)
     for b in range(1, 6):  # keep 0.6 over 5 blocks: every token runs in 2 to 4 of them
@@ -261,7 +283,11 @@ def test_local_source_validation(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no model_index.json"):
         load_recipe(missing).local_pipeline_path()
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text(load_recipe("sd35-tiny").source_path.read_text().replace('source = "embedded"', 'source = "embedded"\npath = "x"'))
+    wrong.write_text(
+        load_recipe("sd35-tiny")
+        .source_path.read_text()
+        .replace('source = "embedded"', 'source = "embedded"\npath = "x"')
+    )
     with pytest.raises(RecipeError, match="only for source = 'local'"):
         load_recipe(wrong)
 
@@ -287,7 +313,9 @@ def test_shipped_pipeline_loads_offline_through_from_pretrained(shapes_pipe):
     assert shapes_pipe.shiva.pipeline_source == str(rec.local_pipeline_path())
     tf = shapes_pipe.transformer.config
     assert tf.patch_size == 1 and tuple(tf.dual_attention_layers) == (0, 1, 2) and tf.qk_norm == "rms_norm"
-    assert shapes_pipe.vae.config.latent_channels == 16 and shapes_pipe.vae.config.scaling_factor != 1.0  # measured on the data
+    assert (
+        shapes_pipe.vae.config.latent_channels == 16 and shapes_pipe.vae.config.scaling_factor != 1.0
+    )  # measured on the data
     size = sum(p.stat().st_size for p in rec.local_pipeline_path().rglob("*") if p.is_file())
     assert size < 12 * 2**20
     assert not list(rec.local_pipeline_path().rglob("*.bin")) and not list(rec.local_pipeline_path().rglob("*.pt"))
@@ -298,10 +326,17 @@ def test_shipped_pipeline_generates_deterministically_and_follows_prompts(shapes
 
     rec = load_recipe("sd35-shapes")
     scenes = [Scene("red", "circle", "big", "top left"), Scene("blue", "square", "big", "bottom right")]
-    images = [run_pipeline(shapes_pipe, caption(s), steps=rec.pipeline.steps, guidance=rec.pipeline.guidance, seed=0).image for s in scenes]
-    again = run_pipeline(shapes_pipe, caption(scenes[0]), steps=rec.pipeline.steps, guidance=rec.pipeline.guidance, seed=0).image
+    images = [
+        run_pipeline(shapes_pipe, caption(s), steps=rec.pipeline.steps, guidance=rec.pipeline.guidance, seed=0).image
+        for s in scenes
+    ]
+    again = run_pipeline(
+        shapes_pipe, caption(scenes[0]), steps=rec.pipeline.steps, guidance=rec.pipeline.guidance, seed=0
+    ).image
     assert _hash(images[0]) == _hash(again)
-    other = run_pipeline(shapes_pipe, caption(scenes[0]), steps=rec.pipeline.steps, guidance=rec.pipeline.guidance, seed=1).image
+    other = run_pipeline(
+        shapes_pipe, caption(scenes[0]), steps=rec.pipeline.steps, guidance=rec.pipeline.guidance, seed=1
+    ).image
     assert _hash(other) != _hash(images[0])
     # The trained model is real: colour and position follow the prompt (big shapes, the easiest case).
     for img, s in zip(images, scenes):
@@ -312,30 +347,67 @@ def test_shipped_pipeline_generates_deterministically_and_follows_prompts(shapes
 # ------------------------------------------------------------------------------------------ validate quality
 def test_validate_quality_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "q"
-    code = main(["validate", "quality", "--model", "sd35-shapes", "--prompts", "2", "--steps", "2", "--keep", "0.6", "--n-ref", "16",
-                 "--velocity-samples", "2", "--latency-repeats", "1", "--out-dir", str(out), "--json"])
+    code = main(
+        [
+            "validate",
+            "quality",
+            "--model",
+            "sd35-shapes",
+            "--prompts",
+            "2",
+            "--steps",
+            "2",
+            "--keep",
+            "0.6",
+            "--n-ref",
+            "16",
+            "--velocity-samples",
+            "2",
+            "--latency-repeats",
+            "1",
+            "--out-dir",
+            str(out),
+            "--json",
+        ]
+    )
     stdout, err = capsys.readouterr()
     assert code == 0, err
     rep = json.loads(stdout)
     methods = [r["method"] for r in rep["rows"]]
     learned = load_recipe("sd35-shapes").schedule is not None
-    assert methods == ["dense", "shiva"] + (["shiva-learned"] if learned else []) + ["random", "l2norm", "spatial-rotating"]
+    assert methods == ["dense", "shiva"] + (["shiva-learned"] if learned else []) + [
+        "random",
+        "l2norm",
+        "spatial-rotating",
+    ]
     assert rep["settings"]["seeds"] == [2, 3]  # held out: the choices were made on seeds 0 and 1
     for r in rep["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_ms"] > 0 and r["fd"] >= 0
         lo, hi = r["accuracy_ci"]
         assert lo <= r["accuracy"] <= hi
         assert set(r["fd_by_seed"]) == {"2", "3"} and r["fd_band"]["n"] == 2
-        assert [(p["prompt"], p["seed"], p["noise_seed"]) for p in r["per_image"]] == [(0, 2, 2000), (0, 3, 3000), (1, 2, 2001), (1, 3, 3001)]
-        assert all(len(p["features"]) == 19 and set(p["correct"]) == {"color", "shape", "size", "position", "all"} for p in r["per_image"])
+        assert [(p["prompt"], p["seed"], p["noise_seed"]) for p in r["per_image"]] == [
+            (0, 2, 2000),
+            (0, 3, 3000),
+            (1, 2, 2001),
+            (1, 3, 3001),
+        ]
+        assert all(
+            len(p["features"]) == 19 and set(p["correct"]) == {"color", "shape", "size", "position", "all"}
+            for p in r["per_image"]
+        )
         assert r["accuracy"] == pytest.approx(np.mean([p["correct"]["all"] for p in r["per_image"]]))
         if r["method"] != "dense":
             assert r["gflops"] < rep["rows"][0]["gflops"] and 0.0 <= r["fg_kept"] <= 1.0 and r["velocity_error"] > 0
             assert all(p["psnr"] is not None for p in r["per_image"])
     # the stored records and reference recompute the reported FD exactly
     ref = np.asarray(rep["reference"]["features"])
-    assert ref.shape == (16, 19) and fd_of([p["features"] for p in rep["rows"][1]["per_image"]], ref) == pytest.approx(rep["rows"][1]["fd"])
-    assert {c["metric"] for c in rep["comparisons"]} == {"accuracy", "fd"} and all(c["keep"] == 0.6 for c in rep["comparisons"])
+    assert ref.shape == (16, 19) and fd_of([p["features"] for p in rep["rows"][1]["per_image"]], ref) == pytest.approx(
+        rep["rows"][1]["fd"]
+    )
+    assert {c["metric"] for c in rep["comparisons"]} == {"accuracy", "fd"} and all(
+        c["keep"] == 0.6 for c in rep["comparisons"]
+    )
     assert {v["method"] for v in rep["velocity"]} >= {"random", "foreground"}
     fg = next(v for v in rep["velocity"] if v["method"] == "foreground")
     assert fg["fg_kept"] == pytest.approx(1.0)  # the oracle keeps every foreground token at keep 0.6
@@ -343,7 +415,11 @@ def test_validate_quality_end_to_end_tiny(tmp_path, capsys):
         assert (out / name).is_file() and (out / name).stat().st_size > 100
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "quality.md").read_text()
-    assert "| Method | Keep | FD↓ | Prompt acc↑ [95%]" in md and "Rotating dither (per block)" in md and "Dense FD between seeds" in md
+    assert (
+        "| Method | Keep | FD↓ | Prompt acc↑ [95%]" in md
+        and "Rotating dither (per block)" in md
+        and "Dense FD between seeds" in md
+    )
     assert "floor" not in md and "after a round trip through the pipeline's VAE (a reference point" in md
     assert ("Warning: keep 0.60" in md) == any(not c["ranked"] for c in rep["comparisons"])
     from PIL import Image
@@ -372,8 +448,11 @@ def test_training_script_rebuilds_the_shipped_text_encoders_bit_for_bit():
     spec.loader.exec_module(script)
     _, clip1, _, clip2, _, t5 = script.build_text_stack()
     shipped = load_recipe("sd35-shapes").local_pipeline_path()
-    for built, name, cls in ((clip1, "text_encoder", CLIPTextModelWithProjection), (clip2, "text_encoder_2", CLIPTextModelWithProjection),
-                             (t5, "text_encoder_3", T5EncoderModel)):
+    for built, name, cls in (
+        (clip1, "text_encoder", CLIPTextModelWithProjection),
+        (clip2, "text_encoder_2", CLIPTextModelWithProjection),
+        (t5, "text_encoder_3", T5EncoderModel),
+    ):
         want = cls.from_pretrained(shipped / name).state_dict()
         got = built.state_dict()
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name

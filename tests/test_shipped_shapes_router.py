@@ -44,7 +44,9 @@ def test_router_and_schedule_are_the_learned_ones_for_this_sampler(recipes):
     budgets = [info["config"][k] for k in ("warmup_steps", "policy_steps", "joint_steps")]
     assert all(0 < run <= b for run, b in zip(info["stages_run"], budgets))
     delta = info["heldout"]["min_delta"]
-    for stage in info["heldout"]["stages"].values():  # no evaluation of the stage beat the kept state by more than min_delta
+    for stage in info["heldout"][
+        "stages"
+    ].values():  # no evaluation of the stage beat the kept state by more than min_delta
         assert min(e["loss"] for e in stage["evals"]) >= stage["best_loss"] * (1.0 - delta)
 
 
@@ -53,7 +55,9 @@ def test_context_keep_recipe_is_sd35_shapes_with_its_own_trained_router():
     base, rec = load_recipe("sd35-shapes"), load_recipe("sd35-shapes-ctx")
     learned = load_recipe(ROOT / "recipes" / "sd35-shapes-ctx.learned" / "recipe.toml")
     assert rec.name == "sd35-shapes-ctx" and rec.prune.context == "keep" == learned.prune.context
-    assert rec.local_pipeline_path() == base.local_pipeline_path()  # the shipped pipeline folder, relative to the recipe
+    assert (
+        rec.local_pipeline_path() == base.local_pipeline_path()
+    )  # the shipped pipeline folder, relative to the recipe
     a, b = base.content_dict(), rec.content_dict()
     for d in (a, b):
         for key in ("name", "description", "router", "schedule"):
@@ -61,7 +65,12 @@ def test_context_keep_recipe_is_sd35_shapes_with_its_own_trained_router():
         d["prune"].pop("context", None)
     assert a == b
     path = rec.router_weights_path()
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == rec.router.sha256 == learned.router.sha256 != base.router.sha256
+    assert (
+        hashlib.sha256(path.read_bytes()).hexdigest()
+        == rec.router.sha256
+        == learned.router.sha256
+        != base.router.sha256
+    )
     assert rec.schedule.model_dump() == learned.schedule.model_dump()
     from shiva_export.prune.router import read_router_metadata
 
@@ -70,4 +79,6 @@ def test_context_keep_recipe_is_sd35_shapes_with_its_own_trained_router():
     assert info["config"]["context"] == "keep" and info["sampler_steps"] == rec.pipeline.steps
     base_cfg = json.loads((ROOT / "recipes" / "sd35-shapes.learned" / "training.json").read_text())["config"]
     same = {k: v for k, v in info["config"].items() if k not in ("context", "out_dir")}
-    assert same == {k: v for k, v in base_cfg.items() if k in same and k != "out_dir"}  # the shipped command plus --context keep
+    assert same == {
+        k: v for k, v in base_cfg.items() if k in same and k != "out_dir"
+    }  # the shipped command plus --context keep

@@ -20,7 +20,14 @@ def speed(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     stages: list[str] = []
     report = benchmark_speed(
-        model="sd3-tiny", ratios=RATIOS, backends=BACKENDS, warmup=1, repeats=3, threads=2, out_dir=out, progress=stages.append
+        model="sd3-tiny",
+        ratios=RATIOS,
+        backends=BACKENDS,
+        warmup=1,
+        repeats=3,
+        threads=2,
+        out_dir=out,
+        progress=stages.append,
     )
     return report, out, stages
 
@@ -33,14 +40,38 @@ def test_files_json_and_markdown(speed):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
     data = json.loads((out / "speed.json").read_text())
-    for key in ("model", "spec", "num_image_tokens", "text_len", "threads", "machine", "versions", "rows", "flops", "method", "notes", "command"):
+    for key in (
+        "model",
+        "spec",
+        "num_image_tokens",
+        "text_len",
+        "threads",
+        "machine",
+        "versions",
+        "rows",
+        "flops",
+        "method",
+        "notes",
+        "command",
+    ):
         assert key in data, key
     assert data["model"] == "sd3-tiny" and data["num_image_tokens"] == 256 and data["repeats"] == 3
     assert data["threads"]["torch_intra_op"] == 2 and data["threads"]["ort_intra_op"] == 2
     assert data["machine"]["cpu_model"] and "torch" in data["versions"] and "onnxruntime" in data["versions"]
     rows = data["rows"]
     assert len(rows) == len(BACKENDS) * (1 + len(RATIOS))
-    row_keys = {"backend", "ratio", "keep", "k", "median_ms", "p90_ms", "speedup", "ideal_speedup", "efficiency", "overhead_pct"}
+    row_keys = {
+        "backend",
+        "ratio",
+        "keep",
+        "k",
+        "median_ms",
+        "p90_ms",
+        "speedup",
+        "ideal_speedup",
+        "efficiency",
+        "overhead_pct",
+    }
     for row in rows:
         assert row_keys <= set(row)
         assert len(row["times_ms"]) == 3
@@ -51,7 +82,11 @@ def test_files_json_and_markdown(speed):
 
     md = (out / "speed.md").read_text()
     assert md == report.to_markdown()
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    cells = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in md.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
     assert cells[0][:2] == ["backend", "ratio"]
     seen = {(c[0], c[1]) for c in cells[1:]}
     for backend in BACKENDS:

@@ -98,7 +98,9 @@ def test_flux_student_shares_one_index_set_per_keep_group():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_short_training_writes_an_exportable_recipe(name):
-    res = shared.short_training(name)  # TrainConfig(**shared.SHORT_TRAINING), once per session (test_train_loop resumes against it)
+    res = shared.short_training(
+        name
+    )  # TrainConfig(**shared.SHORT_TRAINING), once per session (test_train_loop resumes against it)
     assert res.finished and res.router_path.is_file() and abs(res.mean_keep - 0.6) <= 0.02
     rec = load_recipe(res.recipe_path)
     assert rec.architecture == get_adapter(rec.architecture).NAME and len(rec.schedule.phases) == 2

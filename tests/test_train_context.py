@@ -15,8 +15,18 @@ MODEL = "sd35-tiny"
 
 
 def _cfg(out_dir, **kw) -> TrainConfig:
-    base = dict(warmup_steps=3, policy_steps=2, joint_steps=1, batch=2, lr_router=3e-3, lr_policy=1e-3, phases=2, out_dir=out_dir,
-                checkpoint_every=1000, num_threads=1)
+    base = dict(
+        warmup_steps=3,
+        policy_steps=2,
+        joint_steps=1,
+        batch=2,
+        lr_router=3e-3,
+        lr_policy=1e-3,
+        phases=2,
+        out_dir=out_dir,
+        checkpoint_every=1000,
+        num_threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -30,8 +40,10 @@ def _kv_lengths(context: str, tmp_path, **kw):
     model = load_transformer(recipe=rec, dtype="fp32")
     block = model.transformer_blocks[2]
     seen: dict[str, list[int]] = {"to_q": [], "to_k": [], "to_v": []}
-    handles = [getattr(block.attn, name).register_forward_hook(lambda m, a, o, _n=name: seen[_n].append(int(a[0].shape[1])))
-               for name in seen]
+    handles = [
+        getattr(block.attn, name).register_forward_hook(lambda m, a, o, _n=name: seen[_n].append(int(a[0].shape[1])))
+        for name in seen
+    ]
     try:
         res = train(MODEL, _cfg(tmp_path, context=context, **kw), transformer=model)
     finally:
@@ -73,7 +85,9 @@ def test_gradients_reach_the_routers_through_the_kept_context(tmp_path):
     rec = _recipe()
     model = load_transformer(recipe=rec, dtype="fp32")
     n_layers = len(model.transformer_blocks)
-    rc = ShivaConfig.uniform(n_layers, 0.4, rec.routed_blocks(n_layers), bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    rc = ShivaConfig.uniform(
+        n_layers, 0.4, rec.routed_blocks(n_layers), bottleneck=rec.router.bottleneck, group_size=rec.router.group_size
+    )
     bank = RouterBank(rc.router_config(*router_dims(model)))
     bank.reset_parameters(rec.router.seed)
     init = bank.state_dict()
@@ -84,7 +98,12 @@ def test_gradients_reach_the_routers_through_the_kept_context(tmp_path):
 
 class _Run:
     def __init__(self, out):
-        self.out_dir, self.recipe_path, self.router_path, self.lut_path = out, out / "recipe.toml", out / "router.safetensors", out / "lut.json"
+        self.out_dir, self.recipe_path, self.router_path, self.lut_path = (
+            out,
+            out / "recipe.toml",
+            out / "router.safetensors",
+            out / "lut.json",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +112,30 @@ def keep_run(tmp_path_factory):
     from shiva_export.cli import main
 
     out = tmp_path_factory.mktemp("ctx") / "run"
-    rc = main(["train", "--model", MODEL, "--context", "keep", "--budget-measure", "flops", "--steps", "3", "--steps", "2", "--steps", "1",
-               "--batch", "2", "--out-dir", str(out), "--quiet", "--threads", "1"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            MODEL,
+            "--context",
+            "keep",
+            "--budget-measure",
+            "flops",
+            "--steps",
+            "3",
+            "--steps",
+            "2",
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--out-dir",
+            str(out),
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     return _Run(out)
 
@@ -114,10 +155,17 @@ def test_written_recipe_and_router_record_context_keep(keep_run):
 def test_recipe_context_is_the_default_and_drop_writes_none(tmp_path, keep_run):
     from shiva_export.recipe import load_recipe
 
-    res = train(keep_run.recipe_path, _cfg(tmp_path / "again", warmup_steps=1, policy_steps=0, joint_steps=1))  # the recipe says keep
+    res = train(
+        keep_run.recipe_path, _cfg(tmp_path / "again", warmup_steps=1, policy_steps=0, joint_steps=1)
+    )  # the recipe says keep
     assert res.context == "keep" and load_recipe(res.recipe_path).prune.context == "keep"
-    res = train(keep_run.recipe_path, _cfg(tmp_path / "drop", warmup_steps=1, policy_steps=0, joint_steps=1, context="drop"))
-    assert load_recipe(res.recipe_path).prune.context == "drop" and "context" not in res.recipe_path.read_text().split("[prune]")[1].split("[")[0]
+    res = train(
+        keep_run.recipe_path, _cfg(tmp_path / "drop", warmup_steps=1, policy_steps=0, joint_steps=1, context="drop")
+    )
+    assert (
+        load_recipe(res.recipe_path).prune.context == "drop"
+        and "context" not in res.recipe_path.read_text().split("[prune]")[1].split("[")[0]
+    )
 
 
 def test_flops_measure_counts_the_kept_context():
@@ -131,16 +179,22 @@ def test_flops_measure_counts_the_kept_context():
     keeps = torch.tensor([[0.3, 0.5, 0.7, 0.9, 0.6][: len(routed)]], dtype=torch.float64)
     adapter = get_adapter(model)
     for context in ("drop", "keep"):
-        m = KeepMeasure.for_model("flops", model, n, rec.shapes.text_len, routed, rec.router.bottleneck, context=context)
+        m = KeepMeasure.for_model(
+            "flops", model, n, rec.shapes.text_len, routed, rec.router.bottleneck, context=context
+        )
         r = float(m(keeps))
         # the uniform keep r costs what the table costs, by the adapter's own count with this context
         per = [None] * len(model.transformer_blocks)
         uni = list(per)
         for j, b in enumerate(routed):
             per[b], uni[b] = float(keeps[0, j]), r
+
         def blocks(kr):
-            fc = adapter.count_flops(model.config, n, rec.shapes.text_len, kr, bottleneck=rec.router.bottleneck, context=context)
+            fc = adapter.count_flops(
+                model.config, n, rec.shapes.text_len, kr, bottleneck=rec.router.bottleneck, context=context
+            )
             return sum(sum(fc.blocks[b].values()) for b in routed)
+
         # the count floors k = N * keep; compare the continuous fit with a tolerance of one token per block
         assert blocks(uni) == pytest.approx(blocks(per), rel=2e-2)
     drop = KeepMeasure.for_model("flops", model, n, rec.shapes.text_len, routed, rec.router.bottleneck)

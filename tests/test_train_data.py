@@ -48,7 +48,9 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_pipe, images):
     out = tmp_path_factory.mktemp("data") / "tiny"
-    encode_train_data("sd35-tiny", records=image_records(images, PROMPTS), out=out, shard_size=4, batch=4, pipe=tiny_pipe)
+    encode_train_data(
+        "sd35-tiny", records=image_records(images, PROMPTS), out=out, shard_size=4, batch=4, pipe=tiny_pipe
+    )
     return out
 
 
@@ -57,7 +59,9 @@ def _encode_prompt(pipe, texts):
 
     n = load_recipe("sd35-tiny").max_sequence_length()
     with torch.inference_mode():
-        pe, _, pooled, _ = pipe.encode_prompt(texts, texts, texts, device="cpu", do_classifier_free_guidance=False, max_sequence_length=n)
+        pe, _, pooled, _ = pipe.encode_prompt(
+            texts, texts, texts, device="cpu", do_classifier_free_guidance=False, max_sequence_length=n
+        )
     return pe, pooled
 
 
@@ -79,14 +83,21 @@ def test_manifest_records_what_made_the_data(data_dir):
     for entry in m["shards"] + [m["null"]]:
         f = data_dir / entry["file"]
         assert f.stat().st_size == entry["bytes"] and sha256_file(f) == entry["sha256"]
-    assert sorted(p.name for p in data_dir.iterdir()) == [MANIFEST_NAME, NULL_NAME, "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        MANIFEST_NAME,
+        NULL_NAME,
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
 
 
 def test_stored_tensors_are_the_pipelines_own_encodings(data_dir, tiny_pipe, images):
     data = ShardedLatents(data_dir)
     null_pe, null_pooled = _encode_prompt(tiny_pipe, [""])
     null = data.null_text
-    assert torch.equal(null["encoder_hidden_states"], null_pe[0]) and torch.equal(null["pooled_projections"], null_pooled[0])
+    assert torch.equal(null["encoder_hidden_states"], null_pe[0]) and torch.equal(
+        null["pooled_projections"], null_pooled[0]
+    )
     pe, pooled = _encode_prompt(tiny_pipe, PROMPTS[4:])  # the second shard, encoded in one call of 2
     s = data.dataset[5]
     torch.testing.assert_close(s["prompt_embeds"], pe[1], atol=1e-5, rtol=0)
@@ -94,7 +105,9 @@ def test_stored_tensors_are_the_pipelines_own_encodings(data_dir, tiny_pipe, ima
     from PIL import Image
 
     vae = tiny_pipe.vae
-    x = tiny_pipe.image_processor.preprocess(Image.open(images / "05.png").convert("RGB"), height=256, width=256, resize_mode="crop")
+    x = tiny_pipe.image_processor.preprocess(
+        Image.open(images / "05.png").convert("RGB"), height=256, width=256, resize_mode="crop"
+    )
     with torch.inference_mode():
         z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
     torch.testing.assert_close(s["latents"], z[0], atol=1e-4, rtol=0)
@@ -132,7 +145,9 @@ def _held_tensor_bytes(reader) -> int:
 
 def test_reader_memory_is_flat_in_dataset_size(tmp_path, data_dir, tiny_pipe):
     big = tmp_path / "big"
-    encode_train_data("sd35-tiny", prompts=[f"prompt {i}" for i in range(40)], out=big, shard_size=8, batch=20, pipe=tiny_pipe)
+    encode_train_data(
+        "sd35-tiny", prompts=[f"prompt {i}" for i in range(40)], out=big, shard_size=8, batch=20, pipe=tiny_pipe
+    )
     small, large = ShardedLatents(data_dir, seed=0), ShardedLatents(big, seed=0)
     assert len(small) == 6 and len(large) == 40 and not large.has_targets
     held = {len(r): _held_tensor_bytes(r) for r in (small, large)}
@@ -236,7 +251,10 @@ def test_make_data_picks_the_source(tmp_path, data_dir, tiny_pipe):
     src = ShardedLatents(data_dir)
     for i in range(2):
         s = src.dataset[i]
-        save_file({"latents": s["latents"], "prompt_embeds": s["prompt_embeds"], "pooled": s["pooled"]}, str(folder / f"{i:05d}.safetensors"))
+        save_file(
+            {"latents": s["latents"], "prompt_embeds": s["prompt_embeds"], "pooled": s["pooled"]},
+            str(folder / f"{i:05d}.safetensors"),
+        )
     lf = make_data(folder, tf, 256, 256, 32)
     assert isinstance(lf, LatentFolder) and len(lf) == 2
     with pytest.raises(Exception, match="null embedding"):
@@ -255,7 +273,9 @@ def test_synthetic_cfg_pairs_and_dropout(tiny_pipe):
     assert torch.equal(b.hidden_states[:4], b.hidden_states[4:]) and torch.equal(b.timestep[:4], b.timestep[4:])
     null = d.null_text
     assert torch.equal(b.inputs["encoder_hidden_states"][:4], null["encoder_hidden_states"].expand(4, -1, -1))
-    assert torch.equal(null["pooled_projections"], SyntheticData(tf, 256, 256, 32, seed=0).null_text["pooled_projections"])  # fixed per seed
+    assert torch.equal(
+        null["pooled_projections"], SyntheticData(tf, 256, 256, 32, seed=0).null_text["pooled_projections"]
+    )  # fixed per seed
     b = SyntheticData(tf, 256, 256, 32, seed=0).batch(64, caption_dropout=0.25)
     rows = (b.inputs["pooled_projections"] == null["pooled_projections"]).all(1)
     assert torch.equal(rows, b.dropped) and 5 < int(b.dropped.sum()) < 30
@@ -297,7 +317,10 @@ def test_sources_and_their_errors(tmp_path, images, monkeypatch):
     with pytest.raises(MissingDependencyError, match="datasets"):
         dataset_records("some/captions")
 
-    rows = [{"caption": " a red cube ", "img": str(images / "00.png")}, {"caption": "blue ball", "img": {"bytes": (images / "01.png").read_bytes(), "path": None}}]
+    rows = [
+        {"caption": " a red cube ", "img": str(images / "00.png")},
+        {"caption": "blue ball", "img": {"bytes": (images / "01.png").read_bytes(), "path": None}},
+    ]
     decoded: list[int] = []
 
     class FakeDataset:  # the part of datasets.Dataset the reader uses: columns, column access, row access
@@ -316,7 +339,10 @@ def test_sources_and_their_errors(tmp_path, images, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     recs = dataset_records("cached/captions", image_column="img")
-    assert [(r.prompt, r.name) for r in recs] == [("a red cube", "cached/captions[0]"), ("blue ball", "cached/captions[1]")]
+    assert [(r.prompt, r.name) for r in recs] == [
+        ("a red cube", "cached/captions[0]"),
+        ("blue ball", "cached/captions[1]"),
+    ]
     assert decoded == []  # no image is read before the encoder asks for it
     from shiva_export.train.dataset import _load_image
 
@@ -335,7 +361,23 @@ def test_cli_writes_data_and_train_runs_on_it(tmp_path, capsys):
     long = "a very long prompt about a blue ball sitting on a wooden table near the sea under a bright sky"
     prompts.write_text("\n".join(PROMPTS[:2] + [long]) + "\n", encoding="utf-8")
     out = tmp_path / "data"
-    assert main(["train-data", "--model", "sd35-tiny", "--prompts", str(prompts), "--out", str(out), "--shard-size", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "train-data",
+                "--model",
+                "sd35-tiny",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--shard-size",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     import json
 
     summary = json.loads(capsys.readouterr().out)
@@ -344,7 +386,26 @@ def test_cli_writes_data_and_train_runs_on_it(tmp_path, capsys):
     assert main(["train-data", "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 1  # exists: not replaced
     assert "exists and is not empty" in capsys.readouterr().err
     run = tmp_path / "run"
-    rc = main(["train", "--model", "sd35-tiny", "--data", str(out), "--steps", "2", "--steps", "1", "--steps", "1", "--out-dir", str(run), "--quiet", "--threads", "1"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "sd35-tiny",
+            "--data",
+            str(out),
+            "--steps",
+            "2",
+            "--steps",
+            "1",
+            "--steps",
+            "1",
+            "--out-dir",
+            str(run),
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0 and (run / "router.safetensors").is_file()
 
 
@@ -372,7 +433,9 @@ def test_help_works_without_heavy_packages():
 
     from tests.test_cli import _BLOCKER
 
-    r = subprocess.run([sys.executable, "-c", _BLOCKER, "train-data", "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", _BLOCKER, "train-data", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout and "--shard-size" in r.stdout
 
@@ -382,12 +445,24 @@ def test_train_resumes_on_sharded_data(tmp_path, data_dir):
     ends with the routers of an uninterrupted one, and the flow loss is on (real latents)."""
     from shiva_export.train import TrainConfig, train
 
-    kw = dict(warmup_steps=3, policy_steps=1, joint_steps=1, batch=2, checkpoint_every=2, data=data_dir, num_threads=1, phases=1, sampler_steps=8)
+    kw = dict(
+        warmup_steps=3,
+        policy_steps=1,
+        joint_steps=1,
+        batch=2,
+        checkpoint_every=2,
+        data=data_dir,
+        num_threads=1,
+        phases=1,
+        sampler_steps=8,
+    )
     full = train("sd35-tiny", TrainConfig(out_dir=tmp_path / "full", **kw))
     assert all(h["flow"] is not None for h in full.history)
     train("sd35-tiny", TrainConfig(out_dir=tmp_path / "cut", stop_at_step=3, **kw))
     second = train("sd35-tiny", TrainConfig(out_dir=tmp_path / "cut", resume=True, **kw))
-    assert second.finished and [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in full.history], abs=1e-6)
+    assert second.finished and [h["loss"] for h in second.history] == pytest.approx(
+        [h["loss"] for h in full.history], abs=1e-6
+    )
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert a["data"]["kind"] == "sharded" and a["data"]["position"] == b["data"]["position"] == 10
@@ -424,7 +499,11 @@ def test_hostile_manifest_is_one_typed_line(tmp_path, data_dir, edit, needle):
 
 
 # -- every architecture: the cached layout is the adapter's ---------------------------------------------------
-ARCH_PROMPTS = {"flux-tiny": ["a red cube", "a blue ball", "green tree"], "pixart-tiny": ["a red cube", "a blue ball", "green tree"], "dit-tiny": ["1", "2", "3"]}
+ARCH_PROMPTS = {
+    "flux-tiny": ["a red cube", "a blue ball", "green tree"],
+    "pixart-tiny": ["a red cube", "a blue ball", "green tree"],
+    "dit-tiny": ["1", "2", "3"],
+}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCH_PROMPTS))
@@ -447,7 +526,22 @@ def arch_data(request, tmp_path_factory, images):
     prompts.write_text("\n".join(ARCH_PROMPTS[model]) + "\n", encoding="utf-8")
     out = root / "data"
     with contextlib.redirect_stdout(io.StringIO()) as buf:
-        rc = main(["train-data", "--model", model, "--images", str(img), "--prompts", str(prompts), "--out", str(out), "--shard-size", "2", "--json"])
+        rc = main(
+            [
+                "train-data",
+                "--model",
+                model,
+                "--images",
+                str(img),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--shard-size",
+                "2",
+                "--json",
+            ]
+        )
     assert rc == 0 and json.loads(buf.getvalue())["samples"] == 3
     return model, out, load_diffusers_pipeline(model), img
 
@@ -465,8 +559,14 @@ def test_other_architectures_store_their_pipelines_own_encodings(arch_data):
     model, out, pipe, img = arch_data
     rec, adapter = load_recipe(model), get_adapter(pipe.transformer)
     m = json.loads((out / MANIFEST_NAME).read_text())
-    want = adapter.cache_shapes(pipe.transformer.config, InputSpec(1, rec.shapes.height, rec.shapes.width, rec.shapes.text_len, False))
-    assert m["architecture"] == adapter.NAME and {k: tuple(v) for k, v in m["shapes"].items()} == want and tuple(m["latent_shape"]) == want["latents"]
+    want = adapter.cache_shapes(
+        pipe.transformer.config, InputSpec(1, rec.shapes.height, rec.shapes.width, rec.shapes.text_len, False)
+    )
+    assert (
+        m["architecture"] == adapter.NAME
+        and {k: tuple(v) for k, v in m["shapes"].items()} == want
+        and tuple(m["latent_shape"]) == want["latents"]
+    )
     data = ShardedLatents(out)
     s = data.dataset[2]  # the second shard's only sample
     text = ARCH_PROMPTS[model][2]
@@ -476,16 +576,28 @@ def test_other_architectures_store_their_pipelines_own_encodings(arch_data):
             torch.testing.assert_close(s["prompt_embeds"], pe[0], atol=1e-5, rtol=0)
             torch.testing.assert_close(s["pooled"], pooled[0], atol=1e-5, rtol=0)
         elif model == "pixart-tiny":
-            pe, mask, _, _ = pipe.encode_prompt([text], do_classifier_free_guidance=False, device="cpu", clean_caption=False, max_sequence_length=rec.shapes.text_len)
+            pe, mask, _, _ = pipe.encode_prompt(
+                [text],
+                do_classifier_free_guidance=False,
+                device="cpu",
+                clean_caption=False,
+                max_sequence_length=rec.shapes.text_len,
+            )
             torch.testing.assert_close(s["prompt_embeds"], pe[0], atol=1e-5, rtol=0)
             assert torch.equal(s["prompt_attention_mask"], mask[0].long())
         else:
-            assert int(s["class_labels"]) == 3 and int(data.null["class_labels"]) == int(pipe.transformer.config.num_embeds_ada_norm)
+            assert int(s["class_labels"]) == 3 and int(data.null["class_labels"]) == int(
+                pipe.transformer.config.num_embeds_ada_norm
+            )
         vae = pipe.vae
         from diffusers.image_processor import VaeImageProcessor
 
-        x = VaeImageProcessor(vae_scale_factor=8).preprocess(Image.open(sorted(img.iterdir())[2]).convert("RGB"), height=rec.shapes.height,
-                                                             width=rec.shapes.width, resize_mode="crop")
+        x = VaeImageProcessor(vae_scale_factor=8).preprocess(
+            Image.open(sorted(img.iterdir())[2]).convert("RGB"),
+            height=rec.shapes.height,
+            width=rec.shapes.width,
+            resize_mode="crop",
+        )
         z = (vae.encode(x).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
         if model == "flux-tiny":
             z = pipe._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
@@ -537,8 +649,32 @@ def test_other_architectures_train_on_their_data(arch_data, tmp_path):
     model, out, _, _ = arch_data
     run = tmp_path / "run"
     with contextlib.redirect_stdout(io.StringIO()) as buf:
-        rc = main(["train", "--model", model, "--data", str(out), "--steps", "1", "--steps", "1", "--steps", "1", "--batch", "2", "--cfg-pairs",
-                   "--caption-dropout", "0.2", "--out-dir", str(run), "--quiet", "--threads", "1", "--json"])
+        rc = main(
+            [
+                "train",
+                "--model",
+                model,
+                "--data",
+                str(out),
+                "--steps",
+                "1",
+                "--steps",
+                "1",
+                "--steps",
+                "1",
+                "--batch",
+                "2",
+                "--cfg-pairs",
+                "--caption-dropout",
+                "0.2",
+                "--out-dir",
+                str(run),
+                "--quiet",
+                "--threads",
+                "1",
+                "--json",
+            ]
+        )
     res = json.loads(buf.getvalue())
     assert rc == 0 and (run / "router.safetensors").is_file() and res["step"] == 3
     assert all(h["flow"] is not None and math.isfinite(h["flow"]) for h in res["history"])

@@ -11,17 +11,42 @@ import sys
 import pytest
 import torch
 
-ARGS = ["--model", "sd35-tiny", "--batch", "4", "--phases", "1", "--sampler-steps", "4", "--threads", "1", "--quiet", "--json"]
+ARGS = [
+    "--model",
+    "sd35-tiny",
+    "--batch",
+    "4",
+    "--phases",
+    "1",
+    "--sampler-steps",
+    "4",
+    "--threads",
+    "1",
+    "--quiet",
+    "--json",
+]
 
 
 def _torchrun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "shiva_export", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "shiva_export",
+        "train",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _single(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shiva_export", "train", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "shiva_export", "train", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def _state(out):
@@ -46,8 +71,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert a["history"][0]["loss"] == pytest.approx(b["history"][0]["loss"], rel=1e-5)
     # rank 0 alone printed the summary and wrote the outputs
     summaries = [line for line in two.stdout.splitlines() if line.startswith("{")]
-    assert len(summaries) == 1 and json.loads(two.stdout[two.stdout.index("{"):])["finished"]
-    assert (tmp_path / "two" / "recipe.toml").is_file() and len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(summaries) == 1 and json.loads(two.stdout[two.stdout.index("{") :])["finished"]
+    assert (tmp_path / "two" / "recipe.toml").is_file() and len(
+        (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    ) == 1
 
 
 def test_resume_at_another_world_size(tmp_path):
@@ -56,8 +83,17 @@ def test_resume_at_another_world_size(tmp_path):
     steps = ["--steps", "2", "--steps", "1", "--steps", "0"]
     full = _single(*ARGS, *steps, "--out-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
-    cut = TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=0, batch=4, phases=1, sampler_steps=4, num_threads=1,
-                      out_dir=tmp_path / "cut", stop_at_step=2)
+    cut = TrainConfig(
+        warmup_steps=2,
+        policy_steps=1,
+        joint_steps=0,
+        batch=4,
+        phases=1,
+        sampler_steps=4,
+        num_threads=1,
+        out_dir=tmp_path / "cut",
+        stop_at_step=2,
+    )
     assert not train("sd35-tiny", cut).finished  # 1 process, cut after step 2
     rest = _torchrun(2, *ARGS, *steps, "--out-dir", str(tmp_path / "cut"), "--resume")  # 2 processes finish it
     assert rest.returncode == 0, rest.stderr[-2000:]

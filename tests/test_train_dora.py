@@ -70,12 +70,16 @@ def _expected_targets(model: str, t: nn.Module) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize(("model", "count"), [("sd35-tiny", 81), ("flux-tiny", 34), ("pixart-tiny", 40), ("dit-tiny", 24)])
+@pytest.mark.parametrize(
+    ("model", "count"), [("sd35-tiny", 81), ("flux-tiny", 34), ("pixart-tiny", 40), ("dit-tiny", 24)]
+)
 def test_target_pattern_hits_exactly_attention_and_ffn_linears(model, count):
     t = _base(model)
     names = dora.dora_targets(t)
     assert set(names) == _expected_targets(model, t) and len(names) == count
-    assert not [n for n in names if "norm" in n or "embed" in n or n.startswith("proj_out")]  # no AdaLN, embedders, head
+    assert not [
+        n for n in names if "norm" in n or "embed" in n or n.startswith("proj_out")
+    ]  # no AdaLN, embedders, head
     if model == "sd35-tiny":  # the regex reaches the dual attention (peft's list form would miss attn2 by suffix)
         assert "transformer_blocks.0.attn2.to_q" in names and "transformer_blocks.0.norm1.linear" not in names
         assert "transformer_blocks.5.attn.to_add_out" not in names  # context_pre_only last block
@@ -137,7 +141,18 @@ def test_merge_matches_unmerged_and_leaves_a_plain_transformer(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- a short --dora run
-_STEPS = dict(warmup_steps=2, policy_steps=1, joint_steps=3, batch=2, lr_router=3e-3, lr_policy=1e-3, phases=2, checkpoint_every=1000, dora=True, num_threads=1)
+_STEPS = dict(
+    warmup_steps=2,
+    policy_steps=1,
+    joint_steps=3,
+    batch=2,
+    lr_router=3e-3,
+    lr_policy=1e-3,
+    phases=2,
+    checkpoint_every=1000,
+    dora=True,
+    num_threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +166,9 @@ def dora_run(tmp_path_factory):
         from shiva_export.prune.api import is_shiva_applied
 
         seen["routed"] = is_shiva_applied(transformer)
-        seen["base"] = {k.replace(".base_layer", ""): v.clone() for k, v in transformer.state_dict().items() if "lora_" not in k}
+        seen["base"] = {
+            k.replace(".base_layer", ""): v.clone() for k, v in transformer.state_dict().items() if "lora_" not in k
+        }
         seen["x"] = make_inputs(transformer, _spec(), seed=11)
         with torch.no_grad():
             seen["y"] = transformer(**seen["x"]).sample
@@ -170,7 +187,9 @@ def test_dora_run_trains_only_adapters_and_binds_the_recipe(dora_run):
     res, seen, events = dora_run
     assert res.finished and not seen["routed"]
     base = _base().state_dict()
-    assert set(seen["base"]) == set(base) and all(torch.equal(seen["base"][k], v) for k, v in base.items())  # base untouched
+    assert set(seen["base"]) == set(base) and all(
+        torch.equal(seen["base"][k], v) for k, v in base.items()
+    )  # base untouched
     ck = torch.load(res.out_dir / "checkpoint.pt", weights_only=True)
     assert any(float(v.abs().max()) > 0 for k, v in ck["dora"].items() if "lora_B" in k)  # stage 3 moved the adapters
     assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["router", "policy", "dora"]
@@ -315,8 +334,29 @@ def test_validate_quality_cli_takes_the_dora_recipe_and_weights(dora_run, tmp_pa
     assert "[pipeline]" in text and "judge" not in text
     judged = res.recipe_path.with_name("judged.toml")
     judged.write_text(text.replace("[pipeline]", '[pipeline]\njudge = "shapes"', 1), encoding="utf-8")
-    args = ["validate", "quality", "--model", MODEL, "--recipe", str(judged), "--method", "shiva", "--keep", "0.6", "--prompts", "1",
-            "--steps", "1", "--n-ref", "2", "--velocity-samples", "1", "--latency-repeats", "0", "--json"]
+    args = [
+        "validate",
+        "quality",
+        "--model",
+        MODEL,
+        "--recipe",
+        str(judged),
+        "--method",
+        "shiva",
+        "--keep",
+        "0.6",
+        "--prompts",
+        "1",
+        "--steps",
+        "1",
+        "--n-ref",
+        "2",
+        "--velocity-samples",
+        "1",
+        "--latency-repeats",
+        "0",
+        "--json",
+    ]
     code = main([*args, "--weights", str(res.out_dir / "transformer"), "--out-dir", str(tmp_path / "q")])
     stdout, err = capsys.readouterr()
     assert code == 0, err
@@ -324,7 +364,9 @@ def test_validate_quality_cli_takes_the_dora_recipe_and_weights(dora_run, tmp_pa
     assert [r["method"] for r in rows] == ["dense", "shiva"] and "untrained" not in rows[1]["label"]
     base = tmp_path / "base"
     _base().save_pretrained(base)
-    code = main([*args, "--weights", str(base), "--out-dir", str(tmp_path / "q2")])  # the unadapted base: refused, one line
+    code = main(
+        [*args, "--weights", str(base), "--out-dir", str(tmp_path / "q2")]
+    )  # the unadapted base: refused, one line
     _, err = capsys.readouterr()
     # refused in one line before anything is written (the output folder may exist: its writability is checked first)
     assert code == 1 and "sha256" in err and "recipe was written for" in err and not any((tmp_path / "q2").rglob("*"))
@@ -373,7 +415,9 @@ def test_resume_uses_this_runs_learning_rates(tmp_path):
     cfg = dict(_STEPS, dora=False)
     train(MODEL, TrainConfig(out_dir=tmp_path, stop_at_step=2, **cfg))
     train(MODEL, TrainConfig(out_dir=tmp_path, resume=True, **dict(cfg, lr_router=5e-4)))
-    groups = {g["name"]: g for g in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]}
+    groups = {
+        g["name"]: g for g in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    }
     assert groups["router"]["base_lr"] == 5e-4 and groups["policy"]["base_lr"] == _STEPS["lr_policy"]
 
 

@@ -101,10 +101,19 @@ def test_estimator_check_reports_sign_and_magnitude():
     assert len(rep.cases) == 2 * 5 and {c.layer for c in rep.cases} == {1, 2, 3, 4, 5}
     assert all(c.finite_difference < 0 for c in rep.cases if c.agree is not None)  # more tokens, lower loss
     d = rep.to_dict()
-    assert set(d["summary"]) == {"output-gated", "residual"} and 0.0 <= d["summary"]["output-gated"]["sign_agreement"] <= 1.0
+    assert (
+        set(d["summary"]) == {"output-gated", "residual"}
+        and 0.0 <= d["summary"]["output-gated"]["sign_agreement"] <= 1.0
+    )
     summary = d["summary"]["output-gated"]
-    assert -1.0 <= summary["rank_agreement"] <= 1.0 and summary["magnitude_error"] >= 0 and isinstance(summary["beats_baseline"], bool)
-    assert summary["constant_baseline"]["sign_agreement"] == 1.0  # every finite difference is negative: a constant agrees in sign
+    assert (
+        -1.0 <= summary["rank_agreement"] <= 1.0
+        and summary["magnitude_error"] >= 0
+        and isinstance(summary["beats_baseline"], bool)
+    )
+    assert (
+        summary["constant_baseline"]["sign_agreement"] == 1.0
+    )  # every finite difference is negative: a constant agrees in sign
     assert "| output-gated |" in rep.to_markdown() and "cannot tell an estimator from a constant" in rep.to_markdown()
 
 
@@ -123,11 +132,19 @@ def test_estimator_gate_fails_a_constant_estimator():
     const = _report([-0.3] * 15, fds)
     assert const.agreement("e") == 1.0  # the old check: a perfect score
     assert const.rank_agreement("e") == 0.0 and not const.beats_baseline("e")
-    best_const = _report([const.baseline("e")["value"]] * 15, fds)  # the best constant only ties the baseline: still fails
-    assert best_const.magnitude_error("e") == pytest.approx(best_const.baseline("e")["magnitude_error"]) and not best_const.beats_baseline("e")
+    best_const = _report(
+        [const.baseline("e")["value"]] * 15, fds
+    )  # the best constant only ties the baseline: still fails
+    assert best_const.magnitude_error("e") == pytest.approx(
+        best_const.baseline("e")["magnitude_error"]
+    ) and not best_const.beats_baseline("e")
     noisy = [f * s for f, s in zip(fds, [1.3, 0.8, 1.1, 0.9, 1.2, 0.7, 1.1, 1.0, 0.9, 1.2, 0.8, 1.3, 1.0, 0.9, 1.1])]
     good = _report(noisy, fds)
-    assert good.rank_agreement("e") > 0.8 and good.magnitude_error("e") < good.baseline("e")["magnitude_error"] and good.beats_baseline("e")
+    assert (
+        good.rank_agreement("e") > 0.8
+        and good.magnitude_error("e") < good.baseline("e")["magnitude_error"]
+        and good.beats_baseline("e")
+    )
     flipped = _report([-g for g in noisy], fds)  # right magnitudes, wrong ranking and sign
     assert flipped.agreement("e") == 0.0 and not flipped.beats_baseline("e")
     scaled = _report([10 * g for g in noisy], fds)  # right ranking, magnitude 10x off: worse than the constant
@@ -139,28 +156,80 @@ def test_estimator_gate_fails_a_constant_estimator():
 def test_cli_validate_estimator_and_paper_only_train(tmp_path, capsys):
     from shiva_export.cli import main
 
-    code = main(["validate", "estimator", "--model", "sd35-tiny", "--keep", "0.6", "--samples", "2", "--router", "random", "--json", "-q"])
+    code = main(
+        [
+            "validate",
+            "estimator",
+            "--model",
+            "sd35-tiny",
+            "--keep",
+            "0.6",
+            "--samples",
+            "2",
+            "--router",
+            "random",
+            "--json",
+            "-q",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["summary"]
     code = main(["validate", "estimator", "--model", "sd35-tiny", "--min-agreement", "1.5"])
     out, err = capsys.readouterr()
     assert code == 2 and "min-agreement" in err and "Traceback" not in err
-    code = main(["validate", "estimator", "--model", "sd35-tiny", "--keep", "0.6", "--samples", "2", "--router", "random", "--estimator", "residual",
-                 "--beat-baseline", "-q"])
+    code = main(
+        [
+            "validate",
+            "estimator",
+            "--model",
+            "sd35-tiny",
+            "--keep",
+            "0.6",
+            "--samples",
+            "2",
+            "--router",
+            "random",
+            "--estimator",
+            "residual",
+            "--beat-baseline",
+            "-q",
+        ]
+    )
     out, err = capsys.readouterr()
     rep = out.split("| residual |")[1]
     assert code == (0 if "| yes |" in rep.split("\n")[0] else 3) and ("does not beat a constant" in err) == (code == 3)
     # the paper-only path: residual STE, no importance auxiliary, the batch's timesteps for the budget
     out_dir = tmp_path / "paper"
-    code = main(["train", "--model", "sd35-tiny", "--steps", "3", "--steps", "2", "--steps", "1", "--batch", "2",
-                 "--paper-only", "--out-dir", str(out_dir), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "sd35-tiny",
+            "--steps",
+            "3",
+            "--steps",
+            "2",
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--paper-only",
+            "--out-dir",
+            str(out_dir),
+            "--quiet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     lut = json.loads((out_dir / "lut.json").read_text())
     assert lut["estimator"] == "residual" and lut["min_keep"] == 0.0
     ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
-    assert ck["config"]["importance_weight"] == 0.0 and ck["config"]["budget_timesteps"] == "batch" and ck["config"]["budget"] == "ema"
+    assert (
+        ck["config"]["importance_weight"] == 0.0
+        and ck["config"]["budget_timesteps"] == "batch"
+        and ck["config"]["budget"] == "ema"
+    )
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"distill", "keep", "samples_per_s", "eta_s"} <= set(rows[0])
 
@@ -190,8 +259,19 @@ def test_cfg_pair_student_equals_cfg_inference_and_trains(tmp_path):
         model(**inputs)
         st.mode, st.keep = "student", torch.tensor([[0.6] * 5, [0.6] * 5]).repeat(2, 1)
         assert torch.equal(model(**inputs).sample, hard)
-    res = train("sd35-tiny", TrainConfig(warmup_steps=2, policy_steps=1, joint_steps=1, batch=2, cfg_pairs=True, caption_dropout=0.1,
-                                         out_dir=tmp_path, checkpoint_every=100))
+    res = train(
+        "sd35-tiny",
+        TrainConfig(
+            warmup_steps=2,
+            policy_steps=1,
+            joint_steps=1,
+            batch=2,
+            cfg_pairs=True,
+            caption_dropout=0.1,
+            out_dir=tmp_path,
+            checkpoint_every=100,
+        ),
+    )
     assert res.finished and abs(res.mean_keep - 0.6) <= 0.02
 
 
@@ -200,7 +280,12 @@ def test_written_recipe_of_a_local_model_finds_its_weights(tmp_path):
     from shiva_export.recipe import load_recipe
     from shiva_export.train import train
 
-    res = train("sd35-shapes", TrainConfig(warmup_steps=1, policy_steps=1, joint_steps=1, batch=2, out_dir=tmp_path / "out", checkpoint_every=100))
+    res = train(
+        "sd35-shapes",
+        TrainConfig(
+            warmup_steps=1, policy_steps=1, joint_steps=1, batch=2, out_dir=tmp_path / "out", checkpoint_every=100
+        ),
+    )
     rec = load_recipe(res.recipe_path)
     assert rec.model.source == "local" and (rec.local_pipeline_path() / "model_index.json").is_file()
     assert load_transformer(recipe=rec) is not None

@@ -17,8 +17,20 @@ MODEL = "sd35-tiny"
 
 
 def _cfg(out_dir, **kw) -> TrainConfig:
-    base = dict(warmup_steps=8, policy_steps=6, joint_steps=6, batch=2, lr_router=3e-3, lr_policy=1e-3, phases=2, out_dir=out_dir,
-                checkpoint_every=1000, eval_every=2, patience=2, eval_samples=4)
+    base = dict(
+        warmup_steps=8,
+        policy_steps=6,
+        joint_steps=6,
+        batch=2,
+        lr_router=3e-3,
+        lr_policy=1e-3,
+        phases=2,
+        out_dir=out_dir,
+        checkpoint_every=1000,
+        eval_every=2,
+        patience=2,
+        eval_samples=4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -71,8 +83,31 @@ def test_cli_held_out_stopping(tmp_path, capsys):
     code = main(["train", "--model", MODEL, "--patience", "3", "--out-dir", str(tmp_path / "x")])
     _, err = capsys.readouterr()
     assert code == 2 and "--eval-every" in err and "Traceback" not in err and not (tmp_path / "x").exists()
-    code = main(["train", "--model", MODEL, "--steps", "2", "--steps", "2", "--steps", "2", "--batch", "2", "--eval-every", "1",
-                 "--patience", "1", "--eval-min-delta", "0.9", "--eval-samples", "2", "--out-dir", str(tmp_path / "y")])
+    code = main(
+        [
+            "train",
+            "--model",
+            MODEL,
+            "--steps",
+            "2",
+            "--steps",
+            "2",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--eval-every",
+            "1",
+            "--patience",
+            "1",
+            "--eval-min-delta",
+            "0.9",
+            "--eval-samples",
+            "2",
+            "--out-dir",
+            str(tmp_path / "y"),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "stopped early at step 1" in err and "run per stage 1/1/1; held-out stopping" in out
@@ -84,7 +119,14 @@ def test_latent_folder_split_is_held_out(tmp_path):
     from safetensors.torch import save_file
 
     for i in range(5):
-        save_file({"latents": torch.full((16, 32, 32), float(i)), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)}, str(tmp_path / f"{i}.safetensors"))
+        save_file(
+            {
+                "latents": torch.full((16, 32, 32), float(i)),
+                "prompt_embeds": torch.randn(8, 64),
+                "pooled": torch.randn(64),
+            },
+            str(tmp_path / f"{i}.safetensors"),
+        )
     data = LatentFolder(tmp_path, "sd3", seed=0)
     held = data.split_off(2, seed=7)
     assert len(data) == 3 and len(held) == 2
@@ -129,7 +171,9 @@ def test_best_state_of_each_stage_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "heldout_loss", fake)
     res = train(MODEL, _cfg(tmp_path, eval_min_delta=0.0))
     warm = res.heldout["stages"]["router-warmup"]
-    assert [e["step"] for e in warm["evals"]] == [0, 2, 4, 6, 8] and warm["best_step"] == 4 and warm["stopped_at"] is None
+    assert (
+        [e["step"] for e in warm["evals"]] == [0, 2, 4, 6, 8] and warm["best_step"] == 4 and warm["stopped_at"] is None
+    )
     assert not _same(seen[2], seen[4])  # training moved on after the best
     assert _same(seen[5], seen[2])  # stage 2 begins from stage 1's best
     from safetensors.torch import load_file

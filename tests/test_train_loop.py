@@ -18,7 +18,17 @@ MODEL = "sd35-tiny"
 
 
 def _cfg(out_dir, **kw) -> TrainConfig:
-    base = dict(warmup_steps=40, policy_steps=8, joint_steps=6, batch=4, lr_router=3e-3, lr_policy=1e-3, phases=2, out_dir=out_dir, checkpoint_every=1000)
+    base = dict(
+        warmup_steps=40,
+        policy_steps=8,
+        joint_steps=6,
+        batch=4,
+        lr_router=3e-3,
+        lr_policy=1e-3,
+        phases=2,
+        out_dir=out_dir,
+        checkpoint_every=1000,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -49,7 +59,9 @@ def test_outputs_written_and_valid(trained):
     assert rec.schedule.target_keep == pytest.approx(0.6)
     model = load_transformer(recipe=rec)
     n = len(model.transformer_blocks)
-    rc = ShivaConfig.uniform(n, 0.4, rec.routed_blocks(n)).router_config(model.inner_dim, model.config.pooled_projection_dim)
+    rc = ShivaConfig.uniform(n, 0.4, rec.routed_blocks(n)).router_config(
+        model.inner_dim, model.config.pooled_projection_dim
+    )
     _, sha = load_routers(rec.router_weights_path(), rc)
     assert sha == res.router_sha256
     assert abs(res.mean_keep - 0.6) <= 0.02
@@ -75,13 +87,21 @@ def test_phase_export_passes_parity(trained, tmp_path):
 
 def test_resume_continues_at_the_right_step(tmp_path):
     kw = dict(warmup_steps=4, policy_steps=2, joint_steps=2, batch=2, checkpoint_every=3)
-    assert _cfg(tmp_path, **kw) == TrainConfig(out_dir=tmp_path, **shared.SHORT_TRAINING)  # the same run as the session's short training
+    assert _cfg(tmp_path, **kw) == TrainConfig(
+        out_dir=tmp_path, **shared.SHORT_TRAINING
+    )  # the same run as the session's short training
     full = shared.short_training(MODEL)
     first = train(MODEL, _cfg(tmp_path / "cut", stop_at_step=5, **kw))
     assert not first.finished and first.step == 5 and first.recipe_path is None
     events: list[dict] = []
     second = train(MODEL, _cfg(tmp_path / "cut", resume=True, **kw), progress=events.append)
-    assert events[0] == {"event": "resume", "step": 5, "total": 8, "checkpoint": str(tmp_path / "cut" / "checkpoint.pt"), "world": 1}
+    assert events[0] == {
+        "event": "resume",
+        "step": 5,
+        "total": 8,
+        "checkpoint": str(tmp_path / "cut" / "checkpoint.pt"),
+        "world": 1,
+    }
     assert [e["step"] for e in events if e["event"] == "step"] == [6, 7, 8]
     assert second.finished and second.step == 8 and len(second.history) == 8
     assert full.finished and full.step == 8
@@ -136,15 +156,25 @@ def test_latent_folder(tmp_path):
         LatentFolder(tmp_path / "missing", **shapes)
     with pytest.raises(ConfigError, match="no .safetensors"):
         LatentFolder(tmp_path, **shapes)
-    save_file({"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64)}, str(tmp_path / "a.safetensors"))
+    save_file(
+        {"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64)}, str(tmp_path / "a.safetensors")
+    )
     with pytest.raises(ConfigError, match="lacks tensors"):
         LatentFolder(tmp_path, **shapes)
-    save_file({"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)}, str(tmp_path / "a.safetensors"))
-    save_file({"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)}, str(tmp_path / "b.safetensors"))
+    save_file(
+        {"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)},
+        str(tmp_path / "a.safetensors"),
+    )
+    save_file(
+        {"latents": torch.randn(16, 32, 32), "prompt_embeds": torch.randn(8, 64), "pooled": torch.randn(64)},
+        str(tmp_path / "b.safetensors"),
+    )
     data = LatentFolder(tmp_path, seed=0, **shapes)
     batch = data.batch(3, timesteps=torch.tensor([0.0, 500.0, 999.0]))
     assert batch.target is not None and batch.hidden_states.shape == (3, 16, 32, 32)
-    four = types.SimpleNamespace(**{**dict(tf.config), "in_channels": 4, "_class_name": type(tf).__name__})  # a 4-channel model
+    four = types.SimpleNamespace(
+        **{**dict(tf.config), "in_channels": 4, "_class_name": type(tf).__name__}
+    )  # a 4-channel model
     with pytest.raises(ShapeError, match="channels"):
         LatentFolder(tmp_path, four, height=256, width=256)
     with pytest.raises(ShapeError, match="latent grid"):  # the recipe's token count is what the schedule is learned for
@@ -154,7 +184,13 @@ def test_latent_folder(tmp_path):
 def test_toml_writer_round_trips():
     import tomllib
 
-    d = {"a": 1, "b": "x\"y", "t": {"f": 0.1, "l": [[0.5, 0.25]], "sub": {"z": True}}, "arr": [{"n": "p", "k": [1, 2]}, {"n": "q", "k": [3]}], "none": None}
+    d = {
+        "a": 1,
+        "b": 'x"y',
+        "t": {"f": 0.1, "l": [[0.5, 0.25]], "sub": {"z": True}},
+        "arr": [{"n": "p", "k": [1, 2]}, {"n": "q", "k": [3]}],
+        "none": None,
+    }
     back = tomllib.loads(dumps_toml(d))
     d.pop("none")
     assert back == d

@@ -129,7 +129,9 @@ def test_residual_ste_gives_the_paper_inner_products():
 
     sel = DifferentiableTopK().eval().select(scores, 0.45)
     pi = sel.pi.detach().requires_grad_(True)
-    sel_leaf = type(sel)(sel.indices, sel.rejected, pi, pi.gather(1, sel.indices), pi.gather(1, sel.rejected), sel.k, sel.k_soft)
+    sel_leaf = type(sel)(
+        sel.indices, sel.rejected, pi, pi.gather(1, sel.indices), pi.gather(1, sel.rejected), sel.k, sel.k_soft
+    )
     (grad_pi,) = torch.autograd.grad(loss_fn(route_with_ste(x, sel_leaf, block)), pi)
 
     # Hard path gradients: w.r.t. the block input of selected tokens and the output of rejected ones.
@@ -149,7 +151,9 @@ def test_gradients_reach_scores_and_k():
     keep = torch.tensor(0.5, requires_grad=True)
     sel = DifferentiableTopK().train().select(scores, keep, generator=g)
     (dpi_dk,) = torch.autograd.grad(sel.pi.sum(), keep, retain_graph=True)
-    jac = torch.autograd.functional.jacobian(lambda kk: inclusion_probability(soft_rank(scores.detach(), 0.2), kk * 64, 0.1), keep.detach())
+    jac = torch.autograd.functional.jacobian(
+        lambda kk: inclusion_probability(soft_rank(scores.detach(), 0.2), kk * 64, 0.1), keep.detach()
+    )
     assert float(dpi_dk) > 0 and bool((jac > 0).all())  # d pi_i / d k > 0 for every token
     x = torch.randn(2, 64, 5, generator=g)
     out = route_with_ste(x, sel, lambda z: 0.5 * z)

@@ -17,8 +17,27 @@ XDIST_GROUP = shared.EXPORTS  # conftest: one worker, which makes the shared art
 @pytest.mark.parametrize("model", ["sd3-tiny", "sd35-tiny"])
 def test_parity_passes_for_every_budget(capsys, tmp_path, model):
     report = tmp_path / "parity.md"
-    code = main(["validate", "parity", "--model", model, "--ratio", "0", "--ratio", "0.2", "--ratio", "0.4", "--ratio", "0.6",
-                 "--cases", "3", "--json", "--report", str(report)])
+    code = main(
+        [
+            "validate",
+            "parity",
+            "--model",
+            model,
+            "--ratio",
+            "0",
+            "--ratio",
+            "0.2",
+            "--ratio",
+            "0.4",
+            "--ratio",
+            "0.6",
+            "--cases",
+            "3",
+            "--json",
+            "--report",
+            str(report),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rep = json.loads(out)
@@ -63,7 +82,21 @@ def test_wrong_router_fails_with_exit_3(capsys, tmp_path, export_04):
     bank.reset_parameters(seed=123)  # not the router the ONNX was exported with
     path = tmp_path / "wrong.safetensors"
     save_routers(bank, path)
-    code = main(["validate", "parity", "--model", "sd3-tiny", "--onnx", str(export_04.export.onnx_path), "--router", str(path), "--cases", "2", "--json"])
+    code = main(
+        [
+            "validate",
+            "parity",
+            "--model",
+            "sd3-tiny",
+            "--onnx",
+            str(export_04.export.onnx_path),
+            "--router",
+            str(path),
+            "--cases",
+            "2",
+            "--json",
+        ]
+    )
     rep = json.loads(capsys.readouterr().out)
     assert code == 3 and not rep["passed"]
     c = rep["comparisons"][0]
@@ -81,5 +114,11 @@ def test_boundary_score_ties_are_told_from_real_mismatches():
     assert _near_ties(rec, {1: np.array([[0, 2, 3]])}) == 0  # dropping 0.5 for 0.3 is a real mismatch
     assert _near_ties(rec, {1: np.array([[0, 1, 4]])}) == 0  # 0.1 is far below the k-th score
     # CFG pairs rank on the max of both halves
-    cfg = [{"block": 1, "indices": torch.tensor([[0, 1], [0, 1]]), "scores": torch.tensor([[0.9, 0.3, 0.3], [0.1, 0.2, 0.30000001]])}]
+    cfg = [
+        {
+            "block": 1,
+            "indices": torch.tensor([[0, 1], [0, 1]]),
+            "scores": torch.tensor([[0.9, 0.3, 0.3], [0.1, 0.2, 0.30000001]]),
+        }
+    ]
     assert _near_ties(cfg, {1: np.array([[0, 2], [0, 2]])}) == 2

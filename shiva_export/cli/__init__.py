@@ -47,7 +47,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also SHIVA_DEBUG=1)."),
 ) -> None:
     """Shiva-DiT export toolkit."""
@@ -72,7 +74,9 @@ def _register() -> None:
     app.command(name="serve", help=_serve.HELP, epilog=_serve.EPILOG)(_serve.serve_command)
     app.command(name="train", help=_train.HELP, epilog=_train.EPILOG)(_train.train_command)
     app.command(name="train-data", help=_train_data.HELP, epilog=_train_data.EPILOG)(_train_data.train_data_command)
-    _validate.validate_app.command(name="frontier", help=_frontier.HELP, epilog=_frontier.EPILOG)(_frontier.frontier_command)
+    _validate.validate_app.command(name="frontier", help=_frontier.HELP, epilog=_frontier.EPILOG)(
+        _frontier.frontier_command
+    )
     app.add_typer(_validate.validate_app, name="validate")
     app.add_typer(_recipe.recipe_app, name="recipe")
 
@@ -138,12 +142,23 @@ def _refuse_repeated_options(command, args: list[str]) -> None:
         word = args[i]
         if word == "--":
             return
-        if isinstance(getattr(command, "commands", None), dict) and not word.startswith("-") and word in command.commands:
+        if (
+            isinstance(getattr(command, "commands", None), dict)
+            and not word.startswith("-")
+            and word in command.commands
+        ):
             command, seen = command.commands[word], {}
             i += 1
             continue
         name, _, inline = word.partition("=")
-        param = next((p for p in command.params if getattr(p, "param_type_name", "") == "option" and name in p.opts + p.secondary_opts), None)
+        param = next(
+            (
+                p
+                for p in command.params
+                if getattr(p, "param_type_name", "") == "option" and name in p.opts + p.secondary_opts
+            ),
+            None,
+        )
         if param is None:
             i += 1
             continue
@@ -155,8 +170,10 @@ def _refuse_repeated_options(command, args: list[str]) -> None:
             continue
         given = word if inline or not takes_value else f"{word} {args[i - 1]}"
         if param.name in seen and seen[param.name] != given:  # the same flag twice (-q -q) changes nothing
-            raise ConfigError(f"{seen[param.name]} and {given} both set {param.opts[0]}, which takes one value (the last "
-                              f"would win silently); pass it once.")
+            raise ConfigError(
+                f"{seen[param.name]} and {given} both set {param.opts[0]}, which takes one value (the last "
+                f"would win silently); pass it once."
+            )
         seen[param.name] = given
 
 
@@ -169,7 +186,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(diffusers|transformers|accelerate|huggingface_hub)\b.*")
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module=r"(diffusers|transformers|accelerate|huggingface_hub)\b.*"
+    )
 
 
 def _entry() -> None:

@@ -24,7 +24,9 @@ def result_text(text: str) -> None:
 
 
 def error(msg: str) -> None:
-    err_console.print(f"[bold red]Error:[/] {msg}", markup=True, highlight=False) if err_console.is_terminal else print(f"Error: {msg}", file=sys.stderr)
+    err_console.print(f"[bold red]Error:[/] {msg}", markup=True, highlight=False) if err_console.is_terminal else print(
+        f"Error: {msg}", file=sys.stderr
+    )
 
 
 def warning(msg: str) -> None:
@@ -54,7 +56,9 @@ def stages(enabled: bool = True):
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=False) as prog:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=False
+    ) as prog:
         current: list[int] = []
 
         def advance(stage: str) -> None:

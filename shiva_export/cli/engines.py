@@ -179,10 +179,27 @@ def trt_command(
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16.", param_hint="--dtype")
-    check_trt_flags(model=model, onnx=onnx, ratio=ratio, workspace=workspace, opt_level=opt_level, aot_target=aot_target, dynamic_batch=dynamic_batch,
-                    batch_min=batch_min, batch_max=batch_max, batch=batch, height=height, width=width, cfg=cfg, out_dir=out_dir)
+    check_trt_flags(
+        model=model,
+        onnx=onnx,
+        ratio=ratio,
+        workspace=workspace,
+        opt_level=opt_level,
+        aot_target=aot_target,
+        dynamic_batch=dynamic_batch,
+        batch_min=batch_min,
+        batch_max=batch_max,
+        batch=batch,
+        height=height,
+        width=width,
+        cfg=cfg,
+        out_dir=out_dir,
+    )
     if (lora or controlnet is not None) and onnx is not None:
-        raise typer.BadParameter("--lora and --controlnet act at export; an existing --onnx is built as it is. Export it with `onnx --lora/--controlnet`.", param_hint="--onnx")
+        raise typer.BadParameter(
+            "--lora and --controlnet act at export; an existing --onnx is built as it is. Export it with `onnx --lora/--controlnet`.",
+            param_hint="--onnx",
+        )
     loras = resolve_loras(lora, lora_scale)  # before any export: a count mismatch or missing file is one line
     cn_layers = controlnet_num_layers(controlnet) if controlnet is not None else 0
     from shiva_export.engines.budgets import build_engines  # torch, onnx: only once the options are known to be good
@@ -191,11 +208,35 @@ def trt_command(
     batch_range = (batch_min or 1, b, batch_max or max(4 * b, 2)) if dynamic_batch else None
     with stages(enabled=not (quiet or json_out)) as advance:
         results = build_engines(
-            model=model, recipe=recipe, weights=weights, router=router, ratios=ratio, dense=not no_dense, onnx=onnx,
-            backend=backend, dtype=dtype, height=height, width=width, batch=batch, cfg=cfg, dynamic_batch=dynamic_batch,
-            batch_range=batch_range, timing_cache=timing_cache, workspace_bytes=workspace * (1 << 20) if workspace else None,
-            optimization_level=opt_level, aot_targets=aot_target, strip_weights=strip_weights, segments=segments, out_dir=out_dir, force=force, validate=validate, progress=advance,
-            sizes=size, phases=phases, loras=loras, controlnet_layers=cn_layers,
+            model=model,
+            recipe=recipe,
+            weights=weights,
+            router=router,
+            ratios=ratio,
+            dense=not no_dense,
+            onnx=onnx,
+            backend=backend,
+            dtype=dtype,
+            height=height,
+            width=width,
+            batch=batch,
+            cfg=cfg,
+            dynamic_batch=dynamic_batch,
+            batch_range=batch_range,
+            timing_cache=timing_cache,
+            workspace_bytes=workspace * (1 << 20) if workspace else None,
+            optimization_level=opt_level,
+            aot_targets=aot_target,
+            strip_weights=strip_weights,
+            segments=segments,
+            out_dir=out_dir,
+            force=force,
+            validate=validate,
+            progress=advance,
+            sizes=size,
+            phases=phases,
+            loras=loras,
+            controlnet_layers=cn_layers,
         )
     rows = [r.to_dict() for r in results]
     if json_out:
@@ -224,29 +265,56 @@ def _check_aot_targets(targets) -> None:
             raise ConfigError(f"--aot-target {t}: {err}") from None
 
 
-def check_trt_flags(*, model, onnx, ratio, workspace, opt_level, aot_target, dynamic_batch, batch_min, batch_max, batch, height, width, cfg, out_dir) -> None:
+def check_trt_flags(
+    *,
+    model,
+    onnx,
+    ratio,
+    workspace,
+    opt_level,
+    aot_target,
+    dynamic_batch,
+    batch_min,
+    batch_max,
+    batch,
+    height,
+    width,
+    cfg,
+    out_dir,
+) -> None:
     """Every trt option, before any export or backend import (each used to be refused only after the dense export)."""
     from shiva_export.checks import check_build_options, check_model_name, check_out_dir, check_sizes
     from shiva_export.errors import ConfigError
     from shiva_export.export.onnx import read_shiva_metadata
 
     check_model_name(model)
-    check_build_options(workspace_mib=workspace, opt_level=opt_level, aot_targets=aot_target, dynamic_batch=dynamic_batch,
-                        batch_min=batch_min, batch_max=batch_max, batch=batch)
+    check_build_options(
+        workspace_mib=workspace,
+        opt_level=opt_level,
+        aot_targets=aot_target,
+        dynamic_batch=dynamic_batch,
+        batch_min=batch_min,
+        batch_max=batch_max,
+        batch=batch,
+    )
     check_sizes(batch=batch, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
     check_out_dir(out_dir, "--out-dir")
     _check_aot_targets(aot_target)
     if onnx is None:
         return
     if ratio:
-        raise ConfigError(f"--onnx {onnx} is built as exported, so --ratio {', '.join(map(str, ratio))} would be ignored; drop --ratio (or drop --onnx to export that ratio).")
+        raise ConfigError(
+            f"--onnx {onnx} is built as exported, so --ratio {', '.join(map(str, ratio))} would be ignored; drop --ratio (or drop --onnx to export that ratio)."
+        )
     got = read_shiva_metadata(onnx, what="--onnx").get("model")
     if got is not None:
         from shiva_export.utils.io import safe_component
 
         safe_component(got, f"--onnx {onnx}: shiva.model")  # it names the output folder
     if model is not None and got is not None and got != model:
-        raise ConfigError(f"--model {model} but --onnx {onnx} is a graph of model {got!r}; drop --model (the graph decides) or pass --model {got}.")
+        raise ConfigError(
+            f"--model {model} but --onnx {onnx} is a graph of model {got!r}; drop --model (the graph decides) or pass --model {got}."
+        )
 
 
 def _table(rows: list[dict]) -> str:
@@ -255,7 +323,13 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         ks = sorted(set(r["per_block_k"].values()))
         kdesc = "dense" if r["dense"] else (str(ks[0]) if len(ks) == 1 else ",".join(map(str, ks)))
-        budget = "dense (r=0)" if r["dense"] else f"phase {r['phase']}" if r.get("phase") else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        budget = (
+            "dense (r=0)"
+            if r["dense"]
+            else f"phase {r['phase']}"
+            if r.get("phase")
+            else f"r={r['ratio']:g} keep={r['keep_ratio']:g}"
+        )
         budget = f"{r['bucket']} {budget}" if r.get("bucket") else budget
         bs = f"{r['build_seconds']:.2f}" if r["build_seconds"] is not None else "-"
         mb = f"{r['engine_mb']:.2f}" if r["engine_mb"] is not None else "-"
@@ -292,7 +366,10 @@ def inspect_command(
     import re
 
     if backend_version is not None and not re.fullmatch(r"\d+(\.\d+){0,3}", backend_version.strip()):
-        raise typer.BadParameter(f"{backend_version!r} is not a version; expected digits and dots, e.g. 10.13.3 or 1.2.0.", param_hint="--backend-version")
+        raise typer.BadParameter(
+            f"{backend_version!r} is not a version; expected digits and dots, e.g. 10.13.3 or 1.2.0.",
+            param_hint="--backend-version",
+        )
     version = backend_version
     if version is None:
         try:
@@ -350,7 +427,12 @@ def run_command(
             "engine": str(runner.plan_path),
             "gpu": torch.cuda.get_device_name(),
             "median_ms": statistics.median(times),
-            "outputs": {k: {"shape": list(v.shape), "mean": float(v.float().mean()), "std": float(v.float().std())} for k, v in outs.items()},
+            "outputs": {
+                k: {"shape": list(v.shape), "mean": float(v.float().mean()), "std": float(v.float().std())}
+                for k, v in outs.items()
+            },
         }
-    result_json(res) if json_out else result_text(f"{res['engine']} on {res['gpu']}: median {res['median_ms']:.3f} ms; outputs {res['outputs']}")
+    result_json(res) if json_out else result_text(
+        f"{res['engine']} on {res['gpu']}: median {res['median_ms']:.3f} ms; outputs {res['outputs']}"
+    )
     return ExitCode.OK

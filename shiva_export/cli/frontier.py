@@ -100,11 +100,27 @@ def frontier_command(
     check_number(guidance, "--guidance", 0, example="2.0")
     for n in dense_steps or []:
         check_number(n, "--dense-steps", 1, example="8")
-    with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:  # one writer per report folder
+    with (
+        folder_lock(out_dir, "--out-dir"),
+        stages(enabled=not (quiet or json_out)) as advance,
+    ):  # one writer per report folder
         rep = validate_frontier(
-            model=model, recipe=recipe, weights=weights, prompts=prompts, seeds=seed or (0,), steps=steps, guidance=guidance,
-            dense_steps=dense_steps, keeps=keep, families=family, ort=ort, threads=threads, latency_repeats=latency_repeats,
-            out_dir=out_dir, artifact_root=artifact_root, progress=advance,
+            model=model,
+            recipe=recipe,
+            weights=weights,
+            prompts=prompts,
+            seeds=seed or (0,),
+            steps=steps,
+            guidance=guidance,
+            dense_steps=dense_steps,
+            keeps=keep,
+            families=family,
+            ort=ort,
+            threads=threads,
+            latency_repeats=latency_repeats,
+            out_dir=out_dir,
+            artifact_root=artifact_root,
+            progress=advance,
         )
     result_json(json_safe(rep.to_dict())) if json_out else result_text(rep.to_markdown() + f"\nreports: {out_dir}")
     return ExitCode.OK

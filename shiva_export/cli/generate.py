@@ -503,7 +503,9 @@ def _generate_ray(texts: list[str], a: GenerateArgs) -> int:
     return ExitCode.OK
 
 
-def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, seed, count, height, width, out, device) -> None:
+def check_generate_flags(
+    *, model, backend, artifact, ratio, phases, provider, seed, count, height, width, out, device
+) -> None:
     """Contradictory or impossible flags, refused in one line before any model is loaded or any file written."""
     from shiva_export.checks import (
         check_cuda_device,
@@ -518,7 +520,9 @@ def check_generate_flags(*, model, backend, artifact, ratio, phases, provider, s
 
     check_model_name(model)
     if artifact and backend == "torch":
-        raise ConfigError("--backend torch runs the PyTorch transformer and ignores --artifact (an ONNX or engine); pass --backend ort/trt with --artifact, or drop --artifact.")
+        raise ConfigError(
+            "--backend torch runs the PyTorch transformer and ignores --artifact (an ONNX or engine); pass --backend ort/trt with --artifact, or drop --artifact."
+        )
     check_seed(seed, count)
     check_side(height, "--height")
     check_side(width, "--width")
@@ -547,18 +551,28 @@ def _check_artifact_budget(a: Path, backend: str, ratio: float | None, phases: b
 
         meta = read_shiva_metadata(a, what="--artifact")
         got, phase = meta.get("ratio"), meta.get("phase")
-    uniform = not phase or str(phase).startswith("ratio")  # uniform graphs carry no phase, or the one-phase name ratio<r>
+    uniform = not phase or str(phase).startswith(
+        "ratio"
+    )  # uniform graphs carry no phase, or the one-phase name ratio<r>
     if phases and uniform:
-        raise ConfigError(f"--phases runs the recipe's learned phases, but --artifact {a} is one uniform graph (ratio {got}); drop --phases, or pass one --artifact per learned phase (shiva-export onnx --phase P).")
+        raise ConfigError(
+            f"--phases runs the recipe's learned phases, but --artifact {a} is one uniform graph (ratio {got}); drop --phases, or pass one --artifact per learned phase (shiva-export onnx --phase P)."
+        )
     if ratio is not None and (got is None or abs(float(got) - ratio) > 1e-6 or not uniform):
-        raise ConfigError(f"--ratio {ratio} contradicts --artifact {a}, which was exported with ratio {got}{f' (phase {phase})' if phase else ''}; drop --ratio (the artifact decides) or export --ratio {ratio}.")
+        raise ConfigError(
+            f"--ratio {ratio} contradicts --artifact {a}, which was exported with ratio {got}{f' (phase {phase})' if phase else ''}; drop --ratio (the artifact decides) or export --ratio {ratio}."
+        )
 
 
 def format_record(r: dict) -> str:
-    lines = [f"model      {r['model']}  backend {r['backend']}  budget {r['budget']}  steps {r['steps']}  guidance {r['guidance']}  {r['width']}x{r['height']}"]
+    lines = [
+        f"model      {r['model']}  backend {r['backend']}  budget {r['budget']}  steps {r['steps']}  guidance {r['guidance']}  {r['width']}x{r['height']}"
+    ]
     for a in r["pipeline"]["artifacts"]:
         sha = a.get("engine_sha256") or a.get("onnx_sha256") or ""
-        lines.append(f"artifact   {a.get('phase')}: {a.get('engine') or a.get('onnx')} ({a.get('status')}, sha256 {sha[:12]})")
+        lines.append(
+            f"artifact   {a.get('phase')}: {a.get('engine') or a.get('onnx')} ({a.get('status')}, sha256 {sha[:12]})"
+        )
     for im in r["images"]:
         t = im["timings_ms"]
         line = (
@@ -570,7 +584,11 @@ def format_record(r: dict) -> str:
         lines.append(line)
         d = im.get("dense")
         if d:
-            ps = "identical" if d["identical"] else (f"PSNR {d['psnr_db']:.2f} dB" if d["psnr_db"] is not None else "PSNR inf")
+            ps = (
+                "identical"
+                if d["identical"]
+                else (f"PSNR {d['psnr_db']:.2f} dB" if d["psnr_db"] is not None else "PSNR inf")
+            )
             lines.append(
                 f"  vs dense {ps}, mean abs {d['mean_abs_diff']:.4f}; speedup transformer {d['transformer_speedup']:.2f}x, end to end {d['e2e_speedup']:.2f}x"
             )

@@ -169,7 +169,9 @@ def onnx_command(
     from shiva_export.utils.io import check_regular_target, folder_lock
 
     check_model_name(model)
-    if out is not None and os.path.lexists(out) and not out.is_dir():  # a device, FIFO or socket at --out: refused before
+    if (
+        out is not None and os.path.lexists(out) and not out.is_dir()
+    ):  # a device, FIFO or socket at --out: refused before
         check_regular_target(out, "--out")  # minutes of export (a FIFO would hang it); folders get the writer's message
     check_sizes(batch=batch, text_len=text_len, height=height, width=width, dynamic_batch=dynamic_batch, cfg=cfg)
     from shiva_export.export.lora import resolve_loras
@@ -180,7 +182,10 @@ def onnx_command(
     rec = load_recipe(recipe if recipe is not None else model)
     buckets = bucket_sizes(rec, size, height, width)
     if buckets is not None and len(buckets) > 1 and out is not None:
-        raise typer.BadParameter(f"{len(buckets)} sizes make {len(buckets)} graphs, which cannot share one --out path; drop --out.", param_hint="--out")
+        raise typer.BadParameter(
+            f"{len(buckets)} sizes make {len(buckets)} graphs, which cannot share one --out path; drop --out.",
+            param_hint="--out",
+        )
     results = []
     from shiva_export.export.pruned import export_pruned  # torch, diffusers: only once the options are known to be good
 
@@ -188,10 +193,34 @@ def onnx_command(
     with folder_lock(lock_dir, "ONNX output folder"):
         for w_h in buckets or [None]:
             with stages(enabled=not (quiet or json_out)) as advance:
-                results.append(_export_one(export_pruned, rec, w_h, advance, weights=weights, ratio=ratio, height=height, width=width, batch=batch,
-                                           text_len=text_len, cfg=cfg, dtype=dtype, opset=opset, out=out, router=router, dynamic_batch=dynamic_batch,
-                                           phase=phase, debug_outputs=debug_outputs, validate=validate, parity_cases=parity_cases, bounded=bounded,
-                                           context=context, loras=loras, controlnet_layers=cn_layers))
+                results.append(
+                    _export_one(
+                        export_pruned,
+                        rec,
+                        w_h,
+                        advance,
+                        weights=weights,
+                        ratio=ratio,
+                        height=height,
+                        width=width,
+                        batch=batch,
+                        text_len=text_len,
+                        cfg=cfg,
+                        dtype=dtype,
+                        opset=opset,
+                        out=out,
+                        router=router,
+                        dynamic_batch=dynamic_batch,
+                        phase=phase,
+                        debug_outputs=debug_outputs,
+                        validate=validate,
+                        parity_cases=parity_cases,
+                        bounded=bounded,
+                        context=context,
+                        loras=loras,
+                        controlnet_layers=cn_layers,
+                    )
+                )
     summaries = [res.to_dict() for res in results]
     if json_out:
         result_json(summaries[0] if len(summaries) == 1 else {"exports": summaries})

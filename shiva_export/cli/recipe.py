@@ -9,7 +9,9 @@ import typer
 
 from shiva_export.cli._output import result_json, result_text
 
-recipe_app = typer.Typer(help="List, check and show model recipes (recipes/<model>.toml).", no_args_is_help=True, rich_markup_mode=None)
+recipe_app = typer.Typer(
+    help="List, check and show model recipes (recipes/<model>.toml).", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @recipe_app.command("list")

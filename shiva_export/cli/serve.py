@@ -133,13 +133,34 @@ def serve_command(
     if dump_config is None and 1 <= port <= 65535:
         check_port_free(host, port)
     if metrics_port is not None and not 1 <= metrics_port <= 65535:
-        raise typer.BadParameter(f"{metrics_port} is not a port in 1..65535.", param_hint="--metrics-port")  # first: a second app on a busy port is refused before any model code loads
+        raise typer.BadParameter(
+            f"{metrics_port} is not a port in 1..65535.", param_hint="--metrics-port"
+        )  # first: a second app on a busy port is refused before any model code loads
     opts = ServeOptions(
-        model=model, recipe=_s(recipe), weights=_s(weights), router=_s(router), backend=backend, ratio=ratio, phases=phases,
-        artifacts=[str(a) for a in artifact or []], context=context, dtype=dtype, device=device, provider=provider, threads=threads,
-        artifact_root=str(artifact_root), replicas=replicas, autoscale=parse_autoscale(autoscale) if autoscale else None,
-        max_batch=max_batch, batch_wait_ms=batch_wait_ms, host=host, port=port, num_cpus=num_cpus, num_gpus=num_gpus,
-        max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
+        model=model,
+        recipe=_s(recipe),
+        weights=_s(weights),
+        router=_s(router),
+        backend=backend,
+        ratio=ratio,
+        phases=phases,
+        artifacts=[str(a) for a in artifact or []],
+        context=context,
+        dtype=dtype,
+        device=device,
+        provider=provider,
+        threads=threads,
+        artifact_root=str(artifact_root),
+        replicas=replicas,
+        autoscale=parse_autoscale(autoscale) if autoscale else None,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        host=host,
+        port=port,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_body_bytes=max_body_bytes,
+        request_timeout_s=request_timeout,
     ).validate()
     from shiva_export.serve import require_ray
 

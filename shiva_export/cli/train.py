@@ -417,25 +417,35 @@ def _config(ctx: typer.Context, cls, **kw):
         options = {p.name: p.opts[0] for p in ctx.command.params if getattr(p, "opts", None)}
         field = str(err).split(" ", 1)[0]
         if field in options:
-            raise ConfigError(options[field] + str(err)[len(field):]) from None
+            raise ConfigError(options[field] + str(err)[len(field) :]) from None
         raise
 
 
 def _target_keep(target_keep, ratio, min_keep, max_logit, paper_only: bool) -> float:
     """The target keep from --target-keep or --ratio (exclusive), with the keep floor and logit bound checked."""
     if target_keep is not None and ratio is not None:
-        raise ConfigError(f"--target-keep {target_keep} and --ratio {ratio} were both given; expected one (ratio = 1 - target keep). Drop one of them.")
+        raise ConfigError(
+            f"--target-keep {target_keep} and --ratio {ratio} were both given; expected one (ratio = 1 - target keep). Drop one of them."
+        )
     if ratio is not None:
         if not 0.0 < ratio < 1.0:
-            raise ConfigError(f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+            raise ConfigError(
+                f"--ratio {ratio} is out of range; expected 0 < ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%)."
+            )
         target_keep = 1.0 - ratio
     if target_keep is not None and not 0.0 < target_keep < 1.0:  # NaN fails too
-        raise ConfigError(f"--target-keep {target_keep} is out of range; expected 0 < target keep < 1 (fraction of image tokens kept; 0.6 keeps 60%).")
+        raise ConfigError(
+            f"--target-keep {target_keep} is out of range; expected 0 < target keep < 1 (fraction of image tokens kept; 0.6 keeps 60%)."
+        )
     target_keep = 0.6 if target_keep is None else target_keep
     if not paper_only and not 0.0 <= min_keep < target_keep:  # --paper-only sets the floor to 0
-        raise ConfigError(f"--min-keep {min_keep} is out of range; expected 0 <= --min-keep < the target keep ({target_keep:g}).")
+        raise ConfigError(
+            f"--min-keep {min_keep} is out of range; expected 0 <= --min-keep < the target keep ({target_keep:g})."
+        )
     if max_logit is not None and not max_logit > 0:
-        raise ConfigError(f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4).")
+        raise ConfigError(
+            f"--max-logit {max_logit} is out of range; expected a number > 0 (the smooth bound of the policy logits; default 4)."
+        )
     return target_keep
 
 
@@ -445,7 +455,9 @@ def _stage_steps(steps: list[int] | None) -> tuple[int, int, int]:
         return (120, 60, 40)
     for n in steps:
         if n < 0:
-            raise ConfigError(f"--steps {n} is out of range; expected a step count >= 0 (one total, or warm-up, policy and joint).")
+            raise ConfigError(
+                f"--steps {n} is out of range; expected a step count >= 0 (one total, or warm-up, policy and joint)."
+            )
     if len(steps) == 3:
         return tuple(steps)
     if len(steps) == 1:
@@ -460,9 +472,13 @@ def _held_out_options(eval_every, patience, eval_min_delta, eval_samples) -> dic
     held_opts = {"--patience": patience, "--eval-min-delta": eval_min_delta, "--eval-samples": eval_samples}
     given = [k for k, v in held_opts.items() if v is not None]
     if eval_every is None and given:
-        raise ConfigError(f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them.")
+        raise ConfigError(
+            f"{', '.join(given)} configure held-out stopping, which is off without --eval-every; expected --eval-every N with them. Add --eval-every or drop them."
+        )
     if eval_every is not None and eval_every < 1:
-        raise ConfigError(f"--eval-every {eval_every} is out of range; expected a step count >= 1 (omit it to train the full stage budgets).")
+        raise ConfigError(
+            f"--eval-every {eval_every} is out of range; expected a step count >= 1 (omit it to train the full stage budgets)."
+        )
     held = {"eval_every": eval_every}
     for key, v in (("patience", patience), ("eval_min_delta", eval_min_delta), ("eval_samples", eval_samples)):
         if v is not None:
@@ -478,7 +494,9 @@ def _progress_printer(total_steps: int, *, show: bool):
         if not show:
             return
         kind = ev["event"]
-        if kind == "step" and (ev["step"] % every == 0 or ev["step"] == 1 or ev["step"] == ev["total"] or "heldout" in ev):
+        if kind == "step" and (
+            ev["step"] % every == 0 or ev["step"] == 1 or ev["step"] == ev["total"] or "heldout" in ev
+        ):
             print(
                 f"[{ev['seconds']:7.1f}s] step {ev['step']}/{ev['total']} {ev['stage']:<13} loss {ev['loss']:.5f} "
                 f"distill {ev['distill']:.5f} mean keep {ev['mean_keep']:.3f} (ema {ev['mu']:.3f})"
@@ -488,7 +506,11 @@ def _progress_printer(total_steps: int, *, show: bool):
             )
         elif kind == "stage-end":
             why = f"stopped early at step {ev['stopped_at']}" if ev["stopped_at"] is not None else "ran its budget"
-            print(f"stage {ev['stage']} {why}; best held-out loss {ev['best_loss']:.5f} at step {ev['best_step']} (restored)", file=sys.stderr, flush=True)
+            print(
+                f"stage {ev['stage']} {why}; best held-out loss {ev['best_loss']:.5f} at step {ev['best_step']} (restored)",
+                file=sys.stderr,
+                flush=True,
+            )
         elif kind == "resume":
             print(f"resumed at step {ev['step']}/{ev['total']} from {ev['checkpoint']}", file=sys.stderr, flush=True)
 
@@ -501,9 +523,17 @@ def format_summary(s: dict) -> str:
     lines = [
         f"out dir      {s['out_dir']}",
         f"router       {s['router_path']}  sha256 {s['router_sha256'][:12]}",
-        f"recipe       {s['recipe_path']}" + (f"  (context {s['context']}: rejected tokens give keys/values)" if s.get("context") == "keep" else ""),
-        *([f"transformer  {s['dora']['path']}  sha256 {s['dora']['sha256'][:12]} (DoRA merged; merge error rel {s['dora']['rel_error']:.2g})"] if s.get("dora") else []),
-        f"steps        {s['step']} in {s['seconds']:.1f} s" + (f" (run per stage {'/'.join(map(str, s['stages_run']))}; held-out stopping)" if s.get("heldout") else ""),
+        f"recipe       {s['recipe_path']}"
+        + (f"  (context {s['context']}: rejected tokens give keys/values)" if s.get("context") == "keep" else ""),
+        *(
+            [
+                f"transformer  {s['dora']['path']}  sha256 {s['dora']['sha256'][:12]} (DoRA merged; merge error rel {s['dora']['rel_error']:.2g})"
+            ]
+            if s.get("dora")
+            else []
+        ),
+        f"steps        {s['step']} in {s['seconds']:.1f} s"
+        + (f" (run per stage {'/'.join(map(str, s['stages_run']))}; held-out stopping)" if s.get("heldout") else ""),
         f"mean keep    {s['mean_keep']:.4f} (target {s['target_keep']:g}; before calibration {s['raw_mean_keep']:.4f}; "
         f"quantised k/N {s['quantized_mean_keep']:.4f}; calibration shift {s.get('calibration_shift') or 0.0:+.3f} logit)",
         "keep LUT     t      " + " ".join(f"b{b:<5d}" for b in s["layers"]),

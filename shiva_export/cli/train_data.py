@@ -16,7 +16,7 @@ from shiva_export.cli._output import err_console, result_json, result_text
 HELP = (
     "Encode training data with the model's own diffusers pipeline: each prompt through pipe.encode_prompt (SD3: "
     "CLIP x2 + T5 -> prompt_embeds [T, J], pooled [P]), each image (--images, --image-column) through the VAE into "
-    "latents ((posterior mean - shift_factor) * scaling_factor), and the null prompt \"\" once (the unconditional "
+    'latents ((posterior mean - shift_factor) * scaling_factor), and the null prompt "" once (the unconditional '
     "embedding CFG uses, for caption dropout and CFG pairs). Writes sharded safetensors plus manifest.json (model, "
     "recipe sha256, pipeline component sha256s, shapes, dtype, per-shard sha256) into --out, atomically. "
     "`shiva-export train --data OUT` reads it lazily (memory-mapped). Without images the data is text only: "

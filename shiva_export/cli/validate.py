@@ -108,11 +108,27 @@ def parity_command(
     check_model_name(model)
     check_parity_backends(backend, engines_dir)
     if onnx is not None and ratio:  # the graph's metadata decides its budget; the flag would be ignored
-        raise ConfigError(f"--ratio {ratio[0]:g} contradicts --onnx {onnx}: an existing graph is validated at the ratio it was exported with; drop --ratio.")
+        raise ConfigError(
+            f"--ratio {ratio[0]:g} contradicts --onnx {onnx}: an existing graph is validated at the ratio it was exported with; drop --ratio."
+        )
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_parity(
-            model=model, recipe=recipe, weights=weights, router=router, onnx=onnx, ratios=ratio, dtype=dtype, backends=backend,
-            engines_dir=engines_dir, cases=cases, height=height, width=width, batch=batch, cfg=cfg, report_md=report, progress=advance,
+            model=model,
+            recipe=recipe,
+            weights=weights,
+            router=router,
+            onnx=onnx,
+            ratios=ratio,
+            dtype=dtype,
+            backends=backend,
+            engines_dir=engines_dir,
+            cases=cases,
+            height=height,
+            width=width,
+            batch=batch,
+            cfg=cfg,
+            report_md=report,
+            progress=advance,
         )
     for s in rep.skipped:
         warning(f"skipped: {s}")
@@ -220,31 +236,110 @@ def speed_command(
     check_model_name(model)
     check_sizes(batch=batch, height=height, width=width, cfg=cfg)
     check_out_dir(out_dir, "--out-dir")
-    check_ignored({"--steps": steps is not None, "--phases": phases, "--guidance": guidance is not None, "--prompt": prompt is not None,
-                   "--compile": compile_, "--dtype": dtype != "fp32"}, "--e2e", e2e)
-    with folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext():  # one writer per report folder
-        return _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
-                      height, width, batch, cfg, quiet, json_out, benchmark_speed)
+    check_ignored(
+        {
+            "--steps": steps is not None,
+            "--phases": phases,
+            "--guidance": guidance is not None,
+            "--prompt": prompt is not None,
+            "--compile": compile_,
+            "--dtype": dtype != "fp32",
+        },
+        "--e2e",
+        e2e,
+    )
+    with (
+        folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()
+    ):  # one writer per report folder
+        return _speed(
+            model,
+            e2e,
+            backend,
+            ratio,
+            phases,
+            steps,
+            guidance,
+            prompt,
+            warmup,
+            repeats,
+            threads,
+            device,
+            dtype,
+            compile_,
+            out_dir,
+            height,
+            width,
+            batch,
+            cfg,
+            quiet,
+            json_out,
+            benchmark_speed,
+        )
 
 
-def _speed(model, e2e, backend, ratio, phases, steps, guidance, prompt, warmup, repeats, threads, device, dtype, compile_, out_dir,
-           height, width, batch, cfg, quiet, json_out, benchmark_speed) -> int:
+def _speed(
+    model,
+    e2e,
+    backend,
+    ratio,
+    phases,
+    steps,
+    guidance,
+    prompt,
+    warmup,
+    repeats,
+    threads,
+    device,
+    dtype,
+    compile_,
+    out_dir,
+    height,
+    width,
+    batch,
+    cfg,
+    quiet,
+    json_out,
+    benchmark_speed,
+) -> int:
     if e2e:
         from shiva_export.runtime.benchmark import benchmark_e2e
 
         with stages(enabled=not (quiet or json_out)) as advance:
             rep = benchmark_e2e(
-                model=model, backends=backend or ("ort",), ratios=ratio if ratio is not None else (0.4,), phases=phases, steps=steps,
-                guidance=guidance, prompt=prompt, warmup=warmup if warmup != 3 else 1, repeats=repeats if repeats != 15 else 5, threads=threads,
-                device=device, dtype=dtype, compile=compile_, out_dir=out_dir, progress=advance,
+                model=model,
+                backends=backend or ("ort",),
+                ratios=ratio if ratio is not None else (0.4,),
+                phases=phases,
+                steps=steps,
+                guidance=guidance,
+                prompt=prompt,
+                warmup=warmup if warmup != 3 else 1,
+                repeats=repeats if repeats != 15 else 5,
+                threads=threads,
+                device=device,
+                dtype=dtype,
+                compile=compile_,
+                out_dir=out_dir,
+                progress=advance,
             )
         result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
         return ExitCode.OK
 
     with stages(enabled=not (quiet or json_out)) as advance:
         rep = benchmark_speed(
-            model=model, ratios=ratio or (0.0, 0.4, 0.6), backends=backend or ("torch", "ort"), height=height, width=width, batch=batch,
-            cfg=cfg, warmup=warmup, repeats=repeats, threads=threads, out_dir=out_dir, progress=advance, device=device,
+            model=model,
+            ratios=ratio or (0.0, 0.4, 0.6),
+            backends=backend or ("torch", "ort"),
+            height=height,
+            width=width,
+            batch=batch,
+            cfg=cfg,
+            warmup=warmup,
+            repeats=repeats,
+            threads=threads,
+            out_dir=out_dir,
+            progress=advance,
+            device=device,
         )
     result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
     return ExitCode.OK
@@ -270,13 +365,17 @@ def suite_command(
     from shiva_export.validate.suite import run_suite
 
     check_out_dir(out_dir, "--out-dir")
-    lock = folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()  # one writer per report folder
+    lock = (
+        folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()
+    )  # one writer per report folder
     with lock, stages(enabled=not (quiet or json_out)) as advance:
         summary = run_suite(name, out_dir=out_dir, progress=advance)
     if json_out:
         result_json(summary)
     else:
-        result_text("\n".join(f"{r['case']}: {r['summary']}" for r in summary["results"]) + f"\nreports: {summary['out_dir']}")
+        result_text(
+            "\n".join(f"{r['case']}: {r['summary']}" for r in summary["results"]) + f"\nreports: {summary['out_dir']}"
+        )
     return ExitCode.OK if summary["passed"] else ExitCode.VALIDATION_FAILED
 
 
@@ -379,8 +478,21 @@ def quality_command(
     _check_judge(model, recipe)
     with folder_lock(out_dir, "--out-dir"), stages(enabled=not (quiet or json_out)) as advance:
         rep = validate_quality(
-            model=model, recipe=recipe, weights=weights, methods=method, keeps=keep, prompts=prompts, seeds=seed or SEEDS, steps=steps, guidance=guidance,
-            n_ref=n_ref, velocity_samples=velocity_samples, threads=threads, latency_repeats=latency_repeats, out_dir=out_dir, progress=advance,
+            model=model,
+            recipe=recipe,
+            weights=weights,
+            methods=method,
+            keeps=keep,
+            prompts=prompts,
+            seeds=seed or SEEDS,
+            steps=steps,
+            guidance=guidance,
+            n_ref=n_ref,
+            velocity_samples=velocity_samples,
+            threads=threads,
+            latency_repeats=latency_repeats,
+            out_dir=out_dir,
+            progress=advance,
         )
     if json_out:  # the Markdown carries the same lines
         for w in rep.warnings():
@@ -397,8 +509,10 @@ def _check_judge(model: str, recipe: Path | None) -> None:
 
     rec = load_recipe(recipe if recipe is not None else model)
     if rec.pipeline.judge != "shapes":
-        raise ConfigError(f"--model {rec.name} has no judge ([pipeline] judge = \"shapes\" in its recipe), so validate quality has nothing to score; "
-                          "use --model sd35-shapes, or `validate frontier` for PSNR against dense.")
+        raise ConfigError(
+            f'--model {rec.name} has no judge ([pipeline] judge = "shapes" in its recipe), so validate quality has nothing to score; '
+            "use --model sd35-shapes, or `validate frontier` for PSNR against dense."
+        )
 
 
 ESTIMATOR_EPILOG = """Examples:
@@ -495,8 +609,18 @@ def estimator_command(
         torch.set_num_threads(threads)
     ests = estimator or ["output-gated", "residual"]
     with stages(enabled=not (quiet or json_out)) as advance:
-        rep = check_estimator(recipe or model, estimators=ests, keeps=keep or (0.4, 0.6, 0.8), delta=delta, samples=samples,
-                              router=router, data=data, weights=weights, seed=seed, progress=advance)
+        rep = check_estimator(
+            recipe or model,
+            estimators=ests,
+            keeps=keep or (0.4, 0.6, 0.8),
+            delta=delta,
+            samples=samples,
+            router=router,
+            data=data,
+            weights=weights,
+            seed=seed,
+            progress=advance,
+        )
     if report is not None:
         atomic_write_text(report, rep.to_markdown())
         atomic_write_text(report.with_suffix(".json"), json.dumps(rep.to_dict(), indent=2) + "\n")
@@ -507,7 +631,9 @@ def estimator_command(
         failed = True
     if beat_baseline and not rep.beats_baseline(ests[0]):
         b = rep.baseline(ests[0])
-        warning(f"{ests[0]} does not beat a constant estimator: rank agreement {rep.rank_agreement(ests[0]):+.2f} (constant 0), magnitude error "
-                f"{rep.magnitude_error(ests[0]):.2f} (constant {b['magnitude_error']:.2f}).")
+        warning(
+            f"{ests[0]} does not beat a constant estimator: rank agreement {rep.rank_agreement(ests[0]):+.2f} (constant 0), magnitude error "
+            f"{rep.magnitude_error(ests[0]):.2f} (constant {b['magnitude_error']:.2f})."
+        )
         failed = True
     return ExitCode.VALIDATION_FAILED if failed else ExitCode.OK

@@ -26,7 +26,9 @@ def parse_size(text: str) -> tuple[int, int]:
     """``"1024x768"`` -> ``(1024, 768)``: width x height in pixels."""
     m = _SIZE.match(str(text).strip().lower())
     if not m or int(m[1]) == 0 or int(m[2]) == 0:
-        raise ConfigError(f"--size {text!r} is not WIDTHxHEIGHT in pixels; write e.g. --size 1024x1024 or --size 128x96.")
+        raise ConfigError(
+            f"--size {text!r} is not WIDTHxHEIGHT in pixels; write e.g. --size 1024x1024 or --size 128x96."
+        )
     return int(m[1]), int(m[2])
 
 
@@ -35,7 +37,9 @@ def bucket_name(width: int, height: int) -> str:
     return f"{width}x{height}"
 
 
-def bucket_sizes(recipe, sizes: list[str] | None, height: int | None = None, width: int | None = None) -> list[tuple[int, int]] | None:
+def bucket_sizes(
+    recipe, sizes: list[str] | None, height: int | None = None, width: int | None = None
+) -> list[tuple[int, int]] | None:
     """The buckets to build, as (width, height): ``--size`` values, else the recipe's ``[[buckets]]``, else None
     (one size without a size folder). ``--size`` with ``--height``/``--width`` is refused: say the size once."""
     if sizes and (height is not None or width is not None):
@@ -52,7 +56,11 @@ def _built(model_root: Path) -> list[str]:
     """Bucket folders already under ``<root>/<model>`` (what `onnx` or `trt` wrote)."""
     if not model_root.is_dir():
         return []
-    return [p.name for p in model_root.iterdir() if p.is_dir() and _SIZE.match(p.name) and all(int(x) > 0 for x in p.name.split("x"))]
+    return [
+        p.name
+        for p in model_root.iterdir()
+        if p.is_dir() and _SIZE.match(p.name) and all(int(x) > 0 for x in p.name.split("x"))
+    ]
 
 
 def known_buckets(recipe, root: str | os.PathLike) -> list[str]:

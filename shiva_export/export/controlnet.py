@@ -26,7 +26,15 @@ from torch import nn
 from shiva_export.errors import ConfigError, ShapeError
 from shiva_export.models import get_adapter
 
-__all__ = ["INPUT_PREFIX", "add_residual_hook", "as_feed", "check_controlnet_layers", "input_names", "residual_inputs", "sample_inputs"]
+__all__ = [
+    "INPUT_PREFIX",
+    "add_residual_hook",
+    "as_feed",
+    "check_controlnet_layers",
+    "input_names",
+    "residual_inputs",
+    "sample_inputs",
+]
 
 INPUT_PREFIX = "controlnet_block_"
 _KWARG = "block_controlnet_hidden_states"
@@ -44,16 +52,26 @@ def check_controlnet_layers(transformer_or_config, layers: int) -> int:
         return 0
     adapter = get_adapter(transformer_or_config)
     if adapter.NAME != "sd3":
-        raise ConfigError(f"ControlNet residual inputs are supported for SD3/SD3.5 only, not {adapter.NAME}; drop --controlnet.")
+        raise ConfigError(
+            f"ControlNet residual inputs are supported for SD3/SD3.5 only, not {adapter.NAME}; drop --controlnet."
+        )
     cfg = transformer_or_config.config if isinstance(transformer_or_config, nn.Module) else transformer_or_config
     n_blocks = int(cfg["num_layers"] if isinstance(cfg, dict) else cfg.num_layers)
     if not 1 <= layers <= n_blocks:
-        raise ConfigError(f"a ControlNet with {layers} layers does not fit a transformer of {n_blocks} blocks; expected 1..{n_blocks} ControlNet layers.")
+        raise ConfigError(
+            f"a ControlNet with {layers} layers does not fit a transformer of {n_blocks} blocks; expected 1..{n_blocks} ControlNet layers."
+        )
     return layers
 
 
-def sample_inputs(transformer: nn.Module, model_batch: int, num_tokens: int, layers: int, seed: int = 0,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def sample_inputs(
+    transformer: nn.Module,
+    model_batch: int,
+    num_tokens: int,
+    layers: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """Seeded ``controlnet_block_<i>`` tensors ``[model_batch, num_tokens, inner_dim]`` (trace and parity inputs)."""
     g = torch.Generator(device="cpu").manual_seed(10_000 + seed)
     dim = int(transformer.inner_dim)
@@ -64,7 +82,7 @@ def _pre_hook(module, args, kwargs):
     names = [k for k in kwargs if k.startswith(INPUT_PREFIX)]
     if not names:
         return None
-    names.sort(key=lambda k: int(k[len(INPUT_PREFIX):]))
+    names.sort(key=lambda k: int(k[len(INPUT_PREFIX) :]))
     kwargs = dict(kwargs)
     kwargs[_KWARG] = [kwargs.pop(k) for k in names]
     return args, kwargs
@@ -85,17 +103,24 @@ def as_feed(residuals, layers: int, hidden_states: torch.Tensor, config) -> dict
     """The graph feed of a call's ``block_controlnet_hidden_states`` (None: zeros, which add nothing), checked
     against the graph's ``[B, N, inner_dim]`` (``hidden_states``: the call's ``[B, C, h, w]`` latents)."""
     patch = int(config["patch_size"])
-    want = (int(hidden_states.shape[0]), (int(hidden_states.shape[-2]) // patch) * (int(hidden_states.shape[-1]) // patch),
-            int(config["num_attention_heads"]) * int(config["attention_head_dim"]))
+    want = (
+        int(hidden_states.shape[0]),
+        (int(hidden_states.shape[-2]) // patch) * (int(hidden_states.shape[-1]) // patch),
+        int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+    )
     if residuals is None or len(residuals) == 0:
         z = torch.zeros(want, dtype=torch.float32)
         return {n: z for n in input_names(layers)}
     if len(residuals) != layers:
-        raise ConfigError(f"the ControlNet gives {len(residuals)} block residuals but the graph was exported for {layers}; "
-                          f"export it for this ControlNet (generate --controlnet exports the matching graph).")
+        raise ConfigError(
+            f"the ControlNet gives {len(residuals)} block residuals but the graph was exported for {layers}; "
+            f"export it for this ControlNet (generate --controlnet exports the matching graph)."
+        )
     for i, r in enumerate(residuals):
         if tuple(r.shape) != want:
-            raise ShapeError(f"ControlNet residual {i} has shape {list(r.shape)} but the graph takes {list(want)}; use a ControlNet of this transformer's width.")
+            raise ShapeError(
+                f"ControlNet residual {i} has shape {list(r.shape)} but the graph takes {list(want)}; use a ControlNet of this transformer's width."
+            )
     return dict(zip(input_names(layers), residuals))
 
 

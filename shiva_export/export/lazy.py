@@ -126,7 +126,11 @@ class _LazyInitMode(torch.utils._python_dispatch.TorchDispatchMode):
             size = tuple(args[0])
             device = kwargs.get("device")
             dtype = kwargs.get("dtype") or torch.get_default_dtype()
-            if (device is None or torch.device(device).type == "cpu") and dtype.is_floating_point and math.prod(size) >= self.min_numel:
+            if (
+                (device is None or torch.device(device).type == "cpu")
+                and dtype.is_floating_point
+                and math.prod(size) >= self.min_numel
+            ):
                 t = func(*args, **{**kwargs, "device": torch.device("meta")})
                 self.recipes[_storage_key(t)] = _Recipe(size, tuple(t.stride()), dtype)
                 return t
@@ -138,7 +142,12 @@ class _LazyInitMode(torch.utils._python_dispatch.TorchDispatchMode):
             return func(*args, **kwargs)
         target = args[0] if args and isinstance(args[0], torch.Tensor) else None
         recipe = self.recipes.get(_storage_key(target)) if target is not None and target.is_meta else None
-        whole = recipe is not None and tuple(target.shape) == recipe.shape and tuple(target.stride()) == recipe.stride and target.storage_offset() == 0
+        whole = (
+            recipe is not None
+            and tuple(target.shape) == recipe.shape
+            and tuple(target.stride()) == recipe.stride
+            and target.storage_offset() == 0
+        )
         if whole and len(tracked) == 1 and func in _RANDOM_INPLACE and kwargs.get("generator") is None:
             state = torch.get_rng_state()
             func(self._scratch(recipe), *args[1:], **kwargs)  # advance the generator exactly as the eager init does
@@ -199,7 +208,9 @@ class LazyWeights:
             yield name, self.get(name)
 
 
-def build_embedded_lazy(adapter, config: dict[str, Any], seed: int = 0, *, min_numel: int | None = None) -> tuple[nn.Module, LazyWeights]:
+def build_embedded_lazy(
+    adapter, config: dict[str, Any], seed: int = 0, *, min_numel: int | None = None
+) -> tuple[nn.Module, LazyWeights]:
     """The transformer of :meth:`ModelAdapter.build_embedded` with its large tensors as placeholders.
 
     Args:
@@ -236,15 +247,27 @@ def build_embedded_lazy(adapter, config: dict[str, Any], seed: int = 0, *, min_n
         if t.is_meta:
             recipe = mode.recipes.get(_storage_key(t))
             if recipe is None or tuple(t.shape) != recipe.shape:
-                raise ShivaInternalError(f"{adapter.MODEL_CLASS}: tensor {name} is on the meta device without a recipe. Please report this.")
+                raise ShivaInternalError(
+                    f"{adapter.MODEL_CLASS}: tensor {name} is on the meta device without a recipe. Please report this."
+                )
             makers[name] = recipe.materialize
     logger.debug("lazy build: %d placeholders of %d tensors", len(makers), len(model.state_dict()))
     return model.eval(), LazyWeights(makers)
 
 
 _SAFETENSORS = "diffusion_pytorch_model.safetensors"
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path] | None:
@@ -288,7 +311,9 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
-        raise WeightsError(f"{where}: config.json is unreadable ({err}). Pass the folder written by save_pretrained.") from None
+        raise WeightsError(
+            f"{where}: config.json is unreadable ({err}). Pass the folder written by save_pretrained."
+        ) from None
     cls = adapter.model_class()
     mode = _LazyInitMode(1)
     try:
@@ -297,7 +322,9 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
     except _Unsupported:
         return None
     except TypeError as err:
-        raise WeightsError(f"{where}: config.json does not fit {adapter.MODEL_CLASS} ({err}). Pass the folder written by save_pretrained.") from None
+        raise WeightsError(
+            f"{where}: config.json does not fit {adapter.MODEL_CLASS} ({err}). Pass the folder written by save_pretrained."
+        ) from None
     from safetensors import safe_open
 
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -346,7 +373,9 @@ def load_checkpoint_lazy(adapter, folder: Path, where: str) -> tuple[nn.Module, 
         else:
             mod._buffers[attr] = meta
         makers[full] = maker(full, target)
-    logger.debug("lazy checkpoint: %d tensors from %d safetensors file(s) in %s", len(makers), len(set(files.values())), folder)
+    logger.debug(
+        "lazy checkpoint: %d tensors from %d safetensors file(s) in %s", len(makers), len(set(files.values())), folder
+    )
     return model.eval(), LazyWeights(makers)
 
 
@@ -356,7 +385,9 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
     read the source (no plain safetensors, not cached, an invalid folder): the caller loads eagerly, which
     also reports any error in its usual words."""
     if weights is None and recipe.model.source == "embedded":
-        return build_embedded_lazy(adapter_for_architecture(recipe.architecture), recipe.model.config, recipe.model.seed)
+        return build_embedded_lazy(
+            adapter_for_architecture(recipe.architecture), recipe.model.config, recipe.model.seed
+        )
     if weights is None and recipe.model.source == "local":
         weights = recipe.local_pipeline_path()
     if weights is not None:
@@ -370,7 +401,9 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
         try:
             adapter = get_adapter(cls_name)
         except ConfigError as err:  # name the folder and the fix, not only the class
-            raise ConfigError(f"--weights {p} holds a {cls_name} ({folder / 'config.json'}): {err} Pass a diffusers DiT transformer or pipeline folder.") from None
+            raise ConfigError(
+                f"--weights {p} holds a {cls_name} ({folder / 'config.json'}): {err} Pass a diffusers DiT transformer or pipeline folder."
+            ) from None
         if adapter.NAME != recipe.architecture:
             return None
 
@@ -386,7 +419,9 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
     folder = snap / sub if sub else snap
     if not (folder / "config.json").is_file():
         return None
-    return load_checkpoint_lazy(adapter_for_architecture(recipe.architecture), folder, f"{repo}{'/' + sub if sub else ''}")
+    return load_checkpoint_lazy(
+        adapter_for_architecture(recipe.architecture), folder, f"{repo}{'/' + sub if sub else ''}"
+    )
 
 
 def _placeholders(module: nn.Module, names) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:
@@ -471,7 +506,9 @@ def _streamed_tensor_class():
             from torch.onnx._internal.exporter._core import TorchTensor
 
             self.source = source
-            super().__init__(lambda: TorchTensor(source(), name), dtype=dtype, shape=shape, name=name, metadata_props=metadata_props)
+            super().__init__(
+                lambda: TorchTensor(source(), name), dtype=dtype, shape=shape, name=name, metadata_props=metadata_props
+            )
 
         def numpy(self):
             if _STANDING_IN and self.size > STAND_IN_NUMEL:
@@ -496,10 +533,14 @@ def stream_initializers_(model, weights: LazyWeights, prefix: str = "") -> int:
         raw = getattr(cv, "raw", None)
         if not isinstance(raw, FakeTensor):
             continue
-        name = value.name[len(prefix):] if value.name.startswith(prefix) else None
+        name = value.name[len(prefix) :] if value.name.startswith(prefix) else None
         if name is None or name not in weights:
-            raise ShivaInternalError(f"initializer {value.name} holds a fake tensor that no weight source makes. Please report this.")
-        value.const_value = cls(lambda name=name: weights.get(name), cv.dtype, cv.shape, cv.name, dict(cv.metadata_props))
+            raise ShivaInternalError(
+                f"initializer {value.name} holds a fake tensor that no weight source makes. Please report this."
+            )
+        value.const_value = cls(
+            lambda name=name: weights.get(name), cv.dtype, cv.shape, cv.name, dict(cv.metadata_props)
+        )
         n += 1
     return n
 
@@ -527,7 +568,9 @@ def standing_in() -> Iterator[None]:
                 x = args[0]
                 perm = tuple(kwargs.get("perm") or reversed(range(x.ndim)))
                 return _stand_in(tuple(x.shape[p] for p in perm), x.dtype, _folded(x.source, perm))
-            raise ShivaInternalError(f"the ONNX optimizer folds {op} over a streamed weight of shape {list(ins[0].shape)}; not supported. Please report this.")
+            raise ShivaInternalError(
+                f"the ONNX optimizer folds {op} over a streamed weight of shape {list(ins[0].shape)}; not supported. Please report this."
+            )
 
     _STANDING_IN, cf._reference_evaluator = True, _Evaluator()
     try:

@@ -53,13 +53,19 @@ def _lora_file(p: Path) -> Path:
     if p.is_dir():
         p = p / LORA_FILE
     if not p.is_file():
-        raise ConfigError(f"--lora {p} does not exist; pass a diffusers LoRA .safetensors file or the folder save_lora_weights wrote ({LORA_FILE}).")
+        raise ConfigError(
+            f"--lora {p} does not exist; pass a diffusers LoRA .safetensors file or the folder save_lora_weights wrote ({LORA_FILE})."
+        )
     if p.suffix != ".safetensors":
-        raise ConfigError(f"--lora {p} is not a .safetensors file; only safetensors LoRAs are read (no pickle). Convert it with safetensors.")
+        raise ConfigError(
+            f"--lora {p} is not a .safetensors file; only safetensors LoRAs are read (no pickle). Convert it with safetensors."
+        )
     return p
 
 
-def resolve_loras(paths: Sequence[str | os.PathLike] | None, scales: Sequence[float] | None = None) -> tuple[LoraSpec, ...]:
+def resolve_loras(
+    paths: Sequence[str | os.PathLike] | None, scales: Sequence[float] | None = None
+) -> tuple[LoraSpec, ...]:
     """``--lora`` paths and their ``--lora-scale`` values (none given: 1.0 each) as :class:`LoraSpec` (files hashed).
 
     Raises:
@@ -68,7 +74,9 @@ def resolve_loras(paths: Sequence[str | os.PathLike] | None, scales: Sequence[fl
     paths = list(paths or ())
     scales = list(scales or ())
     if scales and len(scales) != len(paths):
-        raise ConfigError(f"{len(paths)} --lora but {len(scales)} --lora-scale; give one --lora-scale per --lora, in the same order (or none for 1.0 each).")
+        raise ConfigError(
+            f"{len(paths)} --lora but {len(scales)} --lora-scale; give one --lora-scale per --lora, in the same order (or none for 1.0 each)."
+        )
     if not paths:
         return ()
     out = []
@@ -88,7 +96,9 @@ def _read_checked(lora: LoraSpec) -> tuple[dict, dict | None]:
     from safetensors import SafetensorError, safe_open
 
     if sha256_file(lora.path) != lora.sha256:
-        raise WeightsError(f"--lora {lora.path} changed while it was being loaded (sha256 differs); run the command again.")
+        raise WeightsError(
+            f"--lora {lora.path} changed while it was being loaded (sha256 differs); run the command again."
+        )
     try:
         with safe_open(str(lora.path), framework="pt") as f:
             names = f.keys()  # a safe_open handle, not a dict
@@ -98,10 +108,14 @@ def _read_checked(lora: LoraSpec) -> tuple[dict, dict | None]:
         raise WeightsError(f"--lora {lora.path} is not a readable safetensors file ({str(err)[:120]}).") from None
     mine = {k: v for k, v in sd.items() if k.startswith(_PREFIX)}
     if not mine:
-        raise WeightsError(f"--lora {lora.path} holds no transformer LoRA tensors ('{_PREFIX}*' keys); only transformer LoRAs are supported.")
+        raise WeightsError(
+            f"--lora {lora.path} holds no transformer LoRA tensors ('{_PREFIX}*' keys); only transformer LoRAs are supported."
+        )
     if len(mine) != len(sd):
-        other = sorted({k.split('.', 1)[0] for k in sd if not k.startswith(_PREFIX)})
-        raise WeightsError(f"--lora {lora.path} also holds {', '.join(other)} LoRA tensors; only transformer LoRAs are supported (the text encoders are not exported).")
+        other = sorted({k.split(".", 1)[0] for k in sd if not k.startswith(_PREFIX)})
+        raise WeightsError(
+            f"--lora {lora.path} also holds {', '.join(other)} LoRA tensors; only transformer LoRAs are supported (the text encoders are not exported)."
+        )
     for k, v in mine.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise WeightsError(f"--lora {lora.path}: tensor {k} holds NaN or Inf; this LoRA is damaged, re-save it.")
@@ -127,7 +141,9 @@ def load_loras_(transformer, loras: Sequence[LoraSpec]) -> list[str]:
             transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=name, metadata=meta)
         except (ValueError, KeyError, RuntimeError) as err:  # shape mismatch: a LoRA of another model
             reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
-            raise WeightsError(f"--lora {lo.path} does not fit this transformer ({reason}); use a LoRA trained for this model.") from None
+            raise WeightsError(
+                f"--lora {lo.path} does not fit this transformer ({reason}); use a LoRA trained for this model."
+            ) from None
         names.append(name)
     transformer.set_adapters(names, weights=[lo.scale for lo in loras])
     return names

@@ -97,7 +97,10 @@ def quiet_exporter():
     """The dynamo exporter prints progress to stdout and warns about torchvision: keep stdout clean
     for ``--json`` and route the chatter to this module's debug log."""
     buf = io.StringIO()
-    noisy = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export")]
+    noisy = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export")
+    ]
     levels = [lg.level for lg in noisy]
     try:
         for lg in noisy:
@@ -188,16 +191,22 @@ def load_onnx_graph(path: str | os.PathLike, what: str = "ONNX"):
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{what} {p} does not exist or is not a file. Pass an .onnx file written by `shiva-export onnx`.")
+        raise ConfigError(
+            f"{what} {p} does not exist or is not a file. Pass an .onnx file written by `shiva-export onnx`."
+        )
     if p.stat().st_size == 0:
         raise ConfigError(f"{what} {p} is empty (0 bytes). Re-export it with `shiva-export onnx`.")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - protobuf raises many types for a damaged file
         reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        raise ConfigError(f"{what} {p} is not a readable ONNX model ({reason}). Re-export it with `shiva-export onnx`.") from None
+        raise ConfigError(
+            f"{what} {p} is not a readable ONNX model ({reason}). Re-export it with `shiva-export onnx`."
+        ) from None
     if not model.graph.node or not model.graph.output:
-        raise ConfigError(f"{what} {p} holds no graph (truncated or not an ONNX model). Re-export it with `shiva-export onnx`.")
+        raise ConfigError(
+            f"{what} {p} holds no graph (truncated or not an ONNX model). Re-export it with `shiva-export onnx`."
+        )
     return model
 
 
@@ -210,9 +219,9 @@ def read_shiva_metadata(path: str | os.PathLike, *, require: bool = False, what:
     for p in model.metadata_props:
         if p.key.startswith(META_PREFIX):
             try:
-                out[p.key[len(META_PREFIX):]] = json.loads(p.value)
+                out[p.key[len(META_PREFIX) :]] = json.loads(p.value)
             except json.JSONDecodeError:
-                out[p.key[len(META_PREFIX):]] = p.value
+                out[p.key[len(META_PREFIX) :]] = p.value
     if require and ("model" not in out or not isinstance(out.get("input_spec"), dict)):
         raise ConfigError(
             f"{what} {path} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export the model with it."
@@ -260,7 +269,9 @@ def _add_index_outputs(model, index_tensors: dict[int, str], spec: InputSpec, dy
     for block, name in index_tensors.items():
         new = f"kept_indices.{block}"
         shape = shapes.get(name) or ["batch_size" if dynamic_batch else spec.model_batch, f"k_{block}"]
-        model.graph.node.append(onnx.helper.make_node("Identity", [name], [new], name=f"shiva_debug_kept_indices_{block}"))
+        model.graph.node.append(
+            onnx.helper.make_node("Identity", [name], [new], name=f"shiva_debug_kept_indices_{block}")
+        )
         model.graph.output.append(onnx.helper.make_tensor_value_info(new, onnx.TensorProto.INT64, shape))
         out[block] = new
     return out
@@ -278,7 +289,9 @@ def _check_contract(model) -> None:
     """The static-shape contract: TopK present with sorted=1, no data-dependent-shape ops."""
     bad = [n for n in model.graph.node if n.op_type in _FORBIDDEN_OPS]
     if bad:
-        raise ExportError(f"exported graph holds data-dependent op {bad[0].op_type} (node {bad[0].name}); static top-k must not. Please report this.")
+        raise ExportError(
+            f"exported graph holds data-dependent op {bad[0].op_type} (node {bad[0].name}); static top-k must not. Please report this."
+        )
     topks = [n for n in model.graph.node if n.op_type == "TopK"]
     if not topks:
         raise ExportError("exported graph has no TopK node although blocks are routed. Please report this.")
@@ -288,7 +301,9 @@ def _check_contract(model) -> None:
             raise ExportError(f"TopK node {n.name} has sorted=0; TensorRT needs sorted=1. Please report this.")
 
 
-def _export_streamed(wrapper, args, dest: Path, weights: LazyWeights, opset: int, names, adapter, dynamic_shapes, external: bool) -> None:
+def _export_streamed(
+    wrapper, args, dest: Path, weights: LazyWeights, opset: int, names, adapter, dynamic_shapes, external: bool
+) -> None:
     """``torch.onnx.export(dynamo=True)`` of a transformer holding fake placeholders, in the exporter's own
     order (capture, version conversion, optimize, rename inputs/outputs, save), with the optimizer run
     here over stand-ins so that it folds what it folds on real weights (``Transpose``) without their data,
@@ -381,7 +396,17 @@ def export_onnx(
     tmp_onnx = tmp_dir / dest.name
     t0 = time.perf_counter()
     try:
-        _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx, opset, _dynamic_shapes(names, spec, dynamic_batch), external, weights)
+        _trace_to_onnx(
+            transformer,
+            adapter,
+            names,
+            inputs,
+            tmp_onnx,
+            opset,
+            _dynamic_shapes(names, spec, dynamic_batch),
+            external,
+            weights,
+        )
         export_seconds = time.perf_counter() - t0
         model = onnx.load(str(tmp_onnx), load_external_data=False)
         index_tensors = _index_tensors(model, routed_blocks, debug_outputs, spec, dynamic_batch)
@@ -398,16 +423,36 @@ def export_onnx(
         }
         str_meta = _stamp_and_check(model, tmp_onnx, meta, check)
         data_files = [p for p in tmp_dir.iterdir() if p.name != dest.name]
-        record = write_onnx_record(tmp_onnx, data_files, tmp_dir / onnx_record_path(dest).name)  # reuse is checked against it
-        moves = [(p, dest.parent / p.name) for p in data_files] + [(record, dest.parent / record.name), (tmp_onnx, dest)]
+        record = write_onnx_record(
+            tmp_onnx, data_files, tmp_dir / onnx_record_path(dest).name
+        )  # reuse is checked against it
+        moves = [(p, dest.parent / p.name) for p in data_files] + [
+            (record, dest.parent / record.name),
+            (tmp_onnx, dest),
+        ]
         commit_files(moves)  # data first, the .onnx (what looks complete) last
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return _export_result(transformer, adapter, dest, external, spec, trace_spec, opset, dtype, dynamic_batch, export_seconds, index_tensors, str_meta,
-                          extra_inputs)
+    return _export_result(
+        transformer,
+        adapter,
+        dest,
+        external,
+        spec,
+        trace_spec,
+        opset,
+        dtype,
+        dynamic_batch,
+        export_seconds,
+        index_tensors,
+        str_meta,
+        extra_inputs,
+    )
 
 
-def _index_tensors(model, routed_blocks: list[int] | None, debug_outputs: bool, spec: InputSpec, dynamic_batch: bool) -> dict:
+def _index_tensors(
+    model, routed_blocks: list[int] | None, debug_outputs: bool, spec: InputSpec, dynamic_batch: bool
+) -> dict:
     """The kept-index tensor of each routed block (the graph's routing contract checked first), also made graph
     outputs with ``debug_outputs``; none for a dense graph."""
     if not routed_blocks:
@@ -431,7 +476,9 @@ def _dynamic_shapes(names: tuple[str, ...], spec: InputSpec, dynamic_batch: bool
     return (tuple({0: axis} for _ in names),)
 
 
-def _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx: Path, opset: int, dynamic_shapes, external: bool, weights) -> None:
+def _trace_to_onnx(
+    transformer, adapter, names, inputs, tmp_onnx: Path, opset: int, dynamic_shapes, external: bool, weights
+) -> None:
     """Runs the dynamo exporter (streamed when the weights are lazy); its failures become one-line ExportErrors."""
     args = tuple(inputs[n] for n in names)
     extras = {k: v for k, v in inputs.items() if k not in names}
@@ -458,7 +505,9 @@ def _trace_to_onnx(transformer, adapter, names, inputs, tmp_onnx: Path, opset: i
         raise
     except Exception as err:  # exporter failures come as many types
         first = str(err).strip().splitlines()[0][:300]
-        raise ExportError(f"torch.onnx.export (dynamo, opset {opset}) failed: {first}. Re-run with --debug for the full trace.") from err
+        raise ExportError(
+            f"torch.onnx.export (dynamo, opset {opset}) failed: {first}. Re-run with --debug for the full trace."
+        ) from err
 
 
 def _stamp_and_check(model, tmp_onnx: Path, meta: dict[str, Any], check: bool) -> dict[str, str]:
@@ -476,13 +525,27 @@ def _stamp_and_check(model, tmp_onnx: Path, meta: dict[str, Any], check: bool) -
         try:
             onnx.checker.check_model(str(tmp_onnx), full_check=True)
         except onnx.checker.ValidationError as err:
-            raise ExportError(f"onnx.checker rejected the export: {str(err).splitlines()[0]}. Please report this.") from None
+            raise ExportError(
+                f"onnx.checker rejected the export: {str(err).splitlines()[0]}. Please report this."
+            ) from None
     return str_meta
 
 
-def _export_result(transformer, adapter, dest: Path, external: bool, spec: InputSpec, trace_spec: InputSpec, opset: int, dtype: str,
-                   dynamic_batch: bool, export_seconds: float, index_tensors: dict[int, str], str_meta: dict[str, str],
-                   extra_inputs: dict[str, torch.Tensor] | None = None) -> ExportResult:
+def _export_result(
+    transformer,
+    adapter,
+    dest: Path,
+    external: bool,
+    spec: InputSpec,
+    trace_spec: InputSpec,
+    opset: int,
+    dtype: str,
+    dynamic_batch: bool,
+    export_seconds: float,
+    index_tensors: dict[int, str],
+    str_meta: dict[str, str],
+    extra_inputs: dict[str, torch.Tensor] | None = None,
+) -> ExportResult:
     """Removes a stale external-data file and describes the committed graph."""
     import onnx
 
@@ -495,7 +558,9 @@ def _export_result(transformer, adapter, dest: Path, external: bool, spec: Input
     if dynamic_batch:
         out_shape[0] = "batch_size"
     shapes = {k: list(v) for k, v in spec.shapes(transformer).items()}
-    shapes.update({k: list(v.shape) for k, v in (extra_inputs or {}).items()})  # extra graph inputs (ControlNet residuals)
+    shapes.update(
+        {k: list(v.shape) for k, v in (extra_inputs or {}).items()}
+    )  # extra graph inputs (ControlNet residuals)
     if dynamic_batch:
         for v in shapes.values():
             v[0] = "batch_size"

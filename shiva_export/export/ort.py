@@ -29,7 +29,9 @@ ort = lazy_import("onnxruntime", purpose="ONNX Runtime sessions")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimizations: bool = False, threads: int | None = None):
+def ort_session(
+    path: str | os.PathLike, provider: str = "cpu", disable_optimizations: bool = False, threads: int | None = None
+):
     """An ONNX Runtime session on ``provider``; refuses a silent fallback to another provider.
 
     Args:
@@ -56,7 +58,9 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu", disable_optimiza
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), sess_options=so, providers=[want])
     if sess.get_providers()[0] != want:
-        raise HardwareError(f"ONNX Runtime fell back from {want} to {sess.get_providers()[0]}; refusing a silent fallback.")
+        raise HardwareError(
+            f"ONNX Runtime fell back from {want} to {sess.get_providers()[0]}; refusing a silent fallback."
+        )
     return sess
 
 
@@ -72,7 +76,9 @@ class ChainedSession:
     the blocks it routes (``index_tensors``: block -> output name); :meth:`close` removes the temporary graphs
     that adds."""
 
-    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, index_outputs: bool = False):
+    def __init__(
+        self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, index_outputs: bool = False
+    ):
         self.segments = read_segments(path) if is_segment_path(path) else None
         self._tmp: list[Path] = []
         self.sessions = []
@@ -99,7 +105,12 @@ class ChainedSession:
     def get_outputs(self) -> list[Any]:
         if not self.segments:
             return self.sessions[0].get_outputs()
-        return [_Arg(o.name) for s in self.sessions for o in s.get_outputs() if o.name == OUTPUT_NAME or o.name in self.index_tensors.values()]
+        return [
+            _Arg(o.name)
+            for s in self.sessions
+            for o in s.get_outputs()
+            if o.name == OUTPUT_NAME or o.name in self.index_tensors.values()
+        ]
 
     def get_providers(self) -> list[str]:
         return self.sessions[0].get_providers()

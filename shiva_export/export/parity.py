@@ -102,7 +102,9 @@ class CaseResult:
     output: OutputStats
     index_agreement: dict[int, float]  # block -> mean over batch rows of |kept_torch & kept_onnx| / k (1.0 = identical)
     exact_rows: dict[int, float]  # block -> fraction of batch rows whose kept sets are identical
-    near_ties: int = 0  # kept tokens that differ only by a router-score tie at the k-th place (output compared tie-resolved)
+    near_ties: int = (
+        0  # kept tokens that differ only by a router-score tie at the k-th place (output compared tie-resolved)
+    )
 
     @property
     def min_index_agreement(self) -> float:
@@ -269,7 +271,9 @@ def check_parity(
     report = ParityReport(str(onnx_path), PROVIDERS.get(provider, provider), dtype, min_index_agreement)
     if dtype == "bf16" and provider == "cpu":
         report.status = "skipped"
-        report.reason = "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
+        report.reason = (
+            "ONNX Runtime's CPU provider has no bfloat16 kernels (e.g. Conv); validate bf16 exports on a GPU backend"
+        )
         return report
     sess = ChainedSession(onnx_path, provider, index_outputs=True)  # a segment file runs its whole chain
     index_tensors = sess.index_tensors
@@ -298,7 +302,10 @@ def check_parity(
                     agree[r["block"]], exact[r["block"]] = row_overlap(r["indices"].cpu().numpy(), outs[name])
             ties = 0
             if rec and any(v < 1.0 for v in agree.values()):
-                ties = _near_ties(rec, {r["block"]: outs[index_tensors[r["block"]]] for r in rec if index_tensors.get(r["block"]) in outs})
+                ties = _near_ties(
+                    rec,
+                    {r["block"]: outs[index_tensors[r["block"]]] for r in rec if index_tensors.get(r["block"]) in outs},
+                )
                 if ties:  # only boundary ties differ: compare against PyTorch run on the backend's selection
                     ref_out = _reference_with_indices(reference, inputs, {b: outs[index_tensors[b]] for b in agree})
             stats = compare_arrays(OUTPUT_NAME, _to_numpy(ref_out), outs[OUTPUT_NAME], atol, rtol, min_cosine, quantile)

@@ -38,13 +38,29 @@ from shiva_export.prune.schedule import budget_label
 from shiva_export.recipe import Recipe, load_recipe, recipe_hash
 from shiva_export.utils.io import canonical_json, check_writable, sha256_bytes
 
-__all__ = ["export_pruned", "PrunedExport", "default_onnx_path", "budget_label", "budget_dir", "phase_dir", "model_config_hash", "router_tensor_hash", "resolve_router"]
+__all__ = [
+    "export_pruned",
+    "PrunedExport",
+    "default_onnx_path",
+    "budget_label",
+    "budget_dir",
+    "phase_dir",
+    "model_config_hash",
+    "router_tensor_hash",
+    "resolve_router",
+]
 
 logger = get_logger(__name__)
 
 
-def default_onnx_path(model_name: str, ratio: float, dtype: str, root: str | os.PathLike = "engines", context: str = "drop",
-                      bucket: str | None = None) -> Path:
+def default_onnx_path(
+    model_name: str,
+    ratio: float,
+    dtype: str,
+    root: str | os.PathLike = "engines",
+    context: str = "drop",
+    bucket: str | None = None,
+) -> Path:
     """``<root>/<model>[/<W>x<H>]/ratio<r>[-context-keep]/<dtype>/model.onnx``: a context-keep graph never lands on a drop
     graph's path, and a resolution bucket (:mod:`shiva_export.export.buckets`) has its own folder."""
     return Path(root) / model_name / (bucket or "") / budget_dir(ratio, context) / dtype / "model.onnx"
@@ -83,7 +99,9 @@ def router_tensor_hash(bank: RouterBank) -> str:
     return h.hexdigest()
 
 
-def resolve_router(recipe: Recipe, router_path: str | os.PathLike | None, rc) -> tuple[RouterBank | None, dict[str, Any]]:
+def resolve_router(
+    recipe: Recipe, router_path: str | os.PathLike | None, rc
+) -> tuple[RouterBank | None, dict[str, Any]]:
     """Router bank from ``--router``, else the recipe's trained weights, else None (seeded random)."""
     path = Path(router_path) if router_path else recipe.router_weights_path()
     if path is None:
@@ -116,7 +134,17 @@ class PrunedExport:
 
     def to_dict(self) -> dict[str, Any]:
         ex = self.export
-        interesting = ("TopK", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "CumSum", "MatMul", "Softmax", "NonZero")
+        interesting = (
+            "TopK",
+            "GatherElements",
+            "GatherND",
+            "ScatterElements",
+            "ScatterND",
+            "CumSum",
+            "MatMul",
+            "Softmax",
+            "NonZero",
+        )
         return {
             "model": self.recipe.name,
             "recipe": str(self.recipe.source_path),
@@ -229,23 +257,41 @@ def export_pruned(
     _check_lora_controlnet(loras, controlnet_layers, dynamic_batch, bounded)
 
     say("load model")
-    pm, export_model = _load_pruned(rec, spec, weights, bounded, loras, controlnet_layers, phase, ratio, keep_ratios, dense, context, router, dtype)
+    pm, export_model = _load_pruned(
+        rec, spec, weights, bounded, loras, controlnet_layers, phase, ratio, keep_ratios, dense, context, router, dtype
+    )
     if out_path is None:
         out_path = _default_out_path(rec, phase, pm.ratio_used, dtype, "drop" if dense else context, size_dir)
         _refuse_engine_onnx(out_path)
     lora_rows = [lo.to_dict() for lo in loras] if loras else None
     meta = _graph_metadata(rec, pm, phase, dense, spec, lora_rows, extra_metadata)
     say("export onnx")
-    result = _export_graph(export_model, pm, rec, spec, out_path, dense, dtype, opset, dynamic_batch, meta, debug_outputs)
+    result = _export_graph(
+        export_model, pm, rec, spec, out_path, dense, dtype, opset, dynamic_batch, meta, debug_outputs
+    )
     if export_model is not pm.transformer:
         del export_model
 
     parity = None
     if validate:
         say("parity (onnxruntime cpu)")
-        parity = _export_parity(result, pm.transformer, pm.lazy_weights, rec, spec, dtype, parity_cases, pm.n_tokens, pm.controlnet_layers)
-    return PrunedExport(rec, pm.ratio_used, pm.config, spec, pm.n_tokens, pm.budgets, result, pm.router_info, parity, pm.load_seconds, dense,
-                        lora_rows)
+        parity = _export_parity(
+            result, pm.transformer, pm.lazy_weights, rec, spec, dtype, parity_cases, pm.n_tokens, pm.controlnet_layers
+        )
+    return PrunedExport(
+        rec,
+        pm.ratio_used,
+        pm.config,
+        spec,
+        pm.n_tokens,
+        pm.budgets,
+        result,
+        pm.router_info,
+        parity,
+        pm.load_seconds,
+        dense,
+        lora_rows,
+    )
 
 
 @dataclass
@@ -263,8 +309,21 @@ class _Pruned:
     controlnet_layers: int
 
 
-def _load_pruned(rec: Recipe, spec: InputSpec, weights, bounded: bool | None, loras, controlnet_layers: int, phase, ratio, keep_ratios,
-                 dense: bool, context: str, router, dtype: str):
+def _load_pruned(
+    rec: Recipe,
+    spec: InputSpec,
+    weights,
+    bounded: bool | None,
+    loras,
+    controlnet_layers: int,
+    phase,
+    ratio,
+    keep_ratios,
+    dense: bool,
+    context: str,
+    router,
+    dtype: str,
+):
     """Loads the transformer (LoRAs fused) and prunes it with the budget asked for: (its state, the model to export:
     a copy in the export dtype, or the transformer itself)."""
     transformer, lazy_weights, load_seconds = _load_for_export(rec, weights, bounded, loras)
@@ -279,29 +338,63 @@ def _load_pruned(rec: Recipe, spec: InputSpec, weights, bounded: bool | None, lo
     budgets = {} if dense else block_budgets(config, n_tokens)  # raises if a ratio leaves k = 0
     export_model, router_info = _prepare_models(transformer, rec, config, router, dtype, dense, lazy_weights)
     for m in {id(export_model): export_model, id(transformer): transformer}.values() if controlnet_layers else ():
-        cn.add_residual_hook(m)  # controlnet_block_<i> kwargs -> block_controlnet_hidden_states (models local to this call)
-    return _Pruned(transformer, lazy_weights, load_seconds, config, ratio_used, budgets, n_tokens, router_info, controlnet_layers), export_model
+        cn.add_residual_hook(
+            m
+        )  # controlnet_block_<i> kwargs -> block_controlnet_hidden_states (models local to this call)
+    return _Pruned(
+        transformer, lazy_weights, load_seconds, config, ratio_used, budgets, n_tokens, router_info, controlnet_layers
+    ), export_model
 
 
-def _export_graph(export_model, pm: _Pruned, rec: Recipe, spec: InputSpec, out_path: Path, dense: bool, dtype: str, opset, dynamic_batch: bool,
-                  meta: dict[str, Any], debug_outputs: bool) -> ExportResult:
+def _export_graph(
+    export_model,
+    pm: _Pruned,
+    rec: Recipe,
+    spec: InputSpec,
+    out_path: Path,
+    dense: bool,
+    dtype: str,
+    opset,
+    dynamic_batch: bool,
+    meta: dict[str, Any],
+    debug_outputs: bool,
+) -> ExportResult:
     """The ONNX export of the pruned model (from its lazy weights on the bounded-memory path), ControlNet inputs included."""
     return export_onnx(
-        export_model, out_path, spec, opset=opset if opset is not None else rec.export.opset, dtype=dtype, dynamic_batch=dynamic_batch,
-        routed_blocks=None if dense else list(pm.config.routed_blocks), metadata=meta, debug_outputs=debug_outputs,
+        export_model,
+        out_path,
+        spec,
+        opset=opset if opset is not None else rec.export.opset,
+        dtype=dtype,
+        dynamic_batch=dynamic_batch,
+        routed_blocks=None if dense else list(pm.config.routed_blocks),
+        metadata=meta,
+        debug_outputs=debug_outputs,
         weights=None if pm.lazy_weights is None else pm.lazy_weights.with_dtype(torch_dtype(dtype)),
-        extra_inputs=cn.sample_inputs(export_model, spec.model_batch, pm.n_tokens, pm.controlnet_layers, dtype=torch_dtype(dtype)) or None,
+        extra_inputs=cn.sample_inputs(
+            export_model, spec.model_batch, pm.n_tokens, pm.controlnet_layers, dtype=torch_dtype(dtype)
+        )
+        or None,
     )
 
 
-def _check_out(out, rec: Recipe, phase, keep_ratios, dense: bool, ratio, dtype: str, context: str, size_dir: str | None) -> Path | None:
+def _check_out(
+    out, rec: Recipe, phase, keep_ratios, dense: bool, ratio, dtype: str, context: str, size_dir: str | None
+) -> Path | None:
     """The given ``out`` path, checked writable; without one, refuses a default path that holds an engine's ONNX."""
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path, "ONNX output")  # fail before minutes of loading
     elif phase is None and keep_ratios is None:
-        _refuse_engine_onnx(default_onnx_path(rec.name, 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio), dtype,
-                                              context="drop" if dense else context, bucket=size_dir))
+        _refuse_engine_onnx(
+            default_onnx_path(
+                rec.name,
+                0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio),
+                dtype,
+                context="drop" if dense else context,
+                bucket=size_dir,
+            )
+        )
     return out_path
 
 
@@ -310,7 +403,9 @@ def _check_lora_controlnet(loras, controlnet_layers: int, dynamic_batch: bool, b
     if controlnet_layers and dynamic_batch:
         raise ConfigError("ControlNet residual inputs are exported with fixed shapes; drop --dynamic-batch.")
     if loras and bounded:
-        raise ConfigError("--lora is fused into the loaded weights, which a bounded-memory export never holds; drop --bounded (use --eager).")
+        raise ConfigError(
+            "--lora is fused into the loaded weights, which a bounded-memory export never holds; drop --bounded (use --eager)."
+        )
 
 
 def _graph_metadata(rec, pm: _Pruned, phase, dense, spec, lora_rows, extra_metadata) -> dict[str, Any]:
@@ -356,13 +451,19 @@ def _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, conte
     if sum(x is not None for x in (ratio, keep_ratios, phase)) > 1:
         raise ConfigError("give one of --ratio, a keep schedule or --phase, not several.")
     if dense and (keep_ratios is not None or (ratio or 0.0) != 0.0):
-        raise ConfigError(f"a dense export prunes nothing; got ratio {ratio}. Use ratio 0 (or omit it) with dense=True.")
+        raise ConfigError(
+            f"a dense export prunes nothing; got ratio {ratio}. Use ratio 0 (or omit it) with dense=True."
+        )
     if ratio is not None and not (0.0 <= ratio < 1.0):
-        raise ConfigError(f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+        raise ConfigError(
+            f"--ratio {ratio} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%)."
+        )
     if dense and context == "keep":
         raise ConfigError("a dense export routes nothing, so --context keep has no effect; drop --context or --dense.")
 
-    return rec, adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
+    return rec, adapter_for_architecture(rec.architecture).check_context(
+        rec.prune.context if context is None else context
+    )
 
 
 def _input_spec(rec: Recipe, batch, height, width, text_len, cfg) -> InputSpec:
@@ -399,17 +500,32 @@ def _load_for_export(rec: Recipe, weights, bounded: bool | None, loras=None):
     return transformer, lazy_weights, time.perf_counter() - t0
 
 
-def _prune_config(rec: Recipe, n_layers: int, routed: list[int], ratio, keep_ratios, dense: bool, cfg: bool, context: str) -> tuple[ShivaConfig, float]:
+def _prune_config(
+    rec: Recipe, n_layers: int, routed: list[int], ratio, keep_ratios, dense: bool, cfg: bool, context: str
+) -> tuple[ShivaConfig, float]:
     """The ShivaConfig of a keep schedule or a uniform ratio, and the mean pruned fraction it stands for."""
     if keep_ratios is not None:
-        config = ShivaConfig(tuple(keep_ratios), cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
+        config = ShivaConfig(
+            tuple(keep_ratios),
+            cfg=cfg,
+            bottleneck=rec.router.bottleneck,
+            group_size=rec.router.group_size,
+            context=context,
+        )
         if len(config.keep_ratios) != n_layers:
-            raise ConfigError(f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block.")
+            raise ConfigError(
+                f"keep schedule has {len(config.keep_ratios)} entries, the model has {n_layers} blocks; give one per block."
+            )
         routed_keep = [r for r in config.keep_ratios if r is not None]
         return config, 1.0 - sum(routed_keep) / len(routed_keep)  # mean pruned fraction of the schedule
     ratio_used = 0.0 if dense else (rec.prune.ratios[0] if ratio is None else ratio)
     config = ShivaConfig.uniform(
-        n_layers, ratio_used, routed, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
+        n_layers,
+        ratio_used,
+        routed,
+        cfg=cfg,
+        bottleneck=rec.router.bottleneck,
+        group_size=rec.router.group_size,
         context=context,
     )
     return config, ratio_used
@@ -433,7 +549,6 @@ def _prepare_models(transformer, rec: Recipe, config: ShivaConfig, router, dtype
         finally:
             dlogging.set_verbosity(level)
     if lazy_weights is not None:  # fake CPU tensors in place of the meta placeholders, before routers read the device
-
         fake_placeholders_(transformer, lazy_weights)
         if export_model is not None:
             fake_placeholders_(export_model, lazy_weights)
@@ -441,7 +556,9 @@ def _prepare_models(transformer, rec: Recipe, config: ShivaConfig, router, dtype
         router_info.update(tensor_sha256=None, num_routers=0, parameters=0)
     else:
         bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
-        router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
+        router_info.update(
+            tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters()
+        )
         if export_model is not None:
             apply_shiva_(export_model, config, routers=copy.deepcopy(bank))
     return (transformer if export_model is None else export_model), router_info
@@ -458,21 +575,40 @@ def _phase_range(rec: Recipe, phase) -> dict[str, Any]:
     """The timestep range a graph serves: a learned phase's, else the whole trajectory."""
     if phase is None:
         return {"phase": None, "t_start": 1000.0, "t_stop": 0.0}
-    ph_row = rec.schedule.phases[[p.name for p in rec.schedule.phases].index(phase)] if not str(phase).isdigit() else rec.schedule.phases[int(phase)]
+    ph_row = (
+        rec.schedule.phases[[p.name for p in rec.schedule.phases].index(phase)]
+        if not str(phase).isdigit()
+        else rec.schedule.phases[int(phase)]
+    )
     return {"phase": ph_row.name, "t_start": float(ph_row.t_start), "t_stop": float(ph_row.t_stop)}
 
 
-def _export_parity(result: ExportResult, transformer, lazy_weights, rec: Recipe, spec: InputSpec, dtype: str, parity_cases: int,
-                   n_tokens: int = 0, controlnet_layers: int = 0) -> ParityReport:
+def _export_parity(
+    result: ExportResult,
+    transformer,
+    lazy_weights,
+    rec: Recipe,
+    spec: InputSpec,
+    dtype: str,
+    parity_cases: int,
+    n_tokens: int = 0,
+    controlnet_layers: int = 0,
+) -> ParityReport:
     """ONNX Runtime against the fp32 PyTorch model on seeded cases (case 2 at t=1, case 3 at t=999), ControlNet
     residual inputs (seeded) included."""
     if lazy_weights is not None:  # the fp32 PyTorch reference needs real weights
-
         materialize_(transformer, lazy_weights)
     tol = rec.tolerance(dtype)
     timesteps = [None, 1.0, 999.0, None, 500.0, None, 0.0, None]
-    cases = [(s, timesteps[s], make_inputs(transformer, spec, seed=s, timestep=timesteps[s])
-              | cn.sample_inputs(transformer, spec.model_batch, n_tokens, controlnet_layers, seed=s)) for s in range(parity_cases)]
+    cases = [
+        (
+            s,
+            timesteps[s],
+            make_inputs(transformer, spec, seed=s, timestep=timesteps[s])
+            | cn.sample_inputs(transformer, spec.model_batch, n_tokens, controlnet_layers, seed=s),
+        )
+        for s in range(parity_cases)
+    ]
     return check_parity(
         result.onnx_path,
         transformer,

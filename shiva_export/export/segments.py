@@ -40,7 +40,17 @@ from shiva_export.export.onnx import META_PREFIX, load_onnx_graph, read_shiva_me
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import commit_files, sha256_file, sweep_stale_temps, temp_prefix
 
-__all__ = ["Segment", "split_onnx", "segment_path", "read_segments", "is_segment_path", "run_chain", "plan_cuts", "SEGMENT_META", "MAX_SEGMENTS"]
+__all__ = [
+    "Segment",
+    "split_onnx",
+    "segment_path",
+    "read_segments",
+    "is_segment_path",
+    "run_chain",
+    "plan_cuts",
+    "SEGMENT_META",
+    "MAX_SEGMENTS",
+]
 
 logger = get_logger(__name__)
 
@@ -66,9 +76,17 @@ class Segment:
     source_inputs: tuple[str, ...] = ()  # the whole graph's inputs (what the chain is fed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "count": self.count, "path": str(self.path), "blocks": list(self.blocks),
-                "inputs": list(self.inputs), "outputs": list(self.outputs), "weight_bytes": self.weight_bytes,
-                "source_onnx_sha256": self.source_onnx_sha256, "source_inputs": list(self.source_inputs)}
+        return {
+            "index": self.index,
+            "count": self.count,
+            "path": str(self.path),
+            "blocks": list(self.blocks),
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "weight_bytes": self.weight_bytes,
+            "source_onnx_sha256": self.source_onnx_sha256,
+            "source_inputs": list(self.source_inputs),
+        }
 
 
 def segment_path(onnx_path: str | os.PathLike, index: int, count: int) -> Path:
@@ -133,6 +151,7 @@ def _assign(nodes, blocks: list[int | None], lowest: list[float], cuts: list[int
     their block) unless it reads a block's own output that nothing later reads (the scatter of a block's kept
     tokens back into the hidden states goes with that block), so that a cut carries the whole hidden states
     once and not a block's output, its indices and the states it scatters into."""
+
     def seg(b: float) -> int:
         return len(cuts) if b == float("inf") else bisect.bisect_right(cuts, b)
 
@@ -152,8 +171,10 @@ def _assign(nodes, blocks: list[int | None], lowest: list[float], cuts: list[int
         return all(out[c] <= earliest[i] for c in readers.get(p, ()) if c != i)
 
     for i in range(len(nodes)):
-        if blocks[i] is None and earliest[i] < out[i] and any(
-            blocks[p] is not None and seg(blocks[p]) == earliest[i] and only_here(p, i) for p in srcs[i]
+        if (
+            blocks[i] is None
+            and earliest[i] < out[i]
+            and any(blocks[p] is not None and seg(blocks[p]) == earliest[i] and only_here(p, i) for p in srcs[i])
         ):
             out[i] = earliest[i]
     for i in range(len(nodes)):  # no node before its producers
@@ -166,7 +187,9 @@ def plan_cuts(weight_per_block: list[int], head_bytes: int, count: int) -> list[
     (``weight_per_block[b]``: bytes of block ``b``, embedders included in block 0; ``head_bytes``: the output head)."""
     n = len(weight_per_block)
     if not 2 <= count <= min(n, MAX_SEGMENTS):
-        raise ConfigError(f"--segments {count} is out of range for a graph of {n} blocks; expected 2..{min(n, MAX_SEGMENTS)} (1 builds one engine: leave --segments out).")
+        raise ConfigError(
+            f"--segments {count} is out of range for a graph of {n} blocks; expected 2..{min(n, MAX_SEGMENTS)} (1 builds one engine: leave --segments out)."
+        )
     total = sum(weight_per_block) + head_bytes
     cum, cuts = 0, []
     for b, w in enumerate(weight_per_block):
@@ -222,7 +245,9 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
     nodes = list(model.graph.node)
     blocks = [_block_index(n, scope_to_block) for n in nodes]
     if not any(b is not None for b in blocks):
-        raise ConfigError(f"{src}: no node carries a block scope (pkg.torch.onnx.name_scopes); re-export it with `shiva-export onnx`.")
+        raise ConfigError(
+            f"{src}: no node carries a block scope (pkg.torch.onnx.name_scopes); re-export it with `shiva-export onnx`."
+        )
     inits = {t.name: t for t in model.graph.initializer}
     lowest = _min_block_downstream(model, blocks)
     n_blocks = len(scopes)
@@ -231,7 +256,9 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
     else:
         cuts = sorted(int(c) for c in cuts)
         if len(cuts) != count - 1 or len(set(cuts)) != len(cuts) or not all(0 < c < n_blocks for c in cuts):
-            raise ConfigError(f"cuts {cuts} do not split {n_blocks} blocks into {count} segments; give {count - 1} distinct blocks in 1..{n_blocks - 1}.")
+            raise ConfigError(
+                f"cuts {cuts} do not split {n_blocks} blocks into {count} segments; give {count - 1} distinct blocks in 1..{n_blocks - 1}."
+            )
     is_const = [n.op_type == "Constant" and not any(n.input) for n in nodes]
     seg_of = _assign(nodes, blocks, lowest, cuts, is_const)
 
@@ -242,10 +269,27 @@ def split_onnx(onnx_path: str | os.PathLike, count: int, *, cuts: list[int] | No
         logger.info("segments of %s already cut (%s)", src, ", ".join(p.name for p in paths))
         return existing
 
-    cut = _CutGraph(src, model, nodes, inits, is_const, seg_of, _value_infos(model), [0, *cuts, n_blocks], cuts, meta, kept, source_sha)
-    lost = [o for o in cut.graph_outputs if o not in {o for i, n in enumerate(nodes) if not is_const[i] for o in n.output}]
+    cut = _CutGraph(
+        src,
+        model,
+        nodes,
+        inits,
+        is_const,
+        seg_of,
+        _value_infos(model),
+        [0, *cuts, n_blocks],
+        cuts,
+        meta,
+        kept,
+        source_sha,
+    )
+    lost = [
+        o for o in cut.graph_outputs if o not in {o for i, n in enumerate(nodes) if not is_const[i] for o in n.output}
+    ]
     if lost:
-        raise ConfigError(f"{src}: graph output {lost[0]!r} is made by no node that a segment runs (a constant or a pass-through); it cannot be cut. Please report this.")
+        raise ConfigError(
+            f"{src}: graph output {lost[0]!r} is made by no node that a segment runs (a constant or a pass-through); it cannot be cut. Please report this."
+        )
     built = [_segment_model(cut, s, count, paths[s]) for s in range(count)]
     segments = [info for info, _ in built]
     _write_segments(src, segments, [proto for _, proto in built])
@@ -257,7 +301,9 @@ def _cut_metadata(src: Path, model) -> tuple[dict[str, str], list[str], dict[str
     """The export's metadata, its block scopes and its kept-index tensors; refuses a segment or an export without scopes."""
     meta = {p.key: p.value for p in model.metadata_props}
     if META_PREFIX + "segment" in meta:
-        raise ConfigError(f"{src} is already a segment of a cut export; pass the whole export (the .onnx without .segNofM).")
+        raise ConfigError(
+            f"{src} is already a segment of a cut export; pass the whole export (the .onnx without .segNofM)."
+        )
     try:
         scopes = json.loads(meta[META_PREFIX + "block_scopes"])
         assert isinstance(scopes, list) and all(isinstance(s, str) for s in scopes) and scopes
@@ -270,7 +316,9 @@ def _cut_metadata(src: Path, model) -> tuple[dict[str, str], list[str], dict[str
         kept = json.loads(meta.get(META_PREFIX + "kept_index_tensors", "{}"))
         assert isinstance(kept, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in kept.items())
     except (json.JSONDecodeError, AssertionError):
-        raise ConfigError(f"{src}: shiva.kept_index_tensors is not a map of block to tensor name; re-export it with `shiva-export onnx`.") from None
+        raise ConfigError(
+            f"{src}: shiva.kept_index_tensors is not a map of block to tensor name; re-export it with `shiva-export onnx`."
+        ) from None
     return meta, scopes, kept
 
 
@@ -295,8 +343,22 @@ class _CutGraph:
     """What every segment of one cut reads: the export's nodes and where each goes, its tensors' types, its metadata."""
 
     def __init__(self, src, model, nodes, inits, is_const, seg_of, infos, bounds, cuts, meta, kept, source_sha):
-        self.src, self.model, self.nodes, self.inits, self.is_const, self.seg_of = src, model, nodes, inits, is_const, seg_of
-        self.infos, self.bounds, self.cuts, self.meta, self.kept, self.source_sha = infos, bounds, cuts, meta, kept, source_sha
+        self.src, self.model, self.nodes, self.inits, self.is_const, self.seg_of = (
+            src,
+            model,
+            nodes,
+            inits,
+            is_const,
+            seg_of,
+        )
+        self.infos, self.bounds, self.cuts, self.meta, self.kept, self.source_sha = (
+            infos,
+            bounds,
+            cuts,
+            meta,
+            kept,
+            source_sha,
+        )
         self.producer = {o: i for i, n in enumerate(nodes) for o in n.output}
         self.graph_inputs = [v.name for v in model.graph.input]
         self.graph_outputs = [v.name for v in model.graph.output]
@@ -315,7 +377,9 @@ def _segment_io(cut: _CutGraph, s: int) -> tuple[list[int], list[int], set[str],
     nodes = cut.nodes
     own = [i for i in range(len(nodes)) if cut.seg_of[i] == s and not cut.is_const[i]]
     made = {o for i in own for o in nodes[i].output}
-    consts = sorted({cut.producer[x] for i in own for x in nodes[i].input if x in cut.producer and cut.is_const[cut.producer[x]]})
+    consts = sorted(
+        {cut.producer[x] for i in own for x in nodes[i].input if x in cut.producer and cut.is_const[cut.producer[x]]}
+    )
     made |= {o for i in consts for o in nodes[i].output}
     needed: list[str] = []
     for i in own:
@@ -323,11 +387,16 @@ def _segment_io(cut: _CutGraph, s: int) -> tuple[list[int], list[int], set[str],
             if x and x not in made and x not in cut.inits and x not in needed:
                 needed.append(x)
     ins = [x for x in cut.graph_inputs if x in needed] + [x for x in needed if x not in cut.graph_inputs]
-    outs = [x for x in (o for i in own for o in nodes[i].output)
-            if x in cut.graph_outputs or any(r > s for r in cut.readers.get(x, ()))]
+    outs = [
+        x
+        for x in (o for i in own for o in nodes[i].output)
+        if x in cut.graph_outputs or any(r > s for r in cut.readers.get(x, ()))
+    ]
     missing = [x for x in ins + outs if x not in cut.infos]
     if missing:
-        raise ConfigError(f"{cut.src}: no type/shape known for tensor {missing[0]!r} at the cut before block {cut.bounds[s]}; re-export it with `shiva-export onnx`.")
+        raise ConfigError(
+            f"{cut.src}: no type/shape known for tensor {missing[0]!r} at the cut before block {cut.bounds[s]}; re-export it with `shiva-export onnx`."
+        )
     return own, consts, made, ins, outs
 
 
@@ -346,18 +415,39 @@ def _segment_model(cut: _CutGraph, s: int, count: int, path: Path):
                 used_inits.append(cut.inits[x])
     keep = sorted(set(consts) | set(own))
     graph = onnx.helper.make_graph(
-        [nodes[i] for i in keep], f"{model.graph.name}_seg{s}of{count}",
-        [cut.infos[x] for x in ins], [cut.infos[x] for x in outs], initializer=used_inits,
+        [nodes[i] for i in keep],
+        f"{model.graph.name}_seg{s}of{count}",
+        [cut.infos[x] for x in ins],
+        [cut.infos[x] for x in outs],
+        initializer=used_inits,
         value_info=[v for k, v in cut.infos.items() if k in made and k not in outs],
     )
-    seg_model = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                       producer_name=model.producer_name, producer_version=model.producer_version)
+    seg_model = onnx.helper.make_model(
+        graph,
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+    )
     seg_model.functions.extend(model.functions)
-    info = Segment(s, count, path, (cut.bounds[s], cut.bounds[s + 1]), tuple(ins), tuple(outs),
-                   sum(_tensor_bytes(t) for t in used_inits), cut.source_sha, tuple(cut.graph_inputs))
+    info = Segment(
+        s,
+        count,
+        path,
+        (cut.bounds[s], cut.bounds[s + 1]),
+        tuple(ins),
+        tuple(outs),
+        sum(_tensor_bytes(t) for t in used_inits),
+        cut.source_sha,
+        tuple(cut.graph_inputs),
+    )
     seg_meta = dict(cut.meta)
-    seg_meta[META_PREFIX + "kept_index_tensors"] = json.dumps({k: v for k, v in cut.kept.items() if v in made}, sort_keys=True)
-    seg_meta[META_PREFIX + SEGMENT_META] = json.dumps({**info.to_dict(), "path": info.path.name, "cuts": cut.cuts, "cutter": CUTTER_VERSION}, sort_keys=True)
+    seg_meta[META_PREFIX + "kept_index_tensors"] = json.dumps(
+        {k: v for k, v in cut.kept.items() if v in made}, sort_keys=True
+    )
+    seg_meta[META_PREFIX + SEGMENT_META] = json.dumps(
+        {**info.to_dict(), "path": info.path.name, "cuts": cut.cuts, "cutter": CUTTER_VERSION}, sort_keys=True
+    )
     for k, v in seg_meta.items():
         seg_model.metadata_props.add(key=k, value=v)
     return info, seg_model
@@ -376,7 +466,9 @@ def _write_segments(src: Path, segments: list[Segment], protos: list) -> None:
             try:
                 onnx.checker.check_model(str(tmp), full_check=False)
             except onnx.checker.ValidationError as err:
-                raise ConfigError(f"segment {info.index} of {src} is not a valid graph: {str(err).splitlines()[0]}. Please report this.") from None
+                raise ConfigError(
+                    f"segment {info.index} of {src} is not a valid graph: {str(err).splitlines()[0]}. Please report this."
+                ) from None
         commit_files([(t, info.path) for t, info in zip(tmps, segments)])
     finally:
         for t in tmps:
@@ -407,31 +499,51 @@ def read_segments(path: str | os.PathLike) -> list[Segment]:
     p = Path(path)
     m = _SEG_NAME.match(p.name)
     if not m:
-        raise ConfigError(f"{p} is not a segment file (<stem>.seg<i>of<n>.onnx); cut an export with `shiva-export trt --segments N`.")
+        raise ConfigError(
+            f"{p} is not a segment file (<stem>.seg<i>of<n>.onnx); cut an export with `shiva-export trt --segments N`."
+        )
     count, index = int(m.group("n")), int(m.group("i"))
     if not 2 <= count <= MAX_SEGMENTS or index >= count:
-        raise ConfigError(f"{p.name} names segment {index} of {count}; a cut export has 2..{MAX_SEGMENTS} segments numbered from 0. Pass a file cut by `shiva-export trt --segments N`.")
+        raise ConfigError(
+            f"{p.name} names segment {index} of {count}; a cut export has 2..{MAX_SEGMENTS} segments numbered from 0. Pass a file cut by `shiva-export trt --segments N`."
+        )
     out: list[Segment] = []
     for i in range(count):
         q = segment_path(p.with_name(m.group("stem") + ".onnx"), i, count)
         meta = read_shiva_metadata(q, require=True, what="segment")
         d = meta.get(SEGMENT_META)
         try:
-            seg = Segment(int(d["index"]), int(d["count"]), q, (int(d["blocks"][0]), int(d["blocks"][1])),
-                          tuple(map(str, d["inputs"])), tuple(map(str, d["outputs"])), int(d["weight_bytes"]),
-                          str(d["source_onnx_sha256"]), tuple(map(str, d["source_inputs"])))
+            seg = Segment(
+                int(d["index"]),
+                int(d["count"]),
+                q,
+                (int(d["blocks"][0]), int(d["blocks"][1])),
+                tuple(map(str, d["inputs"])),
+                tuple(map(str, d["outputs"])),
+                int(d["weight_bytes"]),
+                str(d["source_onnx_sha256"]),
+                tuple(map(str, d["source_inputs"])),
+            )
         except (TypeError, KeyError, ValueError, IndexError):
-            raise ConfigError(f"segment {q} carries no valid shiva.segment metadata; cut the export again with `shiva-export trt --segments {count}`.") from None
+            raise ConfigError(
+                f"segment {q} carries no valid shiva.segment metadata; cut the export again with `shiva-export trt --segments {count}`."
+            ) from None
         if seg.index != i or seg.count != count:
-            raise ConfigError(f"segment {q} says it is {seg.index} of {seg.count}, not {i} of {count}; cut the export again.")
+            raise ConfigError(
+                f"segment {q} says it is {seg.index} of {seg.count}, not {i} of {count}; cut the export again."
+            )
         if out and seg.source_onnx_sha256 != out[0].source_onnx_sha256:
-            raise ConfigError(f"segment {q} was cut from another export than {out[0].path} (source sha256 differs); cut the export again.")
+            raise ConfigError(
+                f"segment {q} was cut from another export than {out[0].path} (source sha256 differs); cut the export again."
+            )
         out.append(seg)
     made = set(out[0].source_inputs)
     for seg in out:
         bad = [x for x in seg.inputs if x not in made]
         if bad:
-            raise ConfigError(f"segment {seg.path} reads {bad[0]!r}, which neither the graph's inputs nor an earlier segment make; cut the export again.")
+            raise ConfigError(
+                f"segment {seg.path} reads {bad[0]!r}, which neither the graph's inputs nor an earlier segment make; cut the export again."
+            )
         made |= set(seg.outputs)
     return out
 
@@ -441,7 +553,9 @@ def is_segment_path(path: str | os.PathLike) -> bool:
     return bool(_SEG_NAME.match(Path(path).name))
 
 
-def run_chain(inputs: list[Sequence[str]], run_one: Callable[[int, dict[str, Any]], dict[str, Any]], feed: dict[str, Any]) -> dict[str, Any]:
+def run_chain(
+    inputs: list[Sequence[str]], run_one: Callable[[int, dict[str, Any]], dict[str, Any]], feed: dict[str, Any]
+) -> dict[str, Any]:
     """Runs a chain of segments in order on ``feed`` (the whole graph's inputs), whatever runs them (ONNX Runtime
     sessions, engines): ``inputs[i]`` names what segment ``i`` reads, ``run_one(i, tensors)`` runs it and returns
     its outputs by name. Returns every tensor the chain made, the graph's outputs included."""
@@ -449,6 +563,8 @@ def run_chain(inputs: list[Sequence[str]], run_one: Callable[[int, dict[str, Any
     for i, names in enumerate(inputs):
         missing = [x for x in names if x not in env]
         if missing:
-            raise ShapeError(f"segment {i} of the chain needs {missing[0]!r}, which the feed and the earlier segments do not hold.")
+            raise ShapeError(
+                f"segment {i} of the chain needs {missing[0]!r}, which the feed and the earlier segments do not hold."
+            )
         env.update(run_one(i, {x: env[x] for x in names}))
     return env

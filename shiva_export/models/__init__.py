@@ -65,7 +65,9 @@ def input_names(transformer: Any) -> tuple[str, ...]:
     return get_adapter(transformer).input_names(_cfg(transformer))
 
 
-def make_inputs(transformer: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+def make_inputs(
+    transformer: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None
+) -> dict[str, torch.Tensor]:
     """Seeded forward keyword arguments for ``transformer`` (or a config with ``_class_name``)."""
     return get_adapter(transformer).make_inputs(_cfg(transformer), spec, seed, dtype, timestep)
 

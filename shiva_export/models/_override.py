@@ -18,7 +18,19 @@ from torch import nn
 from shiva_export.prune.api import router_bank, routing_state
 from shiva_export.prune.topk import gather_tokens, scatter_tokens, select_topk, static_k
 
-__all__ = ["OWNER", "INDEX", "install_overrides", "add_hook", "remove_overrides", "hook_state", "block_context", "route_tokens", "phase_timestep", "rows_of", "bound_args"]
+__all__ = [
+    "OWNER",
+    "INDEX",
+    "install_overrides",
+    "add_hook",
+    "remove_overrides",
+    "hook_state",
+    "block_context",
+    "route_tokens",
+    "phase_timestep",
+    "rows_of",
+    "bound_args",
+]
 
 OWNER = "_shiva_owner"
 INDEX = "_shiva_block_index"
@@ -111,7 +123,13 @@ def route_tokens(owner, index, state, config, hidden_states, temb, pooled, run_b
     if state.recorder is not None:
         rec = {"block": index, "k": k, "indices": idx.detach(), "scores": scores.detach()}
         if state.record_hidden:
-            rec.update(hidden_in=hidden_states.detach(), hidden_out=out.detach(), block_input=kept.detach(), temb=temb.detach(), pooled=pooled.detach())
+            rec.update(
+                hidden_in=hidden_states.detach(),
+                hidden_out=out.detach(),
+                block_input=kept.detach(),
+                temb=temb.detach(),
+                pooled=pooled.detach(),
+            )
         state.recorder.append(rec)
     return extra, out
 

@@ -106,7 +106,13 @@ class InputSpec:
         return get_adapter(transformer_or_config).input_shapes(transformer_config(transformer_or_config), self)
 
     def to_dict(self) -> dict:
-        return {"batch": self.batch, "height": self.height, "width": self.width, "text_len": self.text_len, "cfg": self.cfg}
+        return {
+            "batch": self.batch,
+            "height": self.height,
+            "width": self.width,
+            "text_len": self.text_len,
+            "cfg": self.cfg,
+        }
 
 
 class ModelAdapter:
@@ -160,14 +166,18 @@ class ModelAdapter:
                 torch.manual_seed(seed)
                 model = cls(**self.normalize_config(dict(config)))
         except TypeError as err:
-            raise ConfigError(f"Invalid {self.MODEL_CLASS} config: {err}. Check [model.config] in the recipe.") from None
+            raise ConfigError(
+                f"Invalid {self.MODEL_CLASS} config: {err}. Check [model.config] in the recipe."
+            ) from None
         return model.eval()
 
     def check_config_ranges(self, config: dict[str, Any]) -> None:
         """Negative or absurd sizes in ``[model.config]``: one line, not an allocation that never ends."""
         for key, v in dict(config).items():
             if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 65536:
-                raise ConfigError(f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe.")
+                raise ConfigError(
+                    f"[model.config] {key} = {v} is out of range; expected an integer in 0..65536. Fix the recipe."
+                )
         self._check_config_types(config)
 
     def _check_config_types(self, config: dict[str, Any]) -> None:
@@ -186,7 +196,9 @@ class ModelAdapter:
                 continue
             if want is int and type(v) is float:  # 32.0 for 32: the constructor takes it
                 continue
-            raise ConfigError(f"[model.config] {key} = {v!r} has the wrong type; expected {want.__name__} (the default is {d!r}). Fix the recipe.")
+            raise ConfigError(
+                f"[model.config] {key} = {v!r} has the wrong type; expected {want.__name__} (the default is {d!r}). Fix the recipe."
+            )
 
     def normalize_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """TOML gives lists where the model wants tuples; adapters convert such keys here."""
@@ -197,7 +209,9 @@ class ModelAdapter:
         linears that stage-3 DoRA adapts: the blocks' attention and FFN linears only (the paper's choice),
         never the AdaLN modulation, the embedders or the output projection. Abstract: an architecture
         without it cannot train with ``--dora``."""
-        raise ConfigError(f"{self.MODEL_CLASS} declares no DoRA target modules. Train without --dora, or add dora_target_modules to its adapter.")
+        raise ConfigError(
+            f"{self.MODEL_CLASS} declares no DoRA target modules. Train without --dora, or add dora_target_modules to its adapter."
+        )
 
     # -- blocks and routing (abstract unless noted) --------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
@@ -236,7 +250,7 @@ class ModelAdapter:
         if check_context(context) not in self.CONTEXT_MODES:
             raise ConfigError(
                 f"context {context!r} is not implemented for architecture {self.NAME!r} ({self.MODEL_CLASS}); it supports "
-                f"{', '.join(self.CONTEXT_MODES)}. Use --context drop (recipe [prune] context = \"drop\") for this model."
+                f'{", ".join(self.CONTEXT_MODES)}. Use --context drop (recipe [prune] context = "drop") for this model.'
             )
         return context
 
@@ -286,7 +300,14 @@ class ModelAdapter:
         """Static shape of :attr:`OUTPUT_NAME`."""
         raise NotImplementedError
 
-    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self,
+        config: Any,
+        spec: InputSpec,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        timestep: float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Seeded keyword arguments of one forward call. May hold more than :meth:`input_names` (static
         extras such as Flux's position ids, which the export bakes in)."""
         raise NotImplementedError
@@ -305,12 +326,25 @@ class ModelAdapter:
         import inspect
 
         cfg = transformer_config(config)
-        out = {k: p.default for k, p in inspect.signature(self.model_class().__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+        out = {
+            k: p.default
+            for k, p in inspect.signature(self.model_class().__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
         out.update({k: v for k, v in dict(cfg).items() if not str(k).startswith("_")})
         return out
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
-                    context: str = "drop"):
+    def count_flops(
+        self,
+        config: Any,
+        num_image_tokens: int,
+        text_len: int,
+        keep_ratios=None,
+        *,
+        batch: int = 1,
+        bottleneck: int = 64,
+        context: str = "drop",
+    ):
         """Analytic matmul FLOPs of one forward (``shiva_export.models.flops`` convention) -> ``FlopCount``;
         ``context`` is the routing's ``ShivaConfig.context`` (refused unless in :attr:`CONTEXT_MODES`)."""
         raise NotImplementedError
@@ -353,7 +387,9 @@ class ModelAdapter:
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """The offline tiny pipeline around ``transformer`` (seeded components from
         :mod:`shiva_export.models.components`)."""
-        raise ConfigError(f"architecture {self.NAME!r} has no offline embedded pipeline; pass --weights PATH (a diffusers pipeline folder).")
+        raise ConfigError(
+            f"architecture {self.NAME!r} has no offline embedded pipeline; pass --weights PATH (a diffusers pipeline folder)."
+        )
 
     def pipeline_index_extras(self, pipe) -> dict[str, Any]:
         """Entries ``save_pretrained`` does not write but ``from_pretrained`` needs in ``model_index.json``
@@ -372,12 +408,30 @@ class ModelAdapter:
         """Text tokens the transformer receives when the pipeline runs with ``max_sequence_length``."""
         return max_sequence_length
 
-    def pipeline_call(self, pipe, prompt: str, *, negative_prompt: str | None, steps: int, guidance: float, height: int | None,
-                      width: int | None, max_sequence_length: int | None, generator) -> dict[str, Any]:
+    def pipeline_call(
+        self,
+        pipe,
+        prompt: str,
+        *,
+        negative_prompt: str | None,
+        steps: int,
+        guidance: float,
+        height: int | None,
+        width: int | None,
+        max_sequence_length: int | None,
+        generator,
+    ) -> dict[str, Any]:
         """Keyword arguments of one text-to-image pipeline call (``output_type`` is added by the caller).
         Default: the ``prompt`` / ``negative_prompt`` / size / ``max_sequence_length`` interface of SD3-style pipelines."""
-        kw: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps, "guidance_scale": guidance,
-                              "height": height, "width": width, "generator": generator}
+        kw: dict[str, Any] = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "generator": generator,
+        }
         if max_sequence_length is not None:
             kw["max_sequence_length"] = max_sequence_length
         return kw
@@ -395,8 +449,11 @@ class ModelAdapter:
         bound arguments. Default: ``hidden_states`` ``[B, C, h, w]`` latents and ``encoder_hidden_states`` ``[B, T, C]``."""
         hs = call["hidden_states"]
         ehs = call.get("encoder_hidden_states")
-        return {"height": int(hs.shape[-2]) * VAE_SCALE, "width": int(hs.shape[-1]) * VAE_SCALE,
-                "text_len": int(ehs.shape[1]) if ehs is not None else None}
+        return {
+            "height": int(hs.shape[-2]) * VAE_SCALE,
+            "width": int(hs.shape[-1]) * VAE_SCALE,
+            "text_len": int(ehs.shape[1]) if ehs is not None else None,
+        }
 
     def static_inputs(self, config: Any, spec: InputSpec) -> dict[str, torch.Tensor]:
         """Forward arguments baked into the graph as constants (the extras of :meth:`make_inputs`, which the
@@ -408,17 +465,24 @@ class ModelAdapter:
     # -- cached training data (``shiva-export train-data``, ``train --data``: ``shiva_export.train.cached``) ---
     #: Cached text tensor -> the forward argument it feeds. A train-data shard holds these (per sample, no batch
     #: axis) plus ``latents``; ``null.safetensors`` holds them for the pipeline's unconditional input.
-    CACHE_TEXT_INPUTS: ClassVar[dict[str, str]] = {"prompt_embeds": "encoder_hidden_states", "pooled": "pooled_projections"}
+    CACHE_TEXT_INPUTS: ClassVar[dict[str, str]] = {
+        "prompt_embeds": "encoder_hidden_states",
+        "pooled": "pooled_projections",
+    }
     #: The training target: ``"flow"`` (rectified flow ``x_t = (1 - s) x0 + s eps``, ``s = t / 1000``, target
     #: ``eps - x0``: SD3, Flux) or ``"epsilon"`` (DDPM ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` with the
     #: :meth:`scheduler`'s ``alphas_cumprod``, target ``eps``: PixArt, DiT).
     PREDICTION: ClassVar[str] = "flow"
 
-    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    def encode_text_cache(
+        self, pipe, config: Any, prompts: list[str], text_len: int, device: str
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """The pipeline's own text encoding of ``prompts`` as the transformer (``config``) receives it with ``text_len`` text
         tokens: ``({key of CACHE_TEXT_INPUTS: [B, ...] CPU tensor}, prompts the encoders truncated)``. The prompt
         ``""`` encodes the unconditional input of classifier-free guidance. Abstract."""
-        raise ConfigError(f"architecture {self.NAME!r} declares no text encoding for cached training data. Train on synthetic inputs (omit --data).")
+        raise ConfigError(
+            f"architecture {self.NAME!r} declares no text encoding for cached training data. Train on synthetic inputs (omit --data)."
+        )
 
     def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
         """What a train-data manifest records about the text encoding (default: ``max_sequence_length``); raises
@@ -438,7 +502,10 @@ class ModelAdapter:
         """Per-sample shapes (no batch axis) of the cached tensors at ``spec``: ``latents`` as ``hidden_states``,
         each text tensor as the input it feeds."""
         shapes = self.input_shapes(transformer_config(config), spec)
-        return {"latents": tuple(shapes["hidden_states"][1:]), **{k: tuple(shapes[name][1:]) for k, name in self.CACHE_TEXT_INPUTS.items()}}
+        return {
+            "latents": tuple(shapes["hidden_states"][1:]),
+            **{k: tuple(shapes[name][1:]) for k, name in self.CACHE_TEXT_INPUTS.items()},
+        }
 
     def noised_latents(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, target)`` of clean latents ``x0`` and noise ``eps`` at timesteps ``t`` ``[B]`` on the 0..1000
@@ -465,7 +532,9 @@ class ModelAdapter:
         return output
 
     # -- loading ------------------------------------------------------------------------------------------
-    def from_pretrained(self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
+    def from_pretrained(
+        self, location: str, subfolder: str | None, dtype: torch.dtype, local_files_only: bool
+    ) -> nn.Module:
         """Loads real weights; a checkpoint with missing, unexpected or mismatched tensors is a load error
         (:class:`~shiva_export.errors.WeightsError`), never a model with freshly initialised parameters."""
         from diffusers.utils import logging as dlog
@@ -474,7 +543,11 @@ class ModelAdapter:
         dlog.set_verbosity_error()  # the "newly initialized" warning becomes the error below
         try:
             model, info = self.model_class().from_pretrained(
-                location, subfolder=subfolder, torch_dtype=dtype, local_files_only=local_files_only, output_loading_info=True
+                location,
+                subfolder=subfolder,
+                torch_dtype=dtype,
+                local_files_only=local_files_only,
+                output_loading_info=True,
             )
         finally:
             dlog.set_verbosity(level)
@@ -482,7 +555,9 @@ class ModelAdapter:
         for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
             bad = list(info.get(kind) or [])
             if bad:
-                names = ", ".join(str(b[0] if isinstance(b, (tuple, list)) else b) for b in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                names = ", ".join(str(b[0] if isinstance(b, (tuple, list)) else b) for b in bad[:3]) + (
+                    f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                )
                 raise WeightsError(
                     f"{where}: the checkpoint does not match {self.MODEL_CLASS} ({kind.replace('_', ' ')}: {names}); "
                     "nothing is exported from uninitialised parameters. Pass the complete folder written by save_pretrained."
@@ -498,7 +573,9 @@ _DISCOVERED = False
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     """Class decorator: registers one instance of an adapter under its ``MODEL_CLASS``."""
     if cls.MODEL_CLASS in _ADAPTERS and type(_ADAPTERS[cls.MODEL_CLASS]) is not cls:
-        raise ConfigError(f"Adapter for {cls.MODEL_CLASS} registered twice ({type(_ADAPTERS[cls.MODEL_CLASS]).__name__}, {cls.__name__}). Keep one.")
+        raise ConfigError(
+            f"Adapter for {cls.MODEL_CLASS} registered twice ({type(_ADAPTERS[cls.MODEL_CLASS]).__name__}, {cls.__name__}). Keep one."
+        )
     _ADAPTERS[cls.MODEL_CLASS] = cls()
     return cls
 
@@ -527,7 +604,9 @@ def supported_architectures() -> list[str]:
 
 
 def _unsupported(what: str) -> ConfigError:
-    return ConfigError(f"No Shiva adapter for {what}. Supported: {', '.join(supported_classes())}; adapters live in shiva_export/models/.")
+    return ConfigError(
+        f"No Shiva adapter for {what}. Supported: {', '.join(supported_classes())}; adapters live in shiva_export/models/."
+    )
 
 
 def adapter_for_architecture(name: str) -> ModelAdapter:
@@ -564,7 +643,9 @@ def get_adapter(obj: Any) -> ModelAdapter:
     if name is None:
         name = getattr(obj, "_class_name", None)
     if name is None:
-        raise ConfigError(f"Cannot tell the architecture of a {type(obj).__name__} without _class_name. Pass the transformer itself.")
+        raise ConfigError(
+            f"Cannot tell the architecture of a {type(obj).__name__} without _class_name. Pass the transformer itself."
+        )
     return get_adapter(str(name))
 
 
@@ -587,7 +668,9 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     ``sha256sum`` listing (``"<sha256>  <name>\\n"`` per file, sorted by name). No file: WeightsError."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
-        raise WeightsError(f"{folder} holds no *.safetensors weights. Pass the folder written by <Transformer>.save_pretrained.")
+        raise WeightsError(
+            f"{folder} holds no *.safetensors weights. Pass the folder written by <Transformer>.save_pretrained."
+        )
     digests = [(sha256_file_cached(f), f.name) for f in files]
     if len(digests) == 1:
         return digests[0][0]
@@ -627,7 +710,9 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.exists():
-            raise WeightsError(f"--weights folder does not exist: {p}. Pass a diffusers transformer folder (config.json + *.safetensors).")
+            raise WeightsError(
+                f"--weights folder does not exist: {p}. Pass a diffusers transformer folder (config.json + *.safetensors)."
+            )
         if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
             raise WeightsError(f"--weights is not a readable folder: {p}. Pass a diffusers transformer folder.")
         if (p / "config.json").is_file():
@@ -641,17 +726,23 @@ def load_transformer(*, recipe=None, weights: str | os.PathLike | None = None, d
             )
         cls_name = read_class_name(folder / sub if sub else folder)
         if cls_name is None:
-            raise WeightsError(f"--weights {p}: config.json has no _class_name. Pass a folder written by diffusers' save_pretrained.")
+            raise WeightsError(
+                f"--weights {p}: config.json has no _class_name. Pass a folder written by diffusers' save_pretrained."
+            )
         adapter = get_adapter(cls_name)
         if recipe is not None and recipe.architecture != adapter.NAME:
-            raise WeightsError(f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe.")
+            raise WeightsError(
+                f"--weights {p} holds a {cls_name}, but recipe {recipe.name!r} is for architecture {recipe.architecture!r}. Pass the matching --model or --recipe."
+            )
         check_weights_sha256(folder / sub if sub else folder, recipe)
         try:
             model = adapter.from_pretrained(str(folder), sub, td, True)
         except WeightsError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise WeightsError(f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?") from None
+            raise WeightsError(
+                f"Cannot load a {cls_name} from {p}: {str(err).splitlines()[0]}. Is it a diffusers transformer folder?"
+            ) from None
         get_adapter(model)
 
         check_finite(model.state_dict(), f"weights {folder / sub if sub else folder}", WeightsError)

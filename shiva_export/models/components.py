@@ -98,7 +98,6 @@ _CLIP_HEADS = (4, 2, 1)
 _T5 = {"num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 128}
 
 
-
 def import_pipeline_class(name: str = "StableDiffusion3Pipeline"):
     """Imports a diffusers pipeline class with transformers' import-time warnings (torchvision) silenced."""
     import transformers.utils.logging as tlog
@@ -237,8 +236,14 @@ def t5_encoder(tokenizer, d_model: int, seed: int):
         return T5EncoderModel(cfg).eval()
 
 
-def vae(seed: int, *, latent_channels: int = 16, scaling_factor: float = 1.5305, shift_factor: float | None = 0.0609,
-         quant_convs: bool = False):
+def vae(
+    seed: int,
+    *,
+    latent_channels: int = 16,
+    scaling_factor: float = 1.5305,
+    shift_factor: float | None = 0.0609,
+    quant_convs: bool = False,
+):
     """A 4-level ``AutoencoderKL`` (``vae_scale_factor`` 8) with the family's latent channels and scaling
     factors. Defaults are SD3's (16 channels, no quant convs)."""
     from diffusers import AutoencoderKL

@@ -39,7 +39,22 @@ from shiva_export.models.flops import assemble_count, router_terms
 __all__ = ["DiTAdapter", "TINY_LABELS"]
 
 #: Names of the first class ids of the offline tiny DiT pipeline (``dit-tiny``); the others are ``class <id>``.
-TINY_LABELS = ("cat", "dog", "bird", "fish", "horse", "cow", "tree", "flower", "house", "car", "boat", "mountain", "red cube", "blue ball")
+TINY_LABELS = (
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "horse",
+    "cow",
+    "tree",
+    "flower",
+    "house",
+    "car",
+    "boat",
+    "mountain",
+    "red cube",
+    "blue ball",
+)
 
 
 #: DoRA targets (peft regex, full-name match): self-attention and FFN linears of each block.
@@ -74,7 +89,9 @@ class DiTAdapter(ModelAdapter):
 
     def install_routing(self, transformer: nn.Module) -> None:
         if any(getattr(b, "pos_embed", None) is not None for b in transformer.transformer_blocks):
-            raise ConfigError("a DiT block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed.")
+            raise ConfigError(
+                "a DiT block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed."
+            )
         install_overrides(transformer, transformer.transformer_blocks, _routed_block_forward)
         add_hook(transformer, "", _capture_call, "pre")
 
@@ -84,7 +101,9 @@ class DiTAdapter(ModelAdapter):
     def check_image_size(self, config: Any, height: int, width: int) -> None:
         super().check_image_size(config, height, width)
         if height != width:
-            raise ShapeError(f"--height {height} != --width {width}; DiT's output reshape assumes square images. Use equal sizes.")
+            raise ShapeError(
+                f"--height {height} != --width {width}; DiT's output reshape assumes square images. Use equal sizes."
+            )
 
     def input_names(self, config: Any) -> tuple[str, ...]:
         return ("hidden_states", "timestep", "class_labels")
@@ -95,14 +114,32 @@ class DiTAdapter(ModelAdapter):
     def input_shapes(self, config: Any, spec: InputSpec) -> dict[str, tuple[int, ...]]:
         cfg = transformer_config(config)
         b = spec.model_batch
-        return {"hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE), "timestep": (b,), "class_labels": (b,)}
+        return {
+            "hidden_states": (b, cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE),
+            "timestep": (b,),
+            "class_labels": (b,),
+        }
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
         cfg = transformer_config(config)
-        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+        return (
+            spec.model_batch,
+            cfg.out_channels or cfg.in_channels,
+            spec.height // VAE_SCALE,
+            spec.width // VAE_SCALE,
+        )
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
-                    context: str = "drop"):
+    def count_flops(
+        self,
+        config: Any,
+        num_image_tokens: int,
+        text_len: int,
+        keep_ratios=None,
+        *,
+        batch: int = 1,
+        bottleneck: int = 64,
+        context: str = "drop",
+    ):
         """DiT terms: per image token 12 D^2 plus self-attention ``2*2*k^2*D``; every block's adaLN-Zero embedder
         (t MLP + 6D modulation) is per sample; a routed block runs its embedder once more for the router's temb.
         ``text_len`` is ignored (no text)."""
@@ -131,7 +168,10 @@ class DiTAdapter(ModelAdapter):
                 b["router.context"] += t_mlp  # the block's own norm1.emb(t, y), recomputed for the router
             return b
 
-        notes = ("2 FLOPs per multiply-add; matrix products only", "class embedding lookups, norms, modulation, activations, softmax not counted")
+        notes = (
+            "2 FLOPs per multiply-add; matrix products only",
+            "class embedding lookups, norms, modulation, activations, softmax not counted",
+        )
         return assemble_count(int(c["num_layers"]), N, 1, keep_ratios, B, bottleneck, model, block, notes)
 
     # -- the diffusers pipeline (DiTPipeline: class-conditional, no text) -----------------------------------
@@ -143,7 +183,13 @@ class DiTAdapter(ModelAdapter):
         cfg = transformer.config
         n = int(cfg.num_embeds_ada_norm)
         id2label = {i: (TINY_LABELS[i] if i < len(TINY_LABELS) else f"class {i}") for i in range(n)}
-        vae = C.vae(recipe.pipeline.seed + C.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.18215, shift_factor=None, quant_convs=True)
+        vae = C.vae(
+            recipe.pipeline.seed + C.SEED_VAE,
+            latent_channels=int(cfg.in_channels),
+            scaling_factor=0.18215,
+            shift_factor=None,
+            quant_convs=True,
+        )
         return self.pipeline_class()(transformer=transformer, vae=vae, scheduler=_scheduler(), id2label=id2label)
 
     def pipeline_index_extras(self, pipe) -> dict[str, Any]:
@@ -168,7 +214,9 @@ class DiTAdapter(ModelAdapter):
         if text.lstrip("-").isdigit():
             i = int(text)
             if not 0 <= i < n:
-                raise ConfigError(f"--prompt {prompt!r}: class id {i} is out of range; DiT takes class ids 0..{n - 1} (or a class label).")
+                raise ConfigError(
+                    f"--prompt {prompt!r}: class id {i} is out of range; DiT takes class ids 0..{n - 1} (or a class label)."
+                )
             return i
         labels = getattr(pipe, "labels", {}) or {}
         if text not in labels:
@@ -185,18 +233,24 @@ class DiTAdapter(ModelAdapter):
     def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
         return {}  # no text encoder
 
-    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    def encode_text_cache(
+        self, pipe, config: Any, prompts: list[str], text_len: int, device: str
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """Class ids (:meth:`class_id`: an id or a label of the pipeline) as ``class_labels`` (int64, no axis per sample);
         the empty prompt is the null class ``num_embeds_ada_norm``, the unconditional input of DiT's CFG."""
         n = int(transformer_config(config).num_embeds_ada_norm)
         ids = [n if not p.strip() else self.class_id(pipe, p, num_classes=n) for p in prompts]
         return {"class_labels": torch.tensor(ids, dtype=torch.int64)}, 0
 
-    def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
+    def pipeline_call(
+        self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator
+    ):
         """``DiTPipeline(class_labels=[id], guidance_scale=, ...)``: the prompt is a class label or id; the size is
         the transformer's ``sample_size`` (the pipeline takes no height/width); CFG uses the null class 1000."""
         if negative_prompt is not None:
-            raise ConfigError(f"--negative-prompt {negative_prompt!r}: DiT is class-conditional; its CFG uses the null class, so drop --negative-prompt.")
+            raise ConfigError(
+                f"--negative-prompt {negative_prompt!r}: DiT is class-conditional; its CFG uses the null class, so drop --negative-prompt."
+            )
         n = int(pipe.transformer.config.num_embeds_ada_norm)
         if guidance > 1.0 and n != 1000:
             raise ConfigError(
@@ -206,10 +260,24 @@ class DiTAdapter(ModelAdapter):
         side = int(pipe.transformer.config.sample_size) * VAE_SCALE
         for name, v in (("height", height), ("width", width)):
             if v is not None and v != side:
-                raise ShapeError(f"--{name} {v}: DiTPipeline generates at the transformer's sample_size, {side} px; drop --{name} or use {side}.")
-        return {"class_labels": [self.class_id(pipe, prompt)], "guidance_scale": guidance, "num_inference_steps": steps, "generator": generator}
+                raise ShapeError(
+                    f"--{name} {v}: DiTPipeline generates at the transformer's sample_size, {side} px; drop --{name} or use {side}."
+                )
+        return {
+            "class_labels": [self.class_id(pipe, prompt)],
+            "guidance_scale": guidance,
+            "num_inference_steps": steps,
+            "generator": generator,
+        }
 
-    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self,
+        config: Any,
+        spec: InputSpec,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        timestep: float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``DiTPipeline`` feeds them: latents, float timestep in 0..1000, int64 class labels;
         with CFG ``[cond; uncond]`` halves sharing latent and timestep, the uncond half the null class."""
         cfg = transformer_config(config)
@@ -234,21 +302,39 @@ def _capture_call(module: nn.Module, args: tuple, kwargs: dict):
     return None
 
 
-def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                          timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+def _routed_block_forward(
+    block,
+    hidden_states,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    timestep=None,
+    cross_attention_kwargs=None,
+    class_labels=None,
+    added_cond_kwargs=None,
+):
     """A routed DiT block: context from the block's own ``norm1.emb(t, y)``, top-k, the unmodified block on
     the kept tokens, scatter back."""
     owner, index, state, config = block_context(block)
     if attention_mask is not None:
-        raise ConfigError("a routed DiT block got an attention_mask, which would need gathering. Call the transformer without one.")
+        raise ConfigError(
+            "a routed DiT block got an attention_mask, which would need gathering. Call the transformer without one."
+        )
     emb = block.norm1.emb
     temb = emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
     pooled = emb.class_embedder(class_labels)
 
     def run(kept, idx, rows=None):
-        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=rows_of(encoder_hidden_states, rows),
-                                  encoder_attention_mask=rows_of(encoder_attention_mask, rows), timestep=rows_of(timestep, rows),
-                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=rows_of(class_labels, rows))
+        out = type(block).forward(
+            block,
+            kept,
+            attention_mask=None,
+            encoder_hidden_states=rows_of(encoder_hidden_states, rows),
+            encoder_attention_mask=rows_of(encoder_attention_mask, rows),
+            timestep=rows_of(timestep, rows),
+            cross_attention_kwargs=cross_attention_kwargs,
+            class_labels=rows_of(class_labels, rows),
+        )
         return None, out
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]
@@ -259,4 +345,6 @@ def _scheduler():
     the one training cuts learned phases on."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )

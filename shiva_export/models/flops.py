@@ -137,13 +137,29 @@ def router_terms(batch: int, n: int, hidden: int, pooled: int, bottleneck: int) 
 
 def check_counts(num_image_tokens: int, text_len: int, batch: int, bottleneck: int) -> None:
     """ShapeError unless every count is an integer >= 1."""
-    for name, v in (("num_image_tokens", num_image_tokens), ("text_len", text_len), ("batch", batch), ("bottleneck", bottleneck)):
+    for name, v in (
+        ("num_image_tokens", num_image_tokens),
+        ("text_len", text_len),
+        ("batch", batch),
+        ("bottleneck", bottleneck),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ShapeError(f"{name} for FLOP counting is {v!r}. It must be an integer >= 1. Pass a positive token/batch count.")
+            raise ShapeError(
+                f"{name} for FLOP counting is {v!r}. It must be an integer >= 1. Pass a positive token/batch count."
+            )
 
 
-def assemble_count(num_blocks: int, num_image_tokens: int, text_len: int, keep_ratios, batch: int, bottleneck: int,
-                   model_terms: dict[str, int], block_terms, notes: tuple[str, ...] = ()) -> FlopCount:
+def assemble_count(
+    num_blocks: int,
+    num_image_tokens: int,
+    text_len: int,
+    keep_ratios,
+    batch: int,
+    bottleneck: int,
+    model_terms: dict[str, int],
+    block_terms,
+    notes: tuple[str, ...] = (),
+) -> FlopCount:
     """Builds a :class:`FlopCount` for a non-SD3 adapter.
 
     Args:
@@ -154,7 +170,9 @@ def assemble_count(num_blocks: int, num_image_tokens: int, text_len: int, keep_r
     N = num_image_tokens
     keeps = (None,) * num_blocks if keep_ratios is None else tuple(keep_ratios)
     if len(keeps) != num_blocks:
-        raise ConfigError(f"keep_ratios has {len(keeps)} entries for a {num_blocks}-block model. Give one per block (None = dense). Fix the schedule.")
+        raise ConfigError(
+            f"keep_ratios has {len(keeps)} entries for a {num_blocks}-block model. Give one per block (None = dense). Fix the schedule."
+        )
     kept = tuple(N if r is None else static_k(N, r) for r in keeps)
     terms = dict(model_terms)
     blocks = []

@@ -96,8 +96,17 @@ class FluxAdapter(ModelAdapter):
     def router_dims(self, transformer: nn.Module) -> tuple[int, int]:
         return int(transformer.inner_dim), int(transformer.config.pooled_projection_dim)
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
-                    context: str = "drop"):
+    def count_flops(
+        self,
+        config: Any,
+        num_image_tokens: int,
+        text_len: int,
+        keep_ratios=None,
+        *,
+        batch: int = 1,
+        bottleneck: int = 64,
+        context: str = "drop",
+    ):
         self.check_context(context)
         return _flux_flops(self, config, num_image_tokens, text_len, keep_ratios, batch, bottleneck)
 
@@ -110,7 +119,14 @@ class FluxAdapter(ModelAdapter):
 
         sigmas = np.linspace(1.0, 1.0 / steps, steps)
         if transformer_config(config).guidance_embeds:
-            sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+            sched = FlowMatchEulerDiscreteScheduler(
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
+            )
             m = (1.15 - 0.5) / (4096 - 256)
             sched.set_timesteps(sigmas=sigmas, mu=num_image_tokens * m + (0.5 - m * 256))
         else:
@@ -154,9 +170,20 @@ class FluxAdapter(ModelAdapter):
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
         cfg = transformer_config(config)
-        return (spec.model_batch, self.num_image_tokens(cfg, spec.height, spec.width), cfg.out_channels or cfg.in_channels)
+        return (
+            spec.model_batch,
+            self.num_image_tokens(cfg, spec.height, spec.width),
+            cfg.out_channels or cfg.in_channels,
+        )
 
-    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self,
+        config: Any,
+        spec: InputSpec,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        timestep: float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``FluxPipeline`` feeds them: packed latents, T5 states, pooled CLIP, ``timestep``
         in [0, 1] (``timestep`` here is on the 0..1000 scale of the other adapters and divided by 1000),
         ``guidance`` 3.5 on dev, and the static ``img_ids`` ([N, 3]: 0, row, col) / ``txt_ids`` (zeros [T, 3])."""
@@ -196,7 +223,9 @@ class FluxAdapter(ModelAdapter):
     def check_embedded_recipe(self, recipe) -> None:
         c = int((recipe.model.config or {}).get("in_channels", 64))
         if c % 4:
-            raise RecipeError(f"{recipe.source_path}: model.config.in_channels = {c} is not 4 x VAE channels (FluxPipeline packs 2x2 latents); use a multiple of 4.")
+            raise RecipeError(
+                f"{recipe.source_path}: model.config.in_channels = {c} is not 4 x VAE channels (FluxPipeline packs 2x2 latents); use a multiple of 4."
+            )
 
     def embedded_pipeline(self, transformer: nn.Module, recipe):
         """CLIP (``CLIPTextModel``: its pooled output is ``pooled_projections``, so hidden = pooled_projection_dim),
@@ -210,30 +239,60 @@ class FluxAdapter(ModelAdapter):
         clip = C.clip_text_model(tok, int(cfg.pooled_projection_dim), seed + C.SEED_CLIP1)
         tok2 = C.t5_tokenizer()
         t5 = C.t5_encoder(tok2, int(cfg.joint_attention_dim), seed + C.SEED_T5)
-        vae = C.vae(seed + C.SEED_VAE, latent_channels=int(cfg.in_channels) // 4, scaling_factor=0.3611, shift_factor=0.1159)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift, use_dynamic_shifting=True,
-                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-        return self.pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
-                                     transformer=transformer)
+        vae = C.vae(
+            seed + C.SEED_VAE, latent_channels=int(cfg.in_channels) // 4, scaling_factor=0.3611, shift_factor=0.1159
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=recipe.pipeline.scheduler_shift,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        return self.pipeline_class()(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=clip,
+            tokenizer=tok,
+            text_encoder_2=t5,
+            tokenizer_2=tok2,
+            transformer=transformer,
+        )
 
-    def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
+    def pipeline_call(
+        self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator
+    ):
         """``FluxPipeline``: guidance is the distilled embedding (``guidance_scale``), one transformer call per step."""
         if negative_prompt is not None:
             raise ConfigError(
                 f"--negative-prompt {negative_prompt!r}: FluxPipeline uses a negative prompt only for true CFG (true_cfg_scale > 1, a second "
                 "transformer call per step), which this runtime does not run; drop --negative-prompt (--guidance is Flux's guidance embedding)."
             )
-        return {"prompt": prompt, "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
-                "generator": generator, "max_sequence_length": max_sequence_length}
+        return {
+            "prompt": prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "generator": generator,
+            "max_sequence_length": max_sequence_length,
+        }
 
     def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
         return {"max_sequence_length": text_len, "clip_max_length": int(pipe.tokenizer.model_max_length)}
 
-    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    def encode_text_cache(
+        self, pipe, config: Any, prompts: list[str], text_len: int, device: str
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """``FluxPipeline.encode_prompt``: T5 ``prompt_embeds [T, J]`` (T = ``max_sequence_length``) and pooled CLIP
         ``pooled [P]``; a prompt counts as truncated when it exceeds CLIP's window or the T5 length."""
         clip = int(pipe.tokenizer.model_max_length)
-        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > clip or len(pipe.tokenizer_2(t).input_ids) > text_len) for t in prompts)
+        truncated = sum(
+            int(len(pipe.tokenizer(t).input_ids) > clip or len(pipe.tokenizer_2(t).input_ids) > text_len)
+            for t in prompts
+        )
         pe, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=text_len)
         return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}, truncated
 
@@ -250,9 +309,13 @@ class FluxAdapter(ModelAdapter):
             ids = ids.reshape(-1, ids.shape[-1])
             rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         else:
-            rows = cols = int(round(n ** 0.5))
+            rows = cols = int(round(n**0.5))
         ehs = call.get("encoder_hidden_states")
-        return {"height": rows * FLUX_PATCH_PX, "width": cols * FLUX_PATCH_PX, "text_len": int(ehs.shape[1]) if ehs is not None else None}
+        return {
+            "height": rows * FLUX_PATCH_PX,
+            "width": cols * FLUX_PATCH_PX,
+            "text_len": int(ehs.shape[1]) if ehs is not None else None,
+        }
 
     @contextlib.contextmanager
     def export_context(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]):
@@ -280,17 +343,23 @@ def _capture_context(module: nn.Module, args: tuple, kwargs: dict):
     return None
 
 
-def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None, joint_attention_kwargs=None):
+def _routed_block_forward(
+    block, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None, joint_attention_kwargs=None
+):
     """A routed Flux block (double or single): top-k over image tokens, gather tokens and their RoPE rows,
     the unmodified diffusers block on ``[all text; kept image]``, scatter back (rejected tokens unchanged)."""
     owner, index, state, config = block_context(block)
     pooled = state.call.get("pooled")
     if pooled is None:
-        raise ConfigError("a routed Flux block needs pooled_projections; call the transformer with pooled_projections=.")
+        raise ConfigError(
+            "a routed Flux block needs pooled_projections; call the transformer with pooled_projections=."
+        )
 
     def run(kept, idx, rows=None):
         rope = image_rotary_emb
-        if rope is not None and idx is not None:  # text rows whole, then the kept image tokens' rows (shared=True: one idx for all rows)
+        if (
+            rope is not None and idx is not None
+        ):  # text rows whole, then the kept image tokens' rows (shared=True: one idx for all rows)
             t_len = int(encoder_hidden_states.shape[1])
             rope = tuple(torch.cat([r[:t_len], r[t_len:].index_select(0, idx[0])], dim=0) for r in rope)
         return type(block).forward(
@@ -347,7 +416,9 @@ def _flux_flops(adapter: FluxAdapter, config: Any, n: int, t_len: int, keep_rati
             b.update(router_terms(B, N, D, P, bottleneck))
         return b
 
-    notes = ("2 FLOPs per multiply-add; matrix products only", "RoPE, norms, modulation, activations and softmax not counted",
-             "double blocks: separate text/image weights; single blocks: all linears over [text; kept image]")
+    notes = (
+        "2 FLOPs per multiply-add; matrix products only",
+        "RoPE, norms, modulation, activations and softmax not counted",
+        "double blocks: separate text/image weights; single blocks: all linears over [text; kept image]",
+    )
     return assemble_count(n_double + n_single, N, T, keep_ratios, B, bottleneck, model, block, notes)
-

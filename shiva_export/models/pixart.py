@@ -88,11 +88,17 @@ class PixArtAdapter(ModelAdapter):
 
     def install_routing(self, transformer: nn.Module) -> None:
         if _additional_conditions(transformer.config):
-            raise ConfigError("PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint.")
+            raise ConfigError(
+                "PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint."
+            )
         if any(getattr(b, "pos_embed", None) is not None for b in transformer.transformer_blocks):
-            raise ConfigError("a PixArt block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed.")
+            raise ConfigError(
+                "a PixArt block has a sequence-index pos_embed, which breaks under token gathering. Use a checkpoint without block pos_embed."
+            )
         if transformer.caption_projection is None:
-            raise ConfigError("PixArt without caption_projection (caption_channels=None) has no text context for the router. Set caption_channels.")
+            raise ConfigError(
+                "PixArt without caption_projection (caption_channels=None) has no text context for the router. Set caption_channels."
+            )
         install_overrides(transformer, transformer.transformer_blocks, _routed_block_forward)
         add_hook(transformer, "", _capture_call, "pre")
         add_hook(transformer, "adaln_single", _capture_temb, "post")
@@ -119,14 +125,28 @@ class PixArtAdapter(ModelAdapter):
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
         cfg = transformer_config(config)
-        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+        return (
+            spec.model_batch,
+            cfg.out_channels or cfg.in_channels,
+            spec.height // VAE_SCALE,
+            spec.width // VAE_SCALE,
+        )
 
-    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self,
+        config: Any,
+        spec: InputSpec,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        timestep: float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Seeded inputs as ``PixArtSigmaPipeline`` feeds them: latents, T5 states with an int64 padding mask
         (each prompt a different length, the uncond half of a CFG pair its own), float timestep in 0..1000."""
         cfg = transformer_config(config)
         if _additional_conditions(cfg):
-            raise ConfigError("PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint.")
+            raise ConfigError(
+                "PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not supported yet. Use a PixArt-Sigma checkpoint."
+            )
         g = torch.Generator(device="cpu").manual_seed(seed)
         shapes = self.input_shapes(cfg, spec)
         half, b, t_len = spec.batch, spec.model_batch, spec.text_len
@@ -137,7 +157,12 @@ class PixArtAdapter(ModelAdapter):
         t = torch.rand((half,), generator=g) * 1000.0 if timestep is None else torch.full((half,), float(timestep))
         if spec.cfg:
             lat, t = torch.cat([lat, lat]), torch.cat([t, t])
-        return {"hidden_states": lat.to(dtype), "encoder_hidden_states": txt.to(dtype), "encoder_attention_mask": mask, "timestep": t.float()}
+        return {
+            "hidden_states": lat.to(dtype),
+            "encoder_hidden_states": txt.to(dtype),
+            "encoder_attention_mask": mask,
+            "timestep": t.float(),
+        }
 
     # -- the diffusers pipeline (PixArtSigmaPipeline) ------------------------------------------------------
     def embedded_pipeline(self, transformer: nn.Module, recipe):
@@ -148,29 +173,61 @@ class PixArtAdapter(ModelAdapter):
         seed = recipe.pipeline.seed
         tok = C.t5_tokenizer()
         t5 = C.t5_encoder(tok, int(cfg.caption_channels), seed + C.SEED_T5)
-        vae = C.vae(seed + C.SEED_VAE, latent_channels=int(cfg.in_channels), scaling_factor=0.13025, shift_factor=None, quant_convs=True)
-        return self.pipeline_class()(tokenizer=tok, text_encoder=t5, vae=vae, transformer=transformer, scheduler=_scheduler())
+        vae = C.vae(
+            seed + C.SEED_VAE,
+            latent_channels=int(cfg.in_channels),
+            scaling_factor=0.13025,
+            shift_factor=None,
+            quant_convs=True,
+        )
+        return self.pipeline_class()(
+            tokenizer=tok, text_encoder=t5, vae=vae, transformer=transformer, scheduler=_scheduler()
+        )
 
     CACHE_TEXT_INPUTS = {"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"}
     PREDICTION = "epsilon"  # DDPM noise (plus the learned-variance half of the output, not trained here)
 
-    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    def encode_text_cache(
+        self, pipe, config: Any, prompts: list[str], text_len: int, device: str
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """``PixArtSigmaPipeline.encode_prompt`` (T5, no caption cleaning, as ``pipeline_call``): ``prompt_embeds [T, C]``
         and its padding mask ``prompt_attention_mask [T]`` (int64); truncated: prompts longer than ``text_len`` tokens."""
         truncated = sum(int(len(pipe.tokenizer(t).input_ids) > text_len) for t in prompts)
-        pe, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=text_len)
+        pe, mask, _, _ = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=text_len
+        )
         return {"prompt_embeds": pe.float().cpu(), "prompt_attention_mask": mask.long().cpu()}, truncated
 
-    def pipeline_call(self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator):
+    def pipeline_call(
+        self, pipe, prompt, *, negative_prompt, steps, guidance, height, width, max_sequence_length, generator
+    ):
         """``PixArtSigmaPipeline``: no aspect-ratio binning (it would move the size off the static graph's, and
         it knows only sample sizes 32..256), no caption cleaning (needs bs4/ftfy); the negative prompt
         defaults to ``""`` as in the pipeline."""
-        kw = super().pipeline_call(pipe, prompt, negative_prompt="" if negative_prompt is None else negative_prompt, steps=steps,
-                                   guidance=guidance, height=height, width=width, max_sequence_length=max_sequence_length, generator=generator)
+        kw = super().pipeline_call(
+            pipe,
+            prompt,
+            negative_prompt="" if negative_prompt is None else negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            max_sequence_length=max_sequence_length,
+            generator=generator,
+        )
         return kw | {"use_resolution_binning": False, "clean_caption": False}
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
-                    context: str = "drop"):
+    def count_flops(
+        self,
+        config: Any,
+        num_image_tokens: int,
+        text_len: int,
+        keep_ratios=None,
+        *,
+        batch: int = 1,
+        bottleneck: int = 64,
+        context: str = "drop",
+    ):
         """PixArt terms: per image token 14 D^2 (self-attn q/k/v/out 4, cross-attn q/out 2, FF 8); the cross-
         attention K/V over the T caption tokens are constant; self-attention ``2*2*k^2*D`` is quadratic in k."""
         self.check_context(context)
@@ -200,8 +257,11 @@ class PixArtAdapter(ModelAdapter):
                 b.update(router_terms(B, N, D, D, bottleneck))
             return b
 
-        notes = ("2 FLOPs per multiply-add; matrix products only", "adaLN-single modulation (scale_shift_table), norms, activations, softmax not counted",
-                 "the router's masked caption mean is elementwise (not counted)")
+        notes = (
+            "2 FLOPs per multiply-add; matrix products only",
+            "adaLN-single modulation (scale_shift_table), norms, activations, softmax not counted",
+            "the router's masked caption mean is elementwise (not counted)",
+        )
         return assemble_count(int(c["num_layers"]), N, T, keep_ratios, B, bottleneck, model, block, notes)
 
     def onnx_translations(self) -> dict:
@@ -247,21 +307,41 @@ def _capture_pooled(module: nn.Module, args, output):
     state.call["pooled"] = pooled
 
 
-def _routed_block_forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                          timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+def _routed_block_forward(
+    block,
+    hidden_states,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    timestep=None,
+    cross_attention_kwargs=None,
+    class_labels=None,
+    added_cond_kwargs=None,
+):
     """A routed PixArt block: top-k over image tokens, the unmodified block on the kept tokens (all caption
     tokens as cross-attention K/V), scatter back."""
     owner, index, state, config = block_context(block)
     if attention_mask is not None:
-        raise ConfigError("a routed PixArt block got a self-attention attention_mask, which would need gathering. Call the transformer with attention_mask=None.")
+        raise ConfigError(
+            "a routed PixArt block got a self-attention attention_mask, which would need gathering. Call the transformer with attention_mask=None."
+        )
     temb, pooled = state.call.get("temb"), state.call.get("pooled")
     if temb is None or pooled is None:
-        raise ConfigError("a routed PixArt block ran without the captured timestep/caption context. Call the transformer with encoder_hidden_states and timestep.")
+        raise ConfigError(
+            "a routed PixArt block ran without the captured timestep/caption context. Call the transformer with encoder_hidden_states and timestep."
+        )
 
     def run(kept, idx, rows=None):
-        out = type(block).forward(block, kept, attention_mask=None, encoder_hidden_states=rows_of(encoder_hidden_states, rows),
-                                  encoder_attention_mask=rows_of(encoder_attention_mask, rows), timestep=rows_of(timestep, rows),
-                                  cross_attention_kwargs=cross_attention_kwargs, class_labels=rows_of(class_labels, rows))
+        out = type(block).forward(
+            block,
+            kept,
+            attention_mask=None,
+            encoder_hidden_states=rows_of(encoder_hidden_states, rows),
+            encoder_attention_mask=rows_of(encoder_attention_mask, rows),
+            timestep=rows_of(timestep, rows),
+            cross_attention_kwargs=cross_attention_kwargs,
+            class_labels=rows_of(class_labels, rows),
+        )
         return None, out
 
     return route_tokens(owner, index, state, config, hidden_states, temb, pooled, run)[1]
@@ -272,4 +352,6 @@ def _scheduler():
     training cuts learned phases on."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"
+    )

@@ -139,7 +139,9 @@ class SD3Adapter(ModelAdapter):
 
         for block in self.blocks(transformer):
             if block.context_pre_only:
-                HookRegistry.check_if_exists_or_initialize(block).register_hook(_text_passthrough_hook(), CACHE_FIX_HOOK)
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                    _text_passthrough_hook(), CACHE_FIX_HOOK
+                )
 
     @staticmethod
     def block_context_kv(block: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,13 +178,36 @@ class SD3Adapter(ModelAdapter):
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
         cfg = transformer_config(config)
-        return (spec.model_batch, cfg.out_channels or cfg.in_channels, spec.height // VAE_SCALE, spec.width // VAE_SCALE)
+        return (
+            spec.model_batch,
+            cfg.out_channels or cfg.in_channels,
+            spec.height // VAE_SCALE,
+            spec.width // VAE_SCALE,
+        )
 
-    def count_flops(self, config: Any, num_image_tokens: int, text_len: int, keep_ratios=None, *, batch: int = 1, bottleneck: int = 64,
-                    context: str = "drop"):
-        return count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck, context=context)
+    def count_flops(
+        self,
+        config: Any,
+        num_image_tokens: int,
+        text_len: int,
+        keep_ratios=None,
+        *,
+        batch: int = 1,
+        bottleneck: int = 64,
+        context: str = "drop",
+    ):
+        return count_flops(
+            config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck, context=context
+        )
 
-    def make_inputs(self, config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+    def make_inputs(
+        self,
+        config: Any,
+        spec: InputSpec,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        timestep: float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Seeded random inputs (``timestep`` stays float32, in 0..1000). With CFG the uncond half's text
         embedding differs from the cond half's (as in a real pipeline), and both halves share the latent
         and timestep."""
@@ -217,7 +242,9 @@ class SD3Adapter(ModelAdapter):
         got = getattr(pipe.tokenizer, "model_max_length", None)
         want = recipe.pipeline.clip_max_length
         if got is not None and got != want and recipe.model.source in ("embedded", "local"):
-            raise ConfigError(f"{recipe.source_path}: pipeline.clip_max_length = {want} but the pipeline's CLIP tokenizer takes {got}; fix the recipe.")
+            raise ConfigError(
+                f"{recipe.source_path}: pipeline.clip_max_length = {want} but the pipeline's CLIP tokenizer takes {got}; fix the recipe."
+            )
 
     def max_sequence_length(self, pipe, text_len: int) -> int | None:
         """T5 tokens: the transformer's text is CLIP ``model_max_length`` + T5 ``max_sequence_length`` tokens."""
@@ -233,15 +260,25 @@ class SD3Adapter(ModelAdapter):
         return pipe.tokenizer.model_max_length + int(max_sequence_length or 0)
 
     def text_cache_info(self, pipe, text_len: int) -> dict[str, Any]:
-        return {"max_sequence_length": self.max_sequence_length(pipe, text_len), "clip_max_length": int(pipe.tokenizer.model_max_length)}
+        return {
+            "max_sequence_length": self.max_sequence_length(pipe, text_len),
+            "clip_max_length": int(pipe.tokenizer.model_max_length),
+        }
 
-    def encode_text_cache(self, pipe, config: Any, prompts: list[str], text_len: int, device: str) -> tuple[dict[str, torch.Tensor], int]:
+    def encode_text_cache(
+        self, pipe, config: Any, prompts: list[str], text_len: int, device: str
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """``pipe.encode_prompt`` (CLIP x2 + T5): ``prompt_embeds [T, J]``, ``pooled [P]``; a prompt counts as truncated
         when it exceeds CLIP's window or the T5 length (encode_prompt cuts it, as at inference)."""
         max_seq, clip = self.max_sequence_length(pipe, text_len), int(pipe.tokenizer.model_max_length)
         t5 = getattr(pipe, "tokenizer_3", None)
-        truncated = sum(int(len(pipe.tokenizer(t).input_ids) > clip or (t5 is not None and len(t5(t).input_ids) > max_seq)) for t in prompts)
-        pe, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_seq)
+        truncated = sum(
+            int(len(pipe.tokenizer(t).input_ids) > clip or (t5 is not None and len(t5(t).input_ids) > max_seq))
+            for t in prompts
+        )
+        pe, _, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, do_classifier_free_guidance=False, max_sequence_length=max_seq
+        )
         return {"prompt_embeds": pe.float().cpu(), "pooled": pooled.float().cpu()}, truncated
 
     def embedded_pipeline(self, transformer: nn.Module, recipe):
@@ -271,10 +308,16 @@ class SD3Adapter(ModelAdapter):
         vae = C.vae(seed + C.SEED_VAE)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=recipe.pipeline.scheduler_shift)
         return self.pipeline_class()(
-            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip1, tokenizer=tok1, text_encoder_2=clip2,
-            tokenizer_2=tok2, text_encoder_3=t5, tokenizer_3=tok3,
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=clip1,
+            tokenizer=tok1,
+            text_encoder_2=clip2,
+            tokenizer_2=tok2,
+            text_encoder_3=t5,
+            tokenizer_3=tok3,
         )
-
 
 
 _ADAPTER = SD3Adapter
@@ -298,7 +341,9 @@ def _text_passthrough_hook():
 def check_supported(transformer: nn.Module) -> None:
     """Raises a one-line :class:`ConfigError` unless ``transformer`` is an ``SD3Transformer2DModel``."""
     if not isinstance(get_adapter(transformer), SD3Adapter):
-        raise ConfigError(f"Expected an SD3Transformer2DModel, got {type(transformer).__name__}. Use the matching --model.")
+        raise ConfigError(
+            f"Expected an SD3Transformer2DModel, got {type(transformer).__name__}. Use the matching --model."
+        )
 
 
 def check_image_size(config: Any, height: int, width: int) -> None:
@@ -310,7 +355,9 @@ def num_image_tokens(config: Any, height: int, width: int) -> int:
     return SD3Adapter().num_image_tokens(config, height, width)
 
 
-def make_inputs(config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None) -> dict[str, torch.Tensor]:
+def make_inputs(
+    config: Any, spec: InputSpec, seed: int = 0, dtype: torch.dtype = torch.float32, timestep: float | None = None
+) -> dict[str, torch.Tensor]:
     return SD3Adapter().make_inputs(config, spec, seed, dtype, timestep)
 
 
@@ -348,7 +395,9 @@ def _routed_block_forward(block, hidden_states, encoder_hidden_states=None, temb
 
     def run(kept, idx, rows=None):
         kwargs = joint_attention_kwargs
-        if config.context == "keep" and kept.shape[1] < hidden_states.shape[1]:  # static: at k = N the kept set is the context
+        if (
+            config.context == "keep" and kept.shape[1] < hidden_states.shape[1]
+        ):  # static: at k = N the kept set is the context
             ctx = SD3Adapter.block_context_kv(block, rows_of(hidden_states, rows), rows_of(temb, rows))
             kwargs = {**(joint_attention_kwargs or {}), _CONTEXT_KWARG: ctx}
         return type(block).forward(
@@ -393,9 +442,13 @@ class _ContextKVProcessor:
     def __init__(self, inner: Any, name: str):
         self.inner, self.name = inner, name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, shiva_context=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, shiva_context=None, **kwargs
+    ):
         target = attn if shiva_context is None else _KVFrom(attn, shiva_context[self.name])
-        return self.inner(target, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs)
+        return self.inner(
+            target, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+        )
 
 
 def _attentions(transformer: nn.Module):
@@ -555,7 +608,9 @@ def _read_config(config: Any) -> _Arch:
         ) from None
     for name in ("hidden", "num_layers", "pooled", "joint", "caption", "patch", "in_channels", "out_channels"):
         if getattr(arch, name) < 1:
-            raise ConfigError(f"SD3 transformer config field {name} is {getattr(arch, name)}. It must be >= 1. Fix the config.")
+            raise ConfigError(
+                f"SD3 transformer config field {name} is {getattr(arch, name)}. It must be >= 1. Fix the config."
+            )
     bad = sorted(i for i in arch.dual if not 0 <= i < arch.num_layers)
     if bad:
         raise ConfigError(
@@ -603,16 +658,25 @@ def count_flops(
     """
     check_context(context)
     arch = _read_config(config)
-    for name, v in (("num_image_tokens", num_image_tokens), ("text_len", text_len), ("batch", batch), ("bottleneck", bottleneck)):
+    for name, v in (
+        ("num_image_tokens", num_image_tokens),
+        ("text_len", text_len),
+        ("batch", batch),
+        ("bottleneck", bottleneck),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ShapeError(f"{name} for FLOP counting is {v!r}. It must be an integer >= 1. Pass a positive token/batch count.")
+            raise ShapeError(
+                f"{name} for FLOP counting is {v!r}. It must be an integer >= 1. Pass a positive token/batch count."
+            )
     L, D, N, T, B, dp = arch.num_layers, arch.hidden, num_image_tokens, text_len, batch, bottleneck
     if keep_ratios is None:
         keeps: tuple[float | None, ...] = (None,) * L
     else:
         keeps = tuple(keep_ratios)
         if len(keeps) != L:
-            raise ConfigError(f"keep_ratios has {len(keeps)} entries for a {L}-block model. Give one per block (None = dense). Fix the schedule.")
+            raise ConfigError(
+                f"keep_ratios has {len(keeps)} entries for a {L}-block model. Give one per block (None = dense). Fix the schedule."
+            )
     kept = tuple(N if r is None else static_k(N, r) for r in keeps)  # static_k validates 0 < r <= 1 and k >= 1
 
     terms = dict.fromkeys(FLOP_TERMS, 0)
@@ -659,5 +723,9 @@ def count_flops(
         "not counted: biases, norms (incl. qk RMSNorm), modulation/gates, activations, softmax, residuals",
         "router.select = 0: TopK, CumSum compaction, gather and scatter do no multiply-adds",
         "last block is context_pre_only: text stream has qkv only (no to_add_out, no ff_context)",
-    ) + (("context keep: rejected tokens' norm1 + K/V (block.ctx.*), attention over all N image keys",) if context == "keep" else ())
+    ) + (
+        ("context keep: rejected tokens' norm1 + K/V (block.ctx.*), attention over all N image keys",)
+        if context == "keep"
+        else ()
+    )
     return FlopCount(terms, tuple(blocks), kept, N, T, B, keeps, dp, notes, context)

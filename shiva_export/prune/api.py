@@ -106,7 +106,9 @@ class ShivaConfig:
             raise ConfigError(f"block 0 keep ratio is {kr[0]}; block 0 is always dense, set it to None.")
         for i, r in enumerate(kr):
             if r is not None and not (isinstance(r, (int, float)) and 0.0 < r <= 1.0 and math.isfinite(r)):
-                raise ConfigError(f"keep ratio of block {i} is {r!r}; expected 0 < keep_ratio <= 1 (or None for dense).")
+                raise ConfigError(
+                    f"keep ratio of block {i} is {r!r}; expected 0 < keep_ratio <= 1 (or None for dense)."
+                )
         if not self.routed_blocks:
             raise ConfigError("no block is routed; give at least one block a keep ratio.")
         if self.selection not in SELECTIONS:
@@ -129,7 +131,9 @@ class ShivaConfig:
             routed_blocks (Sequence[int]): Routed blocks. Defaults to ``1 .. num_layers - 1``.
         """
         if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-            raise ConfigError(f"ratio {ratio!r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned).")
+            raise ConfigError(
+                f"ratio {ratio!r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned)."
+            )
         routed = list(range(1, num_layers)) if routed_blocks is None else list(routed_blocks)
         keep = 1.0 - ratio
         return cls(tuple(keep if i in routed else None for i in range(num_layers)), **kwargs)
@@ -145,13 +149,22 @@ class ShivaConfig:
         return replace(self, keep_ratios=tuple(keep_ratios))
 
     def to_dict(self) -> dict:
-        return {"keep_ratios": list(self.keep_ratios), "cfg": self.cfg, "bottleneck": self.bottleneck, "group_size": self.group_size, "selection": self.selection, "context": self.context}
+        return {
+            "keep_ratios": list(self.keep_ratios),
+            "cfg": self.cfg,
+            "bottleneck": self.bottleneck,
+            "group_size": self.group_size,
+            "selection": self.selection,
+            "context": self.context,
+        }
 
 
 def check_context(context: str) -> str:
     """``context`` if it is one of :data:`CONTEXTS`, else a one-line :class:`ConfigError`."""
     if context not in CONTEXTS:
-        raise ConfigError(f"context {context!r} is unknown; choose one of {', '.join(CONTEXTS)} (--context keep|drop, recipe [prune] context).")
+        raise ConfigError(
+            f"context {context!r} is unknown; choose one of {', '.join(CONTEXTS)} (--context keep|drop, recipe [prune] context)."
+        )
     return context
 
 
@@ -190,7 +203,12 @@ class RoutingState:
         self.trace.append(phase.name)
         if self.auto_cfg:
             b = int(hidden_states.shape[0])
-            pair = skip_layers is None and b % 2 == 0 and b > 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+            pair = (
+                skip_layers is None
+                and b % 2 == 0
+                and b > 0
+                and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+            )
             if config.cfg != pair:
                 config = replace(config, cfg=pair)
         return config
@@ -240,7 +258,9 @@ def _adapter(transformer: nn.Module):
     return _ADAPTER_LOOKUP[0](transformer)  # get_adapter: a one-line ConfigError listing the supported classes
 
 
-def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBank | None = None, seed: int = 0, *, adapter=None) -> RouterBank:
+def apply_shiva_(
+    transformer: nn.Module, config: ShivaConfig, routers: RouterBank | None = None, seed: int = 0, *, adapter=None
+) -> RouterBank:
     """Applies Shiva pruning to ``transformer`` in place and returns its router bank.
 
     Args:
@@ -289,7 +309,9 @@ def apply_shiva_(transformer: nn.Module, config: ShivaConfig, routers: RouterBan
 def _check_no_block_hooks(transformer: nn.Module, adapter, what: str) -> None:
     """Routing replaces routed blocks' ``forward``; diffusers hooks (caches) wrap that same attribute, so
     they must be registered after routing and removed before it."""
-    names = sorted({n for b in adapter.blocks(transformer) for n in getattr(b.__dict__.get("_diffusers_hook"), "hooks", {})})
+    names = sorted(
+        {n for b in adapter.blocks(transformer) for n in getattr(b.__dict__.get("_diffusers_hook"), "hooks", {})}
+    )
     if names:
         raise ConfigError(
             f"{what}: the transformer's blocks carry diffusers hooks ({', '.join(names)}), e.g. a cache; routing must sit below them. "
@@ -359,7 +381,9 @@ def _check_same_routing(old: ShivaConfig, new: ShivaConfig) -> None:
     if (new.bottleneck, new.group_size) != (old.bottleneck, old.group_size):
         raise ConfigError("the new config changes the router shape (bottleneck/group_size); re-apply Shiva instead.")
     if new.context != old.context:
-        raise ConfigError(f"the new config changes context {old.context!r} -> {new.context!r}, which the installed routing fixes; re-apply Shiva instead.")
+        raise ConfigError(
+            f"the new config changes context {old.context!r} -> {new.context!r}, which the installed routing fixes; re-apply Shiva instead."
+        )
 
 
 def shiva_config(transformer: nn.Module) -> ShivaConfig:

@@ -26,7 +26,15 @@ from torch import nn
 from shiva_export.errors import ConfigError
 from shiva_export.prune.api import is_shiva_applied, set_router_bank_
 
-__all__ = ["RandomScorer", "NormScorer", "FixedDitherScorer", "RotatingDitherScorer", "MaskScorer", "set_scorer_", "bayer_rank"]
+__all__ = [
+    "RandomScorer",
+    "NormScorer",
+    "FixedDitherScorer",
+    "RotatingDitherScorer",
+    "MaskScorer",
+    "set_scorer_",
+    "bayer_rank",
+]
 
 
 class RandomScorer(nn.Module):
@@ -70,7 +78,9 @@ def _dither_scores(x: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
     n = int(x.shape[1])
     side = math.isqrt(n)
     if side * side != n:
-        raise ConfigError(f"The dither scorers need a square token grid; got {n} image tokens. Use a square image size.")
+        raise ConfigError(
+            f"The dither scorers need a square token grid; got {n} image tokens. Use a square image size."
+        )
     s = 1.0 - torch.roll(bayer_rank(side).reshape(side, side), shifts=shift, dims=(0, 1)).reshape(-1)
     return s.to(device=x.device, dtype=x.dtype).expand(x.shape[0], n)
 
@@ -101,7 +111,9 @@ class MaskScorer(nn.Module):
 
     def __init__(self, scores: torch.Tensor):
         super().__init__()
-        self.register_buffer("scores", torch.as_tensor(scores, dtype=torch.float32).reshape(-1, torch.as_tensor(scores).shape[-1]))
+        self.register_buffer(
+            "scores", torch.as_tensor(scores, dtype=torch.float32).reshape(-1, torch.as_tensor(scores).shape[-1])
+        )
 
     def forward(self, block: int, x: torch.Tensor, temb: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         s = self.scores
@@ -109,7 +121,9 @@ class MaskScorer(nn.Module):
             if x.shape[0] % s.shape[0] == 0:  # CFG: the same mask for both halves
                 s = s.repeat(x.shape[0] // s.shape[0], 1)
             else:
-                raise ConfigError(f"MaskScorer has {s.shape[0]} rows for a batch of {x.shape[0]}; give 1 or one per sample.")
+                raise ConfigError(
+                    f"MaskScorer has {s.shape[0]} rows for a batch of {x.shape[0]}; give 1 or one per sample."
+                )
         return s.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
 
 

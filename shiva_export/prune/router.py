@@ -156,7 +156,6 @@ def save_routers(bank: RouterBank, path: str | Path, extra: dict | None = None) 
     """Writes the router bank as safetensors (atomically, byte-reproducible) and returns its sha256."""
     from safetensors.torch import save_file
 
-
     path = check_writable(path, "router weights")
     # One metadata key holding canonical JSON: safetensors writes its metadata map in arbitrary order,
     # so several keys would make the same weights hash differently from save to save.
@@ -184,7 +183,9 @@ def load_routers(path: str | Path, expected: RouterConfig) -> tuple[RouterBank, 
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise RouterError(f"Router weights must be a .safetensors file, got: {path}. Convert or re-save them with save_routers().")
+        raise RouterError(
+            f"Router weights must be a .safetensors file, got: {path}. Convert or re-save them with save_routers()."
+        )
     if not path.is_file():
         raise RouterError(f"Router weights not found: {path}. Pass an existing .safetensors file to --router.")
     try:
@@ -213,5 +214,7 @@ def load_routers(path: str | Path, expected: RouterConfig) -> tuple[RouterBank, 
     bank = RouterBank(expected)
     missing, unexpected = bank.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise RouterError(f"Router weights {path} do not match the router layout (missing {missing}, unexpected {unexpected}).")
+        raise RouterError(
+            f"Router weights {path} do not match the router layout (missing {missing}, unexpected {unexpected})."
+        )
     return bank, sha256_file(path)

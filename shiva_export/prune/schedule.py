@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 from shiva_export.errors import ConfigError, RecipeError
 
-__all__ = ["TimestepPhase", "phase_index", "phases_from_recipe", "uniform_phase", "check_phases", "budget_label", "call_timestep"]
+__all__ = [
+    "TimestepPhase",
+    "phase_index",
+    "phases_from_recipe",
+    "uniform_phase",
+    "check_phases",
+    "budget_label",
+    "call_timestep",
+]
 
 
 def budget_label(ratio: float) -> str:
@@ -41,7 +49,9 @@ def call_timestep(timestep) -> float:
         raise ConfigError("a phase schedule needs the call's timestep; pass timestep=.")
     ts = torch.as_tensor(timestep).reshape(-1)
     if ts.numel() > 1 and not bool((ts == ts[0]).all()):
-        raise ConfigError(f"a phase schedule needs one timestep per call; got {ts.tolist()}. Call the transformer once per denoising step.")
+        raise ConfigError(
+            f"a phase schedule needs one timestep per call; got {ts.tolist()}. Call the transformer once per denoising step."
+        )
     return float(ts[0])
 
 
@@ -63,13 +73,22 @@ class TimestepPhase:
 
     def __post_init__(self):
         object.__setattr__(self, "keep_ratios", tuple(self.keep_ratios))
-        if not (math.isfinite(self.t_start) and math.isfinite(self.t_stop)) or self.t_start < self.t_stop or self.t_stop < 0:
+        if (
+            not (math.isfinite(self.t_start) and math.isfinite(self.t_stop))
+            or self.t_start < self.t_stop
+            or self.t_stop < 0
+        ):
             raise ConfigError(
                 f"phase {self.name!r} has t_start {self.t_start} and t_stop {self.t_stop}; expected finite 0 <= t_stop <= t_start."
             )
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "t_start": self.t_start, "t_stop": self.t_stop, "keep_ratios": list(self.keep_ratios)}
+        return {
+            "name": self.name,
+            "t_start": self.t_start,
+            "t_stop": self.t_stop,
+            "keep_ratios": list(self.keep_ratios),
+        }
 
 
 def check_phases(phases: Sequence[TimestepPhase], where: str = "schedule") -> tuple[TimestepPhase, ...]:
@@ -101,7 +120,9 @@ def phase_index(phases: Sequence[TimestepPhase], t: float) -> int:
 def uniform_phase(num_layers: int, ratio: float, routed_blocks: Sequence[int]) -> TimestepPhase:
     """The one-phase schedule of a fixed ``ratio`` (fraction of image tokens pruned)."""
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-        raise ConfigError(f"--ratio {ratio!r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%).")
+        raise ConfigError(
+            f"--ratio {ratio!r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0.4 keeps 60%)."
+        )
     routed = set(routed_blocks)
     keep = tuple((1.0 - ratio) if i in routed else None for i in range(num_layers))
     return TimestepPhase(budget_label(ratio), 1000.0, 0.0, keep)
@@ -114,5 +135,8 @@ def phases_from_recipe(recipe, num_layers: int) -> tuple[TimestepPhase, ...]:
         raise RecipeError(
             f"{recipe.source_path or recipe.name}: has no [[schedule.phases]]; train one with `shiva-export train`, or pass --ratio."
         )
-    phases = [TimestepPhase(p.name, float(p.t_start), float(p.t_stop), tuple(recipe.phase_keep_ratios(i, num_layers))) for i, p in enumerate(rows)]
+    phases = [
+        TimestepPhase(p.name, float(p.t_start), float(p.t_stop), tuple(recipe.phase_keep_ratios(i, num_layers)))
+        for i, p in enumerate(rows)
+    ]
     return check_phases(phases, str(recipe.source_path or recipe.name))

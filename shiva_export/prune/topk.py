@@ -35,7 +35,9 @@ def static_k(num_tokens: int, keep_ratio: float) -> int:
     if not isinstance(num_tokens, int):
         raise TypeError(f"num_tokens must be a Python int (static shape), got {type(num_tokens).__name__}")
     if not 0.0 < keep_ratio <= 1.0:
-        raise ConfigError(f"keep ratio {keep_ratio} is out of range; expected 0 < keep_ratio <= 1 (ratio = 1 - keep in [0, 1)).")
+        raise ConfigError(
+            f"keep ratio {keep_ratio} is out of range; expected 0 < keep_ratio <= 1 (ratio = 1 - keep in [0, 1))."
+        )
     k = math.floor(num_tokens * keep_ratio + _EPS)
     if k < 1:
         raise ConfigError(
@@ -68,7 +70,12 @@ def select_topk(scores: torch.Tensor, k: int, cfg: bool = False, selection: str 
         torch.Tensor: ``[B, k]`` int64 indices, ascending within each row.
     """
     if cfg:
-        if not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() and isinstance(scores.shape[0], int) and scores.shape[0] % 2:
+        if (
+            not torch.compiler.is_compiling()
+            and not torch.onnx.is_in_onnx_export()
+            and isinstance(scores.shape[0], int)
+            and scores.shape[0] % 2
+        ):
             raise ShapeError(
                 f"a CFG-routed call got a batch of {scores.shape[0]} rows, which is not [uncond; cond] pairs; "
                 "this call is not classifier-free guidance (guidance_scale <= 1 or skip-layer guidance): use cfg=False for it."

@@ -83,14 +83,21 @@ class E2EReport:
         out = []
         for v in self.variants:
             d = self._dense(v.backend)
-            row = {"backend": v.backend, "budget": v.budget, **{s: round(v.median(s), 3) for s in ("total", *_STAGES, "denoise_loop")},
-                   "transformer_per_step": round(v.per_step(), 3), "phase_steps": v.phase_steps}
+            row = {
+                "backend": v.backend,
+                "budget": v.budget,
+                **{s: round(v.median(s), 3) for s in ("total", *_STAGES, "denoise_loop")},
+                "transformer_per_step": round(v.per_step(), 3),
+                "phase_steps": v.phase_steps,
+            }
             tr = d.median("transformer") / v.median("transformer")
             e2e = d.median("total") / v.median("total")
             ideal_tr = (d.flops / v.flops) if (d.flops and v.flops) else None
             ideal_e2e = None
             if ideal_tr:
-                ideal_e2e = d.median("total") / ((d.median("total") - d.median("transformer")) + d.median("transformer") / ideal_tr)
+                ideal_e2e = d.median("total") / (
+                    (d.median("total") - d.median("transformer")) + d.median("transformer") / ideal_tr
+                )
             row.update(
                 transformer_speedup=round(tr, 4),
                 e2e_speedup=round(e2e, 4),
@@ -106,18 +113,39 @@ class E2EReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
-            "warmup": self.warmup, "repeats": self.repeats, "device": self.device, "dtype": self.dtype, "compile": self.compile,
-            "machine": self.machine, "command": self.command, "rows": self.rows(),
-            "variants": [{"backend": v.backend, "budget": v.budget, "phase_steps": v.phase_steps, "artifacts": v.artifacts, "runs": v.runs}
-                         for v in self.variants],
+            "model": self.model,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "height": self.height,
+            "width": self.width,
+            "warmup": self.warmup,
+            "repeats": self.repeats,
+            "device": self.device,
+            "dtype": self.dtype,
+            "compile": self.compile,
+            "machine": self.machine,
+            "command": self.command,
+            "rows": self.rows(),
+            "variants": [
+                {
+                    "backend": v.backend,
+                    "budget": v.budget,
+                    "phase_steps": v.phase_steps,
+                    "artifacts": v.artifacts,
+                    "runs": v.runs,
+                }
+                for v in self.variants
+            ],
         }
 
     def table_markdown(self) -> str:
-        head = ("| backend | budget | total ms | text enc | denoise loop | transformer (per step) | loop overhead | VAE decode | "
-                "transformer speedup (ideal, eff.) | e2e speedup (ideal, eff.) |")
+        head = (
+            "| backend | budget | total ms | text enc | denoise loop | transformer (per step) | loop overhead | VAE decode | "
+            "transformer speedup (ideal, eff.) | e2e speedup (ideal, eff.) |"
+        )
         lines = [head, "|" + "---|" * 10]
         for r in self.rows():
+
             def f(x, ideal, eff):
                 return f"{x:.2f}x" + (f" ({ideal:.2f}x, {eff:.0%})" if ideal else "")
 
@@ -131,31 +159,48 @@ class E2EReport:
 
     def to_markdown(self) -> str:
         m = self.machine
-        return "\n".join([
-            f"# End-to-end speed: {self.model}, {self.width}x{self.height}, {self.steps} steps, guidance {self.guidance}",
-            "",
-            f"Device {self.device}, {self.dtype}{', torch.compile' if self.compile else ''}; {self.warmup} warm-up + {self.repeats} interleaved "
-            f"rounds, medians (ms). Machine: {m.get('cpu_model') or m.get('cpu', '?')}, {m.get('threads', '?')} threads, 1-min load average "
-            f"{_load(m.get('loadavg_start', m.get('load_start')))} -> {_load(m.get('loadavg_end', m.get('load_end')))}.",
-            "Speedups vs the dense pipeline of the same backend; ideal = FLOP ratio (transformer) and Amdahl with every other stage unchanged (e2e).",
-            "",
-            self.table_markdown(),
-            "",
-            f"Reproduce: `{self.command}`",
-            "",
-        ])
+        return "\n".join(
+            [
+                f"# End-to-end speed: {self.model}, {self.width}x{self.height}, {self.steps} steps, guidance {self.guidance}",
+                "",
+                f"Device {self.device}, {self.dtype}{', torch.compile' if self.compile else ''}; {self.warmup} warm-up + {self.repeats} interleaved "
+                f"rounds, medians (ms). Machine: {m.get('cpu_model') or m.get('cpu', '?')}, {m.get('threads', '?')} threads, 1-min load average "
+                f"{_load(m.get('loadavg_start', m.get('load_start')))} -> {_load(m.get('loadavg_end', m.get('load_end')))}.",
+                "Speedups vs the dense pipeline of the same backend; ideal = FLOP ratio (transformer) and Amdahl with every other stage unchanged (e2e).",
+                "",
+                self.table_markdown(),
+                "",
+                f"Reproduce: `{self.command}`",
+                "",
+            ]
+        )
 
 
-def _flops_of(adapter, config: dict[str, Any], n_tokens: int, text_len: int, model_batch: int, phases, phase_steps: dict[str, int], bottleneck: int,
-              context: str = "drop") -> float:
+def _flops_of(
+    adapter,
+    config: dict[str, Any],
+    n_tokens: int,
+    text_len: int,
+    model_batch: int,
+    phases,
+    phase_steps: dict[str, int],
+    bottleneck: int,
+    context: str = "drop",
+) -> float:
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     if not phases:
-        return float(adapter.count_flops(cfg, n_tokens, text_len, None, batch=model_batch).total) * sum(phase_steps.values() or [0])
+        return float(adapter.count_flops(cfg, n_tokens, text_len, None, batch=model_batch).total) * sum(
+            phase_steps.values() or [0]
+        )
     total = 0.0
     by_name = {p.name: p for p in phases}
     for name, steps in phase_steps.items():
         p = by_name[name]
-        total += steps * float(adapter.count_flops(cfg, n_tokens, text_len, p.keep_ratios, batch=model_batch, bottleneck=bottleneck, context=context).total)
+        total += steps * float(
+            adapter.count_flops(
+                cfg, n_tokens, text_len, p.keep_ratios, batch=model_batch, bottleneck=bottleneck, context=context
+            ).total
+        )
     return total
 
 
@@ -199,7 +244,15 @@ def benchmark_e2e(
         torch.set_num_threads(threads)
     load_start = loadavg()
 
-    load = dict(recipe=rec, weights=weights, cfg=adapter.uses_cfg(guidance), dtype=dtype, threads=threads, device=device, artifact_root=artifact_root)
+    load = dict(
+        recipe=rec,
+        weights=weights,
+        cfg=adapter.uses_cfg(guidance),
+        dtype=dtype,
+        threads=threads,
+        device=device,
+        artifact_root=artifact_root,
+    )
     variants = _load_variants(backends, ratios, phases, load, compile, say)
     for i in range(warmup):
         for v, pipe in variants:
@@ -210,17 +263,40 @@ def benchmark_e2e(
             say(f"round {i + 1}/{repeats}: {v.backend} {v.budget}")
             res = run_pipeline(pipe, prompt, steps=steps, guidance=guidance, seed=seed)
             v.runs.append(res.times.to_dict())
-            v.phase_steps = {k: d["steps"] for k, d in res.times.per_phase().items()} or {"dense": len(res.times.transformer)}
+            v.phase_steps = {k: d["steps"] for k, d in res.times.per_phase().items()} or {
+                "dense": len(res.times.transformer)
+            }
     _count_flops(variants, adapter, rec, guidance)
-    cmd = (f"shiva-export validate speed --e2e --model {rec.name} " + " ".join(f"--backend {b}" for b in backends) + " "
-           + " ".join(f"--ratio {r}" for r in ratios) + (" --phases" if phases else "") + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
-           + (f" --threads {threads}" if threads else "") + (f" --device {device}" if device != "cpu" else "") + (f" --dtype {dtype}" if dtype != "fp32" else "")
-           + (" --compile" if compile else ""))
+    cmd = (
+        f"shiva-export validate speed --e2e --model {rec.name} "
+        + " ".join(f"--backend {b}" for b in backends)
+        + " "
+        + " ".join(f"--ratio {r}" for r in ratios)
+        + (" --phases" if phases else "")
+        + f" --steps {steps} --warmup {warmup} --repeats {repeats}"
+        + (f" --threads {threads}" if threads else "")
+        + (f" --device {device}" if device != "cpu" else "")
+        + (f" --dtype {dtype}" if dtype != "fp32" else "")
+        + (" --compile" if compile else "")
+    )
     machine = machine_info(load_start)
     machine["threads"] = torch.get_num_threads()
     any_pipe = variants[0][1]
-    report = E2EReport(rec.name, steps, guidance, any_pipe.shiva.height, any_pipe.shiva.width, warmup, repeats, device, dtype, compile,
-                       [v for v, _ in variants], machine, cmd)
+    report = E2EReport(
+        rec.name,
+        steps,
+        guidance,
+        any_pipe.shiva.height,
+        any_pipe.shiva.width,
+        warmup,
+        repeats,
+        device,
+        dtype,
+        compile,
+        [v for v, _ in variants],
+        machine,
+        cmd,
+    )
     if out is not None:
         atomic_write_json(out / "e2e.json", report.to_dict())
         atomic_write_text(out / "e2e.md", report.to_markdown())
@@ -228,7 +304,9 @@ def benchmark_e2e(
     return report
 
 
-def _check_e2e_options(backends, ratios, phases: bool, steps, warmup: int, repeats: int, device: str, dtype: str, compile: bool) -> None:
+def _check_e2e_options(
+    backends, ratios, phases: bool, steps, warmup: int, repeats: int, device: str, dtype: str, compile: bool
+) -> None:
     """Every option of an end-to-end run, before any pipeline loads."""
     for b in backends:
         if b not in ("torch", "ort", "trt"):
@@ -237,25 +315,35 @@ def _check_e2e_options(backends, ratios, phases: bool, steps, warmup: int, repea
         raise ConfigError("give at least one --ratio, or --phases, to compare with dense.")
     for r in ratios:
         if not (0.0 <= r < 1.0):
-            raise ConfigError(f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned).")
+            raise ConfigError(
+                f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned)."
+            )
     if not isinstance(steps, int) or steps < 1 or warmup < 0 or repeats < 1:
-        raise ConfigError(f"steps {steps}, warmup {warmup}, repeats {repeats}: expected steps >= 1, warmup >= 0, repeats >= 1.")
+        raise ConfigError(
+            f"steps {steps}, warmup {warmup}, repeats {repeats}: expected steps >= 1, warmup >= 0, repeats >= 1."
+        )
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+            raise HardwareError(
+                "--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu."
+            )
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
     if compile and any(b != "torch" for b in backends):
         raise ConfigError("--compile applies to the torch backend only; pass --backend torch.")
     if compile and phases:
-        raise ConfigError("--compile needs one static budget per graph; use --ratio (phases dispatch on the timestep in Python).")
+        raise ConfigError(
+            "--compile needs one static budget per graph; use --ratio (phases dispatch on the timestep in Python)."
+        )
 
 
-def _load_variants(backends, ratios, phases: bool, load: dict[str, Any], compile: bool, say) -> list[tuple[E2EVariant, Any]]:
+def _load_variants(
+    backends, ratios, phases: bool, load: dict[str, Any], compile: bool, say
+) -> list[tuple[E2EVariant, Any]]:
     """One pipeline per backend and budget (dense, each ratio, the learned phases), each with ``load_pipeline(**load)``."""
     budgets: list[tuple[str, dict[str, Any]]] = [("dense", {"dense": True})]
     budgets += [(f"ratio {r:.2f}", {"ratio": r}) for r in ratios]
@@ -282,7 +370,17 @@ def _count_flops(variants: list[tuple[E2EVariant, Any]], adapter, rec, guidance:
     model_batch = 2 if adapter.uses_cfg(guidance) else 1
     for v, pipe in variants:
         ph = () if pipe.shiva.dense else pipe.shiva.phases
-        v.flops = _flops_of(adapter, config, n_tokens, pipe.shiva.text_len, model_batch, ph, v.phase_steps, rec.router.bottleneck, pipe.shiva.context or "drop")
+        v.flops = _flops_of(
+            adapter,
+            config,
+            n_tokens,
+            pipe.shiva.text_len,
+            model_batch,
+            ph,
+            v.phase_steps,
+            rec.router.bottleneck,
+            pipe.shiva.context or "drop",
+        )
 
 
 def _compile(pipe) -> None:
@@ -291,8 +389,14 @@ def _compile(pipe) -> None:
 
     t = pipe.transformer
     if is_shiva_applied(t):
-        set_shiva_config_(t, shiva_config(t).with_keep_ratios(pipe.shiva.phases[0].keep_ratios))  # fixed graph, no per-call dispatch
-    t.forward = torch.compile(t.forward, mode="reduce-overhead" if str(pipe._execution_device).startswith("cuda") else "default", fullgraph=False)
+        set_shiva_config_(
+            t, shiva_config(t).with_keep_ratios(pipe.shiva.phases[0].keep_ratios)
+        )  # fixed graph, no per-call dispatch
+    t.forward = torch.compile(
+        t.forward,
+        mode="reduce-overhead" if str(pipe._execution_device).startswith("cuda") else "default",
+        fullgraph=False,
+    )
 
 
 def _plot_png(report: E2EReport) -> bytes:
@@ -302,16 +406,26 @@ def _plot_png(report: E2EReport) -> bytes:
     labels = [f"{r['backend']}\n{r['budget']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.2))
     bottom = [0.0] * len(rows)
-    colors = {"text_encode": "#8da0cb", "transformer": "#fc8d62", "loop_overhead": "#ffd92f", "vae_decode": "#66c2a5", "postprocess": "#b3b3b3"}
+    colors = {
+        "text_encode": "#8da0cb",
+        "transformer": "#fc8d62",
+        "loop_overhead": "#ffd92f",
+        "vae_decode": "#66c2a5",
+        "postprocess": "#b3b3b3",
+    }
     for s in _STAGES:
         vals = [r[s] for r in rows]
         ax.bar(labels, vals, bottom=bottom, label=s.replace("_", " "), color=colors[s])
         bottom = [a + b for a, b in zip(bottom, vals)]
     for x, r in enumerate(rows):
-        tag = f"{r['e2e_speedup']:.2f}x" + (f"\n(ideal {r['ideal_e2e']:.2f}x)" if r["ideal_e2e"] and r["budget"] != "dense" else "")
+        tag = f"{r['e2e_speedup']:.2f}x" + (
+            f"\n(ideal {r['ideal_e2e']:.2f}x)" if r["ideal_e2e"] and r["budget"] != "dense" else ""
+        )
         ax.text(x, bottom[x], tag, ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("median ms per image")
-    ax.set_title(f"{report.model} {report.width}x{report.height}, {report.steps} steps: end to end by stage", fontsize=10)
+    ax.set_title(
+        f"{report.model} {report.width}x{report.height}, {report.steps} steps: end to end by stage", fontsize=10
+    )
     ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, max(bottom) * 1.25)
     return figure_png(fig)

@@ -95,9 +95,23 @@ CACHE_KINDS = ("fbc", "taylorseer", "magcache")
 #: Settings of each kind and their defaults (diffusers' defaults, except TaylorSeer's factors in fp32).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "fbc": {"threshold": 0.05},
-    "taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3, "disable_cache_after_step": None, "max_order": 1, "factors_dtype": "fp32"},
-    "magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "num_inference_steps": None, "mag_ratios": None,
-                 "calibration_prompt": None, "calibration_guidance": None, "calibration_seed": 0},
+    "taylorseer": {
+        "cache_interval": 5,
+        "disable_cache_before_step": 3,
+        "disable_cache_after_step": None,
+        "max_order": 1,
+        "factors_dtype": "fp32",
+    },
+    "magcache": {
+        "threshold": 0.06,
+        "max_skip_steps": 3,
+        "retention_ratio": 0.2,
+        "num_inference_steps": None,
+        "mag_ratios": None,
+        "calibration_prompt": None,
+        "calibration_guidance": None,
+        "calibration_seed": 0,
+    },
 }
 
 #: ``(kind, settings)`` spanning ~35..85 % of dense FLOPs on sd35-shapes, the default grid of a quality/compute
@@ -145,7 +159,9 @@ def check_settings(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"cache kind {kind!r} is unknown; choose one of {', '.join(CACHE_KINDS)}.")
     unknown = sorted(set(settings) - set(DEFAULT_SETTINGS[kind]))
     if unknown:
-        raise ConfigError(f"cache {kind!r} has no setting {', '.join(unknown)}; its settings are {', '.join(DEFAULT_SETTINGS[kind])}.")
+        raise ConfigError(
+            f"cache {kind!r} has no setting {', '.join(unknown)}; its settings are {', '.join(DEFAULT_SETTINGS[kind])}."
+        )
     s = {**DEFAULT_SETTINGS[kind], **settings}
     if kind == "fbc":
         _num(kind, "threshold", s["threshold"], integer=False, lo=0.0)
@@ -153,7 +169,14 @@ def check_settings(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         _num(kind, "cache_interval", s["cache_interval"], integer=True, lo=1)
         # step 0 must compute: diffusers predicts from step 0 on when this is 0 and has nothing to predict from
         _num(kind, "disable_cache_before_step", s["disable_cache_before_step"], integer=True, lo=1)
-        _num(kind, "disable_cache_after_step", s["disable_cache_after_step"], integer=True, lo=s["disable_cache_before_step"] + 1, none_ok=True)
+        _num(
+            kind,
+            "disable_cache_after_step",
+            s["disable_cache_after_step"],
+            integer=True,
+            lo=s["disable_cache_before_step"] + 1,
+            none_ok=True,
+        )
         _num(kind, "max_order", s["max_order"], integer=True, lo=0, hi=8)
         if s["factors_dtype"] not in _DTYPES:
             raise _bad(kind, "factors_dtype", s["factors_dtype"], f"one of {', '.join(_DTYPES)}")
@@ -175,7 +198,12 @@ def _check_magcache(kind: str, s: dict[str, Any]) -> None:
     if r is not None:
         r = [float(x) for x in r] if isinstance(r, Sequence) and not isinstance(r, str) else None
         if not r or not all(math.isfinite(x) and x > 0 for x in r):
-            raise _bad(kind, "mag_ratios", s["mag_ratios"], "a non-empty list of positive numbers (one per step) or None (calibrate)")
+            raise _bad(
+                kind,
+                "mag_ratios",
+                s["mag_ratios"],
+                "a non-empty list of positive numbers (one per step) or None (calibrate)",
+            )
         s["mag_ratios"] = r
 
 
@@ -209,7 +237,9 @@ def _transformer(pipe) -> nn.Module:
     )
 
     if isinstance(tr, ShivaArtifactTransformer):
-        raise ConfigError(f"caches hook the torch transformer's blocks; this pipeline runs {tr.backend} graphs. Load it with backend='torch'.")
+        raise ConfigError(
+            f"caches hook the torch transformer's blocks; this pipeline runs {tr.backend} graphs. Load it with backend='torch'."
+        )
     return tr
 
 
@@ -234,8 +264,11 @@ def _hook_names(kind: str) -> tuple[str, ...]:
     from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
-    return {"fbc": (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK), "taylorseer": (_TAYLORSEER_CACHE_HOOK,),
-            "magcache": (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK)}[kind]
+    return {
+        "fbc": (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK),
+        "taylorseer": (_TAYLORSEER_CACHE_HOOK,),
+        "magcache": (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK),
+    }[kind]
 
 
 def _diffusers_config(kind: str, s: dict[str, Any], tr: nn.Module, blocks):
@@ -248,12 +281,21 @@ def _diffusers_config(kind: str, s: dict[str, Any], tr: nn.Module, blocks):
         names = {id(m): n for n, m in tr.named_modules()}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[s["factors_dtype"]]
         return TaylorSeerCacheConfig(
-            cache_interval=s["cache_interval"], disable_cache_before_step=s["disable_cache_before_step"],
-            disable_cache_after_step=s["disable_cache_after_step"], max_order=s["max_order"], taylor_factors_dtype=dtype,
+            cache_interval=s["cache_interval"],
+            disable_cache_before_step=s["disable_cache_before_step"],
+            disable_cache_after_step=s["disable_cache_after_step"],
+            max_order=s["max_order"],
+            taylor_factors_dtype=dtype,
             cache_identifiers=[re.escape(names[id(b)]) for b in blocks],  # every block, matched by its exact name
         )
-    return MagCacheConfig(threshold=float(s["threshold"]), max_skip_steps=s["max_skip_steps"], retention_ratio=float(s["retention_ratio"]),
-                          num_inference_steps=s["num_inference_steps"], mag_ratios=s["mag_ratios"], calibrate=s["mag_ratios"] is None)
+    return MagCacheConfig(
+        threshold=float(s["threshold"]),
+        max_skip_steps=s["max_skip_steps"],
+        retention_ratio=float(s["retention_ratio"]),
+        num_inference_steps=s["num_inference_steps"],
+        mag_ratios=s["mag_ratios"],
+        calibrate=s["mag_ratios"] is None,
+    )
 
 
 def _check_registered(kind: str, blocks) -> None:
@@ -265,7 +307,9 @@ def _check_registered(kind: str, blocks) -> None:
         try:
             TransformerBlockRegistry.get(cls)
         except ValueError:
-            raise ConfigError(f"cache {kind!r}: diffusers has no block metadata for {cls.__name__}, so its hooks cannot wrap it; use 'taylorseer'.") from None
+            raise ConfigError(
+                f"cache {kind!r}: diffusers has no block metadata for {cls.__name__}, so its hooks cannot wrap it; use 'taylorseer'."
+            ) from None
 
 
 def _install(tr: nn.Module, adapter, blocks, kind: str, config) -> dict[str, Any]:
@@ -282,8 +326,14 @@ def _install(tr: nn.Module, adapter, blocks, kind: str, config) -> dict[str, Any
     HookRegistry.check_if_exists_or_initialize(tr).invalidate_child_registries_cache()
     handles = []
     if not adapter.PIPELINE_SETS_CACHE_CONTEXT:
-        handles.append(tr.register_forward_pre_hook(lambda m, a, k: _set_cache_context(m, CacheContext(_CONTEXT_NAME)), with_kwargs=True))
-        handles.append(tr.register_forward_hook(lambda m, a, k, o: _set_cache_context(m, None), with_kwargs=True, always_call=True))
+        handles.append(
+            tr.register_forward_pre_hook(
+                lambda m, a, k: _set_cache_context(m, CacheContext(_CONTEXT_NAME)), with_kwargs=True
+            )
+        )
+        handles.append(
+            tr.register_forward_hook(lambda m, a, k, o: _set_cache_context(m, None), with_kwargs=True, always_call=True)
+        )
     if isinstance(tr, CacheMixin):
         tr._cache_config = config  # diffusers' own bookkeeping agrees (is_cache_enabled, its reset after each call)
     else:
@@ -297,7 +347,9 @@ def _uninstall(tr: nn.Module, kind: str, handles) -> None:
 
     for h in handles:
         h.remove()
-    _remove_hooks(tr, (*_hook_names(kind), CACHE_FIX_HOOK, _PROBE_HOOK))  # outermost first: each removal is the chain's end
+    _remove_hooks(
+        tr, (*_hook_names(kind), CACHE_FIX_HOOK, _PROBE_HOOK)
+    )  # outermost first: each removal is the chain's end
     if isinstance(tr, CacheMixin):
         tr._cache_config = None
     else:
@@ -334,11 +386,15 @@ def enable_cache(pipe, kind: str, **settings: Any) -> dict[str, Any]:
     s = check_settings(kind, settings)
     tr = _transformer(pipe)
     if _CACHE_ATTR in tr.__dict__:
-        raise ConfigError(f"a {tr.__dict__[_CACHE_ATTR]['kind']!r} cache is already on; call disable_cache(pipe) first.")
+        raise ConfigError(
+            f"a {tr.__dict__[_CACHE_ATTR]['kind']!r} cache is already on; call disable_cache(pipe) first."
+        )
     adapter, blocks = _blocks(tr)
     foreign = _foreign_hooks(blocks)
     if foreign:
-        raise ConfigError(f"the transformer's blocks already carry diffusers hooks ({', '.join(foreign)}); remove them (transformer.disable_cache()) first.")
+        raise ConfigError(
+            f"the transformer's blocks already carry diffusers hooks ({', '.join(foreign)}); remove them (transformer.disable_cache()) first."
+        )
     _check_registered(kind, blocks)
     info: dict[str, Any] = {"kind": kind}
     if kind == "magcache":
@@ -393,7 +449,11 @@ def _calibrate(pipe, tr, adapter, blocks, s: dict[str, Any], recipe) -> tuple[li
 
     steps = s["num_inference_steps"]
     prompt = s["calibration_prompt"] or adapter.EXAMPLE_PROMPT
-    guidance = s["calibration_guidance"] if s["calibration_guidance"] is not None else (recipe.pipeline.guidance if recipe is not None else 4.5)
+    guidance = (
+        s["calibration_guidance"]
+        if s["calibration_guidance"] is not None
+        else (recipe.pipeline.guidance if recipe is not None else 4.5)
+    )
     installed = _install(tr, adapter, blocks, "magcache", MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
     tail = blocks[-1]
     hook = tail._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK)
@@ -401,7 +461,9 @@ def _calibrate(pipe, tr, adapter, blocks, s: dict[str, Any], recipe) -> tuple[li
         _uninstall(tr, "magcache", installed["handles"])
         raise ShivaInternalError("MagCache's tail hook is not on the adapter's last block")
     seen: list[float] = []
-    h = tail.register_forward_hook(lambda m, a, o: seen.__setitem__(slice(None), hook.state_manager.get_state().calibration_ratios))
+    h = tail.register_forward_hook(
+        lambda m, a, o: seen.__setitem__(slice(None), hook.state_manager.get_state().calibration_ratios)
+    )
     t0 = time.perf_counter()
     try:
         run_pipeline(pipe, prompt, steps=steps, guidance=guidance, seed=s["calibration_seed"])
@@ -411,8 +473,14 @@ def _calibrate(pipe, tr, adapter, blocks, s: dict[str, Any], recipe) -> tuple[li
     if len(seen) != steps:
         raise ShivaInternalError(f"MagCache calibration recorded {len(seen)} ratios in a {steps}-step run")
     ratios = [float(x) for x in seen]
-    return ratios, {"prompt": prompt, "guidance": guidance, "seed": s["calibration_seed"], "steps": steps,
-                    "seconds": round(time.perf_counter() - t0, 3), "mag_ratios": ratios}
+    return ratios, {
+        "prompt": prompt,
+        "guidance": guidance,
+        "seed": s["calibration_seed"],
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "mag_ratios": ratios,
+    }
 
 
 # -- executed blocks and their FLOPs ------------------------------------------------------------------------
@@ -444,8 +512,10 @@ class count_executed_blocks:
         if self._temporary:
             foreign = _foreign_hooks(self._blocks)
             if foreign:  # a probe registered now would sit above them and count blocks they skip
-                raise ConfigError(f"the blocks carry diffusers hooks ({', '.join(foreign)}) not installed by enable_cache; "
-                                  "switch caches on with shiva_export.runtime.caches.enable_cache to count executed blocks.")
+                raise ConfigError(
+                    f"the blocks carry diffusers hooks ({', '.join(foreign)}) not installed by enable_cache; "
+                    "switch caches on with shiva_export.runtime.caches.enable_cache to count executed blocks."
+                )
             for i, block in enumerate(self._blocks):
                 HookRegistry.check_if_exists_or_initialize(block).register_hook(_probe_class()(i), _PROBE_HOOK)
         for block in self._blocks:
@@ -464,8 +534,17 @@ class count_executed_blocks:
         bound = bound_args(module, args, kwargs)
         geo = self._adapter.call_geometry(module.config, bound)
         n = self._adapter.num_image_tokens(module.config, geo["height"], geo["width"])
-        self.records.append({"call": len(self.records), "blocks_run": [], "keep": {}, "routed": [],
-                             "batch": int(bound["hidden_states"].shape[0]), "num_image_tokens": int(n), "text_len": geo["text_len"]})
+        self.records.append(
+            {
+                "call": len(self.records),
+                "blocks_run": [],
+                "keep": {},
+                "routed": [],
+                "batch": int(bound["hidden_states"].shape[0]),
+                "num_image_tokens": int(n),
+                "text_len": geo["text_len"],
+            }
+        )
 
     def _on_block(self, index: int) -> None:
         if not self.records:
@@ -508,8 +587,15 @@ class ExecutedFlops:
         return self.blocks_run / self.blocks_dense if self.blocks_dense else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "dense_total": self.dense_total, "fraction": self.fraction, "calls": self.calls,
-                "blocks_run": self.blocks_run, "blocks_dense": self.blocks_dense, "block_fraction": self.block_fraction}
+        return {
+            "total": self.total,
+            "dense_total": self.dense_total,
+            "fraction": self.fraction,
+            "calls": self.calls,
+            "blocks_run": self.blocks_run,
+            "blocks_dense": self.blocks_dense,
+            "block_fraction": self.block_fraction,
+        }
 
 
 def executed_flops(records: Sequence[dict[str, Any]], pipe) -> ExecutedFlops:
@@ -526,8 +612,15 @@ def executed_flops(records: Sequence[dict[str, Any]], pipe) -> ExecutedFlops:
         # architectures without text (DiT) report text_len None: they count no text tokens either way
         key = (keeps, rec["num_image_tokens"], rec["text_len"], rec["batch"])
         if key not in counts:
-            counts[key] = adapter.count_flops(tr.config, rec["num_image_tokens"], rec["text_len"] or 1, keeps, batch=rec["batch"], bottleneck=bottleneck,
-                                              context=context if keeps is not None else "drop")
+            counts[key] = adapter.count_flops(
+                tr.config,
+                rec["num_image_tokens"],
+                rec["text_len"] or 1,
+                keeps,
+                batch=rec["batch"],
+                bottleneck=bottleneck,
+                context=context if keeps is not None else "drop",
+            )
         return counts[key]
 
     total = dense = run = 0

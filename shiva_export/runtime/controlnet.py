@@ -16,14 +16,23 @@ from typing import Any
 from shiva_export.errors import ConfigError, ModelNotFoundError, WeightsError
 from shiva_export.runtime.pipeline import quiet_libraries
 
-__all__ = ["ControlRun", "check_controlnet_options", "controlnet_num_layers", "controlnet_pipeline", "load_control_image", "load_controlnet"]
+__all__ = [
+    "ControlRun",
+    "check_controlnet_options",
+    "controlnet_num_layers",
+    "controlnet_pipeline",
+    "load_control_image",
+    "load_controlnet",
+]
 
 
 def _location(path_or_name: str | os.PathLike) -> tuple[str, bool]:
     p = Path(path_or_name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise WeightsError(f"--controlnet {p} has no config.json; pass the folder an SD3ControlNetModel's save_pretrained wrote.")
+            raise WeightsError(
+                f"--controlnet {p} has no config.json; pass the folder an SD3ControlNetModel's save_pretrained wrote."
+            )
         return str(p), True
     return str(path_or_name), False
 
@@ -38,9 +47,13 @@ def _config(path_or_name) -> dict[str, Any]:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
         if local:
             raise WeightsError(f"--controlnet {loc}: cannot read its config ({reason}).") from None
-        raise ModelNotFoundError(f"--controlnet {loc!r} is neither a folder nor in the local Hugging Face cache ({reason}); download it elsewhere and pass its folder.") from None
+        raise ModelNotFoundError(
+            f"--controlnet {loc!r} is neither a folder nor in the local Hugging Face cache ({reason}); download it elsewhere and pass its folder."
+        ) from None
     if cfg.get("_class_name") not in (None, "SD3ControlNetModel"):
-        raise WeightsError(f"--controlnet {loc} is a {cfg.get('_class_name')}, not an SD3ControlNetModel; only SD3/SD3.5 ControlNets are supported.")
+        raise WeightsError(
+            f"--controlnet {loc} is a {cfg.get('_class_name')}, not an SD3ControlNetModel; only SD3/SD3.5 ControlNets are supported."
+        )
     return dict(cfg)
 
 
@@ -67,12 +80,18 @@ def controlnet_pipeline(pipe, controlnet):
 
     if not isinstance(pipe, StableDiffusion3Pipeline):
         raise ConfigError(f"--controlnet needs an SD3/SD3.5 pipeline, got {type(pipe).__name__}; drop --controlnet.")
-    width = {int(c.num_attention_heads) * int(c.attention_head_dim) for c in (controlnet.config, pipe.transformer.config)}
+    width = {
+        int(c.num_attention_heads) * int(c.attention_head_dim) for c in (controlnet.config, pipe.transformer.config)
+    }
     if len(width) != 1:
-        raise ConfigError(f"the ControlNet's width ({controlnet.inner_dim}) is not the transformer's; use a ControlNet made for this model.")
+        raise ConfigError(
+            f"the ControlNet's width ({controlnet.inner_dim}) is not the transformer's; use a ControlNet made for this model."
+        )
     controlnet = controlnet.to(pipe._execution_device)
     with quiet_libraries():
-        out = StableDiffusion3ControlNetPipeline.from_pipe(pipe, controlnet=controlnet, transformer=pipe.transformer)  # by name: a graph module is no SD3Transformer2DModel
+        out = StableDiffusion3ControlNetPipeline.from_pipe(
+            pipe, controlnet=controlnet, transformer=pipe.transformer
+        )  # by name: a graph module is no SD3Transformer2DModel
     out.set_progress_bar_config(disable=True)
     if hasattr(pipe, "shiva"):
         out.shiva = pipe.shiva
@@ -101,10 +120,14 @@ def check_controlnet_options(architecture: str, controlnet, control_image, contr
         raise ConfigError("--controlnet and --control-image go together; give both (or neither).")
     if controlnet is None:
         if control_scale != 1.0:
-            raise ConfigError("--control-scale without --controlnet has no effect; add --controlnet and --control-image, or drop it.")
+            raise ConfigError(
+                "--control-scale without --controlnet has no effect; add --controlnet and --control-image, or drop it."
+            )
         return
     if architecture != "sd3":
-        raise ConfigError(f"--controlnet is supported for SD3/SD3.5 models only, not {architecture}; drop --controlnet.")
+        raise ConfigError(
+            f"--controlnet is supported for SD3/SD3.5 models only, not {architecture}; drop --controlnet."
+        )
     if not (isinstance(control_scale, (int, float)) and math.isfinite(control_scale)):
         raise ConfigError(f"--control-scale {control_scale} is not a finite number; pass e.g. --control-scale 0.7.")
 
@@ -125,7 +148,15 @@ class ControlRun:
         return controlnet_pipeline(pipe, self.model)
 
     def call_kwargs(self, height: int, width: int) -> dict[str, Any]:
-        return {"control_image": load_control_image(self.image_path, height, width), "controlnet_conditioning_scale": self.scale}
+        return {
+            "control_image": load_control_image(self.image_path, height, width),
+            "controlnet_conditioning_scale": self.scale,
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"controlnet": self.source, "layers": self.layers, "control_image": str(self.image_path), "control_scale": self.scale}
+        return {
+            "controlnet": self.source,
+            "layers": self.layers,
+            "control_image": str(self.image_path),
+            "control_scale": self.scale,
+        }

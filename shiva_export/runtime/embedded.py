@@ -119,7 +119,6 @@ def saved_none_components(folder: Path) -> dict[str, None]:
     return {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
 
 
-
 # ------------------------------------------------------------------------------------------- tokenizers
 
 
@@ -192,7 +191,11 @@ def _is_complete(folder: Path, key: str) -> bool:
 
 def _digests(folder: Path) -> dict[str, str]:
     """sha256 of every file of a saved pipeline but its stamp (memoised on size, mtime, ctime and inode)."""
-    return {str(f.relative_to(folder)): sha256_file_cached(f) for f in sorted(folder.rglob("*")) if f.is_file() and f.name != _STAMP}
+    return {
+        str(f.relative_to(folder)): sha256_file_cached(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != _STAMP
+    }
 
 
 def _remove(path: Path) -> None:
@@ -220,7 +223,9 @@ def ensure_embedded_pipeline(recipe) -> Path:
         sweep_stale_temps(parent)  # half-built pipelines of killed runs
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".tmp", dir=parent))
     except OSError as err:
-        raise OutputPathError(f"Cannot create the pipeline cache folder: {parent} ({err.strerror or err}). {fix}") from None
+        raise OutputPathError(
+            f"Cannot create the pipeline cache folder: {parent} ({err.strerror or err}). {fix}"
+        ) from None
     try:
         pipe = build_embedded_pipeline(recipe)
         with _quiet_libraries():
@@ -230,7 +235,13 @@ def ensure_embedded_pipeline(recipe) -> Path:
             index = json.loads((tmp / "model_index.json").read_text())
             index.update(index_extras)
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        stamp = {"recipe": recipe.name, "key": key, "versions": _versions(), "builder_version": _BUILDER_VERSION, "files": _digests(tmp)}
+        stamp = {
+            "recipe": recipe.name,
+            "key": key,
+            "versions": _versions(),
+            "builder_version": _BUILDER_VERSION,
+            "files": _digests(tmp),
+        }
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         if final.exists() and not _is_complete(final, key):  # stale or half-broken: move aside, then drop
             trash = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name + "."), suffix=".old", dir=parent))
@@ -248,7 +259,9 @@ def ensure_embedded_pipeline(recipe) -> Path:
             raise
     except OSError as err:
         _remove(tmp)
-        raise OutputPathError(f"Cannot write the pipeline cache folder: {final} ({err.strerror or err}). {fix}") from None
+        raise OutputPathError(
+            f"Cannot write the pipeline cache folder: {final} ({err.strerror or err}). {fix}"
+        ) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -279,4 +292,3 @@ def load_embedded_pipeline(recipe, *, transformer=None, torch_dtype=None):
     kwargs.update(saved_none_components(folder))
     with _quiet_libraries():
         return pipe_cls.from_pretrained(str(folder), **kwargs)
-

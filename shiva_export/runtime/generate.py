@@ -77,8 +77,12 @@ class StageTimes:
         return {
             "text_encode": round(self.text_encode, 3),
             "denoise_loop": round(self.denoise_loop, 3),
-            "transformer": {"total": round(self.transformer_total, 3), "calls": len(ts), "per_step_median": round(med, 3),
-                            "per_phase": {k: {"steps": v["steps"], "ms": round(v["ms"], 3)} for k, v in self.per_phase().items()}},
+            "transformer": {
+                "total": round(self.transformer_total, 3),
+                "calls": len(ts),
+                "per_step_median": round(med, 3),
+                "per_phase": {k: {"steps": v["steps"], "ms": round(v["ms"], 3)} for k, v in self.per_phase().items()},
+            },
             "loop_overhead": round(self.loop_overhead, 3),
             "vae_decode": round(self.vae_decode, 3),
             "postprocess": round(self.postprocess, 3),
@@ -177,7 +181,9 @@ def pipeline_adapter(pipe):
     return getattr(t, "_adapter", None) or get_adapter(t)
 
 
-def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: float, max_sequence_length: int | None) -> None:
+def check_pipeline_call(
+    pipe, *, batch: int, height: int, width: int, guidance: float, max_sequence_length: int | None
+) -> None:
     """Shape contract, before the first step: what the pipeline will feed vs what the graphs were built for."""
     t = pipe.transformer
     adapter = pipeline_adapter(pipe)
@@ -187,9 +193,19 @@ def check_pipeline_call(pipe, *, batch: int, height: int, width: int, guidance: 
         t.check_call(batch * (2 if cfg else 1), height, width, text_len, cfg, where="generate")
 
 
-def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps: int = 28, guidance: float = 4.5, seed: int = 0,
-                 height: int | None = None, width: int | None = None, on_step: Callable[[int], None] | None = None,
-                 extra_call: dict[str, Any] | None = None) -> RunResult:
+def run_pipeline(
+    pipe,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    steps: int = 28,
+    guidance: float = 4.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+    extra_call: dict[str, Any] | None = None,
+) -> RunResult:
     """One prompt through ``pipe`` with stage timings (see :class:`StageTimes`).
 
     The call's keyword arguments come from the architecture adapter (``ModelAdapter.pipeline_call``): a text
@@ -209,21 +225,60 @@ def run_pipeline(pipe, prompt: str, *, negative_prompt: str | None = None, steps
     trace_of(pipe)  # drop calls made before this run
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    kwargs = adapter.pipeline_call(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w,
-                                   max_sequence_length=max_seq, generator=gen) | dict(extra_call or {})
+    kwargs = adapter.pipeline_call(
+        pipe,
+        prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        height=h,
+        width=w,
+        max_sequence_length=max_seq,
+        generator=gen,
+    ) | dict(extra_call or {})
     if extra_call:  # StableDiffusion3ControlNetPipeline samples the control image's VAE posterior from the global RNG
         torch.manual_seed(int(seed))
     out = timed_call(pipe, kwargs, times, store, on_step)
     return RunResult(out.images[0], store.get("latents"), times)
 
 
-def generate_record(*, model: str, backend: str, budget: str, steps: int, guidance: float, cfg: bool, height: int, width: int, device: str,
-                    torch_threads: int, pipeline: dict, controlnet: dict | None, images: list, grid: str | None) -> dict[str, Any]:
+def generate_record(
+    *,
+    model: str,
+    backend: str,
+    budget: str,
+    steps: int,
+    guidance: float,
+    cfg: bool,
+    height: int,
+    width: int,
+    device: str,
+    torch_threads: int,
+    pipeline: dict,
+    controlnet: dict | None,
+    images: list,
+    grid: str | None,
+) -> dict[str, Any]:
     """``generate.json``'s fields, in one place for every writer (one process, Ray Data): a new field is a
     required argument here, so no writer can drift from the others."""
-    return {"tool": f"shiva-export {__version__}", "model": model, "backend": backend, "budget": budget, "steps": steps, "guidance": guidance,
-            "cfg": cfg, "height": height, "width": width, "device": device, "torch_threads": torch_threads, "pipeline": pipeline,
-            "controlnet": controlnet, "images": images, "grid": grid, "versions": package_versions()}
+    return {
+        "tool": f"shiva-export {__version__}",
+        "model": model,
+        "backend": backend,
+        "budget": budget,
+        "steps": steps,
+        "guidance": guidance,
+        "cfg": cfg,
+        "height": height,
+        "width": width,
+        "device": device,
+        "torch_threads": torch_threads,
+        "pipeline": pipeline,
+        "controlnet": controlnet,
+        "images": images,
+        "grid": grid,
+        "versions": package_versions(),
+    }
 
 
 def timed_call(pipe, kwargs: dict[str, Any], times: StageTimes, store: dict, on_step=None):
@@ -292,7 +347,12 @@ def _write_png(path, image):
     return image
 
 
-def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = None, row_labels: Sequence[str] | None = None, pad: int = 4):
+def image_grid(
+    rows: Sequence[Sequence[Any]],
+    labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    pad: int = 4,
+):
     """A PIL grid of PIL images (rows of equal length), with optional column and row labels."""
     from PIL import Image, ImageDraw
 
@@ -321,7 +381,7 @@ def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = Non
 
 def slug(text: str, n: int = 40) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return (s[:n].rstrip("-") or "prompt")
+    return s[:n].rstrip("-") or "prompt"
 
 
 def generate(
@@ -375,10 +435,25 @@ def generate(
     say = progress or (lambda m: None)
 
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(guidance)
-    common = dict(recipe=rec, weights=weights, height=height, width=width, batch=1, cfg=cfg, dtype=dtype, provider=provider,
-                  threads=threads, device=device, artifact_root=artifact_root, progress=say, loras=loras,
-                  controlnet_layers=control.layers if control is not None and backend != "torch" else 0)
-    pipe = load_pipeline(backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, context=context, **common)
+    common = dict(
+        recipe=rec,
+        weights=weights,
+        height=height,
+        width=width,
+        batch=1,
+        cfg=cfg,
+        dtype=dtype,
+        provider=provider,
+        threads=threads,
+        device=device,
+        artifact_root=artifact_root,
+        progress=say,
+        loras=loras,
+        controlnet_layers=control.layers if control is not None and backend != "torch" else 0,
+    )
+    pipe = load_pipeline(
+        backend=backend, ratio=ratio, phases=phases, router=router, artifacts=artifacts, context=context, **common
+    )
     info = pipe.shiva
     dense_pipe = None
     if compare_dense:
@@ -392,21 +467,39 @@ def generate(
         control_call = control.call_kwargs(h, w)
     for pp in (pipe, dense_pipe):  # the static-shape contract, before the first step
         if pp is not None:
-            check_pipeline_call(pp, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=pp.shiva.max_sequence_length)
+            check_pipeline_call(
+                pp, batch=1, height=h, width=w, guidance=guidance, max_sequence_length=pp.shiva.max_sequence_length
+            )
 
-    call = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w, extra_call=control_call)
+    call = dict(
+        negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=h, width=w, extra_call=control_call
+    )
     if dense_pipe is not None:
         _warm_up((pipe, dense_pipe), prompts[0], seed, call, say)
     images = []
     for i, prompt in enumerate(prompts):
         say(f"generate {i + 1}/{len(prompts)}")
-        images.append(_generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{slug(prompt)}", call, step_progress))
+        images.append(
+            _generate_one(pipe, dense_pipe, prompt, seed + i, out / f"{i:03d}-{slug(prompt)}", call, step_progress)
+        )
 
     grid_path = _write_grid(images, out, f"shiva ({backend}, {budget_desc(info)})") if compare_dense else None
-    record = generate_record(model=info.model, backend=backend, budget=budget_desc(info), steps=steps, guidance=guidance, cfg=cfg, height=h,
-                             width=w, device=str(pipe._execution_device), torch_threads=torch.get_num_threads(), pipeline=info.to_dict(),
-                             controlnet=control.to_dict() if control is not None else None, images=images,
-                             grid=str(grid_path) if grid_path else None)
+    record = generate_record(
+        model=info.model,
+        backend=backend,
+        budget=budget_desc(info),
+        steps=steps,
+        guidance=guidance,
+        cfg=cfg,
+        height=h,
+        width=w,
+        device=str(pipe._execution_device),
+        torch_threads=torch.get_num_threads(),
+        pipeline=info.to_dict(),
+        controlnet=control.to_dict() if control is not None else None,
+        images=images,
+        grid=str(grid_path) if grid_path else None,
+    )
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record
@@ -431,7 +524,9 @@ def _write_grid(images: list[dict[str, Any]], out: Path, label: str) -> Path:
 def _check_generate_options(model, recipe, prompts: list, steps, guidance, context):
     """Validates prompts, steps, guidance and context before any output is made: (recipe, steps, guidance)."""
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
+        raise ConfigError(
+            "no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line."
+        )
     rec = generation_recipe(model, recipe)
     steps = rec.pipeline.steps if steps is None else steps
     guidance = rec.pipeline.guidance if guidance is None else guidance
@@ -444,15 +539,23 @@ def _check_generate_options(model, recipe, prompts: list, steps, guidance, conte
     return rec, steps, guidance
 
 
-def _generate_one(pipe, dense_pipe, prompt: str, seed: int, stem: Path, call: dict[str, Any], step_progress) -> dict[str, Any]:
+def _generate_one(
+    pipe, dense_pipe, prompt: str, seed: int, stem: Path, call: dict[str, Any], step_progress
+) -> dict[str, Any]:
     """One prompt through the pipeline (and the dense one): writes ``<stem>.png`` (and ``<stem>.dense.png``), returns its entry."""
     steps = call["steps"]
     tick = (lambda j, _p=prompt: step_progress(_p, j + 1, steps)) if step_progress else None
     res = run_pipeline(pipe, prompt, seed=seed, on_step=tick, **call)
     png = stem.parent / f"{stem.name}.png"
-    entry: dict[str, Any] = {"prompt": prompt, "negative_prompt": call["negative_prompt"], "seed": seed, "png": str(png),
-                             "timings_ms": res.times.to_dict(), "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
-                             "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
+    entry: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": call["negative_prompt"],
+        "seed": seed,
+        "png": str(png),
+        "timings_ms": res.times.to_dict(),
+        "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
+        "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()},
+    }
     pil = _write_png(png, to_pil(res.image))
     if dense_pipe is not None:
         dtick = (lambda j, _p=prompt: step_progress(f"dense: {_p}", j + 1, steps)) if step_progress else None
@@ -475,7 +578,9 @@ def _dense_comparison(res, dres, dpng: Path) -> dict[str, Any]:
         "psnr_db": None if math.isinf(p) else round(p, 3),
         "identical": bool(np.array_equal(res.image, dres.image)),
         "mean_abs_diff": float(np.mean(np.abs(np.asarray(res.image, np.float64) - np.asarray(dres.image, np.float64)))),
-        "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max()) if res.latents is not None else None,
+        "latent_max_abs": float((res.latents.float() - dres.latents.float()).abs().max())
+        if res.latents is not None
+        else None,
         "transformer_speedup": round(dres.times.transformer_total / max(res.times.transformer_total, 1e-9), 4),
         "e2e_speedup": round(dres.times.total / max(res.times.total, 1e-9), 4),
     }

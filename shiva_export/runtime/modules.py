@@ -66,8 +66,18 @@ from shiva_export.prune.schedule import TimestepPhase, call_timestep, check_phas
 __all__ = ["ArtifactPhase", "ShivaArtifactTransformer", "OrtRunner", "TrtRunner", "check_call_shapes", "export_command"]  # noqa: F822
 
 
-def export_command(model: str, phase: TimestepPhase, spec: InputSpec, *, height: int | None = None, width: int | None = None,
-                   batch: int | None = None, text_len: int | None = None, cfg: bool | None = None, dtype: str = "fp32") -> str:
+def export_command(
+    model: str,
+    phase: TimestepPhase,
+    spec: InputSpec,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int | None = None,
+    text_len: int | None = None,
+    cfg: bool | None = None,
+    dtype: str = "fp32",
+) -> str:
     """The ``shiva-export onnx`` command that exports this phase for the given call shapes."""
     budget = f"--phase {phase.name}" if not phase.name.startswith("ratio") else f"--ratio {phase.name[5:]}"
     h = spec.height if height is None else height
@@ -102,7 +112,15 @@ class ArtifactPhase:
     dtype: str = "fp32"
 
 
-def check_call_shapes(ap: ArtifactPhase, batch: int, height_px: int, width_px: int, text_len: int | None, cfg: bool, where: str = "pipeline call") -> None:
+def check_call_shapes(
+    ap: ArtifactPhase,
+    batch: int,
+    height_px: int,
+    width_px: int,
+    text_len: int | None,
+    cfg: bool,
+    where: str = "pipeline call",
+) -> None:
     """Raises :class:`ShapeError` unless a call of ``batch`` model rows, this size, text length and CFG fits ``ap``
     (``text_len`` None: a model without text, not checked)."""
     spec = ap.spec
@@ -117,7 +135,17 @@ def check_call_shapes(ap: ArtifactPhase, batch: int, height_px: int, width_px: i
         if got == want:
             continue
         prompts = batch // 2 if cfg and batch % 2 == 0 else batch
-        fix = export_command(ap.model, ap.phase, spec, height=height_px, width=width_px, batch=prompts, text_len=text_len, cfg=cfg, dtype=ap.dtype)
+        fix = export_command(
+            ap.model,
+            ap.phase,
+            spec,
+            height=height_px,
+            width=width_px,
+            batch=prompts,
+            text_len=text_len,
+            cfg=cfg,
+            dtype=ap.dtype,
+        )
         what = {
             "cfg": f"CFG is {'on' if got else 'off'} ({'guidance_scale > 1' if got else 'guidance_scale <= 1 or skip-layer guidance'}) but the artifact was exported with {'--cfg' if want else '--no-cfg'}",
             "height": f"height is {got} px but the artifact was exported for {want} px",
@@ -192,7 +220,9 @@ class _ArtifactTransformerBase:
         check_phases([p.phase for p in phases], "artifact phases")
         sizes = {(p.spec.height, p.spec.width) for p in phases}
         if len(sizes) != 1:
-            raise ShapeError(f"the phases' artifacts were exported for different image sizes {sorted(sizes)}; export every phase at one size.")
+            raise ShapeError(
+                f"the phases' artifacts were exported for different image sizes {sorted(sizes)}; export every phase at one size."
+            )
         adapter = get_adapter(dict(config) if adapter is None else adapter)
         self._internal_dict = FrozenDict(adapter.artifact_config(dict(config), phases[0].spec))
         self.phases = list(phases)
@@ -227,18 +257,24 @@ class _ArtifactTransformerBase:
             "trace": list(self.trace),
         }
 
-    def check_call(self, batch: int, height_px: int, width_px: int, text_len: int | None, cfg: bool, where: str = "pipeline call") -> None:
+    def check_call(
+        self, batch: int, height_px: int, width_px: int, text_len: int | None, cfg: bool, where: str = "pipeline call"
+    ) -> None:
         """Shape-contract check of a planned call against every phase (run before the first step)."""
         for p in self.phases:
             check_call_shapes(p, batch, height_px, width_px, text_len, cfg, where)
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         if len(args) > len(self._params):
-            raise ConfigError(f"{self._adapter.MODEL_CLASS}.forward takes {len(self._params)} arguments, got {len(args)} positional ones.")
+            raise ConfigError(
+                f"{self._adapter.MODEL_CLASS}.forward takes {len(self._params)} arguments, got {len(args)} positional ones."
+            )
         bound = dict(zip(self._params, args))
         for k, v in kwargs.items():
             if k not in self._params:
-                raise ConfigError(f"{self._adapter.MODEL_CLASS}.forward has no argument {k!r}; the pipeline and the artifact's model do not match.")
+                raise ConfigError(
+                    f"{self._adapter.MODEL_CLASS}.forward has no argument {k!r}; the pipeline and the artifact's model do not match."
+                )
             bound[k] = v
         return bound
 
@@ -250,7 +286,9 @@ class _ArtifactTransformerBase:
         for name, want in self._statics[key].items():
             got = call.get(name)
             if got is None:
-                raise ConfigError(f"{name} is baked into the graph (phase {ap.phase.name!r}) and the call passes none; call the transformer with {name}=.")
+                raise ConfigError(
+                    f"{name} is baked into the graph (phase {ap.phase.name!r}) and the call passes none; call the transformer with {name}=."
+                )
             got = torch.as_tensor(got).detach().to("cpu", torch.float32)
             if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want.to(torch.float32)):
                 what = f"shape {list(got.shape)}" if tuple(got.shape) != tuple(want.shape) else "other values"
@@ -270,17 +308,26 @@ class _ArtifactTransformerBase:
                 continue
             if name == _CONTROLNET_KWARG and all(p.info.get("controlnet_layers") for p in self.phases):
                 continue  # every graph takes the residuals as inputs
-            why = adapter.UNSUPPORTED_CALL_ARGS.get(name, f"{name} is not an input of the static graph; use the torch backend")
+            why = adapter.UNSUPPORTED_CALL_ARGS.get(
+                name, f"{name} is not an input of the static graph; use the torch backend"
+            )
             raise ConfigError(f"{why} (got {name}={_short(value)}).")
         hidden_states = call.get("hidden_states")
         missing = [n for n in names if call.get(n) is None]
         if missing or hidden_states is None:
-            raise ConfigError(f"the static graph needs {', '.join(names)}; the call passes no {', '.join(missing or ['hidden_states'])}.")
+            raise ConfigError(
+                f"the static graph needs {', '.join(names)}; the call passes no {', '.join(missing or ['hidden_states'])}."
+            )
         t = call_timestep(call["timestep"]) * adapter.TIMESTEP_SCALE
         ap = self.phases[phase_index([p.phase for p in self.phases], t)]
         b = int(hidden_states.shape[0])
         # A CFG call is the pipeline's torch.cat([latents] * 2): both halves share the latent bit for bit.
-        cfg = adapter.BATCHED_CFG and b > 0 and b % 2 == 0 and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+        cfg = (
+            adapter.BATCHED_CFG
+            and b > 0
+            and b % 2 == 0
+            and torch.equal(hidden_states[: b // 2], hidden_states[b // 2 :])
+        )
         geo = adapter.call_geometry(self.config, call)
         check_call_shapes(ap, b, geo["height"], geo["width"], geo["text_len"], cfg)
         self._check_statics(ap, call)
@@ -292,12 +339,15 @@ class _ArtifactTransformerBase:
             if len(want) == 1 and v.numel() == 1:  # a per-row scalar given once (timestep of a scalar schedule)
                 v = v.reshape(1).expand(want[0])
             if tuple(v.shape) != want:
-                raise ShapeError(f"pipeline call: {n} has shape {list(v.shape)} but the graph (phase {ap.phase.name!r}) takes {list(want)}; "
-                                 f"export one that fits: {export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}")
+                raise ShapeError(
+                    f"pipeline call: {n} has shape {list(v.shape)} but the graph (phase {ap.phase.name!r}) takes {list(want)}; "
+                    f"export one that fits: {export_command(ap.model, ap.phase, ap.spec, dtype=ap.dtype)}"
+                )
             feed[n] = v
         if ap.info.get("controlnet_layers"):  # graphs with ControlNet inputs (zeros when the call has no ControlNet)
-
-            feed.update(as_feed(call.get(_CONTROLNET_KWARG), int(ap.info["controlnet_layers"]), hidden_states, self.config))
+            feed.update(
+                as_feed(call.get(_CONTROLNET_KWARG), int(ap.info["controlnet_layers"]), hidden_states, self.config)
+            )
         self.trace.append(ap.phase.name)
         out = ap.run(feed).to(device=hidden_states.device, dtype=hidden_states.dtype)
         if not return_dict:
@@ -331,8 +381,14 @@ class OrtRunner:
         self.session = ort_session(self.path, provider=provider, threads=threads)
         self.provider = self.session.get_providers()[0]
         self._types = {i.name: i.type for i in self.session.get_inputs()}
-        self._np = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(int64)": "int64",
-                    "tensor(int32)": "int32", "tensor(bool)": "bool"}
+        self._np = {
+            "tensor(float)": "float32",
+            "tensor(float16)": "float16",
+            "tensor(double)": "float64",
+            "tensor(int64)": "int64",
+            "tensor(int32)": "int32",
+            "tensor(bool)": "bool",
+        }
         #: graphs exported with ``--debug-outputs`` also return ``kept_indices.<block>``; with ``record`` set to
         #: a list, each call appends ``{block: indices}`` (for kept-index agreement checks).
         self.index_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("kept_indices.")]
@@ -351,7 +407,9 @@ class OrtRunner:
         names = ["sample"] + (self.index_outputs if self.record is not None else [])
         outs = self.session.run(names, arrays)
         if self.record is not None:
-            self.record.append({int(n.split(".", 1)[1]): torch.from_numpy(np.asarray(v)) for n, v in zip(names[1:], outs[1:])})
+            self.record.append(
+                {int(n.split(".", 1)[1]): torch.from_numpy(np.asarray(v)) for n, v in zip(names[1:], outs[1:])}
+            )
         return torch.from_numpy(np.asarray(outs[0], dtype=np.float32))
 
 

@@ -56,7 +56,15 @@ from shiva_export.runtime.embedded import ensure_embedded_pipeline, saved_none_c
 from shiva_export.runtime.modules import ArtifactPhase, OrtRunner, TrtRunner
 from shiva_export.utils.io import canonical_json, inside, safe_component, sha256_bytes, sha256_file, verify_onnx_record
 
-__all__ = ["BACKENDS", "ShivaPipelineInfo", "load_pipeline", "shiva_pipeline", "load_diffusers_pipeline", "resolve_phases", "quiet_libraries"]
+__all__ = [
+    "BACKENDS",
+    "ShivaPipelineInfo",
+    "load_pipeline",
+    "shiva_pipeline",
+    "load_diffusers_pipeline",
+    "resolve_phases",
+    "quiet_libraries",
+]
 
 logger = get_logger(__name__)
 
@@ -130,7 +138,13 @@ class ShivaPipelineInfo:
             "phases": [p.to_dict() for p in self.phases],
             "router": self.router,
             "artifacts": self.artifacts,
-            "shapes": {"height": self.height, "width": self.width, "text_len": self.text_len, "batch": self.batch, "cfg": self.cfg},
+            "shapes": {
+                "height": self.height,
+                "width": self.width,
+                "text_len": self.text_len,
+                "batch": self.batch,
+                "cfg": self.cfg,
+            },
             "max_sequence_length": self.max_sequence_length,
             "dtype": self.dtype,
             "loras": self.loras,
@@ -183,8 +197,12 @@ def pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[s
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.is_dir():
-            raise WeightsError(f"--weights {p} is not a folder. Pass a diffusers pipeline folder (model_index.json) or transformer folder (config.json).")
-        if _is_transformer_folder(p):  # the transformer comes from p (sha256-checked by load_transformer), the rest from the model
+            raise WeightsError(
+                f"--weights {p} is not a folder. Pass a diffusers pipeline folder (model_index.json) or transformer folder (config.json)."
+            )
+        if _is_transformer_folder(
+            p
+        ):  # the transformer comes from p (sha256-checked by load_transformer), the rest from the model
             return _components_location(rec)
         if not _is_pipeline_folder(p):
             raise WeightsError(
@@ -192,7 +210,6 @@ def pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[s
                 "pass the folder written by the pipeline's (or transformer's) save_pretrained."
             )
         if rec.model.sha256:  # a recipe bound to its weights (train --dora): the pipeline's transformer must be those
-
             check_weights_sha256(p / "transformer", rec)
         return str(p), True
     if rec.model.source == "local":
@@ -200,14 +217,15 @@ def pipeline_location(rec: Recipe, weights: str | os.PathLike | None) -> tuple[s
             return _components_location(rec)
         folder = rec.local_pipeline_path()
         if rec.model.sha256:  # bound by sha256 (train --dora): the pipeline folder's transformer must be those weights
-
             check_weights_sha256(Path(folder) / "transformer", rec)
         return str(folder), True
     if rec.model.source == "embedded":
         return str(ensure_embedded_pipeline(rec)), True
     repo = rec.pipeline_repo_id()
     if not repo:
-        raise ConfigError(f"{rec.source_path}: no pipeline repo id (pipeline.repo_id or model.repo_id); pass --weights PATH.")
+        raise ConfigError(
+            f"{rec.source_path}: no pipeline repo id (pipeline.repo_id or model.repo_id); pass --weights PATH."
+        )
     return repo, False
 
 
@@ -236,14 +254,18 @@ def pipeline_from_pretrained(location: str, is_local: bool, rec: Recipe, **kwarg
                 break
     reason = str(last).splitlines()[0][:200] if last else "unknown error"
     if is_local:
-        raise WeightsError(f"Cannot load a {adapter.PIPELINE_CLASS} from {location}: {reason}. Is it a diffusers {adapter.NAME} pipeline folder?")
+        raise WeightsError(
+            f"Cannot load a {adapter.PIPELINE_CLASS} from {location}: {reason}. Is it a diffusers {adapter.NAME} pipeline folder?"
+        )
     raise ModelNotFoundError(
         f"Pipeline {location!r} (model {rec.name!r}) is not in the local Hugging Face cache and cannot be downloaded here ({reason}). "
         "Download it elsewhere and pass --weights PATH (a diffusers pipeline folder)."
     )
 
 
-def read_transformer_config(location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer") -> dict[str, Any]:
+def read_transformer_config(
+    location: str, is_local: bool, rec: Recipe, subfolder: str | None = "transformer"
+) -> dict[str, Any]:
     adapter = _adapter_of(rec)
     try:
         with quiet_libraries():
@@ -255,7 +277,9 @@ def read_transformer_config(location: str, is_local: bool, rec: Recipe, subfolde
                 f"Pipeline {location!r} is not in the local Hugging Face cache and cannot be downloaded here ({reason}). "
                 "Download it elsewhere and pass --weights PATH (a diffusers pipeline folder)."
             ) from None
-        raise WeightsError(f"Cannot read transformer/config.json of {location}: {reason}. Pass a diffusers pipeline folder.") from None
+        raise WeightsError(
+            f"Cannot read transformer/config.json of {location}: {reason}. Pass a diffusers pipeline folder."
+        ) from None
     cls = cfg.get("_class_name")
     if cls not in (None, *adapter.config_class_names()):
         raise WeightsError(
@@ -267,7 +291,9 @@ def read_transformer_config(location: str, is_local: bool, rec: Recipe, subfolde
     return cfg
 
 
-def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLike | Recipe | None = None, weights=None, transformer=None):
+def load_diffusers_pipeline(
+    model: str | None = None, *, recipe: str | os.PathLike | Recipe | None = None, weights=None, transformer=None
+):
     """The plain diffusers pipeline of a model (embedded, ``--weights`` folder or cached hub id)."""
     rec = generation_recipe(model, recipe)
     loc, local = pipeline_location(rec, weights)
@@ -277,7 +303,9 @@ def load_diffusers_pipeline(model: str | None = None, *, recipe: str | os.PathLi
 
 def generation_recipe(model: str | None, recipe) -> Recipe:
     """The recipe of a generation run; its architecture must declare a diffusers pipeline (one line if not)."""
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
+    rec = (
+        recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35-tiny"))
+    )
     adapter = _adapter_of(rec)
     if not adapter.PIPELINE_CLASS:
         adapter.pipeline_class()  # raises the one-line ConfigError
@@ -294,21 +322,60 @@ def resolve_phases(rec: Recipe, num_layers: int, ratio: float | None, use_phases
     return (uniform_phase(num_layers, r, rec.routed_blocks(num_layers)),)
 
 
-def _artifact_key(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, dense: bool, context: str = "drop", loras=None,
-                  controlnet_layers: int = 0) -> str:
-    key = export_key_for(rec, weights, None if dense else router, 0.0, dense, spec.to_dict(), dtype, rec.export.opset, False, context, loras,
-                         controlnet_layers)
+def _artifact_key(
+    rec: Recipe,
+    weights,
+    router,
+    phase: TimestepPhase,
+    spec,
+    dtype: str,
+    dense: bool,
+    context: str = "drop",
+    loras=None,
+    controlnet_layers: int = 0,
+) -> str:
+    key = export_key_for(
+        rec,
+        weights,
+        None if dense else router,
+        0.0,
+        dense,
+        spec.to_dict(),
+        dtype,
+        rec.export.opset,
+        False,
+        context,
+        loras,
+        controlnet_layers,
+    )
     key["keep_ratios"] = list(phase.keep_ratios)
     key["t_range"] = [phase.t_start, phase.t_stop]
     return sha256_bytes(canonical_json(key).encode())
 
 
-def _ensure_onnx(rec: Recipe, weights, router, phase: TimestepPhase, spec, dtype: str, root: Path, say, *, dense: bool = False,
-                 use_phases: bool = False, context: str = "drop", bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
+def _ensure_onnx(
+    rec: Recipe,
+    weights,
+    router,
+    phase: TimestepPhase,
+    spec,
+    dtype: str,
+    root: Path,
+    say,
+    *,
+    dense: bool = False,
+    use_phases: bool = False,
+    context: str = "drop",
+    bucket: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
+) -> dict[str, Any]:
     """Exports (or reuses, by content key: a context-keep graph is never reused for drop) the ONNX of one phase,
     or of the dense reference, under ``<root>/<model>[/<W>x<H>]/runtime/``; returns its provenance."""
     key = _artifact_key(rec, weights, router, phase, spec, dtype, dense, context, loras, controlnet_layers)
-    folder = root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
+    folder = (
+        root / rec.name / (bucket or "") / "runtime" / f"{safe_component(phase.name, 'phase name')}-{dtype}-{key[:12]}"
+    )
     path = inside(root, folder / "model.onnx", "runtime ONNX")
     status = "cached"
     meta = None
@@ -378,10 +445,14 @@ def _check_artifact_record(p: Path) -> None:
     """An --artifact graph runs only while it is byte for byte what `shiva-export onnx` wrote (its sha256 record)."""
     why = verify_onnx_record(p)
     if why is not None:
-        raise ConfigError(f"--artifact {p} cannot be trusted: {why}. Re-export it with `shiva-export onnx` (and keep the .sha256.json beside it).")
+        raise ConfigError(
+            f"--artifact {p} cannot be trusted: {why}. Re-export it with `shiva-export onnx` (and keep the .sha256.json beside it)."
+        )
 
 
-def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say) -> list[tuple[TimestepPhase, Any, dict]]:
+def _open_artifacts(
+    artifacts: Sequence[str | os.PathLike], backend: str, config: dict[str, Any], say
+) -> list[tuple[TimestepPhase, Any, dict]]:
     """User-given artifacts (ONNX files or engine folders): phases read from their metadata."""
     out = []
     for a in artifacts:
@@ -392,13 +463,21 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
             op = Path(man.onnx_path) if man.onnx_path else Path("model.onnx")
             onnx_path = op if op.is_absolute() else plan.parent / op
             meta = read_shiva_metadata(onnx_path) if onnx_path.is_file() else {}
-            info = {"engine": str(plan.parent), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256, "backend": man.backend, "backend_version": man.backend_version}
+            info = {
+                "engine": str(plan.parent),
+                "engine_sha256": man.engine_sha256,
+                "onnx_sha256": man.onnx_sha256,
+                "backend": man.backend,
+                "backend_version": man.backend_version,
+            }
         else:
             meta = read_shiva_metadata(p, require=True, what="--artifact")
             _check_artifact_record(p)
             info = {"onnx": str(p), "onnx_sha256": sha256_file(p)}
         if "input_spec" not in meta or "model" not in meta:
-            raise ConfigError(f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it.")
+            raise ConfigError(
+                f"--artifact {p} carries no shiva.* metadata, so it was not written by `shiva-export onnx`; export one with it."
+            )
         want = meta.get("model_config_sha256")
         if want and want != _config_hash(config):
             raise ConfigError(
@@ -409,12 +488,23 @@ def _open_artifacts(artifacts: Sequence[str | os.PathLike], backend: str, config
         n_layers = get_adapter(config).config_num_blocks(config)
         keep = meta.get("keep_ratios") or [None] * n_layers
 
-        name = safe_component(meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}", f"--artifact {p}: shiva.phase")
-        phase = TimestepPhase(str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep))
+        name = safe_component(
+            meta.get("phase") or f"ratio{float(meta.get('ratio', 0.0)):.2f}", f"--artifact {p}: shiva.phase"
+        )
+        phase = TimestepPhase(
+            str(name), float(meta.get("t_start", 1000.0)), float(meta.get("t_stop", 0.0)), tuple(keep)
+        )
         spec = InputSpec(**meta["input_spec"])
-        info.update(phase=phase.name, k_per_block=meta.get("k_per_block"), router_sha256=meta.get("router_sha256"), input_spec=meta["input_spec"], status="given",
-                    loras=meta.get("loras"), controlnet_layers=int(meta.get("controlnet_layers") or 0),
-                    context=None if meta.get("dense") else (meta.get("context") or "drop"))  # exports before the option dropped
+        info.update(
+            phase=phase.name,
+            k_per_block=meta.get("k_per_block"),
+            router_sha256=meta.get("router_sha256"),
+            input_spec=meta["input_spec"],
+            status="given",
+            loras=meta.get("loras"),
+            controlnet_layers=int(meta.get("controlnet_layers") or 0),
+            context=None if meta.get("dense") else (meta.get("context") or "drop"),
+        )  # exports before the option dropped
         out.append((phase, spec, info, meta))
     out.sort(key=lambda x: -x[0].t_start)
     return out
@@ -506,10 +596,14 @@ def load_pipeline(
     else:
         spec = InputSpec(batch=batch, height=h, width=w, text_len=rec.shapes.text_len, cfg=cfg)
         graphs = _Graphs(backend, dtype, provider, threads, Path(artifact_root), loras, controlnet_layers)
-        pipe, aps, ctx = _artifact_pipeline(src, spec, graphs, artifacts, weights, router, ratio, phases, dense, context, ctx, say)
+        pipe, aps, ctx = _artifact_pipeline(
+            src, spec, graphs, artifacts, weights, router, ratio, phases, dense, context, ctx, say
+        )
         phase_list = tuple(a.phase for a in aps)
         artifacts_info = [a.info for a in aps]
-        router_info = {"router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})}
+        router_info = {
+            "router_sha256": sorted({a.info.get("router_sha256") for a in aps if a.info.get("router_sha256")})
+        }
         text_len = aps[0].spec.text_len
         h, w, batch, cfg = aps[0].spec.height, aps[0].spec.width, aps[0].spec.batch, aps[0].spec.cfg
         info_kwargs["dtype"] = aps[0].dtype
@@ -517,9 +611,22 @@ def load_pipeline(
     _place(pipe, device, dtype if backend == "torch" else "fp32", dense)
     pipe.set_progress_bar_config(disable=True)
     pipe.shiva = ShivaPipelineInfo(
-        model=rec.name, backend=backend, recipe=rec, phases=phase_list, dense=dense, pipeline_source=src.loc, artifacts=artifacts_info,
-        router=router_info, max_sequence_length=max_seq, text_len=text_len, height=h, width=w, batch=batch, cfg=cfg,
-        context=None if dense else ctx, **info_kwargs,
+        model=rec.name,
+        backend=backend,
+        recipe=rec,
+        phases=phase_list,
+        dense=dense,
+        pipeline_source=src.loc,
+        artifacts=artifacts_info,
+        router=router_info,
+        max_sequence_length=max_seq,
+        text_len=text_len,
+        height=h,
+        width=w,
+        batch=batch,
+        cfg=cfg,
+        context=None if dense else ctx,
+        **info_kwargs,
     )
     return pipe
 
@@ -544,8 +651,14 @@ class _Source:
 
 def _pipeline_source(rec: Recipe, adapter, weights) -> _Source:
     loc, local = pipeline_location(rec, weights)
-    tf_dir = _transformer_folder(rec, weights)  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
-    config = read_transformer_config(str(tf_dir), True, rec, subfolder=None) if tf_dir else read_transformer_config(loc, local, rec)
+    tf_dir = _transformer_folder(
+        rec, weights
+    )  # a transformer folder (--weights, or train --dora's) runs in the model's pipeline
+    config = (
+        read_transformer_config(str(tf_dir), True, rec, subfolder=None)
+        if tf_dir
+        else read_transformer_config(loc, local, rec)
+    )
     return _Source(rec, adapter, loc, local, tf_dir, config)
 
 
@@ -581,7 +694,9 @@ def _place(pipe, device: str, torch_dtype_name: str, dense: bool) -> None:
             pipe.transformer.shiva_routers.to(torch.float32)
 
 
-def _check_pipeline_options(backend: str, dtype: str, device: str, dense: bool = False, ratio=None, phases: bool = False, context=None) -> None:
+def _check_pipeline_options(
+    backend: str, dtype: str, device: str, dense: bool = False, ratio=None, phases: bool = False, context=None
+) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
     if dtype not in ("fp32", "fp16", "bf16"):
@@ -592,7 +707,9 @@ def _check_pipeline_options(backend: str, dtype: str, device: str, dense: bool =
         import torch
 
         if not torch.cuda.is_available():
-            raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+            raise HardwareError(
+                "--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu."
+            )
     if dense and (ratio not in (None, 0.0) or phases):
         raise ConfigError("a dense pipeline prunes nothing; drop --ratio/--phases or dense.")
     if dense and context == "keep":
@@ -603,12 +720,10 @@ def _torch_pipeline(src: _Source, router, ratio, phases: bool, dense: bool, cfg:
     """The model's pipeline with its own transformer, LoRAs loaded (unfused), routed in place: (pipe, phases, router info)."""
     rec, own = src.rec, {}
     if src.tf_dir is not None:  # loaded as `onnx --weights` loads it: sha256-checked against a bound recipe
-
         own["transformer"] = load_transformer(recipe=rec, weights=src.tf_dir)
     pipe = pipeline_from_pretrained(src.loc, src.local, rec, **own)
     src.adapter.check_pipeline(pipe, rec)
     if not own:  # a transformer loaded with the pipeline (load_transformer checks its own)
-
         check_finite(pipe.transformer.state_dict(), f"transformer weights in {src.loc}", WeightsError)
 
     load_loras_(pipe.transformer, loras or ())  # unfused, before routing: the routed blocks run the peft layers
@@ -618,8 +733,20 @@ def _torch_pipeline(src: _Source, router, ratio, phases: bool, dense: bool, cfg:
     return pipe, phase_list, _apply_torch(pipe.transformer, rec, router, phase_list, cfg, ctx)
 
 
-def _artifact_pipeline(src: _Source, spec: InputSpec, graphs: _Graphs, artifacts, weights, router, ratio, phases: bool, dense: bool,
-                       context: str | None, ctx: str, say):
+def _artifact_pipeline(
+    src: _Source,
+    spec: InputSpec,
+    graphs: _Graphs,
+    artifacts,
+    weights,
+    router,
+    ratio,
+    phases: bool,
+    dense: bool,
+    context: str | None,
+    ctx: str,
+    say,
+):
     """The model's pipeline around a ShivaArtifactTransformer over the given graphs or engines, else over the cached
     ones (exported or built on first use), one per phase: (pipe, artifact phases, their context)."""
     from shiva_export.runtime.modules import (
@@ -630,7 +757,11 @@ def _artifact_pipeline(src: _Source, spec: InputSpec, graphs: _Graphs, artifacts
         aps, ctx = _opened_phases(artifacts, graphs, src.config, src.rec, context, say)
     else:
         n_layers = src.n_layers
-        phase_list = (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),) if dense else resolve_phases(src.rec, n_layers, ratio, phases)
+        phase_list = (
+            (TimestepPhase("dense", 1000.0, 0.0, (None,) * n_layers),)
+            if dense
+            else resolve_phases(src.rec, n_layers, ratio, phases)
+        )
         aps = _built_phases(src.rec, weights, router, phase_list, spec, graphs, dense, phases, ctx, say)
     module = ShivaArtifactTransformer(src.config, aps, graphs.backend, adapter=src.adapter)
     pipe = pipeline_from_pretrained(src.loc, src.local, src.rec, transformer=module)
@@ -644,11 +775,16 @@ def _opened_phases(artifacts, graphs: _Graphs, config, rec: Recipe, context, say
     opened = _open_artifacts(artifacts, graphs.backend, config, say)
     ctx = _artifacts_context(opened, context)
     _check_artifact_loras(opened, graphs.loras)
-    aps = [ArtifactPhase(phase, aspec, graphs.runner(info), info, rec.name, graphs.dtype) for phase, aspec, info, _meta in opened]
+    aps = [
+        ArtifactPhase(phase, aspec, graphs.runner(info), info, rec.name, graphs.dtype)
+        for phase, aspec, info, _meta in opened
+    ]
     return aps, ctx
 
 
-def _built_phases(rec, weights, router, phase_list, spec, graphs: _Graphs, dense: bool, use_phases: bool, ctx: str, say) -> list:
+def _built_phases(
+    rec, weights, router, phase_list, spec, graphs: _Graphs, dense: bool, use_phases: bool, ctx: str, say
+) -> list:
     """One runner per phase over the cached graph (``ort``) or engine (``trt``), exported or built on first use, in the
     ``<W>x<H>`` folder of a resolution bucket where the model has buckets."""
     bucket = pick_bucket(rec, graphs.root, spec.height, spec.width)  # a model with buckets runs only at their sizes
@@ -656,16 +792,46 @@ def _built_phases(rec, weights, router, phase_list, spec, graphs: _Graphs, dense
     aps = []
     for phase in phase_list:
         if graphs.backend == "ort":
-            info = _ensure_onnx(rec, weights, router, phase, spec, graphs.dtype, graphs.root, say, dense=dense, use_phases=use_phases, context=ctx,
-                                bucket=bucket, loras=loras, controlnet_layers=cn_layers)
+            info = _ensure_onnx(
+                rec,
+                weights,
+                router,
+                phase,
+                spec,
+                graphs.dtype,
+                graphs.root,
+                say,
+                dense=dense,
+                use_phases=use_phases,
+                context=ctx,
+                bucket=bucket,
+                loras=loras,
+                controlnet_layers=cn_layers,
+            )
         else:
-            info = _ensure_engine(rec, weights, router, phase, spec, graphs.dtype, graphs.root, dense, use_phases, say, ctx, bucket, loras, cn_layers)
+            info = _ensure_engine(
+                rec,
+                weights,
+                router,
+                phase,
+                spec,
+                graphs.dtype,
+                graphs.root,
+                dense,
+                use_phases,
+                say,
+                ctx,
+                bucket,
+                loras,
+                cn_layers,
+            )
         aps.append(ArtifactPhase(phase, spec, graphs.runner(info), info, rec.name, graphs.dtype))
     return aps
 
 
 def _check_artifact_loras(opened, loras) -> None:
     """Given graphs carry their LoRAs fused: they must be exactly the requested ones (files by sha256, and scales)."""
+
     def strip(rows):  # the file name is only a label
         return [(r.get("sha256"), r.get("scale")) for r in rows or []]
 
@@ -673,18 +839,24 @@ def _check_artifact_loras(opened, loras) -> None:
     for _p, _s, info, _m in opened:
         if strip(info.get("loras")) != strip(want):
             got = ", ".join(f"{r.get('file')}@{r.get('scale')}" for r in info.get("loras") or []) or "none"
-            raise ConfigError(f"--artifact {info.get('onnx') or info.get('engine')} was exported with LoRAs [{got}], not the --lora/--lora-scale given; "
-                              "export it with these LoRAs (or drop --artifact to export on demand).")
+            raise ConfigError(
+                f"--artifact {info.get('onnx') or info.get('engine')} was exported with LoRAs [{got}], not the --lora/--lora-scale given; "
+                "export it with these LoRAs (or drop --artifact to export on demand)."
+            )
 
 
 def _artifacts_context(opened, context: str | None) -> str:
     """The context the given artifacts were exported with (all the same), checked against ``context`` when given."""
     found = {info.get("context") for _p, _s, info, _m in opened} - {None}
     if len(found) > 1:
-        raise ConfigError(f"--artifact graphs were exported with different contexts ({', '.join(sorted(found))}); pass graphs of one context.")
+        raise ConfigError(
+            f"--artifact graphs were exported with different contexts ({', '.join(sorted(found))}); pass graphs of one context."
+        )
     got = found.pop() if found else None
     if context is not None and got is not None and got != context:
-        raise ConfigError(f"--context {context} but the --artifact graphs were exported with context {got!r}; export them with --context {context}.")
+        raise ConfigError(
+            f"--context {context} but the --artifact graphs were exported with context {got!r}; export them with --context {context}."
+        )
     return got if got is not None else ("drop" if context is None else context)
 
 
@@ -696,7 +868,13 @@ def config_obj(config: dict[str, Any]):
 
 
 def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, context: str = "drop") -> dict[str, Any]:
-    config = ShivaConfig(phase_list[0].keep_ratios, cfg=cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size, context=context)
+    config = ShivaConfig(
+        phase_list[0].keep_ratios,
+        cfg=cfg,
+        bottleneck=rec.router.bottleneck,
+        group_size=rec.router.group_size,
+        context=context,
+    )
     rc = config.router_config(*router_dims(transformer))
     bank, info = resolve_router(rec, router, rc)
     bank = apply_shiva_(transformer, config, routers=bank, seed=rec.router.seed)
@@ -705,30 +883,78 @@ def _apply_torch(transformer, rec: Recipe, router, phase_list, cfg: bool, contex
     return info
 
 
-def _ensure_engine(rec, weights, router, phase, spec, dtype, root: Path, dense: bool, use_phases: bool, say, context: str = "drop",
-                   bucket: str | None = None, loras=None, controlnet_layers: int = 0) -> dict[str, Any]:
+def _ensure_engine(
+    rec,
+    weights,
+    router,
+    phase,
+    spec,
+    dtype,
+    root: Path,
+    dense: bool,
+    use_phases: bool,
+    say,
+    context: str = "drop",
+    bucket: str | None = None,
+    loras=None,
+    controlnet_layers: int = 0,
+) -> dict[str, Any]:
     """Builds (or reuses) the engine of a fixed-ratio or learned phase with ``build_engines``: the folders
     ``shiva-export trt [--size WxH] [--phases]`` writes."""
     size = {"sizes": [bucket]} if bucket else {"height": spec.height, "width": spec.width}
     if use_phases and not dense:
         budget: dict[str, Any] = {"phases": [phase.name], "dense": False}
     else:
-        budget = {"ratios": [0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)], "dense": dense}
+        budget = {
+            "ratios": [0.0 if dense else 1.0 - next(x for x in phase.keep_ratios if x is not None)],
+            "dense": dense,
+        }
     say(f"engine ({phase.name})")
-    builds = build_engines(recipe=rec, weights=weights, router=router, dtype=dtype, batch=spec.batch, text_len=spec.text_len, cfg=spec.cfg,
-                           out_dir=root, context=None if dense else context, loras=loras, controlnet_layers=controlnet_layers, **size, **budget)
+    builds = build_engines(
+        recipe=rec,
+        weights=weights,
+        router=router,
+        dtype=dtype,
+        batch=spec.batch,
+        text_len=spec.text_len,
+        cfg=spec.cfg,
+        out_dir=root,
+        context=None if dense else context,
+        loras=loras,
+        controlnet_layers=controlnet_layers,
+        **size,
+        **budget,
+    )
     b = builds[-1]
     if b.status == "failed" or b.plan_path is None:
         raise EngineBuildError(f"engine for {phase.name} did not build: {b.error}")
 
     man = read_manifest(manifest_path_for(b.plan_path))
-    return {"phase": phase.name, "engine": str(b.out_dir), "engine_sha256": man.engine_sha256, "onnx_sha256": man.onnx_sha256,
-            "status": b.status, "k_per_block": b.per_block_k, "backend": man.backend, "backend_version": man.backend_version,
-            "loras": (man.export_key or {}).get("loras"), "controlnet_layers": int((man.export_key or {}).get("controlnet_layers") or 0)}
+    return {
+        "phase": phase.name,
+        "engine": str(b.out_dir),
+        "engine_sha256": man.engine_sha256,
+        "onnx_sha256": man.onnx_sha256,
+        "status": b.status,
+        "k_per_block": b.per_block_k,
+        "backend": man.backend,
+        "backend_version": man.backend_version,
+        "loras": (man.export_key or {}).get("loras"),
+        "controlnet_layers": int((man.export_key or {}).get("controlnet_layers") or 0),
+    }
 
 
-def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | Recipe, ratio: float | None = None, phases: bool = False,
-                   router: str | os.PathLike | None = None, cfg: bool = True, context: str | None = None):
+def shiva_pipeline(
+    pipe,
+    *,
+    backend: str = "torch",
+    recipe: str | os.PathLike | Recipe,
+    ratio: float | None = None,
+    phases: bool = False,
+    router: str | os.PathLike | None = None,
+    cfg: bool = True,
+    context: str | None = None,
+):
     """Prunes the transformer of a pipeline the user already loaded (``torch`` backend, in place); ``context`` as
     in :func:`load_pipeline`.
 
@@ -743,15 +969,27 @@ def shiva_pipeline(pipe, *, backend: str = "torch", recipe: str | os.PathLike | 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     adapter = get_adapter(pipe.transformer)
     if adapter.NAME != rec.architecture:
-        raise ConfigError(f"the pipeline's transformer is a {adapter.MODEL_CLASS}, recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe.")
+        raise ConfigError(
+            f"the pipeline's transformer is a {adapter.MODEL_CLASS}, recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe."
+        )
     ctx = adapter.check_context(rec.prune.context if context is None else context)
     n_layers = adapter.num_blocks(pipe.transformer)
     phase_list = resolve_phases(rec, n_layers, ratio, phases)
     router_info = _apply_torch(pipe.transformer, rec, router, phase_list, cfg and adapter.BATCHED_CFG, ctx)
     text_len = rec.shapes.text_len
     pipe.shiva = ShivaPipelineInfo(
-        model=rec.name, backend="torch", recipe=rec, phases=phase_list, dense=False, pipeline_source="(user pipeline)", router=router_info,
-        max_sequence_length=adapter.max_sequence_length(pipe, text_len), text_len=text_len, height=rec.shapes.height,
-        width=rec.shapes.width, cfg=cfg and adapter.BATCHED_CFG, context=ctx,
+        model=rec.name,
+        backend="torch",
+        recipe=rec,
+        phases=phase_list,
+        dense=False,
+        pipeline_source="(user pipeline)",
+        router=router_info,
+        max_sequence_length=adapter.max_sequence_length(pipe, text_len),
+        text_len=text_len,
+        height=rec.shapes.height,
+        width=rec.shapes.width,
+        cfg=cfg and adapter.BATCHED_CFG,
+        context=ctx,
     )
     return pipe

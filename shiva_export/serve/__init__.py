@@ -29,5 +29,7 @@ def require_ray(purpose: str):
         import ray
         import ray.serve  # noqa: F401 - the extra installs both; a partial install fails here, not mid-run
     except ImportError as err:
-        raise MissingDependencyError(f"Optional package 'ray' is needed for {purpose} but cannot be imported ({err}). Install it: {RAY_INSTALL}.") from None
+        raise MissingDependencyError(
+            f"Optional package 'ray' is needed for {purpose} but cannot be imported ({err}). Install it: {RAY_INSTALL}."
+        ) from None
     return ray

@@ -45,7 +45,12 @@ def deployment_options(opts: ServeOptions) -> dict[str, Any]:
     }
     if opts.autoscale:
         lo, hi = opts.autoscale
-        out["autoscaling_config"] = {"min_replicas": lo, "initial_replicas": lo, "max_replicas": hi, "target_ongoing_requests": opts.batch}
+        out["autoscaling_config"] = {
+            "min_replicas": lo,
+            "initial_replicas": lo,
+            "max_replicas": hi,
+            "target_ongoing_requests": opts.batch,
+        }
     else:
         out["num_replicas"] = opts.replicas
     return out
@@ -61,7 +66,13 @@ def serve_config(opts: ServeOptions) -> dict[str, Any]:
         "proxy_location": "EveryNode",
         "http_options": http_options(opts),
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": opts.to_args(), "deployments": [deployment_options(opts)]}
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": opts.to_args(),
+                "deployments": [deployment_options(opts)],
+            }
         ],
     }
 
@@ -114,10 +125,15 @@ def _deployment_class():
                 logger.error("request %s failed: %s: %s", rid, type(res).__name__, res)
                 self.metrics["failed"].inc()
                 msg = str(res).splitlines()[0] if str(res) else ""
-                return JSONResponse({"error": f"internal error in the replica: {type(res).__name__}: {msg}", "request_id": rid}, status_code=500)
+                return JSONResponse(
+                    {"error": f"internal error in the replica: {type(res).__name__}: {msg}", "request_id": rid},
+                    status_code=500,
+                )
             self.metrics["images"].inc()
             record = dict(res["record"], request_id=rid)
-            return JSONResponse({"image_png_base64": base64.b64encode(res["png"]).decode("ascii"), "record": record, "request_id": rid})
+            return JSONResponse(
+                {"image_png_base64": base64.b64encode(res["png"]).decode("ascii"), "record": record, "request_id": rid}
+            )
 
         @api.get("/healthz")
         async def healthz(self):
@@ -168,6 +184,12 @@ def _metrics() -> dict[str, Any]:
     return {
         "images": Counter("shiva_serve_images", description="Images returned (HTTP 200)."),
         "failed": Counter("shiva_serve_failed", description="Requests failed inside a replica (HTTP 500)."),
-        "rejected": Counter("shiva_serve_rejected", description="Requests refused (HTTP 4xx), by field.", tag_keys=("field",)),
-        "batch": Histogram("shiva_serve_batch_size", description="Requests per batched pipeline call.", boundaries=[1, 2, 4, 8, 16, 32, 64]),
+        "rejected": Counter(
+            "shiva_serve_rejected", description="Requests refused (HTTP 4xx), by field.", tag_keys=("field",)
+        ),
+        "batch": Histogram(
+            "shiva_serve_batch_size",
+            description="Requests per batched pipeline call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        ),
     }

@@ -39,12 +39,18 @@ def _attempt(url: str, data: bytes, timeout: float) -> tuple[int | None, dict[st
         except ValueError:
             body = {"error": raw.decode("utf-8", "replace")[:200]}
         ours = isinstance(body, dict) and "request_id" in body
-        return e.code, body if isinstance(body, dict) else {"error": str(body)}, e.code in (502, 503, 504) or (e.code == 500 and not ours)
+        return (
+            e.code,
+            body if isinstance(body, dict) else {"error": str(body)},
+            e.code in (502, 503, 504) or (e.code == 500 and not ours),
+        )
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
         return None, {"error": f"{type(e).__name__}: {e}"}, True
 
 
-def post_generate(base_url: str, body: dict[str, Any], *, retries: int = 5, timeout: float = 120.0, backoff: float = 0.5) -> Reply:
+def post_generate(
+    base_url: str, body: dict[str, Any], *, retries: int = 5, timeout: float = 120.0, backoff: float = 0.5
+) -> Reply:
     """POSTs ``body`` to ``base_url/generate``, retrying connection errors and lost replicas at most ``retries`` times."""
     data = json.dumps(body).encode()
     t0 = time.perf_counter()

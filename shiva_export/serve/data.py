@@ -53,7 +53,9 @@ class _GenerateActor:
         self.run, self.error = run, ""
         try:
             self.pipe = load_pipeline(batch=1, **pipeline_kwargs(**load))
-        except ShivaError as err:  # a user error: reported as a row, so the driver raises it in one line (Ray would retry the actor)
+        except (
+            ShivaError
+        ) as err:  # a user error: reported as a row, so the driver raises it in one line (Ray would retry the actor)
             self.error = _error_text(err)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -76,13 +78,32 @@ class _GenerateActor:
         r, info = self.run, self.pipe.shiva
         h = info.height if r["height"] is None else r["height"]
         w = info.width if r["width"] is None else r["width"]
-        res = run_pipeline(self.pipe, prompt, negative_prompt=r["negative_prompt"], steps=r["steps"], guidance=r["guidance"], seed=r["seed"] + i,
-                           height=h, width=w)
-        entry = {"prompt": prompt, "negative_prompt": r["negative_prompt"], "seed": r["seed"] + i, "timings_ms": res.times.to_dict(),
-                 "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
-                 "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()}}
-        head = {"pipeline": info.to_dict(), "device": str(self.pipe._execution_device), "torch_threads": torch.get_num_threads(),
-                "height": h, "width": w, "budget": _budget(info)}
+        res = run_pipeline(
+            self.pipe,
+            prompt,
+            negative_prompt=r["negative_prompt"],
+            steps=r["steps"],
+            guidance=r["guidance"],
+            seed=r["seed"] + i,
+            height=h,
+            width=w,
+        )
+        entry = {
+            "prompt": prompt,
+            "negative_prompt": r["negative_prompt"],
+            "seed": r["seed"] + i,
+            "timings_ms": res.times.to_dict(),
+            "phase_trace": "".join(n[0].upper() for n in res.times.phase_trace),
+            "phase_steps": {k: v["steps"] for k, v in res.times.per_phase().items()},
+        }
+        head = {
+            "pipeline": info.to_dict(),
+            "device": str(self.pipe._execution_device),
+            "torch_threads": torch.get_num_threads(),
+            "height": h,
+            "width": w,
+            "budget": _budget(info),
+        }
         return png_bytes(res.image), json.dumps(entry), json.dumps(head, default=str)
 
 
@@ -107,7 +128,12 @@ def _name(i: int, prompt: str) -> str:
 
 def _run_key(load: dict[str, Any], run: dict[str, Any], out: Path) -> str:
     rec = generation_recipe(load["model"], load["recipe"])
-    key = {"recipe": recipe_hash(rec), "load": {k: str(v) for k, v in load.items()}, "run": run, "out": str(out.resolve())}
+    key = {
+        "recipe": recipe_hash(rec),
+        "load": {k: str(v) for k, v in load.items()},
+        "run": run,
+        "out": str(out.resolve()),
+    }
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
 
 
@@ -123,17 +149,28 @@ def _finished(state: Path, out: Path, prompts: Sequence[str], seed: int) -> dict
         except (OSError, ValueError):
             continue
         png = out / f"{_name(i, prompt)}.png"
-        if s.get("entry", {}).get("prompt") == prompt and s["entry"].get("seed") == seed + i and png.is_file() and sha256_file(png) == s.get("png_sha256"):
+        if (
+            s.get("entry", {}).get("prompt") == prompt
+            and s["entry"].get("seed") == seed + i
+            and png.is_file()
+            and sha256_file(png) == s.get("png_sha256")
+        ):
             done[i] = s
     return done
 
 
-def _check(prompts: Sequence[str], steps: int | None, guidance: float | None, replicas: int, compare_dense: bool) -> None:
+def _check(
+    prompts: Sequence[str], steps: int | None, guidance: float | None, replicas: int, compare_dense: bool
+) -> None:
     """generate's own checks, before Ray starts."""
     if compare_dense:
-        raise ConfigError("--compare-dense runs two pipelines per image in one process; drop --ray (or --compare-dense).")
+        raise ConfigError(
+            "--compare-dense runs two pipelines per image in one process; drop --ray (or --compare-dense)."
+        )
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line.")
+        raise ConfigError(
+            "no prompt given (or an empty one); pass --prompt TEXT (repeatable) or --prompts FILE with one prompt per line."
+        )
     if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 1000):
         raise ConfigError(f"--steps {steps} is out of range; expected 1..1000.")
     if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
@@ -142,12 +179,36 @@ def _check(prompts: Sequence[str], steps: int | None, guidance: float | None, re
         raise ConfigError(f"--replicas {replicas!r} is out of range; expected a whole number in 1..1024.")
 
 
-def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas: int = 1, model: str | None = None, recipe=None, weights=None,
-                 router=None, backend: str = "torch", ratio: float | None = None, phases: bool = False, artifacts=None, context: str | None = None,
-                 negative_prompt: str | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
-                 height: int | None = None, width: int | None = None, dtype: str = "fp32", provider: str = "cpu", threads: int | None = None,
-                 device: str = "cpu", artifact_root: str | os.PathLike = "engines", compare_dense: bool = False, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def generate_ray(
+    *,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    replicas: int = 1,
+    model: str | None = None,
+    recipe=None,
+    weights=None,
+    router=None,
+    backend: str = "torch",
+    ratio: float | None = None,
+    phases: bool = False,
+    artifacts=None,
+    context: str | None = None,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: str = "fp32",
+    provider: str = "cpu",
+    threads: int | None = None,
+    device: str = "cpu",
+    artifact_root: str | os.PathLike = "engines",
+    compare_dense: bool = False,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """What :func:`~shiva_export.runtime.generate.generate` does, over ``replicas`` Ray Data actors; returns the record
     written to ``generate.json``. ``progress(done, total)`` after each image (skipped ones count as done)."""
     prompts = list(prompts)
@@ -157,10 +218,24 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
     guidance = rec.pipeline.guidance if guidance is None else guidance
     out = Path(out_dir)
     check_writable(out / "generate.json", "--out folder")
-    load = dict(model=model, recipe=None if recipe is None else str(Path(recipe).resolve()), weights=None if weights is None else str(Path(weights).resolve()),
-                router=None if router is None else str(Path(router).resolve()), backend=backend, ratio=ratio, phases=phases,
-                artifacts=[str(Path(a).resolve()) for a in artifacts or []], context=context, dtype=dtype, device=device, provider=provider,
-                threads=threads, artifact_root=str(Path(artifact_root).resolve()), height=height, width=width)
+    load = dict(
+        model=model,
+        recipe=None if recipe is None else str(Path(recipe).resolve()),
+        weights=None if weights is None else str(Path(weights).resolve()),
+        router=None if router is None else str(Path(router).resolve()),
+        backend=backend,
+        ratio=ratio,
+        phases=phases,
+        artifacts=[str(Path(a).resolve()) for a in artifacts or []],
+        context=context,
+        dtype=dtype,
+        device=device,
+        provider=provider,
+        threads=threads,
+        artifact_root=str(Path(artifact_root).resolve()),
+        height=height,
+        width=width,
+    )
     run = dict(negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, height=height, width=width)
     state = cache_root() / "ray-generate" / _run_key(load, run, out)
     done = _finished(state, out, prompts, seed)
@@ -174,7 +249,11 @@ def generate_ray(*, prompts: Sequence[str], out_dir: str | os.PathLike, replicas
             i = int(row["index"])
             png = bytes(row["png"])
             atomic_write_bytes(out / f"{_name(i, prompts[i])}.png", png)
-            s = {"entry": json.loads(row["entry"]), "head": json.loads(row["head"]), "png_sha256": hashlib.sha256(png).hexdigest()}
+            s = {
+                "entry": json.loads(row["entry"]),
+                "head": json.loads(row["head"]),
+                "png_sha256": hashlib.sha256(png).hexdigest(),
+            }
             atomic_write_json(state / f"{i:06d}.json", s)
             done[i] = s
             tick(len(done), len(prompts))
@@ -195,12 +274,21 @@ def _map(pending: list[dict[str, Any]], load, run, replicas: int, num_cpus: floa
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's execution-plan INFO lines
     ds = ray_data.from_items(pending, override_num_blocks=len(pending))
-    ds = ds.map_batches(_GenerateActor, fn_constructor_kwargs={"load": load, "run": run}, batch_size=1, compute=ray_data.ActorPoolStrategy(size=replicas),
-                        num_cpus=num_cpus, num_gpus=num_gpus, batch_format="numpy")
+    ds = ds.map_batches(
+        _GenerateActor,
+        fn_constructor_kwargs={"load": load, "run": run},
+        batch_size=1,
+        compute=ray_data.ActorPoolStrategy(size=replicas),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        batch_format="numpy",
+    )
     yield from ds.iter_rows()
 
 
-def _write_record(out: Path, rec, done: dict[int, dict[str, Any]], prompts: Sequence[str], backend: str, steps: int, guidance: float) -> dict[str, Any]:
+def _write_record(
+    out: Path, rec, done: dict[int, dict[str, Any]], prompts: Sequence[str], backend: str, steps: int, guidance: float
+) -> dict[str, Any]:
     """``generate.json`` as the single-process run writes it (``generate``'s keys, images in prompt order)."""
     head = done[0]["head"]
     images = []
@@ -208,11 +296,22 @@ def _write_record(out: Path, rec, done: dict[int, dict[str, Any]], prompts: Sequ
         entry = dict(done[i]["entry"])
         entry["png"] = str(out / f"{_name(i, prompt)}.png")
         images.append(entry)
-    record = generate_record(model=head["pipeline"]["model"], backend=backend, budget=head["budget"], steps=steps, guidance=guidance,
-                             cfg=adapter_for_architecture(rec.architecture).uses_cfg(guidance), height=head["height"], width=head["width"],
-                             device=head["device"], torch_threads=head["torch_threads"], pipeline=head["pipeline"],
-                             controlnet=None,  # generate --ray refuses --controlnet
-                             images=images, grid=None)
+    record = generate_record(
+        model=head["pipeline"]["model"],
+        backend=backend,
+        budget=head["budget"],
+        steps=steps,
+        guidance=guidance,
+        cfg=adapter_for_architecture(rec.architecture).uses_cfg(guidance),
+        height=head["height"],
+        width=head["width"],
+        device=head["device"],
+        torch_threads=head["torch_threads"],
+        pipeline=head["pipeline"],
+        controlnet=None,  # generate --ray refuses --controlnet
+        images=images,
+        grid=None,
+    )
     atomic_write_json(out / "generate.json", record)
     record["record"] = str(out / "generate.json")
     return record

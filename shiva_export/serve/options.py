@@ -68,17 +68,27 @@ class ServeOptions:
         _one_of("--provider", self.provider, ("cpu", "cuda"))
         if self.context is not None:
             _one_of("--context", self.context, ("keep", "drop"))
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0.0 <= self.ratio < 1.0):
-            raise ConfigError(f"--ratio {self.ratio} is out of range; give the fraction of image tokens pruned, in [0, 1) (0.4 keeps 60%).")
+        if self.ratio is not None and not (
+            isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0.0 <= self.ratio < 1.0
+        ):
+            raise ConfigError(
+                f"--ratio {self.ratio} is out of range; give the fraction of image tokens pruned, in [0, 1) (0.4 keeps 60%)."
+            )
         if self.ratio is not None and self.phases:
             raise ConfigError("give --ratio or --phases, not both (a fixed ratio is a one-phase schedule).")
         if self.artifacts and self.backend == "torch":
-            raise ConfigError("--artifact runs exported graphs (--backend ort) or engines (--backend trt); the torch backend has none.")
+            raise ConfigError(
+                "--artifact runs exported graphs (--backend ort) or engines (--backend trt); the torch backend has none."
+            )
         if self.artifacts and self.max_batch not in (None, 1):
-            raise ConfigError(f"--max-batch {self.max_batch} with --artifact: the given graphs fix the batch (one request per call); drop --max-batch or --artifact.")
+            raise ConfigError(
+                f"--max-batch {self.max_batch} with --artifact: the given graphs fix the batch (one request per call); drop --max-batch or --artifact."
+            )
         for a in self.artifacts:
             if not Path(a).exists():
-                raise ConfigError(f"--artifact {a} does not exist; pass an exported model.onnx (ort) or an engine folder (trt).")
+                raise ConfigError(
+                    f"--artifact {a} does not exist; pass an exported model.onnx (ort) or an engine folder (trt)."
+                )
         _int_in("--replicas", self.replicas, 1, 256)
         if self.autoscale is not None:
             lo, hi = self.autoscale
@@ -127,7 +137,9 @@ class ServeOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args) - names)
         if unknown:
-            raise ConfigError(f"serve config args: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}.")
+            raise ConfigError(
+                f"serve config args: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}."
+            )
         kw = dict(args)
         if kw.get("autoscale") is not None:
             kw["autoscale"] = tuple(kw["autoscale"])
@@ -148,14 +160,20 @@ def check_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as err:
-        raise ConfigError(f"--host {host!r} does not resolve ({err.strerror or err}); give an address such as 127.0.0.1.") from None
+        raise ConfigError(
+            f"--host {host!r} does not resolve ({err.strerror or err}); give an address such as 127.0.0.1."
+        ) from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed app's TIME_WAIT is no listener
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn binds: a closed app's TIME_WAIT is no listener
         try:
             s.bind(addr)
         except OSError:
-            raise ConfigError(f"--port {port} on {host} is already in use (another serve app?); stop it or pass another --port.") from None
+            raise ConfigError(
+                f"--port {port} on {host} is already in use (another serve app?); stop it or pass another --port."
+            ) from None
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -169,5 +187,10 @@ def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
 
 
 def _float_in(name: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
         raise ConfigError(f"{name} {value!r} is out of range; expected a number in {lo:g}..{hi:g}.")

@@ -68,9 +68,17 @@ def parse_request(body: bytes, limits: Limits, max_body_bytes: int) -> GenerateR
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(400, None, f"body: not a UTF-8 JSON object ({err.__class__.__name__}); send e.g. {{\"prompt\": \"a red cube\"}}.") from None
+        raise RequestError(
+            400,
+            None,
+            f'body: not a UTF-8 JSON object ({err.__class__.__name__}); send e.g. {{"prompt": "a red cube"}}.',
+        ) from None
     if not isinstance(data, dict):
-        raise RequestError(400, None, f"body: a JSON {type(data).__name__} where an object is expected; send e.g. {{\"prompt\": \"a red cube\"}}.")
+        raise RequestError(
+            400,
+            None,
+            f'body: a JSON {type(data).__name__} where an object is expected; send e.g. {{"prompt": "a red cube"}}.',
+        )
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise RequestError(422, unknown[0], f"{unknown[0]}: unknown field; allowed fields: {', '.join(FIELDS)}.")
@@ -80,7 +88,11 @@ def parse_request(body: bytes, limits: Limits, max_body_bytes: int) -> GenerateR
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(422, "prompt", f"prompt: {_show(prompt)} is not a non-empty string.")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(422, "prompt", f"prompt: {len(prompt)} characters; allowed 1..{MAX_PROMPT_CHARS} (and the text length in tokens).")
+        raise RequestError(
+            422,
+            "prompt",
+            f"prompt: {len(prompt)} characters; allowed 1..{MAX_PROMPT_CHARS} (and the text length in tokens).",
+        )
     _int_field(data, "batch", 1, 1, 1, why=" (one image per request; the server batches concurrent requests)")
     seed = _int_field(data, "seed", 0, 0, MAX_SEED)
     steps = _int_field(data, "steps", limits.steps, 1, limits.max_steps)
@@ -102,8 +114,17 @@ def _int_field(data: dict, name: str, default: int, lo: int, hi: int, why: str =
 
 
 def _guidance(v: Any, limits: Limits) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= limits.max_guidance:
-        raise RequestError(422, "guidance", f"guidance: {_show(v)} is not a finite number in 0..{limits.max_guidance:g} (<= 1 turns CFG off).")
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or not 0.0 <= v <= limits.max_guidance
+    ):
+        raise RequestError(
+            422,
+            "guidance",
+            f"guidance: {_show(v)} is not a finite number in 0..{limits.max_guidance:g} (<= 1 turns CFG off).",
+        )
     return float(v)
 
 

@@ -27,11 +27,21 @@ def dump_config(opts: ServeOptions, path: str | Path) -> Path:
     from ray.serve.schema import ServeDeploySchema
 
     config = serve_config(opts)
-    ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
-    return atomic_write_text(path, "# shiva-export serve config: serve deploy THIS_FILE\n" + yaml.safe_dump(config, sort_keys=False))
+    ServeDeploySchema.model_validate(config) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(config)
+    return atomic_write_text(
+        path, "# shiva-export serve config: serve deploy THIS_FILE\n" + yaml.safe_dump(config, sort_keys=False)
+    )
 
 
-def start_app(opts: ServeOptions, *, num_cpus: int | None = None, metrics_port: int | None = None, say: Callable[[str], None] = lambda m: None):
+def start_app(
+    opts: ServeOptions,
+    *,
+    num_cpus: int | None = None,
+    metrics_port: int | None = None,
+    say: Callable[[str], None] = lambda m: None,
+):
     """Starts Ray (a local cluster unless ``RAY_ADDRESS`` names one; its Prometheus metrics on ``metrics_port``),
     Serve's HTTP proxy and the application; returns once every replica has loaded its pipeline (Ray's
     ``serve.run`` waits for that)."""
@@ -41,7 +51,9 @@ def start_app(opts: ServeOptions, *, num_cpus: int | None = None, metrics_port: 
     check_port_free(opts.host, opts.port)  # before Ray starts: a second app on this port is refused in one line
     if not ray.is_initialized():
         say("start ray")
-        extra = {"_metrics_export_port": metrics_port} if metrics_port else {}  # what `ray start --metrics-export-port` sets
+        extra = (
+            {"_metrics_export_port": metrics_port} if metrics_port else {}
+        )  # what `ray start --metrics-export-port` sets
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **extra)
     serve.start(http_options=http_options(opts))
     say(f"load {opts.replicas if not opts.autoscale else opts.autoscale[0]} replica(s)")
@@ -77,7 +89,9 @@ def replica_error(text: str):
         return None
     name, message = found[-1]
     cls = getattr(errors, name, errors.ShivaError)
-    return (cls if isinstance(cls, type) and issubclass(cls, errors.ShivaError) else errors.ShivaError)(f"a replica failed to load: {message}")
+    return (cls if isinstance(cls, type) and issubclass(cls, errors.ShivaError) else errors.ShivaError)(
+        f"a replica failed to load: {message}"
+    )
 
 
 def stop_app(*, shutdown_ray: bool = True) -> None:
@@ -95,7 +109,9 @@ def stop_app(*, shutdown_ray: bool = True) -> None:
         ray.shutdown()
 
 
-def serve_forever(opts: ServeOptions, say: Callable[[str], None] = lambda m: None, metrics_port: int | None = None) -> None:
+def serve_forever(
+    opts: ServeOptions, say: Callable[[str], None] = lambda m: None, metrics_port: int | None = None
+) -> None:
     """:func:`start_app`, then waits for Ctrl-C / SIGTERM and :func:`stop_app` (draining in-flight requests)."""
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -39,14 +39,46 @@ __all__ = ["ImageWorker", "run_batch", "png_bytes", "pipeline_kwargs"]
 _TEXT_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
-def pipeline_kwargs(*, model, recipe, weights, router, backend, ratio, phases, artifacts, context, dtype, device, provider, threads,
-                    artifact_root, height=None, width=None) -> dict[str, Any]:
+def pipeline_kwargs(
+    *,
+    model,
+    recipe,
+    weights,
+    router,
+    backend,
+    ratio,
+    phases,
+    artifacts,
+    context,
+    dtype,
+    device,
+    provider,
+    threads,
+    artifact_root,
+    height=None,
+    width=None,
+) -> dict[str, Any]:
     """``load_pipeline`` keyword arguments exactly as ``generate`` builds them (CFG from the recipe's guidance)."""
     rec = generation_recipe(model, recipe)
     cfg = adapter_for_architecture(rec.architecture).uses_cfg(rec.pipeline.guidance)
-    return dict(recipe=rec, weights=weights, height=height, width=width, cfg=cfg, dtype=dtype, provider=provider, threads=threads,
-                device=device, artifact_root=artifact_root, backend=backend, ratio=ratio, phases=phases, router=router,
-                artifacts=list(artifacts) or None, context=context)
+    return dict(
+        recipe=rec,
+        weights=weights,
+        height=height,
+        width=width,
+        cfg=cfg,
+        dtype=dtype,
+        provider=provider,
+        threads=threads,
+        device=device,
+        artifact_root=artifact_root,
+        backend=backend,
+        ratio=ratio,
+        phases=phases,
+        router=router,
+        artifacts=list(artifacts) or None,
+        context=context,
+    )
 
 
 def png_bytes(image) -> bytes:
@@ -75,16 +107,31 @@ def _merge_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, height: int, width: int):
+def run_batch(
+    pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, height: int, width: int
+):
     """Several prompts in one pipeline call (row i seeded with ``seeds[i]``); returns (images, StageTimes of the call)."""
     import torch
 
     info, adapter = pipe.shiva, pipeline_adapter(pipe)
     max_seq = info.max_sequence_length
-    check_pipeline_call(pipe, batch=len(prompts), height=height, width=width, guidance=guidance, max_sequence_length=max_seq)
-    calls = [adapter.pipeline_call(pipe, p, negative_prompt=None, steps=steps, guidance=guidance, height=height, width=width,
-                                   max_sequence_length=max_seq, generator=torch.Generator(device="cpu").manual_seed(int(s)))
-             for p, s in zip(prompts, seeds)]
+    check_pipeline_call(
+        pipe, batch=len(prompts), height=height, width=width, guidance=guidance, max_sequence_length=max_seq
+    )
+    calls = [
+        adapter.pipeline_call(
+            pipe,
+            p,
+            negative_prompt=None,
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            max_sequence_length=max_seq,
+            generator=torch.Generator(device="cpu").manual_seed(int(s)),
+        )
+        for p, s in zip(prompts, seeds)
+    ]
     kwargs = _merge_calls(calls)
     times, store = StageTimes(), {}
     trace_of(pipe)  # drop calls made before this run
@@ -116,9 +163,22 @@ class ImageWorker:
         if opts.threads is not None:
             torch.set_num_threads(opts.threads)
         self.opts = opts
-        kw = pipeline_kwargs(model=opts.model, recipe=opts.recipe, weights=opts.weights, router=opts.router, backend=opts.backend,
-                             ratio=opts.ratio, phases=opts.phases, artifacts=opts.artifacts, context=opts.context, dtype=opts.dtype,
-                             device=opts.device, provider=opts.provider, threads=opts.threads, artifact_root=opts.artifact_root)
+        kw = pipeline_kwargs(
+            model=opts.model,
+            recipe=opts.recipe,
+            weights=opts.weights,
+            router=opts.router,
+            backend=opts.backend,
+            ratio=opts.ratio,
+            phases=opts.phases,
+            artifacts=opts.artifacts,
+            context=opts.context,
+            dtype=opts.dtype,
+            device=opts.device,
+            provider=opts.provider,
+            threads=opts.threads,
+            artifact_root=opts.artifact_root,
+        )
         self.pipes: dict[int, Any] = {1: load_pipeline(batch=1, progress=progress, **kw)}
         self.dynamic = opts.backend == "torch"  # a torch transformer takes any batch in one pipeline
         if not self.dynamic and opts.batch > 1:
@@ -127,8 +187,12 @@ class ImageWorker:
         self.info = self.pipes[1].shiva
         self.versions = package_versions()
         self.replica = {"pid": os.getpid(), "host": os.uname().nodename}
-        self.limits = Limits(steps=self.info.recipe.pipeline.steps, guidance=float(self.info.recipe.pipeline.guidance),
-                             height=self.info.height, width=self.info.width)
+        self.limits = Limits(
+            steps=self.info.recipe.pipeline.steps,
+            guidance=float(self.info.recipe.pipeline.guidance),
+            height=self.info.height,
+            width=self.info.width,
+        )
 
     # ------------------------------------------------------------------------------------------- checks
     def check(self, req: GenerateRequest) -> None:
@@ -140,10 +204,25 @@ class ImageWorker:
         adapter = pipeline_adapter(pipe)
         try:
             adapter.check_image_size(pipe.transformer.config, req.height, req.width)
-            check_pipeline_call(pipe, batch=1, height=req.height, width=req.width, guidance=req.guidance,
-                                max_sequence_length=self.info.max_sequence_length)
-            adapter.pipeline_call(pipe, req.prompt, negative_prompt=None, steps=req.steps, guidance=req.guidance, height=req.height,
-                                  width=req.width, max_sequence_length=self.info.max_sequence_length, generator=torch.Generator())
+            check_pipeline_call(
+                pipe,
+                batch=1,
+                height=req.height,
+                width=req.width,
+                guidance=req.guidance,
+                max_sequence_length=self.info.max_sequence_length,
+            )
+            adapter.pipeline_call(
+                pipe,
+                req.prompt,
+                negative_prompt=None,
+                steps=req.steps,
+                guidance=req.guidance,
+                height=req.height,
+                width=req.width,
+                max_sequence_length=self.info.max_sequence_length,
+                generator=torch.Generator(),
+            )
         except (ShapeError, ConfigError) as err:
             msg = str(err).splitlines()[0]
             raise RequestError(422, _field_of(msg), msg) from None
@@ -158,11 +237,17 @@ class ImageWorker:
             if tok is None:
                 continue
             clip = "CLIP" in type(tok).__name__
-            limit = int(tok.model_max_length if clip or self.info.max_sequence_length is None else self.info.max_sequence_length)
+            limit = int(
+                tok.model_max_length if clip or self.info.max_sequence_length is None else self.info.max_sequence_length
+            )
             with quiet_libraries():  # the tokenizer warns about the very length this check refuses
                 n = len(tok(prompt, truncation=False, add_special_tokens=True).input_ids)
             if n > limit:
-                raise RequestError(422, "prompt", f"prompt: {n} tokens ({attr}, {type(tok).__name__}) exceed the text length; allowed 1..{limit} tokens.")
+                raise RequestError(
+                    422,
+                    "prompt",
+                    f"prompt: {n} tokens ({attr}, {type(tok).__name__}) exceed the text length; allowed 1..{limit} tokens.",
+                )
 
     # --------------------------------------------------------------------------------------------- runs
     def chunks(self, n: int) -> list[int]:
@@ -198,12 +283,27 @@ class ImageWorker:
     def _call(self, reqs: list[GenerateRequest]) -> list[dict[str, Any]]:
         r0 = reqs[0]
         if len(reqs) == 1:  # exactly generate's call
-            res = run_pipeline(self.pipes[1], r0.prompt, steps=r0.steps, guidance=r0.guidance, seed=r0.seed, height=r0.height, width=r0.width)
+            res = run_pipeline(
+                self.pipes[1],
+                r0.prompt,
+                steps=r0.steps,
+                guidance=r0.guidance,
+                seed=r0.seed,
+                height=r0.height,
+                width=r0.width,
+            )
             images, times = [res.image], res.times
         else:
             pipe = self.pipes[1] if self.dynamic else self.pipes[len(reqs)]
-            images, times = run_batch(pipe, [r.prompt for r in reqs], [r.seed for r in reqs], steps=r0.steps, guidance=r0.guidance,
-                                      height=r0.height, width=r0.width)
+            images, times = run_batch(
+                pipe,
+                [r.prompt for r in reqs],
+                [r.seed for r in reqs],
+                steps=r0.steps,
+                guidance=r0.guidance,
+                height=r0.height,
+                width=r0.width,
+            )
         return [self._result(r, img, times, len(reqs)) for r, img in zip(reqs, images)]
 
     def _result(self, req: GenerateRequest, image, times, batch: int) -> dict[str, Any]:
@@ -212,14 +312,34 @@ class ImageWorker:
 
         data = png_bytes(image)
         info = self.info
-        entry = {"prompt": req.prompt, "negative_prompt": None, "seed": req.seed, "png_sha256": hashlib.sha256(data).hexdigest(),
-                 "timings_ms": times.to_dict(), "phase_trace": "".join(n[0].upper() for n in times.phase_trace),
-                 "phase_steps": {k: v["steps"] for k, v in times.per_phase().items()}}
+        entry = {
+            "prompt": req.prompt,
+            "negative_prompt": None,
+            "seed": req.seed,
+            "png_sha256": hashlib.sha256(data).hexdigest(),
+            "timings_ms": times.to_dict(),
+            "phase_trace": "".join(n[0].upper() for n in times.phase_trace),
+            "phase_steps": {k: v["steps"] for k, v in times.per_phase().items()},
+        }
         cfg = self._adapter_cfg(req.guidance)
-        record = {"tool": f"shiva-export {__version__}", "model": info.model, "backend": info.backend, "budget": budget_desc(info),
-                  "steps": req.steps, "guidance": req.guidance, "cfg": cfg, "height": req.height, "width": req.width,
-                  "device": str(self.pipes[1]._execution_device), "torch_threads": torch.get_num_threads(), "pipeline": info.to_dict(),
-                  "image": entry, "batch_size": batch, "replica": dict(self.replica), "versions": self.versions}
+        record = {
+            "tool": f"shiva-export {__version__}",
+            "model": info.model,
+            "backend": info.backend,
+            "budget": budget_desc(info),
+            "steps": req.steps,
+            "guidance": req.guidance,
+            "cfg": cfg,
+            "height": req.height,
+            "width": req.width,
+            "device": str(self.pipes[1]._execution_device),
+            "torch_threads": torch.get_num_threads(),
+            "pipeline": info.to_dict(),
+            "image": entry,
+            "batch_size": batch,
+            "replica": dict(self.replica),
+            "versions": self.versions,
+        }
         return {"png": data, "record": record}
 
     def _adapter_cfg(self, guidance: float) -> bool:

@@ -87,7 +87,9 @@ def _parts(img):
     a = _as_hwc(img)
     h, w, _ = a.shape
     b = max(2, h // 32)
-    border = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)])
+    border = np.concatenate(
+        [a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)]
+    )
     bg = np.median(border, axis=0)
     diff = np.abs(a - bg).max(axis=-1)
     return a, bg, diff, border
@@ -150,10 +152,16 @@ def _geometry(a: np.ndarray, bg: np.ndarray, color: str) -> dict | None:
     y0, y1 = np.percentile(ys, [0.5, 99.5])
     bw, bh = x1 - x0 + 1, y1 - y0 + 1
     return {
-        "mask": fg, "area": float(fg.mean()), "box_w": float(bw / w), "box_h": float(bh / h), "fill": float(fg.sum() / (bw * bh)),
+        "mask": fg,
+        "area": float(fg.mean()),
+        "box_w": float(bw / w),
+        "box_h": float(bh / h),
+        "fill": float(fg.sum() / (bw * bh)),
         "corner": _corner_fill(fg, x0, x1, y0, y1),
         "top": float((ys < (y0 + y1) / 2).mean()),  # share above the box's middle: triangle ~0.25, others ~0.5
-        "cx": float(xs.mean() + 0.5) / w, "cy": float(ys.mean() + 0.5) / h, "side": float(max(bw / w, bh / h)),
+        "cx": float(xs.mean() + 0.5) / w,
+        "cy": float(ys.mean() + 0.5) / h,
+        "side": float(max(bw / w, bh / h)),
     }
 
 
@@ -167,13 +175,18 @@ def _template_iou(geo: dict, shape: str, supersample: int = 4) -> float:
     h, w = fg.shape
     n = float(fg.sum())
     cx, cy = geo["cx"] * w, geo["cy"] * h
-    side = np.sqrt(4 * n / np.sqrt(3))  # the triangle's: side s, height s*sqrt(3)/2, centroid a third of the height above the base
+    side = np.sqrt(
+        4 * n / np.sqrt(3)
+    )  # the triangle's: side s, height s*sqrt(3)/2, centroid a third of the height above the base
     height = side * np.sqrt(3) / 2
     reach = {"circle": np.sqrt(n / np.pi), "square": np.sqrt(n) / 2, "triangle": 2 * height / 3}[shape]
     ys, xs = np.nonzero(fg)
     y0, y1 = int(max(0, min(ys.min(), cy - reach - 1))), int(min(h, max(ys.max() + 1, cy + reach + 2)))
     x0, x1 = int(max(0, min(xs.min(), cx - reach - 1))), int(min(w, max(xs.max() + 1, cx + reach + 2)))
-    x, y = np.meshgrid(x0 + (np.arange((x1 - x0) * supersample) + 0.5) / supersample, y0 + (np.arange((y1 - y0) * supersample) + 0.5) / supersample)
+    x, y = np.meshgrid(
+        x0 + (np.arange((x1 - x0) * supersample) + 0.5) / supersample,
+        y0 + (np.arange((y1 - y0) * supersample) + 0.5) / supersample,
+    )
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= n / np.pi
     elif shape == "square":
@@ -197,13 +210,23 @@ def analyze(img) -> dict:
     """
     a, bg, diff, _ = _parts(img)
     fg = diff > FG_THRESHOLD
-    out: dict = {"color": None, "shape": None, "size": None, "position": None, "distractor": False, "area": float(fg.mean()), "second": 0.0}
+    out: dict = {
+        "color": None,
+        "shape": None,
+        "size": None,
+        "position": None,
+        "distractor": False,
+        "area": float(fg.mean()),
+        "second": 0.0,
+    }
     if fg.sum() < _MIN_PIXELS:
         return out
     sizes = _component_sizes(fg)
     out["second"] = float(sizes[1] / fg.size) if len(sizes) > 1 else 0.0
     out["distractor"] = out["second"] >= DISTRACTOR_AREA
-    geo = _geometry(a, bg, _nearest(a[fg].mean(axis=0)))  # geometry from the half-way boundary between shape colour and background
+    geo = _geometry(
+        a, bg, _nearest(a[fg].mean(axis=0))
+    )  # geometry from the half-way boundary between shape colour and background
     if geo is None:
         return out
     color = _nearest(a[geo["mask"]].mean(axis=0))
@@ -216,7 +239,9 @@ def analyze(img) -> dict:
     iou = _template_iou(geo, shape)
     size = "big" if geo["side"] >= _BIG_SIDE else "small"
     position = ("top" if geo["cy"] < 0.5 else "bottom") + " " + ("left" if geo["cx"] < 0.5 else "right")
-    out.update(color=color, shape=shape if iou >= TEMPLATE_IOU[shape] else "blob", size=size, position=position, iou=iou)
+    out.update(
+        color=color, shape=shape if iou >= TEMPLATE_IOU[shape] else "blob", size=size, position=position, iou=iou
+    )
     out.update({k: geo[k] for k in ("fill", "corner", "top", "cx", "cy", "side")})
     return out
 
@@ -248,7 +273,9 @@ def features(img) -> np.ndarray:
     noise = float(np.abs(border - bg).mean())
     geo = _geometry(a, bg, _nearest(a[fg].mean(axis=0))) if fg.sum() >= _MIN_PIXELS else None
     if geo is None:  # no shape: the background's colour, nothing measured, the centre
-        return np.array([*bg, *bg, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, half, noise], dtype=np.float64)
+        return np.array(
+            [*bg, *bg, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, half, noise], dtype=np.float64
+        )
     pix = a[geo["mask"]]
     geom = [geo[k] for k in ("area", "box_w", "box_h", "fill", "corner", "top", "cx", "cy")]
     return np.array([*bg, *pix.mean(axis=0), *geom, *pix.std(axis=0), half, noise], dtype=np.float64)

@@ -83,10 +83,14 @@ def parse_caption(text: str) -> tuple[str, str, str, str]:
     """(color, shape, size, position) of a caption written by :func:`caption`."""
     words = text.strip().split()
     if len(words) != 6 or words[0] != "a":
-        raise ConfigError(f"Not a shapes caption: {text!r}. Expected 'a <size> <color> <shape> <top|bottom> <left|right>'.")
+        raise ConfigError(
+            f"Not a shapes caption: {text!r}. Expected 'a <size> <color> <shape> <top|bottom> <left|right>'."
+        )
     size, color, shape, pos = words[1], words[2], words[3], " ".join(words[4:])
     if size not in SIZES or color not in COLORS or shape not in SHAPES or pos not in POSITIONS:
-        raise ConfigError(f"Not a shapes caption: {text!r}. Sizes {list(SIZES)}, colours {list(COLORS)}, shapes {list(SHAPES)}, positions {list(POSITIONS)}.")
+        raise ConfigError(
+            f"Not a shapes caption: {text!r}. Sizes {list(SIZES)}, colours {list(COLORS)}, shapes {list(SHAPES)}, positions {list(POSITIONS)}."
+        )
     return color, shape, size, pos
 
 

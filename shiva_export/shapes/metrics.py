@@ -95,7 +95,9 @@ def seed_band(fd_by_seed: Mapping[int, float]) -> dict:
     return {"mean": float(np.mean(vals)), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-def bootstrap_ci(n_prompts: int, stat: Callable[[np.ndarray], float], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    n_prompts: int, stat: Callable[[np.ndarray], float], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of ``stat(prompt_indices)`` over ``n_boot`` resamples of the prompts with replacement.
 
     ``stat`` gets an index array of length ``n_prompts`` (repeats allowed) and returns the statistic of those
@@ -103,7 +105,9 @@ def bootstrap_ci(n_prompts: int, stat: Callable[[np.ndarray], float], *, n_boot:
     ``seed`` draws the same resamples for every method, so differences of two statistics are paired.
     """
     if n_prompts < 1 or n_boot < 1 or not 0.0 < level < 1.0:
-        raise ConfigError(f"bootstrap_ci needs n_prompts >= 1, n_boot >= 1 and 0 < level < 1; got {n_prompts}, {n_boot}, {level}.")
+        raise ConfigError(
+            f"bootstrap_ci needs n_prompts >= 1, n_boot >= 1 and 0 < level < 1; got {n_prompts}, {n_boot}, {level}."
+        )
     rng = np.random.default_rng(seed)
     vals = np.array([stat(rng.integers(0, n_prompts, n_prompts)) for _ in range(n_boot)], dtype=np.float64)
     lo, hi = np.nanpercentile(vals, [50 * (1 - level), 50 * (1 + level)])

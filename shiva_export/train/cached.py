@@ -97,16 +97,22 @@ class CachedLayout:
         want = self.expected(shapes, self.height, self.width)
         for key in self.text_keys:
             if key in shapes and tuple(shapes[key]) != want[key]:
-                raise ShapeError(f"{where} holds {key} {tuple(shapes[key])}; the model needs {want[key]}. Encode it for this model (shiva-export train-data --model ...).")
+                raise ShapeError(
+                    f"{where} holds {key} {tuple(shapes[key])}; the model needs {want[key]}. Encode it for this model (shiva-export train-data --model ...)."
+                )
         got = tuple(shapes["latents"])
         if got == want["latents"]:
             return
-        if encoded_px is not None and got == self.expected(shapes, encoded_px[1], encoded_px[0])["latents"]:  # the learned k per phase is for the recipe's token count
+        if (
+            encoded_px is not None and got == self.expected(shapes, encoded_px[1], encoded_px[0])["latents"]
+        ):  # the learned k per phase is for the recipe's token count
             raise ShapeError(
                 f"{where} was encoded at {encoded_px[0]}x{encoded_px[1]} px (latents {got}); training runs at {self.width}x{self.height} px "
                 f"(the recipe's shapes). Re-encode with --width/--height to match, or pass --recipe with those shapes."
             )
-        raise ShapeError(f"{where} holds latents {got}; the model needs {want['latents']} (channels and latent grid at {self.width}x{self.height} px). Encode it for this model.")
+        raise ShapeError(
+            f"{where} holds latents {got}; the model needs {want['latents']} (channels and latent grid at {self.width}x{self.height} px). Encode it for this model."
+        )
 
     def null_inputs(self, null: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stored null conditioning under the transformer's argument names (no batch axis)."""
@@ -131,8 +137,17 @@ class CachedLayout:
         shapes = self.adapter.input_shapes(self.config, InputSpec(1, self.height, self.width, 1, False))
         return {n for n in shapes if n != "timestep"}
 
-    def batch(self, rows: dict[str, torch.Tensor], timesteps, generator: torch.Generator, *, latent_shape: Sequence[int] | None = None,
-              caption_dropout: float = 0.0, cfg_pairs: bool = False, null: dict[str, torch.Tensor] | None = None) -> Batch:
+    def batch(
+        self,
+        rows: dict[str, torch.Tensor],
+        timesteps,
+        generator: torch.Generator,
+        *,
+        latent_shape: Sequence[int] | None = None,
+        caption_dropout: float = 0.0,
+        cfg_pairs: bool = False,
+        null: dict[str, torch.Tensor] | None = None,
+    ) -> Batch:
         """Cached rows ``{key: [B, ...]}`` noised to ``timesteps`` (``[B]``, 0..1000; default uniform), all random
         numbers from ``generator`` (noise, then timesteps, then caption dropout). Without ``latents`` (text-only
         data) ``x_t`` is seeded Gaussian of ``latent_shape`` and there is no target."""
@@ -152,7 +167,14 @@ class CachedLayout:
         out = Batch(inputs, t, target=target, timestep_scale=float(self.adapter.TIMESTEP_SCALE))
         if caption_dropout == 0.0 and not cfg_pairs:
             return out
-        return condition_batch(out, self.null_inputs(null), caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, generator=generator, batched=self._batched())
+        return condition_batch(
+            out,
+            self.null_inputs(null),
+            caption_dropout=caption_dropout,
+            cfg_pairs=cfg_pairs,
+            generator=generator,
+            batched=self._batched(),
+        )
 
 
 class LatentFolder:
@@ -174,22 +196,33 @@ class LatentFolder:
 
     has_targets = True
 
-    def __init__(self, folder: str | os.PathLike, model, seed: int = 0, *, height: int | None = None, width: int | None = None):
+    def __init__(
+        self, folder: str | os.PathLike, model, seed: int = 0, *, height: int | None = None, width: int | None = None
+    ):
         p = Path(folder).expanduser()
         self.layout = CachedLayout.of(model, height, width)
         self.keys = ("latents", *self.layout.text_keys)
         if not p.is_dir():
-            raise ConfigError(f"--data folder does not exist: {p}. Pass a folder of .safetensors files ({', '.join(self.keys)}) or omit --data for synthetic inputs.")
+            raise ConfigError(
+                f"--data folder does not exist: {p}. Pass a folder of .safetensors files ({', '.join(self.keys)}) or omit --data for synthetic inputs."
+            )
         files = sorted(f for f in p.glob("*.safetensors") if f.name != NULL_NAME)
         if not files:
-            raise ConfigError(f"--data folder holds no .safetensors file: {p}. Write one file per sample with tensors {list(self.keys)}.")
+            raise ConfigError(
+                f"--data folder holds no .safetensors file: {p}. Write one file per sample with tensors {list(self.keys)}."
+            )
         self.tensors = self._read(p, files)
         self.layout.check({k: tuple(v.shape[1:]) for k, v in self.tensors.items()}, f"cached samples in {p}")
         self.folder = p
         self.seed = int(seed)
         self._g = torch.Generator(device="cpu").manual_seed(self.seed)
         self.null = self._read_null(p)
-        logger.info("loaded %d cached samples from %s (%s)", len(files), p, {k: tuple(v.shape[1:]) for k, v in self.tensors.items()})
+        logger.info(
+            "loaded %d cached samples from %s (%s)",
+            len(files),
+            p,
+            {k: tuple(v.shape[1:]) for k, v in self.tensors.items()},
+        )
 
     def _read(self, p: Path, files: list[Path]) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
@@ -200,16 +233,22 @@ class LatentFolder:
             try:
                 d = load_file(str(f))
             except (SafetensorError, OSError, ValueError) as err:
-                raise ConfigError(f"cannot read cached sample {f}: {str(err).splitlines()[0]}. Re-write it with safetensors.torch.save_file.") from None
+                raise ConfigError(
+                    f"cannot read cached sample {f}: {str(err).splitlines()[0]}. Re-write it with safetensors.torch.save_file."
+                ) from None
             missing = [k for k in self.keys if k not in d]
             if missing:
-                raise ConfigError(f"cached sample {f} lacks tensors {missing}; expected {list(self.keys)}. Add them or remove the file.")
+                raise ConfigError(
+                    f"cached sample {f} lacks tensors {missing}; expected {list(self.keys)}. Add them or remove the file."
+                )
             for k in self.keys:
                 rows[k].append(_as_stored(d[k]))
         for name, ts in rows.items():
             shapes_seen = {tuple(t.shape) for t in ts}
             if len(shapes_seen) > 1:
-                raise ShapeError(f"cached {name} differ in shape across files in {p}: {sorted(shapes_seen)}; expected one shape. Use one resolution and text length.")
+                raise ShapeError(
+                    f"cached {name} differ in shape across files in {p}: {sorted(shapes_seen)}; expected one shape. Use one resolution and text length."
+                )
         return {k: torch.stack(v) for k, v in rows.items()}
 
     def _read_null(self, p: Path) -> dict[str, torch.Tensor] | None:
@@ -223,9 +262,13 @@ class LatentFolder:
             nd = load_file(str(p / NULL_NAME))
             null = {k: _as_stored(nd[k]) for k in self.layout.text_keys}
         except (SafetensorError, OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"cannot read the null embedding {p / NULL_NAME}: {str(err).splitlines()[0]}. It needs tensors {list(self.layout.text_keys)}.") from None
+            raise ConfigError(
+                f"cannot read the null embedding {p / NULL_NAME}: {str(err).splitlines()[0]}. It needs tensors {list(self.layout.text_keys)}."
+            ) from None
         if any(null[k].shape != self.tensors[k].shape[1:] for k in self.layout.text_keys):
-            raise ShapeError(f"the null embedding {p / NULL_NAME} has shapes that differ from the samples' in {p}. Encode it with the same pipeline.")
+            raise ShapeError(
+                f"the null embedding {p / NULL_NAME} has shapes that differ from the samples' in {p}. Encode it with the same pipeline."
+            )
         return null
 
     @property
@@ -243,7 +286,14 @@ class LatentFolder:
     def __repr__(self) -> str:
         return f"LatentFolder({str(self.folder)!r}, samples={len(self)}, seed={self.seed})"
 
-    def batch(self, batch: int, timesteps: torch.Tensor | None = None, *, caption_dropout: float = 0.0, cfg_pairs: bool = False) -> Batch:
+    def batch(
+        self,
+        batch: int,
+        timesteps: torch.Tensor | None = None,
+        *,
+        caption_dropout: float = 0.0,
+        cfg_pairs: bool = False,
+    ) -> Batch:
         """Draws ``batch`` samples with replacement and noises them to ``timesteps`` (the adapter's objective).
         ``caption_dropout`` / ``cfg_pairs`` (see :func:`~shiva_export.train.data.condition_batch`) need ``null.safetensors`` in the folder."""
         if not isinstance(batch, int) or batch < 1:
@@ -252,21 +302,27 @@ class LatentFolder:
         if (caption_dropout > 0.0 or cfg_pairs) and self.null is None:
             raise ConfigError(
                 f"caption dropout / CFG pairs need the pipeline's null embedding, and {self.folder} has no {NULL_NAME}. "
-                "Encode the data with shiva-export train-data (it stores encode_prompt(\"\")), or add that file."
+                'Encode the data with shiva-export train-data (it stores encode_prompt("")), or add that file.'
             )
-        return self._noised(torch.randint(0, len(self), (batch,), generator=self._g), timesteps, caption_dropout, cfg_pairs)
+        return self._noised(
+            torch.randint(0, len(self), (batch,), generator=self._g), timesteps, caption_dropout, cfg_pairs
+        )
 
     def every(self, timesteps: torch.Tensor | None = None, *, cfg_pairs: bool = False) -> Batch:
         """Every sample once, in file order, noised to ``timesteps`` (``[len(self)]``) from this source's RNG:
         a fixed evaluation batch of a held-out split (:meth:`split_off`)."""
         check_conditioning(0.0, cfg_pairs)
         if cfg_pairs and self.null is None:
-            raise ConfigError(f"CFG pairs need the pipeline's null embedding, and {self.folder} has no {NULL_NAME}. Add that file or train without --cfg-pairs.")
+            raise ConfigError(
+                f"CFG pairs need the pipeline's null embedding, and {self.folder} has no {NULL_NAME}. Add that file or train without --cfg-pairs."
+            )
         return self._noised(torch.arange(len(self)), timesteps, 0.0, cfg_pairs)
 
     def _noised(self, ix: torch.Tensor, timesteps, caption_dropout: float, cfg_pairs: bool) -> Batch:
         rows = {k: v[ix] for k, v in self.tensors.items()}
-        return self.layout.batch(rows, timesteps, self._g, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, null=self.null)
+        return self.layout.batch(
+            rows, timesteps, self._g, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, null=self.null
+        )
 
     def split_off(self, n: int, seed: int) -> LatentFolder:
         """Removes the last ``n`` samples (by file name) from this source and returns them as their own
@@ -276,7 +332,9 @@ class LatentFolder:
             ConfigError: ``n`` is not in ``1 .. len(self) - 1``.
         """
         if not isinstance(n, int) or not 1 <= n < len(self):
-            raise ConfigError(f"held-out split of {n!r} samples from {self.folder} ({len(self)} samples); expected 1 <= n < {len(self)}. Pass fewer --eval-samples.")
+            raise ConfigError(
+                f"held-out split of {n!r} samples from {self.folder} ({len(self)} samples); expected 1 <= n < {len(self)}. Pass fewer --eval-samples."
+            )
         import copy
 
         held = copy.copy(self)
@@ -303,11 +361,17 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"--data {folder}: {MANIFEST_NAME} cannot be read ({err.__class__.__name__}). Re-run shiva-export train-data.") from None
+        raise ConfigError(
+            f"--data {folder}: {MANIFEST_NAME} cannot be read ({err.__class__.__name__}). Re-run shiva-export train-data."
+        ) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ConfigError(f"--data {folder}: {MANIFEST_NAME} is not a {FORMAT} manifest. Re-run shiva-export train-data into a new folder.")
+        raise ConfigError(
+            f"--data {folder}: {MANIFEST_NAME} is not a {FORMAT} manifest. Re-run shiva-export train-data into a new folder."
+        )
     if m.get("version") != FORMAT_VERSION:
-        raise ConfigError(f"--data {folder}: manifest version {m.get('version')!r}; this shiva-export reads version {FORMAT_VERSION}. Re-encode with this version.")
+        raise ConfigError(
+            f"--data {folder}: manifest version {m.get('version')!r}; this shiva-export reads version {FORMAT_VERSION}. Re-encode with this version."
+        )
     for key in ("samples", "shards", "shapes", "null", "latent_shape"):
         if key not in m:
             raise ConfigError(f"--data {folder}: {MANIFEST_NAME} lacks {key!r}. Re-run shiva-export train-data.")
@@ -316,11 +380,20 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         return ConfigError(f"--data {folder}: {MANIFEST_NAME} has a malformed {what}. Re-run shiva-export train-data.")
 
     def ints(v, n: int | None = None) -> bool:
-        return isinstance(v, list) and (n is None or len(v) == n) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        return (
+            isinstance(v, list)
+            and (n is None or len(v) == n)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        )
 
     def entry_ok(e, samples: bool) -> bool:
-        return (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str) and ints([e.get("bytes")])
-                and (not samples or ints([e.get("samples")])))
+        return (
+            isinstance(e, dict)
+            and isinstance(e.get("file"), str)
+            and isinstance(e.get("sha256"), str)
+            and ints([e.get("bytes")])
+            and (not samples or ints([e.get("samples")]))
+        )
 
     if not ints([m["samples"]]):
         raise bad("samples count")
@@ -330,7 +403,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise bad("null entry")
     if not isinstance(m["shapes"], dict) or not all(ints(v) for v in m["shapes"].values()):
         raise bad("shapes")
-    if not ints(m["latent_shape"], len(m["shapes"]["latents"]) if "latents" in m["shapes"] else None):  # the layout's rank (Flux: packed [N, C])
+    if not ints(
+        m["latent_shape"], len(m["shapes"]["latents"]) if "latents" in m["shapes"] else None
+    ):  # the layout's rank (Flux: packed [N, C])
         raise bad("latent_shape")
     return m
 
@@ -345,7 +420,9 @@ def _check_file(folder: Path, entry: dict[str, Any], verify: str) -> Path:
         raise ConfigError(f"--data {folder}: {name} is missing. {fix}")
     size = path.stat().st_size
     if size != entry.get("bytes"):
-        raise ConfigError(f"--data {folder}: {name} is {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced). {fix}")
+        raise ConfigError(
+            f"--data {folder}: {name} is {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced). {fix}"
+        )
     if verify == "sha256" and sha256_file_cached(path) != entry.get("sha256"):
         raise ConfigError(f"--data {folder}: {name} does not match its sha256 in the manifest (corrupted). {fix}")
     try:
@@ -354,7 +431,9 @@ def _check_file(folder: Path, entry: dict[str, Any], verify: str) -> Path:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(f"--data {folder}: {name} is not a readable safetensors file ({str(err).splitlines()[0]}). {fix}") from None
+        raise ConfigError(
+            f"--data {folder}: {name} is not a readable safetensors file ({str(err).splitlines()[0]}). {fix}"
+        ) from None
     return path
 
 
@@ -368,12 +447,16 @@ def _manifest_layout(m: dict[str, Any], p: Path, model, height: int | None, widt
     if model is None:
         return CachedLayout(adapter)
     if get_adapter(model).NAME != arch:
-        raise ConfigError(f"--data {p} was encoded for architecture {arch!r} (model {m.get('model')!r}); this model is {get_adapter(model).NAME!r}. "
-                          "Encode the data with shiva-export train-data --model for this model.")
+        raise ConfigError(
+            f"--data {p} was encoded for architecture {arch!r} (model {m.get('model')!r}); this model is {get_adapter(model).NAME!r}. "
+            "Encode the data with shiva-export train-data --model for this model."
+        )
     return CachedLayout(adapter, getattr(model, "config", model), height, width)
 
 
-def _check_shards(p: Path, m: dict[str, Any], keys: tuple[str, ...], want: dict[str, tuple[int, ...]], verify: str) -> tuple[list[Path], list[int]]:
+def _check_shards(
+    p: Path, m: dict[str, Any], keys: tuple[str, ...], want: dict[str, tuple[int, ...]], verify: str
+) -> tuple[list[Path], list[int]]:
     """Every shard checked against the manifest (size, sha256, header, tensor names and shapes): ``(paths, samples per shard)``."""
     from safetensors import safe_open
 
@@ -383,15 +466,21 @@ def _check_shards(p: Path, m: dict[str, Any], keys: tuple[str, ...], want: dict[
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             if not set(keys) <= names:
-                raise ConfigError(f"--data {p}: {path.name} lacks tensors {sorted(set(keys) - names)}. Re-run shiva-export train-data.")
+                raise ConfigError(
+                    f"--data {p}: {path.name} lacks tensors {sorted(set(keys) - names)}. Re-run shiva-export train-data."
+                )
             for k in keys:
                 got = tuple(f.get_slice(k).get_shape())
                 if got != (entry["samples"], *want[k]):
-                    raise ShapeError(f"--data {p}: {path.name} holds {k} {got}; the manifest says {(entry['samples'], *want[k])}. Re-run shiva-export train-data.")
+                    raise ShapeError(
+                        f"--data {p}: {path.name} holds {k} {got}; the manifest says {(entry['samples'], *want[k])}. Re-run shiva-export train-data."
+                    )
         paths.append(path)
         counts.append(int(entry["samples"]))
     if sum(counts) != int(m["samples"]) or not counts:
-        raise ConfigError(f"--data {p}: the shards hold {sum(counts)} samples, the manifest says {m['samples']}. Re-run shiva-export train-data.")
+        raise ConfigError(
+            f"--data {p}: the shards hold {sum(counts)} samples, the manifest says {m['samples']}. Re-run shiva-export train-data."
+        )
     return paths, counts
 
 
@@ -499,8 +588,17 @@ class ShardedLatents:
         ShapeError: The stored shapes do not fit the model.
     """
 
-    def __init__(self, folder: str | os.PathLike, model=None, seed: int = 0, *, height: int | None = None, width: int | None = None,
-                 num_workers: int = 0, verify: str = "sha256"):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        model=None,
+        seed: int = 0,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_workers: int = 0,
+        verify: str = "sha256",
+    ):
         if verify not in ("sha256", "size"):
             raise ConfigError(f"verify {verify!r} is unknown; choose sha256 or size.")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -515,12 +613,18 @@ class ShardedLatents:
         keys = self.layout.text_keys + (("latents",) if self.has_targets else ())
         want = {k: tuple(m["shapes"][k]) for k in keys if k in m["shapes"]}
         if set(want) != set(keys):
-            raise ConfigError(f"--data {p}: manifest shapes {sorted(m['shapes'])} lack {sorted(set(keys) - set(want))}. Re-run shiva-export train-data.")
+            raise ConfigError(
+                f"--data {p}: manifest shapes {sorted(m['shapes'])} lack {sorted(set(keys) - set(want))}. Re-run shiva-export train-data."
+            )
         paths, counts = _check_shards(p, m, keys, want, verify)
         self.null = _read_null(p, m, self.layout.text_keys, verify)
         self.latent_shape = tuple(int(v) for v in m["latent_shape"])
         size = (m.get("width"), m.get("height"))
-        self.layout.check({**want, "latents": self.latent_shape}, f"--data {p}", encoded_px=size if all(isinstance(v, int) for v in size) else None)
+        self.layout.check(
+            {**want, "latents": self.latent_shape},
+            f"--data {p}",
+            encoded_px=size if all(isinstance(v, int) for v in size) else None,
+        )
         self.seed = int(seed)
         self.num_workers = num_workers
         self.dataset = ShardDataset(paths, counts, keys)
@@ -547,13 +651,22 @@ class ShardedLatents:
             kw: dict[str, Any] = {}
             if self.num_workers:
                 kw = {"num_workers": self.num_workers, "prefetch_factor": 2, "persistent_workers": False}
-            dl = torch.utils.data.DataLoader(self.dataset, batch_size=batch, sampler=_IndexStream(len(self), self.seed, self._pos), **kw)
+            dl = torch.utils.data.DataLoader(
+                self.dataset, batch_size=batch, sampler=_IndexStream(len(self), self.seed, self._pos), **kw
+            )
             self._loader = _Loader(batch, iter(dl))
         out = next(self._loader.it)
         self._pos += batch
         return out
 
-    def batch(self, batch: int, timesteps: torch.Tensor | None = None, *, caption_dropout: float = 0.0, cfg_pairs: bool = False):
+    def batch(
+        self,
+        batch: int,
+        timesteps: torch.Tensor | None = None,
+        *,
+        caption_dropout: float = 0.0,
+        cfg_pairs: bool = False,
+    ):
         """The next ``batch`` samples of the seeded order, noised to ``timesteps`` (the adapter's objective).
 
         Args:
@@ -573,11 +686,24 @@ class ShardedLatents:
             draw_timesteps(batch, timesteps, None)
         check_conditioning(caption_dropout, cfg_pairs)
         rows = self._next_samples(batch)
-        return self.layout.batch(rows, timesteps, self._g, latent_shape=self.latent_shape, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs,
-                                 null=self.null)
+        return self.layout.batch(
+            rows,
+            timesteps,
+            self._g,
+            latent_shape=self.latent_shape,
+            caption_dropout=caption_dropout,
+            cfg_pairs=cfg_pairs,
+            null=self.null,
+        )
 
     def state_dict(self) -> dict:
-        return {"kind": "sharded", "seed": self.seed, "samples": len(self), "position": self._pos, "rng": self._g.get_state()}
+        return {
+            "kind": "sharded",
+            "seed": self.seed,
+            "samples": len(self),
+            "position": self._pos,
+            "rng": self._g.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "sharded" or int(state.get("samples", -1)) != len(self):
@@ -599,8 +725,16 @@ class ShardedLatents:
             self.close()
 
 
-
-def make_data(data: str | os.PathLike | None, model, height: int, width: int, text_len: int, seed: int = 0, *, num_workers: int = 0):
+def make_data(
+    data: str | os.PathLike | None,
+    model,
+    height: int,
+    width: int,
+    text_len: int,
+    seed: int = 0,
+    *,
+    num_workers: int = 0,
+):
     """The training source for ``--data``: a ``shiva-export train-data`` output (a folder holding
     ``manifest.json``, or that file) -> :class:`ShardedLatents` (reading with ``num_workers`` DataLoader
     processes); another folder (one ``.safetensors`` per sample) -> :class:`LatentFolder`; None ->

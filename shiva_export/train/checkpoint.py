@@ -20,7 +20,15 @@ from shiva_export.errors import ConfigError
 from shiva_export.train import dora as _dora
 from shiva_export.utils.io import atomic_write_bytes
 
-__all__ = ["CHECKPOINT_NAME", "Trainables", "save_checkpoint", "load_checkpoint", "check_compatible", "checkpoint_payload", "resume_from"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "Trainables",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_compatible",
+    "checkpoint_payload",
+    "resume_from",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _CKPT_FORMAT = "shiva-train-checkpoint/1"
@@ -39,7 +47,12 @@ class Trainables:
 
     def snapshot(self) -> dict[str, Any]:
         """The trainable state (copied by the held-out stopper when it is a stage's best)."""
-        snap = {"routers": self.bank.state_dict(), "policy": self.policy.state_dict(), "budget": self.budget.state_dict(), "optimizer": self.opt.state_dict()}
+        snap = {
+            "routers": self.bank.state_dict(),
+            "policy": self.policy.state_dict(),
+            "budget": self.budget.state_dict(),
+            "optimizer": self.opt.state_dict(),
+        }
         return {**snap, "dora": _dora.adapter_state_dict(self.transformer)} if self.dora else snap  # -- DoRA
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -61,18 +74,26 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path``, read tensors-only; a missing, damaged or foreign file is one ConfigError line."""
     if not path.is_file():
-        raise ConfigError(f"--resume found no checkpoint: {path}. Run without --resume first, or pass the --out-dir of the interrupted run.")
+        raise ConfigError(
+            f"--resume found no checkpoint: {path}. Run without --resume first, or pass the --out-dir of the interrupted run."
+        )
     try:
         # weights_only: tensors, dicts, lists and numbers only; a pickled object in the file is refused, never run.
         import warnings
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's "pickle protocol" notes on a foreign file: the error below says it
+            warnings.simplefilter(
+                "ignore"
+            )  # torch's "pickle protocol" notes on a foreign file: the error below says it
             ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}. Delete it and train from scratch.") from None
+        raise ConfigError(
+            f"cannot read checkpoint {path}: {str(err).splitlines()[0]}. Delete it and train from scratch."
+        ) from None
     if not isinstance(ck, dict) or ck.get("format") != _CKPT_FORMAT:
-        raise ConfigError(f"{path} is not a shiva training checkpoint (format {ck.get('format') if isinstance(ck, dict) else None!r}). Use another --out-dir.")
+        raise ConfigError(
+            f"{path} is not a shiva training checkpoint (format {ck.get('format') if isinstance(ck, dict) else None!r}). Use another --out-dir."
+        )
     return ck
 
 
@@ -80,10 +101,29 @@ def check_compatible(ck: dict, rec, cfg, path: Path) -> None:
     """Refuses a checkpoint of another model, or written under settings that change what resuming it means."""
     old = ck.get("config", {})
     if ck.get("model") != rec.name:
-        raise ConfigError(f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir.")
-    keys = ("target_keep", "batch", "seed", "tap_every", "estimator", "min_keep", "max_logit", "cfg_pairs", "caption_dropout", "budget", "budget_timesteps", "budget_measure", "eval_every", "context")
+        raise ConfigError(
+            f"checkpoint {path} was trained for model {ck.get('model')!r}, not {rec.name!r}. Use another --out-dir."
+        )
+    keys = (
+        "target_keep",
+        "batch",
+        "seed",
+        "tap_every",
+        "estimator",
+        "min_keep",
+        "max_logit",
+        "cfg_pairs",
+        "caption_dropout",
+        "budget",
+        "budget_timesteps",
+        "budget_measure",
+        "eval_every",
+        "context",
+    )
     before = {"context": "drop"}  # settings added later: what checkpoints written before them ran with
-    for key in keys + (("eval_samples",) if cfg.eval_every is not None else ()):  # the held-out split changes the training pool
+    for key in keys + (
+        ("eval_samples",) if cfg.eval_every is not None else ()
+    ):  # the held-out split changes the training pool
         was = old.get(key, before.get(key))
         if was != getattr(cfg, key):
             raise ConfigError(
@@ -91,10 +131,14 @@ def check_compatible(ck: dict, rec, cfg, path: Path) -> None:
                 "Resume with the original settings or use another --out-dir."
             )
     if int(ck["step"]) > cfg.total_steps:
-        raise ConfigError(f"checkpoint {path} is at step {ck['step']}, beyond this run's {cfg.total_steps} total steps. Pass more --steps.")
+        raise ConfigError(
+            f"checkpoint {path} is at step {ck['step']}, beyond this run's {cfg.total_steps} total steps. Pass more --steps."
+        )
 
 
-def checkpoint_payload(rec, cfg, step: int, parts: Trainables, data, gen: torch.Generator, history: list[dict], stopper) -> dict[str, Any]:
+def checkpoint_payload(
+    rec, cfg, step: int, parts: Trainables, data, gen: torch.Generator, history: list[dict], stopper
+) -> dict[str, Any]:
     """Everything :func:`resume_from` restores, at global step ``step``."""
     return {
         "format": _CKPT_FORMAT,

@@ -208,17 +208,29 @@ class TrainConfig:
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ConfigError(f"batch is {self.batch!r}; expected an int >= 1.")
         if not (isinstance(self.target_keep, (int, float)) and 0.0 < self.target_keep < 1.0):
-            raise ConfigError(f"target keep is {self.target_keep!r}; expected 0 < target_keep < 1 (fraction of image tokens kept).")
+            raise ConfigError(
+                f"target keep is {self.target_keep!r}; expected 0 < target_keep < 1 (fraction of image tokens kept)."
+            )
         for name in ("lr_router", "lr_policy"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} is {v!r}; expected a finite float > 0.")
-        for name in ("lambda_budget", "distill_weight", "flow_weight", "importance_weight", "weight_decay", "logit_noise_std", "score_noise_std"):
+        for name in (
+            "lambda_budget",
+            "distill_weight",
+            "flow_weight",
+            "importance_weight",
+            "weight_decay",
+            "logit_noise_std",
+            "score_noise_std",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} is {v!r}; expected a finite float >= 0.")
         if not (isinstance(self.phases, int) and 1 <= self.phases <= MAX_PHASES):
-            raise ConfigError(f"phases is {self.phases!r}; expected an int in 1..{MAX_PHASES}. Each phase is one static engine.")
+            raise ConfigError(
+                f"phases is {self.phases!r}; expected an int in 1..{MAX_PHASES}. Each phase is one static engine."
+            )
         if not isinstance(self.tap_every, int) or self.tap_every < 1:
             raise ConfigError(f"tap_every is {self.tap_every!r}; expected an int >= 1 (paper: 4).")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
@@ -236,21 +248,33 @@ class TrainConfig:
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"estimator {self.estimator!r} is unknown; choose one of {', '.join(ESTIMATORS)}.")
         if not (isinstance(self.min_keep, (int, float)) and 0.0 <= self.min_keep < self.target_keep):
-            raise ConfigError(f"min_keep is {self.min_keep!r}; expected 0 <= min_keep < target_keep ({self.target_keep}).")
+            raise ConfigError(
+                f"min_keep is {self.min_keep!r}; expected 0 <= min_keep < target_keep ({self.target_keep})."
+            )
         if self.budget not in ("project", "ema"):
-            raise ConfigError(f"budget {self.budget!r} is unknown; choose 'project' (hard, default) or 'ema' (the paper's soft loss).")
+            raise ConfigError(
+                f"budget {self.budget!r} is unknown; choose 'project' (hard, default) or 'ema' (the paper's soft loss)."
+            )
         if self.budget_timesteps not in ("sampler", "batch"):
             raise ConfigError(f"budget_timesteps {self.budget_timesteps!r} is unknown; choose 'sampler' or 'batch'.")
         if self.budget_measure not in KEEP_MEASURES:
-            raise ConfigError(f"budget_measure {self.budget_measure!r} is unknown; choose one of {', '.join(KEEP_MEASURES)}.")
+            raise ConfigError(
+                f"budget_measure {self.budget_measure!r} is unknown; choose one of {', '.join(KEEP_MEASURES)}."
+            )
         if not (isinstance(self.max_calibration_shift, (int, float)) and self.max_calibration_shift >= 0):
-            raise ConfigError(f"max_calibration_shift is {self.max_calibration_shift!r}; expected a float >= 0 (logit units).")
+            raise ConfigError(
+                f"max_calibration_shift is {self.max_calibration_shift!r}; expected a float >= 0 (logit units)."
+            )
         if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"dtype {self.dtype!r} is unknown; choose fp32, bf16 or fp16 (the backbone's; routers stay fp32).")
+            raise ConfigError(
+                f"dtype {self.dtype!r} is unknown; choose fp32, bf16 or fp16 (the backbone's; routers stay fp32)."
+            )
 
     def _check_runtime(self) -> None:
         if not isinstance(self.accumulate, int) or self.accumulate < 1:
-            raise ConfigError(f"accumulate is {self.accumulate!r}; expected an int >= 1 (micro-batches per optimizer step).")
+            raise ConfigError(
+                f"accumulate is {self.accumulate!r}; expected an int >= 1 (micro-batches per optimizer step)."
+            )
         if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout < 1.0):
             raise ConfigError(f"caption_dropout is {self.caption_dropout!r}; expected 0 <= p < 1 (paper: 0.1).")
         try:
@@ -261,22 +285,35 @@ class TrainConfig:
             raise ConfigError(f"stop_at_step is {self.stop_at_step!r}; expected an int >= 1 or None.")
         if self.eval_every is not None:
             if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 1:
-                raise ConfigError(f"eval_every is {self.eval_every!r}; expected an int >= 1 (steps between held-out evaluations) or None (off).")
+                raise ConfigError(
+                    f"eval_every is {self.eval_every!r}; expected an int >= 1 (steps between held-out evaluations) or None (off)."
+                )
             if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
-                raise ConfigError(f"eval_samples is {self.eval_samples!r}; expected an int >= 1 (size of the held-out batch).")
+                raise ConfigError(
+                    f"eval_samples is {self.eval_samples!r}; expected an int >= 1 (size of the held-out batch)."
+                )
 
             EarlyStopping(self.patience, self.eval_min_delta)  # checks patience and min_delta
         if self.dora:  # -- DoRA --
-
             check_dora_settings(self.dora_rank, self.dora_alpha, self.lr_dora, self.joint_steps)
 
     def _check_stage3(self) -> None:
         if self.stage3_keep is not None:
-            if not (isinstance(self.stage3_keep, (int, float)) and not isinstance(self.stage3_keep, bool) and 0.0 < self.stage3_keep <= 1.0):
-                raise ConfigError(f"stage3_keep is {self.stage3_keep!r}; expected 0 < keep <= 1 (the uniform keep of the stage-3 student).")
+            if not (
+                isinstance(self.stage3_keep, (int, float))
+                and not isinstance(self.stage3_keep, bool)
+                and 0.0 < self.stage3_keep <= 1.0
+            ):
+                raise ConfigError(
+                    f"stage3_keep is {self.stage3_keep!r}; expected 0 < keep <= 1 (the uniform keep of the stage-3 student)."
+                )
             if self.joint_steps < 1:
-                raise ConfigError("--stage3-keep routes stage 3 (joint), which has 0 steps; pass 3 --steps values with a joint stage, or drop --stage3-keep.")
-        if not (isinstance(self.dense_weight, (int, float)) and math.isfinite(self.dense_weight) and self.dense_weight >= 0):
+                raise ConfigError(
+                    "--stage3-keep routes stage 3 (joint), which has 0 steps; pass 3 --steps values with a joint stage, or drop --stage3-keep."
+                )
+        if not (
+            isinstance(self.dense_weight, (int, float)) and math.isfinite(self.dense_weight) and self.dense_weight >= 0
+        ):
             raise ConfigError(f"dense_weight is {self.dense_weight!r}; expected a finite float >= 0.")
         if self.dense_weight > 0 and not self.dora:
             raise ConfigError(

@@ -43,7 +43,6 @@ __all__ = ["Batch", "SyntheticData", "condition_batch", "draw_timesteps", "check
 logger = get_logger(__name__)
 
 
-
 @dataclass
 class Batch:
     """One training batch: the transformer's keyword arguments plus the flow-matching target.
@@ -84,10 +83,23 @@ class Batch:
             return self
         full = [i + p * n for p in range(pairs) for i in ids]
         ix = torch.as_tensor(full, dtype=torch.long)
-        pick = lambda t: t.index_select(0, ix) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == len(self) else t  # noqa: E731
-        dropped = None if self.dropped is None else self.dropped.index_select(0, torch.as_tensor(list(ids), dtype=torch.long))
-        return Batch({k: pick(v) for k, v in self.inputs.items()}, pick(self.timestep), None if self.target is None else pick(self.target),
-                     self.timestep_scale, cfg=self.cfg, dropped=dropped)
+
+        def pick(t):
+            return (
+                t.index_select(0, ix) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == len(self) else t
+            )
+
+        dropped = (
+            None if self.dropped is None else self.dropped.index_select(0, torch.as_tensor(list(ids), dtype=torch.long))
+        )
+        return Batch(
+            {k: pick(v) for k, v in self.inputs.items()},
+            pick(self.timestep),
+            None if self.target is None else pick(self.target),
+            self.timestep_scale,
+            cfg=self.cfg,
+            dropped=dropped,
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The transformer's keyword arguments."""
@@ -101,20 +113,33 @@ def draw_timesteps(batch: int, timesteps: torch.Tensor | None, g: torch.Generato
         return torch.rand(batch, generator=g) * 1000.0
     t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
     if t.numel() != batch:
-        raise ShapeError(f"timesteps has {t.numel()} values for a batch of {batch}; expected one per sample. Pass [batch] timesteps.")
+        raise ShapeError(
+            f"timesteps has {t.numel()} values for a batch of {batch}; expected one per sample. Pass [batch] timesteps."
+        )
     return t
 
 
 def check_conditioning(caption_dropout: float, cfg_pairs: bool) -> None:
     """Refuses a caption dropout outside ``[0, 1)`` or a non-bool ``cfg_pairs``."""
-    if not isinstance(caption_dropout, (int, float)) or isinstance(caption_dropout, bool) or not 0.0 <= caption_dropout < 1.0:
+    if (
+        not isinstance(caption_dropout, (int, float))
+        or isinstance(caption_dropout, bool)
+        or not 0.0 <= caption_dropout < 1.0
+    ):
         raise ConfigError(f"caption_dropout {caption_dropout!r} is out of range; expected 0 <= p < 1 (0.1 is usual).")
     if not isinstance(cfg_pairs, bool):
         raise ConfigError(f"cfg_pairs {cfg_pairs!r} is not a bool.")
 
 
-def condition_batch(batch: Batch, null: dict[str, torch.Tensor], *, caption_dropout: float = 0.0, cfg_pairs: bool = False,
-                    generator: torch.Generator | None = None, batched: set[str] | None = None) -> Batch:
+def condition_batch(
+    batch: Batch,
+    null: dict[str, torch.Tensor],
+    *,
+    caption_dropout: float = 0.0,
+    cfg_pairs: bool = False,
+    generator: torch.Generator | None = None,
+    batched: set[str] | None = None,
+) -> Batch:
     """Caption dropout and CFG pairs on a batch of B conditional samples.
 
     Args:
@@ -200,7 +225,14 @@ class SyntheticData:
     def __repr__(self) -> str:
         return f"SyntheticData({self.adapter.NAME}, seed={self.seed}, {self.spec.height}x{self.spec.width}, text_len={self.spec.text_len})"
 
-    def batch(self, batch: int, timesteps: torch.Tensor | None = None, *, caption_dropout: float = 0.0, cfg_pairs: bool = False) -> Batch:
+    def batch(
+        self,
+        batch: int,
+        timesteps: torch.Tensor | None = None,
+        *,
+        caption_dropout: float = 0.0,
+        cfg_pairs: bool = False,
+    ) -> Batch:
         """Draws ``batch`` samples; ``timesteps`` (``[batch]``, 0..1000) default to uniform in ``[0, 1000)``.
         ``caption_dropout`` / ``cfg_pairs``: see :func:`condition_batch` (with the synthetic :attr:`null_text`)."""
         if not isinstance(batch, int) or batch < 1:
@@ -221,7 +253,9 @@ class SyntheticData:
         if caption_dropout == 0.0 and not cfg_pairs:
             return out
         batched = {n for n in shapes if n != "timestep"}  # Flux img_ids/txt_ids have no batch axis
-        return condition_batch(out, self.null_text, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, generator=g, batched=batched)
+        return condition_batch(
+            out, self.null_text, caption_dropout=caption_dropout, cfg_pairs=cfg_pairs, generator=g, batched=batched
+        )
 
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "seed": self.seed, "rng": self._g.get_state()}

@@ -77,7 +77,15 @@ FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_PIPELINE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "vae")
+_PIPELINE_COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "vae",
+)
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -102,9 +110,13 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     try:
         raw = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--prompts {p} cannot be read as UTF-8 text ({err.__class__.__name__}). Save it as UTF-8, one prompt per line.") from None
+        raise ConfigError(
+            f"--prompts {p} cannot be read as UTF-8 text ({err.__class__.__name__}). Save it as UTF-8, one prompt per line."
+        ) from None
     if "\x00" in raw:
-        raise ConfigError(f"--prompts {p} holds NUL bytes, so it is not a text file. Pass a UTF-8 text file with one prompt per line.")
+        raise ConfigError(
+            f"--prompts {p} holds NUL bytes, so it is not a text file. Pass a UTF-8 text file with one prompt per line."
+        )
     out = [ln.strip() for ln in raw.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not out:
         raise ConfigError(f"--prompts {p} holds no prompt (only blank lines or # comments). Write one prompt per line.")
@@ -113,14 +125,20 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
 
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise ConfigError(f"--images {folder} is not a folder. Pass a folder of {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images.")
+        raise ConfigError(
+            f"--images {folder} is not a folder. Pass a folder of {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images."
+        )
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if not files:
-        raise ConfigError(f"--images {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}). Add images or drop --images.")
+        raise ConfigError(
+            f"--images {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}). Add images or drop --images."
+        )
     return files
 
 
-def image_records(folder: str | os.PathLike, prompts: Sequence[str] | None = None, prompts_source: str | os.PathLike | None = None) -> list[DataRecord]:
+def image_records(
+    folder: str | os.PathLike, prompts: Sequence[str] | None = None, prompts_source: str | os.PathLike | None = None
+) -> list[DataRecord]:
     """Image/caption pairs of a folder: with ``prompts``, the i-th prompt captions the i-th image in file-name
     order (counts must match); without, each image's caption is the text file beside it (``cat.png`` ->
     ``cat.txt``). ``prompts_source`` (the prompt file) is only named in the count-mismatch message.
@@ -145,12 +163,16 @@ def image_records(folder: str | os.PathLike, prompts: Sequence[str] | None = Non
         except (OSError, UnicodeDecodeError):
             text = ""
         if not text:
-            raise ConfigError(f"image {f} has no caption: {cap} is missing, empty or not UTF-8. Write its caption there, or pass --prompts FILE (one line per image).")
+            raise ConfigError(
+                f"image {f} has no caption: {cap} is missing, empty or not UTF-8. Write its caption there, or pass --prompts FILE (one line per image)."
+            )
         out.append(DataRecord(text, f, f.name))
     return out
 
 
-def dataset_records(name: str, split: str = "train", prompt_column: str | None = None, image_column: str | None = None) -> list[DataRecord]:
+def dataset_records(
+    name: str, split: str = "train", prompt_column: str | None = None, image_column: str | None = None
+) -> list[DataRecord]:
     """Records of a Hugging Face ``datasets`` dataset, from the local cache only (never downloads).
 
     ``prompt_column`` defaults to the first of ``prompt``, ``text``, ``caption`` the dataset has; images
@@ -180,14 +202,20 @@ def dataset_records(name: str, split: str = "train", prompt_column: str | None =
     if prompt_column is None:
         prompt_column = next((c for c in ("prompt", "text", "caption") if c in cols), None)
         if prompt_column is None:
-            raise ConfigError(f"--dataset {name} has no prompt, text or caption column (columns: {cols}). Pass --prompt-column NAME.")
+            raise ConfigError(
+                f"--dataset {name} has no prompt, text or caption column (columns: {cols}). Pass --prompt-column NAME."
+            )
     for flag, col in (("--prompt-column", prompt_column), ("--image-column", image_column)):
         if col is not None and col not in cols:
-            raise ConfigError(f"{flag} {col!r} is not a column of --dataset {name} (columns: {cols}). Pick one of those.")
+            raise ConfigError(
+                f"{flag} {col!r} is not a column of --dataset {name} (columns: {cols}). Pick one of those."
+            )
     out = []
     for i, text in enumerate(ds[prompt_column]):  # the text column only: images are decoded one batch at a time
         if not isinstance(text, str):
-            raise ConfigError(f"--dataset {name} row {i}: column {prompt_column!r} is a {type(text).__name__}, not text. Pass --prompt-column of a text column.")
+            raise ConfigError(
+                f"--dataset {name} row {i}: column {prompt_column!r} is a {type(text).__name__}, not text. Pass --prompt-column of a text column."
+            )
         image = _RowImage(ds, i, image_column) if image_column else None
         out.append(DataRecord(text.strip(), image, f"{name}[{i}]"))
     if not out:
@@ -292,7 +320,9 @@ def _load_image(img: Any, where: str):
         with Image.open(img) as im:
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as err:
-        raise ConfigError(f"cannot read image {where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Remove or re-save it.") from None
+        raise ConfigError(
+            f"cannot read image {where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Remove or re-save it."
+        ) from None
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -300,9 +330,13 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise OutputPathError(f"--out {out} is a file. Pass a folder (it is created).")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise OutputPathError(f"--out {out} exists and is not empty. Pass another folder, or --overwrite to replace an earlier train-data output.")
+            raise OutputPathError(
+                f"--out {out} exists and is not empty. Pass another folder, or --overwrite to replace an earlier train-data output."
+            )
         if not (out / MANIFEST_NAME).is_file():
-            raise OutputPathError(f"--out {out} is not empty and holds no {MANIFEST_NAME}, so it is not a train-data output; refusing to replace it. Pass another folder.")
+            raise OutputPathError(
+                f"--out {out} is not empty and holds no {MANIFEST_NAME}, so it is not a train-data output; refusing to replace it. Pass another folder."
+            )
 
 
 def encode_train_data(
@@ -364,7 +398,9 @@ def encode_train_data(
     w = rec.shapes.width if width is None else int(width)
     with_images = any(r.image is not None for r in recs)
     if with_images and not all(r.image is not None for r in recs):
-        raise ConfigError("some records have an image and some do not; expected all or none. Encode text-only and image data into separate folders.")
+        raise ConfigError(
+            "some records have an image and some do not; expected all or none. Encode text-only and image data into separate folders."
+        )
     enc = _Encoder.open(rec, weights, pipe, h, w, device)
     load_seconds = time.perf_counter() - t_start
     if progress is not None:
@@ -372,7 +408,9 @@ def encode_train_data(
     parent, tmp = _temp_folder(out)
     try:
         t_enc = time.perf_counter()
-        writer = _ShardWriter(tmp, _DTYPES[dtype], {"format": FORMAT, "model": rec.name}, shard_size, enc.adapter.CACHE_TEXT_INPUTS)
+        writer = _ShardWriter(
+            tmp, _DTYPES[dtype], {"format": FORMAT, "model": rec.name}, shard_size, enc.adapter.CACHE_TEXT_INPUTS
+        )
         null_info = _encode_records(enc, writer, recs, batch, with_images, progress)
         encode_seconds = time.perf_counter() - t_enc
         manifest = _manifest(rec, enc, writer, null_info, len(recs), with_images, source, seed, t_start)
@@ -400,7 +438,9 @@ def _check_encode_args(prompts, records, shard_size: int, batch: int, dtype: str
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device!r} is unknown; choose cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
-        raise HardwareError("--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu.")
+        raise HardwareError(
+            "--device cuda needs a CUDA GPU, and torch sees none. Run on a GPU machine or use --device cpu."
+        )
     return recs
 
 
@@ -439,14 +479,18 @@ class _Encoder:
             tcfg = read_transformer_config(loc, local, rec) if local else dict(pipe.transformer.config)
         adapter.check_image_size(config_obj(tcfg), h, w)
         if pipe is None:
-            pipe = pipeline_from_pretrained(loc, local, rec, transformer=None)  # the transformer is not needed to encode
+            pipe = pipeline_from_pretrained(
+                loc, local, rec, transformer=None
+            )  # the transformer is not needed to encode
         if device != "cpu":
             pipe.to(device)
         text_info = adapter.text_cache_info(pipe, rec.shapes.text_len)  # refuses a text length the pipeline cannot give
         return cls(pipe, adapter, tcfg, loc, local, rec.shapes.text_len, h, w, device, text_info)
 
     def text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        out, truncated = self.adapter.encode_text_cache(self.pipe, config_obj(self.tcfg), texts, self.text_len, self.device)
+        out, truncated = self.adapter.encode_text_cache(
+            self.pipe, config_obj(self.tcfg), texts, self.text_len, self.device
+        )
         self.truncated += truncated
         return out
 
@@ -461,7 +505,12 @@ class _Encoder:
         return self.adapter.encode_latent_cache(self.pipe, x)
 
     def latent_shape(self) -> list[int]:
-        return [int(v) for v in self.adapter.cache_shapes(config_obj(self.tcfg), InputSpec(1, self.height, self.width, self.text_len, False))["latents"]]
+        return [
+            int(v)
+            for v in self.adapter.cache_shapes(
+                config_obj(self.tcfg), InputSpec(1, self.height, self.width, self.text_len, False)
+            )["latents"]
+        ]
 
 
 def _temp_folder(out: Path) -> tuple[Path, Path]:
@@ -472,14 +521,18 @@ def _temp_folder(out: Path) -> tuple[Path, Path]:
         sweep_stale_temps(parent)  # half-written folders of killed runs (their pid is gone)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name + "."), suffix=".tmp", dir=parent))
     except OSError as err:
-        raise OutputPathError(f"cannot create a folder beside --out {out} ({err.strerror or err}). Pass a writable --out.") from None
+        raise OutputPathError(
+            f"cannot create a folder beside --out {out} ({err.strerror or err}). Pass a writable --out."
+        ) from None
     return parent, tmp
 
 
 class _ShardWriter:
     """Samples collected into shards of ``shard_size`` (stored dtype for floats; masks and class ids as they are)."""
 
-    def __init__(self, tmp: Path, store: torch.dtype, meta: dict[str, str], shard_size: int, text_inputs: dict[str, str]):
+    def __init__(
+        self, tmp: Path, store: torch.dtype, meta: dict[str, str], shard_size: int, text_inputs: dict[str, str]
+    ):
         self.tmp, self.store, self.meta, self.shard_size = tmp, store, meta, shard_size
         self.text_keys = tuple(text_inputs)
         self.pending: dict[str, list[torch.Tensor]] = {"latents": [], **{k: [] for k in self.text_keys}}
@@ -489,7 +542,10 @@ class _ShardWriter:
     def write(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         from safetensors.torch import save as st_save
 
-        data = st_save({k: (v.to(self.store) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}, metadata=self.meta)
+        data = st_save(
+            {k: (v.to(self.store) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+            metadata=self.meta,
+        )
         path = self.tmp / name
         with open(path, "wb") as f:
             f.write(data)
@@ -511,14 +567,18 @@ class _ShardWriter:
         n = len(self.pending[self.text_keys[0]])
         if not n:
             return
-        info = self.write(f"shard-{len(self.shards):05d}.safetensors", {k: torch.stack(v) for k, v in self.pending.items() if v})
+        info = self.write(
+            f"shard-{len(self.shards):05d}.safetensors", {k: torch.stack(v) for k, v in self.pending.items() if v}
+        )
         info["samples"] = n
         self.shards.append(info)
         for v in self.pending.values():
             v.clear()
 
 
-def _encode_records(enc: _Encoder, writer: _ShardWriter, recs: list[DataRecord], batch: int, with_images: bool, progress) -> dict[str, Any]:
+def _encode_records(
+    enc: _Encoder, writer: _ShardWriter, recs: list[DataRecord], batch: int, with_images: bool, progress
+) -> dict[str, Any]:
     """The null prompt into ``null.safetensors``, then every record in batches into shards; returns the null entry."""
     with torch.inference_mode(), quiet_libraries():  # truncation notes are counted instead (manifest, summary)
         null = enc.text([""])  # what the pipeline encodes for the uncond half of CFG
@@ -537,8 +597,17 @@ def _encode_records(enc: _Encoder, writer: _ShardWriter, recs: list[DataRecord],
     return null_info
 
 
-def _manifest(rec, enc: _Encoder, writer: _ShardWriter, null_info: dict[str, Any], samples: int, with_images: bool, source, seed: int,
-              t_start: float) -> dict[str, Any]:
+def _manifest(
+    rec,
+    enc: _Encoder,
+    writer: _ShardWriter,
+    null_info: dict[str, Any],
+    samples: int,
+    with_images: bool,
+    source,
+    seed: int,
+    t_start: float,
+) -> dict[str, Any]:
     vae = enc.pipe.vae.config
     shift, scale = float(getattr(vae, "shift_factor", 0.0) or 0.0), float(vae.scaling_factor)
     return {
@@ -548,7 +617,12 @@ def _manifest(rec, enc: _Encoder, writer: _ShardWriter, null_info: dict[str, Any
         "architecture": rec.architecture,
         "recipe": str(rec.source_path),
         "recipe_sha256": recipe_hash(rec),
-        "pipeline": {"source": enc.location, "local": enc.local, "components": _component_digests(enc.location, enc.local), "versions": _versions()},
+        "pipeline": {
+            "source": enc.location,
+            "local": enc.local,
+            "components": _component_digests(enc.location, enc.local),
+            "versions": _versions(),
+        },
         "samples": samples,
         "truncated_prompts": enc.truncated,
         "has_latents": with_images,
@@ -559,7 +633,13 @@ def _manifest(rec, enc: _Encoder, writer: _ShardWriter, null_info: dict[str, Any
         "width": enc.width,
         "text_len": rec.shapes.text_len,
         **enc.text_info,
-        "vae": {"shift_factor": shift, "scaling_factor": scale, "latents": "(posterior mean - shift_factor) * scaling_factor"} if with_images else None,
+        "vae": {
+            "shift_factor": shift,
+            "scaling_factor": scale,
+            "latents": "(posterior mean - shift_factor) * scaling_factor",
+        }
+        if with_images
+        else None,
         "null": dict(null_info, prompt=""),
         "shards": writer.shards,
         "source": source or {"kind": "prompts"},
@@ -579,7 +659,9 @@ def _commit(tmp: Path, out: Path, parent: Path) -> None:
             out.rmdir()
         os.replace(tmp, out)
     except OSError as err:
-        raise OutputPathError(f"cannot move the finished data into --out {out} ({err.strerror or err}). Pass another --out.") from None
+        raise OutputPathError(
+            f"cannot move the finished data into --out {out} ({err.strerror or err}). Pass another --out."
+        ) from None
     finally:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)

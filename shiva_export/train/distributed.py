@@ -57,14 +57,18 @@ class DistContext:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} under torchrun needs CUDA, which torch does not see. Use --device cpu (gloo).")
+            raise ConfigError(
+                f"--device {device} under torchrun needs CUDA, which torch does not see. Use --device cpu (gloo)."
+            )
         owns = False
         if not dist.is_initialized():
             if backend == "nccl":
                 torch.cuda.set_device(local)
             dist.init_process_group(backend=backend)
             owns = True
-        return cls(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local, backend=backend, owns_group=owns)
+        return cls(
+            world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local, backend=backend, owns_group=owns
+        )
 
     def device(self, device: str) -> torch.device:
         """The device of this rank (``cuda`` becomes ``cuda:<local rank>`` under torchrun)."""

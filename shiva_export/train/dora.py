@@ -140,7 +140,13 @@ def _tuner_layers(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def add_dora(
-    transformer: nn.Module, r: int = DORA_RANK, alpha: float = DORA_ALPHA, *, target_modules: str | None = None, trainable: bool = False, seed: int = 0
+    transformer: nn.Module,
+    r: int = DORA_RANK,
+    alpha: float = DORA_ALPHA,
+    *,
+    target_modules: str | None = None,
+    trainable: bool = False,
+    seed: int = 0,
 ) -> list[str]:
     """Injects DoRA adapters (in place) into the architecture's attention and FFN linears.
 
@@ -172,23 +178,37 @@ def add_dora(
     if not (isinstance(alpha, (int, float)) and alpha > 0):
         raise ConfigError(f"DoRA alpha is {alpha!r}; expected a float > 0 (default: the rank, scaling 1).")
     if has_dora(transformer):
-        raise ConfigError("the transformer already has DoRA adapters; merge them (merge_and_save) before adding new ones.")
+        raise ConfigError(
+            "the transformer already has DoRA adapters; merge them (merge_and_save) before adding new ones."
+        )
     pattern = target_modules or dora_target_modules(transformer)
     names = dora_targets(transformer, pattern)
-    other = [n for n, m in transformer.named_modules() if n and not isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+    other = [
+        n for n, m in transformer.named_modules() if n and not isinstance(m, nn.Linear) and re.fullmatch(pattern, n)
+    ]
     if other:
-        raise ConfigError(f"DoRA target pattern {pattern!r} also matches non-linear modules ({', '.join(other[:3])}); DoRA here adapts nn.Linear only. Narrow the pattern.")
+        raise ConfigError(
+            f"DoRA target pattern {pattern!r} also matches non-linear modules ({', '.join(other[:3])}); DoRA here adapts nn.Linear only. Narrow the pattern."
+        )
     if not names:
-        raise ConfigError(f"DoRA target pattern {pattern!r} matches no linear of this {type(transformer).__name__}; check the adapter's dora_target_modules.")
+        raise ConfigError(
+            f"DoRA target pattern {pattern!r} matches no linear of this {type(transformer).__name__}; check the adapter's dora_target_modules."
+        )
     grads = {id(p): p.requires_grad for p in transformer.parameters()}
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, use_dora=True, lora_dropout=0.0, init_lora_weights=True, target_modules=pattern)
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=alpha, use_dora=True, lora_dropout=0.0, init_lora_weights=True, target_modules=pattern
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # reproducible A (kaiming) init: a resumed run and a fresh one add the same adapters
         peft.inject_adapter_in_model(cfg, transformer, adapter_name=_ADAPTER)
     layers = _tuner_layers(transformer)
     if sorted(n for n, _ in layers) != sorted(names):
         raise ShivaInternalError(f"peft adapted {len(layers)} modules, the pattern selects {len(names)}")
-    object.__setattr__(transformer, _DORA_ATTR, {"r": r, "alpha": float(alpha), "target_modules": pattern, "modules": names, "enabled": True})
+    object.__setattr__(
+        transformer,
+        _DORA_ATTR,
+        {"r": r, "alpha": float(alpha), "target_modules": pattern, "modules": names, "enabled": True},
+    )
     adapter_ids = {id(p) for p in dora_parameters(transformer)}
     base_ids = {id(p) for _, layer in layers for p in layer.get_base_layer().parameters()}
     for p in transformer.parameters():  # peft marks only adapters trainable; the others get their flags back
@@ -282,7 +302,9 @@ def load_adapter_state_dict(transformer: nn.Module, state: dict[str, torch.Tenso
         ConfigError: No adapters, or the state belongs to other adapters (rank, architecture, targets).
     """
     if not has_dora(transformer):
-        raise ConfigError("the transformer has no DoRA adapters to load into; call add_dora first (same rank and targets).")
+        raise ConfigError(
+            "the transformer has no DoRA adapters to load into; call add_dora first (same rank and targets)."
+        )
     have = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(transformer, adapter_name=_ADAPTER).items()}
     got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
     if have != got:
@@ -294,7 +316,9 @@ def load_adapter_state_dict(transformer: nn.Module, state: dict[str, torch.Tenso
     res = peft.set_peft_model_state_dict(transformer, state, adapter_name=_ADAPTER)
     bad = list(getattr(res, "unexpected_keys", []) or [])
     if bad:
-        raise ConfigError(f"DoRA state has {len(bad)} tensors that fit no adapter (first: {bad[0]}); resume with the same --dora-rank and model.")
+        raise ConfigError(
+            f"DoRA state has {len(bad)} tensors that fit no adapter (first: {bad[0]}); resume with the same --dora-rank and model."
+        )
 
 
 def check_dora_settings(rank: int, alpha: float, lr: float, joint_steps: int) -> None:
@@ -310,7 +334,9 @@ def check_dora_settings(rank: int, alpha: float, lr: float, joint_steps: int) ->
     if not is_available("peft"):
         raise MissingDependencyError(f"--dora needs peft, which is not installed. Install: {INSTALL_HINTS['peft']}.")
     if joint_steps < 1:
-        raise ConfigError("--dora trains its adapters in stage 3 (joint), which has 0 steps; expected at least 1. Pass 3 --steps values with a joint stage.")
+        raise ConfigError(
+            "--dora trains its adapters in stage 3 (joint), which has 0 steps; expected at least 1. Pass 3 --steps values with a joint stage."
+        )
 
 
 def load_checkpoint_state(transformer: nn.Module, ck: dict, enabled: bool, path) -> None:
@@ -319,13 +345,17 @@ def load_checkpoint_state(transformer: nn.Module, ck: dict, enabled: bool, path)
     has = "dora" in ck
     if has != bool(enabled):
         flag = "with" if has else "without"
-        raise ConfigError(f"checkpoint {path} was written {flag} --dora, this run is {'without' if has else 'with'} it; expected the same. Resume with the original settings or use another --out-dir.")
+        raise ConfigError(
+            f"checkpoint {path} was written {flag} --dora, this run is {'without' if has else 'with'} it; expected the same. Resume with the original settings or use another --out-dir."
+        )
     if not has:
         return
     old = (ck.get("config") or {}).get("dora_rank")
     rank = getattr(transformer, _DORA_ATTR)["r"]
     if old != rank:
-        raise ConfigError(f"checkpoint {path} has dora_rank = {old!r}, this run {rank!r}; expected the same. Resume with --dora-rank {old} or use another --out-dir.")
+        raise ConfigError(
+            f"checkpoint {path} has dora_rank = {old!r}, this run {rank!r}; expected the same. Resume with --dora-rank {old} or use another --out-dir."
+        )
     load_adapter_state_dict(transformer, ck["dora"])
 
 
@@ -334,10 +364,21 @@ def _check_inputs(transformer: nn.Module, check_inputs) -> dict[str, Any]:
     if isinstance(check_inputs, InputSpec):
         check_inputs = make_inputs(transformer, check_inputs, seed=0)
     device = next(transformer.parameters()).device
-    return {k: (v.to(device=device, dtype=torch.float32) if torch.is_tensor(v) and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v) for k, v in check_inputs.items()}
+    return {
+        k: (
+            v.to(device=device, dtype=torch.float32)
+            if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(device)
+            if torch.is_tensor(v)
+            else v
+        )
+        for k, v in check_inputs.items()
+    }
 
 
-def merge_and_save(transformer: nn.Module, out_dir: str | os.PathLike, check_inputs=None, *, rtol: float = MERGE_RTOL) -> DoRAMergeResult:
+def merge_and_save(
+    transformer: nn.Module, out_dir: str | os.PathLike, check_inputs=None, *, rtol: float = MERGE_RTOL
+) -> DoRAMergeResult:
     """Merges the DoRA adapters into the base weights in fp32, removes every peft layer and saves the plain
     transformer to ``out_dir/transformer`` (``save_pretrained``, safetensors; written to a temporary folder
     and renamed, so an interrupted save never leaves a complete-looking folder).
@@ -369,7 +410,9 @@ def merge_and_save(transformer: nn.Module, out_dir: str | os.PathLike, check_inp
     if not has_dora(transformer):
         raise ConfigError("the transformer has no DoRA adapters to merge; add them with add_dora and train stage 3.")
     if is_shiva_applied(transformer):
-        raise ConfigError("merge_and_save needs the transformer without Shiva routing (its routers would be saved as transformer weights); call remove_shiva_ first.")
+        raise ConfigError(
+            "merge_and_save needs the transformer without Shiva routing (its routers would be saved as transformer weights); call remove_shiva_ first."
+        )
     t0 = time.perf_counter()
     was_training = transformer.training
     transformer.eval()
@@ -400,7 +443,9 @@ def merge_and_save(transformer: nn.Module, out_dir: str | os.PathLike, check_inp
         max_abs = float((out - ref).abs().max())
         rel = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
         if not rel <= rtol:
-            raise ShivaInternalError(f"DoRA merge changed the output: relative error {rel:.3g} (max abs {max_abs:.3g}) > {rtol:g}; nothing was saved")
+            raise ShivaInternalError(
+                f"DoRA merge changed the output: relative error {rel:.3g} (max abs {max_abs:.3g}) > {rtol:g}; nothing was saved"
+            )
         logger.info("DoRA merge check: max abs %.3g, relative %.3g", max_abs, rel)
     transformer.train(was_training)
 
@@ -420,4 +465,12 @@ def merge_and_save(transformer: nn.Module, out_dir: str | os.PathLike, check_inp
                 shutil.rmtree(p, ignore_errors=True)
     files = sorted(p.name for p in dest.glob("*.safetensors"))
     sha = weights_sha256(dest)
-    return DoRAMergeResult(path=dest, sha256=sha, files=files, modules=len(layers), max_abs_error=max_abs, rel_error=rel, seconds=time.perf_counter() - t0)
+    return DoRAMergeResult(
+        path=dest,
+        sha256=sha,
+        files=files,
+        modules=len(layers),
+        max_abs_error=max_abs,
+        rel_error=rel,
+        seconds=time.perf_counter() - t0,
+    )

@@ -77,15 +77,23 @@ def evaluate_router(
     transformer = load_transformer(recipe=rec, weights=weights, dtype="fp32")
     n_layers = num_blocks(transformer)
     routed = rec.routed_blocks(n_layers)
-    scfg = ShivaConfig.uniform(n_layers, 1.0 - keep, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
-                               context=rec.prune.context)  # the routing the recipe deploys
+    scfg = ShivaConfig.uniform(
+        n_layers,
+        1.0 - keep,
+        routed,
+        bottleneck=rec.router.bottleneck,
+        group_size=rec.router.group_size,
+        context=rec.prune.context,
+    )  # the routing the recipe deploys
     rc = scfg.router_config(*router_dims(transformer))
     if isinstance(router, RouterBank):
         trained = router
     else:
         path = Path(router) if router is not None else rec.router_weights_path()
         if path is None:
-            raise RouterError(f"{rec.name}: no trained router to evaluate; the recipe has no [router] weights. Pass router=PATH.")
+            raise RouterError(
+                f"{rec.name}: no trained router to evaluate; the recipe has no [router] weights. Pass router=PATH."
+            )
         trained, _ = load_routers(path, rc)
     spec = InputSpec(batch=1, height=rec.shapes.height, width=rec.shapes.width, text_len=rec.shapes.text_len, cfg=False)
     cases = [make_inputs(transformer, spec, seed=s) for s in seeds]

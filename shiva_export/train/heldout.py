@@ -43,7 +43,9 @@ class EarlyStopping:
 
     def __init__(self, patience: int, min_delta: float):
         if not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"patience is {patience!r}; expected an int >= 1 (held-out evaluations without improvement).")
+            raise ConfigError(
+                f"patience is {patience!r}; expected an int >= 1 (held-out evaluations without improvement)."
+            )
         if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and 0.0 <= min_delta < 1.0):
             raise ConfigError(f"eval_min_delta is {min_delta!r}; expected 0 <= min_delta < 1 (relative improvement).")
         self.patience, self.min_delta = patience, float(min_delta)
@@ -73,15 +75,31 @@ class EarlyStopping:
         """``{"evals", "best_step", "best_loss", "stopped_at"}`` of one stage (from the curve)."""
         rows = [r for r in self.curve if r["stage"] == stage]
         best = [r for r in rows if r["best"]]
-        return {"evals": [{"step": r["step"], "loss": r["loss"]} for r in rows], "best_step": best[-1]["step"] if best else None,
-                "best_loss": best[-1]["loss"] if best else None, "stopped_at": self.stops.get(stage)}
+        return {
+            "evals": [{"step": r["step"], "loss": r["loss"]} for r in rows],
+            "best_step": best[-1]["step"] if best else None,
+            "best_loss": best[-1]["loss"] if best else None,
+            "stopped_at": self.stops.get(stage),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "best": self.best, "best_step": self.best_step, "bad": self.bad, "snapshot": self.snapshot,
-                "curve": list(self.curve), "stops": {str(k): v for k, v in self.stops.items()}}
+        return {
+            "stage": self.stage,
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad": self.bad,
+            "snapshot": self.snapshot,
+            "curve": list(self.curve),
+            "stops": {str(k): v for k, v in self.stops.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage, self.best, self.best_step, self.bad = int(state["stage"]), float(state["best"]), int(state["best_step"]), int(state["bad"])
+        self.stage, self.best, self.best_step, self.bad = (
+            int(state["stage"]),
+            float(state["best"]),
+            int(state["best_step"]),
+            int(state["bad"]),
+        )
         self.snapshot, self.curve = state["snapshot"], list(state["curve"])
         self.stops = {int(k): int(v) for k, v in state["stops"].items()}
 
@@ -99,4 +117,8 @@ def heldout_batch(cfg, data, transformer, height: int, width: int, text_len: int
         return held.every(t, cfg_pairs=cfg.cfg_pairs), ratios, f"the last {n} of the cached samples (split off)"
     src = make_data(cfg.data, transformer, height, width, text_len, seed=seed)
     kind = "synthetic" if cfg.data is None else "cached"
-    return src.batch(n, t, cfg_pairs=cfg.cfg_pairs), ratios, f"{n} {kind} samples drawn with seed {seed} (held-out noise)"
+    return (
+        src.batch(n, t, cfg_pairs=cfg.cfg_pairs),
+        ratios,
+        f"{n} {kind} samples drawn with seed {seed} (held-out noise)",
+    )

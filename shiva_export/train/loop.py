@@ -37,6 +37,7 @@ timesteps equals the target exactly; the uncalibrated mean is reported as ``raw_
 Module map: :mod:`~shiva_export.train.config` (settings), :mod:`~shiva_export.train.student` (the route override,
 the losses), :mod:`~shiva_export.train.checkpoint`, :mod:`~shiva_export.train.outputs`; this module is the loop.
 """
+
 from __future__ import annotations
 
 import os
@@ -104,7 +105,10 @@ class _Run:
 
     def inputs_of(self, mb) -> dict[str, torch.Tensor]:
         """A (micro-)batch's forward arguments on the run's device, floats in the backbone dtype (not the timestep)."""
-        return {k: (v.to(self.device, self.bdtype) if v.is_floating_point() and k != "timestep" else v.to(self.device)) for k, v in mb.model_inputs().items()}
+        return {
+            k: (v.to(self.device, self.bdtype) if v.is_floating_point() and k != "timestep" else v.to(self.device))
+            for k, v in mb.model_inputs().items()
+        }
 
 
 def train(
@@ -143,7 +147,9 @@ def train(
     """
     cfg = config or TrainConfig()
     rec = resolve_recipe(recipe_or_model)
-    context = adapter_for_architecture(rec.architecture).check_context(cfg.context or rec.prune.context)  # before loading the model
+    context = adapter_for_architecture(rec.architecture).check_context(
+        cfg.context or rec.prune.context
+    )  # before loading the model
     cfg = replace(cfg, context=context)  # resolved: the checkpoint, training.json and the resume check record what ran
     run = _Run(rec, cfg, DistContext.from_env(cfg.device), progress)
     if run.dist.is_main:
@@ -180,14 +186,20 @@ def _load_backbone(run: _Run, weights, transformer, pipeline) -> None:
     if pipeline is not None and transformer is None:
         transformer = getattr(pipeline, "transformer", None)
         if transformer is None:
-            raise ConfigError(f"pipeline {type(pipeline).__name__} has no .transformer to train. Pass transformer= instead.")
+            raise ConfigError(
+                f"pipeline {type(pipeline).__name__} has no .transformer to train. Pass transformer= instead."
+            )
     if transformer is None:
         transformer = load_transformer(recipe=rec, weights=weights, dtype=cfg.dtype)
     else:
         if get_adapter(transformer).NAME != rec.architecture:
-            raise ConfigError(f"the given transformer is a {type(transformer).__name__}, but recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe.")
+            raise ConfigError(
+                f"the given transformer is a {type(transformer).__name__}, but recipe {rec.name!r} is for {rec.architecture!r}. Pass the matching recipe."
+            )
         if is_shiva_applied(transformer):
-            raise ConfigError("the given transformer already has Shiva applied; pass the plain diffusers transformer (remove_shiva_).")
+            raise ConfigError(
+                "the given transformer already has Shiva applied; pass the plain diffusers transformer (remove_shiva_)."
+            )
     run.transformer = transformer = transformer.to(device).eval()
     run.bdtype = next(transformer.parameters()).dtype
     run.h, run.w, run.text_len = rec.shapes.height, rec.shapes.width, rec.shapes.text_len
@@ -198,7 +210,9 @@ def _load_backbone(run: _Run, weights, transformer, pipeline) -> None:
     run.routed = rec.routed_blocks(run.n_layers)
     for p in transformer.parameters():
         p.requires_grad_(False)
-    if cfg.dora:  # -- DoRA (stage 3): frozen, switched-off adapters from the start; teacher_mode is a no-op without them
+    if (
+        cfg.dora
+    ):  # -- DoRA (stage 3): frozen, switched-off adapters from the start; teacher_mode is a no-op without them
         _dora.add_dora(transformer, r=cfg.dora_rank, alpha=cfg.dora_alpha, seed=cfg.seed)
         _dora.set_dora_enabled(transformer, False)
 
@@ -208,23 +222,47 @@ def _attach_student(run: _Run) -> None:
     cfg, rec, transformer = run.cfg, run.rec, run.transformer
     # context "keep": the routed blocks' attention processors are wrapped here, so the student's run_block
     # (the adapter's routed-block closure) hands them every token's keys and values, as at inference
-    shiva_cfg = ShivaConfig.uniform(run.n_layers, 1.0 - cfg.target_keep, run.routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
-                                    context=cfg.context)
+    shiva_cfg = ShivaConfig.uniform(
+        run.n_layers,
+        1.0 - cfg.target_keep,
+        run.routed,
+        bottleneck=rec.router.bottleneck,
+        group_size=rec.router.group_size,
+        context=cfg.context,
+    )
     run.bank = apply_shiva_(transformer, shiva_cfg, seed=rec.router.seed)
     run.bank.train()
     for p in run.bank.parameters():
         p.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # reproducible policy init (nn.Linear draws from the global RNG)
-        run.policy = RatioPolicy(run.n_layers, target=cfg.target_keep, logit_noise=True, logit_noise_std=cfg.logit_noise_std, min_keep=cfg.min_keep,
-                                 max_logit=cfg.max_logit)
+        run.policy = RatioPolicy(
+            run.n_layers,
+            target=cfg.target_keep,
+            logit_noise=True,
+            logit_noise_std=cfg.logit_noise_std,
+            min_keep=cfg.min_keep,
+            max_logit=cfg.max_logit,
+        )
     run.policy.to(run.device)
-    run.measure = KeepMeasure.for_model(cfg.budget_measure, transformer, run.n_tokens, run.text_len, run.routed, rec.router.bottleneck, context=cfg.context)
+    run.measure = KeepMeasure.for_model(
+        cfg.budget_measure,
+        transformer,
+        run.n_tokens,
+        run.text_len,
+        run.routed,
+        rec.router.bottleneck,
+        context=cfg.context,
+    )
     run.budget = EMABudget(cfg.target_keep, beta=cfg.ema_beta, lam=cfg.lambda_budget, sync=False).to(run.device)
     run.topk = DifferentiableTopK(tau_rank=cfg.tau_rank[0], tau_sel=cfg.tau_sel[0], noise_std=cfg.score_noise_std)
     run.topk.train()
     run.temps = TemperatureSchedule(
-        total_steps=cfg.total_steps, tau_rank_start=cfg.tau_rank[0], tau_rank_end=cfg.tau_rank[1], tau_sel_start=cfg.tau_sel[0], tau_sel_end=cfg.tau_sel[1]
+        total_steps=cfg.total_steps,
+        tau_rank_start=cfg.tau_rank[0],
+        tau_rank_end=cfg.tau_rank[1],
+        tau_sel_start=cfg.tau_sel[0],
+        tau_sel_end=cfg.tau_sel[1],
     )
     taps = {b for b in range(run.n_layers - 1) if (b + 1) % cfg.tap_every == 0}
     run.state = RouteState(run.routed, run.topk, taps, estimator=cfg.estimator)
@@ -232,7 +270,9 @@ def _attach_student(run: _Run) -> None:
     run.state.cfg = bool(cfg.cfg_pairs)
     set_route_override(transformer, make_override(run.state))
     blocks = run.adapter.blocks(transformer)
-    run.hooks = [blocks[b].register_forward_hook(tap_hook(run.state, b, run.adapter)) for b in taps if b not in run.routed]
+    run.hooks = [
+        blocks[b].register_forward_hook(tap_hook(run.state, b, run.adapter)) for b in taps if b not in run.routed
+    ]
 
 
 def _open_data(run: _Run) -> None:
@@ -241,7 +281,6 @@ def _open_data(run: _Run) -> None:
     cfg = run.cfg
     run.data = make_data(cfg.data, run.transformer, run.h, run.w, run.text_len, seed=cfg.seed)
     if cfg.eval_every is not None:  # before any draw: with cached latents the held-out samples leave the training pool
-
         run.held = heldout_batch(cfg, run.data, run.transformer, run.h, run.w, run.text_len)
         run.stopper = EarlyStopping(cfg.patience, cfg.eval_min_delta)
     run.gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
@@ -266,7 +305,14 @@ def _make_optimizer(run: _Run) -> None:
         weight_decay=cfg.weight_decay,
     )
     if cfg.dora:  # -- DoRA: own param group (frozen, so skipped by AdamW, until stage 3)
-        run.opt.add_param_group({"params": _dora.dora_parameters(run.transformer), "lr": cfg.lr_dora, "base_lr": cfg.lr_dora, "name": "dora"})
+        run.opt.add_param_group(
+            {
+                "params": _dora.dora_parameters(run.transformer),
+                "lr": cfg.lr_dora,
+                "base_lr": cfg.lr_dora,
+                "name": "dora",
+            }
+        )
         run.trainable += list(_dora.dora_parameters(run.transformer))
     run.parts = Trainables(bank, policy, run.budget, run.opt, run.transformer, cfg.dora)
 
@@ -274,12 +320,23 @@ def _make_optimizer(run: _Run) -> None:
 def _resume(run: _Run) -> None:
     run.step, run.history = resume_from(run.ckpt_path, run.rec, run.cfg, run.parts, run.data, run.gen, run.stopper)
     logger.info("resumed from %s at step %d", run.ckpt_path, run.step)
-    run.say({"event": "resume", "step": run.step, "total": run.cfg.total_steps, "checkpoint": str(run.ckpt_path), "world": run.dist.world})
+    run.say(
+        {
+            "event": "resume",
+            "step": run.step,
+            "total": run.cfg.total_steps,
+            "checkpoint": str(run.ckpt_path),
+            "world": run.dist.world,
+        }
+    )
 
 
 def _checkpoint(run: _Run) -> None:
     if run.dist.is_main:
-        save_checkpoint(run.ckpt_path, checkpoint_payload(run.rec, run.cfg, run.step, run.parts, run.data, run.gen, run.history, run.stopper))
+        save_checkpoint(
+            run.ckpt_path,
+            checkpoint_payload(run.rec, run.cfg, run.step, run.parts, run.data, run.gen, run.history, run.stopper),
+        )
         run.say({"event": "checkpoint", "step": run.step, "path": str(run.ckpt_path)})
     run.dist.barrier()
 
@@ -288,9 +345,14 @@ def _heldout(run: _Run, stage: int) -> float:
     """The student's quality loss on the fixed held-out batch: stage 1 at its stratified ratios, later stages at the policy's keeps."""
     batch, ratios, _ = run.held
     with torch.no_grad():
-        keep = (ratios[:, None].expand(len(ratios), len(run.routed)) if stage == 0
-                else run.policy(batch.timestep[: len(ratios)].to(run.device), run.layer_ids, noise=False))
-    return heldout_loss(run.transformer, run.state, batch, keep.to(run.device), run.cfg, run.device, run.bdtype, max(1, run.micro))
+        keep = (
+            ratios[:, None].expand(len(ratios), len(run.routed))
+            if stage == 0
+            else run.policy(batch.timestep[: len(ratios)].to(run.device), run.layer_ids, noise=False)
+        )
+    return heldout_loss(
+        run.transformer, run.state, batch, keep.to(run.device), run.cfg, run.device, run.bdtype, max(1, run.micro)
+    )
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -318,7 +380,11 @@ def _train_steps(run: _Run) -> None:
     """The optimizer steps from ``run.step`` to ``stop_at_step`` (or the end), with checkpoints and held-out stopping."""
     cfg = run.cfg
     metrics = Metrics(run.out_dir / METRICS_NAME if run.dist.is_main else None, append=cfg.resume)
-    timesteps = run.adapter.sampler_timesteps(run.transformer.config, cfg.sampler_steps, run.n_tokens, cfg.sampler_shift) if cfg.timesteps is None else list(cfg.timesteps)
+    timesteps = (
+        run.adapter.sampler_timesteps(run.transformer.config, cfg.sampler_steps, run.n_tokens, cfg.sampler_shift)
+        if cfg.timesteps is None
+        else list(cfg.timesteps)
+    )
     run.sampler_t = torch.tensor(timesteps)
     run.layer_ids = torch.tensor(run.routed, device=run.device)
     stop = cfg.total_steps if cfg.stop_at_step is None else min(cfg.total_steps, cfg.stop_at_step)
@@ -377,7 +443,11 @@ def _draw_keeps(run: _Run, stage: int) -> _Keeps:
         fixed = torch.full((cfg.batch, n_routed), float(cfg.stage3_keep), device=run.device)
     else:
         run.policy.train()
-        noise = (torch.randn((cfg.batch, n_routed), generator=gen) * cfg.logit_noise_std).to(run.device) if stage == 1 else None
+        noise = (
+            (torch.randn((cfg.batch, n_routed), generator=gen) * cfg.logit_noise_std).to(run.device)
+            if stage == 1
+            else None
+        )
     return _Keeps(t_all, t_all.to(run.device), uniform, fixed, noise, run.policy, run.layer_ids)
 
 
@@ -398,7 +468,9 @@ def _accumulate(run: _Run, batch, keeps: _Keeps, stage: int) -> tuple[dict[str, 
     return sums, has
 
 
-def _micro_step(run: _Run, batch, keeps: _Keeps, lo: int, hi: int, sums: dict[str, float], has: dict[str, bool]) -> None:
+def _micro_step(
+    run: _Run, batch, keeps: _Keeps, lo: int, hi: int, sums: dict[str, float], has: dict[str, bool]
+) -> None:
     """Teacher (dense, no grad), student, the loss terms and their backward for rows ``lo .. hi - 1``."""
     cfg, state, transformer = run.cfg, run.state, run.transformer
     pairs = 2 if cfg.cfg_pairs else 1
@@ -418,7 +490,9 @@ def _micro_step(run: _Run, batch, keeps: _Keeps, lo: int, hi: int, sums: dict[st
     loss = cfg.distill_weight * distill
     sums["distill"] += float(distill.detach()) * (hi - lo)
     if mb.target is not None and cfg.flow_weight > 0:
-        flow = F.mse_loss(run.adapter.training_prediction(transformer.config, s_out).float(), mb.target.to(run.device).float())
+        flow = F.mse_loss(
+            run.adapter.training_prediction(transformer.config, s_out).float(), mb.target.to(run.device).float()
+        )
         loss = loss + cfg.flow_weight * flow
         sums["flow"] += float(flow.detach()) * (hi - lo)
         has["flow"] = True
@@ -437,13 +511,19 @@ def _micro_step(run: _Run, batch, keeps: _Keeps, lo: int, hi: int, sums: dict[st
     state.updates, state.importance = {}, {}
 
 
-def _optimizer_step(run: _Run, keeps: _Keeps, stage: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
+def _optimizer_step(
+    run: _Run, keeps: _Keeps, stage: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
     """The budget term, the all-reduce and the optimizer step, then the hard-budget projection; returns
     ``(budget loss, budget measure, projection shift)``."""
     cfg, policy = run.cfg, run.policy
     b_loss = b_measure = projected = None
     if stage > 0 and not keeps.uniform:  # once per optimizer step, identical on every rank
-        table = policy(run.sampler_t.to(run.device), run.layer_ids, noise=False) if cfg.budget_timesteps == "sampler" else keeps.rows(list(range(cfg.batch)))
+        table = (
+            policy(run.sampler_t.to(run.device), run.layer_ids, noise=False)
+            if cfg.budget_timesteps == "sampler"
+            else keeps.rows(list(range(cfg.batch)))
+        )
         b_measure = run.measure(table)
         if cfg.budget == "ema":
             b_loss = run.budget(b_measure.reshape(1))
@@ -461,13 +541,26 @@ def _optimizer_step(run: _Run, keeps: _Keeps, stage: int) -> tuple[torch.Tensor 
     return b_loss, b_measure, projected
 
 
-def _step_record(run: _Run, stage: int, losses, budget, keep_all: torch.Tensor, h_loss: float | None, clock: tuple[float, int], stop: int) -> dict[str, Any]:
+def _step_record(
+    run: _Run,
+    stage: int,
+    losses,
+    budget,
+    keep_all: torch.Tensor,
+    h_loss: float | None,
+    clock: tuple[float, int],
+    stop: int,
+) -> dict[str, Any]:
     """The step's row of the history, ``metrics.jsonl`` and the progress callback (loss terms summed over ranks)."""
     cfg = run.cfg
     (sums, has), (b_loss, b_measure, projected) = losses, budget
     tot = run.dist.all_reduce_sum([sums["distill"], sums["flow"], sums["importance"], sums["dense"]])
     distill_v, flow_v, imp_v, dense_v = (v / cfg.batch for v in tot)
-    loss_v = cfg.distill_weight * distill_v + (cfg.flow_weight * flow_v if has["flow"] else 0.0) + (cfg.importance_weight * imp_v if has["importance"] else 0.0)
+    loss_v = (
+        cfg.distill_weight * distill_v
+        + (cfg.flow_weight * flow_v if has["flow"] else 0.0)
+        + (cfg.importance_weight * imp_v if has["importance"] else 0.0)
+    )
     loss_v += cfg.dense_weight * dense_v if has["dense"] else 0.0
     if b_loss is not None:
         loss_v += float(b_loss.detach())
@@ -518,20 +611,51 @@ def _end_step(run: _Run, stage: int, s_in: int, s_len: int, stop_stage: bool, st
 def _finish(run: _Run) -> TrainResult:
     """The result; when every step ran, the DoRA merge (``--dora``) and the outputs (rank 0)."""
     cfg, history = run.cfg, run.history
-    result = TrainResult(out_dir=run.out_dir, finished=run.step >= cfg.total_steps, step=run.step, seconds=0.0, target_keep=cfg.target_keep,
-                         checkpoint_path=run.ckpt_path, history=history, context=cfg.context)
+    result = TrainResult(
+        out_dir=run.out_dir,
+        finished=run.step >= cfg.total_steps,
+        step=run.step,
+        seconds=0.0,
+        target_keep=cfg.target_keep,
+        checkpoint_path=run.ckpt_path,
+        history=history,
+        context=cfg.context,
+    )
     result.stages_run = [sum(1 for r in history if r["stage"] == name) for name in STAGES]
     if run.stopper is not None:
-        result.heldout = {"source": run.held[2], "samples": cfg.eval_samples, "eval_every": cfg.eval_every, "patience": cfg.patience,
-                          "min_delta": cfg.eval_min_delta, "stages": {STAGES[i]: run.stopper.summary(i) for i in range(len(STAGES))}}
-    if result.finished and cfg.dora and run.dist.is_main:  # -- DoRA: merge in fp32, save out_dir/transformer, bind the recipe to it
-
+        result.heldout = {
+            "source": run.held[2],
+            "samples": cfg.eval_samples,
+            "eval_every": cfg.eval_every,
+            "patience": cfg.patience,
+            "min_delta": cfg.eval_min_delta,
+            "stages": {STAGES[i]: run.stopper.summary(i) for i in range(len(STAGES))},
+        }
+    if (
+        result.finished and cfg.dora and run.dist.is_main
+    ):  # -- DoRA: merge in fp32, save out_dir/transformer, bind the recipe to it
         remove_shiva_(run.transformer)
-        result.dora = _dora.merge_and_save(run.transformer, run.out_dir, check_inputs=InputSpec(1, run.h, run.w, run.text_len, False)).to_dict()
+        result.dora = _dora.merge_and_save(
+            run.transformer, run.out_dir, check_inputs=InputSpec(1, run.h, run.w, run.text_len, False)
+        ).to_dict()
         run.say({"event": "dora-merged", **result.dora})
     if result.finished:
         if run.dist.is_main:
-            write_outputs(result, run.rec, cfg, run.bank, run.policy, run.routed, run.n_tokens, run.n_layers, run.transformer, run.measure, context=cfg.context)
-            run.say({"event": "done", "step": run.step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep})
+            write_outputs(
+                result,
+                run.rec,
+                cfg,
+                run.bank,
+                run.policy,
+                run.routed,
+                run.n_tokens,
+                run.n_layers,
+                run.transformer,
+                run.measure,
+                context=cfg.context,
+            )
+            run.say(
+                {"event": "done", "step": run.step, "recipe": str(result.recipe_path), "mean_keep": result.mean_keep}
+            )
         run.dist.barrier()
     return result

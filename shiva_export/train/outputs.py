@@ -27,7 +27,16 @@ from shiva_export.recipe import load_recipe
 from shiva_export.train.policy import KeepMeasure, PhaseSchedule, RatioPolicy, calibrate_anchor, quantize_lut
 from shiva_export.utils.io import atomic_write_json, atomic_write_text, check_regular_target
 
-__all__ = ["TrainResult", "sampler_timesteps", "phase_bounds", "phase_names", "dumps_toml", "write_outputs", "Metrics", "METRICS_NAME"]
+__all__ = [
+    "TrainResult",
+    "sampler_timesteps",
+    "phase_bounds",
+    "phase_names",
+    "dumps_toml",
+    "write_outputs",
+    "Metrics",
+    "METRICS_NAME",
+]
 
 logger = get_logger(__name__)
 
@@ -125,8 +134,12 @@ def phase_bounds(timesteps: Sequence[float], start: int, stop: int) -> tuple[flo
 
 def phase_names(n: int) -> list[str]:
     """Names of ``n`` phases in sampling order."""
-    return {1: ["all"], 2: ["early", "late"], 3: ["early", "mid", "late"], 4: ["early", "mid-early", "mid-late", "late"]}[n]
-
+    return {
+        1: ["all"],
+        2: ["early", "late"],
+        3: ["early", "mid", "late"],
+        4: ["early", "mid-early", "mid-late", "late"],
+    }[n]
 
 
 def _toml_value(v) -> str:
@@ -167,7 +180,10 @@ def dumps_toml(data: dict[str, Any]) -> str:
         for k, v in d.items():
             name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
             if isinstance(v, dict):
-                if any(x is not None and not isinstance(x, dict) and not is_table_array(x) for x in v.values()) or not v:
+                if (
+                    any(x is not None and not isinstance(x, dict) and not is_table_array(x) for x in v.values())
+                    or not v
+                ):
                     lines.append("")
                     lines.append(f"[{name}]")
                 emit(name, v)
@@ -226,7 +242,15 @@ class _Schedule:
         for name, ph in zip(self.names, self.phases):
             per_block = ph.to_keep_ratios(n_layers)
             t_start, t_stop = phase_bounds(self.timesteps, ph.start, ph.stop)
-            rows.append({"name": name, "t_start": t_start, "t_stop": t_stop, "keep_ratios": [float(per_block[b]) for b in routed], "k": [int(k) for k in ph.k]})
+            rows.append(
+                {
+                    "name": name,
+                    "t_start": t_start,
+                    "t_stop": t_stop,
+                    "keep_ratios": [float(per_block[b]) for b in routed],
+                    "k": [int(k) for k in ph.k],
+                }
+            )
         return rows
 
 
@@ -234,14 +258,19 @@ def _lut_timesteps(cfg, transformer, n_tokens: int) -> list[float]:
     if cfg.timesteps is not None:
         timesteps = [float(t) for t in cfg.timesteps]
     else:  # the architecture's own pipeline sampler (SD3: flow-matching Euler with cfg.sampler_shift)
-
-        timesteps = get_adapter(transformer).sampler_timesteps(transformer.config, cfg.sampler_steps, n_tokens, cfg.sampler_shift)
+        timesteps = get_adapter(transformer).sampler_timesteps(
+            transformer.config, cfg.sampler_steps, n_tokens, cfg.sampler_shift
+        )
     if len(timesteps) < cfg.phases:
-        raise ConfigError(f"sampler has {len(timesteps)} timesteps; expected at least phases = {cfg.phases}. Pass more timesteps or fewer --phases.")
+        raise ConfigError(
+            f"sampler has {len(timesteps)} timesteps; expected at least phases = {cfg.phases}. Pass more timesteps or fewer --phases."
+        )
     return timesteps
 
 
-def _schedule(cfg, policy: RatioPolicy, timesteps: list[float], routed: list[int], n_tokens: int, measure: KeepMeasure) -> _Schedule:
+def _schedule(
+    cfg, policy: RatioPolicy, timesteps: list[float], routed: list[int], n_tokens: int, measure: KeepMeasure
+) -> _Schedule:
     """Calibrates the policy's anchor (``cfg.calibrate_budget``), then tabulates and quantises it."""
     policy.eval()
     raw_mean = float(policy.lut(timesteps, routed).double().mean())
@@ -252,7 +281,9 @@ def _schedule(cfg, policy: RatioPolicy, timesteps: list[float], routed: list[int
         if abs(shift) > cfg.max_calibration_shift:
             logger.warning(
                 "budget calibration moved the policy logit by %+.3f (limit %.2f): the written schedule differs from the trained one. "
-                "Train longer or with budget_timesteps='sampler'.", shift, cfg.max_calibration_shift,
+                "Train longer or with budget_timesteps='sampler'.",
+                shift,
+                cfg.max_calibration_shift,
             )
     lut = policy.lut(timesteps, routed)  # [steps, L]
     phases = quantize_lut(lut, n_tokens, cfg.phases, layers=routed)
@@ -263,13 +294,20 @@ def _save_router(result: TrainResult, rec, cfg, bank, path: Path, context: str) 
     return save_routers(
         bank,
         path,
-        extra={"model": rec.name, "target_keep": cfg.target_keep, "steps": sum(result.stages_run) if result.heldout else result.step,
-               "stages": result.stages_run if result.heldout else [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps], "seed": cfg.seed,
-               **({"context": context} if context != "drop" else {})},  # drop: metadata (and so the sha) as before the option
+        extra={
+            "model": rec.name,
+            "target_keep": cfg.target_keep,
+            "steps": sum(result.stages_run) if result.heldout else result.step,
+            "stages": result.stages_run if result.heldout else [cfg.warmup_steps, cfg.policy_steps, cfg.joint_steps],
+            "seed": cfg.seed,
+            **({"context": context} if context != "drop" else {}),
+        },  # drop: metadata (and so the sha) as before the option
     )
 
 
-def _write_lut_json(path: Path, rec, cfg, sched: _Schedule, routed: list[int], n_tokens: int, measure: KeepMeasure, context: str) -> None:
+def _write_lut_json(
+    path: Path, rec, cfg, sched: _Schedule, routed: list[int], n_tokens: int, measure: KeepMeasure, context: str
+) -> None:
     atomic_write_json(
         path,
         {
@@ -293,21 +331,39 @@ def _write_lut_json(path: Path, rec, cfg, sched: _Schedule, routed: list[int], n
     )
 
 
-def _recipe_content(result: TrainResult, rec, cfg, router: tuple[Path, str], sched: _Schedule, phase_rows: list[dict], context: str) -> dict[str, Any]:
+def _recipe_content(
+    result: TrainResult, rec, cfg, router: tuple[Path, str], sched: _Schedule, phase_rows: list[dict], context: str
+) -> dict[str, Any]:
     """The base recipe plus the trained router, its routing context and the schedule (bound to the DoRA weights)."""
     content = rec.content_dict()
-    content["description"] = (content.get("description") or rec.name) + f" + learned Shiva router/schedule (target keep {cfg.target_keep:g})"
+    content["description"] = (
+        content.get("description") or rec.name
+    ) + f" + learned Shiva router/schedule (target keep {cfg.target_keep:g})"
     content["router"] = dict(content["router"], weights=router[0].name, sha256=router[1])
     prune = {k: v for k, v in content["prune"].items() if k != "context"}
-    content["prune"] = prune if context == "drop" else dict(prune, context=context)  # the routing the router was trained with
-    content["schedule"] = {"target_keep": cfg.target_keep, "timesteps": sched.timesteps, "lut": sched.lut_rows, "phases": phase_rows}
+    content["prune"] = (
+        prune if context == "drop" else dict(prune, context=context)
+    )  # the routing the router was trained with
+    content["schedule"] = {
+        "target_keep": cfg.target_keep,
+        "timesteps": sched.timesteps,
+        "lut": sched.lut_rows,
+        "phases": phase_rows,
+    }
     out_dir = result.out_dir
-    if rec.model.source == "local" and rec.model.path and rec.source_path is not None and not Path(rec.model.path).is_absolute():
+    if (
+        rec.model.source == "local"
+        and rec.model.path
+        and rec.source_path is not None
+        and not Path(rec.model.path).is_absolute()
+    ):
         # the written recipe lives in out_dir: keep the base recipe's local weights folder reachable from there
         base, out = (rec.source_path.parent / rec.model.path).resolve(), out_dir.resolve()
         near = os.path.commonpath([base, out]) != os.path.abspath(os.sep)
         content["model"] = dict(content["model"], path=os.path.relpath(base, out) if near else str(base))
-    if result.dora is not None:  # -- DoRA: router and schedule bound to the merged weights (path + sha256), never the base
+    if (
+        result.dora is not None
+    ):  # -- DoRA: router and schedule bound to the merged weights (path + sha256), never the base
         content["model"] = {"source": "local", "path": Path(result.dora["path"]).name, "sha256": result.dora["sha256"]}
         content["description"] += f" + DoRA r={cfg.dora_rank} merged into {Path(result.dora['path']).name}/"
     return content
@@ -319,11 +375,21 @@ def _steps_text(result: TrainResult, rec, cfg, timesteps: list[float], phase_row
     if not result.heldout:
         return f"{result.step} steps (stages {budgets})"
     run = "/".join(str(n) for n in result.stages_run)
-    atomic_write_json(result.out_dir / "training.json", {"model": rec.name, "config": cfg.to_dict(), "stages_run": result.stages_run, "heldout": result.heldout,
-                                                         "sampler_steps": len(timesteps), "phases": [
-                                                             {"name": r["name"], "keep_ratios": r["keep_ratios"]} for r in phase_rows]})
-    return (f"{sum(result.stages_run)} steps (stages {run} of budgets {budgets}: held-out stopping every {cfg.eval_every} steps, "
-            f"patience {cfg.patience}, best state of each stage kept; curve in training.json)")
+    atomic_write_json(
+        result.out_dir / "training.json",
+        {
+            "model": rec.name,
+            "config": cfg.to_dict(),
+            "stages_run": result.stages_run,
+            "heldout": result.heldout,
+            "sampler_steps": len(timesteps),
+            "phases": [{"name": r["name"], "keep_ratios": r["keep_ratios"]} for r in phase_rows],
+        },
+    )
+    return (
+        f"{sum(result.stages_run)} steps (stages {run} of budgets {budgets}: held-out stopping every {cfg.eval_every} steps, "
+        f"patience {cfg.patience}, best state of each stage kept; curve in training.json)"
+    )
 
 
 def _write_recipe(path: Path, rec, cfg, content: dict[str, Any], steps_text: str, n_layers: int) -> None:
@@ -340,8 +406,19 @@ def _write_recipe(path: Path, rec, cfg, content: dict[str, Any], steps_text: str
     check.phase_keep_ratios(0, n_layers)  # model-aware check of the phase widths
 
 
-def write_outputs(result: TrainResult, rec, cfg, bank, policy: RatioPolicy, routed: list[int], n_tokens: int, n_layers: int, transformer, measure=None,
-                  context: str = "drop") -> None:
+def write_outputs(
+    result: TrainResult,
+    rec,
+    cfg,
+    bank,
+    policy: RatioPolicy,
+    routed: list[int],
+    n_tokens: int,
+    n_layers: int,
+    transformer,
+    measure=None,
+    context: str = "drop",
+) -> None:
     """Writes the router, ``lut.json`` and ``recipe.toml`` of a finished run into ``result.out_dir`` and fills ``result``."""
     out_dir = result.out_dir
     measure = measure or KeepMeasure("tokens")
@@ -353,7 +430,12 @@ def write_outputs(result: TrainResult, rec, cfg, bank, policy: RatioPolicy, rout
     content = _recipe_content(result, rec, cfg, (router_path, sha), sched, phase_rows, context)
     recipe_path = out_dir / "recipe.toml"
     _write_recipe(recipe_path, rec, cfg, content, _steps_text(result, rec, cfg, sched.timesteps, phase_rows), n_layers)
-    result.router_path, result.router_sha256, result.recipe_path, result.lut_path = router_path, sha, recipe_path, out_dir / "lut.json"
+    result.router_path, result.router_sha256, result.recipe_path, result.lut_path = (
+        router_path,
+        sha,
+        recipe_path,
+        out_dir / "lut.json",
+    )
     result.timesteps, result.layers, result.lut = sched.timesteps, list(routed), sched.lut_rows
     result.mean_keep, result.raw_mean_keep = float(sched.lut.double().mean()), sched.raw_mean
     result.quantized_mean_keep = sched.quantized_mean(n_tokens, routed)

@@ -296,7 +296,9 @@ def stratified_timesteps(
         t = (b + u) * (T / batch)
         return t.clamp(max=math.nextafter(T, 0)).float()
     if batch > T:
-        raise ConfigError(f"stratified batch {batch} exceeds T = {T} integer timesteps; use integer=False or a smaller batch.")
+        raise ConfigError(
+            f"stratified batch {batch} exceeds T = {T} integer timesteps; use integer=False or a smaller batch."
+        )
     lo = torch.floor(b * T / batch)
     hi = torch.floor((b + 1) * T / batch)
     return (lo + torch.floor(u * (hi - lo))).long()
@@ -411,7 +413,9 @@ def quantize_lut(lut: torch.Tensor, n_tokens: int, phases: int, layers=None) -> 
     """
     if not isinstance(lut, torch.Tensor) or lut.dim() != 2 or lut.shape[0] < 1 or lut.shape[1] < 1:
         shape = tuple(lut.shape) if isinstance(lut, torch.Tensor) else type(lut).__name__
-        raise ShapeError(f"keep-ratio LUT is {shape}; expected a non-empty [steps, layers] tensor. Build it with RatioPolicy.lut().")
+        raise ShapeError(
+            f"keep-ratio LUT is {shape}; expected a non-empty [steps, layers] tensor. Build it with RatioPolicy.lut()."
+        )
     steps, n_layers = int(lut.shape[0]), int(lut.shape[1])
     if not isinstance(phases, int) or not 1 <= phases <= min(MAX_PHASES, steps):
         raise ConfigError(f"phases is {phases!r}; expected an int in 1..{min(MAX_PHASES, steps)}. Use fewer phases.")
@@ -435,7 +439,9 @@ def quantize_lut(lut: torch.Tensor, n_tokens: int, phases: int, layers=None) -> 
         out.append(PhaseSchedule(start=a, stop=b, keep_ratios=keep, k=k, num_tokens=n_tokens, layers=cols))
     lut_mean = float(table.mean())
     q_mean = sum(sum(p.k) * (p.stop - p.start) for p in out) / (n_tokens * steps * n_layers)
-    logger.debug("quantize_lut: %d phases %s, LUT mean keep %.4f, quantised mean k/N %.4f", phases, bounds, lut_mean, q_mean)
+    logger.debug(
+        "quantize_lut: %d phases %s, LUT mean keep %.4f, quantised mean k/N %.4f", phases, bounds, lut_mean, q_mean
+    )
     return out
 
 
@@ -466,7 +472,12 @@ def _best_split(table: torch.Tensor, phases: int) -> list[int]:
 
 
 def _check_ratio(name: str, value, open_right: bool) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value and (value < 1.0 if open_right else value <= 1.0)
+    ok = (
+        isinstance(value, (int, float))
+        and math.isfinite(value)
+        and 0.0 < value
+        and (value < 1.0 if open_right else value <= 1.0)
+    )
     if not ok:
         rng = "0 < value < 1" if open_right else "0 < value <= 1"
         raise ConfigError(f"{name} is {value!r}; expected {rng}. Pass a keep ratio (fraction of image tokens kept).")
@@ -498,12 +509,23 @@ class KeepMeasure:
         if mode not in KEEP_MEASURES:
             raise ConfigError(f"budget measure {mode!r} is unknown; choose one of {KEEP_MEASURES}.")
         if mode == "flops" and coeffs is None:
-            raise ConfigError("the 'flops' budget measure needs per-layer FLOP coefficients; build it with KeepMeasure.for_model.")
+            raise ConfigError(
+                "the 'flops' budget measure needs per-layer FLOP coefficients; build it with KeepMeasure.for_model."
+            )
         self.mode = mode
         self.coeffs = None if coeffs is None else coeffs.double()
 
     @classmethod
-    def for_model(cls, mode: str, transformer, num_image_tokens: int, text_len: int, routed, bottleneck: int = 64, context: str = "drop") -> KeepMeasure:
+    def for_model(
+        cls,
+        mode: str,
+        transformer,
+        num_image_tokens: int,
+        text_len: int,
+        routed,
+        bottleneck: int = 64,
+        context: str = "drop",
+    ) -> KeepMeasure:
         """The measure of ``transformer``'s routed blocks at ``num_image_tokens`` image and ``text_len`` text tokens,
         routed with ``context`` (``ShivaConfig.context``)."""
         if mode == "tokens":
@@ -514,7 +536,9 @@ class KeepMeasure:
         rows, rs = [], []
         for r in (0.25, 0.5, 1.0) if context == "drop" else (0.25, 0.5, 0.75):
             keeps = [r if i in routed else None for i in range(n_layers)]
-            fc = adapter.count_flops(transformer.config, num_image_tokens, text_len, keeps, bottleneck=bottleneck, context=context)
+            fc = adapter.count_flops(
+                transformer.config, num_image_tokens, text_len, keeps, bottleneck=bottleneck, context=context
+            )
             rows.append([float(sum(fc.blocks[i].values())) for i in routed])
             rs.append(static_k(num_image_tokens, r) / num_image_tokens)
         v = torch.tensor([[1.0, r, r * r] for r in rs], dtype=torch.float64)
@@ -541,7 +565,9 @@ class KeepMeasure:
         return r.to(keep.dtype)
 
 
-def calibrate_anchor(policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float, measure: KeepMeasure | None = None) -> tuple[float, float]:
+def calibrate_anchor(
+    policy: RatioPolicy, timesteps: list[float], layers: list[int], target: float, measure: KeepMeasure | None = None
+) -> tuple[float, float]:
     """Shifts ``b_anchor`` so the LUT's budget measure equals ``target``; returns (raw measure, shift)."""
     measure = measure or KeepMeasure("tokens")
     t, ids = torch.tensor(timesteps), torch.tensor(layers)

@@ -83,7 +83,9 @@ def _row_chunk(batch: int, n: int, chunk_size: int | None) -> int:
     if chunk_size is None:
         return max(1, min(n, DEFAULT_MAX_BLOCK_ELEMENTS // max(1, batch * n)))
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"soft-rank chunk_size is {chunk_size!r}; expected an int >= 1. Pass a positive row count or None.")
+        raise ConfigError(
+            f"soft-rank chunk_size is {chunk_size!r}; expected an int >= 1. Pass a positive row count or None."
+        )
     return min(chunk_size, n)
 
 
@@ -225,7 +227,9 @@ class DifferentiableTopK(nn.Module):
         _check_positive("tau_rank", tau_rank)
         _check_positive("tau_sel", tau_sel)
         if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
-            raise ConfigError(f"noise_std is {noise_std!r}; expected a finite float >= 0. Use 0 to disable score noise.")
+            raise ConfigError(
+                f"noise_std is {noise_std!r}; expected a finite float >= 0. Use 0 to disable score noise."
+            )
         if selection not in SELECTIONS:
             raise ConfigError(f"selection {selection!r} is unknown; choose one of {SELECTIONS}.")
         if chunk_size is not None:
@@ -370,7 +374,9 @@ def route_with_ste(x: torch.Tensor, sel: Selection, block: Callable[[torch.Tenso
     return scatter_with_ste(x, sel, block(gather_with_ste(x, sel)))
 
 
-def route_output_gated(x: torch.Tensor, sel: Selection, block: Callable[[torch.Tensor], torch.Tensor], teacher_update: torch.Tensor) -> torch.Tensor:
+def route_output_gated(
+    x: torch.Tensor, sel: Selection, block: Callable[[torch.Tensor], torch.Tensor], teacher_update: torch.Tensor
+) -> torch.Tensor:
     """Output-gated routing of one block: the gate ``pi`` multiplies the block's *update*, not its input.
 
     ``y_i = x_i + pi_i * Delta_i`` in the backward, where ``Delta_i`` is the student's own update
@@ -389,7 +395,9 @@ def route_output_gated(x: torch.Tensor, sel: Selection, block: Callable[[torch.T
     """
     _check_tokens(x, sel)
     if tuple(teacher_update.shape) != tuple(x.shape):
-        raise ShapeError(f"teacher update shape is {tuple(teacher_update.shape)}; expected {tuple(x.shape)} (the block input's).")
+        raise ShapeError(
+            f"teacher update shape is {tuple(teacher_update.shape)}; expected {tuple(x.shape)} (the block input's)."
+        )
     kept_in = gather_tokens(x, sel.indices)
     kept_out = block(kept_in)
     if tuple(kept_out.shape) != tuple(kept_in.shape):
@@ -479,7 +487,9 @@ def _check_positive(name: str, value) -> None:
 def _check_scores(scores: torch.Tensor) -> None:
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ShapeError(f"router scores are {shape}; expected a floating [B, N] tensor. Score image tokens per sample.")
+        raise ShapeError(
+            f"router scores are {shape}; expected a floating [B, N] tensor. Score image tokens per sample."
+        )
 
 
 def _check_tokens(x: torch.Tensor, sel: Selection) -> None:
@@ -499,12 +509,20 @@ def _keep(keep_ratio: float | torch.Tensor, like: torch.Tensor) -> tuple[float, 
                 "Split a batch with different timesteps into per-sample calls (k must be static per call)."
             )
         keep_f = float(keep_ratio.detach().reshape(()))  # the caller's value decides the floor, not a cast of it
-        keep_t = keep_ratio.reshape(()).to(dtype=like.dtype if like.dtype == torch.float64 else torch.float32, device=like.device)
+        keep_t = keep_ratio.reshape(()).to(
+            dtype=like.dtype if like.dtype == torch.float64 else torch.float32, device=like.device
+        )
     elif isinstance(keep_ratio, (int, float)) and not isinstance(keep_ratio, bool):
         keep_f = float(keep_ratio)
-        keep_t = torch.tensor(keep_f, dtype=like.dtype if like.dtype == torch.float64 else torch.float32, device=like.device)
+        keep_t = torch.tensor(
+            keep_f, dtype=like.dtype if like.dtype == torch.float64 else torch.float32, device=like.device
+        )
     else:
-        raise ConfigError(f"keep ratio is a {type(keep_ratio).__name__}; expected a float or a 1-element tensor in (0, 1].")
+        raise ConfigError(
+            f"keep ratio is a {type(keep_ratio).__name__}; expected a float or a 1-element tensor in (0, 1]."
+        )
     if not (math.isfinite(keep_f) and 0.0 < keep_f <= 1.0):
-        raise ConfigError(f"keep ratio is {keep_f!r}; expected 0 < keep_ratio <= 1. Clamp or squash the policy output (sigmoid).")
+        raise ConfigError(
+            f"keep ratio is {keep_f!r}; expected 0 < keep_ratio <= 1. Clamp or squash the policy output (sigmoid)."
+        )
     return keep_f, keep_t

@@ -19,7 +19,15 @@ from shiva_export.train import dora as _dora
 from shiva_export.train.distributed import sample_noise
 from shiva_export.train.ste import DifferentiableTopK, Selection, route_output_gated, route_with_ste
 
-__all__ = ["RouteState", "make_override", "tap_hook", "forward_with_taps", "distill_loss", "importance_loss", "heldout_loss"]
+__all__ = [
+    "RouteState",
+    "make_override",
+    "tap_hook",
+    "forward_with_taps",
+    "distill_loss",
+    "importance_loss",
+    "heldout_loss",
+]
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +67,9 @@ def make_override(state: RouteState):
         if mode == "dense":
             ehs, out = run_block(hidden_states, None)
             if state.record_importance:
-                state.importance[index_block] = (out - hidden_states).float().norm(dim=-1) / hidden_states.float().norm(dim=-1).clamp_min(1e-6)
+                state.importance[index_block] = (out - hidden_states).float().norm(dim=-1) / hidden_states.float().norm(
+                    dim=-1
+                ).clamp_min(1e-6)
             if state.record_updates and index_block in state.col:
                 state.updates[index_block] = (out - hidden_states).detach()
         elif mode in ("hard", "l2"):
@@ -108,7 +118,9 @@ def _student_block(state, index_block, hs, temb, pooled, run_block, shared, rout
     values = keep.detach().tolist()
     b = int(hs.shape[0])
     groups: dict[float, list[int]] = {}
-    if state.cfg:  # pairs (i, i + B/2) share one keep and one selection; a group lists its uncond rows, then its cond rows
+    if (
+        state.cfg
+    ):  # pairs (i, i + B/2) share one keep and one selection; a group lists its uncond rows, then its cond rows
         half = b // 2
         for i in range(half):
             groups.setdefault(values[i], []).append(i)
@@ -125,7 +137,10 @@ def _student_block(state, index_block, hs, temb, pooled, run_block, shared, rout
         s = sub(scores)
         if shared and len(ids) > 1:
             noise = _score_noise(state, ids[:1], index_block, n)
-            sel = _shared_selection(state.topk.select(s.amax(dim=0, keepdim=True), keep[ids[0]], generator=state.generator, noise=noise), len(ids))
+            sel = _shared_selection(
+                state.topk.select(s.amax(dim=0, keepdim=True), keep[ids[0]], generator=state.generator, noise=noise),
+                len(ids),
+            )
         else:
             noise = _score_noise(state, ids[len(ids) // 2 :] if state.cfg else ids, index_block, n)
             sel = state.topk.select(s, keep[ids[0]], cfg=state.cfg, generator=state.generator, noise=noise)
@@ -176,7 +191,10 @@ def heldout_loss(transformer, state: RouteState, batch, keep: torch.Tensor, cfg,
             for lo in range(0, n, chunk):
                 ids = list(range(lo, min(n, lo + chunk)))
                 mb = batch.rows(ids)
-                inputs = {k: (v.to(device, bdtype) if v.is_floating_point() and k != "timestep" else v.to(device)) for k, v in mb.model_inputs().items()}
+                inputs = {
+                    k: (v.to(device, bdtype) if v.is_floating_point() and k != "timestep" else v.to(device))
+                    for k, v in mb.model_inputs().items()
+                }
                 with _dora.teacher_mode(transformer):
                     state.mode, state.record_updates, state.updates = "dense", cfg.estimator == "output-gated", {}
                     t_out, t_taps = forward_with_taps(transformer, state, inputs)
@@ -217,12 +235,11 @@ def importance_loss(scores: dict[int, torch.Tensor], importance: dict[int, torch
     return torch.stack(terms).mean()
 
 
-
 def tap_hook(state: RouteState, b: int, adapter):
     """Forward hook of an unrouted tap block: records its image tokens (routed blocks record in the override)."""
+
     def hook(module, args, output):
         if state.mode in ("dense", "student", "hard", "l2"):
             state.taps[b] = adapter.block_image_output(output)
 
     return hook
-

@@ -80,7 +80,9 @@ def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputPathError(f"Cannot create the folder for the {what}: {d} ({err.strerror or err}). Pass a writable folder path that is not a file.") from None
+        raise OutputPathError(
+            f"Cannot create the folder for the {what}: {d} ({err.strerror or err}). Pass a writable folder path that is not a file."
+        ) from None
     lock = d / ".shiva.lock"
     check_regular_target(lock, f"{what} lock")
     try:
@@ -241,8 +243,13 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -265,13 +272,17 @@ def check_regular_target(path: str | os.PathLike, what: str = "output") -> Path:
         target = p.resolve()
         folder = p.parent.resolve()
         if target.parent != folder:
-            raise OutputPathError(f"{what} {p} is a symlink to {target}, outside its folder {folder}; refusing to write through it. Pass a plain file path.")
+            raise OutputPathError(
+                f"{what} {p} is a symlink to {target}, outside its folder {folder}; refusing to write through it. Pass a plain file path."
+            )
         try:
             st = os.stat(p)
         except FileNotFoundError:
             return p
     if not stat.S_ISREG(st.st_mode):
-        raise OutputPathError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to write or replace it. Pass a path to a regular file.")
+        raise OutputPathError(
+            f"{what} {p} is {_kind(st.st_mode)}, not a regular file; refusing to write or replace it. Pass a path to a regular file."
+        )
     return p
 
 
@@ -285,7 +296,9 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputPathError(f"Cannot create the folder for the {what}: {parent} ({err.strerror or err}). Choose another --out.") from None
+        raise OutputPathError(
+            f"Cannot create the folder for the {what}: {parent} ({err.strerror or err}). Choose another --out."
+        ) from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what} folder is not writable: {parent}. Choose a writable --out.")
     return path
@@ -363,8 +376,12 @@ def write_onnx_record(onnx_path: str | os.PathLike, data_files: list[Path], reco
     """Writes the content record of a graph (``onnx_path``) and its external-data files to ``record_path`` (a
     temporary name beside them; the caller moves it into place before the graph)."""
     p = Path(onnx_path)
-    rec = {"format": ONNX_RECORD_FORMAT, "onnx": p.name, "onnx_sha256": sha256_file(p),
-           "data": {f.name: sha256_file(f) for f in sorted(data_files, key=lambda f: f.name)}}
+    rec = {
+        "format": ONNX_RECORD_FORMAT,
+        "onnx": p.name,
+        "onnx_sha256": sha256_file(p),
+        "data": {f.name: sha256_file(f) for f in sorted(data_files, key=lambda f: f.name)},
+    }
     Path(record_path).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return Path(record_path)
 

@@ -28,7 +28,9 @@ def cpuinfo() -> dict[str, Any]:
         "cpu_model_number": fields.get("model"),
         "cpu_mhz": fields.get("cpu MHz"),
         "cpu_cores_per_socket": fields.get("cpu cores"),
-        "cpu_simd": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")),
+        "cpu_simd": sorted(
+            f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+        ),
         "cpu_model": fields.get("model name"),
     }
 

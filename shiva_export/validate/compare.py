@@ -137,13 +137,18 @@ def _runner_classes():
                 v = np.asarray(v)
                 if k in self.float_names:
                     return v.astype(self.input_dtype)
-                return v.astype(np.float32) if v.dtype.kind == "f" else v  # timestep fp32; int64 masks/labels as they are
+                return (
+                    v.astype(np.float32) if v.dtype.kind == "f" else v
+                )  # timestep fp32; int64 masks/labels as they are
 
             feed = {k: cast(k, v) for k, v in feed_dict.items()}
             t0 = time.perf_counter()
             outs = self.sess.run(self.out_names, feed)
             self.inference_time = time.perf_counter() - t0
-            return {self.rename.get(n, n): (o.astype(np.float32) if o.dtype in (np.float16,) else o) for n, o in zip(self.out_names, outs)}
+            return {
+                self.rename.get(n, n): (o.astype(np.float32) if o.dtype in (np.float16,) else o)
+                for n, o in zip(self.out_names, outs)
+            }
 
         def deactivate_impl(self):
             self.sess.close()
@@ -231,8 +236,14 @@ class ParitySuiteReport:
         return f"FAILED | {len(bad)}/{n} comparisons | ratio {worst.ratio:g} {worst.backend}: {worst.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "passed": self.passed, "summary": self.summary_line(),
-                "comparisons": [asdict(c) for c in self.comparisons], "skipped": self.skipped}
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "summary": self.summary_line(),
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "skipped": self.skipped,
+        }
 
     def to_markdown(self) -> str:
         lines = [
@@ -306,7 +317,11 @@ def validate_parity(
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
     if not 1 <= cases <= 8:
         raise ConfigError(f"--cases {cases} is out of range; expected 1..8.")
-    wanted = list(backends) if backends else ["ort-cpu"] + (["ort-cuda"] if _ort_cuda_usable() else []) + (["engine"] if engines_dir else [])
+    wanted = (
+        list(backends)
+        if backends
+        else ["ort-cpu"] + (["ort-cuda"] if _ort_cuda_usable() else []) + (["engine"] if engines_dir else [])
+    )
     for b in wanted:
         if b not in ("ort-cpu", "ort-cuda", "engine"):
             raise ConfigError(f"backend {b!r} is unknown; choose from ort-cpu, ort-cuda, engine.")
@@ -319,13 +334,26 @@ def validate_parity(
         if onnx is not None:
             meta = read_shiva_metadata(Path(onnx), require=True, what="--onnx")
             if meta.get("model") not in (None, rec.name):  # before any reference is built from the wrong recipe
-                raise ConfigError(f"--onnx {onnx} is a graph of model {meta.get('model')!r}, and --model is {rec.name!r}; pass --model {meta.get('model')} (or that model's --recipe).")
+                raise ConfigError(
+                    f"--onnx {onnx} is a graph of model {meta.get('model')!r}, and --model is {rec.name!r}; pass --model {meta.get('model')} (or that model's --recipe)."
+                )
             jobs.append((float(meta.get("ratio", 0.0)), Path(onnx), meta))
         else:
             for r in ratios or rec.prune.ratios:
                 say(f"ratio {r:g}: export onnx")
-                ex = export_pruned(recipe=rec, weights=weights, router=router, ratio=r, dtype=dtype, height=height, width=width,
-                                   batch=batch, cfg=cfg, out=tmp / budget_label(r) / "model.onnx", validate=False)
+                ex = export_pruned(
+                    recipe=rec,
+                    weights=weights,
+                    router=router,
+                    ratio=r,
+                    dtype=dtype,
+                    height=height,
+                    width=width,
+                    batch=batch,
+                    cfg=cfg,
+                    out=tmp / budget_label(r) / "model.onnx",
+                    validate=False,
+                )
                 jobs.append((r, ex.export.onnx_path, read_shiva_metadata(ex.export.onnx_path)))
         base = load_transformer(recipe=rec, weights=weights, dtype="fp32")
         for ratio, path, meta in jobs:
@@ -339,8 +367,20 @@ def validate_parity(
     return report
 
 
-def _parity_job(report: ParitySuiteReport, runner_classes, rec, base, router, ratio: float, path: Path, meta: dict, wanted: list[str], engines_dir,
-                cases: int, say) -> None:
+def _parity_job(
+    report: ParitySuiteReport,
+    runner_classes,
+    rec,
+    base,
+    router,
+    ratio: float,
+    path: Path,
+    meta: dict,
+    wanted: list[str],
+    engines_dir,
+    cases: int,
+    say,
+) -> None:
     """One export against the fp32 torch reference at its budget, on ``cases`` seeded inputs, every wanted backend."""
     TorchRunner = runner_classes[0]  # noqa: N806
     spec = InputSpec(**meta["input_spec"])
@@ -354,7 +394,9 @@ def _parity_job(report: ParitySuiteReport, runner_classes, rec, base, router, ra
         extras = {k: v for k, v in x.items() if k not in graph_inputs}
     shapes = {k: tuple(v) for k, v in spec.shapes(base).items()}
     runners = [TorchRunner(ref, shapes, extras=extras, dtypes={k: v.dtype for k, v in feeds[0].items()})]
-    runners += _backend_runners(report, runner_classes, rec, base, ratio, path, meta, ex_dtype, shapes, wanted, engines_dir)
+    runners += _backend_runners(
+        report, runner_classes, rec, base, ratio, path, meta, ex_dtype, shapes, wanted, engines_dir
+    )
     say(f"ratio {ratio:g}: run {', '.join(r.name for r in runners)} on {cases} inputs")
     try:
         _compare_runners(report, runners, feeds, ratio, ex_dtype, tol)
@@ -369,8 +411,13 @@ def _parity_reference(rec, base, router, ratio: float, meta: dict, spec: InputSp
         return base
     n_layers = num_blocks(base)
     kr = meta.get("keep_ratios") or ShivaConfig.uniform(n_layers, ratio, rec.routed_blocks(n_layers)).keep_ratios
-    config = ShivaConfig(tuple(kr), cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size,
-                         context=meta.get("context") or "drop")  # exports before the option dropped
+    config = ShivaConfig(
+        tuple(kr),
+        cfg=spec.cfg,
+        bottleneck=rec.router.bottleneck,
+        group_size=rec.router.group_size,
+        context=meta.get("context") or "drop",
+    )  # exports before the option dropped
     rc = config.router_config(*router_dims(base))
     bank, _ = resolve_router(rec, router, rc)
     import copy
@@ -380,8 +427,19 @@ def _parity_reference(rec, base, router, ratio: float, meta: dict, spec: InputSp
     return ref
 
 
-def _backend_runners(report: ParitySuiteReport, runner_classes, rec, base, ratio: float, path: Path, meta: dict, ex_dtype: str, shapes, wanted: list[str],
-                     engines_dir) -> list:
+def _backend_runners(
+    report: ParitySuiteReport,
+    runner_classes,
+    rec,
+    base,
+    ratio: float,
+    path: Path,
+    meta: dict,
+    ex_dtype: str,
+    shapes,
+    wanted: list[str],
+    engines_dir,
+) -> list:
     """The ORT and engine runners of one export; a backend that cannot run it is a line in ``report.skipped``."""
 
     _, OrtRunner, EngineParityRunner = runner_classes  # noqa: N806
@@ -392,8 +450,16 @@ def _backend_runners(report: ParitySuiteReport, runner_classes, rec, base, ratio
             if ex_dtype == "bf16":
                 report.skipped.append(f"ratio {ratio:g} {b}: ONNX Runtime has no bfloat16 kernels for this graph")
                 continue
-            runners.append(OrtRunner(path, b.split("-")[1], np_dtype, shapes, name=f"onnxrt-{b.split('-')[1]}",
-                                     float_names=get_adapter(base).float_inputs(base.config)))
+            runners.append(
+                OrtRunner(
+                    path,
+                    b.split("-")[1],
+                    np_dtype,
+                    shapes,
+                    name=f"onnxrt-{b.split('-')[1]}",
+                    float_names=get_adapter(base).float_inputs(base.config),
+                )
+            )
         elif b == "engine":
             bdir = budget_dir(ratio, "keep" if meta.get("context") == "keep" else "drop")
             edir = Path(engines_dir) / rec.name / bdir / ex_dtype if engines_dir else None
@@ -406,7 +472,9 @@ def _backend_runners(report: ParitySuiteReport, runner_classes, rec, base, ratio
     return runners
 
 
-def _compare_runners(report: ParitySuiteReport, runners: list, feeds: list[dict], ratio: float, ex_dtype: str, tol) -> None:
+def _compare_runners(
+    report: ParitySuiteReport, runners: list, feeds: list[dict], ratio: float, ex_dtype: str, tol
+) -> None:
     """polygraphy: every runner on the feeds; each compared with the torch reference (runner 0) elementwise and by cosine."""
     from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SimpleCompareFunc
 
@@ -416,14 +484,20 @@ def _compare_runners(report: ParitySuiteReport, runners: list, feeds: list[dict]
             cmp = [(0, i)]
             only_sample = _only(OUTPUT_NAME)
             f_simple = SimpleCompareFunc(
-                atol={OUTPUT_NAME: tol.atol}, rtol={OUTPUT_NAME: tol.rtol},
-                check_error_stat="elemwise" if tol.quantile >= 1.0 else "quantile", error_quantile=tol.quantile,
+                atol={OUTPUT_NAME: tol.atol},
+                rtol={OUTPUT_NAME: tol.rtol},
+                check_error_stat="elemwise" if tol.quantile >= 1.0 else "quantile",
+                error_quantile=tol.quantile,
                 find_output_func=only_sample,
             )
             ok_simple = bool(Comparator.compare_accuracy(results, compare_func=f_simple, comparisons=cmp))
-            f_cos = CosineSimilarityCompareFunc(cosine_similarity_threshold={OUTPUT_NAME: tol.min_cosine}, find_output_func=only_sample)
+            f_cos = CosineSimilarityCompareFunc(
+                cosine_similarity_threshold={OUTPUT_NAME: tol.min_cosine}, find_output_func=only_sample
+            )
             ok_cos = bool(Comparator.compare_accuracy(results, compare_func=f_cos, comparisons=cmp))
-            report.comparisons.append(_summarize(ratio, runners[i].name, ex_dtype, results, 0, i, tol, ok_simple, ok_cos))
+            report.comparisons.append(
+                _summarize(ratio, runners[i].name, ex_dtype, results, 0, i, tol, ok_simple, ok_cos)
+            )
 
 
 def _only(name: str):
@@ -440,13 +514,17 @@ def _summarize(ratio, backend, dtype, results, i_ref, i_test, tol, ok_simple, ok
     test_runs = results[i_test][1]
     stats, overlaps, exacts, per_block = [], [], [], {}
     for ra, rb in zip(ref_runs, test_runs):
-        stats.append(compare_arrays(OUTPUT_NAME, ra[OUTPUT_NAME], rb[OUTPUT_NAME], tol.atol, tol.rtol, tol.min_cosine, tol.quantile))
+        stats.append(
+            compare_arrays(
+                OUTPUT_NAME, ra[OUTPUT_NAME], rb[OUTPUT_NAME], tol.atol, tol.rtol, tol.min_cosine, tol.quantile
+            )
+        )
         for name in ra.keys():
             if name.startswith(INDEX_PREFIX) and name in rb.keys():
                 ov, ex = row_overlap(np.asarray(ra[name]), np.asarray(rb[name]))
                 overlaps.append(ov)
                 exacts.append(ex)
-                blk = int(name[len(INDEX_PREFIX):])
+                blk = int(name[len(INDEX_PREFIX) :])
                 per_block[blk] = min(per_block.get(blk, 1.0), ov)
     min_ov = min(overlaps) if overlaps else None
     ok_idx = min_ov is None or min_ov >= tol.min_index_agreement
@@ -455,19 +533,38 @@ def _summarize(ratio, backend, dtype, results, i_ref, i_test, tol, ok_simple, ok
     w = max(stats, key=lambda s: s.max_abs)
     reasons = []
     if not (ok_simple and ok_ours):
-        reasons.append(f"{OUTPUT_NAME} max_abs {w.max_abs:.3g}, {min(s.within_fraction for s in stats):.2%} within atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| (need {tol.quantile:.0%})")
+        reasons.append(
+            f"{OUTPUT_NAME} max_abs {w.max_abs:.3g}, {min(s.within_fraction for s in stats):.2%} within atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| (need {tol.quantile:.0%})"
+        )
     if not ok_cos:
         reasons.append(f"{OUTPUT_NAME} cosine {min(s.cosine for s in stats):.6f} < {tol.min_cosine}")
     worst_block = min(per_block, key=per_block.get) if per_block else None
     if not ok_idx:
         reasons.append(f"kept-index overlap {min_ov:.1%} < {tol.min_index_agreement:.0%} (block {worst_block})")
     return ComparisonResult(
-        ratio=ratio, backend=backend, dtype=dtype, cases=len(stats),
-        max_abs=max(s.max_abs for s in stats), mean_abs=float(np.mean([s.mean_abs for s in stats])),
-        median_abs=float(np.median([s.median_abs for s in stats])), p99_abs=max(s.p99_abs for s in stats),
-        max_rel=max(s.max_rel for s in stats), mean_rel=float(np.mean([s.mean_rel for s in stats])),
-        min_cosine=min(s.cosine for s in stats), min_index_overlap=min_ov, exact_index_rows=min(exacts) if exacts else None,
-        polygraphy_simple=ok_simple, polygraphy_cosine=ok_cos,
-        tolerance={"atol": tol.atol, "rtol": tol.rtol, "quantile": tol.quantile, "min_cosine": tol.min_cosine, "min_index_overlap": tol.min_index_agreement},
-        passed=passed, reason="; ".join(reasons), worst_block=worst_block,
+        ratio=ratio,
+        backend=backend,
+        dtype=dtype,
+        cases=len(stats),
+        max_abs=max(s.max_abs for s in stats),
+        mean_abs=float(np.mean([s.mean_abs for s in stats])),
+        median_abs=float(np.median([s.median_abs for s in stats])),
+        p99_abs=max(s.p99_abs for s in stats),
+        max_rel=max(s.max_rel for s in stats),
+        mean_rel=float(np.mean([s.mean_rel for s in stats])),
+        min_cosine=min(s.cosine for s in stats),
+        min_index_overlap=min_ov,
+        exact_index_rows=min(exacts) if exacts else None,
+        polygraphy_simple=ok_simple,
+        polygraphy_cosine=ok_cos,
+        tolerance={
+            "atol": tol.atol,
+            "rtol": tol.rtol,
+            "quantile": tol.quantile,
+            "min_cosine": tol.min_cosine,
+            "min_index_overlap": tol.min_index_agreement,
+        },
+        passed=passed,
+        reason="; ".join(reasons),
+        worst_block=worst_block,
     )

@@ -102,10 +102,20 @@ class EstimatorReport:
         """The same three measures for the estimator replaced by the median finite difference of its cases."""
         _, f = self._pairs(estimator)
         if not f:
-            return {"value": math.nan, "sign_agreement": math.nan, "rank_agreement": math.nan, "magnitude_error": math.nan}
+            return {
+                "value": math.nan,
+                "sign_agreement": math.nan,
+                "rank_agreement": math.nan,
+                "magnitude_error": math.nan,
+            }
         c = sorted(f)[len(f) // 2] if len(f) % 2 else (sorted(f)[len(f) // 2 - 1] + sorted(f)[len(f) // 2]) / 2
         sign = sum(c != 0 and math.copysign(1, c) == math.copysign(1, v) for v in f) / len(f)
-        return {"value": c, "sign_agreement": sign, "rank_agreement": 0.0, "magnitude_error": _relative_error([c] * len(f), f)}
+        return {
+            "value": c,
+            "sign_agreement": sign,
+            "rank_agreement": 0.0,
+            "magnitude_error": _relative_error([c] * len(f), f),
+        }
 
     def beats_baseline(self, estimator: str) -> bool:
         """Rank agreement above the constant's (0) and magnitude error below the constant's."""
@@ -121,8 +131,14 @@ class EstimatorReport:
         d = asdict(self)
         d["cases"] = [dict(asdict(c), ratio=c.ratio) for c in self.cases]
         d["summary"] = {
-            e: {"sign_agreement": self.agreement(e), "median_magnitude_ratio": self.median_ratio(e), "rank_agreement": self.rank_agreement(e),
-                "magnitude_error": self.magnitude_error(e), "constant_baseline": self.baseline(e), "beats_baseline": self.beats_baseline(e)}
+            e: {
+                "sign_agreement": self.agreement(e),
+                "median_magnitude_ratio": self.median_ratio(e),
+                "rank_agreement": self.rank_agreement(e),
+                "magnitude_error": self.magnitude_error(e),
+                "constant_baseline": self.baseline(e),
+                "beats_baseline": self.beats_baseline(e),
+            }
             for e in self.estimators
         }
         return d
@@ -142,17 +158,28 @@ class EstimatorReport:
         for e in self.estimators:
             n = sum(1 for c in self.cases if c.estimator == e and c.agree is not None)
             b = self.baseline(e)
-            lines.append(f"| {e} | {self.agreement(e):.0%} ({b['sign_agreement']:.0%}) | {self.rank_agreement(e):+.2f} (+0.00) | "
-                         f"{self.magnitude_error(e):.2f} ({b['magnitude_error']:.2f}) | {self.median_ratio(e):.2f} | "
-                         f"{'yes' if self.beats_baseline(e) else 'NO'} | {n} |")
+            lines.append(
+                f"| {e} | {self.agreement(e):.0%} ({b['sign_agreement']:.0%}) | {self.rank_agreement(e):+.2f} (+0.00) | "
+                f"{self.magnitude_error(e):.2f} ({b['magnitude_error']:.2f}) | {self.median_ratio(e):.2f} | "
+                f"{'yes' if self.beats_baseline(e) else 'NO'} | {n} |"
+            )
         fds = [c.finite_difference for c in self.cases if c.agree is not None]
         if fds and (all(v < 0 for v in fds) or all(v > 0 for v in fds)):
-            lines += ["", "Every finite difference has the same sign, so sign agreement cannot tell an estimator from a constant; "
-                      "rank agreement and magnitude error can."]
-        lines += ["", "| estimator | keep | layer | dL/dkeep (est.) | finite difference | sign |", "|---|---:|---:|---:|---:|---|"]
+            lines += [
+                "",
+                "Every finite difference has the same sign, so sign agreement cannot tell an estimator from a constant; "
+                "rank agreement and magnitude error can.",
+            ]
+        lines += [
+            "",
+            "| estimator | keep | layer | dL/dkeep (est.) | finite difference | sign |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for c in self.cases:
             mark = "flat" if c.agree is None else ("ok" if c.agree else "WRONG")
-            lines.append(f"| {c.estimator} | {c.keep:g} | {c.layer} | {c.grad:+.3e} | {c.finite_difference:+.3e} | {mark} |")
+            lines.append(
+                f"| {c.estimator} | {c.keep:g} | {c.layer} | {c.grad:+.3e} | {c.finite_difference:+.3e} | {mark} |"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -236,7 +263,9 @@ def check_estimator(
             s_out, s_taps = forward_with_taps(transformer, state, inputs)
             return distill_loss(s_out, s_taps, t_out, t_taps)
 
-        report = EstimatorReport(model=rec.name, router=label, keeps=[float(k) for k in keeps], delta=float(delta), samples=samples)
+        report = EstimatorReport(
+            model=rec.name, router=label, keeps=[float(k) for k in keeps], delta=float(delta), samples=samples
+        )
         for qi, q in enumerate(keeps):
             _keep_level(report, loss_at, routed, qi, float(q), estimators, delta, samples, say)
         return report
@@ -266,7 +295,9 @@ def _routed_model(rec, weights, router):
         p.requires_grad_(False)
     n_layers = num_blocks(transformer)
     routed = rec.routed_blocks(n_layers)
-    scfg = ShivaConfig.uniform(n_layers, 0.4, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    scfg = ShivaConfig.uniform(
+        n_layers, 0.4, routed, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size
+    )
     rc = scfg.router_config(*router_dims(transformer))
     bank, label = None, "random (recipe seed)"
     if router is not None and str(router) != "random":
@@ -292,7 +323,9 @@ def _route_with_taps(transformer, routed: list[int]):
     return state, hooks
 
 
-def _keep_level(report: EstimatorReport, loss_at, routed: list[int], qi: int, q: float, estimators, delta: float, samples: int, say) -> None:
+def _keep_level(
+    report: EstimatorReport, loss_at, routed: list[int], qi: int, q: float, estimators, delta: float, samples: int, say
+) -> None:
     """At keep ``q`` everywhere: the central finite difference per routed layer, then each estimator's gradient against it."""
     L = len(routed)
     say(f"keep {q:g}: finite differences ({2 * L} routed losses)")

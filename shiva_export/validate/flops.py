@@ -40,10 +40,19 @@ def ideal_speedup(dense: FlopCount, pruned: FlopCount) -> float:
     return dense.total / pruned.total
 
 
-def count_model_flops(model_or_architecture: Any, config: Any, num_image_tokens: int, text_len: int,
-                      keep_ratios: Sequence[float | None] | None = None, *, batch: int = 1, bottleneck: int = 64,
-                      context: str = "drop") -> FlopCount:
+def count_model_flops(
+    model_or_architecture: Any,
+    config: Any,
+    num_image_tokens: int,
+    text_len: int,
+    keep_ratios: Sequence[float | None] | None = None,
+    *,
+    batch: int = 1,
+    bottleneck: int = 64,
+    context: str = "drop",
+) -> FlopCount:
     """The FLOPs of one forward of any architecture: the adapter of ``model_or_architecture`` (a transformer, a
     class name or a recipe ``architecture`` key) counts ``config`` (a config dict or diffusers config)."""
-    return get_adapter(model_or_architecture).count_flops(config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck,
-                                                          context=context)
+    return get_adapter(model_or_architecture).count_flops(
+        config, num_image_tokens, text_len, keep_ratios, batch=batch, bottleneck=bottleneck, context=context
+    )

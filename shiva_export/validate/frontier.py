@@ -58,7 +58,15 @@ from shiva_export.utils.plots import figure_png, pyplot
 from shiva_export.validate.quality import json_safe, noise_seed, prompt_scenes, real_like
 from shiva_export.validate.stats import ALPHA, mcnemar_exact, paired_bootstrap, paired_bootstrap_mean, wilson_interval
 
-__all__ = ["FAMILIES", "FrontierConfig", "FrontierReport", "default_configs", "validate_frontier", "frontier_flags", "LEVELS"]
+__all__ = [
+    "FAMILIES",
+    "FrontierConfig",
+    "FrontierReport",
+    "default_configs",
+    "validate_frontier",
+    "frontier_flags",
+    "LEVELS",
+]
 
 FAMILIES = ("dense", "cache", "shiva", "stack")
 #: Compute levels of the summary table, as fractions of the dense reference's executed FLOPs.
@@ -67,7 +75,12 @@ LEVELS = (0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
 PSNR_CAP = 100.0
 _DENSE_STEP_FACTORS = (1.0, 0.8, 0.6, 0.45, 0.3)
 _SHIVA_KEEPS = (0.8, 0.6, 0.4)
-_SHORT = {"threshold": "thr", "cache_interval": "every", "disable_cache_before_step": "from", "num_inference_steps": "steps"}
+_SHORT = {
+    "threshold": "thr",
+    "cache_interval": "every",
+    "disable_cache_before_step": "from",
+    "num_inference_steps": "steps",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +129,16 @@ class FrontierConfig:
         return " + ".join(parts)
 
 
-def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | None = None, keeps: Sequence[float] | None = None,
-                    cache_grid: Sequence[tuple[str, dict]] | None = None, ort: bool = True, context_keep: bool = False) -> list[FrontierConfig]:
+def default_configs(
+    steps: int,
+    *,
+    learned: bool,
+    dense_steps: Sequence[int] | None = None,
+    keeps: Sequence[float] | None = None,
+    cache_grid: Sequence[tuple[str, dict]] | None = None,
+    ort: bool = True,
+    context_keep: bool = False,
+) -> list[FrontierConfig]:
     """The default rows around a reference of ``steps`` sampler steps (the first row is the reference).
 
     ``cache_grid`` defaults to :data:`shiva_export.runtime.caches.DEFAULT_GRID` (settings that span the compute
@@ -127,14 +148,19 @@ def default_configs(steps: int, *, learned: bool, dense_steps: Sequence[int] | N
         cache_grid = DEFAULT_GRID
     caches = [(kind, tuple(sorted(settings.items()))) for kind, settings in cache_grid]
     few = max(2, round(steps * 0.6))
-    grid = sorted({int(s) for s in (dense_steps or [max(2, round(steps * f)) for f in _DENSE_STEP_FACTORS])} | {steps}, reverse=True)
+    grid = sorted(
+        {int(s) for s in (dense_steps or [max(2, round(steps * f)) for f in _DENSE_STEP_FACTORS])} | {steps},
+        reverse=True,
+    )
     rows = [FrontierConfig("dense", steps)] + [FrontierConfig("dense", s) for s in grid if s != steps]
     rows += [FrontierConfig("cache", steps, cache=c) for c in caches]
     keeps = [float(k) for k in (keeps or _SHIVA_KEEPS)]
     rows += [FrontierConfig("shiva", steps, keep=k) for k in keeps]
     mid = min(keeps, key=lambda k: abs(k - 0.6))
     if context_keep:  # where the adapter implements it: rejected tokens still give keys and values
-        rows += [FrontierConfig("shiva", steps, keep=k, context="keep") for k in sorted({mid, max(keeps)}, reverse=True)]
+        rows += [
+            FrontierConfig("shiva", steps, keep=k, context="keep") for k in sorted({mid, max(keeps)}, reverse=True)
+        ]
         rows.append(FrontierConfig("stack", few, keep=mid, context="keep"))
     rows += [FrontierConfig("stack", few, keep=k) for k in sorted({max(keeps), mid}, reverse=True)]
     if learned:
@@ -155,9 +181,13 @@ def _check_configs(configs: Sequence[FrontierConfig]) -> None:
         if c.steps < 1:
             raise ConfigError(f"--steps {c.steps} is out of range; expected >= 1 sampler step.")
         if c.keep is not None and not 0.0 < c.keep <= 1.0:
-            raise ConfigError(f"--keep {c.keep} is out of range; expected 0 < keep <= 1 (fraction of image tokens kept).")
+            raise ConfigError(
+                f"--keep {c.keep} is out of range; expected 0 < keep <= 1 (fraction of image tokens kept)."
+            )
         if c.backend == "ort" and c.cache is not None:
-            raise ConfigError(f"{c.label}: diffusers caches hook torch modules; an ONNX Runtime graph has none. Use the torch backend for caches.")
+            raise ConfigError(
+                f"{c.label}: diffusers caches hook torch modules; an ONNX Runtime graph has none. Use the torch backend for caches."
+            )
         if c.context not in ("drop", "keep"):
             raise ConfigError(f"context {c.context!r} is unknown; choose drop or keep.")
         if c.backend not in ("torch", "ort"):
@@ -184,10 +214,17 @@ class _Runner:
             if key == "dense":
                 self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, dense=True)
             else:
-                self._pipes[key] = load_pipeline(self.rec.name, recipe=self.rec, weights=self.weights, backend=cfg.backend,
-                                                 ratio=round(1.0 - (cfg.keep or 0.6), 6), phases=cfg.learned and cfg.backend != "torch",
-                                                 context=cfg.context,
-                                                 artifact_root=self.root, progress=self.say)
+                self._pipes[key] = load_pipeline(
+                    self.rec.name,
+                    recipe=self.rec,
+                    weights=self.weights,
+                    backend=cfg.backend,
+                    ratio=round(1.0 - (cfg.keep or 0.6), 6),
+                    phases=cfg.learned and cfg.backend != "torch",
+                    context=cfg.context,
+                    artifact_root=self.root,
+                    progress=self.say,
+                )
         return self._pipes[key]
 
     def activate(self, cfg: FrontierConfig):
@@ -232,7 +269,15 @@ def _flop_count(pipe, keep_ratios, guidance: float):
     n_tokens = adapter.num_image_tokens(config_obj(config), info.height, info.width)
     batch = 2 if adapter.BATCHED_CFG and adapter.uses_cfg(guidance) else 1
     context = (info.context or "drop") if keep_ratios is not None else "drop"
-    return adapter.count_flops(config, n_tokens, info.text_len, keep_ratios, batch=batch, bottleneck=info.recipe.router.bottleneck, context=context)
+    return adapter.count_flops(
+        config,
+        n_tokens,
+        info.text_len,
+        keep_ratios,
+        batch=batch,
+        bottleneck=info.recipe.router.bottleneck,
+        context=context,
+    )
 
 
 def _graph_flops(pipe, trace: Sequence[str], guidance: float) -> float:
@@ -299,7 +344,9 @@ def _prompts(rec, n: int):
     return scenes, texts
 
 
-def _generate(runner: _Runner, configs, texts, seeds, guidance: float, judge: _Judge | None, scenes, say) -> list[_Measured]:
+def _generate(
+    runner: _Runner, configs, texts, seeds, guidance: float, judge: _Judge | None, scenes, say
+) -> list[_Measured]:
     """Every row on every (prompt, seed); per-image results in the same order for every row. Each image has
     its own noise (:func:`~shiva_export.validate.quality.noise_seed`): one noise shared by every prompt of a
     seed makes the seeds, not the methods, what moves the metrics."""
@@ -326,7 +373,9 @@ def _generate(runner: _Runner, configs, texts, seeds, guidance: float, judge: _J
     return out
 
 
-def _interleaved_latency(runner: _Runner, measured: list[_Measured], text: str, seed: int, guidance: float, rounds: int, say) -> list[float]:
+def _interleaved_latency(
+    runner: _Runner, measured: list[_Measured], text: str, seed: int, guidance: float, rounds: int, say
+) -> list[float]:
     """Median ms per image of each row over ``rounds`` round-robin passes (one image per row per pass), so a
     busy machine slows every row alike; with 0 rounds, the median of the generation calls."""
     timed: list[list[float]] = [[] for _ in measured]
@@ -362,7 +411,9 @@ class _Stats:
     def compare(self, a: int, b: int):
         if (a, b) not in self._memo:
             x, y = self.m[a], self.m[b]
-            self._memo[(a, b)] = mcnemar_exact(x.correct, y.correct) if self.judged else paired_bootstrap_mean(x.psnr, y.psnr)
+            self._memo[(a, b)] = (
+                mcnemar_exact(x.correct, y.correct) if self.judged else paired_bootstrap_mean(x.psnr, y.psnr)
+            )
         return self._memo[(a, b)]
 
     def better(self, a: int, b: int) -> bool:
@@ -378,15 +429,29 @@ def _fd_vs_reference(judge: _Judge, m: _Measured, ref: _Measured):
     return paired_bootstrap(m.features, ref.features, judge.fd, n_boot=300)
 
 
-def _row(i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float, frontier: bool, seeds) -> dict[str, Any]:
+def _row(
+    i: int, m: _Measured, st: _Stats, judge: _Judge | None, latency: float, frontier: bool, seeds
+) -> dict[str, Any]:
     c = m.cfg
     row: dict[str, Any] = {
-        "family": c.family, "config": c.label, "steps": c.steps, "keep": c.keep, "learned": c.learned, "backend": c.backend, "context": c.context,
+        "family": c.family,
+        "config": c.label,
+        "steps": c.steps,
+        "keep": c.keep,
+        "learned": c.learned,
+        "backend": c.backend,
+        "context": c.context,
         "cache": None if c.cache is None else {"kind": c.cache[0], **dict(c.cache[1])},
-        "flops_per_image": statistics.mean(m.flops), "latency_ms": latency,
-        "accuracy": None, "accuracy_ci": None, "fd": None, "psnr": None if i == 0 else statistics.mean(m.psnr),
-        "psnr_ci": None if i == 0 else list(_mean_ci(m.psnr)), "ssim": statistics.mean(m.ssim),
-        "frontier": frontier, "n_images": len(m.images),
+        "flops_per_image": statistics.mean(m.flops),
+        "latency_ms": latency,
+        "accuracy": None,
+        "accuracy_ci": None,
+        "fd": None,
+        "psnr": None if i == 0 else statistics.mean(m.psnr),
+        "psnr_ci": None if i == 0 else list(_mean_ci(m.psnr)),
+        "ssim": statistics.mean(m.ssim),
+        "frontier": frontier,
+        "n_images": len(m.images),
     }
     if judge is not None:
         k = sum(m.correct)
@@ -423,8 +488,21 @@ def _levels(rows: list[dict], st: _Stats) -> list[dict[str, Any]]:
             cand = [i for i in ok if rows[i]["family"] == f]
             if cand:
                 b = max(cand, key=lambda i: (st.quality(i), -rows[i]["flops_per_image"]))
-                fam[f] = {"row": b, "config": rows[b]["config"], "quality": st.quality(b), "worse_than_best": b != best and st.better(best, b)}
-        out.append({"level": level, "max_flops": level * ref, "best": best, "best_config": rows[best]["config"], "families": fam})
+                fam[f] = {
+                    "row": b,
+                    "config": rows[b]["config"],
+                    "quality": st.quality(b),
+                    "worse_than_best": b != best and st.better(best, b),
+                }
+        out.append(
+            {
+                "level": level,
+                "max_flops": level * ref,
+                "best": best,
+                "best_config": rows[best]["config"],
+                "families": fam,
+            }
+        )
     return out
 
 
@@ -443,8 +521,14 @@ class FrontierReport:
         return self.rows[0]["accuracy"] is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "settings": self.settings, "rows": self.rows, "levels": self.levels, "prompts": self.prompts,
-                "out_dir": self.out_dir}
+        return {
+            "model": self.model,
+            "settings": self.settings,
+            "rows": self.rows,
+            "levels": self.levels,
+            "prompts": self.prompts,
+            "out_dir": self.out_dir,
+        }
 
     def conclusion(self) -> list[str]:
         """One line per compute level: which family is best, and which are significantly worse."""
@@ -453,20 +537,35 @@ class FrontierReport:
             best = self.rows[lv["best"]]
             worse = [f for f, v in lv["families"].items() if v["worse_than_best"]]
             tied = [f for f, v in lv["families"].items() if not v["worse_than_best"] and f != best["family"]]
-            lines.append(f"- <= {lv['level']:.0%} of the reference FLOPs: best **{best['config']}** ({best['family']}); "
-                         f"significantly worse: {', '.join(worse) or 'none'}; not significantly different: {', '.join(tied) or 'none'}.")
+            lines.append(
+                f"- <= {lv['level']:.0%} of the reference FLOPs: best **{best['config']}** ({best['family']}); "
+                f"significantly worse: {', '.join(worse) or 'none'}; not significantly different: {', '.join(tied) or 'none'}."
+            )
         return lines
 
     def to_markdown(self) -> str:
         s = self.settings
         q = "prompt accuracy (exact McNemar)" if self.judged else "PSNR vs the reference (paired bootstrap)"
-        lines = [f"# Equal-compute frontier: {self.model}", "",
-                 f"{len(self.prompts)} prompts x seeds {s['seeds']} = {self.rows[0]['n_images']} paired images per row; reference: dense, "
-                 f"{s['steps']} steps, CFG {s['guidance']}. FLOPs: transformer FLOPs actually executed per image. Primary quality: {q}; "
-                 f"a row is on the frontier (*) when no row with lower or equal FLOPs is significantly better (alpha {s['alpha']}, "
-                 "no multiple-comparison correction). " + ("Beside each accuracy: its test against the reference; 'n.s.': not significant."
-                 if self.judged else f"PSNR and SSIM are measured against the reference (identical images count as {PSNR_CAP:.0f} dB in the tests)."), "",
-                 "## Best per compute level", ""] + self.conclusion() + ["", "## Rows", "", _table(self.rows, self.judged)]
+        lines = (
+            [
+                f"# Equal-compute frontier: {self.model}",
+                "",
+                f"{len(self.prompts)} prompts x seeds {s['seeds']} = {self.rows[0]['n_images']} paired images per row; reference: dense, "
+                f"{s['steps']} steps, CFG {s['guidance']}. FLOPs: transformer FLOPs actually executed per image. Primary quality: {q}; "
+                f"a row is on the frontier (*) when no row with lower or equal FLOPs is significantly better (alpha {s['alpha']}, "
+                "no multiple-comparison correction). "
+                + (
+                    "Beside each accuracy: its test against the reference; 'n.s.': not significant."
+                    if self.judged
+                    else f"PSNR and SSIM are measured against the reference (identical images count as {PSNR_CAP:.0f} dB in the tests)."
+                ),
+                "",
+                "## Best per compute level",
+                "",
+            ]
+            + self.conclusion()
+            + ["", "## Rows", "", _table(self.rows, self.judged)]
+        )
         return "\n".join(lines) + "\n"
 
 
@@ -489,8 +588,14 @@ def _table(rows: list[dict], judged: bool) -> str:
     head += " accuracy (95% CI) | FD | PSNR (dB) | SSIM |" if judged else " PSNR (dB, 95% CI) | SSIM |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cells = ["*" if r["frontier"] else "", r["family"], r["config"], f"{r['flops_per_image'] / 1e9:.2f}", f"{r['flops_per_image'] / ref:.2f}x",
-                 f"{r['latency_ms']:.0f}"]
+        cells = [
+            "*" if r["frontier"] else "",
+            r["family"],
+            r["config"],
+            f"{r['flops_per_image'] / 1e9:.2f}",
+            f"{r['flops_per_image'] / ref:.2f}x",
+            f"{r['latency_ms']:.0f}",
+        ]
         if judged:
             lo, hi = r["accuracy_ci"]
             cells.append(f"{r['accuracy']:.1%} ({lo:.0%}-{hi:.0%}){_sig(r, 'vs_reference')}")
@@ -498,7 +603,10 @@ def _table(rows: list[dict], judged: bool) -> str:
             cells += ["reference" if r["psnr"] is None else f"{r['psnr']:.1f}", _fmt(r["ssim"], ".3f")]
         else:
             ci = r["psnr_ci"]
-            cells += ["reference" if r["psnr"] is None else f"{r['psnr']:.1f} ({ci[0]:.1f}-{ci[1]:.1f})", _fmt(r["ssim"], ".3f")]
+            cells += [
+                "reference" if r["psnr"] is None else f"{r['psnr']:.1f} ({ci[0]:.1f}-{ci[1]:.1f})",
+                _fmt(r["ssim"], ".3f"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -511,7 +619,10 @@ def _plot_png(report: FrontierReport) -> bytes:
 
     key, name = ("accuracy", "prompt accuracy ↑") if report.judged else ("psnr", "PSNR vs reference (dB) ↑")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, xkey, xname in ((axes[0], "flops_per_image", "executed transformer GFLOPs per image"), (axes[1], "latency_ms", "median latency per image (ms)")):
+    for ax, xkey, xname in (
+        (axes[0], "flops_per_image", "executed transformer GFLOPs per image"),
+        (axes[1], "latency_ms", "median latency per image (ms)"),
+    ):
         scale = 1e9 if xkey == "flops_per_image" else 1.0
         for fam in FAMILIES:
             pts = sorted((r[xkey] / scale, r[key]) for r in report.rows if r["family"] == fam and r[key] is not None)
@@ -559,18 +670,29 @@ def _provenance(rec, runner: _Runner) -> dict[str, Any]:
     """What made the report: the recipe (content hash), the router of the pruned pipelines, the packages."""
     import diffusers
 
-    routers = {k: p.shiva.router for k, p in runner._pipes.items() if k != "dense" and getattr(p, "shiva", None) is not None}
-    return {"recipe": str(rec.source_path or rec.name), "recipe_sha256": recipe_hash(rec), "routers": routers,
-            "diffusers": diffusers.__version__, "shiva_export": __version__}
+    routers = {
+        k: p.shiva.router for k, p in runner._pipes.items() if k != "dense" and getattr(p, "shiva", None) is not None
+    }
+    return {
+        "recipe": str(rec.source_path or rec.name),
+        "recipe_sha256": recipe_hash(rec),
+        "routers": routers,
+        "diffusers": diffusers.__version__,
+        "shiva_export": __version__,
+    }
 
 
 # --------------------------------------------------------------------------------------------- entry point
-def _check_options(prompts: int, seeds: Sequence[int], latency_repeats: int, threads: int | None, families: Sequence[str] | None) -> None:
+def _check_options(
+    prompts: int, seeds: Sequence[int], latency_repeats: int, threads: int | None, families: Sequence[str] | None
+) -> None:
     if not seeds:
         raise ConfigError("--seed needs at least one value.")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**40:
-            raise ConfigError(f"--seed {s!r} is out of range; expected an integer in 0..2**40-1 (image noise seed = 1000 x seed + prompt).")
+            raise ConfigError(
+                f"--seed {s!r} is out of range; expected an integer in 0..2**40-1 (image noise seed = 1000 x seed + prompt)."
+            )
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seed values repeat ({list(seeds)}); paired tests need distinct seeds.")
     if not 1 <= prompts <= 96:
@@ -630,17 +752,48 @@ def validate_frontier(
     learned = rec.schedule is not None and bool(rec.schedule.phases)
 
     context_keep = "keep" in adapter_for_architecture(rec.architecture).CONTEXT_MODES
-    rows_cfg = list(configs) if configs else default_configs(steps, learned=learned, dense_steps=dense_steps, keeps=keeps, ort=ort,
-                                                             context_keep=context_keep)
+    rows_cfg = (
+        list(configs)
+        if configs
+        else default_configs(
+            steps, learned=learned, dense_steps=dense_steps, keeps=keeps, ort=ort, context_keep=context_keep
+        )
+    )
     if families:
         rows_cfg = rows_cfg[:1] + [c for c in rows_cfg[1:] if c.family in families]
     _check_configs(rows_cfg)
-    return _measure(rec, weights, rows_cfg, prompts, list(seeds), steps, guidance, n_ref, threads, latency_repeats, out_dir, progress,
-                    artifact_root)
+    return _measure(
+        rec,
+        weights,
+        rows_cfg,
+        prompts,
+        list(seeds),
+        steps,
+        guidance,
+        n_ref,
+        threads,
+        latency_repeats,
+        out_dir,
+        progress,
+        artifact_root,
+    )
 
 
-def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, threads, latency_repeats, out_dir, progress,
-             artifact_root) -> FrontierReport:
+def _measure(
+    rec,
+    weights,
+    rows_cfg,
+    prompts,
+    seeds,
+    steps,
+    guidance,
+    n_ref,
+    threads,
+    latency_repeats,
+    out_dir,
+    progress,
+    artifact_root,
+) -> FrontierReport:
     import torch
 
     say = progress or (lambda m: None)
@@ -657,9 +810,20 @@ def _measure(rec, weights, rows_cfg, prompts, seeds, steps, guidance, n_ref, thr
     st = _Stats(measured, judged)
     flags = frontier_flags([statistics.mean(m.flops) for m in measured], st.better)
     rows = [_row(i, m, st, judge, latency[i], flags[i], seeds) for i, m in enumerate(measured)]
-    settings = {"steps": steps, "guidance": guidance, "seeds": seeds, "prompts": prompts, "alpha": ALPHA, "threads": threads,
-                "latency_repeats": latency_repeats, "judge": rec.pipeline.judge, "n_ref": n_ref, "torch": torch.__version__,
-                "primary_quality": "accuracy" if judged else "psnr", **_provenance(rec, runner)}
+    settings = {
+        "steps": steps,
+        "guidance": guidance,
+        "seeds": seeds,
+        "prompts": prompts,
+        "alpha": ALPHA,
+        "threads": threads,
+        "latency_repeats": latency_repeats,
+        "judge": rec.pipeline.judge,
+        "n_ref": n_ref,
+        "torch": torch.__version__,
+        "primary_quality": "accuracy" if judged else "psnr",
+        **_provenance(rec, runner),
+    }
     report = FrontierReport(model=rec.name, settings=settings, rows=rows, levels=_levels(rows, st), prompts=texts)
     if out_dir is not None:
         _write(report, Path(out_dir))

@@ -72,13 +72,30 @@ from shiva_export.shapes.metrics import FD_GROUPS, bootstrap_ci, fd_of, judge_im
 from shiva_export.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from shiva_export.utils.plots import figure_png, pyplot
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "KEEPS", "SEEDS", "CHOICE_SEEDS", "QualityReport", "validate_quality", "prompt_scenes", "noise_seed"]
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHODS",
+    "KEEPS",
+    "SEEDS",
+    "CHOICE_SEEDS",
+    "QualityReport",
+    "validate_quality",
+    "prompt_scenes",
+    "noise_seed",
+]
 
 METHODS = ("dense", "shiva", "shiva-learned", "random", "l2norm", "spatial-rotating", "spatial-fixed")
 #: The fixed dither subset skips the same tokens in every block at every step: shown only when asked for.
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "spatial-fixed")
-LABELS = {"dense": "Dense", "shiva": "Shiva (uniform)", "shiva-learned": "Shiva (learned schedule)", "random": "Random router",
-          "l2norm": "L2-norm heuristic", "spatial-rotating": "Rotating dither (per block)", "spatial-fixed": "Fixed dither subset"}
+LABELS = {
+    "dense": "Dense",
+    "shiva": "Shiva (uniform)",
+    "shiva-learned": "Shiva (learned schedule)",
+    "random": "Random router",
+    "l2norm": "L2-norm heuristic",
+    "spatial-rotating": "Rotating dither (per block)",
+    "spatial-fixed": "Fixed dither subset",
+}
 KEEPS = (0.8, 0.6, 0.4)
 #: Held-out seeds of the default run (24 prompts x 2 seeds: 10:42 on one thread of the shared 2-core machine).
 SEEDS = (2, 3)
@@ -108,7 +125,10 @@ def prompt_scenes(n: int):
 def real_like(prompts, n: int, seed: int):
     """``n`` real scenes cycling through ``prompts``, each with fresh jitter (seeded)."""
     jit = sample_scenes(n, seed)
-    return [dataclasses.replace(j, color=p.color, shape=p.shape, size=p.size, position=p.position) for j, p in zip(jit, (prompts[i % len(prompts)] for i in range(n)))]
+    return [
+        dataclasses.replace(j, color=p.color, shape=p.shape, size=p.size, position=p.position)
+        for j, p in zip(jit, (prompts[i % len(prompts)] for i in range(n)))
+    ]
 
 
 @dataclasses.dataclass
@@ -124,8 +144,17 @@ class QualityReport:
     out_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "settings": self.settings, "real": self.real, "rows": self.rows, "velocity": self.velocity,
-                "comparisons": self.comparisons, "prompts": self.prompts, "reference": self.reference, "out_dir": self.out_dir}
+        return {
+            "model": self.model,
+            "settings": self.settings,
+            "real": self.real,
+            "rows": self.rows,
+            "velocity": self.velocity,
+            "comparisons": self.comparisons,
+            "prompts": self.prompts,
+            "reference": self.reference,
+            "out_dir": self.out_dir,
+        }
 
     def oracle_ratio(self, keep: float = 0.6) -> float | None:
         """Velocity error of the foreground oracle over that of random selection at ``keep``."""
@@ -141,8 +170,10 @@ class QualityReport:
                 lo, hi = c["ci"]
                 unit = (lambda v: f"{100 * v:+.1f} pts") if c["metric"] == "accuracy" else (lambda v: f"{v:+.3f}")
                 metric = "prompt accuracy" if c["metric"] == "accuracy" else "FD"
-                out.append(f"keep {c['keep']:.2f}: {c['a']} vs {c['b']} {metric} differ by {unit(c['diff'])}, inside the 95% paired "
-                           f"interval [{unit(lo)}, {unit(hi)}]: this run cannot rank them (more --prompts / --seed).")
+                out.append(
+                    f"keep {c['keep']:.2f}: {c['a']} vs {c['b']} {metric} differ by {unit(c['diff'])}, inside the 95% paired "
+                    f"interval [{unit(lo)}, {unit(hi)}]: this run cannot rank them (more --prompts / --seed)."
+                )
         return out
 
     def to_markdown(self) -> str:
@@ -165,7 +196,11 @@ class QualityReport:
         ]
         for r in self.rows:
             a = r["attributes"]
-            keep = "1.00" if r["method"] == "dense" else f"{r['keep']:.2f}" + (f" (mean {r['mean_keep']:.2f})" if r["method"] == "shiva-learned" else "")
+            keep = (
+                "1.00"
+                if r["method"] == "dense"
+                else f"{r['keep']:.2f}" + (f" (mean {r['mean_keep']:.2f})" if r["method"] == "shiva-learned" else "")
+            )
             aci = r.get("accuracy_ci") or (math.nan, math.nan)
             lines.append(
                 f"| {r['label']} | {keep} | {r['fd']:.3f} | {r['accuracy']:.1%} [{aci[0]:.0%}, {aci[1]:.0%}] | "
@@ -176,16 +211,28 @@ class QualityReport:
         lines += ["", self._band_line()]
         lines += [f"Warning: {w}" for w in self.warnings()]
         if set(s["seeds"]) & set(CHOICE_SEEDS):
-            lines.append(f"Note: seeds {', '.join(map(str, CHOICE_SEEDS))} chose the model's checkpoint, steps and CFG; numbers on them are not held out.")
-        lines += ["", "Velocity error and foreground recall of every selection (including the ground-truth foreground oracle):", "",
-                  "| Selection | Keep | Vel. err↓ | vs random | FG kept↑ |", "|---|---|---|---|---|"]
+            lines.append(
+                f"Note: seeds {', '.join(map(str, CHOICE_SEEDS))} chose the model's checkpoint, steps and CFG; numbers on them are not held out."
+            )
+        lines += [
+            "",
+            "Velocity error and foreground recall of every selection (including the ground-truth foreground oracle):",
+            "",
+            "| Selection | Keep | Vel. err↓ | vs random | FG kept↑ |",
+            "|---|---|---|---|---|",
+        ]
         rnd = {v["keep"]: v["velocity_error"] for v in self.velocity if v["method"] == "random"}
         for v in self.velocity:
             rel = v["velocity_error"] / rnd[v["keep"]] if rnd.get(v["keep"]) else math.nan
-            lines.append(f"| {v['method']} | {v['keep']:.2f} | {v['velocity_error']:.4f} | {rel:.2f}x | {v['fg_kept']:.1%} |")
+            lines.append(
+                f"| {v['method']} | {v['keep']:.2f} | {v['velocity_error']:.4f} | {rel:.2f}x | {v['fg_kept']:.1%} |"
+            )
         ratio = self.oracle_ratio(0.6)
         if ratio is not None:
-            lines += ["", f"Foreground oracle / random velocity error at keep 0.6: **{ratio:.2f}x** (target <= 0.6x: {'met' if ratio <= 0.6 else 'missed'})."]
+            lines += [
+                "",
+                f"Foreground oracle / random velocity error at keep 0.6: **{ratio:.2f}x** (target <= 0.6x: {'met' if ratio <= 0.6 else 'missed'}).",
+            ]
         lines += ["", f"Router: {s['router']}."]
         return "\n".join(lines) + "\n"
 
@@ -195,8 +242,10 @@ class QualityReport:
         if not band:
             return "Dense FD between seeds: one seed only (give two or more --seed for the band)."
         each = ", ".join(f"seed {k} {v:.3f}" for k, v in per.items())
-        return (f"Dense FD between seeds ({each}): mean {band['mean']:.3f}, range {band['min']:.3f}..{band['max']:.3f}; a method's FD "
-                "inside this band is not distinguishable from dense by FD.")
+        return (
+            f"Dense FD between seeds ({each}): mean {band['mean']:.3f}, range {band['min']:.3f}..{band['max']:.3f}; a method's FD "
+            "inside this band is not distinguishable from dense by FD."
+        )
 
 
 def _fmt(v, spec: str) -> str:
@@ -234,7 +283,16 @@ def _mean_keep(phases, trace: Sequence[str]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], bottleneck: int, model_batch: int, context: str = "drop") -> float:
+def _gflops(
+    config,
+    n_tokens: int,
+    text_len: int,
+    phases,
+    trace: Sequence[str],
+    bottleneck: int,
+    model_batch: int,
+    context: str = "drop",
+) -> float:
     """Transformer GFLOPs of one image: the sum over its denoising steps (phase per step from the trace)."""
     cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     if not phases:
@@ -244,7 +302,17 @@ def _gflops(config, n_tokens: int, text_len: int, phases, trace: Sequence[str], 
     total = 0.0
     for name in trace:
         if name not in cache:
-            cache[name] = float(count_flops(cfg, n_tokens, text_len, by[name].keep_ratios, batch=model_batch, bottleneck=bottleneck, context=context).total)
+            cache[name] = float(
+                count_flops(
+                    cfg,
+                    n_tokens,
+                    text_len,
+                    by[name].keep_ratios,
+                    batch=model_batch,
+                    bottleneck=bottleneck,
+                    context=context,
+                ).total
+            )
         total += cache[name]
     return total / 1e9
 
@@ -262,7 +330,9 @@ def _velocity_inputs(pipe, scenes, sigmas, seed: int, max_seq: int):
         embeds, pooled = [], []
         for s in scenes:
             c = caption(s)
-            pe, _, pp, _ = pipe.encode_prompt(c, c, c, device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_seq)
+            pe, _, pp, _ = pipe.encode_prompt(
+                c, c, c, device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_seq
+            )
             embeds.append(pe)
             pooled.append(pp)
     grid = z.shape[-1] // pipe.transformer.config.patch_size
@@ -272,8 +342,14 @@ def _velocity_inputs(pipe, scenes, sigmas, seed: int, max_seq: int):
     for sigma in sigmas:
         noise = torch.randn(z.shape, generator=g)
         xt = (1 - sigma) * z + sigma * noise
-        cases.append({"hidden_states": xt, "encoder_hidden_states": torch.cat(embeds), "pooled_projections": torch.cat(pooled),
-                      "timestep": torch.full((len(scenes),), sigma * 1000.0)})
+        cases.append(
+            {
+                "hidden_states": xt,
+                "encoder_hidden_states": torch.cat(embeds),
+                "pooled_projections": torch.cat(pooled),
+                "timestep": torch.full((len(scenes),), sigma * 1000.0),
+            }
+        )
     return cases, tm, np.asarray(masks)
 
 
@@ -316,7 +392,9 @@ class _Setup:
         return self.pipe.transformer
 
 
-def _check_options(methods, keeps, seeds, latency_repeats: int, n_ref: int, velocity_samples: int) -> tuple[list[str], list[float], list[int]]:
+def _check_options(
+    methods, keeps, seeds, latency_repeats: int, n_ref: int, velocity_samples: int
+) -> tuple[list[str], list[float], list[int]]:
     """Validated (methods with dense first, keeps, seeds), before anything is loaded."""
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
@@ -332,7 +410,9 @@ def _check_options(methods, keeps, seeds, latency_repeats: int, n_ref: int, velo
         raise ConfigError("--seed needs at least one value.")
     seeds = [int(s) for s in seeds]
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seed {seeds} must be distinct non-negative integers (a repeated seed repeats the same noise).")
+        raise ConfigError(
+            f"--seed {seeds} must be distinct non-negative integers (a repeated seed repeats the same noise)."
+        )
     if latency_repeats < 0:
         raise ConfigError(f"--latency-repeats {latency_repeats} is negative; expected >= 0.")
     if n_ref < 2 or velocity_samples < 1:
@@ -348,7 +428,9 @@ def _configs(setup: _Setup, methods: Sequence[str], keeps: Sequence[float]) -> l
             continue
         if m == "shiva-learned":
             if setup.learned:
-                configs.append((m, float(setup.rec.schedule.target_keep), phases_from_recipe(setup.rec, setup.n_layers)))
+                configs.append(
+                    (m, float(setup.rec.schedule.target_keep), phases_from_recipe(setup.rec, setup.n_layers))
+                )
             continue
         configs += [(m, k, _route_phase(setup.rec, setup.n_layers, k)) for k in keeps]
     return configs
@@ -362,7 +444,9 @@ def _vae_round_trip(vae, imgs, batch: int = 32) -> list:
     out = []
     with torch.inference_mode():
         for i in range(0, len(imgs), batch):
-            x = torch.from_numpy(np.stack(imgs[i : i + batch]).transpose(0, 3, 1, 2).astype(np.float32) * 2.0 - 1.0).to(vae.dtype)
+            x = torch.from_numpy(np.stack(imgs[i : i + batch]).transpose(0, 3, 1, 2).astype(np.float32) * 2.0 - 1.0).to(
+                vae.dtype
+            )
             rt = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().numpy()
             out += list((rt.transpose(0, 2, 3, 1) + 1.0) / 2.0)
     return out
@@ -383,11 +467,15 @@ def _reference(vae, scenes, n_ref: int, n_held: int):
     return ref_feat, real
 
 
-def _velocity_table(setup: _Setup, methods, keeps, scenes, velocity_samples: int, sigmas, max_seq: int) -> list[dict[str, Any]]:
+def _velocity_table(
+    setup: _Setup, methods, keeps, scenes, velocity_samples: int, sigmas, max_seq: int
+) -> list[dict[str, Any]]:
     """Velocity error and foreground recall of every pruned selection and of the foreground oracle."""
     import torch
 
-    cases, tm, _ = _velocity_inputs(setup.pipe, real_like(scenes, velocity_samples, seed=3000), sigmas, seed=4000, max_seq=max_seq)
+    cases, tm, _ = _velocity_inputs(
+        setup.pipe, real_like(scenes, velocity_samples, seed=3000), sigmas, seed=4000, max_seq=max_seq
+    )
     with torch.inference_mode():
         dense_out = [setup.dense_pipe.transformer(**c).sample for c in cases]
     runs = []
@@ -452,9 +540,14 @@ def _quality_stats(judged: list[dict], n_prompts: int, seeds: Sequence[int], ref
     d = feats.shape[-1]
 
     out: dict[str, Any] = {
-        "accuracy": float(correct.mean()), "accuracy_ci": list(bootstrap_ci(n_prompts, lambda i: float(correct[i].mean()), n_boot=_BOOT)),
-        "attributes": {a: float(np.mean([j["correct"][a] for j in judged])) for a in ("color", "shape", "size", "position")},
-        "fd": math.nan, "fd_by_seed": None, "fd_band": None,
+        "accuracy": float(correct.mean()),
+        "accuracy_ci": list(bootstrap_ci(n_prompts, lambda i: float(correct[i].mean()), n_boot=_BOOT)),
+        "attributes": {
+            a: float(np.mean([j["correct"][a] for j in judged])) for a in ("color", "shape", "size", "position")
+        },
+        "fd": math.nan,
+        "fd_by_seed": None,
+        "fd_band": None,
     }
     if n_prompts * n_s >= 2:
         out["fd"] = fd_of(feats.reshape(-1, d), ref_feat)
@@ -484,19 +577,40 @@ def _comparisons(rows: list[dict], arrays: list, ref_feat, n_prompts: int) -> li
                 diff, stat = rows[a]["accuracy"] - rows[b]["accuracy"], lambda i: float(ca[i].mean() - cb[i].mean())
             else:  # positive: a (the lower FD) is better
                 d = fa.shape[-1]
-                diff, stat = rows[b]["fd"] - rows[a]["fd"], lambda i: fd_of(fb[i].reshape(-1, d), ref_feat) - fd_of(fa[i].reshape(-1, d), ref_feat)
+                diff, stat = (
+                    rows[b]["fd"] - rows[a]["fd"],
+                    lambda i: fd_of(fb[i].reshape(-1, d), ref_feat) - fd_of(fa[i].reshape(-1, d), ref_feat),
+                )
             lo, hi = bootstrap_ci(n_prompts, stat, n_boot=_BOOT)
-            out.append({"keep": keep, "metric": metric, "a": rows[a]["label"], "b": rows[b]["label"], "diff": diff, "ci": [lo, hi], "ranked": lo > 0 or hi < 0})
+            out.append(
+                {
+                    "keep": keep,
+                    "metric": metric,
+                    "a": rows[a]["label"],
+                    "b": rows[b]["label"],
+                    "diff": diff,
+                    "ci": [lo, hi],
+                    "ranked": lo > 0 or hi < 0,
+                }
+            )
     return out
 
 
-def _row(setup: _Setup, m: str, k: float, phases, imgs, lat, traces, dense_imgs, judged, stats, gflops: float, seeds) -> dict[str, Any]:
+def _row(
+    setup: _Setup, m: str, k: float, phases, imgs, lat, traces, dense_imgs, judged, stats, gflops: float, seeds
+) -> dict[str, Any]:
     """One table row, with the per-image records (prompt, seed, judged attributes, PSNR to dense, features)."""
     import numpy as np
 
     untrained = m in ("shiva", "shiva-learned") and not setup.trained
-    row: dict[str, Any] = {"method": m, "label": LABELS[m] + (" [untrained router]" if untrained else ""), "keep": k, **stats,
-                           "latency_ms": statistics.median(lat), "gflops": gflops}
+    row: dict[str, Any] = {
+        "method": m,
+        "label": LABELS[m] + (" [untrained router]" if untrained else ""),
+        "keep": k,
+        **stats,
+        "latency_ms": statistics.median(lat),
+        "gflops": gflops,
+    }
     if m == "shiva-learned":
         row["mean_keep"] = _mean_keep(phases, traces[0])
     ps = [psnr(a, b) for a, b in zip(imgs, dense_imgs)] if m != "dense" else [None] * len(imgs)
@@ -507,8 +621,10 @@ def _row(setup: _Setup, m: str, k: float, phases, imgs, lat, traces, dense_imgs,
     else:
         row["psnr"], row["mad"], row["velocity_error"], row["fg_kept"] = None, None, 0.0, 1.0
     n_s = len(seeds)
-    row["per_image"] = [{"prompt": i // n_s, "seed": seeds[i % n_s], "noise_seed": noise_seed(seeds[i % n_s], i // n_s), "psnr": v, **j}
-                        for i, (j, v) in enumerate(zip(judged, ps))]
+    row["per_image"] = [
+        {"prompt": i // n_s, "seed": seeds[i % n_s], "noise_seed": noise_seed(seeds[i % n_s], i // n_s), "psnr": v, **j}
+        for i, (j, v) in enumerate(zip(judged, ps))
+    ]
     return row
 
 
@@ -518,7 +634,9 @@ def _latency(setup: _Setup, configs, text: str, seed: int, repeats: int) -> list
     for _ in range(repeats):
         for ci, (m, _k, phases) in enumerate(configs):
             p = _select(setup, m, phases, seed=8000)
-            timed[ci].append(run_pipeline(p, text, steps=setup.steps, guidance=setup.guidance, seed=noise_seed(seed, 0)).times.total)
+            timed[ci].append(
+                run_pipeline(p, text, steps=setup.steps, guidance=setup.guidance, seed=noise_seed(seed, 0)).times.total
+            )
     set_scorer_(setup.tf, setup.bank)
     return timed
 
@@ -601,14 +719,40 @@ def validate_quality(
     _set_latency(rows, _latency(setup, configs, texts[0], seeds[0], latency_repeats))
 
     say("intervals")
-    settings = {"steps": setup.steps, "guidance": setup.guidance, "seeds": seeds, "noise_seed": "1000 * seed + prompt index", "keeps": keeps,
-                "methods": methods, "height": info.height, "width": info.width, "threads": threads, "n_ref": n_ref,
-                "velocity_samples": velocity_samples, "sigmas": [float(s) for s in sigmas], "latency_repeats": latency_repeats, "bootstrap": _BOOT,
-                "router": f"{'trained' if setup.trained else 'seeded random init (no trained router in the recipe)'} ({_router_desc(info)})",
-                "learned_schedule": setup.learned, "torch": torch.__version__}
-    report = QualityReport(model=rec.name, settings=settings, rows=rows, real=real, velocity=velocity, prompts=texts,
-                           comparisons=_comparisons(rows, arrays, ref_feat, len(scenes)),
-                           reference={"seed": 1000, "feature_names": list(FEATURE_NAMES), "fd_groups": list(FD_GROUPS), "features": ref_feat.tolist()})
+    settings = {
+        "steps": setup.steps,
+        "guidance": setup.guidance,
+        "seeds": seeds,
+        "noise_seed": "1000 * seed + prompt index",
+        "keeps": keeps,
+        "methods": methods,
+        "height": info.height,
+        "width": info.width,
+        "threads": threads,
+        "n_ref": n_ref,
+        "velocity_samples": velocity_samples,
+        "sigmas": [float(s) for s in sigmas],
+        "latency_repeats": latency_repeats,
+        "bootstrap": _BOOT,
+        "router": f"{'trained' if setup.trained else 'seeded random init (no trained router in the recipe)'} ({_router_desc(info)})",
+        "learned_schedule": setup.learned,
+        "torch": torch.__version__,
+    }
+    report = QualityReport(
+        model=rec.name,
+        settings=settings,
+        rows=rows,
+        real=real,
+        velocity=velocity,
+        prompts=texts,
+        comparisons=_comparisons(rows, arrays, ref_feat, len(scenes)),
+        reference={
+            "seed": 1000,
+            "feature_names": list(FEATURE_NAMES),
+            "fd_groups": list(FD_GROUPS),
+            "features": ref_feat.tolist(),
+        },
+    )
     if out_dir is not None:
         _write(report, Path(out_dir), images, configs, texts, len(seeds))
     return report
@@ -617,13 +761,22 @@ def validate_quality(
 def _load_setup(rec, weights, keeps: list[float], steps: int | None, guidance: float | None) -> _Setup:
     """The pruned pipeline (at the first keep) and the dense one, with the recipe's router, schedule, steps and guidance."""
     pipe = load_pipeline(rec.name, recipe=rec, weights=weights, ratio=round(1.0 - keeps[0], 6))
-    return _Setup(rec=rec, dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True), pipe=pipe, bank=pipe.transformer._modules[ROUTERS_ATTR],
-                  n_layers=len(pipe.transformer.transformer_blocks), learned=rec.schedule is not None and bool(rec.schedule.phases),
-                  trained=rec.router.weights is not None, steps=int(steps or rec.pipeline.steps),
-                  guidance=float(rec.pipeline.guidance if guidance is None else guidance))
+    return _Setup(
+        rec=rec,
+        dense_pipe=load_pipeline(rec.name, recipe=rec, weights=weights, dense=True),
+        pipe=pipe,
+        bank=pipe.transformer._modules[ROUTERS_ATTR],
+        n_layers=len(pipe.transformer.transformer_blocks),
+        learned=rec.schedule is not None and bool(rec.schedule.phases),
+        trained=rec.router.weights is not None,
+        steps=int(steps or rec.pipeline.steps),
+        guidance=float(rec.pipeline.guidance if guidance is None else guidance),
+    )
 
 
-def _generate_rows(setup: _Setup, configs, scenes, texts: list[str], seeds: list[int], ref_feat, velocity: list[dict], say):
+def _generate_rows(
+    setup: _Setup, configs, scenes, texts: list[str], seeds: list[int], ref_feat, velocity: list[dict], say
+):
     """Every configuration generated and judged: ``(rows, (correct, features) per row, images per (method, keep))``."""
     info, tf, rec = setup.pipe.shiva, setup.pipe.transformer, setup.rec
     n_tokens = (info.height // 8 // tf.config.patch_size) * (info.width // 8 // tf.config.patch_size)
@@ -637,7 +790,16 @@ def _generate_rows(setup: _Setup, configs, scenes, texts: list[str], seeds: list
         dense_imgs = imgs if m == "dense" else dense_imgs
         judged = judge_images(imgs, prompt_of)
         stats, correct, feats = _quality_stats(judged, len(scenes), seeds, ref_feat)
-        gfl = _gflops(dict(tf.config), n_tokens, info.text_len, phases, traces[0], rec.router.bottleneck, model_batch, info.context or "drop")
+        gfl = _gflops(
+            dict(tf.config),
+            n_tokens,
+            info.text_len,
+            phases,
+            traces[0],
+            rec.router.bottleneck,
+            model_batch,
+            info.context or "drop",
+        )
         row = _row(setup, m, k, phases, imgs, lat, traces, dense_imgs, judged, stats, gfl, seeds)
         if (m, k) in vel_of:
             row["velocity_error"], row["fg_kept"] = vel_of[(m, k)]
@@ -655,9 +817,19 @@ def _pareto_png(report: QualityReport) -> bytes:
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"dense": "black", "shiva": "#d62728", "shiva-learned": "#ff7f0e", "random": "#7f7f7f", "l2norm": "#1f77b4", "spatial-rotating": "#2ca02c",
-              "spatial-fixed": "#98df8a"}
-    for ax, key, name, better_low in ((axes[0], "fd", "Fréchet distance (analytic features) ↓", True), (axes[1], "accuracy", "prompt accuracy ↑", False)):
+    colors = {
+        "dense": "black",
+        "shiva": "#d62728",
+        "shiva-learned": "#ff7f0e",
+        "random": "#7f7f7f",
+        "l2norm": "#1f77b4",
+        "spatial-rotating": "#2ca02c",
+        "spatial-fixed": "#98df8a",
+    }
+    for ax, key, name, better_low in (
+        (axes[0], "fd", "Fréchet distance (analytic features) ↓", True),
+        (axes[1], "accuracy", "prompt accuracy ↑", False),
+    ):
         pts = sorted((r["latency_ms"], r[key]) for r in report.rows if math.isfinite(r[key]))
         front, best = [], None
         for x, y in pts:
@@ -671,7 +843,9 @@ def _pareto_png(report: QualityReport) -> bytes:
             lab = r["method"] if r["method"] not in seen else None
             seen.add(r["method"])
             ax.scatter(r["latency_ms"], r[key], color=colors.get(r["method"], "purple"), label=lab, s=36)
-            ax.annotate(f"{r['keep']:.1f}", (r["latency_ms"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"{r['keep']:.1f}", (r["latency_ms"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         if key == "fd":
             ax.axhline(report.real["fd"], color="#9467bd", lw=0.8, ls=":", label="real held-out")
             if math.isfinite(report.real.get("vae_fd", math.nan)):
@@ -700,7 +874,9 @@ def _write(report: QualityReport, out: Path, images, configs, texts, n_seeds: in
     grid.quantize(colors=256, method=2).save(buf, format="PNG", optimize=True)  # flat scenes: 256 colours lose little
     atomic_write_bytes(out / "grid.png", buf.getvalue())
     atomic_write_bytes(out / "pareto.png", _pareto_png(report))
-    md = report.to_markdown() + "\nPrompts (grid columns): " + "; ".join(f"p{i} {t}" for i, t in enumerate(texts)) + "\n"
+    md = (
+        report.to_markdown() + "\nPrompts (grid columns): " + "; ".join(f"p{i} {t}" for i, t in enumerate(texts)) + "\n"
+    )
     atomic_write_text(out / "quality.md", md)
     atomic_write_json(out / "quality.json", json_safe(report.to_dict()) | {"generated_unix": int(time.time())})
 

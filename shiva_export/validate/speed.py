@@ -225,7 +225,9 @@ class _SelectionPath(nn.Module):
         self.cfg = cfg
         self.selection = selection
 
-    def forward(self, hidden: tuple[torch.Tensor, ...], temb: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, hidden: tuple[torch.Tensor, ...], temb: torch.Tensor, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         outs = []
         for b, x in zip(self.blocks, hidden):
             scores = self.bank(b, x, temb, pooled)
@@ -252,23 +254,31 @@ def _check_args(ratios, backends, warmup, repeats, threads, device) -> tuple[lis
         raise ConfigError("ratios is empty. Give at least one ratio in [0, 1). Pass e.g. ratios=[0.0, 0.4, 0.6].")
     for r in ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
-            raise ConfigError(f"ratio {r!r} is out of range. Expected 0 <= ratio < 1 (fraction of image tokens pruned). Fix ratios.")
+            raise ConfigError(
+                f"ratio {r!r} is out of range. Expected 0 <= ratio < 1 (fraction of image tokens pruned). Fix ratios."
+            )
     if len(set(ratios)) != len(ratios):
         raise ConfigError(f"ratios {ratios} holds duplicates. Each ratio must appear once. Remove the duplicates.")
     backends = list(backends)
     bad = [b for b in backends if b not in BACKENDS]
     if not backends or bad or len(set(backends)) != len(backends):
-        raise ConfigError(f"backends {backends} is invalid. Choose one or more of {list(BACKENDS)}, each once. Fix backends.")
+        raise ConfigError(
+            f"backends {backends} is invalid. Choose one or more of {list(BACKENDS)}, each once. Fix backends."
+        )
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup {warmup!r} is invalid. Expected an integer >= 0. Pass e.g. warmup=3.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats {repeats!r} is invalid. Expected an integer >= 1. Pass e.g. repeats=15.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads {threads!r} is invalid. Expected an integer >= 1 or None (keep torch's setting). Pass e.g. threads=2.")
+        raise ConfigError(
+            f"threads {threads!r} is invalid. Expected an integer >= 1 or None (keep torch's setting). Pass e.g. threads=2."
+        )
     if device not in _DEVICES:
         raise ConfigError(f"device {device!r} is unknown. Choose one of {list(_DEVICES)}. Pass device='cpu'.")
     if device == "cuda" and not torch.cuda.is_available():
-        raise HardwareError("device 'cuda' was requested but torch sees no CUDA GPU. A CUDA build and a GPU are needed. Use device='cpu'.")
+        raise HardwareError(
+            "device 'cuda' was requested but torch sees no CUDA GPU. A CUDA build and a GPU are needed. Use device='cpu'."
+        )
     return [float(r) for r in ratios], backends
 
 
@@ -333,7 +343,11 @@ def benchmark_speed(
     ratios_l, backends_l = _check_args(ratios, backends, warmup, repeats, threads, device)
     load_start = _loadavg()  # before this process adds its own load
     if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
-        logger.warning("load average %.2f on %s CPUs before the benchmark: other processes will add noise", load_start, os.cpu_count())
+        logger.warning(
+            "load average %.2f on %s CPUs before the benchmark: other processes will add noise",
+            load_start,
+            os.cpu_count(),
+        )
     rec = load_recipe(model)
     spec = InputSpec(
         batch=batch,
@@ -352,7 +366,9 @@ def benchmark_speed(
     torch.set_num_threads(n_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="shiva-speed-") as tmp:
-            report = _run(rec, spec, ratios_l, backends_l, warmup, repeats, n_threads, device, Path(tmp), say, command, load_start)
+            report = _run(
+                rec, spec, ratios_l, backends_l, warmup, repeats, n_threads, device, Path(tmp), say, command, load_start
+            )
     finally:
         torch.set_num_threads(old_threads)
 
@@ -377,10 +393,19 @@ class _Bench:
         self.n_tokens = num_image_tokens(transformer, spec.height, spec.width)
         self.routed = rec.routed_blocks(self.n_layers)
         self.configs = {
-            r: ShivaConfig.uniform(self.n_layers, r, self.routed, cfg=spec.cfg, bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+            r: ShivaConfig.uniform(
+                self.n_layers,
+                r,
+                self.routed,
+                cfg=spec.cfg,
+                bottleneck=rec.router.bottleneck,
+                group_size=rec.router.group_size,
+            )
             for r in ratios
         }
-        self.budgets = {r: block_budgets(c, self.n_tokens) for r, c in self.configs.items()}  # raises if a ratio leaves k = 0
+        self.budgets = {
+            r: block_budgets(c, self.n_tokens) for r, c in self.configs.items()
+        }  # raises if a ratio leaves k = 0
         self._router()
         self._flops()
         self.inputs = make_inputs(transformer, spec, seed=0)
@@ -393,18 +418,25 @@ class _Bench:
             bank = RouterBank(rc)
             bank.reset_parameters(rec.router.seed)
         self.bank = bank
-        self.router_info.update(tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters())
+        self.router_info.update(
+            tensor_sha256=router_tensor_hash(bank), num_routers=rc.num_routers, parameters=bank.num_parameters()
+        )
 
     def _flops(self) -> None:
         """The ideal: analytic FLOPs of the dense and every pruned configuration."""
         t, spec = self.transformer, self.spec
         fl_kwargs = dict(batch=spec.model_batch, bottleneck=self.rec.router.bottleneck)
         self.dense_flops = count_model_flops(t, t.config, self.n_tokens, spec.text_len, None, **fl_kwargs)
-        self.pruned_flops = {r: count_model_flops(t, t.config, self.n_tokens, spec.text_len, self.configs[r].keep_ratios, **fl_kwargs) for r in self.ratios}
+        self.pruned_flops = {
+            r: count_model_flops(t, t.config, self.n_tokens, spec.text_len, self.configs[r].keep_ratios, **fl_kwargs)
+            for r in self.ratios
+        }
         self.ideal = {r: ideal_speedup(self.dense_flops, f) for r, f in self.pruned_flops.items()}
 
 
-def _run(rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, device, tmp: Path, say, command, load_start) -> SpeedReport:
+def _run(
+    rec, spec: InputSpec, ratios, backends, warmup, repeats, threads, device, tmp: Path, say, command, load_start
+) -> SpeedReport:
     bench = _Bench(rec, spec, ratios, say)
     variants: list[_Variant] = []
     if "ort" in backends:  # done first: export_onnx needs the model without Shiva
@@ -433,8 +465,16 @@ def _ort_variants(bench: _Bench, tmp: Path, threads, say) -> list[_Variant]:
         say(f"export onnx (ratio {r:.2f})")
         t0 = time.perf_counter()
         res = export_pruned(
-            recipe=rec, ratio=r, height=spec.height, width=spec.width, batch=spec.batch, text_len=spec.text_len,
-            cfg=spec.cfg, dtype="fp32", validate=False, out=tmp / f"ratio{r:.2f}.onnx",
+            recipe=rec,
+            ratio=r,
+            height=spec.height,
+            width=spec.width,
+            batch=spec.batch,
+            text_len=spec.text_len,
+            cfg=spec.cfg,
+            dtype="fp32",
+            validate=False,
+            out=tmp / f"ratio{r:.2f}.onnx",
         )
         timings["export_seconds"][f"ratio{r:.2f}"] = round(time.perf_counter() - t0, 3)
         if res.budgets != bench.budgets[r]:
@@ -485,7 +525,9 @@ def _torch_variants(bench: _Bench, tdev: torch.device, say) -> tuple[list[_Varia
             transformer(**tin)
         block_inputs[r] = tuple(x["hidden_in"] for x in recs)
     temb, pooled = recs[0]["temb"], recs[0]["pooled"]  # the router context of this call, as the adapter captures it
-    sel_modules = {r: _SelectionPath(bank, bench.budgets[r], bench.spec.cfg, configs[r].selection).eval() for r in bench.ratios}
+    sel_modules = {
+        r: _SelectionPath(bank, bench.budgets[r], bench.spec.cfg, configs[r].selection).eval() for r in bench.ratios
+    }
 
     variants = [_Variant("torch/dense", forward, lambda: set_variant(None))]
     for r in bench.ratios:
@@ -500,7 +542,9 @@ def _torch_variants(bench: _Bench, tdev: torch.device, say) -> tuple[list[_Varia
     return variants, (block_inputs, temb, pooled)
 
 
-def _ort_selection_variants(bench: _Bench, selection: tuple, tmp: Path, threads, tdev: torch.device, notes: list[str], say) -> list[_Variant]:
+def _ort_selection_variants(
+    bench: _Bench, selection: tuple, tmp: Path, threads, tdev: torch.device, notes: list[str], say
+) -> list[_Variant]:
     """The selection path as a selection-only ONNX graph per ratio in ORT; none (and a note) if one fails to export."""
     block_inputs, temb, pooled = selection
     say("export selection-only onnx")
@@ -513,14 +557,19 @@ def _ort_selection_variants(bench: _Bench, selection: tuple, tmp: Path, threads,
         try:
             mod = _SelectionPath(bench.bank, bench.budgets[r], bench.spec.cfg, bench.configs[r].selection).cpu().eval()
             with torch.no_grad(), quiet_exporter():
-                torch.onnx.export(mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET)
+                torch.onnx.export(
+                    mod, (cpu_inputs[r], temb_c, pooled_c), str(path), dynamo=True, opset_version=_ORT_OPSET
+                )
             sess = ort_session(path, threads=threads)
             names = [i.name for i in sess.get_inputs()]
             arrays = [x.numpy() for x in cpu_inputs[r]] + [temb_c.numpy(), pooled_c.numpy()]
             if len(names) != len(arrays):
                 raise ValueError(f"selection graph has {len(names)} inputs, expected {len(arrays)}")
         except Exception as err:  # noqa: BLE001 - exporter failures come in many types
-            logger.warning("selection-only ONNX export failed (%s); ORT overhead not measured", (str(err).splitlines() or [""])[0][:200])
+            logger.warning(
+                "selection-only ONNX export failed (%s); ORT overhead not measured",
+                (str(err).splitlines() or [""])[0][:200],
+            )
             ok = False
             break
         sel_feed = dict(zip(names, arrays))
@@ -537,7 +586,9 @@ def _round_robin(bench: _Bench, variants: list[_Variant], warmup: int, repeats: 
     times: dict[str, list[float]] = {v.key: [] for v in variants}
     t_bench = time.perf_counter()
     for rnd in range(warmup + repeats):
-        say(f"{'warm-up' if rnd < warmup else 'round'} {rnd + 1 if rnd < warmup else rnd - warmup + 1}/{warmup if rnd < warmup else repeats}")
+        say(
+            f"{'warm-up' if rnd < warmup else 'round'} {rnd + 1 if rnd < warmup else rnd - warmup + 1}/{warmup if rnd < warmup else repeats}"
+        )
         shift = rnd % len(variants)
         for v in variants[shift:] + variants[:shift]:
             v.prepare()
@@ -557,9 +608,18 @@ def _rows(bench: _Bench, backends, times: dict[str, list[float]]) -> list[SpeedR
         dense_t = times[f"{backend}/dense"]
         rows.append(
             SpeedRow(
-                backend=backend, variant="dense", ratio=None, keep=1.0, k=None, times_ms=dense_t,
-                median_ms=float(np.median(dense_t)), p90_ms=_pct(dense_t, 90), speedup=1.0, ideal_speedup=1.0,
-                efficiency=None, flops=bench.dense_flops.total,
+                backend=backend,
+                variant="dense",
+                ratio=None,
+                keep=1.0,
+                k=None,
+                times_ms=dense_t,
+                median_ms=float(np.median(dense_t)),
+                p90_ms=_pct(dense_t, 90),
+                speedup=1.0,
+                ideal_speedup=1.0,
+                efficiency=None,
+                flops=bench.dense_flops.total,
             )
         )
         for r in bench.ratios:
@@ -571,10 +631,21 @@ def _rows(bench: _Bench, backends, times: dict[str, list[float]]) -> list[SpeedR
             ovh = float(np.median(sel_t)) if sel_t else None
             rows.append(
                 SpeedRow(
-                    backend=backend, variant=key, ratio=r, keep=1.0 - r, k=min(bench.budgets[r].values()), times_ms=t,
-                    median_ms=med, p90_ms=_pct(t, 90), speedup=speedup, ideal_speedup=bench.ideal[r],
-                    efficiency=speedup / bench.ideal[r], flops=bench.pruned_flops[r].total, overhead_ms=ovh,
-                    overhead_pct=None if ovh is None else 100.0 * ovh / med, overhead_times_ms=sel_t,
+                    backend=backend,
+                    variant=key,
+                    ratio=r,
+                    keep=1.0 - r,
+                    k=min(bench.budgets[r].values()),
+                    times_ms=t,
+                    median_ms=med,
+                    p90_ms=_pct(t, 90),
+                    speedup=speedup,
+                    ideal_speedup=bench.ideal[r],
+                    efficiency=speedup / bench.ideal[r],
+                    flops=bench.pruned_flops[r].total,
+                    overhead_ms=ovh,
+                    overhead_pct=None if ovh is None else 100.0 * ovh / med,
+                    overhead_times_ms=sel_t,
                 )
             )
     return rows
@@ -591,15 +662,33 @@ def _report_notes(backends, device: str) -> list[str]:
         "router included).",
     ]
     if device == "cpu" and "ort" in backends and "torch" in backends:
-        notes.append("torch and ORT variants run in the same process and the same rounds; ORT intra-op spinning is off so its pool does not compete with torch.")
+        notes.append(
+            "torch and ORT variants run in the same process and the same rounds; ORT intra-op spinning is off so its pool does not compete with torch."
+        )
     return notes
 
 
-def _report(bench: _Bench, rows: list[SpeedRow], backends, warmup, repeats, threads, device, notes: list[str], command, load_start) -> SpeedReport:
+def _report(
+    bench: _Bench,
+    rows: list[SpeedRow],
+    backends,
+    warmup,
+    repeats,
+    threads,
+    device,
+    notes: list[str],
+    command,
+    load_start,
+) -> SpeedReport:
     spec, ratios, transformer = bench.spec, bench.ratios, bench.transformer
-    threads_info: dict[str, Any] = {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
+    threads_info: dict[str, Any] = {
+        "torch_intra_op": torch.get_num_threads(),
+        "torch_inter_op": torch.get_num_interop_threads(),
+    }
     if "ort" in backends:
-        threads_info.update(ort_intra_op=threads, ort_inter_op=1, ort_execution_mode="sequential", ort_allow_spinning=False)
+        threads_info.update(
+            ort_intra_op=threads, ort_inter_op=1, ort_execution_mode="sequential", ort_allow_spinning=False
+        )
     versions = package_versions()
     versions["numpy"] = np.__version__
     flops_info = {
@@ -613,7 +702,11 @@ def _report(bench: _Bench, rows: list[SpeedRow], backends, warmup, repeats, thre
         device=device,
         dtype="fp32",
         spec=spec.to_dict(),
-        model_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items() if not k.startswith("_")},
+        model_config={
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dict(transformer.config).items()
+            if not k.startswith("_")
+        },
         architecture=get_adapter(transformer).NAME,
         num_layers=bench.n_layers,
         model_batch=spec.model_batch,
@@ -653,19 +746,39 @@ def _plot_png(report: SpeedReport) -> bytes:
         xs = [r.ratio for r in rows]
         med = [r.median_ms for r in rows]
         up = [max(r.p90_ms - r.median_ms, 0.0) for r in rows]
-        ax.errorbar(xs, med, yerr=[[0.0] * len(up), up], marker="o", color=color, capsize=3, label=f"{backend} pruned (median, p90)")
+        ax.errorbar(
+            xs,
+            med,
+            yerr=[[0.0] * len(up), up],
+            marker="o",
+            color=color,
+            capsize=3,
+            label=f"{backend} pruned (median, p90)",
+        )
         ax.axhline(dense.median_ms, color=color, linestyle="--", linewidth=1, label=f"{backend} dense")
         # ideal: dense latency / FLOP speedup, on a fine grid of uniform ratios
         ideal_ms = []
         for g in grid:
             keeps = [1.0 - float(g) if i in routed else None for i in range(report.num_layers)]
-            pruned = count_model_flops(report.architecture, report.model_config, report.num_image_tokens, report.text_len, keeps, batch=report.model_batch, bottleneck=bottleneck)
+            pruned = count_model_flops(
+                report.architecture,
+                report.model_config,
+                report.num_image_tokens,
+                report.text_len,
+                keeps,
+                batch=report.model_batch,
+                bottleneck=bottleneck,
+            )
             ideal_ms.append(dense.median_ms * pruned.total / dense.flops)
-        ax.plot(grid, ideal_ms, color=color, linestyle=":", linewidth=1.5, label=f"{backend} ideal (dense / FLOP ratio)")
+        ax.plot(
+            grid, ideal_ms, color=color, linestyle=":", linewidth=1.5, label=f"{backend} ideal (dense / FLOP ratio)"
+        )
     s = report.spec
     ax.set_xlabel("pruning ratio (fraction of image tokens dropped per routed block)")
     ax.set_ylabel("latency per forward [ms]")
-    ax.set_title(f"{report.model} {s['height']}x{s['width']}, model batch {report.model_batch}, {report.threads['torch_intra_op']} threads")
+    ax.set_title(
+        f"{report.model} {s['height']}x{s['width']}, model batch {report.model_batch}, {report.threads['torch_intra_op']} threads"
+    )
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")

@@ -47,8 +47,14 @@ class Comparison:
     detail: str
 
     def to_dict(self) -> dict:
-        return {"diff": _num(self.diff), "low": _num(self.low), "high": _num(self.high), "p": _num(self.p),
-                "significant": self.significant, "detail": self.detail}
+        return {
+            "diff": _num(self.diff),
+            "low": _num(self.low),
+            "high": _num(self.high),
+            "p": _num(self.p),
+            "significant": self.significant,
+            "detail": self.detail,
+        }
 
 
 def _num(v: float):
@@ -57,7 +63,9 @@ def _num(v: float):
 
 def _paired(a: Sequence, b: Sequence, what: str) -> int:
     if len(a) != len(b):
-        raise ConfigError(f"{what}: paired samples differ in length ({len(a)} vs {len(b)}); compare configurations run on the same prompts and seeds.")
+        raise ConfigError(
+            f"{what}: paired samples differ in length ({len(a)} vs {len(b)}); compare configurations run on the same prompts and seeds."
+        )
     if not a:
         raise ConfigError(f"{what}: no paired samples; run at least one prompt.")
     return len(a)
@@ -79,11 +87,14 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool], alpha: float = ALPHA) ->
         tail = sum(math.comb(m, i) for i in range(min(a_only, b_only) + 1)) / 2.0**m
         p = min(1.0, 2.0 * tail)
     diff = (sum(map(bool, a)) - sum(map(bool, b))) / n
-    return Comparison(diff, math.nan, math.nan, p, p < alpha, f"McNemar exact: {a_only} right only for A, {b_only} only for B, n={n}")
+    return Comparison(
+        diff, math.nan, math.nan, p, p < alpha, f"McNemar exact: {a_only} right only for A, {b_only} only for B, n={n}"
+    )
 
 
-def paired_bootstrap(a: Sequence, b: Sequence, stat: Callable[[list], float], *, n_boot: int = 1000, alpha: float = ALPHA,
-                     seed: int = 0) -> Comparison:
+def paired_bootstrap(
+    a: Sequence, b: Sequence, stat: Callable[[list], float], *, n_boot: int = 1000, alpha: float = ALPHA, seed: int = 0
+) -> Comparison:
     """Percentile bootstrap CI of ``stat(A) - stat(B)``, resampling the pairs (same indices for A and B).
 
     Args:
@@ -109,10 +120,14 @@ def paired_bootstrap(a: Sequence, b: Sequence, stat: Callable[[list], float], *,
         return Comparison(diff, math.nan, math.nan, math.nan, False, f"paired bootstrap: no finite resample (n={n})")
     low, high = (float(v) for v in np.quantile(finite, [alpha / 2, 1 - alpha / 2]))
     sig = low > 0 or high < 0
-    return Comparison(diff, low, high, math.nan, sig, f"paired bootstrap {1 - alpha:.0%} CI over {n} pairs, {n_boot} resamples")
+    return Comparison(
+        diff, low, high, math.nan, sig, f"paired bootstrap {1 - alpha:.0%} CI over {n} pairs, {n_boot} resamples"
+    )
 
 
-def paired_bootstrap_mean(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, alpha: float = ALPHA, seed: int = 0) -> Comparison:
+def paired_bootstrap_mean(
+    a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, alpha: float = ALPHA, seed: int = 0
+) -> Comparison:
     """:func:`paired_bootstrap` of the mean difference, vectorised (one index matrix for every resample)."""
     import numpy as np
 
@@ -121,8 +136,14 @@ def paired_bootstrap_mean(a: Sequence[float], b: Sequence[float], *, n_boot: int
     idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
     means = d[idx].mean(axis=1)
     low, high = (float(v) for v in np.quantile(means, [alpha / 2, 1 - alpha / 2]))
-    return Comparison(float(d.mean()), low, high, math.nan, low > 0 or high < 0,
-                      f"paired bootstrap {1 - alpha:.0%} CI of the mean difference over {n} pairs, {n_boot} resamples")
+    return Comparison(
+        float(d.mean()),
+        low,
+        high,
+        math.nan,
+        low > 0 or high < 0,
+        f"paired bootstrap {1 - alpha:.0%} CI of the mean difference over {n} pairs, {n_boot} resamples",
+    )
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
