@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -57,10 +60,35 @@ def pytest_collection_modifyitems(config, items):
         for mark, (skip, why) in skips.items():
             if skip and mark in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=why))
-        # `--dist loadgroup` sends each group to one xdist worker whole: a file is its own group (module fixtures
-        # run once), unless it names a shared one (tests/shared.py: files that reuse the same session exports).
-        group = getattr(item.module, "XDIST_GROUP", None) or item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+
+
+_GROUP_LINE = re.compile(r"^XDIST_GROUP = shared\.(\w+)\b", re.MULTILINE)
+
+
+@functools.cache
+def _file_group(path: str) -> str:
+    """A test file's unit of work on the xdist workers: itself, or the shared group it names with ``XDIST_GROUP``."""
+    try:
+        m = _GROUP_LINE.search(Path(path).read_text(encoding="utf-8"))
+    except OSError:
+        return path
+    return f"group:{m.group(1)}" if m else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, except that the files naming one ``XDIST_GROUP`` (tests/shared.py) go to one worker
+    together, which then makes their shared exports, training or runtime graphs once. (xdist's own ``loadgroup``
+    cannot do this under pytest 9: it renames ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _file_group(str(config.rootpath / super()._split_scope(nodeid)))
+
+    return GroupedFileScheduling(config, log)
 
 
 # diffusers binds its StreamHandler to sys.stderr on first use; do that now (the session-wide stream)
