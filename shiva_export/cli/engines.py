@@ -255,12 +255,12 @@ def _check_aot_targets(targets) -> None:
         import tensorrt_rtx
     except ImportError:
         return
-    from shiva_export.engines.builder import _cc_member
+    from shiva_export.engines.builder import compute_capability
     from shiva_export.errors import ConfigError
 
     for t in targets:
         try:
-            _cc_member(tensorrt_rtx, t)
+            compute_capability(tensorrt_rtx, t)
         except ConfigError as err:
             raise ConfigError(f"--aot-target {t}: {err}") from None
 

@@ -293,7 +293,7 @@ class BuildResult:
         }
 
 
-def _cc_member(trt: ModuleType, value: Any) -> Any:
+def compute_capability(trt: ModuleType, value: Any) -> Any:
     """Maps 89 / "8.9" / "sm_89" / "SM89" / "current" / a ComputeCapability member to the enum member."""
     enum = trt.ComputeCapability
     if isinstance(value, enum):
@@ -635,7 +635,7 @@ def _configure_targets(be: Backend, config: Any, compute_capabilities: Sequence[
     if not be.is_rtx:
         return None, False
     if compute_capabilities:
-        members = [_cc_member(be.module, cc) for cc in compute_capabilities]
+        members = [compute_capability(be.module, cc) for cc in compute_capabilities]
         config.num_compute_capabilities = len(members)
         for i, member in enumerate(members):
             if not config.set_compute_capability(member, i):
