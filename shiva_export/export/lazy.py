@@ -396,8 +396,6 @@ def lazy_transformer(recipe, weights=None) -> tuple[nn.Module, LazyWeights] | No
         cls_name = read_class_name(folder) if (folder / "config.json").is_file() else None
         if cls_name is None:
             return None
-        from shiva_export.errors import ConfigError
-
         try:
             adapter = get_adapter(cls_name)
         except ConfigError as err:  # name the folder and the fix, not only the class

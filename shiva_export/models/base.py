@@ -585,7 +585,7 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import shiva_export.models as pkg
+    import shiva_export.models as pkg  # lazy: this module is imported while that package initialises
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in ("base",) and not info.name.startswith("_"):
