@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -248,85 +249,29 @@ def speed_command(
         "--e2e",
         e2e,
     )
-    with (
-        folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()
-    ):  # one writer per report folder
-        return _speed(
-            model,
-            e2e,
-            backend,
-            ratio,
-            phases,
-            steps,
-            guidance,
-            prompt,
-            warmup,
-            repeats,
-            threads,
-            device,
-            dtype,
-            compile_,
-            out_dir,
-            height,
-            width,
-            batch,
-            cfg,
-            quiet,
-            json_out,
-            benchmark_speed,
-        )
-
-
-def _speed(
-    model,
-    e2e,
-    backend,
-    ratio,
-    phases,
-    steps,
-    guidance,
-    prompt,
-    warmup,
-    repeats,
-    threads,
-    device,
-    dtype,
-    compile_,
-    out_dir,
-    height,
-    width,
-    batch,
-    cfg,
-    quiet,
-    json_out,
-    benchmark_speed,
-) -> int:
     if e2e:
         from shiva_export.runtime.benchmark import benchmark_e2e
 
-        with stages(enabled=not (quiet or json_out)) as advance:
-            rep = benchmark_e2e(
-                model=model,
-                backends=backend or ("ort",),
-                ratios=ratio if ratio is not None else (0.4,),
-                phases=phases,
-                steps=steps,
-                guidance=guidance,
-                prompt=prompt,
-                warmup=warmup if warmup != 3 else 1,
-                repeats=repeats if repeats != 15 else 5,
-                threads=threads,
-                device=device,
-                dtype=dtype,
-                compile=compile_,
-                out_dir=out_dir,
-                progress=advance,
-            )
-        result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
-        return ExitCode.OK
-
-    with stages(enabled=not (quiet or json_out)) as advance:
-        rep = benchmark_speed(
+        run = functools.partial(
+            benchmark_e2e,
+            model=model,
+            backends=backend or ("ort",),
+            ratios=ratio if ratio is not None else (0.4,),
+            phases=phases,
+            steps=steps,
+            guidance=guidance,
+            prompt=prompt,
+            warmup=warmup if warmup != 3 else 1,
+            repeats=repeats if repeats != 15 else 5,
+            threads=threads,
+            device=device,
+            dtype=dtype,
+            compile=compile_,
+            out_dir=out_dir,
+        )
+    else:
+        run = functools.partial(
+            benchmark_speed,
             model=model,
             ratios=ratio or (0.0, 0.4, 0.6),
             backends=backend or ("torch", "ort"),
@@ -338,9 +283,13 @@ def _speed(
             repeats=repeats,
             threads=threads,
             out_dir=out_dir,
-            progress=advance,
             device=device,
         )
+    lock = (
+        folder_lock(out_dir, "--out-dir") if out_dir is not None else contextlib.nullcontext()
+    )  # one writer per folder
+    with lock, stages(enabled=not (quiet or json_out)) as advance:
+        rep = run(progress=advance)
     result_json(rep.to_dict()) if json_out else result_text(rep.to_markdown())
     return ExitCode.OK
 
