@@ -43,13 +43,16 @@ from typing import Any
 
 from shiva_export._imports import INSTALL_HINTS, require
 from shiva_export.engines.preflight import normalize_backend_name, preflight
-from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, MissingDependencyError
+from shiva_export.errors import ConfigError, EngineBuildError, HardwareError, MissingDependencyError, OutputPathError
 from shiva_export.logging import get_logger
-from shiva_export.utils.io import atomic_write_bytes, check_writable, sha256_file
-from shiva_export.utils.io import sweep_stale_temps
-from shiva_export.utils.io import atomic_write_json
-from shiva_export.utils.io import atomic_write_stream
-from shiva_export.errors import OutputPathError
+from shiva_export.utils.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_stream,
+    check_writable,
+    sha256_file,
+    sweep_stale_temps,
+)
 
 __all__ = [
     "Backend",
@@ -102,7 +105,9 @@ class Backend:
 def _load_backend(name: str) -> Backend:
     module_name = _MODULES[name]
     module = require(module_name, purpose=f"building {name} engines")
-    return Backend(name=name, module_name=module_name, version=str(getattr(module, "__version__", "unknown")), module=module)
+    return Backend(
+        name=name, module_name=module_name, version=str(getattr(module, "__version__", "unknown")), module=module
+    )
 
 
 def resolve_backend(name: str | Backend = "auto") -> Backend:
@@ -410,7 +415,9 @@ def build_engine(
         MissingDependencyError: The backend is not installed.
     """
     t_start = time.perf_counter()
-    onnx_path, be, plan_path = _check_build_options(onnx_path, plan_path, backend, builder_optimization_level, workspace_bytes, compute_capabilities)
+    onnx_path, be, plan_path = _check_build_options(
+        onnx_path, plan_path, backend, builder_optimization_level, workspace_bytes, compute_capabilities
+    )
     trt = be.module
     if not skip_preflight:
         preflight(onnx_path, be.name, be.version, profile_given=profile is not None).raise_if_failed()
@@ -425,8 +432,17 @@ def build_engine(
         warnings.simplefilter("ignore", DeprecationWarning)  # tensorrt_rtx: timing-cache APIs are deprecated no-ops
         builder, network = _parse_network(be, trt_logger, records, onnx_path)
         config = builder.create_builder_config()
-        profile_used = _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights,
-                                          refit_any)
+        profile_used = _configure_builder(
+            trt,
+            builder,
+            network,
+            config,
+            workspace_bytes,
+            builder_optimization_level,
+            profile,
+            strip_weights,
+            refit_any,
+        )
         aot_targets, aot_default = _configure_targets(be, config, compute_capabilities)
         tc_info = _load_timing_cache(be, config, timing_cache_path, trt_logger)
 
@@ -469,7 +485,9 @@ def build_engine(
     )
 
 
-def _check_build_options(onnx_path, plan_path, backend, builder_optimization_level, workspace_bytes, compute_capabilities) -> tuple[Path, Backend, Path]:
+def _check_build_options(
+    onnx_path, plan_path, backend, builder_optimization_level, workspace_bytes, compute_capabilities
+) -> tuple[Path, Backend, Path]:
     """Validates the build settings before the builder exists: (onnx path, backend, writable plan path)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -483,9 +501,13 @@ def _check_build_options(onnx_path, plan_path, backend, builder_optimization_lev
     if builder_optimization_level is not None and not (
         isinstance(builder_optimization_level, int) and 0 <= builder_optimization_level <= 5
     ):
-        raise ConfigError(f"builder_optimization_level is {builder_optimization_level!r}. Valid range: 0-5. Pass an int in 0-5 or None.")
+        raise ConfigError(
+            f"builder_optimization_level is {builder_optimization_level!r}. Valid range: 0-5. Pass an int in 0-5 or None."
+        )
     if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes <= 0):
-        raise ConfigError(f"workspace_bytes is {workspace_bytes!r}. Expected a positive int. Pass e.g. 8 << 30 for 8 GiB.")
+        raise ConfigError(
+            f"workspace_bytes is {workspace_bytes!r}. Expected a positive int. Pass e.g. 8 << 30 for 8 GiB."
+        )
     if compute_capabilities is not None and not be.is_rtx:
         raise ConfigError(
             f"compute_capabilities={list(compute_capabilities)!r} was given for backend {be.name}. It applies to tensorrt-rtx only. "
@@ -515,8 +537,17 @@ def _parse_network(be: Backend, trt_logger: Any, records: list, onnx_path: Path)
     return builder, network
 
 
-def _configure_builder(trt, builder, network, config, workspace_bytes, builder_optimization_level, profile, strip_weights,
-                       refit_any: bool = False) -> dict | None:
+def _configure_builder(
+    trt,
+    builder,
+    network,
+    config,
+    workspace_bytes,
+    builder_optimization_level,
+    profile,
+    strip_weights,
+    refit_any: bool = False,
+) -> dict | None:
     """Workspace, optimization level, the optimization profile and weight stripping; returns the checked profile."""
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -558,7 +589,12 @@ def _save_timing_cache(be: Backend, config: Any, tc_info: dict[str, Any]) -> Non
 
     atomic_write_json(
         _timing_cache_stamp(Path(tc_info["path"])),
-        {"format": "shiva-timing-cache/1", "sha256": hashlib.sha256(memoryview(serialized)).hexdigest(), "backend": be.name, "version": be.version},
+        {
+            "format": "shiva-timing-cache/1",
+            "sha256": hashlib.sha256(memoryview(serialized)).hexdigest(),
+            "backend": be.name,
+            "version": be.version,
+        },
     )
     tc_info["saved_bytes"] = serialized.nbytes
 
@@ -631,7 +667,9 @@ def _parser_errors(parser: Any) -> str:
     return _join_errors(lines) if lines else "(the parser reported no error detail)"
 
 
-def _configure_targets(be: Backend, config: Any, compute_capabilities: Sequence[Any] | None) -> tuple[tuple[str, ...] | None, bool]:
+def _configure_targets(
+    be: Backend, config: Any, compute_capabilities: Sequence[Any] | None
+) -> tuple[tuple[str, ...] | None, bool]:
     if not be.is_rtx:
         return None, False
     if compute_capabilities:
@@ -678,7 +716,9 @@ def check_timing_cache_path(path: str | os.PathLike | None) -> Path | None:
     return p
 
 
-def _load_timing_cache(be: Backend, config: Any, path: str | os.PathLike | None, trt_logger: Any) -> dict[str, Any] | None:
+def _load_timing_cache(
+    be: Backend, config: Any, path: str | os.PathLike | None, trt_logger: Any
+) -> dict[str, Any] | None:
     """Loads the timing cache at ``path`` (if any) into ``config``; returns the report dict or None."""
     if path is None:
         return None
@@ -689,10 +729,18 @@ def _load_timing_cache(be: Backend, config: Any, path: str | os.PathLike | None,
     with trt_logger.capture() as records:
         cache = config.create_timing_cache(previous)
         set_ok = bool(config.set_timing_cache(cache, ignore_mismatch=False))
-    rejected = any("timing cache" in msg.lower() and ("fail" in msg.lower() or "not be used" in msg.lower()) for _, msg in records)
+    rejected = any(
+        "timing cache" in msg.lower() and ("fail" in msg.lower() or "not be used" in msg.lower()) for _, msg in records
+    )
     accepted = bool(previous) and set_ok and not rejected
     if previous and not accepted:
-        logger.info("timing cache %s (%d bytes) was not accepted by %s %s; building with an empty one", path, len(previous), be.name, be.version)
+        logger.info(
+            "timing cache %s (%d bytes) was not accepted by %s %s; building with an empty one",
+            path,
+            len(previous),
+            be.name,
+            be.version,
+        )
     if be.is_rtx:
         logger.debug("TensorRT-RTX treats timing caches as no-ops; %s is kept for API parity only", path)
     return {"path": str(path), "loaded_bytes": len(previous), "accepted": accepted, "saved_bytes": 0}
@@ -737,7 +785,9 @@ def deserialize_check(plan_path: str | os.PathLike, backend: str | Backend = "au
     """
     plan_path = Path(plan_path)
     if not plan_path.is_file():
-        raise EngineBuildError(f"Engine plan not found: {plan_path}. Expected an existing .plan file. Build it first or fix the path.")
+        raise EngineBuildError(
+            f"Engine plan not found: {plan_path}. Expected an existing .plan file. Build it first or fix the path."
+        )
     be = resolve_backend(backend)
     trt = be.module
     with _mapped(plan_path) as data:
@@ -782,7 +832,9 @@ def _deserialize_check(plan_path: Path, be: Backend, trt: ModuleType, data: Any)
             try:
                 validity, diagnostics = runtime.get_engine_validity(data)
                 bits = int(diagnostics)
-                names = [name for name, member in trt.EngineInvalidityDiagnostics.__members__.items() if bits & int(member)]
+                names = [
+                    name for name, member in trt.EngineInvalidityDiagnostics.__members__.items() if bits & int(member)
+                ]
                 result["header"] = {"validity": _enum_name(validity), "diagnostics": names}
             except Exception as err:  # noqa: BLE001 - header check is advisory
                 result["header"] = {"validity": "unknown", "diagnostics": [], "error": str(err)}
@@ -809,14 +861,23 @@ def _deserialize_check(plan_path: Path, be: Backend, trt: ModuleType, data: Any)
         else:
             first = (specific or errors or ["no error line was logged"])[0]
             detail = f"; header diagnostics: {', '.join(header['diagnostics'])}" if header.get("diagnostics") else ""
-            result["reason"] = f"deserialize_cuda_engine returned None on {gpu['name']} (cc {gpu['compute_capability']}){detail}: {first}"
+            result["reason"] = (
+                f"deserialize_cuda_engine returned None on {gpu['name']} (cc {gpu['compute_capability']}){detail}: {first}"
+            )
         logger.info("deserialize check of %s: not deserialized (%s)", plan_path, result["reason"])
         return result
 
     io = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
-        io.append((name, tuple(int(d) for d in engine.get_tensor_shape(name)), _enum_name(engine.get_tensor_dtype(name)), _enum_name(engine.get_tensor_mode(name))))
+        io.append(
+            (
+                name,
+                tuple(int(d) for d in engine.get_tensor_shape(name)),
+                _enum_name(engine.get_tensor_dtype(name)),
+                _enum_name(engine.get_tensor_mode(name)),
+            )
+        )
     result["deserialized"] = True
     result["io"] = io
     del engine

@@ -18,18 +18,18 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shiva_export.engines.builder import Backend, BuildResult, build_engine, deserialize_check
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, write_manifest
 from shiva_export.errors import ConfigError, ManifestError
-from shiva_export.logging import get_logger
-from shiva_export.utils.io import atomic_write_json, sha256_file
 from shiva_export.export.onnx import load_onnx_graph
 from shiva_export.export.segments import split_onnx
-from shiva_export.utils.io import safe_component
+from shiva_export.logging import get_logger
+from shiva_export.utils.io import atomic_write_json, safe_component, sha256_file
 
 __all__ = ["CHAIN_FILE", "CHAIN_FORMAT", "build_chain", "read_chain", "chain_deserialize_check", "clear_other_layout"]
 
@@ -109,32 +109,63 @@ def build_chain(
     rows, results = [], []
     for seg, seg_shapes in zip(segments, shapes):
         sub = folder / _SEG_DIR.format(i=seg.index, n=count)
-        say(f"segment {seg.index + 1}/{count} (blocks {seg.blocks[0]}-{seg.blocks[1] - 1}, {_size(seg.weight_bytes)} of weights): build")
+        say(
+            f"segment {seg.index + 1}/{count} (blocks {seg.blocks[0]}-{seg.blocks[1] - 1}, {_size(seg.weight_bytes)} of weights): build"
+        )
         res = build_engine(seg.path, sub / "model.plan", backend=backend, **build_kwargs)
         check = deserialize_check(res.plan_path, backend)
         fields = dict(manifest_fields)
-        fields["per_block_k"] = {b: k for b, k in (fields.get("per_block_k") or {}).items() if seg.blocks[0] <= int(b) < seg.blocks[1]}
+        fields["per_block_k"] = {
+            b: k for b, k in (fields.get("per_block_k") or {}).items() if seg.blocks[0] <= int(b) < seg.blocks[1]
+        }
         man = EngineManifest.from_build(
-            res, input_shapes=seg_shapes, onnx_path=str(seg.path.resolve()),
+            res,
+            input_shapes=seg_shapes,
+            onnx_path=str(seg.path.resolve()),
             build_options={"segment": {k: v for k, v in seg.to_dict().items() if k != "path"}},
-            deserialize={k: check.get(k) for k in ("deserialized", "reason")}, **fields,
+            deserialize={k: check.get(k) for k in ("deserialized", "reason")},
+            **fields,
         )
         write_manifest(manifest_path_for(res.plan_path), man)
         results.append(res)
-        rows.append({"dir": sub.name, "plan_sha256": res.sha256, "plan_bytes": res.size_bytes, "build_seconds": round(res.build_seconds, 3),
-                     "blocks": list(seg.blocks), "weight_bytes": seg.weight_bytes, "inputs": list(seg.inputs), "outputs": list(seg.outputs),
-                     "onnx": seg.path.name})
+        rows.append(
+            {
+                "dir": sub.name,
+                "plan_sha256": res.sha256,
+                "plan_bytes": res.size_bytes,
+                "build_seconds": round(res.build_seconds, 3),
+                "blocks": list(seg.blocks),
+                "weight_bytes": seg.weight_bytes,
+                "inputs": list(seg.inputs),
+                "outputs": list(seg.outputs),
+                "onnx": seg.path.name,
+            }
+        )
     chain_path = folder / CHAIN_FILE
-    atomic_write_json(chain_path, {
-        "format": CHAIN_FORMAT, "count": count, "source_onnx": str(onnx_path.resolve()), "source_onnx_sha256": segments[0].source_onnx_sha256,
-        "inputs": list(segments[0].source_inputs), "outputs": graph_outputs, "segments": rows,
-    })
+    atomic_write_json(
+        chain_path,
+        {
+            "format": CHAIN_FORMAT,
+            "count": count,
+            "source_onnx": str(onnx_path.resolve()),
+            "source_onnx_sha256": segments[0].source_onnx_sha256,
+            "inputs": list(segments[0].source_inputs),
+            "outputs": graph_outputs,
+            "segments": rows,
+        },
+    )
     clear_other_layout(folder, "chain", count)
     first = results[0]
     return replace(
-        first, plan_path=chain_path, sha256=sha256_file(chain_path), size_bytes=sum(r.size_bytes for r in results),
-        build_seconds=sum(r.build_seconds for r in results), total_seconds=sum(r.total_seconds for r in results),
-        onnx_path=onnx_path, warnings=tuple(w for r in results for w in r.warnings), profile=None,
+        first,
+        plan_path=chain_path,
+        sha256=sha256_file(chain_path),
+        size_bytes=sum(r.size_bytes for r in results),
+        build_seconds=sum(r.build_seconds for r in results),
+        total_seconds=sum(r.total_seconds for r in results),
+        onnx_path=onnx_path,
+        warnings=tuple(w for r in results for w in r.warnings),
+        profile=None,
     )
 
 
@@ -147,7 +178,9 @@ def read_chain(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise ManifestError(f"engine chain {p} not found; rebuild it with `shiva-export trt --segments N`.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"engine chain {p} is not readable JSON ({type(err).__name__}); rebuild it with `shiva-export trt --segments N`.") from None
+        raise ManifestError(
+            f"engine chain {p} is not readable JSON ({type(err).__name__}); rebuild it with `shiva-export trt --segments N`."
+        ) from None
     try:
         if data.get("format") != CHAIN_FORMAT:
             raise ValueError(f"format {data.get('format')!r} is not {CHAIN_FORMAT}")
@@ -167,7 +200,9 @@ def read_chain(path: str | os.PathLike) -> dict[str, Any]:
         if not all(o in made for o in data["outputs"]):
             raise ValueError("a graph output is made by no segment")
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise ManifestError(f"engine chain {p} is malformed ({err}); rebuild it with `shiva-export trt --segments N`.") from None
+        raise ManifestError(
+            f"engine chain {p} is malformed ({err}); rebuild it with `shiva-export trt --segments N`."
+        ) from None
     return data
 
 

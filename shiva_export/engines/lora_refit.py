@@ -21,12 +21,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from shiva_export.engines.manifest import EngineManifest, read_manifest
+from shiva_export.engines.manifest import EngineManifest, read_manifest, utc_now
+from shiva_export.engines.runner import EngineRunner
 from shiva_export.errors import ManifestError
 from shiva_export.logging import get_logger
 from shiva_export.utils.io import sha256_file
-from shiva_export.engines.manifest import utc_now
-from shiva_export.engines.runner import EngineRunner
 
 __all__ = ["FULL_REFIT", "check_refit", "refit_manifest", "refit_option", "refittable_manifest"]
 
@@ -46,7 +45,9 @@ def _without_loras(key: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (key or {}).items() if k != "loras"}
 
 
-def refittable_manifest(manifest_path: Path, plan: Path, key: dict[str, Any], options: dict[str, Any], backend) -> EngineManifest | None:
+def refittable_manifest(
+    manifest_path: Path, plan: Path, key: dict[str, Any], options: dict[str, Any], backend
+) -> EngineManifest | None:
     """The manifest of the engine in this folder when it can take ``key`` by a refit: same backend and build
     options, fully refittable and weight-stripped, an export key equal to ``key`` except for the LoRAs, and the
     plan on disk still the one it describes. None otherwise (build as usual)."""
@@ -68,10 +69,18 @@ def refittable_manifest(manifest_path: Path, plan: Path, key: dict[str, Any], op
     return m
 
 
-def refit_manifest(m: EngineManifest, key: dict[str, Any], onnx_sha256: str, refit_weights: dict[str, Any], router_sha256: str | None) -> EngineManifest:
+def refit_manifest(
+    m: EngineManifest, key: dict[str, Any], onnx_sha256: str, refit_weights: dict[str, Any], router_sha256: str | None
+) -> EngineManifest:
     """``m`` for the re-exported ONNX: new export key, ONNX sha256 and refit source; the plan (and its sha256) stays."""
-    return dataclasses.replace(m, export_key=key, onnx_sha256=onnx_sha256, router_sha256=router_sha256,
-                               build_options={**(m.build_options or {}), "refit_weights": refit_weights}, created_at=utc_now())
+    return dataclasses.replace(
+        m,
+        export_key=key,
+        onnx_sha256=onnx_sha256,
+        router_sha256=router_sha256,
+        build_options={**(m.build_options or {}), "refit_weights": refit_weights},
+        created_at=utc_now(),
+    )
 
 
 def check_refit(engine_dir: Path, backend: str) -> dict[str, Any]:
@@ -83,7 +92,10 @@ def check_refit(engine_dir: Path, backend: str) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a dependency
         gpu = False
     if not gpu:
-        return {"refit_checked": False, "reason": "no CUDA GPU here: the engine refits from the new ONNX when it is first loaded"}
+        return {
+            "refit_checked": False,
+            "reason": "no CUDA GPU here: the engine refits from the new ONNX when it is first loaded",
+        }
 
     EngineRunner(engine_dir, backend=backend).activate()  # deserialize + refit (EngineBuildError on failure)
     return {"refit_checked": True, "reason": None}

@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shiva_export._version import __version__
+from shiva_export.engines.preflight import normalize_backend_name
 from shiva_export.errors import ManifestError
 from shiva_export.logging import get_logger
-from shiva_export.utils.io import atomic_write_text, sha256_file
-from shiva_export.utils.io import canonical_json, sha256_bytes
-from shiva_export.engines.preflight import normalize_backend_name
+from shiva_export.utils.io import atomic_write_text, canonical_json, sha256_bytes, sha256_file
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
@@ -43,11 +42,20 @@ logger = get_logger(__name__)
 
 MANIFEST_SCHEMA_VERSION = 1
 
-_REQUIRED = ("model_name", "model_config_hash", "onnx_sha256", "engine_sha256", "backend", "backend_version", "input_shapes", "dtype")
+_REQUIRED = (
+    "model_name",
+    "model_config_hash",
+    "onnx_sha256",
+    "engine_sha256",
+    "backend",
+    "backend_version",
+    "input_shapes",
+    "dtype",
+)
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 @dataclass
@@ -155,7 +163,9 @@ class EngineManifest:
             ManifestError: Not an object, newer schema, missing / unknown fields, or wrong types.
         """
         if not isinstance(data, dict):
-            raise ManifestError(f"Engine manifest {where} is a JSON {type(data).__name__}. Expected a JSON object. Rebuild the engine to rewrite it.")
+            raise ManifestError(
+                f"Engine manifest {where} is a JSON {type(data).__name__}. Expected a JSON object. Rebuild the engine to rewrite it."
+            )
         version = data.get("schema_version", MANIFEST_SCHEMA_VERSION)
         if not isinstance(version, int) or not 1 <= version <= MANIFEST_SCHEMA_VERSION:
             raise ManifestError(
@@ -165,15 +175,21 @@ class EngineManifest:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ManifestError(f"Engine manifest {where} has unknown field(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}. Rebuild the engine to rewrite it.")
+            raise ManifestError(
+                f"Engine manifest {where} has unknown field(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}. Rebuild the engine to rewrite it."
+            )
         missing = [k for k in _REQUIRED if data.get(k) is None]
         if missing:
-            raise ManifestError(f"Engine manifest {where} lacks required field(s): {', '.join(missing)}. All of {', '.join(_REQUIRED)} are required. Rebuild the engine to rewrite it.")
+            raise ManifestError(
+                f"Engine manifest {where} lacks required field(s): {', '.join(missing)}. All of {', '.join(_REQUIRED)} are required. Rebuild the engine to rewrite it."
+            )
         _check_types(data, where)
         try:
             return cls(**data)
         except (TypeError, ValueError) as err:
-            raise ManifestError(f"Engine manifest {where} is malformed: {err}. Expected the fields written by write_manifest(). Rebuild the engine.") from None
+            raise ManifestError(
+                f"Engine manifest {where} is malformed: {err}. Expected the fields written by write_manifest(). Rebuild the engine."
+            ) from None
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> EngineManifest:
@@ -185,18 +201,32 @@ class EngineManifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ManifestError(f"Engine manifest {where} is not valid JSON: {err}. Expected the file written by write_manifest(). Rebuild the engine.") from None
+            raise ManifestError(
+                f"Engine manifest {where} is not valid JSON: {err}. Expected the file written by write_manifest(). Rebuild the engine."
+            ) from None
         return cls.from_dict(data, where)
 
 
-_STR_FIELDS = ("model_name", "model_config_hash", "onnx_sha256", "engine_sha256", "backend", "backend_version", "dtype", "shiva_export_version", "created_at")
+_STR_FIELDS = (
+    "model_name",
+    "model_config_hash",
+    "onnx_sha256",
+    "engine_sha256",
+    "backend",
+    "backend_version",
+    "dtype",
+    "shiva_export_version",
+    "created_at",
+)
 _OPT_STR_FIELDS = ("recipe_sha256", "router_sha256", "gpu_name", "compute_capability", "self_sha256")
 _OPT_NUM_FIELDS = ("ratio", "keep_ratio", "build_seconds")
 
 
 def _check_types(data: dict[str, Any], where: str) -> None:
     def bad(name: str, expected: str) -> ManifestError:
-        return ManifestError(f"Engine manifest {where} field {name} is {data[name]!r}. Expected {expected}. Rebuild the engine to rewrite it.")
+        return ManifestError(
+            f"Engine manifest {where} field {name} is {data[name]!r}. Expected {expected}. Rebuild the engine to rewrite it."
+        )
 
     for name in _STR_FIELDS:
         if name in data and not isinstance(data[name], str):
@@ -248,7 +278,9 @@ def _check_self_hash(data: Any, where: str) -> None:
         return  # from_dict names the schema
     want = data.get("self_sha256")
     if not isinstance(want, str):
-        raise ManifestError(f"Engine manifest {where} has no self_sha256, so edits to it cannot be detected. Rebuild the engine to rewrite it.")
+        raise ManifestError(
+            f"Engine manifest {where} has no self_sha256, so edits to it cannot be detected. Rebuild the engine to rewrite it."
+        )
     if manifest_self_hash(data) != want:
         raise ManifestError(
             f"Engine manifest {where} was edited after it was written (its fields no longer match its self_sha256 {want[:12]}...). "
@@ -266,9 +298,13 @@ def read_manifest(path: str | os.PathLike) -> EngineManifest:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError(f"Engine manifest not found: {path}. Expected a manifest next to the plan. Rebuild the engine to write one.") from None
+        raise ManifestError(
+            f"Engine manifest not found: {path}. Expected a manifest next to the plan. Rebuild the engine to write one."
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"Cannot read engine manifest {path}: {err}. Expected a UTF-8 JSON file. Rebuild the engine.") from None
+        raise ManifestError(
+            f"Cannot read engine manifest {path}: {err}. Expected a UTF-8 JSON file. Rebuild the engine."
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -318,7 +354,9 @@ def _normalize_cc(value: Any) -> str | None:
         return f"{int(major)}.{int(minor)}"
     if text.isdigit() and len(text) >= 2:
         return f"{int(text[:-1])}.{int(text[-1])}"
-    raise ManifestError(f"Compute capability {value!r} cannot be read. Expected e.g. '8.9', 'sm_89' or (8, 9). Pass the GPU's compute capability.")
+    raise ManifestError(
+        f"Compute capability {value!r} cannot be read. Expected e.g. '8.9', 'sm_89' or (8, 9). Pass the GPU's compute capability."
+    )
 
 
 def _cc_tuple(cc: str) -> tuple[int, int]:
@@ -360,7 +398,9 @@ def verify_engine(
     """
     plan_path = Path(plan_path)
     if not plan_path.is_file():
-        raise ManifestError(f"Engine plan not found: {plan_path}. Expected the plan named by the manifest. Rebuild the engine.")
+        raise ManifestError(
+            f"Engine plan not found: {plan_path}. Expected the plan named by the manifest. Rebuild the engine."
+        )
     digest = sha256_file(plan_path)
     if digest != manifest.engine_sha256:
         raise ManifestError(

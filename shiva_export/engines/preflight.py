@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.errors import ConfigError, PreflightError
-from shiva_export.logging import get_logger
 from shiva_export.export.onnx import load_onnx_graph
+from shiva_export.logging import get_logger
 
 __all__ = [
     "BACKENDS",
@@ -161,7 +161,9 @@ def normalize_backend_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     aliases = {"tensorrt": "tensorrt", "trt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx", "trt-rtx": "tensorrt-rtx"}
     if key not in aliases:
-        raise ConfigError(f"Unknown TensorRT backend: {name!r}. Choose one of {', '.join(BACKENDS)}. Pass a supported backend name.")
+        raise ConfigError(
+            f"Unknown TensorRT backend: {name!r}. Choose one of {', '.join(BACKENDS)}. Pass a supported backend name."
+        )
     return aliases[key]
 
 
@@ -258,7 +260,13 @@ def _walk(scope: _Graph, prefix: str = "") -> Iterator[tuple[_Graph, Any, str]]:
         label = _node_label(node, index, prefix)
         yield scope, node, label
         for attr in node.attribute:
-            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
+            subgraphs = (
+                [attr.g]
+                if attr.type == AttributeProto.GRAPH
+                else list(attr.graphs)
+                if attr.type == AttributeProto.GRAPHS
+                else []
+            )
             for sub in subgraphs:
                 yield from _walk(_Graph(sub, scope, scope.base_dir), prefix=f"{label}/{attr.name}/")
 
@@ -377,7 +385,13 @@ def preflight(
             findings.extend(_check_topk(scope, node, label))
         elif kind in _DATA_DEPENDENT:
             findings.append(
-                Finding(label, op, f"{kind} has a data-dependent output shape or control flow; TensorRT needs static shapes", _DATA_DEPENDENT[kind], f"data-dependent-{kind.lower()}")
+                Finding(
+                    label,
+                    op,
+                    f"{kind} has a data-dependent output shape or control flow; TensorRT needs static shapes",
+                    _DATA_DEPENDENT[kind],
+                    f"data-dependent-{kind.lower()}",
+                )
             )
         elif kind in ("ScatterElements", "ScatterND"):
             reduction = _attr(node, "reduction", b"none")
@@ -429,7 +443,13 @@ def _check_inputs(model: Any, profile_given: bool) -> list[Finding]:
         label = f"input '{vi.name}'"
         if not tt.HasField("shape"):
             found.append(
-                Finding(label, "graph input", "input has no declared shape (rank unknown)", "export with static input shapes, or pass profile={name: (min, opt, max)}", "dynamic-input")
+                Finding(
+                    label,
+                    "graph input",
+                    "input has no declared shape (rank unknown)",
+                    "export with static input shapes, or pass profile={name: (min, opt, max)}",
+                    "dynamic-input",
+                )
             )
             continue
         dims = []
@@ -460,7 +480,13 @@ def _check_topk(scope: _Graph, node: Any, label: str) -> list[Finding]:
     found = []
     if _attr(node, "sorted", 1) == 0:
         found.append(
-            Finding(label, op, "TopK sorted=0 is not supported; sorted must be 1", "export torch.topk(..., sorted=True) (sort the indices afterwards if order matters)", "topk-unsorted")
+            Finding(
+                label,
+                op,
+                "TopK sorted=0 is not supported; sorted must be 1",
+                "export torch.topk(..., sorted=True) (sort the indices afterwards if order matters)",
+                "topk-unsorted",
+            )
         )
     k_value: int | None = None
     if len(node.input) >= 2 and node.input[1]:

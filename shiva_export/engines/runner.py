@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.engines.builder import Backend, current_gpu, resolve_backend
-from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, verify_engine
-from shiva_export.errors import EngineBuildError, HardwareError, ManifestError, ShapeError
-from shiva_export.logging import get_logger
-from shiva_export.engines.chain import CHAIN_FILE
-from shiva_export.errors import MissingDependencyError
 from shiva_export.engines.chain import CHAIN_FILE, read_chain
-from shiva_export.utils.io import sha256_file_cached
+from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, verify_engine
+from shiva_export.errors import EngineBuildError, HardwareError, ManifestError, MissingDependencyError, ShapeError
 from shiva_export.export.segments import run_chain
+from shiva_export.logging import get_logger
+from shiva_export.utils.io import sha256_file_cached
 
 __all__ = ["EngineRunner", "find_plan"]
 
@@ -33,7 +31,9 @@ def find_plan(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / "model.plan" if (p / "model.plan").is_file() or not (p / CHAIN_FILE).is_file() else p / CHAIN_FILE
     if not p.is_file():
-        raise EngineBuildError(f"Engine not found: {p}. Pass a .plan file or an engines/<model>/<budget>/<dtype>/ folder built by `shiva-export trt`.")
+        raise EngineBuildError(
+            f"Engine not found: {p}. Pass a .plan file or an engines/<model>/<budget>/<dtype>/ folder built by `shiva-export trt`."
+        )
     return p
 
 
@@ -67,8 +67,10 @@ class EngineRunner:
         self.context: Any = None
         self.inference_time: float | None = None
         #: a chain's segment engines, in run order (:mod:`shiva_export.engines.chain`)
-        self.parts: list[EngineRunner] = [EngineRunner(self.plan_path.parent / r["dir"] / "model.plan", backend=backend)
-                                          for r in (self.chain or {}).get("segments", [])]
+        self.parts: list[EngineRunner] = [
+            EngineRunner(self.plan_path.parent / r["dir"] / "model.plan", backend=backend)
+            for r in (self.chain or {}).get("segments", [])
+        ]
 
     def __enter__(self) -> EngineRunner:
         self.activate()
@@ -80,7 +82,9 @@ class EngineRunner:
     def verify(self) -> None:
         """Checks the plan's sha256, backend and (when the backend is installed) its version against the manifest;
         needs no GPU (run before looking for one)."""
-        verify_engine(self.plan_path, self.manifest, _installed_version(self._backend_name), None, backend=self._backend_name)
+        verify_engine(
+            self.plan_path, self.manifest, _installed_version(self._backend_name), None, backend=self._backend_name
+        )
         for part in self.parts:
             part.verify()
         self._check_rows()
@@ -101,7 +105,9 @@ class EngineRunner:
         if self.parts:
             self.verify()  # every plan by content, before any GPU is looked for
             if not torch.cuda.is_available():
-                raise HardwareError(f"Running engine chain {self.plan_path} needs a CUDA GPU, and torch sees none. Run it on a GPU machine.")
+                raise HardwareError(
+                    f"Running engine chain {self.plan_path} needs a CUDA GPU, and torch sees none. Run it on a GPU machine."
+                )
             for part in self.parts:
                 part.activate()
             return
@@ -118,7 +124,9 @@ class EngineRunner:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())  # stripped plans are small
         if self.engine is None:
-            raise EngineBuildError(f"{self.backend.name} could not deserialize {self.plan_path} on {gpu}. Rebuild it on/for this GPU.")
+            raise EngineBuildError(
+                f"{self.backend.name} could not deserialize {self.plan_path} on {gpu}. Rebuild it on/for this GPU."
+            )
         if (self.manifest.build_options or {}).get("strip_weights"):
             self._refit(trt)
         self.context = self.engine.create_execution_context()
@@ -136,9 +144,13 @@ class EngineRunner:
             checks.append((onnx.parent / rec["data"], rec.get("data_sha256")))
         for path, want in checks:
             if not path.is_file():
-                raise EngineBuildError(f"weight-stripped engine {self.plan_path} needs {path} to refit its weights, and it is missing. Keep the ONNX beside the engine, or rebuild without --strip-weights.")
+                raise EngineBuildError(
+                    f"weight-stripped engine {self.plan_path} needs {path} to refit its weights, and it is missing. Keep the ONNX beside the engine, or rebuild without --strip-weights."
+                )
             if want and sha256_file_cached(path) != want:
-                raise EngineBuildError(f"{path} changed since weight-stripped engine {self.plan_path} was built (sha256 differs from its manifest); refitting other weights is undefined. Rebuild the engine.")
+                raise EngineBuildError(
+                    f"{path} changed since weight-stripped engine {self.plan_path} was built (sha256 differs from its manifest); refitting other weights is undefined. Rebuild the engine."
+                )
         return onnx
 
     def _refit(self, trt: Any) -> None:
@@ -147,10 +159,15 @@ class EngineRunner:
         refitter = trt.Refitter(self.engine, log)
         parser_refitter = trt.OnnxParserRefitter(refitter, log)
         if not parser_refitter.refit_from_file(str(onnx)):
-            errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)) or "no parser error recorded"
+            errors = (
+                "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+                or "no parser error recorded"
+            )
             raise EngineBuildError(f"refitting {self.plan_path} from {onnx} failed: {errors}. Rebuild the engine.")
         if not refitter.refit_cuda_engine():
-            raise EngineBuildError(f"refit_cuda_engine failed for {self.plan_path} (weights from {onnx}). Rebuild the engine.")
+            raise EngineBuildError(
+                f"refit_cuda_engine failed for {self.plan_path} (weights from {onnx}). Rebuild the engine."
+            )
         logger.info("refit %s from %s", self.plan_path, onnx)
 
     def deactivate(self) -> None:
@@ -163,7 +180,13 @@ class EngineRunner:
         import torch
 
         trt = self.backend.module
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+        table = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.int32: torch.int32,
+            trt.int64: torch.int64,
+            trt.bool: torch.bool,
+        }
         if hasattr(trt, "bfloat16"):
             table[trt.bfloat16] = torch.bfloat16
         return table[trt_dtype]
@@ -185,7 +208,9 @@ class EngineRunner:
             mode = self.engine.get_tensor_mode(name)
             if mode == trt.TensorIOMode.INPUT:
                 if name not in feed:
-                    raise ShapeError(f"engine input {name!r} missing from the feed; inputs are {[n for n in self._names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]}.")
+                    raise ShapeError(
+                        f"engine input {name!r} missing from the feed; inputs are {[n for n in self._names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]}."
+                    )
                 t = feed[name]
                 want = self._torch_dtype(self.engine.get_tensor_dtype(name))
                 if not t.is_cuda or t.dtype != want:
@@ -209,6 +234,8 @@ class EngineRunner:
 
     def _infer_chain(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Runs the segment engines in order; each reads the graph inputs and earlier segments' outputs."""
-        env = run_chain([r["inputs"] for r in self.chain["segments"]], lambda i, tensors: self.parts[i].infer(tensors), feed)
+        env = run_chain(
+            [r["inputs"] for r in self.chain["segments"]], lambda i, tensors: self.parts[i].infer(tensors), feed
+        )
         self.inference_time = sum(part.inference_time or 0.0 for part in self.parts)
         return {k: env[k] for k in self.chain["outputs"]}
