@@ -72,7 +72,7 @@ def test_timing_cache_written_by_a_build_is_reusable_and_stamped(tmp_path):
 def test_weights_fingerprint_catches_a_same_size_same_mtime_change(tmp_path):
     import os
 
-    from shiva_export.engines.budgets import weights_fingerprint
+    from shiva_export.export.graph_cache import weights_fingerprint
 
     rec = load_recipe("sd35-tiny")
     w = tmp_path / "transformer"

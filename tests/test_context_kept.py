@@ -266,7 +266,7 @@ def test_apply_on_flux_refuses_keep_and_leaves_model_untouched():
 
 
 def test_recipe_context_key_hash_and_cache_keys(tmp_path):
-    from shiva_export.engines.budgets import export_key_for
+    from shiva_export.export.graph_cache import export_key_for
     from shiva_export.export.pruned import default_onnx_path
     from shiva_export.recipe import load_recipe, recipe_hash
 

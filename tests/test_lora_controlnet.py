@@ -227,7 +227,7 @@ def test_ratio0_with_lora_is_bit_identical_to_dense_with_lora(two_loras):
 
 
 def test_lora_cache_keys_change_with_scale_and_file_and_reuse_otherwise(two_loras, lora_files, shared_graph, tmp_path):
-    from shiva_export.engines.budgets import export_key_for
+    from shiva_export.export.graph_cache import export_key_for
     from shiva_export.export.lora import resolve_loras
     from shiva_export.runtime.pipeline import _artifact_key, _ensure_onnx
 

@@ -16,58 +16,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shiva_export._version import __version__
-from shiva_export.engines.builder import Backend, build_engine, deserialize_check, resolve_backend
+from shiva_export.engines.builder import (
+    Backend,
+    build_engine,
+    check_timing_cache_path,
+    deserialize_check,
+    resolve_backend,
+)
 from shiva_export.engines.chain import CHAIN_FILE, build_chain, chain_deserialize_check, clear_other_layout, read_chain
+from shiva_export.engines.lora_refit import check_refit, refit_manifest, refit_option, refittable_manifest
 from shiva_export.engines.manifest import EngineManifest, manifest_path_for, read_manifest, write_manifest
-from shiva_export.errors import ConfigError, ManifestError
+from shiva_export.errors import ConfigError, ManifestError, ParityError
 from shiva_export.export.buckets import bucket_name, bucket_sizes
+from shiva_export.export.graph_cache import export_key_for
+from shiva_export.export.onnx import load_onnx_graph, read_shiva_metadata
 from shiva_export.export.pruned import budget_dir, export_pruned, phase_dir
-from shiva_export.logging import get_logger
-from shiva_export.recipe import Recipe, load_recipe, recipe_hash
-from shiva_export.utils.io import folder_lock, sha256_file
-from shiva_export.utils.io import sha256_file_cached
-from shiva_export.prune.topk import static_k
-from shiva_export.models import adapter_for_architecture
-from shiva_export.engines.lora_refit import refit_option
-from shiva_export.engines.builder import check_timing_cache_path
 from shiva_export.export.segments import MAX_SEGMENTS
-from shiva_export.engines.lora_refit import refittable_manifest
-from shiva_export.errors import ParityError
-from shiva_export.engines.lora_refit import check_refit, refit_manifest
-from shiva_export.export.onnx import read_shiva_metadata
-from shiva_export.export.onnx import load_onnx_graph
-from shiva_export.utils.io import inside, safe_component
+from shiva_export.logging import get_logger
+from shiva_export.models import adapter_for_architecture
+from shiva_export.prune.topk import static_k
+from shiva_export.recipe import Recipe, load_recipe
+from shiva_export.utils.io import folder_lock, inside, safe_component, sha256_file, sha256_file_cached
 
-__all__ = ["EngineBuild", "build_engines", "export_key_for", "weights_fingerprint", "unique_budgets"]
+__all__ = ["EngineBuild", "build_engines", "unique_budgets"]
 
 logger = get_logger(__name__)
 
 
-def weights_fingerprint(recipe: Recipe, weights: str | os.PathLike | None) -> dict[str, Any]:
-    """Cheap identity of the transformer weights, without loading them.
-
-    Embedded models: their config + seed. Local folders: every weight/config file's name, size and
-    content sha256 (:func:`~shiva_export.utils.io.sha256_file_cached`: hashed once, re-hashed whenever the
-    file changes, even at the same size and mtime). Hub ids: the repo id (a local snapshot is resolved by
-    diffusers).
-    """
-    if weights is None and recipe.model.source == "local":
-        weights = recipe.local_model_path()
-    if weights is None:
-        if recipe.model.source == "embedded":
-            return {"embedded": recipe.model.config, "seed": recipe.model.seed}
-        return {"hub": recipe.model.repo_id, "subfolder": recipe.model.subfolder}
-    root = Path(weights).expanduser().resolve()
-    files = []
-    if root.is_dir():
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"):
-                files.append([str(p.relative_to(root)), p.stat().st_size, sha256_file_cached(p)])
-    return {"folder": str(root), "files": files}
-
-
-def unique_budgets(recipe: Recipe, ratios: list[float], height: int, width: int, weights: str | os.PathLike | None = None) -> tuple[list[float], dict[float, float]]:
+def unique_budgets(
+    recipe: Recipe, ratios: list[float], height: int, width: int, weights: str | os.PathLike | None = None
+) -> tuple[list[float], dict[float, float]]:
     """Drops ratios whose per-block k equal those of a smaller ratio (same budget, one engine) at this size.
 
     The image-token count N comes from the architecture's adapter (Flux packs 2x2 latents, SD3 patches 2x2), read
@@ -99,7 +77,9 @@ def image_tokens(recipe: Recipe, height: int, width: int, weights: str | os.Path
     config = _config_dict(recipe, weights, adapter)
     if config is None:
         return None
-    return adapter.num_image_tokens(SimpleNamespace(**{k: v for k, v in config.items() if not k.startswith("_")}), height, width)
+    return adapter.num_image_tokens(
+        SimpleNamespace(**{k: v for k, v in config.items() if not k.startswith("_")}), height, width
+    )
 
 
 def _config_dict(recipe: Recipe, weights, adapter) -> dict[str, Any] | None:
@@ -120,64 +100,13 @@ def _config_dict(recipe: Recipe, weights, adapter) -> dict[str, Any] | None:
                     return None
         return None
     try:
-        return dict(adapter.model_class().load_config(recipe.model.repo_id, subfolder=recipe.model.subfolder, local_files_only=True))
+        return dict(
+            adapter.model_class().load_config(
+                recipe.model.repo_id, subfolder=recipe.model.subfolder, local_files_only=True
+            )
+        )
     except Exception:  # noqa: BLE001 - not in the cache (or unreadable): the export reports it
         return None
-
-
-def export_key_for(
-    recipe: Recipe,
-    weights: str | os.PathLike | None,
-    router: str | os.PathLike | None,
-    ratio: float,
-    dense: bool,
-    shapes: dict[str, Any],
-    dtype: str,
-    opset: int,
-    dynamic_batch: bool,
-    context: str = "drop",
-    loras=None,
-    controlnet_layers: int = 0,
-) -> dict[str, Any]:
-    """Everything that determines the exported ONNX, known before exporting. ``context`` (the routing's
-    ``ShivaConfig.context``) enters the key only when not ``"drop"``, and ``loras`` (each LoRA's sha256 and scale)
-    only when given, so keys made before these options stay valid."""
-    import importlib.metadata as md
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    router_id: Any
-    if dense:
-        router_id = None
-    elif router is not None:
-        router_id = {"file_sha256": sha256_file(router)}
-    elif recipe.router_weights_path() is not None:
-        router_id = {"file_sha256": sha256_file(recipe.router_weights_path())}
-    else:
-        router_id = {"random_seed": recipe.router.seed}
-    key = {
-        "recipe_sha256": recipe_hash(recipe),
-        "weights": weights_fingerprint(recipe, weights),
-        "router": router_id,
-        "ratio": ratio,
-        "dense": dense,
-        "shapes": shapes,
-        "dtype": dtype,
-        "opset": opset,
-        "dynamic_batch": dynamic_batch,
-        "versions": {"shiva-export": __version__, "torch": ver("torch"), "diffusers": ver("diffusers"), "onnx": ver("onnx")},
-    }
-    if context != "drop" and not dense:
-        key["context"] = context
-    if loras:
-        key["loras"] = [lo.to_dict() for lo in loras]
-    if controlnet_layers:
-        key["controlnet_layers"] = int(controlnet_layers)
-    return key
 
 
 @dataclass
@@ -223,7 +152,9 @@ class EngineBuild:
         }
 
 
-def _cached(manifest_path: Path, plan: Path, onnx_path: Path, key: dict[str, Any], options: dict[str, Any], be: Backend) -> EngineManifest | None:
+def _cached(
+    manifest_path: Path, plan: Path, onnx_path: Path, key: dict[str, Any], options: dict[str, Any], be: Backend
+) -> EngineManifest | None:
     if not manifest_path.is_file() or not plan.is_file() or not onnx_path.is_file():
         return None
     try:
@@ -231,7 +162,9 @@ def _cached(manifest_path: Path, plan: Path, onnx_path: Path, key: dict[str, Any
     except ManifestError as err:
         logger.warning("ignoring unreadable manifest %s: %s", manifest_path, err)
         return None
-    built_with = {k: v for k, v in (m.build_options or {}).items() if k != "refit_weights"}  # refit_weights: a record, not a setting
+    built_with = {
+        k: v for k, v in (m.build_options or {}).items() if k != "refit_weights"
+    }  # refit_weights: a record, not a setting
     if m.export_key != key or built_with != options or m.backend != be.name or m.backend_version != be.version:
         return None
     if sha256_file(plan) != m.engine_sha256 or sha256_file(onnx_path) != m.onnx_sha256:
@@ -336,43 +269,96 @@ def build_engines(
     say = progress or (lambda stage: None)
     _check_engine_options(timing_cache, dtype, onnx, segments, dynamic_batch, strip_weights, controlnet_layers)
     if onnx is not None and (sizes or phases):
-        raise ConfigError("--onnx builds that one graph at its own size and budget; drop --size/--phases, or drop --onnx to export them.")
+        raise ConfigError(
+            "--onnx builds that one graph at its own size and budget; drop --size/--phases, or drop --onnx to export them."
+        )
     be = resolve_backend(backend)  # a missing module fails here, before any export (exit code 4)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe if recipe is not None else (model or "sd35"))
-
-    context = adapter_for_architecture(rec.architecture).check_context(rec.prune.context if context is None else context)
+    adapter = adapter_for_architecture(rec.architecture)
+    context = adapter.check_context(rec.prune.context if context is None else context)
     if onnx is not None:
-        return [_build_existing(Path(onnx), be, rec, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                strip_weights, segments or 1)]
+        return [
+            _build_existing(
+                Path(onnx),
+                be,
+                rec,
+                out_dir,
+                timing_cache,
+                workspace_bytes,
+                optimization_level,
+                aot_targets,
+                batch_range,
+                say,
+                strip_weights,
+                segments or 1,
+            )
+        ]
     buckets = bucket_sizes(rec, sizes, height, width)
     phase_rows = _phase_rows(rec, phases, ratios)
     todo = [] if phase_rows else _budget_ratios(rec, ratios, dense)
     opset_used = opset if opset is not None else rec.export.opset
-    options = _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras)
+    options = _build_options(
+        dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras
+    )
+    settings = _Settings(
+        rec, weights, router, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
+        workspace_bytes, optimization_level, aot_targets, batch_range, say, segments is None, loras, controlnet_layers,
+    )  # fmt: skip
     results: list[EngineBuild] = []
     for w_h in buckets or [None]:
         bucket = bucket_name(*w_h) if w_h else None
-        shapes_spec = {
-            "height": w_h[1] if w_h else (height or rec.shapes.height),
-            "width": w_h[0] if w_h else (width or rec.shapes.width),
-            "batch": batch or rec.shapes.batch,
-            "text_len": text_len or rec.shapes.text_len,
-            "cfg": rec.shapes.cfg if cfg is None else cfg,
-        }
+        h_w = (w_h[1], w_h[0]) if w_h else (height or rec.shapes.height, width or rec.shapes.width)
+        shapes_spec = _shapes_spec(rec, *h_w, batch, text_len, cfg)
         root = Path(out_dir) / rec.name / (bucket or "")
         for job in phase_rows or _deduplicated(rec, todo, shapes_spec, weights, bucket, say):
             ctx = "drop" if job == 0.0 else context  # the dense reference routes nothing
             d = root / (budget_dir(job, ctx) if isinstance(job, (int, float)) else phase_dir(job.name, ctx)) / dtype
             with folder_lock(d, "engine folder"):
-                b = _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate,
-                                  timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                                  any_layout=segments is None, context=ctx, loras=loras, controlnet_layers=controlnet_layers)
+                b = _build_budget(job, d, shapes_spec, ctx, settings)
             b.bucket = bucket
             results.append(b)
     return results
 
 
-def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras=None) -> dict[str, Any]:
+def _shapes_spec(rec: Recipe, height: int, width: int, batch, text_len, cfg) -> dict[str, Any]:
+    """The export key's shapes of one size: the recipe's where not given."""
+    return {
+        "height": height,
+        "width": width,
+        "batch": batch or rec.shapes.batch,
+        "text_len": text_len or rec.shapes.text_len,
+        "cfg": rec.shapes.cfg if cfg is None else cfg,
+    }
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every budget of one :func:`build_engines` call shares."""
+
+    rec: Recipe
+    weights: Any
+    router: Any
+    dtype: str
+    opset: int
+    dynamic_batch: bool
+    options: dict[str, Any]  # the manifest's build options
+    be: Backend
+    force: bool
+    validate: bool
+    timing_cache: Any
+    workspace_bytes: int | None
+    optimization_level: int | None
+    aot_targets: list[str] | None
+    batch_range: tuple[int, int, int] | None
+    say: Callable[[str], None]
+    any_layout: bool  # no --segments: a cached chain is reused as readily as a cached engine
+    loras: Any
+    controlnet_layers: int
+
+
+def _build_options(
+    dynamic_batch, batch_range, workspace_bytes, optimization_level, aot_targets, strip_weights, segments, loras=None
+) -> dict[str, Any]:
     """The builder settings a cached engine must match (recorded in its manifest)."""
     options = {
         "dynamic_batch": dynamic_batch,
@@ -388,7 +374,9 @@ def _build_options(dynamic_batch, batch_range, workspace_bytes, optimization_lev
     return options
 
 
-def _deduplicated(rec: Recipe, todo: list[float], shapes_spec: dict[str, Any], weights, bucket: str | None, say) -> list[float]:
+def _deduplicated(
+    rec: Recipe, todo: list[float], shapes_spec: dict[str, Any], weights, bucket: str | None, say
+) -> list[float]:
     """The ratios of one size that give distinct k per block (N, and so k, differs per bucket)."""
     kept, same = unique_budgets(rec, todo, shapes_spec["height"], shapes_spec["width"], weights)
     where = f" at {bucket}" if bucket else ""
@@ -405,7 +393,9 @@ def _phase_rows(rec: Recipe, phases: bool | Sequence[str], ratios: list[float] |
         raise ConfigError("give --ratio or --phases, not both (a learned schedule brings its own keep ratios).")
     rows = list(rec.schedule.phases) if rec.schedule else []
     if not rows:
-        raise ConfigError(f"recipe {rec.name!r} has no [[schedule.phases]]; train a schedule with `shiva-export train`, or build --ratio engines.")
+        raise ConfigError(
+            f"recipe {rec.name!r} has no [[schedule.phases]]; train a schedule with `shiva-export train`, or build --ratio engines."
+        )
     if phases is True:
         return rows
     names = [r.name for r in rows]
@@ -415,7 +405,9 @@ def _phase_rows(rec: Recipe, phases: bool | Sequence[str], ratios: list[float] |
     return [r for r in rows if r.name in phases]
 
 
-def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool, controlnet_layers: int = 0) -> None:
+def _check_engine_options(
+    timing_cache, dtype: str, onnx, segments, dynamic_batch: bool, strip_weights: bool, controlnet_layers: int = 0
+) -> None:
     """Refuses bad or contradictory settings before the backend loads and before minutes of export."""
     check_timing_cache_path(timing_cache)  # before minutes of export: never overwrite a file that is not a timing cache
     if dtype == "bf16" and onnx is None:
@@ -427,9 +419,13 @@ def _check_engine_options(timing_cache, dtype: str, onnx, segments, dynamic_batc
     if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= MAX_SEGMENTS):
         raise ConfigError(f"--segments {segments!r} is out of range; expected 1..{MAX_SEGMENTS} (1 = one engine).")
     if (segments or 1) > 1 and (dynamic_batch or strip_weights):
-        raise ConfigError(f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}.")
+        raise ConfigError(
+            f"--segments {segments} needs fixed shapes and full plans; drop {'--dynamic-batch' if dynamic_batch else '--strip-weights'}."
+        )
     if (segments or 1) > 1 and controlnet_layers:
-        raise ConfigError(f"--segments {segments} cuts the graph at block boundaries, and the ControlNet residual inputs are not cut with it; drop --segments or --controlnet.")
+        raise ConfigError(
+            f"--segments {segments} cuts the graph at block boundaries, and the ControlNet residual inputs are not cut with it; drop --segments or --controlnet."
+        )
 
 
 def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list[float]:
@@ -437,7 +433,9 @@ def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list
     todo = list(ratios) if ratios else list(rec.prune.ratios)
     for r in todo:
         if not 0.0 <= r < 1.0:
-            raise ConfigError(f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0 = dense reference).")
+            raise ConfigError(
+                f"--ratio {r} is out of range; expected 0 <= ratio < 1 (fraction of image tokens pruned; 0 = dense reference)."
+            )
     if dense and 0.0 not in todo:
         todo = [0.0, *todo]
     if not dense:
@@ -447,62 +445,85 @@ def _budget_ratios(rec: Recipe, ratios: list[float] | None, dense: bool) -> list
     return sorted(set(todo))
 
 
-def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, dynamic_batch, options, be, force, validate, timing_cache,
-              workspace_bytes, optimization_level, aot_targets, batch_range, say, any_layout: bool = False, context: str = "drop", loras=None,
-                  controlnet_layers: int = 0) -> EngineBuild:
+def _build_budget(job, d: Path, shapes_spec: dict[str, Any], context: str, s: _Settings) -> EngineBuild:
     """One budget folder (the caller holds its lock): ``job`` is a ratio (0 = the dense reference) or a learned phase's
-    ``[[schedule.phases]]`` row. With ``any_layout`` (no --segments given), a cached chain is reused as readily as a
+    ``[[schedule.phases]]`` row. With ``s.any_layout`` (no --segments given), a cached chain is reused as readily as a
     cached engine."""
     phase = None if isinstance(job, (int, float)) else job
     r = None if phase is not None else float(job)
     is_dense = r == 0.0
-    segments = int(options.get("segments", 1))
+    segments = int(s.options.get("segments", 1))
     onnx_path, plan = d / "model.onnx", d / ("model.plan" if segments == 1 else CHAIN_FILE)
     mpath = manifest_path_for(plan)
-    key = export_key_for(rec, weights, router, r, is_dense, shapes_spec, dtype, opset_used, dynamic_batch, context, loras, controlnet_layers)
+    key = export_key_for(
+        s.rec, s.weights, s.router, r, is_dense, shapes_spec, s.dtype, s.opset, s.dynamic_batch, context, s.loras,
+        s.controlnet_layers,
+    )  # fmt: skip
     if phase is not None:  # the phase's own schedule and timestep range decide its graph
         key["phase"] = phase.model_dump(mode="json")
-    label = ("dense" if is_dense else f"phase {phase.name}" if phase else f"ratio {r:g}") + ("" if context == "drop" else f" (context {context})")
-    if not force:
-        cached = _cached_build(d, plan, onnx_path, mpath, key, options, be, any_layout and segments == 1)
+    label = ("dense" if is_dense else f"phase {phase.name}" if phase else f"ratio {r:g}") + (
+        "" if context == "drop" else f" (context {context})"
+    )
+    if not s.force:
+        cached = _cached_build(d, plan, onnx_path, mpath, key, s.options, s.be, s.any_layout and segments == 1)
         if cached is not None:
-            say(f"{label}: cached ({cached.plan_path})")
+            s.say(f"{label}: cached ({cached.plan_path})")
             cached.phase, cached.ratio = (phase.name, cached.ratio) if phase else (None, r)
             return cached
 
-    to_refit = None if force else refittable_manifest(mpath, plan, key, options, be)
-    say(f"{label}: export onnx" + (" (LoRA changed: the weight-stripped engine is refit, not rebuilt)" if to_refit else ""))
+    to_refit = None if s.force else refittable_manifest(mpath, plan, key, s.options, s.be)
+    s.say(
+        f"{label}: export onnx"
+        + (" (LoRA changed: the weight-stripped engine is refit, not rebuilt)" if to_refit else "")
+    )
+    ex = _export_budget(s, phase, r, is_dense, shapes_spec, onnx_path, key, context, label)
+    if to_refit is not None:
+        return _refit_budget(
+            to_refit, ex.ratio, is_dense, d, plan, onnx_path, mpath, key, ex, s.be, phase.name if phase else None
+        )
+    return _build_and_record(s, ex, d, onnx_path, plan, mpath, key, segments, is_dense, label, phase)
+
+
+def _export_budget(s: _Settings, phase, r, is_dense: bool, shapes_spec, onnx_path: Path, key, context: str, label: str):
+    """The budget's ONNX, its export key in the metadata; a failed ONNX Runtime parity stops it before any build."""
     ex = export_pruned(
-        recipe=rec,
-        weights=weights,
-        router=router,
+        recipe=s.rec,
+        weights=s.weights,
+        router=s.router,
         **({"phase": phase.name} if phase else {"ratio": r, "dense": is_dense}),
         height=shapes_spec["height"],
         width=shapes_spec["width"],
         batch=shapes_spec["batch"],
         text_len=shapes_spec["text_len"],
         cfg=shapes_spec["cfg"],
-        dtype=dtype,
-        opset=opset_used,
+        dtype=s.dtype,
+        opset=s.opset,
         out=onnx_path,
-        dynamic_batch=dynamic_batch,
-        validate=validate,
+        dynamic_batch=s.dynamic_batch,
+        validate=s.validate,
         extra_metadata={"export_key": key},
         context=None if is_dense else context,
-        loras=loras,
-        controlnet_layers=controlnet_layers,
+        loras=s.loras,
+        controlnet_layers=s.controlnet_layers,
     )
     if ex.parity is not None and ex.parity.status == "failed":
-        raise ParityError(f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity)
-    if to_refit is not None:
-        return _refit_budget(to_refit, ex.ratio, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase.name if phase else None)
-    profile = _profile(ex.export.input_shapes, ex.spec, batch_range) if dynamic_batch else None
-    say(f"{label}: preflight + build ({be.name} {be.version})")
+        raise ParityError(
+            f"{label}: ONNX Runtime parity failed before the engine build: {ex.parity.reason}", report=ex.parity
+        )
+    return ex
+
+
+def _build_and_record(
+    s: _Settings, ex, d: Path, onnx_path: Path, plan: Path, mpath: Path, key, segments: int, is_dense, label, phase
+) -> EngineBuild:
+    """Pre-flights and builds the exported budget, then writes its manifest (after the plan)."""
+    profile = _profile(ex.export.input_shapes, ex.spec, s.batch_range) if s.dynamic_batch else None
+    s.say(f"{label}: preflight + build ({s.be.name} {s.be.version})")
     exd = ex.to_dict()
     fields = dict(
-        model_name=rec.name,
+        model_name=s.rec.name,
         model_config_hash=ex.export.metadata["shiva.model_config_sha256"],
-        dtype=dtype,
+        dtype=s.dtype,
         recipe_sha256=exd["recipe_sha256"],
         router_sha256=ex.router.get("tensor_sha256"),
         ratio=ex.ratio,
@@ -511,16 +532,32 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
         dense=is_dense,
         export_key=key,
     )
-    res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache, profile=profile,
-                             builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
-                             strip_weights=bool(options.get("strip_weights")), **({"refit_any": True} if options.get("refit") else {}))
+    options = s.options
+    res, check = _build_plan(
+        onnx_path,
+        d,
+        s.be,
+        segments,
+        fields,
+        s.say,
+        workspace_bytes=s.workspace_bytes,
+        timing_cache_path=s.timing_cache,
+        profile=profile,
+        builder_optimization_level=s.optimization_level,
+        compute_capabilities=s.aot_targets,
+        strip_weights=bool(options.get("strip_weights")),
+        **({"refit_any": True} if options.get("refit") else {}),
+    )
     if res.weights_stripped:  # the refit at load must see these exact weights (REFIT_IDENTICAL)
         options = {**options, "refit_weights": _refit_weights(onnx_path, ex.export.data_sha256)}
     manifest = EngineManifest.from_build(
         res,
         onnx_sha256=ex.export.onnx_sha256,
         # static shapes, or the profile's opt batch in place of the symbolic batch axis
-        input_shapes={k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v] for k, v in ex.export.input_shapes.items()},
+        input_shapes={
+            k: [ex.spec.model_batch if isinstance(x, str) else int(x) for x in v]
+            for k, v in ex.export.input_shapes.items()
+        },
         onnx_path=onnx_path.name,
         build_options=options,
         deserialize={k: check.get(k) for k in ("deserialized", "reason")},
@@ -528,26 +565,62 @@ def _build_budget(job, d, rec, weights, router, shapes_spec, dtype, opset_used, 
     )
     write_manifest(mpath, manifest)
     return EngineBuild(
-        ex.ratio, is_dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, ex.export.export_seconds,
-        res.size_bytes, ex.parity.summary_line() if ex.parity is not None else None, manifest.deserialize, phase=phase.name if phase else None,
+        ex.ratio,
+        is_dense,
+        "built",
+        d,
+        plan,
+        onnx_path,
+        mpath,
+        manifest.per_block_k,
+        res.build_seconds,
+        ex.export.export_seconds,
+        res.size_bytes,
+        ex.parity.summary_line() if ex.parity is not None else None,
+        manifest.deserialize,
+        phase=phase.name if phase else None,
     )
 
 
 def _refit_budget(m, r, is_dense, d, plan, onnx_path, mpath, key, ex, be, phase: str | None = None) -> EngineBuild:
     """The plan stays; the manifest now names the re-exported ONNX as its refit source (``engines/lora_refit.py``)."""
-    manifest = refit_manifest(m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256"))
+    manifest = refit_manifest(
+        m, key, ex.export.onnx_sha256, _refit_weights(onnx_path, ex.export.data_sha256), ex.router.get("tensor_sha256")
+    )
     write_manifest(mpath, manifest)
     try:
         check = check_refit(d, be.name)
     except Exception:  # any refit failure: the old manifest no longer matches the new ONNX, so the next run rebuilds
         write_manifest(mpath, m)
         raise
-    return EngineBuild(r, is_dense, "refit", d, plan, onnx_path, mpath, manifest.per_block_k, None, ex.export.export_seconds, _engine_bytes(plan),
-                       ex.parity.summary_line() if ex.parity is not None else None, {**(manifest.deserialize or {}), **check}, phase=phase)
+    return EngineBuild(
+        r,
+        is_dense,
+        "refit",
+        d,
+        plan,
+        onnx_path,
+        mpath,
+        manifest.per_block_k,
+        None,
+        ex.export.export_seconds,
+        _engine_bytes(plan),
+        ex.parity.summary_line() if ex.parity is not None else None,
+        {**(manifest.deserialize or {}), **check},
+        phase=phase,
+    )
 
 
-def _cached_build(d: Path, plan: Path, onnx_path: Path, mpath: Path, key: dict[str, Any], options: dict[str, Any], be: Backend,
-                  chain_too: bool) -> EngineBuild | None:
+def _cached_build(
+    d: Path,
+    plan: Path,
+    onnx_path: Path,
+    mpath: Path,
+    key: dict[str, Any],
+    options: dict[str, Any],
+    be: Backend,
+    chain_too: bool,
+) -> EngineBuild | None:
     """The folder's engine (or, with ``chain_too``, its segment chain) when its manifest matches this build; else None."""
     tries = [(plan, options)]
     if chain_too and (d / CHAIN_FILE).is_file():
@@ -560,12 +633,27 @@ def _cached_build(d: Path, plan: Path, onnx_path: Path, mpath: Path, key: dict[s
     for cand, opts in tries:
         m = _cached(mpath, cand, onnx_path, key, opts, be)
         if m is not None:
-            return EngineBuild(m.ratio, bool(m.dense), "cached", d, cand, onnx_path, mpath, m.per_block_k, m.build_seconds, None,
-                               _engine_bytes(cand), None, m.deserialize)
+            return EngineBuild(
+                m.ratio,
+                bool(m.dense),
+                "cached",
+                d,
+                cand,
+                onnx_path,
+                mpath,
+                m.per_block_k,
+                m.build_seconds,
+                None,
+                _engine_bytes(cand),
+                None,
+                m.deserialize,
+            )
     return None
 
 
-def _build_plan(onnx_path: Path, d: Path, be: Backend, segments: int, fields: dict[str, Any], say, **build_kwargs) -> tuple[Any, dict[str, Any]]:
+def _build_plan(
+    onnx_path: Path, d: Path, be: Backend, segments: int, fields: dict[str, Any], say, **build_kwargs
+) -> tuple[Any, dict[str, Any]]:
     """One engine (``d/model.plan``) or, with ``segments`` > 1, a chain of segment engines (``d/segments.json``);
     with the post-build deserialization check."""
     if segments > 1:
@@ -593,11 +681,27 @@ def _refit_weights(onnx_path: Path, data_sha256: str | None = None) -> dict[str,
     data = onnx_path.parent / (onnx_path.name + ".data")
     if not data.is_file():
         return {"onnx_sha256": sha256_file_cached(onnx_path), "data": None, "data_sha256": None}
-    return {"onnx_sha256": sha256_file_cached(onnx_path), "data": data.name, "data_sha256": data_sha256 or sha256_file_cached(data)}
+    return {
+        "onnx_sha256": sha256_file_cached(onnx_path),
+        "data": data.name,
+        "data_sha256": data_sha256 or sha256_file_cached(data),
+    }
 
 
-def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_cache, workspace_bytes, optimization_level, aot_targets, batch_range, say,
-                    strip_weights: bool = False, segments: int = 1) -> EngineBuild:
+def _build_existing(
+    onnx_path: Path,
+    be: Backend,
+    rec: Recipe,
+    out_dir,
+    timing_cache,
+    workspace_bytes,
+    optimization_level,
+    aot_targets,
+    batch_range,
+    say,
+    strip_weights: bool = False,
+    segments: int = 1,
+) -> EngineBuild:
     """``--onnx``: build an existing export; its shiva.* metadata fills the manifest."""
     m = load_onnx_graph(onnx_path, "--onnx")
     meta = read_shiva_metadata(onnx_path)
@@ -615,12 +719,18 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
     try:
         ratio = float(get("ratio", 0.0))
     except (TypeError, ValueError):
-        raise ConfigError(f"--onnx {onnx_path}: shiva.ratio {meta.get('ratio')!r} is not a number; re-export it with `shiva-export onnx`.") from None
+        raise ConfigError(
+            f"--onnx {onnx_path}: shiva.ratio {meta.get('ratio')!r} is not a number; re-export it with `shiva-export onnx`."
+        ) from None
     if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"--onnx {onnx_path}: shiva.ratio {ratio} is out of range [0, 1); re-export it with `shiva-export onnx`.")
+        raise ConfigError(
+            f"--onnx {onnx_path}: shiva.ratio {ratio} is out of range [0, 1); re-export it with `shiva-export onnx`."
+        )
     dtype = get("dtype", "fp32")
     if dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--onnx {onnx_path}: shiva.dtype {dtype!r} is not fp32, fp16 or bf16; re-export it with `shiva-export onnx`.")
+        raise ConfigError(
+            f"--onnx {onnx_path}: shiva.dtype {dtype!r} is not fp32, fp16 or bf16; re-export it with `shiva-export onnx`."
+        )
     model_name = safe_component(get("model", rec.name), f"--onnx {onnx_path}: shiva.model")
     ctx = "keep" if get("context") == "keep" else "drop"
     d = inside(out_dir, Path(out_dir) / model_name / budget_dir(ratio, ctx) / dtype, "engine folder")
@@ -648,12 +758,26 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
         export_key=get("export_key"),
     )
     with folder_lock(d, "engine folder"):
-        res, check = _build_plan(onnx_path, d, be, segments, fields, say, workspace_bytes=workspace_bytes, timing_cache_path=timing_cache,
-                                 profile=profile, builder_optimization_level=optimization_level, compute_capabilities=aot_targets,
-                                 strip_weights=strip_weights)
+        res, check = _build_plan(
+            onnx_path,
+            d,
+            be,
+            segments,
+            fields,
+            say,
+            workspace_bytes=workspace_bytes,
+            timing_cache_path=timing_cache,
+            profile=profile,
+            builder_optimization_level=optimization_level,
+            compute_capabilities=aot_targets,
+            strip_weights=strip_weights,
+        )
         plan = res.plan_path
-        build_options = {"onnx": str(onnx_path.resolve()), "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None,
-                         "strip_weights": strip_weights}
+        build_options = {
+            "onnx": str(onnx_path.resolve()),
+            "profile": {k: [list(x) for x in v] for k, v in profile.items()} if profile else None,
+            "strip_weights": strip_weights,
+        }
         if segments > 1:
             build_options["segments"] = segments
         if res.weights_stripped:
@@ -667,4 +791,18 @@ def _build_existing(onnx_path: Path, be: Backend, rec: Recipe, out_dir, timing_c
             **fields,
         )
         mpath = write_manifest(manifest_path_for(plan), manifest)
-    return EngineBuild(ratio, manifest.dense, "built", d, plan, onnx_path, mpath, manifest.per_block_k, res.build_seconds, None, res.size_bytes, None, manifest.deserialize)
+    return EngineBuild(
+        ratio,
+        manifest.dense,
+        "built",
+        d,
+        plan,
+        onnx_path,
+        mpath,
+        manifest.per_block_k,
+        res.build_seconds,
+        None,
+        res.size_bytes,
+        None,
+        manifest.deserialize,
+    )

@@ -43,6 +43,7 @@ from shiva_export.models import InputSpec, get_adapter
 
 if TYPE_CHECKING:
     from shiva_export.export.lazy import LazyWeights
+from shiva_export.export import graph_cache
 from shiva_export.export.lazy import resolve_stand_ins_, standing_in, stream_initializers_
 from shiva_export.utils.io import (
     check_writable,
@@ -149,6 +150,7 @@ class ExportResult:
     num_nodes: int
     kept_index_tensors: dict[int, str]
     metadata: dict[str, str] = field(default_factory=dict)
+    trace_cached: bool = False  # the exporter's output came from the trace cache (export.graph_cache)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -346,6 +348,7 @@ def export_onnx(
     debug_outputs: bool = False,
     weights: LazyWeights | None = None,
     extra_inputs: dict[str, torch.Tensor] | None = None,
+    trace_key: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Exports a (Shiva-applied) transformer to ONNX, atomically.
 
@@ -368,6 +371,9 @@ def export_onnx(
             graph and bytes equal the eager path's. Defaults to None (the transformer holds real weights).
         extra_inputs (dict): More graph inputs after the adapter's, ``{name: sample tensor}``, passed to the
             transformer as keyword arguments (ControlNet residuals: ``shiva_export.export.controlnet``). Defaults to None.
+        trace_key (dict): What determines this transformer's graph beyond the trace inputs (the export key of
+            :func:`shiva_export.export.graph_cache.export_key_for` and the keep schedule): the exporter's output is then
+            reused from, or stored in, the trace cache (:mod:`shiva_export.export.graph_cache`). Defaults to None (traced).
 
     Returns:
         ExportResult: paths, hashes, sizes, op counts and the located kept-index tensors.
@@ -394,18 +400,11 @@ def export_onnx(
     sweep_stale_temps(dest.parent)  # leftovers of a killed export in this folder
     tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("export-"), dir=dest.parent))
     tmp_onnx = tmp_dir / dest.name
+    cache = _trace_cache(trace_key, transformer, names, inputs, opset, spec, dynamic_batch, external, weights, dest)
     t0 = time.perf_counter()
     try:
-        _trace_to_onnx(
-            transformer,
-            adapter,
-            names,
-            inputs,
-            tmp_onnx,
-            opset,
-            _dynamic_shapes(names, spec, dynamic_batch),
-            external,
-            weights,
+        cached = _trace_or_fetch(
+            cache, transformer, adapter, names, inputs, tmp_onnx, opset, spec, dynamic_batch, external, weights
         )
         export_seconds = time.perf_counter() - t0
         model = onnx.load(str(tmp_onnx), load_external_data=False)
@@ -422,18 +421,14 @@ def export_onnx(
             **(metadata or {}),
         }
         str_meta = _stamp_and_check(model, tmp_onnx, meta, check)
-        data_files = [p for p in tmp_dir.iterdir() if p.name != dest.name]
-        record = write_onnx_record(
-            tmp_onnx, data_files, tmp_dir / onnx_record_path(dest).name
-        )  # reuse is checked against it
-        moves = [(p, dest.parent / p.name) for p in data_files] + [
-            (record, dest.parent / record.name),
-            (tmp_onnx, dest),
-        ]
-        commit_files(moves)  # data first, the .onnx (what looks complete) last
+        _commit_graph(tmp_onnx, dest)
+        if cache is not None:
+            cache.commit()  # only a trace whose export committed is kept
     finally:
+        if cache is not None:
+            cache.discard()
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return _export_result(
+    result = _export_result(
         transformer,
         adapter,
         dest,
@@ -448,6 +443,62 @@ def export_onnx(
         str_meta,
         extra_inputs,
     )
+    result.trace_cached = cached
+    return result
+
+
+def _trace_or_fetch(
+    cache, transformer, adapter, names, inputs, tmp_onnx: Path, opset, spec, dynamic_batch, external, weights
+) -> bool:
+    """Writes the exporter's output to ``tmp_onnx`` (external data beside it): copied from the trace cache when it
+    holds this key (True), else traced and staged for the cache (False)."""
+    if cache is not None and cache.fetch(tmp_onnx):
+        return True
+    _trace_to_onnx(
+        transformer,
+        adapter,
+        names,
+        inputs,
+        tmp_onnx,
+        opset,
+        _dynamic_shapes(names, spec, dynamic_batch),
+        external,
+        weights,
+    )
+    if cache is not None:
+        cache.stage(tmp_onnx, [p for p in tmp_onnx.parent.iterdir() if p.name != tmp_onnx.name])
+    return False
+
+
+def _commit_graph(tmp_onnx: Path, dest: Path) -> None:
+    """Records the finished graph's and its external data's sha256 and moves them into place, the .onnx last."""
+    tmp_dir = tmp_onnx.parent
+    data_files = [p for p in tmp_dir.iterdir() if p.name != dest.name]
+    record = write_onnx_record(
+        tmp_onnx, data_files, tmp_dir / onnx_record_path(dest).name
+    )  # reuse is checked against it
+    moves = [(p, dest.parent / p.name) for p in data_files] + [(record, dest.parent / record.name), (tmp_onnx, dest)]
+    commit_files(moves)  # data first, the .onnx (what looks complete) last
+
+
+def _trace_cache(trace_key, transformer, names, inputs, opset, spec, dynamic_batch, external, weights, dest):
+    """The trace cache entry of this export (:mod:`shiva_export.export.graph_cache`): ``trace_key`` plus every input
+    of the trace; None without a key or with ``SHIVA_ONNX_CACHE=0``."""
+    if trace_key is None or not graph_cache.trace_cache_enabled():
+        return None
+    trace = {
+        "inputs": [[n, list(inputs[n].shape), str(inputs[n].dtype)] for n in names],
+        "static_kwargs": sorted([k, list(v.shape), str(v.dtype)] for k, v in inputs.items() if k not in names),
+        "model_dtype": str(next(transformer.parameters()).dtype),
+        "opset": opset,
+        "dynamic_batch": dynamic_batch,
+        "cfg": spec.cfg,
+        "external_data": dest.name + ".data" if external else None,  # its location is written into the graph
+        "lazy_weights": weights is not None,
+        "source_sha256": graph_cache.source_digest(),
+        "versions": package_versions(),
+    }
+    return graph_cache.GraphCache({"export": trace_key, "trace": trace})
 
 
 def _index_tensors(

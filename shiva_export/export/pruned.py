@@ -16,6 +16,7 @@ from typing import Any
 from shiva_export.errors import ConfigError, OutputPathError, RouterError
 from shiva_export.export import controlnet as cn
 from shiva_export.export.buckets import bucket_name
+from shiva_export.export.graph_cache import export_key_for
 from shiva_export.export.lazy import fake_placeholders_, lazy_transformer, materialize_
 from shiva_export.export.lora import fuse_loras_
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
@@ -172,6 +173,7 @@ class PrunedExport:
             "loras": self.loras,
             "load_seconds": round(self.load_seconds, 3),
             "export_seconds": round(ex.export_seconds, 3),
+            "trace_cached": ex.trace_cached,
             "parity": self.parity.to_dict() if self.parity is not None else None,
             "versions": package_versions(),
         }
@@ -206,6 +208,7 @@ def export_pruned(
     bucket: bool = False,
     loras=None,
     controlnet_layers: int = 0,
+    trace_cache: bool = True,
 ) -> PrunedExport:
     """Loads, prunes, exports and (by default) checks ONNX Runtime parity.
 
@@ -246,6 +249,9 @@ def export_pruned(
             before pruning and export; recorded in ``shiva.loras``. Needs an eager load. Defaults to None.
         controlnet_layers (int): The graph also takes this many ControlNet block residuals
             (``controlnet_block_<i>``, SD3/SD3.5; :mod:`shiva_export.export.controlnet`). Defaults to 0.
+        trace_cache (bool): Reuse the exporter's output for a graph already traced with the same key, after checking
+            its content (:mod:`shiva_export.export.graph_cache`; ``SHIVA_ONNX_CACHE=0`` turns it off everywhere).
+            Parity, when asked, still runs against the freshly loaded model. Defaults to True.
     """
     say = progress or (lambda stage: None)
     rec, context = _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, context, dtype)
@@ -266,8 +272,10 @@ def export_pruned(
     lora_rows = [lo.to_dict() for lo in loras] if loras else None
     meta = _graph_metadata(rec, pm, phase, dense, spec, lora_rows, extra_metadata)
     say("export onnx")
+    opset = opset if opset is not None else rec.export.opset
+    key = _trace_key(rec, weights, router, pm, spec, dense, dtype, opset, dynamic_batch, loras) if trace_cache else None
     result = _export_graph(
-        export_model, pm, rec, spec, out_path, dense, dtype, opset, dynamic_batch, meta, debug_outputs
+        export_model, pm, rec, spec, out_path, dense, dtype, opset, dynamic_batch, meta, debug_outputs, key
     )
     if export_model is not pm.transformer:
         del export_model
@@ -358,13 +366,14 @@ def _export_graph(
     dynamic_batch: bool,
     meta: dict[str, Any],
     debug_outputs: bool,
+    trace_key: dict[str, Any] | None,
 ) -> ExportResult:
     """The ONNX export of the pruned model (from its lazy weights on the bounded-memory path), ControlNet inputs included."""
     return export_onnx(
         export_model,
         out_path,
         spec,
-        opset=opset if opset is not None else rec.export.opset,
+        opset=opset,
         dtype=dtype,
         dynamic_batch=dynamic_batch,
         routed_blocks=None if dense else list(pm.config.routed_blocks),
@@ -375,7 +384,30 @@ def _export_graph(
             export_model, spec.model_batch, pm.n_tokens, pm.controlnet_layers, dtype=torch_dtype(dtype)
         )
         or None,
+        trace_key=trace_key,
     )
+
+
+def _trace_key(rec: Recipe, weights, router, pm: _Pruned, spec: InputSpec, dense, dtype, opset, dynamic_batch, loras):
+    """What determines this export's graph (:func:`~shiva_export.export.graph_cache.export_key_for` and the keep
+    schedule), for the trace cache; None for hub-id weights, whose content is not known before loading."""
+    key = export_key_for(
+        rec,
+        weights,
+        router,
+        pm.ratio_used,
+        dense,
+        spec.to_dict(),
+        dtype,
+        opset,
+        dynamic_batch,
+        "drop" if dense else pm.config.context,
+        loras,
+        pm.controlnet_layers,
+    )
+    if "hub" in key["weights"]:
+        return None
+    return key | {"keep_ratios": list(pm.config.keep_ratios), "routed_blocks": list(pm.config.routed_blocks)}
 
 
 def _check_out(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export.checks import check_finite
-from shiva_export.engines.budgets import build_engines, export_key_for
+from shiva_export.engines.budgets import build_engines
 from shiva_export.engines.manifest import manifest_path_for, read_manifest
 from shiva_export.engines.runner import find_plan
 from shiva_export.errors import (
@@ -43,6 +43,7 @@ from shiva_export.errors import (
     WeightsError,
 )
 from shiva_export.export.buckets import pick_bucket
+from shiva_export.export.graph_cache import export_key_for
 from shiva_export.export.lora import load_loras_, lora_provenance
 from shiva_export.export.onnx import read_shiva_metadata
 from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
