@@ -85,7 +85,9 @@ def _router_file(path, seed: int):
     rec = load_recipe("sd3-tiny")
     t = load_transformer(recipe=rec)
     n = num_blocks(t)
-    cfg = ShivaConfig.uniform(n, 0.4, rec.routed_blocks(n), bottleneck=rec.router.bottleneck, group_size=rec.router.group_size)
+    cfg = ShivaConfig.uniform(
+        n, 0.4, rec.routed_blocks(n), bottleneck=rec.router.bottleneck, group_size=rec.router.group_size
+    )
     bank = RouterBank(cfg.router_config(*router_dims(t)))
     bank.reset_parameters(seed)
     save_routers(bank, path)
