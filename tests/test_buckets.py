@@ -165,12 +165,13 @@ def test_generate_refuses_a_size_without_a_bucket_before_any_export(tmp_path, ca
 
 @pytest.fixture(scope="module")
 def phase_engines(tmp_path_factory):
-    """`trt --size 64x64 --size 64x48 --phases` on sd35-tiny (two learned phases): four AOT engines, built once."""
+    """`trt --size 256x256 --size 64x48 --phases` on sd35-tiny (two learned phases): four AOT engines, built once.
+    (256x256 is the recipe's own size, whose phase graphs the runtime tests trace too: each is traced once.)"""
     from shiva_export.engines.budgets import build_engines
 
     root = tmp_path_factory.mktemp("engines")
     return root, build_engines(
-        model="sd35-tiny", sizes=["64x64", "64x48"], phases=True, backend="tensorrt-rtx", out_dir=root, validate=False
+        model="sd35-tiny", sizes=["256x256", "64x48"], phases=True, backend="tensorrt-rtx", out_dir=root, validate=False
     )
 
 
@@ -181,8 +182,8 @@ def test_trt_phases_builds_every_bucket_and_phase_with_manifests(phase_engines):
 
     root, builds = phase_engines
     assert [(b.bucket, b.phase, b.status) for b in builds] == [
-        ("64x64", "early", "built"),
-        ("64x64", "late", "built"),
+        ("256x256", "early", "built"),
+        ("256x256", "late", "built"),
         ("64x48", "early", "built"),
         ("64x48", "late", "built"),
     ]
@@ -191,10 +192,11 @@ def test_trt_phases_builds_every_bucket_and_phase_with_manifests(phase_engines):
         assert b.out_dir == root / "sd35-tiny" / b.bucket / f"phase-{b.phase}" / "fp32" and b.plan_path.is_file()
         m = read_manifest(b.manifest_path)
         row = next(p for p in rec.schedule.phases if p.name == b.phase)
-        assert m.export_key["phase"]["name"] == b.phase and m.export_key["shapes"]["width"] == 64
+        width = int(b.bucket.split("x")[0])
+        assert m.export_key["phase"]["name"] == b.phase and m.export_key["shapes"]["width"] == width
         meta = read_shiva_metadata(b.onnx_path)
         assert (meta["phase"], meta["t_start"], meta["t_stop"]) == (row.name, row.t_start, row.t_stop)
-        n = 16 if b.bucket == "64x64" else 12
+        n = 256 if b.bucket == "256x256" else 12
         assert m.per_block_k == meta["k_per_block"] and all(
             k == int(n * r) for k, r in zip(m.per_block_k.values(), row.keep_ratios)
         )
@@ -273,7 +275,7 @@ def test_trt_cli_size_and_phases_reuse_the_built_engines(phase_engines, capsys):
         "--model",
         "sd35-tiny",
         "--size",
-        "64x64",
+        "256x256",
         "--size",
         "64x48",
         "--backend",
