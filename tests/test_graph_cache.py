@@ -177,6 +177,17 @@ def test_off_by_environment_or_argument_never_looks(cache, monkeypatch, tmp_path
         export_pruned(**KW, out=tmp_path / "b.onnx", validate=False)
 
 
+def test_a_value_that_is_not_a_switch_is_refused_before_loading(monkeypatch, tmp_path):
+    from shiva_export.errors import ConfigError
+
+    monkeypatch.setenv("SHIVA_ONNX_CACHE", "maybe")
+    monkeypatch.setattr("shiva_export.export.pruned.load_transformer", lambda **kw: pytest.fail("loaded a model"))
+    monkeypatch.setattr("shiva_export.export.pruned.lazy_transformer", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(ConfigError, match="SHIVA_ONNX_CACHE='maybe'.*set it to 0"):
+        export_pruned(**KW, out=tmp_path / "a.onnx")
+    assert not (tmp_path / "a.onnx").exists()
+
+
 def test_a_failed_export_stores_nothing(cache, monkeypatch, tmp_path):
     d, calls = cache
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from shiva_export._version import __version__
+from shiva_export.errors import ConfigError
 from shiva_export.logging import get_logger
 from shiva_export.recipe import Recipe, recipe_hash
 from shiva_export.utils.io import (
@@ -152,8 +153,15 @@ def tree_digest(root: Path) -> str:
 
 
 def trace_cache_enabled() -> bool:
-    """False when ``SHIVA_ONNX_CACHE`` is ``0``/``off``/``false``/``no``: every export traces."""
-    return os.environ.get("SHIVA_ONNX_CACHE", "1").strip().lower() not in ("0", "off", "false", "no")
+    """False when ``SHIVA_ONNX_CACHE`` is ``0``/``off``/``false``/``no`` (every export traces), True when unset or
+    ``1``/``on``/``true``/``yes``; any other value is refused (ConfigError), never read as either."""
+    raw = os.environ.get("SHIVA_ONNX_CACHE", "1")
+    value = raw.strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes", ""):
+        return True
+    raise ConfigError(f"SHIVA_ONNX_CACHE={raw!r} is not a switch; set it to 0 (trace every export) or 1 (the default).")
 
 
 class GraphCache:

@@ -16,7 +16,7 @@ from typing import Any
 from shiva_export.errors import ConfigError, OutputPathError, RouterError
 from shiva_export.export import controlnet as cn
 from shiva_export.export.buckets import bucket_name
-from shiva_export.export.graph_cache import export_key_for
+from shiva_export.export.graph_cache import export_key_for, trace_cache_enabled
 from shiva_export.export.lazy import fake_placeholders_, lazy_transformer, materialize_
 from shiva_export.export.lora import fuse_loras_
 from shiva_export.export.onnx import ExportResult, export_onnx, package_versions
@@ -261,6 +261,7 @@ def export_pruned(
     size_dir = bucket_name(spec.width, spec.height) if bucket else None
     out_path = _check_out(out, rec, phase, keep_ratios, dense, ratio, dtype, context, size_dir)
     _check_lora_controlnet(loras, controlnet_layers, dynamic_batch, bounded)
+    trace_cache = trace_cache and trace_cache_enabled()  # a bad SHIVA_ONNX_CACHE is refused before anything loads
 
     say("load model")
     pm, export_model = _load_pruned(
