@@ -164,6 +164,55 @@ def test_an_entry_stored_under_another_key_is_not_used(cache, monkeypatch, tmp_p
     assert _lookup(monkeypatch, tmp_path)[1] is False
 
 
+def _restamp(entry, name):
+    """Rewrites key.json so that ``name`` hashes as stored: an entry consistent in itself, whatever it holds."""
+    from shiva_export.utils.io import sha256_file
+
+    stored = json.loads((entry / "key.json").read_text())
+    stored["files"][name] = sha256_file(entry / name)
+    (entry / "key.json").write_text(json.dumps(stored))
+
+
+def test_an_entry_may_hold_nothing_but_its_graph(cache, monkeypatch, tmp_path):
+    """A file listed beside the graph (even with its right sha256) would be copied next to the output: a miss."""
+    d, _ = cache
+    (entry,) = _entries(d)
+    (entry / "important.txt").write_text("EVIL\n")
+    _restamp(entry, "important.txt")
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "important.txt").write_text("PRECIOUS\n")
+    assert _lookup(monkeypatch, tmp_path)[1] is False
+    assert (tmp_path / "probe" / "important.txt").read_text() == "PRECIOUS\n"
+
+
+@pytest.mark.parametrize("name", ["graph", "key.json"])
+def test_a_fifo_in_an_entry_is_a_miss_not_a_hang(cache, monkeypatch, tmp_path, name):
+    import os
+
+    d, _ = cache
+    (entry,) = _entries(d)
+    (entry / name).unlink()
+    os.mkfifo(entry / name)
+    assert _lookup(monkeypatch, tmp_path)[1] is False
+
+
+def test_a_consistent_but_wrong_entry_fails_parity_is_removed_and_traced_afresh(base, cache, tmp_path):
+    import numpy as np
+    from onnx import numpy_helper
+
+    d, calls = cache
+    (entry,) = _entries(d)
+    g = onnx.load(str(entry / "graph"))
+    t = max(g.graph.initializer, key=lambda t: np.prod(t.dims))
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 10.0, t.name))  # another model, same key
+    onnx.save(g, str(entry / "graph"))
+    _restamp(entry, "graph")
+    res = export_pruned(**KW, out=tmp_path / "a.onnx")
+    assert not res.export.trace_cached and len(calls) == 1 and res.parity.passed
+    assert res.export.onnx_sha256 == base[1].export.onnx_sha256
+    assert export_pruned(**KW, out=tmp_path / "b.onnx", validate=False).export.trace_cached  # stored anew
+
+
 def test_off_by_environment_or_argument_never_looks(cache, monkeypatch, tmp_path):
     def trace(*a, **k):
         raise _Stop

@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -168,8 +169,9 @@ class GraphCache:
     """One key's entry in the trace cache: :meth:`fetch` copies a verified entry out, :meth:`stage` and
     :meth:`commit` store a fresh trace. Never raises for the cache's own sake: an unusable cache only costs a trace."""
 
-    def __init__(self, key: dict[str, Any], root: Path | None = None):
+    def __init__(self, key: dict[str, Any], data_names: tuple[str, ...] = (), root: Path | None = None):
         self.key = {"format": _FORMAT, **key}
+        self.files = ("graph", *data_names)  # what an entry of this key holds (beside key.json), and all it may hold
         self.key_sha256 = sha256_bytes(canonical_json(self.key).encode())
         self.root = (root or cache_root()) / "onnx"
         self.entry = self.root / self.key_sha256[:32]
@@ -235,20 +237,42 @@ class GraphCache:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _verified_files(self) -> list[str] | None:
-        """The entry's file names (``graph`` first) when its key matches and every file hashes as stored, else None."""
+    def _verified_files(self) -> tuple[str, ...] | None:
+        """The entry's files (``graph`` first) when its key.json holds this key and exactly this key's files, each a
+        regular file with its stored sha256; else None. Never opens anything but a regular file (a FIFO would block)."""
         try:
-            stored = json.loads((self.entry / _KEY_FILE).read_text())
-            files = stored["files"]
-            if canonical_json(stored["key"]) != canonical_json(self.key) or "graph" not in files:
+            stored = _small_json(self.entry / _KEY_FILE)
+            if not isinstance(stored, dict) or set(stored) != {"key", "files"} or not isinstance(stored["files"], dict):
                 return None
-            for name, digest in files.items():
-                if Path(name).name != name or sha256_file_cached(self.entry / name) != digest:
+            if canonical_json(stored["key"]) != canonical_json(self.key) or sorted(stored["files"]) != sorted(
+                self.files
+            ):
+                return None
+            for name in self.files:
+                path = self.entry / name
+                if not _regular(path) or sha256_file_cached(path) != stored["files"][name]:
                     logger.debug("trace cache %s: %s changed; tracing again", self.entry.name, name)
                     return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError):
             return None
-        return ["graph"] + sorted(n for n in files if n != "graph")
+        return self.files
+
+
+_MAX_KEY_BYTES = 1 << 20
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _small_json(path: Path) -> Any:
+    """A regular file's JSON, refused (ValueError) above 1 MiB."""
+    if not _regular(path) or path.stat().st_size > _MAX_KEY_BYTES:
+        raise ValueError(f"{path.name} is not a small regular file")
+    return json.loads(path.read_text())
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> None:

@@ -151,6 +151,7 @@ class ExportResult:
     kept_index_tensors: dict[int, str]
     metadata: dict[str, str] = field(default_factory=dict)
     trace_cached: bool = False  # the exporter's output came from the trace cache (export.graph_cache)
+    trace_entry: str | None = None  # that cache entry's folder
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -444,6 +445,7 @@ def export_onnx(
         extra_inputs,
     )
     result.trace_cached = cached
+    result.trace_entry = str(cache.entry) if cached else None
     return result
 
 
@@ -498,7 +500,7 @@ def _trace_cache(trace_key, transformer, names, inputs, opset, spec, dynamic_bat
         "source_sha256": graph_cache.source_digest(),
         "versions": package_versions(),
     }
-    return graph_cache.GraphCache({"export": trace_key, "trace": trace})
+    return graph_cache.GraphCache({"export": trace_key, "trace": trace}, (trace["external_data"],) if external else ())
 
 
 def _index_tensors(

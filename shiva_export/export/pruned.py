@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+_RETRACING = contextvars.ContextVar("shiva_export_retracing", default=False)  # export_pruned's one fresh trace
 
 
 def default_onnx_path(
@@ -253,6 +256,7 @@ def export_pruned(
             its content (:mod:`shiva_export.export.graph_cache`; ``SHIVA_ONNX_CACHE=0`` turns it off everywhere).
             Parity, when asked, still runs against the freshly loaded model. Defaults to True.
     """
+    call = dict(locals())  # the arguments, for one fresh trace if a cached graph fails parity
     say = progress or (lambda stage: None)
     rec, context = _check_export_options(model, recipe, ratio, keep_ratios, phase, dense, context, dtype)
     spec = _input_spec(rec, batch, height, width, text_len, cfg)
@@ -287,20 +291,16 @@ def export_pruned(
         parity = _export_parity(
             result, pm.transformer, pm.lazy_weights, rec, spec, dtype, parity_cases, pm.n_tokens, pm.controlnet_layers
         )
-    return PrunedExport(
-        rec,
-        pm.ratio_used,
-        pm.config,
-        spec,
-        pm.n_tokens,
-        pm.budgets,
-        result,
-        pm.router_info,
-        parity,
-        pm.load_seconds,
-        dense,
-        lora_rows,
-    )
+    if parity is not None and not parity.passed and result.trace_cached and not _RETRACING.get():
+        logger.warning("the cached trace %s failed parity; removed, tracing afresh", result.trace_entry)
+        shutil.rmtree(result.trace_entry, ignore_errors=True)
+        token = _RETRACING.set(True)  # once: the fresh trace is stored in its place, and its parity stands
+        try:
+            return export_pruned(**call)
+        finally:
+            _RETRACING.reset(token)
+    rows = (pm.ratio_used, pm.config, spec, pm.n_tokens, pm.budgets, result, pm.router_info, parity, pm.load_seconds)
+    return PrunedExport(rec, *rows, dense, lora_rows)
 
 
 @dataclass
