@@ -291,7 +291,7 @@ def export_pruned(
         parity = _export_parity(
             result, pm.transformer, pm.lazy_weights, rec, spec, dtype, parity_cases, pm.n_tokens, pm.controlnet_layers
         )
-    if parity is not None and not parity.passed and result.trace_cached and not _RETRACING.get():
+    if parity is not None and parity.status == "failed" and result.trace_cached and not _RETRACING.get():
         logger.warning("the cached trace %s failed parity; removed, tracing afresh", result.trace_entry)
         shutil.rmtree(result.trace_entry, ignore_errors=True)
         token = _RETRACING.set(True)  # once: the fresh trace is stored in its place, and its parity stands
