@@ -237,6 +237,16 @@ def test_a_value_that_is_not_a_switch_is_refused_before_loading(monkeypatch, tmp
     assert not (tmp_path / "a.onnx").exists()
 
 
+def test_generate_refuses_a_bad_switch_before_loading_its_pipeline(monkeypatch, tmp_path, capsys):
+    from shiva_export.cli import main
+
+    monkeypatch.setenv("SHIVA_ONNX_CACHE", "maybe")
+    monkeypatch.setattr("shiva_export.runtime.pipeline.ensure_embedded_pipeline", lambda *a: pytest.fail("loaded"))
+    args = ["generate", "--model", "sd3-tiny", "--prompt", "x", "--backend", "ort", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "SHIVA_ONNX_CACHE='maybe'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_a_failed_export_stores_nothing(cache, monkeypatch, tmp_path):
     d, calls = cache
 

@@ -43,7 +43,7 @@ from shiva_export.errors import (
     WeightsError,
 )
 from shiva_export.export.buckets import pick_bucket
-from shiva_export.export.graph_cache import export_key_for
+from shiva_export.export.graph_cache import export_key_for, trace_cache_enabled
 from shiva_export.export.lora import load_loras_, lora_provenance
 from shiva_export.export.onnx import read_shiva_metadata
 from shiva_export.export.pruned import export_pruned, resolve_router, router_tensor_hash
@@ -700,6 +700,8 @@ def _check_pipeline_options(
 ) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    if backend != "torch":
+        trace_cache_enabled()  # a bad SHIVA_ONNX_CACHE is refused before the pipeline loads, not at its first export
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; choose fp32, fp16 or bf16.")
     if device not in ("cpu", "cuda"):
