@@ -201,6 +201,9 @@ class GraphCache:
     def stage(self, traced_onnx: Path, data_files: list[Path]) -> None:
         """Puts a copy of a fresh trace (graph, external data) aside in a temporary folder of the cache; :meth:`commit`
         moves it into place, :meth:`discard` drops it."""
+        if sorted(["graph", *(f.name for f in data_files)]) != sorted(self.files):
+            logger.debug("trace cache: %s wrote other files than its key names; not stored", traced_onnx)
+            return  # an entry it could never reuse
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             sweep_stale_temps(self.root)
