@@ -297,8 +297,15 @@ class ModelAdapter:
         raise NotImplementedError
 
     def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        """Static shape of :attr:`OUTPUT_NAME`."""
-        raise NotImplementedError
+        """Static shape of :attr:`OUTPUT_NAME`: by default a latent image ``[B, C_out, H / 8, W / 8]`` (SD3, PixArt,
+        DiT); an architecture with another layout (Flux's packed tokens) overrides it."""
+        cfg = transformer_config(config)
+        return (
+            spec.model_batch,
+            cfg.out_channels or cfg.in_channels,
+            spec.height // VAE_SCALE,
+            spec.width // VAE_SCALE,
+        )
 
     def make_inputs(
         self,

@@ -120,15 +120,6 @@ class DiTAdapter(ModelAdapter):
             "class_labels": (b,),
         }
 
-    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        cfg = transformer_config(config)
-        return (
-            spec.model_batch,
-            cfg.out_channels or cfg.in_channels,
-            spec.height // VAE_SCALE,
-            spec.width // VAE_SCALE,
-        )
-
     def count_flops(
         self,
         config: Any,

@@ -123,15 +123,6 @@ class PixArtAdapter(ModelAdapter):
             "timestep": (b,),
         }
 
-    def output_shape(self, config: Any, spec: InputSpec) -> tuple[int, ...]:
-        cfg = transformer_config(config)
-        return (
-            spec.model_batch,
-            cfg.out_channels or cfg.in_channels,
-            spec.height // VAE_SCALE,
-            spec.width // VAE_SCALE,
-        )
-
     def make_inputs(
         self,
         config: Any,
